@@ -1,0 +1,1 @@
+"""kvfsd: the kvfs daemon (engine, socket server, background work)."""

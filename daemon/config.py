@@ -1,0 +1,91 @@
+"""Daemon configuration: defaults, and the per-store settings persisted in
+``<root>/kvfs.json`` so a restart with other flags cannot misread the data."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvfs.errors import InvalidArgument
+from kvfs.format import DEFAULT_SEGMENT_SIZE, DEFAULT_STRIPE_UNIT, FORMAT_VERSION, PAGE
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("KVFS_ROOT") or Path.home() / ".kvfs")
+
+
+def default_socket(root: Path | None = None) -> Path:
+    env = os.environ.get("KVFS_SOCKET")
+    if env:
+        return Path(env)
+    return (root or default_root()) / "kvfs.sock"
+
+
+@dataclass
+class Config:
+    root: Path
+    stripes: list[Path] = field(default_factory=list)
+    socket: Path | None = None
+    capacity: int | None = None  # bytes on the stripes; None: 90% of free space at start
+    durability: str = "fast"
+    stripe_unit: int = DEFAULT_STRIPE_UNIT
+    segment_size: int = DEFAULT_SEGMENT_SIZE
+    lease_timeout: float = 30.0
+    socket_mode: int = 0o660
+    high_watermark: float = 0.95
+    low_watermark: float = 0.90
+    map_size: int = 1 << 40  # LMDB map: sparse, so large costs nothing
+
+    def resolve(self) -> "Config":
+        """Fill defaults, reconcile with the persisted store settings, create
+        directories. Raises InvalidArgument on a conflicting configuration."""
+        self.root = Path(self.root).expanduser().absolute()
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.durability not in ("fast", "sync"):
+            raise InvalidArgument(f"durability must be 'fast' or 'sync', not {self.durability!r}")
+        if self.socket is None:
+            self.socket = default_socket(self.root)
+        if self.stripe_unit < PAGE or self.stripe_unit % PAGE:
+            raise InvalidArgument("stripe unit must be a multiple of 4 KiB")
+        saved_path = self.root / "kvfs.json"
+        given = [Path(s).expanduser().absolute() for s in self.stripes]
+        if saved_path.exists():
+            saved = json.loads(saved_path.read_text())
+            if saved.get("format") != FORMAT_VERSION:
+                raise InvalidArgument(f"store at {self.root} has format {saved.get('format')}, this kvfs reads {FORMAT_VERSION}")
+            stripes = [Path(s) for s in saved["stripes"]]
+            if given and set(given) != set(stripes):
+                missing = set(stripes) - set(given)
+                if missing:
+                    raise InvalidArgument(
+                        f"store at {self.root} has stripes {[str(s) for s in stripes]}; "
+                        f"missing {[str(s) for s in sorted(missing)]} (stripes can be added, not removed)")
+                stripes += [g for g in given if g not in stripes]
+            self.stripes = stripes
+            self.stripe_unit = int(saved.get("stripe_unit", self.stripe_unit))
+        else:
+            self.stripes = given or [self.root / "stripe0"]
+        for s in self.stripes:
+            s.mkdir(parents=True, exist_ok=True)
+        tmp = saved_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"format": FORMAT_VERSION, "stripes": [str(s) for s in self.stripes],
+                                   "stripe_unit": self.stripe_unit}, indent=1))
+        os.replace(tmp, saved_path)
+        if self.capacity is None:
+            seen: set[int] = set()
+            free = 0
+            for s in self.stripes:
+                dev = os.stat(s).st_dev
+                if dev not in seen:
+                    seen.add(dev)
+                    free += shutil.disk_usage(s).free
+            self.capacity = int(free * 0.9)
+        if self.capacity <= 0:
+            raise InvalidArgument("capacity must be positive")
+        # Whole segments are the unit of reclaim: keep them small relative to
+        # the capacity so eviction can free space in reasonable steps.
+        seg = min(self.segment_size, max(self.capacity // 16, 2 * self.stripe_unit + 2 * PAGE))
+        self.segment_size = max(seg, 2 * self.stripe_unit + 2 * PAGE)
+        return self

@@ -1,0 +1,202 @@
+"""The LMDB index: schema and (de)serialisation.
+
+Invariant: only the writer thread (kvfsd.writer) opens write transactions;
+any thread may open read transactions.
+
+Environment ``<root>/index`` with these named databases:
+
+``objects``   ``ns \\0 key`` (utf-8) -> msgpack ``[size, checksum(16), seq,
+              created, atime, meta_json | nil, [[stripe, seg, payload_off,
+              length, chunk_checksum(16)], ...]]``. The object checksum is
+              xxh3-128 of the whole value (``xxh128sum`` of the file agrees);
+              each extent carries the checksum of its own chunk.
+``segobj``    ``seg_id u64be | header_off u64be`` -> ``ns \\0 key``: which
+              object owns the record at that offset (recovery, compaction).
+``segments``  ``seg_id u64be`` -> msgpack ``[stripe, state]``, state
+              0 = open, 1 = sealed. A segment file with no row here holds no
+              published record.
+``namespaces`` ``ns`` -> msgpack ``created``.
+``meta``      ``next_seg``, ``next_seq`` (u64be): counters, never reused.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import lmdb
+import msgpack
+
+SEG_OPEN = 0
+SEG_SEALED = 1
+
+_U64 = struct.Struct(">Q")
+_SEGOFF = struct.Struct(">QQ")
+
+
+@dataclass
+class Extent:
+    stripe: int
+    seg: int
+    offset: int  # payload offset within the segment file
+    length: int
+    checksum: bytes
+
+    def wire(self) -> list[Any]:
+        return [self.stripe, self.seg, self.offset, self.length, self.checksum]
+
+
+@dataclass
+class ObjEntry:
+    size: int
+    checksum: bytes
+    seq: int
+    created: float
+    atime: float
+    meta: bytes | None
+    extents: list[Extent]
+    header_offsets: list[int]  # where each chunk's record header starts
+    spans: list[int]  # bytes of each record from its header to its (aligned) end
+
+    def encode(self) -> bytes:
+        return msgpack.packb([
+            self.size, self.checksum, self.seq, self.created, self.atime, self.meta,
+            [[e.stripe, e.seg, e.offset, e.length, e.checksum, h, s]
+             for e, h, s in zip(self.extents, self.header_offsets, self.spans)],
+        ], use_bin_type=True)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "ObjEntry":
+        size, csum, seq, created, atime, meta, exts = msgpack.unpackb(raw, raw=False)
+        return cls(size, csum, seq, created, atime, meta,
+                   [Extent(x[0], x[1], x[2], x[3], x[4]) for x in exts],
+                   [x[5] for x in exts], [x[6] for x in exts])
+
+    @property
+    def footprint(self) -> int:
+        return sum(self.spans)
+
+
+def obj_key(ns: str, key: str) -> bytes:
+    return ns.encode() + b"\x00" + key.encode()
+
+
+def split_obj_key(k: bytes) -> tuple[str, str]:
+    ns, _, key = bytes(k).partition(b"\x00")
+    return ns.decode(), key.decode()
+
+
+def seg_key(seg: int) -> bytes:
+    return _U64.pack(seg)
+
+
+def segobj_key(seg: int, off: int) -> bytes:
+    return _SEGOFF.pack(seg, off)
+
+
+def parse_segobj_key(k: bytes) -> tuple[int, int]:
+    return _SEGOFF.unpack(bytes(k))
+
+
+class Index:
+    def __init__(self, root: Path, map_size: int):
+        path = root / "index"
+        path.mkdir(parents=True, exist_ok=True)
+        # sync/metasync off: the writer calls env.sync() itself, at every
+        # commit in sync mode and periodically in fast mode.
+        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=8, max_readers=4096,
+                             sync=False, metasync=False, writemap=False, readahead=False,
+                             lock=True)
+        self.objects = self.env.open_db(b"objects")
+        self.segobj = self.env.open_db(b"segobj")
+        self.segments = self.env.open_db(b"segments")
+        self.namespaces = self.env.open_db(b"namespaces")
+        self.meta = self.env.open_db(b"meta")
+
+    def close(self) -> None:
+        self.env.sync(True)
+        self.env.close()
+
+    # -- counters -------------------------------------------------------------
+    def get_counter(self, txn: lmdb.Transaction, name: bytes) -> int:
+        v = txn.get(name, db=self.meta)
+        return _U64.unpack(v)[0] if v else 0
+
+    def set_counter(self, txn: lmdb.Transaction, name: bytes, value: int) -> None:
+        txn.put(name, _U64.pack(value), db=self.meta)
+
+    # -- objects --------------------------------------------------------------
+    def get(self, txn: lmdb.Transaction, ns: str, key: str) -> ObjEntry | None:
+        raw = txn.get(obj_key(ns, key), db=self.objects)
+        return ObjEntry.decode(raw) if raw is not None else None
+
+    def put_object(self, txn: lmdb.Transaction, ns: str, key: str, e: ObjEntry) -> None:
+        ok = obj_key(ns, key)
+        txn.put(ok, e.encode(), db=self.objects)
+        for ext, h in zip(e.extents, e.header_offsets):
+            txn.put(segobj_key(ext.seg, h), ok, db=self.segobj)
+
+    def delete_object(self, txn: lmdb.Transaction, ns: str, key: str) -> ObjEntry | None:
+        ok = obj_key(ns, key)
+        raw = txn.pop(ok, db=self.objects)
+        if raw is None:
+            return None
+        e = ObjEntry.decode(raw)
+        for ext, h in zip(e.extents, e.header_offsets):
+            txn.delete(segobj_key(ext.seg, h), db=self.segobj)
+        return e
+
+    def iter_objects(self, txn: lmdb.Transaction) -> Iterator[tuple[str, str, ObjEntry]]:
+        with txn.cursor(db=self.objects) as cur:
+            for k, v in cur:
+                ns, key = split_obj_key(k)
+                yield ns, key, ObjEntry.decode(v)
+
+    def iter_keys(self, txn: lmdb.Transaction, ns: str, after: str | None, limit: int) -> tuple[list[str], bool]:
+        prefix = ns.encode() + b"\x00"
+        start = prefix + (after.encode() + b"\x00" if after is not None else b"")
+        out: list[str] = []
+        with txn.cursor(db=self.objects) as cur:
+            if not cur.set_range(start):
+                return out, False
+            for k in cur.iternext(keys=True, values=False):
+                if not k.startswith(prefix):
+                    return out, False
+                if len(out) >= limit:
+                    return out, True
+                out.append(bytes(k[len(prefix):]).decode())
+        return out, False
+
+    def iter_segment_records(self, txn: lmdb.Transaction, seg: int) -> Iterator[tuple[int, bytes]]:
+        """(header offset, object key) of every published record in ``seg``."""
+        lo = segobj_key(seg, 0)
+        with txn.cursor(db=self.segobj) as cur:
+            if not cur.set_range(lo):
+                return
+            for k, v in cur:
+                s, off = parse_segobj_key(k)
+                if s != seg:
+                    return
+                yield off, bytes(v)
+
+    # -- segments -------------------------------------------------------------
+    def put_segment(self, txn: lmdb.Transaction, seg: int, stripe: int, state: int) -> None:
+        txn.put(seg_key(seg), msgpack.packb([stripe, state]), db=self.segments)
+
+    def delete_segment(self, txn: lmdb.Transaction, seg: int) -> None:
+        txn.delete(seg_key(seg), db=self.segments)
+
+    def iter_segments(self, txn: lmdb.Transaction) -> Iterator[tuple[int, int, int]]:
+        with txn.cursor(db=self.segments) as cur:
+            for k, v in cur:
+                stripe, state = msgpack.unpackb(v)
+                yield _U64.unpack(bytes(k))[0], stripe, state
+
+    # -- namespaces -----------------------------------------------------------
+    def add_namespace(self, txn: lmdb.Transaction, ns: str, created: float) -> None:
+        txn.put(ns.encode(), msgpack.packb(created), db=self.namespaces, overwrite=False)
+
+    def list_namespaces(self, txn: lmdb.Transaction) -> list[str]:
+        with txn.cursor(db=self.namespaces) as cur:
+            return [bytes(k).decode() for k in cur.iternext(keys=True, values=False)]

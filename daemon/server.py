@@ -1,0 +1,279 @@
+"""The socket server: a trio loop that speaks kvfs.protocol on a Unix socket.
+
+Every blocking engine call goes through ``trio.to_thread.run_sync``; the loop
+itself only moves frames. One task per connection answers that connection's
+requests in order; connections are independent, so one slow or hostile
+client never stalls the others. A frame that cannot be parsed closes only
+its own connection; a well-framed bad request gets an error reply.
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import socket as stdsocket
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import trio
+
+from kvfs import protocol as P
+from kvfs.errors import InvalidArgument, KvfsError, ProtocolError
+
+from .engine import Engine, PutPlan
+
+log = logging.getLogger("kvfsd")
+
+_conn_ids = itertools.count(1)
+
+
+class _Closed(Exception):
+    pass
+
+
+class Conn:
+    """Buffered reads over a trio socket, with ``recv_into`` for payloads."""
+
+    def __init__(self, sock: trio.socket.SocketType):
+        self.sock = sock
+        self.buf = bytearray()
+        self.id = next(_conn_ids)
+        self.staging: bytearray | None = None
+
+    async def read_exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            data = await self.sock.recv(max(65536, n - len(self.buf)))
+            if not data:
+                raise _Closed()
+            self.buf += data
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    async def read_into(self, view: memoryview) -> None:
+        pos = 0
+        if self.buf:
+            k = min(len(self.buf), len(view))
+            view[:k] = self.buf[:k]
+            del self.buf[:k]
+            pos = k
+        while pos < len(view):
+            n = await self.sock.recv_into(view[pos:])
+            if n == 0:
+                raise _Closed()
+            pos += n
+
+    async def skip(self, n: int) -> None:
+        scratch = memoryview(bytearray(min(n, 1 << 20)))
+        while n > 0:
+            k = min(n, len(scratch))
+            await self.read_into(scratch[:k])
+            n -= k
+
+    async def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            sent = await self.sock.send(view)
+            view = view[sent:]
+
+
+def _check_list(args: dict[str, Any], name: str) -> list[Any]:
+    v = P.arg(args, name, list)
+    return v
+
+
+class Server:
+    def __init__(self, engine: Engine, socket_path: Path, socket_mode: int = 0o660):
+        self.engine = engine
+        self.socket_path = Path(socket_path)
+        self.socket_mode = socket_mode
+        self.connections = 0
+
+    async def _thread(self, fn: Callable[..., Any], *a: Any) -> Any:
+        return await trio.to_thread.run_sync(partial(fn, *a))
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        path = str(self.socket_path)
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_socket(path)
+        listener = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+        await listener.bind(path)
+        os.chmod(path, self.socket_mode)
+        listener.listen(256)
+        log.info("listening on %s", path)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._expire_loop)
+                task_status.started()
+                while True:
+                    sock, _ = await listener.accept()
+                    nursery.start_soon(self._handle, sock)
+        finally:
+            listener.close()
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            await self._thread(self.engine.expire_leases)
+
+    async def _handle(self, sock: trio.socket.SocketType) -> None:
+        conn = Conn(sock)
+        self.connections += 1
+        try:
+            while True:
+                try:
+                    prefix = await conn.read_exact(P.PREFIX.size)
+                except _Closed:
+                    return
+                try:
+                    mlen, tlen = P.parse_prefix(prefix)
+                except ProtocolError as e:
+                    await conn.send(P.reply_err(0, e))  # cannot resync: answer, then close
+                    return
+                body = await conn.read_exact(mlen)
+                req_id = 0
+                try:
+                    req_id, op, args = P.parse_request(body)
+                    if op != P.PUT and tlen:
+                        await conn.skip(tlen)
+                        raise ProtocolError(f"op {op!r} takes no trailer")
+                    if op == P.PUT:
+                        result = await self._put(conn, args, tlen)
+                    else:
+                        result = await self._dispatch(conn, op, args)
+                    reply = P.reply_ok(req_id, result)
+                except KvfsError as e:
+                    reply = P.reply_err(req_id, e)
+                except (_Closed, trio.Cancelled):
+                    raise
+                except (TypeError, ValueError, OverflowError, AttributeError, IndexError) as e:
+                    reply = P.reply_err(req_id, InvalidArgument(f"bad arguments: {e}"))
+                except Exception as e:  # noqa: BLE001 - one request must not kill the daemon
+                    log.exception("internal error serving a request")
+                    reply = P.reply_err(req_id, KvfsError(f"internal error: {type(e).__name__}: {e}"))
+                if req_id:
+                    await conn.send(reply)
+        except (_Closed, trio.BrokenResourceError, ConnectionError, OSError) as e:
+            if not isinstance(e, _Closed):
+                log.debug("connection %d: %s", conn.id, e)
+        finally:
+            self.connections -= 1
+            sock.close()
+            with trio.CancelScope(shield=True):
+                await self._thread(self.engine.release_owner, conn.id)
+
+    async def _dispatch(self, conn: Conn, op: str, args: dict[str, Any]) -> Any:
+        eng = self.engine
+        if op == P.HELLO:
+            return {"version": P.PROTOCOL_VERSION, "stripes": eng.stripe_paths(),
+                    "stripe_unit": eng.stripe_unit, "pid": os.getpid(), "durability": eng.cfg.durability}
+        if op == P.LOOKUP:
+            ns = P.arg(args, "ns", str)
+            keys = _check_list(args, "keys")
+            want_lease = P.arg(args, "lease", bool, True)
+            lid, found = await self._thread(partial(eng.lookup, ns, keys, conn.id, lease=want_lease))
+            items = [None if e is None else [e.size, e.checksum, e.seq, [x.wire() for x in e.extents]]
+                     for e in found]
+            return {"lease": lid, "items": items}
+        if op == P.RELEASE:
+            leases = _check_list(args, "leases")
+            if not all(isinstance(l, int) for l in leases):
+                raise ProtocolError("leases must be ints")
+            await self._thread(eng.release, leases, conn.id)
+            return None
+        if op == P.CONTAINS:
+            return await self._thread(eng.contains, P.arg(args, "ns", str), _check_list(args, "keys"))
+        if op == P.PREFIX_MATCH:
+            return await self._thread(eng.prefix_match, P.arg(args, "ns", str), _check_list(args, "keys"))
+        if op == P.DELETE:
+            return await self._thread(eng.delete, P.arg(args, "ns", str), _check_list(args, "keys"))
+        if op == P.STAT:
+            return await self._thread(eng.stat, P.arg(args, "ns", str), P.arg(args, "key", (str, bytes)))
+        if op == P.NAMESPACES:
+            return await self._thread(eng.namespaces)
+        if op == P.KEYS:
+            limit = P.arg(args, "limit", int, 10000)
+            if not 1 <= limit <= 100000:
+                raise InvalidArgument("limit must be 1-100000")
+            after = P.arg(args, "after", (str, type(None)), None)
+            keys, more = await self._thread(eng.keys, P.arg(args, "ns", str), after, limit)
+            return {"keys": keys, "more": more}
+        if op == P.STATS:
+            st = await self._thread(eng.stats)
+            st["connections"] = self.connections
+            return st
+        if op == P.REPORT_BAD:
+            return await self._thread(eng.verify_object, P.arg(args, "ns", str), P.arg(args, "key", str),
+                                      P.arg(args, "seq", int, None))
+        raise ProtocolError(f"unknown op {op!r}")
+
+    async def _put(self, conn: Conn, args: dict[str, Any], tlen: int) -> list[bool]:
+        eng = self.engine
+        try:
+            ns = P.arg(args, "ns", str)
+            items = _check_list(args, "items")
+            sync = P.arg(args, "sync", bool, False)
+            for it in items:
+                if not (isinstance(it, list) and len(it) == 3 and isinstance(it[1], int)
+                        and not isinstance(it[1], bool) and it[1] >= 0):
+                    raise ProtocolError("put items are [key, size, meta]")
+            if sum(it[1] for it in items) != tlen:
+                raise ProtocolError(f"trailer of {tlen} bytes but the items declare {sum(it[1] for it in items)}")
+            plan: PutPlan = await self._thread(eng.prepare_put, ns, [tuple(it) for it in items])
+        except BaseException:
+            await conn.skip(tlen)
+            raise
+        consumed = 0
+        try:
+            if conn.staging is None:
+                conn.staging = bytearray(max(8 << 20, 2 * eng.stripe_unit))
+            stage = memoryview(conn.staging)
+            pieces: list[tuple[int, int, memoryview]] = []
+            pos = 0
+            for i, op in enumerate(plan.items):
+                if op is None:
+                    await conn.skip(plan.sizes[i])
+                    consumed += plan.sizes[i]
+                    continue
+                for ci, ch in enumerate(op.chunks):
+                    if pos + ch.length > len(stage):
+                        await self._thread(eng.write_chunks, plan, pieces)
+                        pieces, pos = [], 0
+                    view = stage[pos:pos + ch.length]
+                    await conn.read_into(view)
+                    consumed += ch.length
+                    pieces.append((i, ci, view))
+                    pos += ch.length
+            if pieces:
+                await self._thread(eng.write_chunks, plan, pieces)
+            return await self._thread(eng.commit_put, plan, sync)
+        except BaseException as e:
+            with trio.CancelScope(shield=True):
+                await self._thread(eng.abort_put, plan)
+                if isinstance(e, KvfsError) and consumed < tlen:
+                    await conn.skip(tlen - consumed)  # keep the stream framed
+            raise
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a dead daemon; refuse to steal a live one."""
+    if not os.path.exists(path):
+        return
+    probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as e:
+        if e.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+            os.unlink(path)
+            return
+        raise
+    else:
+        raise RuntimeError(f"another kvfs daemon is serving {path}")
+    finally:
+        probe.close()

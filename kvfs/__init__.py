@@ -1,0 +1,18 @@
+"""kvfs: a node-local token warehouse for LLM KV-cache blocks.
+
+    import kvfs
+    with kvfs.connect() as store:
+        store.put(key, data)
+        store.get_into(key, buffer)
+
+Light to import: no trio, lmdb or pyfuse3 here (those are the daemon's).
+"""
+from . import keys
+from .client import ObjectInfo, Store, connect
+from .errors import (CapacityError, CorruptionDetected, DaemonUnavailable, InvalidArgument, InvalidKey,
+                     KvfsError, NotFound, ProtocolError)
+
+__version__ = "0.1.0"
+
+__all__ = ["connect", "Store", "ObjectInfo", "keys", "KvfsError", "NotFound", "InvalidKey", "InvalidArgument",
+           "CapacityError", "ProtocolError", "DaemonUnavailable", "CorruptionDetected", "__version__"]

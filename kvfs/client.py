@@ -1,0 +1,344 @@
+"""The kvfs client: control plane over the daemon's Unix socket, data plane
+straight from the segment files.
+
+A ``Store`` is safe to share between threads: each thread gets its own
+connection to the daemon (requests on one connection are answered in order,
+so separate connections are what lets threads overlap).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from . import protocol as P
+from .dataplane import Reader, ReadTask
+from .errors import DaemonUnavailable, InvalidArgument, KvfsError, NotFound, ProtocolError
+from .keys import normalize_key, normalize_keys, normalize_ns
+from .format import segment_name
+
+BATCH_KEYS = 4096
+
+
+def default_socket_path() -> str:
+    env = os.environ.get("KVFS_SOCKET")
+    if env:
+        return env
+    root = os.environ.get("KVFS_ROOT") or str(Path.home() / ".kvfs")
+    return str(Path(root) / "kvfs.sock")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    ns: str
+    key: str
+    size: int
+    checksum: str  # xxh3-128 hex of the whole value
+    meta: dict[str, Any] | None
+    tier: str
+    extents: list[tuple[str, int, int]]  # (segment path, payload offset, length)
+    created: float
+    last_access: float
+
+
+def as_readable(data: Any) -> memoryview:
+    try:
+        mv = data if isinstance(data, memoryview) else memoryview(data)
+    except TypeError:
+        raise InvalidArgument(f"value must be bytes-like or a NumPy array, not {type(data).__name__}") from None
+    if not mv.c_contiguous:
+        raise InvalidArgument("value must be C-contiguous")
+    return mv.cast("B") if (mv.format != "B" or mv.ndim != 1) and mv.nbytes else mv
+
+
+def as_writable(out: Any) -> memoryview:
+    try:
+        mv = out if isinstance(out, memoryview) else memoryview(out)
+    except TypeError:
+        raise InvalidArgument(f"destination must be a writable buffer (bytearray, memoryview, "
+                              f"NumPy array), not {type(out).__name__}") from None
+    if mv.readonly:
+        raise InvalidArgument("destination buffer is read-only")
+    if not mv.c_contiguous:
+        raise InvalidArgument("destination buffer must be C-contiguous")
+    return mv.cast("B") if (mv.format != "B" or mv.ndim != 1) and mv.nbytes else mv
+
+
+class _Connection:
+    def __init__(self, path: str):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.connect(path)
+        except OSError as e:
+            self.sock.close()
+            raise DaemonUnavailable(path, e.strerror or str(e)) from None
+        self.next_id = 1
+        self.broken = False
+
+    def _recv_exact(self, n: int) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        pos = 0
+        while pos < n:
+            k = self.sock.recv_into(view[pos:])
+            if k == 0:
+                raise ConnectionResetError("daemon closed the connection")
+            pos += k
+        return bytes(buf)
+
+    def call(self, op: str, args: dict[str, Any], trailer: Sequence[memoryview] = ()) -> Any:
+        if self.broken:
+            raise DaemonUnavailable(self.path, "connection lost")
+        req_id = self.next_id
+        self.next_id += 1
+        tlen = sum(len(t) for t in trailer)
+        frame = P.request(req_id, op, args, tlen)
+        try:
+            if tlen and tlen < 65536:
+                self.sock.sendall(frame + b"".join(bytes(t) for t in trailer))
+            else:
+                self.sock.sendall(frame)
+                for t in trailer:
+                    if len(t):
+                        self.sock.sendall(t)
+            mlen, _ = P.parse_prefix(self._recv_exact(P.PREFIX.size))
+            body = self._recv_exact(mlen)
+        except OSError as e:
+            self.broken = True
+            raise DaemonUnavailable(self.path, f"connection lost: {e}") from None
+        rid, result = P.parse_reply(body)
+        if rid != req_id:
+            self.broken = True
+            raise ProtocolError(f"reply to request {rid}, expected {req_id}")
+        return result
+
+    def notify(self, op: str, args: dict[str, Any]) -> None:
+        """A request with id 0: no reply (lease releases)."""
+        if self.broken:
+            return
+        try:
+            self.sock.sendall(P.request(0, op, args))
+        except OSError:
+            self.broken = True
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class Store:
+    """A connection to the kvfs daemon. See ``kvfs.connect``."""
+
+    def __init__(self, socket: str | os.PathLike[str] | None = None, *, verify: bool = True,
+                 threads: int = 8):
+        self.socket_path = str(socket) if socket is not None else default_socket_path()
+        self.verify = verify
+        self._local = threading.local()
+        self._conns: list[_Connection] = []
+        self._conns_lock = threading.Lock()
+        self._closed = False
+        self.reader = Reader(threads)
+        hello = self._call(P.HELLO, {"version": P.PROTOCOL_VERSION})
+        if hello.get("version") != P.PROTOCOL_VERSION:
+            raise ProtocolError(f"daemon speaks protocol {hello.get('version')}, client {P.PROTOCOL_VERSION}")
+        self.stripes: list[str] = list(hello["stripes"])
+        self.stripe_unit: int = int(hello["stripe_unit"])
+        self.daemon_pid: int = int(hello["pid"])
+
+    # -- connections ----------------------------------------------------------
+    def _conn(self) -> _Connection:
+        if self._closed:
+            raise KvfsError("store is closed")
+        c: _Connection | None = getattr(self._local, "conn", None)
+        if c is None or c.broken:
+            if c is not None:
+                c.close()
+            c = _Connection(self.socket_path)
+            self._local.conn = c
+            with self._conns_lock:
+                self._conns = [x for x in self._conns if not x.broken] + [c]
+        return c
+
+    def _call(self, op: str, args: dict[str, Any], trailer: Sequence[memoryview] = ()) -> Any:
+        return self._conn().call(op, args, trailer)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._conns_lock:
+            for c in self._conns:
+                c.close()
+            self._conns.clear()
+        self.reader.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writes ---------------------------------------------------------------
+    def put(self, key: str | bytes, data: Any, *, ns: str = "default", meta: dict[str, Any] | None = None) -> bool:
+        """Store ``data`` under ``key``. False if the key was already there
+        (objects are immutable: the existing bytes are kept)."""
+        return self.put_many([key], [data], ns=ns, metas=[meta])[0]
+
+    def put_many(self, keys: Sequence[str | bytes], datas: Sequence[Any], *, ns: str = "default",
+                 metas: Sequence[dict[str, Any] | None] | None = None) -> list[bool]:
+        ns = normalize_ns(ns)
+        ks = normalize_keys(keys)
+        if len(datas) != len(ks) or (metas is not None and len(metas) != len(ks)):
+            raise InvalidArgument("keys, datas and metas must have the same length")
+        views = [as_readable(d) for d in datas]
+        metas = list(metas) if metas is not None else [None] * len(ks)
+        for m in metas:
+            if m is not None and not isinstance(m, dict):
+                raise InvalidArgument("meta must be a dict or None")
+        out: list[bool] = []
+        for i in range(0, len(ks), BATCH_KEYS):
+            sl = slice(i, i + BATCH_KEYS)
+            items = [[k, len(v), m] for k, v, m in zip(ks[sl], views[sl], metas[sl])]
+            out += self._call(P.PUT, {"ns": ns, "items": items}, views[sl])
+        return out
+
+    def delete(self, keys: Iterable[str | bytes] | str | bytes, *, ns: str = "default") -> int:
+        ks = [normalize_key(keys)] if isinstance(keys, (str, bytes)) else normalize_keys(keys)
+        ns = normalize_ns(ns)
+        return sum(self._call(P.DELETE, {"ns": ns, "keys": ks[i:i + BATCH_KEYS]})
+                   for i in range(0, len(ks), BATCH_KEYS))
+
+    # -- reads ----------------------------------------------------------------
+    def _path(self, stripe: int, seg: int) -> str:
+        return os.path.join(self.stripes[stripe], segment_name(seg))
+
+    def _read_batch(self, ns: str, ks: list[str], outs: list[memoryview | None], allow_alloc: bool
+                    ) -> tuple[list[int], list[bytearray | None]]:
+        """Read ``ks`` into ``outs`` (or into new bytearrays where an out is
+        None and allow_alloc). Returns sizes (-1: miss) and the allocated
+        buffers. A chunk that fails verification is reported to the daemon
+        (which re-checks and drops it) and looked up once more."""
+        sizes = [-1] * len(ks)
+        bufs: list[bytearray | None] = [None] * len(ks)
+        todo = list(range(len(ks)))
+        for attempt in range(2):
+            if not todo:
+                break
+            res = self._call(P.LOOKUP, {"ns": ns, "keys": [ks[i] for i in todo]})
+            lease = res["lease"]
+            tasks: list[ReadTask] = []
+            owners: list[int] = []
+            entries: dict[int, list[Any]] = {}
+            try:
+                for i, item in zip(todo, res["items"]):
+                    if item is None:
+                        continue
+                    size, _csum, seq, exts = item
+                    dest = outs[i]
+                    if dest is None:
+                        if not allow_alloc:
+                            continue
+                        bufs[i] = bytearray(size)
+                        dest = memoryview(bufs[i])
+                    if size > len(dest):
+                        raise InvalidArgument(f"buffer of {len(dest)} bytes is too small for {ns}/{ks[i]} "
+                                              f"({size} bytes)")
+                    entries[i] = item
+                    pos = 0
+                    for stripe, seg, off, length, ccsum in exts:
+                        tasks.append(ReadTask(self._path(stripe, seg), off, dest[pos:pos + length],
+                                              ccsum if self.verify else None))
+                        owners.append(i)
+                        pos += length
+                    sizes[i] = size
+                ok = self.reader.run(tasks)
+            finally:
+                if lease:
+                    self._conn().notify(P.RELEASE, {"leases": [lease]})
+            bad = sorted({owners[j] for j, good in enumerate(ok) if not good})
+            for i in bad:
+                sizes[i] = -1
+                if attempt == 0:
+                    self._call(P.REPORT_BAD, {"ns": ns, "key": ks[i], "seq": entries[i][2]})
+            todo = bad
+        return sizes, bufs
+
+    def get(self, key: str | bytes, *, ns: str = "default") -> bytes:
+        k, ns = normalize_key(key), normalize_ns(ns)
+        sizes, bufs = self._read_batch(ns, [k], [None], True)
+        if sizes[0] < 0 or bufs[0] is None:
+            raise NotFound(f"{ns}/{k} not found")
+        return bytes(bufs[0])
+
+    def get_into(self, key: str | bytes, out: Any, *, ns: str = "default") -> int:
+        k, ns = normalize_key(key), normalize_ns(ns)
+        sizes, _ = self._read_batch(ns, [k], [as_writable(out)], False)
+        if sizes[0] < 0:
+            raise NotFound(f"{ns}/{k} not found")
+        return sizes[0]
+
+    def get_many_into(self, keys: Sequence[str | bytes], outs: Sequence[Any], *, ns: str = "default") -> list[int]:
+        ks, ns = normalize_keys(keys), normalize_ns(ns)
+        if len(outs) != len(ks):
+            raise InvalidArgument("keys and outs must have the same length")
+        views: list[memoryview | None] = [as_writable(o) for o in outs]
+        out: list[int] = []
+        for i in range(0, len(ks), BATCH_KEYS):
+            sizes, _ = self._read_batch(ns, ks[i:i + BATCH_KEYS], views[i:i + BATCH_KEYS], False)
+            out += sizes
+        return out
+
+    # -- metadata -------------------------------------------------------------
+    def contains(self, keys: Sequence[str | bytes], *, ns: str = "default") -> list[bool]:
+        ks, ns = normalize_keys(keys), normalize_ns(ns)
+        out: list[bool] = []
+        for i in range(0, len(ks), BATCH_KEYS * 4):
+            out += self._call(P.CONTAINS, {"ns": ns, "keys": ks[i:i + BATCH_KEYS * 4]})
+        return out
+
+    def prefix_match(self, keys: Sequence[str | bytes], *, ns: str = "default") -> int:
+        ks, ns = normalize_keys(keys), normalize_ns(ns)
+        n = 0
+        step = BATCH_KEYS * 4
+        for i in range(0, len(ks), step):
+            got = self._call(P.PREFIX_MATCH, {"ns": ns, "keys": ks[i:i + step]})
+            n += got
+            if got < len(ks[i:i + step]):
+                break
+        return n
+
+    def stat(self, key: str | bytes, *, ns: str = "default") -> ObjectInfo:
+        r = self._call(P.STAT, {"ns": normalize_ns(ns), "key": normalize_key(key)})
+        return ObjectInfo(r["ns"], r["key"], r["size"], r["checksum"],
+                          json.loads(r["meta"]) if r["meta"] else None, r["tier"],
+                          [tuple(x) for x in r["extents"]], r["created"], r["last_access"])
+
+    def namespaces(self) -> list[str]:
+        return list(self._call(P.NAMESPACES, {}))
+
+    def keys(self, ns: str = "default", *, page: int = 10000) -> Iterator[str]:
+        ns = normalize_ns(ns)
+        after: str | None = None
+        while True:
+            r = self._call(P.KEYS, {"ns": ns, "after": after, "limit": page})
+            yield from r["keys"]
+            if not r["more"] or not r["keys"]:
+                return
+            after = r["keys"][-1]
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._call(P.STATS, {}))
+
+
+def connect(socket: str | os.PathLike[str] | None = None, *, verify: bool = True, threads: int = 8) -> Store:
+    """Connect to the kvfs daemon at ``socket`` ($KVFS_SOCKET, else
+    $KVFS_ROOT/kvfs.sock, else ~/.kvfs/kvfs.sock). ``verify=False`` skips
+    checksum verification of reads (faster; trusts the disk)."""
+    return Store(socket, verify=verify, threads=threads)

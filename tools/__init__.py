@@ -1,0 +1,1 @@
+"""kvfstools: the `kvfs` command, one module per subcommand."""

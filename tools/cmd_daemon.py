@@ -1,0 +1,44 @@
+"""`kvfs daemon`: run the daemon in the foreground."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kvfs.sizes import parse_size
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("daemon", help="run the kvfs daemon in the foreground")
+    p.add_argument("--root", default=None, help="store root (default $KVFS_ROOT or ~/.kvfs)")
+    p.add_argument("--stripe", action="append", default=[], metavar="DIR",
+                   help="a stripe directory, ideally one per NVMe device (repeatable; default <root>/stripe0)")
+    p.add_argument("--socket", default=None, help="socket path (default $KVFS_SOCKET or <root>/kvfs.sock)")
+    p.add_argument("--capacity", default=None, help="bytes the stripes may use, e.g. 500G (default 90%% of free space)")
+    p.add_argument("--durability", choices=["fast", "sync"], default="fast",
+                   help="sync: a put returns after fdatasync and index commit; fast: may lose the last "
+                        "writes on an OS crash, never serves wrong bytes (default fast)")
+    p.add_argument("--stripe-unit", default="4M", help="chunk size for striping large values (default 4M)")
+    p.add_argument("--segment-size", default="1G", help="seal segments at this size (default 1G)")
+    p.add_argument("--lease-timeout", type=float, default=30.0, help="seconds before an unreleased lease ends")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from kvfsd.config import Config, default_root
+    from kvfsd.main import run as run_daemon
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s kvfsd %(levelname)s %(message)s")
+    cfg = Config(
+        root=Path(args.root) if args.root else default_root(),
+        stripes=[Path(s) for s in args.stripe],
+        socket=Path(args.socket) if args.socket else None,
+        capacity=parse_size(args.capacity) if args.capacity else None,
+        durability=args.durability,
+        stripe_unit=parse_size(args.stripe_unit),
+        segment_size=parse_size(args.segment_size),
+        lease_timeout=args.lease_timeout,
+    )
+    return run_daemon(cfg)
