@@ -30,6 +30,7 @@ import xxhash
 from kvfs import format as fmt
 from kvfs.errors import CapacityError, InvalidArgument, KvfsError, NotFound
 from kvfs.keys import normalize_key, normalize_ns
+from kvfs.meta import encode_meta
 
 from .config import Config
 from .eviction import choose_victims
@@ -39,7 +40,6 @@ from .writer import WriterThread
 
 log = logging.getLogger("kvfsd")
 
-MAX_META = 4096
 
 
 @dataclass
@@ -105,28 +105,6 @@ class RecoveryReport:
     objects_dropped: int = 0
     bytes_truncated: int = 0
     orphan_segments_removed: int = 0
-
-
-def encode_meta(meta: object) -> bytes | None:
-    if meta is None:
-        return None
-    import json
-    if isinstance(meta, (bytes, bytearray)):
-        raw = bytes(meta)
-        try:
-            json.loads(raw)
-        except ValueError:
-            raise InvalidArgument("meta bytes must be JSON") from None
-    else:
-        if not isinstance(meta, dict):
-            raise InvalidArgument(f"meta must be a dict, not {type(meta).__name__}")
-        try:
-            raw = json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()
-        except (TypeError, ValueError) as e:
-            raise InvalidArgument(f"meta must be JSON-able: {e}") from None
-    if len(raw) > MAX_META:
-        raise InvalidArgument(f"meta is {len(raw)} bytes encoded; the limit is {MAX_META}")
-    return raw
 
 
 class Engine:
@@ -211,8 +189,11 @@ class Engine:
                     for off, ok in idx.iter_segment_records(txn, sid):
                         ns, key = split_obj_key(ok)
                         e = idx.get(txn, ns, key)
-                        ext_i = e.header_offsets.index(off) if e and off in e.header_offsets else -1
-                        if e is None or ext_i < 0:
+                        if e is None:
+                            continue
+                        ext_i = next((i for i, (x, h) in enumerate(zip(e.extents, e.header_offsets))
+                                      if x.seg == sid and h == off), -1)
+                        if ext_i < 0:
                             continue
                         ext = e.extents[ext_i]
                         end = ext.offset + ext.length
@@ -278,7 +259,7 @@ class Engine:
             return False
         if (hdr.ns, hdr.key, hdr.seq, hdr.chunk_idx, hdr.length) != (ns, key, e.seq, i, ext.length):
             return False
-        if hdr_off + hlen != ext.offset or hdr.checksum != ext.checksum:
+        if fmt.payload_offset(hdr_off, hlen, hdr.length) != ext.offset or hdr.checksum != ext.checksum:
             return False
         return fmt.checksum(os.pread(fd, ext.length, ext.offset)) == ext.checksum
 
@@ -367,10 +348,11 @@ class Engine:
                 op.hasher.update(data)
             hdr = fmt.RecordHeader(plan.ns, op.key, ch.idx, len(op.chunks), ch.length, op.size,
                                    ch.chunk_off, op.seq, ch.checksum).encode()
-            assert ch.hdr_off + len(hdr) == ch.payload_off
+            gap = ch.payload_off - ch.hdr_off - len(hdr)
+            assert 0 <= gap < fmt.RECORD_ALIGN
             fd = self.segs[ch.seg].fd
             try:
-                n = os.pwritev(fd, [hdr, data], ch.hdr_off)
+                n = os.pwritev(fd, [hdr + bytes(gap), data], ch.hdr_off) - gap
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise CapacityError(f"disk full on stripe {self.cfg.stripes[ch.stripe]}",

@@ -20,6 +20,7 @@ from .dataplane import Reader, ReadTask
 from .errors import DaemonUnavailable, InvalidArgument, KvfsError, NotFound, ProtocolError
 from .keys import normalize_key, normalize_keys, normalize_ns
 from .format import segment_name
+from .meta import encode_meta
 
 BATCH_KEYS = 4096
 
@@ -198,10 +199,7 @@ class Store:
         if len(datas) != len(ks) or (metas is not None and len(metas) != len(ks)):
             raise InvalidArgument("keys, datas and metas must have the same length")
         views = [as_readable(d) for d in datas]
-        metas = list(metas) if metas is not None else [None] * len(ks)
-        for m in metas:
-            if m is not None and not isinstance(m, dict):
-                raise InvalidArgument("meta must be a dict or None")
+        metas = [encode_meta(m) for m in metas] if metas is not None else [None] * len(ks)
         out: list[bool] = []
         for i in range(0, len(ks), BATCH_KEYS):
             sl = slice(i, i + BATCH_KEYS)

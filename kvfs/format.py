@@ -34,8 +34,10 @@ Header (little-endian, ``HEADER_STRUCT``):
     hdr_sum    u64  xxh3-64 of the header bytes before this field + ns + key
 
 A payload of ``ALIGN_PAYLOAD_MIN`` (64 KiB) or more starts on a 4 KiB
-boundary (O_DIRECT and GPUDirect Storage need it): the header is placed
-right before the aligned payload and the padding goes in front of it.
+boundary (O_DIRECT and GPUDirect Storage need it): the header is placed at
+the last 8-byte boundary that fits before the aligned payload, so the
+padding goes in front of it and under 8 zero bytes lie between the names
+and the payload (``payload_offset``).
 
 Commit rule
 -----------
@@ -112,16 +114,24 @@ def place_record(end: int, ns_len: int, key_len: int, length: int) -> tuple[int,
     start = align_up(end, RECORD_ALIGN)
     if length >= ALIGN_PAYLOAD_MIN:
         payload = align_up(start + head, PAGE)
-        hdr = payload - head
+        hdr = (payload - head) // RECORD_ALIGN * RECORD_ALIGN
     else:
         hdr = start
-        payload = start + head
+    payload = payload_offset(hdr, head, length)
     return hdr, payload, align_up(payload + length, RECORD_ALIGN)
+
+
+def payload_offset(header_offset: int, header_len: int, length: int) -> int:
+    """Where a record's payload starts, given where its header starts: right
+    after the names, or at the next 4 KiB boundary for large payloads (the
+    gap, under 8 bytes, is zeros)."""
+    end = header_offset + header_len
+    return align_up(end, PAGE) if length >= ALIGN_PAYLOAD_MIN else end
 
 
 def record_span(ns_len: int, key_len: int, length: int) -> int:
     """Upper bound of the bytes a record may take, padding included."""
-    return HEADER_SIZE + ns_len + key_len + length + PAGE + RECORD_ALIGN
+    return HEADER_SIZE + ns_len + key_len + length + PAGE + 2 * RECORD_ALIGN
 
 
 @dataclass(frozen=True)
@@ -228,7 +238,7 @@ def scan_records(fd: int, size: int, start: int = 0, *, verify_payload: bool = T
             except BadRecord:
                 i = j + RECORD_ALIGN
                 continue
-            payload_off = pos + j + hlen
+            payload_off = payload_offset(pos + j, hlen, hdr.length)
             end = payload_off + hdr.length
             if end > size:
                 i = j + RECORD_ALIGN

@@ -1,0 +1,145 @@
+"""The client against a real daemon: round trips, batches, immutability,
+metadata, restart persistence."""
+import os
+
+import numpy as np
+import pytest
+
+import kvfs
+from kvfs import InvalidArgument, InvalidKey, NotFound
+
+MiB = 1 << 20
+SIZES = [0, 1, 4095, 4096, 64 * 1024, 4 * MiB - 1, 4 * MiB, 4 * MiB + 1, 24 * MiB]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_put_get_sizes(store, size):
+    data = os.urandom(size)
+    assert store.put(f"k{size}", data) is True
+    assert store.get(f"k{size}") == data
+    buf = bytearray(size + 10)
+    assert store.get_into(f"k{size}", buf) == size
+    assert bytes(buf[:size]) == data
+
+
+def test_large_value_is_striped_over_all_stripes(store, daemon):
+    data = os.urandom(24 * MiB)
+    store.put("big", data)
+    info = store.stat("big")
+    assert info.size == len(data) and len(info.extents) == 6
+    used = {os.path.dirname(p) for p, _off, _len in info.extents}
+    assert used == set(daemon.stripes)
+    for path, off, length in info.extents:
+        if length >= 64 * 1024:
+            assert off % 4096 == 0  # O_DIRECT / GDS alignment
+    # the object checksum is xxh3-128 of the whole value
+    import xxhash
+    assert info.checksum == xxhash.xxh3_128_hexdigest(data)
+
+
+def test_get_into_numpy_and_put_from_numpy(store):
+    arr = np.random.default_rng(1).standard_normal((64, 128)).astype(np.float16)
+    assert store.put("arr", arr, meta={"dtype": "float16", "shape": [64, 128]})
+    out = np.empty_like(arr)
+    assert store.get_into("arr", out) == arr.nbytes
+    assert np.array_equal(out, arr)
+    assert store.stat("arr").meta == {"dtype": "float16", "shape": [64, 128]}
+    with pytest.raises(InvalidArgument):
+        store.get_into("arr", np.empty(10, np.uint8))  # too small
+    with pytest.raises(InvalidArgument):
+        store.get_into("arr", bytes(arr.nbytes))  # read-only
+    with pytest.raises(InvalidArgument):
+        store.put("strided", arr[:, ::2])
+
+
+def test_batched_ops_into_one_buffer(store):
+    n, bs = 64, 64 * 1024
+    blocks = [os.urandom(bs) for _ in range(n)]
+    keys = kvfs.keys.block_hashes(list(range(n * 16)), 16)
+    assert store.put_many(keys, blocks, ns="model.a") == [True] * n
+    assert store.put_many(keys[:3], blocks[:3], ns="model.a") == [False] * 3
+    big = np.zeros(n * bs + bs, dtype=np.uint8)
+    outs = [big[i * bs:(i + 1) * bs] for i in range(n)] + [big[n * bs:]]
+    got = store.get_many_into(keys + ["missing"], outs, ns="model.a")
+    assert got == [bs] * n + [-1]
+    assert big[:n * bs].tobytes() == b"".join(blocks)
+    assert store.contains(keys[:2] + ["nope"], ns="model.a") == [True, True, False]
+    assert store.prefix_match(keys, ns="model.a") == n
+    assert store.prefix_match(keys[:10] + ["gap"] + keys[10:], ns="model.a") == 10
+    assert store.prefix_match(keys, ns="other") == 0
+
+
+def test_immutability_keeps_first_bytes(store):
+    assert store.put("k", b"first") is True
+    assert store.put("k", b"second, different") is False
+    assert store.get("k") == b"first"
+
+
+def test_delete_and_namespaces(store):
+    store.put("a", b"1", ns="n1")
+    store.put("b", b"2", ns="n1")
+    store.put("c", b"3", ns="n2")
+    assert set(store.namespaces()) >= {"n1", "n2"}
+    assert sorted(store.keys("n1")) == ["a", "b"]
+    assert store.delete(["a", "zz"], ns="n1") == 1
+    with pytest.raises(NotFound):
+        store.get("a", ns="n1")
+    assert store.get_many_into(["a", "b"], [bytearray(1), bytearray(1)], ns="n1") == [-1, 1]
+    assert store.put("a", b"again", ns="n1") is True
+    assert store.get("a", ns="n1") == b"again"
+
+
+def test_bytes_keys_are_hex(store):
+    store.put(b"\x01\x02", b"v")
+    assert store.get("0102") == b"v" and store.contains([b"\x01\x02"]) == [True]
+
+
+def test_keys_paging(store):
+    keys = [f"key{i:05d}" for i in range(250)]
+    store.put_many(keys, [b"x"] * 250, ns="pg")
+    assert list(store.keys("pg", page=7)) == keys
+
+
+def test_invalid_keys_rejected(store):
+    for bad in ["", "..", "a/b", "x" * 201]:
+        with pytest.raises(InvalidKey):
+            store.put(bad, b"x")
+    with pytest.raises(InvalidArgument):
+        store.put("m", b"x", meta={"big": "x" * 5000})
+    with pytest.raises(InvalidArgument):
+        store.put("m", b"x", meta={"bad": object()})
+    assert store.contains(["m"]) == [False]
+
+
+def test_restart_persists_everything(daemon):
+    data = {f"k{i}": os.urandom(i * 9973) for i in range(40)}
+    data["big"] = os.urandom(9 * MiB)
+    with daemon.connect() as s:
+        s.put_many(list(data), list(data.values()), metas=[{"i": i} for i in range(len(data))])
+        s.delete(["k3"])
+    del data["k3"]
+    assert daemon.stop() == 0
+    daemon.start()
+    with daemon.connect() as s:
+        assert sorted(s.keys()) == sorted(data)
+        for k, v in data.items():
+            assert s.get(k) == v
+        assert s.stat("k5").meta == {"i": 5}
+        st = s.stats()
+        assert st["objects"] == len(data) and st["recovery"]["objects_dropped"] == 0
+
+
+def test_daemon_unavailable_names_socket(tmp_path):
+    with pytest.raises(kvfs.DaemonUnavailable) as ei:
+        kvfs.connect(tmp_path / "nope.sock")
+    assert "nope.sock" in str(ei.value) and "kvfs daemon" in str(ei.value)
+
+
+def test_stats_shape(store):
+    store.put("x", b"abc")
+    store.get("x")
+    with pytest.raises(NotFound):
+        store.get("y")
+    st = store.stats()
+    assert st["objects"] == 1 and st["counters"]["hits"] >= 1 and st["counters"]["misses"] >= 1
+    assert len(st["stripes"]) == 3 and st["disk_bytes"] >= 3

@@ -1,0 +1,192 @@
+"""`kvfs bench`: put/get throughput and latency against raw-file baselines
+measured in the same run on the same bytes and the same disk (DESIGN §9).
+
+For every I/O pattern (count x block size) and thread count:
+  raw pwrite  -> one plain file, distinct offsets (the physical write path)
+  kvfs put    -> fast mode, the same blocks
+  raw preadv  -> the same file, page-cache hot, into distinct offsets of one
+                 preallocated buffer
+  kvfs get    -> get_into the same destinations, page-cache hot
+and the ratios kvfs/raw. Plus contains/prefix_match of 1024 keys, and a
+4 KiB get. Every get is checked against the source bytes after timing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+from .table import render
+
+MiB = 1 << 20
+# (count, block size) at --scale 1; --scale 4 gives the published table
+# (2048 x 1 MB, 512 x 8 MB, 64 x 64 MB).
+PATTERNS = [(512, 1 * MiB), (128, 8 * MiB), (16, 64 * MiB)]
+KV_PATTERNS = [(2048, 64 * 1024), (256, 2 * MiB)]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="benchmark put/get against raw pwrite/preadv of the same bytes")
+    p.add_argument("--dir", default=None, help="where the store and the raw file go (default: a temp dir)")
+    p.add_argument("--stripes", type=int, default=1, help="stripes inside --dir (default 1)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply block counts (4 = published sizes)")
+    p.add_argument("--threads", default="1,4,16", help="comma-separated thread counts (default 1,4,16)")
+    p.add_argument("--kv", action="store_true", help="add KV-sized blocks (64 KiB, 2 MiB)")
+    p.add_argument("--no-verify", action="store_true", help="client does not verify checksums")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write results as JSON")
+    p.add_argument("--quick", action="store_true", help="one small pattern, for smoke tests")
+    return p
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def _timed(threads: int, n: int, op: Callable[[int], None]) -> tuple[float, list[float]]:
+    """Run op(i) for i in range(n) on `threads` threads (contiguous shares);
+    returns wall seconds and per-op latencies."""
+    lats: list[list[float]] = [[] for _ in range(threads)]
+    def worker(t: int) -> None:
+        lo, hi = n * t // threads, n * (t + 1) // threads
+        rec = lats[t]
+        for i in range(lo, hi):
+            a = time.perf_counter()
+            op(i)
+            rec.append(time.perf_counter() - a)
+    t0 = time.perf_counter()
+    if threads == 1:
+        worker(0)
+    else:
+        with ThreadPoolExecutor(threads) as ex:
+            list(ex.map(worker, range(threads)))
+    return time.perf_counter() - t0, [x for l in lats for x in l]
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    from kvfsd.testing import DaemonProcess
+
+    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="kvfs-bench-"))
+    base.mkdir(parents=True, exist_ok=True)
+    work = base / f"run-{os.getpid()}"
+    threads_list = [int(t) for t in str(args.threads).split(",")]
+    patterns = [(max(1, int(c * args.scale)), bs) for c, bs in PATTERNS]
+    if args.kv:
+        patterns = [(max(1, int(c * args.scale)), bs) for c, bs in KV_PATTERNS] + patterns
+    if args.quick:
+        patterns, threads_list = [(32, 1 * MiB)], [1, 2]
+    total_max = max(c * bs for c, bs in patterns)
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 256, size=total_max, dtype=np.uint8)
+    dst = np.zeros(total_max, dtype=np.uint8)
+    dst[:] = 1  # fault the pages in: we measure copies, not first-touch
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "dir": str(base)}, "patterns": [], "meta": {}}
+    daemon = DaemonProcess(work / "store", stripes=args.stripes, capacity=str(4 * total_max + (1 << 30)),
+                           log=work / "daemon.log")
+    raw_path = work / "raw.bin"
+    try:
+        daemon.start()
+        store = daemon.connect(verify=not args.no_verify, threads=8)
+        for count, bs in patterns:
+            total = count * bs
+            for threads in threads_list:
+                ns = f"bench.{bs}.{threads}"
+                keys = [f"b{i:06d}" for i in range(count)]
+                views = [memoryview(src[i * bs:(i + 1) * bs]) for i in range(count)]
+                dviews = [dst[i * bs:(i + 1) * bs] for i in range(count)]
+                # raw pwrite of the same bytes
+                fd = os.open(raw_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                w_raw, lw_raw = _timed(threads, count, lambda i: os.pwrite(fd, views[i], i * bs))
+                # kvfs put
+                w_kv, lw_kv = _timed(threads, count, lambda i: store.put(keys[i], views[i], ns=ns))
+                # raw preadv, page-cache hot
+                dst[:total] = 0
+                r_raw, lr_raw = _timed(threads, count, lambda i: os.preadv(fd, [dviews[i]], i * bs))
+                assert np.array_equal(dst[:total], src[:total]), "raw read mismatch"
+                os.close(fd)
+                # kvfs get_into, page-cache hot
+                dst[:total] = 0
+                r_kv, lr_kv = _timed(threads, count, lambda i: store.get_into(keys[i], dviews[i], ns=ns))
+                assert np.array_equal(dst[:total], src[:total]), "kvfs read mismatch"
+                row = {
+                    "count": count, "block": bs, "threads": threads, "bytes": total,
+                    "raw_pwrite_gbs": total / w_raw / 1e9, "put_gbs": total / w_kv / 1e9,
+                    "raw_preadv_gbs": total / r_raw / 1e9, "get_gbs": total / r_kv / 1e9,
+                    "put_p50_ms": _pct(lw_kv, .5) * 1e3, "put_p99_ms": _pct(lw_kv, .99) * 1e3,
+                    "get_p50_ms": _pct(lr_kv, .5) * 1e3, "get_p99_ms": _pct(lr_kv, .99) * 1e3,
+                    "raw_read_p50_ms": _pct(lr_raw, .5) * 1e3, "raw_write_p50_ms": _pct(lw_raw, .5) * 1e3,
+                }
+                row["put_ratio"] = row["put_gbs"] / row["raw_pwrite_gbs"]
+                row["get_ratio"] = row["get_gbs"] / row["raw_preadv_gbs"]
+                results["patterns"].append(row)
+                print(f"  {count:5d} x {bs // 1024:6d} KiB, {threads:2d} thr: put {row['put_gbs']:.2f} GB/s "
+                      f"({row['put_ratio']:.2f}x raw), get {row['get_gbs']:.2f} GB/s ({row['get_ratio']:.2f}x raw)",
+                      file=sys.stderr, flush=True)
+                store.delete(keys, ns=ns)
+                raw_path.unlink()
+        # metadata ops: 1024 keys
+        ks = [f"m{i:05d}" for i in range(1024)]
+        store.put_many(ks, [b"x" * 64] * 1024, ns="bench.meta")
+        def lat(fn: Callable[[], Any], n: int = 200) -> list[float]:
+            out = []
+            for _ in range(n):
+                a = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - a)
+            return out
+        lc = lat(lambda: store.contains(ks, ns="bench.meta"))
+        lp = lat(lambda: store.prefix_match(ks, ns="bench.meta"))
+        small = bytearray(4096)
+        store.put("small", os.urandom(4096), ns="bench.meta")
+        lg = lat(lambda: store.get_into("small", small, ns="bench.meta"), 2000)
+        results["meta"] = {
+            "contains_1024_p50_ms": _pct(lc, .5) * 1e3, "contains_1024_p99_ms": _pct(lc, .99) * 1e3,
+            "prefix_match_1024_p50_ms": _pct(lp, .5) * 1e3, "prefix_match_1024_p99_ms": _pct(lp, .99) * 1e3,
+            "get_4k_p50_us": _pct(lg, .5) * 1e6, "get_4k_p99_us": _pct(lg, .99) * 1e6,
+        }
+        store.close()
+    finally:
+        if daemon.alive():
+            daemon.stop()
+        shutil.rmtree(work, ignore_errors=True)
+        if not args.dir:
+            shutil.rmtree(base, ignore_errors=True)
+    return results
+
+
+def format_results(res: dict[str, Any]) -> str:
+    rows = []
+    for r in res["patterns"]:
+        rows.append([f"{r['count']} x {r['block'] // 1024} KiB", r["threads"],
+                     f"{r['raw_pwrite_gbs']:.2f}", f"{r['put_gbs']:.2f}", f"{r['put_ratio']:.2f}",
+                     f"{r['raw_preadv_gbs']:.2f}", f"{r['get_gbs']:.2f}", f"{r['get_ratio']:.2f}",
+                     f"{r['get_p50_ms']:.2f}/{r['get_p99_ms']:.2f}"])
+    t = render(["pattern", "thr", "pwrite GB/s", "put GB/s", "put/raw", "preadv GB/s", "get GB/s", "get/raw",
+                "get p50/p99 ms"], rows)
+    m = res["meta"]
+    t += (f"\n\ncontains(1024 keys) p50 {m['contains_1024_p50_ms']:.3f} ms, p99 {m['contains_1024_p99_ms']:.3f} ms; "
+          f"prefix_match(1024) p50 {m['prefix_match_1024_p50_ms']:.3f} ms; "
+          f"get 4 KiB p50 {m['get_4k_p50_us']:.0f} us, p99 {m['get_4k_p99_us']:.0f} us")
+    return t
+
+
+def run(args: argparse.Namespace) -> int:
+    print(f"kvfs bench: scale {args.scale}, threads {args.threads} (page-cache hot reads; ratios are "
+          f"against raw pwrite/preadv of the same bytes in this run)", file=sys.stderr)
+    res = run_bench(args)
+    print(format_results(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return 0
