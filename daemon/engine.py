@@ -56,13 +56,33 @@ class SegState:
 
     def ensure_fd(self) -> int:
         if self.fd < 0:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o660)
         return self.fd
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+@dataclass
+class MemEntry:
+    """The in-memory mirror of one index entry: what lookups answer with.
+    Lookups, contains and prefix_match read only this mirror, so they never
+    touch LMDB (or disk) and run on the event loop; LMDB is the durable copy,
+    and the mirror is changed only after the commit that changes LMDB."""
+
+    __slots__ = ("size", "wire", "spans")
+
+    def __init__(self, size: int, wire: list[Any], spans: tuple[tuple[int, int], ...]):
+        self.size = size
+        self.wire = wire  # [size, checksum, seq, [[stripe, seg, payload_off, length, chunk_sum], ...]]
+        self.spans = spans  # ((seg, record bytes), ...)
+
+    @classmethod
+    def of(cls, e: ObjEntry) -> "MemEntry":
+        return cls(e.size, [e.size, e.checksum, e.seq, [x.wire() for x in e.extents]],
+                   tuple((x.seg, sp) for x, sp in zip(e.extents, e.spans)))
 
 
 @dataclass
@@ -119,7 +139,8 @@ class Engine:
         self.leases = LeaseTable(cfg.lease_timeout)
         self.segs: dict[int, SegState] = {}
         self.open_seg: dict[int, int] = {}
-        self.lru: OrderedDict[bytes, tuple[tuple[int, int], ...]] = OrderedDict()
+        self.lru: OrderedDict[bytes, MemEntry] = OrderedDict()  # index mirror, least recent first
+        self._usage = 0  # sum of segment ends (reserved bytes included)
         self.ns_objects: Counter[str] = Counter()
         self.logical_bytes = 0
         self._dirty_atime: dict[bytes, float] = {}
@@ -237,13 +258,14 @@ class Engine:
                 self._next_seq = max(self._next_seq, e.seq + 1)
         entries.sort(key=lambda t: t[0])
         for _at, ok, ns, e in entries:
-            spans = tuple((x.seg, s) for x, s in zip(e.extents, e.spans))
-            self.lru[ok] = spans
-            for seg, span in spans:
+            m = MemEntry.of(e)
+            self.lru[ok] = m
+            for seg, span in m.spans:
                 if seg in self.segs:
                     self.segs[seg].live += span
             self.ns_objects[ns] += 1
             self.logical_bytes += e.size
+        self._usage = sum(st.end for st in self.segs.values())
         self._reclaim([s for s, st in self.segs.items() if st.live <= 0])
         rep.seconds = time.monotonic() - t0
         if rep.objects_dropped or rep.bytes_truncated or rep.orphan_segments_removed:
@@ -264,8 +286,11 @@ class Engine:
         return fmt.checksum(os.pread(fd, ext.length, ext.offset)) == ext.checksum
 
     # ------------------------------------------------------------------ write
-    def prepare_put(self, ns: str, items: list[tuple[Any, int, Any]]) -> PutPlan:
-        """Validate a batch, skip keys already stored, reserve space for the rest."""
+    def prepare_put(self, ns: str, items: list[tuple[Any, int, Any]], *, may_evict: bool = True) -> PutPlan:
+        """Validate a batch, skip keys already stored, reserve space for the rest.
+
+        Without ``may_evict`` it never blocks (safe on the event loop) and
+        raises NeedRoom when eviction would be needed first."""
         ns = normalize_ns(ns)
         norm: list[tuple[str, int, bytes | None]] = []
         for key, size, meta in items:
@@ -274,14 +299,15 @@ class Engine:
                 raise InvalidArgument(f"size of {k!r} must be a non-negative int")
             norm.append((k, size, encode_meta(meta)))
         seen: set[str] = set()
-        with self.index.env.begin() as txn:
-            fresh = []
-            for k, size, meta in norm:
-                exists = k in seen or txn.get(obj_key(ns, k), db=self.index.objects) is not None
-                seen.add(k)
-                fresh.append(None if exists else (k, size, meta))
+        fresh = []
+        for k, size, meta in norm:
+            exists = k in seen or obj_key(ns, k) in self.lru
+            seen.add(k)
+            fresh.append(None if exists else (k, size, meta))
         need = sum(self._footprint(ns, k, size) for k, size, _m in (f for f in fresh if f))
-        if need:
+        if need and self.needs_room(need):
+            if not may_evict:
+                raise NeedRoom(need)
             self._make_room(need)
         plan = PutPlan(ns, [], [size for _k, size, _m in norm])
         with self._lock:
@@ -313,6 +339,7 @@ class Engine:
             stripe = (start + i) % nstripes
             seg = self._segment_for(stripe, fmt.record_span(nl, kl, length))
             hdr, pay, end = fmt.place_record(seg.end, nl, kl, length)
+            self._usage += end - seg.end
             seg.end = end
             seg.inflight += 1
             touched.add(seg.seg)
@@ -350,21 +377,50 @@ class Engine:
                                    ch.chunk_off, op.seq, ch.checksum).encode()
             gap = ch.payload_off - ch.hdr_off - len(hdr)
             assert 0 <= gap < fmt.RECORD_ALIGN
-            fd = self.segs[ch.seg].fd
-            try:
-                n = os.pwritev(fd, [hdr + bytes(gap), data], ch.hdr_off) - gap
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise CapacityError(f"disk full on stripe {self.cfg.stripes[ch.stripe]}",
-                                        needed=ch.length, capacity=self.capacity, used=self.disk_usage()) from None
-                raise
-            if n != len(hdr) + ch.length:
-                raise CapacityError(f"short write on stripe {self.cfg.stripes[ch.stripe]} (disk full?)",
-                                    needed=ch.length, capacity=self.capacity, used=self.disk_usage())
+            self._pwrite(ch, [hdr + bytes(gap), data], len(hdr) + gap + ch.length)
+
+    def set_client_sums(self, plan: PutPlan, sums: list[Any]) -> None:
+        """Checksums the client computed over the payloads it wrote itself
+        (alloc/commit path): per item ``[object_sum, [chunk_sum, ...]]``."""
+        if not isinstance(sums, list) or len(sums) != len(plan.items):
+            raise InvalidArgument("commit needs one checksum entry per item")
+        for op, s in zip(plan.items, sums):
+            if op is None:
+                continue
+            if not (isinstance(s, list) and len(s) == 2 and isinstance(s[0], bytes) and len(s[0]) == 16
+                    and isinstance(s[1], list) and len(s[1]) == len(op.chunks)
+                    and all(isinstance(c, bytes) and len(c) == 16 for c in s[1])):
+                raise InvalidArgument("a checksum entry is [16-byte object sum, [16-byte chunk sums]]")
+            op.checksum = s[0]
+            for ch, c in zip(op.chunks, s[1]):
+                ch.checksum = c
+
+    def write_headers(self, plan: PutPlan) -> None:
+        """Write the record headers of payloads a client wrote itself. The
+        daemon, not the client, writes headers, so a client cannot forge one."""
+        for op in plan.items:
+            if op is None:
+                continue
+            for ch in op.chunks:
+                hdr = fmt.RecordHeader(plan.ns, op.key, ch.idx, len(op.chunks), ch.length, op.size,
+                                       ch.chunk_off, op.seq, ch.checksum).encode()
+                self._pwrite(ch, [hdr], len(hdr))
+
+    def _pwrite(self, ch: ChunkPlan, bufs: list[Any], expect: int) -> None:
+        try:
+            n = os.pwritev(self.segs[ch.seg].fd, bufs, ch.hdr_off)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CapacityError(f"disk full on stripe {self.cfg.stripes[ch.stripe]}",
+                                    needed=ch.length, capacity=self.capacity, used=self._usage) from None
+            raise
+        if n != expect:
+            raise CapacityError(f"short write on stripe {self.cfg.stripes[ch.stripe]} (disk full?)",
+                                needed=ch.length, capacity=self.capacity, used=self._usage)
 
     def commit_put(self, plan: PutPlan, sync: bool) -> list[bool]:
-        """Publish what ``write_chunks`` wrote. Returns, per item, whether it
-        was stored (False: it was already there)."""
+        """Publish what was written. Returns, per item, whether it was stored
+        (False: it was already there, possibly put meanwhile by another client)."""
         sync = sync or self.cfg.durability == "sync"
         now = time.time()
         if sync:
@@ -374,8 +430,9 @@ class Engine:
         for op in plan.items:
             if op is None:
                 continue
-            op.checksum = op.hasher.digest() if op.hasher is not None else (
-                op.chunks[0].checksum if op.size else fmt.checksum(b""))
+            if not op.checksum:
+                op.checksum = op.hasher.digest() if op.hasher is not None else (
+                    op.chunks[0].checksum if op.size else fmt.checksum(b""))
             exts = [Extent(c.stripe, c.seg, c.payload_off, c.length, c.checksum) for c in op.chunks]
             entries.append((op, ObjEntry(op.size, op.checksum, op.seq, now, now, op.meta, exts,
                                          [c.hdr_off for c in op.chunks], [c.end - c.hdr_off for c in op.chunks])))
@@ -383,16 +440,22 @@ class Engine:
         next_seq, next_seg = self._next_seq, self._next_seg
         ns = plan.ns
 
-        def job(txn: Any) -> None:
+        def job(txn: Any) -> list[bool]:
             for sid, stripe, state in segrows:
                 self.index.put_segment(txn, sid, stripe, state)
             self.index.add_namespace(txn, ns, now)
+            stored = []
             for op, e in entries:
-                self.index.put_object(txn, ns, op.key, e)
+                # a concurrent put of the same key may have won: keep its bytes
+                fresh = txn.get(obj_key(ns, op.key), db=self.index.objects) is None
+                if fresh:
+                    self.index.put_object(txn, ns, op.key, e)
+                stored.append(fresh)
             self.index.set_counter(txn, b"next_seq", next_seq)
             self.index.set_counter(txn, b"next_seg", next_seg)
+            return stored
         try:
-            self.writer.call(job, sync=sync)
+            stored = self.writer.call(job, sync=sync)
         except BaseException:
             self._release_reservations(plan)
             raise
@@ -401,19 +464,22 @@ class Engine:
                 s = self.segs.get(sid)
                 if s is not None and s.state == state:
                     s.persisted = True
-            for op, e in entries:
-                ok = obj_key(ns, op.key)
-                spans = tuple((c.seg, c.end - c.hdr_off) for c in op.chunks)
-                for seg, span in spans:
+            for (op, e), fresh in zip(entries, stored):
+                if not fresh:
+                    continue
+                m = MemEntry.of(e)
+                for seg, span in m.spans:
                     self.segs[seg].live += span
-                self.lru[ok] = spans
+                self.lru[obj_key(ns, op.key)] = m
                 self.ns_objects[ns] += 1
                 self.logical_bytes += op.size
-            self.counters["puts"] += len(entries)
-            self.counters["put_bytes"] += sum(op.size for op, _e in entries)
-            self.counters["puts_existing"] += sum(1 for op in plan.items if op is None)
+            n_new = sum(stored)
+            self.counters["puts"] += n_new
+            self.counters["put_bytes"] += sum(op.size for (op, _e), f in zip(entries, stored) if f)
+            self.counters["puts_existing"] += len(plan.items) - n_new
         self._release_reservations(plan)
-        return [op is not None for op in plan.items]
+        it = iter(stored)
+        return [op is not None and next(it) for op in plan.items]
 
     def abort_put(self, plan: PutPlan) -> None:
         self._release_reservations(plan)
@@ -442,8 +508,10 @@ class Engine:
 
     # ------------------------------------------------------------------ space
     def disk_usage(self) -> int:
-        with self._lock:
-            return sum(s.end for s in self.segs.values())
+        return self._usage
+
+    def needs_room(self, need: int) -> bool:
+        return self._usage + need > self.capacity * self.cfg.high_watermark
 
     def _make_room(self, need: int) -> None:
         cap = self.capacity
@@ -456,7 +524,7 @@ class Engine:
                 return
             target = int(cap * self.cfg.low_watermark) - need
             with self._lock:
-                lru = list(self.lru.items())
+                lru = [(ok, m.spans) for ok, m in self.lru.items()]
                 seg_live = {s: st.live for s, st in self.segs.items()}
                 seg_size = {s: st.end for s, st in self.segs.items()}
                 v = choose_victims(
@@ -485,7 +553,8 @@ class Engine:
         segs: list[int] = []
         with self._lock:
             for ok, e in removed:
-                self.lru.pop(ok, None)
+                if self.lru.pop(ok, None) is None:
+                    continue  # never mirrored (a lost race): its spans were not counted
                 self._dirty_atime.pop(ok, None)
                 ns, _k = split_obj_key(ok)
                 self.ns_objects[ns] -= 1
@@ -513,6 +582,7 @@ class Engine:
                 if self.open_seg.get(s.stripe) == sid:
                     del self.open_seg[s.stripe]
                 del self.segs[sid]
+                self._usage -= s.end
                 doomed.append(s)
         if not doomed:
             return
@@ -530,53 +600,49 @@ class Engine:
             self.counters["segments_deleted"] += len(doomed)
 
     # ------------------------------------------------------------------ read
-    def lookup(self, ns: str, keys: list[Any], owner: Hashable | None, *, lease: bool = True) -> tuple[int, list[ObjEntry | None]]:
-        """Locations of ``keys`` and one lease that pins them all (0: no hit
-        or no lease asked). The lease must be released by the caller."""
+    def lookup(self, ns: str, keys: list[Any], owner: Hashable | None, *, lease: bool = True
+               ) -> tuple[int, list[list[Any] | None]]:
+        """Locations of ``keys`` (wire form) and one lease that pins them all
+        (0: no hit or no lease asked). Memory only: safe on the event loop.
+        The caller must release the lease."""
         ns = normalize_ns(ns)
-        ks = [normalize_key(k) for k in keys]
-        with self.index.env.begin() as txn:
-            found = [self.index.get(txn, ns, k) for k in ks]
+        oks = [obj_key(ns, normalize_key(k)) for k in keys]
         now = time.time()
+        out: list[list[Any] | None] = []
         lid = 0
         with self._lock:
             segs: list[int] = []
-            objs: list[bytes] = []
-            for i, e in enumerate(found):
-                if e is None:
+            hit: list[bytes] = []
+            lru = self.lru
+            for ok in oks:
+                m = lru.get(ok)
+                if m is None:
+                    out.append(None)
                     continue
-                if any(x.seg not in self.segs for x in e.extents):
-                    found[i] = None  # unlinked after our read: it is gone
-                    continue
-                ok = obj_key(ns, ks[i])
-                if ok in self.lru:
-                    self.lru.move_to_end(ok)
+                lru.move_to_end(ok)
                 self._dirty_atime[ok] = now
-                segs.extend(x.seg for x in e.extents)
-                objs.append(ok)
-            hits = len(objs)
-            self.counters["hits"] += hits
-            self.counters["misses"] += len(ks) - hits
-            if lease and objs:
-                lid = self.leases.grant(owner, segs, objs, time.monotonic())
-        return lid, found
+                segs.extend(seg for seg, _span in m.spans)
+                hit.append(ok)
+                out.append(m.wire)
+            self.counters["hits"] += len(hit)
+            self.counters["misses"] += len(oks) - len(hit)
+            if lease and hit:
+                lid = self.leases.grant(owner, segs, hit, time.monotonic())
+        return lid, out
 
     def contains(self, ns: str, keys: list[Any]) -> list[bool]:
         ns = normalize_ns(ns)
-        ks = [normalize_key(k) for k in keys]
-        db = self.index.objects
-        with self.index.env.begin(buffers=True) as txn:
-            return [txn.get(obj_key(ns, k), db=db) is not None for k in ks]
+        lru = self.lru
+        return [obj_key(ns, normalize_key(k)) in lru for k in keys]
 
     def prefix_match(self, ns: str, keys: list[Any]) -> int:
         ns = normalize_ns(ns)
-        db = self.index.objects
+        lru = self.lru
         n = 0
-        with self.index.env.begin(buffers=True) as txn:
-            for k in keys:
-                if txn.get(obj_key(ns, normalize_key(k)), db=db) is None:
-                    break
-                n += 1
+        for k in keys:
+            if obj_key(ns, normalize_key(k)) not in lru:
+                break
+            n += 1
         return n
 
     def release(self, lids: list[int], owner: Hashable | None) -> None:
@@ -690,5 +756,5 @@ class Engine:
         return out
 
 
-class EngineError(KvfsError):
-    pass
+class NeedRoom(Exception):
+    """prepare_put(may_evict=False) found that eviction must run first."""

@@ -12,6 +12,7 @@ import errno
 import itertools
 import logging
 import os
+import select
 import socket as stdsocket
 from functools import partial
 from pathlib import Path
@@ -22,7 +23,7 @@ import trio
 from kvfs import protocol as P
 from kvfs.errors import InvalidArgument, KvfsError, ProtocolError
 
-from .engine import Engine, PutPlan
+from .engine import Engine, NeedRoom, PutPlan
 
 log = logging.getLogger("kvfsd")
 
@@ -41,6 +42,42 @@ class Conn:
         self.buf = bytearray()
         self.id = next(_conn_ids)
         self.staging: bytearray | None = None
+        self.pending: dict[int, PutPlan] = {}  # alloc'd, not yet committed
+        self.next_put = 1
+
+    # Blocking variants, for a worker thread that owns the connection while
+    # its task awaits it (so nothing else reads this socket meanwhile).
+    STALL_TIMEOUT = 30.0
+
+    def read_into_blocking(self, view: memoryview) -> None:
+        pos = 0
+        if self.buf:
+            k = min(len(self.buf), len(view))
+            view[:k] = self.buf[:k]
+            del self.buf[:k]
+            pos = k
+        fd = self.sock.fileno()
+        poller = None
+        while pos < len(view):
+            try:
+                n = os.readv(fd, [view[pos:]])
+            except BlockingIOError:
+                if poller is None:
+                    poller = select.poll()
+                    poller.register(fd, select.POLLIN)
+                if not poller.poll(self.STALL_TIMEOUT * 1000):
+                    raise _Closed()  # a client that stalls mid-value is treated as dead
+                continue
+            if n == 0:
+                raise _Closed()
+            pos += n
+
+    def skip_blocking(self, n: int) -> None:
+        scratch = memoryview(bytearray(min(n, 1 << 20)))
+        while n > 0:
+            k = min(n, len(scratch))
+            self.read_into_blocking(scratch[:k])
+            n -= k
 
     async def read_exact(self, n: int) -> bytes:
         while len(self.buf) < n:
@@ -166,6 +203,8 @@ class Server:
             self.connections -= 1
             sock.close()
             with trio.CancelScope(shield=True):
+                for plan in conn.pending.values():
+                    await self._thread(self.engine.abort_put, plan)
                 await self._thread(self.engine.release_owner, conn.id)
 
     async def _dispatch(self, conn: Conn, op: str, args: dict[str, Any]) -> Any:
@@ -177,9 +216,7 @@ class Server:
             ns = P.arg(args, "ns", str)
             keys = _check_list(args, "keys")
             want_lease = P.arg(args, "lease", bool, True)
-            lid, found = await self._thread(partial(eng.lookup, ns, keys, conn.id, lease=want_lease))
-            items = [None if e is None else [e.size, e.checksum, e.seq, [x.wire() for x in e.extents]]
-                     for e in found]
+            lid, items = eng.lookup(ns, keys, conn.id, lease=want_lease)  # memory only
             return {"lease": lid, "items": items}
         if op == P.RELEASE:
             leases = _check_list(args, "leases")
@@ -188,9 +225,37 @@ class Server:
             await self._thread(eng.release, leases, conn.id)
             return None
         if op == P.CONTAINS:
-            return await self._thread(eng.contains, P.arg(args, "ns", str), _check_list(args, "keys"))
+            return eng.contains(P.arg(args, "ns", str), _check_list(args, "keys"))  # memory only
         if op == P.PREFIX_MATCH:
-            return await self._thread(eng.prefix_match, P.arg(args, "ns", str), _check_list(args, "keys"))
+            return eng.prefix_match(P.arg(args, "ns", str), _check_list(args, "keys"))  # memory only
+        if op == P.ALLOC:
+            plan = await self._prepare(P.arg(args, "ns", str), _items(args))
+            pid = conn.next_put
+            conn.next_put += 1
+            conn.pending[pid] = plan
+            return {"put": pid, "items": [
+                None if o is None else [o.seq, [[c.stripe, c.seg, c.payload_off, c.length] for c in o.chunks]]
+                for o in plan.items]}
+        if op == P.COMMIT:
+            plan = conn.pending.pop(P.arg(args, "put", int), None)
+            if plan is None:
+                raise InvalidArgument("no such pending put on this connection")
+            sums = P.arg(args, "sums", list)
+            sync = P.arg(args, "sync", bool, False)
+            def commit() -> list[bool]:
+                try:
+                    eng.set_client_sums(plan, sums)
+                    eng.write_headers(plan)
+                    return eng.commit_put(plan, sync)
+                except BaseException:
+                    eng.abort_put(plan)
+                    raise
+            return await self._thread(commit)
+        if op == P.ABORT:
+            plan = conn.pending.pop(P.arg(args, "put", int), None)
+            if plan is not None:
+                await self._thread(eng.abort_put, plan)
+            return None
         if op == P.DELETE:
             return await self._thread(eng.delete, P.arg(args, "ns", str), _check_list(args, "keys"))
         if op == P.STAT:
@@ -213,22 +278,29 @@ class Server:
                                       P.arg(args, "seq", int, None))
         raise ProtocolError(f"unknown op {op!r}")
 
+    async def _prepare(self, ns: str, items: list[list[Any]]) -> PutPlan:
+        """Reserve space; on the loop unless eviction has to run first."""
+        try:
+            return self.engine.prepare_put(ns, [tuple(it) for it in items], may_evict=False)
+        except NeedRoom:
+            return await self._thread(self.engine.prepare_put, ns, [tuple(it) for it in items])
+
     async def _put(self, conn: Conn, args: dict[str, Any], tlen: int) -> list[bool]:
-        eng = self.engine
         try:
             ns = P.arg(args, "ns", str)
-            items = _check_list(args, "items")
+            items = _items(args)
             sync = P.arg(args, "sync", bool, False)
-            for it in items:
-                if not (isinstance(it, list) and len(it) == 3 and isinstance(it[1], int)
-                        and not isinstance(it[1], bool) and it[1] >= 0):
-                    raise ProtocolError("put items are [key, size, meta]")
             if sum(it[1] for it in items) != tlen:
                 raise ProtocolError(f"trailer of {tlen} bytes but the items declare {sum(it[1] for it in items)}")
-            plan: PutPlan = await self._thread(eng.prepare_put, ns, [tuple(it) for it in items])
+            plan = await self._prepare(ns, items)
         except BaseException:
             await conn.skip(tlen)
             raise
+        # One thread hop for the whole value stream: read, write, commit.
+        return await self._thread(self._stream_put, conn, plan, tlen, sync)
+
+    def _stream_put(self, conn: Conn, plan: PutPlan, tlen: int, sync: bool) -> list[bool]:
+        eng = self.engine
         consumed = 0
         try:
             if conn.staging is None:
@@ -238,27 +310,35 @@ class Server:
             pos = 0
             for i, op in enumerate(plan.items):
                 if op is None:
-                    await conn.skip(plan.sizes[i])
+                    conn.skip_blocking(plan.sizes[i])
                     consumed += plan.sizes[i]
                     continue
                 for ci, ch in enumerate(op.chunks):
                     if pos + ch.length > len(stage):
-                        await self._thread(eng.write_chunks, plan, pieces)
+                        eng.write_chunks(plan, pieces)
                         pieces, pos = [], 0
                     view = stage[pos:pos + ch.length]
-                    await conn.read_into(view)
+                    conn.read_into_blocking(view)
                     consumed += ch.length
                     pieces.append((i, ci, view))
                     pos += ch.length
             if pieces:
-                await self._thread(eng.write_chunks, plan, pieces)
-            return await self._thread(eng.commit_put, plan, sync)
+                eng.write_chunks(plan, pieces)
+            return eng.commit_put(plan, sync)
         except BaseException as e:
-            with trio.CancelScope(shield=True):
-                await self._thread(eng.abort_put, plan)
-                if isinstance(e, KvfsError) and consumed < tlen:
-                    await conn.skip(tlen - consumed)  # keep the stream framed
+            eng.abort_put(plan)
+            if isinstance(e, KvfsError) and consumed < tlen:
+                conn.skip_blocking(tlen - consumed)  # keep the stream framed
             raise
+
+
+def _items(args: dict[str, Any]) -> list[list[Any]]:
+    items = P.arg(args, "items", list)
+    for it in items:
+        if not (isinstance(it, list) and len(it) == 3 and isinstance(it[1], int)
+                and not isinstance(it[1], bool) and it[1] >= 0):
+            raise ProtocolError("put items are [key, size, meta]")
+    return items
 
 
 def _remove_stale_socket(path: str) -> None:

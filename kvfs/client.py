@@ -16,13 +16,16 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from . import protocol as P
-from .dataplane import Reader, ReadTask
-from .errors import DaemonUnavailable, InvalidArgument, KvfsError, NotFound, ProtocolError
+from .dataplane import DataPlane, ReadTask, WriteTask
+from .errors import CapacityError, DaemonUnavailable, InvalidArgument, KvfsError, NotFound, ProtocolError
 from .keys import normalize_key, normalize_keys, normalize_ns
 from .format import segment_name
 from .meta import encode_meta
 
 BATCH_KEYS = 4096
+# Values at least this large are written by the client straight into the
+# extents the daemon reserves (alloc/commit); smaller ones travel inline.
+DIRECT_MIN = 256 * 1024
 
 
 def default_socket_path() -> str:
@@ -145,7 +148,7 @@ class Store:
         self._conns: list[_Connection] = []
         self._conns_lock = threading.Lock()
         self._closed = False
-        self.reader = Reader(threads)
+        self.reader = DataPlane(threads)
         hello = self._call(P.HELLO, {"version": P.PROTOCOL_VERSION})
         if hello.get("version") != P.PROTOCOL_VERSION:
             raise ProtocolError(f"daemon speaks protocol {hello.get('version')}, client {P.PROTOCOL_VERSION}")
@@ -200,12 +203,56 @@ class Store:
             raise InvalidArgument("keys, datas and metas must have the same length")
         views = [as_readable(d) for d in datas]
         metas = [encode_meta(m) for m in metas] if metas is not None else [None] * len(ks)
-        out: list[bool] = []
-        for i in range(0, len(ks), BATCH_KEYS):
-            sl = slice(i, i + BATCH_KEYS)
-            items = [[k, len(v), m] for k, v, m in zip(ks[sl], views[sl], metas[sl])]
-            out += self._call(P.PUT, {"ns": ns, "items": items}, views[sl])
+        out: list[bool] = [False] * len(ks)
+        direct = [i for i, v in enumerate(views) if len(v) >= DIRECT_MIN]
+        inline = [i for i, v in enumerate(views) if len(v) < DIRECT_MIN]
+        for idx, fn in ((inline, self._put_inline), (direct, self._put_direct)):
+            for b in range(0, len(idx), BATCH_KEYS):
+                sel = idx[b:b + BATCH_KEYS]
+                got = fn(ns, [[ks[i], len(views[i]), metas[i]] for i in sel], [views[i] for i in sel])
+                for i, g in zip(sel, got):
+                    out[i] = g
         return out
+
+    def _put_inline(self, ns: str, items: list[list[Any]], views: list[memoryview]) -> list[bool]:
+        return list(self._call(P.PUT, {"ns": ns, "items": items}, views))
+
+    def _put_direct(self, ns: str, items: list[list[Any]], views: list[memoryview]) -> list[bool]:
+        """alloc -> write payloads into the reserved extents -> commit."""
+        res = self._call(P.ALLOC, {"ns": ns, "items": items})
+        pid = res["put"]
+        try:
+            tasks: list[WriteTask] = []
+            multi: list[memoryview] = []
+            for item, v in zip(res["items"], views):
+                if item is None:
+                    continue
+                _seq, chunks = item
+                pos = 0
+                for stripe, seg, off, length in chunks:
+                    tasks.append(WriteTask(self._path(stripe, seg), off, v[pos:pos + length]))
+                    pos += length
+                if len(chunks) > 1:
+                    multi.append(v)
+            chunk_sums = self.reader.write(tasks)
+            whole = iter(self.reader.hash_many(multi))
+            sums: list[Any] = []
+            it = iter(chunk_sums)
+            for item in res["items"]:
+                if item is None:
+                    sums.append(None)
+                    continue
+                cs = [next(it) for _ in item[1]]
+                sums.append([next(whole) if len(cs) > 1 else cs[0], cs])
+        except BaseException as e:
+            try:
+                self._call(P.ABORT, {"put": pid})
+            except KvfsError:
+                pass
+            if isinstance(e, OSError) and e.errno in (28, 122):
+                raise CapacityError(f"disk full while writing: {e}") from None
+            raise
+        return list(self._call(P.COMMIT, {"put": pid, "sums": sums}))
 
     def delete(self, keys: Iterable[str | bytes] | str | bytes, *, ns: str = "default") -> int:
         ks = [normalize_key(keys)] if isinstance(keys, (str, bytes)) else normalize_keys(keys)

@@ -1,5 +1,6 @@
 """The client data plane: reading chunks from segment files into caller
-buffers and verifying them. Pure Python on ``os.preadv`` (which releases the
+buffers and verifying them, and writing payloads into extents the daemon
+reserved (alloc/commit puts). Pure Python on ``os.preadv`` (which releases the
 GIL), run on a thread pool for batches. Kept apart from the control plane so
 a native implementation can take its place behind the same functions.
 """
@@ -10,7 +11,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import xxhash
 
@@ -21,6 +22,22 @@ class ReadTask:
     offset: int
     dest: memoryview  # exactly the chunk's length
     checksum: bytes | None  # None: do not verify
+
+
+@dataclass
+class WriteTask:
+    path: str
+    offset: int
+    src: memoryview
+
+
+def write_full(fd: int, src: memoryview, offset: int) -> None:
+    pos = 0
+    while pos < len(src):
+        n = os.pwritev(fd, [src[pos:]], offset + pos)
+        if n <= 0:
+            raise OSError(28, "short write (disk full?)")
+        pos += n
 
 
 def read_full(fd: int, dest: memoryview, offset: int) -> bool:
@@ -45,8 +62,9 @@ class FdCache:
     file.
     """
 
-    def __init__(self, limit: int = 512):
+    def __init__(self, limit: int = 512, flags: int = os.O_RDONLY):
         self.limit = limit
+        self.flags = flags
         self._lock = threading.Lock()
         self._fds: OrderedDict[str, list[int]] = OrderedDict()  # path -> [fd, refs]
 
@@ -57,7 +75,7 @@ class FdCache:
                 ent[1] += 1
                 self._fds.move_to_end(path)
                 return ent[0]
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, self.flags | os.O_CLOEXEC)
         with self._lock:
             ent = self._fds.get(path)
             if ent is not None:  # another thread opened it meanwhile
@@ -107,13 +125,24 @@ def run_task(fds: FdCache, t: ReadTask) -> bool:
     return t.checksum is None or xxhash.xxh3_128_digest(t.dest) == t.checksum
 
 
-class Reader:
-    """Runs read tasks inline (one small task) or on a thread pool."""
+def write_task(fds: FdCache, t: WriteTask) -> bytes:
+    """Write one chunk; return its checksum (hashed while the bytes are hot)."""
+    fd = fds.acquire(t.path)
+    try:
+        write_full(fd, t.src, t.offset)
+    finally:
+        fds.release(t.path)
+    return xxhash.xxh3_128_digest(t.src)
+
+
+class DataPlane:
+    """Runs read/write tasks inline (small batches) or on a thread pool."""
 
     def __init__(self, threads: int = 8, inline_below: int = 1 << 20):
         self.threads = max(1, threads)
         self.inline_below = inline_below
         self.fds = FdCache()
+        self.wfds = FdCache(limit=64, flags=os.O_WRONLY)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -124,14 +153,22 @@ class Reader:
                     self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="kvfs-read")
         return self._pool
 
-    def run(self, tasks: Sequence[ReadTask]) -> list[bool]:
-        total = sum(len(t.dest) for t in tasks)
+    def _map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], total: int) -> list[Any]:
         if len(tasks) <= 1 or total < self.inline_below or self.threads == 1:
-            return [run_task(self.fds, t) for t in tasks]
-        pool = self._get_pool()
-        return list(pool.map(lambda t: run_task(self.fds, t), tasks))
+            return [fn(t) for t in tasks]
+        return list(self._get_pool().map(fn, tasks))
+
+    def run(self, tasks: Sequence[ReadTask]) -> list[bool]:
+        return self._map(lambda t: run_task(self.fds, t), tasks, sum(len(t.dest) for t in tasks))
+
+    def write(self, tasks: Sequence[WriteTask]) -> list[bytes]:
+        return self._map(lambda t: write_task(self.wfds, t), tasks, sum(len(t.src) for t in tasks))
+
+    def hash_many(self, views: Sequence[memoryview]) -> list[bytes]:
+        return self._map(xxhash.xxh3_128_digest, views, sum(len(v) for v in views))
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         self.fds.close()
+        self.wfds.close()

@@ -12,6 +12,11 @@ text, extra]]``. Request id 0 means "no reply wanted" (used for lease
 releases, which are fire-and-forget). Requests on one connection are
 answered in order; clients that want concurrency open more connections.
 
+Large puts use ``alloc`` -> the client writes the payloads into the
+reserved extents of the segment files itself -> ``commit`` with the
+checksums it computed (the daemon then writes the record headers and
+publishes). Small puts send the values inline as the trailer of ``put``.
+
 The trailer is streamed: the daemon reads it in stripe-unit pieces and never
 holds a whole large value in memory. Its length must equal the sum of the
 declared item sizes. Messages are capped at MAX_MESSAGE; a prefix with a bad
@@ -50,9 +55,12 @@ NAMESPACES = "namespaces"
 KEYS = "keys"
 STATS = "stats"
 REPORT_BAD = "report_bad"
+ALLOC = "alloc"
+COMMIT = "commit"
+ABORT = "abort"
 
 OPS = frozenset({HELLO, PUT, LOOKUP, RELEASE, CONTAINS, PREFIX_MATCH, DELETE,
-                 STAT, NAMESPACES, KEYS, STATS, REPORT_BAD})
+                 STAT, NAMESPACES, KEYS, STATS, REPORT_BAD, ALLOC, COMMIT, ABORT})
 
 
 def pack_frame(message: Any, trailer_len: int = 0) -> bytes:

@@ -1,0 +1,12 @@
+"""Deterministic test values: the bytes of key i can be recomputed anywhere."""
+from __future__ import annotations
+
+import hashlib
+
+
+def value_for(i: int, max_size: int = 300_000) -> bytes:
+    size = int.from_bytes(hashlib.sha256(b"size%d" % i).digest()[:4], "little") % max_size
+    seed = hashlib.sha256(b"val%d" % i).digest()
+    reps = size // len(seed) + 1
+    # vary every 32-byte block so a misplaced block cannot compare equal
+    return b"".join(hashlib.sha256(seed + b"%d" % j).digest() for j in range(reps))[:size]
