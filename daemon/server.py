@@ -176,7 +176,13 @@ class Server:
                 body = await conn.read_exact(mlen)
                 req_id = 0
                 try:
-                    req_id, op, args = P.parse_request(body)
+                    try:
+                        req_id, op, args = P.parse_request(body)
+                    except ProtocolError as e:
+                        if tlen:
+                            await conn.skip(tlen)
+                        await conn.send(P.reply_err(0, e))  # id unknown: answer as 0
+                        continue
                     if op != P.PUT and tlen:
                         await conn.skip(tlen)
                         raise ProtocolError(f"op {op!r} takes no trailer")

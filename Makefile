@@ -1,0 +1,31 @@
+# The two quickstart commands: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo daemon test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,bench]'
+	touch $@
+
+# The main job: the daemon on embedded defaults plus a short demo.
+demo: setup
+	bash tools/quickstart.sh
+
+# The daemon in the foreground (Ctrl-C stops it cleanly).
+daemon: setup
+	$(BIN)/kvfs daemon
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/kvfs bench --kv --json bench.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,51 @@
+"""The `kvfs` command against a real daemon."""
+import json
+import os
+import subprocess
+import sys
+
+
+def kvfs_cmd(*args, check=True, input=None):
+    return subprocess.run([sys.executable, "-m", "kvfstools.cli", *args], capture_output=True,
+                          check=check, input=input)
+
+
+def test_put_get_ls_rm_stats(daemon, tmp_path):
+    sock = str(daemon.socket)
+    src = tmp_path / "in.bin"
+    src.write_bytes(os.urandom(3 * 1024 * 1024 + 7))
+    kvfs_cmd("put", "--socket", sock, "ns1", "blk0", str(src))
+    kvfs_cmd("put", "--socket", sock, "ns1", "blk1", "-", input=b"from stdin")
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    kvfs_cmd("put", "--socket", sock, "ns1", "empty", str(empty))
+    out = tmp_path / "out.bin"
+    kvfs_cmd("get", "--socket", sock, "ns1", "blk0", str(out))
+    assert out.read_bytes() == src.read_bytes()
+    assert kvfs_cmd("get", "--socket", sock, "ns1", "blk1", "-").stdout == b"from stdin"
+    assert kvfs_cmd("ls", "--socket", sock).stdout.decode().split() == ["ns1"]
+    assert kvfs_cmd("ls", "--socket", sock, "ns1").stdout.decode().split() == ["blk0", "blk1", "empty"]
+    st = json.loads(kvfs_cmd("stats", "--socket", sock, "--json").stdout)
+    assert st["objects"] == 3 and st["namespaces"] == {"ns1": 3}
+    table = kvfs_cmd("stats", "--socket", sock).stdout.decode()
+    assert "objects" in table and "3 (" in table and "stripe" in table
+    kvfs_cmd("rm", "--socket", sock, "ns1", "blk0")
+    r = kvfs_cmd("get", "--socket", sock, "ns1", "blk0", str(out), check=False)
+    assert r.returncode == 2 and b"NotFound" in r.stderr
+
+
+def test_no_daemon_is_a_clear_error(tmp_path):
+    r = kvfs_cmd("stats", "--socket", str(tmp_path / "none.sock"), check=False)
+    assert r.returncode == 2 and b"kvfs daemon --socket" in r.stderr
+
+
+def test_demo_runs(daemon):
+    r = kvfs_cmd("demo", "--socket", str(daemon.socket), "--tokens", "2048")
+    assert b"identical" in r.stdout and b"GB/s" in r.stdout
+
+
+def test_bench_quick(tmp_path):
+    r = kvfs_cmd("bench", "--quick", "--dir", str(tmp_path), "--json", str(tmp_path / "b.json"))
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert res["patterns"] and all(p["get_gbs"] > 0 and p["put_gbs"] > 0 for p in res["patterns"])
+    assert b"get/raw" in r.stdout
