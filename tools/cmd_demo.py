@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         t = time.perf_counter()
         hit = store.prefix_match(new_keys, ns=ns)
         t_lookup = time.perf_counter() - t
-        out = np.empty(hit * block_bytes, dtype=np.uint8)
+        out = np.ones(hit * block_bytes, dtype=np.uint8)  # a preallocated (faulted-in) KV buffer
         t = time.perf_counter()
         got = store.get_many_into(new_keys[:hit], [out[i * block_bytes:(i + 1) * block_bytes] for i in range(hit)],
                                   ns=ns)
