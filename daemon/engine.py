@@ -23,7 +23,7 @@ import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Hashable
+from typing import Any, Callable, Hashable
 
 import xxhash
 
@@ -310,13 +310,13 @@ class Engine:
                 raise NeedRoom(need)
             self._make_room(need)
         plan = PutPlan(ns, [], [size for _k, size, _m in norm])
-        with self._lock:
-            try:
+        try:
+            with self._lock:
                 for f in fresh:
                     plan.items.append(None if f is None else self._reserve(ns, *f, touched=plan.touched))
-            except BaseException:
-                self._release_reservations(plan)
-                raise
+        except BaseException:
+            self.abort_put(plan)
+            raise
         return plan
 
     def _footprint(self, ns: str, key: str, size: int) -> int:
@@ -418,29 +418,52 @@ class Engine:
             raise CapacityError(f"short write on stripe {self.cfg.stripes[ch.stripe]} (disk full?)",
                                 needed=ch.length, capacity=self.capacity, used=self._usage)
 
+    def effective_sync(self, sync: bool) -> bool:
+        return sync or self.cfg.durability == "sync"
+
     def commit_put(self, plan: PutPlan, sync: bool) -> list[bool]:
         """Publish what was written. Returns, per item, whether it was stored
         (False: it was already there, possibly put meanwhile by another client)."""
-        sync = sync or self.cfg.durability == "sync"
-        now = time.time()
+        sync = self.effective_sync(sync)
         if sync:
             for sid in plan.touched:
                 os.fdatasync(self.segs[sid].fd)
-        entries: list[tuple[ObjPlan, ObjEntry]] = []
-        for op in plan.items:
-            if op is None:
-                continue
-            if not op.checksum:
-                op.checksum = op.hasher.digest() if op.hasher is not None else (
-                    op.chunks[0].checksum if op.size else fmt.checksum(b""))
-            exts = [Extent(c.stripe, c.seg, c.payload_off, c.length, c.checksum) for c in op.chunks]
-            entries.append((op, ObjEntry(op.size, op.checksum, op.seq, now, now, op.meta, exts,
-                                         [c.hdr_off for c in op.chunks], [c.end - c.hdr_off for c in op.chunks])))
-        segrows = self._segment_rows()
-        next_seq, next_seg = self._next_seq, self._next_seg
+        try:
+            done = self.writer.call(self.publish_job(plan, sync), sync=sync)
+        except BaseException:
+            self.abort_put(plan)
+            raise
+        result, cand = self.finish_commit(plan, done)
+        self._reclaim(cand)
+        return result
+
+    def publish_job(self, plan: PutPlan, sync: bool,
+                    pieces: list[tuple[int, int, memoryview]] | None = None) -> Callable[[Any], Any]:
+        """The writer job that publishes ``plan``. With ``pieces`` it first
+        writes them (and fdatasyncs in sync mode): small inline puts then cost
+        one writer round trip and no other thread hop."""
         ns = plan.ns
 
-        def job(txn: Any) -> list[bool]:
+        def job(txn: Any) -> tuple[list[bool], list[tuple[ObjPlan, ObjEntry]], list[tuple[int, int, int]]]:
+            if pieces is not None:
+                self.write_chunks(plan, pieces)
+                if sync:
+                    for sid in plan.touched:
+                        os.fdatasync(self.segs[sid].fd)
+            # durability order: payloads are written (and synced) above or
+            # before this job was queued; this commit publishes them.
+            now = time.time()
+            entries: list[tuple[ObjPlan, ObjEntry]] = []
+            for op in plan.items:
+                if op is None:
+                    continue
+                if not op.checksum:
+                    op.checksum = op.hasher.digest() if op.hasher is not None else (
+                        op.chunks[0].checksum if op.size else fmt.checksum(b""))
+                exts = [Extent(c.stripe, c.seg, c.payload_off, c.length, c.checksum) for c in op.chunks]
+                entries.append((op, ObjEntry(op.size, op.checksum, op.seq, now, now, op.meta, exts,
+                                             [c.hdr_off for c in op.chunks], [c.end - c.hdr_off for c in op.chunks])))
+            segrows = self._segment_rows()
             for sid, stripe, state in segrows:
                 self.index.put_segment(txn, sid, stripe, state)
             self.index.add_namespace(txn, ns, now)
@@ -451,14 +474,17 @@ class Engine:
                 if fresh:
                     self.index.put_object(txn, ns, op.key, e)
                 stored.append(fresh)
-            self.index.set_counter(txn, b"next_seq", next_seq)
-            self.index.set_counter(txn, b"next_seg", next_seg)
-            return stored
-        try:
-            stored = self.writer.call(job, sync=sync)
-        except BaseException:
-            self._release_reservations(plan)
-            raise
+            self.index.set_counter(txn, b"next_seq", self._next_seq)
+            self.index.set_counter(txn, b"next_seg", self._next_seg)
+            return stored, entries, segrows
+        return job
+
+    def finish_commit(self, plan: PutPlan, done: tuple[list[bool], list[tuple[ObjPlan, ObjEntry]],
+                                                     list[tuple[int, int, int]]]) -> tuple[list[bool], list[int]]:
+        """After the publishing commit: update the mirror (memory only, safe on
+        the loop). Returns the per-item result and segments to ``reclaim``."""
+        stored, entries, segrows = done
+        ns = plan.ns
         with self._lock:
             for sid, _stripe, state in segrows:
                 s = self.segs.get(sid)
@@ -477,14 +503,14 @@ class Engine:
             self.counters["puts"] += n_new
             self.counters["put_bytes"] += sum(op.size for (op, _e), f in zip(entries, stored) if f)
             self.counters["puts_existing"] += len(plan.items) - n_new
-        self._release_reservations(plan)
+        cand = self._release_reservations(plan)
         it = iter(stored)
-        return [op is not None and next(it) for op in plan.items]
+        return [op is not None and next(it) for op in plan.items], cand
 
     def abort_put(self, plan: PutPlan) -> None:
-        self._release_reservations(plan)
+        self._reclaim(self._release_reservations(plan))
 
-    def _release_reservations(self, plan: PutPlan) -> None:
+    def _release_reservations(self, plan: PutPlan) -> list[int]:
         with self._lock:
             done = []
             for op in plan.items:
@@ -496,7 +522,7 @@ class Engine:
                         s.inflight -= 1
                         done.append(c.seg)
                 op.chunks = []  # released once only
-        self._reclaim(done)
+        return done
 
     def _segment_rows(self) -> list[tuple[int, int, int]]:
         with self._lock:
@@ -645,13 +671,22 @@ class Engine:
             n += 1
         return n
 
-    def release(self, lids: list[int], owner: Hashable | None) -> None:
+    def release(self, lids: list[int], owner: Hashable | None) -> list[int]:
+        """End leases (memory only: safe on the event loop). Returns segments
+        no longer leased; the caller passes them to ``reclaim`` (which may
+        block) if any."""
         with self._lock:
             freed: list[int] = []
             for lid in lids:
                 freed += self.leases.release(lid, owner)
-        if freed:
-            self._reclaim(freed)
+        return [s for s in freed if self._reclaimable(s)]
+
+    def _reclaimable(self, sid: int) -> bool:
+        s = self.segs.get(sid)
+        return s is not None and s.live <= 0 and s.inflight == 0
+
+    def reclaim(self, segs: list[int]) -> None:
+        self._reclaim(segs)
 
     def release_owner(self, owner: Hashable) -> None:
         with self._lock:

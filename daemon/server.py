@@ -14,6 +14,7 @@ import logging
 import os
 import select
 import socket as stdsocket
+from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -228,7 +229,9 @@ class Server:
             leases = _check_list(args, "leases")
             if not all(isinstance(l, int) for l in leases):
                 raise ProtocolError("leases must be ints")
-            await self._thread(eng.release, leases, conn.id)
+            freed = eng.release(leases, conn.id)  # memory only
+            if freed:
+                await self._thread(eng.reclaim, freed)
             return None
         if op == P.CONTAINS:
             return eng.contains(P.arg(args, "ns", str), _check_list(args, "keys"))  # memory only
@@ -302,8 +305,37 @@ class Server:
         except BaseException:
             await conn.skip(tlen)
             raise
+        if tlen <= SMALL_PUT:
+            return await self._small_put(conn, plan, tlen, sync)
         # One thread hop for the whole value stream: read, write, commit.
         return await self._thread(self._stream_put, conn, plan, tlen, sync)
+
+    async def _small_put(self, conn: Conn, plan: PutPlan, tlen: int, sync: bool) -> list[bool]:
+        """Read the (small) values on the loop, then one writer round trip
+        writes and publishes them."""
+        eng = self.engine
+        try:
+            buf = memoryview(bytearray(tlen))
+            await conn.read_into(buf)
+            pieces = []
+            pos = 0
+            for i, op in enumerate(plan.items):
+                if op is not None:
+                    for ci, ch in enumerate(op.chunks):
+                        pieces.append((i, ci, buf[pos:pos + ch.length]))
+                        pos += ch.length
+                else:
+                    pos += plan.sizes[i]
+            sync = eng.effective_sync(sync)
+            done = await wait_future(eng.writer.submit(eng.publish_job(plan, sync, pieces), sync=sync))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._thread(eng.abort_put, plan)
+            raise
+        result, cand = eng.finish_commit(plan, done)
+        if cand:
+            await self._thread(eng.reclaim, cand)
+        return result
 
     def _stream_put(self, conn: Conn, plan: PutPlan, tlen: int, sync: bool) -> list[bool]:
         eng = self.engine
@@ -336,6 +368,19 @@ class Server:
             if isinstance(e, KvfsError) and consumed < tlen:
                 conn.skip_blocking(tlen - consumed)  # keep the stream framed
             raise
+
+
+SMALL_PUT = 1 << 20  # inline puts up to this many bytes are read on the loop
+
+
+async def wait_future(fut: "Future[Any]") -> Any:
+    """Await a concurrent.futures.Future (a writer job) without a thread."""
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+    fut.add_done_callback(lambda _f: token.run_sync_soon(done.set))
+    with trio.CancelScope(shield=True):  # the job runs to its end regardless
+        await done.wait()
+    return fut.result()
 
 
 def _items(args: dict[str, Any]) -> list[list[Any]]:

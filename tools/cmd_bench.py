@@ -31,6 +31,7 @@ MiB = 1 << 20
 # (2048 x 1 MB, 512 x 8 MB, 64 x 64 MB).
 PATTERNS = [(512, 1 * MiB), (128, 8 * MiB), (16, 64 * MiB)]
 KV_PATTERNS = [(2048, 64 * 1024), (256, 2 * MiB)]
+BATCH = 64  # keys per put_many / get_many_into call in the batched figures
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -100,10 +101,25 @@ def _one_round(store: Any, raw_path: Path, src: Any, dst: Any, count: int, bs: i
     dst[:total] = 0
     r_kv, lr_kv = _timed(threads, count, lambda i: store.get_into(keys[i], dviews[i], ns=ns))
     assert np.array_equal(dst[:total], src[:total]), "kvfs read mismatch"
+    # batched: BATCH keys per call, as an engine loads a prefix
+    nb = -(-count // BATCH)
+    def get_batch(b: int) -> None:
+        sl = slice(b * BATCH, (b + 1) * BATCH)
+        store.get_many_into(keys[sl], dviews[sl], ns=ns)
+    dst[:total] = 0
+    r_kvb, _ = _timed(threads, nb, get_batch)
+    assert np.array_equal(dst[:total], src[:total]), "kvfs batched read mismatch"
     store.delete(keys, ns=ns)
+    os.sync()
+    def put_batch(b: int) -> None:
+        sl = slice(b * BATCH, (b + 1) * BATCH)
+        store.put_many(keys[sl], views[sl], ns=ns + ".b")
+    w_kvb, _ = _timed(threads, nb, put_batch)
+    store.delete(keys, ns=ns + ".b")
     raw_path.unlink()
     return {
         "raw_pwrite_gbs": total / w_raw / 1e9, "put_gbs": total / w_kv / 1e9,
+        "put_many_gbs": total / w_kvb / 1e9, "get_many_gbs": total / r_kvb / 1e9,
         "raw_preadv_gbs": total / r_raw / 1e9, "get_gbs": total / r_kv / 1e9,
         "put_p50_ms": _pct(lw_kv, .5) * 1e3, "put_p99_ms": _pct(lw_kv, .99) * 1e3,
         "get_p50_ms": _pct(lr_kv, .5) * 1e3, "get_p99_ms": _pct(lr_kv, .99) * 1e3,
@@ -186,10 +202,12 @@ def format_results(res: dict[str, Any]) -> str:
     for r in res["patterns"]:
         rows.append([f"{r['count']} x {r['block'] // 1024} KiB", r["threads"],
                      f"{r['raw_pwrite_gbs']:.2f}", f"{r['put_gbs']:.2f}", f"{r['put_ratio']:.2f}",
+                     f"{r['put_many_gbs']:.2f}",
                      f"{r['raw_preadv_gbs']:.2f}", f"{r['get_gbs']:.2f}", f"{r['get_ratio']:.2f}",
+                     f"{r['get_many_gbs']:.2f}",
                      f"{r['get_p50_ms']:.2f}/{r['get_p99_ms']:.2f}"])
-    t = render(["pattern", "thr", "pwrite GB/s", "put GB/s", "put/raw", "preadv GB/s", "get GB/s", "get/raw",
-                "get p50/p99 ms"], rows)
+    t = render(["pattern", "thr", "pwrite GB/s", "put GB/s", "put/raw", f"put_many({BATCH}) GB/s",
+                "preadv GB/s", "get GB/s", "get/raw", f"get_many({BATCH}) GB/s", "get p50/p99 ms"], rows)
     m = res["meta"]
     t += (f"\n\ncontains(1024 keys) p50 {m['contains_1024_p50_ms']:.3f} ms, p99 {m['contains_1024_p99_ms']:.3f} ms; "
           f"prefix_match(1024) p50 {m['prefix_match_1024_p50_ms']:.3f} ms; "
