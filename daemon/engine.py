@@ -438,15 +438,16 @@ class Engine:
         return result
 
     def publish_job(self, plan: PutPlan, sync: bool,
-                    pieces: list[tuple[int, int, memoryview]] | None = None) -> Callable[[Any], Any]:
-        """The writer job that publishes ``plan``. With ``pieces`` it first
-        writes them (and fdatasyncs in sync mode): small inline puts then cost
-        one writer round trip and no other thread hop."""
+                    before: Callable[[], None] | None = None) -> Callable[[Any], Any]:
+        """The writer job that publishes ``plan``. With ``before`` it first
+        runs it (writing payloads or headers) and then, in sync mode,
+        fdatasyncs the touched segments: a put then costs one writer round
+        trip and no other thread hop."""
         ns = plan.ns
 
         def job(txn: Any) -> tuple[list[bool], list[tuple[ObjPlan, ObjEntry]], list[tuple[int, int, int]]]:
-            if pieces is not None:
-                self.write_chunks(plan, pieces)
+            if before is not None:
+                before()
                 if sync:
                     for sid in plan.touched:
                         os.fdatasync(self.segs[sid].fd)

@@ -249,17 +249,19 @@ class Server:
             plan = conn.pending.pop(P.arg(args, "put", int), None)
             if plan is None:
                 raise InvalidArgument("no such pending put on this connection")
-            sums = P.arg(args, "sums", list)
-            sync = P.arg(args, "sync", bool, False)
-            def commit() -> list[bool]:
-                try:
-                    eng.set_client_sums(plan, sums)
-                    eng.write_headers(plan)
-                    return eng.commit_put(plan, sync)
-                except BaseException:
-                    eng.abort_put(plan)
-                    raise
-            return await self._thread(commit)
+            try:
+                eng.set_client_sums(plan, P.arg(args, "sums", list))
+                sync = eng.effective_sync(P.arg(args, "sync", bool, False))
+                job = eng.publish_job(plan, sync, partial(eng.write_headers, plan))
+                done = await wait_future(eng.writer.submit(job, sync=sync))
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self._thread(eng.abort_put, plan)
+                raise
+            result, cand = eng.finish_commit(plan, done)
+            if cand:
+                await self._thread(eng.reclaim, cand)
+            return result
         if op == P.ABORT:
             plan = conn.pending.pop(P.arg(args, "put", int), None)
             if plan is not None:
@@ -327,7 +329,8 @@ class Server:
                 else:
                     pos += plan.sizes[i]
             sync = eng.effective_sync(sync)
-            done = await wait_future(eng.writer.submit(eng.publish_job(plan, sync, pieces), sync=sync))
+            job = eng.publish_job(plan, sync, partial(eng.write_chunks, plan, pieces))
+            done = await wait_future(eng.writer.submit(job, sync=sync))
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._thread(eng.abort_put, plan)

@@ -130,3 +130,20 @@ def test_invalid_arguments_from_client(store):
         store.get("a", ns="bad/ns")
     with pytest.raises(kvfs.InvalidKey):
         store.contains("single-string-not-list")
+
+
+def test_leases_expire_and_socket_mode(tmp_path):
+    import stat as st_
+    import time
+
+    from kvfsd.testing import DaemonProcess
+
+    with DaemonProcess(tmp_path / "s", extra=["--lease-timeout", "1"]) as d, d.connect() as s:
+        assert st_.S_IMODE(os.stat(d.socket).st_mode) == 0o660
+        s.put("k", b"v")
+        s._call(P.LOOKUP, {"ns": "default", "keys": ["k"]})  # never released
+        assert s.stats()["leases"] == 1
+        deadline = time.monotonic() + 10
+        while s.stats()["leases"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert s.stats()["leases"] == 0
