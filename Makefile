@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo daemon test bench clean
+.PHONY: setup demo daemon test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,9 @@ daemon: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/mypy kvfs daemon tools
 
 bench: setup
 	$(BIN)/kvfs bench --kv --json bench.json

@@ -11,7 +11,7 @@ out of mostly-dead segments, closes the gap for scattered survivors.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 
 @dataclass
@@ -22,7 +22,7 @@ class Victims:
 
 
 def choose_victims(
-    lru: Iterable[tuple[bytes, list[tuple[int, int]]]],  # oldest first: (objkey, [(seg, span)])
+    lru: Iterable[tuple[bytes, Sequence[tuple[int, int]]]],  # oldest first: (objkey, [(seg, span)])
     seg_live: dict[int, int],
     seg_size: dict[int, int],
     usage: int,
@@ -32,7 +32,7 @@ def choose_victims(
 ) -> Victims:
     if usage <= target:
         return Victims([], [], 0)
-    live = {}
+    live: dict[int, int] = {}
     objs: list[bytes] = []
     dead_segs: list[int] = []
     freed = 0

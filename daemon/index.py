@@ -129,7 +129,7 @@ class Index:
     # -- objects --------------------------------------------------------------
     def get(self, txn: lmdb.Transaction, ns: str, key: str) -> ObjEntry | None:
         raw = txn.get(obj_key(ns, key), db=self.objects)
-        return ObjEntry.decode(raw) if raw is not None else None
+        return ObjEntry.decode(bytes(raw)) if raw is not None else None
 
     def put_object(self, txn: lmdb.Transaction, ns: str, key: str, e: ObjEntry) -> None:
         ok = obj_key(ns, key)
@@ -142,7 +142,7 @@ class Index:
         raw = txn.pop(ok, db=self.objects)
         if raw is None:
             return None
-        e = ObjEntry.decode(raw)
+        e = ObjEntry.decode(bytes(raw))
         for ext, h in zip(e.extents, e.header_offsets):
             txn.delete(segobj_key(ext.seg, h), db=self.segobj)
         return e
@@ -150,8 +150,8 @@ class Index:
     def iter_objects(self, txn: lmdb.Transaction) -> Iterator[tuple[str, str, ObjEntry]]:
         with txn.cursor(db=self.objects) as cur:
             for k, v in cur:
-                ns, key = split_obj_key(k)
-                yield ns, key, ObjEntry.decode(v)
+                ns, key = split_obj_key(bytes(k))
+                yield ns, key, ObjEntry.decode(bytes(v))
 
     def iter_keys(self, txn: lmdb.Transaction, ns: str, after: str | None, limit: int) -> tuple[list[str], bool]:
         prefix = ns.encode() + b"\x00"
@@ -161,6 +161,7 @@ class Index:
             if not cur.set_range(start):
                 return out, False
             for k in cur.iternext(keys=True, values=False):
+                k = bytes(k)
                 if not k.startswith(prefix):
                     return out, False
                 if len(out) >= limit:
@@ -175,7 +176,7 @@ class Index:
             if not cur.set_range(lo):
                 return
             for k, v in cur:
-                s, off = parse_segobj_key(k)
+                s, off = parse_segobj_key(bytes(k))
                 if s != seg:
                     return
                 yield off, bytes(v)

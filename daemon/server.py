@@ -51,12 +51,7 @@ class Conn:
     STALL_TIMEOUT = 30.0
 
     def read_into_blocking(self, view: memoryview) -> None:
-        pos = 0
-        if self.buf:
-            k = min(len(self.buf), len(view))
-            view[:k] = self.buf[:k]
-            del self.buf[:k]
-            pos = k
+        pos = self._take_buffered(view)
         fd = self.sock.fileno()
         poller = None
         while pos < len(view):
@@ -90,13 +85,16 @@ class Conn:
         del self.buf[:n]
         return out
 
-    async def read_into(self, view: memoryview) -> None:
-        pos = 0
-        if self.buf:
-            k = min(len(self.buf), len(view))
+    def _take_buffered(self, view: memoryview) -> int:
+        """Move already-received bytes into ``view``; returns how many."""
+        k = min(len(self.buf), len(view))
+        if k:
             view[:k] = self.buf[:k]
             del self.buf[:k]
-            pos = k
+        return k
+
+    async def read_into(self, view: memoryview) -> None:
+        pos = self._take_buffered(view)
         while pos < len(view):
             n = await self.sock.recv_into(view[pos:])
             if n == 0:
@@ -246,26 +244,20 @@ class Server:
                 None if o is None else [o.seq, [[c.stripe, c.seg, c.payload_off, c.length] for c in o.chunks]]
                 for o in plan.items]}
         if op == P.COMMIT:
-            plan = conn.pending.pop(P.arg(args, "put", int), None)
-            if plan is None:
+            pending = conn.pending.pop(P.arg(args, "put", int), None)
+            if pending is None:
                 raise InvalidArgument("no such pending put on this connection")
             try:
-                eng.set_client_sums(plan, P.arg(args, "sums", list))
-                sync = eng.effective_sync(P.arg(args, "sync", bool, False))
-                job = eng.publish_job(plan, sync, partial(eng.write_headers, plan))
-                done = await wait_future(eng.writer.submit(job, sync=sync))
+                eng.set_client_sums(pending, P.arg(args, "sums", list))
             except BaseException:
-                with trio.CancelScope(shield=True):
-                    await self._thread(eng.abort_put, plan)
+                await self._thread(eng.abort_put, pending)
                 raise
-            result, cand = eng.finish_commit(plan, done)
-            if cand:
-                await self._thread(eng.reclaim, cand)
-            return result
+            return await self._publish(pending, P.arg(args, "sync", bool, False),
+                                       partial(eng.write_headers, pending))
         if op == P.ABORT:
-            plan = conn.pending.pop(P.arg(args, "put", int), None)
-            if plan is not None:
-                await self._thread(eng.abort_put, plan)
+            aborted = conn.pending.pop(P.arg(args, "put", int), None)
+            if aborted is not None:
+                await self._thread(eng.abort_put, aborted)
             return None
         if op == P.DELETE:
             return await self._thread(eng.delete, P.arg(args, "ns", str), _check_list(args, "keys"))
@@ -316,21 +308,31 @@ class Server:
         """Read the (small) values on the loop, then one writer round trip
         writes and publishes them."""
         eng = self.engine
+        buf = memoryview(bytearray(tlen))
         try:
-            buf = memoryview(bytearray(tlen))
             await conn.read_into(buf)
-            pieces = []
-            pos = 0
-            for i, op in enumerate(plan.items):
-                if op is not None:
-                    for ci, ch in enumerate(op.chunks):
-                        pieces.append((i, ci, buf[pos:pos + ch.length]))
-                        pos += ch.length
-                else:
-                    pos += plan.sizes[i]
-            sync = eng.effective_sync(sync)
-            job = eng.publish_job(plan, sync, partial(eng.write_chunks, plan, pieces))
-            done = await wait_future(eng.writer.submit(job, sync=sync))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._thread(eng.abort_put, plan)
+            raise
+        pieces = []
+        pos = 0
+        for i, op in enumerate(plan.items):
+            if op is not None:
+                for ci, ch in enumerate(op.chunks):
+                    pieces.append((i, ci, buf[pos:pos + ch.length]))
+                    pos += ch.length
+            else:
+                pos += plan.sizes[i]
+        return await self._publish(plan, sync, partial(eng.write_chunks, plan, pieces))
+
+    async def _publish(self, plan: PutPlan, sync: bool, before: Callable[[], None]) -> list[bool]:
+        """One writer job runs ``before`` (writes), syncs if asked, and
+        publishes; the loop awaits it without a thread hop."""
+        eng = self.engine
+        sync = eng.effective_sync(sync)
+        try:
+            done = await wait_future(eng.writer.submit(eng.publish_job(plan, sync, before), sync=sync))
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._thread(eng.abort_put, plan)

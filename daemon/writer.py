@@ -7,6 +7,11 @@ them is answered. So a ``sync`` put is acknowledged only after its index
 entry is on disk (its payload was fdatasync'd before the job was queued).
 A job that raises is answered with its exception; its writes are rolled back
 by running it inside a nested transaction, so it cannot spoil the batch.
+
+In fast mode the index is synced every couple of seconds by a separate
+syncer thread, never by the writer: on ext4 (data=ordered) an fsync of the
+index waits for the writeback of every newly allocated segment block, and
+doing that on the writer would stall every put behind the disk.
 """
 from __future__ import annotations
 
@@ -32,7 +37,11 @@ class WriterThread:
         self._last_sync = time.monotonic()
         self._dirty = False
         self.commits = 0
+        self._stopping = False
+        self._sync_wanted = threading.Event()
+        self._syncer = threading.Thread(target=self._sync_loop, name="kvfs-index-sync", daemon=True)
         self._thread.start()
+        self._syncer.start()
 
     def submit(self, job: Job, *, sync: bool = False) -> "Future[Any]":
         fut: Future[Any] = Future()
@@ -45,7 +54,22 @@ class WriterThread:
     def stop(self) -> None:
         self._q.put(None)
         self._thread.join()
+        self._stopping = True
+        self._sync_wanted.set()
+        self._syncer.join()
         self.env.sync(True)
+
+    def _sync_loop(self) -> None:
+        while True:
+            self._sync_wanted.wait()
+            self._sync_wanted.clear()
+            if self._stopping:
+                return
+            try:
+                self.env.sync(True)
+            except Exception:  # noqa: BLE001 - retried at the next interval and at stop
+                import logging
+                logging.getLogger("kvfsd").exception("index sync failed")
 
     def _run(self) -> None:
         stopping = False
@@ -83,7 +107,7 @@ class WriterThread:
                 import logging
                 logging.getLogger("kvfsd").exception("writer idle job failed")
         if self._dirty:
-            self.env.sync(True)
+            self._sync_wanted.set()  # the syncer thread fsyncs; the writer goes on
             self._dirty = False
         self._last_sync = time.monotonic()
 

@@ -202,14 +202,14 @@ class Store:
         if len(datas) != len(ks) or (metas is not None and len(metas) != len(ks)):
             raise InvalidArgument("keys, datas and metas must have the same length")
         views = [as_readable(d) for d in datas]
-        metas = [encode_meta(m) for m in metas] if metas is not None else [None] * len(ks)
+        raw_metas: list[bytes | None] = [encode_meta(m) for m in metas] if metas is not None else [None] * len(ks)
         out: list[bool] = [False] * len(ks)
         direct = [i for i, v in enumerate(views) if len(v) >= DIRECT_MIN]
         inline = [i for i, v in enumerate(views) if len(v) < DIRECT_MIN]
         for idx, fn in ((inline, self._put_inline), (direct, self._put_direct)):
             for b in range(0, len(idx), BATCH_KEYS):
                 sel = idx[b:b + BATCH_KEYS]
-                got = fn(ns, [[ks[i], len(views[i]), metas[i]] for i in sel], [views[i] for i in sel])
+                got = fn(ns, [[ks[i], len(views[i]), raw_metas[i]] for i in sel], [views[i] for i in sel])
                 for i, g in zip(sel, got):
                     out[i] = g
         return out
@@ -290,8 +290,9 @@ class Store:
                     if dest is None:
                         if not allow_alloc:
                             continue
-                        bufs[i] = bytearray(size)
-                        dest = memoryview(bufs[i])
+                        fresh = bytearray(size)
+                        bufs[i] = fresh
+                        dest = memoryview(fresh)
                     if size > len(dest):
                         raise InvalidArgument(f"buffer of {len(dest)} bytes is too small for {ns}/{ks[i]} "
                                               f"({size} bytes)")

@@ -55,7 +55,7 @@ def _pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-def _timed(threads: int, n: int, op: Callable[[int], None]) -> tuple[float, list[float]]:
+def _timed(threads: int, n: int, op: Callable[[int], object]) -> tuple[float, list[float]]:
     """Run op(i) for i in range(n) on `threads` threads (contiguous shares);
     returns wall seconds and per-op latencies."""
     lats: list[list[float]] = [[] for _ in range(threads)]
