@@ -28,7 +28,7 @@ from typing import Any, Callable, Hashable
 import xxhash
 
 from kvfs import format as fmt
-from kvfs.errors import CapacityError, InvalidArgument, KvfsError, NotFound
+from kvfs.errors import CapacityError, InvalidArgument, NotFound
 from kvfs.keys import normalize_key, normalize_ns
 from kvfs.meta import encode_meta
 

@@ -13,6 +13,7 @@ def test_lease_table_counts_segments_and_owners():
     t = LeaseTable(timeout=10)
     a = t.grant("c1", [1, 2], [b"x"], now=0)
     b = t.grant("c2", [2, 3], [b"y"], now=5)
+    assert a != b and len(t) == 2
     assert t.seg_leased(2) and t.obj_leased(b"x")
     assert t.release(a, owner="c2") == []  # not c2's lease
     assert sorted(t.release(a, owner="c1")) == [1]  # 2 still held by b

@@ -154,7 +154,6 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         daemon.start()
         store = daemon.connect(verify=not args.no_verify, threads=8)
         for count, bs in patterns:
-            total = count * bs
             for threads in threads_list:
                 rounds = [_one_round(store, raw_path, src, dst, count, bs, threads, f"bench.{bs}.{threads}.{r}")
                           for r in range(args.repeat)]

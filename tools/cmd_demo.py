@@ -3,7 +3,6 @@ daemon, as an inference engine would, and print throughput and stats."""
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from .cli import add_socket_arg
