@@ -551,7 +551,9 @@ class Engine:
                 return
             target = int(cap * self.cfg.low_watermark) - need
             with self._lock:
-                lru = [(ok, m.spans) for ok, m in self.lru.items()]
+                # a generator: the walk stops as soon as the target is reached,
+                # instead of copying the whole LRU order under the lock
+                lru = ((ok, m.spans) for ok, m in self.lru.items())
                 seg_live = {s: st.live for s, st in self.segs.items()}
                 seg_size = {s: st.end for s, st in self.segs.items()}
                 v = choose_victims(

@@ -115,11 +115,6 @@ class Conn:
             view = view[sent:]
 
 
-def _check_list(args: dict[str, Any], name: str) -> list[Any]:
-    v = P.arg(args, name, list)
-    return v
-
-
 class Server:
     def __init__(self, engine: Engine, socket_path: Path, socket_mode: int = 0o660):
         self.engine = engine
@@ -219,12 +214,12 @@ class Server:
                     "stripe_unit": eng.stripe_unit, "pid": os.getpid(), "durability": eng.cfg.durability}
         if op == P.LOOKUP:
             ns = P.arg(args, "ns", str)
-            keys = _check_list(args, "keys")
+            keys = P.arg(args, "keys", list)
             want_lease = P.arg(args, "lease", bool, True)
             lid, items = eng.lookup(ns, keys, conn.id, lease=want_lease)  # memory only
             return {"lease": lid, "items": items}
         if op == P.RELEASE:
-            leases = _check_list(args, "leases")
+            leases = P.arg(args, "leases", list)
             if not all(isinstance(l, int) for l in leases):
                 raise ProtocolError("leases must be ints")
             freed = eng.release(leases, conn.id)  # memory only
@@ -232,9 +227,9 @@ class Server:
                 await self._thread(eng.reclaim, freed)
             return None
         if op == P.CONTAINS:
-            return eng.contains(P.arg(args, "ns", str), _check_list(args, "keys"))  # memory only
+            return eng.contains(P.arg(args, "ns", str), P.arg(args, "keys", list))  # memory only
         if op == P.PREFIX_MATCH:
-            return eng.prefix_match(P.arg(args, "ns", str), _check_list(args, "keys"))  # memory only
+            return eng.prefix_match(P.arg(args, "ns", str), P.arg(args, "keys", list))  # memory only
         if op == P.ALLOC:
             plan = await self._prepare(P.arg(args, "ns", str), _items(args))
             pid = conn.next_put
@@ -260,7 +255,7 @@ class Server:
                 await self._thread(eng.abort_put, aborted)
             return None
         if op == P.DELETE:
-            return await self._thread(eng.delete, P.arg(args, "ns", str), _check_list(args, "keys"))
+            return await self._thread(eng.delete, P.arg(args, "ns", str), P.arg(args, "keys", list))
         if op == P.STAT:
             return await self._thread(eng.stat, P.arg(args, "ns", str), P.arg(args, "key", (str, bytes)))
         if op == P.NAMESPACES:
