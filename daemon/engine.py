@@ -29,6 +29,7 @@ import xxhash
 
 from kvfs import format as fmt
 from kvfs.errors import CapacityError, InvalidArgument, NotFound
+from kvfs.generation import Generation
 from kvfs.keys import normalize_key, normalize_ns
 from kvfs.meta import encode_meta
 
@@ -149,6 +150,7 @@ class Engine:
         self._rr = 0  # round-robin start stripe for the next object
         self.counters: Counter[str] = Counter()
         self.started = time.time()
+        self.generation = Generation(cfg.root)
         self.writer = WriterThread(self.index.env, on_idle=self._flush_atimes)
         self.recovery = self._recover()
 
@@ -163,6 +165,7 @@ class Engine:
                 for s in self.segs.values():
                     s.close()
             self.index.close()
+            self.generation.close()
 
     def stripe_paths(self) -> list[str]:
         return [str(p) for p in self.cfg.stripes]
@@ -523,7 +526,8 @@ class Engine:
                         s.inflight -= 1
                         done.append(c.seg)
                 op.chunks = []  # released once only
-        return done
+            # only segments this leaves fully dead need a (blocking) reclaim
+            return [sid for sid in set(done) if self._reclaimable(sid)]
 
     def _segment_rows(self) -> list[tuple[int, int, int]]:
         with self._lock:
@@ -596,6 +600,10 @@ class Engine:
                         s.live -= span
                         segs.append(x.seg)
             self.counters[reason] += len(removed)
+            if removed:
+                # after the unpublishing commit, before any unlink: clients
+                # drop cached locations (see kvfs.generation)
+                self.generation.bump()
         self._reclaim(segs)
         return len(removed)
 
@@ -658,6 +666,22 @@ class Engine:
             if lease and hit:
                 lid = self.leases.grant(owner, segs, hit, time.monotonic())
         return lid, out
+
+    def touch(self, ns: str, keys: list[Any]) -> None:
+        """Hits a client served from its location cache: keep the LRU honest.
+        Memory only: safe on the event loop."""
+        ns = normalize_ns(ns)
+        now = time.time()
+        with self._lock:
+            n = 0
+            for k in keys:
+                ok = obj_key(ns, normalize_key(k))
+                if ok in self.lru:
+                    self.lru.move_to_end(ok)
+                    self._dirty_atime[ok] = now
+                    n += 1
+            self.counters["hits"] += n
+            self.counters["cached_hits"] += n
 
     def contains(self, ns: str, keys: list[Any]) -> list[bool]:
         ns = normalize_ns(ns)
@@ -785,7 +809,7 @@ class Engine:
                 "leases": len(self.leases),
                 "stripes": per_stripe,
                 "counters": {k: c.get(k, 0) for k in ("puts", "put_bytes", "puts_existing", "hits", "misses",
-                                                      "deletes", "evictions", "corrupt_dropped",
+                                                      "cached_hits", "deletes", "evictions", "corrupt_dropped",
                                                       "segments_deleted")},
                 "recovery": vars(self.recovery),
                 "tiers": {"T1": {"objects": len(self.lru), "bytes": self.logical_bytes,

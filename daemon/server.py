@@ -209,8 +209,12 @@ class Server:
 
     async def _dispatch(self, conn: Conn, op: str, args: dict[str, Any]) -> Any:
         eng = self.engine
+        if op == P.TOUCH:
+            eng.touch(P.arg(args, "ns", str), P.arg(args, "keys", list))  # memory only
+            return None
         if op == P.HELLO:
             return {"version": P.PROTOCOL_VERSION, "stripes": eng.stripe_paths(),
+                    "generation": str(eng.generation.path),
                     "stripe_unit": eng.stripe_unit, "pid": os.getpid(), "durability": eng.cfg.durability}
         if op == P.LOOKUP:
             ns = P.arg(args, "ns", str)

@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -20,6 +21,8 @@ from .dataplane import DataPlane, ReadTask, WriteTask
 from .errors import CapacityError, DaemonUnavailable, InvalidArgument, KvfsError, NotFound, ProtocolError
 from .keys import normalize_key, normalize_keys, normalize_ns
 from .format import segment_name
+from .generation import GenerationReader
+from .loccache import LocationCache
 from .meta import encode_meta
 
 BATCH_KEYS = 4096
@@ -141,7 +144,7 @@ class Store:
     """A connection to the kvfs daemon. See ``kvfs.connect``."""
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, *, verify: bool = True,
-                 threads: int = 8):
+                 threads: int = 8, cache_locations: bool = True):
         self.socket_path = str(socket) if socket is not None else default_socket_path()
         self.verify = verify
         self._local = threading.local()
@@ -149,12 +152,22 @@ class Store:
         self._conns_lock = threading.Lock()
         self._closed = False
         self.reader = DataPlane(threads)
+        self._touch_lock = threading.Lock()
+        self._touches: dict[str, list[str]] = {}  # cache hits not yet reported to the daemon
+        self._n_touches = 0
+        self._touched_at = time.monotonic()
         hello = self._call(P.HELLO, {"version": P.PROTOCOL_VERSION})
         if hello.get("version") != P.PROTOCOL_VERSION:
             raise ProtocolError(f"daemon speaks protocol {hello.get('version')}, client {P.PROTOCOL_VERSION}")
         self.stripes: list[str] = list(hello["stripes"])
         self.stripe_unit: int = int(hello["stripe_unit"])
         self.daemon_pid: int = int(hello["pid"])
+        self._locs: LocationCache | None = None
+        if cache_locations:
+            try:
+                self._locs = LocationCache(GenerationReader(hello["generation"]))
+            except (OSError, KeyError, ValueError):
+                self._locs = None  # cannot map the counter: always ask the daemon
 
     # -- connections ----------------------------------------------------------
     def _conn(self) -> _Connection:
@@ -164,6 +177,8 @@ class Store:
         if c is None or c.broken:
             if c is not None:
                 c.close()
+                if self._locs is not None:
+                    self._locs.clear()  # the daemon went away: start from what it says now
             c = _Connection(self.socket_path)
             self._local.conn = c
             with self._conns_lock:
@@ -171,7 +186,10 @@ class Store:
         return c
 
     def _call(self, op: str, args: dict[str, Any], trailer: Sequence[memoryview] = ()) -> Any:
-        return self._conn().call(op, args, trailer)
+        conn = self._conn()
+        if self._touches:
+            self._flush_touches(conn)  # hits go out before anything that could evict
+        return conn.call(op, args, trailer)
 
     def close(self) -> None:
         if self._closed:
@@ -182,6 +200,8 @@ class Store:
                 c.close()
             self._conns.clear()
         self.reader.close()
+        if self._locs is not None:
+            self._locs.gen.close()
 
     def __enter__(self) -> "Store":
         return self
@@ -264,46 +284,68 @@ class Store:
     def _path(self, stripe: int, seg: int) -> str:
         return os.path.join(self.stripes[stripe], segment_name(seg))
 
+    def _plan_reads(self, ns: str, ks: list[str], found: dict[int, list[Any]], outs: list[memoryview | None],
+                    allow_alloc: bool, sizes: list[int], bufs: list[bytearray | None]
+                    ) -> tuple[list[ReadTask], list[int]]:
+        """Read tasks for the found items (index -> wire item); fills sizes
+        and allocates bufs where asked. Returns the tasks and each task's item index."""
+        tasks: list[ReadTask] = []
+        owners: list[int] = []
+        for i, item in found.items():
+            size, _csum, _seq, exts = item
+            dest = outs[i]
+            if dest is None:
+                if not allow_alloc:
+                    continue
+                fresh = bytearray(size)
+                bufs[i] = fresh
+                dest = memoryview(fresh)
+            if size > len(dest):
+                raise InvalidArgument(f"buffer of {len(dest)} bytes is too small for {ns}/{ks[i]} ({size} bytes)")
+            pos = 0
+            for stripe, seg, off, length, ccsum in exts:
+                tasks.append(ReadTask(self._path(stripe, seg), off, dest[pos:pos + length],
+                                      ccsum if self.verify else None))
+                owners.append(i)
+                pos += length
+            sizes[i] = size
+        return tasks, owners
+
     def _read_batch(self, ns: str, ks: list[str], outs: list[memoryview | None], allow_alloc: bool
                     ) -> tuple[list[int], list[bytearray | None]]:
         """Read ``ks`` into ``outs`` (or into new bytearrays where an out is
         None and allow_alloc). Returns sizes (-1: miss) and the allocated
-        buffers. A chunk that fails verification is reported to the daemon
-        (which re-checks and drops it) and looked up once more."""
+        buffers.
+
+        Keys whose location is cached are read with no round trip; a cached
+        read that fails (file gone, short, mismatch) just falls through to a
+        lookup. A chunk from a fresh lookup that fails verification is
+        reported to the daemon (which re-checks and drops it) and looked up
+        once more."""
         sizes = [-1] * len(ks)
         bufs: list[bytearray | None] = [None] * len(ks)
         todo = list(range(len(ks)))
+        cache = self._locs
+        if cache is not None:
+            cached = cache.get_many(ns, ks)
+            if cached:
+                tasks, owners = self._plan_reads(ns, ks, cached, outs, allow_alloc, sizes, bufs)
+                ok = self.reader.run(tasks)
+                missed = {owners[j] for j, good in enumerate(ok) if not good}
+                for i in missed:
+                    sizes[i] = -1
+                    cache.drop(ns, ks[i])
+                self._touch(ns, [ks[i] for i in cached if i not in missed])
+                todo = [i for i in todo if i not in cached or i in missed]
         for attempt in range(2):
             if not todo:
                 break
+            gen = cache.generation() if cache is not None else 0
             res = self._call(P.LOOKUP, {"ns": ns, "keys": [ks[i] for i in todo]})
             lease = res["lease"]
-            tasks: list[ReadTask] = []
-            owners: list[int] = []
-            entries: dict[int, list[Any]] = {}
+            found = {i: item for i, item in zip(todo, res["items"]) if item is not None}
             try:
-                for i, item in zip(todo, res["items"]):
-                    if item is None:
-                        continue
-                    size, _csum, seq, exts = item
-                    dest = outs[i]
-                    if dest is None:
-                        if not allow_alloc:
-                            continue
-                        fresh = bytearray(size)
-                        bufs[i] = fresh
-                        dest = memoryview(fresh)
-                    if size > len(dest):
-                        raise InvalidArgument(f"buffer of {len(dest)} bytes is too small for {ns}/{ks[i]} "
-                                              f"({size} bytes)")
-                    entries[i] = item
-                    pos = 0
-                    for stripe, seg, off, length, ccsum in exts:
-                        tasks.append(ReadTask(self._path(stripe, seg), off, dest[pos:pos + length],
-                                              ccsum if self.verify else None))
-                        owners.append(i)
-                        pos += length
-                    sizes[i] = size
+                tasks, owners = self._plan_reads(ns, ks, found, outs, allow_alloc, sizes, bufs)
                 ok = self.reader.run(tasks)
             finally:
                 if lease:
@@ -312,9 +354,29 @@ class Store:
             for i in bad:
                 sizes[i] = -1
                 if attempt == 0:
-                    self._call(P.REPORT_BAD, {"ns": ns, "key": ks[i], "seq": entries[i][2]})
+                    self._call(P.REPORT_BAD, {"ns": ns, "key": ks[i], "seq": found[i][2]})
+            if cache is not None:
+                cache.put_many(ns, [(ks[i], found[i]) for i in found if i not in bad], gen)
             todo = bad
         return sizes, bufs
+
+    def _touch(self, ns: str, keys: list[str]) -> None:
+        """Report cache hits to the daemon in batches (fire-and-forget)."""
+        if not keys:
+            return
+        with self._touch_lock:
+            self._touches.setdefault(ns, []).extend(keys)
+            self._n_touches += len(keys)
+            if self._n_touches < 256 and time.monotonic() - self._touched_at < 0.5:
+                return
+        self._flush_touches(self._conn())
+
+    def _flush_touches(self, conn: _Connection) -> None:
+        with self._touch_lock:
+            batches, self._touches = self._touches, {}
+            self._n_touches, self._touched_at = 0, time.monotonic()
+        for bns, bkeys in batches.items():
+            conn.notify(P.TOUCH, {"ns": bns, "keys": bkeys})
 
     def get(self, key: str | bytes, *, ns: str = "default") -> bytes:
         k, ns = normalize_key(key), normalize_ns(ns)
@@ -383,8 +445,11 @@ class Store:
         return dict(self._call(P.STATS, {}))
 
 
-def connect(socket: str | os.PathLike[str] | None = None, *, verify: bool = True, threads: int = 8) -> Store:
+def connect(socket: str | os.PathLike[str] | None = None, *, verify: bool = True, threads: int = 8,
+            cache_locations: bool = True) -> Store:
     """Connect to the kvfs daemon at ``socket`` ($KVFS_SOCKET, else
     $KVFS_ROOT/kvfs.sock, else ~/.kvfs/kvfs.sock). ``verify=False`` skips
-    checksum verification of reads (faster; trusts the disk)."""
-    return Store(socket, verify=verify, threads=threads)
+    checksum verification of reads (faster; trusts the disk).
+    ``cache_locations`` lets repeated gets skip the daemon round trip (see
+    kvfs.loccache; removals are still seen at once)."""
+    return Store(socket, verify=verify, threads=threads, cache_locations=cache_locations)

@@ -58,9 +58,10 @@ REPORT_BAD = "report_bad"
 ALLOC = "alloc"
 COMMIT = "commit"
 ABORT = "abort"
+TOUCH = "touch"
 
 OPS = frozenset({HELLO, PUT, LOOKUP, RELEASE, CONTAINS, PREFIX_MATCH, DELETE,
-                 STAT, NAMESPACES, KEYS, STATS, REPORT_BAD, ALLOC, COMMIT, ABORT})
+                 STAT, NAMESPACES, KEYS, STATS, REPORT_BAD, ALLOC, COMMIT, ABORT, TOUCH})
 
 
 def pack_frame(message: Any, trailer_len: int = 0) -> bytes:

@@ -6,7 +6,9 @@ For every I/O pattern (count x block size) and thread count:
   kvfs put    -> fast mode, the same blocks
   raw preadv  -> the same file, page-cache hot, into distinct offsets of one
                  preallocated buffer
-  kvfs get    -> get_into the same destinations, page-cache hot
+  kvfs get    -> get_into the same destinations, page-cache hot (first read:
+                 a lookup round trip), then again (location cached, as for
+                 a hot prefix), then get_many_into in batches
 and the ratios kvfs/raw. Plus contains/prefix_match of 1024 keys, and a
 4 KiB get. Every get is checked against the source bytes after timing.
 """
@@ -101,6 +103,10 @@ def _one_round(store: Any, raw_path: Path, src: Any, dst: Any, count: int, bs: i
     dst[:total] = 0
     r_kv, lr_kv = _timed(threads, count, lambda i: store.get_into(keys[i], dviews[i], ns=ns))
     assert np.array_equal(dst[:total], src[:total]), "kvfs read mismatch"
+    # the same keys again (a hot prefix): locations come from the client cache
+    dst[:total] = 0
+    r_kv2, lr_kv2 = _timed(threads, count, lambda i: store.get_into(keys[i], dviews[i], ns=ns))
+    assert np.array_equal(dst[:total], src[:total]), "kvfs repeated read mismatch"
     # batched: BATCH keys per call, as an engine loads a prefix
     nb = -(-count // BATCH)
     def get_batch(b: int) -> None:
@@ -120,6 +126,7 @@ def _one_round(store: Any, raw_path: Path, src: Any, dst: Any, count: int, bs: i
     return {
         "raw_pwrite_gbs": total / w_raw / 1e9, "put_gbs": total / w_kv / 1e9,
         "put_many_gbs": total / w_kvb / 1e9, "get_many_gbs": total / r_kvb / 1e9,
+        "get_again_gbs": total / r_kv2 / 1e9, "get_again_p50_ms": _pct(lr_kv2, .5) * 1e3,
         "raw_preadv_gbs": total / r_raw / 1e9, "get_gbs": total / r_kv / 1e9,
         "put_p50_ms": _pct(lw_kv, .5) * 1e3, "put_p99_ms": _pct(lw_kv, .99) * 1e3,
         "get_p50_ms": _pct(lr_kv, .5) * 1e3, "get_p99_ms": _pct(lr_kv, .99) * 1e3,
@@ -162,6 +169,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 row.update(count=count, block=bs, threads=threads, bytes=count * bs, rounds=args.repeat)
                 row["put_ratio"] = statistics.median(r["put_gbs"] / r["raw_pwrite_gbs"] for r in rounds)
                 row["get_ratio"] = statistics.median(r["get_gbs"] / r["raw_preadv_gbs"] for r in rounds)
+                row["get_again_ratio"] = statistics.median(r["get_again_gbs"] / r["raw_preadv_gbs"] for r in rounds)
                 results["patterns"].append(row)
                 print(f"  {count:5d} x {bs // 1024:6d} KiB, {threads:2d} thr: put {row['put_gbs']:.2f} GB/s "
                       f"({row['put_ratio']:.2f}x raw), get {row['get_gbs']:.2f} GB/s ({row['get_ratio']:.2f}x raw)",
@@ -203,10 +211,12 @@ def format_results(res: dict[str, Any]) -> str:
                      f"{r['raw_pwrite_gbs']:.2f}", f"{r['put_gbs']:.2f}", f"{r['put_ratio']:.2f}",
                      f"{r['put_many_gbs']:.2f}",
                      f"{r['raw_preadv_gbs']:.2f}", f"{r['get_gbs']:.2f}", f"{r['get_ratio']:.2f}",
+                     f"{r['get_again_gbs']:.2f}", f"{r['get_again_ratio']:.2f}",
                      f"{r['get_many_gbs']:.2f}",
                      f"{r['get_p50_ms']:.2f}/{r['get_p99_ms']:.2f}"])
     t = render(["pattern", "thr", "pwrite GB/s", "put GB/s", "put/raw", f"put_many({BATCH}) GB/s",
-                "preadv GB/s", "get GB/s", "get/raw", f"get_many({BATCH}) GB/s", "get p50/p99 ms"], rows)
+                "preadv GB/s", "get GB/s", "get/raw", "again GB/s", "again/raw",
+                f"get_many({BATCH}) GB/s", "get p50/p99 ms"], rows)
     m = res["meta"]
     t += (f"\n\ncontains(1024 keys) p50 {m['contains_1024_p50_ms']:.3f} ms, p99 {m['contains_1024_p99_ms']:.3f} ms; "
           f"prefix_match(1024) p50 {m['prefix_match_1024_p50_ms']:.3f} ms; "

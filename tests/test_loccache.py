@@ -1,0 +1,91 @@
+"""Client-side location cache: repeated gets skip the daemon, removals are
+seen at once, bad cached locations fall back to the daemon."""
+import os
+
+import pytest
+
+import kvfs
+from kvfs.loccache import LocationCache
+
+
+class _Gen:
+    def __init__(self):
+        self.value = 1
+
+
+def test_cache_empties_when_generation_moves():
+    g = _Gen()
+    c = LocationCache(g, limit=3)  # type: ignore[arg-type]
+    c.put_many("ns", [("a", [1]), ("b", [2])], gen_before=1)
+    assert c.get_many("ns", ["a", "x", "b"]) == {0: [1], 2: [2]}
+    g.value = 2
+    assert c.get_many("ns", ["a"]) == {}
+    c.put_many("ns", [("a", [1])], gen_before=1)  # looked up before the removal: not kept
+    assert c.get_many("ns", ["a"]) == {}
+    c.put_many("ns", [(k, [k]) for k in "pqrs"], gen_before=2)
+    assert len(c) == 3 and c.get_many("ns", ["p"]) == {}  # bounded, oldest out
+
+
+def _count_calls(store):
+    calls = []
+    orig = store._call
+    def counting(op, args, trailer=()):
+        calls.append(op)
+        return orig(op, args, trailer)
+    store._call = counting
+    return calls
+
+
+def test_repeated_get_needs_no_round_trip_and_still_counts_as_hit(store):
+    store.put("k", b"v" * 5000)
+    assert store.get("k") == b"v" * 5000
+    calls = _count_calls(store)
+    buf = bytearray(5000)
+    for _ in range(3):
+        assert store.get_into("k", buf) == 5000 and bytes(buf) == b"v" * 5000
+    assert calls == []
+    st = store.stats()  # touches go out before this call
+    assert st["counters"]["cached_hits"] == 3
+
+
+def test_delete_by_another_client_is_seen_at_once(daemon, store):
+    store.put_many(["a", "b"], [b"A" * 100, b"B" * 100])
+    assert store.get_many_into(["a", "b"], [bytearray(100), bytearray(100)]) == [100, 100]
+    with daemon.connect() as other:
+        assert other.delete(["a"]) == 1
+    with pytest.raises(kvfs.NotFound):
+        store.get("a")
+    assert store.get("b") == b"B" * 100
+
+
+def test_corruption_under_a_cached_location_is_a_miss(store):
+    data = os.urandom(200_000)
+    store.put("c", data)
+    assert store.get("c") == data  # location now cached
+    path, off, length = store.stat("c").extents[0]
+    fd = os.open(path, os.O_RDWR)
+    os.pwrite(fd, bytes([os.pread(fd, 1, off + 7)[0] ^ 0xFF]), off + 7)
+    os.close(fd)
+    with pytest.raises(kvfs.NotFound):
+        store.get("c")
+    assert store.contains(["c"]) == [False]
+
+
+def test_cache_survives_daemon_restart_correctly(daemon, store):
+    store.put("r", b"r" * 10)
+    assert store.get("r") == b"r" * 10
+    daemon.stop()
+    daemon.start()
+    with pytest.raises(kvfs.DaemonUnavailable):
+        store.stats()  # the old connection is gone: a clear error once
+    assert store.get("r") == b"r" * 10
+    assert store.get("r") == b"r" * 10
+
+
+def test_cache_can_be_turned_off(daemon):
+    with daemon.connect(cache_locations=False) as s:
+        s.put("k", b"x")
+        s.get("k")
+        calls = _count_calls(s)
+        s.get("k")
+        assert calls == ["lookup"]
