@@ -162,12 +162,14 @@ class Store:
         self.stripes: list[str] = list(hello["stripes"])
         self.stripe_unit: int = int(hello["stripe_unit"])
         self.daemon_pid: int = int(hello["pid"])
-        self._locs: LocationCache | None = None
-        if cache_locations:
-            try:
-                self._locs = LocationCache(GenerationReader(hello["generation"]))
-            except (OSError, KeyError, ValueError):
-                self._locs = None  # cannot map the counter: always ask the daemon
+        self._gen: GenerationReader | None = None
+        try:
+            self._gen = GenerationReader(hello["generation"])
+        except (OSError, KeyError, ValueError):
+            pass  # cannot map the counter: no location cache, fds kept until LRU-closed
+        self._fd_gen = self._gen.value if self._gen is not None else 0
+        self._locs: LocationCache | None = (
+            LocationCache(self._gen) if cache_locations and self._gen is not None else None)
 
     # -- connections ----------------------------------------------------------
     def _conn(self) -> _Connection:
@@ -200,8 +202,8 @@ class Store:
                 c.close()
             self._conns.clear()
         self.reader.close()
-        if self._locs is not None:
-            self._locs.gen.close()
+        if self._gen is not None:
+            self._gen.close()
 
     def __enter__(self) -> "Store":
         return self
@@ -239,6 +241,7 @@ class Store:
 
     def _put_direct(self, ns: str, items: list[list[Any]], views: list[memoryview]) -> list[bool]:
         """alloc -> write payloads into the reserved extents -> commit."""
+        self._drop_stale_fds()
         res = self._call(P.ALLOC, {"ns": ns, "items": items})
         pid = res["put"]
         try:
@@ -326,6 +329,7 @@ class Store:
         bufs: list[bytearray | None] = [None] * len(ks)
         todo = list(range(len(ks)))
         cache = self._locs
+        self._drop_stale_fds()
         if cache is not None:
             cached = cache.get_many(ns, ks)
             if cached:
@@ -359,6 +363,14 @@ class Store:
                 cache.put_many(ns, [(ks[i], found[i]) for i in found if i not in bad], gen)
             todo = bad
         return sizes, bufs
+
+    def _drop_stale_fds(self) -> None:
+        """Something was removed, so segment files may have been unlinked:
+        close idle fds so they do not pin the space of deleted files."""
+        if self._gen is not None and self._gen.value != self._fd_gen:
+            self._fd_gen = self._gen.value
+            self.reader.fds.drop_idle()
+            self.reader.wfds.drop_idle()
 
     def _touch(self, ns: str, keys: list[str]) -> None:
         """Report cache hits to the daemon in batches (fire-and-forget)."""

@@ -104,6 +104,12 @@ class FdCache:
                 del self._fds[p]
                 os.close(fd)
 
+    def drop_idle(self) -> None:
+        """Close every fd no reader holds now (their files may be unlinked)."""
+        with self._lock:
+            for p in [p for p, (_fd, refs) in self._fds.items() if refs <= 0]:
+                os.close(self._fds.pop(p)[0])
+
     def close(self) -> None:
         with self._lock:
             for fd, _r in self._fds.values():

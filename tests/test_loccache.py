@@ -89,3 +89,25 @@ def test_cache_can_be_turned_off(daemon):
         calls = _count_calls(s)
         s.get("k")
         assert calls == ["lookup"]
+
+
+def test_client_does_not_pin_deleted_segments(tmp_path):
+    from kvfsd.testing import DaemonProcess
+
+    MiB = 1 << 20
+    with DaemonProcess(tmp_path / "s", capacity=64 * MiB, extra=["--stripe-unit", "1M"]) as d, \
+            d.connect() as s, d.connect() as other:
+        keys = [f"k{i}" for i in range(6)]
+        s.put_many(keys, [os.urandom(MiB)] * 6)
+        s.put("survivor", b"x")
+        for k in keys:
+            s.get(k)  # the client now holds fds of these segments
+        paths = {p for k in keys for p, _o, _l in s.stat(k).extents}
+        other.delete(keys + ["survivor"])
+        assert not any(os.path.exists(p) for p in paths)  # fully dead segments are unlinked
+        s.contains(["nothing"])
+        with pytest.raises(kvfs.NotFound):
+            s.get("survivor")  # any read after the removal drops idle fds
+        held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                if os.path.exists(f"/proc/self/fd/{fd}")]
+        assert not [h for h in held if "(deleted)" in h and "seg-" in h]
