@@ -22,3 +22,16 @@ def store(daemon):
     s = daemon.connect()
     yield s
     s.close()
+
+
+@pytest.fixture(scope="module")
+def daemon_for_fuzz(tmp_path_factory):
+    """One daemon shared by all examples of a property test, with a canary object."""
+    d = DaemonProcess(tmp_path_factory.mktemp("fuzz") / "store", stripes=2, capacity="1G")
+    with d:
+        s = d.connect()
+        s.put("canary-9d2e", b"still here", ns="zz-canary-7f3a")
+        yield d, s
+        assert d.alive(), d.log()
+        assert "internal error" not in d.log(), d.log()  # every bad input met a precise error
+        s.close()
