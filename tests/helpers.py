@@ -10,3 +10,22 @@ def value_for(i: int, max_size: int = 300_000) -> bytes:
     reps = size // len(seed) + 1
     # vary every 32-byte block so a misplaced block cannot compare equal
     return b"".join(hashlib.sha256(seed + b"%d" % j).digest() for j in range(reps))[:size]
+
+
+def recv_reply(s):
+    """Read one reply frame from a raw socket; None if the daemon closed it."""
+    import msgpack
+
+    from kvfs import protocol as P
+
+    hdr = b""
+    while len(hdr) < 16:
+        chunk = s.recv(16 - len(hdr))
+        if not chunk:
+            return None
+        hdr += chunk
+    mlen, _ = P.parse_prefix(hdr)
+    body = b""
+    while len(body) < mlen:
+        body += s.recv(mlen - len(body))
+    return msgpack.unpackb(body, raw=False)

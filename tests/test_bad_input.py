@@ -11,6 +11,7 @@ import pytest
 
 import kvfs
 from kvfs import protocol as P
+from helpers import recv_reply
 
 
 def _raw(daemon) -> socket.socket:
@@ -20,23 +21,9 @@ def _raw(daemon) -> socket.socket:
     return s
 
 
-def _recv_reply(s: socket.socket):
-    hdr = b""
-    while len(hdr) < 16:
-        chunk = s.recv(16 - len(hdr))
-        if not chunk:
-            return None
-        hdr += chunk
-    mlen, _ = P.parse_prefix(hdr)
-    body = b""
-    while len(body) < mlen:
-        body += s.recv(mlen - len(body))
-    return msgpack.unpackb(body, raw=False)
-
-
 def _closed_or_error(s: socket.socket) -> bool:
     try:
-        r = _recv_reply(s)
+        r = recv_reply(s)
     except (ConnectionError, socket.timeout):
         return True
     return r is None or r[1] == P.STATUS_ERR
@@ -69,10 +56,10 @@ def test_garbage_and_huge_frames_close_only_that_connection(daemon, store):
 def test_malformed_request_gets_error_and_connection_survives(daemon, store, msg):
     s = _raw(daemon)
     s.sendall(struct.pack("<4sIQ", P.MAGIC, len(msg), 0) + msg)
-    r = _recv_reply(s)
+    r = recv_reply(s)
     assert r is not None and r[1] == P.STATUS_ERR and isinstance(r[2][1], str)
     s.sendall(P.request(7, P.HELLO, {}))  # same connection still works
-    r = _recv_reply(s)
+    r = recv_reply(s)
     assert r[0] == 7 and r[1] == P.STATUS_OK
     s.close()
     assert store.put("after", b"x") in (True, False) and store.get("after") == b"x"
@@ -82,12 +69,12 @@ def test_put_with_wrong_trailer_or_bad_item_keeps_stream_framed(daemon, store):
     s = _raw(daemon)
     # declares 10 bytes, sends 10 bytes, but the key is invalid: error, stream intact
     s.sendall(P.request(1, P.PUT, {"ns": "default", "items": [["a/b", 10, None]]}, 10) + b"0123456789")
-    assert _recv_reply(s)[1] == P.STATUS_ERR
+    assert recv_reply(s)[1] == P.STATUS_ERR
     # trailer length disagrees with the items
     s.sendall(P.request(2, P.PUT, {"ns": "default", "items": [["ok", 3, None]]}, 5) + b"abcde")
-    assert _recv_reply(s)[1] == P.STATUS_ERR
+    assert recv_reply(s)[1] == P.STATUS_ERR
     s.sendall(P.request(3, P.PUT, {"ns": "default", "items": [["ok", 3, None]]}, 3) + b"abc")
-    assert _recv_reply(s)[1:] == [P.STATUS_OK, [True]]
+    assert recv_reply(s)[1:] == [P.STATUS_OK, [True]]
     s.close()
     assert store.get("ok") == b"abc"
 
@@ -99,7 +86,7 @@ def test_client_dying_mid_value_loses_nothing_else(daemon, store):
     s.close()
     s = _raw(daemon)
     s.sendall(P.request(1, P.ALLOC, {"ns": "default", "items": [["alloced", 1 << 20, None]]}))
-    assert _recv_reply(s)[1] == P.STATUS_OK
+    assert recv_reply(s)[1] == P.STATUS_OK
     s.close()  # never commits
     store.put("after", b"a" * 100)
     assert store.contains(["partial", "alloced", "before", "after"]) == [False, False, True, True]

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvfs import protocol as P
+from helpers import recv_reply
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=False),
                     st.text(max_size=30), st.binary(max_size=40))
@@ -18,20 +19,6 @@ arg_names = st.sampled_from(["ns", "keys", "key", "items", "lease", "leases", "p
                              "limit", "after", "seq", "version"])
 requests = st.tuples(st.integers(1, 2**31), st.sampled_from(sorted(P.OPS) + ["bogus"]),
                      st.dictionaries(arg_names, values, max_size=5))
-
-
-def _reply(s):
-    data = b""
-    while len(data) < 16:
-        chunk = s.recv(16 - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    mlen, _ = P.parse_prefix(data)
-    body = b""
-    while len(body) < mlen:
-        body += s.recv(mlen - len(body))
-    return msgpack.unpackb(body, raw=False)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
@@ -47,7 +34,7 @@ def test_random_requests_never_hurt_the_daemon(daemon_for_fuzz, reqs, junk):
                 continue  # a put's reply waits for its trailer; covered in test_bad_input
             body = msgpack.packb([rid, op, args], use_bin_type=True)
             s.sendall(struct.pack("<4sIQ", P.MAGIC, len(body), 0) + body)
-            r = _reply(s)
+            r = recv_reply(s)
             assert r is not None and r[0] in (rid, 0) and r[1] in (P.STATUS_OK, P.STATUS_ERR)
         s.sendall(junk)  # then garbage: an error or a close, never a hang of others
     finally:
