@@ -1,19 +1,17 @@
 """The client data plane: reading chunks from segment files into caller
 buffers and verifying them, and writing payloads into extents the daemon
-reserved (alloc/commit puts). Pure Python on ``os.preadv`` (which releases the
-GIL), run on a thread pool for batches. Kept apart from the control plane so
-a native implementation can take its place behind the same functions.
+reserved (alloc/commit puts), and copying out of the shared-memory arena.
+The loops themselves live in kvfs.native's backend (C, or pure Python).
 """
 from __future__ import annotations
 
 import os
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
-import xxhash
+from . import native
 
 
 @dataclass
@@ -29,27 +27,6 @@ class WriteTask:
     path: str
     offset: int
     src: memoryview
-
-
-def write_full(fd: int, src: memoryview, offset: int) -> None:
-    pos = 0
-    while pos < len(src):
-        n = os.pwritev(fd, [src[pos:]], offset + pos)
-        if n <= 0:
-            raise OSError(28, "short write (disk full?)")
-        pos += n
-
-
-def read_full(fd: int, dest: memoryview, offset: int) -> bool:
-    """Fill ``dest`` from ``fd`` at ``offset``; False on a short file."""
-    pos = 0
-    n = len(dest)
-    while pos < n:
-        got = os.preadv(fd, [dest[pos:]], offset + pos)
-        if got <= 0:
-            return False
-        pos += got
-    return True
 
 
 class FdCache:
@@ -117,64 +94,62 @@ class FdCache:
             self._fds.clear()
 
 
-def run_task(fds: FdCache, t: ReadTask) -> bool:
-    """Read one chunk and verify it. False: missing, short or mismatched."""
-    try:
-        fd = fds.acquire(t.path)
-    except FileNotFoundError:
-        return False
-    try:
-        if not read_full(fd, t.dest, t.offset):
-            return False
-    finally:
-        fds.release(t.path)
-    return t.checksum is None or xxhash.xxh3_128_digest(t.dest) == t.checksum
-
-
-def write_task(fds: FdCache, t: WriteTask) -> bytes:
-    """Write one chunk; return its checksum (hashed while the bytes are hot)."""
-    fd = fds.acquire(t.path)
-    try:
-        write_full(fd, t.src, t.offset)
-    finally:
-        fds.release(t.path)
-    return xxhash.xxh3_128_digest(t.src)
-
-
 class DataPlane:
-    """Runs read/write tasks inline (small batches) or on a thread pool."""
+    """Runs batches of read/write/copy tasks through the selected backend
+    (kvfs.native: the C extension or its pure-Python twin), which releases
+    the GIL and spreads a batch over ``threads`` threads."""
 
-    def __init__(self, threads: int = 8, inline_below: int = 1 << 20):
+    def __init__(self, threads: int = 8):
         self.threads = max(1, threads)
-        self.inline_below = inline_below
         self.fds = FdCache()
         self.wfds = FdCache(limit=64, flags=os.O_WRONLY)
-        self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
-
-    def _get_pool(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            with self._lock:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="kvfs-read")
-        return self._pool
-
-    def _map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], total: int) -> list[Any]:
-        if len(tasks) <= 1 or total < self.inline_below or self.threads == 1:
-            return [fn(t) for t in tasks]
-        return list(self._get_pool().map(fn, tasks))
 
     def run(self, tasks: Sequence[ReadTask]) -> list[bool]:
-        return self._map(lambda t: run_task(self.fds, t), tasks, sum(len(t.dest) for t in tasks))
+        """Read and verify each task. False: missing, short or mismatched."""
+        ok = [False] * len(tasks)
+        held: list[str] = []
+        idx: list[int] = []
+        fds: list[int] = []
+        try:
+            for i, t in enumerate(tasks):
+                try:
+                    fds.append(self.fds.acquire(t.path))
+                except FileNotFoundError:
+                    continue
+                held.append(t.path)
+                idx.append(i)
+            if idx:
+                st = native.backend.read_many(fds, [tasks[i].offset for i in idx], [tasks[i].dest for i in idx],
+                                              [tasks[i].checksum for i in idx], self.threads)
+                for i, s in zip(idx, st):
+                    ok[i] = s == 0
+        finally:
+            for p in held:
+                self.fds.release(p)
+        return ok
+
+    def copy(self, dests: Sequence[memoryview], srcs: Sequence[memoryview],
+             sums: Sequence[bytes | None]) -> list[bool]:
+        """Copy (from the shared-memory arena) and verify the copies."""
+        return [s == 0 for s in native.backend.copy_many(dests, srcs, sums, self.threads)]
 
     def write(self, tasks: Sequence[WriteTask]) -> list[bytes]:
-        return self._map(lambda t: write_task(self.wfds, t), tasks, sum(len(t.src) for t in tasks))
+        """Write each task fully; returns their checksums."""
+        held: list[str] = []
+        try:
+            fds = []
+            for t in tasks:
+                fds.append(self.wfds.acquire(t.path))
+                held.append(t.path)
+            return list(native.backend.write_many(fds, [t.offset for t in tasks], [t.src for t in tasks],
+                                                  self.threads))
+        finally:
+            for p in held:
+                self.wfds.release(p)
 
     def hash_many(self, views: Sequence[memoryview]) -> list[bytes]:
-        return self._map(xxhash.xxh3_128_digest, views, sum(len(v) for v in views))
+        return list(native.backend.hash_many(views, self.threads))
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
         self.fds.close()
         self.wfds.close()

@@ -1,0 +1,122 @@
+"""The pure-Python data plane: the same API and results as the C extension
+kvfs._native (native/kvfs_native.c), on ``os.preadv``/``os.pwritev`` (which
+release the GIL) and python-xxhash, spread over a thread pool.
+
+Used when the extension is missing, or forced with KVFS_NATIVE=0.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+import xxhash
+
+MAX_THREADS = 64
+_INLINE_BELOW = 256 << 10
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _map(fn: Callable[[int], Any], n: int, threads: int, total: int) -> list[Any]:
+    global _pool, _pool_size
+    if threads <= 1 or n <= 1 or total < _INLINE_BELOW:
+        return [fn(i) for i in range(n)]
+    threads = min(threads, MAX_THREADS)
+    with _pool_lock:
+        if _pool is None or _pool_size < threads:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool, _pool_size = ThreadPoolExecutor(threads, thread_name_prefix="kvfs-dp"), threads
+        pool = _pool
+    return list(pool.map(fn, range(n)))
+
+
+def _mv(b: Any, writable: bool) -> memoryview:
+    mv = memoryview(b)
+    if writable and mv.readonly:
+        raise TypeError("dests must be writable contiguous buffers")
+    if not mv.c_contiguous:
+        raise TypeError("buffers must be contiguous")
+    return mv.cast("B") if (mv.format != "B" or mv.ndim != 1) and mv.nbytes else mv
+
+
+def _check_len(*seqs: Sequence[Any]) -> int:
+    n = len(seqs[0])
+    if any(len(s) != n for s in seqs):
+        raise ValueError("all sequences must have the same length")
+    return n
+
+
+def _sum_ok(data: memoryview, want: bytes | None) -> bool:
+    return want is None or xxhash.xxh3_128_digest(data) == want
+
+
+def read_many(fds: Sequence[int], offsets: Sequence[int], dests: Sequence[Any], sums: Sequence[bytes | None],
+              threads: int = 1) -> list[int]:
+    n = _check_len(fds, offsets, dests, sums)
+    views = [_mv(d, True) for d in dests]
+
+    def one(i: int) -> int:
+        dest, off, pos = views[i], offsets[i], 0
+        while pos < len(dest):
+            try:
+                got = os.preadv(fds[i], [dest[pos:]], off + pos)
+            except OSError as e:
+                return -(e.errno or 5)
+            if got <= 0:
+                return 1
+            pos += got
+        return 0 if _sum_ok(dest, sums[i]) else 2
+
+    return _map(one, n, threads, sum(len(v) for v in views))
+
+
+def copy_many(dests: Sequence[Any], srcs: Sequence[Any], sums: Sequence[bytes | None], threads: int = 1) -> list[int]:
+    n = _check_len(dests, srcs, sums)
+    dv = [_mv(d, True) for d in dests]
+    sv = [_mv(s, False) for s in srcs]
+    for i in range(n):
+        if len(dv[i]) != len(sv[i]):
+            raise ValueError(f"srcs[{i}] and dests[{i}] differ in length")
+
+    def one(i: int) -> int:
+        dv[i][:] = sv[i]
+        return 0 if _sum_ok(dv[i], sums[i]) else 2
+
+    return _map(one, n, threads, sum(len(v) for v in dv))
+
+
+def write_many(fds: Sequence[int], offsets: Sequence[int], srcs: Sequence[Any], threads: int = 1) -> list[bytes]:
+    n = _check_len(fds, offsets, srcs)
+    sv = [_mv(s, False) for s in srcs]
+
+    def one(i: int) -> bytes:
+        src, off, pos = sv[i], offsets[i], 0
+        while pos < len(src):
+            k = os.pwritev(fds[i], [src[pos:]], off + pos)
+            if k <= 0:
+                raise OSError(28, "No space left on device")
+            pos += k
+        return xxhash.xxh3_128_digest(src)
+
+    return _map(one, n, threads, sum(len(v) for v in sv))
+
+
+def hash_many(bufs: Sequence[Any], threads: int = 1) -> list[bytes]:
+    sv = [_mv(b, False) for b in bufs]
+    return _map(lambda i: xxhash.xxh3_128_digest(sv[i]), len(sv), threads, sum(len(v) for v in sv))
+
+
+def aligned_buffer(size: int, alignment: int = 4096) -> Any:
+    """Anonymous mmap: page-aligned (hence aligned to any power of two up to
+    the page size) and zero-filled."""
+    if size < 0:
+        raise ValueError("size must be >= 0")
+    if alignment < 8 or alignment & (alignment - 1) or alignment > mmap.PAGESIZE:
+        raise ValueError("alignment must be a power of two from 8 to the page size")
+    return bytearray() if size == 0 else mmap.mmap(-1, size)

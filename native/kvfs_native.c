@@ -1,0 +1,511 @@
+/*
+ * kvfs._native: the client data plane's hot loops in C.
+ *
+ * What measurement showed Python does badly (see README, "native"):
+ *  - many small preadv/pwritev calls: each is a GIL round trip plus a thread
+ *    pool hop per task in Python;
+ *  - large copies out of the shared-memory arena: a memoryview assignment
+ *    holds the GIL and uses one core;
+ *  - hashing what was just read while it is still in cache.
+ *
+ * Every entry point releases the GIL for the whole batch and spreads the
+ * work over a small persistent pool of worker threads; the calling thread
+ * works too. Work is cut into pieces of at most PIECE bytes so one large
+ * copy also uses every thread. A task whose bytes were all handled by one
+ * thread is hashed by that thread right away (the bytes are hot); a task
+ * cut into several pieces is hashed after all pieces are done.
+ *
+ * The pool runs one batch at a time; a caller that finds it busy does its
+ * batch alone on its own thread instead of waiting (several client threads
+ * then still proceed in parallel).
+ *
+ * The API and the results are identical to kvfs._native_py (the fallback);
+ * tests run the data-plane suite against both.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define XXH_INLINE_ALL
+#include "vendor/xxhash.h"
+
+#define PIECE (1u << 20)       /* max bytes one thread takes at a time */
+#define MAX_THREADS 64
+#define INLINE_BELOW (256u << 10) /* batches smaller than this run on the caller alone */
+
+enum { OP_READ, OP_COPY, OP_WRITE, OP_HASH };
+
+typedef struct {
+    int fd;
+    int64_t offset;
+    char *dst;          /* read/copy: destination; write/hash: unused */
+    const char *src;    /* copy/write/hash: source */
+    size_t len;
+    const unsigned char *want;  /* 16-byte expected sum or NULL */
+    unsigned char got[16];      /* write/hash: computed sum */
+    int status;         /* 0 ok, 1 short, 2 mismatch, -errno */
+    atomic_int pieces_left;
+} task_t;
+
+typedef struct {
+    uint32_t task;
+    size_t start, len;
+} piece_t;
+
+typedef struct {
+    int op;
+    task_t *tasks;
+    size_t ntasks;
+    piece_t *pieces;
+    size_t npieces;
+    atomic_size_t next;
+    atomic_size_t done;
+} batch_t;
+
+static void hash16(const void *p, size_t n, unsigned char out[16]) {
+    XXH128_hash_t h = XXH3_128bits(p, n);
+    XXH128_canonical_t c;
+    XXH128_canonicalFromHash(&c, h);
+    memcpy(out, c.digest, 16);
+}
+
+static void finish_task(batch_t *b, task_t *t) {
+    if (t->status != 0) return;
+    if (b->op == OP_READ || b->op == OP_COPY) {
+        if (t->want) {
+            unsigned char got[16];
+            hash16(t->dst, t->len, got);
+            if (memcmp(got, t->want, 16) != 0) t->status = 2;
+        }
+    } else if (b->op == OP_WRITE || b->op == OP_HASH) {
+        hash16(t->src, t->len, t->got);
+    }
+}
+
+static void do_piece(batch_t *b, piece_t *p) {
+    task_t *t = &b->tasks[p->task];
+    size_t pos = 0;
+    switch (b->op) {
+    case OP_COPY:
+        memcpy(t->dst + p->start, t->src + p->start, p->len);
+        break;
+    case OP_READ:
+        while (pos < p->len && t->status == 0) {
+            ssize_t n = pread(t->fd, t->dst + p->start + pos, p->len - pos, t->offset + (int64_t)(p->start + pos));
+            if (n < 0) {
+                if (errno == EINTR) continue;
+                t->status = -errno;
+            } else if (n == 0) {
+                t->status = 1;
+            } else {
+                pos += (size_t)n;
+            }
+        }
+        break;
+    case OP_WRITE:
+        while (pos < p->len && t->status == 0) {
+            ssize_t n = pwrite(t->fd, t->src + p->start + pos, p->len - pos, t->offset + (int64_t)(p->start + pos));
+            if (n < 0) {
+                if (errno == EINTR) continue;
+                t->status = -errno;
+            } else if (n == 0) {
+                t->status = -ENOSPC;
+            } else {
+                pos += (size_t)n;
+            }
+        }
+        break;
+    case OP_HASH:
+        break;
+    }
+    /* the thread that finishes a task's last piece hashes it */
+    if (atomic_fetch_sub(&t->pieces_left, 1) == 1) finish_task(b, t);
+}
+
+static void work(batch_t *b) {
+    for (;;) {
+        size_t i = atomic_fetch_add(&b->next, 1);
+        if (i >= b->npieces) return;
+        do_piece(b, &b->pieces[i]);
+        atomic_fetch_add(&b->done, 1);
+    }
+}
+
+/* ---------------------------------------------------------------- the pool */
+static pthread_mutex_t pool_busy = PTHREAD_MUTEX_INITIALIZER;  /* one batch at a time */
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_cv = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t pool_done_cv = PTHREAD_COND_INITIALIZER;
+static int pool_size = 0;
+static batch_t *pool_batch = NULL;
+static uint64_t pool_epoch = 0;
+static int pool_want = 0;    /* workers asked to join the current batch */
+static int pool_active = 0;  /* workers inside the current batch */
+
+static void *worker_main(void *arg) {
+    (void)arg;
+    uint64_t seen = 0;
+    pthread_mutex_lock(&pool_mu);
+    for (;;) {
+        while (pool_epoch == seen || pool_want <= 0) {
+            if (pool_epoch != seen) seen = pool_epoch;  /* batch needs no more workers */
+            pthread_cond_wait(&pool_cv, &pool_mu);
+        }
+        seen = pool_epoch;
+        pool_want--;
+        pool_active++;
+        batch_t *b = pool_batch;
+        pthread_mutex_unlock(&pool_mu);
+        work(b);
+        pthread_mutex_lock(&pool_mu);
+        if (--pool_active == 0) pthread_cond_broadcast(&pool_done_cv);
+    }
+    return NULL;
+}
+
+static void grow_pool(int n) {
+    while (pool_size < n) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int rc = pthread_create(&th, &attr, worker_main, NULL);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) return;
+        pool_size++;
+    }
+}
+
+/* Runs the batch with up to `threads` threads (the caller included). */
+static void run_batch(batch_t *b, int threads, size_t total) {
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads <= 1 || b->npieces <= 1 || total < INLINE_BELOW || pthread_mutex_trylock(&pool_busy) != 0) {
+        work(b);
+        return;
+    }
+    int helpers = threads - 1;
+    if ((size_t)helpers > b->npieces - 1) helpers = (int)(b->npieces - 1);
+    pthread_mutex_lock(&pool_mu);
+    grow_pool(helpers);
+    if (helpers > pool_size) helpers = pool_size;
+    pool_batch = b;
+    pool_want = helpers;
+    pool_epoch++;
+    pthread_cond_broadcast(&pool_cv);
+    pthread_mutex_unlock(&pool_mu);
+    work(b);
+    pthread_mutex_lock(&pool_mu);
+    pool_want = 0;  /* latecomers must not join a finished batch */
+    while (pool_active > 0) pthread_cond_wait(&pool_done_cv, &pool_mu);
+    pool_batch = NULL;
+    pthread_mutex_unlock(&pool_mu);
+    pthread_mutex_unlock(&pool_busy);
+}
+
+/* ------------------------------------------------------------ arg handling */
+typedef struct {
+    Py_buffer *bufs;
+    size_t n;
+} bufset_t;
+
+static void release_bufs(bufset_t *s) {
+    for (size_t i = 0; i < s->n; i++) PyBuffer_Release(&s->bufs[i]);
+    PyMem_Free(s->bufs);
+    s->bufs = NULL;
+    s->n = 0;
+}
+
+static int get_bufs(PyObject *seq, Py_ssize_t n, int writable, bufset_t *out, const char *what) {
+    out->bufs = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Py_buffer));
+    out->n = 0;
+    if (!out->bufs) { PyErr_NoMemory(); return -1; }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *o = PySequence_Fast_GET_ITEM(seq, i);
+        int flags = writable ? (PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) : PyBUF_C_CONTIGUOUS;
+        if (PyObject_GetBuffer(o, &out->bufs[i], flags) != 0) {
+            release_bufs(out);
+            PyErr_Format(PyExc_TypeError, "%s[%zd] must be a %s contiguous buffer", what, i,
+                         writable ? "writable" : "readable");
+            return -1;
+        }
+        out->n++;
+    }
+    return 0;
+}
+
+/* Cut tasks into pieces of at most PIECE bytes. */
+static int make_pieces(batch_t *b, size_t *total) {
+    size_t np = 0;
+    *total = 0;
+    for (size_t i = 0; i < b->ntasks; i++) {
+        size_t len = b->tasks[i].len;
+        size_t k = len ? (len + PIECE - 1) / PIECE : 1;
+        np += k;
+        *total += len;
+    }
+    b->pieces = PyMem_Calloc(np ? np : 1, sizeof(piece_t));
+    if (!b->pieces) { PyErr_NoMemory(); return -1; }
+    size_t p = 0;
+    for (size_t i = 0; i < b->ntasks; i++) {
+        size_t len = b->tasks[i].len;
+        size_t k = len ? (len + PIECE - 1) / PIECE : 1;
+        size_t step = k ? (len + k - 1) / k : 0;  /* even pieces */
+        atomic_init(&b->tasks[i].pieces_left, (int)k);
+        for (size_t j = 0; j < k; j++) {
+            size_t start = j * step;
+            size_t l = start >= len ? 0 : (len - start < step ? len - start : step);
+            b->pieces[p].task = (uint32_t)i;
+            b->pieces[p].start = start;
+            b->pieces[p].len = l;
+            p++;
+        }
+    }
+    b->npieces = np;
+    atomic_init(&b->next, 0);
+    atomic_init(&b->done, 0);
+    return 0;
+}
+
+static PyObject *status_list(batch_t *b) {
+    PyObject *out = PyList_New((Py_ssize_t)b->ntasks);
+    if (!out) return NULL;
+    for (size_t i = 0; i < b->ntasks; i++) {
+        PyObject *v = PyLong_FromLong(b->tasks[i].status);
+        if (!v) { Py_DECREF(out); return NULL; }
+        PyList_SET_ITEM(out, (Py_ssize_t)i, v);
+    }
+    return out;
+}
+
+static PyObject *sums_list(batch_t *b) {
+    PyObject *out = PyList_New((Py_ssize_t)b->ntasks);
+    if (!out) return NULL;
+    for (size_t i = 0; i < b->ntasks; i++) {
+        PyObject *v = PyBytes_FromStringAndSize((const char *)b->tasks[i].got, 16);
+        if (!v) { Py_DECREF(out); return NULL; }
+        PyList_SET_ITEM(out, (Py_ssize_t)i, v);
+    }
+    return out;
+}
+
+/* Common driver. fds/offsets may be NULL (copy, hash). sums may be NULL. */
+static PyObject *drive(int op, PyObject *fds, PyObject *offsets, PyObject *dsts, PyObject *srcs,
+                       PyObject *sums, int threads) {
+    PyObject *fdsq = NULL, *offq = NULL, *dstq = NULL, *srcq = NULL, *sumq = NULL, *res = NULL;
+    bufset_t db = {0}, sb = {0};
+    batch_t b;
+    memset(&b, 0, sizeof b);
+    b.op = op;
+    PyObject *lead = dsts ? dsts : srcs;
+    PyObject *leadq = PySequence_Fast(lead, "buffers must be a sequence");
+    if (!leadq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(leadq);
+    Py_DECREF(leadq);
+#define SEQ(var, obj, msg)                                                               \
+    if (obj) {                                                                           \
+        var = PySequence_Fast(obj, msg);                                                 \
+        if (!var) goto done;                                                             \
+        if (PySequence_Fast_GET_SIZE(var) != n) {                                        \
+            PyErr_SetString(PyExc_ValueError, "all sequences must have the same length"); \
+            goto done;                                                                   \
+        }                                                                                \
+    }
+    SEQ(fdsq, fds, "fds must be a sequence")
+    SEQ(offq, offsets, "offsets must be a sequence")
+    SEQ(dstq, dsts, "dests must be a sequence")
+    SEQ(srcq, srcs, "srcs must be a sequence")
+    SEQ(sumq, sums, "sums must be a sequence")
+#undef SEQ
+    if (dstq && get_bufs(dstq, n, 1, &db, "dests") != 0) goto done;
+    if (srcq && get_bufs(srcq, n, 0, &sb, "srcs") != 0) goto done;
+    b.tasks = PyMem_Calloc((size_t)(n ? n : 1), sizeof(task_t));
+    if (!b.tasks) { PyErr_NoMemory(); goto done; }
+    b.ntasks = (size_t)n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        task_t *t = &b.tasks[i];
+        if (fdsq) {
+            t->fd = PyLong_AsLong(PySequence_Fast_GET_ITEM(fdsq, i));
+            if (t->fd == -1 && PyErr_Occurred()) goto done;
+        }
+        if (offq) {
+            t->offset = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(offq, i));
+            if (t->offset == -1 && PyErr_Occurred()) goto done;
+            if (t->offset < 0) { PyErr_SetString(PyExc_ValueError, "offsets must be >= 0"); goto done; }
+        }
+        if (dstq) { t->dst = db.bufs[i].buf; t->len = (size_t)db.bufs[i].len; }
+        if (srcq) {
+            t->src = sb.bufs[i].buf;
+            if (dstq && (size_t)sb.bufs[i].len != t->len) {
+                PyErr_Format(PyExc_ValueError, "srcs[%zd] and dests[%zd] differ in length", i, i);
+                goto done;
+            }
+            t->len = (size_t)sb.bufs[i].len;
+        }
+        if (sumq) {
+            PyObject *s = PySequence_Fast_GET_ITEM(sumq, i);
+            if (s != Py_None) {
+                if (!PyBytes_Check(s) || PyBytes_GET_SIZE(s) != 16) {
+                    PyErr_SetString(PyExc_TypeError, "sums must be 16-byte bytes or None");
+                    goto done;
+                }
+                t->want = (const unsigned char *)PyBytes_AS_STRING(s);
+            }
+        }
+    }
+    size_t total = 0;
+    if (make_pieces(&b, &total) != 0) goto done;
+    /* sums (bytes objects) stay referenced by sumq while the GIL is released */
+    Py_BEGIN_ALLOW_THREADS
+    run_batch(&b, threads, total);
+    Py_END_ALLOW_THREADS
+    if (op == OP_WRITE) {
+        for (size_t i = 0; i < b.ntasks; i++) {
+            if (b.tasks[i].status < 0) {
+                errno = -b.tasks[i].status;
+                PyErr_SetFromErrno(PyExc_OSError);
+                goto done;
+            }
+        }
+        res = sums_list(&b);
+    } else if (op == OP_HASH) {
+        res = sums_list(&b);
+    } else {
+        res = status_list(&b);
+    }
+done:
+    release_bufs(&db);
+    release_bufs(&sb);
+    PyMem_Free(b.tasks);
+    PyMem_Free(b.pieces);
+    Py_XDECREF(fdsq);
+    Py_XDECREF(offq);
+    Py_XDECREF(dstq);
+    Py_XDECREF(srcq);
+    Py_XDECREF(sumq);
+    return res;
+}
+
+static PyObject *py_read_many(PyObject *self, PyObject *args) {
+    PyObject *fds, *offsets, *dests, *sums;
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "OOOO|i", &fds, &offsets, &dests, &sums, &threads)) return NULL;
+    return drive(OP_READ, fds, offsets, dests, NULL, sums, threads);
+}
+
+static PyObject *py_copy_many(PyObject *self, PyObject *args) {
+    PyObject *dests, *srcs, *sums;
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "OOO|i", &dests, &srcs, &sums, &threads)) return NULL;
+    return drive(OP_COPY, NULL, NULL, dests, srcs, sums, threads);
+}
+
+static PyObject *py_write_many(PyObject *self, PyObject *args) {
+    PyObject *fds, *offsets, *srcs;
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "OOO|i", &fds, &offsets, &srcs, &threads)) return NULL;
+    return drive(OP_WRITE, fds, offsets, NULL, srcs, NULL, threads);
+}
+
+static PyObject *py_hash_many(PyObject *self, PyObject *args) {
+    PyObject *bufs;
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "O|i", &bufs, &threads)) return NULL;
+    return drive(OP_HASH, NULL, NULL, NULL, bufs, NULL, threads);
+}
+
+/* ------------------------------------------------------- aligned buffers */
+typedef struct {
+    PyObject_HEAD
+    char *mem;
+    Py_ssize_t size;
+    Py_ssize_t exports;
+} AlignedBuffer;
+
+static void ab_dealloc(AlignedBuffer *self) {
+    free(self->mem);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int ab_getbuffer(AlignedBuffer *self, Py_buffer *view, int flags) {
+    int rc = PyBuffer_FillInfo(view, (PyObject *)self, self->mem, self->size, 0, flags);
+    if (rc == 0) self->exports++;
+    return rc;
+}
+
+static void ab_releasebuffer(AlignedBuffer *self, Py_buffer *view) {
+    (void)view;
+    self->exports--;
+}
+
+static Py_ssize_t ab_len(AlignedBuffer *self) { return self->size; }
+
+static PyBufferProcs ab_as_buffer = {(getbufferproc)ab_getbuffer, (releasebufferproc)ab_releasebuffer};
+static PySequenceMethods ab_as_sequence = {.sq_length = (lenfunc)ab_len};
+
+static PyTypeObject AlignedBufferType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kvfs._native.AlignedBuffer",
+    .tp_basicsize = sizeof(AlignedBuffer),
+    .tp_dealloc = (destructor)ab_dealloc,
+    .tp_as_buffer = &ab_as_buffer,
+    .tp_as_sequence = &ab_as_sequence,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A zero-filled, writable buffer whose address is a multiple of the alignment.",
+};
+
+static PyObject *py_aligned_buffer(PyObject *self, PyObject *args) {
+    Py_ssize_t size, align = 4096;
+    if (!PyArg_ParseTuple(args, "n|n", &size, &align)) return NULL;
+    if (size < 0) { PyErr_SetString(PyExc_ValueError, "size must be >= 0"); return NULL; }
+    if (align < (Py_ssize_t)sizeof(void *) || (align & (align - 1)) != 0) {
+        PyErr_SetString(PyExc_ValueError, "alignment must be a power of two >= 8");
+        return NULL;
+    }
+    AlignedBuffer *ab = PyObject_New(AlignedBuffer, &AlignedBufferType);
+    if (!ab) return NULL;
+    ab->mem = NULL;
+    ab->size = size;
+    ab->exports = 0;
+    if (posix_memalign((void **)&ab->mem, (size_t)align, (size_t)(size ? size : 1)) != 0) {
+        ab->mem = NULL;
+        Py_DECREF(ab);
+        return PyErr_NoMemory();
+    }
+    memset(ab->mem, 0, (size_t)size);
+    return (PyObject *)ab;
+}
+
+static PyMethodDef methods[] = {
+    {"read_many", py_read_many, METH_VARARGS,
+     "read_many(fds, offsets, dests, sums, threads=1) -> [status]: pread each dest fully; verify "
+     "xxh3-128 where a sum is given. status 0 ok, 1 short file, 2 mismatch, -errno."},
+    {"copy_many", py_copy_many, METH_VARARGS,
+     "copy_many(dests, srcs, sums, threads=1) -> [status]: memcpy each src into its dest, then "
+     "verify the dest where a sum is given. status 0 ok, 2 mismatch."},
+    {"write_many", py_write_many, METH_VARARGS,
+     "write_many(fds, offsets, srcs, threads=1) -> [sum]: pwrite each src fully; return each "
+     "one's xxh3-128 digest. Raises OSError on the first failure."},
+    {"hash_many", py_hash_many, METH_VARARGS, "hash_many(bufs, threads=1) -> [xxh3-128 digest]"},
+    {"aligned_buffer", py_aligned_buffer, METH_VARARGS,
+     "aligned_buffer(size, alignment=4096) -> writable zeroed buffer at an aligned address"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "kvfs._native",
+                                    "kvfs data-plane hot loops (see native/kvfs_native.c)", -1, methods};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    if (PyType_Ready(&AlignedBufferType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    PyModule_AddIntConstant(m, "MAX_THREADS", MAX_THREADS);
+    return m;
+}
