@@ -37,6 +37,8 @@ class Config:
     high_watermark: float = 0.95
     low_watermark: float = 0.90
     map_size: int = 1 << 40  # LMDB map: sparse, so large costs nothing
+    shm_size: int | None = None  # T0 arena bytes; None: min(25% of RAM, 4 GiB, half of /dev/shm); 0: no T0
+    promote_after: int = 2  # a T1 object is copied into T0 on this many accesses
 
     def resolve(self) -> "Config":
         """Fill defaults, reconcile with the persisted store settings, create
@@ -84,8 +86,29 @@ class Config:
             self.capacity = int(free * 0.9)
         if self.capacity <= 0:
             raise InvalidArgument("capacity must be positive")
+        self.shm_size = resolve_shm_size(self.shm_size)
         # Whole segments are the unit of reclaim: keep them small relative to
         # the capacity so eviction can free space in reasonable steps.
         seg = min(self.segment_size, max(self.capacity // 16, 2 * self.stripe_unit + 2 * PAGE))
         self.segment_size = max(seg, 2 * self.stripe_unit + 2 * PAGE)
         return self
+
+
+def resolve_shm_size(asked: int | None) -> int:
+    """The T0 arena size. A default never takes more than half of what
+    /dev/shm has free (containers often give it only 64 MiB); an explicit
+    size that /dev/shm cannot hold is refused, because touching pages past
+    a full tmpfs kills the process with SIGBUS instead of failing a write."""
+    try:
+        shm_free = shutil.disk_usage("/dev/shm").free
+    except OSError:
+        shm_free = 0
+    if asked is None:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        size = min(ram // 4, 4 << 30, shm_free // 2)
+        return size - size % (1 << 20)
+    if asked < 0:
+        raise InvalidArgument("--shm-size must be >= 0")
+    if asked > shm_free:
+        raise InvalidArgument(f"--shm-size {asked} is more than /dev/shm has free ({shm_free} bytes)")
+    return asked - asked % 4096

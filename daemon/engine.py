@@ -33,10 +33,14 @@ from kvfs.generation import Generation
 from kvfs.keys import normalize_key, normalize_ns
 from kvfs.meta import encode_meta
 
+from kvfs import native
+
+from .arena import Arena
 from .config import Config
 from .eviction import choose_victims
 from .index import SEG_OPEN, SEG_SEALED, Extent, Index, ObjEntry, obj_key, split_obj_key
 from .leases import LeaseTable
+from .tier0 import Tier0
 from .writer import WriterThread
 
 log = logging.getLogger("kvfsd")
@@ -73,16 +77,33 @@ class MemEntry:
     touch LMDB (or disk) and run on the event loop; LMDB is the durable copy,
     and the mirror is changed only after the commit that changes LMDB."""
 
-    __slots__ = ("size", "wire", "spans")
+    __slots__ = ("size", "checksum", "seq", "exts", "spans", "wire", "t0", "dirty", "deleted", "hits", "meta")
 
-    def __init__(self, size: int, wire: list[Any], spans: tuple[tuple[int, int], ...]):
+    def __init__(self, size: int, checksum: bytes, seq: int, exts: list[list[Any]],
+                 spans: tuple[tuple[int, int], ...], *, t0: int = -1, dirty: bool = False):
         self.size = size
-        self.wire = wire  # [size, checksum, seq, [[stripe, seg, payload_off, length, chunk_sum], ...]]
-        self.spans = spans  # ((seg, record bytes), ...)
+        self.checksum = checksum
+        self.seq = seq
+        self.exts = exts  # [[stripe, seg, payload_off, length, chunk_sum], ...]
+        self.spans = spans  # ((seg, record bytes), ...); () while dirty: not yet counted live
+        self.t0 = t0  # arena offset of the T0 copy, -1: none
+        self.dirty = dirty  # in T0 only: write-back to T1 not committed yet
+        self.deleted = False  # removed while dirty: the write-back must not publish it
+        self.hits = 0  # T1 hits (promotion policy)
+        self.meta: bytes | None = None  # kept only while dirty (LMDB has it after)
+        self.wire: list[Any] = []
+        self.rewire()
+
+    def rewire(self) -> None:
+        """What lookups answer: [size, checksum, seq, extents, t0] where t0 is
+        None or [arena offset, also in T1]. Replaced, never mutated, so a
+        reply being encoded on the loop never sees a half-made change."""
+        self.wire = [self.size, self.checksum, self.seq, self.exts,
+                     None if self.t0 < 0 else [self.t0, not self.dirty]]
 
     @classmethod
     def of(cls, e: ObjEntry) -> "MemEntry":
-        return cls(e.size, [e.size, e.checksum, e.seq, [x.wire() for x in e.extents]],
+        return cls(e.size, e.checksum, e.seq, [x.wire() for x in e.extents],
                    tuple((x.seg, sp) for x, sp in zip(e.extents, e.spans)))
 
 
@@ -108,6 +129,10 @@ class ObjPlan:
     chunks: list[ChunkPlan]
     hasher: Any = None  # running xxh3-128 of the whole value (multi-chunk)
     checksum: bytes = b""
+    t0: int = -1  # arena extent the client fills (T0 put), -1: the client writes T1 itself
+    via_t0: bool = False  # a T0 put item (stays True after t0 is handed to ``mem``)
+    mem: "MemEntry | None" = None  # the dirty mirror entry publish_t0 made
+    t0_stored: bool = False  # publish_t0's answer for this item
 
 
 @dataclass
@@ -150,13 +175,23 @@ class Engine:
         self._rr = 0  # round-robin start stripe for the next object
         self.counters: Counter[str] = Counter()
         self.started = time.time()
+        self.instance = os.urandom(8).hex()  # tells clients a restarted daemon from the one they knew
         self.generation = Generation(cfg.root)
         self.writer = WriterThread(self.index.env, on_idle=self._flush_atimes)
         self.recovery = self._recover()
+        # T0 starts empty after every start: nothing in an old arena is trusted.
+        self.t0: Tier0 | None = None
+        if cfg.shm_size:
+            self.t0 = Tier0(Arena(cfg.root, cfg.shm_size, cfg.socket_mode), max(cfg.shm_size // 4, 1),
+                            self.leases.obj_leased, self.generation.bump)
+        self.promote_q: OrderedDict[bytes, None] = OrderedDict()
+        self.wb_pending: dict[int, PutPlan] = {}  # fast-mode T0 puts whose write-back is queued
 
     # ------------------------------------------------------------------ setup
     def close(self) -> None:
         try:
+            for plan in list(self.wb_pending.values()):
+                self.write_back(plan, False)  # T0 is its only copy: write it out before exit
             self.writer.call(self._flush_atimes)
             self.writer.call(self._persist_segments, sync=True)
         finally:
@@ -166,6 +201,8 @@ class Engine:
                     s.close()
             self.index.close()
             self.generation.close()
+            if self.t0 is not None:
+                self.t0.arena.close()
 
     def stripe_paths(self) -> list[str]:
         return [str(p) for p in self.cfg.stripes]
@@ -289,11 +326,14 @@ class Engine:
         return fmt.checksum(os.pread(fd, ext.length, ext.offset)) == ext.checksum
 
     # ------------------------------------------------------------------ write
-    def prepare_put(self, ns: str, items: list[tuple[Any, int, Any]], *, may_evict: bool = True) -> PutPlan:
+    def prepare_put(self, ns: str, items: list[tuple[Any, int, Any]], *, may_evict: bool = True,
+                    t0: bool = False) -> PutPlan:
         """Validate a batch, skip keys already stored, reserve space for the rest.
 
         Without ``may_evict`` it never blocks (safe on the event loop) and
-        raises NeedRoom when eviction would be needed first."""
+        raises NeedRoom when eviction would be needed first. With ``t0``
+        each item that fits also gets an arena extent for the client to fill
+        (T1 space is reserved all the same: the write-back goes there)."""
         ns = normalize_ns(ns)
         norm: list[tuple[str, int, bytes | None]] = []
         for key, size, meta in items:
@@ -316,7 +356,11 @@ class Engine:
         try:
             with self._lock:
                 for f in fresh:
-                    plan.items.append(None if f is None else self._reserve(ns, *f, touched=plan.touched))
+                    op = None if f is None else self._reserve(ns, *f, touched=plan.touched)
+                    if op is not None and t0 and self.t0 is not None and self.t0.fits(op.size):
+                        op.t0 = self.t0.reserve(op.size)
+                        op.via_t0 = op.t0 >= 0
+                    plan.items.append(op)
         except BaseException:
             self.abort_put(plan)
             raise
@@ -475,6 +519,13 @@ class Engine:
             for op, e in entries:
                 # a concurrent put of the same key may have won: keep its bytes
                 fresh = txn.get(obj_key(ns, op.key), db=self.index.objects) is None
+                if op.via_t0:
+                    # a T0 put: only what publish_t0 made the mirror entry for,
+                    # and not if it was deleted meanwhile (the delete job ran
+                    # before this one on this same thread, or runs after and
+                    # unpublishes it)
+                    with self._lock:
+                        fresh = fresh and op.mem is not None and not op.mem.deleted
                 if fresh:
                     self.index.put_object(txn, ns, op.key, e)
                 stored.append(fresh)
@@ -494,7 +545,13 @@ class Engine:
                 s = self.segs.get(sid)
                 if s is not None and s.state == state:
                     s.persisted = True
+            n_t0 = 0
             for (op, e), fresh in zip(entries, stored):
+                if op.via_t0:
+                    n_t0 += 1
+                    if op.mem is not None:
+                        self._written_back(ns, op, e if fresh else None)
+                    continue
                 if not fresh:
                     continue
                 m = MemEntry.of(e)
@@ -503,13 +560,141 @@ class Engine:
                 self.lru[obj_key(ns, op.key)] = m
                 self.ns_objects[ns] += 1
                 self.logical_bytes += op.size
-            n_new = sum(stored)
+            # T0 items were counted by publish_t0
+            n_new = sum(f for (op, _e), f in zip(entries, stored) if not op.via_t0)
             self.counters["puts"] += n_new
-            self.counters["put_bytes"] += sum(op.size for (op, _e), f in zip(entries, stored) if f)
-            self.counters["puts_existing"] += len(plan.items) - n_new
+            self.counters["put_bytes"] += sum(op.size for (op, _e), f in zip(entries, stored)
+                                              if f and not op.via_t0)
+            self.counters["puts_existing"] += len(plan.items) - n_new - n_t0
+        result = [op is not None and (op.t0_stored if op.via_t0 else f)
+                  for op, f in zip(plan.items, self._per_item(plan, stored))]
         cand = self._release_reservations(plan)
+        return result, cand
+
+    @staticmethod
+    def _per_item(plan: PutPlan, stored: list[bool]) -> list[bool]:
         it = iter(stored)
-        return [op is not None and next(it) for op in plan.items], cand
+        return [op is not None and next(it) for op in plan.items]
+
+    # ------------------------------------------------------------------ T0 puts
+    def publish_t0(self, plan: PutPlan) -> None:
+        """Make the T0 items of a committed plan readable at once, from the
+        arena, as dirty mirror entries (memory only: safe on the loop). The
+        write-back (``write_back``) then writes them to T1 and publishes
+        them in LMDB. A key that appeared meanwhile keeps its bytes."""
+        ns = plan.ns
+        assert self.t0 is not None
+        with self._lock:
+            for op in plan.items:
+                if op is None or op.t0 < 0:
+                    continue
+                ok = obj_key(ns, op.key)
+                if ok in self.lru:
+                    self.t0.alloc.free(op.t0)  # unpublished: nobody saw it
+                    op.t0 = -1
+                    op.t0_stored = False
+                    self.counters["puts_existing"] += 1
+                    continue
+                exts = [[c.stripe, c.seg, c.payload_off, c.length, c.checksum] for c in op.chunks]
+                m = MemEntry(op.size, op.checksum, op.seq, exts, (), dirty=True)
+                m.meta = op.meta
+                self.lru[ok] = m
+                self.t0.add(ok, m, op.t0)
+                op.mem = m
+                op.t0_stored = True
+                self.ns_objects[ns] += 1
+                self.logical_bytes += op.size
+                self.counters["puts"] += 1
+                self.counters["put_bytes"] += op.size
+                self.t0.backlog_objects += 1
+                self.t0.backlog_bytes += op.size
+
+    def t0_only(self, plan: PutPlan) -> bool:
+        """Every new item of the plan goes through T0 (none written to T1 by the client)."""
+        return all(op is None or op.t0 >= 0 for op in plan.items)
+
+    def queue_write_back(self, plan: PutPlan) -> None:
+        with self._lock:
+            self.wb_pending[id(plan)] = plan
+
+    def write_back(self, plan: PutPlan, sync: bool, queued: bool = False) -> list[bool]:
+        """Write a committed T0 plan to T1 and publish it in LMDB (blocking;
+        a worker thread). Items the client wrote to T1 itself get their
+        headers. Durability order as for any put: payload (+ fdatasync in
+        sync mode), then the commit that publishes it. ``queued``: taken
+        from the background queue (whoever pops it first writes it)."""
+        if queued:
+            with self._lock:
+                if self.wb_pending.pop(id(plan), None) is None:
+                    return []
+        assert self.t0 is not None
+        arena = self.t0.arena.view
+        try:
+            for op in plan.items:
+                if op is None:
+                    continue
+                m = op.mem
+                for ch in op.chunks:
+                    hdr = fmt.RecordHeader(plan.ns, op.key, ch.idx, len(op.chunks), ch.length, op.size,
+                                           ch.chunk_off, op.seq, ch.checksum).encode()
+                    if m is None:
+                        if not op.via_t0:
+                            self._pwrite(ch, [hdr], len(hdr))  # the client wrote the payload
+                        continue
+                    if m.deleted:
+                        continue
+                    gap = ch.payload_off - ch.hdr_off - len(hdr)
+                    src = arena[m.t0 + ch.chunk_off:m.t0 + ch.chunk_off + ch.length]
+                    self._pwrite(ch, [hdr + bytes(gap), src], len(hdr) + gap + ch.length)
+            if sync:
+                for sid in plan.touched:
+                    os.fdatasync(self.segs[sid].fd)
+            done = self.writer.call(self.publish_job(plan, sync), sync=sync)
+        except BaseException:
+            self._write_back_failed(plan)
+            raise
+        result, cand = self.finish_commit(plan, done)
+        self._reclaim(cand)
+        return result
+
+    def _write_back_failed(self, plan: PutPlan) -> None:
+        """T1 refused the write (disk full...): the dirty entries cannot stay
+        (T0 may not hold what T1 does not); they are dropped as if deleted."""
+        with self._lock:
+            for op in plan.items:
+                if op is not None and op.mem is not None:
+                    log.error("write-back of %s/%s failed: dropped", plan.ns, op.key)
+                    self._written_back(plan.ns, op, None)
+        self.abort_put(plan)
+
+    def _written_back(self, ns: str, op: ObjPlan, e: ObjEntry | None) -> None:
+        """A T0 item's write-back finished (``e``: published) or was skipped.
+        Caller holds the lock."""
+        m = op.mem
+        assert m is not None and self.t0 is not None
+        if not m.dirty:
+            return
+        ok = obj_key(ns, op.key)
+        self.t0.backlog_objects -= 1
+        self.t0.backlog_bytes -= op.size
+        m.dirty = False
+        m.meta = None
+        if e is not None and self.lru.get(ok) is m and not m.deleted:
+            m.spans = tuple((x.seg, sp) for x, sp in zip(e.extents, e.spans))
+            for seg, span in m.spans:
+                self.segs[seg].live += span
+            m.rewire()
+            return
+        # deleted while dirty (its mirror entry is gone already), or not
+        # published (the write-back failed): it goes, with its T0 copy
+        if self.lru.get(ok) is m:
+            del self.lru[ok]
+            self.ns_objects[ns] -= 1
+            if self.ns_objects[ns] <= 0:
+                del self.ns_objects[ns]
+            self.logical_bytes -= m.size
+        self.t0.drop(ok, m)
+        self.generation.bump()
 
     def abort_put(self, plan: PutPlan) -> None:
         self._reclaim(self._release_reservations(plan))
@@ -526,6 +711,9 @@ class Engine:
                         s.inflight -= 1
                         done.append(c.seg)
                 op.chunks = []  # released once only
+                if op.t0 >= 0 and op.mem is None and self.t0 is not None:
+                    self.t0.alloc.free(op.t0)  # never published: nobody can have seen it
+                op.t0 = -1
             # only segments this leaves fully dead need a (blocking) reclaim
             return [sid for sid in set(done) if self._reclaimable(sid)]
 
@@ -562,7 +750,7 @@ class Engine:
                 seg_size = {s: st.end for s, st in self.segs.items()}
                 v = choose_victims(
                     lru, seg_live, seg_size, used, max(target, 0),
-                    evictable=lambda ok: not self.leases.obj_leased(ok),
+                    evictable=lambda ok: not self.leases.obj_leased(ok) and not self.lru[ok].dirty,
                     seg_reclaimable=lambda s: self.segs[s].inflight == 0 and not self.leases.seg_leased(s))
             if v.objects:
                 self._remove_objects(v.objects, reason="evictions")
@@ -574,31 +762,42 @@ class Engine:
 
     def _remove_objects(self, oks: list[bytes], reason: str) -> int:
         """Unpublish objects (one commit), then reclaim segments left dead."""
-        def job(txn: Any) -> list[tuple[bytes, ObjEntry]]:
+        def job(txn: Any) -> list[bytes]:
             out = []
+            with self._lock:
+                # T0-only objects are in the mirror, not in LMDB: marking them
+                # here, on the writer thread, orders it with their publish job
+                for ok in oks:
+                    m = self.lru.get(ok)
+                    if m is not None and m.dirty:
+                        m.deleted = True
+                        out.append(ok)
             for ok in oks:
                 ns, key = split_obj_key(ok)
-                e = self.index.delete_object(txn, ns, key)
-                if e is not None:
-                    out.append((ok, e))
+                if self.index.delete_object(txn, ns, key) is not None and ok not in out:
+                    out.append(ok)
             return out
-        removed: list[tuple[bytes, ObjEntry]] = self.writer.call(job, sync=self.cfg.durability == "sync")
+        removed: list[bytes] = self.writer.call(job, sync=self.cfg.durability == "sync")
         segs: list[int] = []
         with self._lock:
-            for ok, e in removed:
-                if self.lru.pop(ok, None) is None:
+            for ok in removed:
+                m = self.lru.pop(ok, None)
+                if m is None:
                     continue  # never mirrored (a lost race): its spans were not counted
                 self._dirty_atime.pop(ok, None)
+                self.promote_q.pop(ok, None)
                 ns, _k = split_obj_key(ok)
                 self.ns_objects[ns] -= 1
                 if self.ns_objects[ns] <= 0:
                     del self.ns_objects[ns]
-                self.logical_bytes -= e.size
-                for x, span in zip(e.extents, e.spans):
-                    s = self.segs.get(x.seg)
+                self.logical_bytes -= m.size
+                if self.t0 is not None and m.t0 >= 0 and not m.dirty:
+                    self.t0.drop(ok, m)  # a dirty one is freed when its write-back ends
+                for seg, span in m.spans:  # () while dirty: never counted
+                    s = self.segs.get(seg)
                     if s is not None:
                         s.live -= span
-                        segs.append(x.seg)
+                        segs.append(seg)
             self.counters[reason] += len(removed)
             if removed:
                 # after the unpublishing commit, before any unlink: clients
@@ -658,11 +857,14 @@ class Engine:
                     continue
                 lru.move_to_end(ok)
                 self._dirty_atime[ok] = now
+                self._tier_hit(ok, m)
                 segs.extend(seg for seg, _span in m.spans)
                 hit.append(ok)
                 out.append(m.wire)
             self.counters["hits"] += len(hit)
             self.counters["misses"] += len(oks) - len(hit)
+            if self.t0 is not None:
+                self.t0.counters["misses"] += len(oks) - len(hit)
             if lease and hit:
                 lid = self.leases.grant(owner, segs, hit, time.monotonic())
         return lid, out
@@ -676,12 +878,84 @@ class Engine:
             n = 0
             for k in keys:
                 ok = obj_key(ns, normalize_key(k))
-                if ok in self.lru:
+                m = self.lru.get(ok)
+                if m is not None:
                     self.lru.move_to_end(ok)
                     self._dirty_atime[ok] = now
+                    self._tier_hit(ok, m)
                     n += 1
             self.counters["hits"] += n
             self.counters["cached_hits"] += n
+
+    def _tier_hit(self, ok: bytes, m: MemEntry) -> None:
+        """Count a hit per tier and apply the promotion policy: a T1 object
+        is copied into T0 on its ``promote_after``-th access (by a
+        background task: ``promote``). Caller holds the lock."""
+        t0 = self.t0
+        if t0 is None:
+            self.counters["t1_hits"] += 1
+            return
+        if m.t0 >= 0:
+            t0.counters["hits"] += 1
+            t0.touch(ok)
+            return
+        t0.counters["misses"] += 1
+        self.counters["t1_hits"] += 1
+        m.hits += 1
+        after = self.cfg.promote_after
+        if after and m.hits >= after and not m.dirty and t0.fits(m.size) and len(self.promote_q) < 4096:
+            self.promote_q[ok] = None
+
+    def promote_some(self, limit_bytes: int = 256 << 20) -> int:
+        """Copy queued T1 objects into T0 (blocking: a worker thread), up to
+        about ``limit_bytes``. The copy is verified chunk by chunk before the
+        object is marked resident. Returns how many were promoted."""
+        if self.t0 is None:
+            return 0
+        done = 0
+        moved = 0
+        while moved < limit_bytes:
+            with self._lock:
+                if not self.promote_q:
+                    break
+                ok, _ = self.promote_q.popitem(last=False)
+                m = self.lru.get(ok)
+                if m is None or m.t0 >= 0 or m.dirty:
+                    continue
+                off = self.t0.reserve(m.size)
+                if off < 0:
+                    self.promote_q.clear()  # T0 holds only dirty or leased objects now
+                    break
+                segs = [seg for seg, _ in m.spans]
+                lid = self.leases.grant(("promote",), segs, [ok], time.monotonic())
+                fds = [self.segs[x[1]].ensure_fd() for x in m.exts]
+            arena = self.t0.arena.view
+            dests, pos = [], 0
+            for x in m.exts:
+                dests.append(arena[off + pos:off + pos + x[3]])
+                pos += x[3]
+            try:
+                st = native.backend.read_many(fds, [x[2] for x in m.exts], dests, [x[4] for x in m.exts], 4)
+            finally:
+                for d in dests:
+                    d.release()
+            with self._lock:
+                self.leases.release(lid)
+                self._drain_unpinned()
+                if all(v == 0 for v in st) and self.lru.get(ok) is m and m.t0 < 0:
+                    self.t0.add(ok, m, off)
+                    self.t0.counters["promotions"] += 1
+                    done += 1
+                    moved += m.size
+                else:
+                    self.t0.alloc.free(off)  # never published
+        return done
+
+    def _drain_unpinned(self) -> None:
+        """Free T0 extents whose objects lost their last lease. Caller holds the lock."""
+        freed = self.leases.take_unpinned()
+        if self.t0 is not None and self.t0.zombies:
+            self.t0.unpinned(freed)
 
     def contains(self, ns: str, keys: list[Any]) -> list[bool]:
         ns = normalize_ns(ns)
@@ -706,6 +980,7 @@ class Engine:
             freed: list[int] = []
             for lid in lids:
                 freed += self.leases.release(lid, owner)
+            self._drain_unpinned()
         return [s for s in freed if self._reclaimable(s)]
 
     def _reclaimable(self, sid: int) -> bool:
@@ -718,12 +993,14 @@ class Engine:
     def release_owner(self, owner: Hashable) -> None:
         with self._lock:
             freed = self.leases.release_owner(owner)
+            self._drain_unpinned()
         if freed:
             self._reclaim(freed)
 
     def expire_leases(self) -> None:
         with self._lock:
             freed = self.leases.expire(time.monotonic())
+            self._drain_unpinned()
         if freed:
             self._reclaim(freed)
 
@@ -736,6 +1013,8 @@ class Engine:
     def verify_object(self, ns: str, key: str, seq: int | None = None) -> bool:
         """Re-read an object and drop it if any chunk fails. True if dropped."""
         ns, key = normalize_ns(ns), normalize_key(key)
+        if self._verify_t0(ns, key, seq):
+            return True
         with self.index.env.begin() as txn:
             e = self.index.get(txn, ns, key)
         if e is None or (seq is not None and e.seq != seq):
@@ -750,18 +1029,65 @@ class Engine:
                 return True
         return False
 
+    def _verify_t0(self, ns: str, key: str, seq: int | None) -> bool:
+        """Re-hash an object's T0 copy (any client may write the arena: see
+        the README's trust model). A bad copy of an object also in T1 is
+        dropped from T0; a bad T0-only object is dropped altogether (its
+        write-back would carry the damage). True if the object is gone."""
+        ok = obj_key(ns, key)
+        with self._lock:
+            m = self.lru.get(ok)
+            if self.t0 is None or m is None or m.t0 < 0 or (seq is not None and m.seq != seq):
+                return False
+            lid = self.leases.grant(("verify",), (), [ok], time.monotonic())  # keeps the extent
+            off, exts, dirty = m.t0, m.exts, m.dirty
+        try:
+            view = self.t0.arena.view
+            parts, pos = [], 0
+            for x in exts:
+                parts.append(view[off + pos:off + pos + x[3]])
+                pos += x[3]
+            good = native.backend.hash_many(parts) == [x[4] for x in exts]
+            for p in parts:
+                p.release()
+        finally:
+            with self._lock:
+                self.leases.release(lid)
+                self._drain_unpinned()
+        if good:
+            return False
+        log.warning("corrupt T0 copy of %s/%s: dropped%s", ns, key, " (not yet in T1: object lost)" if dirty else "")
+        if dirty:
+            self._remove_objects([ok], reason="corrupt_dropped")
+            return True
+        with self._lock:
+            if self.lru.get(ok) is m and m.t0 >= 0:
+                self.t0.drop(ok, m)
+                self.generation.bump()
+                self.t0.counters["corrupt_dropped"] += 1
+        return False
+
     def stat(self, ns: str, key: Any) -> dict[str, Any]:
         ns, k = normalize_ns(ns), normalize_key(key)
         with self.index.env.begin() as txn:
             e = self.index.get(txn, ns, k)
         if e is None:
-            raise NotFound(f"{ns}/{k} not found")
+            m = self.lru.get(obj_key(ns, k))
+            if m is None or not m.dirty:
+                raise NotFound(f"{ns}/{k} not found")
+            return {"ns": ns, "key": k, "size": m.size, "checksum": m.checksum.hex(), "seq": m.seq,
+                    "meta": m.meta.decode() if m.meta else None, "tier": "T0", "extents": [], "created": time.time(),
+                    "last_access": time.time()}
         return {
             "ns": ns, "key": k, "size": e.size, "checksum": e.checksum.hex(), "seq": e.seq,
-            "meta": e.meta.decode() if e.meta else None, "tier": "T1",
+            "meta": e.meta.decode() if e.meta else None, "tier": self._tier_name(obj_key(ns, k)),
             "extents": [[str(self.seg_path(x.stripe, x.seg)), x.offset, x.length] for x in e.extents],
             "created": e.created, "last_access": self._dirty_atime.get(obj_key(ns, k), e.atime),
         }
+
+    def _tier_name(self, ok: bytes) -> str:
+        m = self.lru.get(ok)
+        return "T0+T1" if m is not None and m.t0 >= 0 else "T1"
 
     def namespaces(self) -> list[str]:
         with self.index.env.begin() as txn:
@@ -794,6 +1120,11 @@ class Engine:
             used = sum(s.end for s in self.segs.values())
             live = sum(s.live for s in self.segs.values())
             c = dict(self.counters)
+            tiers: dict[str, Any] = {
+                "T0": self.t0.stats() if self.t0 is not None else {"capacity_bytes": 0},
+                "T1": {"objects": len(self.lru) - (self.t0.backlog_objects if self.t0 else 0),
+                       "bytes": self.logical_bytes - (self.t0.backlog_bytes if self.t0 else 0),
+                       "hits": c.get("t1_hits", 0), "misses": c.get("misses", 0)}}
             out = {
                 "version": 1,
                 "uptime_s": time.time() - self.started,
@@ -812,8 +1143,8 @@ class Engine:
                                                       "cached_hits", "deletes", "evictions", "corrupt_dropped",
                                                       "segments_deleted")},
                 "recovery": vars(self.recovery),
-                "tiers": {"T1": {"objects": len(self.lru), "bytes": self.logical_bytes,
-                                 "hits": c.get("hits", 0), "misses": c.get("misses", 0)}},
+                "tiers": tiers,
+                "promote_queue": len(self.promote_q),
             }
         return out
 

@@ -29,6 +29,9 @@ class LeaseTable:
     _by_owner: dict[Hashable, set[int]] = field(default_factory=dict)
     _seg_count: Counter[int] = field(default_factory=Counter)
     _obj_count: Counter[bytes] = field(default_factory=Counter)
+    # objects whose last lease ended since the owner last drained this list
+    # (T0 frees deferred extents of such objects: kvfsd.tier0)
+    unpinned: list[bytes] = field(default_factory=list)
 
     def grant(self, owner: Hashable, segs: Iterable[int], objs: Iterable[bytes], now: float) -> int:
         lid = self._next
@@ -62,6 +65,7 @@ class LeaseTable:
             self._obj_count[o] -= 1
             if self._obj_count[o] <= 0:
                 del self._obj_count[o]
+                self.unpinned.append(o)
         return freed
 
     def release_owner(self, owner: Hashable) -> list[int]:
@@ -75,6 +79,10 @@ class LeaseTable:
         for lid in [lid for lid, l in self._leases.items() if l.expires <= now]:
             freed += self.release(lid)
         return freed
+
+    def take_unpinned(self) -> list[bytes]:
+        out, self.unpinned = self.unpinned, []
+        return out
 
     def seg_leased(self, seg: int) -> bool:
         return self._seg_count.get(seg, 0) > 0

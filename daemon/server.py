@@ -121,6 +121,8 @@ class Server:
         self.socket_path = Path(socket_path)
         self.socket_mode = socket_mode
         self.connections = 0
+        self._nursery: trio.Nursery | None = None
+        self._promote_wanted = trio.Event()
 
     async def _thread(self, fn: Callable[..., Any], *a: Any) -> Any:
         return await trio.to_thread.run_sync(partial(fn, *a))
@@ -136,7 +138,9 @@ class Server:
         log.info("listening on %s", path)
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self._expire_loop)
+                nursery.start_soon(self._promote_loop)
                 task_status.started()
                 while True:
                     sock, _ = await listener.accept()
@@ -152,6 +156,23 @@ class Server:
         while True:
             await trio.sleep(1.0)
             await self._thread(self.engine.expire_leases)
+
+    async def _promote_loop(self) -> None:
+        """Copies T1 objects that the promotion policy picked into T0."""
+        while True:
+            await self._promote_wanted.wait()
+            self._promote_wanted = trio.Event()
+            while self.engine.promote_q:
+                await self._thread(self.engine.promote_some)
+
+    async def _write_back_bg(self, plan: PutPlan) -> None:
+        """Fast mode: a T0 put is acknowledged once readable from T0; this
+        writes it to T1. On shutdown, what is still queued is written by
+        Engine.close (the plan stays in engine.wb_pending until taken)."""
+        try:
+            await self._thread(self.engine.write_back, plan, False, True)
+        except KvfsError as e:
+            log.error("write-back failed: %s", e)
 
     async def _handle(self, sock: trio.socket.SocketType) -> None:
         conn = Conn(sock)
@@ -213,14 +234,19 @@ class Server:
             eng.touch(P.arg(args, "ns", str), P.arg(args, "keys", list))  # memory only
             return None
         if op == P.HELLO:
+            t0 = eng.t0
             return {"version": P.PROTOCOL_VERSION, "stripes": eng.stripe_paths(),
                     "generation": str(eng.generation.path),
+                    "instance": eng.instance,
+                    "arena": None if t0 is None else {"path": str(t0.arena.path), "size": t0.arena.size},
                     "stripe_unit": eng.stripe_unit, "pid": os.getpid(), "durability": eng.cfg.durability}
         if op == P.LOOKUP:
             ns = P.arg(args, "ns", str)
             keys = P.arg(args, "keys", list)
             want_lease = P.arg(args, "lease", bool, True)
             lid, items = eng.lookup(ns, keys, conn.id, lease=want_lease)  # memory only
+            if eng.promote_q:
+                self._promote_wanted.set()
             return {"lease": lid, "items": items}
         if op == P.RELEASE:
             leases = P.arg(args, "leases", list)
@@ -235,12 +261,15 @@ class Server:
         if op == P.PREFIX_MATCH:
             return eng.prefix_match(P.arg(args, "ns", str), P.arg(args, "keys", list))  # memory only
         if op == P.ALLOC:
-            plan = await self._prepare(P.arg(args, "ns", str), _items(args))
+            plan = await self._prepare(P.arg(args, "ns", str), _items(args), P.arg(args, "t0", bool, False))
             pid = conn.next_put
             conn.next_put += 1
             conn.pending[pid] = plan
+            # per item: [seq, T1 extents, arena offset or -1]; the client
+            # fills the arena extent if there is one, else the T1 extents
             return {"put": pid, "items": [
-                None if o is None else [o.seq, [[c.stripe, c.seg, c.payload_off, c.length] for c in o.chunks]]
+                None if o is None else [o.seq, [[c.stripe, c.seg, c.payload_off, c.length] for c in o.chunks],
+                                        o.t0]
                 for o in plan.items]}
         if op == P.COMMIT:
             pending = conn.pending.pop(P.arg(args, "put", int), None)
@@ -251,8 +280,18 @@ class Server:
             except BaseException:
                 await self._thread(eng.abort_put, pending)
                 raise
-            return await self._publish(pending, P.arg(args, "sync", bool, False),
-                                       partial(eng.write_headers, pending))
+            sync = eng.effective_sync(P.arg(args, "sync", bool, False))
+            if not any(o is not None and o.via_t0 for o in pending.items):
+                return await self._publish(pending, sync, partial(eng.write_headers, pending))
+            eng.publish_t0(pending)  # readable from T0 from here on
+            if sync or not eng.t0_only(pending):
+                # sync: acknowledged only once in T1 and the index; items the
+                # client wrote to T1 itself are readable only once published
+                return await self._thread(eng.write_back, pending, sync)
+            eng.queue_write_back(pending)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._write_back_bg, pending)
+            return [o is not None and o.t0_stored for o in pending.items]
         if op == P.ABORT:
             aborted = conn.pending.pop(P.arg(args, "put", int), None)
             if aborted is not None:
@@ -260,6 +299,8 @@ class Server:
             return None
         if op == P.DELETE:
             return await self._thread(eng.delete, P.arg(args, "ns", str), P.arg(args, "keys", list))
+        if op in (P.STAT, P.NAMESPACES, P.KEYS):
+            await self._settle()  # these read LMDB: let T0 puts reach it first
         if op == P.STAT:
             return await self._thread(eng.stat, P.arg(args, "ns", str), P.arg(args, "key", (str, bytes)))
         if op == P.NAMESPACES:
@@ -275,17 +316,29 @@ class Server:
             st = await self._thread(eng.stats)
             st["connections"] = self.connections
             return st
+        if op == P.FLUSH:
+            return await self._settle(P.arg(args, "timeout", (int, float), 60.0))
         if op == P.REPORT_BAD:
             return await self._thread(eng.verify_object, P.arg(args, "ns", str), P.arg(args, "key", str),
                                       P.arg(args, "seq", int, None))
         raise ProtocolError(f"unknown op {op!r}")
 
-    async def _prepare(self, ns: str, items: list[list[Any]]) -> PutPlan:
+    async def _settle(self, timeout: float = 30.0) -> bool:
+        """Wait until no T0 write-back is pending (every T0 put acknowledged
+        before is in T1 and the index). False on timeout."""
+        t0 = self.engine.t0
+        with trio.move_on_after(timeout):
+            while t0 is not None and t0.backlog_objects:
+                await trio.sleep(0.002)
+            return True
+        return False
+
+    async def _prepare(self, ns: str, items: list[list[Any]], t0: bool = False) -> PutPlan:
         """Reserve space; on the loop unless eviction has to run first."""
         try:
-            return self.engine.prepare_put(ns, [tuple(it) for it in items], may_evict=False)
+            return self.engine.prepare_put(ns, [tuple(it) for it in items], may_evict=False, t0=t0)
         except NeedRoom:
-            return await self._thread(self.engine.prepare_put, ns, [tuple(it) for it in items])
+            return await self._thread(partial(self.engine.prepare_put, ns, [tuple(it) for it in items], t0=t0))
 
     async def _put(self, conn: Conn, args: dict[str, Any], tlen: int) -> list[bool]:
         try:

@@ -23,7 +23,7 @@ import kvfs
 
 class DaemonProcess:
     def __init__(self, root: str | os.PathLike[str], *, stripes: int | list[str] = 1,
-                 capacity: str | int | None = None, durability: str = "fast",
+                 capacity: str | int | None = None, durability: str = "fast", shm_size: str | int | None = "256M",
                  extra: list[str] | None = None, log: str | os.PathLike[str] | None = None):
         self.root = Path(root)
         self.socket = self.root / "kvfs.sock"
@@ -33,6 +33,7 @@ class DaemonProcess:
             self.stripes = [str(s) for s in stripes]
         self.capacity = capacity
         self.durability = durability
+        self.shm_size = shm_size  # T0 arena; 0: none; None: the daemon's default
         self.extra = list(extra or [])
         self.log_path = Path(log) if log else self.root.parent / f"{self.root.name}-daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -44,6 +45,8 @@ class DaemonProcess:
             a += ["--stripe", s]
         if self.capacity is not None:
             a += ["--capacity", str(self.capacity)]
+        if self.shm_size is not None:
+            a += ["--shm-size", str(self.shm_size)]
         return a + self.extra
 
     def start(self, timeout: float = 30.0) -> "DaemonProcess":
@@ -86,6 +89,10 @@ class DaemonProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        # a killed daemon leaves its arena in /dev/shm (the next start on this
+        # root would remove it; a test's root is never started again)
+        from kvfsd.arena import arena_path
+        arena_path(self.root.absolute()).unlink(missing_ok=True)
 
     def restart(self) -> "DaemonProcess":
         if self.proc is not None and self.proc.poll() is None:

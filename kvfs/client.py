@@ -8,13 +8,15 @@ so separate connections are what lets threads overlap).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Generator, Iterable, Iterator, Sequence
 
 from . import protocol as P
 from .dataplane import DataPlane, ReadTask, WriteTask
@@ -26,9 +28,27 @@ from .loccache import LocationCache
 from .meta import encode_meta
 
 BATCH_KEYS = 4096
-# Values at least this large are written by the client straight into the
-# extents the daemon reserves (alloc/commit); smaller ones travel inline.
+# Without T0, values at least this large are written by the client straight
+# into the T1 extents the daemon reserves (alloc/commit); smaller ones travel
+# inline. With T0, every batch goes through the arena except a single value
+# smaller than T0_INLINE_MAX (one round trip beats two for tiny values).
 DIRECT_MIN = 256 * 1024
+T0_INLINE_MAX = 64 * 1024
+
+
+class _Arena:
+    """The client's mapping of the daemon's shared-memory arena (T0)."""
+
+    def __init__(self, path: str, size: int):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self.path = path
+        self.size = size
+        self.rw = memoryview(self.mm)
+        self.ro = self.rw.toreadonly()
 
 
 def default_socket_path() -> str:
@@ -73,6 +93,16 @@ def as_writable(out: Any) -> memoryview:
     if not mv.c_contiguous:
         raise InvalidArgument("destination buffer must be C-contiguous")
     return mv.cast("B") if (mv.format != "B" or mv.ndim != 1) and mv.nbytes else mv
+
+
+@dataclass
+class _ReadPlan:
+    reads: list[ReadTask] = field(default_factory=list)  # T1 chunks
+    rown: list[int] = field(default_factory=list)  # item index of each read
+    cdst: list[memoryview] = field(default_factory=list)  # T0 chunk copies
+    csrc: list[memoryview] = field(default_factory=list)
+    csum: list[bytes | None] = field(default_factory=list)
+    cown: list[int] = field(default_factory=list)
 
 
 class _Connection:
@@ -156,20 +186,37 @@ class Store:
         self._touches: dict[str, list[str]] = {}  # cache hits not yet reported to the daemon
         self._n_touches = 0
         self._touched_at = time.monotonic()
-        hello = self._call(P.HELLO, {"version": P.PROTOCOL_VERSION})
+        self.cache_locations = cache_locations
+        self.arena: _Arena | None = None
+        self._gen: GenerationReader | None = None
+        self._locs: LocationCache | None = None
+        self._adopt(self._conn().call(P.HELLO, {"version": P.PROTOCOL_VERSION}))
+
+    def _adopt(self, hello: dict[str, Any]) -> None:
+        """Take the daemon's layout from a hello reply (at connect, and after
+        reconnecting to a restarted daemon: new arena, new generation epoch)."""
         if hello.get("version") != P.PROTOCOL_VERSION:
             raise ProtocolError(f"daemon speaks protocol {hello.get('version')}, client {P.PROTOCOL_VERSION}")
         self.stripes: list[str] = list(hello["stripes"])
         self.stripe_unit: int = int(hello["stripe_unit"])
         self.daemon_pid: int = int(hello["pid"])
-        self._gen: GenerationReader | None = None
-        try:
-            self._gen = GenerationReader(hello["generation"])
-        except (OSError, KeyError, ValueError):
-            pass  # cannot map the counter: no location cache, fds kept until LRU-closed
-        self._fd_gen = self._gen.value if self._gen is not None else 0
-        self._locs: LocationCache | None = (
-            LocationCache(self._gen) if cache_locations and self._gen is not None else None)
+        self._instance = hello.get("instance")
+        if self._gen is None:
+            try:
+                self._gen = GenerationReader(hello["generation"])
+            except (OSError, KeyError, ValueError):
+                pass  # cannot map the counter: no location cache, fds kept until LRU-closed
+            self._fd_gen = self._gen.value if self._gen is not None else 0
+            self._locs = LocationCache(self._gen) if self.cache_locations and self._gen is not None else None
+        ar = hello.get("arena")
+        # An old mapping is just dropped, never closed: views handed out by
+        # get_view may still point into it (the orphaned file stays valid).
+        self.arena = None
+        if ar:
+            try:
+                self.arena = _Arena(ar["path"], int(ar["size"]))
+            except (OSError, ValueError):
+                pass  # no access to the arena: T1 only (see the README's trust model)
 
     # -- connections ----------------------------------------------------------
     def _conn(self) -> _Connection:
@@ -185,6 +232,10 @@ class Store:
             self._local.conn = c
             with self._conns_lock:
                 self._conns = [x for x in self._conns if not x.broken] + [c]
+            if hasattr(self, "daemon_pid"):
+                hello = c.call(P.HELLO, {"version": P.PROTOCOL_VERSION})
+                if hello.get("instance") != self._instance:
+                    self._adopt(hello)  # a restarted daemon
         return c
 
     def _call(self, op: str, args: dict[str, Any], trailer: Sequence[memoryview] = ()) -> Any:
@@ -226,8 +277,15 @@ class Store:
         views = [as_readable(d) for d in datas]
         raw_metas: list[bytes | None] = [encode_meta(m) for m in metas] if metas is not None else [None] * len(ks)
         out: list[bool] = [False] * len(ks)
-        direct = [i for i, v in enumerate(views) if len(v) >= DIRECT_MIN]
-        inline = [i for i, v in enumerate(views) if len(v) < DIRECT_MIN]
+        if self.arena is not None:
+            # T0: the batch goes through the arena (no payload on the socket),
+            # except a lone small value and empty ones
+            lone_small = len(views) == 1 and len(views[0]) < T0_INLINE_MAX
+            direct = [i for i, v in enumerate(views) if len(v) and not lone_small]
+        else:
+            direct = [i for i, v in enumerate(views) if len(v) >= DIRECT_MIN]
+        dset = set(direct)
+        inline = [i for i in range(len(views)) if i not in dset]
         for idx, fn in ((inline, self._put_inline), (direct, self._put_direct)):
             for b in range(0, len(idx), BATCH_KEYS):
                 sel = idx[b:b + BATCH_KEYS]
@@ -240,31 +298,50 @@ class Store:
         return list(self._call(P.PUT, {"ns": ns, "items": items}, views))
 
     def _put_direct(self, ns: str, items: list[list[Any]], views: list[memoryview]) -> list[bool]:
-        """alloc -> write payloads into the reserved extents -> commit."""
+        """alloc -> copy payloads into the arena extents (T0) or write them
+        into the reserved T1 extents -> commit with their checksums."""
         self._drop_stale_fds()
-        res = self._call(P.ALLOC, {"ns": ns, "items": items})
+        arena = self.arena
+        res = self._call(P.ALLOC, {"ns": ns, "items": items, "t0": arena is not None})
         pid = res["put"]
         try:
             tasks: list[WriteTask] = []
+            cdst: list[memoryview] = []
+            csrc: list[memoryview] = []
             multi: list[memoryview] = []
             for item, v in zip(res["items"], views):
                 if item is None:
                     continue
-                _seq, chunks = item
-                pos = 0
-                for stripe, seg, off, length in chunks:
-                    tasks.append(WriteTask(self._path(stripe, seg), off, v[pos:pos + length]))
-                    pos += length
+                _seq, chunks, t0 = item
+                if t0 >= 0 and arena is not None:
+                    cdst.append(arena.rw[t0:t0 + len(v)])
+                    csrc.append(v)
+                elif t0 >= 0:
+                    raise ProtocolError("the daemon gave an arena extent to a client without the arena")
+                else:
+                    pos = 0
+                    for stripe, seg, off, length in chunks:
+                        tasks.append(WriteTask(self._path(stripe, seg), off, v[pos:pos + length]))
+                        pos += length
                 if len(chunks) > 1:
                     multi.append(v)
-            chunk_sums = self.reader.write(tasks)
+            chunk_sums = iter(self.reader.write(tasks))
+            self.reader.copy(cdst, csrc, [None] * len(cdst))
+            # checksums of what now lies in the arena, chunk by chunk as T1 will hold it
+            t0_chunks: list[memoryview] = []
+            for item, dst in zip((it for it in res["items"] if it is not None and it[2] >= 0), cdst):
+                pos = 0
+                for c in item[1]:
+                    t0_chunks.append(dst[pos:pos + c[3]])
+                    pos += c[3]
+            t0_sums = iter(self.reader.hash_many(t0_chunks))
             whole = iter(self.reader.hash_many(multi))
             sums: list[Any] = []
-            it = iter(chunk_sums)
             for item in res["items"]:
                 if item is None:
                     sums.append(None)
                     continue
+                it = t0_sums if item[2] >= 0 else chunk_sums
                 cs = [next(it) for _ in item[1]]
                 sums.append([next(whole) if len(cs) > 1 else cs[0], cs])
         except BaseException as e:
@@ -277,6 +354,12 @@ class Store:
             raise
         return list(self._call(P.COMMIT, {"put": pid, "sums": sums}))
 
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until every put acknowledged so far is written back from T0
+        to T1 and the index (fast mode acknowledges T0 puts before that).
+        False if ``timeout`` seconds passed first."""
+        return bool(self._call(P.FLUSH, {"timeout": timeout}))
+
     def delete(self, keys: Iterable[str | bytes] | str | bytes, *, ns: str = "default") -> int:
         ks = [normalize_key(keys)] if isinstance(keys, (str, bytes)) else normalize_keys(keys)
         ns = normalize_ns(ns)
@@ -288,14 +371,18 @@ class Store:
         return os.path.join(self.stripes[stripe], segment_name(seg))
 
     def _plan_reads(self, ns: str, ks: list[str], found: dict[int, list[Any]], outs: list[memoryview | None],
-                    allow_alloc: bool, sizes: list[int], bufs: list[bytearray | None]
-                    ) -> tuple[list[ReadTask], list[int]]:
-        """Read tasks for the found items (index -> wire item); fills sizes
-        and allocates bufs where asked. Returns the tasks and each task's item index."""
-        tasks: list[ReadTask] = []
-        owners: list[int] = []
+                    allow_alloc: bool, sizes: list[int], bufs: list[bytearray | None]) -> "_ReadPlan":
+        """Copy tasks (T0 hits, from the arena) and read tasks (T1, from the
+        segment files) for the found items (index -> wire item); fills sizes
+        and allocates bufs where asked. Items in T0 only that this client
+        cannot map count as misses."""
+        plan = _ReadPlan()
+        arena = self.arena
         for i, item in found.items():
-            size, _csum, _seq, exts = item
+            size, _csum, _seq, exts = item[:4]
+            t0 = item[4] if len(item) > 4 else None
+            if t0 is not None and arena is None and not t0[1]:
+                continue  # only in T0, and no arena here
             dest = outs[i]
             if dest is None:
                 if not allow_alloc:
@@ -307,12 +394,30 @@ class Store:
                 raise InvalidArgument(f"buffer of {len(dest)} bytes is too small for {ns}/{ks[i]} ({size} bytes)")
             pos = 0
             for stripe, seg, off, length, ccsum in exts:
-                tasks.append(ReadTask(self._path(stripe, seg), off, dest[pos:pos + length],
-                                      ccsum if self.verify else None))
-                owners.append(i)
+                if t0 is not None and arena is not None:
+                    # chunk by chunk, so each copy is verified by its own sum
+                    # (in parallel) exactly as the T1 record would be
+                    plan.cdst.append(dest[pos:pos + length])
+                    plan.csrc.append(arena.ro[t0[0] + pos:t0[0] + pos + length])
+                    plan.csum.append(ccsum if self.verify else None)
+                    plan.cown.append(i)
+                else:
+                    plan.reads.append(ReadTask(self._path(stripe, seg), off, dest[pos:pos + length],
+                                               ccsum if self.verify else None))
+                    plan.rown.append(i)
                 pos += length
             sizes[i] = size
-        return tasks, owners
+        return plan
+
+    def _run_reads(self, plan: "_ReadPlan") -> set[int]:
+        """Run a read plan; returns the items that failed (missing, short, mismatched)."""
+        bad: set[int] = set()
+        if plan.cdst:
+            bad.update(o for o, good in zip(plan.cown, self.reader.copy(plan.cdst, plan.csrc, plan.csum))
+                       if not good)
+        if plan.reads:
+            bad.update(o for o, good in zip(plan.rown, self.reader.run(plan.reads)) if not good)
+        return bad
 
     def _read_batch(self, ns: str, ks: list[str], outs: list[memoryview | None], allow_alloc: bool
                     ) -> tuple[list[int], list[bytearray | None]]:
@@ -322,20 +427,25 @@ class Store:
 
         Keys whose location is cached are read with no round trip; a cached
         read that fails (file gone, short, mismatch) just falls through to a
-        lookup. A chunk from a fresh lookup that fails verification is
-        reported to the daemon (which re-checks and drops it) and looked up
-        once more."""
+        lookup. So does a cached T0 read during which the removal generation
+        moved (its extent may have been evicted and reused under it: the
+        generation works as a seqlock here). A chunk from a fresh lookup
+        that fails verification is reported to the daemon (which re-checks
+        and drops it) and looked up once more."""
         sizes = [-1] * len(ks)
         bufs: list[bytearray | None] = [None] * len(ks)
         todo = list(range(len(ks)))
         cache = self._locs
         self._drop_stale_fds()
         if cache is not None:
+            gen = cache.generation()
             cached = cache.get_many(ns, ks)
             if cached:
-                tasks, owners = self._plan_reads(ns, ks, cached, outs, allow_alloc, sizes, bufs)
-                ok = self.reader.run(tasks)
-                missed = {owners[j] for j, good in enumerate(ok) if not good}
+                plan = self._plan_reads(ns, ks, cached, outs, allow_alloc, sizes, bufs)
+                missed = self._run_reads(plan)
+                if plan.cdst and cache.generation() != gen:
+                    missed.update(plan.cown)
+                missed.update(i for i in cached if sizes[i] < 0)
                 for i in missed:
                     sizes[i] = -1
                     cache.drop(ns, ks[i])
@@ -349,18 +459,18 @@ class Store:
             lease = res["lease"]
             found = {i: item for i, item in zip(todo, res["items"]) if item is not None}
             try:
-                tasks, owners = self._plan_reads(ns, ks, found, outs, allow_alloc, sizes, bufs)
-                ok = self.reader.run(tasks)
+                plan = self._plan_reads(ns, ks, found, outs, allow_alloc, sizes, bufs)
+                bad_set = self._run_reads(plan)
             finally:
                 if lease:
                     self._conn().notify(P.RELEASE, {"leases": [lease]})
-            bad = sorted({owners[j] for j, good in enumerate(ok) if not good})
+            bad = sorted(bad_set)
             for i in bad:
                 sizes[i] = -1
                 if attempt == 0:
                     self._call(P.REPORT_BAD, {"ns": ns, "key": ks[i], "seq": found[i][2]})
             if cache is not None:
-                cache.put_many(ns, [(ks[i], found[i]) for i in found if i not in bad], gen)
+                cache.put_many(ns, [(ks[i], found[i]) for i in found if i not in bad_set and sizes[i] >= 0], gen)
             todo = bad
         return sizes, bufs
 
@@ -403,6 +513,58 @@ class Store:
         if sizes[0] < 0:
             raise NotFound(f"{ns}/{k} not found")
         return sizes[0]
+
+    @contextmanager
+    def get_view(self, key: str | bytes, *, ns: str = "default") -> Generator[memoryview, None, None]:
+        """A read-only view of the value, without a copy when it is in T0:
+
+            with store.get_view(key) as v:
+                arr = np.frombuffer(v, dtype=np.float16)   # use it inside the block
+
+        The view points into the shared-memory arena and the lease taken for
+        it keeps those bytes from being reused until the block ends; it is
+        released at the end of the block (do not keep it, or arrays made from
+        it, afterwards). Verified once, before it is handed out (unless
+        verify=False). A value only in T1 is read into a new buffer."""
+        k, ns = normalize_key(key), normalize_ns(ns)
+        for attempt in range(2):
+            res = self._call(P.LOOKUP, {"ns": ns, "keys": [k]})
+            lease, item = res["lease"], res["items"][0]
+            if item is None:
+                raise NotFound(f"{ns}/{k} not found")
+            try:
+                size, _csum, seq, exts, t0 = item
+                arena = self.arena
+                if t0 is not None and arena is not None:
+                    view = arena.ro[t0[0]:t0[0] + size]
+                    good = True
+                    if self.verify:
+                        parts, pos = [], 0
+                        for x in exts:
+                            parts.append(view[pos:pos + x[3]])
+                            pos += x[3]
+                        good = self.reader.hash_many(parts) == [x[4] for x in exts]
+                    if good:
+                        try:
+                            yield view
+                        finally:
+                            try:
+                                view.release()
+                            except BufferError:
+                                pass  # the caller kept an export: its bytes stay mapped, unleased
+                        return
+                else:
+                    sizes, bufs = [-1], [None]  # type: list[int], list[bytearray | None]
+                    plan = self._plan_reads(ns, [k], {0: item}, [None], True, sizes, bufs)
+                    if sizes[0] >= 0 and not self._run_reads(plan) and bufs[0] is not None:
+                        yield memoryview(bufs[0]).toreadonly()
+                        return
+            finally:
+                if lease:
+                    self._conn().notify(P.RELEASE, {"leases": [lease]})
+            if attempt == 0:
+                self._call(P.REPORT_BAD, {"ns": ns, "key": k, "seq": seq})
+        raise NotFound(f"{ns}/{k} not found (failed verification)")
 
     def get_many_into(self, keys: Sequence[str | bytes], outs: Sequence[Any], *, ns: str = "default") -> list[int]:
         ks, ns = normalize_keys(keys), normalize_ns(ns)

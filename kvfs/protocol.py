@@ -59,9 +59,10 @@ ALLOC = "alloc"
 COMMIT = "commit"
 ABORT = "abort"
 TOUCH = "touch"
+FLUSH = "flush"
 
 OPS = frozenset({HELLO, PUT, LOOKUP, RELEASE, CONTAINS, PREFIX_MATCH, DELETE,
-                 STAT, NAMESPACES, KEYS, STATS, REPORT_BAD, ALLOC, COMMIT, ABORT, TOUCH})
+                 STAT, NAMESPACES, KEYS, STATS, REPORT_BAD, ALLOC, COMMIT, ABORT, TOUCH, FLUSH})
 
 
 def pack_frame(message: Any, trailer_len: int = 0) -> bytes:

@@ -24,6 +24,21 @@ def store(daemon):
     s.close()
 
 
+@pytest.fixture
+def t1_daemon(tmp_path) -> Iterator[DaemonProcess]:
+    """A daemon without T0: every read is served from the segment files."""
+    d = DaemonProcess(tmp_path / "store-t1", stripes=3, capacity="2G", shm_size=0)
+    with d:
+        yield d
+
+
+@pytest.fixture
+def t1_store(t1_daemon):
+    s = t1_daemon.connect()
+    yield s
+    s.close()
+
+
 @pytest.fixture(scope="module")
 def daemon_for_fuzz(tmp_path_factory):
     """One daemon shared by all examples of a property test, with a canary object."""

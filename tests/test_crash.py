@@ -69,7 +69,8 @@ def _flip(path: str, offset: int) -> None:
 
 
 @pytest.mark.parametrize("size", [100, 5 * 1024 * 1024])
-def test_corrupted_payload_is_a_miss_never_bytes(store, size):
+def test_corrupted_payload_is_a_miss_never_bytes(t1_store, size):
+    store = t1_store
     data = os.urandom(size)
     store.put("victim", data)
     store.put("bystander", b"fine")

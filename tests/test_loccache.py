@@ -58,7 +58,8 @@ def test_delete_by_another_client_is_seen_at_once(daemon, store):
     assert store.get("b") == b"B" * 100
 
 
-def test_corruption_under_a_cached_location_is_a_miss(store):
+def test_corruption_under_a_cached_location_is_a_miss(t1_store):
+    store = t1_store
     data = os.urandom(200_000)
     store.put("c", data)
     assert store.get("c") == data  # location now cached

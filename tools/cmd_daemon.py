@@ -20,6 +20,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--stripe-unit", default="4M", help="chunk size for striping large values (default 4M)")
     p.add_argument("--segment-size", default="1G", help="seal segments at this size (default 1G)")
     p.add_argument("--lease-timeout", type=float, default=30.0, help="seconds before an unreleased lease ends")
+    p.add_argument("--shm-size", default=None,
+                   help="T0 shared-memory arena in /dev/shm, e.g. 4G; 0 disables T0 "
+                        "(default min(25%% of RAM, 4G, half of /dev/shm's free space))")
+    p.add_argument("--promote-after", type=int, default=2,
+                   help="copy a T1 object into T0 on its Nth access (default 2; 0: never)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -40,5 +45,7 @@ def run(args: argparse.Namespace) -> int:
         stripe_unit=parse_size(args.stripe_unit),
         segment_size=parse_size(args.segment_size),
         lease_timeout=args.lease_timeout,
+        shm_size=parse_size(args.shm_size) if args.shm_size is not None else None,
+        promote_after=args.promote_after,
     )
     return run_daemon(cfg)

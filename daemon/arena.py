@@ -1,0 +1,51 @@
+"""The shared-memory arena file (T0): one file in /dev/shm that the daemon
+creates and maps, and that clients map by path (the path travels in the
+hello reply). Mode 0660: whoever may use the socket's group may map it (see
+the README's trust model).
+
+A restarted daemon never trusts an old arena: it unlinks any file left at
+its name and makes a new one (clients that still map the old file keep a
+valid mapping of an orphaned file until they reconnect and re-map).
+"""
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+from pathlib import Path
+
+SHM_DIR = Path("/dev/shm")
+
+
+def arena_path(root: Path) -> Path:
+    tag = hashlib.blake2b(str(root).encode(), digest_size=6).hexdigest()
+    return SHM_DIR / f"kvfs-{os.getuid()}-{tag}.arena"
+
+
+class Arena:
+    def __init__(self, root: Path, size: int, mode: int = 0o660):
+        self.path = arena_path(root)
+        self.size = size
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            os.fchmod(fd, mode)  # not narrowed by the umask
+            os.ftruncate(fd, size)
+            self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self.view = memoryview(self.mm)
+
+    def close(self) -> None:
+        try:
+            self.view.release()
+            self.mm.close()
+        except BufferError:
+            pass  # a write-back still holds a slice: the process is exiting anyway
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

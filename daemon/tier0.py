@@ -1,0 +1,113 @@
+"""T0 bookkeeping: which objects have a copy in the shared-memory arena, the
+arena's LRU, and extents that must outlive their object for a while.
+
+Not thread-safe on its own: every method is called with the engine's lock
+held (kvfsd.engine). Invariants kept here:
+- an extent is handed out again only after ``free``; ``free`` of an extent
+  whose object is leased is deferred ("zombie") until the last lease on that
+  object ends, so a client copying out of it never sees it reused;
+- a dirty entry (its write-back to T1 not yet committed) is never evicted:
+  T0 is its only copy;
+- eviction bumps the removal generation before the freed bytes can be handed
+  out again, so client location caches (kvfs.loccache) see it.
+"""
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from typing import Any, Callable, Protocol
+
+from .arena import Arena
+from .arena_alloc import ArenaAllocator, ArenaFull
+
+
+class Resident(Protocol):
+    t0: int
+    dirty: bool
+    size: int
+
+    def rewire(self) -> None: ...
+
+
+class Tier0:
+    def __init__(self, arena: Arena, max_object: int, leased: Callable[[bytes], bool],
+                 bump_generation: Callable[[], None]):
+        self.arena = arena
+        self.alloc = ArenaAllocator(arena.size)
+        self.max_object = max_object
+        self.lru: OrderedDict[bytes, Any] = OrderedDict()  # resident objects, least recent first
+        self.bytes = 0  # logical bytes of resident objects
+        self._leased = leased
+        self._bump = bump_generation
+        self.zombies: dict[bytes, list[int]] = {}  # extents of gone objects still leased
+        self.counters: Counter[str] = Counter()
+        self.backlog_objects = 0  # committed to T0, write-back to T1 pending
+        self.backlog_bytes = 0
+
+    def fits(self, size: int) -> bool:
+        return 0 < size <= self.max_object
+
+    def reserve(self, size: int) -> int:
+        """An extent for ``size`` bytes, evicting clean unleased objects
+        (least recent first) as needed; -1 if none can be made."""
+        evicted = False
+        try:
+            while True:
+                try:
+                    return self.alloc.alloc(size)
+                except ArenaFull:
+                    if not self._evict_one():
+                        self.counters["full"] += 1
+                        return -1
+                    evicted = True
+        finally:
+            if evicted:
+                self._bump()  # before the caller hands the extent out
+
+    def _evict_one(self) -> bool:
+        for ok, m in self.lru.items():
+            if not m.dirty and not self._leased(ok):
+                self.drop(ok, m)
+                self.counters["evictions"] += 1
+                return True
+        return False
+
+    def add(self, ok: bytes, m: Resident, off: int) -> None:
+        m.t0 = off
+        self.lru[ok] = m
+        self.bytes += m.size
+        m.rewire()
+
+    def touch(self, ok: bytes) -> None:
+        if ok in self.lru:
+            self.lru.move_to_end(ok)
+
+    def drop(self, ok: bytes, m: Resident) -> None:
+        """Forget the T0 copy of ``m`` (object stays in T1) and free its extent
+        (deferred while leased). The caller bumps the generation."""
+        if self.lru.pop(ok, None) is not None:
+            self.bytes -= m.size
+        off, m.t0 = m.t0, -1
+        m.rewire()
+        if off >= 0:
+            self.release_extent(ok, off)
+
+    def release_extent(self, ok: bytes, off: int) -> None:
+        if self._leased(ok):
+            self.zombies.setdefault(ok, []).append(off)
+        else:
+            self.alloc.free(off)
+
+    def unpinned(self, oks: list[bytes]) -> None:
+        """Objects whose last lease ended: free their zombie extents."""
+        for ok in oks:
+            for off in self.zombies.pop(ok, ()):
+                self.alloc.free(off)
+
+    def stats(self) -> dict[str, Any]:
+        c = self.counters
+        return {"path": str(self.arena.path), "capacity_bytes": self.alloc.size, "allocated_bytes": self.alloc.used,
+                "bytes": self.bytes, "objects": len(self.lru), "free_extents": self.alloc.free_extents,
+                "largest_free": self.alloc.largest_free, "hits": c["hits"], "misses": c["misses"],
+                "evictions": c["evictions"], "promotions": c["promotions"], "full": c["full"],
+                "zombie_extents": sum(len(v) for v in self.zombies.values()),
+                "writeback_objects": self.backlog_objects, "writeback_bytes": self.backlog_bytes}
