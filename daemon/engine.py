@@ -1141,7 +1141,7 @@ class Engine:
                 "stripes": per_stripe,
                 "counters": {k: c.get(k, 0) for k in ("puts", "put_bytes", "puts_existing", "hits", "misses",
                                                       "cached_hits", "deletes", "evictions", "corrupt_dropped",
-                                                      "segments_deleted")},
+                                                      "segments_deleted", "inline_put_bytes")},
                 "recovery": vars(self.recovery),
                 "tiers": tiers,
                 "promote_queue": len(self.promote_q),

@@ -351,6 +351,7 @@ class Server:
         except BaseException:
             await conn.skip(tlen)
             raise
+        self.engine.counters["inline_put_bytes"] += tlen  # payload that crossed the socket
         if tlen <= SMALL_PUT:
             return await self._small_put(conn, plan, tlen, sync)
         # One thread hop for the whole value stream: read, write, commit.

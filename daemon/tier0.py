@@ -109,5 +109,6 @@ class Tier0:
                 "bytes": self.bytes, "objects": len(self.lru), "free_extents": self.alloc.free_extents,
                 "largest_free": self.alloc.largest_free, "hits": c["hits"], "misses": c["misses"],
                 "evictions": c["evictions"], "promotions": c["promotions"], "full": c["full"],
+                "corrupt_dropped": c["corrupt_dropped"],
                 "zombie_extents": sum(len(v) for v in self.zombies.values()),
                 "writeback_objects": self.backlog_objects, "writeback_bytes": self.backlog_bytes}

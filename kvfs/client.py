@@ -463,7 +463,7 @@ class Store:
                 bad_set = self._run_reads(plan)
             finally:
                 if lease:
-                    self._conn().notify(P.RELEASE, {"leases": [lease]})
+                    self._release(lease)
             bad = sorted(bad_set)
             for i in bad:
                 sizes[i] = -1
@@ -473,6 +473,14 @@ class Store:
                 cache.put_many(ns, [(ks[i], found[i]) for i in found if i not in bad_set and sizes[i] >= 0], gen)
             todo = bad
         return sizes, bufs
+
+    def _release(self, lease: int) -> None:
+        """End a lease, fire-and-forget, on this thread's connection. If that
+        connection is gone the daemon ended the lease itself (or died): a
+        release never reconnects and never raises."""
+        c: _Connection | None = getattr(self._local, "conn", None)
+        if c is not None and not c.broken:
+            c.notify(P.RELEASE, {"leases": [lease]})
 
     def _drop_stale_fds(self) -> None:
         """Something was removed, so segment files may have been unlinked:
@@ -561,7 +569,7 @@ class Store:
                         return
             finally:
                 if lease:
-                    self._conn().notify(P.RELEASE, {"leases": [lease]})
+                    self._release(lease)
             if attempt == 0:
                 self._call(P.REPORT_BAD, {"ns": ns, "key": k, "seq": seq})
         raise NotFound(f"{ns}/{k} not found (failed verification)")

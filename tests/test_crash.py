@@ -46,8 +46,9 @@ def test_kill9_sync_loses_no_acknowledged_put(tmp_path, cycle):
     d.stop()
 
 
-def test_kill9_fast_never_serves_wrong_bytes(tmp_path):
-    d = DaemonProcess(tmp_path / "s", stripes=2, durability="fast", capacity="4G")
+@pytest.mark.parametrize("shm", ["0", "64M"], ids=["T1", "T0"])
+def test_kill9_fast_never_serves_wrong_bytes(tmp_path, shm):
+    d = DaemonProcess(tmp_path / "s", stripes=2, durability="fast", capacity="4G", shm_size=shm)
     d.start()
     acked = _stream_and_kill(d, 0, 1.5)
     acked += _stream_and_kill(d.start(), 100000, 1.0)
@@ -56,8 +57,14 @@ def test_kill9_fast_never_serves_wrong_bytes(tmp_path):
         present = list(s.keys())
         for k in present:
             assert s.get(k) == value_for(int(k[1:]))
-        # a process crash (not an OS crash) keeps the page cache: fast mode keeps acked puts too
-        assert set(present) >= {f"k{i}" for i in acked}
+        if shm == "0":
+            # a process crash (not an OS crash) keeps the page cache: fast
+            # mode without T0 keeps acked puts too
+            assert set(present) >= {f"k{i}" for i in acked}
+        else:
+            # with T0, fast mode acknowledges before the write-back to T1:
+            # the backlog at the moment of the kill may be lost, not more
+            assert len(set(present) & {f"k{i}" for i in acked}) >= len(acked) // 2
     d.stop()
 
 

@@ -1,0 +1,93 @@
+"""The arena allocator (pure): alignment, best fit, coalescing, exhaustion."""
+import random
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from kvfsd.arena_alloc import LARGE_ALIGN, LARGE_MIN, SMALL_ALIGN, ArenaAllocator, ArenaFull
+
+KiB, MiB = 1024, 1 << 20
+
+
+def test_alignment_small_and_large():
+    a = ArenaAllocator(16 * MiB)
+    offs = [a.alloc(n) for n in (1, 100, 65 * KiB, 3, LARGE_MIN, 5 * MiB, 777)]
+    for n, off in zip((1, 100, 65 * KiB, 3, LARGE_MIN, 5 * MiB, 777), offs):
+        assert off % (LARGE_ALIGN if n >= LARGE_MIN else SMALL_ALIGN) == 0
+        assert off + n <= a.size
+    a.check()
+
+
+def test_extents_never_overlap():
+    a = ArenaAllocator(4 * MiB)
+    got = []
+    for n in [1, 5000, 64 * KiB, 100, 200 * KiB, 64, 65]:
+        off = a.alloc(n)
+        got.append((off, off + n))
+    got.sort()
+    assert all(e <= s for (_s0, e), (s, _e1) in zip(got, got[1:]))
+
+
+def test_exhaustion_is_a_clear_error():
+    a = ArenaAllocator(1 * MiB)
+    a.alloc(700 * KiB)
+    with pytest.raises(ArenaFull, match="no free extent of"):
+        a.alloc(400 * KiB)
+    with pytest.raises(ValueError, match="not allocated"):
+        a.free(12345)
+
+
+def test_fragmentation_then_coalescing():
+    a = ArenaAllocator(64 * MiB)
+    offs = [a.alloc(MiB) for _ in range(64)]
+    with pytest.raises(ArenaFull):
+        a.alloc(1)
+    for off in offs[::2]:  # free every other one: 32 MiB free in 1 MiB holes
+        a.free(off)
+    assert a.free_bytes == 32 * MiB and a.largest_free == MiB
+    with pytest.raises(ArenaFull):
+        a.alloc(2 * MiB)  # no hole is big enough
+    for off in offs[1::2]:
+        a.free(off)
+    a.check()
+    assert a.free_extents == 1 and a.largest_free == a.size  # all merged back
+    assert a.alloc(64 * MiB) == 0
+
+
+def test_best_fit_keeps_large_holes_for_large_values():
+    a = ArenaAllocator(16 * MiB)
+    small_hole = a.alloc(128 * KiB)
+    a.alloc(4 * KiB)  # separator
+    big_hole = a.alloc(8 * MiB)
+    a.alloc(4 * KiB)
+    a.free(small_hole)
+    a.free(big_hole)
+    assert a.alloc(100 * KiB) == small_hole  # the tight hole, not the big one
+    assert a.alloc(8 * MiB) == big_hole
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 3 * MiB)), min_size=1, max_size=300),
+       st.integers(0, 2**32))
+def test_random_alloc_free_keeps_invariants(ops, seed):
+    rnd = random.Random(seed)
+    a = ArenaAllocator(32 * MiB)
+    live: dict[int, int] = {}
+    for do_alloc, n in ops:
+        if do_alloc or not live:
+            try:
+                off = a.alloc(n)
+            except ArenaFull:
+                assert a.largest_free < ArenaAllocator.rounded(n)[0] + LARGE_ALIGN
+                continue
+            assert all(off + n <= o or o + l <= off for o, l in live.items())
+            live[off] = n
+        else:
+            off = rnd.choice(list(live))
+            del live[off]
+            a.free(off)
+        a.check()
+    for off in list(live):
+        a.free(off)
+    a.check()
+    assert a.used == 0 and a.free_extents == 1
