@@ -14,6 +14,7 @@ import logging
 import os
 import select
 import socket as stdsocket
+import struct
 from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any, Callable
 import trio
 
 from kvfs import protocol as P
-from kvfs.errors import InvalidArgument, KvfsError, ProtocolError
+from kvfs.errors import InvalidArgument, KvfsError, PermissionDenied, ProtocolError
 
 from .engine import Engine, NeedRoom, PutPlan
 
@@ -174,9 +175,21 @@ class Server:
         except KvfsError as e:
             log.error("write-back failed: %s", e)
 
+    def _peer_allowed(self, sock: trio.socket.SocketType) -> tuple[bool, str]:
+        cfg = self.engine.cfg
+        if not cfg.allow_uids and not cfg.allow_gids:
+            return True, ""
+        pid, uid, gid = struct.unpack("3i", sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PEERCRED,
+                                                            struct.calcsize("3i")))
+        ok = uid in (0, os.getuid()) or uid in cfg.allow_uids or gid in cfg.allow_gids
+        return ok, f"pid {pid} uid {uid} gid {gid}"
+
     async def _handle(self, sock: trio.socket.SocketType) -> None:
         conn = Conn(sock)
         self.connections += 1
+        allowed, who = self._peer_allowed(sock)
+        if not allowed:
+            log.warning("refused a connection from %s (not in --allow-uid/--allow-gid)", who)
         try:
             while True:
                 try:
@@ -198,6 +211,13 @@ class Server:
                             await conn.skip(tlen)
                         await conn.send(P.reply_err(0, e))  # id unknown: answer as 0
                         continue
+                    if not allowed:
+                        if tlen:
+                            await conn.skip(tlen)
+                        await conn.send(P.reply_err(req_id, PermissionDenied(
+                            f"this daemon serves only the uids/gids it was started with --allow-uid/"
+                            f"--allow-gid for; you are {who}")))
+                        return
                     if op != P.PUT and tlen:
                         await conn.skip(tlen)
                         raise ProtocolError(f"op {op!r} takes no trailer")

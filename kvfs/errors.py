@@ -88,10 +88,17 @@ class CorruptionDetected(KvfsError):
     code = "corruption"
 
 
+class PermissionDenied(KvfsError, PermissionError):
+    """The daemon refused this process (its uid/gid is not in the daemon's
+    --allow-uid/--allow-gid lists). Ask the operator to add it."""
+
+    code = "permission"
+
+
 _BY_CODE: dict[str, type[KvfsError]] = {
     cls.code: cls
     for cls in (KvfsError, NotFound, InvalidKey, InvalidArgument, CapacityError,
-                ProtocolError, DaemonUnavailable, CorruptionDetected)
+                ProtocolError, DaemonUnavailable, CorruptionDetected, PermissionDenied)
 }
 
 

@@ -29,6 +29,8 @@ def test_put_get_ls_rm_stats(daemon, tmp_path):
     assert st["objects"] == 3 and st["namespaces"] == {"ns1": 3}
     table = kvfs_cmd("stats", "--socket", sock).stdout.decode()
     assert "objects" in table and "3 (" in table and "stripe" in table
+    assert "T0 shm" in table and "T1 disk" in table and "write-back backlog" in table
+    assert set(st["tiers"]) == {"T0", "T1"} and st["tiers"]["T0"]["capacity_bytes"] > 0
     kvfs_cmd("rm", "--socket", sock, "ns1", "blk0")
     r = kvfs_cmd("get", "--socket", sock, "ns1", "blk0", str(out), check=False)
     assert r.returncode == 2 and b"NotFound" in r.stderr

@@ -25,6 +25,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "(default min(25%% of RAM, 4G, half of /dev/shm's free space))")
     p.add_argument("--promote-after", type=int, default=2,
                    help="copy a T1 object into T0 on its Nth access (default 2; 0: never)")
+    p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
+                   help="only these uids may use the store (SO_PEERCRED; repeatable; root and the "
+                        "daemon's own uid always may). Default: whoever can open the socket (mode 0660)")
+    p.add_argument("--allow-gid", type=int, action="append", default=[], metavar="GID",
+                   help="also allow peers whose primary gid is one of these (repeatable)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -47,5 +52,7 @@ def run(args: argparse.Namespace) -> int:
         lease_timeout=args.lease_timeout,
         shm_size=parse_size(args.shm_size) if args.shm_size is not None else None,
         promote_after=args.promote_after,
+        allow_uids=args.allow_uid,
+        allow_gids=args.allow_gid,
     )
     return run_daemon(cfg)

@@ -40,9 +40,26 @@ def format_stats(st: dict[str, Any]) -> str:
     out.append(render(["stripe", "segments", "disk", "live"],
                       [[s["path"], s["segments"], format_size(s["disk_bytes"]), format_size(s["live_bytes"])]
                        for s in st["stripes"]]))
+    out += ["", render(["tier", "capacity", "objects", "bytes", "hits", "misses", "evictions", "promotions",
+                        "write-back backlog"], tier_rows(st))]
     if st["namespaces"]:
         out += ["", render(["namespace", "objects"], sorted(st["namespaces"].items()))]
     return "\n".join(out)
+
+
+def tier_rows(st: dict[str, Any]) -> list[list[Any]]:
+    t0, t1 = st["tiers"]["T0"], st["tiers"]["T1"]
+    c = st["counters"]
+    rows = []
+    if t0.get("capacity_bytes"):
+        rows.append(["T0 shm", format_size(t0["capacity_bytes"]), t0["objects"], format_size(t0["bytes"]),
+                     t0["hits"], t0["misses"], t0["evictions"], t0["promotions"],
+                     f"{t0['writeback_objects']} ({format_size(t0['writeback_bytes'])})"])
+    else:
+        rows.append(["T0 shm", "off", "", "", "", "", "", "", ""])
+    rows.append(["T1 disk", format_size(st["capacity_bytes"]), t1["objects"], format_size(t1["bytes"]),
+                 t1["hits"], t1["misses"], c["evictions"], "", ""])
+    return rows
 
 
 def run(args: argparse.Namespace) -> int:
