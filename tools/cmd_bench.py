@@ -47,6 +47,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE", help="also write results as JSON")
     p.add_argument("--repeat", type=int, default=3, help="interleaved rounds per cell; the median is reported")
     p.add_argument("--quick", action="store_true", help="one small pattern, for smoke tests")
+    g = p.add_argument_group("--compare: kvfs T0/T1 next to memcpy, raw file I/O and peer stores")
+    g.add_argument("--compare", action="store_true",
+                   help="compare with memcpy, raw preadv/pwrite, file-per-block, diskcache and Redis "
+                        "at 64 KiB-64 MiB blocks")
+    g.add_argument("--total", default="512M", help="bytes per block size for --compare (times --scale)")
+    g.add_argument("--png", default=None, metavar="FILE", help="--compare: also draw a chart")
+    g.add_argument("--no-cold", action="store_true", help="--compare: skip the cold-cache reads")
     return p
 
 
@@ -134,6 +141,37 @@ def _one_round(store: Any, raw_path: Path, src: Any, dst: Any, count: int, bs: i
     }
 
 
+def measure_meta(store: Any) -> dict[str, float]:
+    """Metadata ops on 1024 keys, and 4 KiB gets (location cached, and with
+    a lookup round trip each time)."""
+    import kvfs
+
+    ks = [f"m{i:05d}" for i in range(1024)]
+    store.put_many(ks, [b"x" * 64] * 1024, ns="bench.meta")
+
+    def lat(fn: Callable[[], Any], n: int = 200) -> list[float]:
+        out = []
+        for _ in range(n):
+            a = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - a)
+        return out
+    lc = lat(lambda: store.contains(ks, ns="bench.meta"))
+    lp = lat(lambda: store.prefix_match(ks, ns="bench.meta"))
+    small = bytearray(4096)
+    store.put("small", os.urandom(4096), ns="bench.meta")
+    lg = lat(lambda: store.get_into("small", small, ns="bench.meta"), 2000)
+    with kvfs.connect(store.socket_path, cache_locations=False) as nocache:
+        lgl = lat(lambda: nocache.get_into("small", small, ns="bench.meta"), 2000)
+    store.delete(ks, ns="bench.meta")
+    return {
+        "contains_1024_p50_ms": _pct(lc, .5) * 1e3, "contains_1024_p99_ms": _pct(lc, .99) * 1e3,
+        "prefix_match_1024_p50_ms": _pct(lp, .5) * 1e3, "prefix_match_1024_p99_ms": _pct(lp, .99) * 1e3,
+        "get_4k_p50_us": _pct(lg, .5) * 1e6, "get_4k_p99_us": _pct(lg, .99) * 1e6,
+        "get_4k_lookup_p50_us": _pct(lgl, .5) * 1e6, "get_4k_lookup_p99_us": _pct(lgl, .99) * 1e6,
+    }
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
@@ -174,26 +212,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"  {count:5d} x {bs // 1024:6d} KiB, {threads:2d} thr: put {row['put_gbs']:.2f} GB/s "
                       f"({row['put_ratio']:.2f}x raw), get {row['get_gbs']:.2f} GB/s ({row['get_ratio']:.2f}x raw)",
                       file=sys.stderr, flush=True)
-        # metadata ops: 1024 keys
-        ks = [f"m{i:05d}" for i in range(1024)]
-        store.put_many(ks, [b"x" * 64] * 1024, ns="bench.meta")
-        def lat(fn: Callable[[], Any], n: int = 200) -> list[float]:
-            out = []
-            for _ in range(n):
-                a = time.perf_counter()
-                fn()
-                out.append(time.perf_counter() - a)
-            return out
-        lc = lat(lambda: store.contains(ks, ns="bench.meta"))
-        lp = lat(lambda: store.prefix_match(ks, ns="bench.meta"))
-        small = bytearray(4096)
-        store.put("small", os.urandom(4096), ns="bench.meta")
-        lg = lat(lambda: store.get_into("small", small, ns="bench.meta"), 2000)
-        results["meta"] = {
-            "contains_1024_p50_ms": _pct(lc, .5) * 1e3, "contains_1024_p99_ms": _pct(lc, .99) * 1e3,
-            "prefix_match_1024_p50_ms": _pct(lp, .5) * 1e3, "prefix_match_1024_p99_ms": _pct(lp, .99) * 1e3,
-            "get_4k_p50_us": _pct(lg, .5) * 1e6, "get_4k_p99_us": _pct(lg, .99) * 1e6,
-        }
+        results["meta"] = measure_meta(store)
         store.close()
     finally:
         if daemon.alive():
@@ -225,10 +244,33 @@ def format_results(res: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.compare:
+        return run_compare_cmd(args)
     print(f"kvfs bench: scale {args.scale}, threads {args.threads} (page-cache hot reads; ratios are "
           f"against raw pwrite/preadv of the same bytes in this run)", file=sys.stderr)
     res = run_bench(args)
     print(format_results(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+def run_compare_cmd(args: argparse.Namespace) -> int:
+    from kvfs.sizes import parse_size
+
+    from .bench_compare import format_compare, plot_compare, run_compare
+
+    args.total = parse_size(args.total)
+    if args.threads == "1,4,16":
+        args.threads = f"1,{min(8, max(2, os.cpu_count() or 2))}"
+    if args.quick:
+        args.total, args.repeat = 8 * MiB, 1
+    print(f"kvfs bench --compare: {args.total * args.scale / MiB:.0f} MiB per block size, threads {args.threads}, "
+          f"median of {args.repeat} interleaved rounds", file=sys.stderr)
+    res = run_compare(args)
+    print(format_compare(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    if args.png:
+        plot_compare(res, args.png)
     return 0

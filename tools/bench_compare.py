@@ -1,0 +1,271 @@
+"""`kvfs bench --compare`: kvfs next to the physical limits and its peers,
+in one process tree, on the same bytes and the same disk (DESIGN §9).
+
+For each block size and thread count, in interleaved rounds (median kept):
+  memcpy       native copy of every block into distinct destinations
+  raw preadv   a plain file of the same blocks, page-cache hot (and cold
+               after dropping caches, when run as root); raw pwrite for puts
+  kvfs T0      get_into / get_view from the shared-memory arena
+  kvfs T1      get_into from the segment files (a daemon without T0), hot
+               and cold
+  peers        file-per-block, diskcache.FanoutCache, Redis on loopback
+Every get lands in its own slice of one large preallocated buffer, and the
+buffer is checked against the source bytes after each timed phase.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+from .table import render
+
+KiB, MiB = 1 << 10, 1 << 20
+BLOCKS = [64 * KiB, 1 * MiB, 2 * MiB, 8 * MiB, 64 * MiB]
+
+
+def _timed(threads: int, n: int, op: Callable[[int], object]) -> float:
+    """Wall seconds to run op(i) for i < n on ``threads`` threads (contiguous shares)."""
+    def worker(t: int) -> None:
+        for i in range(n * t // threads, n * (t + 1) // threads):
+            op(i)
+    t0 = time.perf_counter()
+    if threads == 1:
+        worker(0)
+    else:
+        with ThreadPoolExecutor(threads) as ex:
+            list(ex.map(worker, range(threads)))
+    return time.perf_counter() - t0
+
+
+def drop_caches() -> bool:
+    """Evict the page cache (root only). False if this process may not."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, work: Path):
+        import numpy as np
+
+        from kvfs import native
+        from kvfsd.testing import DaemonProcess
+
+        from . import bench_peers
+
+        self.args = args
+        self.work = work
+        self.total = int(args.total * args.scale)
+        self.blocks = [b for b in BLOCKS if b <= self.total]
+        self.threads = [int(t) for t in str(args.threads).split(",")]
+        self.native = native.backend
+        self.src = np.random.default_rng(0).integers(0, 256, size=self.total, dtype=np.uint8)
+        self.dst = np.ones(self.total, dtype=np.uint8)  # pages faulted in: we time copies, not first touch
+        self.can_drop = os.geteuid() == 0 and not args.no_cold
+        cap = str(4 * self.total + (1 << 30))
+        self.d0 = DaemonProcess(work / "t0", capacity=cap, shm_size=str(self.total + self.total // 4 + 64 * MiB),
+                                log=work / "t0.log")
+        self.d1 = DaemonProcess(work / "t1", capacity=cap, shm_size=0, log=work / "t1.log")
+        self.d0.start()
+        self.d1.start()
+        self.peers: dict[str, Any] = {}
+        self.unavailable: dict[str, str] = {}
+        for cls in (bench_peers.FilePerBlock, bench_peers.Diskcache, bench_peers.Redis):
+            try:
+                self.peers[cls.name] = cls(work / cls.name)
+            except Exception as e:  # noqa: BLE001 - a missing peer is reported, not fatal
+                self.unavailable[cls.name] = str(e)
+        self.raw = work / "raw.bin"
+
+    def close(self) -> None:
+        for p in self.peers.values():
+            p.close()
+        for d in (self.d0, self.d1):
+            if d.alive():
+                d.stop()
+
+    def _check(self, n: int, what: str) -> None:
+        import numpy as np
+        if not np.array_equal(self.dst[:n], self.src[:n]):
+            raise AssertionError(f"{what}: the bytes read differ from the bytes written")
+        self.dst[:n] = 0
+
+    def round(self, bs: int, threads: int, r: int) -> dict[str, dict[str, float]]:
+        """One interleaved round for one cell: every system writes, then reads, the same blocks."""
+        count = self.total // bs
+        n = count * bs
+        keys = [f"b{bs}-{r}-{i:06d}" for i in range(count)]
+        srcv = [memoryview(self.src[i * bs:(i + 1) * bs]) for i in range(count)]
+        dstv = [self.dst[i * bs:(i + 1) * bs] for i in range(count)]
+        gbs = lambda sec: n / sec / 1e9  # noqa: E731
+        put: dict[str, float] = {}
+        get: dict[str, float] = {}
+        self.dst[:n] = 0
+        # -- physical
+        get["memcpy"] = gbs(_timed(1, 1, lambda _i: self.native.copy_many(dstv, srcv, [None] * count, threads)))
+        self._check(n, "memcpy")
+        fd = os.open(self.raw, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.sync()
+            put["raw pwrite"] = gbs(_timed(threads, count, lambda i: os.pwrite(fd, srcv[i], i * bs)))
+            os.sync()
+            get["raw preadv"] = gbs(_timed(threads, count, lambda i: os.preadv(fd, [dstv[i]], i * bs)))
+            self._check(n, "raw preadv")
+            if self.can_drop and drop_caches():
+                get["raw preadv cold"] = gbs(_timed(threads, count, lambda i: os.preadv(fd, [dstv[i]], i * bs)))
+                self._check(n, "raw preadv cold")
+        finally:
+            os.close(fd)
+            self.raw.unlink()
+        # -- kvfs T0 (fast mode: acknowledged once in the arena)
+        with self.d0.connect(threads=threads) as s:
+            os.sync()
+            put["kvfs T0 put"] = gbs(_timed(threads, count, lambda i: s.put(keys[i], srcv[i])))
+            s.flush()
+            os.sync()
+            get["kvfs T0 get_into"] = gbs(_timed(threads, count, lambda i: s.get_into(keys[i], dstv[i])))
+            self._check(n, "kvfs T0 get_into")
+
+            def view(i: int) -> None:
+                with s.get_view(keys[i]) as v:
+                    assert v.nbytes == bs
+            get["kvfs T0 get_view"] = gbs(_timed(threads, count, view))
+            st = s.stats()["tiers"]["T0"]
+            if st["hits"] < 2 * count:
+                print(f"  note: only {st['hits']} of {2 * count} T0 gets hit T0", file=sys.stderr)
+            s.delete(keys)
+        # -- kvfs T1 (a daemon without T0: page-cache hot, then cold)
+        with self.d1.connect(threads=threads, cache_locations=True) as s:
+            os.sync()
+            put["kvfs T1 put"] = gbs(_timed(threads, count, lambda i: s.put(keys[i], srcv[i])))
+            os.sync()
+            get["kvfs T1 get_into"] = gbs(_timed(threads, count, lambda i: s.get_into(keys[i], dstv[i])))
+            self._check(n, "kvfs T1 get_into")
+            if self.can_drop and drop_caches():
+                get["kvfs T1 get_into cold"] = gbs(_timed(threads, count, lambda i: s.get_into(keys[i], dstv[i])))
+                self._check(n, "kvfs T1 get_into cold")
+            s.delete(keys)
+        # -- peers
+        for name, p in self.peers.items():
+            os.sync()
+            put[name] = gbs(_timed(threads, count, lambda i: p.put(keys[i], srcv[i])))
+            os.sync()
+            get[name] = gbs(_timed(threads, count, lambda i: p.get_into(keys[i], dstv[i])))
+            self._check(n, name)
+            p.clear()
+        return {"put": put, "get": get}
+
+    def run(self) -> dict[str, Any]:
+        cells = []
+        for bs in self.blocks:
+            for threads in self.threads:
+                rounds = [self.round(bs, threads, r) for r in range(self.args.repeat)]
+                cell: dict[str, Any] = {"block": bs, "threads": threads, "count": self.total // bs,
+                                        "bytes": (self.total // bs) * bs, "rounds": len(rounds)}
+                for kind in ("put", "get"):
+                    cell[kind] = {k: statistics.median(r[kind][k] for r in rounds) for k in rounds[0][kind]}
+                cells.append(cell)
+                g = cell["get"]
+                print(f"  {bs // KiB:6d} KiB x {cell['count']:5d}, {threads:2d} thr: T0 get {g['kvfs T0 get_into']:.2f} "
+                      f"GB/s ({g['kvfs T0 get_into'] / g['memcpy']:.2f}x memcpy), T1 get "
+                      f"{g['kvfs T1 get_into']:.2f} ({g['kvfs T1 get_into'] / g['raw preadv']:.2f}x preadv)",
+                      file=sys.stderr, flush=True)
+        with self.d0.connect() as s:
+            from .cmd_bench import measure_meta
+            meta = measure_meta(s)
+        return {"machine": {"cpus": os.cpu_count(), "dir": str(self.work), "native": self.native.__name__,
+                            "cold": self.can_drop},
+                "total_bytes": self.total, "cells": cells, "meta": meta, "unavailable": self.unavailable}
+
+
+def run_compare(args: argparse.Namespace) -> dict[str, Any]:
+    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="kvfs-compare-"))
+    work = base / f"compare-{os.getpid()}"
+    work.mkdir(parents=True, exist_ok=True)
+    b = None
+    try:
+        b = Bench(args, work)
+        return b.run()
+    finally:
+        if b is not None:
+            b.close()
+        shutil.rmtree(work, ignore_errors=True)
+        if not args.dir:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+GET_ORDER = ["memcpy", "raw preadv", "raw preadv cold", "kvfs T0 get_into", "kvfs T0 get_view",
+             "kvfs T1 get_into", "kvfs T1 get_into cold", "file-per-block", "diskcache", "redis"]
+PUT_ORDER = ["raw pwrite", "kvfs T0 put", "kvfs T1 put", "file-per-block", "diskcache", "redis"]
+
+
+def _ratio_base(system: str) -> str:
+    """Which baseline a get figure is read against."""
+    if system.startswith("kvfs T0") or system == "memcpy":
+        return "memcpy"
+    return "raw preadv cold" if system.endswith("cold") else "raw preadv"
+
+
+def format_compare(res: dict[str, Any]) -> str:
+    out = []
+    for kind, order in (("get", GET_ORDER), ("put", PUT_ORDER)):
+        rows = []
+        for c in res["cells"]:
+            figs = c[kind]
+            for name in order:
+                if name not in figs:
+                    continue
+                base = _ratio_base(name) if kind == "get" else "raw pwrite"
+                peers = [p for p in ("file-per-block", "diskcache", "redis") if p in figs]
+                vs_peer = "" if not name.startswith("kvfs") else " ".join(
+                    f"{figs[name] / figs[p]:.1f}" for p in peers)
+                rows.append([f"{c['block'] // KiB} KiB", c["threads"], name, f"{figs[name]:.2f}",
+                             f"{figs[name] / figs[base]:.2f} x {base}", vs_peer])
+        out.append(render([f"{kind}: block", "thr", "system", "GB/s", "ratio to the physical baseline",
+                           "x file-per-block / diskcache / redis"], rows))
+    m = res["meta"]
+    out.append(f"contains(1024 keys) p50 {m['contains_1024_p50_ms']:.3f} ms; prefix_match(1024) p50 "
+               f"{m['prefix_match_1024_p50_ms']:.3f} ms; 4 KiB get p50 {m['get_4k_p50_us']:.0f} us, "
+               f"first-lookup 4 KiB get p50 {m['get_4k_lookup_p50_us']:.0f} us")
+    if res["unavailable"]:
+        out.append("not measured: " + "; ".join(f"{k} ({v})" for k, v in res["unavailable"].items()))
+    return "\n\n".join(out)
+
+
+def plot_compare(res: dict[str, Any], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    threads = max(c["threads"] for c in res["cells"])
+    cells = [c for c in res["cells"] if c["threads"] == threads]
+    fig, axes = plt.subplots(2, 1, figsize=(12, 9))
+    for ax, kind, order in ((axes[0], "get", GET_ORDER), (axes[1], "put", PUT_ORDER)):
+        names = [n for n in order if any(n in c[kind] for c in cells)]
+        width = 0.8 / max(1, len(names))
+        for j, name in enumerate(names):
+            xs = [i + j * width for i in range(len(cells))]
+            ax.bar(xs, [c[kind].get(name, 0) for c in cells], width, label=name)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cells))])
+        ax.set_xticklabels([f"{c['block'] // KiB} KiB" if c["block"] < MiB else f"{c['block'] // MiB} MiB"
+                            for c in cells])
+        ax.set_ylabel("GB/s")
+        ax.set_title(f"{kind}s, {threads} threads, {res['total_bytes'] // MiB} MiB per block size")
+        ax.legend(fontsize=8, ncol=2)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
