@@ -39,6 +39,7 @@ class Config:
     map_size: int = 1 << 40  # LMDB map: sparse, so large costs nothing
     shm_size: int | None = None  # T0 arena bytes; None: min(25% of RAM, 4 GiB, half of /dev/shm); 0: no T0
     promote_after: int = 2  # a T1 object is copied into T0 on this many accesses
+    dir_slots: int = 1 << 18  # location directory slots (kvfs.directory; sparse shm); 0: none
     # SO_PEERCRED check on top of the socket's file mode: if either list is
     # non-empty, a peer must match one of them (or be root or the daemon's uid)
     allow_uids: list[int] = field(default_factory=list)

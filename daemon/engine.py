@@ -37,6 +37,7 @@ from kvfs import native
 
 from .arena import Arena
 from .config import Config
+from .directory import DirectoryWriter
 from .eviction import choose_victims
 from .index import SEG_OPEN, SEG_SEALED, Extent, Index, ObjEntry, obj_key, split_obj_key
 from .leases import LeaseTable
@@ -178,12 +179,14 @@ class Engine:
         self.instance = os.urandom(8).hex()  # tells clients a restarted daemon from the one they knew
         self.generation = Generation(cfg.root)
         self.writer = WriterThread(self.index.env, on_idle=self._flush_atimes)
+        self.dir: DirectoryWriter | None = DirectoryWriter(cfg.root, cfg.dir_slots, cfg.socket_mode) \
+            if cfg.dir_slots else None
         self.recovery = self._recover()
         # T0 starts empty after every start: nothing in an old arena is trusted.
         self.t0: Tier0 | None = None
         if cfg.shm_size:
             self.t0 = Tier0(Arena(cfg.root, cfg.shm_size, cfg.socket_mode), max(cfg.shm_size // 4, 1),
-                            self.leases.obj_leased, self.generation.bump)
+                            self.leases.obj_leased, self.generation.bump, self._dir_put)
         self.promote_q: OrderedDict[bytes, None] = OrderedDict()
         self.wb_pending: dict[int, PutPlan] = {}  # fast-mode T0 puts whose write-back is queued
 
@@ -203,6 +206,8 @@ class Engine:
             self.generation.close()
             if self.t0 is not None:
                 self.t0.arena.close()
+            if self.dir is not None:
+                self.dir.close()
 
     def stripe_paths(self) -> list[str]:
         return [str(p) for p in self.cfg.stripes]
@@ -300,6 +305,7 @@ class Engine:
         for _at, ok, ns, e in entries:
             m = MemEntry.of(e)
             self.lru[ok] = m
+            self._dir_put(ok, m)
             for seg, span in m.spans:
                 if seg in self.segs:
                     self.segs[seg].live += span
@@ -558,6 +564,7 @@ class Engine:
                 for seg, span in m.spans:
                     self.segs[seg].live += span
                 self.lru[obj_key(ns, op.key)] = m
+                self._dir_put(obj_key(ns, op.key), m)
                 self.ns_objects[ns] += 1
                 self.logical_bytes += op.size
             # T0 items were counted by publish_t0
@@ -577,6 +584,11 @@ class Engine:
         return [op is not None and next(it) for op in plan.items]
 
     # ------------------------------------------------------------------ T0 puts
+    def _dir_put(self, ok: bytes, m: MemEntry) -> None:
+        """The mirror entry ``ok`` changed: so does the directory. Caller holds the lock."""
+        if self.dir is not None and self.lru.get(ok) is m:
+            self.dir.put(ok, m)
+
     def publish_t0(self, plan: PutPlan) -> None:
         """Make the T0 items of a committed plan readable at once, from the
         arena, as dirty mirror entries (memory only: safe on the loop). The
@@ -684,11 +696,14 @@ class Engine:
             for seg, span in m.spans:
                 self.segs[seg].live += span
             m.rewire()
+            self._dir_put(ok, m)
             return
         # deleted while dirty (its mirror entry is gone already), or not
         # published (the write-back failed): it goes, with its T0 copy
         if self.lru.get(ok) is m:
             del self.lru[ok]
+            if self.dir is not None:
+                self.dir.remove(ok)
             self.ns_objects[ns] -= 1
             if self.ns_objects[ns] <= 0:
                 del self.ns_objects[ns]
@@ -784,6 +799,8 @@ class Engine:
                 m = self.lru.pop(ok, None)
                 if m is None:
                     continue  # never mirrored (a lost race): its spans were not counted
+                if self.dir is not None:
+                    self.dir.remove(ok)  # before the generation bump below
                 self._dirty_atime.pop(ok, None)
                 self.promote_q.pop(ok, None)
                 ns, _k = split_obj_key(ok)
@@ -1145,6 +1162,7 @@ class Engine:
                 "recovery": vars(self.recovery),
                 "tiers": tiers,
                 "promote_queue": len(self.promote_q),
+                "directory": self.dir.stats() if self.dir is not None else None,
             }
         return out
 

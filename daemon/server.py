@@ -258,6 +258,7 @@ class Server:
             return {"version": P.PROTOCOL_VERSION, "stripes": eng.stripe_paths(),
                     "generation": str(eng.generation.path),
                     "instance": eng.instance,
+                    "directory": None if eng.dir is None else {"path": str(eng.dir.path), "slots": eng.dir.nslots},
                     "arena": None if t0 is None else {"path": str(t0.arena.path), "size": t0.arena.size},
                     "stripe_unit": eng.stripe_unit, "pid": os.getpid(), "durability": eng.cfg.durability}
         if op == P.LOOKUP:

@@ -30,7 +30,7 @@ class Resident(Protocol):
 
 class Tier0:
     def __init__(self, arena: Arena, max_object: int, leased: Callable[[bytes], bool],
-                 bump_generation: Callable[[], None]):
+                 bump_generation: Callable[[], None], changed: Callable[[bytes, Any], None]):
         self.arena = arena
         self.alloc = ArenaAllocator(arena.size)
         self.max_object = max_object
@@ -38,6 +38,7 @@ class Tier0:
         self.bytes = 0  # logical bytes of resident objects
         self._leased = leased
         self._bump = bump_generation
+        self._changed = changed  # an object's T0 location changed (the directory follows)
         self.zombies: dict[bytes, list[int]] = {}  # extents of gone objects still leased
         self.counters: Counter[str] = Counter()
         self.backlog_objects = 0  # committed to T0, write-back to T1 pending
@@ -76,6 +77,7 @@ class Tier0:
         self.lru[ok] = m
         self.bytes += m.size
         m.rewire()
+        self._changed(ok, m)
 
     def touch(self, ok: bytes) -> None:
         if ok in self.lru:
@@ -88,6 +90,7 @@ class Tier0:
             self.bytes -= m.size
         off, m.t0 = m.t0, -1
         m.rewire()
+        self._changed(ok, m)
         if off >= 0:
             self.release_extent(ok, off)
 

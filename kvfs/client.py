@@ -23,7 +23,8 @@ from .dataplane import DataPlane, ReadTask, WriteTask
 from .errors import CapacityError, DaemonUnavailable, InvalidArgument, KvfsError, NotFound, ProtocolError
 from .keys import normalize_key, normalize_keys, normalize_ns
 from .format import segment_name
-from .generation import GenerationReader
+from .directory import DirectoryReader
+from .generation import EPOCH, GenerationReader
 from .loccache import LocationCache
 from .meta import encode_meta
 
@@ -188,6 +189,7 @@ class Store:
         self._touched_at = time.monotonic()
         self.cache_locations = cache_locations
         self.arena: _Arena | None = None
+        self._dir: DirectoryReader | None = None
         self._gen: GenerationReader | None = None
         self._locs: LocationCache | None = None
         self._adopt(self._conn().call(P.HELLO, {"version": P.PROTOCOL_VERSION}))
@@ -208,6 +210,14 @@ class Store:
                 pass  # cannot map the counter: no location cache, fds kept until LRU-closed
             self._fd_gen = self._gen.value if self._gen is not None else 0
             self._locs = LocationCache(self._gen) if self.cache_locations and self._gen is not None else None
+        self._epoch = self._gen.value // EPOCH if self._gen is not None else 0
+        dr = hello.get("directory")
+        self._dir = None
+        if dr and self._gen is not None:  # directory reads need the generation (seqlock)
+            try:
+                self._dir = DirectoryReader(dr["path"], int(dr["slots"]))
+            except (OSError, ValueError):
+                pass  # no access: every first get asks the daemon
         ar = hello.get("arena")
         # An old mapping is just dropped, never closed: views handed out by
         # get_view may still point into it (the orphaned file stays valid).
@@ -301,7 +311,10 @@ class Store:
         """alloc -> copy payloads into the arena extents (T0) or write them
         into the reserved T1 extents -> commit with their checksums."""
         self._drop_stale_fds()
+        self._check_restart()
+        self._conn()  # reconnecting to a restarted daemon maps its new arena first
         arena = self.arena
+        gen = self._locs.generation() if self._locs is not None else 0
         res = self._call(P.ALLOC, {"ns": ns, "items": items, "t0": arena is not None})
         pid = res["put"]
         try:
@@ -352,7 +365,16 @@ class Store:
             if isinstance(e, OSError) and e.errno in (28, 122):
                 raise CapacityError(f"disk full while writing: {e}") from None
             raise
-        return list(self._call(P.COMMIT, {"put": pid, "sums": sums}))
+        stored = list(self._call(P.COMMIT, {"put": pid, "sums": sums}))
+        if self._locs is not None:
+            # the writer knows where its values went: a get of them by this
+            # process needs no lookup (same rules as any cached location)
+            self._locs.put_many(ns, [
+                (it[0], [len(v), s[0], alloc[0], [[c[0], c[1], c[2], c[3], cs] for c, cs in zip(alloc[1], s[1])],
+                         [alloc[2], False] if alloc[2] >= 0 else None])
+                for it, v, alloc, s, ok in zip(items, views, res["items"], sums, stored)
+                if ok and alloc is not None], gen)
+        return stored
 
     def flush(self, timeout: float = 60.0) -> bool:
         """Wait until every put acknowledged so far is written back from T0
@@ -437,9 +459,15 @@ class Store:
         todo = list(range(len(ks)))
         cache = self._locs
         self._drop_stale_fds()
+        self._check_restart()
         if cache is not None:
             gen = cache.generation()
             cached = cache.get_many(ns, ks)
+            if self._dir is not None and len(cached) < len(ks):
+                # not cached here: the shared directory may know (no round trip)
+                found = self._dir.lookup_many(ns, ks, [i for i in todo if i not in cached])
+                cached.update(found)
+                cache.put_many(ns, [(ks[i], item) for i, item in found.items()], gen)
             if cached:
                 plan = self._plan_reads(ns, ks, cached, outs, allow_alloc, sizes, bufs)
                 missed = self._run_reads(plan)
@@ -473,6 +501,17 @@ class Store:
                 cache.put_many(ns, [(ks[i], found[i]) for i in found if i not in bad_set and sizes[i] >= 0], gen)
             todo = bad
         return sizes, bufs
+
+    def _check_restart(self) -> None:
+        """A restarted daemon moves the generation to a new epoch (same
+        file): then the arena and directory mapped here are orphans, and
+        must not be used again. Re-hello before any data-plane step."""
+        if self._gen is not None and self._gen.value // EPOCH != self._epoch:
+            try:
+                hello = self._conn().call(P.HELLO, {"version": P.PROTOCOL_VERSION})
+            except DaemonUnavailable:  # that connection was to the dead daemon
+                hello = self._conn().call(P.HELLO, {"version": P.PROTOCOL_VERSION})
+            self._adopt(hello)
 
     def _release(self, lease: int) -> None:
         """End a lease, fire-and-forget, on this thread's connection. If that
@@ -535,6 +574,7 @@ class Store:
         it, afterwards). Verified once, before it is handed out (unless
         verify=False). A value only in T1 is read into a new buffer."""
         k, ns = normalize_key(key), normalize_ns(ns)
+        self._check_restart()
         for attempt in range(2):
             res = self._call(P.LOOKUP, {"ns": ns, "keys": [k]})
             lease, item = res["lease"], res["items"][0]

@@ -12,8 +12,9 @@
  * work over a small persistent pool of worker threads; the calling thread
  * works too. Work is cut into pieces of at most PIECE bytes so one large
  * copy also uses every thread. A task whose bytes were all handled by one
- * thread is hashed by that thread right away (the bytes are hot); a task
- * cut into several pieces is hashed after all pieces are done.
+ * thread is verified as it goes, sub-block by sub-block while the bytes are
+ * in cache; a task cut into several pieces (fewer tasks than threads) is
+ * hashed after all its pieces are done.
  *
  * The pool runs one batch at a time; a caller that finds it busy does its
  * batch alone on its own thread instead of waiting (several client threads
@@ -52,6 +53,7 @@ typedef struct {
     const unsigned char *want;  /* 16-byte expected sum or NULL */
     unsigned char got[16];      /* write/hash: computed sum */
     int status;         /* 0 ok, 1 short, 2 mismatch, -errno */
+    int fused;          /* one piece, verified as it is copied/read (see do_fused) */
     atomic_int pieces_left;
 } task_t;
 
@@ -78,7 +80,7 @@ static void hash16(const void *p, size_t n, unsigned char out[16]) {
 }
 
 static void finish_task(batch_t *b, task_t *t) {
-    if (t->status != 0) return;
+    if (t->status != 0 || t->fused) return;
     if (b->op == OP_READ || b->op == OP_COPY) {
         if (t->want) {
             unsigned char got[16];
@@ -90,9 +92,52 @@ static void finish_task(batch_t *b, task_t *t) {
     }
 }
 
+#define SUB (256u << 10) /* fused verification: hash each sub-block while it is in cache */
+
+/* Copy or read a whole task in sub-blocks, hashing each one right after it
+ * lands (still in L2), instead of a second pass over cold memory. The
+ * streaming hash gives the same digest as the one-shot one. */
+static void do_fused(batch_t *b, task_t *t) {
+    XXH3_state_t st;
+    XXH3_128bits_reset(&st);
+    size_t pos = 0;
+    while (pos < t->len && t->status == 0) {
+        size_t n = t->len - pos < SUB ? t->len - pos : SUB;
+        size_t got = 0;
+        if (b->op == OP_COPY) {
+            memcpy(t->dst + pos, t->src + pos, n);
+            got = n;
+        } else {
+            while (got < n) {
+                ssize_t r = pread(t->fd, t->dst + pos + got, n - got, t->offset + (int64_t)(pos + got));
+                if (r < 0) {
+                    if (errno == EINTR) continue;
+                    t->status = -errno;
+                    return;
+                }
+                if (r == 0) {
+                    t->status = 1;
+                    return;
+                }
+                got += (size_t)r;
+            }
+        }
+        XXH3_128bits_update(&st, t->dst + pos, n);
+        pos += n;
+    }
+    XXH128_canonical_t c;
+    XXH128_canonicalFromHash(&c, XXH3_128bits_digest(&st));
+    if (memcmp(c.digest, t->want, 16) != 0) t->status = 2;
+}
+
 static void do_piece(batch_t *b, piece_t *p) {
     task_t *t = &b->tasks[p->task];
     size_t pos = 0;
+    if (t->fused) {
+        do_fused(b, t);
+        atomic_fetch_sub(&t->pieces_left, 1);
+        return;
+    }
     switch (b->op) {
     case OP_COPY:
         memcpy(t->dst + p->start, t->src + p->start, p->len);
@@ -241,22 +286,32 @@ static int get_bufs(PyObject *seq, Py_ssize_t n, int writable, bufset_t *out, co
     return 0;
 }
 
+/* How many pieces a task is cut into. A verified read/copy stays whole (and
+ * is hashed as it goes) when there are enough tasks to keep every thread
+ * busy; with fewer tasks than threads it is cut up for parallel copying and
+ * hashed afterwards. */
+static size_t piece_count(batch_t *b, task_t *t, int threads) {
+    size_t len = t->len;
+    int verify = t->want != NULL && (b->op == OP_READ || b->op == OP_COPY);
+    t->fused = verify && (b->ntasks >= (size_t)threads || len <= PIECE);
+    if (t->fused) return 1;
+    return len ? (len + PIECE - 1) / PIECE : 1;
+}
+
 /* Cut tasks into pieces of at most PIECE bytes. */
-static int make_pieces(batch_t *b, size_t *total) {
+static int make_pieces(batch_t *b, size_t *total, int threads) {
     size_t np = 0;
     *total = 0;
     for (size_t i = 0; i < b->ntasks; i++) {
-        size_t len = b->tasks[i].len;
-        size_t k = len ? (len + PIECE - 1) / PIECE : 1;
-        np += k;
-        *total += len;
+        np += piece_count(b, &b->tasks[i], threads);
+        *total += b->tasks[i].len;
     }
     b->pieces = PyMem_Calloc(np ? np : 1, sizeof(piece_t));
     if (!b->pieces) { PyErr_NoMemory(); return -1; }
     size_t p = 0;
     for (size_t i = 0; i < b->ntasks; i++) {
         size_t len = b->tasks[i].len;
-        size_t k = len ? (len + PIECE - 1) / PIECE : 1;
+        size_t k = b->tasks[i].fused ? 1 : (len ? (len + PIECE - 1) / PIECE : 1);
         size_t step = k ? (len + k - 1) / k : 0;  /* even pieces */
         atomic_init(&b->tasks[i].pieces_left, (int)k);
         for (size_t j = 0; j < k; j++) {
@@ -361,7 +416,7 @@ static PyObject *drive(int op, PyObject *fds, PyObject *offsets, PyObject *dsts,
         }
     }
     size_t total = 0;
-    if (make_pieces(&b, &total) != 0) goto done;
+    if (make_pieces(&b, &total, threads < 1 ? 1 : threads) != 0) goto done;
     /* sums (bytes objects) stay referenced by sumq while the GIL is released */
     Py_BEGIN_ALLOW_THREADS
     run_batch(&b, threads, total);

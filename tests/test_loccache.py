@@ -45,7 +45,29 @@ def test_repeated_get_needs_no_round_trip_and_still_counts_as_hit(store):
         assert store.get_into("k", buf) == 5000 and bytes(buf) == b"v" * 5000
     assert calls == []
     st = store.stats()  # touches go out before this call
-    assert st["counters"]["cached_hits"] == 3
+    assert st["counters"]["cached_hits"] == 4  # the first get found it in the shared directory
+
+
+def test_another_process_finds_objects_without_a_round_trip(daemon, store):
+    """The shared location directory: a fresh client reads what another one
+    put, T0 or T1, with no lookup; removals are seen at once."""
+    vals = {f"d{i}": os.urandom(n) for i, n in enumerate([10, 5000, 300_000, 3 << 20, 13 << 20])}
+    store.put_many(list(vals), list(vals.values()))
+    store.flush()
+    with daemon.connect() as other:
+        calls = _count_calls(other)
+        for k, v in vals.items():
+            if len(v) > (12 << 20):
+                continue  # more chunks than a directory slot holds: looked up
+            assert other.get(k) == v
+        assert calls == []
+        store.delete(["d2"])
+        with pytest.raises(kvfs.NotFound):
+            other.get("d2")
+        assert other.get("d4") == vals["d4"]
+        assert calls.count("lookup") == 2
+        st = other.stats()["directory"]
+        assert st["entries"] == 3 and st["slots"] > 0  # d0, d1, d3
 
 
 def test_delete_by_another_client_is_seen_at_once(daemon, store):

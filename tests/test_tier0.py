@@ -191,7 +191,26 @@ def test_kill9_with_a_view_held(tmp_path):
         s.put("w", data[::-1])
         with s.get_view("w") as v:
             assert bytes(v) == data[::-1]
+        with d.connect() as other:
+            other.delete(["v"])
+        with pytest.raises(NotFound):
+            s.get("v")  # nothing is served from the dead daemon's arena or directory
         s.close()
+
+
+def test_restart_is_noticed_without_a_failed_call(tmp_path):
+    """A client whose reads need no round trip (cached, or found in the
+    directory) still notices a restart: the generation epoch moves."""
+    d = small_t0(tmp_path, shm="64M", durability="sync")
+    with d, d.connect() as s:
+        s.put("a", b"A" * 100_000)
+        assert s.get("a") == b"A" * 100_000
+        d.kill()
+        d.start()
+        with d.connect() as other:
+            other.delete(["a"])
+        with pytest.raises(NotFound):
+            s.get("a")
 
 
 def test_scribbled_t0_copy_is_never_served(tmp_path):

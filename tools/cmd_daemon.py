@@ -25,6 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "(default min(25%% of RAM, 4G, half of /dev/shm's free space))")
     p.add_argument("--promote-after", type=int, default=2,
                    help="copy a T1 object into T0 on its Nth access (default 2; 0: never)")
+    p.add_argument("--dir-slots", type=int, default=1 << 18,
+                   help="slots of the shared location directory that lets clients find objects without a "
+                        "round trip (power of two; 192 bytes each, sparse; 0: none; default 262144)")
     p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
                    help="only these uids may use the store (SO_PEERCRED; repeatable; root and the "
                         "daemon's own uid always may). Default: whoever can open the socket (mode 0660)")
@@ -52,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         lease_timeout=args.lease_timeout,
         shm_size=parse_size(args.shm_size) if args.shm_size is not None else None,
         promote_after=args.promote_after,
+        dir_slots=args.dir_slots,
         allow_uids=args.allow_uid,
         allow_gids=args.allow_gid,
     )
