@@ -35,8 +35,23 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#define XXH_INLINE_ALL
-#include "vendor/xxhash.h"
+/* hashing loops: hash_generic.c and hash_avx2.c (see hash_impl.h) */
+typedef void (*hash16_fn)(const void *, size_t, unsigned char *);
+typedef int (*copy_verify_fn)(char *, const char *, size_t, const unsigned char *);
+typedef int (*read_verify_fn)(int, int64_t, char *, size_t, const unsigned char *);
+void kv_hash16_generic(const void *, size_t, unsigned char *);
+int kv_copy_verify_generic(char *, const char *, size_t, const unsigned char *);
+int kv_read_verify_generic(int, int64_t, char *, size_t, const unsigned char *);
+int kv_avx2_built(void);
+#if defined(__x86_64__) && defined(__GNUC__)
+void kv_hash16_avx2(const void *, size_t, unsigned char *);
+int kv_copy_verify_avx2(char *, const char *, size_t, const unsigned char *);
+int kv_read_verify_avx2(int, int64_t, char *, size_t, const unsigned char *);
+#endif
+static hash16_fn hash16 = kv_hash16_generic;
+static copy_verify_fn copy_verify = kv_copy_verify_generic;
+static read_verify_fn read_verify = kv_read_verify_generic;
+static const char *simd = "generic";
 
 #define PIECE (1u << 20)       /* max bytes one thread takes at a time */
 #define MAX_THREADS 64
@@ -72,13 +87,6 @@ typedef struct {
     atomic_size_t done;
 } batch_t;
 
-static void hash16(const void *p, size_t n, unsigned char out[16]) {
-    XXH128_hash_t h = XXH3_128bits(p, n);
-    XXH128_canonical_t c;
-    XXH128_canonicalFromHash(&c, h);
-    memcpy(out, c.digest, 16);
-}
-
 static void finish_task(batch_t *b, task_t *t) {
     if (t->status != 0 || t->fused) return;
     if (b->op == OP_READ || b->op == OP_COPY) {
@@ -92,42 +100,12 @@ static void finish_task(batch_t *b, task_t *t) {
     }
 }
 
-#define SUB (256u << 10) /* fused verification: hash each sub-block while it is in cache */
-
-/* Copy or read a whole task in sub-blocks, hashing each one right after it
- * lands (still in L2), instead of a second pass over cold memory. The
- * streaming hash gives the same digest as the one-shot one. */
+/* A verified task done by one thread: copied or read and hashed as it goes. */
 static void do_fused(batch_t *b, task_t *t) {
-    XXH3_state_t st;
-    XXH3_128bits_reset(&st);
-    size_t pos = 0;
-    while (pos < t->len && t->status == 0) {
-        size_t n = t->len - pos < SUB ? t->len - pos : SUB;
-        size_t got = 0;
-        if (b->op == OP_COPY) {
-            memcpy(t->dst + pos, t->src + pos, n);
-            got = n;
-        } else {
-            while (got < n) {
-                ssize_t r = pread(t->fd, t->dst + pos + got, n - got, t->offset + (int64_t)(pos + got));
-                if (r < 0) {
-                    if (errno == EINTR) continue;
-                    t->status = -errno;
-                    return;
-                }
-                if (r == 0) {
-                    t->status = 1;
-                    return;
-                }
-                got += (size_t)r;
-            }
-        }
-        XXH3_128bits_update(&st, t->dst + pos, n);
-        pos += n;
-    }
-    XXH128_canonical_t c;
-    XXH128_canonicalFromHash(&c, XXH3_128bits_digest(&st));
-    if (memcmp(c.digest, t->want, 16) != 0) t->status = 2;
+    if (b->op == OP_COPY)
+        t->status = copy_verify(t->dst, t->src, t->len, t->want);
+    else
+        t->status = read_verify(t->fd, t->offset, t->dst, t->len, t->want);
 }
 
 static void do_piece(batch_t *b, piece_t *p) {
@@ -559,8 +537,18 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "kvfs._native",
 
 PyMODINIT_FUNC PyInit__native(void) {
     if (PyType_Ready(&AlignedBufferType) < 0) return NULL;
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (kv_avx2_built() && __builtin_cpu_supports("avx2")) {
+        hash16 = kv_hash16_avx2;
+        copy_verify = kv_copy_verify_avx2;
+        read_verify = kv_read_verify_avx2;
+        simd = "avx2";
+    }
+#endif
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     PyModule_AddIntConstant(m, "MAX_THREADS", MAX_THREADS);
+    PyModule_AddStringConstant(m, "SIMD", simd);
     return m;
 }

@@ -51,3 +51,26 @@ def test_bench_quick(tmp_path):
     res = json.loads((tmp_path / "b.json").read_text())
     assert res["patterns"] and all(p["get_gbs"] > 0 and p["put_gbs"] > 0 for p in res["patterns"])
     assert b"get/raw" in r.stdout
+
+
+def test_bench_compare_quick(tmp_path):
+    """The comparison runs every system on the same bytes (each get is
+    checked against the source inside the benchmark) and writes a table,
+    JSON and a PNG chart."""
+    import shutil
+    r = kvfs_cmd("bench", "--compare", "--quick", "--dir", str(tmp_path), "--json", str(tmp_path / "c.json"),
+                 "--png", str(tmp_path / "c.png"))
+    res = json.loads((tmp_path / "c.json").read_text())
+    want_get = {"memcpy", "raw preadv", "kvfs T0 get_into", "kvfs T0 get_view", "kvfs T1 get_into",
+                "file-per-block", "diskcache"}
+    want_put = {"raw pwrite", "kvfs T0 put", "kvfs T1 put", "file-per-block", "diskcache"}
+    if shutil.which("redis-server"):
+        want_get.add("redis")
+        want_put.add("redis")
+    assert {c["block"] for c in res["cells"]} == {64 << 10, 1 << 20, 2 << 20, 8 << 20}  # 64M > the quick total
+    for c in res["cells"]:
+        assert want_get <= set(c["get"]) and want_put <= set(c["put"]), (c, res["unavailable"])
+        assert all(v > 0 for v in c["get"].values()) and all(v > 0 for v in c["put"].values())
+    assert res["meta"]["contains_1024_p50_ms"] > 0
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"x memcpy" in r.stdout and b"kvfs T0 get_into" in r.stdout

@@ -110,7 +110,7 @@ class Redis:
 
     def get_into(self, key: str, dest: Any) -> int:
         v = self.r.get(key)
-        assert v is not None
+        assert isinstance(v, bytes)
         memoryview(dest)[:len(v)] = v
         return len(v)
 

@@ -52,6 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="compare with memcpy, raw preadv/pwrite, file-per-block, diskcache and Redis "
                         "at 64 KiB-64 MiB blocks")
     g.add_argument("--total", default="512M", help="bytes per block size for --compare (times --scale)")
+    g.add_argument("--blocks", default=None, help="--compare: block sizes, e.g. 64K,1M (default 64K,1M,2M,8M,64M)")
     g.add_argument("--png", default=None, metavar="FILE", help="--compare: also draw a chart")
     g.add_argument("--no-cold", action="store_true", help="--compare: skip the cold-cache reads")
     return p

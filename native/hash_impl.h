@@ -1,0 +1,63 @@
+/*
+ * Hashing loops of kvfs._native, compiled twice: hash_generic.c (baseline
+ * x86-64 / any CPU) and hash_avx2.c (AVX2), picked at import by CPU
+ * support. xxh3 with AVX2 is what lets a copy verified on the fly run near
+ * memcpy speed (see README, "native"). KV_FN(name) adds the variant suffix.
+ *
+ * The fused loops copy or read SUB bytes, then hash those bytes while they
+ * are still in L2, instead of a second pass over cold memory; the streaming
+ * digest equals the one-shot digest.
+ */
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+
+#define XXH_INLINE_ALL
+#include "vendor/xxhash.h"
+
+#define SUB (64u << 10)
+
+void KV_FN(hash16)(const void *p, size_t n, unsigned char out[16]) {
+    XXH128_canonical_t c;
+    XXH128_canonicalFromHash(&c, XXH3_128bits(p, n));
+    memcpy(out, c.digest, 16);
+}
+
+/* Returns 0 if the copy's xxh3-128 is `want`, 2 if not. */
+int KV_FN(copy_verify)(char *dst, const char *src, size_t len, const unsigned char *want) {
+    XXH3_state_t st;
+    XXH3_128bits_reset(&st);
+    for (size_t pos = 0; pos < len; pos += SUB) {
+        size_t n = len - pos < SUB ? len - pos : SUB;
+        memcpy(dst + pos, src + pos, n);
+        XXH3_128bits_update(&st, dst + pos, n);
+    }
+    XXH128_canonical_t c;
+    XXH128_canonicalFromHash(&c, XXH3_128bits_digest(&st));
+    return memcmp(c.digest, want, 16) == 0 ? 0 : 2;
+}
+
+/* Returns 0 ok, 1 short file, 2 mismatch, -errno. */
+int KV_FN(read_verify)(int fd, int64_t off, char *dst, size_t len, const unsigned char *want) {
+    XXH3_state_t st;
+    XXH3_128bits_reset(&st);
+    for (size_t pos = 0; pos < len;) {
+        size_t n = len - pos < SUB ? len - pos : SUB;
+        size_t got = 0;
+        while (got < n) {
+            ssize_t r = pread(fd, dst + pos + got, n - got, off + (int64_t)(pos + got));
+            if (r < 0) {
+                if (errno == EINTR) continue;
+                return -errno;
+            }
+            if (r == 0) return 1;
+            got += (size_t)r;
+        }
+        XXH3_128bits_update(&st, dst + pos, n);
+        pos += n;
+    }
+    XXH128_canonical_t c;
+    XXH128_canonicalFromHash(&c, XXH3_128bits_digest(&st));
+    return memcmp(c.digest, want, 16) == 0 ? 0 : 2;
+}
