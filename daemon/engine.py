@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import threading
 import time
@@ -35,12 +36,13 @@ from kvfs.meta import encode_meta
 
 from kvfs import native
 
-from .arena import Arena
+from .arena import Arena, arena_path
 from .config import Config
 from .directory import DirectoryWriter
 from .eviction import choose_victims
 from .index import SEG_OPEN, SEG_SEALED, Extent, Index, ObjEntry, obj_key, split_obj_key
 from .leases import LeaseTable
+from .t0journal import Journal, Pending, read_pending
 from .tier0 import Tier0
 from .writer import WriterThread
 
@@ -152,6 +154,8 @@ class RecoveryReport:
     objects_dropped: int = 0
     bytes_truncated: int = 0
     orphan_segments_removed: int = 0
+    t0_replayed: int = 0  # fast-mode T0 puts a crashed daemon had not written back, now in T1
+    t0_replay_failed: int = 0  # ... whose arena bytes failed their checksums (not stored)
 
 
 class Engine:
@@ -182,13 +186,17 @@ class Engine:
         self.dir: DirectoryWriter | None = DirectoryWriter(cfg.root, cfg.dir_slots, cfg.socket_mode) \
             if cfg.dir_slots else None
         self.recovery = self._recover()
-        # T0 starts empty after every start: nothing in an old arena is trusted.
+        # T0 starts empty after every start: nothing in an old arena is
+        # trusted, except what the journal says was owed to T1, verified.
         self.t0: Tier0 | None = None
-        if cfg.shm_size:
-            self.t0 = Tier0(Arena(cfg.root, cfg.shm_size, cfg.socket_mode), max(cfg.shm_size // 4, 1),
-                            self.leases.obj_leased, self.generation.bump, self._dir_put)
+        self.journal: Journal | None = None
         self.promote_q: OrderedDict[bytes, None] = OrderedDict()
         self.wb_pending: dict[int, PutPlan] = {}  # fast-mode T0 puts whose write-back is queued
+        self._replay_t0()
+        if cfg.shm_size:
+            self.journal = Journal(arena_path(cfg.root).with_suffix(".journal"), cfg.socket_mode)
+            self.t0 = Tier0(Arena(cfg.root, cfg.shm_size, cfg.socket_mode), max(cfg.shm_size // 4, 1),
+                            self.leases.obj_leased, self.generation.bump, self._dir_put)
 
     # ------------------------------------------------------------------ setup
     def close(self) -> None:
@@ -206,6 +214,8 @@ class Engine:
             self.generation.close()
             if self.t0 is not None:
                 self.t0.arena.close()
+            if self.journal is not None:
+                self.journal.close()  # everything was written back above
             if self.dir is not None:
                 self.dir.close()
 
@@ -317,6 +327,54 @@ class Engine:
         if rep.objects_dropped or rep.bytes_truncated or rep.orphan_segments_removed:
             log.warning("recovery: %s", rep)
         return rep
+
+    def _replay_t0(self) -> None:
+        """Write to T1 the fast-mode T0 puts that a crashed daemon owed
+        (kvfsd.t0journal), from its orphaned arena, each verified against
+        the checksums its client committed. Then both files go."""
+        apath = arena_path(self.cfg.root)
+        jpath = apath.with_suffix(".journal")
+        pending = read_pending(jpath)
+        rep = self.recovery
+        if pending:
+            try:
+                fd = os.open(apath, os.O_RDONLY)
+            except FileNotFoundError:
+                log.error("T0 journal names %d unwritten puts but the arena is gone: lost", len(pending))
+                rep.t0_replay_failed = len(pending)
+                pending = []
+            else:
+                try:
+                    size = os.fstat(fd).st_size
+                    mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) if size else None
+                finally:
+                    os.close(fd)
+                view = memoryview(mm) if mm is not None else memoryview(b"")
+                su = self.stripe_unit
+                for p in pending:
+                    if not (0 <= p.off and p.off + p.size <= len(view)):
+                        rep.t0_replay_failed += 1
+                        continue
+                    # bytes, not a view: a copy survives any error below
+                    val = memoryview(bytes(view[p.off:p.off + p.size]))
+                    n = max(1, -(-p.size // su))
+                    if [fmt.checksum(val[i * su:(i + 1) * su]) for i in range(n)] != p.chunk_sums:
+                        rep.t0_replay_failed += 1
+                        log.error("T0 put %s/%s failed verification in the old arena: not stored", p.ns, p.key)
+                        continue
+                    plan = self.prepare_put(p.ns, [(p.key, p.size, p.meta)])
+                    op = plan.items[0]
+                    if op is not None:
+                        self.write_chunks(plan, [(0, i, val[c.chunk_off:c.chunk_off + c.length])
+                                                 for i, c in enumerate(op.chunks)])
+                        self.commit_put(plan, True)
+                        rep.t0_replayed += 1
+                view.release()
+                if mm is not None:
+                    mm.close()
+                log.warning("T0 journal: %d puts written to T1 after a crash, %d lost",
+                            rep.t0_replayed, rep.t0_replay_failed)
+        jpath.unlink(missing_ok=True)
 
     def _verify_record(self, fd: int, hdr_off: int, ns: str, key: str, e: ObjEntry, i: int) -> bool:
         ext = e.extents[i]
@@ -596,6 +654,7 @@ class Engine:
         them in LMDB. A key that appeared meanwhile keeps its bytes."""
         ns = plan.ns
         assert self.t0 is not None
+        journal: list[Pending] = []
         with self._lock:
             for op in plan.items:
                 if op is None or op.t0 < 0:
@@ -620,6 +679,10 @@ class Engine:
                 self.counters["put_bytes"] += op.size
                 self.t0.backlog_objects += 1
                 self.t0.backlog_bytes += op.size
+                journal.append(Pending(ns, op.key, op.seq, op.size, op.t0, op.checksum,
+                                       [c.checksum for c in op.chunks], op.meta))
+            if self.journal is not None and journal:
+                self.journal.published(journal)
 
     def t0_only(self, plan: PutPlan) -> bool:
         """Every new item of the plan goes through T0 (none written to T1 by the client)."""
@@ -689,6 +752,11 @@ class Engine:
         ok = obj_key(ns, op.key)
         self.t0.backlog_objects -= 1
         self.t0.backlog_bytes -= op.size
+        if self.journal is not None:
+            if self.t0.backlog_objects == 0:
+                self.journal.empty()
+            else:
+                self.journal.done(ns, op.key, op.seq)
         m.dirty = False
         m.meta = None
         if e is not None and self.lru.get(ok) is m and not m.deleted:

@@ -89,10 +89,6 @@ class DaemonProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        # a killed daemon leaves its arena in /dev/shm (the next start on this
-        # root would remove it; a test's root is never started again)
-        from kvfsd.arena import arena_path
-        arena_path(self.root.absolute()).unlink(missing_ok=True)
 
     def restart(self) -> "DaemonProcess":
         if self.proc is not None and self.proc.poll() is None:
@@ -111,3 +107,13 @@ class DaemonProcess:
                 self.stop(10)
             except subprocess.TimeoutExpired:
                 self.kill()
+        self.remove_shm()
+
+    def remove_shm(self) -> None:
+        """Remove what a killed daemon left in /dev/shm (arena, directory,
+        T0 journal). A restart on the same root would use or remove them;
+        a test's root is never started again."""
+        from kvfsd.arena import arena_path
+        a = arena_path(self.root.absolute())
+        for p in (a, a.with_suffix(".dir"), a.with_suffix(".journal")):
+            p.unlink(missing_ok=True)

@@ -50,10 +50,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g = p.add_argument_group("--compare: kvfs T0/T1 next to memcpy, raw file I/O and peer stores")
     g.add_argument("--compare", action="store_true",
                    help="compare with memcpy, raw preadv/pwrite, file-per-block, diskcache and Redis "
-                        "at 64 KiB-64 MiB blocks")
+                        "at 64 KiB-64 MiB blocks (--total bytes per block size)")
     g.add_argument("--total", default="512M", help="bytes per block size for --compare (times --scale)")
     g.add_argument("--blocks", default=None, help="--compare: block sizes, e.g. 64K,1M (default 64K,1M,2M,8M,64M)")
     g.add_argument("--png", default=None, metavar="FILE", help="--compare: also draw a chart")
+    g.add_argument("--native", action="store_true",
+                   help="compare the C data plane with its pure-Python twin (read, copy, get_many_into)")
     g.add_argument("--no-cold", action="store_true", help="--compare: skip the cold-cache reads")
     return p
 
@@ -245,7 +247,7 @@ def format_results(res: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.compare:
+    if args.compare or args.native:
         return run_compare_cmd(args)
     print(f"kvfs bench: scale {args.scale}, threads {args.threads} (page-cache hot reads; ratios are "
           f"against raw pwrite/preadv of the same bytes in this run)", file=sys.stderr)
@@ -266,6 +268,15 @@ def run_compare_cmd(args: argparse.Namespace) -> int:
         args.threads = f"1,{min(8, max(2, os.cpu_count() or 2))}"
     if args.quick:
         args.total, args.repeat = 8 * MiB, 1
+    if args.native:
+        from .bench_native import format_native, run_native_bench
+        if args.total == 512 * MiB:
+            args.total = 256 * MiB
+        res = run_native_bench(args)
+        print(format_native(res))
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+        return 0
     print(f"kvfs bench --compare: {args.total * args.scale / MiB:.0f} MiB per block size, threads {args.threads}, "
           f"median of {args.repeat} interleaved rounds", file=sys.stderr)
     res = run_compare(args)

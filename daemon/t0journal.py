@@ -1,0 +1,106 @@
+"""The T0 journal: what a crashed daemon still owed to T1.
+
+In fast mode a T0 put is acknowledged once its bytes are in the arena,
+before the write-back to T1. The arena and this journal live in /dev/shm,
+which outlives the daemon process (not the OS), so a daemon killed with a
+write-back backlog loses nothing acknowledged: on the next start, every put
+in the journal without a matching "done" is re-read from the old arena,
+verified against the checksums its client committed, and written to T1
+like any put; then both files are removed. (An OS crash loses /dev/shm and
+with it the backlog: that is what fast mode allows.)
+
+Records: u32 length | 8-byte xxh3-64 of the body | msgpack body, appended
+with one write() each (a torn or garbled tail is ignored). Bodies:
+``["P", ns, key, seq, size, arena_off, object_sum, [chunk_sum...], meta]``
+when a T0 put is published, ``["D", ns, key, seq]`` when its write-back
+ended (written, deleted or dropped). The file is truncated whenever the
+backlog is empty, so it stays small.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import msgpack
+import xxhash
+
+_HEAD = struct.Struct("<I8s")
+
+
+@dataclass
+class Pending:
+    ns: str
+    key: str
+    seq: int
+    size: int
+    off: int
+    checksum: bytes
+    chunk_sums: list[bytes]
+    meta: bytes | None
+
+
+class Journal:
+    def __init__(self, path: Path, mode: int = 0o660):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC | os.O_CLOEXEC, mode)
+
+    def _append(self, bodies: list[list[Any]]) -> None:
+        out = bytearray()
+        for b in bodies:
+            raw = msgpack.packb(b, use_bin_type=True)
+            out += _HEAD.pack(len(raw), xxhash.xxh3_64_digest(raw)) + raw
+        if out:
+            os.write(self.fd, out)  # one write per batch: tmpfs, a few microseconds
+
+    def published(self, items: list[Pending]) -> None:
+        self._append([["P", p.ns, p.key, p.seq, p.size, p.off, p.checksum, p.chunk_sums, p.meta] for p in items])
+
+    def done(self, ns: str, key: str, seq: int) -> None:
+        self._append([["D", ns, key, seq]])
+
+    def empty(self) -> None:
+        """No write-back is pending: start over (keeps the file small)."""
+        os.ftruncate(self.fd, 0)
+
+    def close(self, remove: bool = True) -> None:
+        os.close(self.fd)
+        if remove:
+            self.path.unlink(missing_ok=True)
+
+
+def read_pending(path: Path) -> list[Pending]:
+    """Puts a crashed daemon published to T0 and had not written back."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    pending: dict[tuple[str, str, int], Pending] = {}
+    for body in _records(data):
+        try:
+            if body[0] == "P":
+                p = Pending(*body[1:9])
+                pending[(p.ns, p.key, p.seq)] = p
+            elif body[0] == "D":
+                pending.pop((body[1], body[2], body[3]), None)
+        except (TypeError, IndexError):
+            continue
+    return list(pending.values())
+
+
+def _records(data: bytes) -> Iterator[list[Any]]:
+    pos = 0
+    while pos + _HEAD.size <= len(data):
+        n, digest = _HEAD.unpack_from(data, pos)
+        raw = data[pos + _HEAD.size:pos + _HEAD.size + n]
+        if len(raw) < n or xxhash.xxh3_64_digest(raw) != digest:
+            return  # a torn tail
+        try:
+            body = msgpack.unpackb(raw, raw=False)
+        except Exception:  # noqa: BLE001 - garbage is a torn tail too
+            return
+        if isinstance(body, list) and body:
+            yield body
+        pos += _HEAD.size + n
