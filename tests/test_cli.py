@@ -74,3 +74,11 @@ def test_bench_compare_quick(tmp_path):
     assert res["meta"]["contains_1024_p50_ms"] > 0
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert b"x memcpy" in r.stdout and b"kvfs T0 get_into" in r.stdout
+
+
+def test_bench_native_quick(tmp_path):
+    r = kvfs_cmd("bench", "--native", "--quick", "--dir", str(tmp_path), "--json", str(tmp_path / "n.json"))
+    res = json.loads((tmp_path / "n.json").read_text())
+    assert {row["backend"] for row in res["rows"]} == {"native", "python"}
+    assert all(row[k] > 0 for row in res["rows"] for k in ("read_gbs", "copy_gbs", "get_many_gbs"))
+    assert b"C / Python" in r.stdout

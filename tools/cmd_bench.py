@@ -252,7 +252,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"kvfs bench: scale {args.scale}, threads {args.threads} (page-cache hot reads; ratios are "
           f"against raw pwrite/preadv of the same bytes in this run)", file=sys.stderr)
     res = run_bench(args)
-    print(format_results(res))
+    return _emit(args, res, format_results(res))
+
+
+def _emit(args: argparse.Namespace, res: dict[str, Any], table: str) -> int:
+    """Print the table; write the JSON file if asked."""
+    print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return 0
@@ -273,16 +278,10 @@ def run_compare_cmd(args: argparse.Namespace) -> int:
         if args.total == 512 * MiB:
             args.total = 256 * MiB
         res = run_native_bench(args)
-        print(format_native(res))
-        if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=1))
-        return 0
+        return _emit(args, res, format_native(res))
     print(f"kvfs bench --compare: {args.total * args.scale / MiB:.0f} MiB per block size, threads {args.threads}, "
           f"median of {args.repeat} interleaved rounds", file=sys.stderr)
     res = run_compare(args)
-    print(format_compare(res))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
     if args.png:
         plot_compare(res, args.png)
-    return 0
+    return _emit(args, res, format_compare(res))
