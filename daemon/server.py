@@ -164,7 +164,11 @@ class Server:
             await self._promote_wanted.wait()
             self._promote_wanted = trio.Event()
             while self.engine.promote_q:
-                await self._thread(self.engine.promote_some)
+                try:
+                    await self._thread(self.engine.promote_some)
+                except Exception:  # noqa: BLE001 - a failed promotion only means a T1 read later
+                    log.exception("promotion to T0 failed")
+                    self.engine.promote_q.clear()
 
     async def _write_back_bg(self, plan: PutPlan) -> None:
         """Fast mode: a T0 put is acknowledged once readable from T0; this
@@ -172,8 +176,9 @@ class Server:
         Engine.close (the plan stays in engine.wb_pending until taken)."""
         try:
             await self._thread(self.engine.write_back, plan, False, True)
-        except KvfsError as e:
-            log.error("write-back failed: %s", e)
+        except Exception as e:  # noqa: BLE001 - the daemon must outlive a failing disk
+            # write_back dropped the affected objects (T0 may not hold what T1 refused)
+            log.error("write-back to T1 failed: %s: %s", type(e).__name__, e)
 
     def _peer_allowed(self, sock: trio.socket.SocketType) -> tuple[bool, str]:
         cfg = self.engine.cfg

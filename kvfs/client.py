@@ -340,12 +340,15 @@ class Store:
                     multi.append(v)
             chunk_sums = iter(self.reader.write(tasks))
             self.reader.copy(cdst, csrc, [None] * len(cdst))
-            # checksums of what now lies in the arena, chunk by chunk as T1 will hold it
+            # checksums of the caller's bytes (not of the arena copy: another
+            # group member scribbling on the arena before the commit must
+            # make the object fail verification, not be published as valid),
+            # chunk by chunk as T1 will hold them
             t0_chunks: list[memoryview] = []
-            for item, dst in zip((it for it in res["items"] if it is not None and it[2] >= 0), cdst):
+            for item, src in zip((it for it in res["items"] if it is not None and it[2] >= 0), csrc):
                 pos = 0
                 for c in item[1]:
-                    t0_chunks.append(dst[pos:pos + c[3]])
+                    t0_chunks.append(src[pos:pos + c[3]])
                     pos += c[3]
             t0_sums = iter(self.reader.hash_many(t0_chunks))
             whole = iter(self.reader.hash_many(multi))

@@ -266,8 +266,28 @@ def _ratio_base(system: str) -> str:
     return "raw preadv cold" if system.endswith("cold") else "raw preadv"
 
 
+def format_summary(res: dict[str, Any], kind: str, threads: int) -> str:
+    """One table per thread count: a row per system, a column per block
+    size, GB/s with the ratio to that row's physical baseline."""
+    cells = [c for c in res["cells"] if c["threads"] == threads]
+    order = GET_ORDER if kind == "get" else PUT_ORDER
+    rows = []
+    for name in order:
+        if not any(name in c[kind] for c in cells):
+            continue
+        row: list[Any] = [name]
+        for c in cells:
+            figs = c[kind]
+            base = _ratio_base(name) if kind == "get" else "raw pwrite"
+            row.append(f"{figs[name]:.2f} ({figs[name] / figs[base]:.2f})" if name in figs else "")
+        rows.append(row)
+    heads = [f"{kind}s, {threads} thr: GB/s (x baseline)"] + [
+        f"{c['block'] // KiB} KiB" if c["block"] < MiB else f"{c['block'] // MiB} MiB" for c in cells]
+    return render(heads, rows)
+
+
 def format_compare(res: dict[str, Any]) -> str:
-    out = []
+    out = [format_summary(res, k, t) for k in ("get", "put") for t in sorted({c["threads"] for c in res["cells"]})]
     for kind, order in (("get", GET_ORDER), ("put", PUT_ORDER)):
         rows = []
         for c in res["cells"]:
@@ -305,7 +325,7 @@ def plot_compare(res: dict[str, Any], path: str) -> None:
         width = 0.8 / max(1, len(names))
         for j, name in enumerate(names):
             xs = [i + j * width for i in range(len(cells))]
-            ax.bar(xs, [c[kind].get(name, 0) for c in cells], width, label=name)
+            ax.bar(xs, [c[kind].get(name, 0) for c in cells], width, label=name, color=plt.cm.tab20(j % 20))
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cells))])
         ax.set_xticklabels([f"{c['block'] // KiB} KiB" if c["block"] < MiB else f"{c['block'] // MiB} MiB"
                             for c in cells])
