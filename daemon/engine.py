@@ -31,7 +31,7 @@ import xxhash
 from kvfs import format as fmt
 from kvfs.errors import CapacityError, InvalidArgument, NotFound
 from kvfs.generation import Generation
-from kvfs.keys import normalize_key, normalize_ns
+from kvfs.keys import normalize_key, normalize_keys, normalize_ns
 from kvfs.meta import encode_meta
 
 from kvfs import native
@@ -1043,16 +1043,16 @@ class Engine:
             self.t0.unpinned(freed)
 
     def contains(self, ns: str, keys: list[Any]) -> list[bool]:
-        ns = normalize_ns(ns)
+        pre = normalize_ns(ns).encode() + b"\x00"  # obj_key's layout
         lru = self.lru
-        return [obj_key(ns, normalize_key(k)) in lru for k in keys]
+        return [pre + k.encode() in lru for k in normalize_keys(keys)]
 
     def prefix_match(self, ns: str, keys: list[Any]) -> int:
-        ns = normalize_ns(ns)
+        pre = normalize_ns(ns).encode() + b"\x00"
         lru = self.lru
         n = 0
-        for k in keys:
-            if obj_key(ns, normalize_key(k)) not in lru:
+        for k in normalize_keys(keys):
+            if pre + k.encode() not in lru:
                 break
             n += 1
         return n

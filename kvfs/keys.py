@@ -64,7 +64,18 @@ def normalize_ns(ns: object) -> str:
 def normalize_keys(keys: Iterable[object]) -> list[str]:
     if isinstance(keys, (str, bytes)):
         raise InvalidKey("expected a list of keys, got a single key")
-    return [normalize_key(k) for k in keys]
+    ks = list(keys)
+    # Fast path for a batch of str keys (what block_hashes makes): the same
+    # rules as _check_name, checked with a few C-level passes over the whole
+    # batch instead of a Python loop; anything odd takes the precise path.
+    try:
+        joined = "".join(ks)  # type: ignore[arg-type]  # TypeError unless all are str
+    except TypeError:
+        joined = ""
+    if (joined and joined.isprintable() and "/" not in joined and not ks.count("")
+            and max(map(len, ks)) <= MAX_KEY_CHARS and not ks.count(".") and not ks.count("..")):  # type: ignore[arg-type]
+        return ks  # type: ignore[return-value]
+    return [normalize_key(k) for k in ks]
 
 
 def block_hashes(

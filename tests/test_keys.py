@@ -47,3 +47,24 @@ def test_block_hashes_stable_across_processes():
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": str(seed), "PATH": ""}).stdout.strip() for seed in (1, 2)}
     assert outs == {",".join(block_hashes(list(range(64)), 16, salt=b"s"))}
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=210), st.sampled_from([".", "..", "a/b", "", "x" * 200, "ok"]),
+                          st.binary(max_size=3)), max_size=6))
+def test_batch_key_check_agrees_with_the_per_key_rules(keys):
+    """normalize_keys' fast path accepts exactly what normalize_key accepts."""
+    from kvfs import InvalidKey
+    from kvfs.keys import normalize_key, normalize_keys
+    try:
+        expect = [normalize_key(k) for k in keys]
+    except InvalidKey:
+        expect = None
+    try:
+        got = normalize_keys(keys)
+    except InvalidKey:
+        got = None
+    assert got == expect
