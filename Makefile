@@ -11,6 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/pip install -q -e '.[fuse]' || echo "note: pyfuse3 did not install (apt install libfuse3-dev pkg-config): no FUSE mount, its tests are skipped"
 	touch $@
 
 # The main job: the daemon on embedded defaults plus a short demo.

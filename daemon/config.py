@@ -44,6 +44,7 @@ class Config:
     # non-empty, a peer must match one of them (or be root or the daemon's uid)
     allow_uids: list[int] = field(default_factory=list)
     allow_gids: list[int] = field(default_factory=list)
+    mount: Path | None = None  # mount the store here (FUSE), if set
 
     def resolve(self) -> "Config":
         """Fill defaults, reconcile with the persisted store settings, create

@@ -80,7 +80,8 @@ class MemEntry:
     touch LMDB (or disk) and run on the event loop; LMDB is the durable copy,
     and the mirror is changed only after the commit that changes LMDB."""
 
-    __slots__ = ("size", "checksum", "seq", "exts", "spans", "wire", "t0", "dirty", "deleted", "hits", "meta")
+    __slots__ = ("size", "checksum", "seq", "exts", "spans", "wire", "t0", "dirty", "deleted", "hits", "meta",
+                 "created")
 
     def __init__(self, size: int, checksum: bytes, seq: int, exts: list[list[Any]],
                  spans: tuple[tuple[int, int], ...], *, t0: int = -1, dirty: bool = False):
@@ -94,6 +95,7 @@ class MemEntry:
         self.deleted = False  # removed while dirty: the write-back must not publish it
         self.hits = 0  # T1 hits (promotion policy)
         self.meta: bytes | None = None  # kept only while dirty (LMDB has it after)
+        self.created = 0.0  # for the mount's mtime
         self.wire: list[Any] = []
         self.rewire()
 
@@ -106,8 +108,10 @@ class MemEntry:
 
     @classmethod
     def of(cls, e: ObjEntry) -> "MemEntry":
-        return cls(e.size, e.checksum, e.seq, [x.wire() for x in e.extents],
-                   tuple((x.seg, sp) for x, sp in zip(e.extents, e.spans)))
+        m = cls(e.size, e.checksum, e.seq, [x.wire() for x in e.extents],
+                tuple((x.seg, sp) for x, sp in zip(e.extents, e.spans)))
+        m.created = e.created
+        return m
 
 
 @dataclass
@@ -669,6 +673,7 @@ class Engine:
                 exts = [[c.stripe, c.seg, c.payload_off, c.length, c.checksum] for c in op.chunks]
                 m = MemEntry(op.size, op.checksum, op.seq, exts, (), dirty=True)
                 m.meta = op.meta
+                m.created = time.time()
                 self.lru[ok] = m
                 self.t0.add(ok, m, op.t0)
                 op.mem = m
@@ -1173,6 +1178,28 @@ class Engine:
     def _tier_name(self, ok: bytes) -> str:
         m = self.lru.get(ok)
         return "T0+T1" if m is not None and m.t0 >= 0 else "T1"
+
+    def create_namespace(self, ns: str) -> None:
+        """An empty namespace (a `mkdir` in the mount). Blocking."""
+        ns = normalize_ns(ns)
+        self.writer.call(lambda txn: self.index.add_namespace(txn, ns, time.time()),
+                         sync=self.cfg.durability == "sync")
+
+    def remove_namespace(self, ns: str) -> bool:
+        """Remove an empty namespace; False if it holds objects. Blocking."""
+        ns = normalize_ns(ns)
+
+        def job(txn: Any) -> bool:
+            with self._lock:
+                if self.ns_objects.get(ns):
+                    return False
+            keys, _more = self.index.iter_keys(txn, ns, None, 1)
+            return not keys and self.index.delete_namespace(txn, ns)
+        return bool(self.writer.call(job, sync=self.cfg.durability == "sync"))
+
+    def object_entry(self, ns: str, key: str) -> MemEntry | None:
+        """The mirror entry of an object (memory only: safe on the loop)."""
+        return self.lru.get(obj_key(ns, key))
 
     def namespaces(self) -> list[str]:
         with self.index.env.begin() as txn:

@@ -198,6 +198,9 @@ class Index:
     def add_namespace(self, txn: lmdb.Transaction, ns: str, created: float) -> None:
         txn.put(ns.encode(), msgpack.packb(created), db=self.namespaces, overwrite=False)
 
+    def delete_namespace(self, txn: lmdb.Transaction, ns: str) -> bool:
+        return bool(txn.delete(ns.encode(), db=self.namespaces))
+
     def list_namespaces(self, txn: lmdb.Transaction) -> list[str]:
         with txn.cursor(db=self.namespaces) as cur:
             return [bytes(k).decode() for k in cur.iternext(keys=True, values=False)]

@@ -3,8 +3,10 @@ SIGTERM/SIGINT (the index is synced and closed before the process exits)."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
+from pathlib import Path
 
 import trio
 
@@ -15,16 +17,25 @@ from .server import Server
 log = logging.getLogger("kvfsd")
 
 
-async def _serve(server: Server) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve)
-            print(f"kvfs daemon ready: socket {server.socket_path} (pid {__import__('os').getpid()})",
-                  file=sys.stderr, flush=True)
-            async for sig in signals:
-                log.info("signal %d: shutting down", sig)
-                nursery.cancel_scope.cancel()
-                break
+async def _serve(server: Server, mountpoint: Path | None) -> None:
+    mount = None
+    try:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve)
+                if mountpoint is not None:
+                    from .mount import Mount  # pyfuse3 only when a mount is asked for
+                    mount = Mount(server.engine, server.settle, mountpoint)
+                    nursery.start_soon(mount.run)
+                print(f"kvfs daemon ready: socket {server.socket_path} (pid {os.getpid()})"
+                      + (f", mounted at {mountpoint}" if mountpoint else ""), file=sys.stderr, flush=True)
+                async for sig in signals:
+                    log.info("signal %d: shutting down", sig)
+                    nursery.cancel_scope.cancel()
+                    break
+    finally:
+        if mount is not None:
+            mount.close()  # unmount on SIGTERM (a kill -9 leaves it to the next start)
 
 
 def run(cfg: Config) -> int:
@@ -38,7 +49,7 @@ def run(cfg: Config) -> int:
     assert cfg.socket is not None
     server = Server(engine, cfg.socket, cfg.socket_mode)
     try:
-        trio.run(_serve, server)
+        trio.run(_serve, server, cfg.mount)
     finally:
         engine.close()
         log.info("index committed; bye")

@@ -326,7 +326,7 @@ class Server:
         if op == P.DELETE:
             return await self._thread(eng.delete, P.arg(args, "ns", str), P.arg(args, "keys", list))
         if op in (P.STAT, P.NAMESPACES, P.KEYS):
-            await self._settle()  # these read LMDB: let T0 puts reach it first
+            await self.settle()  # these read LMDB: let T0 puts reach it first
         if op == P.STAT:
             return await self._thread(eng.stat, P.arg(args, "ns", str), P.arg(args, "key", (str, bytes)))
         if op == P.NAMESPACES:
@@ -343,13 +343,13 @@ class Server:
             st["connections"] = self.connections
             return st
         if op == P.FLUSH:
-            return await self._settle(P.arg(args, "timeout", (int, float), 60.0))
+            return await self.settle(P.arg(args, "timeout", (int, float), 60.0))
         if op == P.REPORT_BAD:
             return await self._thread(eng.verify_object, P.arg(args, "ns", str), P.arg(args, "key", str),
                                       P.arg(args, "seq", int, None))
         raise ProtocolError(f"unknown op {op!r}")
 
-    async def _settle(self, timeout: float = 30.0) -> bool:
+    async def settle(self, timeout: float = 30.0) -> bool:
         """Wait until no T0 write-back is pending (every T0 put acknowledged
         before is in T1 and the index). False on timeout."""
         t0 = self.engine.t0

@@ -24,7 +24,8 @@ import kvfs
 class DaemonProcess:
     def __init__(self, root: str | os.PathLike[str], *, stripes: int | list[str] = 1,
                  capacity: str | int | None = None, durability: str = "fast", shm_size: str | int | None = "256M",
-                 extra: list[str] | None = None, log: str | os.PathLike[str] | None = None):
+                 extra: list[str] | None = None, log: str | os.PathLike[str] | None = None,
+                 mount: str | os.PathLike[str] | None = None):
         self.root = Path(root)
         self.socket = self.root / "kvfs.sock"
         if isinstance(stripes, int):
@@ -34,6 +35,7 @@ class DaemonProcess:
         self.capacity = capacity
         self.durability = durability
         self.shm_size = shm_size  # T0 arena; 0: none; None: the daemon's default
+        self.mount = Path(mount) if mount is not None else None
         self.extra = list(extra or [])
         self.log_path = Path(log) if log else self.root.parent / f"{self.root.name}-daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -47,6 +49,8 @@ class DaemonProcess:
             a += ["--capacity", str(self.capacity)]
         if self.shm_size is not None:
             a += ["--shm-size", str(self.shm_size)]
+        if self.mount is not None:
+            a += ["--mount", str(self.mount)]
         return a + self.extra
 
     def start(self, timeout: float = 30.0) -> "DaemonProcess":
@@ -61,9 +65,11 @@ class DaemonProcess:
             try:
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                     s.connect(str(self.socket))
-                return self
+                if self.mount is None or (os.path.ismount(self.mount) and _mount_answers(self.mount)):
+                    return self  # listening (and mounted, if asked)
             except OSError:
-                time.sleep(0.02)
+                pass
+            time.sleep(0.02)
         raise TimeoutError(f"daemon did not listen within {timeout}s:\n{self.log()}")
 
     def log(self) -> str:
@@ -108,6 +114,13 @@ class DaemonProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
         self.remove_shm()
+        if self.mount is not None:
+            # a killed daemon leaves a dead mount behind (a restart would detach it)
+            from kvfsd.mount import clean_stale_mount
+            try:
+                clean_stale_mount(self.mount)
+            except (OSError, RuntimeError):
+                pass
 
     def remove_shm(self) -> None:
         """Remove what a killed daemon left in /dev/shm (arena, directory,
@@ -117,3 +130,13 @@ class DaemonProcess:
         a = arena_path(self.root.absolute())
         for p in (a, a.with_suffix(".dir"), a.with_suffix(".journal")):
             p.unlink(missing_ok=True)
+
+
+def _mount_answers(path: Path) -> bool:
+    """The mount at ``path`` is served (statfs is never answered from a
+    cache, unlike a stale mount's cached root attributes)."""
+    try:
+        os.statvfs(path)
+        return True
+    except OSError:
+        return False

@@ -33,6 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "daemon's own uid always may). Default: whoever can open the socket (mode 0660)")
     p.add_argument("--allow-gid", type=int, action="append", default=[], metavar="GID",
                    help="also allow peers whose primary gid is one of these (repeatable)")
+    p.add_argument("--mount", default=None, metavar="DIR",
+                   help="also mount the store at DIR (FUSE: /<namespace>/<key> files, /.kvfs/stats)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -56,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         shm_size=parse_size(args.shm_size) if args.shm_size is not None else None,
         promote_after=args.promote_after,
         dir_slots=args.dir_slots,
+        mount=Path(args.mount).absolute() if args.mount else None,
         allow_uids=args.allow_uid,
         allow_gids=args.allow_gid,
     )

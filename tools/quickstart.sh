@@ -9,7 +9,12 @@ ROOT="${KVFS_ROOT:-$HOME/.kvfs}"
 SOCK="${KVFS_SOCKET:-$ROOT/kvfs.sock}"
 LOG="$ROOT.daemon.log"
 mkdir -p "$ROOT"
-"$BIN/kvfs" daemon >"$LOG" 2>&1 &
+MNT="$ROOT/mnt"
+MOUNT=()
+if [ -e /dev/fuse ] && "$BIN/python" -c "import pyfuse3" 2>/dev/null; then
+  MOUNT=(--mount "$MNT")  # the store as files too (pyfuse3 and /dev/fuse are here)
+fi
+"$BIN/kvfs" daemon "${MOUNT[@]}" >"$LOG" 2>&1 &
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
 for _ in $(seq 200); do
@@ -21,5 +26,12 @@ for _ in $(seq 200); do
 done
 echo "kvfs daemon pid $pid, store $ROOT, socket $SOCK (log: $LOG)"
 "$BIN/kvfs" demo
+if [ ${#MOUNT[@]} -gt 0 ]; then
+  echo
+  echo "The same store mounted at $MNT:"
+  ls -l "$MNT" | sed 's/^/  /'
+  ns=$(ls "$MNT" | head -1)
+  echo "  $ns: $(ls "$MNT/$ns" | wc -l) files, $(du -sh "$MNT/$ns" | cut -f1); e.g. $(ls -l "$MNT/$ns" | sed -n 2p)"
+fi
 echo
 echo "Stopping the daemon (run it yourself with: $BIN/kvfs daemon)."

@@ -1,0 +1,548 @@
+"""The FUSE namespace (pyfuse3, in the daemon's trio loop).
+
+    /                      namespaces, and .kvfs
+    /<namespace>/          one directory per namespace
+    /<namespace>/<key>     one read-only regular file per object
+    /.kvfs/stats           the daemon's stats as JSON (same as `kvfs stats --json`)
+
+Rules kept here:
+- Handlers only ever raise FUSEError: ``_errors`` maps everything else
+  (kvfs errors, OSError, bugs) to an errno, and logs what is not expected.
+- Handlers never block the loop on disk or LMDB: every such call goes
+  through ``trio.to_thread``; what runs on the loop touches memory only.
+- Reads are served chunk by chunk, each chunk verified against its checksum
+  before any byte of it is returned: a corrupted object reads as EIO, never
+  as wrong bytes. An open file holds a lease, so its bytes stay put.
+- Objects are immutable: an existing object cannot be opened for writing
+  (EROFS). A new file is written to a spill file and committed as one object
+  when it is closed; until then no other reader sees it.
+- Objects are immutable and content-addressed, so their attributes and
+  entries are cached by the kernel for long, and opens keep the page cache.
+
+pyfuse3 is imported only by this module, which is imported only when a
+mount is asked for.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import mmap
+import os
+import stat
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable, TypeVar
+
+import pyfuse3
+import trio
+
+from kvfs import format as fmt
+from kvfs import native
+from kvfs.errors import CapacityError, InvalidArgument, InvalidKey, KvfsError, NotFound
+from kvfs.keys import normalize_key, normalize_ns
+
+from .engine import Engine
+
+log = logging.getLogger("kvfsd.fuse")
+
+ROOT = pyfuse3.ROOT_INODE
+KVFS_DIR = ROOT + 1
+STATS = ROOT + 2
+FIRST_DYNAMIC = 16
+OBJECT_TIMEOUT = 60.0  # immutable: attributes never change while the object exists
+DIR_TIMEOUT = 1.0  # directory contents change
+CHUNK_CACHE = 4  # verified chunks kept per open file
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _errors(fn: F) -> F:
+    """Only FUSEError may leave a handler."""
+    @functools.wraps(fn)
+    async def wrapper(*a: Any, **kw: Any) -> Any:
+        try:
+            return await fn(*a, **kw)
+        except pyfuse3.FUSEError:
+            raise
+        except NotFound:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except (InvalidKey, InvalidArgument):
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        except CapacityError:
+            raise pyfuse3.FUSEError(errno.ENOSPC) from None
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except KvfsError as e:
+            log.warning("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:  # noqa: BLE001 - a bug must not take the mount down
+            log.exception("internal error in FUSE %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper  # type: ignore[return-value]
+
+
+def _name(raw: bytes) -> str:
+    if len(raw) > 255:
+        raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise pyfuse3.FUSEError(errno.EINVAL) from None
+
+
+@dataclass
+class ReadHandle:
+    ns: str
+    key: str
+    item: list[Any]  # lookup's wire form: [size, checksum, seq, extents, t0]
+    lease: int
+    chunks: dict[int, bytes] = field(default_factory=dict)  # verified chunk index -> bytes
+
+
+@dataclass
+class WriteHandle:
+    ns: str
+    key: str
+    ino: int
+    path: Path
+    fd: int
+    size: int = 0
+    committed: bool = False
+
+
+@dataclass
+class StatsHandle:
+    data: bytes
+
+
+@dataclass
+class DirHandle:
+    entries: list[tuple[str, int]]  # a snapshot taken at opendir: (name, inode)
+
+
+class KvfsOps(pyfuse3.Operations):
+    def __init__(self, engine: Engine, settle: Callable[[], Awaitable[bool]], spill_dir: Path,
+                 file_mode: int = 0o444, dir_mode: int = 0o755):
+        super().__init__()
+        self.eng = engine
+        self.settle = settle  # waits until T0 puts are in the index (listings read it)
+        self.spill_dir = spill_dir
+        spill_dir.mkdir(parents=True, exist_ok=True)
+        for stale in spill_dir.iterdir():  # uncommitted writes of a crashed daemon
+            stale.unlink(missing_ok=True)
+        self.file_mode = file_mode
+        self.dir_mode = dir_mode
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self.started_ns = int(time.time() * 1e9)
+        # inode numbers are never reused while the daemon runs
+        self.ino_of: dict[tuple[str, ...], int] = {}
+        self.what: dict[int, tuple[str, ...]] = {}
+        self.next_ino = FIRST_DYNAMIC
+        self.handles: dict[int, ReadHandle | WriteHandle | StatsHandle | DirHandle] = {}
+        self.next_fh = 1
+        self.pending: dict[tuple[str, str], WriteHandle] = {}  # new files not yet committed
+
+    # -- inodes --------------------------------------------------------------
+    def _ino(self, *what: str) -> int:
+        ino = self.ino_of.get(what)
+        if ino is None:
+            ino = self.next_ino
+            self.next_ino += 1
+            self.ino_of[what] = ino
+            self.what[ino] = what
+        return ino
+
+    def _kind(self, ino: int) -> tuple[str, ...]:
+        if ino == ROOT:
+            return ("root",)
+        if ino == KVFS_DIR:
+            return ("kvfsdir",)
+        if ino == STATS:
+            return ("stats",)
+        w = self.what.get(ino)
+        if w is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return w
+
+    def _attr(self, ino: int, mode: int, size: int, mtime_ns: int, timeout: float) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.generation = 0
+        a.entry_timeout = timeout
+        a.attr_timeout = timeout
+        a.st_mode = mode
+        a.st_nlink = 2 if stat.S_ISDIR(mode) else 1
+        a.st_uid = self.uid
+        a.st_gid = self.gid
+        a.st_rdev = 0
+        a.st_size = size
+        a.st_blksize = 1 << 20
+        a.st_blocks = -(-size // 512)
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime_ns
+        return a
+
+    def _dir_attr(self, ino: int) -> pyfuse3.EntryAttributes:
+        return self._attr(ino, stat.S_IFDIR | self.dir_mode, 0, self.started_ns, DIR_TIMEOUT)
+
+    def _stats_json(self) -> bytes:
+        st = self.eng.stats()
+        return (json.dumps(st, indent=2, sort_keys=True) + "\n").encode()
+
+    def _namespaces_now(self) -> set[str]:
+        return set(self.eng.ns_objects)
+
+    async def _namespace_exists(self, ns: str) -> bool:
+        if ns in self.eng.ns_objects:
+            return True
+        return ns in await trio.to_thread.run_sync(self.eng.namespaces)
+
+    async def _attr_of(self, ino: int) -> pyfuse3.EntryAttributes:
+        kind = self._kind(ino)
+        if kind[0] in ("root", "kvfsdir", "ns"):
+            return self._dir_attr(ino)
+        if kind[0] == "stats":
+            return self._attr(ino, stat.S_IFREG | 0o444, len(self._stats_json()), time.time_ns(), 0)
+        _, ns, key = kind
+        w = self.pending.get((ns, key))
+        if w is not None and not w.committed:
+            return self._attr(ino, stat.S_IFREG | 0o644, w.size, time.time_ns(), 0)
+        m = self.eng.object_entry(ns, key)
+        if m is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(ino, stat.S_IFREG | self.file_mode, m.size, int(m.created * 1e9), OBJECT_TIMEOUT)
+
+    # -- lookup and attributes ----------------------------------------------
+    @_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        n = _name(name)
+        kind = self._kind(parent_inode)
+        if n == ".":
+            return await self._attr_of(parent_inode)
+        if n == "..":
+            return await self._attr_of(ROOT if kind[0] != "root" else ROOT)
+        if kind[0] == "root":
+            if n == ".kvfs":
+                return self._dir_attr(KVFS_DIR)
+            try:
+                ns = normalize_ns(n)
+            except InvalidKey:
+                raise pyfuse3.FUSEError(errno.ENOENT) from None
+            if not await self._namespace_exists(ns):
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._dir_attr(self._ino("ns", ns))
+        if kind[0] == "kvfsdir":
+            if n == "stats":
+                return await self._attr_of(STATS)
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if kind[0] != "ns":
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        try:
+            key = normalize_key(n)
+        except InvalidKey:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        ns = kind[1]
+        if self.eng.object_entry(ns, key) is None and (ns, key) not in self.pending:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return await self._attr_of(self._ino("obj", ns, key))
+
+    @_errors
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return await self._attr_of(inode)
+
+    @_errors
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
+        kind = self._kind(inode)
+        if kind[0] == "obj":
+            w = self.pending.get((kind[1], kind[2]))
+            if w is not None and not w.committed:
+                if fields.update_size:
+                    await trio.to_thread.run_sync(os.ftruncate, w.fd, attr.st_size)
+                    w.size = attr.st_size
+                return await self._attr_of(inode)
+            if fields.update_size:
+                raise pyfuse3.FUSEError(errno.EROFS)  # objects are immutable
+        # mode and times of immutable objects and directories: accepted, ignored
+        return await self._attr_of(inode)
+
+    # -- directories ---------------------------------------------------------
+    @_errors
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        kind = self._kind(inode)
+        if kind[0] == "root":
+            names = sorted(self._namespaces_now() | set(await trio.to_thread.run_sync(self.eng.namespaces)))
+            entries = [(".kvfs", KVFS_DIR)] + [(ns, self._ino("ns", ns)) for ns in names]
+        elif kind[0] == "kvfsdir":
+            entries = [("stats", STATS)]
+        elif kind[0] == "ns":
+            await self.settle()
+            ns = kind[1]
+            keys: list[str] = []
+            after: str | None = None
+            while True:
+                page, more = await trio.to_thread.run_sync(self.eng.keys, ns, after, 10000)
+                keys += page
+                if not more or not page:
+                    break
+                after = page[-1]
+            entries = [(k, self._ino("obj", ns, k)) for k in keys]
+        else:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return self._new_fh(DirHandle(entries))
+
+    @_errors
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        h = self.handles.get(fh)
+        if not isinstance(h, DirHandle):
+            raise pyfuse3.FUSEError(errno.EBADF)
+        for i in range(start_id, len(h.entries)):
+            name, ino = h.entries[i]
+            try:
+                attr = await self._attr_of(ino)
+            except pyfuse3.FUSEError:
+                continue  # removed since the snapshot
+            if not pyfuse3.readdir_reply(token, name.encode(), attr, i + 1):
+                return
+
+    @_errors
+    async def releasedir(self, fh: int) -> None:
+        self.handles.pop(fh, None)
+
+    @_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        if parent_inode != ROOT:
+            raise pyfuse3.FUSEError(errno.EPERM)  # namespaces are one level deep
+        n = _name(name)
+        if n == ".kvfs":
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        ns = normalize_ns(n)
+        if await self._namespace_exists(ns):
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        await trio.to_thread.run_sync(self.eng.create_namespace, ns)
+        return self._dir_attr(self._ino("ns", ns))
+
+    @_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        if parent_inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        n = _name(name)
+        if n == ".kvfs":
+            raise pyfuse3.FUSEError(errno.EPERM)
+        ns = normalize_ns(n)
+        if not await self._namespace_exists(ns):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        await self.settle()
+        if not await trio.to_thread.run_sync(self.eng.remove_namespace, ns):
+            raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+
+    @_errors
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: Any) -> None:
+        # An object's key is its content address: renaming one would give
+        # bytes a name that does not describe them. EXDEV makes `mv` copy
+        # (a new object under the new key) and delete, which is exactly right.
+        raise pyfuse3.FUSEError(errno.EXDEV)
+
+    # -- reading -------------------------------------------------------------
+    @_errors
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        kind = self._kind(inode)
+        if kind[0] == "stats":
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                raise pyfuse3.FUSEError(errno.EROFS)
+            fh = self._new_fh(StatsHandle(self._stats_json()))
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+        if kind[0] != "obj":
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        _, ns, key = kind
+        w = self.pending.get((ns, key))
+        if w is not None and not w.committed:
+            raise pyfuse3.FUSEError(errno.EBUSY)  # being written by another open
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)  # objects are immutable
+        fh = self.next_fh
+        self.next_fh += 1
+        lid, items = self.eng.lookup(ns, [key], ("fuse", fh))  # memory only
+        if items[0] is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        self.handles[fh] = ReadHandle(ns, key, items[0], lid)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def _new_fh(self, h: ReadHandle | WriteHandle | StatsHandle | DirHandle) -> int:
+        fh = self.next_fh
+        self.next_fh += 1
+        self.handles[fh] = h
+        return fh
+
+    @_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self.handles.get(fh)
+        if isinstance(h, StatsHandle):
+            return h.data[off:off + size]
+        if not isinstance(h, ReadHandle):
+            raise pyfuse3.FUSEError(errno.EBADF)
+        total, exts = h.item[0], h.item[3]
+        end = min(total, off + size)
+        out = []
+        pos = 0
+        for ci, x in enumerate(exts):
+            clen = x[3]
+            if pos + clen > off and pos < end:
+                data = await self._chunk(h, ci, pos)
+                out.append(data[max(0, off - pos):min(clen, end - pos)])
+            pos += clen
+            if pos >= end:
+                break
+        return b"".join(out)
+
+    async def _chunk(self, h: ReadHandle, ci: int, pos: int) -> bytes:
+        data = h.chunks.get(ci)
+        if data is not None:
+            return data
+        data = await trio.to_thread.run_sync(self._read_chunk, h, ci, pos)
+        if data is None:
+            # report it like a client would: the daemon re-checks and drops it
+            await trio.to_thread.run_sync(self.eng.verify_object, h.ns, h.key, h.item[2])
+            raise pyfuse3.FUSEError(errno.EIO)
+        if len(h.chunks) >= CHUNK_CACHE:
+            h.chunks.pop(next(iter(h.chunks)))
+        h.chunks[ci] = data
+        return data
+
+    def _read_chunk(self, h: ReadHandle, ci: int, pos: int) -> bytes | None:
+        """One chunk, verified (blocking: a worker thread). None: bad."""
+        stripe, seg, off, length, csum = h.item[3][ci]
+        t0 = h.item[4]
+        t0tier = self.eng.t0
+        if t0 is not None and t0tier is not None:
+            data = bytes(t0tier.arena.view[t0[0] + pos:t0[0] + pos + length])
+        else:
+            with self.eng._lock:
+                s = self.eng.segs.get(seg)
+                fd = s.ensure_fd() if s is not None else -1
+            if fd < 0:
+                return None
+            data = os.pread(fd, length, off)
+        if len(data) != length or native.backend.hash_many([data], 1)[0] != csum:
+            return None
+        return data
+
+    # -- writing -------------------------------------------------------------
+    @_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        kind = self._kind(parent_inode)
+        if kind[0] != "ns":
+            raise pyfuse3.FUSEError(errno.EPERM if kind[0] == "root" else errno.EROFS)
+        ns, key = kind[1], normalize_key(_name(name))
+        if self.eng.object_entry(ns, key) is not None or (ns, key) in self.pending:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        fd, path = tempfile.mkstemp(dir=self.spill_dir, prefix="put-")
+        ino = self._ino("obj", ns, key)
+        w = WriteHandle(ns, key, ino, Path(path), fd)
+        self.pending[(ns, key)] = w
+        fh = self._new_fh(w)
+        return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=False), await self._attr_of(ino)
+
+    @_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        w = self.handles.get(fh)
+        if not isinstance(w, WriteHandle):
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if w.committed:
+            raise pyfuse3.FUSEError(errno.EROFS)  # closed once: the object is immutable now
+        n = await trio.to_thread.run_sync(os.pwrite, w.fd, buf, off)
+        w.size = max(w.size, off + n)
+        return n
+
+    @_errors
+    async def flush(self, fh: int) -> None:
+        """close(2): commit a new file, so it is readable when close returns."""
+        w = self.handles.get(fh)
+        if isinstance(w, WriteHandle) and not w.committed:
+            try:
+                await trio.to_thread.run_sync(self._commit, w)
+            finally:
+                w.committed = True
+                self.pending.pop((w.ns, w.key), None)
+
+    def _commit(self, w: WriteHandle) -> None:
+        """Store the spill file as one object (blocking: a worker thread)."""
+        size = os.fstat(w.fd).st_size
+        mm = mmap.mmap(w.fd, size, mmap.MAP_SHARED, mmap.PROT_READ) if size else None
+        view = memoryview(mm) if mm is not None else memoryview(b"")
+        try:
+            plan = self.eng.prepare_put(w.ns, [(w.key, size, None)])
+            op = plan.items[0]
+            if op is None:
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            self.eng.write_chunks(plan, [(0, i, view[c.chunk_off:c.chunk_off + c.length])
+                                         for i, c in enumerate(op.chunks)])
+            self.eng.commit_put(plan, False)
+        finally:
+            view.release()
+            if mm is not None:
+                mm.close()
+
+    @_errors
+    async def release(self, fh: int) -> None:
+        h = self.handles.pop(fh, None)
+        if isinstance(h, ReadHandle):
+            freed = self.eng.release([h.lease], ("fuse", fh)) if h.lease else []
+            if freed:
+                await trio.to_thread.run_sync(self.eng.reclaim, freed)
+        elif isinstance(h, WriteHandle):
+            if not h.committed:
+                self.pending.pop((h.ns, h.key), None)
+            os.close(h.fd)
+            h.path.unlink(missing_ok=True)
+
+    @_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        kind = self._kind(parent_inode)
+        if kind[0] != "ns":
+            raise pyfuse3.FUSEError(errno.EPERM)
+        key = normalize_key(_name(name))
+        await self.settle()
+        if not await trio.to_thread.run_sync(self.eng.delete, kind[1], [key]):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+
+    # -- extended attributes, statfs -------------------------------------------
+    XATTRS = (b"user.kvfs.checksum", b"user.kvfs.tier", b"user.kvfs.meta")
+
+    @_errors
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return list(self.XATTRS) if self._kind(inode)[0] == "obj" else []
+
+    @_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        kind = self._kind(inode)
+        if kind[0] != "obj" or name not in self.XATTRS:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        _, ns, key = kind
+        m = self.eng.object_entry(ns, key)
+        if m is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if name == b"user.kvfs.checksum":
+            return m.checksum.hex().encode()
+        if name == b"user.kvfs.tier":
+            return b"T0" if m.dirty else (b"T0+T1" if m.t0 >= 0 else b"T1")
+        if m.dirty:
+            return m.meta or b""
+        info = await trio.to_thread.run_sync(self.eng.stat, ns, key)
+        return (info["meta"] or "").encode()
+
+    @_errors
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        bs = fmt.PAGE
+        s.f_bsize = s.f_frsize = bs
+        s.f_blocks = self.eng.capacity // bs
+        s.f_bfree = s.f_bavail = max(0, self.eng.capacity - self.eng.disk_usage()) // bs
+        s.f_files = len(self.eng.lru) + 1
+        s.f_ffree = s.f_favail = 1 << 30
+        s.f_namemax = 255
+        return s

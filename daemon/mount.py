@@ -1,0 +1,62 @@
+"""Mounting the FUSE namespace inside the daemon's trio loop (kvfsd.fuse_ops).
+
+pyfuse3 (and libfuse) are imported here, only when a mount is asked for, so
+the daemon and the client run where libfuse is absent.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+log = logging.getLogger("kvfsd")
+
+
+def clean_stale_mount(mountpoint: Path) -> None:
+    """A daemon killed with its mount active leaves a dead FUSE mount
+    ("Transport endpoint is not connected"): detach it before mounting."""
+    try:
+        os.statvfs(mountpoint)  # never answered from the kernel's attribute cache, unlike stat
+        return
+    except FileNotFoundError:
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        return
+    except OSError as e:
+        if e.errno != errno.ENOTCONN:
+            raise
+    log.warning("%s: stale mount of a dead daemon; detaching it", mountpoint)
+    for cmd in (["fusermount3", "-u", "-z", str(mountpoint)], ["umount", "-l", str(mountpoint)]):
+        if shutil.which(cmd[0]) and subprocess.run(cmd, capture_output=True).returncode == 0:
+            return
+    raise RuntimeError(f"{mountpoint} is a stale mount and could not be detached (fusermount3 -u -z {mountpoint})")
+
+
+class Mount:
+    def __init__(self, engine: Any, settle: Callable[[], Awaitable[bool]], mountpoint: Path):
+        import pyfuse3
+
+        from .fuse_ops import KvfsOps
+
+        self.pyfuse3 = pyfuse3
+        self.mountpoint = mountpoint
+        clean_stale_mount(mountpoint)
+        self.ops = KvfsOps(engine, settle, engine.cfg.root / "fuse-spill")
+        options = set(pyfuse3.default_options) | {"fsname=kvfs", "subtype=kvfs"}
+        if os.geteuid() == 0:
+            options.add("allow_other")  # the socket's group, not only root, may use the mount
+        pyfuse3.init(self.ops, str(mountpoint), options)
+        self.mounted = True
+        log.info("mounted the store at %s", mountpoint)
+
+    async def run(self) -> None:
+        await self.pyfuse3.main()
+
+    def close(self) -> None:
+        if self.mounted:
+            self.mounted = False
+            self.pyfuse3.close(unmount=True)
+            log.info("unmounted %s", self.mountpoint)
