@@ -101,6 +101,8 @@ class ReadHandle:
     item: list[Any]  # lookup's wire form: [size, checksum, seq, extents, t0]
     lease: int
     chunks: dict[int, bytes] = field(default_factory=dict)  # verified chunk index -> bytes
+    loading: dict[int, trio.Event] = field(default_factory=dict)  # chunk loads in flight
+    bad: bool = False  # a chunk failed verification
 
 
 @dataclass
@@ -112,6 +114,7 @@ class WriteHandle:
     fd: int
     size: int = 0
     committed: bool = False
+    failed: bool = False  # a write failed: the file is never committed (no partial objects)
 
 
 @dataclass
@@ -145,6 +148,9 @@ class KvfsOps(pyfuse3.Operations):
         self.handles: dict[int, ReadHandle | WriteHandle | StatsHandle | DirHandle] = {}
         self.next_fh = 1
         self.pending: dict[tuple[str, str], WriteHandle] = {}  # new files not yet committed
+        self.nursery: trio.Nursery | None = None  # for read-ahead loads (set by the mount)
+        self.counters = {"reads": 0, "read_bytes": 0, "writes": 0, "write_bytes": 0, "chunks_loaded": 0,
+                         "commits": 0}
 
     # -- inodes --------------------------------------------------------------
     def _ino(self, *what: str) -> int:
@@ -190,6 +196,7 @@ class KvfsOps(pyfuse3.Operations):
 
     def _stats_json(self) -> bytes:
         st = self.eng.stats()
+        st["fuse"] = dict(self.counters)
         return (json.dumps(st, indent=2, sort_keys=True) + "\n").encode()
 
     def _namespaces_now(self) -> set[str]:
@@ -386,6 +393,8 @@ class KvfsOps(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         total, exts = h.item[0], h.item[3]
         end = min(total, off + size)
+        self.counters["reads"] += 1
+        self.counters["read_bytes"] += max(0, end - off)
         out = []
         pos = 0
         for ci, x in enumerate(exts):
@@ -399,18 +408,49 @@ class KvfsOps(pyfuse3.Operations):
         return b"".join(out)
 
     async def _chunk(self, h: ReadHandle, ci: int, pos: int) -> bytes:
-        data = h.chunks.get(ci)
-        if data is not None:
-            return data
-        data = await trio.to_thread.run_sync(self._read_chunk, h, ci, pos)
-        if data is None:
-            # report it like a client would: the daemon re-checks and drops it
-            await trio.to_thread.run_sync(self.eng.verify_object, h.ns, h.key, h.item[2])
-            raise pyfuse3.FUSEError(errno.EIO)
-        if len(h.chunks) >= CHUNK_CACHE:
-            h.chunks.pop(next(iter(h.chunks)))
-        h.chunks[ci] = data
+        """Chunk ``ci`` of an open file, verified; starts loading the next one
+        (sequential readers then find it ready: read-ahead at chunk size)."""
+        while True:
+            data = h.chunks.get(ci)
+            if data is not None:
+                break
+            ev = h.loading.get(ci)
+            if ev is None:
+                ev = h.loading[ci] = trio.Event()
+                await self._load(h, ci, pos, ev)
+            else:
+                await ev.wait()
+            if h.bad:
+                # report it like a client would: the daemon re-checks and drops it
+                await trio.to_thread.run_sync(self.eng.verify_object, h.ns, h.key, h.item[2])
+                raise pyfuse3.FUSEError(errno.EIO)
+        nxt = ci + 1
+        exts = h.item[3]
+        if nxt < len(exts) and nxt not in h.chunks and nxt not in h.loading and self.nursery is not None:
+            # registered before the task starts, so a reader of it waits instead of loading it twice
+            h.loading[nxt] = trio.Event()
+            self.nursery.start_soon(self._load, h, nxt, pos + exts[ci][3], h.loading[nxt])
         return data
+
+    async def _load(self, h: ReadHandle, ci: int, pos: int, ev: trio.Event) -> None:
+        """Load and verify one chunk; never raises (it also runs as a
+        background read-ahead task, which must not take the mount down)."""
+        try:
+            data = await trio.to_thread.run_sync(self._read_chunk, h, ci, pos)
+            self.counters["chunks_loaded"] += 1
+            if data is None:
+                h.bad = True
+                return
+            while len(h.chunks) >= CHUNK_CACHE:
+                h.chunks.pop(next(iter(h.chunks)))
+            h.chunks[ci] = data
+        except Exception:  # noqa: BLE001
+            log.exception("loading chunk %d of %s/%s", ci, h.ns, h.key)
+            h.bad = True
+        finally:
+            if h.loading.get(ci) is ev:
+                del h.loading[ci]
+            ev.set()
 
     def _read_chunk(self, h: ReadHandle, ci: int, pos: int) -> bytes | None:
         """One chunk, verified (blocking: a worker thread). None: bad."""
@@ -454,20 +494,38 @@ class KvfsOps(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         if w.committed:
             raise pyfuse3.FUSEError(errno.EROFS)  # closed once: the object is immutable now
-        n = await trio.to_thread.run_sync(os.pwrite, w.fd, buf, off)
+        try:
+            n = await trio.to_thread.run_sync(os.pwrite, w.fd, buf, off)
+        except OSError:
+            w.failed = True
+            raise
         w.size = max(w.size, off + n)
+        self.counters["writes"] += 1
+        self.counters["write_bytes"] += n
         return n
 
     @_errors
     async def flush(self, fh: int) -> None:
-        """close(2): commit a new file, so it is readable when close returns."""
+        """close(2) of a descriptor: commit a new file once something was
+        written, so it is readable when `cp` returns. (A close that comes
+        before any write, like dd's dup2-then-close, commits nothing; an
+        empty file is committed at release.)"""
         w = self.handles.get(fh)
-        if isinstance(w, WriteHandle) and not w.committed:
-            try:
-                await trio.to_thread.run_sync(self._commit, w)
-            finally:
-                w.committed = True
-                self.pending.pop((w.ns, w.key), None)
+        if isinstance(w, WriteHandle) and not w.committed and w.size > 0:
+            await self._commit_now(w)
+
+    async def _commit_now(self, w: WriteHandle) -> None:
+        try:
+            if w.failed:
+                log.warning("%s/%s: a write failed; the file is discarded, not stored", w.ns, w.key)
+                return
+            t = time.monotonic()
+            await trio.to_thread.run_sync(self._commit, w)
+            self.counters["commits"] += 1
+            log.debug("stored %s/%s (%d bytes) in %.3f s", w.ns, w.key, w.size, time.monotonic() - t)
+        finally:
+            w.committed = True
+            self.pending.pop((w.ns, w.key), None)
 
     def _commit(self, w: WriteHandle) -> None:
         """Store the spill file as one object (blocking: a worker thread)."""
@@ -495,10 +553,12 @@ class KvfsOps(pyfuse3.Operations):
             if freed:
                 await trio.to_thread.run_sync(self.eng.reclaim, freed)
         elif isinstance(h, WriteHandle):
-            if not h.committed:
-                self.pending.pop((h.ns, h.key), None)
-            os.close(h.fd)
-            h.path.unlink(missing_ok=True)
+            try:
+                if not h.committed:
+                    await self._commit_now(h)  # an empty file (or only truncated)
+            finally:
+                os.close(h.fd)
+                h.path.unlink(missing_ok=True)
 
     @_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:

@@ -13,7 +13,11 @@ import subprocess
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+import trio
+
 log = logging.getLogger("kvfsd")
+
+READ_AHEAD_KB = 8192
 
 
 def clean_stale_mount(mountpoint: Path) -> None:
@@ -53,7 +57,23 @@ class Mount:
         log.info("mounted the store at %s", mountpoint)
 
     async def run(self) -> None:
-        await self.pyfuse3.main()
+        async with trio.open_nursery() as nursery:
+            self.ops.nursery = nursery
+            nursery.start_soon(self._tune_readahead)
+            await self.pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    async def _tune_readahead(self) -> None:
+        """Let the kernel send large reads (and read ahead) on this mount: a
+        FUSE mount's readahead is 128 KiB by default, so a 1 MiB application
+        read became 8 requests. Needs root; otherwise the default stays."""
+        try:
+            st = await trio.to_thread.run_sync(os.stat, self.mountpoint)  # served by our own loop
+            path = Path(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb")
+            await trio.to_thread.run_sync(path.write_text, f"{READ_AHEAD_KB}\n")
+            log.info("read-ahead of the mount set to %d KiB", READ_AHEAD_KB)
+        except OSError as e:
+            log.info("read-ahead of the mount left at the kernel default (%s)", e)
 
     def close(self) -> None:
         if self.mounted:

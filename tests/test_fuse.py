@@ -218,3 +218,12 @@ def test_kill9_with_the_mount_active_then_restart(tmp_path):
         d.start()  # detaches the stale mount and mounts again
         assert (mnt / "k" / "v").read_bytes() == b"survives" * 1000
     assert not os.path.ismount(tmp_path / "mnt")  # SIGTERM unmounted it
+
+
+def test_bench_fuse_quick(tmp_path):
+    import sys
+    r = subprocess.run([sys.executable, "-m", "kvfstools.cli", "bench", "--fuse", "--quick", "--dir", str(tmp_path),
+                        "--json", str(tmp_path / "f.json")], capture_output=True, check=True)
+    res = json.loads((tmp_path / "f.json").read_text())
+    assert res["median"]["cp_mount"] > 0 and res["median"]["hot_1m_mount"] > 0
+    assert b"mount / plain" in r.stdout

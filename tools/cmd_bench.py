@@ -56,6 +56,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--png", default=None, metavar="FILE", help="--compare: also draw a chart")
     g.add_argument("--native", action="store_true",
                    help="compare the C data plane with its pure-Python twin (read, copy, get_many_into)")
+    g.add_argument("--fuse", action="store_true",
+                   help="the FUSE mount against a plain file: cp in, sequential reads cold and hot (--total bytes)")
     g.add_argument("--no-cold", action="store_true", help="--compare: skip the cold-cache reads")
     return p
 
@@ -247,7 +249,7 @@ def format_results(res: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.compare or args.native:
+    if args.compare or args.native or args.fuse:
         return run_compare_cmd(args)
     print(f"kvfs bench: scale {args.scale}, threads {args.threads} (page-cache hot reads; ratios are "
           f"against raw pwrite/preadv of the same bytes in this run)", file=sys.stderr)
@@ -273,6 +275,12 @@ def run_compare_cmd(args: argparse.Namespace) -> int:
         args.threads = f"1,{min(8, max(2, os.cpu_count() or 2))}"
     if args.quick:
         args.total, args.repeat = 8 * MiB, 1
+    if args.fuse:
+        from .bench_fuse import format_fuse, run_fuse_bench
+        if args.total == 512 * MiB and not args.quick:
+            args.total = 1 << 30
+        res = run_fuse_bench(args)
+        return _emit(args, res, format_fuse(res))
     if args.native:
         from .bench_native import format_native, run_native_bench
         if args.total == 512 * MiB:
