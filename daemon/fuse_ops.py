@@ -55,7 +55,8 @@ STATS = ROOT + 2
 FIRST_DYNAMIC = 16
 OBJECT_TIMEOUT = 60.0  # immutable: attributes never change while the object exists
 DIR_TIMEOUT = 1.0  # directory contents change
-CHUNK_CACHE = 4  # verified chunks kept per open file
+CHUNK_CACHE = 6  # verified chunks kept per open file
+READ_AHEAD_CHUNKS = 2  # chunks loaded ahead of a sequential reader (two disk reads in flight)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -424,12 +425,14 @@ class KvfsOps(pyfuse3.Operations):
                 # report it like a client would: the daemon re-checks and drops it
                 await trio.to_thread.run_sync(self.eng.verify_object, h.ns, h.key, h.item[2])
                 raise pyfuse3.FUSEError(errno.EIO)
-        nxt = ci + 1
         exts = h.item[3]
-        if nxt < len(exts) and nxt not in h.chunks and nxt not in h.loading and self.nursery is not None:
-            # registered before the task starts, so a reader of it waits instead of loading it twice
-            h.loading[nxt] = trio.Event()
-            self.nursery.start_soon(self._load, h, nxt, pos + exts[ci][3], h.loading[nxt])
+        npos = pos + exts[ci][3]
+        for nxt in range(ci + 1, min(len(exts), ci + 1 + READ_AHEAD_CHUNKS)):
+            if nxt not in h.chunks and nxt not in h.loading and self.nursery is not None:
+                # registered before the task starts, so a reader of it waits instead of loading it twice
+                h.loading[nxt] = trio.Event()
+                self.nursery.start_soon(self._load, h, nxt, npos, h.loading[nxt])
+            npos += exts[nxt][3]
         return data
 
     async def _load(self, h: ReadHandle, ci: int, pos: int, ev: trio.Event) -> None:
