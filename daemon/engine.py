@@ -494,6 +494,37 @@ class Engine:
             assert 0 <= gap < fmt.RECORD_ALIGN
             self._pwrite(ch, [hdr + bytes(gap), data], len(hdr) + gap + ch.length)
 
+    def copy_chunks_from(self, plan: PutPlan, fd: int, whole_sum: bytes, chunk_sums: list[bytes]) -> None:
+        """Write the one item of ``plan`` from the file ``fd`` (offset 0 is
+        the value's first byte) with copy_file_range: the kernel moves the
+        bytes, no user-space copy or page faults. The checksums were taken
+        as the bytes were written to ``fd`` (the FUSE write path); readers
+        verify them as always. Blocking: a worker thread."""
+        op = plan.items[0]
+        assert op is not None and len(plan.items) == 1 and len(chunk_sums) == len(op.chunks)
+        op.checksum = whole_sum
+        for ch, csum in zip(op.chunks, chunk_sums):
+            ch.checksum = csum
+            hdr = fmt.RecordHeader(plan.ns, op.key, ch.idx, len(op.chunks), ch.length, op.size,
+                                   ch.chunk_off, op.seq, ch.checksum).encode()
+            gap = ch.payload_off - ch.hdr_off - len(hdr)
+            self._pwrite(ch, [hdr + bytes(gap)], len(hdr) + gap)
+            seg_fd = self.segs[ch.seg].fd
+            done = 0
+            while done < ch.length:
+                try:
+                    n = os.copy_file_range(fd, seg_fd, ch.length - done, ch.chunk_off + done,
+                                           ch.payload_off + done)
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise CapacityError(f"disk full on stripe {self.cfg.stripes[ch.stripe]}",
+                                            needed=ch.length, capacity=self.capacity, used=self._usage) from None
+                    raise
+                if n <= 0:
+                    raise CapacityError(f"short copy on stripe {self.cfg.stripes[ch.stripe]}",
+                                        needed=ch.length, capacity=self.capacity, used=self._usage)
+                done += n
+
     def set_client_sums(self, plan: PutPlan, sums: list[Any]) -> None:
         """Checksums the client computed over the payloads it wrote itself
         (alloc/commit path): per item ``[object_sum, [chunk_sum, ...]]``."""

@@ -32,6 +32,7 @@ import mmap
 import os
 import stat
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 import pyfuse3
 import trio
+import xxhash
 
 from kvfs import format as fmt
 from kvfs import native
@@ -116,6 +118,13 @@ class WriteHandle:
     size: int = 0
     committed: bool = False
     failed: bool = False  # a write failed: the file is never committed (no partial objects)
+    # checksums taken as sequential writes arrive (the usual cp/dd case), so
+    # the commit need not read the bytes back; None once a write was out of order
+    hashed: int = 0  # bytes [0, hashed) are in the running hashes
+    whole: Any = field(default_factory=xxhash.xxh3_128)
+    chunk: Any = field(default_factory=xxhash.xxh3_128)
+    chunk_sums: list[bytes] | None = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # guards the running hashes
 
 
 @dataclass
@@ -498,7 +507,7 @@ class KvfsOps(pyfuse3.Operations):
         if w.committed:
             raise pyfuse3.FUSEError(errno.EROFS)  # closed once: the object is immutable now
         try:
-            n = await trio.to_thread.run_sync(os.pwrite, w.fd, buf, off)
+            n = await trio.to_thread.run_sync(self._spill, w, buf, off)
         except OSError:
             w.failed = True
             raise
@@ -530,9 +539,49 @@ class KvfsOps(pyfuse3.Operations):
             w.committed = True
             self.pending.pop((w.ns, w.key), None)
 
+    def _spill(self, w: WriteHandle, buf: bytes, off: int) -> int:
+        """Write to the spill file and, for in-order writes, hash on the way
+        (blocking: a worker thread; writes of one file are serialised by
+        the kernel's inode lock)."""
+        n = os.pwrite(w.fd, buf, off)
+        with w.lock:
+            self._hash_in_order(w, buf, off, n)
+        return n
+
+    def _hash_in_order(self, w: WriteHandle, buf: bytes, off: int, n: int) -> None:
+        if w.chunk_sums is not None and off == w.hashed:
+            su = self.eng.stripe_unit
+            view = memoryview(buf)[:n]
+            w.whole.update(view)
+            while len(view):
+                room = su - w.hashed % su
+                w.chunk.update(view[:room])
+                w.hashed += min(room, len(view))
+                if w.hashed % su == 0:
+                    w.chunk_sums.append(w.chunk.digest())
+                    w.chunk = xxhash.xxh3_128()
+                view = view[room:]
+        elif off != w.hashed:
+            w.chunk_sums = None  # out of order: hash at commit instead
+
     def _commit(self, w: WriteHandle) -> None:
         """Store the spill file as one object (blocking: a worker thread)."""
         size = os.fstat(w.fd).st_size
+        if w.chunk_sums is not None and w.hashed == size and size > 0:
+            sums = list(w.chunk_sums)
+            if size % self.eng.stripe_unit:
+                sums.append(w.chunk.digest())
+            plan = self.eng.prepare_put(w.ns, [(w.key, size, None)])
+            if plan.items[0] is None:
+                self.eng.abort_put(plan)
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            try:
+                self.eng.copy_chunks_from(plan, w.fd, w.whole.digest(), sums)
+            except BaseException:
+                self.eng.abort_put(plan)
+                raise
+            self.eng.commit_put(plan, False)
+            return
         mm = mmap.mmap(w.fd, size, mmap.MAP_SHARED, mmap.PROT_READ) if size else None
         view = memoryview(mm) if mm is not None else memoryview(b"")
         try:
