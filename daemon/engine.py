@@ -512,14 +512,20 @@ class Engine:
             seg_fd = self.segs[ch.seg].fd
             done = 0
             while done < ch.length:
+                want = ch.length - done
                 try:
-                    n = os.copy_file_range(fd, seg_fd, ch.length - done, ch.chunk_off + done,
-                                           ch.payload_off + done)
+                    n = os.copy_file_range(fd, seg_fd, want, ch.chunk_off + done, ch.payload_off + done)
                 except OSError as e:
                     if e.errno in (errno.ENOSPC, errno.EDQUOT):
                         raise CapacityError(f"disk full on stripe {self.cfg.stripes[ch.stripe]}",
                                             needed=ch.length, capacity=self.capacity, used=self._usage) from None
-                    raise
+                    if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                        raise
+                    # another filesystem (the stripe is on another device): copy through memory
+                    data = os.pread(fd, min(want, 4 << 20), ch.chunk_off + done)
+                    if not data:
+                        raise OSError(errno.EIO, "the spill file is shorter than the value") from None
+                    n = os.pwrite(seg_fd, data, ch.payload_off + done)
                 if n <= 0:
                     raise CapacityError(f"short copy on stripe {self.cfg.stripes[ch.stripe]}",
                                         needed=ch.length, capacity=self.capacity, used=self._usage)

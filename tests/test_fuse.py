@@ -245,3 +245,20 @@ def test_out_of_order_writes_are_stored_right(mounted):
             f.write(data[off:off + (1 << 20)])
     assert s.get("rev", ns="order") == data and s.get("fwd", ns="order") == data
     assert s.stat("rev", ns="order").checksum == s.stat("fwd", ns="order").checksum
+
+
+def test_write_when_the_stripe_is_on_another_filesystem(tmp_path):
+    """The spill file lives under the root; a stripe on another filesystem
+    (here tmpfs) cannot take copy_file_range, and the copy goes through memory."""
+    import tempfile
+    stripe = Path(tempfile.mkdtemp(prefix="kvfs-test-stripe-", dir="/dev/shm"))
+    try:
+        d = DaemonProcess(tmp_path / "s", stripes=[str(stripe)], capacity="256M", shm_size=0,
+                          mount=tmp_path / "mnt")
+        with d, d.connect() as s:
+            (tmp_path / "mnt" / "x").mkdir()
+            data = os.urandom(9 * MiB + 5)
+            (tmp_path / "mnt" / "x" / "v").write_bytes(data)
+            assert s.get("v", ns="x") == data
+    finally:
+        shutil.rmtree(stripe, ignore_errors=True)
