@@ -118,6 +118,7 @@ class WriteHandle:
     size: int = 0
     committed: bool = False
     failed: bool = False  # a write failed: the file is never committed (no partial objects)
+    closed_empty: bool = False  # a descriptor was closed before anything was written
     # checksums taken as sequential writes arrive (the usual cp/dd case), so
     # the commit need not read the bytes back; None once a write was out of order
     hashed: int = 0  # bytes [0, hashed) are in the running hashes
@@ -377,7 +378,11 @@ class KvfsOps(pyfuse3.Operations):
         _, ns, key = kind
         w = self.pending.get((ns, key))
         if w is not None and not w.committed:
-            raise pyfuse3.FUSEError(errno.EBUSY)  # being written by another open
+            if not w.closed_empty:
+                raise pyfuse3.FUSEError(errno.EBUSY)  # being written by another open
+            # `cp empty DIR/ns/k; cat DIR/ns/k`: the empty file's release may
+            # not have arrived yet; store it now (later writes get EROFS)
+            await self._commit_now(w)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)  # objects are immutable
         fh = self.next_fh
@@ -523,8 +528,11 @@ class KvfsOps(pyfuse3.Operations):
         before any write, like dd's dup2-then-close, commits nothing; an
         empty file is committed at release.)"""
         w = self.handles.get(fh)
-        if isinstance(w, WriteHandle) and not w.committed and w.size > 0:
-            await self._commit_now(w)
+        if isinstance(w, WriteHandle) and not w.committed:
+            if w.size > 0:
+                await self._commit_now(w)
+            else:
+                w.closed_empty = True  # committed at release, or when someone opens it first
 
     async def _commit_now(self, w: WriteHandle) -> None:
         try:
