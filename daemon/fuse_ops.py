@@ -36,7 +36,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import pyfuse3
 import trio
@@ -156,6 +156,9 @@ class KvfsOps(pyfuse3.Operations):
         self.ino_of: dict[tuple[str, ...], int] = {}
         self.what: dict[int, tuple[str, ...]] = {}
         self.next_ino = FIRST_DYNAMIC
+        # the kernel's lookup count per dynamic inode: an inode is forgotten
+        # (and its numbers dropped) only when the kernel says so
+        self.nlookup: dict[int, int] = {}
         self.handles: dict[int, ReadHandle | WriteHandle | StatsHandle | DirHandle] = {}
         self.next_fh = 1
         self.pending: dict[tuple[str, str], WriteHandle] = {}  # new files not yet committed
@@ -172,6 +175,26 @@ class KvfsOps(pyfuse3.Operations):
             self.ino_of[what] = ino
             self.what[ino] = what
         return ino
+
+    def _entry(self, attr: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
+        """An attribute reply that the kernel counts as one more lookup."""
+        ino = attr.st_ino
+        if ino >= FIRST_DYNAMIC:
+            self.nlookup[ino] = self.nlookup.get(ino, 0) + 1
+        return attr
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            left = self.nlookup.get(ino, 0) - n
+            if left > 0:
+                self.nlookup[ino] = left
+                continue
+            self.nlookup.pop(ino, None)
+            what = self.what.get(ino)
+            if what is not None and not (what[0] == "obj" and (what[1], what[2]) in self.pending):
+                del self.what[ino]
+                if self.ino_of.get(what) == ino:
+                    del self.ino_of[what]
 
     def _kind(self, ino: int) -> tuple[str, ...]:
         if ino == ROOT:
@@ -207,7 +230,7 @@ class KvfsOps(pyfuse3.Operations):
 
     def _stats_json(self) -> bytes:
         st = self.eng.stats()
-        st["fuse"] = dict(self.counters)
+        st["fuse"] = dict(self.counters, inodes=len(self.what))
         return (json.dumps(st, indent=2, sort_keys=True) + "\n").encode()
 
     def _namespaces_now(self) -> set[str]:
@@ -239,22 +262,22 @@ class KvfsOps(pyfuse3.Operations):
         n = _name(name)
         kind = self._kind(parent_inode)
         if n == ".":
-            return await self._attr_of(parent_inode)
+            return self._entry(await self._attr_of(parent_inode))
         if n == "..":
-            return await self._attr_of(ROOT if kind[0] != "root" else ROOT)
+            return self._entry(await self._attr_of(ROOT))
         if kind[0] == "root":
             if n == ".kvfs":
-                return self._dir_attr(KVFS_DIR)
+                return self._entry(self._dir_attr(KVFS_DIR))
             try:
                 ns = normalize_ns(n)
             except InvalidKey:
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
             if not await self._namespace_exists(ns):
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            return self._dir_attr(self._ino("ns", ns))
+            return self._entry(self._dir_attr(self._ino("ns", ns)))
         if kind[0] == "kvfsdir":
             if n == "stats":
-                return await self._attr_of(STATS)
+                return self._entry(await self._attr_of(STATS))
             raise pyfuse3.FUSEError(errno.ENOENT)
         if kind[0] != "ns":
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -265,7 +288,7 @@ class KvfsOps(pyfuse3.Operations):
         ns = kind[1]
         if self.eng.object_entry(ns, key) is None and (ns, key) not in self.pending:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return await self._attr_of(self._ino("obj", ns, key))
+        return self._entry(await self._attr_of(self._ino("obj", ns, key)))
 
     @_errors
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
@@ -324,6 +347,7 @@ class KvfsOps(pyfuse3.Operations):
                 continue  # removed since the snapshot
             if not pyfuse3.readdir_reply(token, name.encode(), attr, i + 1):
                 return
+            self._entry(attr)  # readdirplus: each entry sent counts as a lookup
 
     @_errors
     async def releasedir(self, fh: int) -> None:
@@ -340,7 +364,7 @@ class KvfsOps(pyfuse3.Operations):
         if await self._namespace_exists(ns):
             raise pyfuse3.FUSEError(errno.EEXIST)
         await trio.to_thread.run_sync(self.eng.create_namespace, ns)
-        return self._dir_attr(self._ino("ns", ns))
+        return self._entry(self._dir_attr(self._ino("ns", ns)))
 
     @_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
@@ -497,12 +521,19 @@ class KvfsOps(pyfuse3.Operations):
         ns, key = kind[1], normalize_key(_name(name))
         if self.eng.object_entry(ns, key) is not None or (ns, key) in self.pending:
             raise pyfuse3.FUSEError(errno.EEXIST)
-        fd, path = tempfile.mkstemp(dir=self.spill_dir, prefix="put-")
+        self.pending[(ns, key)] = placeholder = WriteHandle(ns, key, 0, Path(), -1)  # the name is taken
+        try:
+            fd, path = await trio.to_thread.run_sync(
+                functools.partial(tempfile.mkstemp, dir=self.spill_dir, prefix="put-"))
+        except BaseException:
+            self.pending.pop((ns, key), None)
+            raise
         ino = self._ino("obj", ns, key)
         w = WriteHandle(ns, key, ino, Path(path), fd)
-        self.pending[(ns, key)] = w
+        if self.pending.get((ns, key)) is placeholder:
+            self.pending[(ns, key)] = w
         fh = self._new_fh(w)
-        return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=False), await self._attr_of(ino)
+        return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=False), self._entry(await self._attr_of(ino))
 
     @_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -617,8 +648,12 @@ class KvfsOps(pyfuse3.Operations):
                 if not h.committed:
                     await self._commit_now(h)  # an empty file (or only truncated)
             finally:
-                os.close(h.fd)
-                h.path.unlink(missing_ok=True)
+                await trio.to_thread.run_sync(self._discard_spill, h)
+
+    @staticmethod
+    def _discard_spill(h: WriteHandle) -> None:
+        os.close(h.fd)
+        h.path.unlink(missing_ok=True)
 
     @_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:

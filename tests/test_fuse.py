@@ -262,3 +262,20 @@ def test_write_when_the_stripe_is_on_another_filesystem(tmp_path):
             assert s.get("v", ns="x") == data
     finally:
         shutil.rmtree(stripe, ignore_errors=True)
+
+
+def test_forgotten_inodes_are_dropped(mounted):
+    """The daemon keeps an inode per name only while the kernel holds it."""
+    if os.geteuid() != 0:
+        pytest.skip("dropping the kernel's inode cache needs root (CI runs as root)")
+    d, s, mnt = mounted
+    s.put_many([f"f{i}" for i in range(300)], [b"x"] * 300, ns="forget")
+    assert len(os.listdir(mnt / "forget")) == 300
+    for i in range(300):
+        (mnt / "forget" / f"f{i}").stat()
+    # dropping the kernel's dentry and inode caches makes it send FORGETs
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+    st = json.loads((mnt / ".kvfs" / "stats").read_text())["fuse"]
+    assert st["inodes"] < 300, st
+    assert (mnt / "forget" / "f7").read_bytes() == b"x"  # a new inode number, the same object
