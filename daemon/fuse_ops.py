@@ -303,6 +303,9 @@ class KvfsOps(pyfuse3.Operations):
                 if fields.update_size:
                     await trio.to_thread.run_sync(os.ftruncate, w.fd, attr.st_size)
                     w.size = attr.st_size
+                    with w.lock:
+                        if attr.st_size != w.hashed:
+                            w.chunk_sums = None  # the running hashes no longer match: hash at commit
                 return await self._attr_of(inode)
             if fields.update_size:
                 raise pyfuse3.FUSEError(errno.EROFS)  # objects are immutable

@@ -279,3 +279,15 @@ def test_forgotten_inodes_are_dropped(mounted):
     st = json.loads((mnt / ".kvfs" / "stats").read_text())["fuse"]
     assert st["inodes"] < 300, st
     assert (mnt / "forget" / "f7").read_bytes() == b"x"  # a new inode number, the same object
+
+
+def test_truncate_while_writing(mounted):
+    d, s, mnt = mounted
+    ns = fresh_ns(mnt, "trunc")
+    with open(ns / "t", "wb") as f:
+        f.write(b"a" * 5_000_000)
+        f.flush()
+        f.truncate(1_000_000)
+        f.seek(1_000_000)
+        f.write(b"b" * 10)
+    assert s.get("t", ns="trunc") == b"a" * 1_000_000 + b"b" * 10
