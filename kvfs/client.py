@@ -576,46 +576,89 @@ class Store:
         released at the end of the block (do not keep it, or arrays made from
         it, afterwards). Verified once, before it is handed out (unless
         verify=False). A value only in T1 is read into a new buffer."""
-        k, ns = normalize_key(key), normalize_ns(ns)
+        with self.get_views([key], ns=ns) as views:
+            if views[0] is None:
+                raise NotFound(f"{normalize_ns(ns)}/{normalize_key(key)} not found")
+            yield views[0]
+
+    @contextmanager
+    def get_views(self, keys: Sequence[str | bytes], *, ns: str = "default"
+                  ) -> Generator[list[memoryview | None], None, None]:
+        """``get_view`` for a batch, with one lookup round trip: a list of
+        read-only views (None for a miss), valid inside the block."""
+        ks, ns = normalize_keys(keys), normalize_ns(ns)
         self._check_restart()
-        for attempt in range(2):
-            res = self._call(P.LOOKUP, {"ns": ns, "keys": [k]})
-            lease, item = res["lease"], res["items"][0]
-            if item is None:
-                raise NotFound(f"{ns}/{k} not found")
-            try:
-                size, _csum, seq, exts, t0 = item
-                arena = self.arena
-                if t0 is not None and arena is not None:
-                    view = arena.ro[t0[0]:t0[0] + size]
-                    good = True
-                    if self.verify:
-                        parts, pos = [], 0
-                        for x in exts:
-                            parts.append(view[pos:pos + x[3]])
-                            pos += x[3]
-                        good = self.reader.hash_many(parts) == [x[4] for x in exts]
-                    if good:
-                        try:
-                            yield view
-                        finally:
-                            try:
-                                view.release()
-                            except BufferError:
-                                pass  # the caller kept an export: its bytes stay mapped, unleased
-                        return
-                else:
-                    sizes, bufs = [-1], [None]  # type: list[int], list[bytearray | None]
-                    plan = self._plan_reads(ns, [k], {0: item}, [None], True, sizes, bufs)
-                    if sizes[0] >= 0 and not self._run_reads(plan) and bufs[0] is not None:
-                        yield memoryview(bufs[0]).toreadonly()
-                        return
-            finally:
-                if lease:
-                    self._release(lease)
-            if attempt == 0:
-                self._call(P.REPORT_BAD, {"ns": ns, "key": k, "seq": seq})
-        raise NotFound(f"{ns}/{k} not found (failed verification)")
+        views: list[memoryview | None] = [None] * len(ks)
+        leases: list[int] = []
+        try:
+            todo = list(range(len(ks)))
+            for attempt in range(2):
+                if not todo:
+                    break
+                res = self._call(P.LOOKUP, {"ns": ns, "keys": [ks[i] for i in todo]})
+                if res["lease"]:
+                    leases.append(res["lease"])  # held until the block ends
+                found = {i: item for i, item in zip(todo, res["items"]) if item is not None}
+                bad = self._make_views(ns, ks, found, views)
+                for i in bad:
+                    if attempt == 0:
+                        self._call(P.REPORT_BAD, {"ns": ns, "key": ks[i], "seq": found[i][2]})
+                todo = bad
+            yield views
+        finally:
+            for v in views:
+                if v is not None:
+                    try:
+                        v.release()
+                    except BufferError:
+                        pass  # the caller kept an export: its bytes stay mapped, unleased
+            for lease in leases:
+                self._release(lease)
+
+    def _make_views(self, ns: str, ks: list[str], found: dict[int, list[Any]],
+                    views: list[memoryview | None]) -> list[int]:
+        """Views of the found items: arena slices for T0 hits (verified in
+        one parallel batch), new buffers for the rest. Returns the items
+        that failed verification."""
+        arena = self.arena
+        t1: dict[int, list[Any]] = {}
+        parts: list[memoryview] = []
+        owners: list[int] = []
+        sums: list[bytes] = []
+        for i, item in found.items():
+            size, _csum, _seq, exts, t0 = item
+            if t0 is None or arena is None:
+                t1[i] = item
+                continue
+            views[i] = view = arena.ro[t0[0]:t0[0] + size]
+            pos = 0
+            for x in exts:
+                parts.append(view[pos:pos + x[3]])
+                owners.append(i)
+                sums.append(x[4])
+                pos += x[3]
+        bad: set[int] = set()
+        if self.verify and parts:
+            bad.update(o for o, got, want in zip(owners, self.reader.hash_many(parts), sums) if got != want)
+        for p in parts:
+            p.release()
+        if t1:
+            sizes = [-1] * len(ks)
+            bufs: list[bytearray | None] = [None] * len(ks)
+            plan = self._plan_reads(ns, ks, t1, [None] * len(ks), True, sizes, bufs)
+            failed = self._run_reads(plan)
+            for i in t1:
+                buf = bufs[i]
+                if i in failed or sizes[i] < 0 or buf is None:
+                    if sizes[i] >= 0:
+                        bad.add(i)
+                    continue
+                views[i] = memoryview(buf).toreadonly()
+        for i in bad:
+            v, views[i] = views[i], None
+            if v is not None:
+                v.release()
+        return sorted(bad)
 
     def get_many_into(self, keys: Sequence[str | bytes], outs: Sequence[Any], *, ns: str = "default") -> list[int]:
         ks, ns = normalize_keys(keys), normalize_ns(ns)

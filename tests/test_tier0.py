@@ -297,3 +297,26 @@ def test_journal_replay_drops_what_fails_its_checksums(tmp_path):
                     assert s.get(k) == v  # written back before the kill
                 except NotFound:
                     pass  # lost with the scribbled arena: a miss, never those bytes
+
+
+def test_get_views_batch_one_round_trip(tmp_path):
+    with small_t0(tmp_path, shm="64M") as d, d.connect() as w, d.connect() as r:
+        vals = {f"g{i}": os.urandom(100_000 + i) for i in range(20)}
+        w.put_many(list(vals), list(vals.values()))
+        w.put("tiny", b"t" * 10)  # a lone small put: inline, in T1 only
+        w.flush()
+        calls = []
+        orig = r._call
+
+        def counting(op, args, trailer=()):
+            calls.append(op)
+            return orig(op, args, trailer)
+        r._call = counting
+        keys = list(vals) + ["tiny", "missing"]
+        with r.get_views(keys) as views:
+            assert [bytes(v) for v in views[:20]] == list(vals.values())
+            assert bytes(views[20]) == b"t" * 10 and views[21] is None
+            assert all(v.readonly for v in views[:21])
+        assert calls.count("lookup") == 1
+        st = r.stats()
+        assert st["leases"] == 0  # released at the end of the block
