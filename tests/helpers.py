@@ -12,6 +12,18 @@ def value_for(i: int, max_size: int = 300_000) -> bytes:
     return b"".join(hashlib.sha256(seed + b"%d" % j).digest() for j in range(reps))[:size]
 
 
+def count_calls(store):
+    """Record the ops a Store sends to the daemon (in a list it returns)."""
+    calls = []
+    orig = store._call
+
+    def counting(op, args, trailer=()):
+        calls.append(op)
+        return orig(op, args, trailer)
+    store._call = counting
+    return calls
+
+
 def recv_reply(s):
     """Read one reply frame from a raw socket; None if the daemon closed it."""
     import msgpack

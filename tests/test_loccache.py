@@ -6,6 +6,7 @@ import pytest
 
 import kvfs
 from kvfs.loccache import LocationCache
+from helpers import count_calls
 
 
 class _Gen:
@@ -26,20 +27,10 @@ def test_cache_empties_when_generation_moves():
     assert len(c) == 3 and c.get_many("ns", ["p"]) == {}  # bounded, oldest out
 
 
-def _count_calls(store):
-    calls = []
-    orig = store._call
-    def counting(op, args, trailer=()):
-        calls.append(op)
-        return orig(op, args, trailer)
-    store._call = counting
-    return calls
-
-
 def test_repeated_get_needs_no_round_trip_and_still_counts_as_hit(store):
     store.put("k", b"v" * 5000)
     assert store.get("k") == b"v" * 5000
-    calls = _count_calls(store)
+    calls = count_calls(store)
     buf = bytearray(5000)
     for _ in range(3):
         assert store.get_into("k", buf) == 5000 and bytes(buf) == b"v" * 5000
@@ -55,7 +46,7 @@ def test_another_process_finds_objects_without_a_round_trip(daemon, store):
     store.put_many(list(vals), list(vals.values()))
     store.flush()
     with daemon.connect() as other:
-        calls = _count_calls(other)
+        calls = count_calls(other)
         for k, v in vals.items():
             if len(v) > (12 << 20):
                 continue  # more chunks than a directory slot holds: looked up
@@ -109,7 +100,7 @@ def test_cache_can_be_turned_off(daemon):
     with daemon.connect(cache_locations=False) as s:
         s.put("k", b"x")
         s.get("k")
-        calls = _count_calls(s)
+        calls = count_calls(s)
         s.get("k")
         assert calls == ["lookup"]
 

@@ -12,6 +12,7 @@ import pytest
 
 import kvfs
 from kvfs import DaemonUnavailable, NotFound
+from helpers import count_calls
 from kvfsd.testing import DaemonProcess
 
 MiB = 1 << 20
@@ -305,13 +306,7 @@ def test_get_views_batch_one_round_trip(tmp_path):
         w.put_many(list(vals), list(vals.values()))
         w.put("tiny", b"t" * 10)  # a lone small put: inline, in T1 only
         w.flush()
-        calls = []
-        orig = r._call
-
-        def counting(op, args, trailer=()):
-            calls.append(op)
-            return orig(op, args, trailer)
-        r._call = counting
+        calls = count_calls(r)
         keys = list(vals) + ["tiny", "missing"]
         with r.get_views(keys) as views:
             assert [bytes(v) for v in views[:20]] == list(vals.values())
