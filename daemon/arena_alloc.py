@@ -46,7 +46,7 @@ class ArenaAllocator:
     def rounded(n: int) -> tuple[int, int]:
         """(bytes taken, alignment) for a value of ``n`` bytes."""
         a = LARGE_ALIGN if n >= LARGE_MIN else SMALL_ALIGN
-        return _up(max(n, 1), a if a == LARGE_ALIGN else SMALL_ALIGN), a
+        return _up(max(n, 1), a), a
 
     def _add_free(self, off: int, length: int) -> None:
         self._free_by_off[off] = length

@@ -488,11 +488,8 @@ class Engine:
             ch.checksum = fmt.checksum(data)
             if op.hasher is not None:
                 op.hasher.update(data)
-            hdr = fmt.RecordHeader(plan.ns, op.key, ch.idx, len(op.chunks), ch.length, op.size,
-                                   ch.chunk_off, op.seq, ch.checksum).encode()
-            gap = ch.payload_off - ch.hdr_off - len(hdr)
-            assert 0 <= gap < fmt.RECORD_ALIGN
-            self._pwrite(ch, [hdr + bytes(gap), data], len(hdr) + gap + ch.length)
+            head = self._record_head(plan.ns, op, ch)
+            self._pwrite(ch, [head, data], len(head) + ch.length)
 
     def copy_chunks_from(self, plan: PutPlan, fd: int, whole_sum: bytes, chunk_sums: list[bytes]) -> None:
         """Write the one item of ``plan`` from the file ``fd`` (offset 0 is
@@ -505,10 +502,8 @@ class Engine:
         op.checksum = whole_sum
         for ch, csum in zip(op.chunks, chunk_sums):
             ch.checksum = csum
-            hdr = fmt.RecordHeader(plan.ns, op.key, ch.idx, len(op.chunks), ch.length, op.size,
-                                   ch.chunk_off, op.seq, ch.checksum).encode()
-            gap = ch.payload_off - ch.hdr_off - len(hdr)
-            self._pwrite(ch, [hdr + bytes(gap)], len(hdr) + gap)
+            head = self._record_head(plan.ns, op, ch)
+            self._pwrite(ch, [head], len(head))
             seg_fd = self.segs[ch.seg].fd
             done = 0
             while done < ch.length:
@@ -554,9 +549,18 @@ class Engine:
             if op is None:
                 continue
             for ch in op.chunks:
-                hdr = fmt.RecordHeader(plan.ns, op.key, ch.idx, len(op.chunks), ch.length, op.size,
-                                       ch.chunk_off, op.seq, ch.checksum).encode()
-                self._pwrite(ch, [hdr], len(hdr))
+                head = self._record_head(plan.ns, op, ch)
+                self._pwrite(ch, [head], len(head))
+
+    @staticmethod
+    def _record_head(ns: str, op: ObjPlan, ch: ChunkPlan) -> bytes:
+        """A chunk's record header and the padding up to its payload: the
+        bytes from ``ch.hdr_off`` to ``ch.payload_off``."""
+        hdr = fmt.RecordHeader(ns, op.key, ch.idx, len(op.chunks), ch.length, op.size,
+                               ch.chunk_off, op.seq, ch.checksum).encode()
+        gap = ch.payload_off - ch.hdr_off - len(hdr)
+        assert 0 <= gap < fmt.RECORD_ALIGN
+        return hdr + bytes(gap)
 
     def _pwrite(self, ch: ChunkPlan, bufs: list[Any], expect: int) -> None:
         try:
@@ -576,14 +580,18 @@ class Engine:
     def commit_put(self, plan: PutPlan, sync: bool) -> list[bool]:
         """Publish what was written. Returns, per item, whether it was stored
         (False: it was already there, possibly put meanwhile by another client)."""
-        sync = self.effective_sync(sync)
-        if sync:
-            for sid in plan.touched:
-                os.fdatasync(self.segs[sid].fd)
+        return self._publish_written(plan, self.effective_sync(sync), self.abort_put)
+
+    def _publish_written(self, plan: PutPlan, sync: bool, on_error: Callable[[PutPlan], None]) -> list[bool]:
+        """Payloads and headers are written: fdatasync them (sync mode), then
+        the commit that publishes them. ``on_error`` undoes the plan."""
         try:
+            if sync:
+                for sid in plan.touched:
+                    os.fdatasync(self.segs[sid].fd)
             done = self.writer.call(self.publish_job(plan, sync), sync=sync)
         except BaseException:
-            self.abort_put(plan)
+            on_error(plan)
             raise
         result, cand = self.finish_commit(plan, done)
         self._reclaim(cand)
@@ -752,27 +760,20 @@ class Engine:
                     continue
                 m = op.mem
                 for ch in op.chunks:
-                    hdr = fmt.RecordHeader(plan.ns, op.key, ch.idx, len(op.chunks), ch.length, op.size,
-                                           ch.chunk_off, op.seq, ch.checksum).encode()
                     if m is None:
-                        if not op.via_t0:
-                            self._pwrite(ch, [hdr], len(hdr))  # the client wrote the payload
+                        if not op.via_t0:  # the client wrote the payload
+                            head = self._record_head(plan.ns, op, ch)
+                            self._pwrite(ch, [head], len(head))
                         continue
                     if m.deleted:
                         continue
-                    gap = ch.payload_off - ch.hdr_off - len(hdr)
+                    head = self._record_head(plan.ns, op, ch)
                     src = arena[m.t0 + ch.chunk_off:m.t0 + ch.chunk_off + ch.length]
-                    self._pwrite(ch, [hdr + bytes(gap), src], len(hdr) + gap + ch.length)
-            if sync:
-                for sid in plan.touched:
-                    os.fdatasync(self.segs[sid].fd)
-            done = self.writer.call(self.publish_job(plan, sync), sync=sync)
+                    self._pwrite(ch, [head, src], len(head) + ch.length)
         except BaseException:
             self._write_back_failed(plan)
             raise
-        result, cand = self.finish_commit(plan, done)
-        self._reclaim(cand)
-        return result
+        return self._publish_written(plan, sync, self._write_back_failed)
 
     def _write_back_failed(self, plan: PutPlan) -> None:
         """T1 refused the write (disk full...): the dirty entries cannot stay
@@ -1110,6 +1111,13 @@ class Engine:
             self._drain_unpinned()
         return [s for s in freed if self._reclaimable(s)]
 
+    def segment_fd(self, seg: int) -> int:
+        """The daemon's fd of a segment, -1 if it is gone. The caller holds a
+        lease on it (or otherwise knows it cannot be unlinked meanwhile)."""
+        with self._lock:
+            s = self.segs.get(seg)
+            return s.ensure_fd() if s is not None else -1
+
     def _reclaimable(self, sid: int) -> bool:
         s = self.segs.get(sid)
         return s is not None and s.live <= 0 and s.inflight == 0
@@ -1147,9 +1155,7 @@ class Engine:
         if e is None or (seq is not None and e.seq != seq):
             return False
         for i, x in enumerate(e.extents):
-            with self._lock:
-                s = self.segs.get(x.seg)
-                fd = s.ensure_fd() if s is not None else -1
+            fd = self.segment_fd(x.seg)
             if fd < 0 or not self._verify_record(fd, e.header_offsets[i], ns, key, e, i):
                 log.warning("corrupt object %s/%s (chunk %d): dropped", ns, key, i)
                 self._remove_objects([obj_key(ns, key)], reason="corrupt_dropped")

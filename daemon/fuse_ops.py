@@ -504,9 +504,7 @@ class KvfsOps(pyfuse3.Operations):
         if t0 is not None and t0tier is not None:
             data = bytes(t0tier.arena.view[t0[0] + pos:t0[0] + pos + length])
         else:
-            with self.eng._lock:
-                s = self.eng.segs.get(seg)
-                fd = s.ensure_fd() if s is not None else -1
+            fd = self.eng.segment_fd(seg)
             if fd < 0:
                 return None
             data = os.pread(fd, length, off)

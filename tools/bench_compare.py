@@ -153,6 +153,12 @@ class Bench:
         put: dict[str, float] = {}
         get: dict[str, float] = {}
         self.dst[:n] = 0
+
+        def read(name: str, timer: Callable[..., float], op: Callable[[int], object]) -> None:
+            """Time one get phase, then check every byte it delivered."""
+            get[name] = gbs(timer(threads, count, op))
+            self._check(n, name)
+
         # -- physical
         get["memcpy"] = gbs(_timed(1, 1, lambda _i: self.native.copy_many(dstv, srcv, [None] * count, threads)))
         self._check(n, "memcpy")
@@ -161,11 +167,9 @@ class Bench:
             os.sync()
             put["raw pwrite"] = gbs(_timed(threads, count, lambda i: os.pwrite(fd, srcv[i], i * bs)))
             os.sync()
-            get["raw preadv"] = gbs(_hot(threads, count, lambda i: os.preadv(fd, [dstv[i]], i * bs)))
-            self._check(n, "raw preadv")
+            read("raw preadv", _hot, lambda i: os.preadv(fd, [dstv[i]], i * bs))
             if self.can_drop and drop_caches():
-                get["raw preadv cold"] = gbs(_timed(threads, count, lambda i: os.preadv(fd, [dstv[i]], i * bs)))
-                self._check(n, "raw preadv cold")
+                read("raw preadv cold", _timed, lambda i: os.preadv(fd, [dstv[i]], i * bs))
         finally:
             os.close(fd)
             self.raw.unlink()
@@ -175,42 +179,32 @@ class Bench:
         put["kvfs T0 put"] = gbs(_timed(threads, count, lambda i: w0.put(keys[i], srcv[i])))
         w0.flush()
         os.sync()
-        if True:
-            s = r0
-            get["kvfs T0 get_into"] = gbs(_timed(threads, count, lambda i: s.get_into(keys[i], dstv[i])))
-            self._check(n, "kvfs T0 get_into")
+        read("kvfs T0 get_into", _timed, lambda i: r0.get_into(keys[i], dstv[i]))
 
-            def view(i: int) -> None:
-                with s.get_view(keys[i]) as v:
-                    assert v.nbytes == bs
-            get["kvfs T0 get_view"] = gbs(_timed(threads, count, view))
-            get["kvfs T0 get_into, verify off"] = gbs(_timed(threads, count, lambda i: n0.get_into(keys[i], dstv[i])))
-            self._check(n, "kvfs T0 get_into, verify off")
-            st = s.stats()["tiers"]["T0"]
-            if st["hits"] < 2 * count:
-                print(f"  note: only {st['hits']} of {2 * count} T0 gets hit T0", file=sys.stderr)
-            s.delete(keys)
+        def view(i: int) -> None:
+            with r0.get_view(keys[i]) as v:
+                assert v.nbytes == bs
+        get["kvfs T0 get_view"] = gbs(_timed(threads, count, view))
+        read("kvfs T0 get_into, verify off", _timed, lambda i: n0.get_into(keys[i], dstv[i]))
+        st = r0.stats()["tiers"]["T0"]
+        if st["hits"] < 2 * count:
+            print(f"  note: only {st['hits']} of {2 * count} T0 gets hit T0", file=sys.stderr)
+        r0.delete(keys)
         # -- kvfs T1 (a daemon without T0: page-cache hot, then cold)
         os.sync()
         put["kvfs T1 put"] = gbs(_timed(threads, count, lambda i: w1.put(keys[i], srcv[i])))
         os.sync()
-        if True:
-            s = r1
-            get["kvfs T1 get_into"] = gbs(_hot(threads, count, lambda i: s.get_into(keys[i], dstv[i])))
-            self._check(n, "kvfs T1 get_into")
-            get["kvfs T1 get_into, verify off"] = gbs(_hot(threads, count, lambda i: n1.get_into(keys[i], dstv[i])))
-            self._check(n, "kvfs T1 get_into, verify off")
-            if self.can_drop and drop_caches():
-                get["kvfs T1 get_into cold"] = gbs(_timed(threads, count, lambda i: s.get_into(keys[i], dstv[i])))
-                self._check(n, "kvfs T1 get_into cold")
-            s.delete(keys)
+        read("kvfs T1 get_into", _hot, lambda i: r1.get_into(keys[i], dstv[i]))
+        read("kvfs T1 get_into, verify off", _hot, lambda i: n1.get_into(keys[i], dstv[i]))
+        if self.can_drop and drop_caches():
+            read("kvfs T1 get_into cold", _timed, lambda i: r1.get_into(keys[i], dstv[i]))
+        r1.delete(keys)
         # -- peers
         for name, p in self.peers.items():
             os.sync()
             put[name] = gbs(_timed(threads, count, lambda i: p.put(keys[i], srcv[i])))
             os.sync()
-            get[name] = gbs(_hot(threads, count, lambda i: p.get_into(keys[i], dstv[i])))
-            self._check(n, name)
+            read(name, _hot, lambda i: p.get_into(keys[i], dstv[i]))
             p.clear()
         return {"put": put, "get": get}
 
