@@ -125,6 +125,7 @@ class ChunkPlan:
     chunk_off: int
     idx: int
     checksum: bytes = b""
+    start: int = -1  # where the reservation begins (the segment's end before it)
 
 
 @dataclass
@@ -446,20 +447,23 @@ class Engine:
         start = self._rr
         self._rr = (self._rr + 1) % nstripes
         nl, kl = len(ns.encode()), len(key.encode())
-        chunks = []
         n = max(1, -(-size // self.stripe_unit))
-        for i in range(n):
-            off = i * self.stripe_unit
-            length = min(self.stripe_unit, size - off)
-            stripe = (start + i) % nstripes
-            seg = self._segment_for(stripe, fmt.record_span(nl, kl, length))
-            hdr, pay, end = fmt.place_record(seg.end, nl, kl, length)
-            self._usage += end - seg.end
-            seg.end = end
-            seg.inflight += 1
-            touched.add(seg.seg)
-            chunks.append(ChunkPlan(stripe, seg.seg, hdr, pay, end, length, off, i))
+        chunks = [self._place_chunk((start + i) % nstripes, nl, kl, i,
+                                    min(self.stripe_unit, size - i * self.stripe_unit), touched)
+                  for i in range(n)]
         return ObjPlan(key, size, meta, seq, chunks, xxhash.xxh3_128() if n > 1 else None)
+
+    def _place_chunk(self, stripe: int, nl: int, kl: int, i: int, length: int, touched: set[int]) -> ChunkPlan:
+        """Reserve room for chunk ``i`` at the end of ``stripe``'s open
+        segment. Caller holds the lock."""
+        seg = self._segment_for(stripe, fmt.record_span(nl, kl, length))
+        start = seg.end
+        hdr, pay, end = fmt.place_record(start, nl, kl, length)
+        self._usage += end - start
+        seg.end = end
+        seg.inflight += 1
+        touched.add(seg.seg)
+        return ChunkPlan(stripe, seg.seg, hdr, pay, end, length, i * self.stripe_unit, i, start=start)
 
     def _segment_for(self, stripe: int, span: int) -> SegState:
         sid = self.open_seg.get(stripe)
@@ -491,40 +495,87 @@ class Engine:
             head = self._record_head(plan.ns, op, ch)
             self._pwrite(ch, [head, data], len(head) + ch.length)
 
-    def copy_chunks_from(self, plan: PutPlan, fd: int, whole_sum: bytes, chunk_sums: list[bytes]) -> None:
-        """Write the one item of ``plan`` from the file ``fd`` (offset 0 is
-        the value's first byte) with copy_file_range: the kernel moves the
-        bytes, no user-space copy or page faults. The checksums were taken
-        as the bytes were written to ``fd`` (the FUSE write path); readers
-        verify them as always. Blocking: a worker thread."""
+    # ------------------------------------------------------------------ streamed puts
+    # A put whose size is unknown until it ends (a file written through the
+    # mount): writes go straight to their final place in T1, so the bytes
+    # are written once and the commit only adds headers and the index entry.
+    # Chunks are reserved full-size as writes reach them; ``end_stream``
+    # trims the last one. Nothing is readable before ``commit_put``.
+    def begin_stream(self, ns: str, key: str) -> tuple[PutPlan, int]:
+        """A plan with one item and no chunks yet, and the stripe its chunk 0 goes to."""
+        ns, key = normalize_ns(ns), normalize_key(key)
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+            first = self._rr
+            self._rr = (self._rr + 1) % len(self.cfg.stripes)
+        return PutPlan(ns, [ObjPlan(key, 0, None, seq, [])], [0]), first
+
+    def reserve_stream_chunk(self, plan: PutPlan, first: int, i: int) -> ChunkPlan:
+        """Room for full-size chunk ``i`` (blocking: it may evict)."""
         op = plan.items[0]
-        assert op is not None and len(plan.items) == 1 and len(chunk_sums) == len(op.chunks)
-        op.checksum = whole_sum
-        for ch, csum in zip(op.chunks, chunk_sums):
-            ch.checksum = csum
-            head = self._record_head(plan.ns, op, ch)
-            self._pwrite(ch, [head], len(head))
-            seg_fd = self.segs[ch.seg].fd
-            done = 0
-            while done < ch.length:
-                want = ch.length - done
-                try:
-                    n = os.copy_file_range(fd, seg_fd, want, ch.chunk_off + done, ch.payload_off + done)
-                except OSError as e:
-                    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                        raise CapacityError(f"disk full on stripe {self.cfg.stripes[ch.stripe]}",
-                                            needed=ch.length, capacity=self.capacity, used=self._usage) from None
-                    if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                        raise
-                    # another filesystem (the stripe is on another device): copy through memory
-                    data = os.pread(fd, min(want, 4 << 20), ch.chunk_off + done)
-                    if not data:
-                        raise OSError(errno.EIO, "the spill file is shorter than the value") from None
-                    n = os.pwrite(seg_fd, data, ch.payload_off + done)
-                if n <= 0:
-                    raise CapacityError(f"short copy on stripe {self.cfg.stripes[ch.stripe]}",
-                                        needed=ch.length, capacity=self.capacity, used=self._usage)
-                done += n
+        assert op is not None
+        nl, kl = len(plan.ns.encode()), len(op.key.encode())
+        span = fmt.record_span(nl, kl, self.stripe_unit)
+        if self.needs_room(span):
+            self._make_room(span)
+        with self._lock:
+            ch = self._place_chunk((first + i) % len(self.cfg.stripes), nl, kl, i, self.stripe_unit, plan.touched)
+            op.chunks.append(ch)  # from here on abort_put releases it
+        return ch
+
+    def end_stream(self, plan: PutPlan, first: int, size: int) -> None:
+        """The value is ``size`` bytes: chunks it never wrote are reserved and
+        zero-filled (holes), chunks past its end are released, and the last
+        chunk is trimmed to its length and placed where ``place_record``
+        puts a record of that length, which recovery checks (blocking)."""
+        op = plan.items[0]
+        assert op is not None
+        su = self.stripe_unit
+        n = max(1, -(-size // su))
+        have = {c.idx: c for c in op.chunks}
+        extra = [c for c in op.chunks if c.idx >= n]
+        for i in range(n - 1):
+            if i not in have:
+                have[i] = self.reserve_stream_chunk(plan, first, i)
+                self.write_payload(have[i], bytes(su), 0)
+        last_len = size - (n - 1) * su
+        nl, kl = len(plan.ns.encode()), len(op.key.encode())
+        with self._lock:
+            for c in extra:
+                self.segs[c.seg].inflight -= 1  # slack: the segment's space is reclaimed with it
+            op.chunks = [c for c in op.chunks if c.idx < n]
+            dead = [c.seg for c in extra if self._reclaimable(c.seg)]
+        self._reclaim(dead)
+        last = have.get(n - 1)
+        if last is None:  # nothing written there: reserve it at its exact length
+            with self._lock:
+                last = self._place_chunk((first + n - 1) % len(self.cfg.stripes), nl, kl, n - 1, last_len,
+                                         plan.touched)
+                op.chunks.append(last)
+            if last_len:
+                self.write_payload(last, bytes(last_len), 0)
+        else:
+            hdr, pay, end = fmt.place_record(last.start, nl, kl, last_len)
+            if pay != last.payload_off:  # a short tail (< 64 KiB) has its payload right after its header
+                data = os.pread(self.segs[last.seg].fd, last_len, last.payload_off)
+                last.payload_off = pay
+                self.write_payload(last, data.ljust(last_len, b"\0"), 0)
+            with self._lock:
+                seg = self.segs[last.seg]
+                if seg.end == last.end:  # nothing was placed after it: give the slack back
+                    self._usage -= last.end - end
+                    seg.end = end
+                    last.end = end
+            last.hdr_off, last.length = hdr, last_len
+        op.chunks.sort(key=lambda c: c.idx)
+        op.size = size
+        plan.sizes[0] = size
+        plan.touched = {c.seg for c in op.chunks}
+
+    def write_payload(self, ch: ChunkPlan, data: Any, within: int) -> int:
+        """Write payload bytes of a reserved chunk at ``within`` (blocking)."""
+        return self._pwrite_at(ch, [data], ch.payload_off + within, len(data))
 
     def set_client_sums(self, plan: PutPlan, sums: list[Any]) -> None:
         """Checksums the client computed over the payloads it wrote itself
@@ -563,8 +614,11 @@ class Engine:
         return hdr + bytes(gap)
 
     def _pwrite(self, ch: ChunkPlan, bufs: list[Any], expect: int) -> None:
+        self._pwrite_at(ch, bufs, ch.hdr_off, expect)
+
+    def _pwrite_at(self, ch: ChunkPlan, bufs: list[Any], off: int, expect: int) -> int:
         try:
-            n = os.pwritev(self.segs[ch.seg].fd, bufs, ch.hdr_off)
+            n = os.pwritev(self.segs[ch.seg].fd, bufs, off)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise CapacityError(f"disk full on stripe {self.cfg.stripes[ch.stripe]}",
@@ -573,6 +627,7 @@ class Engine:
         if n != expect:
             raise CapacityError(f"short write on stripe {self.cfg.stripes[ch.stripe]} (disk full?)",
                                 needed=ch.length, capacity=self.capacity, used=self._usage)
+        return n
 
     def effective_sync(self, sync: bool) -> bool:
         return sync or self.cfg.durability == "sync"

@@ -14,8 +14,9 @@ Rules kept here:
   before any byte of it is returned: a corrupted object reads as EIO, never
   as wrong bytes. An open file holds a lease, so its bytes stay put.
 - Objects are immutable: an existing object cannot be opened for writing
-  (EROFS). A new file is written to a spill file and committed as one object
-  when it is closed; until then no other reader sees it.
+  (EROFS). A new file's bytes go straight to their place in T1 as they are
+  written (``StreamPut``) and it is committed as one object when it is
+  closed; until then no other reader sees it.
 - Objects are immutable and content-addressed, so their attributes and
   entries are cached by the kernel for long, and opens keep the page cache.
 
@@ -28,19 +29,14 @@ import errno
 import functools
 import json
 import logging
-import mmap
 import os
 import stat
-import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import pyfuse3
 import trio
-import xxhash
 
 from kvfs import format as fmt
 from kvfs import native
@@ -48,6 +44,8 @@ from kvfs.errors import CapacityError, InvalidArgument, InvalidKey, KvfsError, N
 from kvfs.keys import normalize_key, normalize_ns
 
 from .engine import Engine
+from .stream_put import StreamPut
+from .write_behind import WriteBehind
 
 log = logging.getLogger("kvfsd.fuse")
 
@@ -113,19 +111,17 @@ class WriteHandle:
     ns: str
     key: str
     ino: int
-    path: Path
-    fd: int
-    size: int = 0
+    put: StreamPut | None  # None while create is still setting it up
+    behind: WriteBehind | None = None  # queued writes (None: written before the reply)
+    size: int = 0  # the file's size as writers see it (queued writes included)
     committed: bool = False
     failed: bool = False  # a write failed: the file is never committed (no partial objects)
     closed_empty: bool = False  # a descriptor was closed before anything was written
-    # checksums taken as sequential writes arrive (the usual cp/dd case), so
-    # the commit need not read the bytes back; None once a write was out of order
-    hashed: int = 0  # bytes [0, hashed) are in the running hashes
-    whole: Any = field(default_factory=xxhash.xxh3_128)
-    chunk: Any = field(default_factory=xxhash.xxh3_128)
-    chunk_sums: list[bytes] | None = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)  # guards the running hashes
+
+    async def settle(self) -> None:
+        """Every write acknowledged so far is in T1 (raises the first write error)."""
+        if self.behind is not None:
+            await self.behind.settle()
 
 
 @dataclass
@@ -139,15 +135,11 @@ class DirHandle:
 
 
 class KvfsOps(pyfuse3.Operations):
-    def __init__(self, engine: Engine, settle: Callable[[], Awaitable[bool]], spill_dir: Path,
+    def __init__(self, engine: Engine, settle: Callable[[], Awaitable[bool]],
                  file_mode: int = 0o444, dir_mode: int = 0o755):
         super().__init__()
         self.eng = engine
         self.settle = settle  # waits until T0 puts are in the index (listings read it)
-        self.spill_dir = spill_dir
-        spill_dir.mkdir(parents=True, exist_ok=True)
-        for stale in spill_dir.iterdir():  # uncommitted writes of a crashed daemon
-            stale.unlink(missing_ok=True)
         self.file_mode = file_mode
         self.dir_mode = dir_mode
         self.uid, self.gid = os.getuid(), os.getgid()
@@ -301,11 +293,15 @@ class KvfsOps(pyfuse3.Operations):
             w = self.pending.get((kind[1], kind[2]))
             if w is not None and not w.committed:
                 if fields.update_size:
-                    await trio.to_thread.run_sync(os.ftruncate, w.fd, attr.st_size)
+                    if w.put is None:
+                        raise pyfuse3.FUSEError(errno.EBUSY)
+                    try:
+                        await w.settle()
+                        await trio.to_thread.run_sync(w.put.truncate, attr.st_size)
+                    except BaseException:
+                        w.failed = True
+                        raise
                     w.size = attr.st_size
-                    with w.lock:
-                        if attr.st_size != w.hashed:
-                            w.chunk_sums = None  # the running hashes no longer match: hash at commit
                 return await self._attr_of(inode)
             if fields.update_size:
                 raise pyfuse3.FUSEError(errno.EROFS)  # objects are immutable
@@ -522,17 +518,15 @@ class KvfsOps(pyfuse3.Operations):
         ns, key = kind[1], normalize_key(_name(name))
         if self.eng.object_entry(ns, key) is not None or (ns, key) in self.pending:
             raise pyfuse3.FUSEError(errno.EEXIST)
-        self.pending[(ns, key)] = placeholder = WriteHandle(ns, key, 0, Path(), -1)  # the name is taken
+        ino = self._ino("obj", ns, key)
+        w = self.pending[(ns, key)] = WriteHandle(ns, key, ino, None)  # the name is taken
         try:
-            fd, path = await trio.to_thread.run_sync(
-                functools.partial(tempfile.mkstemp, dir=self.spill_dir, prefix="put-"))
+            w.put = StreamPut(self.eng, ns, key)
+            if self.nursery is not None:
+                w.behind = WriteBehind(w.put, self.nursery)
         except BaseException:
             self.pending.pop((ns, key), None)
             raise
-        ino = self._ino("obj", ns, key)
-        w = WriteHandle(ns, key, ino, Path(path), fd)
-        if self.pending.get((ns, key)) is placeholder:
-            self.pending[(ns, key)] = w
         fh = self._new_fh(w)
         return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=False), self._entry(await self._attr_of(ino))
 
@@ -543,9 +537,13 @@ class KvfsOps(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         if w.committed:
             raise pyfuse3.FUSEError(errno.EROFS)  # closed once: the object is immutable now
+        assert w.put is not None
         try:
-            n = await trio.to_thread.run_sync(self._spill, w, buf, off)
-        except OSError:
+            if w.behind is not None:
+                n = await w.behind.write(buf, off)
+            else:
+                n = await trio.to_thread.run_sync(w.put.write, buf, off)
+        except BaseException:
             w.failed = True
             raise
         w.size = max(w.size, off + n)
@@ -568,74 +566,32 @@ class KvfsOps(pyfuse3.Operations):
 
     async def _commit_now(self, w: WriteHandle) -> None:
         try:
-            if w.failed:
+            error: Exception | None = None
+            try:
+                await w.settle()
+            except Exception as e:  # a queued write failed: close(2) reports it
+                w.failed, error = True, e
+            if w.behind is not None:
+                w.behind.close()
+            if w.failed or w.put is None:
                 log.warning("%s/%s: a write failed; the file is discarded, not stored", w.ns, w.key)
+                if w.put is not None:
+                    await trio.to_thread.run_sync(w.put.abort)
+                if error is not None:
+                    raise error
                 return
             t = time.monotonic()
-            await trio.to_thread.run_sync(self._commit, w)
+            put = w.put
+            try:
+                await trio.to_thread.run_sync(put.commit)
+            except BaseException:
+                await trio.to_thread.run_sync(put.abort)
+                raise
             self.counters["commits"] += 1
             log.debug("stored %s/%s (%d bytes) in %.3f s", w.ns, w.key, w.size, time.monotonic() - t)
         finally:
             w.committed = True
             self.pending.pop((w.ns, w.key), None)
-
-    def _spill(self, w: WriteHandle, buf: bytes, off: int) -> int:
-        """Write to the spill file and, for in-order writes, hash on the way
-        (blocking: a worker thread; writes of one file are serialised by
-        the kernel's inode lock)."""
-        n = os.pwrite(w.fd, buf, off)
-        with w.lock:
-            self._hash_in_order(w, buf, off, n)
-        return n
-
-    def _hash_in_order(self, w: WriteHandle, buf: bytes, off: int, n: int) -> None:
-        if w.chunk_sums is not None and off == w.hashed:
-            su = self.eng.stripe_unit
-            view = memoryview(buf)[:n]
-            w.whole.update(view)
-            while len(view):
-                room = su - w.hashed % su
-                w.chunk.update(view[:room])
-                w.hashed += min(room, len(view))
-                if w.hashed % su == 0:
-                    w.chunk_sums.append(w.chunk.digest())
-                    w.chunk = xxhash.xxh3_128()
-                view = view[room:]
-        elif off != w.hashed:
-            w.chunk_sums = None  # out of order: hash at commit instead
-
-    def _commit(self, w: WriteHandle) -> None:
-        """Store the spill file as one object (blocking: a worker thread)."""
-        size = os.fstat(w.fd).st_size
-        if w.chunk_sums is not None and w.hashed == size and size > 0:
-            sums = list(w.chunk_sums)
-            if size % self.eng.stripe_unit:
-                sums.append(w.chunk.digest())
-            plan = self.eng.prepare_put(w.ns, [(w.key, size, None)])
-            if plan.items[0] is None:
-                self.eng.abort_put(plan)
-                raise pyfuse3.FUSEError(errno.EEXIST)
-            try:
-                self.eng.copy_chunks_from(plan, w.fd, w.whole.digest(), sums)
-            except BaseException:
-                self.eng.abort_put(plan)
-                raise
-            self.eng.commit_put(plan, False)
-            return
-        mm = mmap.mmap(w.fd, size, mmap.MAP_SHARED, mmap.PROT_READ) if size else None
-        view = memoryview(mm) if mm is not None else memoryview(b"")
-        try:
-            plan = self.eng.prepare_put(w.ns, [(w.key, size, None)])
-            op = plan.items[0]
-            if op is None:
-                raise pyfuse3.FUSEError(errno.EEXIST)
-            self.eng.write_chunks(plan, [(0, i, view[c.chunk_off:c.chunk_off + c.length])
-                                         for i, c in enumerate(op.chunks)])
-            self.eng.commit_put(plan, False)
-        finally:
-            view.release()
-            if mm is not None:
-                mm.close()
 
     @_errors
     async def release(self, fh: int) -> None:
@@ -644,17 +600,8 @@ class KvfsOps(pyfuse3.Operations):
             freed = self.eng.release([h.lease], ("fuse", fh)) if h.lease else []
             if freed:
                 await trio.to_thread.run_sync(self.eng.reclaim, freed)
-        elif isinstance(h, WriteHandle):
-            try:
-                if not h.committed:
-                    await self._commit_now(h)  # an empty file (or only truncated)
-            finally:
-                await trio.to_thread.run_sync(self._discard_spill, h)
-
-    @staticmethod
-    def _discard_spill(h: WriteHandle) -> None:
-        os.close(h.fd)
-        h.path.unlink(missing_ok=True)
+        elif isinstance(h, WriteHandle) and not h.committed:
+            await self._commit_now(h)  # an empty file (or only truncated)
 
     @_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:

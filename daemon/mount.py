@@ -48,7 +48,7 @@ class Mount:
         self.pyfuse3 = pyfuse3
         self.mountpoint = mountpoint
         clean_stale_mount(mountpoint)
-        self.ops = KvfsOps(engine, settle, engine.cfg.root / "fuse-spill")
+        self.ops = KvfsOps(engine, settle)
         options = set(pyfuse3.default_options) | {"fsname=kvfs", "subtype=kvfs"}
         if os.geteuid() == 0:
             options.add("allow_other")  # the socket's group, not only root, may use the mount

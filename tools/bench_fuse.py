@@ -2,7 +2,11 @@
 the same run, on the same bytes.
 
   write  `cp` of a file into the mount vs `cp` into a plain directory
-         (page cache, no fsync, for both: the mount commits on close)
+         (page cache, no fsync, for both: the mount commits on close), and
+         into a pyfuse3 filesystem that discards what it gets
+         (tools/null_fuse.py): the ceiling of any pyfuse3 write path here.
+         Each cp starts from the same state: dirty pages synced, caches
+         dropped (as root) and the source read back in.
   read   sequential reads with 1 MiB and 4 MiB application reads (like
          `dd bs=...`), cold (caches dropped: needs root) and page-cache hot
 """
@@ -13,6 +17,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +45,42 @@ def _cp(src: Path, dst: Path) -> float:
     return time.perf_counter() - t
 
 
+def _fresh(src: Path, can_drop: bool) -> None:
+    """The same starting point for every `cp`: no dirty pages, the page
+    cache dropped (so no run pays for the previous one's pages) and the
+    source hot."""
+    from .bench_compare import drop_caches
+
+    os.sync()
+    if can_drop:
+        drop_caches()
+    _read_all(src, 4 * MiB)
+
+
+def _null_mount(where: Path) -> subprocess.Popen[bytes] | None:
+    """Start tools/null_fuse.py at ``where``; None if it does not come up."""
+    where.mkdir(parents=True, exist_ok=True)
+    p = subprocess.Popen([sys.executable, "-m", "tools.null_fuse", str(where)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        if os.path.ismount(where):
+            return p
+        if p.poll() is not None:
+            return None
+        time.sleep(0.05)
+    p.terminate()
+    return None
+
+
+def _null_umount(p: subprocess.Popen[bytes], where: Path) -> None:
+    subprocess.run(["fusermount3", "-u", str(where)], stderr=subprocess.DEVNULL)
+    try:
+        p.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        subprocess.run(["umount", "-l", str(where)], stderr=subprocess.DEVNULL)
+
+
 def run_fuse_bench(args: argparse.Namespace) -> dict[str, Any]:
     from kvfsd.testing import DaemonProcess
 
@@ -56,18 +97,23 @@ def run_fuse_bench(args: argparse.Namespace) -> dict[str, Any]:
     size = src.stat().st_size
     d = DaemonProcess(work / "store", capacity=str(4 * size + (1 << 30)), shm_size=0, mount=work / "mnt",
                       log=work / "daemon.log")
-    cold = os.geteuid() == 0 and not args.no_cold
+    root = os.geteuid() == 0
+    cold = root and not args.no_cold
     rounds: list[dict[str, float]] = []
+    null = _null_mount(work / "null")
     try:
         d.start()
         mnt = work / "mnt"
         (mnt / "bench").mkdir()
         for r in range(args.repeat):
             row: dict[str, float] = {}
-            os.sync()
+            _fresh(src, root)
             row["cp_plain"] = size / _cp(src, work / "plain" / f"f{r}") / 1e9
-            os.sync()
+            _fresh(src, root)
             row["cp_mount"] = size / _cp(src, mnt / "bench" / f"f{r}") / 1e9
+            if null is not None:
+                _fresh(src, root)
+                row["cp_null"] = size / _cp(src, work / "null" / "f") / 1e9
             os.sync()
             for bs in (1 * MiB, 4 * MiB):
                 tag = f"{bs // MiB}m"
@@ -83,6 +129,8 @@ def run_fuse_bench(args: argparse.Namespace) -> dict[str, Any]:
             os.unlink(work / "plain" / f"f{r}")
             rounds.append(row)
     finally:
+        if null is not None:
+            _null_umount(null, work / "null")
         if d.alive():
             d.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -95,6 +143,9 @@ def run_fuse_bench(args: argparse.Namespace) -> dict[str, Any]:
 def format_fuse(res: dict[str, Any]) -> str:
     m = res["median"]
     rows = [["write: cp into", f"{m['cp_plain']:.2f}", f"{m['cp_mount']:.2f}", f"{m['cp_mount'] / m['cp_plain']:.2f}"]]
+    if "cp_null" in m:
+        rows.append(["write: cp into a null pyfuse3 fs", f"{m['cp_plain']:.2f}", f"{m['cp_null']:.2f}",
+                     f"{m['cp_null'] / m['cp_plain']:.2f}"])
     for kind in ("cold", "hot"):
         for tag in ("1m", "4m"):
             k = f"{kind}_{tag}"
