@@ -57,6 +57,7 @@ OBJECT_TIMEOUT = 60.0  # immutable: attributes never change while the object exi
 DIR_TIMEOUT = 1.0  # directory contents change
 CHUNK_CACHE = 6  # verified chunks kept per open file
 READ_AHEAD_CHUNKS = 2  # chunks loaded ahead of a sequential reader (two disk reads in flight)
+ADVISE_CHUNKS = 4  # chunks beyond those the kernel is asked to read (posix_fadvise WILLNEED)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -104,6 +105,7 @@ class ReadHandle:
     chunks: dict[int, bytes] = field(default_factory=dict)  # verified chunk index -> bytes
     loading: dict[int, trio.Event] = field(default_factory=dict)  # chunk loads in flight
     bad: bool = False  # a chunk failed verification
+    advised: set[int] = field(default_factory=set)  # chunks the kernel was asked to read ahead
 
 
 @dataclass
@@ -423,7 +425,10 @@ class KvfsOps(pyfuse3.Operations):
         return fh
 
     @_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
+        """Bytes of an open file. pyfuse3's stub says bytes, but it replies
+        from any contiguous buffer (PyObject_GetBuffer), so a view of a
+        verified chunk goes out without a copy."""
         h = self.handles.get(fh)
         if isinstance(h, StatsHandle):
             return h.data[off:off + size]
@@ -433,16 +438,19 @@ class KvfsOps(pyfuse3.Operations):
         end = min(total, off + size)
         self.counters["reads"] += 1
         self.counters["read_bytes"] += max(0, end - off)
-        out = []
-        pos = 0
-        for ci, x in enumerate(exts):
-            clen = x[3]
-            if pos + clen > off and pos < end:
-                data = await self._chunk(h, ci, pos)
-                out.append(data[max(0, off - pos):min(clen, end - pos)])
-            pos += clen
-            if pos >= end:
-                break
+        # every chunk but the last has the object's chunk size (the stripe
+        # unit it was stored with, which need not be today's)
+        unit = exts[0][3] if len(exts) > 1 else max(total, 1)
+        out: list[memoryview] = []
+        ci = off // unit
+        while ci < len(exts) and ci * unit < end:
+            pos = ci * unit
+            data = await self._chunk(h, ci, pos)
+            # a view, not a copy: pyfuse3 replies from any buffer
+            out.append(memoryview(data)[off - pos if off > pos else 0:min(exts[ci][3], end - pos)])
+            ci += 1
+        if len(out) == 1:
+            return out[0]
         return b"".join(out)
 
     async def _chunk(self, h: ReadHandle, ci: int, pos: int) -> bytes:
@@ -492,6 +500,22 @@ class KvfsOps(pyfuse3.Operations):
                 del h.loading[ci]
             ev.set()
 
+    def _advise_ahead(self, h: ReadHandle, ci: int) -> None:
+        """Ask the kernel to start reading the chunks beyond the loaded
+        read-ahead (blocking, briefly). A cold sequential reader then keeps
+        the disk busy without more threads; the chunks still go through
+        pread and verification when their turn comes."""
+        exts = h.item[3]
+        i = ci + 1 + READ_AHEAD_CHUNKS
+        if i < len(exts) and i not in h.advised:
+            for j in range(i, min(len(exts), i + ADVISE_CHUNKS)):
+                if j not in h.advised:
+                    h.advised.add(j)
+                    _stripe, seg, off, length, _csum = exts[j]
+                    fd = self.eng.segment_fd(seg)
+                    if fd >= 0:
+                        os.posix_fadvise(fd, off, length, os.POSIX_FADV_WILLNEED)
+
     def _read_chunk(self, h: ReadHandle, ci: int, pos: int) -> bytes | None:
         """One chunk, verified (blocking: a worker thread). None: bad."""
         stripe, seg, off, length, csum = h.item[3][ci]
@@ -503,6 +527,7 @@ class KvfsOps(pyfuse3.Operations):
             fd = self.eng.segment_fd(seg)
             if fd < 0:
                 return None
+            self._advise_ahead(h, ci)
             data = os.pread(fd, length, off)
         if len(data) != length or native.backend.hash_many([data], 1)[0] != csum:
             return None
