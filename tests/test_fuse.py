@@ -226,6 +226,7 @@ def test_bench_fuse_quick(tmp_path):
                         "--json", str(tmp_path / "f.json")], capture_output=True, check=True)
     res = json.loads((tmp_path / "f.json").read_text())
     assert res["median"]["cp_mount"] > 0 and res["median"]["hot_1m_mount"] > 0
+    assert res["median"]["cp_null"] > 0  # the pyfuse3 ceiling ran beside it
     assert b"mount / plain" in r.stdout
 
 

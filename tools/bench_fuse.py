@@ -60,7 +60,7 @@ def _fresh(src: Path, can_drop: bool) -> None:
 def _null_mount(where: Path) -> subprocess.Popen[bytes] | None:
     """Start tools/null_fuse.py at ``where``; None if it does not come up."""
     where.mkdir(parents=True, exist_ok=True)
-    p = subprocess.Popen([sys.executable, "-m", "tools.null_fuse", str(where)],
+    p = subprocess.Popen([sys.executable, "-m", "kvfstools.null_fuse", str(where)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(100):
         if os.path.ismount(where):

@@ -5,7 +5,7 @@ FUSE round trip and of pyfuse3's dispatch, with nothing stored).
 `kvfs bench --fuse` runs it beside the mount, in the same run, so the
 write figure of the mount can be read against what FUSE itself allows.
 
-    python -m tools.null_fuse MOUNTPOINT     (runs until unmounted)
+    python -m kvfstools.null_fuse MOUNTPOINT     (runs until unmounted)
 """
 from __future__ import annotations
 
