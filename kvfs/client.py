@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generator, Iterable, Iterator, Sequence
 
+from . import native
 from . import protocol as P
 from .dataplane import DataPlane, ReadTask, WriteTask
 from .errors import CapacityError, DaemonUnavailable, InvalidArgument, KvfsError, NotFound, ProtocolError
@@ -25,6 +26,7 @@ from .keys import normalize_key, normalize_keys, normalize_ns
 from .format import segment_name
 from .directory import DirectoryReader
 from .generation import EPOCH, GenerationReader
+from .gpu import DeviceBuffer, GpuPlane, device_buffer
 from .loccache import LocationCache
 from .meta import encode_meta
 
@@ -94,6 +96,15 @@ def as_writable(out: Any) -> memoryview:
     if not mv.c_contiguous:
         raise InvalidArgument("destination buffer must be C-contiguous")
     return mv.cast("B") if (mv.format != "B" or mv.ndim != 1) and mv.nbytes else mv
+
+
+@dataclass
+class _Landed:
+    """A put's source already copied into its arena extent (from a device)."""
+    view: memoryview
+
+    def __len__(self) -> int:
+        return len(self.view)
 
 
 @dataclass
@@ -174,10 +185,13 @@ class _Connection:
 class Store:
     """A connection to the kvfs daemon. See ``kvfs.connect``."""
 
-    def __init__(self, socket: str | os.PathLike[str] | None = None, *, verify: bool = True,
+    def __init__(self, socket: str | os.PathLike[str] | None = None, *, verify: bool | str = True,
                  threads: int = 8, cache_locations: bool = True):
         self.socket_path = str(socket) if socket is not None else default_socket_path()
+        if verify not in (True, False, "header", "full"):
+            raise InvalidArgument('verify is True, False, "header" or "full"')
         self.verify = verify
+        self._gpu: GpuPlane | None = None
         self._local = threading.local()
         self._conns: list[_Connection] = []
         self._conns_lock = threading.Lock()
@@ -263,6 +277,8 @@ class Store:
                 c.close()
             self._conns.clear()
         self.reader.close()
+        if self._gpu is not None:
+            self._gpu.close()
         if self._gen is not None:
             self._gen.close()
 
@@ -284,16 +300,17 @@ class Store:
         ks = normalize_keys(keys)
         if len(datas) != len(ks) or (metas is not None and len(metas) != len(ks)):
             raise InvalidArgument("keys, datas and metas must have the same length")
-        views = [as_readable(d) for d in datas]
+        views: list[Any] = [self._device_or_host(d) for d in datas]
         raw_metas: list[bytes | None] = [encode_meta(m) for m in metas] if metas is not None else [None] * len(ks)
         out: list[bool] = [False] * len(ks)
         if self.arena is not None:
             # T0: the batch goes through the arena (no payload on the socket),
             # except a lone small value and empty ones
             lone_small = len(views) == 1 and len(views[0]) < T0_INLINE_MAX
-            direct = [i for i, v in enumerate(views) if len(v) and not lone_small]
+            direct = [i for i, v in enumerate(views) if len(v) and (not lone_small or isinstance(v, DeviceBuffer))]
         else:
-            direct = [i for i, v in enumerate(views) if len(v) >= DIRECT_MIN]
+            direct = [i for i, v in enumerate(views)
+                      if len(v) >= DIRECT_MIN or (len(v) and isinstance(v, DeviceBuffer))]
         dset = set(direct)
         inline = [i for i in range(len(views)) if i not in dset]
         for idx, fn in ((inline, self._put_inline), (direct, self._put_direct)):
@@ -321,14 +338,22 @@ class Store:
             tasks: list[WriteTask] = []
             cdst: list[memoryview] = []
             csrc: list[memoryview] = []
+            t0_src: list[memoryview] = []  # what the checksums of T0 items are taken from
             multi: list[memoryview] = []
+            dev = any(isinstance(v, DeviceBuffer) for v in views)
+            if dev:
+                views = self._device_sources(res["items"], views, arena)
             for item, v in zip(res["items"], views):
                 if item is None:
                     continue
                 _seq, chunks, t0 = item
                 if t0 >= 0 and arena is not None:
-                    cdst.append(arena.rw[t0:t0 + len(v)])
-                    csrc.append(v)
+                    if isinstance(v, _Landed):  # a device source, already copied into the arena
+                        v = v.view
+                    else:
+                        cdst.append(arena.rw[t0:t0 + len(v)])
+                        csrc.append(v)
+                    t0_src.append(v)
                 elif t0 >= 0:
                     raise ProtocolError("the daemon gave an arena extent to a client without the arena")
                 else:
@@ -343,9 +368,11 @@ class Store:
             # checksums of the caller's bytes (not of the arena copy: another
             # group member scribbling on the arena before the commit must
             # make the object fail verification, not be published as valid),
-            # chunk by chunk as T1 will hold them
+            # chunk by chunk as T1 will hold them. A device source is hashed
+            # from its arena copy, right after the DMA (the host cannot read
+            # device memory without such a copy).
             t0_chunks: list[memoryview] = []
-            for item, src in zip((it for it in res["items"] if it is not None and it[2] >= 0), csrc):
+            for item, src in zip((it for it in res["items"] if it is not None and it[2] >= 0), t0_src):
                 pos = 0
                 for c in item[1]:
                     t0_chunks.append(src[pos:pos + c[3]])
@@ -378,6 +405,59 @@ class Store:
                 for it, v, alloc, s, ok in zip(items, views, res["items"], sums, stored)
                 if ok and alloc is not None], gen)
         return stored
+
+    def _device_or_host(self, data: Any) -> Any:
+        dev = device_buffer(data)
+        return dev if dev is not None else as_readable(data)
+
+    def _gpu_plane(self) -> GpuPlane:
+        if self._gpu is None:
+            try:
+                self._gpu = GpuPlane(self.reader)
+            except ImportError as e:
+                raise KvfsError(f"device buffers need CuPy (pip install kvfs[gpu]): {e}") from None
+        return self._gpu
+
+    def _device_sources(self, allocs: list[Any], views: list[Any], arena: "_Arena | None") -> list[Any]:
+        """Device sources of a put: DMA into their arena extents (registered,
+        so at full speed), or into host staging where they got no extent.
+        Returns the sources as host bytes (``_Landed`` for arena copies)."""
+        gpu = self._gpu_plane()
+        out: list[Any] = []
+        for item, v in zip(allocs, views):
+            if not isinstance(v, DeviceBuffer) or item is None:
+                out.append(v)
+                continue
+            t0 = item[2]
+            if t0 >= 0 and arena is not None:
+                gpu.arena_address(arena)
+                dst = arena.rw[t0:t0 + len(v)]
+                gpu.to_host(dst, v)
+                out.append(_Landed(dst))
+            else:
+                host = memoryview(bytearray(len(v)))
+                gpu.to_host(host, v)
+                out.append(host)
+        gpu.sync()
+        return out
+
+    def capabilities(self) -> dict[str, Any]:
+        """What this client can do here: CUDA, kvikio, GDS or its compatibility
+        mode, the pinned arena, the data-plane backend."""
+        caps: dict[str, Any] = {"native": native.name, "arena": self.arena is not None, "cuda": False}
+        try:
+            plane = self._gpu_plane()
+        except KvfsError:
+            return caps
+        try:
+            import cupy
+            caps["cuda"] = cupy.cuda.runtime.getDeviceCount() > 0
+        except Exception:  # noqa: BLE001 - no driver, no device
+            return caps
+        if self.arena is not None and caps["cuda"]:
+            plane.arena_address(self.arena)
+        caps.update(plane.capabilities())
+        return caps
 
     def flush(self, timeout: float = 60.0) -> bool:
         """Wait until every put acknowledged so far is written back from T0
@@ -559,7 +639,11 @@ class Store:
 
     def get_into(self, key: str | bytes, out: Any, *, ns: str = "default") -> int:
         k, ns = normalize_key(key), normalize_ns(ns)
-        sizes, _ = self._read_batch(ns, [k], [as_writable(out)], False)
+        dev = device_buffer(out)
+        if dev is not None:
+            sizes = self._read_device(ns, [k], [dev])
+        else:
+            sizes, _ = self._read_batch(ns, [k], [as_writable(out)], False)
         if sizes[0] < 0:
             raise NotFound(f"{ns}/{k} not found")
         return sizes[0]
@@ -664,12 +748,53 @@ class Store:
         ks, ns = normalize_keys(keys), normalize_ns(ns)
         if len(outs) != len(ks):
             raise InvalidArgument("keys and outs must have the same length")
+        devs = [device_buffer(o) for o in outs]
+        if any(d is not None for d in devs):
+            if not all(d is not None for d in devs):
+                raise InvalidArgument("outs must be all device buffers or all host buffers")
+            res: list[int] = []
+            for i in range(0, len(ks), BATCH_KEYS):
+                res += self._read_device(ns, ks[i:i + BATCH_KEYS], devs[i:i + BATCH_KEYS])  # type: ignore[arg-type]
+            return res
         views: list[memoryview | None] = [as_writable(o) for o in outs]
         out: list[int] = []
         for i in range(0, len(ks), BATCH_KEYS):
             sizes, _ = self._read_batch(ns, ks[i:i + BATCH_KEYS], views[i:i + BATCH_KEYS], False)
             out += sizes
         return out
+
+    def _read_device(self, ns: str, ks: list[str], outs: list[DeviceBuffer]) -> list[int]:
+        """Read into device buffers (kvfs.gpu). Every batch runs under a
+        lease that ends only once its copies have completed. A failed item
+        is reported (the daemon re-checks and drops it) and looked up once
+        more, as on the host path."""
+        for d in outs:
+            if d.readonly:
+                raise InvalidArgument("destination device buffer is read-only")
+        gpu = self._gpu_plane()
+        self._check_restart()
+        self._conn()
+        sizes = [-1] * len(ks)
+        todo = list(range(len(ks)))
+        full = self.verify == "full"
+        for attempt in range(2):
+            if not todo:
+                break
+            res = self._call(P.LOOKUP, {"ns": ns, "keys": [ks[i] for i in todo]})
+            lease = res["lease"]
+            found = {i: item for i, item in zip(todo, res["items"]) if item is not None}
+            try:
+                plan = gpu.plan(ns, ks, found, outs, self.arena, self._path, sizes)
+                bad = gpu.run(ns, ks, found, plan, full)
+            finally:
+                if lease:
+                    self._release(lease)
+            for i in bad:
+                sizes[i] = -1
+                if attempt == 0:
+                    self._call(P.REPORT_BAD, {"ns": ns, "key": ks[i], "seq": found[i][2]})
+            todo = sorted(bad)
+        return sizes
 
     # -- metadata -------------------------------------------------------------
     def contains(self, keys: Sequence[str | bytes], *, ns: str = "default") -> list[bool]:
@@ -713,11 +838,14 @@ class Store:
         return dict(self._call(P.STATS, {}))
 
 
-def connect(socket: str | os.PathLike[str] | None = None, *, verify: bool = True, threads: int = 8,
+def connect(socket: str | os.PathLike[str] | None = None, *, verify: bool | str = True, threads: int = 8,
             cache_locations: bool = True) -> Store:
     """Connect to the kvfs daemon at ``socket`` ($KVFS_SOCKET, else
     $KVFS_ROOT/kvfs.sock, else ~/.kvfs/kvfs.sock). ``verify=False`` skips
-    checksum verification of reads (faster; trusts the disk).
+    checksum verification of reads (faster; trusts the disk). Host reads
+    verify every byte unless ``verify=False``; reads into device memory
+    check each T1 record's header by default and every byte with
+    ``verify="full"`` (see kvfs.gpu).
     ``cache_locations`` lets repeated gets skip the daemon round trip (see
     kvfs.loccache; removals are still seen at once)."""
     return Store(socket, verify=verify, threads=threads, cache_locations=cache_locations)

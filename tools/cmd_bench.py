@@ -58,6 +58,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="compare the C data plane with its pure-Python twin (read, copy, get_many_into)")
     g.add_argument("--fuse", action="store_true",
                    help="the FUSE mount against a plain file: cp in, sequential reads cold and hot (--total bytes)")
+    g.add_argument("--gpu", action="store_true",
+                   help="reads into and puts from device memory next to pinned H2D/D2H and raw kvikio "
+                        "(--total bytes per block size; needs CuPy and a GPU)")
     g.add_argument("--no-cold", action="store_true", help="--compare: skip the cold-cache reads")
     return p
 
@@ -249,7 +252,7 @@ def format_results(res: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.compare or args.native or args.fuse:
+    if args.compare or args.native or args.fuse or args.gpu:
         return run_compare_cmd(args)
     print(f"kvfs bench: scale {args.scale}, threads {args.threads} (page-cache hot reads; ratios are "
           f"against raw pwrite/preadv of the same bytes in this run)", file=sys.stderr)
@@ -275,6 +278,14 @@ def run_compare_cmd(args: argparse.Namespace) -> int:
         args.threads = f"1,{min(8, max(2, os.cpu_count() or 2))}"
     if args.quick:
         args.total, args.repeat = 8 * MiB, 1
+    if args.gpu:
+        from .bench_gpu import format_gpu, run_gpu_bench
+        if args.total == 512 * MiB and not args.quick:
+            args.total = 2 << 30
+        if args.quick:
+            args.total = 128 * MiB
+        res = run_gpu_bench(args)
+        return _emit(args, res, format_gpu(res))
     if args.fuse:
         from .bench_fuse import format_fuse, run_fuse_bench
         if args.total == 512 * MiB and not args.quick:

@@ -1,0 +1,431 @@
+"""The GPU path of the client: device buffers (CuPy arrays, CUDA torch
+tensors, anything with ``__cuda_array_interface__``) as destinations of
+gets and sources of puts.
+
+Reads, per chunk of a batch, all in flight at once:
+- T0 hit: an asynchronous host-to-device copy straight from the arena,
+  which is registered (pinned) with CUDA once per process.
+- T1 hit: kvikio ``CuFile.pread`` from the segment file into the device
+  buffer; without kvikio, a read into pinned staging (verified there by the
+  native data plane) and an asynchronous copy, double-buffered.
+
+Verification (``Store(verify=...)``):
+- ``True`` / ``"header"`` (default): every T1 chunk's record header is read
+  and must name this namespace, key, chunk, length, sequence number and
+  checksum, so a stale or wrong location is never delivered; T0 copies run
+  under a lease, and a copy from a cached location is dropped if the
+  removal generation moved during it (a seqlock). Payload bit-rot in T1 is
+  not caught in this mode.
+- ``"full"``: every byte delivered was hashed first: chunks go through
+  pinned staging, where the native data plane verifies them against their
+  checksums, and only then to the device.
+- ``False``: header checks only (they are cheap and guard against
+  misdirected reads).
+
+The lease of a batch is released only after its copies completed. Nothing
+here imports CUDA libraries until a device buffer is actually used, so
+host-only processes never load them. ``HostCopier`` stands in for CUDA on
+machines without a GPU: the same planning, staging, header checks and lease
+handling then run against host memory (the CPU tests use it; the GPU tests
+use CUDA).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from . import format as fmt
+from .dataplane import DataPlane, ReadTask
+from .errors import InvalidArgument
+
+STAGING_SLAB = 64 << 20  # bytes per staging buffer (two of them: double-buffered)
+H2D, D2H = 1, 2  # cudaMemcpyKind
+
+
+@dataclass(frozen=True)
+class DeviceBuffer:
+    """A contiguous span of device memory and the object that owns it."""
+    ptr: int
+    nbytes: int
+    readonly: bool
+    owner: Any
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+
+def device_buffer(obj: Any) -> DeviceBuffer | None:
+    """The device span of ``obj``, or None if it is not device memory."""
+    if isinstance(obj, DeviceBuffer):
+        return obj
+    if type(obj).__module__.startswith("torch") and hasattr(obj, "data_ptr"):
+        # torch tensors: asked directly (its __cuda_array_interface__ has no
+        # typestr for bfloat16, the usual KV-cache dtype)
+        if not obj.is_cuda:
+            return None
+        if not obj.is_contiguous():
+            raise InvalidArgument("device tensor must be contiguous")
+        return DeviceBuffer(int(obj.data_ptr()), obj.numel() * obj.element_size(), False, obj)
+    try:
+        cai = obj.__cuda_array_interface__
+    except AttributeError:
+        return None
+    except RuntimeError as e:  # e.g. a torch tensor that requires grad
+        raise InvalidArgument(f"device buffer not usable: {e}") from None
+    shape = tuple(cai["shape"])
+    itemsize = int(cai["typestr"][2:])
+    n = itemsize
+    for d in shape:
+        n *= d
+    strides = cai.get("strides")
+    if strides is not None and n:
+        expect = itemsize
+        for d, s in zip(reversed(shape), reversed(strides)):
+            if d > 1 and s != expect:
+                raise InvalidArgument("device buffer must be C-contiguous")
+            expect *= d
+    ptr, ro = cai["data"]
+    return DeviceBuffer(int(ptr), n, bool(ro), obj)
+
+
+def is_device(obj: Any) -> bool:
+    return isinstance(obj, DeviceBuffer) or hasattr(type(obj), "__cuda_array_interface__") or (
+        hasattr(obj, "__cuda_array_interface__"))
+
+
+def address_of(view: memoryview) -> int:
+    """The address of a writable buffer's first byte."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) if len(view) else 0
+
+
+# --------------------------------------------------------------------- copiers
+class HostCopier:
+    """CUDA's role played by host memory: ``ptr``s are host addresses and
+    copies are memmoves. Used where there is no GPU (tests, CI)."""
+    name = "host"
+    gds = False
+
+    def register(self, addr: int, size: int) -> bool:
+        return False
+
+    def h2d(self, dst: int, src: int, n: int) -> None:
+        ctypes.memmove(dst, src, n)
+
+    def d2h(self, dst: int, src: int, n: int) -> None:
+        ctypes.memmove(dst, src, n)
+
+    def record(self) -> Any:
+        return None
+
+    def wait(self, ev: Any) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+    def pinned(self, n: int) -> memoryview:
+        return memoryview(bytearray(n))
+
+    def device_view(self, ptr: int, n: int) -> Any:
+        return (ctypes.c_char * n).from_address(ptr)
+
+
+class CudaCopier:
+    """Asynchronous copies on one CUDA stream per thread (CuPy's runtime)."""
+    name = "cuda"
+
+    def __init__(self) -> None:
+        import cupy  # noqa: F401 - imported only once a device buffer is used
+        self.cp = cupy
+        self.rt = cupy.cuda.runtime
+        self._local = threading.local()
+        self._pinned: list[Any] = []  # keeps pinned allocations alive
+        self.gds = False
+
+    @property
+    def stream(self) -> Any:
+        s = getattr(self._local, "stream", None)
+        if s is None:
+            s = self._local.stream = self.cp.cuda.Stream(non_blocking=True)
+        return s
+
+    def register(self, addr: int, size: int) -> bool:
+        """Pin a host range (the arena) so copies from it are DMA at full speed."""
+        for flags in (0x1 | 0x8, 0x1):  # portable | read-only, then portable
+            try:
+                self.rt.hostRegister(addr, size, flags)
+                return True
+            except self.rt.CUDARuntimeError:
+                continue
+        return False
+
+    def h2d(self, dst: int, src: int, n: int) -> None:
+        self.rt.memcpyAsync(dst, src, n, H2D, self.stream.ptr)
+
+    def d2h(self, dst: int, src: int, n: int) -> None:
+        self.rt.memcpyAsync(dst, src, n, D2H, self.stream.ptr)
+
+    def record(self) -> Any:
+        return self.stream.record()
+
+    def wait(self, ev: Any) -> None:
+        if ev is not None:
+            ev.synchronize()
+
+    def sync(self) -> None:
+        self.stream.synchronize()
+
+    def pinned(self, n: int) -> memoryview:
+        mem = self.cp.cuda.alloc_pinned_memory(n)
+        self._pinned.append(mem)
+        return memoryview((ctypes.c_char * n).from_address(mem.ptr)).cast("B")
+
+    def device_view(self, ptr: int, n: int) -> Any:
+        cp = self.cp
+        mem = cp.cuda.UnownedMemory(ptr, n, None)
+        return cp.ndarray((n,), dtype=cp.uint8, memptr=cp.cuda.MemoryPointer(mem, 0))
+
+
+def _kvikio() -> Any:
+    if os.environ.get("KVFS_KVIKIO", "1") == "0":
+        return None
+    try:
+        import kvikio  # noqa: F401
+        import kvikio.defaults
+    except Exception:  # noqa: BLE001 - missing, or its CUDA libraries are
+        return None
+    return kvikio
+
+
+# --------------------------------------------------------------------- plane
+@dataclass
+class _Chunk:
+    item: int  # index in the batch
+    dst: int  # device address
+    length: int
+    checksum: bytes
+    # T0: the arena address; T1: the segment file, payload offset and record identity
+    src: int = 0
+    path: str = ""
+    offset: int = 0
+    idx: int = 0
+
+
+@dataclass
+class GpuRead:
+    t0: list[_Chunk] = field(default_factory=list)
+    t1: list[_Chunk] = field(default_factory=list)
+
+
+class GpuPlane:
+    """Runs device reads and puts for one Store."""
+
+    def __init__(self, reader: DataPlane, copier: Any | None = None, kvikio: Any | None = None,
+                 use_kvikio: bool = True) -> None:
+        self.reader = reader
+        self.copier = copier if copier is not None else CudaCopier()
+        self.kvikio = kvikio if kvikio is not None else (_kvikio() if use_kvikio and self.copier.name == "cuda"
+                                                         else None)
+        self._files: dict[str, Any] = {}
+        self._registered: dict[int, bool] = {}
+        self._staging: list[memoryview] = []
+        self._lock = threading.Lock()
+        self.counters = {"t0_chunks": 0, "t1_chunks": 0, "staged_bytes": 0, "header_checks": 0,
+                         "header_mismatches": 0}
+
+    # -- capability report -------------------------------------------------
+    def capabilities(self) -> dict[str, Any]:
+        gds = None
+        if self.kvikio is not None:
+            try:
+                gds = not bool(self.kvikio.defaults.is_compat_mode_preferred())
+            except Exception:  # noqa: BLE001 - older kvikio: unknown
+                gds = None
+        return {"copier": self.copier.name, "kvikio": self.kvikio is not None,
+                "gds": gds, "arena_pinned": any(self._registered.values())}
+
+    # -- arena -----------------------------------------------------------
+    def arena_address(self, arena: Any) -> int:
+        """The arena's address, registered with CUDA on first use."""
+        addr = address_of(arena.rw)
+        if addr not in self._registered:
+            with self._lock:
+                if addr not in self._registered:
+                    self._registered[addr] = self.copier.register(addr, arena.size)
+        return addr
+
+    def staging(self) -> list[memoryview]:
+        with self._lock:
+            if not self._staging:
+                self._staging = [self.copier.pinned(STAGING_SLAB) for _ in range(2)]
+            return self._staging
+
+    # -- reads -----------------------------------------------------------
+    def plan(self, ns: str, ks: list[str], found: dict[int, list[Any]], outs: Sequence[DeviceBuffer],
+             arena: Any, path_of: Callable[[int, int], str], sizes: list[int]) -> GpuRead:
+        p = GpuRead()
+        base = self.arena_address(arena) if arena is not None else 0
+        for i, item in found.items():
+            size, _csum, _seq, exts = item[:4]
+            t0 = item[4] if len(item) > 4 else None
+            if t0 is not None and arena is None and not t0[1]:
+                continue  # only in T0, and this client cannot map it
+            dest = outs[i]
+            if size > dest.nbytes:
+                raise InvalidArgument(f"device buffer of {dest.nbytes} bytes is too small for "
+                                      f"{ns}/{ks[i]} ({size} bytes)")
+            pos = 0
+            for ci, (stripe, seg, off, length, ccsum) in enumerate(exts):
+                if t0 is not None and arena is not None:
+                    p.t0.append(_Chunk(i, dest.ptr + pos, length, ccsum, src=base + t0[0] + pos))
+                else:
+                    p.t1.append(_Chunk(i, dest.ptr + pos, length, ccsum, path=path_of(stripe, seg),
+                                       offset=off, idx=ci))
+                pos += length
+            sizes[i] = size
+        return p
+
+    def run(self, ns: str, ks: list[str], found: dict[int, list[Any]], p: GpuRead, full: bool) -> set[int]:
+        """Run a plan to completion (every copy finished). Returns the items
+        that failed (missing file, short read, bad header or checksum)."""
+        bad: set[int] = set()
+        c = self.copier
+        if p.t1 and not full:
+            bad |= self._check_headers(ns, ks, found, p.t1)
+        if full:
+            bad |= self._staged([(ch, None) for ch in p.t0 + p.t1 if ch.item not in bad])
+        else:
+            for ch in p.t0:
+                c.h2d(ch.dst, ch.src, ch.length)
+            t1 = [ch for ch in p.t1 if ch.item not in bad]
+            if self.kvikio is not None and t1:
+                bad |= self._kvikio_reads(t1)
+            elif t1:
+                bad |= self._staged([(ch, None) for ch in t1])
+            c.sync()
+        self.counters["t0_chunks"] += len(p.t0)
+        self.counters["t1_chunks"] += len(p.t1)
+        return bad
+
+    def _check_headers(self, ns: str, ks: list[str], found: dict[int, list[Any]], chunks: list[_Chunk]) -> set[int]:
+        """Read each T1 chunk's record header (host, in parallel) and check it
+        names exactly this record."""
+        nsl = len(ns.encode())
+        tasks = []
+        for ch in chunks:
+            head = fmt.HEADER_SIZE + nsl + len(ks[ch.item].encode())
+            hdr_off = (ch.offset - head) // fmt.RECORD_ALIGN * fmt.RECORD_ALIGN
+            tasks.append(ReadTask(ch.path, hdr_off, memoryview(bytearray(ch.offset - hdr_off)), None))
+        ok = self.reader.run(tasks)
+        bad: set[int] = set()
+        for ch, t, good in zip(chunks, tasks, ok):
+            self.counters["header_checks"] += 1
+            item = found[ch.item]
+            try:
+                if not good:
+                    raise fmt.BadRecord("unreadable")
+                h, _hlen = fmt.decode_header(bytes(t.dest))
+                right = (h.ns == ns and h.key == ks[ch.item] and h.chunk_idx == ch.idx and h.length == ch.length
+                         and h.seq == item[2] and h.checksum == ch.checksum and h.obj_size == item[0])
+            except fmt.BadRecord:
+                right = False
+            if not right:
+                self.counters["header_mismatches"] += 1
+                bad.add(ch.item)
+        return bad
+
+    def _file(self, path: str) -> Any:
+        f = self._files.get(path)
+        if f is None:
+            assert self.kvikio is not None
+            f = self._files[path] = self.kvikio.CuFile(path, "r")
+        return f
+
+    def _kvikio_reads(self, chunks: list[_Chunk]) -> set[int]:
+        futs = []
+        bad: set[int] = set()
+        for ch in chunks:
+            try:
+                f = self._file(ch.path)
+            except (OSError, RuntimeError):
+                bad.add(ch.item)
+                continue
+            futs.append((ch, f.pread(self.copier.device_view(ch.dst, ch.length), ch.length, ch.offset)))
+        for ch, fut in futs:
+            try:
+                if fut.get() != ch.length:
+                    bad.add(ch.item)
+            except (OSError, RuntimeError):
+                bad.add(ch.item)
+        return bad
+
+    def _staged(self, chunks: list[tuple[_Chunk, None]]) -> set[int]:
+        """Chunks through pinned staging: read (T1) or copy (T0) into a slab,
+        verified by the native data plane, then copied to the device while
+        the next slab fills."""
+        bad: set[int] = set()
+        slabs = self.staging()
+        c = self.copier
+        pending: list[Any] = [None, None]
+        batch: list[_Chunk] = []
+        used = 0
+        k = 0
+
+        def flush(batch: list[_Chunk], k: int) -> None:
+            c.wait(pending[k])  # the slab's previous copies are done
+            slab = slabs[k]
+            pos = 0
+            views = []
+            for ch in batch:
+                views.append(slab[pos:pos + ch.length])
+                pos += ch.length
+            reads = [(ch, v) for ch, v in zip(batch, views) if ch.path]
+            copies = [(ch, v) for ch, v in zip(batch, views) if not ch.path]
+            ok: list[bool] = []
+            if reads:
+                ok += self.reader.run([ReadTask(ch.path, ch.offset, v, ch.checksum) for ch, v in reads])
+            if copies:
+                ok += self.reader.copy([v for _c, v in copies],
+                                       [memoryview((ctypes.c_char * ch.length).from_address(ch.src)).cast("B")
+                                        for ch, _v in copies], [ch.checksum for ch, _v in copies])
+            for (ch, v), good in zip(reads + copies, ok):
+                if good:
+                    c.h2d(ch.dst, address_of(v), ch.length)
+                else:
+                    bad.add(ch.item)
+            self.counters["staged_bytes"] += sum(ch.length for ch in batch)
+            pending[k] = c.record()
+
+        for ch, _ in chunks:
+            if ch.length > STAGING_SLAB:
+                raise InvalidArgument("a chunk is larger than the staging buffer")
+            if used + ch.length > STAGING_SLAB:
+                flush(batch, k)
+                k ^= 1
+                batch, used = [], 0
+            batch.append(ch)
+            used += ch.length
+        if batch:
+            flush(batch, k)
+        c.sync()
+        return bad
+
+    # -- puts --------------------------------------------------------------
+    def to_host(self, dst: memoryview, src: DeviceBuffer) -> None:
+        """Queue a device-to-host copy into a pinned (or registered) range."""
+        if len(dst):
+            self.copier.d2h(address_of(dst), src.ptr, len(dst))
+
+    def sync(self) -> None:
+        self.copier.sync()
+
+    def close(self) -> None:
+        for f in self._files.values():
+            try:
+                f.close()
+            except Exception:  # noqa: BLE001 - closing at exit
+                pass
+        self._files.clear()

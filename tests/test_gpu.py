@@ -1,0 +1,122 @@
+"""The GPU path for real: CuPy arrays and torch CUDA tensors, CUDA copies
+from the pinned arena, kvikio reads from T1 (and the staging path without
+it). Run on the GPU machine: pytest -m gpu tests/test_gpu.py"""
+import os
+
+import pytest
+
+cupy = pytest.importorskip("cupy")
+pytestmark = pytest.mark.gpu
+
+from kvfs.errors import NotFound  # noqa: E402
+from kvfsd.testing import DaemonProcess  # noqa: E402
+
+MiB = 1 << 20
+SIZES = [0, 1, 4095, 64 * 1024, 4 * MiB + 7, 64 * MiB, 256 * MiB]
+
+
+def _cuda_or_skip():
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no CUDA device")
+    except cupy.cuda.runtime.CUDARuntimeError:
+        pytest.skip("no CUDA device")
+
+
+@pytest.fixture(params=["t0", "t1-kvikio", "t1-staging"])
+def gpu_store(request, tmp_path, monkeypatch):
+    _cuda_or_skip()
+    if request.param == "t1-staging":
+        monkeypatch.setenv("KVFS_KVIKIO", "0")
+    shm = "1G" if request.param == "t0" else 0
+    d = DaemonProcess(tmp_path / "s", stripes=2, capacity="4G", shm_size=shm)
+    with d:
+        yield d, request.param
+
+
+@pytest.mark.parametrize("verify", [True, "full"])
+def test_cupy_round_trip_both_tiers(gpu_store, verify):
+    d, mode = gpu_store
+    with d.connect(verify=verify) as s:
+        rng = cupy.random.default_rng(1)
+        srcs = [rng.integers(0, 256, n, dtype=cupy.uint8) for n in SIZES]
+        keys = [f"k{n}" for n in SIZES]
+        assert s.put_many(keys, srcs, ns="g") == [True] * len(keys)
+        s.flush()
+        outs = [cupy.empty(n, dtype=cupy.uint8) for n in SIZES]
+        assert s.get_many_into(keys, outs, ns="g") == SIZES
+        for a, b in zip(srcs, outs):
+            assert bool((a == b).all())
+        # the host path sees the same bytes
+        assert s.get("k4095", ns="g") == cupy.asnumpy(srcs[2]).tobytes()
+        caps = s.capabilities()
+        assert caps["cuda"] is True
+        if mode == "t1-kvikio" and verify is True:
+            assert caps["kvikio"] is True and s._gpu.counters["header_checks"] > 0
+        if mode == "t0":
+            assert s._gpu.counters["t0_chunks"] > 0 and caps["arena_pinned"]
+
+
+def test_torch_tensors_and_slices_of_one_buffer(gpu_store):
+    torch = pytest.importorskip("torch")
+    d, _mode = gpu_store
+    with d.connect() as s:
+        block = 2 * MiB
+        src = torch.randint(0, 256, (16, block), dtype=torch.uint8, device="cuda")
+        keys = [f"t{i}" for i in range(16)]
+        s.put_many(keys, [src[i] for i in range(16)], ns="tt")
+        s.flush()
+        dst = torch.empty((16, block), dtype=torch.uint8, device="cuda")
+        assert s.get_many_into(keys, [dst[i] for i in range(16)], ns="tt") == [block] * 16
+        torch.cuda.synchronize()
+        assert torch.equal(src, dst)
+        bf = torch.randn(1024, 128, dtype=torch.bfloat16, device="cuda")
+        s.put("bf16", bf, ns="tt")
+        out = torch.empty_like(bf)
+        assert s.get_into("bf16", out, ns="tt") == bf.numel() * 2 and torch.equal(bf, out)
+
+
+def test_a_concurrent_writer_filling_t0_does_not_corrupt_a_read(tmp_path):
+    """Small arena: another client's puts evict and reuse T0 while large
+    device reads are in flight; every read is right or a miss, never wrong."""
+    _cuda_or_skip()
+    import threading
+    d = DaemonProcess(tmp_path / "s", capacity="4G", shm_size="256M")
+    with d, d.connect() as r, d.connect() as w:
+        vals = {f"v{i}": cupy.random.default_rng(i).integers(0, 256, 32 * MiB, dtype=cupy.uint8) for i in range(6)}
+        r.put_many(list(vals), list(vals.values()), ns="c")
+        stop = threading.Event()
+
+        def writer():
+            i = 0
+            while not stop.is_set():
+                w.put(f"fill{i}", os.urandom(24 * MiB), ns="c")
+                i += 1
+        t = threading.Thread(target=writer)
+        t.start()
+        try:
+            out = cupy.empty(32 * MiB, dtype=cupy.uint8)
+            for _ in range(20):
+                for k, v in vals.items():
+                    try:
+                        r.get_into(k, out, ns="c")
+                    except NotFound:
+                        continue
+                    assert bool((out == v).all()), k
+        finally:
+            stop.set()
+            t.join()
+
+
+def test_a_corrupted_record_is_never_delivered_to_the_gpu(tmp_path):
+    _cuda_or_skip()
+    d = DaemonProcess(tmp_path / "s", capacity="1G", shm_size=0)
+    with d, d.connect(verify="full") as s:
+        data = os.urandom(8 * MiB)
+        s.put("bad", data, ns="c")
+        path, off, _n = s.stat("bad", ns="c").extents[0]
+        fd = os.open(path, os.O_RDWR)
+        os.pwrite(fd, bytes([os.pread(fd, 1, off + 5)[0] ^ 1]), off + 5)
+        os.close(fd)
+        with pytest.raises(NotFound):
+            s.get_into("bad", cupy.empty(8 * MiB, dtype=cupy.uint8), ns="c")

@@ -1,0 +1,162 @@
+"""The GPU path's logic on the CPU: kvfs.gpu with HostCopier standing in
+for CUDA (device pointers are host addresses). The same planning, header
+checks, staging, lease handling and put path run as on a GPU; the real
+CUDA + kvikio runs are in tests/test_gpu.py (pytest -m gpu, on the GPU
+machine)."""
+import ctypes
+import os
+
+import pytest
+
+from kvfs.errors import InvalidArgument
+from kvfs.gpu import GpuPlane, HostCopier, device_buffer
+from kvfsd.testing import DaemonProcess
+
+MiB = 1 << 20
+
+
+class FakeDeviceArray:
+    """Host memory that presents itself as device memory
+    (``__cuda_array_interface__``), like a CuPy array would."""
+
+    def __init__(self, n: int, fill: bytes | None = None):
+        self.buf = (ctypes.c_char * max(n, 1))()
+        self.n = n
+        if fill is not None:
+            ctypes.memmove(self.buf, fill, n)
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": (self.n,), "typestr": "|u1", "data": (ctypes.addressof(self.buf), False),
+                "version": 3, "strides": None}
+
+    def bytes(self) -> bytes:
+        return ctypes.string_at(ctypes.addressof(self.buf), self.n)
+
+
+def host_gpu(s, use_staging_only=True):
+    s._gpu = GpuPlane(s.reader, HostCopier(), use_kvikio=False)
+    return s._gpu
+
+
+@pytest.fixture(params=["t0", "t1"])
+def store(request, tmp_path):
+    shm = "64M" if request.param == "t0" else 0
+    d = DaemonProcess(tmp_path / "s", stripes=2, capacity="512M", shm_size=shm)
+    with d:
+        yield d, request.param
+
+
+SIZES = [0, 1, 4095, 64 * 1024, 4 * MiB + 7, 9 * MiB]
+
+
+@pytest.mark.parametrize("verify", [True, "full"])
+def test_round_trip_device_buffers_both_tiers(store, verify):
+    d, tier = store
+    with d.connect(verify=verify) as s:
+        host_gpu(s)
+        vals = {f"k{n}": os.urandom(n) for n in SIZES}
+        srcs = [FakeDeviceArray(len(v), v) for v in vals.values()]
+        assert s.put_many(list(vals), srcs, ns="g") == [True] * len(vals)
+        s.flush()
+        outs = [FakeDeviceArray(len(v)) for v in vals.values()]
+        assert s.get_many_into(list(vals), outs, ns="g") == [len(v) for v in vals.values()]
+        for o, v in zip(outs, vals.values()):
+            assert o.bytes() == v
+        st = s._gpu.counters
+        if tier == "t0":
+            assert st["t0_chunks"] > 0
+        else:
+            assert st["t1_chunks"] > 0 and (st["header_checks"] > 0 or verify == "full")
+        one = FakeDeviceArray(9 * MiB)
+        assert s.get_into("k9437184", one, ns="g") == 9 * MiB and one.bytes() == vals["k9437184"]
+
+
+def test_batched_gets_into_slices_of_one_device_buffer(store):
+    d, _tier = store
+    with d.connect() as s:
+        host_gpu(s)
+        block = 256 * 1024
+        vals = [os.urandom(block) for _ in range(32)]
+        s.put_many([f"b{i}" for i in range(32)], vals, ns="slab")
+        big = FakeDeviceArray(32 * block)
+        base = ctypes.addressof(big.buf)
+        from kvfs.gpu import DeviceBuffer
+        outs = [DeviceBuffer(base + i * block, block, False, big) for i in range(32)]
+        assert s.get_many_into([f"b{i}" for i in range(32)], outs, ns="slab") == [block] * 32
+        assert big.bytes() == b"".join(vals)
+
+
+def test_a_corrupted_record_is_never_delivered(tmp_path):
+    """T1, header mode: a payload flip is not seen by a header check, so the
+    read is checked in full mode; a header flip is caught in both."""
+    d = DaemonProcess(tmp_path / "s", capacity="256M", shm_size=0)
+    with d, d.connect(verify="full") as s:
+        host_gpu(s)
+        data = os.urandom(2 * MiB)
+        s.put("bad", data, ns="c")
+        path, off, _n = s.stat("bad", ns="c").extents[0]
+        fd = os.open(path, os.O_RDWR)
+        os.pwrite(fd, bytes([os.pread(fd, 1, off + 999)[0] ^ 0xFF]), off + 999)
+        os.close(fd)
+        out = FakeDeviceArray(2 * MiB)
+        from kvfs.errors import NotFound
+        with pytest.raises(NotFound):
+            s.get_into("bad", out, ns="c")
+        assert s.contains(["bad"], ns="c") == [False]  # reported and dropped
+    d2 = DaemonProcess(tmp_path / "s2", capacity="256M", shm_size=0)
+    with d2, d2.connect() as s:
+        host_gpu(s)
+        s.put("hdr", os.urandom(2 * MiB), ns="c")
+        path, off, _n = s.stat("hdr", ns="c").extents[0]
+        from kvfs import format as fmt
+        hdr_off = (off - (fmt.HEADER_SIZE + len("c") + len("hdr"))) // 8 * 8
+        fd = os.open(path, os.O_RDWR)
+        assert os.pread(fd, 3, hdr_off + fmt.HEADER_SIZE + 1) == b"hdr"
+        os.pwrite(fd, b"X", hdr_off + fmt.HEADER_SIZE + 1)  # the header no longer names this record
+        os.close(fd)
+        from kvfs.errors import NotFound
+        with pytest.raises(NotFound):
+            s.get_into("hdr", FakeDeviceArray(2 * MiB), ns="c")
+        assert s._gpu.counters["header_mismatches"] >= 1
+
+
+def test_lease_is_held_until_the_copies_complete(tmp_path):
+    """The lease of a device read ends only after its copies: a copier that
+    checks, at each copy, that the object is still leased."""
+    d = DaemonProcess(tmp_path / "s", capacity="256M", shm_size="64M")
+    with d, d.connect() as s:
+        plane = host_gpu(s)
+        s.put_many(["a", "b"], [os.urandom(3 * MiB), os.urandom(3 * MiB)], ns="l")
+        leased = []
+        real_sync = plane.copier.sync
+
+        def sync():
+            leased.append(s.stats()["leases"])
+            real_sync()
+        plane.copier.sync = sync
+        outs = [FakeDeviceArray(3 * MiB), FakeDeviceArray(3 * MiB)]
+        s.get_many_into(["a", "b"], outs, ns="l")
+        assert leased and leased[0] >= 1  # still leased when the copies were waited for
+        s.flush()
+        assert s.stats()["leases"] == 0
+
+
+def test_bad_device_buffers_are_refused(store):
+    d, _tier = store
+    with d.connect() as s:
+        host_gpu(s)
+        s.put("x", b"y" * 5000, ns="e")
+        with pytest.raises(InvalidArgument):
+            s.get_into("x", FakeDeviceArray(10), ns="e")  # too small
+        with pytest.raises(InvalidArgument):
+            s.get_many_into(["x", "x"], [FakeDeviceArray(5000), bytearray(5000)], ns="e")  # mixed
+
+    class Strided(FakeDeviceArray):
+        @property
+        def __cuda_array_interface__(self):
+            return {"shape": (4, 4), "typestr": "<f4", "data": (ctypes.addressof(self.buf), False),
+                    "version": 3, "strides": (4, 16)}
+    with pytest.raises(InvalidArgument):
+        device_buffer(Strided(64))
+    assert device_buffer(bytearray(3)) is None

@@ -1,0 +1,168 @@
+"""`kvfs bench --gpu`: kvfs reads into and puts from device memory next to
+the physical limits, measured in the same run on the same bytes:
+
+  pinned H2D / D2H   cudaMemcpyAsync between pinned host memory and the
+                     device (the PCIe limit for T0 -> GPU and GPU -> T0)
+  raw kvikio         CuFile.pread of the same bytes from a plain file on the
+                     same disk (page-cache hot, and cold after drop_caches)
+  kvfs T0 -> GPU     get_many_into device slices, values in the arena
+  kvfs T1 -> GPU     the same with T0 off: hot, and cold (caches dropped)
+  kvfs put           put_many from device slices (into T0)
+
+Destinations are slices of one large device buffer. Blocks of 1, 2, 8 and
+64 MiB; T1 and raw reads with several kvikio thread counts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .table import render
+
+MiB = 1 << 20
+
+
+def _best(fn: Callable[[], None], repeat: int) -> float:
+    """Median seconds of ``fn`` over ``repeat`` runs (after one warm-up)."""
+    fn()
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def run_gpu_bench(args: argparse.Namespace) -> dict[str, Any]:
+    import cupy as cp
+    import numpy as np
+
+    from kvfs.gpu import DeviceBuffer, _kvikio
+    from kvfsd.testing import DaemonProcess
+
+    from .bench_compare import drop_caches
+
+    kvikio = _kvikio()
+    total = int(args.total * args.scale)
+    from kvfs.sizes import parse_size
+    blocks = [parse_size(b) for b in (args.blocks or "1M,2M,8M,64M").split(",")]
+    threads = [int(t) for t in (args.threads if args.threads != "1,4,16" else "1,8,32").split(",")]
+    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="kvfs-gpu-"))
+    work = base / f"gpu-{os.getpid()}"
+    work.mkdir(parents=True)
+    rt = cp.cuda.runtime
+    stream = cp.cuda.Stream(non_blocking=True)
+    dev = cp.empty(total, dtype=cp.uint8)
+    src = cp.random.default_rng(7).integers(0, 256, total, dtype=cp.uint8)
+    pinned = cp.cuda.alloc_pinned_memory(total)
+    host = np.frombuffer(pinned, dtype=np.uint8, count=total)
+    host[:] = cp.asnumpy(src)
+    plain = work / "plain.bin"
+    host.tofile(plain)
+    props = rt.getDeviceProperties(0)
+    res: dict[str, Any] = {"device": props["name"].decode(), "bytes": total, "rows": []}
+    rep = args.repeat
+
+    def copy_all(kind: int, bs: int) -> None:
+        for off in range(0, total, bs):
+            if kind == 1:
+                rt.memcpyAsync(dev.data.ptr + off, pinned.ptr + off, bs, 1, stream.ptr)
+            else:
+                rt.memcpyAsync(pinned.ptr + off, dev.data.ptr + off, bs, 2, stream.ptr)
+        stream.synchronize()
+
+    def kvikio_all(bs: int) -> None:
+        with kvikio.CuFile(str(plain), "r") as f:
+            futs = [f.pread(dev[off:off + bs], bs, off) for off in range(0, total, bs)]
+            for fu in futs:
+                fu.get()
+
+    d0 = DaemonProcess(work / "t0", capacity=str(3 * total + (1 << 30)), shm_size=str(2 * total + (256 << 20)))
+    d1 = DaemonProcess(work / "t1", capacity=str(3 * total + (1 << 30)), shm_size=0)
+    try:
+        d0.start()
+        d1.start()
+        for bs in blocks:
+            n = total // bs
+            slices = [DeviceBuffer(dev.data.ptr + i * bs, bs, False, dev) for i in range(n)]
+            srcs = [DeviceBuffer(src.data.ptr + i * bs, bs, False, src) for i in range(n)]
+            row: dict[str, Any] = {"block": bs}
+            row["h2d"] = total / _best(lambda: copy_all(1, bs), rep) / 1e9
+            row["d2h"] = total / _best(lambda: copy_all(2, bs), rep) / 1e9
+            with d0.connect() as s:
+                ns = f"b{bs}"
+                keys = [f"k{i}" for i in range(n)]
+                t = time.perf_counter()
+                s.put_many(keys, srcs, ns=ns)
+                row["put_t0"] = total / (time.perf_counter() - t) / 1e9
+                s.flush()
+                row["t0"] = total / _best(lambda: s.get_many_into(keys, slices, ns=ns), rep) / 1e9
+                assert bool((dev == src).all()), "T0 -> GPU returned other bytes"
+                with d1.connect() as s1:
+                    s1.put_many(keys, srcs, ns=ns)
+                    s1.flush()
+                    for t_n in threads:
+                        if kvikio is not None:
+                            kvikio.defaults.set("num_threads", t_n)
+                            row[f"raw_hot_{t_n}"] = total / _best(lambda: kvikio_all(bs), rep) / 1e9
+                        row[f"t1_hot_{t_n}"] = total / _best(lambda: s1.get_many_into(keys, slices, ns=ns), rep) / 1e9
+                    dev.fill(0)
+                    s1.get_many_into(keys, slices, ns=ns)
+                    assert bool((dev == src).all()), "T1 -> GPU returned other bytes"
+                    if os.geteuid() == 0 and not args.no_cold:
+                        t_n = threads[-1]
+                        if kvikio is not None:
+                            kvikio.defaults.set("num_threads", t_n)
+                        cold_raw, cold_t1 = [], []
+                        for _ in range(rep):
+                            drop_caches()
+                            t = time.perf_counter()
+                            kvikio_all(bs) if kvikio is not None else None
+                            cold_raw.append(time.perf_counter() - t)
+                            drop_caches()
+                            t = time.perf_counter()
+                            s1.get_many_into(keys, slices, ns=ns)
+                            cold_t1.append(time.perf_counter() - t)
+                        row["raw_cold"] = total / statistics.median(cold_raw) / 1e9
+                        row["t1_cold"] = total / statistics.median(cold_t1) / 1e9
+                s.delete(keys, ns=ns)
+            res["rows"].append(row)
+        with d0.connect() as s:
+            res["capabilities"] = s.capabilities()
+    finally:
+        for d in (d0, d1):
+            if d.alive():
+                d.stop()
+        shutil.rmtree(work, ignore_errors=True)
+        if not args.dir:
+            shutil.rmtree(base, ignore_errors=True)
+    res["threads"] = threads
+    return res
+
+
+def format_gpu(res: dict[str, Any]) -> str:
+    t = res["threads"]
+    head = ["block", "pinned H2D", "T0->GPU", "/H2D", "pinned D2H", "put", "/D2H"]
+    for n in t:
+        head += [f"raw kvikio {n}t", f"T1 hot {n}t", "/H2D"]
+    head += ["raw cold", "T1 cold", "/raw"]
+    rows = []
+    for r in res["rows"]:
+        line = [f"{r['block'] // MiB} MiB", f"{r['h2d']:.1f}", f"{r['t0']:.1f}", f"{r['t0'] / r['h2d']:.2f}",
+                f"{r['d2h']:.1f}", f"{r['put_t0']:.1f}", f"{r['put_t0'] / r['d2h']:.2f}"]
+        for n in t:
+            line += [f"{r.get(f'raw_hot_{n}', float('nan')):.1f}", f"{r[f't1_hot_{n}']:.1f}",
+                     f"{r[f't1_hot_{n}'] / r['h2d']:.2f}"]
+        if "t1_cold" in r:
+            line += [f"{r['raw_cold']:.2f}", f"{r['t1_cold']:.2f}", f"{r['t1_cold'] / r['raw_cold']:.2f}"]
+        else:
+            line += ["-", "-", "-"]
+        rows.append(line)
+    return (render(head, rows) + f"\n\nGB/s; {res['device']}; {res['bytes'] / MiB:.0f} MiB per block size; "
+            f"capabilities {res.get('capabilities')}")
