@@ -154,13 +154,13 @@ class CudaCopier:
 
     def register(self, addr: int, size: int) -> bool:
         """Pin a host range (the arena) so copies from it are DMA at full speed."""
-        for flags in (0x1 | 0x8, 0x1):  # portable | read-only, then portable
-            try:
-                self.rt.hostRegister(addr, size, flags)
-                return True
-            except self.rt.CUDARuntimeError:
-                continue
-        return False
+        # portable (every context); not read-only: puts from the device DMA
+        # into their arena extents
+        try:
+            self.rt.hostRegister(addr, size, 0x1)
+            return True
+        except self.rt.CUDARuntimeError:
+            return False
 
     def h2d(self, dst: int, src: int, n: int) -> None:
         self.rt.memcpyAsync(dst, src, n, H2D, self.stream.ptr)
