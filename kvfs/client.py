@@ -235,6 +235,8 @@ class Store:
         ar = hello.get("arena")
         # An old mapping is just dropped, never closed: views handed out by
         # get_view may still point into it (the orphaned file stays valid).
+        if self.arena is not None and self._gpu is not None:
+            self._gpu.forget_arena(self.arena)
         self.arena = None
         if ar:
             try:

@@ -111,6 +111,9 @@ class HostCopier:
     def register(self, addr: int, size: int) -> bool:
         return False
 
+    def unregister(self, addr: int) -> None:
+        pass
+
     def h2d(self, dst: int, src: int, n: int) -> None:
         ctypes.memmove(dst, src, n)
 
@@ -162,6 +165,14 @@ class CudaCopier:
         except self.rt.CUDARuntimeError:
             return False
 
+    def unregister(self, addr: int) -> None:
+        """Before the range is unmapped: a registration outliving its mapping
+        makes later allocations at that address fail (cudaErrorAlreadyMapped)."""
+        try:
+            self.rt.hostUnregister(addr)
+        except self.rt.CUDARuntimeError:
+            pass
+
     def h2d(self, dst: int, src: int, n: int) -> None:
         self.rt.memcpyAsync(dst, src, n, H2D, self.stream.ptr)
 
@@ -185,7 +196,7 @@ class CudaCopier:
 
     def device_view(self, ptr: int, n: int) -> Any:
         cp = self.cp
-        mem = cp.cuda.UnownedMemory(ptr, n, None)
+        mem = cp.cuda.UnownedMemory(ptr, n, None, cp.cuda.runtime.getDevice())
         return cp.ndarray((n,), dtype=cp.uint8, memptr=cp.cuda.MemoryPointer(mem, 0))
 
 
@@ -279,6 +290,8 @@ class GpuPlane:
                                       f"{ns}/{ks[i]} ({size} bytes)")
             pos = 0
             for ci, (stripe, seg, off, length, ccsum) in enumerate(exts):
+                if not length:
+                    continue  # the empty value: nothing to copy
                 if t0 is not None and arena is not None:
                     p.t0.append(_Chunk(i, dest.ptr + pos, length, ccsum, src=base + t0[0] + pos))
                 else:
@@ -422,7 +435,19 @@ class GpuPlane:
     def sync(self) -> None:
         self.copier.sync()
 
+    def forget_arena(self, arena: Any) -> None:
+        """The arena is about to be dropped (a restarted daemon, or close)."""
+        addr = address_of(arena.rw)
+        with self._lock:
+            if self._registered.pop(addr, False):
+                self.copier.unregister(addr)
+
     def close(self) -> None:
+        with self._lock:
+            for addr, reg in self._registered.items():
+                if reg:
+                    self.copier.unregister(addr)
+            self._registered.clear()
         for f in self._files.values():
             try:
                 f.close()
