@@ -1,5 +1,8 @@
 # The two quickstart commands: `make demo` and `make test`.
 PY ?= python3
+# the CPU build these machines keep on disk (pip takes it from there; a
+# newer or unpinned torch would pull a multi-GB CUDA build)
+TORCH ?= 2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -12,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/pip install -q -e '.[fuse]' || echo "note: pyfuse3 did not install (apt install libfuse3-dev pkg-config): no FUSE mount, its tests are skipped"
+	$(BIN)/pip install -q 'torch==$(TORCH)' 'transformers>=4.56' || echo "note: torch/transformers did not install: the TTFT demo's CPU test is skipped"
 	touch $@
 
 # The main job: the daemon on embedded defaults plus a short demo.

@@ -186,11 +186,14 @@ class Store:
     """A connection to the kvfs daemon. See ``kvfs.connect``."""
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, *, verify: bool | str = True,
-                 threads: int = 8, cache_locations: bool = True):
+                 threads: int = 8, cache_locations: bool = True, gpu_reader: str = "auto"):
         self.socket_path = str(socket) if socket is not None else default_socket_path()
         if verify not in (True, False, "header", "full"):
             raise InvalidArgument('verify is True, False, "header" or "full"')
+        if gpu_reader not in ("auto", "kvikio", "staging"):
+            raise InvalidArgument('gpu_reader is "auto", "kvikio" or "staging"')
         self.verify = verify
+        self.gpu_reader = gpu_reader
         self._gpu: GpuPlane | None = None
         self._local = threading.local()
         self._conns: list[_Connection] = []
@@ -415,9 +418,12 @@ class Store:
     def _gpu_plane(self) -> GpuPlane:
         if self._gpu is None:
             try:
-                self._gpu = GpuPlane(self.reader)
+                plane = GpuPlane(self.reader, use_kvikio=self.gpu_reader != "staging")
             except ImportError as e:
                 raise KvfsError(f"device buffers need CuPy (pip install kvfs[gpu]): {e}") from None
+            if self.gpu_reader == "kvikio" and plane.kvikio is None:
+                raise KvfsError("gpu_reader='kvikio' but kvikio cannot be imported (pip install kvfs[gpu])")
+            self._gpu = plane
         return self._gpu
 
     def _device_sources(self, allocs: list[Any], views: list[Any], arena: "_Arena | None") -> list[Any]:
@@ -841,13 +847,15 @@ class Store:
 
 
 def connect(socket: str | os.PathLike[str] | None = None, *, verify: bool | str = True, threads: int = 8,
-            cache_locations: bool = True) -> Store:
+            cache_locations: bool = True, gpu_reader: str = "auto") -> Store:
     """Connect to the kvfs daemon at ``socket`` ($KVFS_SOCKET, else
     $KVFS_ROOT/kvfs.sock, else ~/.kvfs/kvfs.sock). ``verify=False`` skips
     checksum verification of reads (faster; trusts the disk). Host reads
     verify every byte unless ``verify=False``; reads into device memory
     check each T1 record's header by default and every byte with
-    ``verify="full"`` (see kvfs.gpu).
+    ``verify="full"`` (see kvfs.gpu). ``gpu_reader`` picks how T1 reaches
+    device memory: kvikio when importable ("auto"), always kvikio, or
+    pinned staging through the native data plane ("staging").
     ``cache_locations`` lets repeated gets skip the daemon round trip (see
     kvfs.loccache; removals are still seen at once)."""
-    return Store(socket, verify=verify, threads=threads, cache_locations=cache_locations)
+    return Store(socket, verify=verify, threads=threads, cache_locations=cache_locations, gpu_reader=gpu_reader)

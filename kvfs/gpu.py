@@ -211,6 +211,21 @@ def _kvikio() -> Any:
     return kvikio
 
 
+def _merged(chunks: list[_Chunk]) -> list[tuple[int, int, int]]:
+    """(dst, src, length) copies, adjacent chunks merged: the chunks of an
+    object, and objects a batch put placed side by side, are contiguous in
+    the arena and usually in the destination too, and one large copy costs
+    far less than many calls."""
+    out: list[tuple[int, int, int]] = []
+    for ch in chunks:
+        if out and out[-1][0] + out[-1][2] == ch.dst and out[-1][1] + out[-1][2] == ch.src:
+            d, s_, n = out[-1]
+            out[-1] = (d, s_, n + ch.length)
+        else:
+            out.append((ch.dst, ch.src, ch.length))
+    return out
+
+
 # --------------------------------------------------------------------- plane
 @dataclass
 class _Chunk:
@@ -306,18 +321,17 @@ class GpuPlane:
         that failed (missing file, short read, bad header or checksum)."""
         bad: set[int] = set()
         c = self.copier
-        if p.t1 and not full:
-            bad |= self._check_headers(ns, ks, found, p.t1)
         if full:
-            bad |= self._staged([(ch, None) for ch in p.t0 + p.t1 if ch.item not in bad])
+            bad |= self._staged(p.t0 + p.t1)
         else:
-            for ch in p.t0:
-                c.h2d(ch.dst, ch.src, ch.length)
-            t1 = [ch for ch in p.t1 if ch.item not in bad]
-            if self.kvikio is not None and t1:
-                bad |= self._kvikio_reads(t1)
-            elif t1:
-                bad |= self._staged([(ch, None) for ch in t1])
+            for dst, src, n in _merged(p.t0):
+                c.h2d(dst, src, n)
+            if self.kvikio is not None and p.t1:
+                # staged reads verify every byte; direct reads check headers
+                bad |= self._check_headers(ns, ks, found, p.t1)
+                bad |= self._kvikio_reads([ch for ch in p.t1 if ch.item not in bad])
+            elif p.t1:
+                bad |= self._staged(p.t1)
             c.sync()
         self.counters["t0_chunks"] += len(p.t0)
         self.counters["t1_chunks"] += len(p.t1)
@@ -375,7 +389,7 @@ class GpuPlane:
                 bad.add(ch.item)
         return bad
 
-    def _staged(self, chunks: list[tuple[_Chunk, None]]) -> set[int]:
+    def _staged(self, chunks: list[_Chunk]) -> set[int]:
         """Chunks through pinned staging: read (T1) or copy (T0) into a slab,
         verified by the native data plane, then copied to the device while
         the next slab fills."""
@@ -412,7 +426,7 @@ class GpuPlane:
             self.counters["staged_bytes"] += sum(ch.length for ch in batch)
             pending[k] = c.record()
 
-        for ch, _ in chunks:
+        for ch in chunks:
             if ch.length > STAGING_SLAB:
                 raise InvalidArgument("a chunk is larger than the staging buffer")
             if used + ch.length > STAGING_SLAB:

@@ -1,0 +1,40 @@
+"""The TTFT demonstration's code path on the CPU (tiny random Llama): KV
+blocks stored from a prefill, matched and loaded into one buffer, the cache
+rebuilt, only the suffix prefilled, and the next-token logits equal to a
+full recompute. The GPU run (Llama-3.1-8B shape, bf16) is the same code:
+`kvfs demo-ttft` on the GPU machine."""
+import argparse
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the demo needs torch (CI installs the CPU build)")
+pytest.importorskip("transformers", reason="the demo needs transformers (CI installs it)")
+
+from kvfsd.testing import DaemonProcess  # noqa: E402
+from kvfstools.demo_ttft import (BLOCK_TOKENS, build_model, logits_agree, prompt_and_keys, run_demo,  # noqa: E402
+                                 run_ttft)
+
+
+def test_ttft_path_matches_full_recompute_from_t0_and_t1(tmp_path):
+    res = run_demo(argparse.Namespace(device="cpu", model="tiny", tokens="1024,1300", suffix=40, dir=str(tmp_path)))
+    assert [r["tier"] for r in res["runs"]] == ["T0", "T0", "T1", "T1"]
+    for r in res["runs"]:
+        assert r["matched_blocks"] == r["blocks"] == r["tokens"] // BLOCK_TOKENS
+        assert r["logits_ok"] and r["same_next_token"], r
+        assert r["load_s"] > 0 and r["kvfs_ttft_s"] > 0
+
+
+def test_a_wrong_cache_changes_the_logits(tmp_path):
+    """The check can fail: other blocks already stored under this prompt's
+    keys (the demo's puts then keep them) give other logits."""
+    model = build_model("tiny", "cpu")
+    cfg = model.config
+    _prompt, keys = prompt_and_keys(model, 512, 16)
+    shape = (cfg.num_hidden_layers, 2, cfg.num_key_value_heads, BLOCK_TOKENS, cfg.hidden_size // cfg.num_attention_heads)
+    d = DaemonProcess(tmp_path / "s", capacity="256M", shm_size="64M")
+    with d, d.connect() as s:
+        wrong = [torch.randn(shape).view(torch.uint8).numpy() for _ in keys]
+        s.put_many(keys, wrong, ns="w")
+        r = run_ttft(s, model, 512, 16, "cpu", ns="w")
+        assert r["matched_blocks"] == len(keys)
+        assert not logits_agree(r, "cpu"), r

@@ -1,0 +1,234 @@
+"""`kvfs demo-ttft`: time to first token with the prefix's KV cache loaded
+from kvfs, against recomputing it.
+
+1. Prefill a long prompt; split its KV cache into blocks of 256 tokens, keyed
+   by ``kvfs.keys.block_hashes``; store them from device memory.
+2. A new request shares that prefix and adds a suffix: ``prefix_match``,
+   ``get_many_into`` the matched blocks into one device buffer, rebuild the
+   cache, prefill only the suffix.
+3. Report TTFT (prefill of the whole prompt vs kvfs load + suffix prefill),
+   from T0 and from T1, and check the next-token logits agree with the full
+   recompute (bf16 tolerance).
+
+The model has the shape of Llama-3.1-8B with random weights: prefill cost
+and KV-cache size are what matter here, not what it says. ``--model tiny``
+runs the same code path on the CPU in seconds (the CI test does).
+
+A block is one contiguous buffer [layers, K/V, kv_heads, 256, head_dim], so
+one key holds one block for every layer, and a batch of blocks lands in
+slices of one device buffer.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BLOCK_TOKENS = 256
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                         max_position_embeddings=131072),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, rope_theta=10000.0, max_position_embeddings=8192),
+}
+
+
+def build_model(shape: str, device: str) -> Any:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**{**SHAPES[shape], "attn_implementation": "sdpa"})
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
+
+
+def _sync(device: str) -> None:
+    import torch
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _buf(t: Any) -> Any:
+    """What kvfs takes for a tensor: the tensor itself on the GPU, a byte
+    view of it on the CPU."""
+    import torch
+    return t if t.is_cuda else t.view(torch.uint8).numpy()
+
+
+def kv_blocks(cache: Any, n_blocks: int) -> Any:
+    """The first ``n_blocks`` blocks of a cache as one tensor
+    [n_blocks, layers, 2, kv_heads, BLOCK_TOKENS, head_dim] (a copy)."""
+    import torch
+    layers = []
+    for k, v in _layers(cache):
+        kv = torch.stack([k[0], v[0]])  # [2, heads, tokens, dim]
+        kv = kv[:, :, :n_blocks * BLOCK_TOKENS].unflatten(2, (n_blocks, BLOCK_TOKENS))
+        layers.append(kv.permute(2, 0, 1, 3, 4))  # [blocks, 2, heads, T, dim]
+    return torch.stack(layers, dim=1).contiguous()
+
+
+def _cache_kw(model: Any) -> str:
+    """The forward argument that takes a cache: ``cache`` in newer
+    transformers, ``past_key_values`` before."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    c = getattr(out, "past_key_values", None)
+    return c if c is not None else getattr(out, "cache")
+
+
+def _layers(cache: Any) -> list[tuple[Any, Any]]:
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return [(lay.keys, lay.values) for lay in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+def cache_from_blocks(blocks: Any, config: Any) -> Any:
+    """A DynamicCache holding the tokens of ``blocks`` (as kv_blocks lays them out)."""
+    from transformers import DynamicCache
+    try:
+        cache = DynamicCache(config=config)
+    except TypeError:
+        cache = DynamicCache()
+    n = blocks.shape[0]
+    for layer in range(blocks.shape[1]):
+        kv = blocks[:, layer]  # [blocks, 2, heads, T, dim]
+        k = kv[:, 0].permute(1, 0, 2, 3).reshape(1, kv.shape[2], n * BLOCK_TOKENS, kv.shape[4])
+        v = kv[:, 1].permute(1, 0, 2, 3).reshape(1, kv.shape[2], n * BLOCK_TOKENS, kv.shape[4])
+        cache.update(k, v, layer)
+    return cache
+
+
+def prompt_and_keys(model: Any, tokens: int, suffix: int) -> tuple[Any, list[str]]:
+    """A random prompt of ``tokens + suffix`` ids (seeded by its length) and
+    the kvfs keys of its prefix's full blocks."""
+    import torch
+
+    from kvfs.keys import block_hashes
+
+    gen = torch.Generator().manual_seed(tokens)
+    prompt = torch.randint(0, model.config.vocab_size, (1, tokens + suffix), generator=gen)
+    salt = f"demo-ttft/{model.config.num_hidden_layers}".encode()  # one model, one cache layout
+    return prompt, block_hashes(prompt[0, :tokens].tolist(), BLOCK_TOKENS, salt=salt)
+
+
+def run_ttft(store: Any, model: Any, tokens: int, suffix: int, device: str, ns: str) -> dict[str, Any]:
+    """One prompt length against one store: returns timings (s) and the
+    logits check."""
+    import torch
+
+    prompt, keys = prompt_and_keys(model, tokens, suffix)
+    prompt = prompt.to(device)
+    out: dict[str, Any] = {"tokens": tokens, "suffix": suffix, "blocks": len(keys)}
+    with torch.inference_mode():
+        # the reference: the whole prompt, recomputed
+        _sync(device)
+        t = time.perf_counter()
+        ref = model(prompt, use_cache=True, logits_to_keep=1)
+        _sync(device)
+        out["recompute_s"] = time.perf_counter() - t
+        ref_logits = ref.logits[0, -1].float()
+        del ref
+        # 1. prefill the prefix and store its blocks
+        pre = model(prompt[:, :tokens], use_cache=True, logits_to_keep=1)
+        blocks = kv_blocks(_cache_of(pre), len(keys))
+        out["block_bytes"] = blocks[0].numel() * blocks.element_size()
+        del pre
+        _sync(device)
+        t = time.perf_counter()
+        store.put_many(keys, [_buf(blocks[i]) for i in range(len(keys))], ns=ns)
+        _sync(device)
+        out["store_s"] = time.perf_counter() - t
+        store.flush()
+        del blocks
+        # 2. a new request: match, load, prefill the rest
+        _sync(device)
+        t0 = time.perf_counter()
+        n = store.prefix_match(keys, ns=ns)
+        shape = (n, model.config.num_hidden_layers, 2, model.config.num_key_value_heads, BLOCK_TOKENS,
+                 model.config.hidden_size // model.config.num_attention_heads)
+        buf = torch.empty(shape, dtype=model.dtype, device=device)
+        got = store.get_many_into(keys[:n], [_buf(buf[i]) for i in range(n)], ns=ns)
+        if any(g < 0 for g in got):
+            raise RuntimeError("a matched block could not be loaded")
+        _sync(device)
+        out["load_s"] = time.perf_counter() - t0
+        cache = cache_from_blocks(buf, model.config)
+        res = model(prompt[:, n * BLOCK_TOKENS:], use_cache=True, logits_to_keep=1, **{_cache_kw(model): cache})
+        _sync(device)
+        out["kvfs_ttft_s"] = time.perf_counter() - t0
+        logits = res.logits[0, -1].float()
+    out["matched_blocks"] = n
+    out["max_abs_diff"] = float((logits - ref_logits).abs().max())
+    out["ref_abs_max"] = float(ref_logits.abs().max())
+    out["same_next_token"] = bool(int(logits.argmax()) == int(ref_logits.argmax()))
+    out["speedup"] = out["recompute_s"] / out["kvfs_ttft_s"]
+    return out
+
+
+def logits_agree(r: dict[str, Any], device: str) -> bool:
+    """bf16 tolerance on the GPU (a cache round-tripped through bf16 and a
+    different attention split give small differences); near-exact in fp32."""
+    tol = 0.05 * max(1.0, r["ref_abs_max"]) if device == "cuda" else 1e-3 * max(1.0, r["ref_abs_max"])
+    return r["max_abs_diff"] <= tol and r["same_next_token"]
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    import tempfile
+
+    import torch
+
+    from kvfsd.testing import DaemonProcess
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shape = args.model or ("llama-3.1-8b" if device == "cuda" else "tiny")
+    lengths = [int(x) for x in (args.tokens or ("8192,32768" if device == "cuda" else "1024")).split(",")]
+    model = build_model(shape, device)
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    kv_bytes = max(lengths) * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * (
+        2 if device == "cuda" else 4)
+    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="kvfs-ttft-"))
+    res: dict[str, Any] = {"model": shape, "device": device, "random_weights": True, "runs": []}
+    if device == "cuda":
+        res["gpu"] = torch.cuda.get_device_name()
+    # warm-up: kernels and allocator, outside any timing
+    with torch.inference_mode():
+        model(torch.randint(0, cfg.vocab_size, (1, 512)).to(device), logits_to_keep=1)
+    for tier, shm in (("T0", str(int(1.3 * kv_bytes) + (64 << 20))), ("T1", "0")):
+        d = DaemonProcess(base / tier, capacity=str(3 * kv_bytes + (1 << 30)), shm_size=shm)
+        with d, d.connect(threads=16) as s:
+            for n in lengths:
+                r = run_ttft(s, model, n, args.suffix, device, ns=f"ttft{n}")
+                r["tier"] = tier
+                r["logits_ok"] = logits_agree(r, device)
+                res["runs"].append(r)
+                print(_line(r), file=sys.stderr, flush=True)  # progress
+    return res
+
+
+def _line(r: dict[str, Any]) -> str:
+    return (f"{r['tier']} {r['tokens']:>6} tokens: recompute {r['recompute_s'] * 1e3:8.1f} ms, kvfs "
+            f"{r['kvfs_ttft_s'] * 1e3:7.1f} ms (load {r['load_s'] * 1e3:6.1f} ms of "
+            f"{r['blocks'] * r['block_bytes'] / 2**20:.0f} MiB), {r['speedup']:5.1f}x; "
+            f"logits max diff {r['max_abs_diff']:.4f}, same next token: {r['same_next_token']}")
+
+
+def format_demo(res: dict[str, Any]) -> str:
+    head = (f"model: {res['model']} shape, RANDOM weights (prefill cost and KV size are what matter), "
+            f"{res['device']}{' ' + res['gpu'] if res.get('gpu') else ''}")
+    return head + "\n" + "\n".join(_line(r) for r in res["runs"])
