@@ -255,6 +255,14 @@ class GpuPlane:
         self.copier = copier if copier is not None else CudaCopier()
         self.kvikio = kvikio if kvikio is not None else (_kvikio() if use_kvikio and self.copier.name == "cuda"
                                                          else None)
+        if self.kvikio is not None and "KVIKIO_NTHREADS" not in os.environ:
+            # kvikio's pool is process-wide and starts with one thread; T1
+            # reads want as many as the host data plane uses
+            try:
+                if int(self.kvikio.defaults.get("num_threads")) < reader.threads:
+                    self.kvikio.defaults.set("num_threads", reader.threads)
+            except Exception:  # noqa: BLE001 - an older kvikio: its default stays
+                pass
         self._files: dict[str, Any] = {}
         self._registered: dict[int, bool] = {}
         self._staging: list[memoryview] = []
