@@ -36,6 +36,7 @@ BATCH_KEYS = 4096
 # inline. With T0, every batch goes through the arena except a single value
 # smaller than T0_INLINE_MAX (one round trip beats two for tiny values).
 DIRECT_MIN = 256 * 1024
+HASH_GROUP = 64 << 20  # device puts: bytes copied to the arena before hashing starts on them
 T0_INLINE_MAX = 64 * 1024
 
 
@@ -100,8 +101,11 @@ def as_writable(out: Any) -> memoryview:
 
 @dataclass
 class _Landed:
-    """A put's source already copied into its arena extent (from a device)."""
+    """A put's source already copied into its arena extent (from a device),
+    and its checksums, taken from that copy as it landed."""
     view: memoryview
+    chunk_lengths: list[int]
+    sums: list[Any] = field(default_factory=list)  # [object sum, [chunk sums]]
 
     def __len__(self) -> int:
         return len(self.view)
@@ -349,15 +353,12 @@ class Store:
             if dev:
                 views = self._device_sources(res["items"], views, arena)
             for item, v in zip(res["items"], views):
-                if item is None:
-                    continue
+                if item is None or isinstance(v, _Landed):
+                    continue  # a device source already in its arena extent, and hashed
                 _seq, chunks, t0 = item
                 if t0 >= 0 and arena is not None:
-                    if isinstance(v, _Landed):  # a device source, already copied into the arena
-                        v = v.view
-                    else:
-                        cdst.append(arena.rw[t0:t0 + len(v)])
-                        csrc.append(v)
+                    cdst.append(arena.rw[t0:t0 + len(v)])
+                    csrc.append(v)
                     t0_src.append(v)
                 elif t0 >= 0:
                     raise ProtocolError("the daemon gave an arena extent to a client without the arena")
@@ -377,7 +378,8 @@ class Store:
             # from its arena copy, right after the DMA (the host cannot read
             # device memory without such a copy).
             t0_chunks: list[memoryview] = []
-            for item, src in zip((it for it in res["items"] if it is not None and it[2] >= 0), t0_src):
+            for item, src in zip((it for it, v in zip(res["items"], views)
+                                  if it is not None and it[2] >= 0 and not isinstance(v, _Landed)), t0_src):
                 pos = 0
                 for c in item[1]:
                     t0_chunks.append(src[pos:pos + c[3]])
@@ -385,9 +387,12 @@ class Store:
             t0_sums = iter(self.reader.hash_many(t0_chunks))
             whole = iter(self.reader.hash_many(multi))
             sums: list[Any] = []
-            for item in res["items"]:
+            for item, v in zip(res["items"], views):
                 if item is None:
                     sums.append(None)
+                    continue
+                if isinstance(v, _Landed):
+                    sums.append(v.sums)
                     continue
                 it = t0_sums if item[2] >= 0 else chunk_sums
                 cs = [next(it) for _ in item[1]]
@@ -432,6 +437,9 @@ class Store:
         Returns the sources as host bytes (``_Landed`` for arena copies)."""
         gpu = self._gpu_plane()
         out: list[Any] = []
+        groups: list[tuple[Any, list[_Landed]]] = []  # (event after its copies, items)
+        group: list[_Landed] = []
+        queued = 0
         for item, v in zip(allocs, views):
             if not isinstance(v, DeviceBuffer) or item is None:
                 out.append(v)
@@ -441,11 +449,36 @@ class Store:
                 gpu.arena_address(arena)
                 dst = arena.rw[t0:t0 + len(v)]
                 gpu.to_host(dst, v)
-                out.append(_Landed(dst))
+                landed = _Landed(dst, [c[3] for c in item[1]])
+                out.append(landed)
+                group.append(landed)
+                queued += len(v)
+                if queued >= HASH_GROUP:
+                    groups.append((gpu.copier.record(), group))
+                    group, queued = [], 0
             else:
                 host = memoryview(bytearray(len(v)))
                 gpu.to_host(host, v)
                 out.append(host)
+        if group:
+            groups.append((gpu.copier.record(), group))
+        # each group is hashed as soon as its copies have landed, while the
+        # copies of the next ones are still in flight
+        for ev, grp in groups:
+            gpu.copier.wait(ev)
+            chunks: list[memoryview] = []
+            wholes: list[memoryview] = []
+            for landed in grp:
+                pos = 0
+                for n in landed.chunk_lengths:
+                    chunks.append(landed.view[pos:pos + n])
+                    pos += n
+                if len(landed.chunk_lengths) > 1:
+                    wholes.append(landed.view)
+            got = iter(self.reader.hash_many(chunks + wholes))
+            cs_all = [[next(got) for _ in landed.chunk_lengths] for landed in grp]
+            for landed, cs in zip(grp, cs_all):
+                landed.sums = [next(got) if len(cs) > 1 else cs[0], cs]
         gpu.sync()
         return out
 

@@ -6,16 +6,16 @@ Reads, per chunk of a batch, all in flight at once:
 - T0 hit: an asynchronous host-to-device copy straight from the arena,
   which is registered (pinned) with CUDA once per process.
 - T1 hit: kvikio ``CuFile.pread`` from the segment file into the device
-  buffer; without kvikio, a read into pinned staging (verified there by the
-  native data plane) and an asynchronous copy, double-buffered.
+  buffer; without kvikio (or with ``gpu_reader="staging"``), reads into
+  pinned staging by the native data plane and asynchronous copies,
+  double-buffered.
 
 Verification (``Store(verify=...)``):
 - ``True`` / ``"header"`` (default): every T1 chunk's record header is read
   and must name this namespace, key, chunk, length, sequence number and
   checksum, so a stale or wrong location is never delivered; T0 copies run
-  under a lease, and a copy from a cached location is dropped if the
-  removal generation moved during it (a seqlock). Payload bit-rot in T1 is
-  not caught in this mode.
+  under the batch's lease. Payload bit-rot in T1 is not caught in this mode
+  (the payload goes to the device unhashed, by kvikio or through staging).
 - ``"full"``: every byte delivered was hashed first: chunks go through
   pinned staging, where the native data plane verifies them against their
   checksums, and only then to the device.
@@ -330,16 +330,17 @@ class GpuPlane:
         bad: set[int] = set()
         c = self.copier
         if full:
-            bad |= self._staged(p.t0 + p.t1)
+            bad |= self._staged(p.t0 + p.t1, verify=True)
         else:
             for dst, src, n in _merged(p.t0):
                 c.h2d(dst, src, n)
-            if self.kvikio is not None and p.t1:
-                # staged reads verify every byte; direct reads check headers
+            if p.t1:
                 bad |= self._check_headers(ns, ks, found, p.t1)
-                bad |= self._kvikio_reads([ch for ch in p.t1 if ch.item not in bad])
-            elif p.t1:
-                bad |= self._staged(p.t1)
+                t1 = [ch for ch in p.t1 if ch.item not in bad]
+                if self.kvikio is not None:
+                    bad |= self._kvikio_reads(t1)
+                else:
+                    bad |= self._staged(t1, verify=False)
             c.sync()
         self.counters["t0_chunks"] += len(p.t0)
         self.counters["t1_chunks"] += len(p.t1)
@@ -397,10 +398,10 @@ class GpuPlane:
                 bad.add(ch.item)
         return bad
 
-    def _staged(self, chunks: list[_Chunk]) -> set[int]:
+    def _staged(self, chunks: list[_Chunk], verify: bool) -> set[int]:
         """Chunks through pinned staging: read (T1) or copy (T0) into a slab,
-        verified by the native data plane, then copied to the device while
-        the next slab fills."""
+        verified there by the native data plane when ``verify``, then copied
+        to the device while the next slab fills."""
         bad: set[int] = set()
         slabs = self.staging()
         c = self.copier
@@ -421,11 +422,12 @@ class GpuPlane:
             copies = [(ch, v) for ch, v in zip(batch, views) if not ch.path]
             ok: list[bool] = []
             if reads:
-                ok += self.reader.run([ReadTask(ch.path, ch.offset, v, ch.checksum) for ch, v in reads])
+                ok += self.reader.run([ReadTask(ch.path, ch.offset, v, ch.checksum if verify else None)
+                                       for ch, v in reads])
             if copies:
                 ok += self.reader.copy([v for _c, v in copies],
                                        [memoryview((ctypes.c_char * ch.length).from_address(ch.src)).cast("B")
-                                        for ch, _v in copies], [ch.checksum for ch, _v in copies])
+                                        for ch, _v in copies], [ch.checksum if verify else None for ch, _v in copies])
             for (ch, v), good in zip(reads + copies, ok):
                 if good:
                     c.h2d(ch.dst, address_of(v), ch.length)
