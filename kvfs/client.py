@@ -462,23 +462,26 @@ class Store:
                 out.append(host)
         if group:
             groups.append((gpu.copier.record(), group))
-        # each group is hashed as soon as its copies have landed, while the
-        # copies of the next ones are still in flight
+        # each group's chunks are hashed as soon as its copies have landed,
+        # while the copies of the next ones are still in flight; the
+        # whole-value sums of multi-chunk values go last, all in parallel
+        multi: list[_Landed] = []
         for ev, grp in groups:
             gpu.copier.wait(ev)
             chunks: list[memoryview] = []
-            wholes: list[memoryview] = []
             for landed in grp:
                 pos = 0
                 for n in landed.chunk_lengths:
                     chunks.append(landed.view[pos:pos + n])
                     pos += n
-                if len(landed.chunk_lengths) > 1:
-                    wholes.append(landed.view)
-            got = iter(self.reader.hash_many(chunks + wholes))
-            cs_all = [[next(got) for _ in landed.chunk_lengths] for landed in grp]
-            for landed, cs in zip(grp, cs_all):
-                landed.sums = [next(got) if len(cs) > 1 else cs[0], cs]
+            got = iter(self.reader.hash_many(chunks))
+            for landed in grp:
+                cs = [next(got) for _ in landed.chunk_lengths]
+                landed.sums = [cs[0], cs]
+                if len(cs) > 1:
+                    multi.append(landed)
+        for landed, whole in zip(multi, self.reader.hash_many([m.view for m in multi])):
+            landed.sums[0] = whole
         gpu.sync()
         return out
 

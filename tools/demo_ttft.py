@@ -87,8 +87,8 @@ def _cache_kw(model: Any) -> str:
 
 
 def _cache_of(out: Any) -> Any:
-    c = getattr(out, "past_key_values", None)
-    return c if c is not None else getattr(out, "cache")
+    c = out.get("cache") if hasattr(out, "get") else None
+    return c if c is not None else out.past_key_values
 
 
 def _layers(cache: Any) -> list[tuple[Any, Any]]:
@@ -104,12 +104,11 @@ def cache_from_blocks(blocks: Any, config: Any) -> Any:
         cache = DynamicCache(config=config)
     except TypeError:
         cache = DynamicCache()
-    n = blocks.shape[0]
-    for layer in range(blocks.shape[1]):
-        kv = blocks[:, layer]  # [blocks, 2, heads, T, dim]
-        k = kv[:, 0].permute(1, 0, 2, 3).reshape(1, kv.shape[2], n * BLOCK_TOKENS, kv.shape[4])
-        v = kv[:, 1].permute(1, 0, 2, 3).reshape(1, kv.shape[2], n * BLOCK_TOKENS, kv.shape[4])
-        cache.update(k, v, layer)
+    n, layers, _two, heads, _t, dim = blocks.shape
+    # one copy for every layer: [blocks, L, 2, H, T, D] -> [L, 2, H, blocks*T, D]
+    full = blocks.permute(1, 2, 3, 0, 4, 5).reshape(layers, 2, heads, n * BLOCK_TOKENS, dim)
+    for layer in range(layers):
+        cache.update(full[layer, 0].unsqueeze(0), full[layer, 1].unsqueeze(0), layer)
     return cache
 
 
@@ -126,7 +125,8 @@ def prompt_and_keys(model: Any, tokens: int, suffix: int) -> tuple[Any, list[str
     return prompt, block_hashes(prompt[0, :tokens].tolist(), BLOCK_TOKENS, salt=salt)
 
 
-def run_ttft(store: Any, model: Any, tokens: int, suffix: int, device: str, ns: str) -> dict[str, Any]:
+def run_ttft(store: Any, model: Any, tokens: int, suffix: int, device: str, ns: str,
+             profile: bool = False) -> dict[str, Any]:
     """One prompt length against one store: returns timings (s) and the
     logits check."""
     import torch
@@ -170,9 +170,21 @@ def run_ttft(store: Any, model: Any, tokens: int, suffix: int, device: str, ns: 
         cache = cache_from_blocks(buf, model.config)
         _sync(device)
         out["rebuild_s"] = time.perf_counter() - t0 - out["load_s"]
+        if profile:  # where the suffix prefill's time goes (untimed: a copy of the cache)
+            from torch.profiler import ProfilerActivity, profile as prof
+            spare = cache_from_blocks(buf, model.config)
+            with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+                model(prompt[:, n * BLOCK_TOKENS:], use_cache=True, logits_to_keep=1, **{_cache_kw(model): spare})
+                _sync(device)
+            out["profile"] = p.key_averages().table(sort_by="self_cuda_time_total" if device == "cuda"
+                                                    else "self_cpu_time_total", row_limit=12)
+            del spare
+            _sync(device)
+            t0 = time.perf_counter() - out["load_s"] - out["rebuild_s"]
         res = model(prompt[:, n * BLOCK_TOKENS:], use_cache=True, logits_to_keep=1, **{_cache_kw(model): cache})
         _sync(device)
         out["kvfs_ttft_s"] = time.perf_counter() - t0
+        out["suffix_s"] = out["kvfs_ttft_s"] - out["load_s"] - out["rebuild_s"]
         logits = res.logits[0, -1].float()
     out["matched_blocks"] = n
     out["max_abs_diff"] = float((logits - ref_logits).abs().max())
@@ -208,19 +220,24 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"model": shape, "device": device, "random_weights": True, "runs": []}
     if device == "cuda":
         res["gpu"] = torch.cuda.get_device_name()
-    # warm-up, outside any timing: kernels of both prefills (a whole prompt,
-    # and a suffix after a cache), and the allocator at the largest size
+    # warm-up, outside any timing: the kernels (and their autotuning) of
+    # both prefills at every length: a whole prompt, and a suffix after a cache
     with torch.inference_mode():
-        warm = torch.randint(0, cfg.vocab_size, (1, max(lengths) + args.suffix)).to(device)
-        pre = model(warm[:, :-args.suffix], use_cache=True, logits_to_keep=1)
-        model(warm[:, -args.suffix:], use_cache=True, logits_to_keep=1, **{_cache_kw(model): _cache_of(pre)})
-        del pre, warm
+        for n in lengths:
+            warm = torch.randint(0, cfg.vocab_size, (1, n + args.suffix)).to(device)
+            model(warm, use_cache=True, logits_to_keep=1)
+            pre = model(warm[:, :n], use_cache=True, logits_to_keep=1)
+            model(warm[:, n:], use_cache=True, logits_to_keep=1, **{_cache_kw(model): _cache_of(pre)})
+            del pre, warm
     for tier, shm in (("T0", str(int(1.3 * kv_bytes) + (64 << 20))), ("T1", "0")):
         d = DaemonProcess(base / tier, capacity=str(3 * kv_bytes + (1 << 30)), shm_size=shm)
         with d, d.connect(threads=16) as s:
             s.capabilities()  # registers the arena with CUDA: once per process, not per request
             for n in lengths:
-                r = run_ttft(s, model, n, args.suffix, device, ns=f"ttft{n}")
+                r = run_ttft(s, model, n, args.suffix, device, ns=f"ttft{n}",
+                             profile=getattr(args, "profile", False) and tier == "T0" and n == max(lengths))
+                if "profile" in r:
+                    print(r.pop("profile"), file=sys.stderr)
                 r["tier"] = tier
                 r["logits_ok"] = logits_agree(r, device)
                 res["runs"].append(r)
@@ -231,7 +248,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 def _line(r: dict[str, Any]) -> str:
     return (f"{r['tier']} {r['tokens']:>6} tokens: recompute {r['recompute_s'] * 1e3:8.1f} ms, kvfs "
             f"{r['kvfs_ttft_s'] * 1e3:7.1f} ms (load {r['load_s'] * 1e3:6.1f} ms of "
-            f"{r['blocks'] * r['block_bytes'] / 2**20:.0f} MiB, cache rebuild {r['rebuild_s'] * 1e3:5.1f} ms), "
+            f"{r['blocks'] * r['block_bytes'] / 2**20:.0f} MiB, cache rebuild {r['rebuild_s'] * 1e3:5.1f} ms, "
+            f"suffix {r['suffix_s'] * 1e3:5.1f} ms), "
             f"{r['speedup']:5.1f}x; "
             f"logits max diff {r['max_abs_diff']:.4f}, same next token: {r['same_next_token']}")
 
