@@ -335,12 +335,22 @@ class GpuPlane:
             for dst, src, n in _merged(p.t0):
                 c.h2d(dst, src, n)
             if p.t1:
-                bad |= self._check_headers(ns, ks, found, p.t1)
-                t1 = [ch for ch in p.t1 if ch.item not in bad]
+                # the headers are checked while the payloads are on their way
+                # (an item whose header is wrong is reported failed: its
+                # destination bytes are then undefined, never "delivered")
                 if self.kvikio is not None:
-                    bad |= self._kvikio_reads(t1)
+                    futs = self._kvikio_submit(p.t1, bad)
+                    bad |= self._check_headers(ns, ks, found, p.t1)
+                    bad |= self._kvikio_wait(futs)
                 else:
-                    bad |= self._staged(t1, verify=False)
+                    checked: list[set[int]] = []
+                    th = threading.Thread(target=lambda: checked.append(self._check_headers(ns, ks, found, p.t1)))
+                    th.start()
+                    try:
+                        bad |= self._staged(p.t1, verify=False)
+                    finally:
+                        th.join()
+                    bad |= checked[0] if checked else {ch.item for ch in p.t1}
             c.sync()
         self.counters["t0_chunks"] += len(p.t0)
         self.counters["t1_chunks"] += len(p.t1)
@@ -380,9 +390,10 @@ class GpuPlane:
             f = self._files[path] = self.kvikio.CuFile(path, "r")
         return f
 
-    def _kvikio_reads(self, chunks: list[_Chunk]) -> set[int]:
+    def _kvikio_submit(self, chunks: list[_Chunk], bad: set[int]) -> list[tuple[_Chunk, Any]]:
+        """Start every chunk's read (kvikio's pool runs them); files that
+        cannot be opened mark their items in ``bad``."""
         futs = []
-        bad: set[int] = set()
         for ch in chunks:
             try:
                 f = self._file(ch.path)
@@ -390,6 +401,10 @@ class GpuPlane:
                 bad.add(ch.item)
                 continue
             futs.append((ch, f.pread(self.copier.device_view(ch.dst, ch.length), ch.length, ch.offset)))
+        return futs
+
+    def _kvikio_wait(self, futs: list[tuple[_Chunk, Any]]) -> set[int]:
+        bad: set[int] = set()
         for ch, fut in futs:
             try:
                 if fut.get() != ch.length:

@@ -124,9 +124,10 @@ def run_gpu_bench(args: argparse.Namespace) -> dict[str, Any]:
                     row[f"raw_hot_{t_n}"] = total / _best(lambda: kvikio_all(bs), rep) / 1e9
                     row[f"t1_hot_{t_n}"] = total / _best(
                         lambda: s1["kvikio"].get_many_into(keys, slices, ns=ns), rep) / 1e9
-                st = d1.connect(threads=t_n, gpu_reader="staging")
-                row[f"t1_staged_{t_n}"] = total / _best(lambda: st.get_many_into(keys, slices, ns=ns), rep) / 1e9
-                st.close()
+                for col, verify in (("t1_staged", True), ("t1_full", "full")):
+                    st = d1.connect(threads=t_n, gpu_reader="staging", verify=verify)
+                    row[f"{col}_{t_n}"] = total / _best(lambda: st.get_many_into(keys, slices, ns=ns), rep) / 1e9
+                    st.close()
             for kind, st in s1.items():
                 if st is None:
                     continue
@@ -182,8 +183,10 @@ def format_gpu(res: dict[str, Any]) -> str:
         for n in res["threads"]:
             rows.append([f"{r['block'] // MiB} MiB", str(n), f"{r.get(f'raw_hot_{n}', nan):.1f}",
                          f"{r.get(f't1_hot_{n}', nan):.1f}", f"{r[f't1_staged_{n}']:.1f}",
+                         f"{r[f't1_full_{n}']:.1f}",
                          f"{max(r.get(f't1_hot_{n}', 0), r[f't1_staged_{n}']) / r['h2d']:.2f}"])
-    out += "\n\n" + render(["block", "threads", "raw kvikio", "T1 kvikio", "T1 staged", "best / H2D"], rows)
+    out += "\n\n" + render(["block", "threads", "raw kvikio", "T1 kvikio", "T1 staged", "T1 staged, verify=full",
+                             "best / H2D"], rows)
     rows = []
     for r in res["rows"]:
         if "t1_staged_cold" in r:
