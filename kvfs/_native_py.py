@@ -112,6 +112,23 @@ def hash_many(bufs: Sequence[Any], threads: int = 1) -> list[bytes]:
     return _map(lambda i: xxhash.xxh3_128_digest(sv[i]), len(sv), threads, sum(len(v) for v in sv))
 
 
+def hash_chunked(bufs: Sequence[Any], chunk: int, threads: int = 1) -> list[tuple[bytes, list[bytes]]]:
+    """Per buffer: (xxh3-128 of the whole, [xxh3-128 of each ``chunk``-byte
+    chunk]); a buffer of at most one chunk has one chunk sum, its whole sum."""
+    if chunk <= 0:
+        raise ValueError("chunk must be > 0")
+    sv = [_mv(b, False) for b in bufs]
+
+    def one(i: int) -> tuple[bytes, list[bytes]]:
+        v = sv[i]
+        if len(v) <= chunk:
+            d = xxhash.xxh3_128_digest(v)
+            return d, [d]
+        return (xxhash.xxh3_128_digest(v),
+                [xxhash.xxh3_128_digest(v[p:p + chunk]) for p in range(0, len(v), chunk)])
+    return _map(one, len(sv), threads, sum(len(v) for v in sv))
+
+
 def aligned_buffer(size: int, alignment: int = 4096) -> Any:
     """Anonymous mmap: page-aligned (hence aligned to any power of two up to
     the page size) and zero-filled."""

@@ -36,7 +36,6 @@ BATCH_KEYS = 4096
 # inline. With T0, every batch goes through the arena except a single value
 # smaller than T0_INLINE_MAX (one round trip beats two for tiny values).
 DIRECT_MIN = 256 * 1024
-HASH_GROUP = 64 << 20  # device puts: bytes copied to the arena before hashing starts on them
 T0_INLINE_MAX = 64 * 1024
 
 
@@ -104,7 +103,7 @@ class _Landed:
     """A put's source already copied into its arena extent (from a device),
     and its checksums, taken from that copy as it landed."""
     view: memoryview
-    chunk_lengths: list[int]
+    n_chunks: int
     sums: list[Any] = field(default_factory=list)  # [object sum, [chunk sums]]
 
     def __len__(self) -> int:
@@ -367,8 +366,8 @@ class Store:
                     for stripe, seg, off, length in chunks:
                         tasks.append(WriteTask(self._path(stripe, seg), off, v[pos:pos + length]))
                         pos += length
-                if len(chunks) > 1:
-                    multi.append(v)
+                    if len(chunks) > 1:
+                        multi.append(v)
             chunk_sums = iter(self.reader.write(tasks))
             self.reader.copy(cdst, csrc, [None] * len(cdst))
             # checksums of the caller's bytes (not of the arena copy: another
@@ -377,14 +376,7 @@ class Store:
             # chunk by chunk as T1 will hold them. A device source is hashed
             # from its arena copy, right after the DMA (the host cannot read
             # device memory without such a copy).
-            t0_chunks: list[memoryview] = []
-            for item, src in zip((it for it, v in zip(res["items"], views)
-                                  if it is not None and it[2] >= 0 and not isinstance(v, _Landed)), t0_src):
-                pos = 0
-                for c in item[1]:
-                    t0_chunks.append(src[pos:pos + c[3]])
-                    pos += c[3]
-            t0_sums = iter(self.reader.hash_many(t0_chunks))
+            t0_sums = iter(self.reader.hash_chunked(t0_src, self.stripe_unit))  # one pass per value
             whole = iter(self.reader.hash_many(multi))
             sums: list[Any] = []
             for item, v in zip(res["items"], views):
@@ -394,8 +386,13 @@ class Store:
                 if isinstance(v, _Landed):
                     sums.append(v.sums)
                     continue
-                it = t0_sums if item[2] >= 0 else chunk_sums
-                cs = [next(it) for _ in item[1]]
+                if item[2] >= 0:
+                    w, cs = next(t0_sums)
+                    if len(cs) != len(item[1]):
+                        raise ProtocolError("the daemon's chunks are not its stripe unit")
+                    sums.append([w, cs])
+                    continue
+                cs = [next(chunk_sums) for _ in item[1]]
                 sums.append([next(whole) if len(cs) > 1 else cs[0], cs])
         except BaseException as e:
             try:
@@ -437,9 +434,7 @@ class Store:
         Returns the sources as host bytes (``_Landed`` for arena copies)."""
         gpu = self._gpu_plane()
         out: list[Any] = []
-        groups: list[tuple[Any, list[_Landed]]] = []  # (event after its copies, items)
-        group: list[_Landed] = []
-        queued = 0
+        landed_evs: list[tuple[_Landed, Any]] = []
         for item, v in zip(allocs, views):
             if not isinstance(v, DeviceBuffer) or item is None:
                 out.append(v)
@@ -449,39 +444,24 @@ class Store:
                 gpu.arena_address(arena)
                 dst = arena.rw[t0:t0 + len(v)]
                 gpu.to_host(dst, v)
-                landed = _Landed(dst, [c[3] for c in item[1]])
+                landed = _Landed(dst, len(item[1]))
                 out.append(landed)
-                group.append(landed)
-                queued += len(v)
-                if queued >= HASH_GROUP:
-                    groups.append((gpu.copier.record(), group))
-                    group, queued = [], 0
+                landed_evs.append((landed, gpu.copier.record()))
             else:
                 host = memoryview(bytearray(len(v)))
                 gpu.to_host(host, v)
                 out.append(host)
-        if group:
-            groups.append((gpu.copier.record(), group))
-        # each group's chunks are hashed as soon as its copies have landed,
-        # while the copies of the next ones are still in flight; the
-        # whole-value sums of multi-chunk values go last, all in parallel
-        multi: list[_Landed] = []
-        for ev, grp in groups:
+
+        def hash_landed(pair: tuple[_Landed, Any]) -> None:
+            # as soon as this value's copy has landed (the next ones are
+            # still in flight): chunk and whole sums in one pass
+            landed, ev = pair
             gpu.copier.wait(ev)
-            chunks: list[memoryview] = []
-            for landed in grp:
-                pos = 0
-                for n in landed.chunk_lengths:
-                    chunks.append(landed.view[pos:pos + n])
-                    pos += n
-            got = iter(self.reader.hash_many(chunks))
-            for landed in grp:
-                cs = [next(got) for _ in landed.chunk_lengths]
-                landed.sums = [cs[0], cs]
-                if len(cs) > 1:
-                    multi.append(landed)
-        for landed, whole in zip(multi, self.reader.hash_many([m.view for m in multi])):
-            landed.sums[0] = whole
+            w, cs = self.reader.hash_chunked([landed.view], self.stripe_unit, 1)[0]
+            if len(cs) != landed.n_chunks:
+                raise ProtocolError("the daemon's chunks are not its stripe unit")
+            landed.sums = [w, cs]
+        list(gpu.pool().map(hash_landed, landed_evs))
         gpu.sync()
         return out
 

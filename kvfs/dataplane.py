@@ -9,7 +9,7 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import native
 
@@ -149,6 +149,11 @@ class DataPlane:
 
     def hash_many(self, views: Sequence[memoryview]) -> list[bytes]:
         return list(native.backend.hash_many(views, self.threads))
+
+    def hash_chunked(self, views: Sequence[Any], chunk: int, threads: int | None = None
+                     ) -> list[tuple[bytes, list[bytes]]]:
+        """Per value: (whole sum, [chunk sums]), one pass over its bytes."""
+        return list(native.backend.hash_chunked(views, chunk, self.threads if threads is None else threads))
 
     def close(self) -> None:
         self.fds.close()

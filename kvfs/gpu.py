@@ -266,6 +266,7 @@ class GpuPlane:
         self._files: dict[str, Any] = {}
         self._registered: dict[int, bool] = {}
         self._staging: list[memoryview] = []
+        self._pool: Any = None
         self._lock = threading.Lock()
         self.counters = {"t0_chunks": 0, "t1_chunks": 0, "staged_bytes": 0, "header_checks": 0,
                          "header_mismatches": 0}
@@ -290,6 +291,14 @@ class GpuPlane:
                 if addr not in self._registered:
                     self._registered[addr] = self.copier.register(addr, arena.size)
         return addr
+
+    def pool(self) -> Any:
+        """Threads that wait for copies and hash what landed (GIL released in both)."""
+        with self._lock:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+                self._pool = ThreadPoolExecutor(max(1, self.reader.threads), thread_name_prefix="kvfs-gpu")
+            return self._pool
 
     def staging(self) -> list[memoryview]:
         with self._lock:
@@ -482,6 +491,9 @@ class GpuPlane:
                 self.copier.unregister(addr)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         with self._lock:
             for addr, reg in self._registered.items():
                 if reg:

@@ -39,6 +39,8 @@
 typedef void (*hash16_fn)(const void *, size_t, unsigned char *);
 typedef int (*copy_verify_fn)(char *, const char *, size_t, const unsigned char *);
 typedef int (*read_verify_fn)(int, int64_t, char *, size_t, const unsigned char *);
+typedef void (*hash_chunked_fn)(const char *, size_t, size_t, unsigned char *, unsigned char *);
+void kv_hash_chunked_generic(const char *, size_t, size_t, unsigned char *, unsigned char *);
 void kv_hash16_generic(const void *, size_t, unsigned char *);
 int kv_copy_verify_generic(char *, const char *, size_t, const unsigned char *);
 int kv_read_verify_generic(int, int64_t, char *, size_t, const unsigned char *);
@@ -47,17 +49,19 @@ int kv_avx2_built(void);
 void kv_hash16_avx2(const void *, size_t, unsigned char *);
 int kv_copy_verify_avx2(char *, const char *, size_t, const unsigned char *);
 int kv_read_verify_avx2(int, int64_t, char *, size_t, const unsigned char *);
+void kv_hash_chunked_avx2(const char *, size_t, size_t, unsigned char *, unsigned char *);
 #endif
 static hash16_fn hash16 = kv_hash16_generic;
 static copy_verify_fn copy_verify = kv_copy_verify_generic;
 static read_verify_fn read_verify = kv_read_verify_generic;
+static hash_chunked_fn hash_chunked = kv_hash_chunked_generic;
 static const char *simd = "generic";
 
 #define PIECE (1u << 20)       /* max bytes one thread takes at a time */
 #define MAX_THREADS 64
 #define INLINE_BELOW (256u << 10) /* batches smaller than this run on the caller alone */
 
-enum { OP_READ, OP_COPY, OP_WRITE, OP_HASH };
+enum { OP_READ, OP_COPY, OP_WRITE, OP_HASH, OP_HASHC };
 
 typedef struct {
     int fd;
@@ -69,6 +73,8 @@ typedef struct {
     unsigned char got[16];      /* write/hash: computed sum */
     int status;         /* 0 ok, 1 short, 2 mismatch, -errno */
     int fused;          /* one piece, verified as it is copied/read (see do_fused) */
+    size_t chunk;               /* OP_HASHC: chunk size */
+    unsigned char *chunk_sums;  /* OP_HASHC: 16 bytes per chunk */
     atomic_int pieces_left;
 } task_t;
 
@@ -102,7 +108,9 @@ static void finish_task(batch_t *b, task_t *t) {
 
 /* A verified task done by one thread: copied or read and hashed as it goes. */
 static void do_fused(batch_t *b, task_t *t) {
-    if (b->op == OP_COPY)
+    if (b->op == OP_HASHC)
+        hash_chunked(t->src, t->len, t->chunk, t->got, t->chunk_sums);
+    else if (b->op == OP_COPY)
         t->status = copy_verify(t->dst, t->src, t->len, t->want);
     else
         t->status = read_verify(t->fd, t->offset, t->dst, t->len, t->want);
@@ -271,7 +279,7 @@ static int get_bufs(PyObject *seq, Py_ssize_t n, int writable, bufset_t *out, co
 static size_t piece_count(batch_t *b, task_t *t, int threads) {
     size_t len = t->len;
     int verify = t->want != NULL && (b->op == OP_READ || b->op == OP_COPY);
-    t->fused = verify && (b->ntasks >= (size_t)threads || len <= PIECE);
+    t->fused = (verify && (b->ntasks >= (size_t)threads || len <= PIECE)) || b->op == OP_HASHC;
     if (t->fused) return 1;
     return len ? (len + PIECE - 1) / PIECE : 1;
 }
@@ -454,6 +462,75 @@ static PyObject *py_hash_many(PyObject *self, PyObject *args) {
     return drive(OP_HASH, NULL, NULL, NULL, bufs, NULL, threads);
 }
 
+/* hash_chunked(bufs, chunk, threads=1) -> [(whole, [chunk sums])]: one pass
+ * per buffer (see hash_impl.h); buffers spread over the threads. */
+static PyObject *py_hash_chunked(PyObject *self, PyObject *args) {
+    PyObject *bufs, *seq = NULL, *res = NULL;
+    Py_ssize_t chunk;
+    int threads = 1;
+    bufset_t sb = {0};
+    batch_t b;
+    memset(&b, 0, sizeof b);
+    unsigned char *sums = NULL;
+    if (!PyArg_ParseTuple(args, "On|i", &bufs, &chunk, &threads)) return NULL;
+    if (chunk <= 0) { PyErr_SetString(PyExc_ValueError, "chunk must be > 0"); return NULL; }
+    seq = PySequence_Fast(bufs, "bufs must be a sequence");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (get_bufs(seq, n, 0, &sb, "bufs") != 0) goto done;
+    b.op = OP_HASHC;
+    b.tasks = PyMem_Calloc((size_t)(n ? n : 1), sizeof(task_t));
+    if (!b.tasks) { PyErr_NoMemory(); goto done; }
+    b.ntasks = (size_t)n;
+    size_t nsums = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        size_t len = (size_t)sb.bufs[i].len;
+        nsums += len <= (size_t)chunk ? 1 : (len + (size_t)chunk - 1) / (size_t)chunk;
+    }
+    sums = PyMem_Calloc(nsums ? nsums : 1, 16);
+    if (!sums) { PyErr_NoMemory(); goto done; }
+    size_t at = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        task_t *t = &b.tasks[i];
+        t->src = sb.bufs[i].buf;
+        t->len = (size_t)sb.bufs[i].len;
+        t->chunk = (size_t)chunk;
+        t->chunk_sums = sums + 16 * at;
+        at += t->len <= (size_t)chunk ? 1 : (t->len + (size_t)chunk - 1) / (size_t)chunk;
+    }
+    size_t total = 0;
+    if (make_pieces(&b, &total, threads < 1 ? 1 : threads) != 0) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    run_batch(&b, threads, total);
+    Py_END_ALLOW_THREADS
+    res = PyList_New(n);
+    if (!res) goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        task_t *t = &b.tasks[i];
+        size_t k = t->len <= (size_t)chunk ? 1 : (t->len + (size_t)chunk - 1) / (size_t)chunk;
+        PyObject *cl = PyList_New((Py_ssize_t)k);
+        PyObject *w = PyBytes_FromStringAndSize((const char *)t->got, 16);
+        if (!cl || !w) { Py_XDECREF(cl); Py_XDECREF(w); Py_CLEAR(res); goto done; }
+        for (size_t j = 0; j < k; j++) {
+            PyObject *c = PyBytes_FromStringAndSize((const char *)t->chunk_sums + 16 * j, 16);
+            if (!c) { Py_DECREF(cl); Py_DECREF(w); Py_CLEAR(res); goto done; }
+            PyList_SET_ITEM(cl, (Py_ssize_t)j, c);
+        }
+        PyObject *pair = PyTuple_Pack(2, w, cl);
+        Py_DECREF(w);
+        Py_DECREF(cl);
+        if (!pair) { Py_CLEAR(res); goto done; }
+        PyList_SET_ITEM(res, i, pair);
+    }
+done:
+    release_bufs(&sb);
+    PyMem_Free(b.tasks);
+    PyMem_Free(b.pieces);
+    PyMem_Free(sums);
+    Py_XDECREF(seq);
+    return res;
+}
+
 /* ------------------------------------------------------- aligned buffers */
 typedef struct {
     PyObject_HEAD
@@ -527,6 +604,8 @@ static PyMethodDef methods[] = {
      "write_many(fds, offsets, srcs, threads=1) -> [sum]: pwrite each src fully; return each "
      "one's xxh3-128 digest. Raises OSError on the first failure."},
     {"hash_many", py_hash_many, METH_VARARGS, "hash_many(bufs, threads=1) -> [xxh3-128 digest]"},
+    {"hash_chunked", py_hash_chunked, METH_VARARGS,
+     "hash_chunked(bufs, chunk, threads=1) -> [(whole digest, [chunk digests])] in one pass per buffer"},
     {"aligned_buffer", py_aligned_buffer, METH_VARARGS,
      "aligned_buffer(size, alignment=4096) -> writable zeroed buffer at an aligned address"},
     {NULL, NULL, 0, NULL},
@@ -543,6 +622,7 @@ PyMODINIT_FUNC PyInit__native(void) {
         hash16 = kv_hash16_avx2;
         copy_verify = kv_copy_verify_avx2;
         read_verify = kv_read_verify_avx2;
+        hash_chunked = kv_hash_chunked_avx2;
         simd = "avx2";
     }
 #endif

@@ -60,6 +60,20 @@ def test_read_many_statuses_and_bytes(tmp_path, name, threads):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+def test_hash_chunked_gives_chunk_and_whole_sums_in_one_pass(name):
+    b = mod(name)
+    chunk = 4 * MiB
+    vals = [os.urandom(n) for n in (0, 1, chunk, chunk + 1, 9 * MiB, 16 * MiB)]
+    got = b.hash_chunked(vals, chunk, 4)
+    for v, (whole, parts) in zip(vals, got):
+        assert whole == xxhash.xxh3_128_digest(v)
+        want = [xxhash.xxh3_128_digest(v[p:p + chunk]) for p in range(0, max(len(v), 1), chunk)]
+        assert parts == want
+    with pytest.raises(ValueError):
+        b.hash_chunked([b"x"], 0, 1)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_copy_write_hash_agree_with_xxhash(tmp_path, name):
     b = mod(name)
     srcs = [os.urandom(n) for n in (0, 1, 4096, 3 * MiB + 5, 9 * MiB)]
