@@ -36,6 +36,9 @@ BATCH_KEYS = 4096
 # inline. With T0, every batch goes through the arena except a single value
 # smaller than T0_INLINE_MAX (one round trip beats two for tiny values).
 DIRECT_MIN = 256 * 1024
+# device puts: values are hashed in groups of about this many bytes, each as
+# soon as its copies land (one thread per group; a value is one pass)
+HASH_GROUP = 8 << 20
 T0_INLINE_MAX = 64 * 1024
 
 
@@ -434,7 +437,9 @@ class Store:
         Returns the sources as host bytes (``_Landed`` for arena copies)."""
         gpu = self._gpu_plane()
         out: list[Any] = []
-        landed_evs: list[tuple[_Landed, Any]] = []
+        groups: list[tuple[list[_Landed], Any]] = []  # values, and an event after their copies
+        group: list[_Landed] = []
+        queued = 0
         for item, v in zip(allocs, views):
             if not isinstance(v, DeviceBuffer) or item is None:
                 out.append(v)
@@ -446,22 +451,28 @@ class Store:
                 gpu.to_host(dst, v)
                 landed = _Landed(dst, len(item[1]))
                 out.append(landed)
-                landed_evs.append((landed, gpu.copier.record()))
+                group.append(landed)
+                queued += len(v)
+                if queued >= HASH_GROUP:
+                    groups.append((group, gpu.copier.record()))
+                    group, queued = [], 0
             else:
                 host = memoryview(bytearray(len(v)))
                 gpu.to_host(host, v)
                 out.append(host)
+        if group:
+            groups.append((group, gpu.copier.record()))
 
-        def hash_landed(pair: tuple[_Landed, Any]) -> None:
-            # as soon as this value's copy has landed (the next ones are
-            # still in flight): chunk and whole sums in one pass
-            landed, ev = pair
+        def hash_landed(g: tuple[list[_Landed], Any]) -> None:
+            # as soon as these values' copies have landed (the next ones are
+            # still in flight): chunk and whole sums in one pass each
+            vals, ev = g
             gpu.copier.wait(ev)
-            w, cs = self.reader.hash_chunked([landed.view], self.stripe_unit, 1)[0]
-            if len(cs) != landed.n_chunks:
-                raise ProtocolError("the daemon's chunks are not its stripe unit")
-            landed.sums = [w, cs]
-        list(gpu.pool().map(hash_landed, landed_evs))
+            for landed, (w, cs) in zip(vals, self.reader.hash_chunked([x.view for x in vals], self.stripe_unit, 1)):
+                if len(cs) != landed.n_chunks:
+                    raise ProtocolError("the daemon's chunks are not its stripe unit")
+                landed.sums = [w, cs]
+        list(gpu.pool().map(hash_landed, groups))
         gpu.sync()
         return out
 

@@ -5,11 +5,18 @@ import os
 
 import pytest
 
-cupy = pytest.importorskip("cupy")
-pytestmark = pytest.mark.gpu
+from kvfs.errors import NotFound
+from kvfsd.testing import DaemonProcess
 
-from kvfs.errors import NotFound  # noqa: E402
-from kvfsd.testing import DaemonProcess  # noqa: E402
+# deselected by default (-m 'not gpu'); CuPy is imported only when they run
+pytestmark = pytest.mark.gpu
+cupy = None
+
+
+@pytest.fixture(autouse=True)
+def _cupy():
+    global cupy
+    cupy = pytest.importorskip("cupy")
 
 MiB = 1 << 20
 SIZES = [0, 1, 4095, 64 * 1024, 4 * MiB + 7, 64 * MiB, 256 * MiB]
