@@ -15,8 +15,10 @@ from kvfstools.demo_ttft import (BLOCK_TOKENS, build_model, logits_agree, prompt
                                  run_ttft)
 
 
-def test_ttft_path_matches_full_recompute_from_t0_and_t1(tmp_path):
-    res = run_demo(argparse.Namespace(device="cpu", model="tiny", tokens="1024,1300", suffix=40, dir=str(tmp_path)))
+@pytest.mark.parametrize("load", ["layerwise", "whole"])
+def test_ttft_path_matches_full_recompute_from_t0_and_t1(tmp_path, load):
+    res = run_demo(argparse.Namespace(device="cpu", model="tiny", tokens="1024,1300", suffix=40, dir=str(tmp_path),
+                                      load=load))
     assert [r["tier"] for r in res["runs"]] == ["T0", "T0", "T1", "T1"]
     for r in res["runs"]:
         assert r["matched_blocks"] == r["blocks"] == r["tokens"] // BLOCK_TOKENS
@@ -24,17 +26,23 @@ def test_ttft_path_matches_full_recompute_from_t0_and_t1(tmp_path):
         assert r["load_s"] > 0 and r["kvfs_ttft_s"] > 0
 
 
-def test_a_wrong_cache_changes_the_logits(tmp_path):
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_a_wrong_cache_changes_the_logits(tmp_path, layerwise):
     """The check can fail: other blocks already stored under this prompt's
     keys (the demo's puts then keep them) give other logits."""
     model = build_model("tiny", "cpu")
     cfg = model.config
     _prompt, keys = prompt_and_keys(model, 512, 16)
-    shape = (cfg.num_hidden_layers, 2, cfg.num_key_value_heads, BLOCK_TOKENS, cfg.hidden_size // cfg.num_attention_heads)
+    per = (2, cfg.num_key_value_heads, BLOCK_TOKENS, cfg.hidden_size // cfg.num_attention_heads)
+    if layerwise:
+        keys = [f"{k}.L{layer}" for layer in range(cfg.num_hidden_layers) for k in keys]
+        shape = per
+    else:
+        shape = (cfg.num_hidden_layers, *per)
     d = DaemonProcess(tmp_path / "s", capacity="256M", shm_size="64M")
     with d, d.connect() as s:
         wrong = [torch.randn(shape).view(torch.uint8).numpy() for _ in keys]
         s.put_many(keys, wrong, ns="w")
-        r = run_ttft(s, model, 512, 16, "cpu", ns="w")
-        assert r["matched_blocks"] == len(keys)
+        r = run_ttft(s, model, 512, 16, "cpu", ns="w", layerwise=layerwise)
+        assert r["matched_blocks"] == 512 // BLOCK_TOKENS
         assert not logits_agree(r, "cpu"), r

@@ -17,6 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cuda", "cpu"], default=None)
     p.add_argument("--dir", default=None, help="where the demo's stores go (default: a temp dir)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write results as JSON")
+    p.add_argument("--load", choices=["layerwise", "whole"], default="layerwise",
+                   help="layerwise: load layer l+1 while layer l computes (default); whole: load it all, then prefill")
     p.add_argument("--profile", action="store_true",
                    help="print where the suffix prefill's time goes (torch profiler; largest prompt, T0)")
     return p

@@ -99,17 +99,96 @@ def _layers(cache: Any) -> list[tuple[Any, Any]]:
 
 def cache_from_blocks(blocks: Any, config: Any) -> Any:
     """A DynamicCache holding the tokens of ``blocks`` (as kv_blocks lays them out)."""
-    from transformers import DynamicCache
-    try:
-        cache = DynamicCache(config=config)
-    except TypeError:
-        cache = DynamicCache()
+    cache = _new_cache(config)
     n, layers, _two, heads, _t, dim = blocks.shape
     # one copy for every layer: [blocks, L, 2, H, T, D] -> [L, 2, H, blocks*T, D]
     full = blocks.permute(1, 2, 3, 0, 4, 5).reshape(layers, 2, heads, n * BLOCK_TOKENS, dim)
     for layer in range(layers):
         cache.update(full[layer, 0].unsqueeze(0), full[layer, 1].unsqueeze(0), layer)
     return cache
+
+
+def layer_blocks(cache: Any, n_blocks: int) -> list[Any]:
+    """Per layer, its first ``n_blocks`` blocks as one tensor
+    [n_blocks, 2, kv_heads, BLOCK_TOKENS, head_dim] (a copy)."""
+    import torch
+    out = []
+    for k, v in _layers(cache):
+        kv = torch.stack([k[0], v[0]])[:, :, :n_blocks * BLOCK_TOKENS]  # [2, heads, tokens, dim]
+        out.append(kv.unflatten(2, (n_blocks, BLOCK_TOKENS)).permute(2, 0, 1, 3, 4).contiguous())
+    return out
+
+
+class LayerwiseLoad:
+    """Load a prefix's KV cache layer by layer while the model prefills the
+    suffix: a thread loads layer l+1 (``get_many_into``, one key per block
+    and layer) while layer l computes. A forward pre-hook on each decoder
+    layer waits for its layer, then copies it into the cache the model
+    reads; the cache holds the whole prefix length from the start, so
+    positions and masks are right. Loading and compute overlap instead of
+    adding up."""
+
+    def __init__(self, store: Any, model: Any, keys_by_layer: list[list[str]], n: int, ns: str) -> None:
+        import threading
+
+        import torch
+        cfg = model.config
+        self.store, self.ns, self.n, self.keys = store, ns, n, keys_by_layer
+        layers, heads = cfg.num_hidden_layers, cfg.num_key_value_heads
+        dim = cfg.hidden_size // cfg.num_attention_heads
+        dev = next(model.parameters()).device
+        self.bufs = torch.empty((layers, n, 2, heads, BLOCK_TOKENS, dim), dtype=model.dtype, device=dev)
+        self.cache = _new_cache(cfg)
+        for layer in range(layers):
+            blank = torch.empty((1, heads, n * BLOCK_TOKENS, dim), dtype=model.dtype, device=dev)
+            self.cache.update(blank, blank.clone(), layer)
+        self.stored = _layers(self.cache)  # the tensors the cache holds (filled by the hooks)
+        self.ready = [threading.Event() for _ in range(layers)]
+        self.failed: str | None = None
+        self.load_s = 0.0
+        self.hooks = [mod.register_forward_pre_hook(self._hook(i)) for i, mod in enumerate(model.model.layers)]
+        self.thread = threading.Thread(target=self._load, name="kvfs-layerwise-load", daemon=True)
+        self.t = time.perf_counter()
+        self.thread.start()
+
+    def _load(self) -> None:
+        try:
+            for layer, ev in enumerate(self.ready):
+                got = self.store.get_many_into(self.keys[layer][:self.n],
+                                               [_buf(self.bufs[layer, b]) for b in range(self.n)], ns=self.ns)
+                if any(g < 0 for g in got):
+                    self.failed = f"a block of layer {layer} could not be loaded"
+                ev.set()
+        except BaseException as e:  # noqa: BLE001 - reported by the hooks
+            self.failed = f"loading failed: {e}"
+        finally:
+            self.load_s = time.perf_counter() - self.t
+            for ev in self.ready:
+                ev.set()
+
+    def _hook(self, layer: int) -> Any:
+        def hook(_module: Any, _args: Any) -> None:
+            self.ready[layer].wait()
+            if self.failed:
+                raise RuntimeError(self.failed)
+            k, v = self.stored[layer]
+            b = self.bufs[layer]  # [blocks, 2, heads, T, dim] -> [1, heads, blocks*T, dim]
+            k.view(k.shape[1], self.n, BLOCK_TOKENS, k.shape[3]).copy_(b[:, 0].permute(1, 0, 2, 3))
+            v.view(v.shape[1], self.n, BLOCK_TOKENS, v.shape[3]).copy_(b[:, 1].permute(1, 0, 2, 3))
+        return hook
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.thread.join()
+
+
+def _new_cache(config: Any) -> Any:
+    from transformers import DynamicCache
+    try:
+        return DynamicCache(config=config)
+    except TypeError:
+        return DynamicCache()
 
 
 def prompt_and_keys(model: Any, tokens: int, suffix: int) -> tuple[Any, list[str]]:
@@ -126,14 +205,19 @@ def prompt_and_keys(model: Any, tokens: int, suffix: int) -> tuple[Any, list[str
 
 
 def run_ttft(store: Any, model: Any, tokens: int, suffix: int, device: str, ns: str,
-             profile: bool = False) -> dict[str, Any]:
+             profile: bool = False, layerwise: bool = True) -> dict[str, Any]:
     """One prompt length against one store: returns timings (s) and the
-    logits check."""
+    logits check. ``layerwise``: one key per block and layer, loaded layer by
+    layer under the suffix's prefill (LayerwiseLoad); else one key per block
+    (every layer), all loaded before the prefill."""
     import torch
 
     prompt, keys = prompt_and_keys(model, tokens, suffix)
     prompt = prompt.to(device)
-    out: dict[str, Any] = {"tokens": tokens, "suffix": suffix, "blocks": len(keys)}
+    out: dict[str, Any] = {"tokens": tokens, "suffix": suffix, "blocks": len(keys),
+                           "load": "layerwise" if layerwise else "whole"}
+    if layerwise:
+        return _run_layerwise(store, model, prompt, keys, tokens, device, ns, out)
     with torch.inference_mode():
         # the reference: the whole prompt, recomputed
         _sync(device)
@@ -187,6 +271,57 @@ def run_ttft(store: Any, model: Any, tokens: int, suffix: int, device: str, ns: 
         out["suffix_s"] = out["kvfs_ttft_s"] - out["load_s"] - out["rebuild_s"]
         logits = res.logits[0, -1].float()
     out["matched_blocks"] = n
+    return _compare(out, logits, ref_logits)
+
+
+def _run_layerwise(store: Any, model: Any, prompt: Any, keys: list[str], tokens: int, device: str, ns: str,
+                   out: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    layers = model.config.num_hidden_layers
+    by_layer = [[f"{k}.L{layer}" for k in keys] for layer in range(layers)]
+    with torch.inference_mode():
+        _sync(device)
+        t = time.perf_counter()
+        ref = model(prompt, use_cache=True, logits_to_keep=1)
+        _sync(device)
+        out["recompute_s"] = time.perf_counter() - t
+        ref_logits = ref.logits[0, -1].float()
+        del ref
+        # 1. prefill the prefix and store its blocks, layer-major (a layer's
+        # blocks then lie side by side in T0 and load as one copy)
+        pre = model(prompt[:, :tokens], use_cache=True, logits_to_keep=1)
+        per_layer = layer_blocks(_cache_of(pre), len(keys))
+        out["block_bytes"] = per_layer[0][0].numel() * per_layer[0].element_size() * layers
+        del pre
+        _sync(device)
+        t = time.perf_counter()
+        store.put_many([k for ks in by_layer for k in ks],
+                       [_buf(lb[b]) for lb in per_layer for b in range(len(keys))], ns=ns)
+        _sync(device)
+        out["store_s"] = time.perf_counter() - t
+        store.flush()
+        del per_layer
+        # 2. a new request: match, then load layer by layer under the suffix's prefill
+        _sync(device)
+        t0 = time.perf_counter()
+        n = store.prefix_match(by_layer[0], ns=ns)
+        load = LayerwiseLoad(store, model, by_layer, n, ns)
+        try:
+            res = model(prompt[:, n * BLOCK_TOKENS:], use_cache=True, logits_to_keep=1,
+                        **{_cache_kw(model): load.cache})
+            _sync(device)
+            out["kvfs_ttft_s"] = time.perf_counter() - t0
+        finally:
+            load.close()
+        out["load_s"] = load.load_s
+        out["rebuild_s"] = 0.0  # inside the hooks, overlapped
+        out["suffix_s"] = out["kvfs_ttft_s"] - out["load_s"]  # the prefill beyond the last layer's load
+        logits = res.logits[0, -1].float()
+    out["matched_blocks"] = n
+    return _compare(out, logits, ref_logits)
+
+
+def _compare(out: dict[str, Any], logits: Any, ref_logits: Any) -> dict[str, Any]:
     out["max_abs_diff"] = float((logits - ref_logits).abs().max())
     out["ref_abs_max"] = float(ref_logits.abs().max())
     out["same_next_token"] = bool(int(logits.argmax()) == int(ref_logits.argmax()))
@@ -235,7 +370,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             s.capabilities()  # registers the arena with CUDA: once per process, not per request
             for n in lengths:
                 r = run_ttft(s, model, n, args.suffix, device, ns=f"ttft{n}",
-                             profile=getattr(args, "profile", False) and tier == "T0" and n == max(lengths))
+                             profile=getattr(args, "profile", False) and tier == "T0" and n == max(lengths),
+                             layerwise=getattr(args, "load", "layerwise") == "layerwise")
                 if "profile" in r:
                     print(r.pop("profile"), file=sys.stderr)
                 r["tier"] = tier
@@ -246,7 +382,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _line(r: dict[str, Any]) -> str:
-    return (f"{r['tier']} {r['tokens']:>6} tokens: recompute {r['recompute_s'] * 1e3:8.1f} ms, kvfs "
+    return (f"{r['tier']} {r['load']:>9} {r['tokens']:>6} tokens: recompute {r['recompute_s'] * 1e3:8.1f} ms, kvfs "
             f"{r['kvfs_ttft_s'] * 1e3:7.1f} ms (load {r['load_s'] * 1e3:6.1f} ms of "
             f"{r['blocks'] * r['block_bytes'] / 2**20:.0f} MiB, cache rebuild {r['rebuild_s'] * 1e3:5.1f} ms, "
             f"suffix {r['suffix_s'] * 1e3:5.1f} ms), "
