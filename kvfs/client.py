@@ -798,6 +798,48 @@ class Store:
             out += sizes
         return out
 
+    def get_many_into_async(self, keys: Sequence[str | bytes], outs: Sequence[Any], *, ns: str = "default",
+                            group_size: int | None = None) -> "DeviceReads":
+        """Start reading ``keys`` into device buffers and return at once.
+
+        Items are in groups of ``group_size`` consecutive keys (default: one
+        group). ``reads.wait(g)`` returns the sizes of group g once its
+        bytes are in device memory, so compute on group g can start while
+        the next groups are still copying (an inference engine loading a
+        KV cache layer by layer: one group per layer). ``reads.result()``
+        (or leaving ``with``) waits for everything and ends the lease; the
+        lease covers every copy until then. A failed item reads -1 and is
+        reported to the daemon; there is no second lookup here (retry it
+        with ``get_many_into``)."""
+        ks, ns = normalize_keys(keys), normalize_ns(ns)
+        if len(outs) != len(ks):
+            raise InvalidArgument("keys and outs must have the same length")
+        devs = [device_buffer(o) for o in outs]
+        if not all(d is not None for d in devs):
+            raise InvalidArgument("get_many_into_async takes device buffers only")
+        if any(d.readonly for d in devs if d is not None):
+            raise InvalidArgument("destination device buffer is read-only")
+        gs = group_size or max(1, len(ks))
+        gpu = self._gpu_plane()
+        self._check_restart()
+        self._conn()
+        found: dict[int, list[Any]] = {}
+        leases: list[int] = []
+        sizes = [-1] * len(ks)
+        try:
+            for b in range(0, len(ks), BATCH_KEYS):
+                res = self._call(P.LOOKUP, {"ns": ns, "keys": ks[b:b + BATCH_KEYS]})
+                if res["lease"]:
+                    leases.append(res["lease"])
+                found.update((b + i, item) for i, item in enumerate(res["items"]) if item is not None)
+            plan = gpu.plan(ns, ks, found, devs, self.arena, self._path, sizes)  # type: ignore[arg-type]
+            pending = gpu.start(ns, ks, found, plan, self.verify == "full", gs)
+        except BaseException:
+            for lease in leases:
+                self._release(lease)
+            raise
+        return DeviceReads(self, ns, ks, sizes, found, pending, leases)
+
     def _read_device(self, ns: str, ks: list[str], outs: list[DeviceBuffer]) -> list[int]:
         """Read into device buffers (kvfs.gpu). Every batch runs under a
         lease that ends only once its copies have completed. A failed item
@@ -871,6 +913,46 @@ class Store:
 
     def stats(self) -> dict[str, Any]:
         return dict(self._call(P.STATS, {}))
+
+
+class DeviceReads:
+    """Reads into device memory in flight (``Store.get_many_into_async``)."""
+
+    def __init__(self, store: Store, ns: str, ks: list[str], sizes: list[int], found: dict[int, list[Any]],
+                 pending: Any, leases: list[int]) -> None:
+        self.store, self.ns, self.ks, self.sizes, self.found = store, ns, ks, sizes, found
+        self.pending = pending
+        self.leases = leases
+        self.done = False
+
+    def wait(self, group: int) -> list[int]:
+        """Sizes of group ``group``'s items (-1: missing or failed) once its
+        bytes have landed in device memory."""
+        bad = self.pending.wait(group)
+        gs = self.pending.group_size
+        idx = range(group * gs, min(len(self.ks), (group + 1) * gs))
+        return [-1 if i in bad else self.sizes[i] for i in idx]
+
+    def result(self) -> list[int]:
+        """Wait for every group, report failed items, end the lease."""
+        if not self.done:
+            self.done = True
+            try:
+                bad = self.pending.finish()
+            finally:
+                for lease in self.leases:
+                    self.store._release(lease)
+            for i in sorted(bad):
+                self.sizes[i] = -1
+                if i in self.found:
+                    self.store._call(P.REPORT_BAD, {"ns": self.ns, "key": self.ks[i], "seq": self.found[i][2]})
+        return list(self.sizes)
+
+    def __enter__(self) -> "DeviceReads":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.result()
 
 
 def connect(socket: str | os.PathLike[str] | None = None, *, verify: bool | str = True, threads: int = 8,

@@ -211,6 +211,55 @@ def _kvikio() -> Any:
     return kvikio
 
 
+class PendingRead:
+    """A device read in flight (GpuPlane.start). Not thread-safe: one
+    consumer waits for the groups, in any order."""
+
+    def __init__(self, plane: "GpuPlane", group_size: int, ngroups: int, *, events: list[Any] | None = None,
+                 futs: list[tuple[_Chunk, Any]] | None = None, bad: set[int] | None = None,
+                 done_bad: set[int] | None = None) -> None:
+        self.plane = plane
+        self.group_size = group_size
+        self.events = events or []
+        self.futs: dict[int, list[tuple[_Chunk, Any]]] = {}
+        for ch, f in futs or []:
+            self.futs.setdefault(ch.item // group_size, []).append((ch, f))
+        self.bad: set[int] = set(bad or ()) | set(done_bad or ())
+        self.waited = [done_bad is not None] * ngroups
+        self._headers: threading.Thread | None = None
+        self._header_bad: set[int] = set()
+
+    def check_headers_in_background(self, ns: str, ks: list[str], found: dict[int, list[Any]],
+                                    chunks: list[_Chunk]) -> None:
+        def check() -> None:
+            try:
+                self._header_bad = self.plane._check_headers(ns, ks, found, chunks)
+            except BaseException:  # noqa: BLE001 - an unchecked header is a failed item
+                self._header_bad = {ch.item for ch in chunks}
+        self._headers = threading.Thread(target=check, name="kvfs-gpu-headers", daemon=True)
+        self._headers.start()
+
+    def wait(self, g: int) -> set[int]:
+        """Block until group g has landed; returns the failed items so far."""
+        if not self.waited[g]:
+            if g < len(self.events):
+                self.plane.copier.wait(self.events[g])
+            self.bad |= self.plane._kvikio_wait(self.futs.pop(g, []))
+            self.waited[g] = True
+        if self._headers is not None:
+            self._headers.join()
+            self._headers = None
+            self.bad |= self._header_bad
+        return self.bad
+
+    def finish(self) -> set[int]:
+        """Every group landed (and every copy of this thread's stream done)."""
+        for g in range(len(self.waited)):
+            self.wait(g)
+        self.plane.copier.sync()
+        return self.bad
+
+
 def _merged(chunks: list[_Chunk]) -> list[tuple[int, int, int]]:
     """(dst, src, length) copies, adjacent chunks merged: the chunks of an
     object, and objects a batch put placed side by side, are contiguous in
@@ -364,6 +413,37 @@ class GpuPlane:
         self.counters["t0_chunks"] += len(p.t0)
         self.counters["t1_chunks"] += len(p.t1)
         return bad
+
+    def start(self, ns: str, ks: list[str], found: dict[int, list[Any]], p: GpuRead, full: bool,
+              group_size: int) -> "PendingRead":
+        """Start a plan and return at once; items are in groups of
+        ``group_size`` consecutive items, and ``PendingRead.wait(g)`` returns
+        when group g's copies have landed (T0 copies are queued group by
+        group, with an event after each; kvikio reads all go to its pool in
+        order). Staged and ``full`` reads run to completion here."""
+        ngroups = max(1, -(-len(ks) // group_size))
+        if full or (p.t1 and self.kvikio is None):
+            return PendingRead(self, group_size, ngroups, done_bad=self.run(ns, ks, found, p, full))
+        c = self.copier
+        events = []
+        t0 = iter(p.t0)
+        nxt = next(t0, None)
+        for g in range(ngroups):
+            grp: list[_Chunk] = []
+            while nxt is not None and nxt.item // group_size == g:
+                grp.append(nxt)
+                nxt = next(t0, None)
+            for dst, src, n in _merged(grp):
+                c.h2d(dst, src, n)
+            events.append(c.record())
+        submit_bad: set[int] = set()
+        futs = self._kvikio_submit(p.t1, submit_bad) if p.t1 else []
+        pending = PendingRead(self, group_size, ngroups, events=events, futs=futs, bad=submit_bad)
+        if p.t1:
+            pending.check_headers_in_background(ns, ks, found, p.t1)
+        self.counters["t0_chunks"] += len(p.t0)
+        self.counters["t1_chunks"] += len(p.t1)
+        return pending
 
     def _check_headers(self, ns: str, ks: list[str], found: dict[int, list[Any]], chunks: list[_Chunk]) -> set[int]:
         """Read each T1 chunk's record header (host, in parallel) and check it

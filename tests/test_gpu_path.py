@@ -188,3 +188,31 @@ def test_bad_device_buffers_are_refused(store):
     with pytest.raises(InvalidArgument):
         device_buffer(Strided(64))
     assert device_buffer(bytearray(3)) is None
+
+
+def test_async_reads_land_group_by_group_and_hold_the_lease(store):
+    """get_many_into_async: wait(g) gives group g's sizes once its bytes are
+    in place; the lease lasts until result(); a missing key reads -1."""
+    d, tier = store
+    with d.connect() as s:
+        host_gpu(s, tier == "t1-direct")
+        block = 300 * 1024
+        vals = {f"a{i}": os.urandom(block) for i in range(12)}
+        s.put_many(list(vals), list(vals.values()), ns="as")
+        s.flush()
+        keys = list(vals) + ["missing"]
+        outs = [FakeDeviceArray(block) for _ in keys]
+        with s.get_many_into_async(keys, outs, ns="as", group_size=4) as reads:
+            assert s.stats()["leases"] >= 1  # held while the copies may be in flight
+            for g in (2, 0, 1):  # any order
+                sizes = reads.wait(g)
+                for i, n in zip(range(4 * g, 4 * g + 4), sizes):
+                    if keys[i] == "missing":
+                        assert n == -1
+                    else:
+                        assert n == block and outs[i].bytes() == vals[keys[i]]
+            assert reads.wait(3) == [-1]
+        assert reads.result()[:12] == [block] * 12
+        assert s.stats()["leases"] == 0
+        with pytest.raises(InvalidArgument):
+            s.get_many_into_async(["a0"], [bytearray(block)], ns="as")  # host buffers: use get_many_into
