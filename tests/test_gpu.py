@@ -127,3 +127,24 @@ def test_a_corrupted_record_is_never_delivered_to_the_gpu(tmp_path):
         os.close(fd)
         with pytest.raises(NotFound):
             s.get_into("bad", cupy.empty(8 * MiB, dtype=cupy.uint8), ns="c")
+
+
+def test_async_reads_group_by_group(gpu_store):
+    """get_many_into_async into slices of one device buffer: each group's
+    bytes are right once wait(g) returns, before later groups are waited for."""
+    d, _mode = gpu_store
+    with d.connect() as s:
+        block, groups, per = 1 * MiB, 8, 16
+        src = cupy.random.default_rng(3).integers(0, 256, groups * per * block, dtype=cupy.uint8)
+        keys = [f"g{i}" for i in range(groups * per)]
+        s.put_many(keys, [src[i * block:(i + 1) * block] for i in range(len(keys))], ns="as")
+        s.flush()
+        dst = cupy.zeros_like(src)
+        with s.get_many_into_async(keys, [dst[i * block:(i + 1) * block] for i in range(len(keys))], ns="as",
+                                   group_size=per) as reads:
+            for g in range(groups):
+                assert reads.wait(g) == [block] * per
+                lo, hi = g * per * block, (g + 1) * per * block
+                assert bool((dst[lo:hi] == src[lo:hi]).all())
+        assert reads.result() == [block] * len(keys)
+        assert s.stats()["leases"] == 0
