@@ -61,6 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--gpu", action="store_true",
                    help="reads into and puts from device memory next to pinned H2D/D2H and raw kvikio "
                         "(--total bytes per block size; needs CuPy and a GPU)")
+    g.add_argument("--multi", action="store_true",
+                   help="--gpu: one process per GPU reading from one daemon at once, against one alone")
     g.add_argument("--no-cold", action="store_true", help="--compare: skip the cold-cache reads")
     return p
 
@@ -284,6 +286,10 @@ def run_compare_cmd(args: argparse.Namespace) -> int:
             args.total = 2 << 30
         if args.quick:
             args.total = 128 * MiB
+        if args.multi:
+            from .bench_multigpu import format_multigpu, run_multigpu_bench
+            res = run_multigpu_bench(args)
+            return _emit(args, res, format_multigpu(res))
         res = run_gpu_bench(args)
         return _emit(args, res, format_gpu(res))
     if args.fuse:
