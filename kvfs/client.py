@@ -477,22 +477,31 @@ class Store:
         return out
 
     def capabilities(self) -> dict[str, Any]:
-        """What this client can do here: CUDA, kvikio, GDS or its compatibility
-        mode, the pinned arena, the data-plane backend."""
-        caps: dict[str, Any] = {"native": native.name, "arena": self.arena is not None, "cuda": False}
-        try:
-            plane = self._gpu_plane()
-        except KvfsError:
-            return caps
+        """What this client can do here: the data-plane backend, the arena,
+        CUDA, kvikio and whether it runs true GDS or its compatibility mode,
+        and whether the arena is pinned yet. Imports CUDA libraries only if
+        they are installed; pins nothing (see ``pin_arena``)."""
+        caps: dict[str, Any] = {"native": native.name, "arena": self.arena is not None, "cuda": False,
+                                "gpu_reader": self.gpu_reader, "verify": self.verify}
         try:
             import cupy
             caps["cuda"] = cupy.cuda.runtime.getDeviceCount() > 0
-        except Exception:  # noqa: BLE001 - no driver, no device
+        except Exception:  # noqa: BLE001 - not installed, no driver, no device
             return caps
-        if self.arena is not None and caps["cuda"]:
-            plane.arena_address(self.arena)
-        caps.update(plane.capabilities())
+        if caps["cuda"]:
+            caps.update(self._gpu_plane().capabilities())
         return caps
+
+    def pin_arena(self) -> bool:
+        """Register the T0 arena with CUDA now (the first device transfer
+        does it otherwise, and an inference server would rather pay that
+        at start than on its first request). False: no arena, or CUDA
+        refused."""
+        if self.arena is None:
+            return False
+        plane = self._gpu_plane()
+        plane.arena_address(self.arena)
+        return bool(plane.capabilities()["arena_pinned"])
 
     def flush(self, timeout: float = 60.0) -> bool:
         """Wait until every put acknowledged so far is written back from T0

@@ -216,3 +216,23 @@ def test_async_reads_land_group_by_group_and_hold_the_lease(store):
         assert s.stats()["leases"] == 0
         with pytest.raises(InvalidArgument):
             s.get_many_into_async(["a0"], [bytearray(block)], ns="as")  # host buffers: use get_many_into
+
+
+def test_host_only_use_imports_no_cuda_library(tmp_path):
+    """A client that never touches device memory loads neither CuPy nor
+    kvikio (nor torch), even where they are installed; capabilities() says
+    what is there without pinning anything."""
+    import subprocess
+    import sys
+    d = DaemonProcess(tmp_path / "s", capacity="64M", shm_size="16M")
+    with d:
+        code = (
+            "import sys, kvfs\n"
+            f"s = kvfs.connect({str(d.socket)!r})\n"
+            "s.put('k', b'v' * 100000); assert s.get('k') == b'v' * 100000\n"
+            "assert not {'cupy', 'kvikio', 'torch'} & set(sys.modules), sorted(sys.modules)\n"
+            "caps = s.capabilities(); assert caps['arena'] and caps['native'] in ('native', 'python')\n"
+            "assert caps.get('arena_pinned') in (None, False)\n"
+            "print('ok')\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

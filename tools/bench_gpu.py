@@ -92,7 +92,7 @@ def run_gpu_bench(args: argparse.Namespace) -> dict[str, Any]:
         # one Store per daemon and reader kind, as an inference process keeps
         # one: the arena is registered with CUDA once, before any timing
         s0 = d0.connect(threads=max(threads))
-        s0.capabilities()
+        s0.pin_arena()
         s1 = {"kvikio": d1.connect(threads=max(threads), gpu_reader="kvikio") if kvikio is not None else None,
               "staging": d1.connect(threads=max(threads), gpu_reader="staging")}
         for bs in blocks:

@@ -44,6 +44,8 @@ def format_stats(st: dict[str, Any]) -> str:
                         "write-back backlog"], tier_rows(st))]
     if st["namespaces"]:
         out += ["", render(["namespace", "objects"], sorted(st["namespaces"].items()))]
+    if "client" in st:
+        out += ["", render(["this client", ""], [[k, v] for k, v in st["client"].items()])]
     return "\n".join(out)
 
 
@@ -67,5 +69,6 @@ def run(args: argparse.Namespace) -> int:
 
     with kvfs.connect(args.socket) as store:
         st = store.stats()
+        st["client"] = store.capabilities()  # what a client on this machine can use (CUDA, kvikio, GDS)
     print(json.dumps(st, indent=2, sort_keys=True) if args.json else format_stats(st))
     return 0

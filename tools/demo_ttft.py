@@ -361,7 +361,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     for tier, shm in (("T0", str(int(1.3 * kv_bytes) + (64 << 20))), ("T1", "0")):
         d = DaemonProcess(base / tier, capacity=str(3 * kv_bytes + (1 << 30)), shm_size=shm)
         with d, d.connect(threads=16) as s:
-            s.capabilities()  # registers the arena with CUDA: once per process, not per request
+            s.pin_arena()  # once per process, not per request
             for n in lengths:
                 r = run_ttft(s, model, n, args.suffix, device, ns=f"ttft{n}",
                              profile=getattr(args, "profile", False) and tier == "T0" and n == max(lengths),
