@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterable, Iterator, Sequence
+from typing import Any, Generator, Iterable, Iterator, Sequence
 
 from . import native
 from . import protocol as P
@@ -39,7 +39,6 @@ DIRECT_MIN = 256 * 1024
 # device puts: values are hashed in groups of about this many bytes, each as
 # soon as its copies land (one thread per group; a value is one pass)
 HASH_GROUP = 8 << 20
-DEVICE_SUB_BATCH = 64 << 20  # device puts of at least twice this: sub-batches of about this, 3 in flight
 T0_INLINE_MAX = 64 * 1024
 
 
@@ -325,29 +324,12 @@ class Store:
                       if len(v) >= DIRECT_MIN or (len(v) and isinstance(v, DeviceBuffer))]
         dset = set(direct)
         inline = [i for i in range(len(views)) if i not in dset]
-
-        def run(fn: Callable[..., list[bool]], sel: list[int]) -> None:
-            got = fn(ns, [[ks[i], len(views[i]), raw_metas[i]] for i in sel], [views[i] for i in sel])
-            for i, g in zip(sel, got):
-                out[i] = g
-        for b in range(0, len(inline), BATCH_KEYS):
-            run(self._put_inline, inline[b:b + BATCH_KEYS])
-        if self.arena is not None and sum(len(views[i]) for i in direct if isinstance(views[i], DeviceBuffer)) \
-                >= 2 * DEVICE_SUB_BATCH:
-            # a large put from device memory: sub-batches in flight together,
-            # so one's alloc and commit round trips hide under another's DMA
-            subs: list[list[int]] = [[]]
-            size = 0
-            for i in direct:
-                if subs[-1] and (size + len(views[i]) > DEVICE_SUB_BATCH or len(subs[-1]) >= BATCH_KEYS):
-                    subs.append([])
-                    size = 0
-                subs[-1].append(i)
-                size += len(views[i])
-            list(self._gpu_plane().put_pool().map(lambda sel: run(self._put_direct, sel), subs))
-        else:
-            for b in range(0, len(direct), BATCH_KEYS):
-                run(self._put_direct, direct[b:b + BATCH_KEYS])
+        for idx, fn in ((inline, self._put_inline), (direct, self._put_direct)):
+            for b in range(0, len(idx), BATCH_KEYS):
+                sel = idx[b:b + BATCH_KEYS]
+                got = fn(ns, [[ks[i], len(views[i]), raw_metas[i]] for i in sel], [views[i] for i in sel])
+                for i, g in zip(sel, got):
+                    out[i] = g
         return out
 
     def _put_inline(self, ns: str, items: list[list[Any]], views: list[memoryview]) -> list[bool]:

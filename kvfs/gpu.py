@@ -316,7 +316,6 @@ class GpuPlane:
         self._registered: dict[int, bool] = {}
         self._staging: list[memoryview] = []
         self._pool: Any = None
-        self._put_pool: Any = None
         self._lock = threading.Lock()
         self.counters = {"t0_chunks": 0, "t1_chunks": 0, "staged_bytes": 0, "header_checks": 0,
                          "header_mismatches": 0}
@@ -349,15 +348,6 @@ class GpuPlane:
                 from concurrent.futures import ThreadPoolExecutor
                 self._pool = ThreadPoolExecutor(max(1, self.reader.threads), thread_name_prefix="kvfs-gpu")
             return self._pool
-
-    def put_pool(self) -> Any:
-        """Threads that run sub-batches of a large device put side by side
-        (each on its own connection and CUDA stream)."""
-        with self._lock:
-            if self._put_pool is None:
-                from concurrent.futures import ThreadPoolExecutor
-                self._put_pool = ThreadPoolExecutor(3, thread_name_prefix="kvfs-gpu-put")
-            return self._put_pool
 
     def staging(self) -> list[memoryview]:
         with self._lock:
@@ -581,10 +571,9 @@ class GpuPlane:
                 self.copier.unregister(addr)
 
     def close(self) -> None:
-        for pool in (self._put_pool, self._pool):
-            if pool is not None:
-                pool.shutdown(wait=True)
-        self._pool = self._put_pool = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         with self._lock:
             for addr, reg in self._registered.items():
                 if reg:

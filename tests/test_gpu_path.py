@@ -236,24 +236,3 @@ def test_host_only_use_imports_no_cuda_library(tmp_path):
             "print('ok')\n")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
-
-
-def test_a_large_device_put_in_overlapping_sub_batches(tmp_path):
-    """Device puts of 128 MiB and more run as sub-batches side by side (their
-    round trips hide under each other's copies): every value lands whole,
-    under its own key, with its own checksums."""
-    d = DaemonProcess(tmp_path / "s", capacity="1G", shm_size="320M")
-    with d, d.connect() as s:
-        host_gpu(s)
-        n, size = 30, 5 * MiB + 123
-        big = FakeDeviceArray(n * size, os.urandom(n * size))
-        base = ctypes.addressof(big.buf)
-        from kvfs.gpu import DeviceBuffer
-        srcs = [DeviceBuffer(base + i * size, size, False, big) for i in range(n)]
-        assert s.put_many([f"v{i}" for i in range(n)], srcs, ns="big") == [True] * n
-        assert s._gpu._put_pool is not None  # the sub-batch path ran
-        whole = big.bytes()
-        for i in range(n):
-            assert s.get(f"v{i}", ns="big") == whole[i * size:(i + 1) * size]
-        s.flush()
-        assert s.stats()["tiers"]["T0"]["writeback_objects"] == 0
