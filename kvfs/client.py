@@ -496,10 +496,13 @@ class Store:
         """Register the T0 arena with CUDA now (the first device transfer
         does it otherwise, and an inference server would rather pay that
         at start than on its first request). False: no arena, or CUDA
-        refused."""
+        refused, or no CUDA here."""
         if self.arena is None:
             return False
-        plane = self._gpu_plane()
+        try:
+            plane = self._gpu_plane()
+        except KvfsError:  # no CuPy here: nothing to pin for
+            return False
         plane.arena_address(self.arena)
         return bool(plane.capabilities()["arena_pinned"])
 

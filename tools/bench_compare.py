@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from .bench_util import clean_up
 from .table import render
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -240,9 +240,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if b is not None:
             b.close()
-        shutil.rmtree(work, ignore_errors=True)
-        if not args.dir:
-            shutil.rmtree(base, ignore_errors=True)
+        clean_up(work, base, bool(args.dir))
 
 
 GET_ORDER = ["memcpy", "raw preadv", "raw preadv cold", "kvfs T0 get_into", "kvfs T0 get_into, verify off",

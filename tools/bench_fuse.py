@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .bench_util import clean_up
 from .table import render
 
 MiB = 1 << 20
@@ -131,11 +131,7 @@ def run_fuse_bench(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if null is not None:
             _null_umount(null, work / "null")
-        if d.alive():
-            d.stop()
-        shutil.rmtree(work, ignore_errors=True)
-        if not args.dir:
-            shutil.rmtree(base, ignore_errors=True)
+        clean_up(work, base, bool(args.dir), [d])
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     return {"bytes": size, "rounds": len(rounds), "median": med, "cold": cold}
 

@@ -16,27 +16,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .bench_util import clean_up, median_seconds
 from .table import render
 
 MiB = 1 << 20
-
-
-def _best(fn: Callable[[], None], repeat: int) -> float:
-    """Median seconds of ``fn`` over ``repeat`` runs (after one warm-up)."""
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def run_gpu_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -100,8 +89,8 @@ def run_gpu_bench(args: argparse.Namespace) -> dict[str, Any]:
             slices = [DeviceBuffer(dev.data.ptr + i * bs, bs, False, dev) for i in range(n)]
             srcs = [DeviceBuffer(src.data.ptr + i * bs, bs, False, src) for i in range(n)]
             row: dict[str, Any] = {"block": bs}
-            row["h2d"] = total / _best(lambda: copy_all(1, bs), rep) / 1e9
-            row["d2h"] = total / _best(lambda: copy_all(2, bs), rep) / 1e9
+            row["h2d"] = total / median_seconds(lambda: copy_all(1, bs), rep) / 1e9
+            row["d2h"] = total / median_seconds(lambda: copy_all(2, bs), rep) / 1e9
             ns = f"b{bs}"
             keys = [f"k{i}" for i in range(n)]
             puts = []
@@ -114,19 +103,19 @@ def run_gpu_bench(args: argparse.Namespace) -> dict[str, Any]:
             row["put_t0"] = total / statistics.median(puts) / 1e9
             s0.put_many(keys, srcs, ns=ns)
             s0.flush()
-            row["t0"] = total / _best(lambda: s0.get_many_into(keys, slices, ns=ns), rep) / 1e9
+            row["t0"] = total / median_seconds(lambda: s0.get_many_into(keys, slices, ns=ns), rep) / 1e9
             assert bool((dev == src).all()), "T0 -> GPU returned other bytes"
             s1["staging"].put_many(keys, srcs, ns=ns)
             s1["staging"].flush()
             for t_n in threads:
                 if kvikio is not None:
                     kvikio.defaults.set("num_threads", t_n)
-                    row[f"raw_hot_{t_n}"] = total / _best(lambda: kvikio_all(bs), rep) / 1e9
-                    row[f"t1_hot_{t_n}"] = total / _best(
+                    row[f"raw_hot_{t_n}"] = total / median_seconds(lambda: kvikio_all(bs), rep) / 1e9
+                    row[f"t1_hot_{t_n}"] = total / median_seconds(
                         lambda: s1["kvikio"].get_many_into(keys, slices, ns=ns), rep) / 1e9
                 for col, verify in (("t1_staged", True), ("t1_full", "full")):
                     st = d1.connect(threads=t_n, gpu_reader="staging", verify=verify)
-                    row[f"{col}_{t_n}"] = total / _best(lambda: st.get_many_into(keys, slices, ns=ns), rep) / 1e9
+                    row[f"{col}_{t_n}"] = total / median_seconds(lambda: st.get_many_into(keys, slices, ns=ns), rep) / 1e9
                     st.close()
             for kind, st in s1.items():
                 if st is None:
@@ -159,12 +148,7 @@ def run_gpu_bench(args: argparse.Namespace) -> dict[str, Any]:
             if st is not None:
                 st.close()
     finally:
-        for d in (d0, d1):
-            if d.alive():
-                d.stop()
-        shutil.rmtree(work, ignore_errors=True)
-        if not args.dir:
-            shutil.rmtree(base, ignore_errors=True)
+        clean_up(work, base, bool(args.dir), [d0, d1])
     res["threads"] = threads
     return res
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from .bench_util import clean_up
 
 MiB = 1 << 20
 
@@ -117,11 +118,7 @@ def run_multigpu_bench(args: argparse.Namespace) -> dict[str, Any]:
         res["per_process_gbps"] = [w["bytes"] / statistics.median(w["seconds"]) / 1e9 for w in many]
         res["ratio_to_n_x_single"] = res["aggregate_gbps"] / (n * res["single_gbps"])
     finally:
-        if d.alive():
-            d.stop()
-        shutil.rmtree(work, ignore_errors=True)
-        if not args.dir:
-            shutil.rmtree(base, ignore_errors=True)
+        clean_up(work, base, bool(args.dir), [d])
     return res
 
 

@@ -12,28 +12,15 @@ from __future__ import annotations
 import argparse
 import mmap
 import os
-import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .bench_util import clean_up, median_seconds
 from .table import render
 
 KiB, MiB = 1 << 10, 1 << 20
 BATCH = 64
-
-
-def _best(fn: Callable[[], Any], repeat: int) -> float:
-    """Median seconds of ``repeat`` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def run_native_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -90,13 +77,13 @@ def run_native_bench(args: argparse.Namespace) -> dict[str, Any]:
                     def batches(fn: Callable[[slice], Any]) -> None:
                         for i in range(0, count, BATCH):
                             fn(slice(i, i + BATCH))
-                    read = _best(lambda: batches(lambda sl: mod.read_many(
+                    read = median_seconds(lambda: batches(lambda sl: mod.read_many(
                         [fd] * len(offs[sl]), offs[sl], dv[sl], sums[sl], t)), args.repeat)
-                    copy = _best(lambda: batches(lambda sl: mod.copy_many(dv[sl], sv[sl], sums[sl], t)), args.repeat)
+                    copy = median_seconds(lambda: batches(lambda sl: mod.copy_many(dv[sl], sv[sl], sums[sl], t)), args.repeat)
                     native.use(name)
                     with d.connect(threads=t) as r:
                         r.get_many_into(keys, dv)  # warm: arena mapped, locations known
-                        get = _best(lambda: batches(lambda sl: r.get_many_into(keys[sl], dv[sl])), args.repeat)
+                        get = median_seconds(lambda: batches(lambda sl: r.get_many_into(keys[sl], dv[sl])), args.repeat)
                     native.use(old)
                     if not np.array_equal(dst[:n], src[:n]):
                         raise AssertionError("native bench: bytes differ")
@@ -113,9 +100,7 @@ def run_native_bench(args: argparse.Namespace) -> dict[str, Any]:
         os.close(sfd)
         os.close(fd)
         shm_path.unlink(missing_ok=True)
-        shutil.rmtree(work, ignore_errors=True)
-        if not args.dir:
-            shutil.rmtree(base, ignore_errors=True)
+        clean_up(work, base, bool(args.dir))
     return {"total_bytes": total, "batch": BATCH, "simd": getattr(_native, "SIMD", "?"), "rows": rows}
 
 

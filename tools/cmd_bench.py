@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
+from .bench_util import clean_up
 from .table import render
 
 MiB = 1 << 20
@@ -225,11 +225,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         results["meta"] = measure_meta(store)
         store.close()
     finally:
-        if daemon.alive():
-            daemon.stop()
-        shutil.rmtree(work, ignore_errors=True)
-        if not args.dir:
-            shutil.rmtree(base, ignore_errors=True)
+        clean_up(work, base, bool(args.dir), [daemon])
     return results
 
 

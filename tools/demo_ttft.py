@@ -213,25 +213,13 @@ def run_ttft(store: Any, model: Any, tokens: int, suffix: int, device: str, ns: 
     if layerwise:
         return _run_layerwise(store, model, prompt, keys, tokens, device, ns, out)
     with torch.inference_mode():
-        # the reference: the whole prompt, recomputed
-        _sync(device)
-        t = time.perf_counter()
-        ref = model(prompt, use_cache=True, logits_to_keep=1)
-        _sync(device)
-        out["recompute_s"] = time.perf_counter() - t
-        ref_logits = ref.logits[0, -1].float()
-        del ref
+        ref_logits = _reference(model, prompt, device, out)
         # 1. prefill the prefix and store its blocks
         pre = model(prompt[:, :tokens], use_cache=True, logits_to_keep=1)
         blocks = kv_blocks(_cache_of(pre), len(keys))
         out["block_bytes"] = blocks[0].numel() * blocks.element_size()
         del pre
-        _sync(device)
-        t = time.perf_counter()
-        store.put_many(keys, [_buf(blocks[i]) for i in range(len(keys))], ns=ns)
-        _sync(device)
-        out["store_s"] = time.perf_counter() - t
-        store.flush()
+        _timed_put(store, keys, [_buf(blocks[i]) for i in range(len(keys))], ns, device, out)
         del blocks
         # 2. a new request: match, load, prefill the rest
         _sync(device)
@@ -274,26 +262,15 @@ def _run_layerwise(store: Any, model: Any, prompt: Any, keys: list[str], tokens:
     layers = model.config.num_hidden_layers
     by_layer = [[f"{k}.L{layer}" for k in keys] for layer in range(layers)]
     with torch.inference_mode():
-        _sync(device)
-        t = time.perf_counter()
-        ref = model(prompt, use_cache=True, logits_to_keep=1)
-        _sync(device)
-        out["recompute_s"] = time.perf_counter() - t
-        ref_logits = ref.logits[0, -1].float()
-        del ref
+        ref_logits = _reference(model, prompt, device, out)
         # 1. prefill the prefix and store its blocks, layer-major (a layer's
         # blocks then lie side by side in T0 and load as one copy)
         pre = model(prompt[:, :tokens], use_cache=True, logits_to_keep=1)
         per_layer = layer_blocks(_cache_of(pre), len(keys))
         out["block_bytes"] = per_layer[0][0].numel() * per_layer[0].element_size() * layers
         del pre
-        _sync(device)
-        t = time.perf_counter()
-        store.put_many([k for ks in by_layer for k in ks],
-                       [_buf(lb[b]) for lb in per_layer for b in range(len(keys))], ns=ns)
-        _sync(device)
-        out["store_s"] = time.perf_counter() - t
-        store.flush()
+        _timed_put(store, [k for ks in by_layer for k in ks],
+                   [_buf(lb[b]) for lb in per_layer for b in range(len(keys))], ns, device, out)
         del per_layer
         # 2. a new request: match, then load layer by layer under the suffix's prefill
         _sync(device)
@@ -313,6 +290,26 @@ def _run_layerwise(store: Any, model: Any, prompt: Any, keys: list[str], tokens:
         logits = res.logits[0, -1].float()
     out["matched_blocks"] = n
     return _compare(out, logits, ref_logits)
+
+
+def _reference(model: Any, prompt: Any, device: str, out: dict[str, Any]) -> Any:
+    """The whole prompt recomputed: its time goes to ``out``, its next-token
+    logits are returned."""
+    _sync(device)
+    t = time.perf_counter()
+    ref = model(prompt, use_cache=True, logits_to_keep=1)
+    _sync(device)
+    out["recompute_s"] = time.perf_counter() - t
+    return ref.logits[0, -1].float()
+
+
+def _timed_put(store: Any, keys: list[str], bufs: list[Any], ns: str, device: str, out: dict[str, Any]) -> None:
+    _sync(device)
+    t = time.perf_counter()
+    store.put_many(keys, bufs, ns=ns)
+    _sync(device)
+    out["store_s"] = time.perf_counter() - t
+    store.flush()
 
 
 def _compare(out: dict[str, Any], logits: Any, ref_logits: Any) -> dict[str, Any]:
@@ -361,7 +358,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     for tier, shm in (("T0", str(int(1.3 * kv_bytes) + (64 << 20))), ("T1", "0")):
         d = DaemonProcess(base / tier, capacity=str(3 * kv_bytes + (1 << 30)), shm_size=shm)
         with d, d.connect(threads=16) as s:
-            s.pin_arena()  # once per process, not per request
+            if device == "cuda":
+                s.pin_arena()  # once per process, not per request
             for n in lengths:
                 r = run_ttft(s, model, n, args.suffix, device, ns=f"ttft{n}",
                              profile=getattr(args, "profile", False) and tier == "T0" and n == max(lengths),
