@@ -314,7 +314,7 @@ class GpuPlane:
                 pass
         self._files: dict[str, Any] = {}
         self._registered: dict[int, bool] = {}
-        self._staging: list[memoryview] = []
+        self._local = threading.local()  # per thread: staging slabs
         self._pool: Any = None
         self._lock = threading.Lock()
         self.counters = {"t0_chunks": 0, "t1_chunks": 0, "staged_bytes": 0, "header_checks": 0,
@@ -350,10 +350,12 @@ class GpuPlane:
             return self._pool
 
     def staging(self) -> list[memoryview]:
-        with self._lock:
-            if not self._staging:
-                self._staging = [self.copier.pinned(STAGING_SLAB) for _ in range(2)]
-            return self._staging
+        """This thread's two pinned slabs (a Store is shared by threads: each
+        stages through its own)."""
+        slabs: list[memoryview] | None = getattr(self._local, "staging", None)
+        if slabs is None:
+            slabs = self._local.staging = [self.copier.pinned(STAGING_SLAB) for _ in range(2)]
+        return slabs
 
     # -- reads -----------------------------------------------------------
     def plan(self, ns: str, ks: list[str], found: dict[int, list[Any]], outs: Sequence[DeviceBuffer],

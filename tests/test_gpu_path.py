@@ -236,3 +236,30 @@ def test_host_only_use_imports_no_cuda_library(tmp_path):
             "print('ok')\n")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_threads_sharing_a_store_stage_through_their_own_buffers(tmp_path):
+    """A Store is shared by threads: concurrent staged device reads (T1, no
+    kvikio) each get their own staging slabs and the right bytes."""
+    import threading
+    d = DaemonProcess(tmp_path / "s", stripes=2, capacity="512M", shm_size=0)
+    with d, d.connect(verify="full") as s:
+        host_gpu(s)
+        vals = {f"t{i}": os.urandom(3 * MiB + i) for i in range(12)}
+        s.put_many(list(vals), list(vals.values()), ns="th")
+        errors = []
+
+        def reader(keys):
+            try:
+                for _ in range(5):
+                    outs = [FakeDeviceArray(len(vals[k])) for k in keys]
+                    assert s.get_many_into(keys, outs, ns="th") == [len(vals[k]) for k in keys]
+                    assert all(o.bytes() == vals[k] for o, k in zip(outs, keys))
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+        ts = [threading.Thread(target=reader, args=(list(vals)[i::3],)) for i in range(3)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert not errors, errors
