@@ -1,7 +1,9 @@
-"""Deterministic test values: the bytes of key i can be recomputed anywhere."""
+"""Helpers shared by the tests: deterministic values (the bytes of key i can
+be recomputed anywhere), call counting, raw replies, on-disk corruption."""
 from __future__ import annotations
 
 import hashlib
+import os
 
 
 def value_for(i: int, max_size: int = 300_000) -> bytes:
@@ -41,3 +43,17 @@ def recv_reply(s):
     while len(body) < mlen:
         body += s.recv(mlen - len(body))
     return msgpack.unpackb(body, raw=False)
+
+
+def put_and_corrupt(s, key: str, ns: str, size: int, at: int) -> bytes:
+    """Store ``size`` random bytes under ``key``, then flip one byte of the
+    stored record at payload offset ``at`` (on disk, as bit rot would)."""
+    data = os.urandom(size)
+    s.put(key, data, ns=ns)
+    path, off, _n = s.stat(key, ns=ns).extents[0]
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes([os.pread(fd, 1, off + at)[0] ^ 0xFF]), off + at)
+    finally:
+        os.close(fd)
+    return data

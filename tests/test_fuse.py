@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import put_and_corrupt
 from kvfsd.testing import DaemonProcess
 
 pyfuse3 = pytest.importorskip("pyfuse3", reason="pyfuse3 is not installed (needs libfuse3-dev)")
@@ -193,12 +194,7 @@ def test_dd_and_du_and_find(mounted, tmp_path):
 def test_corrupted_object_reads_as_eio(tmp_path):
     d = DaemonProcess(tmp_path / "s", capacity="1G", shm_size=0, mount=tmp_path / "mnt")
     with d, d.connect() as s:
-        data = os.urandom(2 * MiB)
-        s.put("bad", data, ns="c")
-        path, off, _n = s.stat("bad", ns="c").extents[0]
-        fd = os.open(path, os.O_RDWR)
-        os.pwrite(fd, bytes([os.pread(fd, 1, off + 12345)[0] ^ 0xFF]), off + 12345)
-        os.close(fd)
+        put_and_corrupt(s, "bad", "c", 2 * MiB, 12345)
         with pytest.raises(OSError) as e:
             (tmp_path / "mnt" / "c" / "bad").read_bytes()
         assert e.value.errno == errno.EIO

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from kvfs.errors import NotFound
+from helpers import put_and_corrupt
 from kvfsd.testing import DaemonProcess
 
 # deselected by default (-m 'not gpu'); CuPy is imported only when they run
@@ -119,12 +120,7 @@ def test_a_corrupted_record_is_never_delivered_to_the_gpu(tmp_path):
     _cuda_or_skip()
     d = DaemonProcess(tmp_path / "s", capacity="1G", shm_size=0)
     with d, d.connect(verify="full") as s:
-        data = os.urandom(8 * MiB)
-        s.put("bad", data, ns="c")
-        path, off, _n = s.stat("bad", ns="c").extents[0]
-        fd = os.open(path, os.O_RDWR)
-        os.pwrite(fd, bytes([os.pread(fd, 1, off + 5)[0] ^ 1]), off + 5)
-        os.close(fd)
+        put_and_corrupt(s, "bad", "c", 8 * MiB, 5)
         with pytest.raises(NotFound):
             s.get_into("bad", cupy.empty(8 * MiB, dtype=cupy.uint8), ns="c")
 

@@ -10,6 +10,7 @@ import pytest
 
 from kvfs.errors import InvalidArgument
 from kvfs.gpu import GpuPlane, HostCopier, device_buffer
+from helpers import put_and_corrupt
 from kvfsd.testing import DaemonProcess
 
 MiB = 1 << 20
@@ -121,12 +122,7 @@ def test_a_corrupted_record_is_never_delivered(tmp_path):
     d = DaemonProcess(tmp_path / "s", capacity="256M", shm_size=0)
     with d, d.connect(verify="full") as s:
         host_gpu(s)
-        data = os.urandom(2 * MiB)
-        s.put("bad", data, ns="c")
-        path, off, _n = s.stat("bad", ns="c").extents[0]
-        fd = os.open(path, os.O_RDWR)
-        os.pwrite(fd, bytes([os.pread(fd, 1, off + 999)[0] ^ 0xFF]), off + 999)
-        os.close(fd)
+        put_and_corrupt(s, "bad", "c", 2 * MiB, 999)
         out = FakeDeviceArray(2 * MiB)
         from kvfs.errors import NotFound
         with pytest.raises(NotFound):
