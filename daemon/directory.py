@@ -7,10 +7,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kvfs.directory import BUCKET, CHUNK, HEAD, IN_T1, MAX_CHUNKS, SLOT, VERSION, bucket_of, key_hash
+import xxhash
+
+from kvfs.directory import BUCKET, CHUNK, HEAD, IN_T1, MAX_CHUNKS, SLOT, VERSION, bucket_of
 
 from .arena import arena_path
-from .index import split_obj_key
+
+_EMPTY = bytes(16)
+
+
+def _hash(ok: bytes) -> bytes:
+    """kvfs.directory.key_hash(ns, key): the xxh3-128 of the object key
+    ``ns\0key`` (``ok`` is exactly those bytes, so no split and re-encode)."""
+    return xxhash.xxh3_128_digest(ok)
 
 
 class DirectoryWriter:
@@ -37,35 +46,35 @@ class DirectoryWriter:
         """(slot offset, holds this key): the key's slot, else a free one,
         else a victim picked by the hash (the directory is lossy)."""
         base = bucket_of(h, self.nslots) * SLOT
+        mm = self.mm
         free = -1
-        for j in range(BUCKET):
-            off = base + j * SLOT
-            kh = self.mm[off + 8:off + 24]
+        for off in range(base, base + BUCKET * SLOT, SLOT):
+            kh = mm[off + 8:off + 24]
             if kh == h:
                 return off, True
-            if free < 0 and kh == bytes(16):
+            if free < 0 and kh == _EMPTY:
                 free = off
         if free >= 0:
             return free, False
         return base + (h[8] % BUCKET) * SLOT, False
 
-    def _write(self, off: int, body: bytes) -> None:
-        v = VERSION.unpack_from(self.mm, off)[0]
-        VERSION.pack_into(self.mm, off, v + 1)  # odd: readers retry or miss
-        self.mm[off + 8:off + 8 + len(body)] = body
-        VERSION.pack_into(self.mm, off, v + 2)
+    def _write(self, off: int, body: bytes | memoryview) -> None:
+        mm = self.mm
+        v = VERSION.unpack_from(mm, off)[0]
+        VERSION.pack_into(mm, off, v + 1)  # odd: readers retry or miss
+        mm[off + 8:off + 8 + len(body)] = body
+        VERSION.pack_into(mm, off, v + 2)
 
     def put(self, ok: bytes, m: Any) -> None:
         """Publish (or update) where the object ``ok`` lives; objects of more
         than MAX_CHUNKS chunks are left to lookups."""
-        ns, key = split_obj_key(ok)
-        h = key_hash(ns, key)
+        h = _hash(ok)
         if len(m.exts) > MAX_CHUNKS or not m.exts:
             self._remove_hash(h)
             return
         off, mine = self._find(h)
         if not mine:
-            if self.mm[off + 8:off + 24] != bytes(16):
+            if self.mm[off + 8:off + 24] != _EMPTY:
                 self.collisions += 1
             else:
                 self.entries += 1
@@ -74,12 +83,11 @@ class DirectoryWriter:
                        0 if m.dirty else IN_T1, len(m.exts))
         for i, (stripe, seg, coff, length, ccs) in enumerate(m.exts):
             CHUNK.pack_into(body, HEAD.size + i * CHUNK.size, stripe, length, seg, coff, ccs)
-        self._write(off, bytes(body[8:]))
+        self._write(off, memoryview(body)[8:])
 
     def remove(self, ok: bytes) -> None:
         """Take ``ok`` out (before the generation bump of its removal)."""
-        ns, key = split_obj_key(ok)
-        self._remove_hash(key_hash(ns, key))
+        self._remove_hash(_hash(ok))
 
     def _remove_hash(self, h: bytes) -> None:
         off, mine = self._find(h)
