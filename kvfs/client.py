@@ -591,13 +591,7 @@ class Store:
         self._drop_stale_fds()
         self._check_restart()
         if cache is not None:
-            gen = cache.generation()
-            cached = cache.get_many(ns, ks)
-            if self._dir is not None and len(cached) < len(ks):
-                # not cached here: the shared directory may know (no round trip)
-                found = self._dir.lookup_many(ns, ks, [i for i in todo if i not in cached])
-                cached.update(found)
-                cache.put_many(ns, [(ks[i], item) for i, item in found.items()], gen)
+            gen, cached = self._known_locations(cache, ns, ks)
             if cached:
                 plan = self._plan_reads(ns, ks, cached, outs, allow_alloc, sizes, bufs)
                 missed = self._run_reads(plan)
@@ -631,6 +625,18 @@ class Store:
                 cache.put_many(ns, [(ks[i], found[i]) for i in found if i not in bad_set and sizes[i] >= 0], gen)
             todo = bad
         return sizes, bufs
+
+    def _known_locations(self, cache: LocationCache, ns: str, ks: list[str]) -> tuple[int, dict[int, list[Any]]]:
+        """Locations known without a round trip: this process's cache, then
+        the shared directory. Returns them with the generation read before
+        (a read from them is valid only if it has not moved after)."""
+        gen = cache.generation()
+        cached = cache.get_many(ns, ks)
+        if self._dir is not None and len(cached) < len(ks):
+            found = self._dir.lookup_many(ns, ks, [i for i in range(len(ks)) if i not in cached])
+            cached.update(found)
+            cache.put_many(ns, [(ks[i], item) for i, item in found.items()], gen)
+        return gen, cached
 
     def _check_restart(self) -> None:
         """A restarted daemon moves the generation to a new epoch (same
@@ -853,19 +859,38 @@ class Store:
         return DeviceReads(self, ns, ks, sizes, found, pending, leases)
 
     def _read_device(self, ns: str, ks: list[str], outs: list[DeviceBuffer]) -> list[int]:
-        """Read into device buffers (kvfs.gpu). Every batch runs under a
-        lease that ends only once its copies have completed. A failed item
-        is reported (the daemon re-checks and drops it) and looked up once
-        more, as on the host path."""
+        """Read into device buffers (kvfs.gpu), as the host path does: keys
+        whose location is known (cache, directory) are copied with no round
+        trip, and such a copy counts only if the removal generation did not
+        move until it completed (a seqlock: an extent evicted and reused
+        under it is caught); the rest, and what failed, are looked up under
+        a lease that ends only once their copies have completed. A failed
+        item is reported (the daemon re-checks and drops it) and looked up
+        once more."""
         for d in outs:
             if d.readonly:
                 raise InvalidArgument("destination device buffer is read-only")
         gpu = self._gpu_plane()
+        self._drop_stale_fds()
         self._check_restart()
         self._conn()
         sizes = [-1] * len(ks)
         todo = list(range(len(ks)))
         full = self.verify == "full"
+        cache = self._locs
+        if cache is not None:
+            gen, cached = self._known_locations(cache, ns, ks)
+            if cached:
+                plan = gpu.plan(ns, ks, cached, outs, self.arena, self._path, sizes)
+                missed = gpu.run(ns, ks, cached, plan, full)  # every copy has completed
+                if cache.generation() != gen:
+                    missed.update(cached)
+                missed.update(i for i in cached if sizes[i] < 0)
+                for i in missed:
+                    sizes[i] = -1
+                    cache.drop(ns, ks[i])
+                self._touch(ns, [ks[i] for i in cached if i not in missed])
+                todo = [i for i in todo if i not in cached or i in missed]
         for attempt in range(2):
             if not todo:
                 break

@@ -149,7 +149,7 @@ def test_lease_is_held_until_the_copies_complete(tmp_path):
     """The lease of a device read ends only after its copies: a copier that
     checks, at each copy, that the object is still leased."""
     d = DaemonProcess(tmp_path / "s", capacity="256M", shm_size="64M")
-    with d, d.connect() as s:
+    with d, d.connect(cache_locations=False) as s:  # every read asks the daemon, under a lease
         plane = host_gpu(s)
         s.put_many(["a", "b"], [os.urandom(3 * MiB), os.urandom(3 * MiB)], ns="l")
         leased = []
@@ -259,3 +259,26 @@ def test_threads_sharing_a_store_stage_through_their_own_buffers(tmp_path):
         for t in ts:
             t.join()
         assert not errors, errors
+
+
+def test_cached_t0_locations_are_read_without_a_round_trip_and_never_stale(tmp_path):
+    """Device reads use known locations as host reads do: no lookup for a
+    repeat read, and a location whose object was deleted and whose extent
+    was reused by another value is never read as that value."""
+    from helpers import count_calls
+    d = DaemonProcess(tmp_path / "s", capacity="256M", shm_size="32M")
+    with d, d.connect() as s:
+        host_gpu(s)
+        a = os.urandom(2 * MiB)
+        s.put("a", a, ns="c")
+        out = FakeDeviceArray(2 * MiB)
+        assert s.get_into("a", out, ns="c") == 2 * MiB and out.bytes() == a
+        calls = count_calls(s)
+        assert s.get_into("a", out, ns="c") == 2 * MiB and out.bytes() == a
+        assert "lookup" not in calls, calls
+        s.delete(["a"], ns="c")
+        s.put("b", os.urandom(2 * MiB), ns="c")  # may take a's extent
+        out2 = FakeDeviceArray(2 * MiB)
+        from kvfs.errors import NotFound
+        with pytest.raises(NotFound):
+            s.get_into("a", out2, ns="c")
