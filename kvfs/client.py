@@ -597,12 +597,7 @@ class Store:
                 missed = self._run_reads(plan)
                 if plan.cdst and cache.generation() != gen:
                     missed.update(plan.cown)
-                missed.update(i for i in cached if sizes[i] < 0)
-                for i in missed:
-                    sizes[i] = -1
-                    cache.drop(ns, ks[i])
-                self._touch(ns, [ks[i] for i in cached if i not in missed])
-                todo = [i for i in todo if i not in cached or i in missed]
+                todo = self._settle_known(cache, ns, ks, cached, missed, sizes, todo)
         for attempt in range(2):
             if not todo:
                 break
@@ -637,6 +632,17 @@ class Store:
             cached.update(found)
             cache.put_many(ns, [(ks[i], item) for i, item in found.items()], gen)
         return gen, cached
+
+    def _settle_known(self, cache: LocationCache, ns: str, ks: list[str], cached: dict[int, list[Any]],
+                      missed: set[int], sizes: list[int], todo: list[int]) -> list[int]:
+        """After reads from known locations: forget those that failed (or
+        were not read), count the hits, and return what is left to look up."""
+        missed.update(i for i in cached if sizes[i] < 0)
+        for i in missed:
+            sizes[i] = -1
+            cache.drop(ns, ks[i])
+        self._touch(ns, [ks[i] for i in cached if i not in missed])
+        return [i for i in todo if i not in cached or i in missed]
 
     def _check_restart(self) -> None:
         """A restarted daemon moves the generation to a new epoch (same
@@ -885,12 +891,7 @@ class Store:
                 missed = gpu.run(ns, ks, cached, plan, full)  # every copy has completed
                 if cache.generation() != gen:
                     missed.update(cached)
-                missed.update(i for i in cached if sizes[i] < 0)
-                for i in missed:
-                    sizes[i] = -1
-                    cache.drop(ns, ks[i])
-                self._touch(ns, [ks[i] for i in cached if i not in missed])
-                todo = [i for i in todo if i not in cached or i in missed]
+                todo = self._settle_known(cache, ns, ks, cached, missed, sizes, todo)
         for attempt in range(2):
             if not todo:
                 break
