@@ -449,29 +449,42 @@ class GpuPlane:
 
     def _check_headers(self, ns: str, ks: list[str], found: dict[int, list[Any]], chunks: list[_Chunk]) -> set[int]:
         """Read each T1 chunk's record header (host, in parallel) and check it
-        names exactly this record."""
-        nsl = len(ns.encode())
+        names exactly this record: magic and version, namespace and key,
+        chunk index, length, object size, sequence number and checksum,
+        field by field (the header's own checksum adds nothing to that)."""
+        nsb = ns.encode()
+        heads: list[tuple[bytes, int]] = []  # (expected names, header length)
         tasks = []
+        total = 0
         for ch in chunks:
-            head = fmt.HEADER_SIZE + nsl + len(ks[ch.item].encode())
-            hdr_off = (ch.offset - head) // fmt.RECORD_ALIGN * fmt.RECORD_ALIGN
-            tasks.append(ReadTask(ch.path, hdr_off, memoryview(bytearray(ch.offset - hdr_off)), None))
+            names = nsb + ks[ch.item].encode()
+            hlen = fmt.HEADER_SIZE + len(names)
+            heads.append((names, hlen))
+            total += hlen
+        buf = memoryview(bytearray(total))
+        pos = 0
+        for ch, (names, hlen) in zip(chunks, heads):
+            hdr_off = (ch.offset - hlen) // fmt.RECORD_ALIGN * fmt.RECORD_ALIGN
+            tasks.append(ReadTask(ch.path, hdr_off, buf[pos:pos + hlen], None))
+            pos += hlen
         ok = self.reader.run(tasks)
         bad: set[int] = set()
-        for ch, t, good in zip(chunks, tasks, ok):
-            self.counters["header_checks"] += 1
+        unpack = fmt.HEADER_STRUCT.unpack_from
+        nsl = len(nsb)
+        for ch, t, good, (names, hlen) in zip(chunks, tasks, ok, heads):
             item = found[ch.item]
-            try:
-                if not good:
-                    raise fmt.BadRecord("unreadable")
-                h, _hlen = fmt.decode_header(bytes(t.dest))
-                right = (h.ns == ns and h.key == ks[ch.item] and h.chunk_idx == ch.idx and h.length == ch.length
-                         and h.seq == item[2] and h.checksum == ch.checksum and h.obj_size == item[0])
-            except fmt.BadRecord:
-                right = False
+            right = False
+            if good:
+                (magic, version, _kind, ns_len, key_len, _r, cidx, _ccnt, _r2, length, osize,
+                 _coff, seq, csum, _hsum) = unpack(t.dest)
+                right = (magic == fmt.MAGIC and version == fmt.FORMAT_VERSION and ns_len == nsl
+                         and key_len == len(names) - nsl and cidx == ch.idx and length == ch.length
+                         and osize == item[0] and seq == item[2] and csum == ch.checksum
+                         and t.dest[fmt.HEADER_SIZE:] == names)
             if not right:
                 self.counters["header_mismatches"] += 1
                 bad.add(ch.item)
+        self.counters["header_checks"] += len(chunks)
         return bad
 
     def _file(self, path: str) -> Any:
