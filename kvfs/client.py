@@ -436,6 +436,7 @@ class Store:
         so at full speed), or into host staging where they got no extent.
         Returns the sources as host bytes (``_Landed`` for arena copies)."""
         gpu = self._gpu_plane()
+        base = gpu.arena_address(arena) if arena is not None else 0  # registered on first use
         out: list[Any] = []
         groups: list[tuple[list[_Landed], Any]] = []  # values, and an event after their copies
         group: list[_Landed] = []
@@ -446,9 +447,8 @@ class Store:
                 continue
             t0 = item[2]
             if t0 >= 0 and arena is not None:
-                gpu.arena_address(arena)
                 dst = arena.rw[t0:t0 + len(v)]
-                gpu.to_host(dst, v)
+                gpu.copier.d2h(base + t0, v.ptr, len(v))  # direct values are never empty
                 landed = _Landed(dst, len(item[1]))
                 out.append(landed)
                 group.append(landed)

@@ -217,7 +217,7 @@ class PendingRead:
 
     def __init__(self, plane: "GpuPlane", group_size: int, ngroups: int, *, events: list[Any] | None = None,
                  futs: list[tuple[_Chunk, Any]] | None = None, bad: set[int] | None = None,
-                 done_bad: set[int] | None = None) -> None:
+                 done_bad: set[int] | None = None, headers: Callable[[], set[int]] | None = None) -> None:
         self.plane = plane
         self.group_size = group_size
         self.events = events or []
@@ -226,18 +226,7 @@ class PendingRead:
             self.futs.setdefault(ch.item // group_size, []).append((ch, f))
         self.bad: set[int] = set(bad or ()) | set(done_bad or ())
         self.waited = [done_bad is not None] * ngroups
-        self._headers: threading.Thread | None = None
-        self._header_bad: set[int] = set()
-
-    def check_headers_in_background(self, ns: str, ks: list[str], found: dict[int, list[Any]],
-                                    chunks: list[_Chunk]) -> None:
-        def check() -> None:
-            try:
-                self._header_bad = self.plane._check_headers(ns, ks, found, chunks)
-            except BaseException:  # noqa: BLE001 - an unchecked header is a failed item
-                self._header_bad = {ch.item for ch in chunks}
-        self._headers = threading.Thread(target=check, name="kvfs-gpu-headers", daemon=True)
-        self._headers.start()
+        self._headers = headers  # joins the header checks (once)
 
     def wait(self, g: int) -> set[int]:
         """Block until group g has landed; returns the failed items so far."""
@@ -247,9 +236,8 @@ class PendingRead:
             self.bad |= self.plane._kvikio_wait(self.futs.pop(g, []))
             self.waited[g] = True
         if self._headers is not None:
-            self._headers.join()
+            self.bad |= self._headers()
             self._headers = None
-            self.bad |= self._header_bad
         return self.bad
 
     def finish(self) -> set[int]:
@@ -387,34 +375,50 @@ class GpuPlane:
     def run(self, ns: str, ks: list[str], found: dict[int, list[Any]], p: GpuRead, full: bool) -> set[int]:
         """Run a plan to completion (every copy finished). Returns the items
         that failed (missing file, short read, bad header or checksum)."""
-        bad: set[int] = set()
+        if full or (p.t1 and self.kvikio is None):
+            return self._run_staged(ns, ks, found, p, full)
+        return self.start(ns, ks, found, p, full, max(1, len(ks))).finish()
+
+    def _run_staged(self, ns: str, ks: list[str], found: dict[int, list[Any]], p: GpuRead, full: bool) -> set[int]:
+        """Reads that go through pinned staging: every chunk with ``full``
+        (hashed there), else the T1 chunks (T0 is copied from the arena)."""
         c = self.copier
         if full:
-            bad |= self._staged(p.t0 + p.t1, verify=True)
+            bad = self._staged(p.t0 + p.t1, verify=True)
         else:
             for dst, src, n in _merged(p.t0):
                 c.h2d(dst, src, n)
-            if p.t1:
-                # the headers are checked while the payloads are on their way
-                # (an item whose header is wrong is reported failed: its
-                # destination bytes are then undefined, never "delivered")
-                if self.kvikio is not None:
-                    futs = self._kvikio_submit(p.t1, bad)
-                    bad |= self._check_headers(ns, ks, found, p.t1)
-                    bad |= self._kvikio_wait(futs)
-                else:
-                    checked: list[set[int]] = []
-                    th = threading.Thread(target=lambda: checked.append(self._check_headers(ns, ks, found, p.t1)))
-                    th.start()
-                    try:
-                        bad |= self._staged(p.t1, verify=False)
-                    finally:
-                        th.join()
-                    bad |= checked[0] if checked else {ch.item for ch in p.t1}
-            c.sync()
+            headers = self._headers_in_background(ns, ks, found, p.t1)
+            try:
+                bad = self._staged(p.t1, verify=False)
+            finally:
+                bad_headers = headers()
+            bad |= bad_headers
+        c.sync()
         self.counters["t0_chunks"] += len(p.t0)
         self.counters["t1_chunks"] += len(p.t1)
         return bad
+
+    def _headers_in_background(self, ns: str, ks: list[str], found: dict[int, list[Any]],
+                               chunks: list[_Chunk]) -> Callable[[], set[int]]:
+        """Check the chunks' record headers in a thread while their payloads
+        are on their way (an item whose header is wrong is reported failed:
+        its destination bytes are then undefined, never "delivered").
+        Returns the join: the failed items."""
+        out: list[set[int]] = []
+
+        def check() -> None:
+            try:
+                out.append(self._check_headers(ns, ks, found, chunks))
+            except BaseException:  # noqa: BLE001 - an unchecked header is a failed item
+                out.append({ch.item for ch in chunks})
+        th = threading.Thread(target=check, name="kvfs-gpu-headers", daemon=True)
+        th.start()
+
+        def join() -> set[int]:
+            th.join()
+            return out[0] if out else {ch.item for ch in chunks}
+        return join
 
     def start(self, ns: str, ks: list[str], found: dict[int, list[Any]], p: GpuRead, full: bool,
               group_size: int) -> "PendingRead":
@@ -422,10 +426,11 @@ class GpuPlane:
         ``group_size`` consecutive items, and ``PendingRead.wait(g)`` returns
         when group g's copies have landed (T0 copies are queued group by
         group, with an event after each; kvikio reads all go to its pool in
-        order). Staged and ``full`` reads run to completion here."""
+        order, their headers checked beside them). Staged and ``full`` reads
+        run to completion here."""
         ngroups = max(1, -(-len(ks) // group_size))
         if full or (p.t1 and self.kvikio is None):
-            return PendingRead(self, group_size, ngroups, done_bad=self.run(ns, ks, found, p, full))
+            return PendingRead(self, group_size, ngroups, done_bad=self._run_staged(ns, ks, found, p, full))
         c = self.copier
         events = []
         t0 = iter(p.t0)
@@ -440,9 +445,8 @@ class GpuPlane:
             events.append(c.record())
         submit_bad: set[int] = set()
         futs = self._kvikio_submit(p.t1, submit_bad) if p.t1 else []
-        pending = PendingRead(self, group_size, ngroups, events=events, futs=futs, bad=submit_bad)
-        if p.t1:
-            pending.check_headers_in_background(ns, ks, found, p.t1)
+        headers = self._headers_in_background(ns, ks, found, p.t1) if p.t1 else None
+        pending = PendingRead(self, group_size, ngroups, events=events, futs=futs, bad=submit_bad, headers=headers)
         self.counters["t0_chunks"] += len(p.t0)
         self.counters["t1_chunks"] += len(p.t1)
         return pending
@@ -532,10 +536,13 @@ class GpuPlane:
         def flush(batch: list[_Chunk], k: int) -> None:
             c.wait(pending[k])  # the slab's previous copies are done
             slab = slabs[k]
+            base = address_of(slab)
             pos = 0
             views = []
+            addrs = {}  # chunk -> its place in the slab
             for ch in batch:
                 views.append(slab[pos:pos + ch.length])
+                addrs[id(ch)] = base + pos
                 pos += ch.length
             reads = [(ch, v) for ch, v in zip(batch, views) if ch.path]
             copies = [(ch, v) for ch, v in zip(batch, views) if not ch.path]
@@ -547,9 +554,9 @@ class GpuPlane:
                 ok += self.reader.copy([v for _c, v in copies],
                                        [memoryview((ctypes.c_char * ch.length).from_address(ch.src)).cast("B")
                                         for ch, _v in copies], [ch.checksum if verify else None for ch, _v in copies])
-            for (ch, v), good in zip(reads + copies, ok):
+            for (ch, _v), good in zip(reads + copies, ok):
                 if good:
-                    c.h2d(ch.dst, address_of(v), ch.length)
+                    c.h2d(ch.dst, addrs[id(ch)], ch.length)
                 else:
                     bad.add(ch.item)
             self.counters["staged_bytes"] += sum(ch.length for ch in batch)

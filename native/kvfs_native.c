@@ -116,9 +116,26 @@ static void do_fused(batch_t *b, task_t *t) {
         t->status = read_verify(t->fd, t->offset, t->dst, t->len, t->want);
 }
 
+/* pread (into dst) or pwrite (from src) bytes [start, start+len) of a task
+ * in full. 0 ok; a read past the end of the file is 1 (short); a write that
+ * makes no progress is -ENOSPC; other failures -errno. */
+static int io_all(int write, task_t *t, size_t start, size_t len) {
+    for (size_t pos = 0; pos < len;) {
+        int64_t off = t->offset + (int64_t)(start + pos);
+        ssize_t n = write ? pwrite(t->fd, t->src + start + pos, len - pos, off)
+                          : pread(t->fd, t->dst + start + pos, len - pos, off);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return -errno;
+        }
+        if (n == 0) return write ? -ENOSPC : 1;
+        pos += (size_t)n;
+    }
+    return 0;
+}
+
 static void do_piece(batch_t *b, piece_t *p) {
     task_t *t = &b->tasks[p->task];
-    size_t pos = 0;
     if (t->fused) {
         do_fused(b, t);
         atomic_fetch_sub(&t->pieces_left, 1);
@@ -129,30 +146,8 @@ static void do_piece(batch_t *b, piece_t *p) {
         memcpy(t->dst + p->start, t->src + p->start, p->len);
         break;
     case OP_READ:
-        while (pos < p->len && t->status == 0) {
-            ssize_t n = pread(t->fd, t->dst + p->start + pos, p->len - pos, t->offset + (int64_t)(p->start + pos));
-            if (n < 0) {
-                if (errno == EINTR) continue;
-                t->status = -errno;
-            } else if (n == 0) {
-                t->status = 1;
-            } else {
-                pos += (size_t)n;
-            }
-        }
-        break;
     case OP_WRITE:
-        while (pos < p->len && t->status == 0) {
-            ssize_t n = pwrite(t->fd, t->src + p->start + pos, p->len - pos, t->offset + (int64_t)(p->start + pos));
-            if (n < 0) {
-                if (errno == EINTR) continue;
-                t->status = -errno;
-            } else if (n == 0) {
-                t->status = -ENOSPC;
-            } else {
-                pos += (size_t)n;
-            }
-        }
+        if (t->status == 0) t->status = io_all(b->op == OP_WRITE, t, p->start, p->len);
         break;
     case OP_HASH:
         break;
