@@ -129,6 +129,18 @@ def hash_chunked(bufs: Sequence[Any], chunk: int, threads: int = 1) -> list[tupl
     return _map(one, len(sv), threads, sum(len(v) for v in sv))
 
 
+def lanes_hash(buf: Any, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    """xxh3-128 of ``buf[off:off + length]`` per range (the C extension
+    computes them the GPU's way, kvfs/xxh3_lanes.h; the sums are the same)."""
+    v = _mv(buf, False)
+    out = []
+    for off, length in ranges:
+        if off % 1024 or length <= 240 or off + length > len(v):
+            raise ValueError("a range must start on a 1 KiB boundary, be > 240 bytes and fit")
+        out.append(xxhash.xxh3_128_digest(v[off:off + length]))
+    return out
+
+
 def aligned_buffer(size: int, alignment: int = 4096) -> Any:
     """Anonymous mmap: page-aligned (hence aligned to any power of two up to
     the page size) and zero-filled."""

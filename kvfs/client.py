@@ -16,7 +16,9 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generator, Iterable, Iterator, Sequence
+from typing import Any, Callable, Generator, Iterable, Iterator, Sequence
+
+import xxhash
 
 from . import native
 from . import protocol as P
@@ -40,6 +42,27 @@ DIRECT_MIN = 256 * 1024
 # soon as its copies land (one thread per group; a value is one pass)
 HASH_GROUP = 8 << 20
 T0_INLINE_MAX = 64 * 1024
+# device puts run as pipelined sub-batches of about this many bytes (see _put_direct):
+# large enough that the GPU hashes several large values at once (a value's
+# whole-value sum is one sequential chain), small enough to overlap
+DEVICE_SUB_BATCH = 256 << 20
+
+
+def _sub_batches(sizes: list[int], limit: int) -> list[tuple[int, int]]:
+    """Consecutive [a, b) index ranges of at most ``limit`` bytes each (at
+    least one item; ``limit`` 0: one range)."""
+    if not limit:
+        return [(0, len(sizes))]
+    out: list[tuple[int, int]] = []
+    a, acc = 0, 0
+    for i, n in enumerate(sizes):
+        if i > a and acc + n > limit:
+            out.append((a, i))
+            a, acc = i, 0
+        acc += n
+    if a < len(sizes):
+        out.append((a, len(sizes)))
+    return out
 
 
 class _Arena:
@@ -335,86 +358,123 @@ class Store:
     def _put_inline(self, ns: str, items: list[list[Any]], views: list[memoryview]) -> list[bool]:
         return list(self._call(P.PUT, {"ns": ns, "items": items}, views))
 
-    def _put_direct(self, ns: str, items: list[list[Any]], views: list[memoryview]) -> list[bool]:
+    def _put_direct(self, ns: str, items: list[list[Any]], views: list[Any]) -> list[bool]:
         """alloc -> copy payloads into the arena extents (T0) or write them
-        into the reserved T1 extents -> commit with their checksums."""
+        into the reserved T1 extents -> commit with their checksums.
+
+        A batch with device sources runs as sub-batches of about
+        DEVICE_SUB_BATCH bytes, pipelined on this thread: while one
+        sub-batch's copies are in flight, the next one is allocated and its
+        copies queued, then the first is committed. The daemon's per-item
+        work (alloc, commit) thus hides under the DMA instead of adding to
+        it. An error aborts every sub-batch not yet committed (those
+        committed stay stored)."""
         self._drop_stale_fds()
         self._check_restart()
         self._conn()  # reconnecting to a restarted daemon maps its new arena first
         arena = self.arena
         gen = self._locs.generation() if self._locs is not None else 0
-        res = self._call(P.ALLOC, {"ns": ns, "items": items, "t0": arena is not None})
-        pid = res["put"]
+        dev = any(isinstance(v, DeviceBuffer) for v in views)
+        stored: list[bool] = []
+        open_puts: list[int] = []  # allocated, not committed: aborted on failure
+        inflight: tuple[Any, list[list[Any]], Callable[[], list[Any]]] | None = None
         try:
-            tasks: list[WriteTask] = []
-            cdst: list[memoryview] = []
-            csrc: list[memoryview] = []
-            t0_src: list[memoryview] = []  # what the checksums of T0 items are taken from
-            multi: list[memoryview] = []
-            dev = any(isinstance(v, DeviceBuffer) for v in views)
-            if dev:
-                views = self._device_sources(res["items"], views, arena)
-            for item, v in zip(res["items"], views):
-                if item is None or isinstance(v, _Landed):
-                    continue  # a device source already in its arena extent, and hashed
-                _seq, chunks, t0 = item
-                if t0 >= 0 and arena is not None:
-                    cdst.append(arena.rw[t0:t0 + len(v)])
-                    csrc.append(v)
-                    t0_src.append(v)
-                elif t0 >= 0:
-                    raise ProtocolError("the daemon gave an arena extent to a client without the arena")
-                else:
-                    pos = 0
-                    for stripe, seg, off, length in chunks:
-                        tasks.append(WriteTask(self._path(stripe, seg), off, v[pos:pos + length]))
-                        pos += length
-                    if len(chunks) > 1:
-                        multi.append(v)
-            chunk_sums = iter(self.reader.write(tasks))
-            self.reader.copy(cdst, csrc, [None] * len(cdst))
-            # checksums of the caller's bytes (not of the arena copy: another
-            # group member scribbling on the arena before the commit must
-            # make the object fail verification, not be published as valid),
-            # chunk by chunk as T1 will hold them. A device source is hashed
-            # from its arena copy, right after the DMA (the host cannot read
-            # device memory without such a copy).
-            t0_sums = iter(self.reader.hash_chunked(t0_src, self.stripe_unit))  # one pass per value
-            whole = iter(self.reader.hash_many(multi))
-            sums: list[Any] = []
-            for item, v in zip(res["items"], views):
-                if item is None:
-                    sums.append(None)
-                    continue
-                if isinstance(v, _Landed):
-                    sums.append(v.sums)
-                    continue
-                if item[2] >= 0:
-                    w, cs = next(t0_sums)
-                    if len(cs) != len(item[1]):
-                        raise ProtocolError("the daemon's chunks are not its stripe unit")
-                    sums.append([w, cs])
-                    continue
-                cs = [next(chunk_sums) for _ in item[1]]
-                sums.append([next(whole) if len(cs) > 1 else cs[0], cs])
+            for a, b in _sub_batches([len(v) for v in views], DEVICE_SUB_BATCH if dev else 0):
+                res = self._call(P.ALLOC, {"ns": ns, "items": items[a:b], "t0": arena is not None})
+                open_puts.append(res["put"])
+                fill = self._start_fill(res["items"], views[a:b], arena)
+                if inflight is not None:
+                    stored += self._commit(ns, gen, *inflight)
+                    open_puts.pop(0)
+                inflight = (res, items[a:b], fill)
+            if inflight is not None:
+                stored += self._commit(ns, gen, *inflight)
+                open_puts.pop(0)
         except BaseException as e:
-            try:
-                self._call(P.ABORT, {"put": pid})
-            except KvfsError:
-                pass
+            if dev and self._gpu is not None:
+                self._gpu.sync()  # no copy may still land in an extent given back
+            for pid in open_puts:
+                try:
+                    self._call(P.ABORT, {"put": pid})
+                except KvfsError:
+                    pass
             if isinstance(e, OSError) and e.errno in (28, 122):
                 raise CapacityError(f"disk full while writing: {e}") from None
             raise
-        stored = list(self._call(P.COMMIT, {"put": pid, "sums": sums}))
+        return stored
+
+    def _commit(self, ns: str, gen: int, res: dict[str, Any], items: list[list[Any]],
+                fill: Callable[[], list[Any]]) -> list[bool]:
+        sums = fill()
+        stored = list(self._call(P.COMMIT, {"put": res["put"], "sums": sums}))
         if self._locs is not None:
             # the writer knows where its values went: a get of them by this
             # process needs no lookup (same rules as any cached location)
             self._locs.put_many(ns, [
-                (it[0], [len(v), s[0], alloc[0], [[c[0], c[1], c[2], c[3], cs] for c, cs in zip(alloc[1], s[1])],
+                (it[0], [it[1], s[0], alloc[0], [[c[0], c[1], c[2], c[3], cs] for c, cs in zip(alloc[1], s[1])],
                          [alloc[2], False] if alloc[2] >= 0 else None])
-                for it, v, alloc, s, ok in zip(items, views, res["items"], sums, stored)
+                for it, alloc, s, ok in zip(items, res["items"], sums, stored)
                 if ok and alloc is not None], gen)
         return stored
+
+    def _start_fill(self, allocs: list[Any], views: list[Any], arena: "_Arena | None") -> Callable[[], list[Any]]:
+        """Put the payloads where the daemon said: host sources are copied
+        into their arena extents or written to their T1 extents now, device
+        sources' copies are queued. Returns what waits for the rest and
+        gives the checksums: per item [object sum, [chunk sums]] or None.
+
+        Checksums are of the caller's bytes (not of the arena copy: another
+        group member scribbling on the arena before the commit must make
+        the object fail verification, not be published as valid), chunk by
+        chunk as T1 will hold them."""
+        finish_device: Callable[[], None] | None = None
+        if any(isinstance(v, DeviceBuffer) for v in views):
+            views, finish_device = self._start_device_sources(allocs, views, arena)
+        tasks: list[WriteTask] = []
+        cdst: list[memoryview] = []
+        csrc: list[memoryview] = []
+        t0_src: list[memoryview] = []  # what the checksums of T0 items are taken from
+        multi: list[memoryview] = []
+        for item, v in zip(allocs, views):
+            if item is None or isinstance(v, _Landed):
+                continue  # a device source on its way into its arena extent
+            _seq, chunks, t0 = item
+            if t0 >= 0 and arena is not None:
+                cdst.append(arena.rw[t0:t0 + len(v)])
+                csrc.append(v)
+                t0_src.append(v)
+            elif t0 >= 0:
+                raise ProtocolError("the daemon gave an arena extent to a client without the arena")
+            else:
+                pos = 0
+                for stripe, seg, off, length in chunks:
+                    tasks.append(WriteTask(self._path(stripe, seg), off, v[pos:pos + length]))
+                    pos += length
+                if len(chunks) > 1:
+                    multi.append(v)
+        chunk_sums = iter(self.reader.write(tasks))
+        self.reader.copy(cdst, csrc, [None] * len(cdst))
+        t0_sums = iter(self.reader.hash_chunked(t0_src, self.stripe_unit))  # one pass per value
+        whole = iter(self.reader.hash_many(multi))
+        sums: list[Any] = []
+        for item, v in zip(allocs, views):
+            if item is None or isinstance(v, _Landed):
+                sums.append(v if item is not None else None)  # _Landed: its sums come at the end
+                continue
+            if item[2] >= 0:
+                w, cs = next(t0_sums)
+                if len(cs) != len(item[1]):
+                    raise ProtocolError("the daemon's chunks are not its stripe unit")
+                sums.append([w, cs])
+                continue
+            cs = [next(chunk_sums) for _ in item[1]]
+            sums.append([next(whole) if len(cs) > 1 else cs[0], cs])
+
+        def finish() -> list[Any]:
+            if finish_device is not None:
+                finish_device()
+            return [s.sums if isinstance(s, _Landed) else s for s in sums]
+        return finish
 
     def _device_or_host(self, data: Any) -> Any:
         dev = device_buffer(data)
@@ -431,50 +491,94 @@ class Store:
             self._gpu = plane
         return self._gpu
 
-    def _device_sources(self, allocs: list[Any], views: list[Any], arena: "_Arena | None") -> list[Any]:
-        """Device sources of a put: DMA into their arena extents (registered,
-        so at full speed), or into host staging where they got no extent.
-        Returns the sources as host bytes (``_Landed`` for arena copies)."""
+    def _start_device_sources(self, allocs: list[Any], views: list[Any], arena: "_Arena | None"
+                              ) -> tuple[list[Any], Callable[[], None]]:
+        """Device sources of a put: queue their DMA into their arena extents
+        (registered, so at full speed), or copy them into host memory where
+        they got no extent (those are complete on return). Returns the
+        sources as host bytes (``_Landed`` for arena copies) and what waits
+        for the copies and sets each ``_Landed``'s checksums.
+
+        Checksums are of the source bytes: the GPU hashes them while the
+        copy engine moves them (gpu_hash; values 8-byte aligned and over
+        240 bytes), else the host hashes each arena copy as soon as it
+        has landed, in groups, while later copies are still in flight."""
         gpu = self._gpu_plane()
         base = gpu.arena_address(arena) if arena is not None else 0  # registered on first use
+        after = gpu.producer_events([v for v in views if isinstance(v, DeviceBuffer)])
+        gpu.copier.wait_on_stream(after)
+        hasher = gpu.hasher()
         out: list[Any] = []
-        groups: list[tuple[list[_Landed], Any]] = []  # values, and an event after their copies
+        on_gpu: list[tuple[_Landed, tuple[int, int]]] = []
+        groups: list[tuple[list[_Landed], Any]] = []  # host-hashed values, and an event after their copies
         group: list[_Landed] = []
         queued = 0
+        staged = False
+        run: list[int] = []  # a copy being extended: sources and extents side by side go as one
+
+        def issue() -> None:
+            if run:
+                gpu.copier.d2h(run[0], run[1], run[2])
+                run.clear()
         for item, v in zip(allocs, views):
             if not isinstance(v, DeviceBuffer) or item is None:
                 out.append(v)
                 continue
             t0 = item[2]
             if t0 >= 0 and arena is not None:
-                dst = arena.rw[t0:t0 + len(v)]
-                gpu.copier.d2h(base + t0, v.ptr, len(v))  # direct values are never empty
-                landed = _Landed(dst, len(item[1]))
+                if run and run[0] + run[2] == base + t0 and run[1] + run[2] == v.ptr:
+                    run[2] += len(v)
+                else:
+                    issue()
+                    run += [base + t0, v.ptr, len(v)]  # direct values are never empty
+                landed = _Landed(arena.rw[t0:t0 + len(v)], len(item[1]))
                 out.append(landed)
+                if hasher is not None and hasher.usable(v.ptr, len(v)):
+                    on_gpu.append((landed, (v.ptr, len(v))))
+                    continue
                 group.append(landed)
                 queued += len(v)
                 if queued >= HASH_GROUP:
+                    issue()
                     groups.append((group, gpu.copier.record()))
                     group, queued = [], 0
             else:
                 host = memoryview(bytearray(len(v)))
                 gpu.to_host(host, v)
                 out.append(host)
+                staged = True
+        issue()
         if group:
             groups.append((group, gpu.copier.record()))
+        landed_all = gpu.copier.record()  # after this sub-batch's copies (not the next one's)
+        job = hasher.start([src for _l, src in on_gpu], self.stripe_unit, after) if on_gpu else None
+        gpu.counters["device_hashed_values"] += len(on_gpu)
 
         def hash_landed(g: tuple[list[_Landed], Any]) -> None:
-            # as soon as these values' copies have landed (the next ones are
-            # still in flight): chunk and whole sums in one pass each
             vals, ev = g
             gpu.copier.wait(ev)
             for landed, (w, cs) in zip(vals, self.reader.hash_chunked([x.view for x in vals], self.stripe_unit, 1)):
-                if len(cs) != landed.n_chunks:
-                    raise ProtocolError("the daemon's chunks are not its stripe unit")
                 landed.sums = [w, cs]
-        list(gpu.pool().map(hash_landed, groups))
-        gpu.sync()
-        return out
+        hashing = [gpu.pool().submit(hash_landed, g) for g in groups]
+        if staged:
+            gpu.sync()  # the caller writes those host copies to T1 right away
+
+        def finish() -> None:
+            for f in hashing:
+                f.result()
+            gpu.copier.wait(landed_all)
+            if job is not None:
+                for (landed, _src), (w, cs) in zip(on_gpu, job.result()):
+                    # a last chunk of <= 240 bytes is XXH3's short path: the host's
+                    for ci, c in enumerate(cs):
+                        if c is None:
+                            off = ci * self.stripe_unit
+                            cs[ci] = xxhash.xxh3_128_digest(landed.view[off:off + self.stripe_unit])
+                    landed.sums = [w, cs]
+            for x in out:
+                if isinstance(x, _Landed) and len(x.sums[1]) != x.n_chunks:
+                    raise ProtocolError("the daemon's chunks are not its stripe unit")
+        return out, finish
 
     def capabilities(self) -> dict[str, Any]:
         """What this client can do here: the data-plane backend, the arena,

@@ -45,13 +45,20 @@ STAGING_SLAB = 64 << 20  # bytes per staging buffer (two of them: double-buffere
 H2D, D2H = 1, 2  # cudaMemcpyKind
 
 
+TORCH_STREAM = -1  # DeviceBuffer.stream: torch's current stream (asked once per batch)
+
+
 @dataclass(frozen=True)
 class DeviceBuffer:
-    """A contiguous span of device memory and the object that owns it."""
+    """A contiguous span of device memory and the object that owns it.
+    ``stream``: the CUDA stream whose work on the buffer must be complete
+    before kvfs touches it (``__cuda_array_interface__``'s "stream", or
+    TORCH_STREAM); None: nothing to wait for."""
     ptr: int
     nbytes: int
     readonly: bool
     owner: Any
+    stream: int | None = None
 
     def __len__(self) -> int:
         return self.nbytes
@@ -68,7 +75,7 @@ def device_buffer(obj: Any) -> DeviceBuffer | None:
             return None
         if not obj.is_contiguous():
             raise InvalidArgument("device tensor must be contiguous")
-        return DeviceBuffer(int(obj.data_ptr()), obj.numel() * obj.element_size(), False, obj)
+        return DeviceBuffer(int(obj.data_ptr()), obj.numel() * obj.element_size(), False, obj, TORCH_STREAM)
     try:
         cai = obj.__cuda_array_interface__
     except AttributeError:
@@ -88,7 +95,8 @@ def device_buffer(obj: Any) -> DeviceBuffer | None:
                 raise InvalidArgument("device buffer must be C-contiguous")
             expect *= d
     ptr, ro = cai["data"]
-    return DeviceBuffer(int(ptr), n, bool(ro), obj)
+    stream = cai.get("stream")  # v3: the producer's stream, to be waited on before use
+    return DeviceBuffer(int(ptr), n, bool(ro), obj, int(stream) if stream else None)
 
 
 def is_device(obj: Any) -> bool:
@@ -122,6 +130,12 @@ class HostCopier:
 
     def record(self) -> Any:
         return None
+
+    def record_on(self, stream: int) -> Any:
+        return None
+
+    def wait_on_stream(self, events: list[Any]) -> None:
+        pass
 
     def wait(self, ev: Any) -> None:
         pass
@@ -181,6 +195,18 @@ class CudaCopier:
 
     def record(self) -> Any:
         return self.stream.record()
+
+    def record_on(self, stream: int) -> Any:
+        """An event after the work queued so far on another stream (a raw
+        handle: the caller's producer stream)."""
+        ev = self.cp.cuda.Event(block=False, disable_timing=True)
+        self.rt.eventRecord(ev.ptr, stream)
+        return ev
+
+    def wait_on_stream(self, events: list[Any]) -> None:
+        """This thread's stream runs nothing queued after this until the events happened."""
+        for ev in events:
+            self.stream.wait_event(ev)
 
     def wait(self, ev: Any) -> None:
         if ev is not None:
@@ -281,6 +307,7 @@ class _Chunk:
 class GpuRead:
     t0: list[_Chunk] = field(default_factory=list)
     t1: list[_Chunk] = field(default_factory=list)
+    after: list[Any] = field(default_factory=list)  # the destinations' producer events
 
 
 class GpuPlane:
@@ -304,9 +331,10 @@ class GpuPlane:
         self._registered: dict[int, bool] = {}
         self._local = threading.local()  # per thread: staging slabs
         self._pool: Any = None
+        self._hasher: Any = False  # False: not made yet; None: hash on the host
         self._lock = threading.Lock()
         self.counters = {"t0_chunks": 0, "t1_chunks": 0, "staged_bytes": 0, "header_checks": 0,
-                         "header_mismatches": 0}
+                         "header_mismatches": 0, "device_hashed_values": 0}
 
     # -- capability report -------------------------------------------------
     def capabilities(self) -> dict[str, Any]:
@@ -316,8 +344,44 @@ class GpuPlane:
                 gds = not bool(self.kvikio.defaults.is_compat_mode_preferred())
             except Exception:  # noqa: BLE001 - older kvikio: unknown
                 gds = None
+        h = self.hasher()
         return {"copier": self.copier.name, "kvikio": self.kvikio is not None,
-                "gds": gds, "arena_pinned": any(self._registered.values())}
+                "gds": gds, "arena_pinned": any(self._registered.values()),
+                "put_checksums": "host" if h is None else f"{h.name} (xxh3 lanes)"}
+
+    def hasher(self) -> Any:
+        """What hashes device sources of puts: the GPU (gpu_hash.CudaHasher;
+        HostHasher where HostCopier plays CUDA), or None: the host, after the
+        copy (KVFS_GPU_HASH=0, or the kernels cannot be built here)."""
+        if self._hasher is False:
+            with self._lock:
+                if self._hasher is False:
+                    self._hasher = None
+                    if os.environ.get("KVFS_GPU_HASH", "1") != "0":
+                        from . import gpu_hash
+                        try:
+                            self._hasher = (gpu_hash.CudaHasher(self.copier.cp) if self.copier.name == "cuda"
+                                            else gpu_hash.HostHasher())
+                        except Exception as e:  # noqa: BLE001 - no NVRTC: the host hashes instead
+                            import warnings
+                            warnings.warn(f"kvfs: device put checksums fall back to the host: {e}", stacklevel=2)
+        return self._hasher
+
+    def producer_events(self, bufs: Sequence[DeviceBuffer]) -> list[Any]:
+        """Events after the work queued so far on the streams that produce
+        or consume ``bufs`` (their owners' streams): kvfs's own streams wait
+        for them before touching those bytes, so a put never copies a tensor
+        its kernel is still writing, and a read never overwrites one a
+        kernel is still reading."""
+        handles = {b.stream for b in bufs if b.stream is not None}
+        if not handles:
+            return []
+        if TORCH_STREAM in handles:
+            handles.discard(TORCH_STREAM)
+            import torch
+            for dev in {b.owner.device for b in bufs if b.stream == TORCH_STREAM}:
+                handles.add(int(torch.cuda.current_stream(dev).cuda_stream))
+        return [ev for ev in (self.copier.record_on(h) for h in handles) if ev is not None]
 
     # -- arena -----------------------------------------------------------
     def arena_address(self, arena: Any) -> int:
@@ -370,6 +434,7 @@ class GpuPlane:
                                        offset=off, idx=ci))
                 pos += length
             sizes[i] = size
+        p.after = self.producer_events([outs[i] for i in found])
         return p
 
     def run(self, ns: str, ks: list[str], found: dict[int, list[Any]], p: GpuRead, full: bool) -> set[int]:
@@ -383,6 +448,7 @@ class GpuPlane:
         """Reads that go through pinned staging: every chunk with ``full``
         (hashed there), else the T1 chunks (T0 is copied from the arena)."""
         c = self.copier
+        c.wait_on_stream(p.after)
         if full:
             bad = self._staged(p.t0 + p.t1, verify=True)
         else:
@@ -432,6 +498,10 @@ class GpuPlane:
         if full or (p.t1 and self.kvikio is None):
             return PendingRead(self, group_size, ngroups, done_bad=self._run_staged(ns, ks, found, p, full))
         c = self.copier
+        c.wait_on_stream(p.after)
+        if p.t1:
+            for ev in p.after:  # kvikio's threads write the destinations themselves
+                c.wait(ev)
         events = []
         t0 = iter(p.t0)
         nxt = next(t0, None)

@@ -35,6 +35,9 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+/* XXH3-128 cut into lanes, as the GPU computes it (shared with kvfs/gpu_hash.py) */
+#include "xxh3_lanes.h"
+
 /* hashing loops: hash_generic.c and hash_avx2.c (see hash_impl.h) */
 typedef void (*hash16_fn)(const void *, size_t, unsigned char *);
 typedef int (*copy_verify_fn)(char *, const char *, size_t, const unsigned char *);
@@ -526,6 +529,49 @@ done:
     return res;
 }
 
+/* lanes_hash(buf, ranges) -> [xxh3-128 digest]: the GPU's way of hashing
+ * (xxh3_lanes.h: block sums of the whole buffer, then a chain per range and
+ * lane) run on the CPU, so its arithmetic is tested where there is no GPU.
+ * ranges: (offset, length) with offset a multiple of 1 KiB and length > 240. */
+static PyObject *py_lanes_hash(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    PyObject *ranges, *seq = NULL, *res = NULL;
+    kv_u64 *bs = NULL;
+    if (!PyArg_ParseTuple(args, "y*O", &buf, &ranges)) return NULL;
+    seq = PySequence_Fast(ranges, "ranges must be a sequence");
+    if (!seq) goto done;
+    size_t len = (size_t)buf.len, nblocks = len / KV_BLOCK;
+    bs = PyMem_Calloc(nblocks ? nblocks : 1, KV_LANES * sizeof(kv_u64));
+    if (!bs) { PyErr_NoMemory(); goto done; }
+    for (size_t b = 0; b < nblocks; b++)
+        for (int k = 0; k < 4; k++) kv_block_pair((const kv_u8 *)buf.buf, b, k, bs + KV_LANES * b);
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    res = PyList_New(n);
+    if (!res) goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long off, rlen;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KK", &off, &rlen)) { Py_CLEAR(res); goto done; }
+        if (off % KV_BLOCK || rlen <= KV_MIDSIZE_MAX || off + rlen > len) {
+            PyErr_SetString(PyExc_ValueError, "a range must start on a 1 KiB boundary, be > 240 bytes and fit");
+            Py_CLEAR(res);
+            goto done;
+        }
+        kv_u64 acc[KV_LANES];
+        kv_u8 out[16];
+        for (int l = 0; l < KV_LANES; l++)
+            acc[l] = kv_range_lane(bs + KV_LANES * (off / KV_BLOCK), (const kv_u8 *)buf.buf + off, rlen, l);
+        kv_finish128(acc, rlen, out);
+        PyObject *d = PyBytes_FromStringAndSize((const char *)out, 16);
+        if (!d) { Py_CLEAR(res); goto done; }
+        PyList_SET_ITEM(res, i, d);
+    }
+done:
+    PyMem_Free(bs);
+    Py_XDECREF(seq);
+    PyBuffer_Release(&buf);
+    return res;
+}
+
 /* ------------------------------------------------------- aligned buffers */
 typedef struct {
     PyObject_HEAD
@@ -601,6 +647,8 @@ static PyMethodDef methods[] = {
     {"hash_many", py_hash_many, METH_VARARGS, "hash_many(bufs, threads=1) -> [xxh3-128 digest]"},
     {"hash_chunked", py_hash_chunked, METH_VARARGS,
      "hash_chunked(bufs, chunk, threads=1) -> [(whole digest, [chunk digests])] in one pass per buffer"},
+    {"lanes_hash", py_lanes_hash, METH_VARARGS,
+     "lanes_hash(buf, ranges) -> [xxh3-128 digest of buf[off:off+len]], computed the way the GPU does"},
     {"aligned_buffer", py_aligned_buffer, METH_VARARGS,
      "aligned_buffer(size, alignment=4096) -> writable zeroed buffer at an aligned address"},
     {NULL, NULL, 0, NULL},

@@ -144,3 +144,56 @@ def test_async_reads_group_by_group(gpu_store):
                 assert bool((dst[lo:hi] == src[lo:hi]).all())
         assert reads.result() == [block] * len(keys)
         assert s.stats()["leases"] == 0
+
+
+def test_gpu_checksums_are_xxh3_128():
+    """The kernels (kvfs/gpu_hash.py over kvfs/xxh3_lanes.h) against xxHash:
+    every length class of the long path, chunk ranges of one value sharing
+    its block sums, values in separate kernel groups."""
+    import xxhash
+    from kvfs import gpu_hash
+    _cuda_or_skip()
+    h = gpu_hash.CudaHasher(cupy)
+    rng = cupy.random.default_rng(7)
+    sizes = [241, 1024, 1025, 1089, 4097, MiB + 8, 4 * MiB, 4 * MiB + 100, 9 * MiB + 3 * 1024 + 8, 64 * MiB]
+    arrs = [rng.integers(0, 256, n, dtype=cupy.uint8) for n in sizes]
+    cupy.cuda.Device().synchronize()  # the hasher's stream does not wait for CuPy's
+    got = h.start([(a.data.ptr, a.nbytes) for a in arrs], 4 * MiB).result()
+    for a, (whole, chunks) in zip(arrs, got):
+        b = cupy.asnumpy(a).tobytes()
+        assert whole == xxhash.xxh3_128_digest(b), len(b)
+        want = [xxhash.xxh3_128_digest(b[o:o + 4 * MiB]) for o in range(0, len(b), 4 * MiB)]
+        assert chunks == [w if len(b) - o > 240 else None for o, w in zip(range(0, len(b), 4 * MiB), want)]
+    old = gpu_hash.GROUP_BYTES
+    gpu_hash.GROUP_BYTES = 8 * MiB  # several kernel groups, one buffer of block sums reused
+    try:
+        again = h.start([(a.data.ptr, a.nbytes) for a in arrs], 4 * MiB).result()
+    finally:
+        gpu_hash.GROUP_BYTES = old
+    assert again == got
+
+
+def test_device_put_waits_for_the_producer_stream_and_reads_for_the_consumer(tmp_path):
+    """A tensor still being written on the caller's stream is stored as it
+    ends up, not as it was when put() was called; a destination a kernel
+    is still reading is not overwritten under it."""
+    torch = pytest.importorskip("torch")
+    _cuda_or_skip()
+    d = DaemonProcess(tmp_path / "s", capacity="2G", shm_size="512M")
+    with d, d.connect() as s:
+        side = torch.cuda.Stream()
+        x = torch.zeros(64 * MiB, dtype=torch.uint8, device="cuda")
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the fill
+            x.fill_(7)
+            assert s.put("late", x, ns="o")
+        side.synchronize()
+        assert s.get("late", ns="o") == b"\x07" * (64 * MiB)
+        y = torch.full((64 * MiB,), 3, dtype=torch.uint8, device="cuda")
+        s.put("new", torch.full((64 * MiB,), 9, dtype=torch.uint8, device="cuda"), ns="o")
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(200_000_000)
+            seen = y.clone()  # reads y after the sleep
+            assert s.get_into("new", y, ns="o") == 64 * MiB
+        side.synchronize()
+        assert bool((seen == 3).all()) and bool((y == 9).all())

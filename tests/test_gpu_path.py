@@ -4,9 +4,11 @@ checks, staging, lease handling and put path run as on a GPU; the real
 CUDA + kvikio runs are in tests/test_gpu.py (pytest -m gpu, on the GPU
 machine)."""
 import ctypes
+import dataclasses
 import os
 
 import pytest
+import xxhash
 
 from kvfs.errors import InvalidArgument
 from kvfs.gpu import GpuPlane, HostCopier, device_buffer
@@ -98,6 +100,85 @@ def test_round_trip_device_buffers_both_tiers(store, verify):
             assert (st["staged_bytes"] > 0) == (tier == "t1-staging" or verify == "full")
         one = FakeDeviceArray(9 * MiB)
         assert s.get_into("k9437184", one, ns="g") == 9 * MiB and one.bytes() == vals["k9437184"]
+
+
+def test_device_put_checksums_whoever_computes_them(tmp_path):
+    """Device sources 8-byte aligned and over 240 bytes are hashed the
+    GPU's way (gpu_hash, played here by the CPU); others (unaligned, short)
+    by the host after the copy; a short last chunk by the host too. Every
+    object's sums are those of its bytes: the whole-value sum (stat) and
+    each chunk's (a verified read)."""
+    d = DaemonProcess(tmp_path / "s", capacity="512M", shm_size="64M")
+    with d, d.connect(verify="full") as s:
+        plane = host_gpu(s)
+        big = FakeDeviceArray(9 * MiB + 8, os.urandom(9 * MiB + 8))
+        vals = {
+            "aligned": FakeDeviceArray(3 * MiB, os.urandom(3 * MiB)),
+            "short-tail": FakeDeviceArray(4 * MiB + 100, os.urandom(4 * MiB + 100)),  # 2nd chunk: 100 bytes
+            "exact": FakeDeviceArray(8 * MiB, os.urandom(8 * MiB)),
+            "tiny": FakeDeviceArray(240, os.urandom(240)),
+        }
+        db = device_buffer(big)
+        vals["unaligned"] = dataclasses.replace(db, ptr=db.ptr + 3, nbytes=9 * MiB)
+        want = {k: (v.bytes() if hasattr(v, "bytes") else big.bytes()[3:3 + 9 * MiB]) for k, v in vals.items()}
+        assert s.put_many(list(vals), list(vals.values()), ns="h") == [True] * len(vals)
+        assert plane.counters["device_hashed_values"] == 3  # aligned, short-tail, exact
+        for k, v in want.items():
+            assert s.stat(k, ns="h").checksum == xxhash.xxh3_128_hexdigest(v), k
+        s.flush()
+        outs = [FakeDeviceArray(len(v)) for v in want.values()]
+        assert s.get_many_into(list(want), outs, ns="h") == [len(v) for v in want.values()]
+        assert [o.bytes() for o in outs] == list(want.values())
+
+
+def test_device_puts_run_as_pipelined_sub_batches(tmp_path, monkeypatch):
+    """A large device batch is cut into sub-batches, each committed while
+    the next one's copies are under way: everything is stored once and
+    right; a failure in a later sub-batch gives back the space of every
+    sub-batch not yet committed, and what was committed stays readable."""
+    from kvfs import client, gpu_hash
+    monkeypatch.setattr(client, "DEVICE_SUB_BATCH", 2 * MiB)
+    d = DaemonProcess(tmp_path / "s", capacity="512M", shm_size="64M")
+    with d, d.connect(verify="full") as s:
+        host_gpu(s)
+        vals = [os.urandom(700 * 1024 + 8 * i) for i in range(12)]  # 2 per sub-batch: 6 sub-batches
+        # slices of one buffer: neighbours whose arena extents are adjacent too go as one copy
+        whole = FakeDeviceArray(sum(map(len, vals)), b"".join(vals))
+        db = device_buffer(whole)
+        offs = [sum(map(len, vals[:i])) for i in range(12)]
+        srcs = [dataclasses.replace(db, ptr=db.ptr + o, nbytes=len(v)) for o, v in zip(offs, vals)]
+        calls = []
+        real = s._call
+        monkeypatch.setattr(s, "_call", lambda op, a, t=(): calls.append(op) or real(op, a, t))
+        keys = [f"p{i}" for i in range(12)]
+        assert s.put_many(keys, srcs, ns="p") == [True] * 12
+        assert calls.count("alloc") == 6 and calls.count("commit") == 6
+        # pipelined: the second alloc comes before the first commit
+        assert calls.index("commit") > [i for i, c in enumerate(calls) if c == "alloc"][1]
+        assert s.put_many(keys[:3], srcs[:3], ns="p") == [False] * 3  # stored once
+        outs = [FakeDeviceArray(len(v)) for v in vals]
+        assert s.get_many_into(keys, outs, ns="p") == [len(v) for v in vals]
+        assert [o.bytes() for o in outs] == vals
+
+        n = {"calls": 0}
+        start = gpu_hash.HostHasher.start
+
+        def fail_third(self, *a, **k):
+            n["calls"] += 1
+            if n["calls"] == 3:
+                raise RuntimeError("hashing failed")
+            return start(self, *a, **k)
+        monkeypatch.setattr(gpu_hash.HostHasher, "start", fail_third)
+        more = [f"q{i}" for i in range(12)]
+        before = s.stats()["tiers"]["T0"]["allocated_bytes"]
+        with pytest.raises(RuntimeError, match="hashing failed"):
+            s.put_many(more, srcs, ns="p")
+        s.flush()
+        # sub-batch 1 was committed before sub-batch 3 failed; 2 and 3 were aborted
+        assert s.contains(more, ns="p") == [True] * 2 + [False] * 10
+        assert s.get("q1", ns="p") == vals[1]
+        assert s.delete(more[:2], ns="p") == 2
+        assert s.stats()["tiers"]["T0"]["allocated_bytes"] == before  # no extent left reserved
 
 
 def test_batched_gets_into_slices_of_one_device_buffer(store):

@@ -74,6 +74,25 @@ def test_hash_chunked_gives_chunk_and_whole_sums_in_one_pass(name):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+def test_lanes_hash_is_xxh3_128_of_each_range(name):
+    """The GPU's way of hashing (kvfs/xxh3_lanes.h, run here by the C
+    extension on the CPU): every length class of XXH3's long path (one
+    stripe, partial and exact blocks, many blocks, odd tails), and ranges
+    inside one buffer sharing its block sums (a value's chunks)."""
+    b = mod(name)
+    for n in (241, 255, 256, 1023, 1024, 1025, 1088, 1089, 2047, 2048, 4097, 65536 + 3, MiB, MiB + 7):
+        v = os.urandom(n)
+        assert b.lanes_hash(v, [(0, n)]) == [xxhash.xxh3_128_digest(v)], n
+    v = os.urandom(9 * MiB + 333)
+    ranges = [(0, len(v))] + [(o, min(4 * MiB, len(v) - o)) for o in range(0, len(v), 4 * MiB)] + [
+        (7 * 1024, 5000), (2048, 241), (len(v) - 333 - 1024, 1024 + 333)]
+    assert b.lanes_hash(v, ranges) == [xxhash.xxh3_128_digest(v[o:o + m]) for o, m in ranges]
+    for bad in ((1, 1000), (0, 240), (len(v) - 1023, 2048)):
+        with pytest.raises(ValueError):
+            b.lanes_hash(v, [bad])
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_copy_write_hash_agree_with_xxhash(tmp_path, name):
     b = mod(name)
     srcs = [os.urandom(n) for n in (0, 1, 4096, 3 * MiB + 5, 9 * MiB)]
