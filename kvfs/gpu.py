@@ -16,9 +16,10 @@ Verification (``Store(verify=...)``):
   checksum, so a stale or wrong location is never delivered; T0 copies run
   under the batch's lease. Payload bit-rot in T1 is not caught in this mode
   (the payload goes to the device unhashed, by kvikio or through staging).
-- ``"full"``: every byte delivered was hashed first: chunks go through
-  pinned staging, where the native data plane verifies them against their
-  checksums, and only then to the device.
+- ``"full"``: every byte delivered was hashed: on the GPU where it landed
+  (gpu_hash, right after each group's copies; no header reads needed), or,
+  without a device hasher, in pinned staging by the native data plane before
+  it goes to the device.
 - ``False``: header checks only (they are cheap and guard against
   misdirected reads).
 
@@ -37,11 +38,14 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import xxhash
+
 from . import format as fmt
 from .dataplane import DataPlane, ReadTask
 from .errors import InvalidArgument
 
 STAGING_SLAB = 64 << 20  # bytes per staging buffer (two of them: double-buffered)
+VERIFY_PART = 128 << 20  # verify="full": T0 copies hashed on the GPU in parts of this many bytes
 H2D, D2H = 1, 2  # cudaMemcpyKind
 
 
@@ -243,7 +247,8 @@ class PendingRead:
 
     def __init__(self, plane: "GpuPlane", group_size: int, ngroups: int, *, events: list[Any] | None = None,
                  futs: list[tuple[_Chunk, Any]] | None = None, bad: set[int] | None = None,
-                 done_bad: set[int] | None = None, headers: Callable[[], set[int]] | None = None) -> None:
+                 done_bad: set[int] | None = None, headers: Callable[[], set[int]] | None = None,
+                 verify: Callable[[int, Any], set[int]] | None = None) -> None:
         self.plane = plane
         self.group_size = group_size
         self.events = events or []
@@ -253,13 +258,16 @@ class PendingRead:
         self.bad: set[int] = set(bad or ()) | set(done_bad or ())
         self.waited = [done_bad is not None] * ngroups
         self._headers = headers  # joins the header checks (once)
+        self._verify = verify  # verify="full": hashes group g on the device once landed
 
     def wait(self, g: int) -> set[int]:
         """Block until group g has landed; returns the failed items so far."""
         if not self.waited[g]:
-            if g < len(self.events):
-                self.plane.copier.wait(self.events[g])
+            ev = self.events[g] if g < len(self.events) else None
+            self.plane.copier.wait(ev)
             self.bad |= self.plane._kvikio_wait(self.futs.pop(g, []))
+            if self._verify is not None:
+                self.bad |= self._verify(g, ev)
             self.waited[g] = True
         if self._headers is not None:
             self.bad |= self._headers()
@@ -334,7 +342,8 @@ class GpuPlane:
         self._hasher: Any = False  # False: not made yet; None: hash on the host
         self._lock = threading.Lock()
         self.counters = {"t0_chunks": 0, "t1_chunks": 0, "staged_bytes": 0, "header_checks": 0,
-                         "header_mismatches": 0, "device_hashed_values": 0}
+                         "header_mismatches": 0, "device_hashed_values": 0,
+                         "device_verified_chunks": 0}
 
     # -- capability report -------------------------------------------------
     def capabilities(self) -> dict[str, Any]:
@@ -437,10 +446,16 @@ class GpuPlane:
         p.after = self.producer_events([outs[i] for i in found])
         return p
 
+    def _staged_only(self, p: GpuRead, full: bool) -> bool:
+        """Whether this plan must go through pinned staging: T1 chunks and
+        no kvikio, or ``full`` verification without a device hasher (with
+        one, every chunk is hashed on the GPU where it landed)."""
+        return bool(p.t1 and self.kvikio is None) or (full and self.hasher() is None)
+
     def run(self, ns: str, ks: list[str], found: dict[int, list[Any]], p: GpuRead, full: bool) -> set[int]:
         """Run a plan to completion (every copy finished). Returns the items
         that failed (missing file, short read, bad header or checksum)."""
-        if full or (p.t1 and self.kvikio is None):
+        if self._staged_only(p, full):
             return self._run_staged(ns, ks, found, p, full)
         return self.start(ns, ks, found, p, full, max(1, len(ks))).finish()
 
@@ -492,10 +507,11 @@ class GpuPlane:
         ``group_size`` consecutive items, and ``PendingRead.wait(g)`` returns
         when group g's copies have landed (T0 copies are queued group by
         group, with an event after each; kvikio reads all go to its pool in
-        order, their headers checked beside them). Staged and ``full`` reads
-        run to completion here."""
+        order, their headers checked beside them; with ``full``, each group
+        is hashed on the GPU once landed, instead). Staged reads run to
+        completion here."""
         ngroups = max(1, -(-len(ks) // group_size))
-        if full or (p.t1 and self.kvikio is None):
+        if self._staged_only(p, full):
             return PendingRead(self, group_size, ngroups, done_bad=self._run_staged(ns, ks, found, p, full))
         c = self.copier
         c.wait_on_stream(p.after)
@@ -503,6 +519,10 @@ class GpuPlane:
             for ev in p.after:  # kvikio's threads write the destinations themselves
                 c.wait(ev)
         events = []
+        # verify="full": T0 copies are hashed on the GPU part by part, each
+        # part as soon as its copies land (queued now, behind an event), so
+        # hashing overlaps the copies still under way
+        t0_checks: dict[int, list[Callable[[], set[int]]]] = {}
         t0 = iter(p.t0)
         nxt = next(t0, None)
         for g in range(ngroups):
@@ -510,16 +530,75 @@ class GpuPlane:
             while nxt is not None and nxt.item // group_size == g:
                 grp.append(nxt)
                 nxt = next(t0, None)
-            for dst, src, n in _merged(grp):
-                c.h2d(dst, src, n)
+            parts: list[list[_Chunk]] = [[]]
+            size = 0
+            for ch in grp:
+                if full and size >= VERIFY_PART:
+                    parts.append([])
+                    size = 0
+                parts[-1].append(ch)
+                size += ch.length
+            for part in parts:
+                for dst, src, n in _merged(part):
+                    c.h2d(dst, src, n)
+                if full and part:
+                    t0_checks.setdefault(g, []).append(self._start_verify(part, c.record()))
             events.append(c.record())
         submit_bad: set[int] = set()
         futs = self._kvikio_submit(p.t1, submit_bad) if p.t1 else []
-        headers = self._headers_in_background(ns, ks, found, p.t1) if p.t1 else None
-        pending = PendingRead(self, group_size, ngroups, events=events, futs=futs, bad=submit_bad, headers=headers)
+        verify = None
+        if full:
+            # every byte is hashed where it landed (a stale location cannot
+            # match the checksum either: no header checks needed); T1 chunks
+            # once kvikio has read them
+            t1_by_group: dict[int, list[_Chunk]] = {}
+            for ch in p.t1:
+                t1_by_group.setdefault(ch.item // group_size, []).append(ch)
+
+            def verify(g: int, ev: Any) -> set[int]:
+                bad: set[int] = set()
+                for check in t0_checks.pop(g, []):
+                    bad |= check()
+                if g in t1_by_group:
+                    bad |= self._start_verify(t1_by_group.pop(g), None)()
+                return bad
+            headers = None
+        else:
+            headers = self._headers_in_background(ns, ks, found, p.t1) if p.t1 else None
+        pending = PendingRead(self, group_size, ngroups, events=events, futs=futs, bad=submit_bad, headers=headers,
+                              verify=verify)
         self.counters["t0_chunks"] += len(p.t0)
         self.counters["t1_chunks"] += len(p.t1)
         return pending
+
+    def _start_verify(self, chunks: list[_Chunk], after: Any) -> Callable[[], set[int]]:
+        """verify="full" in device memory: queue the hashing of each chunk's
+        destination on the GPU, behind the event ``after`` (None: the bytes
+        are there already, as after kvikio reads); returns the join, which
+        compares the sums with the checksums and gives the failed items.
+        Chunks the GPU does not hash (at most 240 bytes, or a destination
+        not 8-byte aligned) are copied back and hashed on the host there."""
+        h = self.hasher()
+        on_gpu = [ch for ch in chunks if h.usable(ch.dst, ch.length)]
+        rest = [ch for ch in chunks if not h.usable(ch.dst, ch.length)]
+        job = h.start([(ch.dst, ch.length) for ch in on_gpu], 1 << 62, [after] if after is not None else [])
+        self.counters["device_verified_chunks"] += len(chunks)
+
+        def join() -> set[int]:
+            bad: set[int] = set()
+            if rest:
+                self.copier.wait(after)
+                for ch in rest:
+                    host = memoryview(bytearray(ch.length))
+                    self.copier.d2h(address_of(host), ch.dst, ch.length)
+                    self.copier.sync()
+                    if xxhash.xxh3_128_digest(host) != ch.checksum:
+                        bad.add(ch.item)
+            for ch, (whole, _parts) in zip(on_gpu, job.result()):
+                if whole != ch.checksum:
+                    bad.add(ch.item)
+            return bad
+        return join
 
     def _check_headers(self, ns: str, ks: list[str], found: dict[int, list[Any]], chunks: list[_Chunk]) -> set[int]:
         """Read each T1 chunk's record header (host, in parallel) and check it

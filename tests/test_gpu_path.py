@@ -78,8 +78,10 @@ SIZES = [0, 1, 4095, 64 * 1024, 4 * MiB + 7, 9 * MiB]
 
 
 @pytest.mark.parametrize("verify", [True, "full"])
-def test_round_trip_device_buffers_both_tiers(store, verify):
+def test_round_trip_device_buffers_both_tiers(store, verify, monkeypatch):
     d, tier = store
+    from kvfs import gpu
+    monkeypatch.setattr(gpu, "VERIFY_PART", MiB)  # verify="full": T0 copies hashed in several parts
     with d.connect(verify=verify) as s:
         host_gpu(s, tier == "t1-direct")
         vals = {f"k{n}": os.urandom(n) for n in SIZES}
@@ -95,9 +97,11 @@ def test_round_trip_device_buffers_both_tiers(store, verify):
             assert st["t0_chunks"] > 0
         else:
             assert st["t1_chunks"] > 0
-            # reads check every record header, or, with verify="full", hash every byte in staging
+            # reads check every record header, or, with verify="full", hash every byte: where it
+            # landed (the device hasher) or, when staged (no kvikio), in staging
             assert (st["header_checks"] > 0) == (verify != "full")
-            assert (st["staged_bytes"] > 0) == (tier == "t1-staging" or verify == "full")
+            assert (st["staged_bytes"] > 0) == (tier == "t1-staging")
+        assert (st["device_verified_chunks"] > 0) == (verify == "full" and tier != "t1-staging")
         one = FakeDeviceArray(9 * MiB)
         assert s.get_into("k9437184", one, ns="g") == 9 * MiB and one.bytes() == vals["k9437184"]
 
@@ -197,18 +201,21 @@ def test_batched_gets_into_slices_of_one_device_buffer(store):
 
 
 def test_a_corrupted_record_is_never_delivered(tmp_path):
-    """A payload flip is caught by full verification (staged reads); a
-    header that no longer names the record is caught by direct reads'
-    header check."""
-    d = DaemonProcess(tmp_path / "s", capacity="256M", shm_size=0)
-    with d, d.connect(verify="full") as s:
-        host_gpu(s)
-        put_and_corrupt(s, "bad", "c", 2 * MiB, 999)
-        out = FakeDeviceArray(2 * MiB)
-        from kvfs.errors import NotFound
-        with pytest.raises(NotFound):
-            s.get_into("bad", out, ns="c")
-        assert s.contains(["bad"], ns="c") == [False]  # reported and dropped
+    """A payload flip is caught by full verification (in staging, or on
+    the device where a direct read landed); a header that no longer names
+    the record is caught by direct reads' header check."""
+    from kvfs.errors import NotFound
+    for direct in (False, True):
+        d = DaemonProcess(tmp_path / f"s{direct}", capacity="256M", shm_size=0)
+        with d, d.connect(verify="full") as s:
+            host_gpu(s, direct=direct)
+            put_and_corrupt(s, "bad", "c", 2 * MiB, 999)
+            s.put("good", b"g" * (3 * MiB), ns="c")
+            outs = [FakeDeviceArray(2 * MiB), FakeDeviceArray(3 * MiB)]
+            assert s.get_many_into(["bad", "good"], outs, ns="c") == [-1, 3 * MiB]
+            assert outs[1].bytes() == b"g" * (3 * MiB)
+            assert s.contains(["bad"], ns="c") == [False]  # reported and dropped
+            assert (s._gpu.counters["device_verified_chunks"] > 0) == direct
     d2 = DaemonProcess(tmp_path / "s2", capacity="256M", shm_size=0)
     with d2, d2.connect() as s:
         host_gpu(s, direct=True)

@@ -7,7 +7,10 @@ the physical limits, measured in the same run on the same bytes:
                      same disk (page-cache hot, and cold after drop_caches)
   kvfs T0 -> GPU     get_many_into device slices, values in the arena
   kvfs T1 -> GPU     the same with T0 off: hot, and cold (caches dropped)
-  kvfs put           put_many from device slices (into T0)
+  kvfs put           put_many from device slices (into T0), checksums taken
+                     on the GPU (default) and, for reference, on the host
+  verify="full"      T0 and T1 (kvikio) reads hashed on the GPU where they
+                     landed; T1 staged reads hashed in staging
 
 Destinations are slices of one large device buffer. Blocks of 1, 2, 8 and
 64 MiB; T1 and raw reads with several kvikio thread counts.
@@ -82,6 +85,11 @@ def run_gpu_bench(args: argparse.Namespace) -> dict[str, Any]:
         # one: the arena is registered with CUDA once, before any timing
         s0 = d0.connect(threads=max(threads))
         s0.pin_arena()
+        s0_host = d0.connect(threads=max(threads))  # puts hashed on the host, after the copy
+        s0_host.pin_arena()
+        s0_host._gpu_plane()._hasher = None
+        s0_full = d0.connect(threads=max(threads), verify="full")
+        s0_full.pin_arena()
         s1 = {"kvikio": d1.connect(threads=max(threads), gpu_reader="kvikio") if kvikio is not None else None,
               "staging": d1.connect(threads=max(threads), gpu_reader="staging")}
         for bs in blocks:
@@ -93,18 +101,22 @@ def run_gpu_bench(args: argparse.Namespace) -> dict[str, Any]:
             row["d2h"] = total / median_seconds(lambda: copy_all(2, bs), rep) / 1e9
             ns = f"b{bs}"
             keys = [f"k{i}" for i in range(n)]
-            puts = []
-            for r in range(rep):  # fresh keys each round: a put of a stored key is a no-op
-                t = time.perf_counter()
-                s0.put_many([f"p{r}-{k}" for k in keys], srcs, ns=ns)
-                puts.append(time.perf_counter() - t)
-                s0.flush()
-                s0.delete([f"p{r}-{k}" for k in keys], ns=ns)
-            row["put_t0"] = total / statistics.median(puts) / 1e9
+            for col, st in (("put_t0", s0), ("put_host", s0_host)):
+                puts = []
+                for r in range(rep):  # fresh keys each round: a put of a stored key is a no-op
+                    t = time.perf_counter()
+                    st.put_many([f"p{r}-{k}" for k in keys], srcs, ns=ns)
+                    puts.append(time.perf_counter() - t)
+                    st.flush()
+                    st.delete([f"p{r}-{k}" for k in keys], ns=ns)
+                row[col] = total / statistics.median(puts) / 1e9
             s0.put_many(keys, srcs, ns=ns)
             s0.flush()
             row["t0"] = total / median_seconds(lambda: s0.get_many_into(keys, slices, ns=ns), rep) / 1e9
             assert bool((dev == src).all()), "T0 -> GPU returned other bytes"
+            dev.fill(0)
+            row["t0_full"] = total / median_seconds(lambda: s0_full.get_many_into(keys, slices, ns=ns), rep) / 1e9
+            assert bool((dev == src).all()), "T0 -> GPU (verify='full') returned other bytes"
             s1["staging"].put_many(keys, srcs, ns=ns)
             s1["staging"].flush()
             for t_n in threads:
@@ -113,6 +125,10 @@ def run_gpu_bench(args: argparse.Namespace) -> dict[str, Any]:
                     row[f"raw_hot_{t_n}"] = total / median_seconds(lambda: kvikio_all(bs), rep) / 1e9
                     row[f"t1_hot_{t_n}"] = total / median_seconds(
                         lambda: s1["kvikio"].get_many_into(keys, slices, ns=ns), rep) / 1e9
+                    sf = d1.connect(threads=t_n, gpu_reader="kvikio", verify="full")
+                    row[f"t1_kvikio_full_{t_n}"] = total / median_seconds(
+                        lambda: sf.get_many_into(keys, slices, ns=ns), rep) / 1e9
+                    sf.close()
                 for col, verify in (("t1_staged", True), ("t1_full", "full")):
                     st = d1.connect(threads=t_n, gpu_reader="staging", verify=verify)
                     row[f"{col}_{t_n}"] = total / median_seconds(lambda: st.get_many_into(keys, slices, ns=ns), rep) / 1e9
@@ -144,7 +160,7 @@ def run_gpu_bench(args: argparse.Namespace) -> dict[str, Any]:
             s1["staging"].delete(keys, ns=ns)
             res["rows"].append(row)
         res["capabilities"] = s0.capabilities()
-        for st in [s0, *s1.values()]:
+        for st in [s0, s0_host, s0_full, *s1.values()]:
             if st is not None:
                 st.close()
     finally:
@@ -160,17 +176,19 @@ def format_gpu(res: dict[str, Any]) -> str:
     rows = []
     for r in res["rows"]:
         rows.append([f"{r['block'] // MiB} MiB", f"{r['h2d']:.1f}", f"{r['t0']:.1f}", f"{r['t0'] / r['h2d']:.2f}",
-                     f"{r['d2h']:.1f}", f"{r['put_t0']:.1f}", f"{r['put_t0'] / r['d2h']:.2f}"])
-    out = render(["block", "pinned H2D", "T0 -> GPU", "/ H2D", "pinned D2H", "GPU -> put", "/ D2H"], rows)
+                     f"{r['t0_full']:.1f}", f"{r['d2h']:.1f}", f"{r['put_t0']:.1f}", f"{r['put_t0'] / r['d2h']:.2f}",
+                     f"{r['put_host']:.1f}"])
+    out = render(["block", "pinned H2D", "T0 -> GPU", "/ H2D", "T0, verify=full", "pinned D2H", "GPU -> put",
+                  "/ D2H", "put, host-hashed"], rows)
     rows = []
     for r in res["rows"]:
         for n in res["threads"]:
             rows.append([f"{r['block'] // MiB} MiB", str(n), f"{r.get(f'raw_hot_{n}', nan):.1f}",
                          f"{r.get(f't1_hot_{n}', nan):.1f}", f"{r[f't1_staged_{n}']:.1f}",
-                         f"{r[f't1_full_{n}']:.1f}",
+                         f"{r.get(f't1_kvikio_full_{n}', nan):.1f}", f"{r[f't1_full_{n}']:.1f}",
                          f"{max(r.get(f't1_hot_{n}', 0), r[f't1_staged_{n}']) / r['h2d']:.2f}"])
-    out += "\n\n" + render(["block", "threads", "raw kvikio", "T1 kvikio", "T1 staged", "T1 staged, verify=full",
-                             "best / H2D"], rows)
+    out += "\n\n" + render(["block", "threads", "raw kvikio", "T1 kvikio", "T1 staged", "T1 kvikio, verify=full",
+                             "T1 staged, verify=full", "best / H2D"], rows)
     rows = []
     for r in res["rows"]:
         if "t1_staged_cold" in r:
