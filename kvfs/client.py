@@ -38,8 +38,9 @@ BATCH_KEYS = 4096
 # inline. With T0, every batch goes through the arena except a single value
 # smaller than T0_INLINE_MAX (one round trip beats two for tiny values).
 DIRECT_MIN = 256 * 1024
-# device puts: values are hashed in groups of about this many bytes, each as
-# soon as its copies land (one thread per group; a value is one pass)
+# device puts the GPU does not hash (unaligned or tiny sources) are hashed on
+# the host in groups of about this many bytes, each as soon as its copies
+# land (one thread per group; a value is one pass)
 HASH_GROUP = 8 << 20
 T0_INLINE_MAX = 64 * 1024
 # device puts run as pipelined sub-batches of about this many bytes (see _put_direct):
@@ -392,7 +393,10 @@ class Store:
                 open_puts.pop(0)
         except BaseException as e:
             if dev and self._gpu is not None:
-                self._gpu.sync()  # no copy may still land in an extent given back
+                try:
+                    self._gpu.sync()  # no copy may still land in an extent given back
+                except Exception:  # noqa: BLE001 - a failed device: its copies are over
+                    pass
             for pid in open_puts:
                 try:
                     self._call(P.ABORT, {"put": pid})

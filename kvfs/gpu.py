@@ -356,12 +356,13 @@ class GpuPlane:
         h = self.hasher()
         return {"copier": self.copier.name, "kvikio": self.kvikio is not None,
                 "gds": gds, "arena_pinned": any(self._registered.values()),
-                "put_checksums": "host" if h is None else f"{h.name} (xxh3 lanes)"}
+                "device_hashing": "host" if h is None else f"{h.name} (xxh3 lanes)"}
 
     def hasher(self) -> Any:
-        """What hashes device sources of puts: the GPU (gpu_hash.CudaHasher;
-        HostHasher where HostCopier plays CUDA), or None: the host, after the
-        copy (KVFS_GPU_HASH=0, or the kernels cannot be built here)."""
+        """What hashes device memory (put sources; with verify="full", what
+        reads delivered): the GPU (gpu_hash.CudaHasher; HostHasher where
+        HostCopier plays CUDA), or None: the host, through a copy
+        (KVFS_GPU_HASH=0, or the kernels cannot be built here)."""
         if self._hasher is False:
             with self._lock:
                 if self._hasher is False:

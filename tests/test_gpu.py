@@ -63,6 +63,10 @@ def test_cupy_round_trip_both_tiers(gpu_store, verify):
             assert caps["kvikio"] is True and s._gpu.counters["header_checks"] > 0
         if mode == "t0":
             assert s._gpu.counters["t0_chunks"] > 0 and caps["arena_pinned"]
+            assert caps["device_hashing"] == "cuda (xxh3 lanes)"
+            assert s._gpu.counters["device_hashed_values"] > 0  # put checksums taken on the GPU
+        # verify="full": hashed on the GPU where they landed, unless staged (no kvikio)
+        assert (s._gpu.counters["device_verified_chunks"] > 0) == (verify == "full" and mode != "t1-staging")
 
 
 def test_torch_tensors_and_slices_of_one_buffer(gpu_store):
