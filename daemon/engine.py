@@ -1308,6 +1308,13 @@ class Engine:
         with self.index.env.begin() as txn:
             return self.index.iter_keys(txn, ns, after, limit)
 
+    def list_objects(self, ns: str, after: str | None, limit: int) -> tuple[list[list[Any]], bool]:
+        """``kvfs ls --long`` / ``du``: [key, size, tier, created] per object, in key order."""
+        ns = normalize_ns(ns)
+        with self.index.env.begin() as txn:
+            entries, more = self.index.iter_entries(txn, ns, after, limit)
+        return [[k, e.size, self._tier_name(obj_key(ns, k)), e.created] for k, e in entries if e is not None], more
+
     # ------------------------------------------------------------------ upkeep
     def _flush_atimes(self, txn: Any) -> None:
         with self._lock:

@@ -154,19 +154,26 @@ class Index:
                 yield ns, key, ObjEntry.decode(bytes(v))
 
     def iter_keys(self, txn: lmdb.Transaction, ns: str, after: str | None, limit: int) -> tuple[list[str], bool]:
+        keys, more = self.iter_entries(txn, ns, after, limit, values=False)
+        return [k for k, _e in keys], more
+
+    def iter_entries(self, txn: lmdb.Transaction, ns: str, after: str | None, limit: int, *, values: bool = True
+                     ) -> tuple[list[tuple[str, ObjEntry | None]], bool]:
+        """Up to ``limit`` (key, entry) of ``ns`` after ``after``, in key
+        order (entry None without ``values``); and whether more follow."""
         prefix = ns.encode() + b"\x00"
         start = prefix + (after.encode() + b"\x00" if after is not None else b"")
-        out: list[str] = []
+        out: list[tuple[str, ObjEntry | None]] = []
         with txn.cursor(db=self.objects) as cur:
             if not cur.set_range(start):
                 return out, False
-            for k in cur.iternext(keys=True, values=False):
+            for k, v in cur.iternext(keys=True, values=True):
                 k = bytes(k)
                 if not k.startswith(prefix):
                     return out, False
                 if len(out) >= limit:
                     return out, True
-                out.append(bytes(k[len(prefix):]).decode())
+                out.append((bytes(k[len(prefix):]).decode(), ObjEntry.decode(bytes(v)) if values else None))
         return out, False
 
     def iter_segment_records(self, txn: lmdb.Transaction, seg: int) -> Iterator[tuple[int, bytes]]:

@@ -336,6 +336,9 @@ class Server:
             if not 1 <= limit <= 100000:
                 raise InvalidArgument("limit must be 1-100000")
             after = P.arg(args, "after", (str, type(None)), None)
+            if P.arg(args, "long", bool, False):
+                objs, more = await self._thread(eng.list_objects, P.arg(args, "ns", str), after, limit)
+                return {"keys": [o[0] for o in objs], "objects": objs, "more": more}
             keys, more = await self._thread(eng.keys, P.arg(args, "ns", str), after, limit)
             return {"keys": keys, "more": more}
         if op == P.STATS:

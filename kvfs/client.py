@@ -1057,6 +1057,19 @@ class Store:
                 return
             after = r["keys"][-1]
 
+    def objects(self, ns: str = "default", *, page: int = 10000) -> Iterator[dict[str, Any]]:
+        """Every object of ``ns`` in key order, as {key, size, tier,
+        created} (what ``kvfs ls --long`` and ``kvfs du`` show)."""
+        ns = normalize_ns(ns)
+        after: str | None = None
+        while True:
+            r = self._call(P.KEYS, {"ns": ns, "after": after, "limit": page, "long": True})
+            for key, size, tier, created in r["objects"]:
+                yield {"key": key, "size": size, "tier": tier, "created": created}
+            if not r["more"] or not r["keys"]:
+                return
+            after = r["keys"][-1]
+
     def stats(self) -> dict[str, Any]:
         return dict(self._call(P.STATS, {}))
 

@@ -36,6 +36,34 @@ def test_put_get_ls_rm_stats(daemon, tmp_path):
     assert r.returncode == 2 and b"NotFound" in r.stderr
 
 
+def test_ls_long_and_du(daemon):
+    """Sizes per object and per namespace, as tables and JSON; the listing
+    pages through the daemon (more objects than one page)."""
+    import kvfs
+    sock = str(daemon.socket)
+    with kvfs.connect(sock) as s:
+        s.put_many([f"k{i:03d}" for i in range(250)], [bytes(i * 10) for i in range(250)], ns="a")
+        s.put("big", os.urandom(5 * 1024 * 1024), ns="b")
+        s.flush()
+        objs = list(s.objects("a", page=100))
+    assert [o["key"] for o in objs] == [f"k{i:03d}" for i in range(250)]
+    assert [o["size"] for o in objs] == [i * 10 for i in range(250)]
+    assert all(o["tier"] in ("T1", "T0+T1") and o["created"] > 0 for o in objs)
+    listed = json.loads(kvfs_cmd("ls", "--socket", sock, "b", "--long", "--json").stdout)
+    assert [(o["key"], o["size"]) for o in listed] == [("big", 5 * 1024 * 1024)]
+    table = kvfs_cmd("ls", "--socket", sock, "b", "-l").stdout.decode()
+    assert "big" in table and "5.0 MiB" in table
+    du = json.loads(kvfs_cmd("du", "--socket", sock, "--json").stdout)
+    per = {r["ns"]: (r["objects"], r["bytes"]) for r in du["namespaces"]}
+    assert per == {"a": (250, sum(i * 10 for i in range(250))), "b": (1, 5 * 1024 * 1024)}
+    assert du["objects"] == 251 and du["bytes"] == sum(i * 10 for i in range(250)) + 5 * 1024 * 1024
+    assert json.loads(kvfs_cmd("du", "--socket", sock, "b", "--json").stdout)["objects"] == 1
+    table = kvfs_cmd("du", "--socket", sock).stdout.decode()
+    assert "total" in table and "251" in table
+    r = kvfs_cmd("ls", "--socket", sock, "no/such", "--long", check=False)
+    assert r.returncode == 2 and b"InvalidKey" in r.stderr
+
+
 def test_no_daemon_is_a_clear_error(tmp_path):
     r = kvfs_cmd("stats", "--socket", str(tmp_path / "none.sock"), check=False)
     assert r.returncode == 2 and b"kvfs daemon --socket" in r.stderr
