@@ -28,7 +28,7 @@ from .keys import normalize_key, normalize_keys, normalize_ns
 from .format import segment_name
 from .directory import DirectoryReader
 from .generation import EPOCH, GenerationReader
-from .gpu import DeviceBuffer, GpuPlane, device_buffer
+from .gpu import DeviceBuffer, GpuPlane, device_buffer, merge_copies
 from .loccache import LocationCache
 from .meta import encode_meta
 
@@ -518,23 +518,19 @@ class Store:
         group: list[_Landed] = []
         queued = 0
         staged = False
-        run: list[int] = []  # a copy being extended: sources and extents side by side go as one
+        copies: list[tuple[int, int, int]] = []  # (arena address, source, length) not issued yet
 
         def issue() -> None:
-            if run:
-                gpu.copier.d2h(run[0], run[1], run[2])
-                run.clear()
+            for dst, src, n in merge_copies(copies):
+                gpu.copier.d2h(dst, src, n)
+            copies.clear()
         for item, v in zip(allocs, views):
             if not isinstance(v, DeviceBuffer) or item is None:
                 out.append(v)
                 continue
             t0 = item[2]
             if t0 >= 0 and arena is not None:
-                if run and run[0] + run[2] == base + t0 and run[1] + run[2] == v.ptr:
-                    run[2] += len(v)
-                else:
-                    issue()
-                    run += [base + t0, v.ptr, len(v)]  # direct values are never empty
+                copies.append((base + t0, v.ptr, len(v)))  # direct values are never empty
                 landed = _Landed(arena.rw[t0:t0 + len(v)], len(item[1]))
                 out.append(landed)
                 if hasher is not None and hasher.usable(v.ptr, len(v)):
@@ -612,7 +608,7 @@ class Store:
         except KvfsError:  # no CuPy here: nothing to pin for
             return False
         plane.arena_address(self.arena)
-        return bool(plane.capabilities()["arena_pinned"])
+        return plane.arena_pinned()  # (capabilities() would also build the hashing kernels)
 
     def flush(self, timeout: float = 60.0) -> bool:
         """Wait until every put acknowledged so far is written back from T0

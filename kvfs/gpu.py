@@ -248,7 +248,7 @@ class PendingRead:
     def __init__(self, plane: "GpuPlane", group_size: int, ngroups: int, *, events: list[Any] | None = None,
                  futs: list[tuple[_Chunk, Any]] | None = None, bad: set[int] | None = None,
                  done_bad: set[int] | None = None, headers: Callable[[], set[int]] | None = None,
-                 verify: Callable[[int, Any], set[int]] | None = None) -> None:
+                 verify: Callable[[int], set[int]] | None = None) -> None:
         self.plane = plane
         self.group_size = group_size
         self.events = events or []
@@ -267,7 +267,7 @@ class PendingRead:
             self.plane.copier.wait(ev)
             self.bad |= self.plane._kvikio_wait(self.futs.pop(g, []))
             if self._verify is not None:
-                self.bad |= self._verify(g, ev)
+                self.bad |= self._verify(g)
             self.waited[g] = True
         if self._headers is not None:
             self.bad |= self._headers()
@@ -282,19 +282,24 @@ class PendingRead:
         return self.bad
 
 
-def _merged(chunks: list[_Chunk]) -> list[tuple[int, int, int]]:
-    """(dst, src, length) copies, adjacent chunks merged: the chunks of an
-    object, and objects a batch put placed side by side, are contiguous in
-    the arena and usually in the destination too, and one large copy costs
-    far less than many calls."""
+def merge_copies(copies: Sequence[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """(dst, src, length) copies, those adjacent at both ends merged: the
+    chunks of an object, and objects a batch put placed side by side, are
+    contiguous in the arena and usually in the device buffer too, and one
+    large copy costs far less than many calls."""
     out: list[tuple[int, int, int]] = []
-    for ch in chunks:
-        if out and out[-1][0] + out[-1][2] == ch.dst and out[-1][1] + out[-1][2] == ch.src:
-            d, s_, n = out[-1]
-            out[-1] = (d, s_, n + ch.length)
+    for dst, src, n in copies:
+        if out and out[-1][0] + out[-1][2] == dst and out[-1][1] + out[-1][2] == src:
+            d, s_, m = out[-1]
+            out[-1] = (d, s_, m + n)
         else:
-            out.append((ch.dst, ch.src, ch.length))
+            out.append((dst, src, n))
     return out
+
+
+def _merged(chunks: list[_Chunk]) -> list[tuple[int, int, int]]:
+    """Arena-to-device copies of T0 chunks, merged."""
+    return merge_copies([(ch.dst, ch.src, ch.length) for ch in chunks])
 
 
 # --------------------------------------------------------------------- plane
@@ -355,7 +360,7 @@ class GpuPlane:
                 gds = None
         h = self.hasher()
         return {"copier": self.copier.name, "kvikio": self.kvikio is not None,
-                "gds": gds, "arena_pinned": any(self._registered.values()),
+                "gds": gds, "arena_pinned": self.arena_pinned(),
                 "device_hashing": "host" if h is None else f"{h.name} (xxh3 lanes)"}
 
     def hasher(self) -> Any:
@@ -402,6 +407,9 @@ class GpuPlane:
                 if addr not in self._registered:
                     self._registered[addr] = self.copier.register(addr, arena.size)
         return addr
+
+    def arena_pinned(self) -> bool:
+        return any(self._registered.values())
 
     def pool(self) -> Any:
         """Threads that wait for copies and hash what landed (GIL released in both)."""
@@ -556,7 +564,7 @@ class GpuPlane:
             for ch in p.t1:
                 t1_by_group.setdefault(ch.item // group_size, []).append(ch)
 
-            def verify(g: int, ev: Any) -> set[int]:
+            def verify(g: int) -> set[int]:
                 bad: set[int] = set()
                 for check in t0_checks.pop(g, []):
                     bad |= check()

@@ -227,10 +227,11 @@ class HostHasher:
     def start(self, values: Sequence[tuple[int, int]], chunk: int, after: Sequence[Any] = ()) -> HashJob:
         from . import native
         ranges, index = plan_ranges([n for _p, n in values], chunk)
+        per_value: list[list[tuple[int, int]]] = [[] for _ in values]
+        for v, off, length in ranges:  # in value order, as plan_ranges lists them
+            per_value[v].append((off, length))
         raw = bytearray()
-        for v, (ptr, n) in enumerate(values):
-            buf = bytes((ctypes.c_char * n).from_address(ptr))
-            mine = [(off, length) for vv, off, length in ranges if vv == v]
-            for s in native.backend.lanes_hash(buf, mine):
+        for (ptr, n), mine in zip(values, per_value):
+            for s in native.backend.lanes_hash(bytes((ctypes.c_char * n).from_address(ptr)), mine):
                 raw += s
         return HashJob(index, lambda: None, lambda: bytes(raw))
