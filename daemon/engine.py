@@ -941,6 +941,37 @@ class Engine:
                     f"no room for {need} bytes: {used} of {cap} bytes used and nothing more can be "
                     f"evicted (leased or in flight)", needed=need, capacity=cap, used=used)
 
+    def evict(self, to: int, ns: str | None = None) -> dict[str, Any]:
+        """``kvfs evict``: evict least recently used objects (of ``ns``, or
+        of the whole store) until their values total at most ``to`` bytes.
+        Leased objects and those not yet written back from T0 are skipped.
+        Disk space comes back as segments die whole (compaction moves the
+        survivors of mostly-dead ones); the report says what it was and is.
+        Blocking."""
+        if to < 0:
+            raise InvalidArgument("the target size must be >= 0")
+        prefix = None if ns is None else obj_key(normalize_ns(ns), "")
+        with self._evict_lock:
+            disk_before = self.disk_usage()
+            with self._lock:
+                scope = [(ok, m) for ok, m in self.lru.items() if prefix is None or ok.startswith(prefix)]
+                before = sum(m.size for _ok, m in scope)
+                left = before
+                victims: list[bytes] = []
+                skipped = 0
+                for ok, m in scope:  # least recently used first
+                    if left <= to:
+                        break
+                    if m.dirty or self.leases.obj_leased(ok):
+                        skipped += 1
+                        continue
+                    victims.append(ok)
+                    left -= m.size
+            removed = self._remove_objects(victims, reason="evictions") if victims else 0
+        return {"ns": ns, "to": to, "objects": removed, "bytes_before": before, "bytes_after": left,
+                "reached": left <= to, "skipped_in_use": skipped,
+                "disk_before": disk_before, "disk_after": self.disk_usage()}
+
     def _remove_objects(self, oks: list[bytes], reason: str) -> int:
         """Unpublish objects (one commit), then reclaim segments left dead."""
         def job(txn: Any) -> list[bytes]:

@@ -323,6 +323,10 @@ class Server:
             if aborted is not None:
                 await self._thread(eng.abort_put, aborted)
             return None
+        if op == P.EVICT:
+            await self.settle()  # what is still being written back cannot be evicted
+            ns = P.arg(args, "ns", (str, type(None)), None)
+            return await self._thread(eng.evict, P.arg(args, "to", int), ns)
         if op == P.DELETE:
             return await self._thread(eng.delete, P.arg(args, "ns", str), P.arg(args, "keys", list))
         if op in (P.STAT, P.NAMESPACES, P.KEYS):

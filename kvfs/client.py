@@ -622,6 +622,14 @@ class Store:
         return sum(self._call(P.DELETE, {"ns": ns, "keys": ks[i:i + BATCH_KEYS]})
                    for i in range(0, len(ks), BATCH_KEYS))
 
+    def evict(self, to: int, *, ns: str | None = None) -> dict[str, Any]:
+        """Evict least recently used objects (of ``ns``, else of the whole
+        store) until their values total at most ``to`` bytes; objects in use
+        (leased, or not yet written back from T0) stay. Returns what was
+        done: objects, bytes_before/after, reached, skipped_in_use,
+        disk_before/after."""
+        return dict(self._call(P.EVICT, {"to": int(to), "ns": None if ns is None else normalize_ns(ns)}))
+
     # -- reads ----------------------------------------------------------------
     def _path(self, stripe: int, seg: int) -> str:
         return os.path.join(self.stripes[stripe], segment_name(seg))

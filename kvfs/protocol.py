@@ -60,9 +60,10 @@ COMMIT = "commit"
 ABORT = "abort"
 TOUCH = "touch"
 FLUSH = "flush"
+EVICT = "evict"
 
 OPS = frozenset({HELLO, PUT, LOOKUP, RELEASE, CONTAINS, PREFIX_MATCH, DELETE,
-                 STAT, NAMESPACES, KEYS, STATS, REPORT_BAD, ALLOC, COMMIT, ABORT, TOUCH, FLUSH})
+                 STAT, NAMESPACES, KEYS, STATS, REPORT_BAD, ALLOC, COMMIT, ABORT, TOUCH, FLUSH, EVICT})
 
 
 def pack_frame(message: Any, trailer_len: int = 0) -> bytes:

@@ -60,3 +60,35 @@ def test_everything_leased_gives_capacity_error(tmp_path):
             s.put("wide", bytes(14 * MiB))  # cannot fit beside 20 MiB that is leased
         assert "leased" in str(ei.value)
         assert all(s.contains(keys)) and s.get("more39") == bytes(MiB)
+
+
+def test_evict_to_size_lru_first_keeps_what_is_in_use(tmp_path):
+    """`evict`: least recently used first, within a namespace or the whole
+    store, down to the target; an object a reader holds stays; disk space
+    comes back as segments die."""
+    d = DaemonProcess(tmp_path / "s", capacity="512M", extra=["--stripe-unit", "1M", "--segment-size", "4M"])
+    with d, d.connect() as s:
+        vals = {f"k{i}": os.urandom(MiB) for i in range(20)}
+        s.put_many(list(vals), list(vals.values()), ns="a")
+        s.put_many([f"b{i}" for i in range(5)], [os.urandom(MiB)] * 5, ns="b")
+        s.flush()
+        assert s.get("k0", ns="a") == vals["k0"]  # now the most recently used of "a"
+        r = s.evict(5 * MiB, ns="a")
+        left = [k for k, there in zip(vals, s.contains(list(vals), ns="a")) if there]
+        assert left == ["k0", "k16", "k17", "k18", "k19"]  # the most recent ones
+        assert r["reached"] and r["bytes_before"] == 20 * MiB and r["bytes_after"] == 5 * MiB
+        assert r["objects"] == 15 and r["skipped_in_use"] == 0
+        assert r["disk_after"] < r["disk_before"]
+        assert s.contains([f"b{i}" for i in range(5)], ns="b") == [True] * 5  # another namespace: untouched
+        for k in left:
+            assert s.get(k, ns="a") == vals[k]
+        with s.get_view("k17", ns="a") as held:  # leased while the eviction runs
+            r = s.evict(0, ns="a")
+            assert bytes(held) == vals["k17"]
+        assert not r["reached"] and r["skipped_in_use"] == 1 and r["bytes_after"] == MiB
+        assert s.contains(left, ns="a") == [k == "k17" for k in left]
+        everything = s.evict(0)
+        assert everything["reached"] and everything["bytes_after"] == 0
+        assert s.stats()["objects"] == 0
+        with pytest.raises(kvfs.InvalidArgument):
+            s.evict(-1)

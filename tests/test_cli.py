@@ -64,6 +64,22 @@ def test_ls_long_and_du(daemon):
     assert r.returncode == 2 and b"InvalidKey" in r.stderr
 
 
+def test_evict_command(daemon):
+    import kvfs
+    sock = str(daemon.socket)
+    with kvfs.connect(sock) as s:
+        s.put_many([f"e{i}" for i in range(4)], [os.urandom(300_000)] * 4, ns="ev")
+        s.put("keep", b"k" * 1000, ns="other")
+    r = json.loads(kvfs_cmd("evict", "--socket", sock, "--to", "600K", "--ns", "ev", "--json").stdout)
+    assert r["objects"] == 2 and r["bytes_after"] == 600_000 and r["reached"]
+    table = kvfs_cmd("evict", "--socket", sock, "--to", "0", "--ns", "ev").stdout.decode()
+    assert "objects evicted" in table and "-> 0 B" in table
+    with kvfs.connect(sock) as s:
+        assert list(s.keys("ev")) == [] and s.get("keep", ns="other") == b"k" * 1000
+    r = kvfs_cmd("evict", "--socket", sock, "--to", "-5", check=False)
+    assert r.returncode == 2 and b"--to" in r.stderr
+
+
 def test_no_daemon_is_a_clear_error(tmp_path):
     r = kvfs_cmd("stats", "--socket", str(tmp_path / "none.sock"), check=False)
     assert r.returncode == 2 and b"kvfs daemon --socket" in r.stderr
