@@ -42,6 +42,7 @@ from .directory import DirectoryWriter
 from .eviction import choose_victims
 from .index import SEG_OPEN, SEG_SEALED, Extent, Index, ObjEntry, obj_key, split_obj_key
 from .leases import LeaseTable
+from .rootlock import RootLock
 from .t0journal import Journal, Pending, read_pending
 from .tier0 import Tier0
 from .writer import WriterThread
@@ -169,7 +170,12 @@ class Engine:
         self.stripe_unit = cfg.stripe_unit
         assert cfg.capacity is not None
         self.capacity = cfg.capacity
-        self.index = Index(cfg.root, cfg.map_size)
+        self.root_lock = RootLock(cfg.root, "a kvfs daemon")
+        try:
+            self.index = Index(cfg.root, cfg.map_size)
+        except BaseException:
+            self.root_lock.release()
+            raise
         self._lock = threading.Lock()
         self._evict_lock = threading.Lock()
         self.leases = LeaseTable(cfg.lease_timeout)
@@ -223,6 +229,7 @@ class Engine:
                 self.journal.close()  # everything was written back above
             if self.dir is not None:
                 self.dir.close()
+            self.root_lock.release()
 
     def stripe_paths(self) -> list[str]:
         return [str(p) for p in self.cfg.stripes]

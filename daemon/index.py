@@ -100,8 +100,8 @@ def parse_segobj_key(k: bytes) -> tuple[int, int]:
 
 
 class Index:
-    def __init__(self, root: Path, map_size: int):
-        path = root / "index"
+    def __init__(self, root: Path, map_size: int, name: str = "index"):
+        path = root / name
         path.mkdir(parents=True, exist_ok=True)
         # sync/metasync off: the writer calls env.sync() itself, at every
         # commit in sync mode and periodically in fast mode.
