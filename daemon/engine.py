@@ -43,6 +43,7 @@ from .eviction import choose_victims
 from .index import SEG_OPEN, SEG_SEALED, Extent, Index, ObjEntry, obj_key, split_obj_key
 from .leases import LeaseTable
 from .rootlock import RootLock
+from .storecheck import check_record
 from .t0journal import Journal, Pending, read_pending
 from .tier0 import Tier0
 from .writer import WriterThread
@@ -59,9 +60,15 @@ class SegState:
     state: int
     end: int  # reserved end: every reservation lies below it
     live: int = 0  # bytes of published records (header to aligned end)
-    inflight: int = 0  # reservations not yet committed or aborted
+    # reservations not yet committed or aborted: start -> end (a record being
+    # written lies inside one; kvfs verify does not call it an orphan)
+    reserved: dict[int, int] = field(default_factory=dict)
     fd: int = -1
     persisted: bool = False  # has a row in the segments table
+
+    @property
+    def inflight(self) -> int:
+        return len(self.reserved)
 
     def ensure_fd(self) -> int:
         if self.fd < 0:
@@ -374,12 +381,7 @@ class Engine:
                         rep.t0_replay_failed += 1
                         log.error("T0 put %s/%s failed verification in the old arena: not stored", p.ns, p.key)
                         continue
-                    plan = self.prepare_put(p.ns, [(p.key, p.size, p.meta)])
-                    op = plan.items[0]
-                    if op is not None:
-                        self.write_chunks(plan, [(0, i, val[c.chunk_off:c.chunk_off + c.length])
-                                                 for i, c in enumerate(op.chunks)])
-                        self.commit_put(plan, True)
+                    if self._store_value(p.ns, p.key, p.meta, val, True):
                         rep.t0_replayed += 1
                 view.release()
                 if mm is not None:
@@ -388,18 +390,9 @@ class Engine:
                             rep.t0_replayed, rep.t0_replay_failed)
         jpath.unlink(missing_ok=True)
 
-    def _verify_record(self, fd: int, hdr_off: int, ns: str, key: str, e: ObjEntry, i: int) -> bool:
-        ext = e.extents[i]
-        try:
-            head = os.pread(fd, ext.offset - hdr_off, hdr_off)
-            hdr, hlen = fmt.decode_header(head)
-        except (fmt.BadRecord, OSError):
-            return False
-        if (hdr.ns, hdr.key, hdr.seq, hdr.chunk_idx, hdr.length) != (ns, key, e.seq, i, ext.length):
-            return False
-        if fmt.payload_offset(hdr_off, hlen, hdr.length) != ext.offset or hdr.checksum != ext.checksum:
-            return False
-        return fmt.checksum(os.pread(fd, ext.length, ext.offset)) == ext.checksum
+    @staticmethod
+    def _verify_record(fd: int, hdr_off: int, ns: str, key: str, e: ObjEntry, i: int) -> bool:
+        return check_record(fd, hdr_off, ns, key, e, i) is None
 
     # ------------------------------------------------------------------ write
     def prepare_put(self, ns: str, items: list[tuple[Any, int, Any]], *, may_evict: bool = True,
@@ -468,7 +461,7 @@ class Engine:
         hdr, pay, end = fmt.place_record(start, nl, kl, length)
         self._usage += end - start
         seg.end = end
-        seg.inflight += 1
+        seg.reserved[start] = end
         touched.add(seg.seg)
         return ChunkPlan(stripe, seg.seg, hdr, pay, end, length, i * self.stripe_unit, i, start=start)
 
@@ -550,7 +543,7 @@ class Engine:
         nl, kl = len(plan.ns.encode()), len(op.key.encode())
         with self._lock:
             for c in extra:
-                self.segs[c.seg].inflight -= 1  # slack: the segment's space is reclaimed with it
+                self.segs[c.seg].reserved.pop(c.start, None)  # slack: the segment's space is reclaimed with it
             op.chunks = [c for c in op.chunks if c.idx < n]
             dead = [c.seg for c in extra if self._reclaimable(c.seg)]
         self._reclaim(dead)
@@ -896,7 +889,7 @@ class Engine:
                 for c in op.chunks:
                     s = self.segs.get(c.seg)
                     if s is not None:
-                        s.inflight -= 1
+                        s.reserved.pop(c.start, None)
                         done.append(c.seg)
                 op.chunks = []  # released once only
                 if op.t0 >= 0 and op.mem is None and self.t0 is not None:
@@ -1254,6 +1247,108 @@ class Engine:
                 self._remove_objects([obj_key(ns, key)], reason="corrupt_dropped")
                 return True
         return False
+
+    def verify_store(self, deep: bool = False, repair: bool = False,
+                     progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+        """``kvfs verify`` while serving (kvfsd.verify explains the checks).
+        Blocking; clients go on reading and writing. What pass 1 finds
+        broken is checked again under a lease before it counts (an object
+        deleted or moved meanwhile is no problem); pass 2 scans every
+        segment with its own file descriptors, and leaves out records of
+        puts still being written, segments reclaimed during the scan and
+        keys the daemon holds in memory (T0 puts not yet written back)."""
+        from .verify import MAX_LISTED, VerifyReport, check_index, find_orphans
+
+        t0 = time.monotonic()
+        rep = VerifyReport(mode="online", deep=deep)
+        suspects = check_index(self.index, self.segment_fd, deep, rep, progress)
+        rep.broken, rep.broken_count = [], 0
+        broken = []
+        for ns, key, seq in suspects:
+            reason = self._recheck(ns, key, seq, deep)
+            if reason is not None:
+                rep.add_broken(ns, key, reason)
+                broken.append(obj_key(ns, key))
+        with self._lock:
+            segs = [(s.stripe, s.seg, s.path) for s in self.segs.values()]
+        fds: dict[int, int] = {}
+
+        def writing() -> Callable[[int, int], bool]:
+            # taken before find_orphans reads the index: a put commits, then
+            # ends its reservation, so a record is in one or the other
+            with self._lock:
+                busy = {sid: dict(s.reserved) for sid, s in self.segs.items() if s.reserved}
+            return lambda seg, off: any(a <= off < b for a, b in busy.get(seg, {}).items())
+        try:
+            for _st, sid, path in segs:
+                try:
+                    fds[sid] = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue  # reclaimed since
+            orphans = find_orphans(self.index, [(st, sid, fds[sid], os.fstat(fds[sid]).st_size)
+                                                for st, sid, _p in segs if sid in fds], fds, deep, rep, progress,
+                                   writing)
+            with self._lock:
+                orphans = [(ns, k, e) for ns, k, e in orphans
+                           if all(x.seg in self.segs for x in e.extents) and obj_key(ns, k) not in self.lru]
+            rep.orphan_count = len(orphans)
+            rep.orphans = [[ns, k, e.size] for ns, k, e in orphans][:MAX_LISTED]
+            if repair:
+                if broken:
+                    rep.repaired_dropped = self._remove_objects(broken, reason="corrupt_dropped")
+                for ns, k, e in orphans:
+                    rep.repaired_indexed += self._put_again(ns, k, e, fds)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        rep.seconds = time.monotonic() - t0
+        return rep.as_dict()
+
+    def _recheck(self, ns: str, key: str, seq: int, deep: bool) -> str | None:
+        """What is wrong with ``ns``/``key`` (put ``seq``) now, under a lease;
+        None if nothing, or if it is gone or was stored again meanwhile."""
+        from .verify import check_entry
+        ok = obj_key(ns, key)
+        with self._lock:
+            m = self.lru.get(ok)
+            if m is None or m.seq != seq:
+                return None
+            lid = self.leases.grant("verify", [seg for seg, _span in m.spans], [ok], time.monotonic())
+        try:
+            with self.index.env.begin() as txn:
+                e = self.index.get(txn, ns, key)
+            if e is None or e.seq != seq:
+                return None
+            return check_entry(self.segment_fd, ns, key, e, deep)
+        finally:
+            freed = self.release([lid], "verify")
+            if freed:
+                self._reclaim(freed)
+
+    def _put_again(self, ns: str, key: str, e: ObjEntry, fds: dict[int, int]) -> int:
+        """Store an orphan through the put path (a copy: its old records stay
+        dead bytes). 1 if stored, 0 if its key appeared meanwhile or its bytes
+        no longer verify."""
+        data = bytearray()
+        for x in e.extents:
+            chunk = os.pread(fds[x.seg], x.length, x.offset)
+            if fmt.checksum(chunk) != x.checksum:
+                return 0
+            data += chunk
+        return int(self._store_value(ns, key, None, memoryview(data), False))
+
+    def _store_value(self, ns: str, key: str, meta: bytes | None, value: memoryview, sync: bool) -> bool:
+        """Put one value from the daemon itself (blocking). False: the key is there."""
+        plan = self.prepare_put(ns, [(key, len(value), meta)])
+        op = plan.items[0]
+        if op is None:
+            return False
+        try:
+            self.write_chunks(plan, [(0, c.idx, value[c.chunk_off:c.chunk_off + c.length]) for c in op.chunks])
+        except BaseException:
+            self.abort_put(plan)
+            raise
+        return self.commit_put(plan, sync)[0]
 
     def _verify_t0(self, ns: str, key: str, seq: int | None) -> bool:
         """Re-hash an object's T0 copy (any client may write the arena: see

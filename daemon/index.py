@@ -12,6 +12,11 @@ Environment ``<root>/index`` with these named databases:
               each extent carries the checksum of its own chunk.
 ``segobj``    ``seg_id u64be | header_off u64be`` -> ``ns \\0 key``: which
               object owns the record at that offset (recovery, compaction).
+``segdead``   same keys -> ``ns \0 key``: records once published and since
+              unpublished (deleted, evicted, dropped), until their segment
+              goes. A record in neither ``segobj`` nor ``segdead`` was never
+              published, or the index lost it (what ``kvfs verify`` calls
+              an orphan).
 ``segments``  ``seg_id u64be`` -> msgpack ``[stripe, state]``, state
               0 = open, 1 = sealed. A segment file with no row here holds no
               published record.
@@ -105,11 +110,12 @@ class Index:
         path.mkdir(parents=True, exist_ok=True)
         # sync/metasync off: the writer calls env.sync() itself, at every
         # commit in sync mode and periodically in fast mode.
-        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=8, max_readers=4096,
+        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=12, max_readers=4096,
                              sync=False, metasync=False, writemap=False, readahead=False,
                              lock=True)
         self.objects = self.env.open_db(b"objects")
         self.segobj = self.env.open_db(b"segobj")
+        self.segdead = self.env.open_db(b"segdead")
         self.segments = self.env.open_db(b"segments")
         self.namespaces = self.env.open_db(b"namespaces")
         self.meta = self.env.open_db(b"meta")
@@ -145,7 +151,13 @@ class Index:
         e = ObjEntry.decode(bytes(raw))
         for ext, h in zip(e.extents, e.header_offsets):
             txn.delete(segobj_key(ext.seg, h), db=self.segobj)
+            txn.put(segobj_key(ext.seg, h), ok, db=self.segdead)
         return e
+
+    def was_published(self, txn: lmdb.Transaction, seg: int, header_off: int) -> bool:
+        """Whether the record at ``header_off`` of ``seg`` is, or was, published."""
+        k = segobj_key(seg, header_off)
+        return txn.get(k, db=self.segobj) is not None or txn.get(k, db=self.segdead) is not None
 
     def iter_objects(self, txn: lmdb.Transaction) -> Iterator[tuple[str, str, ObjEntry]]:
         with txn.cursor(db=self.objects) as cur:
@@ -194,6 +206,12 @@ class Index:
 
     def delete_segment(self, txn: lmdb.Transaction, seg: int) -> None:
         txn.delete(seg_key(seg), db=self.segments)
+        with txn.cursor(db=self.segdead) as cur:  # its dead records go with it
+            if cur.set_range(segobj_key(seg, 0)):
+                while True:
+                    k = bytes(cur.key())
+                    if not k or parse_segobj_key(k)[0] != seg or not cur.delete():
+                        break
 
     def iter_segments(self, txn: lmdb.Transaction) -> Iterator[tuple[int, int, int]]:
         with txn.cursor(db=self.segments) as cur:

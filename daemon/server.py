@@ -26,6 +26,7 @@ from kvfs import protocol as P
 from kvfs.errors import InvalidArgument, KvfsError, PermissionDenied, ProtocolError
 
 from .engine import Engine, NeedRoom, PutPlan
+from .jobs import Jobs
 
 log = logging.getLogger("kvfsd")
 
@@ -124,6 +125,7 @@ class Server:
         self.connections = 0
         self._nursery: trio.Nursery | None = None
         self._promote_wanted = trio.Event()
+        self.jobs = Jobs()
 
     async def _thread(self, fn: Callable[..., Any], *a: Any) -> Any:
         return await trio.to_thread.run_sync(partial(fn, *a))
@@ -323,6 +325,16 @@ class Server:
             if aborted is not None:
                 await self._thread(eng.abort_put, aborted)
             return None
+        if op == P.VERIFY:
+            deep, repair = P.arg(args, "deep", bool, False), P.arg(args, "repair", bool, False)
+            await self.settle()  # T0 puts reach the index first
+            job = self.jobs.new("verify")
+            assert self._nursery is not None
+            self._nursery.start_soon(self._thread, self.jobs.run, job,
+                                     lambda progress: eng.verify_store(deep, repair, progress))
+            return {"job": job.id}
+        if op == P.JOB:
+            return self.jobs.status(P.arg(args, "id", int))
         if op == P.EVICT:
             await self.settle()  # what is still being written back cannot be evicted
             ns = P.arg(args, "ns", (str, type(None)), None)

@@ -630,6 +630,27 @@ class Store:
         disk_before/after."""
         return dict(self._call(P.EVICT, {"to": int(to), "ns": None if ns is None else normalize_ns(ns)}))
 
+    def verify_store(self, *, deep: bool = False, repair: bool = False,
+               progress: Callable[[str, int, int], None] | None = None, poll: float = 0.2) -> dict[str, Any]:
+        """Reconcile the daemon's index and segments both ways (see ``kvfs
+        verify``) while it serves; ``deep`` hashes every payload, ``repair``
+        drops broken objects and stores orphans again. The daemon runs it as
+        a job; ``progress(phase, done, total)`` is called as it goes.
+        Returns the report."""
+        jid = self._call(P.VERIFY, {"deep": deep, "repair": repair})["job"]
+        return self._wait_job(jid, progress, poll)
+
+    def _wait_job(self, jid: int, progress: Callable[[str, int, int], None] | None, poll: float) -> dict[str, Any]:
+        while True:
+            st = self._call(P.JOB, {"id": jid})
+            if st["state"] == "done":
+                return dict(st["result"])
+            if st["state"] == "failed":
+                raise KvfsError(f"{st['kind']} failed in the daemon: {st['error']}")
+            if progress is not None and st["total"]:
+                progress(st["phase"], st["done"], st["total"])
+            time.sleep(poll)
+
     # -- reads ----------------------------------------------------------------
     def _path(self, stripe: int, seg: int) -> str:
         return os.path.join(self.stripes[stripe], segment_name(seg))

@@ -61,9 +61,12 @@ ABORT = "abort"
 TOUCH = "touch"
 FLUSH = "flush"
 EVICT = "evict"
+VERIFY = "verify"  # starts a job
+JOB = "job"  # a job's progress, then its result
 
 OPS = frozenset({HELLO, PUT, LOOKUP, RELEASE, CONTAINS, PREFIX_MATCH, DELETE,
-                 STAT, NAMESPACES, KEYS, STATS, REPORT_BAD, ALLOC, COMMIT, ABORT, TOUCH, FLUSH, EVICT})
+                 STAT, NAMESPACES, KEYS, STATS, REPORT_BAD, ALLOC, COMMIT, ABORT, TOUCH, FLUSH, EVICT,
+                 VERIFY, JOB})
 
 
 def pack_frame(message: Any, trailer_len: int = 0) -> bytes:
