@@ -45,6 +45,10 @@ class Config:
     allow_uids: list[int] = field(default_factory=list)
     allow_gids: list[int] = field(default_factory=list)
     mount: Path | None = None  # mount the store here (FUSE), if set
+    # background compaction: when dead bytes exceed this share of the
+    # capacity (0: never), segments at least compact_threshold dead are compacted
+    compact_at: float = 0.2
+    compact_threshold: float = 0.5
 
     def resolve(self) -> "Config":
         """Fill defaults, reconcile with the persisted store settings, create

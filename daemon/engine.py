@@ -605,10 +605,13 @@ class Engine:
 
     @staticmethod
     def _record_head(ns: str, op: ObjPlan, ch: ChunkPlan) -> bytes:
+        return Engine.record_head(ns, op.key, len(op.chunks), op.size, op.seq, ch)
+
+    @staticmethod
+    def record_head(ns: str, key: str, nchunks: int, size: int, seq: int, ch: ChunkPlan) -> bytes:
         """A chunk's record header and the padding up to its payload: the
         bytes from ``ch.hdr_off`` to ``ch.payload_off``."""
-        hdr = fmt.RecordHeader(ns, op.key, ch.idx, len(op.chunks), ch.length, op.size,
-                               ch.chunk_off, op.seq, ch.checksum).encode()
+        hdr = fmt.RecordHeader(ns, key, ch.idx, nchunks, ch.length, size, ch.chunk_off, seq, ch.checksum).encode()
         gap = ch.payload_off - ch.hdr_off - len(hdr)
         assert 0 <= gap < fmt.RECORD_ALIGN
         return hdr + bytes(gap)
@@ -1248,6 +1251,29 @@ class Engine:
                 return True
         return False
 
+    def compaction_args(self, threshold: float | None, stripe: str | None) -> tuple[float, int | None]:
+        """``kvfs compact``'s arguments checked: (threshold, stripe index)."""
+        t = self.cfg.compact_threshold if threshold is None else threshold
+        if not 0.0 < t <= 1.0:
+            raise InvalidArgument("the threshold is the share of dead bytes, in (0, 1]")
+        if stripe is None:
+            return t, None
+        paths = [str(p) for p in self.cfg.stripes]
+        want = str(Path(stripe).expanduser().absolute())
+        if want not in paths:
+            raise InvalidArgument(f"{stripe} is not a stripe of this store ({', '.join(paths)})")
+        return t, paths.index(want)
+
+    def compact(self, threshold: float | None = None, stripe: str | None = None,
+                progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+        """``kvfs compact`` (kvfsd.compaction). ``stripe``: a stripe directory."""
+        from .compaction import compact
+        return compact(self, *self.compaction_args(threshold, stripe), progress)
+
+    def dead_bytes(self) -> int:
+        with self._lock:
+            return sum(s.end - s.live for s in self.segs.values())
+
     def verify_store(self, deep: bool = False, repair: bool = False,
                      progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
         """``kvfs verify`` while serving (kvfsd.verify explains the checks).
@@ -1491,7 +1517,8 @@ class Engine:
                 "stripes": per_stripe,
                 "counters": {k: c.get(k, 0) for k in ("puts", "put_bytes", "puts_existing", "hits", "misses",
                                                       "cached_hits", "deletes", "evictions", "corrupt_dropped",
-                                                      "segments_deleted", "inline_put_bytes")},
+                                                      "segments_deleted", "inline_put_bytes", "compactions",
+                                                      "compacted_bytes")},
                 "recovery": vars(self.recovery),
                 "tiers": tiers,
                 "promote_queue": len(self.promote_q),

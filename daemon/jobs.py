@@ -49,8 +49,11 @@ class Jobs:
         self._ids = itertools.count(1)
         self.jobs: dict[int, Job] = {}
 
+    def running(self, kind: str) -> bool:
+        return any(j.kind == kind and j.state == "running" for j in self.jobs.values())
+
     def new(self, kind: str) -> Job:
-        if any(j.kind == kind and j.state == "running" for j in self.jobs.values()):
+        if self.running(kind):
             raise InvalidArgument(f"a {kind} job is already running")
         finished = [j for j in self.jobs.values() if j.state != "running"]
         for j in finished[:max(0, len(finished) - KEEP + 1)]:

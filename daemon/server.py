@@ -26,7 +26,7 @@ from kvfs import protocol as P
 from kvfs.errors import InvalidArgument, KvfsError, PermissionDenied, ProtocolError
 
 from .engine import Engine, NeedRoom, PutPlan
-from .jobs import Jobs
+from .jobs import Job, Jobs
 
 log = logging.getLogger("kvfsd")
 
@@ -144,6 +144,7 @@ class Server:
                 self._nursery = nursery
                 nursery.start_soon(self._expire_loop)
                 nursery.start_soon(self._promote_loop)
+                nursery.start_soon(self._compact_loop)
                 task_status.started()
                 while True:
                     sock, _ = await listener.accept()
@@ -154,6 +155,21 @@ class Server:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+
+    def _start_compaction(self, threshold: float | None, stripe: str | None) -> Job:
+        job = self.jobs.new("compact")
+        assert self._nursery is not None
+        self._nursery.start_soon(self._thread, self.jobs.run, job,
+                                 lambda progress: self.engine.compact(threshold, stripe, progress))
+        return job
+
+    async def _compact_loop(self) -> None:
+        """Background compaction once dead bytes pass their share of the capacity."""
+        eng = self.engine
+        while eng.cfg.compact_at > 0:
+            await trio.sleep(COMPACT_CHECK_S)
+            if eng.dead_bytes() > eng.cfg.compact_at * eng.capacity and not self.jobs.running("compact"):
+                self._start_compaction(None, None)
 
     async def _expire_loop(self) -> None:
         while True:
@@ -333,6 +349,11 @@ class Server:
             self._nursery.start_soon(self._thread, self.jobs.run, job,
                                      lambda progress: eng.verify_store(deep, repair, progress))
             return {"job": job.id}
+        if op == P.COMPACT:
+            threshold = P.arg(args, "threshold", (float, int, type(None)), None)
+            stripe = P.arg(args, "stripe", (str, type(None)), None)
+            eng.compaction_args(None if threshold is None else float(threshold), stripe)  # errors now, not in the job
+            return {"job": self._start_compaction(None if threshold is None else float(threshold), stripe).id}
         if op == P.JOB:
             return self.jobs.status(P.arg(args, "id", int))
         if op == P.EVICT:
@@ -473,7 +494,8 @@ class Server:
             raise
 
 
-SMALL_PUT = 1 << 20  # inline puts up to this many bytes are read on the loop
+SMALL_PUT = 1 << 20
+COMPACT_CHECK_S = float(os.environ.get("KVFS_COMPACT_CHECK_S", "10"))  # how often the daemon looks at its dead bytes  # inline puts up to this many bytes are read on the loop
 
 
 async def wait_future(fut: "Future[Any]") -> Any:

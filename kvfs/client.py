@@ -640,15 +640,23 @@ class Store:
         jid = self._call(P.VERIFY, {"deep": deep, "repair": repair})["job"]
         return self._wait_job(jid, progress, poll)
 
+    def compact(self, *, threshold: float | None = None, stripe: str | None = None,
+                progress: Callable[[str, int, int], None] | None = None, poll: float = 0.2) -> dict[str, Any]:
+        """Compact sealed segments at least ``threshold`` dead (default: the
+        daemon's setting), of one stripe directory or all, while the daemon
+        serves (see ``kvfs compact``). Returns what it did."""
+        jid = self._call(P.COMPACT, {"threshold": threshold, "stripe": stripe})["job"]
+        return self._wait_job(jid, progress, poll)
+
     def _wait_job(self, jid: int, progress: Callable[[str, int, int], None] | None, poll: float) -> dict[str, Any]:
         while True:
             st = self._call(P.JOB, {"id": jid})
-            if st["state"] == "done":
-                return dict(st["result"])
             if st["state"] == "failed":
                 raise KvfsError(f"{st['kind']} failed in the daemon: {st['error']}")
             if progress is not None and st["total"]:
-                progress(st["phase"], st["done"], st["total"])
+                progress(st["phase"], st["done"], st["total"])  # the last one shows the bar full
+            if st["state"] == "done":
+                return dict(st["result"])
             time.sleep(poll)
 
     # -- reads ----------------------------------------------------------------

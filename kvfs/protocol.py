@@ -63,10 +63,11 @@ FLUSH = "flush"
 EVICT = "evict"
 VERIFY = "verify"  # starts a job
 JOB = "job"  # a job's progress, then its result
+COMPACT = "compact"  # starts a job
 
 OPS = frozenset({HELLO, PUT, LOOKUP, RELEASE, CONTAINS, PREFIX_MATCH, DELETE,
                  STAT, NAMESPACES, KEYS, STATS, REPORT_BAD, ALLOC, COMMIT, ABORT, TOUCH, FLUSH, EVICT,
-                 VERIFY, JOB})
+                 VERIFY, JOB, COMPACT})
 
 
 def pack_frame(message: Any, trailer_len: int = 0) -> bytes:

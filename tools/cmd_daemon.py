@@ -35,6 +35,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="also allow peers whose primary gid is one of these (repeatable)")
     p.add_argument("--mount", default=None, metavar="DIR",
                    help="also mount the store at DIR (FUSE: /<namespace>/<key> files, /.kvfs/stats)")
+    p.add_argument("--compact-at", type=float, default=0.2, metavar="SHARE",
+                   help="compact in the background once dead bytes exceed this share of the capacity "
+                        "(default 0.2; 0: only when asked, kvfs compact)")
+    p.add_argument("--compact-threshold", type=float, default=0.5, metavar="R",
+                   help="segments at least this share dead are compacted (default 0.5)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -61,5 +66,7 @@ def run(args: argparse.Namespace) -> int:
         mount=Path(args.mount).absolute() if args.mount else None,
         allow_uids=args.allow_uid,
         allow_gids=args.allow_gid,
+        compact_at=args.compact_at,
+        compact_threshold=args.compact_threshold,
     )
     return run_daemon(cfg)
