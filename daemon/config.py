@@ -49,6 +49,7 @@ class Config:
     # capacity (0: never), segments at least compact_threshold dead are compacted
     compact_at: float = 0.2
     compact_threshold: float = 0.5
+    metrics_port: int | None = None  # serve Prometheus metrics on 127.0.0.1:<port>
 
     def resolve(self) -> "Config":
         """Fill defaults, reconcile with the persisted store settings, create

@@ -48,9 +48,16 @@ def run(cfg: Config) -> int:
              cfg.root, len(cfg.stripes), engine.capacity, cfg.durability, rep.seconds, len(engine.lru))
     assert cfg.socket is not None
     server = Server(engine, cfg.socket, cfg.socket_mode)
+    metrics = None
     try:
+        if cfg.metrics_port is not None:
+            from .metrics import serve_prometheus  # prometheus-client only when asked for
+            metrics = serve_prometheus(cfg.metrics_port, server.snapshot)
+            log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", cfg.metrics_port)
         trio.run(_serve, server, cfg.mount)
     finally:
+        if metrics is not None:
+            metrics.shutdown()
         engine.close()
         log.info("index committed; bye")
     return 0

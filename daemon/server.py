@@ -15,6 +15,7 @@ import os
 import select
 import socket as stdsocket
 import struct
+import time
 from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
@@ -27,6 +28,7 @@ from kvfs.errors import InvalidArgument, KvfsError, PermissionDenied, ProtocolEr
 
 from .engine import Engine, NeedRoom, PutPlan
 from .jobs import Job, Jobs
+from .metrics import RequestStats
 
 log = logging.getLogger("kvfsd")
 
@@ -126,6 +128,7 @@ class Server:
         self._nursery: trio.Nursery | None = None
         self._promote_wanted = trio.Event()
         self.jobs = Jobs()
+        self.requests = RequestStats()  # latency per op (kvfs stats, Prometheus)
 
     async def _thread(self, fn: Callable[..., Any], *a: Any) -> Any:
         return await trio.to_thread.run_sync(partial(fn, *a))
@@ -155,6 +158,13 @@ class Server:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+
+    def snapshot(self) -> dict[str, Any]:
+        """The engine's stats, plus what only the server knows (blocking)."""
+        st = self.engine.stats()
+        st["connections"] = self.connections
+        st["requests"] = self.requests.snapshot()
+        return st
 
     def _start_compaction(self, threshold: float | None, stripe: str | None) -> Job:
         job = self.jobs.new("compact")
@@ -244,10 +254,15 @@ class Server:
                     if op != P.PUT and tlen:
                         await conn.skip(tlen)
                         raise ProtocolError(f"op {op!r} takes no trailer")
-                    if op == P.PUT:
-                        result = await self._put(conn, args, tlen)
-                    else:
-                        result = await self._dispatch(conn, op, args)
+                    started = time.perf_counter()
+                    try:
+                        if op == P.PUT:
+                            result = await self._put(conn, args, tlen)
+                        else:
+                            result = await self._dispatch(conn, op, args)
+                    finally:
+                        if op in P.OPS:
+                            self.requests.observe(op, time.perf_counter() - started)
                     reply = P.reply_ok(req_id, result)
                 except KvfsError as e:
                     reply = P.reply_err(req_id, e)
@@ -379,9 +394,7 @@ class Server:
             keys, more = await self._thread(eng.keys, P.arg(args, "ns", str), after, limit)
             return {"keys": keys, "more": more}
         if op == P.STATS:
-            st = await self._thread(eng.stats)
-            st["connections"] = self.connections
-            return st
+            return await self._thread(self.snapshot)
         if op == P.FLUSH:
             return await self.settle(P.arg(args, "timeout", (int, float), 60.0))
         if op == P.REPORT_BAD:

@@ -40,6 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "(default 0.2; 0: only when asked, kvfs compact)")
     p.add_argument("--compact-threshold", type=float, default=0.5, metavar="R",
                    help="segments at least this share dead are compacted (default 0.5)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -68,5 +70,6 @@ def run(args: argparse.Namespace) -> int:
         allow_gids=args.allow_gid,
         compact_at=args.compact_at,
         compact_threshold=args.compact_threshold,
+        metrics_port=args.metrics_port,
     )
     return run_daemon(cfg)

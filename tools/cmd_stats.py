@@ -15,7 +15,24 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="show store statistics (a table; --json for machines)")
     add_socket_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
+                   help="redraw every SECONDS (default 2) with rates since the last draw; Ctrl-C ends")
     return p
+
+
+def _ms(s: float) -> str:
+    return "-" if s == 0 else (f"{s * 1e3:.2f} ms" if s != float("inf") else "> 10 s")
+
+
+def rates(prev: dict[str, Any], cur: dict[str, Any], seconds: float) -> list[list[Any]]:
+    """Per-second rates between two snapshots."""
+    a, b = prev["counters"], cur["counters"]
+    d = {k: (b.get(k, 0) - a.get(k, 0)) / seconds for k in b}
+    lookups = d["hits"] + d["misses"]
+    return [["puts", f"{d['puts']:.0f}/s ({format_size(d['put_bytes'])}/s)"],
+            ["lookups", f"{lookups:.0f}/s" + (f" ({100 * d['hits'] / lookups:.1f}% hit)" if lookups else "")],
+            ["deletes / evictions", f"{d['deletes']:.0f}/s / {d['evictions']:.0f}/s"],
+            ["compaction", f"{format_size(d.get('compacted_bytes', 0))}/s copied"]]
 
 
 def format_stats(st: dict[str, Any]) -> str:
@@ -33,6 +50,7 @@ def format_stats(st: dict[str, Any]) -> str:
         ["hits / misses", f"{c['hits']} / {c['misses']}" + (f" ({100 * c['hits'] / lookups:.1f}% hit)" if lookups else "")],
         ["puts", f"{c['puts']} ({format_size(c['put_bytes'])}), {c['puts_existing']} already there"],
         ["deletes / evictions", f"{c['deletes']} / {c['evictions']}"],
+        ["compactions", f"{c.get('compactions', 0)} segments ({format_size(c.get('compacted_bytes', 0))} copied)"],
         ["corrupt dropped", c["corrupt_dropped"]],
         ["uptime", f"{st['uptime_s']:.0f} s"],
     ]
@@ -42,6 +60,10 @@ def format_stats(st: dict[str, Any]) -> str:
                        for s in st["stripes"]]))
     out += ["", render(["tier", "capacity", "objects", "bytes", "hits", "misses", "evictions", "promotions",
                         "write-back backlog"], tier_rows(st))]
+    if st.get("requests"):
+        out += ["", render(["request", "count", "p50", "p99", "mean"],
+                           [[op, h["count"], _ms(h["p50_s"]), _ms(h["p99_s"]), _ms(h["sum_s"] / max(1, h["count"]))]
+                            for op, h in st["requests"].items()])]
     if st["namespaces"]:
         out += ["", render(["namespace", "objects"], sorted(st["namespaces"].items()))]
     if "client" in st:
@@ -70,5 +92,29 @@ def run(args: argparse.Namespace) -> int:
     with kvfs.connect(args.socket) as store:
         st = store.stats()
         st["client"] = store.capabilities()  # what a client on this machine can use (CUDA, kvikio, GDS)
-    print(json.dumps(st, indent=2, sort_keys=True) if args.json else format_stats(st))
-    return 0
+        if args.watch is None:
+            print(json.dumps(st, indent=2, sort_keys=True) if args.json else format_stats(st))
+            return 0
+        return watch(store, st, args.watch, args.json)
+
+
+def watch(store: Any, st: dict[str, Any], every: float, as_json: bool) -> int:
+    """Redraw (or, with --json, print one line per snapshot) until Ctrl-C."""
+    import time
+    client = st.pop("client")
+    prev, t_prev = st, time.monotonic()
+    try:
+        while True:
+            time.sleep(every)
+            cur, now = store.stats(), time.monotonic()
+            r = rates(prev, cur, now - t_prev)
+            if as_json:
+                print(json.dumps({"stats": cur, "rates": dict(r)}), flush=True)
+            else:
+                cur["client"] = client
+                print("\033[H\033[2J" + render([f"last {now - t_prev:.1f} s", ""], r) + "\n\n" + format_stats(cur),
+                      flush=True)
+                cur.pop("client")
+            prev, t_prev = cur, now
+    except KeyboardInterrupt:
+        return 0

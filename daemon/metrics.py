@@ -1,0 +1,136 @@
+"""Request latency histograms, and the Prometheus endpoint.
+
+Every request the daemon serves is timed per op (``Server._handle``) into a
+fixed-bucket histogram: cheap to update on the event loop, exact counts,
+quantiles to the bucket. ``kvfs stats`` shows p50/p99 per op; with
+``--metrics-port`` the daemon also serves Prometheus metrics on loopback
+(prometheus-client, imported only then), read from the same numbers at
+scrape time, so nothing is counted twice.
+"""
+from __future__ import annotations
+
+import bisect
+from typing import Any, Callable, Iterator
+
+# upper bounds in seconds: 25 us .. 10 s, about x2.5 apart
+BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3,
+           500e-3, 1.0, 2.5, 5.0, 10.0)
+
+
+class Histogram:
+    __slots__ = ("counts", "count", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)  # the last: above every bound
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.count += 1
+        self.sum += seconds
+
+    def quantile(self, q: float) -> float:
+        """The upper bound of the bucket holding the q-quantile (inf past the last)."""
+        if not self.count:
+            return 0.0
+        rank = q * self.count
+        seen = 0
+        for bound, n in zip(BUCKETS + (float("inf"),), self.counts):
+            seen += n
+            if seen >= rank:
+                return bound
+        return float("inf")
+
+    def snapshot(self) -> dict[str, Any]:
+        cum, out = 0, []
+        for bound, n in zip(BUCKETS, self.counts):
+            cum += n
+            out.append([bound, cum])
+        return {"count": self.count, "sum_s": self.sum, "p50_s": self.quantile(0.5), "p99_s": self.quantile(0.99),
+                "buckets": out}
+
+
+class RequestStats:
+    def __init__(self) -> None:
+        self.ops: dict[str, Histogram] = {}
+
+    def observe(self, op: str, seconds: float) -> None:
+        h = self.ops.get(op)
+        if h is None:
+            h = self.ops[op] = Histogram()
+        h.observe(seconds)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {op: h.snapshot() for op, h in sorted(self.ops.items())}
+
+
+def prometheus_families(st: dict[str, Any]) -> Iterator[Any]:
+    """Metric families from one ``stats`` snapshot (names per Prometheus
+    conventions: base units, ``_total`` for counters)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    def gauge(name: str, doc: str, value: float, labels: dict[str, str] | None = None) -> Any:
+        g = GaugeMetricFamily(name, doc, labels=list(labels or {}))
+        g.add_metric(list((labels or {}).values()), value)
+        return g
+
+    yield gauge("kvfs_capacity_bytes", "Bytes the stripes may use.", st["capacity_bytes"])
+    yield gauge("kvfs_disk_bytes", "Bytes the segments take on disk.", st["disk_bytes"])
+    yield gauge("kvfs_live_bytes", "Bytes of published records.", st["live_bytes"])
+    yield gauge("kvfs_dead_bytes", "Bytes of segments no object needs (compaction and eviction free them).",
+                st["dead_bytes"])
+    yield gauge("kvfs_objects", "Objects stored.", st["objects"])
+    yield gauge("kvfs_logical_bytes", "Bytes of the values stored.", st["logical_bytes"])
+    yield gauge("kvfs_segments", "Segment files.", st["segments"])
+    yield gauge("kvfs_leases", "Leases held by readers.", st["leases"])
+    yield gauge("kvfs_connections", "Client connections open.", st.get("connections", 0))
+    stripe = GaugeMetricFamily("kvfs_stripe_disk_bytes", "Bytes on disk per stripe.", labels=["stripe"])
+    for s in st["stripes"]:
+        stripe.add_metric([s["path"]], s["disk_bytes"])
+    yield stripe
+    ns = GaugeMetricFamily("kvfs_namespace_objects", "Objects per namespace.", labels=["namespace"])
+    for name, n in st["namespaces"].items():
+        ns.add_metric([name], n)
+    yield ns
+    tier_bytes = GaugeMetricFamily("kvfs_tier_bytes", "Bytes of values held per tier.", labels=["tier"])
+    tier_objs = GaugeMetricFamily("kvfs_tier_objects", "Objects held per tier.", labels=["tier"])
+    hits = CounterMetricFamily("kvfs_tier_hits", "Lookups answered per tier.", labels=["tier"])
+    for tier, t in st["tiers"].items():
+        if "bytes" in t:
+            tier_bytes.add_metric([tier], t["bytes"])
+            tier_objs.add_metric([tier], t["objects"])
+            hits.add_metric([tier], t["hits"])
+    yield tier_bytes
+    yield tier_objs
+    yield hits
+    c = st["counters"]
+    for key, doc in (("puts", "Objects stored by puts."), ("put_bytes", "Bytes stored by puts."),
+                     ("hits", "Lookups that found the key."), ("misses", "Lookups that did not."),
+                     ("deletes", "Objects deleted."), ("evictions", "Objects evicted."),
+                     ("corrupt_dropped", "Objects dropped for failing their checksums."),
+                     ("compactions", "Segments freed by compaction."),
+                     ("compacted_bytes", "Bytes copied forward by compaction."),
+                     ("segments_deleted", "Segment files removed.")):
+        yield CounterMetricFamily("kvfs_" + key, doc, value=c.get(key, 0))  # exposed as kvfs_<key>_total
+    lat = HistogramMetricFamily("kvfs_request_duration_seconds", "Time to serve a request, per op.",
+                                labels=["op"])
+    for op, h in st.get("requests", {}).items():
+        buckets = [(repr(b), n) for b, n in h["buckets"]] + [("+Inf", h["count"])]
+        lat.add_metric([op], buckets, h["sum_s"])
+    yield lat
+
+
+def serve_prometheus(port: int, snapshot: Callable[[], dict[str, Any]]) -> Any:
+    """Serve /metrics on 127.0.0.1:``port`` from ``snapshot()`` at each scrape
+    (a thread of prometheus-client). Returns the HTTP server."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    class Collector:
+        def collect(self) -> Iterator[Any]:
+            yield from prometheus_families(snapshot())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector())  # type: ignore[arg-type]
+    started = start_http_server(port, addr="127.0.0.1", registry=registry)
+    return started[0] if isinstance(started, tuple) else started
