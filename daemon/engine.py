@@ -1046,6 +1046,12 @@ class Engine:
         for s in doomed:
             s.close()
             try:
+                # emptied first: a client may still hold the file open (its
+                # data plane caches descriptors), and an unlinked file keeps
+                # its blocks while any descriptor does. No lease pins it, so
+                # no reader may rely on its bytes: a stale one reads short
+                # and looks up again.
+                os.truncate(s.path, 0)
                 os.unlink(s.path)
             except FileNotFoundError:
                 pass

@@ -324,13 +324,16 @@ class Store:
         self.close()
 
     # -- writes ---------------------------------------------------------------
-    def put(self, key: str | bytes, data: Any, *, ns: str = "default", meta: dict[str, Any] | None = None) -> bool:
+    def put(self, key: str | bytes, data: Any, *, ns: str = "default", meta: dict[str, Any] | None = None,
+            sync: bool = False) -> bool:
         """Store ``data`` under ``key``. False if the key was already there
-        (objects are immutable: the existing bytes are kept)."""
-        return self.put_many([key], [data], ns=ns, metas=[meta])[0]
+        (objects are immutable: the existing bytes are kept). ``sync``:
+        return only once it is on disk and in the index (as the daemon's
+        ``sync`` durability does for every put)."""
+        return self.put_many([key], [data], ns=ns, metas=[meta], sync=sync)[0]
 
     def put_many(self, keys: Sequence[str | bytes], datas: Sequence[Any], *, ns: str = "default",
-                 metas: Sequence[dict[str, Any] | None] | None = None) -> list[bool]:
+                 metas: Sequence[dict[str, Any] | None] | None = None, sync: bool = False) -> list[bool]:
         ns = normalize_ns(ns)
         ks = normalize_keys(keys)
         if len(datas) != len(ks) or (metas is not None and len(metas) != len(ks)):
@@ -351,15 +354,15 @@ class Store:
         for idx, fn in ((inline, self._put_inline), (direct, self._put_direct)):
             for b in range(0, len(idx), BATCH_KEYS):
                 sel = idx[b:b + BATCH_KEYS]
-                got = fn(ns, [[ks[i], len(views[i]), raw_metas[i]] for i in sel], [views[i] for i in sel])
+                got = fn(ns, [[ks[i], len(views[i]), raw_metas[i]] for i in sel], [views[i] for i in sel], sync)
                 for i, g in zip(sel, got):
                     out[i] = g
         return out
 
-    def _put_inline(self, ns: str, items: list[list[Any]], views: list[memoryview]) -> list[bool]:
-        return list(self._call(P.PUT, {"ns": ns, "items": items}, views))
+    def _put_inline(self, ns: str, items: list[list[Any]], views: list[memoryview], sync: bool) -> list[bool]:
+        return list(self._call(P.PUT, {"ns": ns, "items": items, "sync": sync}, views))
 
-    def _put_direct(self, ns: str, items: list[list[Any]], views: list[Any]) -> list[bool]:
+    def _put_direct(self, ns: str, items: list[list[Any]], views: list[Any], sync: bool) -> list[bool]:
         """alloc -> copy payloads into the arena extents (T0) or write them
         into the reserved T1 extents -> commit with their checksums.
 
@@ -385,11 +388,11 @@ class Store:
                 open_puts.append(res["put"])
                 fill = self._start_fill(res["items"], views[a:b], arena)
                 if inflight is not None:
-                    stored += self._commit(ns, gen, *inflight)
+                    stored += self._commit(ns, gen, *inflight, sync)
                     open_puts.pop(0)
                 inflight = (res, items[a:b], fill)
             if inflight is not None:
-                stored += self._commit(ns, gen, *inflight)
+                stored += self._commit(ns, gen, *inflight, sync)
                 open_puts.pop(0)
         except BaseException as e:
             if dev and self._gpu is not None:
@@ -408,9 +411,9 @@ class Store:
         return stored
 
     def _commit(self, ns: str, gen: int, res: dict[str, Any], items: list[list[Any]],
-                fill: Callable[[], list[Any]]) -> list[bool]:
+                fill: Callable[[], list[Any]], sync: bool) -> list[bool]:
         sums = fill()
-        stored = list(self._call(P.COMMIT, {"put": res["put"], "sums": sums}))
+        stored = list(self._call(P.COMMIT, {"put": res["put"], "sums": sums, "sync": sync}))
         if self._locs is not None:
             # the writer knows where its values went: a get of them by this
             # process needs no lookup (same rules as any cached location)

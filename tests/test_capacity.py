@@ -92,3 +92,25 @@ def test_evict_to_size_lru_first_keeps_what_is_in_use(tmp_path):
         assert s.stats()["objects"] == 0
         with pytest.raises(kvfs.InvalidArgument):
             s.evict(-1)
+
+
+def test_a_reclaimed_segment_frees_its_space_while_a_client_holds_it_open(tmp_path):
+    """Clients cache segment descriptors (their data plane writes and reads
+    segments directly); an unlinked file keeps its blocks while any
+    descriptor does, so the daemon empties a segment before unlinking it."""
+    d = DaemonProcess(tmp_path / "s", capacity="512M", shm_size=0, extra=["--segment-size", "8M"])
+    with d, d.connect() as s:
+        keys = [f"k{i}" for i in range(12)]
+        vals = [os.urandom(MiB) for _ in keys]
+        s.put_many(keys, vals)  # direct: this client writes the payloads itself
+        assert s.get_many_into(keys, [bytearray(MiB) for _ in keys]) == [MiB] * 12
+        assert s.delete(keys) == 12
+        held = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if "seg-" in target and target.endswith("(deleted)"):
+                held.append(os.fstat(int(fd)).st_size)
+        assert held and all(n == 0 for n in held), held
