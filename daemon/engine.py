@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable
 
+import lmdb
 import xxhash
 
 from kvfs import format as fmt
-from kvfs.errors import CapacityError, InvalidArgument, NotFound
+from kvfs.errors import CapacityError, InvalidArgument, KvfsError, NotFound
 from kvfs.generation import Generation
 from kvfs.keys import normalize_key, normalize_keys, normalize_ns
 from kvfs.meta import encode_meta
@@ -180,8 +181,10 @@ class Engine:
         self.root_lock = RootLock(cfg.root, "a kvfs daemon")
         try:
             self.index = Index(cfg.root, cfg.map_size)
-        except BaseException:
+        except BaseException as e:
             self.root_lock.release()
+            if isinstance(e, lmdb.Error):
+                raise _damaged(cfg.root, e) from None
             raise
         self._lock = threading.Lock()
         self._evict_lock = threading.Lock()
@@ -203,7 +206,16 @@ class Engine:
         self.writer = WriterThread(self.index.env, on_idle=self._flush_atimes)
         self.dir: DirectoryWriter | None = DirectoryWriter(cfg.root, cfg.dir_slots, cfg.socket_mode) \
             if cfg.dir_slots else None
-        self.recovery = self._recover()
+        try:
+            self.recovery = self._recover()
+        except lmdb.Error as e:
+            try:
+                self.writer.stop()
+                self.index.env.close()
+            except lmdb.Error:
+                pass
+            self.root_lock.release()
+            raise _damaged(cfg.root, e) from None
         # T0 starts empty after every start: nothing in an old arena is
         # trusted, except what the journal says was owed to T1, verified.
         self.t0: Tier0 | None = None
@@ -1531,6 +1543,11 @@ class Engine:
                 "directory": self.dir.stats() if self.dir is not None else None,
             }
         return out
+
+
+def _damaged(root: Path, e: Exception) -> KvfsError:
+    return KvfsError(f"the index at {root / 'index'} is damaged ({e}); the segments hold everything needed "
+                     f"to rebuild it: kvfs rebuild-index --root {root}")
 
 
 class NeedRoom(Exception):

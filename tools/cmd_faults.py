@@ -29,13 +29,14 @@ def summary(name: str, r: dict[str, Any]) -> str:
                 f"{r['reads_checked']} reads checked: {r['sync_lost']} sync lost, {r['wrong_bytes']} wrong bytes, "
                 f"{r['fast_lost']} fast lost; recovery {rec['median'] * 1e3:.1f} ms median "
                 f"({rec['max'] * 1e3:.1f} max), restart to serving {rs['median']:.2f} s median; "
-                f"{r['compactions']} compactions; {r['orphans_after']} orphans left by cut puts")
+                f"{r['compactions_finished']} of {r['cycles']} compactions finished before their kill "
+                f"({r['segments_compacted']} segments freed); {r['orphans_after']} orphans left by cut puts")
     elif name == "diskfull":
         body = f"{r['stored_before_full']} values stored, then: {r['error']!r}; readable, space back after deletes"
     elif name == "corrupt":
         body = (f"{r['payload_flips']} payload + {r['header_flips']} header flips: {r['dropped_by_recovery']} "
                 f"dropped by recovery, {r['verify_found']} found by verify, "
-                f"{r['served_wrong']} served wrong, {r['refused']} refused; index ({r['index_flips']} flips): {r['index']}")
+                f"{r['served_wrong']} served wrong, {r['refused']} refused; index ({r['index_pages_garbled']} pages garbled): {r['index']}")
     elif name == "fuzz":
         body = (f"{r['frames_tried']} frames in {r['seconds']:.0f} s, {r['mount_operations_tried']} bad mount "
                 "operations; daemon up, data intact")
