@@ -153,10 +153,10 @@ def _compact_segment(eng: "Engine", sid: int, rep: dict[str, Any]) -> None:
                 continue
             for sid_, span in m.spans:
                 if sid_ in eng.segs:
-                    eng.segs[sid_].live -= span
+                    eng.segs[sid_].drop_live(span)
             m.spans = tuple((x.seg, sp) for x, sp in zip(e.extents, e.spans))
             for sid_, span in m.spans:
-                eng.segs[sid_].live += span
+                eng.segs[sid_].add_live(span)
             m.exts = [x.wire() for x in e.extents]
             m.rewire()
             eng._dir_put(ok, m)

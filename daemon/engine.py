@@ -61,11 +61,20 @@ class SegState:
     state: int
     end: int  # reserved end: every reservation lies below it
     live: int = 0  # bytes of published records (header to aligned end)
+    records: int = 0  # published records (chunks) in it
     # reservations not yet committed or aborted: start -> end (a record being
     # written lies inside one; kvfs verify does not call it an orphan)
     reserved: dict[int, int] = field(default_factory=dict)
     fd: int = -1
     persisted: bool = False  # has a row in the segments table
+
+    def add_live(self, span: int) -> None:
+        self.live += span
+        self.records += 1
+
+    def drop_live(self, span: int) -> None:
+        self.live -= span
+        self.records -= 1
 
     @property
     def inflight(self) -> int:
@@ -349,7 +358,7 @@ class Engine:
             self._dir_put(ok, m)
             for seg, span in m.spans:
                 if seg in self.segs:
-                    self.segs[seg].live += span
+                    self.segs[seg].add_live(span)
             self.ns_objects[ns] += 1
             self.logical_bytes += e.size
         self._usage = sum(st.end for st in self.segs.values())
@@ -739,7 +748,7 @@ class Engine:
                     continue
                 m = MemEntry.of(e)
                 for seg, span in m.spans:
-                    self.segs[seg].live += span
+                    self.segs[seg].add_live(span)
                 self.lru[obj_key(ns, op.key)] = m
                 self._dir_put(obj_key(ns, op.key), m)
                 self.ns_objects[ns] += 1
@@ -875,7 +884,7 @@ class Engine:
         if e is not None and self.lru.get(ok) is m and not m.deleted:
             m.spans = tuple((x.seg, sp) for x, sp in zip(e.extents, e.spans))
             for seg, span in m.spans:
-                self.segs[seg].live += span
+                self.segs[seg].add_live(span)
             m.rewire()
             self._dir_put(ok, m)
             return
@@ -1025,7 +1034,7 @@ class Engine:
                 for seg, span in m.spans:  # () while dirty: never counted
                     s = self.segs.get(seg)
                     if s is not None:
-                        s.live -= span
+                        s.drop_live(span)
                         segs.append(seg)
             self.counters[reason] += len(removed)
             if removed:
@@ -1510,7 +1519,8 @@ class Engine:
                 segs = [s for s in self.segs.values() if s.stripe == si]
                 per_stripe.append({"path": str(p), "segments": len(segs),
                                    "disk_bytes": sum(s.end for s in segs),
-                                   "live_bytes": sum(s.live for s in segs)})
+                                   "live_bytes": sum(s.live for s in segs),
+                                   "chunks": sum(s.records for s in segs)})
             used = sum(s.end for s in self.segs.values())
             live = sum(s.live for s in self.segs.values())
             c = dict(self.counters)

@@ -86,9 +86,12 @@ def prometheus_families(st: dict[str, Any]) -> Iterator[Any]:
     yield gauge("kvfs_leases", "Leases held by readers.", st["leases"])
     yield gauge("kvfs_connections", "Client connections open.", st.get("connections", 0))
     stripe = GaugeMetricFamily("kvfs_stripe_disk_bytes", "Bytes on disk per stripe.", labels=["stripe"])
+    chunks = GaugeMetricFamily("kvfs_stripe_chunks", "Published records (chunks) per stripe.", labels=["stripe"])
     for s in st["stripes"]:
         stripe.add_metric([s["path"]], s["disk_bytes"])
+        chunks.add_metric([s["path"]], s["chunks"])
     yield stripe
+    yield chunks
     ns = GaugeMetricFamily("kvfs_namespace_objects", "Objects per namespace.", labels=["namespace"])
     for name, n in st["namespaces"].items():
         ns.add_metric([name], n)

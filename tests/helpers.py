@@ -2,8 +2,10 @@
 be recomputed anywhere), call counting, raw replies, on-disk corruption."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import threading
 
 
 def value_for(i: int, max_size: int = 300_000) -> bytes:
@@ -57,3 +59,31 @@ def put_and_corrupt(s, key: str, ns: str, size: int, at: int) -> bytes:
     finally:
         os.close(fd)
     return data
+
+
+@contextlib.contextmanager
+def churning(d, step):
+    """Run ``step(client, i)`` for i = 0, 1, ... on a thread with its own
+    client of daemon ``d`` while the block runs; its first error is raised
+    at the end of the block."""
+    stop = threading.Event()
+    errors = []
+
+    def loop():
+        try:
+            with d.connect() as w:
+                i = 0
+                while not stop.is_set():
+                    step(w, i)
+                    i += 1
+        except Exception as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+    t = threading.Thread(target=loop)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+    if errors:
+        raise errors[0]

@@ -40,6 +40,7 @@ def test_stats_and_prometheus(tmp_path):
             s.get(f"k{i}", ns="m")
         s.flush()
         st = s.stats()
+        assert sum(x["chunks"] for x in st["stripes"]) == 20  # one chunk each, once written back
         req = st["requests"]
         assert {"hello", "alloc", "commit"} <= set(req)  # a batch put is alloc + commit
         assert all(h["count"] > 0 and 0 < h["p50_s"] <= h["p99_s"] for h in req.values())
@@ -51,6 +52,7 @@ def test_stats_and_prometheus(tmp_path):
         lat = [x for x in fams["kvfs_request_duration_seconds"].samples if x.name.endswith("_count")]
         assert {x.labels["op"] for x in lat} >= {"hello"} and all(x.value > 0 for x in lat)
         assert {x.labels["tier"] for x in fams["kvfs_tier_bytes"].samples} == {"T0", "T1"}
+        assert sum(x.value for x in fams["kvfs_stripe_chunks"].samples) == 20
         table = subprocess.run([sys.executable, "-m", "kvfstools.cli", "stats", "--socket", str(d.socket)],
                                capture_output=True, check=True).stdout.decode()
         assert "request" in table and "p99" in table and "compactions" in table

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import xxhash
 
-import kvfs
 from kvfs import _native_py, native
 
 try:

@@ -10,7 +10,6 @@ import time
 import numpy as np
 import pytest
 
-import kvfs
 from kvfs import DaemonUnavailable, NotFound
 from helpers import count_calls
 from kvfsd.testing import DaemonProcess

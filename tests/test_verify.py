@@ -5,11 +5,10 @@ import json
 import os
 import subprocess
 import sys
-import threading
 
 import lmdb
 
-from helpers import put_and_corrupt
+from helpers import churning, put_and_corrupt
 from kvfs import format as fmt
 from kvfsd.index import obj_key, segobj_key
 from kvfsd.testing import DaemonProcess
@@ -124,31 +123,16 @@ def test_online_verify_under_writes_and_deletes_reports_nothing_false(tmp_path):
     d = DaemonProcess(tmp_path / "s", stripes=2, capacity="1G", shm_size=0, extra=["--stripe-unit", "1M"])
     with d, d.connect() as s:
         _fill(s, 10)
-        stop = threading.Event()
-        errors = []
 
-        def churn():
-            try:
-                with d.connect() as w:
-                    i = 0
-                    while not stop.is_set():
-                        w.put_many([f"c{i}-{j}" for j in range(5)], [os.urandom(100_000 + 150_000 * j) for j in range(5)],
-                                   ns="churn")
-                        if i >= 2:
-                            w.delete([f"c{i - 2}-{j}" for j in range(5)], ns="churn")
-                        i += 1
-            except Exception as e:  # noqa: BLE001
-                errors.append(e)
-        t = threading.Thread(target=churn)
-        t.start()
-        try:
+        def step(w, i):
+            w.put_many([f"c{i}-{j}" for j in range(5)], [os.urandom(100_000 + 150_000 * j) for j in range(5)],
+                       ns="churn")
+            if i >= 2:
+                w.delete([f"c{i - 2}-{j}" for j in range(5)], ns="churn")
+        with churning(d, step):
             for _ in range(15):
                 r = s.verify_store(deep=True)
                 assert r["broken_count"] == 0 and r["orphan_count"] == 0, r
-        finally:
-            stop.set()
-            t.join()
-        assert not errors
 
 
 def test_cli_verify(tmp_path):

@@ -55,9 +55,9 @@ def format_stats(st: dict[str, Any]) -> str:
         ["uptime", f"{st['uptime_s']:.0f} s"],
     ]
     out = [render(["store", ""], rows), ""]
-    out.append(render(["stripe", "segments", "disk", "live"],
-                      [[s["path"], s["segments"], format_size(s["disk_bytes"]), format_size(s["live_bytes"])]
-                       for s in st["stripes"]]))
+    out.append(render(["stripe", "segments", "disk", "live", "chunks"],
+                      [[s["path"], s["segments"], format_size(s["disk_bytes"]), format_size(s["live_bytes"]),
+                        s.get("chunks", "")] for s in st["stripes"]]))
     out += ["", render(["tier", "capacity", "objects", "bytes", "hits", "misses", "evictions", "promotions",
                         "write-back backlog"], tier_rows(st))]
     if st.get("requests"):

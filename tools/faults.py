@@ -97,6 +97,18 @@ def _check(failures: list[str], cond: bool, what: str) -> None:
         failures.append(what)
 
 
+def _read_back(s: Any, keys: list[str]) -> tuple[int, int]:
+    """(wrong, missing) among ``keys`` read back through ``s``."""
+    import kvfs
+    wrong = missing = 0
+    for k in keys:
+        try:
+            wrong += s.get(k, ns=NS) != value_of(k)
+        except kvfs.NotFound:
+            missing += 1
+    return wrong, missing
+
+
 def _compact_quietly(sock: Path, done: list[int]) -> None:
     """A compaction started under load; ``done`` gets its freed segments
     if it finished before the kill."""
@@ -113,7 +125,6 @@ def _compact_quietly(sock: Path, done: list[int]) -> None:
 def crash_loop(work: Path, cycles: int = 20, seed: int = 1) -> dict[str, Any]:
     from kvfsd.testing import DaemonProcess
 
-    import kvfs
     rng = random.Random(seed)
     failures: list[str] = []
     sync_acked: list[str] = []
@@ -138,22 +149,15 @@ def crash_loop(work: Path, cycles: int = 20, seed: int = 1) -> dict[str, Any]:
                 with d.connect() as s:
                     recovery.append(s.stats()["recovery"]["seconds"])
                     # every sync put acknowledged so far, and the fast ones of the last cycle
-                    for k in sync_acked:
-                        checked += 1
-                        try:
-                            if s.get(k, ns=NS) != value_of(k):
-                                wrong += 1
-                        except kvfs.NotFound:
-                            lost_sync += 1
-                    for k in last_fast:
-                        if k in maybe_deleted:
-                            continue
-                        checked += 1
-                        try:
-                            if s.get(k, ns=NS) != value_of(k):
-                                wrong += 1
-                        except kvfs.NotFound:
-                            lost_fast += 1
+                    fast = [k for k in last_fast if k not in maybe_deleted]
+                    for keys, lost in ((sync_acked, "sync"), (fast, "fast")):
+                        bad, missing = _read_back(s, keys)
+                        wrong += bad
+                        checked += len(keys)
+                        if lost == "sync":
+                            lost_sync += missing
+                        else:
+                            lost_fast += missing
                 if cycle == cycles:
                     break
                 w = _Workers(d.socket, ["sync", "fast", "churn", "fast"], seed + cycle)
