@@ -63,6 +63,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "(--total bytes per block size; needs CuPy and a GPU)")
     g.add_argument("--multi", action="store_true",
                    help="--gpu: one process per GPU reading from one daemon at once, against one alone")
+    g.add_argument("--node", action="store_true",
+                   help="--gpu: every GPU of the node at once, in the published table's patterns "
+                        "(2048 x 1 MiB, 512 x 8 MiB, 64 x 64 MiB per GPU), reads and writes, T0 and T1")
     g.add_argument("--no-cold", action="store_true", help="--compare: skip the cold-cache reads")
     return p
 
@@ -282,6 +285,11 @@ def run_compare_cmd(args: argparse.Namespace) -> int:
             args.total = 2 << 30
         if args.quick:
             args.total = 128 * MiB
+        if args.node:
+            from .bench_node import format_node, run_node_bench
+            args.threads = int(str(args.threads).split(",")[-1])  # data-plane threads per GPU process
+            res = run_node_bench(args)
+            return _emit(args, res, format_node(res))
         if args.multi:
             from .bench_multigpu import format_multigpu, run_multigpu_bench
             res = run_multigpu_bench(args)
