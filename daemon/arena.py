@@ -1,7 +1,7 @@
 """The shared-memory arena file (T0): one file in /dev/shm that the daemon
 creates and maps, and that clients map by path (the path travels in the
-hello reply). Mode 0660: whoever may use the socket's group may map it (see
-the README's trust model).
+hello reply). Mode 0600; the daemon grants the users it admits with an ACL
+(kvfsd.fileperms: read for readers, read-write for writers).
 
 A restarted daemon never trusts an old arena: it unlinks any file left at
 its name and makes a new one (clients that still map the old file keep a
@@ -23,7 +23,7 @@ def arena_path(root: Path) -> Path:
 
 
 class Arena:
-    def __init__(self, root: Path, size: int, mode: int = 0o660):
+    def __init__(self, root: Path, size: int, mode: int = 0o600):
         self.path = arena_path(root)
         self.size = size
         try:

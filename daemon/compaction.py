@@ -22,7 +22,13 @@ segment go, while clients read and write:
 
 Only sealed segments no reservation points into are compacted, one at a
 time, the most dead first, and only while the store has room for the
-copies (compaction never evicts).
+copies (compaction never evicts). An *open* segment at least ``threshold``
+dead is sealed first (the next put on its stripe opens a fresh one), once
+the writes already placed in it have landed: otherwise a young store, whose
+dead bytes all sit in its open segments, would never give space back.
+
+The report names every segment that still holds dead bytes afterwards,
+with the reason it kept them (``not_reclaimed``).
 """
 from __future__ import annotations
 
@@ -40,6 +46,8 @@ if TYPE_CHECKING:
     from .engine import ChunkPlan, Engine
 
 log = logging.getLogger("kvfsd")
+
+RESERVED_WAIT_S = 5.0  # how long compaction waits for puts placed in a segment it just sealed
 
 
 @dataclass
@@ -62,20 +70,54 @@ def candidates(eng: "Engine", threshold: float, stripe: int | None = None) -> li
     return sorted(out, key=lambda t: t[2] / t[1])
 
 
+def seal_open(eng: "Engine", threshold: float, stripe: int | None = None) -> list[int]:
+    """Seal the open segments at least ``threshold`` dead (of ``stripe``,
+    or all); the next reservation on each stripe opens a fresh segment.
+    Reservations already placed in one still land there (they lie below its
+    end); ``candidates`` skips it until they have."""
+    sealed = []
+    with eng._lock:
+        for st, sid in list(eng.open_seg.items()):
+            s = eng.segs.get(sid)
+            if (stripe is not None and st != stripe) or s is None or s.end <= 0 or 1 - s.live / s.end < threshold:
+                continue
+            s.state = SEG_SEALED
+            s.persisted = False  # the sealed state goes out with the next commit
+            del eng.open_seg[st]
+            sealed.append(sid)
+    return sealed
+
+
+def _wait_unreserved(eng: "Engine", sids: list[int], timeout: float = RESERVED_WAIT_S) -> None:
+    """Let puts already placed in ``sids`` land (they are ms away: the
+    caller settled the T0 write-backs first), for at most ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with eng._lock:
+            if not any(sid in eng.segs and eng.segs[sid].reserved for sid in sids):
+                return
+        time.sleep(0.005)
+
+
 def compact(eng: "Engine", threshold: float = 0.5, stripe: int | None = None,
             progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Compact every segment at least ``threshold`` dead (of ``stripe``, or
-    all). Blocking. Returns what it did."""
+    all), open ones included. Blocking. Returns what it did."""
     t0 = time.monotonic()
     usage_before = eng.disk_usage()
+    sealed = seal_open(eng, threshold, stripe)
+    _wait_unreserved(eng, sealed)
     segs = candidates(eng, threshold, stripe)
     total = sum(live for _s, _n, live in segs)
-    rep: dict[str, Any] = {"segments": 0, "segments_pending_lease": 0, "objects_moved": 0, "bytes_copied": 0,
-           "chunks_skipped": 0, "corrupt_dropped": 0, "stopped_for_room": False}
+    rep: dict[str, Any] = {"segments": 0, "segments_pending_lease": 0, "open_segments_sealed": len(sealed),
+                           "objects_moved": 0, "bytes_copied": 0, "chunks_skipped": 0, "corrupt_dropped": 0,
+                           "stopped_for_room": False}
     done = 0
-    for sid, _size, live in segs:
+    no_room: set[int] = set()
+    for i, (sid, _size, live) in enumerate(segs):
         if eng.disk_usage() + live + fmt.PAGE * 64 > eng.capacity:
             rep["stopped_for_room"] = True
+            no_room = {s for s, _n, _l in segs[i:]}
             log.warning("compaction stopped: no room for the %d live bytes of segment %d", live, sid)
             break
         _compact_segment(eng, sid, rep)
@@ -86,9 +128,36 @@ def compact(eng: "Engine", threshold: float = 0.5, stripe: int | None = None,
         rep["segments_pending_lease"] = sum(1 for sid, _n, _l in segs if sid in eng.segs and eng.segs[sid].live <= 0)
         eng.counters["compactions"] += rep["segments"]
         eng.counters["compacted_bytes"] += rep["bytes_copied"]
+        rep["not_reclaimed"] = not_reclaimed(eng, threshold, stripe, no_room)
+    rep["dead_bytes_left"] = sum(r["dead_bytes"] for r in rep["not_reclaimed"])
     rep["bytes_reclaimed"] = max(0, usage_before - eng.disk_usage())
     rep["seconds"] = time.monotonic() - t0
     return rep
+
+
+def not_reclaimed(eng: "Engine", threshold: float, stripe: int | None, no_room: set[int]) -> list[dict[str, Any]]:
+    """Every segment (of ``stripe``, or all) still holding dead bytes, and
+    why compaction left them. Caller holds ``eng._lock``."""
+    out = []
+    for s in sorted(eng.segs.values(), key=lambda s: s.seg):
+        dead = s.end - s.live
+        if dead <= 0 or (stripe is not None and s.stripe != stripe):
+            continue
+        share = dead / s.end
+        is_open = eng.open_seg.get(s.stripe) == s.seg
+        if s.live <= 0 and eng.leases.seg_leased(s.seg):
+            why = "all dead; a reader's lease holds it (it goes when the lease ends)"
+        elif s.reserved:
+            why = "writes are still landing in it"
+        elif s.seg in no_room:
+            why = "no free space for its live records' copies"
+        elif share < threshold:
+            why = f"{'open' if is_open else 'sealed'} segment {share:.0%} dead, below the threshold {threshold:.0%}"
+        else:
+            why = "its records changed while they were copied (run kvfs compact again)"
+        out.append({"segment": s.seg, "stripe": str(eng.cfg.stripes[s.stripe]), "open": is_open,
+                    "dead_bytes": dead, "dead_share": round(share, 4), "reason": why})
+    return out
 
 
 def _compact_segment(eng: "Engine", sid: int, rep: dict[str, Any]) -> None:
@@ -185,7 +254,12 @@ def _switch(eng: "Engine", txn: Any, sid: int, moves: list[_Move]) -> list[tuple
         e = idx.get(txn, ns, key)
         if e is None or any(e.seq != mv.seq or e.extents[mv.chunk].seg != sid
                             or e.header_offsets[mv.chunk] != mv.old_hdr for mv in mvs):
-            continue  # deleted or stored again meanwhile: the copy is dead bytes
+            # deleted or stored again meanwhile: the copy is dead bytes, and
+            # known as such (segdead), so kvfs verify never takes it for a
+            # put the index lost; its reservation ends only after this commit
+            for mv in mvs:
+                txn.put(segobj_key(mv.new.seg, mv.new.hdr_off), ok, db=idx.segdead)
+            continue
         for mv in mvs:
             c = mv.new
             e.extents[mv.chunk] = Extent(c.stripe, c.seg, c.payload_off, c.length, c.checksum)

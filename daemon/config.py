@@ -11,6 +11,8 @@ from pathlib import Path
 from kvfs.errors import InvalidArgument
 from kvfs.format import DEFAULT_SEGMENT_SIZE, DEFAULT_STRIPE_UNIT, FORMAT_VERSION, PAGE
 
+from .access import Policy
+
 
 def default_root() -> Path:
     return Path(os.environ.get("KVFS_ROOT") or Path.home() / ".kvfs")
@@ -33,28 +35,29 @@ class Config:
     stripe_unit: int = DEFAULT_STRIPE_UNIT
     segment_size: int = DEFAULT_SEGMENT_SIZE
     lease_timeout: float = 30.0
-    socket_mode: int = 0o660
     high_watermark: float = 0.95
     low_watermark: float = 0.90
     map_size: int = 1 << 40  # LMDB map: sparse, so large costs nothing
     shm_size: int | None = None  # T0 arena bytes; None: min(25% of RAM, 4 GiB, half of /dev/shm); 0: no T0
     promote_after: int = 2  # a T1 object is copied into T0 on this many accesses
     dir_slots: int = 1 << 18  # location directory slots (kvfs.directory; sparse shm); 0: none
-    # SO_PEERCRED check on top of the socket's file mode: if either list is
-    # non-empty, a peer must match one of them (or be root or the daemon's uid)
-    allow_uids: list[int] = field(default_factory=list)
-    allow_gids: list[int] = field(default_factory=list)
+    # who besides the daemon's own user and root is admitted, and with which
+    # right: "UID[:read|write|admin]" or "NAME[:...]" (kvfsd.access)
+    allow_uids: list[str | int] = field(default_factory=list)
+    allow_gids: list[str | int] = field(default_factory=list)
     mount: Path | None = None  # mount the store here (FUSE), if set
     # background compaction: when dead bytes exceed this share of the
     # capacity (0: never), segments at least compact_threshold dead are compacted
     compact_at: float = 0.2
     compact_threshold: float = 0.5
     metrics_port: int | None = None  # serve Prometheus metrics on 127.0.0.1:<port>
+    policy: Policy = field(default_factory=lambda: Policy(os.getuid()))  # set by resolve()
 
     def resolve(self) -> "Config":
         """Fill defaults, reconcile with the persisted store settings, create
         directories. Raises InvalidArgument on a conflicting configuration."""
         self.root = Path(self.root).expanduser().absolute()
+        self.policy = Policy.of(os.getuid(), [str(u) for u in self.allow_uids], [str(g) for g in self.allow_gids])
         self.root.mkdir(parents=True, exist_ok=True)
         if self.durability not in ("fast", "sync"):
             raise InvalidArgument(f"durability must be 'fast' or 'sync', not {self.durability!r}")

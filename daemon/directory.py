@@ -23,7 +23,7 @@ def _hash(ok: bytes) -> bytes:
 
 
 class DirectoryWriter:
-    def __init__(self, root: Path, nslots: int, mode: int = 0o660):
+    def __init__(self, root: Path, nslots: int, mode: int = 0o600):
         if nslots < BUCKET or nslots & (nslots - 1):
             raise ValueError("directory slots must be a power of two >= 4")
         self.path = arena_path(root).with_suffix(".dir")

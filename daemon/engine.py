@@ -41,6 +41,7 @@ from .arena import Arena, arena_path
 from .config import Config
 from .directory import DirectoryWriter
 from .eviction import choose_victims
+from .fileperms import FilePerms, Kind, secure_store
 from .index import SEG_OPEN, SEG_SEALED, Extent, Index, ObjEntry, obj_key, split_obj_key
 from .leases import LeaseTable
 from .rootlock import RootLock
@@ -82,7 +83,8 @@ class SegState:
 
     def ensure_fd(self) -> int:
         if self.fd < 0:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o660)
+            # the owner's alone until its kind's ACL is applied (Engine._segment_for)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         return self.fd
 
     def close(self) -> None:
@@ -211,10 +213,19 @@ class Engine:
         self.counters: Counter[str] = Counter()
         self.started = time.time()
         self.instance = os.urandom(8).hex()  # tells clients a restarted daemon from the one they knew
+        self.perms = FilePerms(cfg.policy)
         self.generation = Generation(cfg.root)
+        try:
+            # every start: what an earlier run granted is re-granted or revoked
+            secure_store(self.perms, cfg.root, cfg.stripes)
+        except BaseException:
+            self.index.env.close()
+            self.root_lock.release()
+            raise
         self.writer = WriterThread(self.index.env, on_idle=self._flush_atimes)
-        self.dir: DirectoryWriter | None = DirectoryWriter(cfg.root, cfg.dir_slots, cfg.socket_mode) \
-            if cfg.dir_slots else None
+        self.dir: DirectoryWriter | None = DirectoryWriter(cfg.root, cfg.dir_slots) if cfg.dir_slots else None
+        if self.dir is not None:
+            self.perms.apply(self.dir.path, Kind.SHARED_RO)
         try:
             self.recovery = self._recover()
         except lmdb.Error as e:
@@ -233,8 +244,10 @@ class Engine:
         self.wb_pending: dict[int, PutPlan] = {}  # fast-mode T0 puts whose write-back is queued
         self._replay_t0()
         if cfg.shm_size:
-            self.journal = Journal(arena_path(cfg.root).with_suffix(".journal"), cfg.socket_mode)
-            self.t0 = Tier0(Arena(cfg.root, cfg.shm_size, cfg.socket_mode), max(cfg.shm_size // 4, 1),
+            self.journal = Journal(arena_path(cfg.root).with_suffix(".journal"))  # the daemon's alone
+            arena = Arena(cfg.root, cfg.shm_size)
+            self.perms.apply(arena.path, Kind.DATA)
+            self.t0 = Tier0(arena, max(cfg.shm_size // 4, 1),
                             self.leases.obj_leased, self.generation.bump, self._dir_put)
 
     # ------------------------------------------------------------------ setup
@@ -497,7 +510,7 @@ class Engine:
         sid = self._next_seg
         self._next_seg += 1
         seg = SegState(sid, stripe, self.seg_path(stripe, sid), SEG_OPEN, 0)
-        seg.ensure_fd()
+        self.perms.apply(seg.ensure_fd(), Kind.DATA)  # before any client learns its name
         self.segs[sid] = seg
         self.open_seg[stripe] = sid
         return seg

@@ -18,7 +18,11 @@ Rules kept here:
   written (``StreamPut``) and it is committed as one object when it is
   closed; until then no other reader sees it.
 - Objects are immutable and content-addressed, so their attributes and
-  entries are cached by the kernel for long, and opens keep the page cache.
+  entries are cached by the kernel for long, and opens keep the page cache
+  (except on a shared mount: kvfsd.fuse_access).
+- Every request that names a path is checked against the trust model
+  (kvfsd.fuse_access) before anything else; reads and writes were checked
+  at their open.
 
 pyfuse3 is imported only by this module, which is imported only when a
 mount is asked for.
@@ -43,7 +47,9 @@ from kvfs import native
 from kvfs.errors import CapacityError, InvalidArgument, InvalidKey, KvfsError, NotFound
 from kvfs.keys import normalize_key, normalize_ns
 
+from .access import Policy, Right
 from .engine import Engine
+from .fuse_access import MountAccess
 from .stream_put import StreamPut
 from .write_behind import WriteBehind
 
@@ -137,14 +143,13 @@ class DirHandle:
 
 
 class KvfsOps(pyfuse3.Operations):
-    def __init__(self, engine: Engine, settle: Callable[[], Awaitable[bool]],
-                 file_mode: int = 0o444, dir_mode: int = 0o755):
+    def __init__(self, engine: Engine, settle: Callable[[], Awaitable[bool]], policy: Policy):
         super().__init__()
         self.eng = engine
         self.settle = settle  # waits until T0 puts are in the index (listings read it)
-        self.file_mode = file_mode
-        self.dir_mode = dir_mode
-        self.uid, self.gid = os.getuid(), os.getgid()
+        self.acc = MountAccess(policy)
+        self.file_mode, self.dir_mode = self.acc.file_mode, self.acc.dir_mode
+        self.uid, self.gid = self.acc.uid, self.acc.gid
         self.started_ns = int(time.time() * 1e9)
         # inode numbers are never reused while the daemon runs
         self.ino_of: dict[tuple[str, ...], int] = {}
@@ -206,8 +211,7 @@ class KvfsOps(pyfuse3.Operations):
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
         a.generation = 0
-        a.entry_timeout = timeout
-        a.attr_timeout = timeout
+        a.entry_timeout = a.attr_timeout = self.acc.timeout(timeout)
         a.st_mode = mode
         a.st_nlink = 2 if stat.S_ISDIR(mode) else 1
         a.st_uid = self.uid
@@ -240,11 +244,11 @@ class KvfsOps(pyfuse3.Operations):
         if kind[0] in ("root", "kvfsdir", "ns"):
             return self._dir_attr(ino)
         if kind[0] == "stats":
-            return self._attr(ino, stat.S_IFREG | 0o444, len(self._stats_json()), time.time_ns(), 0)
+            return self._attr(ino, stat.S_IFREG | self.file_mode, len(self._stats_json()), time.time_ns(), 0)
         _, ns, key = kind
         w = self.pending.get((ns, key))
         if w is not None and not w.committed:
-            return self._attr(ino, stat.S_IFREG | 0o644, w.size, time.time_ns(), 0)
+            return self._attr(ino, stat.S_IFREG | self.file_mode | 0o200, w.size, time.time_ns(), 0)
         m = self.eng.object_entry(ns, key)
         if m is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -253,6 +257,7 @@ class KvfsOps(pyfuse3.Operations):
     # -- lookup and attributes ----------------------------------------------
     @_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        self.acc.require(ctx, Right.READ)
         n = _name(name)
         kind = self._kind(parent_inode)
         if n == ".":
@@ -286,10 +291,17 @@ class KvfsOps(pyfuse3.Operations):
 
     @_errors
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        self.acc.require(ctx, Right.READ)
         return await self._attr_of(inode)
 
     @_errors
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        kind = self._kind(inode)[0]
+        return self.acc.access(ctx, kind in ("root", "kvfsdir", "ns"), kind in ("root", "ns"), mode)
+
+    @_errors
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
+        self.acc.require(ctx, Right.WRITE if fields.update_size else Right.READ)
         kind = self._kind(inode)
         if kind[0] == "obj":
             w = self.pending.get((kind[1], kind[2]))
@@ -313,6 +325,7 @@ class KvfsOps(pyfuse3.Operations):
     # -- directories ---------------------------------------------------------
     @_errors
     async def opendir(self, inode: int, ctx: Any) -> int:
+        self.acc.require(ctx, Right.READ)
         kind = self._kind(inode)
         if kind[0] == "root":
             names = sorted(self._namespaces_now() | set(await trio.to_thread.run_sync(self.eng.namespaces)))
@@ -356,6 +369,7 @@ class KvfsOps(pyfuse3.Operations):
 
     @_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        self.acc.require(ctx, Right.WRITE)
         if parent_inode != ROOT:
             raise pyfuse3.FUSEError(errno.EPERM)  # namespaces are one level deep
         n = _name(name)
@@ -369,6 +383,7 @@ class KvfsOps(pyfuse3.Operations):
 
     @_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self.acc.require(ctx, Right.ADMIN)
         if parent_inode != ROOT:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         n = _name(name)
@@ -392,6 +407,7 @@ class KvfsOps(pyfuse3.Operations):
     # -- reading -------------------------------------------------------------
     @_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        self.acc.require(ctx, Right.READ)
         kind = self._kind(inode)
         if kind[0] == "stats":
             if flags & (os.O_WRONLY | os.O_RDWR):
@@ -537,6 +553,7 @@ class KvfsOps(pyfuse3.Operations):
     @_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self.acc.require(ctx, Right.WRITE)
         kind = self._kind(parent_inode)
         if kind[0] != "ns":
             raise pyfuse3.FUSEError(errno.EPERM if kind[0] == "root" else errno.EROFS)
@@ -630,6 +647,7 @@ class KvfsOps(pyfuse3.Operations):
 
     @_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self.acc.require(ctx, Right.ADMIN)
         kind = self._kind(parent_inode)
         if kind[0] != "ns":
             raise pyfuse3.FUSEError(errno.EPERM)
@@ -643,10 +661,12 @@ class KvfsOps(pyfuse3.Operations):
 
     @_errors
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        self.acc.require(ctx, Right.READ)
         return list(self.XATTRS) if self._kind(inode)[0] == "obj" else []
 
     @_errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        self.acc.require(ctx, Right.READ)
         kind = self._kind(inode)
         if kind[0] != "obj" or name not in self.XATTRS:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -665,6 +685,7 @@ class KvfsOps(pyfuse3.Operations):
 
     @_errors
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        self.acc.require(ctx, Right.READ)
         s = pyfuse3.StatvfsData()
         bs = fmt.PAGE
         s.f_bsize = s.f_frsize = bs

@@ -13,8 +13,9 @@ Environment ``<root>/index`` with these named databases:
 ``segobj``    ``seg_id u64be | header_off u64be`` -> ``ns \\0 key``: which
               object owns the record at that offset (recovery, compaction).
 ``segdead``   same keys -> ``ns \0 key``: records once published and since
-              unpublished (deleted, evicted, dropped), until their segment
-              goes. A record in neither ``segobj`` nor ``segdead`` was never
+              unpublished (deleted, evicted, dropped), and compaction's
+              copies of objects that changed while they were copied, until
+              their segment goes. A record in neither ``segobj`` nor ``segdead`` was never
               published, or the index lost it (what ``kvfs verify`` calls
               an orphan).
 ``segments``  ``seg_id u64be`` -> msgpack ``[stripe, state]``, state
@@ -107,12 +108,13 @@ def parse_segobj_key(k: bytes) -> tuple[int, int]:
 class Index:
     def __init__(self, root: Path, map_size: int, name: str = "index"):
         path = root / name
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
         # sync/metasync off: the writer calls env.sync() itself, at every
-        # commit in sync mode and periodically in fast mode.
+        # commit in sync mode and periodically in fast mode. The index is
+        # the daemon's alone (mode 0600: kvfsd.fileperms, PRIVATE).
         self.env = lmdb.open(str(path), map_size=map_size, max_dbs=12, max_readers=4096,
                              sync=False, metasync=False, writemap=False, readahead=False,
-                             lock=True)
+                             lock=True, mode=0o600)
         self.objects = self.env.open_db(b"objects")
         self.segobj = self.env.open_db(b"segobj")
         self.segdead = self.env.open_db(b"segdead")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import trio
 
+from kvfs.optional import need
+
 from .config import Config
 from .engine import Engine
 from .server import Server
@@ -20,12 +22,15 @@ log = logging.getLogger("kvfsd")
 async def _serve(server: Server, mountpoint: Path | None) -> None:
     mount = None
     try:
+        if mountpoint is not None:
+            from .mount import Mount  # pyfuse3 only when a mount is asked for
+            # before the nursery, so a mount that fails is one clear error,
+            # not a group of them; requests wait until mount.run serves them
+            mount = Mount(server.engine, server.settle, mountpoint)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve)
-                if mountpoint is not None:
-                    from .mount import Mount  # pyfuse3 only when a mount is asked for
-                    mount = Mount(server.engine, server.settle, mountpoint)
+                if mount is not None:
                     nursery.start_soon(mount.run)
                 print(f"kvfs daemon ready: socket {server.socket_path} (pid {os.getpid()})"
                       + (f", mounted at {mountpoint}" if mountpoint else ""), file=sys.stderr, flush=True)
@@ -41,18 +46,26 @@ async def _serve(server: Server, mountpoint: Path | None) -> None:
 def run(cfg: Config) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s kvfsd %(levelname)s %(message)s")
+    # Whatever the daemon creates is its user's alone unless kvfsd.fileperms
+    # grants more (a file made without an explicit mode stays private too).
+    os.umask(0o077)
+    # what the asked features need, before any work (one line each if missing)
+    if cfg.mount is not None:
+        need("pyfuse3")
+    if cfg.metrics_port is not None:
+        need("prometheus_client")
     cfg.resolve()
     engine = Engine(cfg)
     rep = engine.recovery
     log.info("store %s: %d stripe(s), capacity %d bytes, %s mode; recovery %.3fs, %d objects",
              cfg.root, len(cfg.stripes), engine.capacity, cfg.durability, rep.seconds, len(engine.lru))
     assert cfg.socket is not None
-    server = Server(engine, cfg.socket, cfg.socket_mode)
+    server = Server(engine, cfg.socket)
     metrics = None
     try:
         if cfg.metrics_port is not None:
             from .metrics import serve_prometheus  # prometheus-client only when asked for
-            metrics = serve_prometheus(cfg.metrics_port, server.snapshot)
+            metrics = serve_prometheus(cfg.metrics_port, server.snapshot, cfg.policy)
             log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", cfg.metrics_port)
         trio.run(_serve, server, cfg.mount)
     finally:

@@ -5,12 +5,16 @@ fixed-bucket histogram: cheap to update on the event loop, exact counts,
 quantiles to the bucket. ``kvfs stats`` shows p50/p99 per op; with
 ``--metrics-port`` the daemon also serves Prometheus metrics on loopback
 (prometheus-client, imported only then), read from the same numbers at
-scrape time, so nothing is counted twice.
+scrape time, so nothing is counted twice. The endpoint answers only the
+users the trust model admits (kvfsd.access), like every other path.
 """
 from __future__ import annotations
 
 import bisect
 from typing import Any, Callable, Iterator
+
+from .access import Policy
+from .peers import tcp_peer_ids
 
 # upper bounds in seconds: 25 us .. 10 s, about x2.5 apart
 BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3,
@@ -124,10 +128,18 @@ def prometheus_families(st: dict[str, Any]) -> Iterator[Any]:
     yield lat
 
 
-def serve_prometheus(port: int, snapshot: Callable[[], dict[str, Any]]) -> Any:
+def serve_prometheus(port: int, snapshot: Callable[[], dict[str, Any]], policy: Policy) -> Any:
     """Serve /metrics on 127.0.0.1:``port`` from ``snapshot()`` at each scrape
-    (a thread of prometheus-client). Returns the HTTP server."""
-    from prometheus_client import CollectorRegistry, start_http_server
+    (threads of its own), to the users ``policy`` admits with any right: the
+    uid owning the scraper's end of the connection is looked up in
+    /proc/net/tcp (loopback only), its groups where needed (kvfsd.peers),
+    and anyone else gets 403. Returns the HTTP
+    server (``shutdown()`` stops it)."""
+    import threading
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from prometheus_client import CollectorRegistry, make_wsgi_app
 
     class Collector:
         def collect(self) -> Iterator[Any]:
@@ -135,5 +147,31 @@ def serve_prometheus(port: int, snapshot: Callable[[], dict[str, Any]]) -> Any:
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Collector())  # type: ignore[arg-type]
-    started = start_http_server(port, addr="127.0.0.1", registry=registry)
-    return started[0] if isinstance(started, tuple) else started
+    app = make_wsgi_app(registry)
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    class Handler(WSGIRequestHandler):
+        def get_environ(self) -> dict[str, Any]:
+            env = super().get_environ()
+            local = self.server.server_address
+            assert isinstance(local, tuple)  # an AF_INET server
+            env["kvfs.peer"] = tcp_peer_ids(self.client_address, local, policy.needs_groups)
+            return env
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+    def gated(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        uid, gids = environ["kvfs.peer"]
+        right = None if uid is None else policy.right_of(uid, gids)
+        if right is None:
+            start_response("403 Forbidden", [("Content-Type", "text/plain")])
+            return [f"kvfs: uid {uid} is not admitted to this store's metrics "
+                    f"(the daemon admits its own user, root and --allow-uid/--allow-gid)\n".encode()]
+        return app(environ, start_response)
+
+    httpd = make_server("127.0.0.1", port, gated, Server, handler_class=Handler)
+    threading.Thread(target=httpd.serve_forever, name="kvfs-metrics", daemon=True).start()
+    return httpd

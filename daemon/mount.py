@@ -15,6 +15,9 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
+from kvfs.errors import KvfsError
+from kvfs.optional import need
+
 log = logging.getLogger("kvfsd")
 
 READ_AHEAD_KB = 8192
@@ -39,20 +42,41 @@ def clean_stale_mount(mountpoint: Path) -> None:
     raise RuntimeError(f"{mountpoint} is a stale mount and could not be detached (fusermount3 -u -z {mountpoint})")
 
 
+def _user_allow_other() -> bool:
+    try:
+        with open("/etc/fuse.conf") as f:
+            return any(line.split("#")[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
+
+
 class Mount:
     def __init__(self, engine: Any, settle: Callable[[], Awaitable[bool]], mountpoint: Path):
-        import pyfuse3
+        pyfuse3 = need("pyfuse3")
 
         from .fuse_ops import KvfsOps
 
         self.pyfuse3 = pyfuse3
         self.mountpoint = mountpoint
         clean_stale_mount(mountpoint)
-        self.ops = KvfsOps(engine, settle)
+        policy = engine.cfg.policy
+        self.ops = KvfsOps(engine, settle, policy)
         options = set(pyfuse3.default_options) | {"fsname=kvfs", "subtype=kvfs"}
-        if os.geteuid() == 0:
-            options.add("allow_other")  # the socket's group, not only root, may use the mount
-        pyfuse3.init(self.ops, str(mountpoint), options)
+        # Without grants the kernel itself keeps everyone but the daemon's
+        # user out (no allow_other; default_permissions checks the modes).
+        # With grants the mount is opened to other users, and the kernel's
+        # mode checks are turned off (a mode cannot name a list of users):
+        # KvfsOps checks each request against the policy the socket uses.
+        if policy.shared:
+            if os.geteuid() != 0 and not _user_allow_other():
+                raise KvfsError("--allow-uid/--allow-gid share the mount through FUSE's allow_other, which a "
+                                "daemon not run as root may use only with user_allow_other in /etc/fuse.conf")
+            options.add("allow_other")
+            options.discard("default_permissions")
+        try:
+            pyfuse3.init(self.ops, str(mountpoint), options)
+        except RuntimeError as e:  # libfuse's own words, e.g. no /dev/fuse, or not a directory
+            raise KvfsError(f"cannot mount the store at {mountpoint}: {e}") from None
         self.mounted = True
         log.info("mounted the store at %s", mountpoint)
 

@@ -31,7 +31,9 @@ from typing import Any, Callable
 from kvfs.errors import KvfsError
 
 from .index import SEG_SEALED, Index
-from .rootlock import RootLock
+from .access import Policy
+from .fileperms import FilePerms, apply_private_tree
+from .rootlock import RootLock, not_yours
 from .storecheck import Piece, entry_of, newest_intact, scan_segments, segment_files
 
 COMMIT_EVERY = 20000  # objects per write transaction
@@ -54,12 +56,15 @@ class RebuildReport:
         return dict(self.__dict__)
 
 
-def store_stripes(root: Path) -> list[Path]:
+def store_stripes(root: Path, what: str) -> list[Path]:
     """The stripes a store's settings (``kvfs.json``) name."""
-    settings = root / "kvfs.json"
-    if not settings.exists():
-        raise KvfsError(f"{root} is not a kvfs store (no kvfs.json)")
-    return [Path(s) for s in json.loads(settings.read_text())["stripes"]]
+    try:
+        text = (root / "kvfs.json").read_text()
+    except FileNotFoundError:
+        raise KvfsError(f"{root} is not a kvfs store (no kvfs.json)") from None
+    except PermissionError:
+        raise not_yours(root, what) from None
+    return [Path(s) for s in json.loads(text)["stripes"]]
 
 
 def rebuild_index(root: Path, progress: Callable[[int, int], None] | None = None,
@@ -67,7 +72,7 @@ def rebuild_index(root: Path, progress: Callable[[int, int], None] | None = None
     """Scan, rebuild, swap. ``progress(bytes_done, bytes_total)`` is called
     as segments are scanned. Refuses while a daemon holds the store."""
     root = Path(root).expanduser().absolute()
-    stripes = store_stripes(root)
+    stripes = store_stripes(root, "kvfs rebuild-index")
     lock = RootLock(root, "kvfs rebuild-index")
     t0 = time.monotonic()
     rep = RebuildReport()
@@ -87,7 +92,7 @@ def rebuild_index(root: Path, progress: Callable[[int, int], None] | None = None
         rep.records, rep.records_bad = counts.records, counts.records_bad
         new_dir = root / "index.rebuild"
         shutil.rmtree(new_dir, ignore_errors=True)
-        new_dir.mkdir()
+        new_dir.mkdir(mode=0o700)
         idx = Index(root, map_size, name="index.rebuild")
         try:
             now = time.time()
@@ -121,6 +126,7 @@ def rebuild_index(root: Path, progress: Callable[[int, int], None] | None = None
         if old.exists():
             backup = root / f"index.old-{time.strftime('%Y%m%d-%H%M%S')}"
             os.rename(old, backup)
+            apply_private_tree(FilePerms(Policy(os.getuid())), backup)  # an older kvfs may have made it wider
             rep.old_index = str(backup)
         os.rename(new_dir, old)
     finally:

@@ -10,13 +10,17 @@ import fcntl
 import os
 from pathlib import Path
 
-from kvfs.errors import KvfsError
+from kvfs.errors import KvfsError, PermissionDenied
 
 
 class RootLock:
     def __init__(self, root: Path, what: str) -> None:
         self.path = Path(root) / "kvfs.lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except PermissionError:
+            raise not_yours(Path(root), what) from None
+        os.fchmod(self.fd, 0o600)  # the owner's alone, even where an older kvfs made it wider
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -30,3 +34,15 @@ class RootLock:
         if self.fd >= 0:
             os.close(self.fd)  # closing drops the flock
             self.fd = -1
+
+
+def not_yours(root: Path, what: str) -> PermissionDenied:
+    """The error for a store root this process may not open: a store is
+    its daemon user's (and root's) alone, whatever the daemon grants
+    others through the socket (see kvfsd.access)."""
+    try:
+        owner = f"uid {os.stat(root).st_uid}"
+    except OSError:
+        owner = "another user"
+    return PermissionDenied(f"{root} belongs to {owner}: only that user or root may run {what} on it "
+                            f"(you are uid {os.getuid()})")

@@ -26,9 +26,12 @@ import trio
 from kvfs import protocol as P
 from kvfs.errors import InvalidArgument, KvfsError, PermissionDenied, ProtocolError
 
+from .access import OP_RIGHT, Right, action_of
 from .engine import Engine, NeedRoom, PutPlan
+from .fileperms import Kind
 from .jobs import Job, Jobs
 from .metrics import RequestStats
+from .peers import unix_peer
 
 log = logging.getLogger("kvfsd")
 
@@ -120,10 +123,9 @@ class Conn:
 
 
 class Server:
-    def __init__(self, engine: Engine, socket_path: Path, socket_mode: int = 0o660):
+    def __init__(self, engine: Engine, socket_path: Path):
         self.engine = engine
         self.socket_path = Path(socket_path)
-        self.socket_mode = socket_mode
         self.connections = 0
         self._nursery: trio.Nursery | None = None
         self._promote_wanted = trio.Event()
@@ -139,7 +141,7 @@ class Server:
         _remove_stale_socket(path)
         listener = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
         await listener.bind(path)
-        os.chmod(path, self.socket_mode)
+        self.engine.perms.apply(path, Kind.SOCKET)  # before listen: nobody it does not grant gets in
         listener.listen(256)
         log.info("listening on %s", path)
         try:
@@ -164,6 +166,7 @@ class Server:
         st = self.engine.stats()
         st["connections"] = self.connections
         st["requests"] = self.requests.snapshot()
+        st["access"] = self.engine.cfg.policy.describe()
         return st
 
     def _start_compaction(self, threshold: float | None, stripe: str | None) -> Job:
@@ -208,21 +211,17 @@ class Server:
             # write_back dropped the affected objects (T0 may not hold what T1 refused)
             log.error("write-back to T1 failed: %s: %s", type(e).__name__, e)
 
-    def _peer_allowed(self, sock: trio.socket.SocketType) -> tuple[bool, str]:
-        cfg = self.engine.cfg
-        if not cfg.allow_uids and not cfg.allow_gids:
-            return True, ""
-        pid, uid, gid = struct.unpack("3i", sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PEERCRED,
-                                                            struct.calcsize("3i")))
-        ok = uid in (0, os.getuid()) or uid in cfg.allow_uids or gid in cfg.allow_gids
-        return ok, f"pid {pid} uid {uid} gid {gid}"
-
     async def _handle(self, sock: trio.socket.SocketType) -> None:
         conn = Conn(sock)
         self.connections += 1
-        allowed, who = self._peer_allowed(sock)
-        if not allowed:
-            log.warning("refused a connection from %s (not in --allow-uid/--allow-gid)", who)
+        policy = self.engine.cfg.policy
+        # the socket's mode and ACL already keep out whoever is not granted;
+        # this is the same decision taken again on the peer's credentials,
+        # and the only place the difference between rights is made
+        peer = unix_peer(sock)
+        right = policy.right_of(peer.uid, peer.gids)
+        if right is None:
+            log.warning("refused a connection from %s (not in --allow-uid/--allow-gid)", peer.who)
         try:
             while True:
                 try:
@@ -244,20 +243,25 @@ class Server:
                             await conn.skip(tlen)
                         await conn.send(P.reply_err(0, e))  # id unknown: answer as 0
                         continue
-                    if not allowed:
+                    refused = policy.refusal(right, OP_RIGHT.get(op, Right.READ), action_of(op), peer.who)
+                    if refused is not None:  # (an unknown op goes on, to be answered as one)
                         if tlen:
                             await conn.skip(tlen)
-                        await conn.send(P.reply_err(req_id, PermissionDenied(
-                            f"this daemon serves only the uids/gids it was started with --allow-uid/"
-                            f"--allow-gid for; you are {who}")))
-                        return
+                        if req_id:
+                            await conn.send(P.reply_err(req_id, refused))
+                        if right is None:
+                            return  # not admitted at all: nothing more to say
+                        continue
                     if op != P.PUT and tlen:
                         await conn.skip(tlen)
                         raise ProtocolError(f"op {op!r} takes no trailer")
                     started = time.perf_counter()
+                    result: Any
                     try:
                         if op == P.PUT:
                             result = await self._put(conn, args, tlen)
+                        elif op == P.HELLO:
+                            result = dict(self._hello(), right=right.label if right is not None else None)
                         else:
                             result = await self._dispatch(conn, op, args)
                     finally:
@@ -286,19 +290,21 @@ class Server:
                     await self._thread(self.engine.abort_put, plan)
                 await self._thread(self.engine.release_owner, conn.id)
 
+    def _hello(self) -> dict[str, Any]:
+        eng = self.engine
+        t0 = eng.t0
+        return {"version": P.PROTOCOL_VERSION, "stripes": eng.stripe_paths(),
+                "generation": str(eng.generation.path),
+                "instance": eng.instance,
+                "directory": None if eng.dir is None else {"path": str(eng.dir.path), "slots": eng.dir.nslots},
+                "arena": None if t0 is None else {"path": str(t0.arena.path), "size": t0.arena.size},
+                "stripe_unit": eng.stripe_unit, "pid": os.getpid(), "durability": eng.cfg.durability}
+
     async def _dispatch(self, conn: Conn, op: str, args: dict[str, Any]) -> Any:
         eng = self.engine
         if op == P.TOUCH:
             eng.touch(P.arg(args, "ns", str), P.arg(args, "keys", list))  # memory only
             return None
-        if op == P.HELLO:
-            t0 = eng.t0
-            return {"version": P.PROTOCOL_VERSION, "stripes": eng.stripe_paths(),
-                    "generation": str(eng.generation.path),
-                    "instance": eng.instance,
-                    "directory": None if eng.dir is None else {"path": str(eng.dir.path), "slots": eng.dir.nslots},
-                    "arena": None if t0 is None else {"path": str(t0.arena.path), "size": t0.arena.size},
-                    "stripe_unit": eng.stripe_unit, "pid": os.getpid(), "durability": eng.cfg.durability}
         if op == P.LOOKUP:
             ns = P.arg(args, "ns", str)
             keys = P.arg(args, "keys", list)
@@ -368,6 +374,7 @@ class Server:
             threshold = P.arg(args, "threshold", (float, int, type(None)), None)
             stripe = P.arg(args, "stripe", (str, type(None)), None)
             eng.compaction_args(None if threshold is None else float(threshold), stripe)  # errors now, not in the job
+            await self.settle()  # T0 write-backs land first: an open segment they write to can then be sealed
             return {"job": self._start_compaction(None if threshold is None else float(threshold), stripe).id}
         if op == P.JOB:
             return self.jobs.status(P.arg(args, "id", int))

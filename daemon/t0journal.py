@@ -43,9 +43,10 @@ class Pending:
 
 
 class Journal:
-    def __init__(self, path: Path, mode: int = 0o660):
+    def __init__(self, path: Path):
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC | os.O_CLOEXEC, mode)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.fchmod(self.fd, 0o600)  # the daemon's alone (kvfsd.fileperms), even if an old file was wider
 
     def _append(self, bodies: list[list[Any]]) -> None:
         out = bytearray()

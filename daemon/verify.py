@@ -126,7 +126,7 @@ def verify_offline(root: Path, deep: bool = False, repair: bool = False, progres
                    map_size: int = 1 << 40) -> VerifyReport:
     """``kvfs verify --root``: the daemon stopped (the store's lock is taken)."""
     root = Path(root).expanduser().absolute()
-    stripes = store_stripes(root)
+    stripes = store_stripes(root, "kvfs verify")
     lock = RootLock(root, "kvfs verify")
     t0 = time.monotonic()
     rep = VerifyReport(mode="offline", deep=deep)

@@ -10,9 +10,10 @@ Light to import: no trio, lmdb or pyfuse3 here (those are the daemon's).
 from . import keys
 from .client import ObjectInfo, Store, connect
 from .errors import (CapacityError, CorruptionDetected, DaemonUnavailable, InvalidArgument, InvalidKey,
-                     KvfsError, NotFound, PermissionDenied, ProtocolError)
+                     KvfsError, MissingDependency, NotFound, PermissionDenied, ProtocolError)
 
 __version__ = "0.1.0"
 
 __all__ = ["connect", "Store", "ObjectInfo", "keys", "KvfsError", "NotFound", "InvalidKey", "InvalidArgument",
-           "CapacityError", "PermissionDenied", "ProtocolError", "DaemonUnavailable", "CorruptionDetected", "__version__"]
+           "CapacityError", "PermissionDenied", "ProtocolError", "DaemonUnavailable", "CorruptionDetected",
+           "MissingDependency", "__version__"]

@@ -23,8 +23,10 @@ import xxhash
 from . import native
 from . import protocol as P
 from .dataplane import DataPlane, ReadTask, WriteTask
-from .errors import CapacityError, DaemonUnavailable, InvalidArgument, KvfsError, NotFound, ProtocolError
+from .errors import (CapacityError, DaemonUnavailable, InvalidArgument, KvfsError, NotFound, PermissionDenied,
+                     ProtocolError)
 from .keys import normalize_key, normalize_keys, normalize_ns
+from .optional import missing
 from .format import segment_name
 from .directory import DirectoryReader
 from .generation import EPOCH, GenerationReader
@@ -67,17 +69,20 @@ def _sub_batches(sizes: list[int], limit: int) -> list[tuple[int, int]]:
 
 
 class _Arena:
-    """The client's mapping of the daemon's shared-memory arena (T0)."""
+    """The client's mapping of the daemon's shared-memory arena (T0):
+    read-write for a client that may put, read-only for a reader (the
+    daemon's ACL on the file grants it no more)."""
 
-    def __init__(self, path: str, size: int):
-        fd = os.open(path, os.O_RDWR)
+    def __init__(self, path: str, size: int, writable: bool = True):
+        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         try:
-            self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
         finally:
             os.close(fd)
         self.path = path
         self.size = size
-        self.rw = memoryview(self.mm)
+        self.writable = writable
+        self.rw = memoryview(self.mm)  # read-only itself for a reader: puts never reach it (alloc is refused)
         self.ro = self.rw.toreadonly()
 
 
@@ -153,6 +158,10 @@ class _Connection:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.connect(path)
+        except PermissionError:
+            self.sock.close()
+            raise PermissionDenied(f"uid {os.getuid()} may not connect to {path}: a kvfs daemon admits only its "
+                                   f"own user, root, and those its --allow-uid/--allow-gid name") from None
         except OSError as e:
             self.sock.close()
             raise DaemonUnavailable(path, e.strerror or str(e)) from None
@@ -271,9 +280,10 @@ class Store:
         if self.arena is not None and self._gpu is not None:
             self._gpu.forget_arena(self.arena)
         self.arena = None
+        self.right: str | None = hello.get("right")  # read, write or admin (kvfsd.access)
         if ar:
             try:
-                self.arena = _Arena(ar["path"], int(ar["size"]))
+                self.arena = _Arena(ar["path"], int(ar["size"]), writable=self.right != "read")
             except (OSError, ValueError):
                 pass  # no access to the arena: T1 only (see the README's trust model)
 
@@ -492,9 +502,9 @@ class Store:
             try:
                 plane = GpuPlane(self.reader, use_kvikio=self.gpu_reader != "staging")
             except ImportError as e:
-                raise KvfsError(f"device buffers need CuPy (pip install kvfs[gpu]): {e}") from None
+                raise missing("cupy", e) from None
             if self.gpu_reader == "kvikio" and plane.kvikio is None:
-                raise KvfsError("gpu_reader='kvikio' but kvikio cannot be imported (pip install kvfs[gpu])")
+                raise missing("kvikio")
             self._gpu = plane
         return self._gpu
 

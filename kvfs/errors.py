@@ -89,16 +89,29 @@ class CorruptionDetected(KvfsError):
 
 
 class PermissionDenied(KvfsError, PermissionError):
-    """The daemon refused this process (its uid/gid is not in the daemon's
-    --allow-uid/--allow-gid lists). Ask the operator to add it."""
+    """Refused by the trust model: this process is not admitted (its uid and
+    groups are neither the daemon's user, root, nor in its --allow-uid /
+    --allow-gid grants), or the right it was granted (read, write, admin)
+    does not cover what it asked. The message says which; ask the operator."""
 
     code = "permission"
+
+
+class MissingDependency(KvfsError, ImportError):
+    """A feature needs an optional package (or a system library) that is not
+    installed; the message names the extra to install (kvfs.optional)."""
+
+    code = "missing_dependency"
+
+    def __init__(self, message: str, module: str = ""):
+        super().__init__(message)
+        self.name = module  # ImportError's: the module that is missing
 
 
 _BY_CODE: dict[str, type[KvfsError]] = {
     cls.code: cls
     for cls in (KvfsError, NotFound, InvalidKey, InvalidArgument, CapacityError,
-                ProtocolError, DaemonUnavailable, CorruptionDetected, PermissionDenied)
+                ProtocolError, DaemonUnavailable, CorruptionDetected, PermissionDenied, MissingDependency)
 }
 
 

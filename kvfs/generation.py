@@ -21,14 +21,16 @@ import struct
 from pathlib import Path
 
 FILE_SIZE = 4096
+FILE_NAME = "generation"  # under the store root
 _U64 = struct.Struct("<Q")
 EPOCH = 1 << 32
 
 
 class Generation:
     def __init__(self, root: Path):
-        self.path = root / "generation"
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.path = root / FILE_NAME
+        # the owner's alone; the daemon grants readers with ACLs (kvfsd.fileperms)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             if os.fstat(fd).st_size < FILE_SIZE:
                 os.ftruncate(fd, FILE_SIZE)

@@ -109,8 +109,26 @@ def is_device(obj: Any) -> bool:
 
 
 def address_of(view: memoryview) -> int:
-    """The address of a writable buffer's first byte."""
-    return ctypes.addressof(ctypes.c_char.from_buffer(view)) if len(view) else 0
+    """The address of a buffer's first byte (read-only ones too: a reader's
+    arena mapping)."""
+    if not len(view):
+        return 0
+    if not view.readonly:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    buf = _PyBuffer()
+    ctypes.pythonapi.PyObject_GetBuffer(ctypes.py_object(view), ctypes.byref(buf), 0)  # PyBUF_SIMPLE
+    try:
+        return int(buf.buf or 0)
+    finally:
+        ctypes.pythonapi.PyBuffer_Release(ctypes.byref(buf))
+
+
+class _PyBuffer(ctypes.Structure):
+    """CPython's Py_buffer (stable layout), for the address of a read-only buffer."""
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
 
 
 # --------------------------------------------------------------------- copiers
@@ -120,7 +138,7 @@ class HostCopier:
     name = "host"
     gds = False
 
-    def register(self, addr: int, size: int) -> bool:
+    def register(self, addr: int, size: int, writable: bool = True) -> bool:
         return False
 
     def unregister(self, addr: int) -> None:
@@ -173,12 +191,12 @@ class CudaCopier:
             s = self._local.stream = self.cp.cuda.Stream(non_blocking=True)
         return s
 
-    def register(self, addr: int, size: int) -> bool:
+    def register(self, addr: int, size: int, writable: bool = True) -> bool:
         """Pin a host range (the arena) so copies from it are DMA at full speed."""
-        # portable (every context); not read-only: puts from the device DMA
-        # into their arena extents
+        # portable (every context); read-only only for a reader's mapping
+        # (a writer's puts from the device DMA into their arena extents)
         try:
-            self.rt.hostRegister(addr, size, 0x1)
+            self.rt.hostRegister(addr, size, 0x1 if writable else 0x1 | 0x8)
             return True
         except self.rt.CUDARuntimeError:
             return False
@@ -401,11 +419,11 @@ class GpuPlane:
     # -- arena -----------------------------------------------------------
     def arena_address(self, arena: Any) -> int:
         """The arena's address, registered with CUDA on first use."""
-        addr = address_of(arena.rw)
+        addr = address_of(arena.ro)
         if addr not in self._registered:
             with self._lock:
                 if addr not in self._registered:
-                    self._registered[addr] = self.copier.register(addr, arena.size)
+                    self._registered[addr] = self.copier.register(addr, arena.size, arena.writable)
         return addr
 
     def arena_pinned(self) -> bool:
@@ -745,7 +763,7 @@ class GpuPlane:
 
     def forget_arena(self, arena: Any) -> None:
         """The arena is about to be dropped (a restarted daemon, or close)."""
-        addr = address_of(arena.rw)
+        addr = address_of(arena.ro)
         with self._lock:
             if self._registered.pop(addr, False):
                 self.copier.unregister(addr)

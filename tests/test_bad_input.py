@@ -126,7 +126,7 @@ def test_leases_expire_and_socket_mode(tmp_path):
     from kvfsd.testing import DaemonProcess
 
     with DaemonProcess(tmp_path / "s", extra=["--lease-timeout", "1"]) as d, d.connect() as s:
-        assert st_.S_IMODE(os.stat(d.socket).st_mode) == 0o660
+        assert st_.S_IMODE(os.stat(d.socket).st_mode) == 0o600  # the owner's alone without grants
         s.put("k", b"v")
         s._call(P.LOOKUP, {"ns": "default", "keys": ["k"]})  # never released
         assert s.stats()["leases"] == 1

@@ -25,6 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from kvfs.optional import need
+
 from .bench_util import clean_up
 from .table import render
 
@@ -303,7 +305,7 @@ def format_compare(res: dict[str, Any]) -> str:
 
 
 def plot_compare(res: dict[str, Any], path: str) -> None:
-    import matplotlib
+    matplotlib = need("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

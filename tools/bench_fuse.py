@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvfs.optional import need
+
 from .bench_util import clean_up
 from .table import render
 
@@ -82,6 +84,7 @@ def _null_umount(p: subprocess.Popen[bytes], where: Path) -> None:
 
 
 def run_fuse_bench(args: argparse.Namespace) -> dict[str, Any]:
+    need("pyfuse3")
     from kvfsd.testing import DaemonProcess
 
     from .bench_compare import drop_caches

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from kvfs.optional import need
+
 from .bench_util import clean_up, median_seconds
 from .table import render
 
@@ -32,7 +34,7 @@ MiB = 1 << 20
 
 
 def run_gpu_bench(args: argparse.Namespace) -> dict[str, Any]:
-    import cupy as cp
+    cp = need("cupy")  # one line and exit 2 if missing (kvfs.optional)
     import numpy as np
 
     from kvfs.gpu import DeviceBuffer, _kvikio

@@ -23,13 +23,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvfs.optional import need
+
 from .bench_util import clean_up
 
 MiB = 1 << 20
 
 
 def _worker(args: argparse.Namespace) -> int:
-    import cupy as cp
+    cp = need("cupy")  # one line and exit 2 if missing (kvfs.optional)
 
     import kvfs
     from kvfs.gpu import DeviceBuffer
@@ -79,7 +81,7 @@ def _run_workers(gpus: list[int], keysets: list[list[str]], sock: str, bs: int, 
 
 
 def run_multigpu_bench(args: argparse.Namespace) -> dict[str, Any]:
-    import cupy as cp
+    cp = need("cupy")  # one line and exit 2 if missing (kvfs.optional)
     import numpy as np
 
     import kvfs

@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvfs.optional import need
+
 from .bench_util import clean_up
 
 MiB = 1 << 20
@@ -40,7 +42,7 @@ PATTERNS = [(1 * MiB, 2048), (8 * MiB, 512), (64 * MiB, 64)]
 
 
 def _worker(args: argparse.Namespace) -> int:
-    import cupy as cp
+    cp = need("cupy")  # one line and exit 2 if missing (kvfs.optional)
 
     import kvfs
     from kvfs.gpu import DeviceBuffer
@@ -184,7 +186,7 @@ def _disk_gbps(work: Path, nbytes: int, threads: int) -> float:
 
 
 def run_node_bench(args: argparse.Namespace) -> dict[str, Any]:
-    import cupy as cp
+    cp = need("cupy")  # one line and exit 2 if missing (kvfs.optional)
 
     from kvfsd.testing import DaemonProcess
 

@@ -1,6 +1,7 @@
 """`kvfs compact [--threshold R] [--stripe DIR] [--json]`: copy the live
-records of mostly-dead sealed segments forward and free those segments,
-while the daemon serves (kvfsd.compaction)."""
+records of mostly-dead segments forward (an open one is sealed first) and
+free those segments, while the daemon serves (kvfsd.compaction); then name
+the segments that still hold dead bytes, and why."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,8 @@ from kvfs.sizes import format_size
 from .cli import add_socket_arg
 from .progress import progress_bar
 from .table import render
+
+MAX_LISTED = 20  # segments named in the table; --json has them all
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -34,9 +37,21 @@ def format_compact(r: dict[str, Any]) -> str:
         ["corrupt objects dropped", r["corrupt_dropped"]],
         ["time", f"{r['seconds']:.2f} s"],
     ]
+    if r.get("open_segments_sealed"):
+        rows.insert(1, ["open segments sealed to be compacted", r["open_segments_sealed"]])
+    left = r.get("not_reclaimed", [])
+    rows.insert(-1, ["dead bytes left", f"{format_size(r.get('dead_bytes_left', 0))} in {len(left)} segment(s)"])
     out = render(["compact", ""], rows)
     if r["stopped_for_room"]:
         out += "\nstopped early: not enough free space for the copies (evict or add a stripe first)"
+    if left:
+        shown = sorted(left, key=lambda x: -x["dead_bytes"])[:MAX_LISTED]
+        out += "\n\nnot reclaimed:\n" + render(
+            ["segment", "stripe", "dead", "why"],
+            [[x["segment"], x["stripe"], f"{format_size(x['dead_bytes'])} ({x['dead_share']:.0%})", x["reason"]]
+             for x in shown])
+        if len(left) > len(shown):
+            out += f"\n... and {len(left) - len(shown)} more (--json lists them all)"
     return out
 
 

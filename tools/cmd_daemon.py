@@ -28,11 +28,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--dir-slots", type=int, default=1 << 18,
                    help="slots of the shared location directory that lets clients find objects without a "
                         "round trip (power of two; 192 bytes each, sparse; 0: none; default 262144)")
-    p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
-                   help="only these uids may use the store (SO_PEERCRED; repeatable; root and the "
-                        "daemon's own uid always may). Default: whoever can open the socket (mode 0660)")
-    p.add_argument("--allow-gid", type=int, action="append", default=[], metavar="GID",
-                   help="also allow peers whose primary gid is one of these (repeatable)")
+    p.add_argument("--allow-uid", action="append", default=[], metavar="UID[:RIGHT]",
+                   help="admit this user (a uid or a name) on every path: socket, mount, data files, metrics; "
+                        "RIGHT is read, write (the default: read and put) or admin (also delete, evict, "
+                        "compact, verify); repeatable. Default: only the daemon's own user and root")
+    p.add_argument("--allow-gid", action="append", default=[], metavar="GID[:RIGHT]",
+                   help="admit the members of this group (a gid or a name; primary or supplementary), "
+                        "as --allow-uid; repeatable")
     p.add_argument("--mount", default=None, metavar="DIR",
                    help="also mount the store at DIR (FUSE: /<namespace>/<key> files, /.kvfs/stats)")
     p.add_argument("--compact-at", type=float, default=0.2, metavar="SHARE",

@@ -17,9 +17,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
     import kvfs
+    from kvfs.optional import need
+
+    np = need("numpy")
 
     from .cmd_stats import format_stats
 

@@ -25,6 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvfs.optional import need
+
+    need("torch")
+    need("transformers")
     from .demo_ttft import format_demo, run_demo
 
     res = run_demo(args)

@@ -1,0 +1,138 @@
+"""A missing optional dependency is one line naming what to install and exit
+status 2 from the `kvfs` command, a MissingDependency from the library,
+never a traceback. Each is tested by hiding the module it needs (an import
+hook that refuses it, in a fresh interpreter or in this one)."""
+import ctypes
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import kvfs
+from kvfs import gpu
+from kvfs.errors import KvfsError, MissingDependency
+from kvfs.optional import KNOWN, have, missing, need
+from kvfsd.testing import DaemonProcess
+
+# Runs `kvfs ARGS...` with the modules named in argv[1] unimportable.
+HIDDEN_CLI = r"""
+import sys
+hidden = set(sys.argv[1].split(","))
+for name in list(sys.modules):
+    if name.split(".")[0] in hidden:
+        del sys.modules[name]
+class Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in hidden:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, Hide())
+from kvfstools.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def kvfs_without(modules, *argv, timeout=120):
+    return subprocess.run([sys.executable, "-c", HIDDEN_CLI, ",".join(modules), *argv], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def one_line(r, *wanted):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    err = r.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "MissingDependency" in err, err
+    for w in wanted:
+        assert w in err, (w, err)
+    return err
+
+
+@pytest.fixture
+def hide(monkeypatch):
+    """Make modules unimportable in this interpreter for one test."""
+    def hide_(*names):
+        for n in names:
+            for m in list(sys.modules):
+                if m == n or m.startswith(n + "."):
+                    monkeypatch.delitem(sys.modules, m)
+            monkeypatch.setitem(sys.modules, n, None)  # `import n` raises ModuleNotFoundError
+    return hide_
+
+
+def test_the_mount_without_pyfuse3_is_one_line(tmp_path):
+    r = kvfs_without(["pyfuse3"], "daemon", "--root", str(tmp_path / "s"), "--mount", str(tmp_path / "m"),
+                     "--shm-size", "16M")
+    one_line(r, "pip install 'kvfs[fuse]'", "libfuse3-dev", "pkg-config", "--mount")
+    assert not (tmp_path / "s").exists()  # refused before any work
+
+
+def test_metrics_without_prometheus_client_is_one_line(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = kvfs_without(["prometheus_client"], "daemon", "--root", str(tmp_path / "s"), "--metrics-port", str(port))
+    one_line(r, "pip install 'kvfs[metrics]'", "--metrics-port")
+
+
+def test_gpu_bench_without_cupy_is_one_line():
+    one_line(kvfs_without(["cupy"], "bench", "--gpu"), "pip install 'kvfs[gpu]'", "cupy")
+
+
+def test_fuse_bench_without_pyfuse3_is_one_line():
+    one_line(kvfs_without(["pyfuse3"], "bench", "--fuse"), "pip install 'kvfs[fuse]'")
+
+
+def test_ttft_demo_without_torch_is_one_line():
+    one_line(kvfs_without(["torch"], "demo-ttft", "--device", "cpu"), "pip install 'kvfs[demo]'", "torch")
+
+
+class CaiArray:
+    """Host bytes presenting themselves as device memory."""
+
+    def __init__(self, n):
+        self.buf = (ctypes.c_char * n)()
+        self.n = n
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": (self.n,), "typestr": "|u1", "data": (ctypes.addressof(self.buf), False), "version": 3,
+                "strides": None}
+
+
+def test_device_buffers_without_cupy_or_kvikio_raise_missing_dependency(tmp_path, hide, monkeypatch):
+    hide("cupy", "kvikio")
+    with DaemonProcess(tmp_path / "s", shm_size="16M") as d, d.connect() as s:
+        s.put("k", b"x" * 1000)
+        with pytest.raises(MissingDependency) as e:
+            s.get_into("k", CaiArray(1000))
+        assert "pip install 'kvfs[gpu]'" in str(e.value) and isinstance(e.value, ImportError)
+        assert s.get("k") == b"x" * 1000  # the store works on, for host buffers
+
+        class FakeCuda(gpu.HostCopier):
+            name = "cuda"  # where kvikio would be used
+        monkeypatch.setattr(gpu, "CudaCopier", FakeCuda)
+        with d.connect(gpu_reader="kvikio") as s2:
+            with pytest.raises(MissingDependency) as e:
+                s2.get_into("k", CaiArray(1000))
+            assert "kvikio" in str(e.value) and "kvfs[gpu]" in str(e.value)
+
+
+@pytest.mark.parametrize("module", sorted(KNOWN))
+def test_every_optional_module_names_its_extra(module, hide):
+    hide(module)
+    assert not have(module)
+    with pytest.raises(MissingDependency) as e:
+        need(module)
+    msg = str(e.value)
+    assert f"pip install 'kvfs[{KNOWN[module].extra}]'" in msg and module in msg and "\n" not in msg
+    assert isinstance(e.value, KvfsError) and isinstance(e.value, ImportError) and e.value.name == module
+
+
+def test_a_module_that_is_there_but_does_not_load_says_so():
+    err = missing("pyfuse3", ImportError("libfuse3.so.3: cannot open shared object file", name="_pyfuse3"))
+    assert "did not load: libfuse3.so.3" in str(err) and "libfuse3-dev" in str(err)
+    assert need("os") is os and have("os") and not have("kvfs_no_such_module")
+    assert "pip install kvfs_no_such_module" in str(missing("kvfs_no_such_module"))
+    assert kvfs.MissingDependency is MissingDependency
