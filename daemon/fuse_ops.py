@@ -64,6 +64,8 @@ DIR_TIMEOUT = 1.0  # directory contents change
 CHUNK_CACHE = 6  # verified chunks kept per open file
 READ_AHEAD_CHUNKS = 2  # chunks loaded ahead of a sequential reader (two disk reads in flight)
 ADVISE_CHUNKS = 4  # chunks beyond those the kernel is asked to read (posix_fadvise WILLNEED)
+# a file closed with nothing written stays a reopenable draft this long (see KvfsOps._reopen_draft)
+DRAFT_S = float(os.environ.get("KVFS_FUSE_DRAFT_S", "5"))
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -124,7 +126,9 @@ class WriteHandle:
     size: int = 0  # the file's size as writers see it (queued writes included)
     committed: bool = False
     failed: bool = False  # a write failed: the file is never committed (no partial objects)
-    closed_empty: bool = False  # a descriptor was closed before anything was written
+    written: bool = False  # a write reached it (a truncate alone is not one)
+    closed_empty: bool = False  # a descriptor was closed before anything was written: a draft
+    opens: int = 1  # descriptors open on it (create, and reopens of a draft for writing)
 
     async def settle(self) -> None:
         """Every write acknowledged so far is in T1 (raises the first write error)."""
@@ -421,8 +425,10 @@ class KvfsOps(pyfuse3.Operations):
         if w is not None and not w.committed:
             if not w.closed_empty:
                 raise pyfuse3.FUSEError(errno.EBUSY)  # being written by another open
-            # `cp empty DIR/ns/k; cat DIR/ns/k`: the empty file's release may
-            # not have arrived yet; store it now (later writes get EROFS)
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                return await self._reopen_draft(w, flags)
+            # `cp empty DIR/ns/k; cat DIR/ns/k`: reading a draft stores it as
+            # it is, now (later writes get EROFS)
             await self._commit_now(w)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)  # objects are immutable
@@ -572,6 +578,33 @@ class KvfsOps(pyfuse3.Operations):
         fh = self._new_fh(w)
         return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=False), self._entry(await self._attr_of(ino))
 
+    async def _reopen_draft(self, w: WriteHandle, flags: int) -> pyfuse3.FileInfo:
+        """A file created and closed with nothing written (``touch``, or
+        fio's layout: create, ftruncate, close) is a draft, not yet an
+        object: it may be opened for writing again, and what is written
+        then is stored when that descriptor closes. A draft nobody writes
+        is stored as it is (empty, or zeros up to its truncated size) when
+        it is opened for reading or DRAFT_S after its last close."""
+        if w.put is None:
+            raise pyfuse3.FUSEError(errno.EBUSY)
+        if flags & os.O_TRUNC and w.size:
+            await w.settle()
+            await trio.to_thread.run_sync(w.put.truncate, 0)
+            w.size = 0
+        w.closed_empty = False
+        w.opens += 1
+        return pyfuse3.FileInfo(fh=self._new_fh(w), direct_io=False, keep_cache=False)
+
+    async def _commit_draft_later(self, w: WriteHandle) -> None:
+        """Store a draft nobody reopened (a background task: never raises)."""
+        await trio.sleep(DRAFT_S)
+        if w.committed or w.opens > 0 or not w.closed_empty:
+            return  # stored, or reopened meanwhile
+        try:
+            await self._commit_now(w)
+        except Exception:  # noqa: BLE001 - logged; the mount serves on
+            log.exception("storing the draft %s/%s", w.ns, w.key)
+
     @_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         w = self.handles.get(fh)
@@ -589,6 +622,7 @@ class KvfsOps(pyfuse3.Operations):
             w.failed = True
             raise
         w.size = max(w.size, off + n)
+        w.written = True
         self.counters["writes"] += 1
         self.counters["write_bytes"] += n
         return n
@@ -601,10 +635,10 @@ class KvfsOps(pyfuse3.Operations):
         empty file is committed at release.)"""
         w = self.handles.get(fh)
         if isinstance(w, WriteHandle) and not w.committed:
-            if w.size > 0:
+            if w.written:
                 await self._commit_now(w)
             else:
-                w.closed_empty = True  # committed at release, or when someone opens it first
+                w.closed_empty = True  # a draft (see _reopen_draft)
 
     async def _commit_now(self, w: WriteHandle) -> None:
         try:
@@ -643,7 +677,14 @@ class KvfsOps(pyfuse3.Operations):
             if freed:
                 await trio.to_thread.run_sync(self.eng.reclaim, freed)
         elif isinstance(h, WriteHandle) and not h.committed:
-            await self._commit_now(h)  # an empty file (or only truncated)
+            h.opens -= 1
+            if h.written:
+                await self._commit_now(h)
+            elif h.opens <= 0 and self.nursery is not None:
+                h.closed_empty = True
+                self.nursery.start_soon(self._commit_draft_later, h)
+            elif h.opens <= 0:
+                await self._commit_now(h)
 
     @_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:

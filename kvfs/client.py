@@ -598,7 +598,8 @@ class Store:
         CUDA, kvikio and whether it runs true GDS or its compatibility mode,
         and whether the arena is pinned yet. Imports CUDA libraries only if
         they are installed; pins nothing (see ``pin_arena``)."""
-        caps: dict[str, Any] = {"native": native.name, "arena": self.arena is not None, "cuda": False,
+        caps: dict[str, Any] = {"right": self.right, "native": native.name, "arena": self.arena is not None,
+                                "cuda": False,
                                 "gpu_reader": self.gpu_reader, "verify": self.verify}
         try:
             import cupy

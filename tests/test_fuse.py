@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -336,7 +337,52 @@ def test_holes_and_truncate_then_extend_read_as_zeros(mounted):
     fd = os.open(ns / "grown", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     os.ftruncate(fd, 6 * MiB + 3)  # only a size: every byte is a hole
     os.close(fd)
+    assert s.contains(["grown"], ns="holes") == [False]  # nothing written: a draft
+    assert (ns / "grown").read_bytes() == bytes(6 * MiB + 3)  # reading it stores it as it is
     assert s.get("grown", ns="holes") == bytes(6 * MiB + 3)
+
+
+def test_a_file_closed_with_nothing_written_can_be_reopened_and_written(mounted):
+    """fio's layout (create, ftruncate, close, reopen for the job) and
+    `touch` then write: a draft until something is written."""
+    d, s, mnt = mounted
+    ns = fresh_ns(mnt, "drafts")
+    data = os.urandom(3 * MiB + 5)
+    fd = os.open(ns / "fio", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.ftruncate(fd, len(data))
+    os.close(fd)
+    assert (ns / "fio").stat().st_size == len(data)
+    fd = os.open(ns / "fio", os.O_RDWR)
+    for off in range(0, len(data), MiB):
+        os.pwrite(fd, data[off:off + MiB], off)
+    os.close(fd)
+    assert s.get("fio", ns="drafts") == data and (ns / "fio").read_bytes() == data
+    (ns / "touched").touch()
+    with open(ns / "touched", "wb") as f:  # O_TRUNC of an empty draft
+        f.write(b"hello")
+    assert s.get("touched", ns="drafts") == b"hello"
+    with pytest.raises(OSError) as e:  # stored: immutable from here on
+        open(ns / "touched", "ab")
+    assert e.value.errno == errno.EROFS
+    (ns / "read-first").touch()
+    assert (ns / "read-first").read_bytes() == b""  # reading a draft stores it, empty
+    with pytest.raises(OSError) as e:
+        open(ns / "read-first", "wb")
+    assert e.value.errno == errno.EROFS
+    assert s.get("read-first", ns="drafts") == b""
+
+
+def test_a_draft_nobody_writes_is_stored_after_a_while(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVFS_FUSE_DRAFT_S", "0.3")
+    d = DaemonProcess(tmp_path / "s", shm_size="16M", mount=tmp_path / "mnt")
+    with d, d.connect() as s:
+        ns = fresh_ns(Path(d.mount), "late")
+        (ns / "empty").touch()
+        assert s.contains(["empty"], ns="late") == [False]
+        deadline = time.monotonic() + 10
+        while s.contains(["empty"], ns="late") == [False] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert s.get("empty", ns="late") == b""
 
 
 def test_a_failed_write_is_reported_and_nothing_is_stored(tmp_path):

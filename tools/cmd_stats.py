@@ -54,6 +54,11 @@ def format_stats(st: dict[str, Any]) -> str:
         ["corrupt dropped", c["corrupt_dropped"]],
         ["uptime", f"{st['uptime_s']:.0f} s"],
     ]
+    acc = st.get("access")
+    if acc:
+        granted = [f"uid {u}: {r}" for u, r in acc["uids"].items()] + [f"gid {g}: {r}" for g, r in acc["gids"].items()]
+        rows.append(["admitted", f"uid {acc['owner_uid']} (the daemon's), root"
+                     + (f"; {', '.join(granted)}" if granted else "; nobody else")])
     out = [render(["store", ""], rows), ""]
     out.append(render(["stripe", "segments", "disk", "live", "chunks"],
                       [[s["path"], s["segments"], format_size(s["disk_bytes"]), format_size(s["live_bytes"]),
