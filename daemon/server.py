@@ -14,7 +14,6 @@ import logging
 import os
 import select
 import socket as stdsocket
-import struct
 import time
 from concurrent.futures import Future
 from functools import partial
@@ -24,7 +23,7 @@ from typing import Any, Callable
 import trio
 
 from kvfs import protocol as P
-from kvfs.errors import InvalidArgument, KvfsError, PermissionDenied, ProtocolError
+from kvfs.errors import InvalidArgument, KvfsError, ProtocolError
 
 from .access import OP_RIGHT, Right, action_of
 from .engine import Engine, NeedRoom, PutPlan

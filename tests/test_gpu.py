@@ -201,3 +201,22 @@ def test_device_put_waits_for_the_producer_stream_and_reads_for_the_consumer(tmp
             assert s.get_into("new", y, ns="o") == 64 * MiB
         side.synchronize()
         assert bool((seen == 3).all()) and bool((y == 9).all())
+
+
+def test_a_readers_read_only_arena_is_registered_and_copied_from(tmp_path):
+    """The read right maps the arena read-only: it is pinned read-only
+    (cudaHostRegisterReadOnly) and T0 copies into device memory are right."""
+    _cuda_or_skip()
+    from kvfs.client import _Arena
+    with DaemonProcess(tmp_path / "s", shm_size="256M") as d, d.connect() as s:
+        rng = cupy.random.default_rng(3)
+        srcs = [rng.integers(0, 256, n, dtype=cupy.uint8) for n in (4095, 8 * MiB, 64 * MiB)]
+        keys = [f"ro{i}" for i in range(len(srcs))]
+        s.put_many(keys, srcs, ns="ro")
+        s.flush()
+        with d.connect() as r:
+            r.arena = _Arena(r.arena.path, r.arena.size, writable=False)
+            assert r.pin_arena() and r.capabilities()["arena_pinned"]
+            outs = [cupy.empty_like(x) for x in srcs]
+            assert r.get_many_into(keys, outs, ns="ro") == [int(x.size) for x in srcs]
+            assert all(bool((a == b).all()) for a, b in zip(srcs, outs)) and r._gpu.counters["t0_chunks"] > 0

@@ -370,3 +370,18 @@ def test_cached_t0_locations_are_read_without_a_round_trip_and_never_stale(tmp_p
         from kvfs.errors import NotFound
         with pytest.raises(NotFound):
             s.get_into("a", out2, ns="c")
+
+
+def test_a_readers_read_only_arena_is_copied_from_right(tmp_path):
+    """A client with the read right maps the arena read-only (its ACL grants
+    no more): device reads take the mapping's address all the same."""
+    from kvfs.client import _Arena
+    with DaemonProcess(tmp_path / "s", shm_size="64M") as d, d.connect() as s:
+        vals = {f"r{n}": os.urandom(n) for n in (1, 70_000, 5 * MiB)}
+        s.put_many(list(vals), list(vals.values()), ns="ro")
+        s.arena = _Arena(s.arena.path, s.arena.size, writable=False)
+        assert s.arena.ro.readonly and s.arena.rw.readonly
+        gpu = host_gpu(s)
+        outs = [FakeDeviceArray(len(v)) for v in vals.values()]
+        assert s.get_many_into(list(vals), outs, ns="ro") == [len(v) for v in vals.values()]
+        assert [o.bytes() for o in outs] == list(vals.values()) and gpu.counters["t0_chunks"] > 0
