@@ -169,8 +169,13 @@ def secure_store(perms: FilePerms, root: Path, stripes: list[Path]) -> int:
         for ent in it:
             if ent.path in stripe_set:
                 continue
-            if ent.is_dir(follow_symlinks=False) and (ent.name == "index" or ent.name.startswith("index.")):
+            try:
+                is_index = ent.is_dir(follow_symlinks=False) and (ent.name == "index" or ent.name.startswith("index."))
+                is_file = not is_index and ent.is_file(follow_symlinks=False)
+            except OSError:
+                continue  # not ours to judge: a dead mount of a killed daemon, say
+            if is_index:
                 apply_private_tree(perms, Path(ent.path))
-            elif ent.is_file(follow_symlinks=False):
+            elif is_file:
                 perms.apply(ent.path, Kind.SHARED_RO if ent.name == GENERATION_FILE else Kind.PRIVATE)
     return n
