@@ -6,7 +6,7 @@
     /.kvfs/stats           the daemon's stats as JSON (same as `kvfs stats --json`)
 
 Rules kept here:
-- Handlers only ever raise FUSEError: ``_errors`` maps everything else
+- Handlers only ever raise FUSEError: ``fuse_errors`` maps everything else
   (kvfs errors, OSError, bugs) to an errno, and logs what is not expected.
 - Handlers never block the loop on disk or LMDB: every such call goes
   through ``trio.to_thread``; what runs on the loop touches memory only.
@@ -14,9 +14,7 @@ Rules kept here:
   before any byte of it is returned: a corrupted object reads as EIO, never
   as wrong bytes. An open file holds a lease, so its bytes stay put.
 - Objects are immutable: an existing object cannot be opened for writing
-  (EROFS). A new file's bytes go straight to their place in T1 as they are
-  written (``StreamPut``) and it is committed as one object when it is
-  closed; until then no other reader sees it.
+  (EROFS). New files are written by the FileWrites half (kvfsd.fuse_write).
 - Objects are immutable and content-addressed, so their attributes and
   entries are cached by the kernel for long, and opens keep the page cache
   (except on a shared mount: kvfsd.fuse_access).
@@ -24,34 +22,33 @@ Rules kept here:
   (kvfsd.fuse_access) before anything else; reads and writes were checked
   at their open.
 
-pyfuse3 is imported only by this module, which is imported only when a
-mount is asked for.
+pyfuse3 is imported only by the fuse_* modules, which are imported only
+when a mount is asked for.
 """
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import logging
 import os
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Sequence
 
 import pyfuse3
 import trio
 
 from kvfs import format as fmt
 from kvfs import native
-from kvfs.errors import CapacityError, InvalidArgument, InvalidKey, KvfsError, NotFound
+from kvfs.errors import InvalidKey
 from kvfs.keys import normalize_key, normalize_ns
 
 from .access import Policy, Right
 from .engine import Engine
 from .fuse_access import MountAccess
-from .stream_put import StreamPut
-from .write_behind import WriteBehind
+from .fuse_errors import entry_name, fuse_errors
+from .fuse_write import FileWrites, WriteHandle
 
 log = logging.getLogger("kvfsd.fuse")
 
@@ -64,45 +61,6 @@ DIR_TIMEOUT = 1.0  # directory contents change
 CHUNK_CACHE = 6  # verified chunks kept per open file
 READ_AHEAD_CHUNKS = 2  # chunks loaded ahead of a sequential reader (two disk reads in flight)
 ADVISE_CHUNKS = 4  # chunks beyond those the kernel is asked to read (posix_fadvise WILLNEED)
-# a file closed with nothing written stays a reopenable draft this long (see KvfsOps._reopen_draft)
-DRAFT_S = float(os.environ.get("KVFS_FUSE_DRAFT_S", "5"))
-
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-
-
-def _errors(fn: F) -> F:
-    """Only FUSEError may leave a handler."""
-    @functools.wraps(fn)
-    async def wrapper(*a: Any, **kw: Any) -> Any:
-        try:
-            return await fn(*a, **kw)
-        except pyfuse3.FUSEError:
-            raise
-        except NotFound:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
-        except (InvalidKey, InvalidArgument):
-            raise pyfuse3.FUSEError(errno.EINVAL) from None
-        except CapacityError:
-            raise pyfuse3.FUSEError(errno.ENOSPC) from None
-        except OSError as e:
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        except KvfsError as e:
-            log.warning("%s: %s", fn.__name__, e)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except Exception:  # noqa: BLE001 - a bug must not take the mount down
-            log.exception("internal error in FUSE %s", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-    return wrapper  # type: ignore[return-value]
-
-
-def _name(raw: bytes) -> str:
-    if len(raw) > 255:
-        raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
-    try:
-        return raw.decode()
-    except UnicodeDecodeError:
-        raise pyfuse3.FUSEError(errno.EINVAL) from None
-
 
 @dataclass
 class ReadHandle:
@@ -117,26 +75,6 @@ class ReadHandle:
 
 
 @dataclass
-class WriteHandle:
-    ns: str
-    key: str
-    ino: int
-    put: StreamPut | None  # None while create is still setting it up
-    behind: WriteBehind | None = None  # queued writes (None: written before the reply)
-    size: int = 0  # the file's size as writers see it (queued writes included)
-    committed: bool = False
-    failed: bool = False  # a write failed: the file is never committed (no partial objects)
-    written: bool = False  # a write reached it (a truncate alone is not one)
-    closed_empty: bool = False  # a descriptor was closed before anything was written: a draft
-    opens: int = 1  # descriptors open on it (create, and reopens of a draft for writing)
-
-    async def settle(self) -> None:
-        """Every write acknowledged so far is in T1 (raises the first write error)."""
-        if self.behind is not None:
-            await self.behind.settle()
-
-
-@dataclass
 class StatsHandle:
     data: bytes
 
@@ -146,7 +84,7 @@ class DirHandle:
     entries: list[tuple[str, int]]  # a snapshot taken at opendir: (name, inode)
 
 
-class KvfsOps(pyfuse3.Operations):
+class KvfsOps(FileWrites, pyfuse3.Operations):
     def __init__(self, engine: Engine, settle: Callable[[], Awaitable[bool]], policy: Policy):
         super().__init__()
         self.eng = engine
@@ -259,10 +197,10 @@ class KvfsOps(pyfuse3.Operations):
         return self._attr(ino, stat.S_IFREG | self.file_mode, m.size, int(m.created * 1e9), OBJECT_TIMEOUT)
 
     # -- lookup and attributes ----------------------------------------------
-    @_errors
+    @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
         self.acc.require(ctx, Right.READ)
-        n = _name(name)
+        n = entry_name(name)
         kind = self._kind(parent_inode)
         if n == ".":
             return self._entry(await self._attr_of(parent_inode))
@@ -293,17 +231,17 @@ class KvfsOps(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._entry(await self._attr_of(self._ino("obj", ns, key)))
 
-    @_errors
+    @fuse_errors
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
         self.acc.require(ctx, Right.READ)
         return await self._attr_of(inode)
 
-    @_errors
+    @fuse_errors
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:
         kind = self._kind(inode)[0]
         return self.acc.access(ctx, kind in ("root", "kvfsdir", "ns"), kind in ("root", "ns"), mode)
 
-    @_errors
+    @fuse_errors
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
         self.acc.require(ctx, Right.WRITE if fields.update_size else Right.READ)
         kind = self._kind(inode)
@@ -311,15 +249,7 @@ class KvfsOps(pyfuse3.Operations):
             w = self.pending.get((kind[1], kind[2]))
             if w is not None and not w.committed:
                 if fields.update_size:
-                    if w.put is None:
-                        raise pyfuse3.FUSEError(errno.EBUSY)
-                    try:
-                        await w.settle()
-                        await trio.to_thread.run_sync(w.put.truncate, attr.st_size)
-                    except BaseException:
-                        w.failed = True
-                        raise
-                    w.size = attr.st_size
+                    await self._truncate_pending(w, attr.st_size)
                 return await self._attr_of(inode)
             if fields.update_size:
                 raise pyfuse3.FUSEError(errno.EROFS)  # objects are immutable
@@ -327,7 +257,7 @@ class KvfsOps(pyfuse3.Operations):
         return await self._attr_of(inode)
 
     # -- directories ---------------------------------------------------------
-    @_errors
+    @fuse_errors
     async def opendir(self, inode: int, ctx: Any) -> int:
         self.acc.require(ctx, Right.READ)
         kind = self._kind(inode)
@@ -352,7 +282,7 @@ class KvfsOps(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return self._new_fh(DirHandle(entries))
 
-    @_errors
+    @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         h = self.handles.get(fh)
         if not isinstance(h, DirHandle):
@@ -367,16 +297,16 @@ class KvfsOps(pyfuse3.Operations):
                 return
             self._entry(attr)  # readdirplus: each entry sent counts as a lookup
 
-    @_errors
+    @fuse_errors
     async def releasedir(self, fh: int) -> None:
         self.handles.pop(fh, None)
 
-    @_errors
+    @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
         self.acc.require(ctx, Right.WRITE)
         if parent_inode != ROOT:
             raise pyfuse3.FUSEError(errno.EPERM)  # namespaces are one level deep
-        n = _name(name)
+        n = entry_name(name)
         if n == ".kvfs":
             raise pyfuse3.FUSEError(errno.EEXIST)
         ns = normalize_ns(n)
@@ -385,12 +315,12 @@ class KvfsOps(pyfuse3.Operations):
         await trio.to_thread.run_sync(self.eng.create_namespace, ns)
         return self._entry(self._dir_attr(self._ino("ns", ns)))
 
-    @_errors
+    @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         self.acc.require(ctx, Right.ADMIN)
         if parent_inode != ROOT:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        n = _name(name)
+        n = entry_name(name)
         if n == ".kvfs":
             raise pyfuse3.FUSEError(errno.EPERM)
         ns = normalize_ns(n)
@@ -400,7 +330,7 @@ class KvfsOps(pyfuse3.Operations):
         if not await trio.to_thread.run_sync(self.eng.remove_namespace, ns):
             raise pyfuse3.FUSEError(errno.ENOTEMPTY)
 
-    @_errors
+    @fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
                      flags: int, ctx: Any) -> None:
         # An object's key is its content address: renaming one would give
@@ -409,7 +339,7 @@ class KvfsOps(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.EXDEV)
 
     # -- reading -------------------------------------------------------------
-    @_errors
+    @fuse_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         self.acc.require(ctx, Right.READ)
         kind = self._kind(inode)
@@ -446,7 +376,7 @@ class KvfsOps(pyfuse3.Operations):
         self.handles[fh] = h
         return fh
 
-    @_errors
+    @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
         """Bytes of an open file. pyfuse3's stub says bytes, but it replies
         from any contiguous buffer (PyObject_GetBuffer), so a view of a
@@ -556,120 +486,7 @@ class KvfsOps(pyfuse3.Operations):
         return data
 
     # -- writing -------------------------------------------------------------
-    @_errors
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        self.acc.require(ctx, Right.WRITE)
-        kind = self._kind(parent_inode)
-        if kind[0] != "ns":
-            raise pyfuse3.FUSEError(errno.EPERM if kind[0] == "root" else errno.EROFS)
-        ns, key = kind[1], normalize_key(_name(name))
-        if self.eng.object_entry(ns, key) is not None or (ns, key) in self.pending:
-            raise pyfuse3.FUSEError(errno.EEXIST)
-        ino = self._ino("obj", ns, key)
-        w = self.pending[(ns, key)] = WriteHandle(ns, key, ino, None)  # the name is taken
-        try:
-            w.put = StreamPut(self.eng, ns, key)
-            if self.nursery is not None:
-                w.behind = WriteBehind(w.put, self.nursery)
-        except BaseException:
-            self.pending.pop((ns, key), None)
-            raise
-        fh = self._new_fh(w)
-        return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=False), self._entry(await self._attr_of(ino))
-
-    async def _reopen_draft(self, w: WriteHandle, flags: int) -> pyfuse3.FileInfo:
-        """A file created and closed with nothing written (``touch``, or
-        fio's layout: create, ftruncate, close) is a draft, not yet an
-        object: it may be opened for writing again, and what is written
-        then is stored when that descriptor closes. A draft nobody writes
-        is stored as it is (empty, or zeros up to its truncated size) when
-        it is opened for reading or DRAFT_S after its last close."""
-        if w.put is None:
-            raise pyfuse3.FUSEError(errno.EBUSY)
-        if flags & os.O_TRUNC and w.size:
-            await w.settle()
-            await trio.to_thread.run_sync(w.put.truncate, 0)
-            w.size = 0
-        w.closed_empty = False
-        w.opens += 1
-        return pyfuse3.FileInfo(fh=self._new_fh(w), direct_io=False, keep_cache=False)
-
-    async def _commit_draft_later(self, w: WriteHandle) -> None:
-        """Store a draft nobody reopened (a background task: never raises)."""
-        await trio.sleep(DRAFT_S)
-        if w.committed or w.opens > 0 or not w.closed_empty:
-            return  # stored, or reopened meanwhile
-        try:
-            await self._commit_now(w)
-        except Exception:  # noqa: BLE001 - logged; the mount serves on
-            log.exception("storing the draft %s/%s", w.ns, w.key)
-
-    @_errors
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
-        w = self.handles.get(fh)
-        if not isinstance(w, WriteHandle):
-            raise pyfuse3.FUSEError(errno.EBADF)
-        if w.committed:
-            raise pyfuse3.FUSEError(errno.EROFS)  # closed once: the object is immutable now
-        assert w.put is not None
-        try:
-            if w.behind is not None:
-                n = await w.behind.write(buf, off)
-            else:
-                n = await trio.to_thread.run_sync(w.put.write, buf, off)
-        except BaseException:
-            w.failed = True
-            raise
-        w.size = max(w.size, off + n)
-        w.written = True
-        self.counters["writes"] += 1
-        self.counters["write_bytes"] += n
-        return n
-
-    @_errors
-    async def flush(self, fh: int) -> None:
-        """close(2) of a descriptor: commit a new file once something was
-        written, so it is readable when `cp` returns. (A close that comes
-        before any write, like dd's dup2-then-close, commits nothing; an
-        empty file is committed at release.)"""
-        w = self.handles.get(fh)
-        if isinstance(w, WriteHandle) and not w.committed:
-            if w.written:
-                await self._commit_now(w)
-            else:
-                w.closed_empty = True  # a draft (see _reopen_draft)
-
-    async def _commit_now(self, w: WriteHandle) -> None:
-        try:
-            error: Exception | None = None
-            try:
-                await w.settle()
-            except Exception as e:  # a queued write failed: close(2) reports it
-                w.failed, error = True, e
-            if w.behind is not None:
-                w.behind.close()
-            if w.failed or w.put is None:
-                log.warning("%s/%s: a write failed; the file is discarded, not stored", w.ns, w.key)
-                if w.put is not None:
-                    await trio.to_thread.run_sync(w.put.abort)
-                if error is not None:
-                    raise error
-                return
-            t = time.monotonic()
-            put = w.put
-            try:
-                await trio.to_thread.run_sync(put.commit)
-            except BaseException:
-                await trio.to_thread.run_sync(put.abort)
-                raise
-            self.counters["commits"] += 1
-            log.debug("stored %s/%s (%d bytes) in %.3f s", w.ns, w.key, w.size, time.monotonic() - t)
-        finally:
-            w.committed = True
-            self.pending.pop((w.ns, w.key), None)
-
-    @_errors
+    @fuse_errors
     async def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
         if isinstance(h, ReadHandle):
@@ -677,22 +494,15 @@ class KvfsOps(pyfuse3.Operations):
             if freed:
                 await trio.to_thread.run_sync(self.eng.reclaim, freed)
         elif isinstance(h, WriteHandle) and not h.committed:
-            h.opens -= 1
-            if h.written:
-                await self._commit_now(h)
-            elif h.opens <= 0 and self.nursery is not None:
-                h.closed_empty = True
-                self.nursery.start_soon(self._commit_draft_later, h)
-            elif h.opens <= 0:
-                await self._commit_now(h)
+            await self._release_write(h)
 
-    @_errors
+    @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         self.acc.require(ctx, Right.ADMIN)
         kind = self._kind(parent_inode)
         if kind[0] != "ns":
             raise pyfuse3.FUSEError(errno.EPERM)
-        key = normalize_key(_name(name))
+        key = normalize_key(entry_name(name))
         await self.settle()
         if not await trio.to_thread.run_sync(self.eng.delete, kind[1], [key]):
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -700,12 +510,12 @@ class KvfsOps(pyfuse3.Operations):
     # -- extended attributes, statfs -------------------------------------------
     XATTRS = (b"user.kvfs.checksum", b"user.kvfs.tier", b"user.kvfs.meta")
 
-    @_errors
+    @fuse_errors
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         self.acc.require(ctx, Right.READ)
         return list(self.XATTRS) if self._kind(inode)[0] == "obj" else []
 
-    @_errors
+    @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         self.acc.require(ctx, Right.READ)
         kind = self._kind(inode)
@@ -724,7 +534,7 @@ class KvfsOps(pyfuse3.Operations):
         info = await trio.to_thread.run_sync(self.eng.stat, ns, key)
         return (info["meta"] or "").encode()
 
-    @_errors
+    @fuse_errors
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         self.acc.require(ctx, Right.READ)
         s = pyfuse3.StatvfsData()
