@@ -15,7 +15,7 @@ Turned on by configuration alone::
   backend, tensor- and pipeline-parallel rank and size, and kvfs's record
   format (kvblocks.namespace).
 - One kvfs object per vLLM block holds that block of every layer, in layer
-  order (``_BlockCodec``).
+  order (kvfs.integrations.paged).
 - Scheduler: ``get_num_new_matched_tokens`` is one ``prefix_match`` per
   request (never the last prompt token); the blocks to load, and the newly
   full blocks to save, travel to the workers in the step's metadata.
@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from kvfs.optional import need
 
 from .kvblocks import Guarded, SaveQueue, namespace
+from .paged import BlockCodec, buffers
 
 need("vllm")
 import torch  # noqa: E402 - vLLM brings it
@@ -142,58 +143,6 @@ class _ReqState:
     load: _Transfer | None = None
 
 
-class _BlockCodec:
-    """How one vLLM block of every layer becomes one kvfs value and back:
-    the layers' block slices (in sorted layer-name order) as raw bytes, end
-    to end. Works for any layout, found from the tensors: the block
-    dimension is the one of size num_blocks."""
-
-    def __init__(self, kv_caches: dict[str, torch.Tensor], num_blocks: int):
-        self.layers = sorted(kv_caches)
-        self.tensors = [kv_caches[n] for n in self.layers]
-        self.dims = []
-        self.nbytes = []
-        for n, t in zip(self.layers, self.tensors):
-            dims = [d for d, s in enumerate(t.shape) if s == num_blocks]
-            if not dims:
-                raise ValueError(f"layer {n}: no dimension of {num_blocks} blocks in shape {tuple(t.shape)}")
-            self.dims.append(dims[0])
-            self.nbytes.append(t[(slice(None),) * dims[0] + (0,)].numel() * t.element_size())
-        self.block_bytes = sum(self.nbytes)
-        self.device = self.tensors[0].device
-
-    def gather(self, block_ids: list[int]) -> torch.Tensor:
-        """[n, block_bytes] uint8: the blocks' bytes, one row per block."""
-        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        out = torch.empty((len(block_ids), self.block_bytes), dtype=torch.uint8, device=self.device)
-        pos = 0
-        for t, d, nb in zip(self.tensors, self.dims, self.nbytes):
-            rows = t.index_select(d, ids).movedim(d, 0).contiguous()
-            out[:, pos:pos + nb] = rows.view(len(block_ids), -1).view(torch.uint8) if rows.dtype != torch.uint8 \
-                else rows.view(len(block_ids), -1)
-            pos += nb
-        return out
-
-    def scatter(self, block_ids: list[int], rows: torch.Tensor) -> None:
-        """The inverse of gather: ``rows`` [n, block_bytes] into the cache."""
-        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        pos = 0
-        for t, d, nb in zip(self.tensors, self.dims, self.nbytes):
-            shape = t.movedim(d, 0).shape[1:]
-            src = rows[:, pos:pos + nb].contiguous().view(t.dtype).view(len(block_ids), *shape)
-            t.index_copy_(d, ids, src.movedim(0, d))
-            pos += nb
-
-
-def _host_views(rows: torch.Tensor) -> list[Any]:
-    """Per-block buffers kvfs can read into or store from: NumPy views of
-    host rows, the tensors themselves for device memory (kvfs's GPU path)."""
-    if rows.device.type == "cpu":
-        arr = rows.numpy()
-        return [arr[i] for i in range(arr.shape[0])]
-    return [rows[i] for i in range(rows.shape[0])]
-
-
 class KvfsConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig"):
         _check_version()
@@ -208,7 +157,7 @@ class KvfsConnector(KVConnectorBase_V1):
         # scheduler side
         self._reqs: dict[str, _ReqState] = {}
         # worker side
-        self._codec: _BlockCodec | None = None
+        self._codec: BlockCodec | None = None
         self._load_errors: set[int] = set()
         self._saves: SaveQueue | None = None
         self._save_bytes = int(extra.get("kvfs.save_queue_bytes", 256 << 20))
@@ -326,7 +275,7 @@ class KvfsConnector(KVConnectorBase_V1):
     # --------------------------------------------------------------- worker
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         try:
-            self._codec = _BlockCodec(kv_caches, self._kv_cache_config.num_blocks)
+            self._codec = BlockCodec(kv_caches, self._kv_cache_config.num_blocks)
         except ValueError as e:
             log.error("kvfs: cannot address this KV cache's blocks (%s): kvfs is off", e)
             self.enabled = False
@@ -342,7 +291,7 @@ class KvfsConnector(KVConnectorBase_V1):
         for ld in meta.loads:
             t = time.perf_counter()
             rows = torch.empty((len(ld.keys), codec.block_bytes), dtype=torch.uint8, device=codec.device)
-            sizes = self.kv.call(lambda s: s.get_many_into(ld.keys, _host_views(rows), ns=self.ns),
+            sizes = self.kv.call(lambda s: s.get_many_into(ld.keys, buffers(rows), ns=self.ns),
                                  [-1] * len(ld.keys))
             good = [i for i, n in enumerate(sizes) if n == codec.block_bytes]
             if len(good) < len(ld.keys):
@@ -372,7 +321,7 @@ class KvfsConnector(KVConnectorBase_V1):
             # gathered now, so vLLM may reuse the blocks; stored later, off the step
             rows = self._codec.gather(sv.block_ids)
             if self._codec.device.type == "cpu":
-                rows_src: Any = _host_views(rows)
+                rows_src: Any = buffers(rows)
             else:
                 rows_src = [rows[i] for i in range(rows.shape[0])]
             self._saves.offer(sv.keys, rows_src, rows.numel())

@@ -1,0 +1,67 @@
+"""A paged KV cache's blocks as kvfs values, for any layout (pure torch).
+
+One value per block holds that block of every layer: the layers' block
+slices, in sorted layer-name order, as raw bytes end to end. The block
+dimension of each layer's tensor is found from the tensor (the one of size
+num_blocks), so the same code serves vLLM's CPU layout ([blocks, heads,
+block size, 2 x head size]) and the GPU ones ([2, blocks, ...]). Moving n
+blocks costs one index_select or index_copy_ per layer, never a loop over
+tokens.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class BlockCodec:
+    """How one vLLM block of every layer becomes one kvfs value and back:
+    the layers' block slices (in sorted layer-name order) as raw bytes, end
+    to end. Works for any layout, found from the tensors: the block
+    dimension is the one of size num_blocks."""
+
+    def __init__(self, kv_caches: dict[str, torch.Tensor], num_blocks: int):
+        self.layers = sorted(kv_caches)
+        self.tensors = [kv_caches[n] for n in self.layers]
+        self.dims = []
+        self.nbytes = []
+        for n, t in zip(self.layers, self.tensors):
+            dims = [d for d, s in enumerate(t.shape) if s == num_blocks]
+            if not dims:
+                raise ValueError(f"layer {n}: no dimension of {num_blocks} blocks in shape {tuple(t.shape)}")
+            self.dims.append(dims[0])
+            self.nbytes.append(t[(slice(None),) * dims[0] + (0,)].numel() * t.element_size())
+        self.block_bytes = sum(self.nbytes)
+        self.device = self.tensors[0].device
+
+    def gather(self, block_ids: list[int]) -> torch.Tensor:
+        """[n, block_bytes] uint8: the blocks' bytes, one row per block."""
+        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        out = torch.empty((len(block_ids), self.block_bytes), dtype=torch.uint8, device=self.device)
+        pos = 0
+        for t, d, nb in zip(self.tensors, self.dims, self.nbytes):
+            rows = t.index_select(d, ids).movedim(d, 0).contiguous()
+            out[:, pos:pos + nb] = rows.view(len(block_ids), -1).view(torch.uint8) if rows.dtype != torch.uint8 \
+                else rows.view(len(block_ids), -1)
+            pos += nb
+        return out
+
+    def scatter(self, block_ids: list[int], rows: torch.Tensor) -> None:
+        """The inverse of gather: ``rows`` [n, block_bytes] into the cache."""
+        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        pos = 0
+        for t, d, nb in zip(self.tensors, self.dims, self.nbytes):
+            shape = t.movedim(d, 0).shape[1:]
+            src = rows[:, pos:pos + nb].contiguous().view(t.dtype).view(len(block_ids), *shape)
+            t.index_copy_(d, ids, src.movedim(0, d))
+            pos += nb
+
+
+def buffers(rows: torch.Tensor) -> list[Any]:
+    """Per-block buffers kvfs can read into or store from: NumPy views of
+    host rows, the tensors themselves for device memory (kvfs's GPU path)."""
+    if rows.device.type == "cpu":
+        arr = rows.numpy()
+        return [arr[i] for i in range(arr.shape[0])]
+    return [rows[i] for i in range(rows.shape[0])]

@@ -1,0 +1,90 @@
+"""What the engine adapters share, without an engine: namespace
+fingerprints, a paged cache's blocks as kvfs values in any layout, bounded
+background saves, and a client whose failures are misses (with a real
+daemon that goes away and comes back)."""
+import time
+
+import pytest
+
+from kvfs.integrations import kvblocks
+from kvfs.integrations.kvblocks import Guarded, SaveQueue, namespace
+from kvfs.keys import normalize_ns
+from kvfsd.testing import DaemonProcess
+
+torch = pytest.importorskip("torch")
+
+
+def test_namespaces_differ_exactly_when_the_bytes_would():
+    base = {"dtype": "bfloat16", "block_size": 128, "tp_rank": 0, "tp_size": 1, "layout": "NHD"}
+    ns = namespace("vllm", "/models/Llama-3.1-8B-Instruct", base)
+    assert ns == namespace("vllm", "/models/Llama-3.1-8B-Instruct", dict(base))
+    assert ns.startswith("vllm.Llama-3.1-8B-Instruct.") and normalize_ns(ns) == ns and len(ns) <= 100
+    for k, v in (("dtype", "float16"), ("block_size", 64), ("tp_rank", 1), ("layout", "HND")):
+        assert namespace("vllm", "/models/Llama-3.1-8B-Instruct", dict(base, **{k: v})) != ns, k
+    assert namespace("vllm", "/other/Llama-3.1-8B-Instruct", base) != ns
+    assert namespace("lmcache", "/models/Llama-3.1-8B-Instruct", base) != ns
+    weird = namespace("vllm", "org/model with spaces:v1/" + "x" * 300, base)
+    assert normalize_ns(weird) == weird and len(weird) <= 100
+
+
+@pytest.mark.parametrize("shape,dtype", [((40, 2, 16, 64), torch.bfloat16),   # vLLM CPU: [blocks, heads, bs, 2*hd]
+                                         ((2, 40, 16, 2, 32), torch.float16),   # flash: [2, blocks, bs, heads, hd]
+                                         ((40, 2, 16, 2, 32), torch.float32)])
+def test_block_codec_moves_blocks_of_every_layer_in_any_layout(shape, dtype):
+    from kvfs.integrations.paged import BlockCodec, buffers
+    src = {f"layer.{i}": torch.randn(shape).to(dtype) for i in range(3)}
+    dst = {n: torch.zeros_like(t) for n, t in src.items()}
+    a, b = BlockCodec(src, 40), BlockCodec(dst, 40)
+    ids = [7, 3, 39, 0]
+    rows = a.gather(ids)
+    per_layer = src["layer.0"][(slice(None),) * a.dims[0] + (0,)].numel() * src["layer.0"].element_size()
+    assert rows.shape == (4, 3 * per_layer) and rows.dtype == torch.uint8 and a.block_bytes == 3 * per_layer
+    assert len(buffers(rows)) == 4 and buffers(rows)[0].nbytes == a.block_bytes
+    b.scatter([1, 2, 5, 6], rows)  # into other block ids of another cache
+    d = a.dims[0]
+    for n in src:
+        for s_id, d_id in zip(ids, [1, 2, 5, 6]):
+            assert torch.equal(src[n].select(d, s_id), dst[n].select(d, d_id))
+        untouched = [i for i in range(40) if i not in (1, 2, 5, 6)]
+        assert not dst[n].index_select(d, torch.tensor(untouched)).any()
+    with pytest.raises(ValueError):
+        BlockCodec({"l": torch.zeros(3, 4)}, 40)  # no dimension of 40 blocks
+
+
+def test_saves_are_bounded_and_never_wait(tmp_path):
+    with DaemonProcess(tmp_path / "s", shm_size="64M") as d:
+        counters = kvblocks.Counter()
+        kv = Guarded(str(d.socket), counters)
+        q = SaveQueue(kv, "ns", counters, max_bytes=3 << 20)
+        vals = [bytes([i]) * (1 << 20) for i in range(8)]
+        t = time.perf_counter()
+        took = [q.offer([f"k{i}"], [v], len(v)) for i, v in enumerate(vals)]
+        assert time.perf_counter() - t < 1.0  # offering never waits for the store
+        assert q.drain(30)
+        assert counters["saves_dropped"] == took.count(False) and took.count(True) >= 3
+        with d.connect() as s:
+            stored = [i for i in range(8) if s.contains([f"k{i}"], ns="ns")[0]]
+            assert [i for i, t_ in enumerate(took) if t_] == stored
+            assert all(s.get(f"k{i}", ns="ns") == vals[i] for i in stored)
+        assert counters["blocks_saved"] == len(stored)
+        q.close()
+        kv.close()
+
+
+def test_a_daemon_that_is_down_is_a_miss_and_one_that_comes_back_is_used(tmp_path, monkeypatch):
+    monkeypatch.setattr(kvblocks, "RETRY_S", 0.2)
+    d = DaemonProcess(tmp_path / "s", shm_size="16M")
+    counters = kvblocks.Counter()
+    kv = Guarded(str(d.socket), counters)
+    assert kv.call(lambda s: s.prefix_match(["a"], ns="n"), -7) == -7 and counters["unavailable"] == 1
+    with d:
+        with d.connect() as s:
+            s.put("a", b"1", ns="n")
+        time.sleep(0.3)
+        assert kv.call(lambda s: s.prefix_match(["a", "b"], ns="n"), -7) == 1
+        d.kill()  # gone mid-use: a miss, then back after a restart
+        assert kv.call(lambda s: s.prefix_match(["a"], ns="n"), -7) == -7 and counters["errors"] >= 1
+        d.start()
+        time.sleep(0.3)
+        assert kv.call(lambda s: s.prefix_match(["a"], ns="n"), -7) == 1
+    kv.close()
