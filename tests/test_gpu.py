@@ -220,3 +220,45 @@ def test_a_readers_read_only_arena_is_registered_and_copied_from(tmp_path):
             outs = [cupy.empty_like(x) for x in srcs]
             assert r.get_many_into(keys, outs, ns="ro") == [int(x.size) for x in srcs]
             assert all(bool((a == b).all()) for a, b in zip(srcs, outs)) and r._gpu.counters["t0_chunks"] > 0
+
+
+@pytest.mark.parametrize("layout", ["flash", "cpu-like"])
+def test_paged_cache_blocks_saved_and_loaded_on_the_device(tmp_path, layout):
+    """The vLLM connector's device path without vLLM (which cannot come to
+    this machine): CUDA caches laid out like vLLM's, scattered block ids
+    gathered on a side stream (as an engine's step would), saved from
+    device memory on the background saver thread, loaded into another
+    cache's other blocks and scattered back."""
+    _cuda_or_skip()
+    import torch
+
+    from kvfs.integrations import kvblocks
+    from kvfs.integrations.paged import BlockCodec, buffers, ready_after
+    nblocks = 64
+    shape = (2, nblocks, 16, 8, 128) if layout == "flash" else (nblocks, 8, 16, 256)
+    src = {f"model.layers.{i}.attn": torch.randn(shape, device="cuda", dtype=torch.bfloat16) for i in range(4)}
+    dst = {n: torch.zeros_like(t) for n, t in src.items()}
+    a, b = BlockCodec(src, nblocks), BlockCodec(dst, nblocks)
+    ids, into = [5, 17, 3, 60, 41], [0, 1, 2, 62, 63]
+    with DaemonProcess(tmp_path / "s", shm_size="256M") as d:
+        counters = kvblocks.Counter()
+        kv = kvblocks.Guarded(str(d.socket), counters)
+        saves = kvblocks.SaveQueue(kv, "paged", counters)
+        side = torch.cuda.Stream()
+        torch.cuda.synchronize()
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(500_000_000)  # the gather lands late: the saver must wait for it
+            rows = a.gather(ids)
+            assert saves.offer([f"b{i}" for i in ids], buffers(rows), rows.numel(), ready_after(rows))
+        assert saves.drain(60) and counters["blocks_saved"] == len(ids), counters
+        back = torch.empty_like(rows)
+        with d.connect() as s:
+            assert s.get_many_into([f"b{i}" for i in ids], buffers(back), ns="paged") == [a.block_bytes] * len(ids)
+        b.scatter(into, back)
+        torch.cuda.synchronize()
+        for n in src:
+            d_ = a.dims[0]
+            for i, j in zip(ids, into):
+                assert torch.equal(src[n].select(d_, i), dst[n].select(d_, j))
+        saves.close()
+        kv.close()

@@ -110,20 +110,24 @@ class SaveQueue:
         self.max_bytes = max_bytes
         self._queued = 0
         self._lock = threading.Lock()
-        self._q: queue.Queue[tuple[list[str], Sequence[Any], int] | None] = queue.Queue()
+        self._q: queue.Queue[tuple[list[str], Sequence[Any], int, Callable[[], Any] | None] | None] = queue.Queue()
         self._idle = threading.Event()
         self._idle.set()
         self._thread = threading.Thread(target=self._run, name="kvfs-saves", daemon=True)
         self._thread.start()
 
-    def offer(self, keys: list[str], values: Sequence[Any], nbytes: int) -> bool:
+    def offer(self, keys: list[str], values: Sequence[Any], nbytes: int,
+              ready: Callable[[], Any] | None = None) -> bool:
+        """Queue a put of ``values`` (which the caller no longer changes);
+        ``ready``, if given, is waited for on the saving thread first (the
+        event after the device copy that filled them)."""
         with self._lock:
             if self._queued + nbytes > self.max_bytes:
                 self.counters["saves_dropped"] += len(keys)
                 return False
             self._queued += nbytes
             self._idle.clear()
-        self._q.put((keys, values, nbytes))
+        self._q.put((keys, values, nbytes, ready))
         return True
 
     def _run(self) -> None:
@@ -131,8 +135,10 @@ class SaveQueue:
             job = self._q.get()
             if job is None:
                 return
-            keys, values, nbytes = job
+            keys, values, nbytes, ready = job
             t = time.perf_counter()
+            if ready is not None:
+                ready()
             stored = self.kv.call(lambda s: s.put_many(keys, values, ns=self.ns), None)
             with self._lock:
                 self._queued -= nbytes

@@ -35,9 +35,16 @@ class BlockCodec:
         self.block_bytes = sum(self.nbytes)
         self.device = self.tensors[0].device
 
+    def _index(self, block_ids: list[int]) -> torch.Tensor:
+        """The ids on the cache's device, queued on the current stream (a
+        pageable copy would wait for every stream of the device)."""
+        if self.device.type != "cuda":
+            return torch.tensor(block_ids, dtype=torch.long)
+        return torch.tensor(block_ids, dtype=torch.long, pin_memory=True).to(self.device, non_blocking=True)
+
     def gather(self, block_ids: list[int]) -> torch.Tensor:
         """[n, block_bytes] uint8: the blocks' bytes, one row per block."""
-        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        ids = self._index(block_ids)
         out = torch.empty((len(block_ids), self.block_bytes), dtype=torch.uint8, device=self.device)
         pos = 0
         for t, d, nb in zip(self.tensors, self.dims, self.nbytes):
@@ -49,7 +56,7 @@ class BlockCodec:
 
     def scatter(self, block_ids: list[int], rows: torch.Tensor) -> None:
         """The inverse of gather: ``rows`` [n, block_bytes] into the cache."""
-        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        ids = self._index(block_ids)
         pos = 0
         for t, d, nb in zip(self.tensors, self.dims, self.nbytes):
             shape = t.movedim(d, 0).shape[1:]
@@ -65,3 +72,14 @@ def buffers(rows: torch.Tensor) -> list[Any]:
         arr = rows.numpy()
         return [arr[i] for i in range(arr.shape[0])]
     return [rows[i] for i in range(rows.shape[0])]
+
+
+def ready_after(rows: torch.Tensor) -> Any:
+    """For device rows: a wait for the work queued so far on this thread's
+    stream (the gather that filled them), to run on the thread that stores
+    them, whose own stream knows nothing of it. None for host rows."""
+    if rows.device.type != "cuda":
+        return None
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream(rows.device))
+    return ev.synchronize

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from kvfs.optional import need
 
 from .kvblocks import Guarded, SaveQueue, namespace
-from .paged import BlockCodec, buffers
+from .paged import BlockCodec, buffers, ready_after
 
 need("vllm")
 import torch  # noqa: E402 - vLLM brings it
@@ -320,11 +320,7 @@ class KvfsConnector(KVConnectorBase_V1):
         for sv in meta.saves:
             # gathered now, so vLLM may reuse the blocks; stored later, off the step
             rows = self._codec.gather(sv.block_ids)
-            if self._codec.device.type == "cpu":
-                rows_src: Any = buffers(rows)
-            else:
-                rows_src = [rows[i] for i in range(rows.shape[0])]
-            self._saves.offer(sv.keys, rows_src, rows.numel())
+            self._saves.offer(sv.keys, buffers(rows), rows.numel(), ready_after(rows))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out, self._load_errors = self._load_errors, set()
