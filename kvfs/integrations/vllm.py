@@ -295,7 +295,7 @@ class KvfsConnector(KVConnectorBase_V1):
                                  [-1] * len(ld.keys))
             good = [i for i, n in enumerate(sizes) if n == codec.block_bytes]
             if len(good) < len(ld.keys):
-                bad = [ld.block_ids[i] for i in range(len(ld.keys)) if i not in set(good)]
+                bad = [ld.block_ids[i] for i, n in enumerate(sizes) if n != codec.block_bytes]
                 self._load_errors.update(bad)
                 self.counters["load_errors"] += len(bad)
                 log.warning("kvfs: %d of %d blocks of request %s did not load; vLLM recomputes them",
