@@ -3,6 +3,7 @@ be recomputed anywhere), call counting, raw replies, on-disk corruption."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
 import threading
@@ -87,3 +88,22 @@ def churning(d, step):
         t.join()
     if errors:
         raise errors[0]
+
+
+class FakeDeviceArray:
+    """Host memory that presents itself as device memory
+    (``__cuda_array_interface__``), like a CuPy array would."""
+
+    def __init__(self, n: int, fill: bytes | None = None):
+        self.buf = (ctypes.c_char * max(n, 1))()
+        self.n = n
+        if fill is not None:
+            ctypes.memmove(self.buf, fill, n)
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": (self.n,), "typestr": "|u1", "data": (ctypes.addressof(self.buf), False),
+                "version": 3, "strides": None}
+
+    def bytes(self) -> bytes:
+        return ctypes.string_at(ctypes.addressof(self.buf), self.n)

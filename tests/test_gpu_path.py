@@ -12,29 +12,10 @@ import xxhash
 
 from kvfs.errors import InvalidArgument
 from kvfs.gpu import GpuPlane, HostCopier, device_buffer
-from helpers import put_and_corrupt
+from helpers import FakeDeviceArray, put_and_corrupt
 from kvfsd.testing import DaemonProcess
 
 MiB = 1 << 20
-
-
-class FakeDeviceArray:
-    """Host memory that presents itself as device memory
-    (``__cuda_array_interface__``), like a CuPy array would."""
-
-    def __init__(self, n: int, fill: bytes | None = None):
-        self.buf = (ctypes.c_char * max(n, 1))()
-        self.n = n
-        if fill is not None:
-            ctypes.memmove(self.buf, fill, n)
-
-    @property
-    def __cuda_array_interface__(self):
-        return {"shape": (self.n,), "typestr": "|u1", "data": (ctypes.addressof(self.buf), False),
-                "version": 3, "strides": None}
-
-    def bytes(self) -> bytes:
-        return ctypes.string_at(ctypes.addressof(self.buf), self.n)
 
 
 class _Done:

@@ -2,7 +2,6 @@
 status 2 from the `kvfs` command, a MissingDependency from the library,
 never a traceback. Each is tested by hiding the module it needs (an import
 hook that refuses it, in a fresh interpreter or in this one)."""
-import ctypes
 import os
 import socket
 import subprocess
@@ -14,6 +13,7 @@ import kvfs
 from kvfs import gpu
 from kvfs.errors import KvfsError, MissingDependency
 from kvfs.optional import KNOWN, have, missing, need
+from helpers import FakeDeviceArray
 from kvfsd.testing import DaemonProcess
 
 # Runs `kvfs ARGS...` with the modules named in argv[1] unimportable.
@@ -88,25 +88,12 @@ def test_ttft_demo_without_torch_is_one_line():
     one_line(kvfs_without(["torch"], "demo-ttft", "--device", "cpu"), "pip install 'kvfs[demo]'", "torch")
 
 
-class CaiArray:
-    """Host bytes presenting themselves as device memory."""
-
-    def __init__(self, n):
-        self.buf = (ctypes.c_char * n)()
-        self.n = n
-
-    @property
-    def __cuda_array_interface__(self):
-        return {"shape": (self.n,), "typestr": "|u1", "data": (ctypes.addressof(self.buf), False), "version": 3,
-                "strides": None}
-
-
 def test_device_buffers_without_cupy_or_kvikio_raise_missing_dependency(tmp_path, hide, monkeypatch):
     hide("cupy", "kvikio")
     with DaemonProcess(tmp_path / "s", shm_size="16M") as d, d.connect() as s:
         s.put("k", b"x" * 1000)
         with pytest.raises(MissingDependency) as e:
-            s.get_into("k", CaiArray(1000))
+            s.get_into("k", FakeDeviceArray(1000))
         assert "pip install 'kvfs[gpu]'" in str(e.value) and isinstance(e.value, ImportError)
         assert s.get("k") == b"x" * 1000  # the store works on, for host buffers
 
@@ -115,7 +102,7 @@ def test_device_buffers_without_cupy_or_kvikio_raise_missing_dependency(tmp_path
         monkeypatch.setattr(gpu, "CudaCopier", FakeCuda)
         with d.connect(gpu_reader="kvikio") as s2:
             with pytest.raises(MissingDependency) as e:
-                s2.get_into("k", CaiArray(1000))
+                s2.get_into("k", FakeDeviceArray(1000))
             assert "kvikio" in str(e.value) and "kvfs[gpu]" in str(e.value)
 
 

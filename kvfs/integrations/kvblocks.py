@@ -22,6 +22,7 @@ from collections import Counter
 from typing import Any, Callable, Sequence
 
 from kvfs import format as fmt
+from kvfs.errors import DaemonUnavailable
 
 log = logging.getLogger("kvfs.integrations")
 
@@ -78,7 +79,6 @@ class Guarded:
             return fn(s)
         except Exception as e:  # noqa: BLE001 - an engine never sees a kvfs failure
             self.counters["errors"] += 1
-            from kvfs.errors import DaemonUnavailable
             if isinstance(e, (DaemonUnavailable, ConnectionError, OSError)):
                 with self._lock:
                     try:

@@ -81,7 +81,6 @@ def fingerprint(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | Non
     fields: dict[str, Any] = {
         "revision": getattr(mc, "revision", None), "dtype": str(mc.dtype), "kv_dtype": str(cc.cache_dtype),
         "block_size": cc.block_size, "tp_size": pc.tensor_parallel_size, "pp_size": pc.pipeline_parallel_size,
-        "tp_rank": pc.rank % pc.tensor_parallel_size if pc.tensor_parallel_size else 0,
         "device": str(vllm_config.device_config.device_type),
         "hash_algo": cc.prefix_caching_hash_algo,
     }
@@ -89,8 +88,7 @@ def fingerprint(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | Non
         from vllm.distributed.parallel_state import get_pp_group, get_tp_group
         fields["tp_rank"], fields["pp_rank"] = get_tp_group().rank_in_group, get_pp_group().rank_in_group
     except Exception:  # noqa: BLE001 - the scheduler has no groups: rank 0's view
-        fields["pp_rank"] = 0
-        fields["tp_rank"] = 0
+        fields["tp_rank"] = fields["pp_rank"] = 0
     if kv_cache_config is not None:
         fields["layout"] = kv_cache_config.kv_cache_layout
         fields["groups"] = [(type(g.kv_cache_spec).__name__, getattr(g.kv_cache_spec, "num_kv_heads", None),
