@@ -50,6 +50,9 @@ OP_RIGHT: dict[str, Right] = {
     # a reader's report makes the daemon re-check the object itself; only
     # bytes that fail their checksum are dropped, so it is a read
     P.REPORT_BAD: Right.READ,
+    # an adapter that only reads reports its hits too; what is kept is
+    # bounded (daemon.connector_stats), and it changes no stored byte
+    P.REPORT: Right.READ,
     P.PUT: Right.WRITE, P.ALLOC: Right.WRITE, P.COMMIT: Right.WRITE, P.ABORT: Right.WRITE,
     P.FLUSH: Right.WRITE,
     P.DELETE: Right.ADMIN, P.EVICT: Right.ADMIN, P.VERIFY: Right.ADMIN, P.COMPACT: Right.ADMIN,

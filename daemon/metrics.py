@@ -126,6 +126,12 @@ def prometheus_families(st: dict[str, Any]) -> Iterator[Any]:
         buckets = [(repr(b), n) for b, n in h["buckets"]] + [("+Inf", h["count"])]
         lat.add_metric([op], buckets, h["sum_s"])
     yield lat
+    conn = CounterMetricFamily("kvfs_connector", "Engine adapters' own counters (lookups, hit_tokens, "
+                               "bytes_loaded, ...), per namespace.", labels=["namespace", "counter"])
+    for name, r in st.get("connectors", {}).items():
+        for key, v in sorted(r["counters"].items()):
+            conn.add_metric([name, key], v)
+    yield conn
 
 
 def serve_prometheus(port: int, snapshot: Callable[[], dict[str, Any]], policy: Policy) -> Any:

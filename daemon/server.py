@@ -26,6 +26,7 @@ from kvfs import protocol as P
 from kvfs.errors import InvalidArgument, KvfsError, ProtocolError
 
 from .access import OP_RIGHT, Right, action_of
+from .connector_stats import ConnectorStats
 from .engine import Engine, NeedRoom, PutPlan
 from .fileperms import Kind
 from .jobs import Job, Jobs
@@ -130,6 +131,7 @@ class Server:
         self._promote_wanted = trio.Event()
         self.jobs = Jobs()
         self.requests = RequestStats()  # latency per op (kvfs stats, Prometheus)
+        self.connector_stats = ConnectorStats()  # engine adapters' own counters, per namespace
 
     async def _thread(self, fn: Callable[..., Any], *a: Any) -> Any:
         return await trio.to_thread.run_sync(partial(fn, *a))
@@ -166,6 +168,7 @@ class Server:
         st["connections"] = self.connections
         st["requests"] = self.requests.snapshot()
         st["access"] = self.engine.cfg.policy.describe()
+        st["connectors"] = self.connector_stats.snapshot()
         return st
 
     def _start_compaction(self, threshold: float | None, stripe: str | None) -> Job:
@@ -401,6 +404,8 @@ class Server:
             return {"keys": keys, "more": more}
         if op == P.STATS:
             return await self._thread(self.snapshot)
+        if op == P.REPORT:
+            return self.connector_stats.add(P.arg(args, "ns", str), P.arg(args, "counters", dict))
         if op == P.FLUSH:
             return await self.settle(P.arg(args, "timeout", (int, float), 60.0))
         if op == P.REPORT_BAD:

@@ -1120,6 +1120,12 @@ class Store:
     def stats(self) -> dict[str, Any]:
         return dict(self._call(P.STATS, {}))
 
+    def report(self, ns: str, counters: dict[str, int]) -> bool:
+        """Add an engine adapter's counters (lookups, hit tokens, blocks
+        loaded, ...: growth since its last report) to what the daemon shows
+        for ``ns`` in ``kvfs stats``."""
+        return bool(self._call(P.REPORT, {"ns": normalize_ns(ns), "counters": dict(counters)}))
+
 
 class DeviceReads:
     """Reads into device memory in flight (``Store.get_many_into_async``)."""

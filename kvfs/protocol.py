@@ -64,10 +64,11 @@ EVICT = "evict"
 VERIFY = "verify"  # starts a job
 JOB = "job"  # a job's progress, then its result
 COMPACT = "compact"  # starts a job
+REPORT = "report"  # an engine adapter's counters, shown per namespace in stats
 
 OPS = frozenset({HELLO, PUT, LOOKUP, RELEASE, CONTAINS, PREFIX_MATCH, DELETE,
                  STAT, NAMESPACES, KEYS, STATS, REPORT_BAD, ALLOC, COMMIT, ABORT, TOUCH, FLUSH, EVICT,
-                 VERIFY, JOB, COMPACT})
+                 VERIFY, JOB, COMPACT, REPORT})
 
 
 def pack_frame(message: Any, trailer_len: int = 0) -> bytes:

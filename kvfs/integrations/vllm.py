@@ -19,13 +19,26 @@ Turned on by configuration alone::
 - Scheduler: ``get_num_new_matched_tokens`` is one ``prefix_match`` per
   request (never the last prompt token); the blocks to load, and the newly
   full blocks to save, travel to the workers in the step's metadata.
-- Worker: loads land in vLLM's paged cache before the forward
-  (``start_load_kv``: one batched read, then one index_copy per layer);
-  saves are gathered after it (``wait_for_save``: one index_select per
-  layer) and stored in the background, bounded (kvblocks.SaveQueue).
+- Loads are asynchronous (vLLM's WAITING_FOR_REMOTE_KVS): the worker reads
+  and scatters them on a thread of its own (a CUDA stream of its own on a
+  GPU) while the engine goes on with other requests, and reports them
+  through ``get_finished``; the request is scheduled once its blocks are
+  in. ``kvfs.load_async: false`` loads in ``start_load_kv`` instead,
+  before the forward (one engine step sooner on an idle engine).
+- Under vLLM's default ``kv_load_failure_policy`` ('fail') a block that
+  then failed to load would fail its request, so what is claimed is first
+  read back and verified, on a thread: the lookup answers "not yet"
+  (None) until that is done, and the scheduler never waits. Under
+  'recompute' nothing is read twice: a block that fails is recomputed.
+- Worker: loads land in vLLM's paged cache (one batched read, then one
+  index_copy per layer); saves are gathered after the forward
+  (``wait_for_save``: one index_select per layer) and stored in the
+  background, bounded (kvblocks.SaveQueue).
 - Failures are misses: a block that does not load is reported through
   ``get_block_ids_with_load_errors`` and vLLM recomputes it; kvfs errors
   never reach the engine, and a daemon that comes back is used again.
+- Counters go to vLLM (``get_kv_connector_stats``) and to the daemon
+  (``kvfs stats``, per namespace), at most once a second.
 
 Only this module imports vLLM (and only when the connector is used).
 """
@@ -35,13 +48,15 @@ import logging
 import os
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from kvfs.optional import need
 
-from .kvblocks import Guarded, SaveQueue, namespace
-from .paged import BlockCodec, buffers, ready_after
+from .kvblocks import Guarded, LoadQueue, Reporter, SaveQueue, namespace
+from .paged import BlockCodec, SideStream, Staging, buffers, ready_after
 
 need("vllm")
 import torch  # noqa: E402 - vLLM brings it
@@ -138,7 +153,6 @@ class _ReqState:
     request: Any
     block_ids: list[int] = field(default_factory=list)
     next_save: int = 0  # blocks below this are in kvfs or vLLM's own cache
-    load: _Transfer | None = None
 
 
 class KvfsConnector(KVConnectorBase_V1):
@@ -152,15 +166,25 @@ class KvfsConnector(KVConnectorBase_V1):
         self._reported: Counter[str] = Counter()  # what get_kv_connector_stats reported so far
         self.kv = Guarded(extra.get("kvfs.socket"), self.counters)
         self.enabled = self._usable(vllm_config, kv_cache_config)
+        self.reporter = Reporter(self.kv, self.ns, self.counters)
+        self.load_async = str(extra.get("kvfs.load_async", True)).lower() not in ("false", "0", "no")
         # scheduler side
         self._reqs: dict[str, _ReqState] = {}
+        self._to_load: list[_Transfer] = []  # allocated this step, for the next metadata
+        # 'fail' (vLLM's default) fails a request whose load fails: claim only what reads back,
+        # checked on a thread while the lookup answers None ("ask again")
+        self.probe = getattr(self._kv_transfer_config, "kv_load_failure_policy", "fail") != "recompute"
+        self._probes: dict[str, tuple[int, Future[int]]] = {}
+        self._probe_pool: ThreadPoolExecutor | None = None
         # worker side
         self._codec: BlockCodec | None = None
-        self._load_errors: set[int] = set()
+        self._load_errors: set[int] = set()  # of loads done in start_load_kv (kvfs.load_async: false)
+        self._loads: LoadQueue | None = None
+        self._stream: SideStream | None = None
+        self._staging: Staging | None = None
+        self._staging_bytes = int(extra.get("kvfs.staging_bytes", 64 << 20))
         self._saves: SaveQueue | None = None
         self._save_bytes = int(extra.get("kvfs.save_queue_bytes", 256 << 20))
-        # 'fail' (vLLM's default) fails a request whose load fails: claim only what reads back
-        self.probe = getattr(self._kv_transfer_config, "kv_load_failure_policy", "fail") != "recompute"
         log.info("kvfs connector (%s): namespace %s %s", role.name, self.ns, "" if self.enabled else "(off)")
 
     def _usable(self, vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | None") -> bool:
@@ -198,49 +222,84 @@ class KvfsConnector(KVConnectorBase_V1):
         usable = min((prompt - 1) // self.block_size, len(request.block_hashes))  # never the last prompt token
         if usable <= first:
             return 0, False
-        keys = [request.block_hashes[i].hex() for i in range(usable)]
-        self.counters["lookups"] += 1
-        hit = self.kv.call(lambda s: s.prefix_match(keys, ns=self.ns), 0)
-        if hit > first and self.probe:
-            hit = first + self._verified_run(keys[first:hit])
+        if self.probe:
+            hit = self._probed(request.request_id, request, first, usable)
+            if hit is None:
+                return None, False  # being read back: vLLM asks again next step
+        else:
+            hit = self._lookup(request, usable)
         if hit <= first:
             return 0, False
         self.counters["hit_tokens"] += (hit - first) * self.block_size
-        return (hit - first) * self.block_size, False
+        self.reporter.maybe_report()
+        return (hit - first) * self.block_size, self.load_async
+
+    def _keys(self, request: "Request", lo: int, hi: int) -> list[str]:
+        return [request.block_hashes[i].hex() for i in range(lo, hi)]
+
+    def _lookup(self, request: "Request", usable: int) -> int:
+        """How many blocks of the prompt, from the first, kvfs holds: one round trip."""
+        self.counters["lookups"] += 1
+        keys = self._keys(request, 0, usable)
+        return int(self.kv.call(lambda s: s.prefix_match(keys, ns=self.ns), 0))
+
+    def _probed(self, req_id: str, request: "Request", first: int, usable: int) -> int | None:
+        """The verified hit (a block count from the prompt's start), or None
+        while a thread is still reading it back."""
+        pending = self._probes.get(req_id)
+        if pending is not None and pending[0] == first:
+            if not pending[1].done():
+                return None
+            del self._probes[req_id]
+            return pending[1].result()
+        if self._probe_pool is None:
+            self._probe_pool = ThreadPoolExecutor(1, thread_name_prefix="kvfs-lookups")
+
+        def probe() -> int:
+            hit = self._lookup(request, usable)
+            return first + self._verified_run(self._keys(request, first, hit)) if hit > first else hit
+        self._probes[req_id] = (first, self._probe_pool.submit(probe))
+        return None
 
     def _verified_run(self, keys: list[str]) -> int:
-        """How many of ``keys``, from the first, read back intact now (under
-        kv_load_failure_policy 'fail' a block that then fails to load would
-        fail the request, so what is claimed is read and verified first)."""
+        """How many of ``keys``, from the first, read back intact now."""
+        if not keys:
+            return 0
+
         def run(s: Any) -> int:
             with s.get_views(keys, ns=self.ns) as views:
                 return next((i for i, v in enumerate(views) if v is None), len(keys))
-        n = self.kv.call(run, 0)
+        n = int(self.kv.call(run, 0))
         self.counters["probe_misses"] += len(keys) - n
         return n
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
-        if not self.enabled:
-            return
+        if not self.enabled or num_external_tokens <= 0:
+            return  # (an async load's second call, once it is in, has no external tokens)
         st = self._state(request)
         first = st.next_save
-        if num_external_tokens > 0:
-            ids = blocks.get_block_ids()[0]
-            n = num_external_tokens // self.block_size
-            st.load = _Transfer(request.request_id, [request.block_hashes[first + i].hex() for i in range(n)],
-                                list(ids[first:first + n]))
-            st.next_save = first + n
+        ids = blocks.get_block_ids()[0]
+        n = num_external_tokens // self.block_size
+        self._to_load.append(_Transfer(request.request_id, self._keys(request, first, first + n),
+                                       list(ids[first:first + n])))
+        st.next_save = first + n
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta = KvfsConnectorMetadata()
         if not self.enabled:
             return meta
+        # loads go out in the step that allocated them, scheduled or not (an
+        # async load's request waits, unscheduled, until it is in)
+        meta.loads, self._to_load = self._to_load, []
         after: dict[str, int] = {}
         for nr in scheduler_output.scheduled_new_reqs:
             st = self._reqs.get(nr.req_id)
             if st is None:
                 continue
             st.block_ids = list(nr.block_ids[0])
+            # what vLLM counts as computed now: its own cache, and what loaded (a
+            # failed async load is cut back to its first bad block, recomputed and saved again)
+            st.next_save = min(st.next_save, nr.num_computed_tokens // self.block_size)
             after[nr.req_id] = nr.num_computed_tokens + scheduler_output.num_scheduled_tokens.get(nr.req_id, 0)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -255,20 +314,18 @@ class KvfsConnector(KVConnectorBase_V1):
             after[req_id] = cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens.get(req_id, 0)
         for req_id, computed in after.items():
             st = self._reqs[req_id]
-            if st.load is not None:
-                meta.loads.append(st.load)
-                st.load = None
             full = min(computed // self.block_size, len(st.request.block_hashes), len(st.block_ids))
             if full > st.next_save:
-                meta.saves.append(_Transfer(req_id, [st.request.block_hashes[j].hex()
-                                                     for j in range(st.next_save, full)],
+                meta.saves.append(_Transfer(req_id, self._keys(st.request, st.next_save, full),
                                             st.block_ids[st.next_save:full]))
                 st.next_save = full
+        self.reporter.maybe_report()
         return meta
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._reqs.pop(request.request_id, None)
-        return False, None
+        self._probes.pop(request.request_id, None)
+        return False, None  # saves were gathered when the blocks filled; vLLM may free them now
 
     # --------------------------------------------------------------- worker
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -279,33 +336,59 @@ class KvfsConnector(KVConnectorBase_V1):
             self.enabled = False
             return
         self._saves = SaveQueue(self.kv, self.ns, self.counters, self._save_bytes)
+        self._loads = LoadQueue(self.counters)
+        self._stream = SideStream(self._codec.device)
+        self._staging = Staging(self._codec.block_bytes, self._codec.device, self._staging_bytes)
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
-        if not self.enabled or self._codec is None or not self.has_connector_metadata():
+        if not self.enabled or self._loads is None or not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvfsConnectorMetadata)
-        codec = self._codec
         for ld in meta.loads:
-            t = time.perf_counter()
-            rows = torch.empty((len(ld.keys), codec.block_bytes), dtype=torch.uint8, device=codec.device)
-            sizes = self.kv.call(lambda s: s.get_many_into(ld.keys, buffers(rows), ns=self.ns),
-                                 [-1] * len(ld.keys))
-            good = [i for i, n in enumerate(sizes) if n == codec.block_bytes]
-            if len(good) < len(ld.keys):
-                bad = [ld.block_ids[i] for i, n in enumerate(sizes) if n != codec.block_bytes]
-                self._load_errors.update(bad)
-                self.counters["load_errors"] += len(bad)
-                log.warning("kvfs: %d of %d blocks of request %s did not load; vLLM recomputes them",
-                            len(bad), len(ld.keys), ld.req_id)
-            if good:
-                codec.scatter([ld.block_ids[i] for i in good], rows[good] if len(good) < len(ld.keys) else rows)
-            self.counters["blocks_loaded"] += len(good)
-            self.counters["bytes_loaded"] += len(good) * codec.block_bytes
-            self.counters["load_us"] += int((time.perf_counter() - t) * 1e6)
+            if self.load_async:
+                self._loads.submit(ld.req_id, ld.block_ids, partial(self._load, ld))
+            else:
+                self._load_errors.update(self._load(ld))
+
+    def _load(self, ld: _Transfer) -> list[int]:
+        """Read one request's blocks from kvfs into vLLM's cache, through
+        the staging buffer a chunk at a time; the block ids that did not
+        load. On a GPU the copies run on the loader's own stream and are
+        complete when this returns."""
+        assert self._codec is not None and self._stream is not None and self._staging is not None
+        codec, per = self._codec, self._staging.per
+        t = time.perf_counter()
+        bad: list[int] = []
+        for lo in range(0, len(ld.keys), per):
+            keys, ids = ld.keys[lo:lo + per], ld.block_ids[lo:lo + per]
+            with self._stream.run():
+                rows = self._staging.rows(len(keys))
+                sizes = self.kv.call(lambda s: s.get_many_into(keys, buffers(rows), ns=self.ns), [-1] * len(keys))
+                good = [i for i, n in enumerate(sizes) if n == codec.block_bytes]
+                if good:
+                    codec.scatter([ids[i] for i in good], rows[good] if len(good) < len(keys) else rows)
+            bad += [ids[i] for i, n in enumerate(sizes) if n != codec.block_bytes]
+        if bad:
+            self.counters["load_errors"] += len(bad)
+            log.warning("kvfs: %d of %d blocks of request %s did not load; vLLM recomputes them",
+                        len(bad), len(ld.keys), ld.req_id)
+        self.counters["blocks_loaded"] += len(ld.keys) - len(bad)
+        self.counters["bytes_loaded"] += (len(ld.keys) - len(bad)) * codec.block_bytes
+        self.counters["load_us"] += int((time.perf_counter() - t) * 1e6)
+        return bad
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Loads that are in (their failed blocks are in the same step's
+        get_block_ids_with_load_errors, which vLLM asks next)."""
+        if self._loads is None:
+            return None, None
+        done = self._loads.take_finished()
+        self.counters["loads_async"] += len(done)
+        return None, (done or None)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete in start_load_kv, before the forward
+        return  # a load is whole before its request is scheduled (async) or before the forward (sync)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         return  # every layer is gathered at once in wait_for_save, after the forward
@@ -322,15 +405,23 @@ class KvfsConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out, self._load_errors = self._load_errors, set()
+        if self._loads is not None:
+            out |= self._loads.take_errors()
         return out
 
     def shutdown(self) -> None:
+        if self._loads is not None:
+            self._loads.close()
         if self._saves is not None:
             self._saves.close()
+        if self._probe_pool is not None:
+            self._probe_pool.shutdown(wait=False, cancel_futures=True)
+        self.reporter.close()
         log.info("kvfs connector stats: %s", dict(self.counters))
         self.kv.close()
 
     def get_kv_connector_stats(self) -> KvfsConnectorStats | None:
+        self.reporter.maybe_report()
         delta = {k: v - self._reported.get(k, 0) for k, v in self.counters.items() if v != self._reported.get(k, 0)}
         self._reported = Counter(self.counters)
         return KvfsConnectorStats(data=delta) if delta else None

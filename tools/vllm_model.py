@@ -1,6 +1,13 @@
-"""A tiny random-weight Llama (GQA, bf16) and an offline word-level
-tokenizer, written to a directory that vLLM loads with nothing downloaded.
-Deterministic: the same directory content on every run."""
+"""A random-weight Llama (GQA, bf16) and an offline word-level tokenizer,
+written to a directory that vLLM loads with nothing downloaded (the vLLM
+connector's tests and ``kvfs bench --vllm``). Deterministic: the same
+directory content on every run.
+
+    python -m kvfstools.vllm_model DIR [tiny|small]
+
+tiny: 2 layers of 2 KV heads (the tests: fast on 2 cores). small: 8
+layers of 4 KV heads, wide enough that prefill costs something on CPU.
+"""
 from __future__ import annotations
 
 import json
@@ -8,9 +15,15 @@ import sys
 from pathlib import Path
 
 VOCAB = 512
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32),
+    "small": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=8, num_attention_heads=16,
+                  num_key_value_heads=4, head_dim=64),
+}
 
 
-def build(out: Path) -> Path:
+def build(out: Path, size: str = "tiny") -> Path:
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -20,11 +33,10 @@ def build(out: Path) -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
+    cfg = LlamaConfig(vocab_size=VOCAB, **SIZES[size], max_position_embeddings=16384,  # type: ignore[arg-type,call-arg]
                       torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2, pad_token_id=0,
                       tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)  # type: ignore[arg-type]
     model.save_pretrained(out, safe_serialization=True)
     words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 4)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
@@ -37,4 +49,4 @@ def build(out: Path) -> Path:
 
 
 if __name__ == "__main__":
-    print(build(Path(sys.argv[1])))
+    print(build(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "tiny"))
