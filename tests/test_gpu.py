@@ -227,13 +227,15 @@ def test_paged_cache_blocks_saved_and_loaded_on_the_device(tmp_path, layout):
     """The vLLM connector's device path without vLLM (which cannot come to
     this machine): CUDA caches laid out like vLLM's, scattered block ids
     gathered on a side stream (as an engine's step would), saved from
-    device memory on the background saver thread, loaded into another
-    cache's other blocks and scattered back."""
+    device memory on the background saver thread, then loaded as the
+    connector's async loads are: on the loader thread, through a staging
+    buffer smaller than the load (chunks), on the loader's own stream, into
+    another cache's other blocks; a missing block is reported, not loaded."""
     _cuda_or_skip()
     import torch
 
     from kvfs.integrations import kvblocks
-    from kvfs.integrations.paged import BlockCodec, buffers, ready_after
+    from kvfs.integrations.paged import BlockCodec, SideStream, Staging, buffers, load_blocks, ready_after
     nblocks = 64
     shape = (2, nblocks, 16, 8, 128) if layout == "flash" else (nblocks, 8, 16, 256)
     src = {f"model.layers.{i}.attn": torch.randn(shape, device="cuda", dtype=torch.bfloat16) for i in range(4)}
@@ -251,14 +253,17 @@ def test_paged_cache_blocks_saved_and_loaded_on_the_device(tmp_path, layout):
             rows = a.gather(ids)
             assert saves.offer([f"b{i}" for i in ids], buffers(rows), rows.numel(), ready_after(rows))
         assert saves.drain(60) and counters["blocks_saved"] == len(ids), counters
-        back = torch.empty_like(rows)
-        with d.connect() as s:
-            assert s.get_many_into([f"b{i}" for i in ids], buffers(back), ns="paged") == [a.block_bytes] * len(ids)
-        b.scatter(into, back)
-        torch.cuda.synchronize()
+        loads = kvblocks.LoadQueue(counters)
+        staging, stream = Staging(b.block_bytes, b.device, 2 * b.block_bytes), SideStream(b.device)
+        keys = [f"b{i}" for i in ids] + ["missing"]
+        loads.submit("r", into + [30], lambda: load_blocks(kv, "paged", b, staging, stream, keys, into + [30]))
+        assert loads.drain(60) and loads.take_finished() == {"r"} and loads.take_errors() == {30}
+        # no synchronize here: a finished load is complete on every stream
         for n in src:
             d_ = a.dims[0]
             for i, j in zip(ids, into):
                 assert torch.equal(src[n].select(d_, i), dst[n].select(d_, j))
+            assert not dst[n].select(d_, 30).any()
+        loads.close()
         saves.close()
         kv.close()

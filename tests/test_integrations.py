@@ -164,3 +164,25 @@ def test_what_the_daemon_keeps_of_reports_is_bounded():
     t.add("ns20", {"lookups": cs.MAX_VALUE - 1})
     t.add("ns20", {"lookups": cs.MAX_VALUE - 1})
     assert t.snapshot()["ns20"]["counters"]["lookups"] == cs.MAX_VALUE  # saturates, never overflows
+
+
+def test_loads_go_through_a_small_staging_buffer_in_chunks_and_report_what_is_missing(tmp_path):
+    from kvfs.integrations.paged import BlockCodec, SideStream, Staging, buffers, load_blocks
+    src = {f"layer.{i}": torch.randn(16, 2, 8, 32).to(torch.bfloat16) for i in range(3)}
+    dst = {n: torch.zeros_like(t) for n, t in src.items()}
+    a, b = BlockCodec(src, 16), BlockCodec(dst, 16)
+    ids, into = [3, 9, 0, 15, 7], [1, 2, 4, 5, 6]
+    with DaemonProcess(tmp_path / "s", shm_size="64M") as d:
+        counters = kvblocks.Counter()
+        kv = Guarded(str(d.socket), counters)
+        with d.connect() as s:
+            s.put_many([f"b{i}" for i in ids], buffers(a.gather(ids)), ns="paged")
+        staging = Staging(b.block_bytes, b.device, 2 * b.block_bytes)  # 2 blocks: three chunks
+        keys = [f"b{i}" for i in ids[:3]] + ["missing"] + [f"b{i}" for i in ids[3:]]
+        bad = load_blocks(kv, "paged", b, staging, SideStream(b.device), keys, into[:3] + [10] + into[3:])
+        assert bad == [10] and staging.per == 2
+        for n in src:
+            for i, j in zip(ids, into):
+                assert torch.equal(src[n][i], dst[n][j])
+            assert not dst[n][10].any()
+        kv.close()

@@ -9,7 +9,8 @@ one prompt, the time to first token of
   kvfs sync   the same with kvfs.load_async false (loaded before the forward)
 and the connector's load and save rates (its counters in the daemon).
 Every process first serves an unrelated warm-up prompt, so no figure
-carries a first forward's costs. A smoke figure at small-model scale on
+carries a first forward's costs; each figure is the median over --repeat
+distinct prompts. A smoke figure at small-model scale on
 CPU, not a serving benchmark: on a GPU with a real model, prefill costs
 far more per token and the kvfs row gains accordingly.
 
@@ -70,39 +71,45 @@ def run_engine(args: argparse.Namespace, base: Path) -> dict[str, Any]:
     from .vllm_model import build
 
     model = str(build(base / "model", args.vllm_model_size))
-    n = args.vllm_prompt
-    prompt = [5 + (i * 7) % 500 for i in range(n)]
+    n, reps = args.vllm_prompt, max(1, args.repeat)
+    # one prompt per repetition, each new to every engine until it is meant to be seen again
+    prompts = [[5 + (i * 7 + r * 13) % 500 for i in range(n)] for r in range(reps)]
     warm = [[7 + (i * 11) % 400 for i in range(256)]]
+    one_by_one = [[p] for p in prompts]
     common = {"model": model, "max_tokens": 1, "max_model_len": max(4096, n + 64)}
-    print(f"  vLLM, {n}-token prompt, {args.vllm_model_size} model: engine without kvfs", file=sys.stderr, flush=True)
-    plain = _serve(dict(common, socket=None, prompts=[warm, [prompt], [prompt]]))
+    print(f"  vLLM, {n}-token prompts x {reps}, {args.vllm_model_size} model: engine without kvfs",
+          file=sys.stderr, flush=True)
+    plain = _serve(dict(common, socket=None, prompts=[warm] + one_by_one + one_by_one))
     d = DaemonProcess(base / "store", stripes=1, shm_size="1G", log=base / "daemon.log")
     try:
         d.start()
         print("  engine A with kvfs: cold (saves), then vLLM's own cache", file=sys.stderr, flush=True)
-        a = _serve(dict(common, socket=str(d.socket), prompts=[warm, [prompt], [prompt]]))
+        a = _serve(dict(common, socket=str(d.socket), prompts=[warm] + one_by_one + one_by_one))
         saved = _connector_counters(d)
         print("  engine B, a new process: loads from kvfs (async)", file=sys.stderr, flush=True)
-        b = _serve(dict(common, socket=str(d.socket), prompts=[warm, [prompt]]))
+        b = _serve(dict(common, socket=str(d.socket), prompts=[warm] + one_by_one))
         loaded = _connector_counters(d)
         print("  engine C, a new process: loads from kvfs (sync)", file=sys.stderr, flush=True)
-        c = _serve(dict(common, socket=str(d.socket), prompts=[warm, [prompt]], load_async=False))
+        c = _serve(dict(common, socket=str(d.socket), prompts=[warm] + one_by_one, load_async=False))
     finally:
         d.stop()
         d.remove_shm()
-    same = plain["runs"][1][0]["tokens"] == a["runs"][1][0]["tokens"] == b["runs"][1][0]["tokens"] \
-        == c["runs"][1][0]["tokens"]
-    load_tokens = (loaded.get("blocks_loaded", 0) - saved.get("blocks_loaded", 0)) * a.get("block_size", 128)
+    first, again = slice(1, 1 + reps), slice(1 + reps, 1 + 2 * reps)
+    same = all(x["runs"][1 + r][0]["tokens"] == plain["runs"][1 + r][0]["tokens"]
+               for x in (a, b, c) for r in range(reps))
+    block = int(a.get("block_size", 128))
+    load_tokens = (loaded.get("blocks_loaded", 0) - saved.get("blocks_loaded", 0)) * block
     load_s = (loaded.get("load_us", 0) - saved.get("load_us", 0)) / 1e6
-    save_tokens = saved.get("blocks_saved", 0) * a.get("block_size", 128)
+    save_tokens = saved.get("blocks_saved", 0) * block
     save_s = saved.get("save_us", 0) / 1e6
+    med = statistics.median
     return {
-        "prompt_tokens": n, "model": args.vllm_model_size, "same_tokens": same,
-        "ttft_s": {"cold": plain["seconds"][1], "vllm_cache": plain["seconds"][2],
-                   "cold_with_kvfs": a["seconds"][1], "vllm_cache_with_kvfs": a["seconds"][2],
-                   "kvfs_async": b["seconds"][1], "kvfs_sync": c["seconds"][1]},
+        "prompt_tokens": n, "repeat": reps, "model": args.vllm_model_size, "same_tokens": same,
+        "ttft_s": {"cold": med(plain["seconds"][first]), "vllm_cache": med(plain["seconds"][again]),
+                   "cold_with_kvfs": med(a["seconds"][first]), "vllm_cache_with_kvfs": med(a["seconds"][again]),
+                   "kvfs_async": med(b["seconds"][first]), "kvfs_sync": med(c["seconds"][first])},
         "cached_tokens": {"kvfs_async": b["runs"][1][0]["cached"], "kvfs_sync": c["runs"][1][0]["cached"],
-                          "vllm_cache": a["runs"][2][0]["cached"]},
+                          "vllm_cache": a["runs"][1 + reps][0]["cached"]},
         "load_tokens_per_s": load_tokens / load_s if load_s else 0.0,
         "save_tokens_per_s": save_tokens / save_s if save_s else 0.0,
         "load_bytes": loaded.get("bytes_loaded", 0) - saved.get("bytes_loaded", 0),
@@ -226,7 +233,8 @@ def format_vllm(res: dict[str, Any]) -> str:
                  f"{t['kvfs_async'] / t['cold']:.2f}", e["cached_tokens"]["kvfs_async"]],
                 ["new process, from kvfs (sync load)", f"{t['kvfs_sync'] * 1e3:.0f}",
                  f"{t['kvfs_sync'] / t['cold']:.2f}", e["cached_tokens"]["kvfs_sync"]]]
-        parts.append(render([f"vLLM, {e['prompt_tokens']}-token prompt ({e['model']} model, CPU)", "TTFT ms",
+        parts.append(render([f"vLLM, {e['prompt_tokens']}-token prompt ({e['model']} model, CPU; median of "
+                             f"{e['repeat']})", "TTFT ms",
                              "/ cold", "cached tokens"], rows))
         parts.append(f"connector: loaded {e['load_tokens_per_s']:.0f} tokens/s "
                      f"({e['load_bytes'] / MiB:.1f} MiB), saved {e['save_tokens_per_s']:.0f} tokens/s "

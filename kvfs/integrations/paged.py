@@ -124,3 +124,22 @@ class SideStream:
         with torch.cuda.stream(self.stream):
             yield
         self.stream.synchronize()
+
+
+def load_blocks(kv: Any, ns: str, codec: BlockCodec, staging: Staging, stream: SideStream,
+                keys: list[str], block_ids: list[int]) -> list[int]:
+    """Read ``keys`` from kvfs into the cache's ``block_ids`` (``kv`` is a
+    kvblocks.Guarded: a failure is a miss), through ``staging`` a chunk at
+    a time, the copies on ``stream``; the block ids that did not load.
+    Everything it wrote is in the cache when it returns."""
+    bad: list[int] = []
+    for lo in range(0, len(keys), staging.per):
+        ks, ids = keys[lo:lo + staging.per], block_ids[lo:lo + staging.per]
+        with stream.run():
+            rows = staging.rows(len(ks))
+            sizes = kv.call(lambda s: s.get_many_into(ks, buffers(rows), ns=ns), [-1] * len(ks))
+            good = [i for i, n in enumerate(sizes) if n == codec.block_bytes]
+            if good:
+                codec.scatter([ids[i] for i in good], rows[good] if len(good) < len(ks) else rows)
+        bad += [ids[i] for i, n in enumerate(sizes) if n != codec.block_bytes]
+    return bad

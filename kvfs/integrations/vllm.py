@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 from kvfs.optional import need
 
 from .kvblocks import Guarded, LoadQueue, Reporter, SaveQueue, namespace
-from .paged import BlockCodec, SideStream, Staging, buffers, ready_after
+from .paged import BlockCodec, SideStream, Staging, buffers, load_blocks, ready_after
 
 need("vllm")
 import torch  # noqa: E402 - vLLM brings it
@@ -186,6 +186,8 @@ class KvfsConnector(KVConnectorBase_V1):
         self._saves: SaveQueue | None = None
         self._save_bytes = int(extra.get("kvfs.save_queue_bytes", 256 << 20))
         log.info("kvfs connector (%s): namespace %s %s", role.name, self.ns, "" if self.enabled else "(off)")
+        if self.enabled and role == KVConnectorRole.SCHEDULER:
+            self.kv.store()  # connect now, not in the first request's lookup
 
     def _usable(self, vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | None") -> bool:
         algo = vllm_config.cache_config.prefix_caching_hash_algo
@@ -339,6 +341,9 @@ class KvfsConnector(KVConnectorBase_V1):
         self._loads = LoadQueue(self.counters)
         self._stream = SideStream(self._codec.device)
         self._staging = Staging(self._codec.block_bytes, self._codec.device, self._staging_bytes)
+        # now, not in the first load: the connection, and the staging buffer's pages
+        self._staging.rows(1)
+        self.kv.store()
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         if not self.enabled or self._loads is None or not self.has_connector_metadata():
@@ -357,18 +362,9 @@ class KvfsConnector(KVConnectorBase_V1):
         load. On a GPU the copies run on the loader's own stream and are
         complete when this returns."""
         assert self._codec is not None and self._stream is not None and self._staging is not None
-        codec, per = self._codec, self._staging.per
+        codec = self._codec
         t = time.perf_counter()
-        bad: list[int] = []
-        for lo in range(0, len(ld.keys), per):
-            keys, ids = ld.keys[lo:lo + per], ld.block_ids[lo:lo + per]
-            with self._stream.run():
-                rows = self._staging.rows(len(keys))
-                sizes = self.kv.call(lambda s: s.get_many_into(keys, buffers(rows), ns=self.ns), [-1] * len(keys))
-                good = [i for i, n in enumerate(sizes) if n == codec.block_bytes]
-                if good:
-                    codec.scatter([ids[i] for i in good], rows[good] if len(good) < len(keys) else rows)
-            bad += [ids[i] for i, n in enumerate(sizes) if n != codec.block_bytes]
+        bad = load_blocks(self.kv, self.ns, codec, self._staging, self._stream, ld.keys, ld.block_ids)
         if bad:
             self.counters["load_errors"] += len(bad)
             log.warning("kvfs: %d of %d blocks of request %s did not load; vLLM recomputes them",
