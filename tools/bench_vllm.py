@@ -117,13 +117,11 @@ def run_engine(args: argparse.Namespace, base: Path) -> dict[str, Any]:
     }
 
 
-def _median_s(fn: Any, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def _seconds(fn: Any) -> float:
+    """One timed run (a warm-up would store the blocks the timed run stores)."""
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def run_granularity(args: argparse.Namespace, store: Any) -> list[dict[str, Any]]:
@@ -177,12 +175,12 @@ def run_granularity(args: argparse.Namespace, store: Any) -> list[dict[str, Any]
         res: dict[str, list[float]] = {"save_whole": [], "load_whole": [], "save_layers": [], "load_layers": []}
         for r in range(args.repeat):  # interleaved rounds, fresh namespaces each
             rnd[0] = r
-            res["save_whole"].append(_median_s(save_whole, 1))
-            res["save_layers"].append(_median_s(save_layers, 1))
+            res["save_whole"].append(_seconds(save_whole))
+            res["save_layers"].append(_seconds(save_layers))
             for kind, fn in (("load_whole", load_whole), ("load_layers", load_layers)):
                 for t in dst.values():
                     t.zero_()
-                res[kind].append(_median_s(fn, 1))
+                res[kind].append(_seconds(fn))
                 assert all(torch.equal(dst[k], src[k]) for k in src), f"{kind}: loaded bytes differ"
             store.delete(keys, ns=ns("w"))
             store.delete([f"{k}.{li}" for li in range(layers) for k in keys], ns=ns("l"))
@@ -198,6 +196,19 @@ def run_granularity(args: argparse.Namespace, store: Any) -> list[dict[str, Any]
     return rows_out
 
 
+def _commit() -> str:
+    """The checkout's commit (and whether it had changes), for the figures' record."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (rev or "unknown") + ("+changes" if dirty else "")
+
+
 def run_vllm_bench(args: argparse.Namespace) -> dict[str, Any]:
     from kvfsd.testing import DaemonProcess
 
@@ -205,7 +216,7 @@ def run_vllm_bench(args: argparse.Namespace) -> dict[str, Any]:
     base.mkdir(parents=True, exist_ok=True)
     work = base / f"run-{os.getpid()}"
     work.mkdir()
-    out: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
+    out: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "commit": _commit()}
     d = DaemonProcess(work / "gran", stripes=args.stripes, shm_size="2G", capacity="16G", log=work / "gran.log")
     try:
         d.start()
@@ -250,4 +261,5 @@ def format_vllm(res: dict[str, Any]) -> str:
         parts.append(render(["granularity", "per block (all layers)", "per layer", "save ktok/s block",
                              "save ktok/s layer", "load ktok/s block", "load ktok/s layer", "load block/layer"],
                             rows))
+    parts.append(f"commit {res.get('commit', 'unknown')}, {res['machine']['cpus']} CPUs")
     return "\n\n".join(parts)
