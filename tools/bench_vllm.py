@@ -95,8 +95,13 @@ def run_engine(args: argparse.Namespace, base: Path) -> dict[str, Any]:
         d.stop()
         d.remove_shm()
     first, again = slice(1, 1 + reps), slice(1 + reps, 1 + 2 * reps)
-    same = all(x["runs"][1 + r][0]["tokens"] == plain["runs"][1 + r][0]["tokens"]
-               for x in (a, b, c) for r in range(reps))
+    # a prefix from kvfs is computed on exactly as one from vLLM's own cache is (the same
+    # bytes, the same suffix kernels), so those must agree token for token; a cold prefill's
+    # bf16 rounding differs, and a random-weight model's near-tied logits can show it
+    def toks(x: dict[str, Any], i: int) -> list[int]:
+        return list(x["runs"][i][0]["tokens"])
+    same = all(toks(a, 1 + r) == toks(plain, 1 + r) and toks(b, 1 + r) == toks(c, 1 + r)
+               == toks(plain, 1 + reps + r) == toks(a, 1 + reps + r) for r in range(reps))
     block = int(a.get("block_size", 128))
     load_tokens = (loaded.get("blocks_loaded", 0) - saved.get("blocks_loaded", 0)) * block
     load_s = (loaded.get("load_us", 0) - saved.get("load_us", 0)) / 1e6
@@ -250,7 +255,8 @@ def format_vllm(res: dict[str, Any]) -> str:
         parts.append(f"connector: loaded {e['load_tokens_per_s']:.0f} tokens/s "
                      f"({e['load_bytes'] / MiB:.1f} MiB), saved {e['save_tokens_per_s']:.0f} tokens/s "
                      f"({e['save_bytes'] / MiB:.1f} MiB, in the background); greedy tokens "
-                     + ("identical in every run" if e["same_tokens"] else "DIFFER"))
+                     + ("from kvfs identical to those from vLLM's own cache, and cold to cold"
+                        if e["same_tokens"] else "DIFFER from vLLM's own cache"))
     g = res.get("granularity")
     if g:
         rows = [[r["geometry"], f"{r['object_bytes_whole'] / MiB:.1f} MiB x {r['objects_whole']}",
