@@ -134,3 +134,20 @@ def test_a_fresh_engine_loads_what_another_stored_and_answers_the_same(model, tm
     assert tokens(gone)[0] == tokens(baseline)[0]
     assert "kvfs: no daemon" in gone["log"]
     d.remove_shm()
+
+
+def test_every_parallel_rank_has_a_namespace_and_the_scheduler_looks_in_each():
+    """A block is a hit only when every tensor- and pipeline-parallel rank
+    stored its part of it (each worker saves its own, in its own namespace)."""
+    from types import SimpleNamespace as NS
+
+    from kvfs.integrations.vllm import every_rank, fingerprint
+    cfg = NS(model_config=NS(model="/m/Llama-3.1-8B", revision=None, dtype="bfloat16"),
+             cache_config=NS(cache_dtype="auto", block_size=16, prefix_caching_hash_algo="sha256"),
+             parallel_config=NS(tensor_parallel_size=2, pipeline_parallel_size=2),
+             device_config=NS(device_type="cuda"), attention_config=NS(backend="FLASH_ATTN"))
+    names = every_rank(cfg, None)
+    assert len(set(names)) == 4 and fingerprint(cfg, None, (1, 1))[0] in names
+    assert fingerprint(cfg, None)[0] == names[0]  # no process groups here: rank 0's
+    cfg.parallel_config.tensor_parallel_size = 1
+    assert not set(every_rank(cfg, None)) & set(names)  # another TP size: other namespaces

@@ -100,8 +100,13 @@ def run_engine(args: argparse.Namespace, base: Path) -> dict[str, Any]:
     # bf16 rounding differs, and a random-weight model's near-tied logits can show it
     def toks(x: dict[str, Any], i: int) -> list[int]:
         return list(x["runs"][i][0]["tokens"])
-    same = all(toks(a, 1 + r) == toks(plain, 1 + r) and toks(b, 1 + r) == toks(c, 1 + r)
-               == toks(plain, 1 + reps + r) == toks(a, 1 + reps + r) for r in range(reps))
+    tokens = {"cold": [toks(plain, 1 + r) for r in range(reps)],
+              "cold_with_kvfs": [toks(a, 1 + r) for r in range(reps)],
+              "vllm_cache": [toks(plain, 1 + reps + r) for r in range(reps)],
+              "vllm_cache_with_kvfs": [toks(a, 1 + reps + r) for r in range(reps)],
+              "kvfs_async": [toks(b, 1 + r) for r in range(reps)], "kvfs_sync": [toks(c, 1 + r) for r in range(reps)]}
+    same = tokens["cold"] == tokens["cold_with_kvfs"] and tokens["kvfs_async"] == tokens["kvfs_sync"] \
+        == tokens["vllm_cache"] == tokens["vllm_cache_with_kvfs"]
     block = int(a.get("block_size", 128))
     load_tokens = (loaded.get("blocks_loaded", 0) - saved.get("blocks_loaded", 0)) * block
     load_s = (loaded.get("load_us", 0) - saved.get("load_us", 0)) / 1e6
@@ -109,7 +114,7 @@ def run_engine(args: argparse.Namespace, base: Path) -> dict[str, Any]:
     save_s = saved.get("save_us", 0) / 1e6
     med = statistics.median
     return {
-        "prompt_tokens": n, "repeat": reps, "model": args.vllm_model_size, "same_tokens": same,
+        "prompt_tokens": n, "repeat": reps, "model": args.vllm_model_size, "same_tokens": same, "tokens": tokens,
         "ttft_s": {"cold": med(plain["seconds"][first]), "vllm_cache": med(plain["seconds"][again]),
                    "cold_with_kvfs": med(a["seconds"][first]), "vllm_cache_with_kvfs": med(a["seconds"][again]),
                    "kvfs_async": med(b["seconds"][first]), "kvfs_sync": med(c["seconds"][first])},

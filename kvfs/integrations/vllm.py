@@ -90,8 +90,10 @@ def _check_version() -> None:
                            f"KVFS_VLLM_ANY_VERSION=1 to try it anyway")
 
 
-def fingerprint(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | None") -> tuple[str, dict[str, Any]]:
-    """The namespace of this engine's blocks, and what went into it."""
+def fingerprint(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | None",
+                ranks: tuple[int, int] | None = None) -> tuple[str, dict[str, Any]]:
+    """The namespace of one rank's blocks (``ranks``: its tensor- and
+    pipeline-parallel ranks; default this process's), and what went into it."""
     mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
     fields: dict[str, Any] = {
         "revision": getattr(mc, "revision", None), "dtype": str(mc.dtype), "kv_dtype": str(cc.cache_dtype),
@@ -99,11 +101,13 @@ def fingerprint(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | Non
         "device": str(vllm_config.device_config.device_type),
         "hash_algo": cc.prefix_caching_hash_algo,
     }
-    try:
-        from vllm.distributed.parallel_state import get_pp_group, get_tp_group
-        fields["tp_rank"], fields["pp_rank"] = get_tp_group().rank_in_group, get_pp_group().rank_in_group
-    except Exception:  # noqa: BLE001 - the scheduler has no groups: rank 0's view
-        fields["tp_rank"] = fields["pp_rank"] = 0
+    if ranks is None:
+        try:
+            from vllm.distributed.parallel_state import get_pp_group, get_tp_group
+            ranks = get_tp_group().rank_in_group, get_pp_group().rank_in_group
+        except Exception:  # noqa: BLE001 - the scheduler has no groups: rank 0's view
+            ranks = (0, 0)
+    fields["tp_rank"], fields["pp_rank"] = ranks
     if kv_cache_config is not None:
         fields["layout"] = kv_cache_config.kv_cache_layout
         fields["groups"] = [(type(g.kv_cache_spec).__name__, getattr(g.kv_cache_spec, "num_kv_heads", None),
@@ -114,6 +118,14 @@ def fingerprint(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | Non
     except AttributeError:
         pass
     return namespace("vllm", str(mc.model), fields), fields
+
+
+def every_rank(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | None") -> list[str]:
+    """The namespaces of every tensor- and pipeline-parallel rank: a block
+    is a hit only if every rank stored its part of it."""
+    pc = vllm_config.parallel_config
+    return [fingerprint(vllm_config, kv_cache_config, (t, p))[0]
+            for p in range(pc.pipeline_parallel_size) for t in range(pc.tensor_parallel_size)]
 
 
 @dataclass
@@ -162,6 +174,9 @@ class KvfsConnector(KVConnectorBase_V1):
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
         self.block_size = vllm_config.cache_config.block_size
         self.ns, self.fields = fingerprint(vllm_config, kv_cache_config)
+        # the scheduler looks up every rank's part of a block (each worker stores its own)
+        self.lookup_ns = every_rank(vllm_config, kv_cache_config) if role == KVConnectorRole.SCHEDULER \
+            else [self.ns]
         self.counters: Counter[str] = Counter()
         self._reported: Counter[str] = Counter()  # what get_kv_connector_stats reported so far
         self.kv = Guarded(extra.get("kvfs.socket"), self.counters)
@@ -240,10 +255,11 @@ class KvfsConnector(KVConnectorBase_V1):
         return [request.block_hashes[i].hex() for i in range(lo, hi)]
 
     def _lookup(self, request: "Request", usable: int) -> int:
-        """How many blocks of the prompt, from the first, kvfs holds: one round trip."""
+        """How many blocks of the prompt, from the first, kvfs holds for
+        every rank: one round trip per rank (one without parallelism)."""
         self.counters["lookups"] += 1
         keys = self._keys(request, 0, usable)
-        return int(self.kv.call(lambda s: s.prefix_match(keys, ns=self.ns), 0))
+        return int(self.kv.call(lambda s: min(s.prefix_match(keys, ns=ns) for ns in self.lookup_ns), 0))
 
     def _probed(self, req_id: str, request: "Request", first: int, usable: int) -> int | None:
         """The verified hit (a block count from the prompt's start), or None
@@ -269,8 +285,11 @@ class KvfsConnector(KVConnectorBase_V1):
             return 0
 
         def run(s: Any) -> int:
-            with s.get_views(keys, ns=self.ns) as views:
-                return next((i for i, v in enumerate(views) if v is None), len(keys))
+            n = len(keys)
+            for ns in self.lookup_ns:
+                with s.get_views(keys[:n], ns=ns) as views:
+                    n = next((i for i, v in enumerate(views) if v is None), n)
+            return n
         n = int(self.kv.call(run, 0))
         self.counters["probe_misses"] += len(keys) - n
         return n
