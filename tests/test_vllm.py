@@ -100,6 +100,9 @@ def test_a_fresh_engine_loads_what_another_stored_and_answers_the_same(model, tm
         assert c["blocks_saved"] == len(LONGER) // BLOCK and c["bytes_saved"] > 0
         assert c["lookups"] >= 3 and c["hit_tokens"] >= (len(PROMPT) // BLOCK) * BLOCK
         assert c["blocks_loaded"] >= len(PROMPT) // BLOCK and c["loads_async"] >= 1
+        # and on vLLM's own Prometheus metrics, in B's engine
+        assert b["metrics"]["vllm:kvfs_connector.hit_tokens"] >= (len(PROMPT) // BLOCK) * BLOCK
+        assert b["metrics"]["vllm:kvfs_connector.blocks_loaded"] >= len(PROMPT) // BLOCK
 
         # two engines on one daemon at once; one of them with another fingerprint (block size)
         # (the first loads synchronously, before the forward: kvfs.load_async false)

@@ -48,6 +48,8 @@ def main() -> None:
         for m in llm.get_metrics():
             if "prefix_cache" in m.name:
                 metrics[m.name] = getattr(m, "value", None)
+            elif m.name.startswith("vllm:kvfs_connector"):  # one per counter label
+                metrics[f"{m.name}.{m.labels.get('counter')}"] = getattr(m, "value", None)
     except Exception as e:  # noqa: BLE001 - reported
         metrics["error"] = repr(e)
     block = llm.llm_engine.vllm_config.cache_config.block_size

@@ -66,7 +66,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # noqa: E402
     KVConnectorMetadata,
     KVConnectorRole,
 )
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats  # noqa: E402
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (  # noqa: E402
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -145,6 +148,29 @@ class KvfsConnectorStats(KVConnectorStats):
 
     def is_empty(self) -> bool:
         return not any(self.data.values())
+
+
+# what the connector counts (on vLLM's Prometheus: vllm:kvfs_connector_total{counter="..."})
+COUNTERS = ("lookups", "hit_tokens", "probe_misses", "blocks_loaded", "bytes_loaded", "load_us", "loads_async",
+            "load_errors", "blocks_saved", "bytes_saved", "save_us", "saves_dropped", "saves_failed", "errors",
+            "unavailable")
+
+
+class KvfsPromMetrics(KVConnectorPromMetrics):
+    """The connector's counters on vLLM's own /metrics, per engine."""
+
+    def __init__(self, vllm_config: "VllmConfig", metric_types: dict[Any, Any], labelnames: list[str],
+                 per_engine_labelvalues: dict[int, list[object]]):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._total = self._counter_cls(name="vllm:kvfs_connector", labelnames=labelnames + ["counter"],
+                                        documentation="The kvfs connector's counters: lookups, hit_tokens, "
+                                                      "blocks/bytes loaded and saved, load_us/save_us, errors")
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        data = getattr(transfer_stats_data, "data", transfer_stats_data) or {}
+        for k, v in data.items():
+            if k in COUNTERS and v > 0:
+                self._total.labels(*self.per_engine_labelvalues[engine_idx], k).inc(v)  # type: ignore[union-attr]
 
 
 @dataclass
@@ -444,6 +470,11 @@ class KvfsConnector(KVConnectorBase_V1):
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvfsConnectorStats:
         return KvfsConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: "VllmConfig", metric_types: dict[Any, Any], labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> KvfsPromMetrics:
+        return KvfsPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def stats(self) -> dict[str, int]:
         """The connector's counters (lookups, hit tokens, blocks and bytes
