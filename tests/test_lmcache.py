@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 
 import pytest
 
@@ -162,3 +163,78 @@ def test_corruption_and_a_stopped_daemon_are_misses_never_errors_into_lmcache(lm
     run(conn.put(key(5), obj))  # no exception
     assert free_chunks(cpu, conn) == free0
     assert not [w for w in warn.lines if "negative" in w or "Double free" in w]
+
+
+def test_a_whole_lmcache_engine_stores_and_retrieves_through_kvfs_alone(tmp_path):
+    """LMCacheEngine with local_cpu False: every retrieved byte comes from
+    kvfs. CPU tensors stand in for the GPU's KV cache (a GPU connector that
+    copies; LMCache's mock one copies nothing)."""
+    from lmcache.v1.cache_engine import LMCacheEngineBuilder
+    from lmcache.v1.gpu_connector.mock_gpu_connector import MockGPUConnector
+
+    class CopyingConnector(MockGPUConnector):
+        """[layers, K/V, tokens, kv heads, head size] on the host."""
+
+        def __init__(self, kv):
+            super().__init__(tuple(kv.shape))
+            self.kv = kv
+
+        def from_gpu(self, obj, start, end, **kw):
+            obj.tensor.view(-1).copy_(self.kv[:, :, start:end].reshape(-1))
+
+        def to_gpu(self, obj, start, end, **kw):
+            self.kv[:, :, start:end].copy_(obj.tensor.reshape(self.kv[:, :, start:end].shape))
+
+        def batched_from_gpu(self, objs, starts, ends, **kw):
+            for o, s, e in zip(objs, starts, ends):
+                self.from_gpu(o, s, e)
+
+        def batched_to_gpu(self, objs, starts, ends, **kw):
+            for o, s, e in zip(objs, starts, ends):
+                if o is not None:
+                    self.to_gpu(o, s, e)
+
+    d = DaemonProcess(tmp_path / "s", shm_size="64M")
+    d.start()
+    cfg = LMCacheEngineConfig.from_defaults(
+        chunk_size=CHUNK, local_cpu=False, max_local_cpu_size=0.1, remote_storage_plugins=["kvfs"],
+        extra_config={"remote_storage_plugin.kvfs.module_path": "kvfs.integrations.lmcache",
+                      "remote_storage_plugin.kvfs.class_name": "KvfsConnector",
+                      "remote_storage_plugin.kvfs.socket": str(d.socket)})
+    md = LMCacheMetadata(model_name="tiny", world_size=1, local_world_size=1, worker_id=0, local_worker_id=0,
+                         kv_dtype=torch.bfloat16, kv_shape=SHAPE)
+    n = 1000
+    src = torch.randn(SHAPE[0], SHAPE[1], n, SHAPE[3], SHAPE[4]).to(torch.bfloat16)
+    gpu = CopyingConnector(src)
+    eng = LMCacheEngineBuilder.get_or_create("kvfs-test", cfg, md, gpu, lambda t, r: None, lambda o, r: o)
+    try:
+        eng.post_init()
+        tokens = torch.arange(n)
+        eng.store(tokens)
+        with d.connect() as s:
+            deadline = time.time() + 30
+            while s.stats()["objects"] < n // CHUNK and time.time() < deadline:  # LMCache puts in the background
+                time.sleep(0.05)
+        full = (n // CHUNK) * CHUNK
+        assert eng.lookup(tokens) == full
+        gpu.kv = torch.zeros_like(src)
+        got = eng.retrieve(tokens)
+        assert int(got.sum()) == full and torch.equal(gpu.kv[:, :, :full], src[:, :, :full])
+        assert not gpu.kv[:, :, full:].any()
+        time.sleep(1.5)  # the plugin's counters reach the daemon at most once a second
+        with d.connect() as s:
+            [c] = [r["counters"] for ns, r in s.stats()["connectors"].items() if ns.startswith("lmcache.tiny.")]
+            assert c["chunks_loaded"] >= n // CHUNK and c["chunks_saved"] == n // CHUNK  # it came from kvfs
+        # a prompt that diverges in its third chunk: a hit of the two it shares
+        other = torch.cat([tokens[:600], tokens[600:] + 7])
+        assert eng.lookup(other) == 2 * CHUNK
+        gpu.kv = torch.zeros_like(src)
+        assert int(eng.retrieve(other).sum()) == 2 * CHUNK
+        assert torch.equal(gpu.kv[:, :, :2 * CHUNK], src[:, :, :2 * CHUNK])
+        d.stop()  # gone: misses, no exception into LMCache
+        assert eng.lookup(tokens) == 0 and int(eng.retrieve(tokens).sum()) == 0
+    finally:
+        LMCacheEngineBuilder.destroy("kvfs-test")
+        if d.alive():
+            d.stop()
+        d.remove_shm()
