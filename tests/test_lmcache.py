@@ -36,18 +36,25 @@ class Warnings(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-@pytest.fixture
-def lm(tmp_path):
-    """A daemon, LMCache's CPU backend and the kvfs plugin made by LMCache."""
-    d = DaemonProcess(tmp_path / "s", shm_size="64M")
-    d.start()
+def configured(d, model):
+    """LMCache's config with kvfs as its remote tier (and no local CPU
+    tier: every hit is kvfs's), and one worker's metadata."""
     cfg = LMCacheEngineConfig.from_defaults(
         chunk_size=CHUNK, local_cpu=False, max_local_cpu_size=0.1, remote_storage_plugins=["kvfs"],
         extra_config={"remote_storage_plugin.kvfs.module_path": "kvfs.integrations.lmcache",
                       "remote_storage_plugin.kvfs.class_name": "KvfsConnector",
                       "remote_storage_plugin.kvfs.socket": str(d.socket)})
-    md = LMCacheMetadata(model_name="org/tiny", world_size=1, local_world_size=1, worker_id=0,
-                         local_worker_id=0, kv_dtype=torch.bfloat16, kv_shape=SHAPE)
+    md = LMCacheMetadata(model_name=model, world_size=1, local_world_size=1, worker_id=0, local_worker_id=0,
+                         kv_dtype=torch.bfloat16, kv_shape=SHAPE)
+    return cfg, md
+
+
+@pytest.fixture
+def lm(tmp_path):
+    """A daemon, LMCache's CPU backend and the kvfs plugin made by LMCache."""
+    d = DaemonProcess(tmp_path / "s", shm_size="64M")
+    d.start()
+    cfg, md = configured(d, "org/tiny")
     cpu = LocalCPUBackend(cfg, md)
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
@@ -196,13 +203,7 @@ def test_a_whole_lmcache_engine_stores_and_retrieves_through_kvfs_alone(tmp_path
 
     d = DaemonProcess(tmp_path / "s", shm_size="64M")
     d.start()
-    cfg = LMCacheEngineConfig.from_defaults(
-        chunk_size=CHUNK, local_cpu=False, max_local_cpu_size=0.1, remote_storage_plugins=["kvfs"],
-        extra_config={"remote_storage_plugin.kvfs.module_path": "kvfs.integrations.lmcache",
-                      "remote_storage_plugin.kvfs.class_name": "KvfsConnector",
-                      "remote_storage_plugin.kvfs.socket": str(d.socket)})
-    md = LMCacheMetadata(model_name="tiny", world_size=1, local_world_size=1, worker_id=0, local_worker_id=0,
-                         kv_dtype=torch.bfloat16, kv_shape=SHAPE)
+    cfg, md = configured(d, "tiny")
     n = 1000
     src = torch.randn(SHAPE[0], SHAPE[1], n, SHAPE[3], SHAPE[4]).to(torch.bfloat16)
     gpu = CopyingConnector(src)
