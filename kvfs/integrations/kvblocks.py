@@ -234,11 +234,12 @@ class LoadQueue:
 
 class Reporter:
     """Sends the growth of ``counters`` to the daemon under ``ns`` (op
-    ``report``), at most once every REPORT_S: a call within that time
-    leaves a report due at its end (a timer), so what was counted last,
-    like saves that finish after the engine's last step, still arrives. A
-    report that fails is sent again with the next one: nothing is counted
-    twice, or lost while the daemon lives."""
+    ``report``), at most once every REPORT_S, on a timer thread: a call
+    leaves a report due (now, or when REPORT_S since the last is up), so
+    the engine's thread never waits for the daemon and what was counted
+    last, like saves that finish after the engine's last step, still
+    arrives. A report that fails is sent again with the next one: nothing
+    is counted twice, or lost while the daemon lives."""
 
     def __init__(self, kv: Guarded, ns: str, counters: Counter[str]):
         self.kv, self.ns, self.counters = kv, ns, counters
@@ -249,14 +250,18 @@ class Reporter:
         self._closed = False
 
     def maybe_report(self, force: bool = False) -> None:
+        """Leave a report due; ``force``: send it now, on this thread."""
+        if force:
+            self._send()
+            return
         with self._lock:
-            wait = self._next - time.monotonic()
-            if not force and wait > 0:
-                if self._timer is None and not self._closed:
-                    self._timer = threading.Timer(wait, self._due)
-                    self._timer.daemon = True
-                    self._timer.start()
-                return
+            if self._timer is None and not self._closed:
+                self._timer = threading.Timer(max(0.0, self._next - time.monotonic()), self._due)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _send(self) -> None:
+        with self._lock:
             self._next = time.monotonic() + REPORT_S
             cur = Counter(self.counters)
             delta = {k: v - self._sent.get(k, 0) for k, v in cur.items() if v > self._sent.get(k, 0)}
@@ -266,7 +271,7 @@ class Reporter:
     def _due(self) -> None:
         with self._lock:
             self._timer = None
-        self.maybe_report(force=True)
+        self._send()
 
     def close(self) -> None:
         """Send what is left; no timer runs after this."""
@@ -275,4 +280,4 @@ class Reporter:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-        self.maybe_report(force=True)
+        self._send()
