@@ -167,6 +167,7 @@ class _Connection:
             raise DaemonUnavailable(path, e.strerror or str(e)) from None
         self.next_id = 1
         self.broken = False
+        self.answered = 0  # replies received: a connection that worked, then broke, was cut (a restart)
 
     def _recv_exact(self, n: int) -> bytes:
         buf = bytearray(n)
@@ -203,6 +204,7 @@ class _Connection:
         if rid != req_id:
             self.broken = True
             raise ProtocolError(f"reply to request {rid}, expected {req_id}")
+        self.answered += 1
         return result
 
     def notify(self, op: str, args: dict[str, Any]) -> None:
@@ -219,6 +221,33 @@ class _Connection:
             self.sock.close()
         except OSError:
             pass
+
+
+class Hold:
+    """What ``Store.hold`` returns: for each key, where its bytes are
+    (``items``: the daemon's wire form, ``[size, checksum, seq, extents,
+    t0?]`` with extents ``[stripe, segment, offset, length, chunk sum]``,
+    or None for a miss), pinned by one lease until ``release()``."""
+
+    def __init__(self, store: "Store", conn: _Connection, ns: str, keys: list[str],
+                 items: list[list[Any] | None], lease: int):
+        self.store, self._conn, self.ns, self.keys, self.items, self.lease = store, conn, ns, keys, items, lease
+
+    @property
+    def found(self) -> list[bool]:
+        return [it is not None for it in self.items]
+
+    def release(self) -> None:
+        """End the lease (at most once; never raises)."""
+        lease, self.lease = self.lease, 0
+        if lease:
+            self.store._end_hold(self._conn, lease)
+
+    def __enter__(self) -> "Hold":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class Store:
@@ -238,6 +267,11 @@ class Store:
         self._conns: list[_Connection] = []
         self._conns_lock = threading.Lock()
         self._closed = False
+        # Holds (Store.hold) live on a connection of their own, shared by all
+        # threads under this lock: a lease belongs to the connection that
+        # took it, and a hold may be released from another thread.
+        self._hold_conn: _Connection | None = None
+        self._hold_lock = threading.Lock()
         self.reader = DataPlane(threads)
         self._touch_lock = threading.Lock()
         self._touches: dict[str, list[str]] = {}  # cache hits not yet reported to the daemon
@@ -297,21 +331,32 @@ class Store:
                 c.close()
                 if self._locs is not None:
                     self._locs.clear()  # the daemon went away: start from what it says now
-            c = _Connection(self.socket_path)
+            c = self._new_conn()
             self._local.conn = c
-            with self._conns_lock:
-                self._conns = [x for x in self._conns if not x.broken] + [c]
-            if hasattr(self, "daemon_pid"):
-                hello = c.call(P.HELLO, {"version": P.PROTOCOL_VERSION})
-                if hello.get("instance") != self._instance:
-                    self._adopt(hello)  # a restarted daemon
+        return c
+
+    def _new_conn(self) -> _Connection:
+        c = _Connection(self.socket_path)
+        with self._conns_lock:
+            self._conns = [x for x in self._conns if not x.broken] + [c]
+        if hasattr(self, "daemon_pid"):
+            hello = c.call(P.HELLO, {"version": P.PROTOCOL_VERSION})
+            if hello.get("instance") != self._instance:
+                self._adopt(hello)  # a restarted daemon
         return c
 
     def _call(self, op: str, args: dict[str, Any], trailer: Sequence[memoryview] = ()) -> Any:
         conn = self._conn()
         if self._touches:
             self._flush_touches(conn)  # hits go out before anything that could evict
-        return conn.call(op, args, trailer)
+        try:
+            return conn.call(op, args, trailer)
+        except DaemonUnavailable:
+            if not conn.answered or op not in P.RESENDABLE:
+                raise
+            # a connection that worked was cut (the daemon restarted): ask
+            # once more on a new one, which is safe for these ops
+            return self._conn().call(op, args, trailer)
 
     def close(self) -> None:
         if self._closed:
@@ -1091,12 +1136,46 @@ class Store:
                           json.loads(r["meta"]) if r["meta"] else None, r["tier"],
                           [tuple(x) for x in r["extents"]], r["created"], r["last_access"])
 
+    def hold(self, keys: Sequence[str | bytes], *, ns: str = "default") -> "Hold":
+        """Pin ``keys`` where they are now and say where that is: until the
+        hold is released, eviction passes them over and no segment holding
+        their bytes is unlinked (compaction waits). For callers that move
+        the bytes themselves (NIXL descriptors) or must know a later read
+        will find them (LMCache's lookup-and-lock). One round trip; any
+        thread may release it. A hold also ends when the daemon's lease
+        timeout (``lease_timeout``, 30 s by default) passes, or with this
+        store."""
+        ns = normalize_ns(ns)
+        ks = normalize_keys(keys)
+        with self._hold_lock:
+            c = self._hold_connection()
+            try:
+                res = c.call(P.LOOKUP, {"ns": ns, "keys": ks})
+            except DaemonUnavailable:
+                if not c.answered:
+                    raise
+                c = self._hold_connection()  # cut after it worked (a restart): once more on a new one
+                res = c.call(P.LOOKUP, {"ns": ns, "keys": ks})
+        return Hold(self, c, ns, ks, list(res["items"]), int(res["lease"] or 0))
+
+    def _hold_connection(self) -> _Connection:
+        c = self._hold_conn
+        if c is None or c.broken:
+            if self._closed:
+                raise KvfsError("store is closed")
+            c = self._hold_conn = self._new_conn()
+        return c
+
+    def _end_hold(self, conn: _Connection, lease: int) -> None:
+        with self._hold_lock:
+            conn.notify(P.RELEASE, {"leases": [lease]})  # a broken one: the daemon ended it already
+
     def namespaces(self) -> list[str]:
         return list(self._call(P.NAMESPACES, {}))
 
-    def keys(self, ns: str = "default", *, page: int = 10000) -> Iterator[str]:
+    def keys(self, ns: str = "default", *, page: int = 10000, after: str | None = None) -> Iterator[str]:
+        """Every key of ``ns`` in order (those past ``after`` if given)."""
         ns = normalize_ns(ns)
-        after: str | None = None
         while True:
             r = self._call(P.KEYS, {"ns": ns, "after": after, "limit": page})
             yield from r["keys"]
@@ -1104,11 +1183,11 @@ class Store:
                 return
             after = r["keys"][-1]
 
-    def objects(self, ns: str = "default", *, page: int = 10000) -> Iterator[dict[str, Any]]:
-        """Every object of ``ns`` in key order, as {key, size, tier,
-        created} (what ``kvfs ls --long`` and ``kvfs du`` show)."""
+    def objects(self, ns: str = "default", *, page: int = 10000, after: str | None = None
+                ) -> Iterator[dict[str, Any]]:
+        """Every object of ``ns`` in key order (past ``after`` if given), as
+        {key, size, tier, created} (what ``kvfs ls --long`` and ``kvfs du`` show)."""
         ns = normalize_ns(ns)
-        after: str | None = None
         while True:
             r = self._call(P.KEYS, {"ns": ns, "after": after, "limit": page, "long": True})
             for key, size, tier, created in r["objects"]:

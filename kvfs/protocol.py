@@ -70,6 +70,12 @@ OPS = frozenset({HELLO, PUT, LOOKUP, RELEASE, CONTAINS, PREFIX_MATCH, DELETE,
                  STAT, NAMESPACES, KEYS, STATS, REPORT_BAD, ALLOC, COMMIT, ABORT, TOUCH, FLUSH, EVICT,
                  VERIFY, JOB, COMPACT, REPORT})
 
+# ops a client may send again on a new connection when the one it was sent
+# on is cut before the reply (a daemon restart): they only read, or do
+# nothing the second time that the first did not (put: objects are
+# immutable, so a second put of what the first stored is a no-op)
+RESENDABLE = frozenset({LOOKUP, CONTAINS, PREFIX_MATCH, STAT, NAMESPACES, KEYS, STATS, JOB, FLUSH, PUT})
+
 
 def pack_frame(message: Any, trailer_len: int = 0) -> bytes:
     body = msgpack.packb(message, use_bin_type=True)

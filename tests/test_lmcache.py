@@ -239,3 +239,147 @@ def test_a_whole_lmcache_engine_stores_and_retrieves_through_kvfs_alone(tmp_path
         if d.alive():
             d.stop()
         d.remove_shm()
+
+
+# --------------------------------------------------------------------------
+# LMCache's multi-process server: its StorageManager with kvfs as its L2
+def mp_manager(d):
+    """The MP server's StorageManager, configured as `lmcache server` is,
+    with the kvfs L2 adapter loaded by LMCache's plugin loader."""
+    import json
+
+    from lmcache.v1.distributed.config import parse_args
+    from lmcache.v1.distributed.storage_manager import StorageManager
+
+    spec = {"type": "plugin", "module_path": "kvfs.integrations.lmcache", "class_name": "KvfsL2Adapter",
+            "adapter_params": {"socket": str(d.socket)}}
+    sm = StorageManager(parse_args(["--l1-size-gb", "0.05", "--eviction-policy", "LRU",
+                                    "--l2-adapter", json.dumps(spec)]))
+    [(_, adapter)] = sm.l2_adapters()
+    return sm, adapter
+
+
+def mp_keys(n, model="org/tiny", salt=""):
+    from lmcache.v1.distributed.api import ObjectKey
+
+    return [ObjectKey(chunk_hash=bytes([i]) * 32, model_name=model, kv_rank=ObjectKey.ComputeKVRank(1, 0, 1, 0),
+                      cache_salt=salt) for i in range(n)]
+
+
+def mp_prefetch(sm, keys, layout):
+    """Prefetch into L1; the hits from L2, and their bytes (read, then let go)."""
+    from lmcache.v1.distributed.api import GroupedObjectKeys, PrefetchTaskSpec
+
+    h = sm.submit_prefetch_task(PrefetchTaskSpec(key_groups=[GroupedObjectKeys(keys, 0, layout)]))
+    assert sm.wait_prefetch_status(h, 30)
+    r = sm.query_prefetch_status(h)
+    hit = r.hit_cells[0].get_indices_list()
+    got = []
+    if hit:
+        with sm.read_prefetched_results([keys[i] for i in hit], r.l1_owners) as objs:
+            got = [bytes(o.byte_array) for o in objs]
+        sm.finish_read_prefetched([keys[i] for i in hit], l1_owners=r.l1_owners)
+    return r.l2_hit_count, got
+
+
+def wait_for(pred, what, timeout=30.0):
+    deadline = time.time() + timeout
+    while not pred():
+        assert time.time() < deadline, what
+        time.sleep(0.02)
+
+
+def test_lmcache_mp_server_keeps_its_l2_in_kvfs(tmp_path):
+    """Store through L1 -> the store controller puts into kvfs -> L1
+    cleared -> prefetch loads back from kvfs, byte-exact. Locks pin chunks
+    against eviction until unlocked; another layout (dtype) never reads
+    them; listing pages give the ObjectKeys back; corruption and a stopped
+    daemon are misses."""
+    from kvfs.integrations.lmcache_l2 import layout_of, object_ns
+    from lmcache.v1.distributed.api import MemoryLayoutDesc
+
+    d = DaemonProcess(tmp_path / "s", shm_size="64M")
+    d.start()
+    sm, ad = mp_manager(d)
+    try:
+        layout = MemoryLayoutDesc(shapes=[torch.Size([2, CHUNK, 64])], dtypes=[torch.bfloat16])
+        keys = mp_keys(6)
+        objs = sm.reserve_write(keys, layout)
+        want = {}
+        for i, k in enumerate(keys):
+            objs[k].tensor.copy_(torch.randn(objs[k].tensor.shape, generator=torch.Generator().manual_seed(i)))
+            want[k] = bytes(objs[k].byte_array)
+        sm.finish_write(keys)
+        s = d.connect()
+        wait_for(lambda: ad.report_status().get("chunks_saved", 0) == len(keys), "the L2 store")
+        ns = object_ns(keys[0], layout_of(layout.shapes, layout.dtypes))
+        assert [n for n in s.namespaces() if n.startswith("lmcache-mp.")] == [ns]
+        assert s.stat(f"0.{keys[0].chunk_hash.hex()}", ns=ns).meta["model"] == "org/tiny"
+
+        sm.delete_l1_keys(keys)  # L1 forgets: what comes back is kvfs's
+        assert mp_prefetch(sm, keys, layout) == (len(keys), [want[k] for k in keys])
+        assert ad.report_status()["locked_keys"] == 0  # LMCache unlocked all it locked
+
+        # the same keys in another layout (fp16: the same size) are other chunks
+        sm.delete_l1_keys(keys)
+        fp16 = MemoryLayoutDesc(shapes=[torch.Size([2, CHUNK, 64])], dtypes=[torch.float16])
+        assert mp_prefetch(sm, keys, fp16) == (0, [])
+
+        # a lock is a lease: eviction passes over locked chunks until unlocked
+        sm.delete_l1_keys(keys)
+        s.flush()
+        tid = ad.submit_lookup_and_lock_task(keys[:2] + mp_keys(8)[7:], {0: layout})
+        results = []
+        wait_for(lambda: results.append(ad.query_lookup_and_lock_result(tid)) or results[-1] is not None,
+                 "the lookup")
+        assert results[-1].get_indices_list() == [0, 1] and ad.query_lookup_and_lock_result(tid) is None
+        report = s.evict(0, ns=ns)
+        assert report["objects"] == len(keys) - 2 and report["skipped_in_use"] == 2
+        ad.submit_unlock(keys[:2])
+        wait_for(lambda: ad.report_status()["locked_keys"] == 0, "the unlock")
+        assert s.evict(0, ns=ns)["objects"] == 2
+
+        # listing, in pages, gives the ObjectKeys back
+        keys = mp_keys(5, salt="alice")
+        objs = sm.reserve_write(keys, layout)
+        sm.finish_write(keys)
+        wait_for(lambda: ad.report_status()["chunks_saved"] == 6 + 5, "the second store")
+        page = ad.list_l2_keys(page_size=3)
+        rest = ad.list_l2_keys(page_size=3, cursor=page.next_page_token)
+        assert rest.next_page_token is None
+        listed = [e.key.to_object_key() for e in page.entries + rest.entries]
+        assert sorted(listed, key=lambda k: k.chunk_hash) == keys
+        assert all(e.size_bytes == len(want[mp_keys(1)[0]]) for e in page.entries + rest.entries)
+        assert ad.list_l2_keys(model_name="other/model").entries == ()
+        with pytest.raises(ValueError):
+            ad.list_l2_keys(cursor="not a cursor")
+        size = len(want[mp_keys(1)[0]])
+        assert ad.get_usage().total_bytes_used == 11 * size  # what this server stored (kvfs's evictions aside)
+        ad.delete(keys[:1])
+        assert len(ad.list_l2_keys().entries) == 4 and ad.get_usage().total_bytes_used == 10 * size
+
+        # corruption on disk: that chunk is a miss, the ones before it hit
+        sm.delete_l1_keys(keys)
+        s.flush()
+        d.restart()  # T0 empty: reads come from the segment files
+        s = d.connect()
+        ns = object_ns(keys[3], layout_of(layout.shapes, layout.dtypes))
+        path, off, n = s.stat(f"0.{keys[3].chunk_hash.hex()}", ns=ns).extents[0]
+        fd = os.open(path, os.O_RDWR)
+        os.pwrite(fd, bytes([os.pread(fd, 1, off + n // 2)[0] ^ 0xFF]), off + n // 2)
+        os.close(fd)
+        hits, _ = mp_prefetch(sm, keys[1:], layout)
+        assert hits == 2, str(ad.report_status())  # keys 1 and 2; key 3 fails its checksum, the prefix stops there
+
+        d.stop()  # gone: misses and failed stores, no exception into the server
+        assert mp_prefetch(sm, keys[1:], layout) == (0, [])
+        more = mp_keys(12)[10:]
+        sm.reserve_write(more, layout)
+        sm.finish_write(more)
+        wait_for(lambda: ad.report_status().get("puts_failed", 0) >= 2, "the failed store")
+        assert ad.report_status()["is_healthy"] is False
+    finally:
+        sm.close()
+        if d.alive():
+            d.stop()
+        d.remove_shm()

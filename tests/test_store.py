@@ -143,3 +143,37 @@ def test_stats_shape(store):
     st = store.stats()
     assert st["objects"] == 1 and st["counters"]["hits"] >= 1 and st["counters"]["misses"] >= 1
     assert len(st["stripes"]) == 3 and st["disk_bytes"] >= 3
+
+
+def test_a_hold_pins_keys_until_released_from_any_thread(daemon, store):
+    import threading
+
+    store.put_many(["a", "b", "c"], [b"A" * 5000, b"B" * 6000, b"C" * 7000], ns="h")
+    store.flush()
+    hold = store.hold(["a", "nope", "b"], ns="h")
+    assert hold.found == [True, False, True]
+    assert hold.items[0][0] == 5000 and hold.items[2][0] == 6000  # sizes, then where the bytes are
+    report = store.evict(0, ns="h")
+    assert report["objects"] == 1 and report["skipped_in_use"] == 2  # only "c" could go
+    t = threading.Thread(target=hold.release)  # a lease taken on one thread, ended on another
+    t.start()
+    t.join()
+    hold.release()  # at most once: a second release is nothing
+    assert store.evict(0, ns="h")["objects"] == 2
+    with store.hold(["a"], ns="h") as gone:
+        assert gone.found == [False] and gone.lease == 0
+
+
+def test_a_hold_and_a_read_after_a_restart_need_no_retry_by_the_caller(daemon, store):
+    store.put("r", b"r" * 100, sync=True)
+    store.hold(["r"]).release()
+    daemon.stop()
+    daemon.start()
+    with store.hold(["r"]) as h:  # its connection was cut: taken again on a new one
+        assert h.found == [True]
+    assert store.contains(["r", "s"]) == [True, False]
+    daemon.stop()
+    with pytest.raises(kvfs.DaemonUnavailable):
+        store.hold(["r"])  # no daemon: a clear error, not a hang
+    with pytest.raises(kvfs.DaemonUnavailable):
+        store.contains(["r"])

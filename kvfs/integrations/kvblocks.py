@@ -1,5 +1,6 @@
 """What every engine adapter needs, with no engine imported (DESIGN.md §9).
 
+- ``fit_key``: an engine's key string as a valid kvfs key.
 - ``namespace``: the fingerprint of everything that changes a block's
   bytes, as a kvfs namespace, so two engines that differ never share a
   block and two that agree always do.
@@ -26,7 +27,8 @@ from collections import Counter
 from typing import Any, Callable, Sequence
 
 from kvfs import format as fmt
-from kvfs.errors import DaemonUnavailable
+from kvfs.errors import DaemonUnavailable, InvalidKey
+from kvfs.keys import normalize_key
 
 log = logging.getLogger("kvfs.integrations")
 
@@ -43,6 +45,15 @@ def namespace(engine: str, model: str, fields: dict[str, Any]) -> str:
     digest = hashlib.sha256(ident.encode()).hexdigest()[:20]
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", model.rstrip("/").split("/")[-1])[:40] or "model"
     return f"{engine}.{name}.{digest}"
+
+
+def fit_key(text: str) -> str:
+    """An engine's key string as a kvfs key: itself when kvfs's key rules
+    allow it, else ``h.<sha256>`` (too long, or a character a key may not hold)."""
+    try:
+        return normalize_key(text)
+    except InvalidKey:
+        return "h." + hashlib.sha256(text.encode()).hexdigest()
 
 
 class Guarded:

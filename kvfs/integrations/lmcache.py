@@ -27,21 +27,18 @@ Turned on by LMCache's configuration alone::
   into LMCache (kvblocks.Guarded), and a daemon that comes back is used
   again.
 
-Only this module imports LMCache.
+Only this module and its L2 adapter (lmcache_l2) import LMCache.
 """
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections import Counter
 from typing import Any, List, Optional
 
-from kvfs.errors import InvalidKey
-from kvfs.keys import normalize_key
 from kvfs.optional import need
 
-from .kvblocks import Guarded, Reporter, namespace
+from .kvblocks import Guarded, Reporter, fit_key, namespace
 
 need("lmcache")
 from lmcache.utils import CacheEngineKey  # noqa: E402
@@ -56,11 +53,7 @@ PLUGIN = "kvfs"  # remote_storage_plugin.<PLUGIN>.* in LMCache's extra_config
 def kvfs_key(key: Any) -> str:
     """LMCache's key string as a kvfs key: itself when kvfs's rules allow
     it, else ``h.<sha256>`` (too long, or a character a key may not hold)."""
-    text = key.to_string() if hasattr(key, "to_string") else str(key)
-    try:
-        return normalize_key(text)
-    except InvalidKey:
-        return "h." + hashlib.sha256(text.encode()).hexdigest()
+    return fit_key(key.to_string() if hasattr(key, "to_string") else str(key))
 
 
 def chunk_namespace(metadata: Any) -> str:
@@ -203,3 +196,8 @@ class KvfsConnector(RemoteConnector):
 
     def stats(self) -> dict[str, int]:
         return dict(self.counters)
+
+
+# LMCache's MP server loads its L2 adapter from this module too (module_path
+# kvfs.integrations.lmcache); it lives in its own.
+from .lmcache_l2 import KvfsL2Adapter, KvfsL2AdapterConfig  # noqa: E402,F401
