@@ -318,7 +318,7 @@ def test_lmcache_mp_server_keeps_its_l2_in_kvfs(tmp_path):
 
         sm.delete_l1_keys(keys)  # L1 forgets: what comes back is kvfs's
         assert mp_prefetch(sm, keys, layout) == (len(keys), [want[k] for k in keys])
-        assert ad.report_status()["locked_keys"] == 0  # LMCache unlocked all it locked
+        wait_for(lambda: ad.report_status()["locked_keys"] == 0, "LMCache to unlock all it locked")
 
         # the same keys in another layout (fp16: the same size) are other chunks
         sm.delete_l1_keys(keys)
@@ -383,3 +383,20 @@ def test_lmcache_mp_server_keeps_its_l2_in_kvfs(tmp_path):
         if d.alive():
             d.stop()
         d.remove_shm()
+
+
+def test_bench_lmcache_quick(tmp_path):
+    """`kvfs bench --lmcache` runs kvfs and LMCache's own tiers on the same
+    chunks (each retrieved chunk is checked against the source inside it)."""
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "kvfstools.cli", "bench", "--lmcache", "--quick", "--dir",
+                        str(tmp_path), "--json", str(tmp_path / "l.json")], capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    res = json.loads((tmp_path / "l.json").read_text())
+    assert set(res["tiers"]) == {"kvfs", "kvfs, T1 only", "local_disk", "fs://"}
+    assert all(t["store"] > 0 and t["warm"] > 0 for t in res["tiers"].values())
+    assert res["geometry"]["chunk_tokens"] == 256 and res["commit"]
+    assert b"vs local_disk" in r.stdout

@@ -3,6 +3,7 @@ daemon or files behind."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 import statistics
 import time
 from pathlib import Path
@@ -29,3 +30,16 @@ def clean_up(work: Path, base: Path, keep_base: bool, daemons: Iterable[Any] = (
     shutil.rmtree(work, ignore_errors=True)
     if not keep_base:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def commit() -> str:
+    """The checkout's commit (and whether it had changes), for the figures' record."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (rev or "unknown") + ("+changes" if dirty else "")

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .bench_util import clean_up
+from .bench_util import clean_up, commit
 from .table import render
 
 MiB = 1 << 20
@@ -214,19 +214,6 @@ def run_granularity(args: argparse.Namespace, store: Any) -> list[dict[str, Any]
     return rows_out
 
 
-def _commit() -> str:
-    """The checkout's commit (and whether it had changes), for the figures' record."""
-    here = Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except OSError:
-        return "unknown"
-    return (rev or "unknown") + ("+changes" if dirty else "")
-
-
 def run_vllm_bench(args: argparse.Namespace) -> dict[str, Any]:
     from kvfsd.testing import DaemonProcess
 
@@ -234,7 +221,7 @@ def run_vllm_bench(args: argparse.Namespace) -> dict[str, Any]:
     base.mkdir(parents=True, exist_ok=True)
     work = base / f"run-{os.getpid()}"
     work.mkdir()
-    out: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "commit": _commit()}
+    out: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "commit": commit()}
     d = DaemonProcess(work / "gran", stripes=args.stripes, shm_size="2G", capacity="16G", log=work / "gran.log")
     try:
         d.start()

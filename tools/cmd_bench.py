@@ -75,6 +75,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     v.add_argument("--vllm-model-size", choices=["tiny", "small"], default="small",
                    help="--vllm: the random-weight Llama to build (tiny: the tests' 2 layers; small: 8 layers)")
     v.add_argument("--vllm-no-engine", action="store_true", help="--vllm: only the granularity table")
+    m = p.add_argument_group("--lmcache: LMCache's storage tiers (needs lmcache: make setup installs it)")
+    m.add_argument("--lmcache", action="store_true",
+                   help="store and retrieve GB/s of 256-token chunks through kvfs, LMCache's local_disk "
+                        "and its fs:// connector, same chunks, same run")
+    m.add_argument("--lmcache-chunks", type=int, default=16, help="--lmcache: chunks per batch (default 16)")
+    m.add_argument("--lmcache-geometry", choices=["llama-3.1-8b", "tiny"], default="llama-3.1-8b",
+                   help="--lmcache: the chunk's model geometry (default llama-3.1-8b: 32 MiB chunks)")
     return p
 
 
@@ -267,6 +274,12 @@ def run(args: argparse.Namespace) -> int:
             args.repeat, args.vllm_prompt, args.vllm_model_size = 1, 512, "tiny"
         res = run_vllm_bench(args)
         return _emit(args, res, format_vllm(res))
+    if args.lmcache:
+        from .bench_lmcache import format_lmcache, run_lmcache_bench
+        if args.quick:
+            args.repeat, args.lmcache_chunks, args.lmcache_geometry = 1, 4, "tiny"
+        res = run_lmcache_bench(args)
+        return _emit(args, res, format_lmcache(res))
     if args.compare or args.native or args.fuse or args.gpu:
         return run_compare_cmd(args)
     print(f"kvfs bench: scale {args.scale}, threads {args.threads} (page-cache hot reads; ratios are "

@@ -157,15 +157,18 @@ class KvfsConnector(RemoteConnector):
                 "fmt": int(obj.get_memory_format().value)}
 
     def _put_many(self, keys: List[CacheEngineKey], objs: List[MemoryObj]) -> None:
-        """Store; the caller keeps its references (LMCache's wrapper drops them)."""
-        for key, obj in zip(keys, objs):  # one put each: each chunk has its own meta
-            ok = self.kv.call(lambda s: s.put(kvfs_key(key), obj.byte_array, ns=self.ns, meta=self._meta(obj)),
-                              None)
-            if ok is None:
-                self.counters["puts_failed"] += 1
-            else:
-                self.counters["chunks_saved"] += 1
-                self.counters["bytes_saved"] += len(obj.byte_array)
+        """Store, in one batch (each chunk with its own meta); the caller
+        keeps its references (LMCache's wrapper drops them)."""
+        if not keys:
+            return
+        views = [o.byte_array for o in objs]
+        stored = self.kv.call(lambda s: s.put_many([kvfs_key(k) for k in keys], views, ns=self.ns,
+                                                   metas=[self._meta(o) for o in objs]), None)
+        if stored is None:
+            self.counters["puts_failed"] += len(keys)
+        else:
+            self.counters["chunks_saved"] += len(keys)
+            self.counters["bytes_saved"] += sum(len(v) for v in views)
         self.reporter.maybe_report()
 
     async def put(self, key: CacheEngineKey, memory_obj: MemoryObj) -> None:
