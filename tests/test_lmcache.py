@@ -300,8 +300,9 @@ def test_lmcache_mp_server_keeps_its_l2_in_kvfs(tmp_path):
 
     d = DaemonProcess(tmp_path / "s", shm_size="64M")
     d.start()
-    sm, ad = mp_manager(d)
+    sm = None
     try:
+        sm, ad = mp_manager(d)
         layout = MemoryLayoutDesc(shapes=[torch.Size([2, CHUNK, 64])], dtypes=[torch.bfloat16])
         keys = mp_keys(6)
         objs = sm.reserve_write(keys, layout)
@@ -379,7 +380,8 @@ def test_lmcache_mp_server_keeps_its_l2_in_kvfs(tmp_path):
         wait_for(lambda: ad.report_status().get("puts_failed", 0) >= 2, "the failed store")
         assert ad.report_status()["is_healthy"] is False
     finally:
-        sm.close()
+        if sm is not None:
+            sm.close()
         if d.alive():
             d.stop()
         d.remove_shm()
