@@ -173,19 +173,18 @@ class KvfsL2Adapter(L2AdapterInterface):
     def get_load_event_fd(self) -> int:
         return self._load_efd.fileno()
 
-    def _submit(self, pool: ThreadPoolExecutor, fn: Callable[..., None], *args: Any) -> L2TaskId:
+    def _submit(self, pool: ThreadPoolExecutor, kind: str, fn: Callable[..., None], *args: Any) -> L2TaskId:
         tid = next(self._ids)
-        pool.submit(self._guard, fn, tid, *args)
+        pool.submit(self._guard, kind, fn, tid, *args)
         return tid
 
-    def _guard(self, fn: Callable[..., None], tid: L2TaskId, keys: list[ObjectKey], *args: Any) -> None:
+    def _guard(self, kind: str, fn: Callable[..., None], tid: L2TaskId, keys: list[ObjectKey], *args: Any) -> None:
         """A task that raises still completes (as a failure): the server never waits forever."""
         try:
             fn(tid, keys, *args)
         except Exception:  # noqa: BLE001 - a bug here must not hang LMCache
             log.exception("kvfs: L2 task %d failed", tid)
             self.counters["errors"] += 1
-            kind = {self._do_store: "store", self._do_lookup: "lookup"}.get(fn, "load")
             self._finish(kind, tid, L2StoreResult(False, 0) if kind == "store" else Bitmap(len(keys)))
         self.reporter.maybe_report()
 
@@ -199,7 +198,7 @@ class KvfsL2Adapter(L2AdapterInterface):
 
     # -------------------------------------------------------------- store
     def submit_store_task(self, keys: list[ObjectKey], objects: list[Any]) -> L2TaskId:
-        return self._submit(self._io, self._do_store, list(keys), list(objects))
+        return self._submit(self._io, "store", self._do_store, list(keys), list(objects))
 
     def _do_store(self, tid: L2TaskId, keys: list[ObjectKey], objects: list[Any]) -> None:
         ok, written = True, 0
@@ -235,7 +234,7 @@ class KvfsL2Adapter(L2AdapterInterface):
     def submit_lookup_and_lock_task(self, keys: list[ObjectKey], group_layout_descs: dict[int, Any]
                                     ) -> L2TaskId:
         layouts = {g: layout_of(d.shapes, d.dtypes) for g, d in (group_layout_descs or {}).items()}
-        return self._submit(self._locker, self._do_lookup, list(keys), layouts)
+        return self._submit(self._locker, "lookup", self._do_lookup, list(keys), layouts)
 
     def _do_lookup(self, tid: L2TaskId, keys: list[ObjectKey], layouts: dict[int, str]) -> None:
         bitmap = Bitmap(len(keys))
@@ -289,7 +288,7 @@ class KvfsL2Adapter(L2AdapterInterface):
 
     # --------------------------------------------------------------- load
     def submit_load_task(self, keys: list[ObjectKey], objects: list[Any]) -> L2TaskId:
-        return self._submit(self._io, self._do_load, list(keys), list(objects))
+        return self._submit(self._io, "load", self._do_load, list(keys), list(objects))
 
     def _do_load(self, tid: L2TaskId, keys: list[ObjectKey], objects: list[Any]) -> None:
         bitmap = Bitmap(len(keys))
