@@ -5,6 +5,7 @@ PY ?= python3
 TORCH ?= 2.13.0
 VLLM ?= 0.32.0
 LMCACHE ?= 0.5.6
+NIXL ?= 1.5.1
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -25,6 +26,10 @@ $(VENV)/.installed: pyproject.toml
 	# the real LMCache for the storage plugin's tests (it takes the torch already there)
 	$(BIN)/pip install -q 'lmcache==$(LMCACHE)' 'torch==$(TORCH)' \
 		|| echo "note: lmcache did not install: the LMCache plugin's tests are skipped"
+	# the real NIXL for the transfer adapter's tests: nixl-cu13 names torch, which its
+	# transfers do not need (the CPU torch is here already); `nixl` is its import name
+	$(BIN)/pip install -q --no-deps 'nixl-cu13==$(NIXL)' 'nixl==$(NIXL)' \
+		|| echo "note: nixl did not install: the NIXL adapter's tests are skipped"
 	touch $@
 
 # The main job: the daemon on embedded defaults plus a short demo.

@@ -9,11 +9,12 @@ Light to import: no trio, lmdb or pyfuse3 here (those are the daemon's).
 """
 from . import keys
 from .client import Hold, ObjectInfo, Store, connect
+from .reservation import Reservation
 from .errors import (CapacityError, CorruptionDetected, DaemonUnavailable, InvalidArgument, InvalidKey,
                      KvfsError, MissingDependency, NotFound, PermissionDenied, ProtocolError)
 
 __version__ = "0.1.0"
 
-__all__ = ["connect", "Store", "Hold", "ObjectInfo", "keys", "KvfsError", "NotFound", "InvalidKey", "InvalidArgument",
+__all__ = ["connect", "Store", "Hold", "Reservation", "ObjectInfo", "keys", "KvfsError", "NotFound", "InvalidKey", "InvalidArgument",
            "CapacityError", "PermissionDenied", "ProtocolError", "DaemonUnavailable", "CorruptionDetected",
            "MissingDependency", "__version__"]

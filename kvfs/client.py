@@ -33,6 +33,7 @@ from .generation import EPOCH, GenerationReader
 from .gpu import DeviceBuffer, GpuPlane, device_buffer, merge_copies
 from .loccache import LocationCache
 from .meta import encode_meta
+from .reservation import Reservation
 
 BATCH_KEYS = 4096
 # Without T0, values at least this large are written by the client straight
@@ -466,9 +467,12 @@ class Store:
         return stored
 
     def _commit(self, ns: str, gen: int, res: dict[str, Any], items: list[list[Any]],
-                fill: Callable[[], list[Any]], sync: bool) -> list[bool]:
+                fill: Callable[[], list[Any]], sync: bool,
+                call: Callable[[str, dict[str, Any]], Any] | None = None) -> list[bool]:
+        """Commit an alloc's put (on ``call``'s connection: the one that
+        allocated; default this thread's)."""
         sums = fill()
-        stored = list(self._call(P.COMMIT, {"put": res["put"], "sums": sums, "sync": sync}))
+        stored = list((call or self._call)(P.COMMIT, {"put": res["put"], "sums": sums, "sync": sync}))
         if self._locs is not None:
             # the writer knows where its values went: a get of them by this
             # process needs no lookup (same rules as any cached location)
@@ -1157,6 +1161,28 @@ class Store:
                 c = self._hold_connection()  # cut after it worked (a restart): once more on a new one
                 res = c.call(P.LOOKUP, {"ns": ns, "keys": ks})
         return Hold(self, c, ns, ks, list(res["items"]), int(res["lease"] or 0))
+
+    def reserve(self, keys: Sequence[str | bytes], sizes: Sequence[int], *, ns: str = "default",
+                metas: Sequence[dict[str, Any] | None] | None = None, t0: bool = False) -> Reservation:
+        """Reserve room for values the caller writes itself (with NIXL's
+        backends, say): T1 extents in the segment files, or with ``t0`` (and
+        an arena mapped here) arena extents, which the daemon writes back to
+        T1 itself. Fill them, then ``commit`` with the checksums of what was
+        meant to be written; nothing is visible before that (see
+        kvfs.reservation). One round trip; any thread may commit or abort."""
+        ns = normalize_ns(ns)
+        ks = normalize_keys(keys)
+        if len(sizes) != len(ks) or (metas is not None and len(metas) != len(ks)):
+            raise InvalidArgument("keys, sizes and metas must have the same length")
+        if any(not isinstance(n, int) or n <= 0 for n in sizes):
+            raise InvalidArgument("a reserved size is a positive int (store empty values with put)")
+        raw = [encode_meta(m) for m in metas] if metas is not None else [None] * len(ks)
+        items = [[k, int(n), m] for k, n, m in zip(ks, sizes, raw)]
+        gen = self._locs.generation() if self._locs is not None else 0
+        with self._hold_lock:
+            c = self._hold_connection()
+            res = c.call(P.ALLOC, {"ns": ns, "items": items, "t0": bool(t0) and self.arena is not None})
+        return Reservation(self, c, ns, ks, [int(n) for n in sizes], res, gen)
 
     def _hold_connection(self) -> _Connection:
         c = self._hold_conn

@@ -598,6 +598,50 @@ class GpuPlane:
         self.counters["t1_chunks"] += len(p.t1)
         return pending
 
+    def verify_ranges(self, ranges: Sequence[tuple[int, int, int, bytes]]) -> set[int]:
+        """Check device memory that something else filled (NIXL): per range
+        ``(item, address, length, checksum)``; returns the items whose bytes
+        do not match. On the GPU where it can hash them, else on the host
+        through a copy."""
+        chunks = [_Chunk(item, dst, n, csum) for item, dst, n, csum in ranges]
+        if self.hasher() is None:
+            bad: set[int] = set()
+            for ch in chunks:
+                if xxhash.xxh3_128_digest(self._to_host(ch.dst, ch.length)) != ch.checksum:
+                    bad.add(ch.item)
+            return bad
+        return self._start_verify(chunks, None)()
+
+    def hash_values(self, values: Sequence[tuple[int, int]], chunk: int) -> list[tuple[bytes, list[bytes]]]:
+        """Per device value ``(address, length)``: (whole xxh3-128, [sums of
+        its ``chunk``-byte chunks]), as a put's commit wants them."""
+        h = self.hasher()
+        out: list[tuple[bytes, list[bytes]] | None] = [None] * len(values)
+        on_gpu = [i for i, (p, n) in enumerate(values) if h is not None and h.usable(p, n)]
+        job = h.start([values[i] for i in on_gpu], chunk) if on_gpu else None
+        gpu_set = set(on_gpu)
+        for i, (p, n) in enumerate(values):
+            if i not in gpu_set:
+                v = self._to_host(p, n)
+                w = xxhash.xxh3_128_digest(v)
+                out[i] = (w, [xxhash.xxh3_128_digest(v[o:o + chunk]) for o in range(0, n, chunk)] if n > chunk else [w])
+        if job is not None:
+            for i, (whole, parts) in zip(on_gpu, job.result()):
+                p, n = values[i]
+                fixed: list[bytes] = []
+                for ci, c in enumerate(parts):  # a last chunk of <= 240 bytes: the host's
+                    fixed.append(c if c is not None else xxhash.xxh3_128_digest(
+                        self._to_host(p + ci * chunk, min(chunk, n - ci * chunk))))
+                out[i] = (whole if whole is not None else xxhash.xxh3_128_digest(self._to_host(p, n)), fixed)
+        return [x for x in out if x is not None]
+
+    def _to_host(self, ptr: int, n: int) -> memoryview:
+        host = memoryview(bytearray(n))
+        if n:
+            self.copier.d2h(address_of(host), ptr, n)
+            self.copier.sync()
+        return host
+
     def _start_verify(self, chunks: list[_Chunk], after: Any) -> Callable[[], set[int]]:
         """verify="full" in device memory: queue the hashing of each chunk's
         destination on the GPU, behind the event ``after`` (None: the bytes

@@ -186,3 +186,34 @@ def test_loads_go_through_a_small_staging_buffer_in_chunks_and_report_what_is_mi
                 assert torch.equal(src[n][i], dst[n][j])
             assert not dst[n][10].any()
         kv.close()
+
+
+def test_nixl_descriptors_follow_the_blocks_tiers_and_chunks():
+    """The pure half of the NIXL adapter (no NIXL needed): a hold's
+    locations become FILE descriptors per T1 chunk and DRAM descriptors per
+    T0 chunk, each with the checksum its destination must have; a T0-only
+    block without the arena is a miss; destinations line up piece by piece."""
+    from kvfs.integrations.nixl_plan import local, merge_spans, plan_reads, plan_writes
+    fds = {(0, 7): 70, (1, 8): 80}
+    items = [
+        [10, b"c" * 16, 1, [[0, 7, 4096, 6, b"a" * 16], [1, 8, 8192, 4, b"b" * 16]], None],  # T1, two chunks
+        None,  # a miss
+        [5, b"d" * 16, 2, [[1, 8, 0, 5, b"e" * 16]], [1000, False]],  # T0 only
+        [3, b"f" * 16, 3, [[0, 7, 64, 3, b"g" * 16]], [2000, True]],  # T0, written back
+    ]
+    with_arena = plan_reads(items, lambda st, sg: fds[(st, sg)], arena=1 << 20)
+    assert with_arena.sizes == [10, -1, 5, 3]
+    assert with_arena.file == [(4096, 6, 70), (8192, 4, 80)] and with_arena.segments == {7, 8}
+    assert with_arena.dram == [((1 << 20) + 1000, 5, 0), ((1 << 20) + 2000, 3, 0)]
+    assert [p.checksum for p in with_arena.pieces()] == [b"a" * 16, b"b" * 16, b"e" * 16, b"g" * 16]
+    assert local(with_arena.file_pieces, [100, 0, 200, 300]) == [(100, 6, 0), (106, 4, 0)]
+    assert local(with_arena.dram_pieces, [100, 0, 200, 300], dev=3) == [(200, 5, 3), (300, 3, 3)]
+    no_arena = plan_reads(items, lambda st, sg: fds[(st, sg)], arena=None)
+    assert no_arena.sizes == [10, -1, -1, 3]  # T0 only and no arena: a miss; written back: from T1
+    assert no_arena.file == [(4096, 6, 70), (8192, 4, 80), (64, 3, 70)] and not no_arena.dram
+    res = [[1, [[0, 7, 128, 6], [1, 8, 256, 4]], -1], None, [3, [[0, 7, 0, 5]], 512]]
+    w = plan_writes(res, [10, 7, 5], lambda st, sg: fds[(st, sg)], arena=4096)
+    assert w.sizes == [10, -1, 5] and w.file == [(128, 6, 70), (256, 4, 80)] and w.dram == [(4608, 5, 0)]
+    with pytest.raises(ValueError):
+        plan_writes(res, [10, 7, 5], lambda st, sg: fds[(st, sg)], arena=None)
+    assert merge_spans([(100, 10), (0, 50), (110, 5), (40, 20), (200, 0)]) == [(0, 60), (100, 15)]
