@@ -82,6 +82,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     m.add_argument("--lmcache-chunks", type=int, default=16, help="--lmcache: chunks per batch (default 16)")
     m.add_argument("--lmcache-geometry", choices=["llama-3.1-8b", "tiny"], default="llama-3.1-8b",
                    help="--lmcache: the chunk's model geometry (default llama-3.1-8b: 32 MiB chunks)")
+    x = p.add_argument_group("--nixl: kvfs blocks moved by NIXL (needs nixl: make setup installs it)")
+    x.add_argument("--nixl", action="store_true",
+                   help="NIXL POSIX READ of kvfs blocks against get_many_into and raw preadv of the same "
+                        "bytes, T0 through UCX, writes; 1 and 8 MiB blocks (--total bytes of each)")
+    x.add_argument("--nixl-modes", default="default,uring",
+                   help="--nixl: POSIX queue modes to run (default, uring, aio, posix_aio; default: default,uring)")
+    x.add_argument("--nixl-vram", action="store_true",
+                   help="--nixl: also T0 into device memory through UCX, and try GDS/GDS_MT (needs CuPy and a GPU)")
     return p
 
 
@@ -280,6 +288,12 @@ def run(args: argparse.Namespace) -> int:
             args.repeat, args.lmcache_chunks, args.lmcache_geometry = 1, 4, "tiny"
         res = run_lmcache_bench(args)
         return _emit(args, res, format_lmcache(res))
+    if args.nixl:
+        from .bench_nixl import format_nixl, run_nixl_bench
+        if args.quick:
+            args.repeat, args.total = 1, "16M"
+        res = run_nixl_bench(args)
+        return _emit(args, res, format_nixl(res))
     if args.compare or args.native or args.fuse or args.gpu:
         return run_compare_cmd(args)
     print(f"kvfs bench: scale {args.scale}, threads {args.threads} (page-cache hot reads; ratios are "

@@ -46,29 +46,40 @@ Rules (those of the client, kept here too):
 from __future__ import annotations
 
 import ctypes
+import importlib
 import itertools
 import logging
 import os
-import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from kvfs import Store
+from kvfs import protocol as P
 from kvfs.client import BATCH_KEYS, as_readable, as_writable
 from kvfs.errors import InvalidArgument, KvfsError
-from kvfs.format import segment_name
 from kvfs.gpu import address_of, device_buffer
 from kvfs.keys import normalize_keys, normalize_ns
-from kvfs.optional import need
-from kvfs import protocol as P
+from kvfs.optional import missing
 
-from .nixl_plan import Piece, Plan, failed_items, local, merge_spans, plan_reads, plan_writes
+from .nixl_plan import Piece, Plan, failed_items, local, plan_reads, plan_writes
+from .nixl_registry import NixlAgent, Region, Registry
 
-need("nixl")
-import numpy as np  # noqa: E402 - nixl needs it
-from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t  # noqa: E402
 
+def _nixl_api() -> Any:
+    """NIXL's Python API: ``nixl._api`` (the meta package picks the build
+    for the CUDA it detects), else a build's own module directly."""
+    try:
+        return importlib.import_module("nixl._api")
+    except ImportError as first:
+        for name in ("nixl_cu13._api", "nixl_cu12._api"):
+            try:
+                return importlib.import_module(name)
+            except ImportError:
+                continue
+        raise missing("nixl", first) from None
+
+
+_api = _nixl_api()
 log = logging.getLogger("kvfs.integrations.nixl")
 
 FILE_BACKENDS = ("POSIX", "GDS", "GDS_MT")
@@ -76,92 +87,21 @@ FILE_BACKENDS = ("POSIX", "GDS", "GDS_MT")
 POSIX_MODES: dict[str, dict[str, str]] = {
     "default": {}, "uring": {"use_uring": "true"}, "aio": {"use_aio": "true"},
     "posix_aio": {"use_posix_aio": "true"}}
-SPIN_POLLS = 200  # polls before the wait starts to sleep (a small transfer is done by then)
-MAX_NAP = 200e-6
 _names = itertools.count()
-
-
-class _Agent:
-    """A NIXL agent as kvfs uses it: every call under one lock (a caller's
-    agent may be in NIXL_THREAD_SYNC_NONE mode), released between polls so
-    several threads' transfers progress together."""
-
-    def __init__(self, agent: Any) -> None:
-        self.agent = agent
-        self.lock = threading.RLock()
-
-    def register(self, regions: list[tuple[int, int, int, str]], mem: str, backends: list[str]) -> Any:
-        with self.lock:
-            return self.agent.register_memory(regions, mem, backends=backends)
-
-    def deregister(self, dlist: Any, backends: list[str]) -> None:
-        try:
-            with self.lock:
-                self.agent.deregister_memory(dlist, backends=backends)
-        except Exception as e:  # noqa: BLE001 - nothing left to do about it
-            log.warning("kvfs: NIXL deregistration failed: %s", e)
-
-    def run(self, op: str, local_descs: list[tuple[int, int, int]], local_mem: str,
-            remote_descs: list[tuple[int, int, int]], remote_mem: str, backend: str) -> bool:
-        """One loopback transfer, polled to its end. False: NIXL failed it
-        (an error status or exception: a short read, a bad descriptor)."""
-        if not local_descs:
-            return True
-        a = self.agent
-        handle = None
-        try:
-            with self.lock:
-                ld = a.get_xfer_descs(np.array(local_descs, dtype=np.uint64), local_mem)
-                rd = a.get_xfer_descs(np.array(remote_descs, dtype=np.uint64), remote_mem)
-                handle = a.initialize_xfer(op, ld, rd, a.name, backends=[backend])
-                state = a.transfer(handle)
-            polls = 0
-            while state == "PROC":
-                polls += 1
-                if polls > SPIN_POLLS:
-                    time.sleep(min(MAX_NAP, 1e-6 * (polls - SPIN_POLLS)))
-                with self.lock:
-                    state = a.check_xfer_state(handle)
-            return state == "DONE"
-        except Exception as e:  # noqa: BLE001 - NIXL raises its own error classes
-            log.debug("kvfs: NIXL %s via %s failed: %s", op, backend, e)
-            return False
-        finally:
-            if handle is not None:
-                try:
-                    with self.lock:
-                        handle.release()
-                except Exception:  # noqa: BLE001 - NIXL keeps it on its leak list
-                    pass
-
-
-@dataclass
-class _Segment:
-    fd: int
-    dlist: Any
-
-
-@dataclass
-class _Region:
-    start: int
-    end: int
-    mem: str
-    dev: int
-    dlist: Any
-    backends: list[str]
+Descs = list[tuple[int, int, int]]
 
 
 @dataclass
 class NixlRead:
     """Descriptors of located blocks, pinned by a lease until ``release``.
-    ``file`` / ``dram``: the remote (source) sides of a READ, FILE and DRAM
-    lists; ``local(addrs)`` gives the destination sides for per-item
-    addresses. ``sizes``: per key, -1 for a miss."""
+    ``file`` / ``dram``: the remote (source) sides of READs, FILE and DRAM
+    lists; ``local(addrs)`` the destination sides for per-item addresses.
+    ``sizes``: per key, -1 for a miss."""
     keys: list[str]
     ns: str
     plan: Plan
     hold: Any
-    owner: "KvfsNixl"
+    registry: Registry
     released: bool = False
 
     @property
@@ -169,15 +109,14 @@ class NixlRead:
         return list(self.plan.sizes)
 
     @property
-    def file(self) -> list[tuple[int, int, int]]:
+    def file(self) -> Descs:
         return self.plan.file
 
     @property
-    def dram(self) -> list[tuple[int, int, int]]:
+    def dram(self) -> Descs:
         return self.plan.dram
 
-    def local(self, addrs: Sequence[int], dev: int = 0) -> tuple[list[tuple[int, int, int]],
-                                                                list[tuple[int, int, int]]]:
+    def local(self, addrs: Sequence[int], dev: int = 0) -> tuple[Descs, Descs]:
         """(FILE's, DRAM's) destination descriptors for per-item addresses."""
         return local(self.plan.file_pieces, addrs, dev), local(self.plan.dram_pieces, addrs, dev)
 
@@ -186,7 +125,7 @@ class NixlRead:
         if not self.released:
             self.released = True
             self.hold.release()
-            self.owner._closed(self)
+            self.registry.closed(self)
 
     def __enter__(self) -> "NixlRead":
         return self
@@ -197,34 +136,32 @@ class NixlRead:
 
 @dataclass
 class NixlWrite:
-    """Reserved room as descriptors (the remote, destination sides of a
-    WRITE): ``file`` for T1 extents, ``dram`` for arena extents. Commit
-    with ``KvfsNixl.commit`` after the transfer; ``abort`` otherwise."""
+    """Reserved room as descriptors: the remote (destination) sides of
+    WRITEs, ``file`` for T1 extents and ``dram`` for arena extents. Commit
+    with ``KvfsNixl.commit`` after the transfer, or ``abort``."""
     keys: list[str]
     ns: str
     plan: Plan
     reservation: Any
-    owner: "KvfsNixl"
+    registry: Registry
     done: bool = False
-    counted: list[int] = field(default_factory=list)
 
     @property
-    def file(self) -> list[tuple[int, int, int]]:
+    def file(self) -> Descs:
         return self.plan.file
 
     @property
-    def dram(self) -> list[tuple[int, int, int]]:
+    def dram(self) -> Descs:
         return self.plan.dram
 
-    def local(self, addrs: Sequence[int], dev: int = 0) -> tuple[list[tuple[int, int, int]],
-                                                                list[tuple[int, int, int]]]:
+    def local(self, addrs: Sequence[int], dev: int = 0) -> tuple[Descs, Descs]:
         return local(self.plan.file_pieces, addrs, dev), local(self.plan.dram_pieces, addrs, dev)
 
     def abort(self) -> None:
         if not self.done:
             self.done = True
             self.reservation.abort()
-            self.owner._closed(self)
+            self.registry.closed(self)
 
     def __enter__(self) -> "NixlWrite":
         return self
@@ -239,9 +176,9 @@ def _span(obj: Any, writable: bool) -> tuple[int, int, str, int]:
     if d is not None:
         if writable and d.readonly:
             raise InvalidArgument("destination device buffer is read-only")
-        dev = getattr(getattr(d.owner, "device", None), "index", None)  # torch
-        if dev is None:
-            dev = getattr(getattr(d.owner, "device", None), "id", 0)  # cupy
+        dv = getattr(d.owner, "device", None)
+        idx = getattr(dv, "index", None)  # torch
+        dev = idx if idx is not None else getattr(dv, "id", 0)  # cupy
         return d.ptr, d.nbytes, "VRAM", int(dev or 0)
     mv = as_writable(obj) if writable else as_readable(obj)
     return address_of(mv), len(mv), "DRAM", 0
@@ -257,203 +194,66 @@ class KvfsNixl:
     GDS_MT, created on the agent if it has none by that name (``params``:
     its init parameters, e.g. ``POSIX_MODES["uring"]``). ``memory``: the
     backend that moves arena bytes (UCX); None, or one that cannot start,
-    means T0 copies are read from T1 where they are written back already
-    (and are misses where they are not) and puts go to T1."""
+    means T0 blocks are read from T1 where they are written back already
+    (misses where not) and puts go to T1. ``stage``: move file bytes
+    through a registered bounce buffer and the memory backend (automatic
+    where the file backend cannot reach the memory: POSIX and device
+    memory; True forces it, for tests)."""
 
     def __init__(self, store: Store, agent: Any = None, *, backend: str = "POSIX",
-                 params: dict[str, str] | None = None, memory: str | None = "UCX") -> None:
+                 params: dict[str, str] | None = None, memory: str | None = "UCX", stage: bool = False) -> None:
         if backend not in FILE_BACKENDS:
             raise InvalidArgument(f"backend is one of {', '.join(FILE_BACKENDS)}, not {backend!r}")
         self.store = store
-        self._own = agent is None
         if agent is None:
-            agent = nixl_agent(f"kvfs-{os.getpid()}-{next(_names)}",
-                               nixl_agent_config(backends=[], sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_RW))
-        self.nixl = _Agent(agent)
+            # no progress thread: every call here polls its own transfers to
+            # the end, and a thread per agent spinning on UCX's workers took
+            # two thirds of a 2-core machine (kvfs bench --nixl, 5 agents)
+            agent = _api.nixl_agent(f"kvfs-{os.getpid()}-{next(_names)}", _api.nixl_agent_config(
+                enable_prog_thread=False, backends=[], sync_mode=_api.nixl_thread_sync_t.NIXL_THREAD_SYNC_RW))
+        self.nixl = NixlAgent(agent)
         self.backend = backend
         if backend not in agent.backends:
             try:
                 agent.create_backend(backend, dict(params or {}))
             except Exception as e:  # noqa: BLE001 - say which backend and why
                 raise KvfsError(f"NIXL backend {backend} could not start here: {type(e).__name__}: {e}") from None
-        self.memory: str | None = None
+        mem_backend: str | None = None
         if memory is not None:
             try:
                 if memory not in agent.backends:
                     agent.create_backend(memory, {})
-                self.memory = memory
+                mem_backend = memory
             except Exception as e:  # noqa: BLE001 - T0 through T1 then
                 log.warning("kvfs: NIXL memory backend %s did not start (%s): arena blocks are read from T1", memory, e)
-        self._lock = threading.Lock()
-        self._segs: dict[int, _Segment] = {}
-        self._regions: list[_Region] = []
-        self._arena: tuple[Any, int, Any] | None = None  # (the store's arena object, address, registration)
-        self._old_arenas: list[Any] = []
-        self._open: list[NixlRead | NixlWrite] = []  # descriptor lists not released: their segments stay
-        self._gen = -2
-        self._writable = store.right in (None, "write", "admin")
+        self.always_stage = stage
         self.counters: dict[str, int] = {k: 0 for k in (
-            "reads", "read_bytes", "file_chunks", "dram_chunks", "misses", "verify_failed", "xfer_failed",
-            "writes", "written_bytes", "segments_registered", "segments_retired", "temp_registrations")}
+            "reads", "read_bytes", "file_chunks", "dram_chunks", "staged_chunks", "misses", "verify_failed",
+            "xfer_failed", "writes", "written_bytes", "segments_registered", "segments_retired",
+            "temp_registrations")}
+        self.registry = Registry(store, self.nixl, backend, mem_backend, self.counters)
 
-    # ------------------------------------------------------------ registration
-    def register(self, buf: Any) -> _Region:
+    @property
+    def memory(self) -> str | None:
+        """The memory backend in use (None: none; T0 through T1)."""
+        return self.registry.memory
+
+    def register(self, buf: Any) -> Region:
         """Register ``buf`` (host or device memory) with the agent's
-        backends that move it; transfers into or out of it then need no
+        backends that move it, so transfers into or out of it need no
         registration of their own. Returns what ``deregister`` takes."""
         addr, n, mem, dev = _span(buf, writable=False)
-        return self._register_span(addr, n, mem, dev)
+        return self.registry.register_span(addr, n, mem, dev)
 
-    def deregister(self, region: _Region) -> None:
-        with self._lock:
-            if region in self._regions:
-                self._regions.remove(region)
-        self.nixl.deregister(region.dlist, region.backends)
-
-    def _backends_for(self, mem: str) -> list[str]:
-        if mem == "VRAM":
-            return [b for b in (self.backend, self.memory) if b is not None and b != "POSIX"]
-        return [b for b in (self.backend, self.memory) if b is not None]
-
-    def _register_span(self, addr: int, n: int, mem: str, dev: int) -> _Region:
-        if n <= 0:
-            raise InvalidArgument("nothing to register: an empty buffer")
-        backends = self._backends_for(mem)
-        if not backends:
-            raise InvalidArgument(f"no backend here moves {mem} (file backend {self.backend}, memory {self.memory})")
-        dlist = self.nixl.register([(addr, n, dev, "")], mem, backends)
-        region = _Region(addr, addr + n, mem, dev, dlist, backends)
-        with self._lock:
-            self._regions.append(region)
-        return region
-
-    def _covered(self, addr: int, n: int, mem: str, dev: int) -> bool:
-        with self._lock:
-            return any(r.mem == mem and r.dev == dev and r.start <= addr and addr + n <= r.end for r in self._regions)
-
-    def _check_registered(self, sizes: Sequence[int], addrs: Sequence[int], mem: str, dev: int) -> None:
-        """NIXL moves only registered memory: a caller's mistake is an
-        error here, not a failed transfer counted against the blocks."""
-        for n, a in zip(sizes, addrs):
-            if n > 0 and not self._covered(a, n, mem, dev):
-                raise InvalidArgument(f"{mem} at {a:#x} ({n} bytes) is not registered: KvfsNixl.register it first")
-
-    def _temporary(self, spans: Sequence[tuple[int, int, str, int]]) -> list[_Region]:
-        """Register what of ``spans`` no region covers yet (merged), for one call."""
-        todo: dict[tuple[str, int], list[tuple[int, int]]] = {}
-        for addr, n, mem, dev in spans:
-            if n and not self._covered(addr, n, mem, dev):
-                todo.setdefault((mem, dev), []).append((addr, n))
-        out = []
-        for (mem, dev), group in todo.items():
-            for addr, n in merge_spans(group):
-                out.append(self._register_span(addr, n, mem, dev))
-                self.counters["temp_registrations"] += 1
-        return out
-
-    def _segment_fd(self, stripe: int, seg: int) -> int:
-        """The registered fd of a segment file (opened on first use; callers
-        hold a lease or a reservation on it, so it is not unlinked meanwhile)."""
-        with self._lock:
-            s = self._segs.get(seg)
-            if s is not None:
-                return s.fd
-        path = os.path.join(self.store.stripes[stripe], segment_name(seg))
-        fd = -1
-        if self._writable:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            except PermissionError:
-                self._writable = False  # a reader's grant: r-- on segments
-        if fd < 0:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            dlist = self.nixl.register([(0, 0, fd, "")], "FILE", [self.backend])
-        except Exception as e:  # noqa: BLE001 - e.g. GDS: cuFileHandleRegister refused the file
-            os.close(fd)
-            raise KvfsError(f"NIXL {self.backend} cannot register {path}: {type(e).__name__}: {e}") from None
-        with self._lock:
-            s = self._segs.get(seg)
-            if s is not None:  # another thread registered it meanwhile
-                extra = (fd, dlist)
-            else:
-                s = self._segs[seg] = _Segment(fd, dlist)
-                extra = None
-                self.counters["segments_registered"] += 1
-            got = s.fd
-        if extra is not None:
-            self.nixl.deregister(extra[1], [self.backend])
-            os.close(extra[0])
-        return got
-
-    def _closed(self, x: "NixlRead | NixlWrite") -> None:
-        """A descriptor list is done: forget it, and retire any of its
-        segments that went meanwhile (its lease was what kept them)."""
-        with self._lock:
-            if x in self._open:
-                self._open.remove(x)
-        self._retire(x.plan.segments)
-
-    def _sweep(self) -> None:
-        """Once the removal generation moved (every unlink of a segment
-        comes after a move), retire every registered segment that is gone."""
-        g = self.store._gen
-        gen = g.value if g is not None else -1
-        if gen == self._gen and gen >= 0:
-            return
-        self._gen = gen
-        with self._lock:
-            segs = set(self._segs)
-        self._retire(segs)
-
-    def _retire(self, segs: set[int]) -> None:
-        """Deregister and close those of ``segs`` that were unlinked
-        (retired by compaction or eviction) and that no open descriptor
-        list names."""
-        gone: list[_Segment] = []
-        with self._lock:
-            live = set().union(*(x.plan.segments for x in self._open)) if self._open else set()
-            for sid in segs - live:
-                s = self._segs.get(sid)
-                if s is None:
-                    continue
-                try:
-                    retired = os.fstat(s.fd).st_nlink == 0
-                except OSError:
-                    retired = True
-                if retired:
-                    gone.append(self._segs.pop(sid))
-        for s in gone:
-            self.nixl.deregister(s.dlist, [self.backend])
-            os.close(s.fd)
-            self.counters["segments_retired"] += 1
+    def deregister(self, region: Region) -> None:
+        self.registry.deregister(region)
 
     def registered_segments(self) -> list[int]:
         """Segment ids registered with the agent now."""
-        with self._lock:
-            return sorted(self._segs)
+        return self.registry.segments()
 
-    def _arena_base(self) -> int | None:
-        """The arena's address, registered with the memory backend (again
-        after a daemon restart mapped a new arena); None: no T0 path here."""
-        arena = self.store.arena
-        if arena is None or self.memory is None:
-            return None
-        cur = self._arena
-        if cur is not None and cur[0] is arena:
-            return cur[1]
-        addr = address_of(arena.ro)
-        try:
-            dlist = self.nixl.register([(addr, arena.size, 0, "")], "DRAM", [self.memory])
-        except Exception as e:  # noqa: BLE001 - T0 through T1 then
-            log.warning("kvfs: NIXL %s cannot register the arena (%s): arena blocks are read from T1", self.memory, e)
-            self.memory = None
-            return None
-        with self._lock:
-            if self._arena is not None:
-                self._old_arenas.append(self._arena[2])  # an old daemon's: dropped at close
-            self._arena = (arena, addr, dlist)
-        return addr
+    def _staged(self, mem: str) -> bool:
+        return self.always_stage or (mem == "VRAM" and self.backend == "POSIX")
 
     # ------------------------------------------------------------------ reads
     def descriptors(self, keys: Sequence[str | bytes], *, ns: str = "default") -> NixlRead:
@@ -462,17 +262,17 @@ class KvfsNixl:
         NIXL READs into the caller's registered memory."""
         ns = normalize_ns(ns)
         ks = normalize_keys(keys)
-        self._sweep()
+        reg = self.registry
+        reg.sweep()
         hold = self.store.hold(ks, ns=ns)
         try:
-            arena = self._arena_base() if any(it is not None and it[4] is not None for it in hold.items) else None
-            plan = plan_reads(hold.items, self._segment_fd, arena)
+            arena = reg.arena_base() if any(it is not None and it[4] is not None for it in hold.items) else None
+            plan = plan_reads(hold.items, reg.segment_fd, arena)
         except BaseException:
             hold.release()
             raise
-        rd = NixlRead(ks, ns, plan, hold, self)
-        with self._lock:
-            self._open.append(rd)
+        rd = NixlRead(ks, ns, plan, hold, reg)
+        reg.opened(rd)
         return rd
 
     def read(self, rd: NixlRead, addrs: Sequence[int], *, mem: str = "DRAM", dev: int = 0) -> list[int]:
@@ -483,11 +283,14 @@ class KvfsNixl:
         if len(addrs) != len(rd.keys):
             raise InvalidArgument("one destination address per key")
         plan = rd.plan
-        if plan.file and mem == "VRAM" and self.backend == "POSIX":
-            raise InvalidArgument("T1 blocks into device memory need the GDS or GDS_MT backend (POSIX moves DRAM)")
-        self._check_registered(plan.sizes, addrs, mem, dev)
-        bad = self._move("READ", plan.file_pieces, plan.file, "FILE", self.backend, addrs, mem, dev)
-        bad |= self._move("READ", plan.dram_pieces, plan.dram, "DRAM", self.memory or "", addrs, mem, dev)
+        self.registry.check_registered(plan.sizes, addrs, mem, dev)
+        if self._staged(mem):
+            bad = self._through_stage("READ", plan.file_pieces, plan.file, addrs, mem, dev)
+        else:
+            bad = self._move("READ", local(plan.file_pieces, addrs, dev), mem, plan.file_pieces, plan.file, "FILE",
+                             self.backend)
+        bad |= self._move("READ", local(plan.dram_pieces, addrs, dev), mem, plan.dram_pieces, plan.dram, "DRAM",
+                          self.memory or "")
         if self.store.verify:
             bad |= self._verify(plan.pieces(), addrs, mem, bad)
         sizes = list(plan.sizes)
@@ -500,23 +303,53 @@ class KvfsNixl:
         self._report_bad(rd, bad)
         return sizes
 
-    def _move(self, op: str, pieces: list[Piece], remote: list[tuple[int, int, int]], remote_mem: str,
-              backend: str, addrs: Sequence[int], mem: str, dev: int) -> set[int]:
-        """One transfer for all ``pieces``; if NIXL fails it, one per item,
-        so a failure costs only the items it is in. Returns failed items."""
+    def _move(self, op: str, mine: Descs, mem: str, pieces: Sequence[Piece], remote: Descs, remote_mem: str,
+              backend: str) -> set[int]:
+        """One transfer of ``pieces`` (local sides ``mine``); if NIXL fails
+        it, one per item, so a failure costs only the items it is in.
+        Returns the failed items."""
         if not pieces:
             return set()
-        mine = local(pieces, addrs, dev)
         if self.nixl.run(op, mine, mem, remote, remote_mem, backend):
             return set()
         self.counters["xfer_failed"] += 1
         by_item: dict[int, list[int]] = {}
         for j, p in enumerate(pieces):
             by_item.setdefault(p.item, []).append(j)
-        bad = set()
-        for item, js in by_item.items():
-            if not self.nixl.run(op, [mine[j] for j in js], mem, [remote[j] for j in js], remote_mem, backend):
-                bad.add(item)
+        return {item for item, js in by_item.items()
+                if not self.nixl.run(op, [mine[j] for j in js], mem, [remote[j] for j in js], remote_mem, backend)}
+
+    def _through_stage(self, op: str, pieces: list[Piece], files: Descs, addrs: Sequence[int], mem: str,
+                       dev: int) -> set[int]:
+        """File bytes between the file backend and memory it cannot reach
+        (POSIX and device memory), through the registered bounce buffer:
+        file -> stage -> memory for READ, the reverse for WRITE, in groups
+        that fit the stage."""
+        if not pieces:
+            return set()
+        if self.memory is None:
+            raise InvalidArgument(f"{self.backend} cannot move device memory and no memory backend is here: "
+                                  "use GDS/GDS_MT, or let UCX start")
+        bad: set[int] = set()
+        with self.registry.stage_lock:
+            base, room = self.registry.stage(mem == "VRAM")
+            j = 0
+            while j < len(pieces):
+                k, used = j, 0
+                while k < len(pieces) and (k == j or used + pieces[k].length <= room):
+                    used += pieces[k].length
+                    k += 1
+                if used > room:
+                    raise InvalidArgument(f"a chunk of {used} bytes does not fit the {room}-byte stage")
+                group = pieces[j:k]
+                at = list(itertools.accumulate([0] + [p.length for p in group[:-1]]))
+                staged = [(base + a, p.length, 0) for a, p in zip(at, group)]
+                theirs = [(addrs[p.item] + p.pos, p.length, dev) for p in group]
+                hops = [(staged, "DRAM", files[j:k], "FILE", self.backend), (theirs, mem, staged, "DRAM", self.memory)]
+                for mine, m, remote, rm, b in (hops if op == "READ" else hops[::-1]):
+                    bad |= self._move(op, mine, m, group, remote, rm, b)
+                self.counters["staged_chunks"] += len(group)
+                j = k
         return bad
 
     def _verify(self, pieces: list[Piece], addrs: Sequence[int], mem: str, skip: set[int]) -> set[int]:
@@ -527,8 +360,8 @@ class KvfsNixl:
             sums = self.store.reader.hash_many([_host_view(addrs[p.item] + p.pos, p.length) for p in todo])
             bad = failed_items(todo, [s == p.checksum for s, p in zip(sums, todo)])
         else:
-            plane = self.store._gpu_plane()
-            bad = plane.verify_ranges([(p.item, addrs[p.item] + p.pos, p.length, p.checksum) for p in todo])
+            bad = self.store._gpu_plane().verify_ranges([(p.item, addrs[p.item] + p.pos, p.length, p.checksum)
+                                                         for p in todo])
         self.counters["verify_failed"] += len(bad)
         return bad
 
@@ -543,8 +376,8 @@ class KvfsNixl:
 
     def get_many_into(self, keys: Sequence[str | bytes], outs: Sequence[Any], *, ns: str = "default") -> list[int]:
         """``Store.get_many_into`` through NIXL: each value into its buffer
-        (host, or device with GDS/GDS_MT for T1 blocks); sizes, -1 for a
-        miss. Unregistered buffers are registered for the call."""
+        (host, or device memory); sizes, -1 for a miss. Buffers that are
+        not registered are, for the call."""
         ks = normalize_keys(keys)
         if len(outs) != len(ks):
             raise InvalidArgument("keys and outs must have the same length")
@@ -553,7 +386,7 @@ class KvfsNixl:
         if len(mems) > 1:
             raise InvalidArgument("outs must all be host memory or all on one device")
         mem, dev = mems.pop() if mems else ("DRAM", 0)
-        temp = self._temporary(spans)
+        temp = self.registry.temporary(spans)
         try:
             out: list[int] = []
             for b in range(0, len(ks), BATCH_KEYS):
@@ -561,7 +394,7 @@ class KvfsNixl:
             return out
         finally:
             for r in temp:
-                self.deregister(r)
+                self.registry.deregister(r)
 
     def _get_batch(self, ks: list[str], spans: list[tuple[int, int, str, int]], ns: str, mem: str,
                    dev: int) -> list[int]:
@@ -571,54 +404,53 @@ class KvfsNixl:
             if not todo:
                 break
             with self.descriptors([ks[i] for i in todo], ns=ns) as rd:
-                for j, i in enumerate(todo):
-                    if rd.plan.sizes[j] > spans[i][1]:
-                        raise InvalidArgument(f"buffer of {spans[i][1]} bytes is too small for {ns}/{ks[i]} "
-                                              f"({rd.plan.sizes[j]} bytes)")
-                got = self.read(rd, [spans[i][0] for i in todo], mem=mem, dev=dev)
                 found = rd.plan.sizes
-            again = []
+                for j, i in enumerate(todo):
+                    if found[j] > spans[i][1]:
+                        raise InvalidArgument(f"buffer of {spans[i][1]} bytes is too small for {ns}/{ks[i]} "
+                                              f"({found[j]} bytes)")
+                got = self.read(rd, [spans[i][0] for i in todo], mem=mem, dev=dev)
+            if attempt == 0:
+                self.counters["misses"] += sum(1 for n in found if n < 0)
             for j, i in enumerate(todo):
                 sizes[i] = got[j]
-                if got[j] < 0 and found[j] >= 0:
-                    again.append(i)  # failed, reported: once more (another copy may serve it)
-            self.counters["misses"] += sum(1 for j in range(len(todo)) if found[j] < 0)
-            todo = again
+            # failed (and reported): looked up once more, another copy may serve it
+            todo = [i for j, i in enumerate(todo) if got[j] < 0 <= found[j]]
         return sizes
 
     # ----------------------------------------------------------------- writes
     def reserve(self, keys: Sequence[str | bytes], sizes: Sequence[int], *, ns: str = "default",
                 metas: Sequence[dict[str, Any] | None] | None = None, t0: bool = False) -> NixlWrite:
-        """Room for values, as the destination sides of NIXL WRITEs:
-        T1 extents (``file``), or with ``t0`` arena extents (``dram``; the
-        daemon writes them back to T1). Then ``commit``."""
-        self._sweep()
+        """Room for values, as the destination sides of NIXL WRITEs: T1
+        extents (``file``), or with ``t0`` arena extents (``dram``; the
+        daemon writes those back to T1). Then ``write`` and ``commit``."""
+        reg = self.registry
+        reg.sweep()
         use_t0 = t0 and self.memory is not None and self.store.arena is not None
         res = self.store.reserve(keys, list(sizes), ns=ns, metas=metas, t0=use_t0)
         try:
-            arena = self._arena_base() if any(it is not None and it[2] >= 0 for it in res.items) else None
-            plan = plan_writes(res.items, res.sizes, self._segment_fd, arena)
+            arena = reg.arena_base() if any(it is not None and it[2] >= 0 for it in res.items) else None
+            plan = plan_writes(res.items, res.sizes, reg.segment_fd, arena)
         except BaseException:
             res.abort()
             raise
-        wd = NixlWrite(res.keys, res.ns, plan, res, self)
-        with self._lock:
-            self._open.append(wd)
+        wd = NixlWrite(res.keys, res.ns, plan, res, reg)
+        reg.opened(wd)
         return wd
 
     def write(self, wd: NixlWrite, addrs: Sequence[int], *, mem: str = "DRAM", dev: int = 0) -> bool:
         """Run ``wd``'s WRITEs from per-item sources (registered). False:
         NIXL failed one (then ``abort``)."""
         plan = wd.plan
-        if plan.file and mem == "VRAM" and self.backend == "POSIX":
-            raise InvalidArgument("device sources into T1 need the GDS or GDS_MT backend (POSIX moves DRAM)")
-        self._check_registered(plan.sizes, addrs, mem, dev)
-        ok = self.nixl.run("WRITE", local(plan.file_pieces, addrs, dev), mem, plan.file, "FILE", self.backend)
-        ok = ok and self.nixl.run("WRITE", local(plan.dram_pieces, addrs, dev), mem, plan.dram, "DRAM",
-                                  self.memory or "")
-        if not ok:
-            self.counters["xfer_failed"] += 1
-        return ok
+        self.registry.check_registered(plan.sizes, addrs, mem, dev)
+        if self._staged(mem):
+            bad = self._through_stage("WRITE", plan.file_pieces, plan.file, addrs, mem, dev)
+        else:
+            bad = self._move("WRITE", local(plan.file_pieces, addrs, dev), mem, plan.file_pieces, plan.file,
+                             "FILE", self.backend)
+        bad |= self._move("WRITE", local(plan.dram_pieces, addrs, dev), mem, plan.dram_pieces, plan.dram, "DRAM",
+                          self.memory or "")
+        return not bad
 
     def commit(self, wd: NixlWrite, sources: Sequence[Any], *, sync: bool = False) -> list[bool]:
         """Publish what was written, with the checksums of ``sources`` (the
@@ -626,35 +458,34 @@ class KvfsNixl:
         (already there)."""
         if wd.done:
             raise KvfsError("this write was already committed or aborted")
-        spans = [_span(s, writable=False) for s in sources]
         try:
-            sums = self._source_sums(wd, spans)
-            wd.done = True
-            stored = wd.reservation.commit(sums, sync=sync)
+            sums = self._source_sums(wd, [_span(s, writable=False) for s in sources])
         except BaseException:
             wd.abort()
             raise
+        wd.done = True
+        try:
+            stored = wd.reservation.commit(sums, sync=sync)  # a failed commit: the daemon dropped the put
         finally:
-            self._closed(wd)
+            self.registry.closed(wd)
         self.counters["writes"] += 1
         self.counters["written_bytes"] += sum(n for n, s in zip(wd.plan.sizes, stored) if s and n > 0)
         return stored
 
     def _source_sums(self, wd: NixlWrite, spans: list[tuple[int, int, str, int]]) -> list[Any]:
         unit = self.store.stripe_unit
-        idx = [i for i, n in enumerate(wd.plan.sizes) if n >= 0]
-        sums: list[Any] = [None] * len(wd.plan.sizes)
-        host = [i for i in idx if spans[i][2] == "DRAM"]
-        for i, s in zip(host, self.store.reader.hash_chunked([_host_view(spans[i][0], wd.plan.sizes[i])
-                                                               for i in host], unit)):
-            sums[i] = [s[0], s[1]]
-        dev = [i for i in idx if spans[i][2] == "VRAM"]
+        sizes = wd.plan.sizes
+        sums: list[Any] = [None] * len(sizes)
+        host = [i for i, n in enumerate(sizes) if n >= 0 and spans[i][2] == "DRAM"]
+        for i, (w, cs) in zip(host, self.store.reader.hash_chunked([_host_view(spans[i][0], sizes[i]) for i in host],
+                                                                   unit)):
+            sums[i] = [w, cs]
+        dev = [i for i, n in enumerate(sizes) if n >= 0 and spans[i][2] == "VRAM"]
         if dev:
-            plane = self.store._gpu_plane()
-            for i, s in zip(dev, plane.hash_values([(spans[i][0], wd.plan.sizes[i]) for i in dev], unit)):
-                sums[i] = [s[0], s[1]]
-        for i in idx:
-            item = wd.reservation.items[i]
+            got = self.store._gpu_plane().hash_values([(spans[i][0], sizes[i]) for i in dev], unit)
+            for i, (w, cs) in zip(dev, got):
+                sums[i] = [w, cs]
+        for i, item in enumerate(wd.reservation.items):
             if item is not None and item[2] < 0 and len(sums[i][1]) != len(item[1]):
                 raise KvfsError("the daemon's chunks are not its stripe unit")
         return sums
@@ -673,12 +504,12 @@ class KvfsNixl:
         out = [False] * len(ks)
         empty = [i for i, s in enumerate(spans) if s[1] == 0]
         if empty:
-            for i, got in zip(empty, self.store.put_many([ks[i] for i in empty], [b""] * len(empty), ns=ns,
-                                                         metas=None if metas is None else [metas[i] for i in empty],
-                                                         sync=sync)):
-                out[i] = got
+            got = self.store.put_many([ks[i] for i in empty], [b""] * len(empty), ns=ns, sync=sync,
+                                      metas=None if metas is None else [metas[i] for i in empty])
+            for i, g in zip(empty, got):
+                out[i] = g
         full = [i for i, s in enumerate(spans) if s[1] > 0]
-        temp = self._temporary([spans[i] for i in full])
+        temp = self.registry.temporary([spans[i] for i in full])
         try:
             for b in range(0, len(full), BATCH_KEYS):
                 sel = full[b:b + BATCH_KEYS]
@@ -686,36 +517,28 @@ class KvfsNixl:
                 if len(mems) > 1:
                     raise InvalidArgument("datas must all be host memory or all on one device")
                 mem, dev = mems.pop()
-                with self.reserve([ks[i] for i in sel], [spans[i][1] for i in sel], ns=ns,
-                                  metas=None if metas is None else [metas[i] for i in sel], t0=t0) as wd:
+                with self.reserve([ks[i] for i in sel], [spans[i][1] for i in sel], ns=ns, t0=t0,
+                                  metas=None if metas is None else [metas[i] for i in sel]) as wd:
                     if not self.write(wd, [spans[i][0] for i in sel], mem=mem, dev=dev):
+                        self.counters["xfer_failed"] += 1
                         raise KvfsError("NIXL failed a WRITE into kvfs (the put was aborted: nothing stored)")
-                    for i, got in zip(sel, self.commit(wd, [datas[i] for i in sel], sync=sync)):
-                        out[i] = got
+                    for i, g in zip(sel, self.commit(wd, [datas[i] for i in sel], sync=sync)):
+                        out[i] = g
         finally:
             for r in temp:
-                self.deregister(r)
+                self.registry.deregister(r)
         return out
 
-    # ------------------------------------------------------------------ close
     def close(self) -> None:
-        """Release what is still held, deregister everything, close the fds
-        (and the agent's backends, if the agent is this object's own)."""
-        for x in list(self._open):
-            x.release() if isinstance(x, NixlRead) else x.abort()
-        with self._lock:
-            segs, self._segs = list(self._segs.values()), {}
-            regions, self._regions = self._regions, []
-            arenas = self._old_arenas + ([self._arena[2]] if self._arena is not None else [])
-            self._arena, self._old_arenas = None, []
-        for s in segs:
-            self.nixl.deregister(s.dlist, [self.backend])
-            os.close(s.fd)
-        for r in regions:
-            self.nixl.deregister(r.dlist, r.backends)
-        for d in arenas:
-            if self.memory is not None:
-                self.nixl.deregister(d, [self.memory])
+        """Release what is still held, deregister everything and close the
+        segment fds (the agent itself stays the caller's, or is dropped
+        with this object)."""
+        for x in self.registry.open_lists():
+            if isinstance(x, NixlRead):
+                x.release()
+            elif isinstance(x, NixlWrite):
+                x.abort()
+        self.registry.close()
 
     def __enter__(self) -> "KvfsNixl":
         return self
