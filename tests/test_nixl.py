@@ -38,13 +38,14 @@ def kvd(tmp_path):
         yield d
 
 
-def test_a_thousand_blocks_from_three_stripes_and_t0_into_one_registered_buffer(kvd):
+@pytest.mark.parametrize("copies", ["kvfs", "nixl"])  # arena bytes by kvfs's data plane, or by UCX
+def test_a_thousand_blocks_from_three_stripes_and_t0_into_one_registered_buffer(kvd, copies):
     n, size = 1000, 48 * KiB
     data = blocks(n, size)
     big = blocks(6, 700 * KiB, seed=1)  # three chunks each, striped
     keys = [f"b{i:04d}" for i in range(n)]
     bkeys = [f"big{i}" for i in range(len(big))]
-    with kvd.connect() as s, KvfsNixl(s) as kn:
+    with kvd.connect() as s, KvfsNixl(s, copies=copies) as kn:
         # half written through NIXL straight to T1, half put the usual way (T0, written back)
         assert kn.put_many(keys[:500], list(data[:500]), ns="kv") == [True] * 500
         assert s.put_many(keys[500:], list(data[500:]), ns="kv") == [True] * 500
@@ -175,7 +176,7 @@ def test_writes_through_nixl_are_invisible_until_commit_and_readers_get_them(kvd
         with kn.reserve(["gone"], [1000], ns="w") as wd:
             pass  # aborted
         assert not other.contains(["gone"], ns="w")[0]
-        # through the arena too: the daemon writes those back to T1
+        # through the arena too (kvfs's copy into it): the daemon writes those back to T1
         assert kn.put_many(["t0a", "t0b", "w0"], [data[0], data[1], data[2]], ns="w", t0=True) == [True, True, False]
         assert other.get("t0b", ns="w") == data[1].tobytes()
         assert other.flush()
@@ -219,7 +220,7 @@ def test_a_restarted_daemon_gets_its_new_arena_registered(tmp_path):
 
 def test_bad_calls_are_clear_errors(kvd):
     with kvd.connect() as s, KvfsNixl(s) as kn:
-        s.put("k", b"x" * 100_000, ns="e")
+        kn.put_many(["k"], [b"x" * 100_000], ns="e")  # in T1 only: NIXL's file backend moves it
         with pytest.raises(InvalidArgument):
             KvfsNixl(s, backend="NOPE")
         with kn.descriptors(["k"], ns="e") as rd:
@@ -239,7 +240,8 @@ def test_bad_calls_are_clear_errors(kvd):
         assert time.monotonic() - t < 5
 
 
-def test_file_bytes_through_the_bounce_buffer_read_and_write_byte_exact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("copies", ["kvfs", "nixl"])
+def test_file_bytes_through_the_bounce_buffer_read_and_write_byte_exact(tmp_path, monkeypatch, copies):
     """What a GPU node without GDS does (POSIX cannot reach device memory:
     file -> registered stage -> UCX -> destination), forced here on host
     memory with a small stage so a batch takes several rounds."""
@@ -248,7 +250,7 @@ def test_file_bytes_through_the_bounce_buffer_read_and_write_byte_exact(tmp_path
     d = DaemonProcess(tmp_path / "s", stripes=3, capacity="1G", shm_size=0, extra=["--stripe-unit", "256K"])
     data = blocks(20, 600 * KiB, seed=11)
     keys = [f"st{i}" for i in range(len(data))]
-    with d, d.connect() as s, KvfsNixl(s, stage=True) as kn:
+    with d, d.connect() as s, KvfsNixl(s, stage=True, copies=copies) as kn:
         assert kn.put_many(keys, list(data), ns="st") == [True] * len(keys)
         assert [s.get(k, ns="st") for k in keys] == [x.tobytes() for x in data]  # written through the stage
         out = np.zeros_like(data)
@@ -256,3 +258,50 @@ def test_file_bytes_through_the_bounce_buffer_read_and_write_byte_exact(tmp_path
         assert np.array_equal(out, data)
         assert kn.counters["staged_chunks"] == 2 * len(keys) * 3  # 3 chunks a block, both ways
         assert kn.counters["xfer_failed"] == 0 and kn.counters["verify_failed"] == 0
+
+
+@pytest.mark.gpu
+def test_blocks_reach_device_memory_from_both_tiers_verified_on_the_gpu(tmp_path):
+    """On a GPU: T0 blocks go arena -> VRAM through UCX, T1 blocks file ->
+    pinned stage -> VRAM (POSIX cannot reach device memory), and the GPU
+    hasher checks what landed; a scribbled arena copy is caught there and
+    the good T1 copy is read instead."""
+    cp = pytest.importorskip("cupy")
+    d = DaemonProcess(tmp_path / "s", stripes=2, capacity="2G", shm_size="256M")
+    data = blocks(32, 1 * MiB, seed=12)
+    keys = [f"g{i}" for i in range(len(data))]
+    with d, d.connect() as s, KvfsNixl(s) as kn:
+        s.put_many(keys[:16], list(data[:16]), ns="g")  # T0 (and written back)
+        kn.put_many(keys[16:], list(data[16:]), ns="g")  # T1 only
+        s.flush()
+        dev = cp.zeros(data.shape, dtype=cp.uint8)
+        reg = kn.register(dev)
+        assert kn.get_many_into(keys, [dev[i] for i in range(len(keys))], ns="g") == [data.shape[1]] * len(keys)
+        assert np.array_equal(cp.asnumpy(dev), data)
+        assert kn.counters["dram_chunks"] >= 16 and kn.counters["staged_chunks"] >= 16
+        with s.hold(["g3"], ns="g") as h:
+            t0 = h.items[0][4][0]
+        s.arena.rw[t0 + 77] ^= 0x10
+        dev.fill(0)
+        assert kn.get_many_into(keys[:8], [dev[i] for i in range(8)], ns="g") == [data.shape[1]] * 8
+        assert kn.counters["verify_failed"] == 1  # caught in device memory by the GPU hasher
+        assert np.array_equal(cp.asnumpy(dev[:8]), data[:8])  # the good copy, from T1
+        kn.deregister(reg)
+
+
+@pytest.mark.gpu
+def test_device_sources_are_written_through_nixl_with_gpu_checksums(tmp_path):
+    cp = pytest.importorskip("cupy")
+    d = DaemonProcess(tmp_path / "s", stripes=2, capacity="2G", shm_size="256M")
+    data = blocks(8, 3 * MiB + 4096, seed=13)
+    with d, d.connect() as s, KvfsNixl(s) as kn:
+        src = cp.asarray(data)
+        rows = [src[i] for i in range(len(data))]
+        assert kn.put_many([f"t0-{i}" for i in range(8)], rows, ns="p", t0=True) == [True] * 8  # UCX into the arena
+        assert kn.put_many([f"t1-{i}" for i in range(8)], rows, ns="p") == [True] * 8  # staged to POSIX
+        with d.connect() as host:
+            for i in range(8):
+                assert host.get(f"t0-{i}", ns="p") == data[i].tobytes()
+                assert host.get(f"t1-{i}", ns="p") == data[i].tobytes()
+            assert host.flush()
+            assert host.verify_store(deep=True)["broken_count"] == 0

@@ -16,15 +16,19 @@ preallocated, registered buffer, rounds interleaved:
   T0 (the arena)
     memcpy               the blocks' arena bytes copied by the data plane
     get_many_into        kvfs's client
-    NIXL UCX             KvfsNixl.get_many_into through UCX
+    KvfsNixl, kvfs copies   KvfsNixl.get_many_into, arena bytes copied by
+                         kvfs's data plane (its default)
+    KvfsNixl, NIXL UCX   the same with copies="nixl": UCX moves them
   writes (T1)
     raw pwrite           a plain file on the same disk
     put_many             kvfs's client (alloc, pwrite, commit)
     NIXL POSIX put_many  reserve, NIXL WRITE, commit
 
-and with --nixl-vram on a GPU: T0 into device memory through UCX against
-the client's device reads and a pinned host-to-device copy, and whether
-GDS / GDS_MT can start and register a segment file (what stopped it if not).
+and with --nixl-vram on a GPU: blocks into device memory, T0 through the
+CUDA copy engine (KvfsNixl's default) and through UCX, T1 through POSIX
+and the pinned bounce buffer, against the client's device reads and a
+pinned host-to-device copy; and whether GDS / GDS_MT can start and
+register a segment file (what stopped it if not).
 
 Every result of the first round is checked byte for byte. GB/s, median of
 --repeat rounds, ratios to the raw row of the same group.
@@ -81,8 +85,9 @@ def run_nixl_bench(args: argparse.Namespace) -> dict[str, Any]:
         s1, s0 = d1.connect(threads=threads), d0.connect(threads=threads)
         opened += [s1, s0]
         kns = {m: KvfsNixl(s1, params=POSIX_MODES[m], memory=None) for m in modes}  # T1 only: no UCX
-        kn0 = KvfsNixl(s0)
-        opened += list(kns.values()) + [kn0]
+        kn0 = KvfsNixl(s0)  # arena bytes copied by kvfs (the default)
+        knu = KvfsNixl(s0, copies="nixl")  # ... or moved by NIXL's UCX
+        opened += list(kns.values()) + [kn0, knu]
         can_drop = drop_caches()
         out["cold_measured"] = can_drop
         rng = np.random.default_rng(7)
@@ -94,7 +99,7 @@ def run_nixl_bench(args: argparse.Namespace) -> dict[str, Any]:
             s0.put_many(keys, list(data), ns="bench")
             s0.flush()
             dest = np.empty_like(data)
-            regs = [kn.register(dest) for kn in [*kns.values(), kn0]]
+            regs = [kn.register(dest) for kn in [*kns.values(), kn0, knu]]
             outs = list(dest)
             # the blocks' extents, for the raw reads of the same bytes
             with s1.hold(keys, ns="bench") as h:
@@ -123,8 +128,10 @@ def run_nixl_bench(args: argparse.Namespace) -> dict[str, Any]:
             rd = kns[modes[0]].descriptors(keys, ns="bench") if modes else None
             t1_cases: dict[str, Callable[[], None]] = {"raw preadv": raw_read,
                                                       "get_many_into": lambda: ok(s1.get_many_into(keys, outs, ns="bench"))}
+            def nixl_get(kn: Any) -> Callable[[], None]:
+                return lambda: ok(kn.get_many_into(keys, outs, ns="bench"))
             for m, kn in kns.items():
-                t1_cases[f"NIXL POSIX {m}"] = (lambda kn=kn: ok(kn.get_many_into(keys, outs, ns="bench")))
+                t1_cases[f"NIXL POSIX {m}"] = nixl_get(kn)
             if rd is not None:
                 kn_first = kns[modes[0]]
                 addrs = [dest[i].ctypes.data for i in range(n)]
@@ -135,7 +142,8 @@ def run_nixl_bench(args: argparse.Namespace) -> dict[str, Any]:
                         raise RuntimeError("NIXL READ failed")
                 t1_cases[f"NIXL transfer only ({modes[0]})"] = xfer_only
             t0_cases = {"memcpy": memcpy, "get_many_into": lambda: ok(s0.get_many_into(keys, outs, ns="bench")),
-                        "NIXL UCX": lambda: ok(kn0.get_many_into(keys, outs, ns="bench"))}
+                        "KvfsNixl, kvfs copies": lambda: ok(kn0.get_many_into(keys, outs, ns="bench")),
+                        "KvfsNixl, NIXL UCX": lambda: ok(knu.get_many_into(keys, outs, ns="bench"))}
             times: dict[str, dict[str, list[float]]] = {"T1 warm": {}, "T1 cold": {}, "T0": {}, "writes": {}}
             raw_w = work / "raw-writes"
             wfd = os.open(raw_w, os.O_RDWR | os.O_CREAT, 0o600)
@@ -159,15 +167,16 @@ def run_nixl_bench(args: argparse.Namespace) -> dict[str, Any]:
                             times["T1 cold"].setdefault(name, []).append(time.perf_counter() - t)
                     wkeys = [f"w{r}-{k}" for k in keys]
 
-                    def raw_write() -> None:
-                        native.backend.write_many([wfd] * n, [i * bs for i in range(n)], list(data), threads)
-                    for name, fn in (("raw pwrite", raw_write),
-                                     ("put_many", lambda: s1.put_many(wkeys, list(data), ns="w")),
-                                     (f"NIXL POSIX put_many ({modes[0] if modes else 'default'})",
-                                      lambda: (kns[modes[0]] if modes else kn0).put_many(
-                                          [k + "n" for k in wkeys], list(data), ns="w"))):
+                    writer = kns[modes[0]] if modes else kn0
+                    writes: list[tuple[str, Callable[[], Any]]] = [
+                        ("raw pwrite", lambda: native.backend.write_many([wfd] * n, [i * bs for i in range(n)],
+                                                                         list(data), threads)),
+                        ("put_many", lambda: s1.put_many(wkeys, list(data), ns="w")),
+                        (f"NIXL POSIX put_many ({modes[0] if modes else 'default'})",
+                         lambda: writer.put_many([k + "n" for k in wkeys], list(data), ns="w"))]
+                    for name, wfn in writes:
                         t = time.perf_counter()
-                        fn()
+                        wfn()
                         times["writes"].setdefault(name, []).append(time.perf_counter() - t)
                     if r == 0:
                         got = np.empty_like(data)
@@ -183,7 +192,7 @@ def run_nixl_bench(args: argparse.Namespace) -> dict[str, Any]:
                     os.close(fd)
                 if rd is not None:
                     rd.release()
-                for kn, reg in zip([*kns.values(), kn0], regs):
+                for kn, reg in zip([*kns.values(), kn0, knu], regs):
                     kn.deregister(reg)
             nbytes = n * bs
             out["blocks"][str(bs)] = {
@@ -193,7 +202,7 @@ def run_nixl_bench(args: argparse.Namespace) -> dict[str, Any]:
             s1.delete(keys, ns="bench")
             s0.delete(keys, ns="bench")
         if args.nixl_vram:
-            out["vram"] = _vram(args, s0, kn0, total, threads)
+            out["vram"] = _vram(args, s0, s1, total)
     finally:
         for x in reversed(opened):
             try:
@@ -222,9 +231,12 @@ def _positions(exts: list[tuple[str, int, int, int]]) -> list[int]:
     return pos
 
 
-def _vram(args: argparse.Namespace, s0: Any, kn0: Any, total: int, threads: int) -> dict[str, Any]:
-    """T0 into device memory through UCX next to the client's device reads
-    and pinned H2D; and what GDS / GDS_MT do with a segment file here."""
+def _vram(args: argparse.Namespace, s0: Any, s1: Any, total: int) -> dict[str, Any]:
+    """Blocks into device memory: T0 (arena) through the CUDA copy engine
+    (KvfsNixl's default) and through NIXL's UCX, T1 through POSIX and the
+    pinned bounce buffer, next to the client's own device reads and a
+    pinned host-to-device copy; and what GDS / GDS_MT do with a segment
+    file here."""
     import cupy as cp
     import numpy as np
 
@@ -232,44 +244,52 @@ def _vram(args: argparse.Namespace, s0: Any, kn0: Any, total: int, threads: int)
 
     res: dict[str, Any] = {"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode()}
     s0.pin_arena()
-    for bs in BLOCKS:
-        n = max(1, total // bs)
-        data = np.random.default_rng(3).integers(0, 256, (n, bs), dtype=np.uint8)
-        keys = [f"v{bs >> 20}m-{i}" for i in range(n)]
-        s0.put_many(keys, list(data), ns="vram")
-        dev = cp.empty((n, bs), dtype=cp.uint8)
-        reg = kn0.register(dev)
-        outs = [dev[i] for i in range(n)]
-        host = cp.cuda.alloc_pinned_memory(n * bs)
-        hview = np.frombuffer(host, np.uint8, n * bs).reshape(n, bs)
-        hview[:] = data
-
-        def h2d() -> None:
-            cp.cuda.runtime.memcpy(dev.data.ptr, host.ptr, n * bs, 1)
-        cases = {"pinned H2D": h2d, "get_many_into (device)": lambda: s0.get_many_into(keys, outs, ns="vram"),
-                 "NIXL UCX into VRAM": lambda: kn0.get_many_into(keys, outs, ns="vram")}
-        times: dict[str, list[float]] = {k: [] for k in cases}
-        for r in range(max(1, args.repeat)):
-            for name, fn in cases.items():
-                dev.fill(0)
-                cp.cuda.runtime.deviceSynchronize()
-                t = time.perf_counter()
-                fn()
-                cp.cuda.runtime.deviceSynchronize()
-                times[name].append(time.perf_counter() - t)
-                if r == 0 and not np.array_equal(cp.asnumpy(dev), data):
-                    raise RuntimeError(f"VRAM {name}: the bytes differ from those stored")
-        kn0.deregister(reg)
-        s0.delete(keys, ns="vram")
-        res[str(bs)] = {k: n * bs / statistics.median(v) / 1e9 for k, v in times.items()}
+    kn0, knu, kn1 = KvfsNixl(s0), KvfsNixl(s0, copies="nixl"), KvfsNixl(s1, memory=None)
+    try:
+        for bs in BLOCKS:
+            n = max(1, total // bs)
+            data = np.random.default_rng(3).integers(0, 256, (n, bs), dtype=np.uint8)
+            keys = [f"v{bs >> 20}m-{i}" for i in range(n)]
+            s0.put_many(keys, list(data), ns="vram")
+            s1.put_many(keys, list(data), ns="vram")
+            dev = cp.empty((n, bs), dtype=cp.uint8)
+            regs = [(kn, kn.register(dev)) for kn in (kn0, knu)]
+            outs = [dev[i] for i in range(n)]
+            host = cp.cuda.alloc_pinned_memory(n * bs)
+            np.frombuffer(host, np.uint8, n * bs).reshape(n, bs)[:] = data
+            cases: dict[str, Callable[[], Any]] = {
+                "pinned H2D": lambda: cp.cuda.runtime.memcpy(dev.data.ptr, host.ptr, n * bs, 1),
+                "T0 get_many_into (device)": lambda: s0.get_many_into(keys, outs, ns="vram"),
+                "T0 KvfsNixl, copy engine": lambda: kn0.get_many_into(keys, outs, ns="vram"),
+                "T0 KvfsNixl, NIXL UCX": lambda: knu.get_many_into(keys, outs, ns="vram"),
+                "T1 get_many_into (device)": lambda: s1.get_many_into(keys, outs, ns="vram"),
+                "T1 KvfsNixl, POSIX + bounce": lambda: kn1.get_many_into(keys, outs, ns="vram")}
+            times: dict[str, list[float]] = {k: [] for k in cases}
+            for r in range(max(1, args.repeat)):
+                for name, fn in cases.items():
+                    dev.fill(0)
+                    cp.cuda.runtime.deviceSynchronize()
+                    t = time.perf_counter()
+                    fn()
+                    cp.cuda.runtime.deviceSynchronize()
+                    times[name].append(time.perf_counter() - t)
+                    if r == 0 and not np.array_equal(cp.asnumpy(dev), data):
+                        raise RuntimeError(f"VRAM {name}: the bytes differ from those stored")
+            for kn, reg in regs:
+                kn.deregister(reg)
+            s0.delete(keys, ns="vram")
+            s1.delete(keys, ns="vram")
+            res[str(bs)] = {k: n * bs / statistics.median(v) / 1e9 for k, v in times.items()}
+    finally:
+        for kn in (kn0, knu, kn1):
+            kn.close()
     s0.put("gds-probe", os.urandom(4 * MiB), ns="vram")
+    s0.flush()
     for backend in ("GDS_MT", "GDS"):
         try:
             with KvfsNixl(s0, backend=backend, memory=None) as kn:
-                dev = cp.empty(4 * MiB, dtype=cp.uint8)
-                s0.flush()
-                got = kn.get_many_into(["gds-probe"], [dev], ns="vram")
-                res[backend] = f"read {got[0]} bytes into VRAM"
+                probe = cp.empty(4 * MiB, dtype=cp.uint8)
+                res[backend] = f"read {kn.get_many_into(['gds-probe'], [probe], ns='vram')[0]} bytes into VRAM"
         except Exception as e:  # noqa: BLE001 - the point is to say what stopped it
             res[backend] = f"{type(e).__name__}: {e}"
     return res

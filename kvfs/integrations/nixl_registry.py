@@ -180,9 +180,10 @@ class Registry:
         return out
 
     def stage(self, device: bool) -> tuple[int, int]:
-        """(address, bytes) of the bounce buffer, registered DRAM for both
-        backends: pinned when it serves device memory. Callers hold
-        ``stage_lock`` while they use it."""
+        """(address, bytes) of the bounce buffer, registered DRAM with the
+        backends: pinned when it serves device memory (made on first use,
+        so pinned only if the first use is for device memory). Callers
+        hold ``stage_lock`` while they use it."""
         if self._stage is None:
             buf: Any = None
             if device:
@@ -279,22 +280,26 @@ class Registry:
             return sorted(self._segs)
 
     # --------------------------------------------------------------- arena
-    def arena_base(self) -> int | None:
-        """The arena's address, registered with the memory backend; None:
-        no T0 path here (no arena mapped, or no memory backend)."""
+    def arena_base(self, copies: bool) -> int | None:
+        """The arena's address, registered with the memory backend if there
+        is one (so ``dram`` descriptors are NIXL's to use); without one it
+        is still the address when kvfs does the copies (``copies``). None:
+        no T0 path here."""
         arena = self.store.arena
-        if arena is None or self.memory is None:
+        if arena is None:
             return None
+        if self.memory is None:
+            return address_of(arena.ro) if copies else None
         cur = self._arena
         if cur is not None and cur[0] is arena:
             return cur[1]
         addr = address_of(arena.ro)
         try:
             dlist = self.nixl.register([(addr, arena.size, 0, "")], "DRAM", [self.memory])
-        except Exception as e:  # noqa: BLE001 - T0 through T1 then
-            log.warning("kvfs: NIXL %s cannot register the arena (%s): arena blocks are read from T1", self.memory, e)
+        except Exception as e:  # noqa: BLE001 - T0 through T1 then (or kvfs's copies)
+            log.warning("kvfs: NIXL %s cannot register the arena (%s)", self.memory, e)
             self.memory = None
-            return None
+            return address_of(arena.ro) if copies else None
         with self._lock:
             if self._arena is not None:
                 self._old_arenas.append(self._arena[2])
