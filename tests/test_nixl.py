@@ -261,16 +261,17 @@ def test_file_bytes_through_the_bounce_buffer_read_and_write_byte_exact(tmp_path
 
 
 @pytest.mark.gpu
-def test_blocks_reach_device_memory_from_both_tiers_verified_on_the_gpu(tmp_path):
-    """On a GPU: T0 blocks go arena -> VRAM through UCX, T1 blocks file ->
-    pinned stage -> VRAM (POSIX cannot reach device memory), and the GPU
+@pytest.mark.parametrize("copies", ["kvfs", "nixl"])
+def test_blocks_reach_device_memory_from_both_tiers_verified_on_the_gpu(tmp_path, copies):
+    """On a GPU: T0 blocks go arena -> VRAM (copy engine, or UCX), T1 blocks
+    file -> pinned stage -> VRAM (POSIX cannot reach device memory), and the GPU
     hasher checks what landed; a scribbled arena copy is caught there and
     the good T1 copy is read instead."""
     cp = pytest.importorskip("cupy")
     d = DaemonProcess(tmp_path / "s", stripes=2, capacity="2G", shm_size="256M")
     data = blocks(32, 1 * MiB, seed=12)
     keys = [f"g{i}" for i in range(len(data))]
-    with d, d.connect() as s, KvfsNixl(s) as kn:
+    with d, d.connect() as s, KvfsNixl(s, copies=copies) as kn:
         s.put_many(keys[:16], list(data[:16]), ns="g")  # T0 (and written back)
         kn.put_many(keys[16:], list(data[16:]), ns="g")  # T1 only
         s.flush()
@@ -290,11 +291,12 @@ def test_blocks_reach_device_memory_from_both_tiers_verified_on_the_gpu(tmp_path
 
 
 @pytest.mark.gpu
-def test_device_sources_are_written_through_nixl_with_gpu_checksums(tmp_path):
+@pytest.mark.parametrize("copies", ["kvfs", "nixl"])
+def test_device_sources_are_written_through_nixl_with_gpu_checksums(tmp_path, copies):
     cp = pytest.importorskip("cupy")
     d = DaemonProcess(tmp_path / "s", stripes=2, capacity="2G", shm_size="256M")
     data = blocks(8, 3 * MiB + 4096, seed=13)
-    with d, d.connect() as s, KvfsNixl(s) as kn:
+    with d, d.connect() as s, KvfsNixl(s, copies=copies) as kn:
         src = cp.asarray(data)
         rows = [src[i] for i in range(len(data))]
         assert kn.put_many([f"t0-{i}" for i in range(8)], rows, ns="p", t0=True) == [True] * 8  # UCX into the arena
