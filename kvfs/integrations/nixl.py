@@ -264,6 +264,11 @@ class KvfsNixl:
     def _staged(self, mem: str) -> bool:
         return self.always_stage or (mem == "VRAM" and self.backend == "POSIX")
 
+    def _nixl_touches(self, mem: str) -> bool:
+        """Whether NIXL moves bytes into or out of the caller's ``mem``
+        (else only kvfs's copies do, and it needs no registration)."""
+        return not self._staged(mem) or self.copies == "nixl"
+
     # ------------------------------------------------------------------ reads
     def descriptors(self, keys: Sequence[str | bytes], *, ns: str = "default") -> NixlRead:
         """Locate ``keys`` and pin them (a lease) until the result is
@@ -447,7 +452,7 @@ class KvfsNixl:
         if len(mems) > 1:
             raise InvalidArgument("outs must all be host memory or all on one device")
         mem, dev = mems.pop() if mems else ("DRAM", 0)
-        temp = self.registry.temporary(spans)
+        temp = self.registry.temporary(spans) if self._nixl_touches(mem) else []
         try:
             out: list[int] = []
             for b in range(0, len(ks), BATCH_KEYS):
@@ -578,7 +583,7 @@ class KvfsNixl:
             for i, g in zip(empty, got):
                 out[i] = g
         full = [i for i, s in enumerate(spans) if s[1] > 0]
-        temp = self.registry.temporary([spans[i] for i in full])
+        temp = self.registry.temporary([spans[i] for i in full if self._nixl_touches(spans[i][2])])
         try:
             for b in range(0, len(full), BATCH_KEYS):
                 sel = full[b:b + BATCH_KEYS]
