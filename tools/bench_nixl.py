@@ -283,13 +283,17 @@ def _vram(args: argparse.Namespace, s0: Any, s1: Any, total: int) -> dict[str, A
     finally:
         for kn in (kn0, knu, kn1):
             kn.close()
-    s0.put("gds-probe", os.urandom(4 * MiB), ns="vram")
-    s0.flush()
+    want = os.urandom(4 * MiB)
+    s1.put("gds-probe", want, ns="vram")  # the daemon without an arena: only the file backend can read it
     for backend in ("GDS_MT", "GDS"):
         try:
-            with KvfsNixl(s0, backend=backend, memory=None) as kn:
+            with KvfsNixl(s1, backend=backend, memory=None) as kn:
                 probe = cp.empty(4 * MiB, dtype=cp.uint8)
-                res[backend] = f"read {kn.get_many_into(['gds-probe'], [probe], ns='vram')[0]} bytes into VRAM"
+                got = kn.get_many_into(["gds-probe"], [probe], ns="vram")[0]
+                right = got == len(want) and cp.asnumpy(probe).tobytes() == want
+                res[backend] = (f"read {got} bytes from a segment file into VRAM"
+                                f"{' byte-exact' if right else ', wrong or missing'} "
+                                f"({kn.counters['file_chunks']} file chunks, {kn.counters['staged_chunks']} staged)")
         except Exception as e:  # noqa: BLE001 - the point is to say what stopped it
             res[backend] = f"{type(e).__name__}: {e}"
     return res
