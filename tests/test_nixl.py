@@ -202,11 +202,12 @@ def test_sync_writes_through_nixl_survive_kill_9(tmp_path):
         d.__exit__(None, None, None)
 
 
-def test_a_restarted_daemon_gets_its_new_arena_registered(tmp_path):
+@pytest.mark.parametrize("copies", ["kvfs", "nixl"])
+def test_a_restarted_daemon_gets_its_new_arena_registered(tmp_path, copies):
     d = DaemonProcess(tmp_path / "s", stripes=1, capacity="1G", shm_size="32M")
     data = blocks(4, 64 * KiB, seed=9)
     keys = [f"r{i}" for i in range(len(data))]
-    with d, d.connect() as s, KvfsNixl(s) as kn:
+    with d, d.connect() as s, KvfsNixl(s, copies=copies) as kn:
         s.put_many(keys, list(data), ns="r")
         out = np.zeros_like(data)
         assert kn.get_many_into(keys, list(out), ns="r") == [data.shape[1]] * 4

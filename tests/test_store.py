@@ -177,3 +177,41 @@ def test_a_hold_and_a_read_after_a_restart_need_no_retry_by_the_caller(daemon, s
         store.hold(["r"])  # no daemon: a clear error, not a hang
     with pytest.raises(kvfs.DaemonUnavailable):
         store.contains(["r"])
+
+
+def test_reserved_extents_filled_by_the_caller_are_invisible_until_commit(daemon, store):
+    """Store.reserve: the daemon gives T1 extents (the value cut at the
+    stripe unit), the caller writes them itself, a commit with the sums of
+    what it meant to write publishes; an abort publishes nothing, and a
+    commit whose sums do not match what landed is a miss for readers."""
+    import os
+
+    import xxhash
+
+    unit = store.stripe_unit
+    vals = [os.urandom(unit + 1000), os.urandom(3000)]
+    res = store.reserve(["r1", "r2", "r1x"], [len(vals[0]), len(vals[1]), 10], ns="res")
+    assert res.items[0][2] == -1 and len(res.items[0][1]) == 2  # T1 chunks: two for a value past the unit
+    for item, v in zip(res.items[:2], vals):
+        pos = 0
+        for stripe, seg, off, length in item[1]:
+            fd = os.open(os.path.join(store.stripes[stripe], kvfs.format.segment_name(seg)), os.O_WRONLY)
+            os.pwrite(fd, v[pos:pos + length], off)
+            os.close(fd)
+            pos += length
+    with daemon.connect() as other:
+        assert other.contains(["r1", "r2"], ns="res") == [False, False]  # written, not committed
+        sums = [[xxhash.xxh3_128_digest(v), [xxhash.xxh3_128_digest(v[p:p + unit]) for p in range(0, len(v), unit)]]
+                for v in vals]
+        bad = xxhash.xxh3_128_digest(b"not what was written")
+        assert res.commit(sums + [[bad, [bad]]]) == [True, True, True]
+        with pytest.raises(kvfs.KvfsError):
+            res.commit(sums + [[bad, [bad]]])  # once
+        assert [other.get("r1", ns="res"), other.get("r2", ns="res")] == vals
+        with pytest.raises(kvfs.NotFound):
+            other.get("r1x", ns="res")  # its sums are not of what landed (zeros): a miss, never those bytes
+        with store.reserve(["gone"], [100], ns="res"):
+            pass  # aborted on leaving
+        assert other.contains(["gone"], ns="res") == [False]
+        with pytest.raises(kvfs.InvalidArgument):
+            store.reserve(["z"], [0], ns="res")

@@ -50,7 +50,6 @@ import importlib
 import itertools
 import logging
 import os
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 from kvfs import Store
@@ -91,83 +90,83 @@ _names = itertools.count()
 Descs = list[tuple[int, int, int]]
 
 
-@dataclass
-class NixlRead:
-    """Descriptors of located blocks, pinned by a lease until ``release``.
-    ``file`` / ``dram``: the remote (source) sides of READs, FILE and DRAM
-    lists; ``local(addrs)`` the destination sides for per-item addresses.
-    ``sizes``: per key, -1 for a miss."""
-    keys: list[str]
-    ns: str
-    plan: Plan
-    hold: Any
-    registry: Registry
-    released: bool = False
+class _Descriptors:
+    """A batch's descriptor lists (what ``NixlRead`` and ``NixlWrite``
+    share): ``file`` (FILE: offset, length, fd) and ``dram`` (DRAM: arena
+    address, length, 0) are the kvfs sides; ``local(addrs)`` gives the
+    caller's sides for per-item addresses, in the same order. Ended once
+    (released, committed or aborted); ``with`` ends it."""
+
+    def __init__(self, keys: list[str], ns: str, plan: Plan, registry: Registry) -> None:
+        self.keys, self.ns, self.plan, self.registry = keys, ns, plan, registry
+        self.ended = False
+
+    @property
+    def file(self) -> Descs:
+        return self.plan.file
+
+    @property
+    def dram(self) -> Descs:
+        return self.plan.dram
+
+    def local(self, addrs: Sequence[int], dev: int = 0) -> tuple[Descs, Descs]:
+        """(FILE's, DRAM's) caller-side descriptors for per-item addresses."""
+        return local(self.plan.file_pieces, addrs, dev), local(self.plan.dram_pieces, addrs, dev)
+
+    def _end(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> "_Descriptors":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._end()
+
+
+class NixlRead(_Descriptors):
+    """Descriptors of located blocks (the sources of READs), pinned by a
+    lease until ``release``. ``sizes``: per key, -1 for a miss."""
+
+    def __init__(self, keys: list[str], ns: str, plan: Plan, registry: Registry, hold: Any) -> None:
+        super().__init__(keys, ns, plan, registry)
+        self.hold = hold
 
     @property
     def sizes(self) -> list[int]:
         return list(self.plan.sizes)
 
-    @property
-    def file(self) -> Descs:
-        return self.plan.file
-
-    @property
-    def dram(self) -> Descs:
-        return self.plan.dram
-
-    def local(self, addrs: Sequence[int], dev: int = 0) -> tuple[Descs, Descs]:
-        """(FILE's, DRAM's) destination descriptors for per-item addresses."""
-        return local(self.plan.file_pieces, addrs, dev), local(self.plan.dram_pieces, addrs, dev)
-
     def release(self) -> None:
         """End the lease (at most once; never raises)."""
-        if not self.released:
-            self.released = True
+        if not self.ended:
+            self.ended = True
             self.hold.release()
             self.registry.closed(self)
+
+    _end = release
 
     def __enter__(self) -> "NixlRead":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
+class NixlWrite(_Descriptors):
+    """Reserved room (the destinations of WRITEs): ``file`` for T1 extents,
+    ``dram`` for arena extents. ``KvfsNixl.commit`` after the transfer, or
+    ``abort``."""
 
-@dataclass
-class NixlWrite:
-    """Reserved room as descriptors: the remote (destination) sides of
-    WRITEs, ``file`` for T1 extents and ``dram`` for arena extents. Commit
-    with ``KvfsNixl.commit`` after the transfer, or ``abort``."""
-    keys: list[str]
-    ns: str
-    plan: Plan
-    reservation: Any
-    registry: Registry
-    done: bool = False
-
-    @property
-    def file(self) -> Descs:
-        return self.plan.file
-
-    @property
-    def dram(self) -> Descs:
-        return self.plan.dram
-
-    def local(self, addrs: Sequence[int], dev: int = 0) -> tuple[Descs, Descs]:
-        return local(self.plan.file_pieces, addrs, dev), local(self.plan.dram_pieces, addrs, dev)
+    def __init__(self, keys: list[str], ns: str, plan: Plan, registry: Registry, reservation: Any) -> None:
+        super().__init__(keys, ns, plan, registry)
+        self.reservation = reservation
 
     def abort(self) -> None:
-        if not self.done:
-            self.done = True
+        if not self.ended:
+            self.ended = True
             self.reservation.abort()
             self.registry.closed(self)
 
+    _end = abort
+
     def __enter__(self) -> "NixlWrite":
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.abort()
 
 
 def _span(obj: Any, writable: bool) -> tuple[int, int, str, int]:
@@ -286,7 +285,7 @@ class KvfsNixl:
         except BaseException:
             hold.release()
             raise
-        rd = NixlRead(ks, ns, plan, hold, reg)
+        rd = NixlRead(ks, ns, plan, reg, hold)
         reg.opened(rd)
         return rd
 
@@ -501,7 +500,7 @@ class KvfsNixl:
         except BaseException:
             res.abort()
             raise
-        wd = NixlWrite(res.keys, res.ns, plan, res, reg)
+        wd = NixlWrite(res.keys, res.ns, plan, reg, res)
         reg.opened(wd)
         return wd
 
@@ -530,14 +529,14 @@ class KvfsNixl:
         """Publish what was written, with the checksums of ``sources`` (the
         buffers written from: host or device). Per item: stored, or False
         (already there)."""
-        if wd.done:
+        if wd.ended:
             raise KvfsError("this write was already committed or aborted")
         try:
             sums = self._source_sums(wd, [_span(s, writable=False) for s in sources])
         except BaseException:
             wd.abort()
             raise
-        wd.done = True
+        wd.ended = True
         try:
             stored = wd.reservation.commit(sums, sync=sync)  # a failed commit: the daemon dropped the put
         finally:
