@@ -308,3 +308,20 @@ def test_device_sources_are_written_through_nixl_with_gpu_checksums(tmp_path, co
                 assert host.get(f"t1-{i}", ns="p") == data[i].tobytes()
             assert host.flush()
             assert host.verify_store(deep=True)["broken_count"] == 0
+
+
+def test_torch_cpu_tensors_are_buffers_too(tmp_path):
+    """What engines hold (LMCache's and vLLM's CPU buffers are torch tensors,
+    which have no buffer protocol): read into and written from by address."""
+    torch = pytest.importorskip("torch")
+    d = DaemonProcess(tmp_path / "s", stripes=2, capacity="1G", shm_size="64M")
+    src = torch.randint(0, 255, (6, 100_000), dtype=torch.uint8).to(torch.bfloat16)
+    keys = [f"tt{i}" for i in range(6)]
+    with d, d.connect() as s, KvfsNixl(s) as kn:
+        assert kn.put_many(keys[:3], [src[i] for i in range(3)], ns="tt") == [True] * 3  # T1
+        assert kn.put_many(keys[3:], [src[i] for i in range(3, 6)], ns="tt", t0=True) == [True] * 3  # T0
+        out = torch.zeros_like(src)
+        assert kn.get_many_into(keys, [out[i] for i in range(6)], ns="tt") == [200_000] * 6
+        assert torch.equal(out, src)
+        with pytest.raises(InvalidArgument, match="contiguous"):
+            kn.get_many_into(keys[:1], [out[:, :10].t()], ns="tt")

@@ -179,6 +179,11 @@ def _span(obj: Any, writable: bool) -> tuple[int, int, str, int]:
         idx = getattr(dv, "index", None)  # torch
         dev = idx if idx is not None else getattr(dv, "id", 0)  # cupy
         return d.ptr, d.nbytes, "VRAM", int(dev or 0)
+    if type(obj).__module__.startswith("torch") and hasattr(obj, "data_ptr"):
+        # a CPU tensor (no buffer protocol): what NIXL itself takes, by address
+        if not obj.is_contiguous():
+            raise InvalidArgument("tensor must be contiguous")
+        return int(obj.data_ptr()), obj.numel() * obj.element_size(), "DRAM", 0
     mv = as_writable(obj) if writable else as_readable(obj)
     return address_of(mv), len(mv), "DRAM", 0
 
