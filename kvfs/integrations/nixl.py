@@ -1,14 +1,16 @@
 """NIXL moves kvfs's bytes (``pip install 'kvfs[nixl]'``; NIXL 1.5).
 
 kvfs hands its objects to a NIXL agent as transfer descriptors, so NIXL's
-own backends do the copying: POSIX (or GDS / GDS_MT on a GPU node with
-GPUDirect Storage) for blocks in the segment files (T1), a memory backend
-(UCX) for blocks in the shared-memory arena (T0)::
+own file backends move the bytes of blocks in the segment files (T1):
+POSIX, or GDS / GDS_MT on a GPU node with GPUDirect Storage. Blocks in the
+shared-memory arena (T0) are DRAM descriptors too; by default kvfs copies
+those itself (``copies="kvfs"``, measured far faster than UCX), and with
+``copies="nixl"`` the memory backend (UCX) moves them::
 
     import kvfs
     from kvfs.integrations.nixl import KvfsNixl
 
-    kn = KvfsNixl(kvfs.connect())           # an agent of its own: POSIX + UCX
+    kn = KvfsNixl(kvfs.connect())           # an agent of its own: POSIX (+ UCX)
     kn = KvfsNixl(store, agent, backend="GDS_MT")  # or the engine's agent
     kn.register(buf)                         # once: the destination memory
     sizes = kn.get_many_into(keys, outs, ns=ns)  # Store.get_many_into's contract
@@ -40,7 +42,7 @@ Rules (those of the client, kept here too):
   with the checksums of the source bytes: nothing is visible before the
   commit, and bytes that landed wrong fail their checksum for every reader.
 - **Progress.** NIXL's POSIX backend moves bytes only while it is polled;
-  every call here polls until its transfers end (``_Agent.run``), and a
+  every call here polls until its transfers end (``NixlAgent.run``), and a
   transfer NIXL fails is retried item by item, so one bad block is one miss.
 """
 from __future__ import annotations
@@ -248,7 +250,8 @@ class KvfsNixl:
 
     @property
     def memory(self) -> str | None:
-        """The memory backend in use (None: none; T0 through T1)."""
+        """The memory backend in use (None: none; ``dram`` descriptors are
+        then kvfs's to copy, and with copies="nixl" T0 blocks are read from T1)."""
         return self.registry.memory
 
     def register(self, buf: Any) -> Region:
