@@ -149,3 +149,21 @@ def aligned_buffer(size: int, alignment: int = 4096) -> Any:
     if alignment < 8 or alignment & (alignment - 1) or alignment > mmap.PAGESIZE:
         raise ValueError("alignment must be a power of two from 8 to the page size")
     return bytearray() if size == 0 else mmap.mmap(-1, size)
+
+
+def dir_probe(directory: Any, nslots: int, ns: bytes, keys: list[Any], prefix: bool = False) -> bytes:
+    """Whether each key is in the location directory (kvfs.directory,
+    ``probe_py``: the C ``dir_probe``'s twin)."""
+    from .directory import check_slots, probe_py
+    check_slots(nslots)
+    return probe_py(directory, nslots, ns, keys, prefix)
+
+
+def dir_contains(directory: Any, nslots: int, ns: bytes, keys: list[Any]) -> tuple[list[bool], int]:
+    """``dir_probe`` as a list of bools (True: present) and a bitmask of the
+    other states met (``1 << state``)."""
+    states = dir_probe(directory, nslots, ns, keys)
+    seen = 0
+    for st in set(states) - {1}:
+        seen |= 1 << st
+    return [st == 1 for st in states], seen

@@ -23,11 +23,15 @@ import xxhash
 from . import native
 from . import protocol as P
 from .dataplane import DataPlane, ReadTask, WriteTask
-from .errors import (CapacityError, DaemonUnavailable, InvalidArgument, KvfsError, NotFound, PermissionDenied,
-                     ProtocolError)
+from .errors import (CapacityError, DaemonUnavailable, InvalidArgument, InvalidKey, KvfsError, NotFound,
+                     PermissionDenied, ProtocolError)
 from .keys import normalize_key, normalize_keys, normalize_ns
 from .optional import missing
 from .format import segment_name
+from .directory import ABSENT as DIR_ABSENT
+from .directory import PRESENT as DIR_PRESENT
+from .directory import SLOW as DIR_SLOW
+from .directory import UNKNOWN as DIR_UNKNOWN
 from .directory import DirectoryReader
 from .generation import EPOCH, GenerationReader
 from .gpu import DeviceBuffer, GpuPlane, device_buffer, merge_copies
@@ -303,10 +307,12 @@ class Store:
             self._locs = LocationCache(self._gen) if self.cache_locations and self._gen is not None else None
         self._epoch = self._gen.value // EPOCH if self._gen is not None else 0
         dr = hello.get("directory")
+        if self._dir is not None:
+            self._dir.close()  # the old daemon's
         self._dir = None
         if dr and self._gen is not None:  # directory reads need the generation (seqlock)
             try:
-                self._dir = DirectoryReader(dr["path"], int(dr["slots"]))
+                self._dir = DirectoryReader(dr["path"], int(dr["slots"]), int(hello["pid"]))
             except (OSError, ValueError):
                 pass  # no access: every first get asks the daemon
         ar = hello.get("arena")
@@ -372,6 +378,8 @@ class Store:
             self._gpu.close()
         if self._gen is not None:
             self._gen.close()
+        if self._dir is not None:
+            self._dir.close()
 
     def __enter__(self) -> "Store":
         return self
@@ -831,8 +839,12 @@ class Store:
         (a read from them is valid only if it has not moved after)."""
         gen = cache.generation()
         cached = cache.get_many(ns, ks)
-        if self._dir is not None and len(cached) < len(ks):
-            found = self._dir.lookup_many(ns, ks, [i for i in range(len(ks)) if i not in cached])
+        d = self._dir
+        if d is not None and len(cached) < len(ks):
+            try:
+                found = d.lookup_many(ns, ks, [i for i in range(len(ks)) if i not in cached])
+            except ValueError:  # closed under us by a reconnect to a restarted daemon
+                found = {}
             cached.update(found)
             cache.put_many(ns, [(ks[i], item) for i, item in found.items()], gen)
         return gen, cached
@@ -1117,14 +1129,90 @@ class Store:
 
     # -- metadata -------------------------------------------------------------
     def contains(self, keys: Sequence[str | bytes], *, ns: str = "default") -> list[bool]:
-        ks, ns = normalize_keys(keys), normalize_ns(ns)
+        """Whether each key is stored. Answered from the shared location
+        directory with no round trip (kvfs.directory); only keys it cannot
+        settle (it is full, or a slot kept changing) are asked of the daemon."""
+        ns = normalize_ns(ns)
+        d = self._live_dir(keys)
+        try:
+            complete = d.complete() if d is not None else False
+            fast = d.contains(ns, keys if isinstance(keys, list) else list(keys)) if d is not None else None
+        except ValueError:  # closed under us by a reconnect to a restarted daemon
+            fast = None
+        if fast is None:
+            return self._contains_asked(normalize_keys(keys), ns)
+        out, seen = fast
+        if seen & (1 << DIR_SLOW):  # keys C did not take: the exact rules, key by key
+            got = self._dir_states(ns, keys)
+            if got is None:
+                return self._contains_asked(normalize_keys(keys), ns)
+            states, complete = got
+            out = [st == DIR_PRESENT for st in states]
+            seen = sum(1 << st for st in set(states) if st != DIR_PRESENT)
+        ask = []
+        if seen & (1 << DIR_UNKNOWN) or (seen & (1 << DIR_ABSENT) and not complete):
+            ask = [i for i, hit in enumerate(out) if not hit]
+        if ask:
+            for i, hit in zip(ask, self._contains_asked(normalize_keys([keys[i] for i in ask]), ns)):
+                out[i] = hit
+        return out
+
+    def prefix_match(self, keys: Sequence[str | bytes], *, ns: str = "default") -> int:
+        """How many of ``keys``, from the first, are all stored (the leading
+        run of hits). From the directory, as ``contains``."""
+        ns = normalize_ns(ns)
+        got = self._dir_states(ns, keys)
+        if got is None:
+            return self._prefix_asked(normalize_keys(keys), ns)
+        states, complete = got
+        n = 0
+        for st in states:
+            if st != DIR_PRESENT:
+                break
+            n += 1
+        if n == len(states) or (states[n] == DIR_ABSENT and complete):
+            return n
+        return n + self._prefix_asked(normalize_keys(keys[n:]), ns)
+
+    def _dir_states(self, ns: str, keys: Sequence[str | bytes]) -> tuple[bytes | bytearray, bool] | None:
+        """Each key's state in the directory (DIR_*), and whether the
+        directory held every resident object when the probe began (read
+        first: a key stored before this call and spilled is then seen as
+        incomplete, never as absent). None: no directory here."""
+        d = self._live_dir(keys)
+        if d is None:
+            return None
+        ks = keys if isinstance(keys, list) else list(keys)
+        try:
+            complete = d.complete()
+            states: bytes | bytearray = d.probe(ns, ks)
+        except ValueError:  # closed under us by a reconnect to a restarted daemon
+            return None
+        if DIR_SLOW in states:  # keys C did not take: kvfs.keys' exact rules (raises for a bad key)
+            states = bytearray(states)
+            for i, st in enumerate(states):
+                if st == DIR_SLOW:
+                    states[i] = d.holds(ns, normalize_key(ks[i]))
+        return states, complete
+
+    def _live_dir(self, keys: Any) -> DirectoryReader | None:
+        """The directory, if there is one and its daemon still keeps it
+        (else None: ask, and reconnect to, the daemon)."""
+        if isinstance(keys, (str, bytes)):
+            raise InvalidKey("expected a list of keys, got a single key")
+        if self._dir is None:
+            return None
+        self._check_restart()  # a restarted daemon has a new directory
+        d = self._dir
+        return d if d is not None and d.kept() else None
+
+    def _contains_asked(self, ks: list[str], ns: str) -> list[bool]:
         out: list[bool] = []
         for i in range(0, len(ks), BATCH_KEYS * 4):
             out += self._call(P.CONTAINS, {"ns": ns, "keys": ks[i:i + BATCH_KEYS * 4]})
         return out
 
-    def prefix_match(self, keys: Sequence[str | bytes], *, ns: str = "default") -> int:
-        ks, ns = normalize_keys(keys), normalize_ns(ns)
+    def _prefix_asked(self, ks: list[str], ns: str) -> int:
         n = 0
         step = BATCH_KEYS * 4
         for i in range(0, len(ks), step):

@@ -1,49 +1,87 @@
-"""The location directory: a lossy hash table of object locations in shared
-memory that the daemon keeps and clients read without a round trip.
+"""The location directory: where every resident object is, in shared memory
+the daemon keeps and clients read without a round trip.
 
-A client's first get of a key, even one put by another process, then costs
-a few microseconds instead of a lookup round trip through the daemon; what
-the directory does not hold (objects of more than MAX_CHUNKS chunks, keys
-that lost their slot to a collision) is looked up as before.
+It answers two questions with no message to the daemon:
+- *Is it stored?* ``contains`` and ``prefix_match`` of a batch (an engine's
+  scheduler asks this for every request). The directory holds every
+  resident object while it has room, so a miss here is a miss.
+- *Where is it?* A client's first get of a key, even one another process
+  put, then costs microseconds instead of a lookup round trip. Objects of
+  more than MAX_CHUNKS chunks are present without a location (nchunks 0):
+  their gets ask the daemon.
 
-Layout: ``nslots`` slots of SLOT bytes in buckets of BUCKET slots; a key's
-bucket is picked by the low bits of ``key_hash(ns, key)`` (xxh3-128 of
-``ns NUL key``, as the index names objects). Slot (little-endian):
+Layout: a HEADER-byte header, then ``nslots`` slots of SLOT bytes in
+buckets of BUCKET slots, then the hop map (one byte per bucket). A key's
+home bucket is picked by the low bits of ``key_hash(ns, key)`` (xxh3-128
+of ``ns NUL key``, as the index names objects); it lives in the first slot
+free in its home bucket or the PROBE-1 buckets after it (wrapping). Bit i
+of its home bucket's hop byte says that some key of that home may be in
+the i-th of those buckets, so a reader looks only there (mostly one
+bucket: an absent key costs four slots, not thirty-two). A removal just
+empties its slot; no tombstones. Header (little-endian)::
+
+    4s magic b"KVD2" | u32 layout version | u32 PROBE | u32 0 | u64 nslots |
+    u64 spilled | u64 entries
+
+Slot::
 
     u64 version | 16s key hash | u64 size | u64 seq | 16s checksum |
     i64 T0 offset (-1: none) | u32 flags (1: also in T1) | u32 nchunks |
     MAX_CHUNKS x (u32 stripe | u32 length | u64 segment | u64 offset | 16s chunk sum)
 
+**Full.** An object whose PROBE buckets are full is *spilled*: not in the
+table, counted in the header's ``spilled``, and placed as soon as a slot in
+its buckets frees up. While ``spilled`` is not 0 the table is incomplete:
+a key found is stored, a key not found must be asked of the daemon (one
+round trip for the misses only). Size it with ``kvfs daemon --dir-slots``
+(``kvfs stats`` shows entries and spills).
+
 Concurrency: one writer (the daemon, under its engine lock) and any number
 of lock-free readers. The writer makes a slot's version odd, changes the
-slot, and makes it even again (a seqlock); a reader copies the slot and
-keeps the copy only if the version was even and unchanged around the copy.
+slot, and makes it even again (a seqlock); a reader keeps what it read only
+if the version was even and unchanged around the read. The writer sets a
+hop bit before it puts a key in that bucket and clears it only after the
+last key of that home left the bucket, so a reader never skips a bucket
+that held a key of its home before the probe began.
 
-Invariant (kept by the daemon): a location leaves the directory *before*
-the removal generation is bumped for the removal that ends it, and T0 bytes
-are reused only after such a bump; so a reader that read the generation
-before probing, copied the bytes, and finds the generation unchanged, read
-bytes of a live location (kvfs.loccache relies on the same rule). And
-everything read is verified by its checksum as well, unless verification
-is off.
+Invariants (kept by the daemon):
+- an object enters the directory before the put that stores it is
+  acknowledged, and leaves it before the removal that ends it is
+  acknowledged; so a client's ``contains`` after its own put (or delete)
+  always sees it;
+- a location leaves the directory *before* the removal generation is bumped
+  for the removal that ends it, and T0 bytes are reused only after such a
+  bump; so a reader that read the generation before probing, copied the
+  bytes, and finds the generation unchanged, read bytes of a live location
+  (kvfs.loccache relies on the same rule). Everything read is verified by
+  its checksum as well, unless verification is off.
 """
 from __future__ import annotations
 
 import mmap
 import os
 import struct
-from typing import Any
+from typing import Any, Sequence
 
 import xxhash
 
+HEADER = 4096
+MAGIC = b"KVD2"
+LAYOUT = 2
+HEAD_STRUCT = struct.Struct("<4sIIIQQQ")  # magic, layout, probe, 0, nslots, spilled, entries
+SPILLED_AT = 24
 SLOT = 192
 BUCKET = 4
+PROBE = 8  # buckets a key may live in
 MAX_CHUNKS = 3
 HEAD = struct.Struct("<Q16sQQ16sqII")
 CHUNK = struct.Struct("<IIQQ16s")
 VERSION = struct.Struct("<Q")
+U64 = struct.Struct("<Q")
 assert HEAD.size + MAX_CHUNKS * CHUNK.size == SLOT
+assert HEAD_STRUCT.size <= HEADER
 IN_T1 = 1
+ABSENT, PRESENT, SLOW, UNKNOWN = 0, 1, 2, 3  # dir_probe's states
 
 
 def key_hash(ns: str, key: str) -> bytes:
@@ -51,58 +89,178 @@ def key_hash(ns: str, key: str) -> bytes:
 
 
 def bucket_of(h: bytes, nslots: int) -> int:
+    """The first slot of ``h``'s home bucket."""
     return (int.from_bytes(h[:8], "little") & (nslots // BUCKET - 1)) * BUCKET
 
 
+def home_of(h: bytes, nslots: int) -> int:
+    return int.from_bytes(h[:8], "little") & (nslots // BUCKET - 1)
+
+
+def hops_at(nslots: int) -> int:
+    """Where the hop map starts (one byte per bucket)."""
+    return HEADER + nslots * SLOT
+
+
+def file_size(nslots: int) -> int:
+    return hops_at(nslots) + nslots // BUCKET
+
+
+def slot_offsets(h: bytes, nslots: int, hops: int = (1 << PROBE) - 1) -> list[int]:
+    """Byte offsets (from the file's start) of the slots ``h`` may occupy,
+    in order: in every bucket of its window, or those ``hops`` names."""
+    nb = nslots // BUCKET
+    home = int.from_bytes(h[:8], "little") & (nb - 1)
+    return [HEADER + (((home + i) & (nb - 1)) * BUCKET + j) * SLOT
+            for i in range(PROBE) if hops >> i & 1 for j in range(BUCKET)]
+
+
+def _candidates(mm: Any, h: bytes, nslots: int) -> list[int]:
+    """The slots a reader looks in for ``h``: its home's hop byte says which buckets."""
+    return slot_offsets(h, nslots, mm[hops_at(nslots) + home_of(h, nslots)])
+
+
+def check_slots(nslots: int) -> None:
+    if nslots < BUCKET * PROBE or nslots & (nslots - 1):
+        raise ValueError(f"directory slots must be a power of two >= {BUCKET * PROBE}")
+
+
+def _stable(mm: Any, off: int, h: bytes) -> tuple[int, bytes | None]:
+    """(1 holds ``h``, 0 not, -1 kept changing; the slot's bytes when 1)."""
+    for _ in range(16):
+        v1 = VERSION.unpack_from(mm, off)[0]
+        if v1 & 1:
+            continue
+        raw = mm[off:off + SLOT]
+        if VERSION.unpack_from(mm, off)[0] != v1:
+            continue
+        return (1, raw) if raw[8:24] == h else (0, None)
+    return -1, None
+
+
+def probe_py(mm: Any, nslots: int, ns: bytes, keys: Sequence[Any], prefix: bool = False) -> bytes:
+    """What the C ``dir_probe`` answers (kvfs._native_py's twin): per key
+    ABSENT, PRESENT, SLOW (not a plain ASCII str key: the caller checks it
+    with kvfs.keys' rules and probes its normalized form) or UNKNOWN."""
+    out = bytearray()
+    for k in keys:
+        st = SLOW
+        if isinstance(k, str) and k.isascii() and 1 <= len(k) <= 200 and k not in (".", "..") \
+                and "/" not in k and k.isprintable():
+            h = xxhash.xxh3_128_digest(ns + b"\x00" + k.encode())
+            st = ABSENT
+            for off in _candidates(mm, h, nslots):
+                r, _raw = _stable(mm, off, h)
+                if r == 1:
+                    st = PRESENT
+                    break
+                if r < 0:
+                    st = UNKNOWN
+        out.append(st)
+        if prefix and st != PRESENT:
+            break
+    return bytes(out)
+
+
 class DirectoryReader:
-    def __init__(self, path: str, nslots: int):
-        if nslots < BUCKET or nslots & (nslots - 1):
-            raise ValueError("directory slots must be a power of two")
-        fd = os.open(path, os.O_RDONLY)
+    def __init__(self, path: str, nslots: int, pid: int = 0):
+        check_slots(nslots)
+        self.pid = pid  # the daemon's: its answers hold while it lives
+        # the fd stays open: its link count says whether the daemon that
+        # made this directory still keeps it (a stopped or restarted daemon
+        # unlinks it; a new one makes a new file)
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            self.mm = mmap.mmap(fd, nslots * SLOT, mmap.MAP_SHARED, mmap.PROT_READ)
-        finally:
-            os.close(fd)
+            self.mm = mmap.mmap(self.fd, file_size(nslots), mmap.MAP_SHARED, mmap.PROT_READ)
+            magic, layout, probe, _z, n, _s, _e = HEAD_STRUCT.unpack_from(self.mm, 0)
+            if magic != MAGIC or layout != LAYOUT or probe != PROBE or n != nslots:
+                self.mm.close()
+                raise ValueError("the daemon's directory has another layout")
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.nslots = nslots
 
-    def _slot(self, off: int, h: bytes) -> list[Any] | None:
-        mm = self.mm
-        for _ in range(4):
-            v1 = VERSION.unpack_from(mm, off)[0]
-            if v1 & 1:
-                continue  # being written
-            raw = mm[off:off + SLOT]
-            if VERSION.unpack_from(mm, off)[0] != v1:
-                continue
-            _v, kh, size, seq, csum, t0, flags, n = HEAD.unpack_from(raw, 0)
-            if kh != h or not n or n > MAX_CHUNKS:
-                return None
-            exts = []
-            for i in range(n):
-                stripe, length, seg, coff, ccs = CHUNK.unpack_from(raw, HEAD.size + i * CHUNK.size)
-                exts.append([stripe, seg, coff, length, ccs])
-            return [size, csum, seq, exts, None if t0 < 0 else [t0, bool(flags & IN_T1)]]
-        return None
+    def kept(self) -> bool:
+        """The daemon that made this directory still keeps it (it was not
+        stopped, killed, nor replaced by a restart): its answers are
+        current. Two syscalls, no round trip."""
+        try:
+            if self.fd < 0 or os.fstat(self.fd).st_nlink == 0:
+                return False
+            if self.pid:
+                os.kill(self.pid, 0)
+            return True
+        except PermissionError:
+            return True  # alive, another user's (a shared daemon)
+        except OSError:
+            return False
+
+    def complete(self) -> bool:
+        """Every resident object is in the table (none spilled): a key not
+        found is not stored."""
+        return U64.unpack_from(self.mm, SPILLED_AT)[0] == 0
+
+    def probe(self, ns: str, keys: Sequence[Any], prefix: bool = False) -> bytes:
+        """``dir_probe`` of the data plane in use (kvfs.native)."""
+        from . import native
+        return native.backend.dir_probe(self.mm, self.nslots, ns.encode(), keys if isinstance(keys, list)
+                                        else list(keys), prefix)
+
+    def holds(self, ns: str, key: str) -> int:
+        """PRESENT, ABSENT or UNKNOWN for one (valid) key of any characters."""
+        h = key_hash(ns, key)
+        st = ABSENT
+        for off in _candidates(self.mm, h, self.nslots):
+            r, _raw = _stable(self.mm, off, h)
+            if r == 1:
+                return PRESENT
+            if r < 0:
+                st = UNKNOWN
+        return st
+
+    def contains(self, ns: str, keys: list[Any]) -> tuple[list[bool], int]:
+        """``dir_contains`` of the data plane in use: (present?, bitmask of
+        the other states met, ``1 << state``)."""
+        from . import native
+        return native.backend.dir_contains(self.mm, self.nslots, ns.encode(), keys)
+
+    def _item(self, raw: bytes) -> list[Any] | None:
+        _v, _kh, size, seq, csum, t0, flags, n = HEAD.unpack_from(raw, 0)
+        if not n or n > MAX_CHUNKS:
+            return None  # present, location not kept here
+        exts = []
+        for i in range(n):
+            stripe, length, seg, coff, ccs = CHUNK.unpack_from(raw, HEAD.size + i * CHUNK.size)
+            exts.append([stripe, seg, coff, length, ccs])
+        return [size, csum, seq, exts, None if t0 < 0 else [t0, bool(flags & IN_T1)]]
 
     def lookup_many(self, ns: str, keys: list[str], idx: list[int]) -> dict[int, list[Any]]:
         """Locations (lookup's wire form) of ``keys[i]`` for i in ``idx`` that
         the directory holds."""
         out: dict[int, list[Any]] = {}
         mm = self.mm
-        nb = self.nslots // BUCKET - 1
         nsb = ns.encode() + b"\x00"
         digest = xxhash.xxh3_128_digest
         for i in idx:
             h = digest(nsb + keys[i].encode())
-            base = (int.from_bytes(h[:8], "little") & nb) * BUCKET * SLOT
-            for j in range(BUCKET):
-                off = base + j * SLOT
+            for off in _candidates(mm, h, self.nslots):
                 if mm[off + 8:off + 24] == h:
-                    item = self._slot(off, h)
-                    if item is not None:
-                        out[i] = item
+                    r, raw = _stable(mm, off, h)
+                    if r == 1 and raw is not None:
+                        item = self._item(raw)
+                        if item is not None:
+                            out[i] = item
                     break
         return out
 
     def close(self) -> None:
-        self.mm.close()
+        """Drop the mapping (at most once; a probe still running elsewhere
+        keeps it until it ends)."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+            try:
+                self.mm.close()
+            except BufferError:
+                pass  # in use by a probe on another thread: freed with the object

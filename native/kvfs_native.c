@@ -634,7 +634,17 @@ static PyObject *py_aligned_buffer(PyObject *self, PyObject *args) {
     return (PyObject *)ab;
 }
 
+PyObject *kv_dir_probe(PyObject *self, PyObject *args); /* directory.c */
+PyObject *kv_dir_contains(PyObject *self, PyObject *args);
+
 static PyMethodDef methods[] = {
+    {"dir_probe", kv_dir_probe, METH_VARARGS,
+     "dir_probe(directory, nslots, ns, keys, prefix=False) -> bytes: per key 0 absent, 1 present, "
+     "2 not a plain ASCII key (left to Python), 3 unknown (its slot kept changing); with prefix, "
+     "stops after the first key that is not 1 (see kvfs/directory.py)"},
+    {"dir_contains", kv_dir_contains, METH_VARARGS,
+     "dir_contains(directory, nslots, ns, keys) -> ([bool], seen): dir_probe as a list of bools (True: "
+     "present), and a bitmask of the other states met (1 << state)"},
     {"read_many", py_read_many, METH_VARARGS,
      "read_many(fds, offsets, dests, sums, threads=1) -> [status]: pread each dest fully; verify "
      "xxh3-128 where a sum is given. status 0 ok, 1 short file, 2 mismatch, -errno."},

@@ -57,8 +57,10 @@ def test_another_process_finds_objects_without_a_round_trip(daemon, store):
             other.get("d2")
         assert other.get("d4") == vals["d4"]
         assert calls.count("lookup") == 2
+        assert other.contains(list(vals)) == [True, True, False, True, True]  # d4: present, no location
+        assert other.prefix_match(list(vals)) == 2 and len(calls) == 2  # no round trip for either
         st = other.stats()["directory"]
-        assert st["entries"] == 3 and st["slots"] > 0  # d0, d1, d3
+        assert st["entries"] == 4 and st["slots"] > 0 and st["complete"]  # d0, d1, d3 and d4
 
 
 def test_delete_by_another_client_is_seen_at_once(daemon, store):

@@ -82,6 +82,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     m.add_argument("--lmcache-chunks", type=int, default=16, help="--lmcache: chunks per batch (default 16)")
     m.add_argument("--lmcache-geometry", choices=["llama-3.1-8b", "tiny"], default="llama-3.1-8b",
                    help="--lmcache: the chunk's model geometry (default llama-3.1-8b: 32 MiB chunks)")
+    t = p.add_argument_group("--meta: contains / prefix_match of 1024 keys, idle and under put load")
+    t.add_argument("--meta", action="store_true",
+                   help="contains and prefix_match latency from the shared directory and by round trip, idle "
+                        "and while --meta-putters processes put 64 KiB values")
+    t.add_argument("--meta-putters", type=int, default=1, help="--meta: putting processes (default 1)")
+    t.add_argument("--meta-seconds", type=float, default=10.0, help="--meta: how long they put (default 10)")
+    t.add_argument("--meta-samples", type=int, default=500, help="--meta: calls per case (default 500)")
     x = p.add_argument_group("--nixl: kvfs blocks moved by NIXL (needs nixl: make setup installs it)")
     x.add_argument("--nixl", action="store_true",
                    help="NIXL POSIX READ of kvfs blocks against get_many_into and raw preadv of the same "
@@ -288,6 +295,12 @@ def run(args: argparse.Namespace) -> int:
             args.repeat, args.lmcache_chunks, args.lmcache_geometry = 1, 4, "tiny"
         res = run_lmcache_bench(args)
         return _emit(args, res, format_lmcache(res))
+    if args.meta:
+        from .bench_meta import format_meta, run_meta_bench
+        if args.quick:
+            args.meta_samples, args.meta_seconds = 50, 3.0
+        res = run_meta_bench(args)
+        return _emit(args, res, format_meta(res))
     if args.nixl:
         from .bench_nixl import format_nixl, run_nixl_bench
         if args.quick:

@@ -7,6 +7,17 @@ from pathlib import Path
 from kvfs.sizes import parse_size
 
 
+def _dir_slots(text: str) -> int:
+    from kvfs.directory import BUCKET, PROBE
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if n and (n < BUCKET * PROBE or n & (n - 1)):
+        raise argparse.ArgumentTypeError(f"a power of two >= {BUCKET * PROBE}, or 0 for none (got {n})")
+    return n
+
+
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("daemon", help="run the kvfs daemon in the foreground")
     p.add_argument("--root", default=None, help="store root (default $KVFS_ROOT or ~/.kvfs)")
@@ -25,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "(default min(25%% of RAM, 4G, half of /dev/shm's free space))")
     p.add_argument("--promote-after", type=int, default=2,
                    help="copy a T1 object into T0 on its Nth access (default 2; 0: never)")
-    p.add_argument("--dir-slots", type=int, default=1 << 18,
+    p.add_argument("--dir-slots", type=_dir_slots, default=1 << 18,
                    help="slots of the shared location directory that lets clients find objects without a "
                         "round trip (power of two; 192 bytes each, sparse; 0: none; default 262144)")
     p.add_argument("--allow-uid", action="append", default=[], metavar="UID[:RIGHT]",

@@ -1,0 +1,132 @@
+"""The location directory as the answer to contains and prefix_match: the
+daemon's writer and the readers (C and its Python twin) agree, a full
+table spills and says so, freed slots take spilled keys back, and a client
+answers from it with no round trip, exactly, idle or full."""
+import os
+from types import SimpleNamespace
+
+import pytest
+
+import kvfs
+from helpers import count_calls
+from kvfs import native
+from kvfs._native_py import dir_contains as dir_contains_py
+from kvfs._native_py import dir_probe as dir_probe_py
+from kvfs.directory import ABSENT, PRESENT, SLOW, DirectoryReader
+from kvfsd.directory import DirectoryWriter
+from kvfsd.testing import DaemonProcess
+
+
+def entry(i, chunks=1):
+    return SimpleNamespace(size=100 + i, seq=i, checksum=bytes(16), t0=-1, dirty=False,
+                           exts=[[0, 7, 4096 * j, 100, bytes(16)] for j in range(chunks)])
+
+
+def ok(ns, key):
+    return ns.encode() + b"\x00" + key.encode()
+
+
+@pytest.fixture
+def table(tmp_path):
+    w = DirectoryWriter(tmp_path, 1 << 10)
+    r = DirectoryReader(str(w.path), 1 << 10)
+    yield w, r
+    r.close()
+    w.close()
+
+
+def test_readers_find_every_key_and_agree(table):
+    w, r = table
+    keys = [f"{i:064x}" for i in range(600)]
+    for i, k in enumerate(keys[:400]):
+        w.put(ok("ns", k), entry(i, chunks=1 + i % 5))  # more than 3 chunks: present, no location
+    probes = keys + ["é-key", "bad/key", ".", "", b"raw"]
+    fast = native.backend.dir_probe(r.mm, r.nslots, b"ns", probes)
+    twin = dir_probe_py(r.mm, r.nslots, b"ns", probes)
+    assert fast == twin
+    bools, seen = native.backend.dir_contains(r.mm, r.nslots, b"ns", probes)
+    assert (bools, seen) == dir_contains_py(r.mm, r.nslots, b"ns", probes)
+    assert bools == [st == PRESENT for st in fast] and seen == (1 << ABSENT) | (1 << SLOW)
+    assert list(fast[:600]) == [PRESENT] * 400 + [ABSENT] * 200
+    assert list(fast[600:]) == [SLOW] * 5  # left to kvfs.keys' rules
+    assert native.backend.dir_probe(r.mm, r.nslots, b"other", keys[:10]) == bytes([ABSENT]) * 10
+    assert native.backend.dir_probe(r.mm, r.nslots, b"ns", keys[398:], True) == bytes([PRESENT, PRESENT, ABSENT])
+    assert r.complete() and w.stats()["entries"] == 400
+    found = r.lookup_many("ns", keys, list(range(10)))
+    assert sorted(found) == [0, 1, 2, 5, 6, 7]  # 4 and 5 chunks: looked up from the daemon
+    for k in keys[:200]:
+        w.remove(ok("ns", k))
+    assert list(native.backend.dir_probe(r.mm, r.nslots, b"ns", keys[:400])) == [ABSENT] * 200 + [PRESENT] * 200
+    assert r.holds("ns", keys[300]) == PRESENT and r.holds("ns", "é-key") == ABSENT
+
+
+def test_a_full_table_spills_says_so_and_takes_keys_back(tmp_path):
+    w = DirectoryWriter(tmp_path, 32)  # one probe window: 32 slots for every key
+    r = DirectoryReader(str(w.path), 32)
+    keys = [f"k{i}" for i in range(40)]
+    for i, k in enumerate(keys):
+        w.put(ok("n", k), entry(i))
+    assert w.stats()["entries"] == 32 and w.stats()["spilled"] == 8 and not r.complete()
+    states = native.backend.dir_probe(r.mm, 32, b"n", keys)
+    assert states.count(PRESENT) == 32  # the others are not absent: the table is incomplete
+    spilled = [k for k, st in zip(keys, states) if st != PRESENT]
+    placed = [k for k, st in zip(keys, states) if st == PRESENT]
+    w.remove(ok("n", spilled[0]))  # a spilled key removed: nothing freed
+    assert w.stats()["entries"] == 32 and w.stats()["spilled"] == 7
+    w.remove(ok("n", placed[0]))  # a slot freed: a spilled key takes it
+    assert w.stats()["entries"] == 32 and w.stats()["spilled"] == 6
+    for k in placed[1:8]:  # seven more freed: six taken back, one left free
+        w.remove(ok("n", k))
+    assert w.stats()["spilled"] == 0 and w.stats()["entries"] == 31 and r.complete()
+    gone = {spilled[0], *placed[:8]}
+    assert list(native.backend.dir_probe(r.mm, 32, b"n", keys)) == [ABSENT if k in gone else PRESENT for k in keys]
+    r.close()
+    w.close()
+
+
+def test_contains_and_prefix_match_need_no_round_trip(tmp_path):
+    d = DaemonProcess(tmp_path / "s", stripes=2, capacity="1G", shm_size="64M")
+    with d, d.connect() as s, d.connect() as other:
+        keys = [f"{i:032x}" for i in range(300)]
+        s.put_many(keys[:200], [os.urandom(1000)] * 200, ns="p")
+        s.put_many(keys[200:210], [os.urandom(300_000)] * 10, ns="p", sync=True)  # T1 too
+        calls = count_calls(other)
+        assert other.contains(keys, ns="p") == [True] * 210 + [False] * 90
+        assert other.prefix_match(keys, ns="p") == 210
+        assert other.prefix_match(keys[:5] + ["nope"] + keys[5:], ns="p") == 5
+        assert other.contains([bytes.fromhex(keys[0]), b"\x00\x01"], ns="p") == [True, False]  # bytes: hex form
+        s.delete(keys[:3], ns="p")
+        assert other.contains(keys[:4], ns="p") == [False, False, False, True]  # removals seen at once
+        assert other.prefix_match(keys[3:], ns="p") == 207
+        with pytest.raises(kvfs.InvalidKey):
+            other.contains(["fine", "bad/key"], ns="p")
+        with pytest.raises(kvfs.InvalidKey):
+            other.prefix_match("not a list", ns="p")
+        assert calls == []
+
+
+def test_a_full_directory_still_answers_exactly(tmp_path):
+    d = DaemonProcess(tmp_path / "s", stripes=1, capacity="1G", shm_size="64M", extra=["--dir-slots", "32"])
+    with d, d.connect() as s:
+        keys = [f"f{i}" for i in range(100)]
+        s.put_many(keys[:60], [b"v" * 100] * 60, ns="f")
+        st = s.stats()["directory"]
+        assert st["spilled"] == 60 - 32 and not st["complete"]
+        calls = count_calls(s)
+        assert s.contains(keys, ns="f") == [True] * 60 + [False] * 40
+        assert s.prefix_match(keys, ns="f") == 60
+        assert calls.count("contains") == 1 and calls.count("prefix_match") == 1  # for the keys not found only
+        s.delete(keys[:50], ns="f")
+        st = s.stats()["directory"]
+        assert st["spilled"] == 0 and st["complete"] and st["entries"] == 10  # spilled keys took freed slots
+        calls.clear()
+        assert s.contains(keys, ns="f") == [False] * 50 + [True] * 10 + [False] * 40
+        assert calls == []
+
+
+def test_a_directory_size_it_cannot_use_is_a_one_line_error(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "kvfstools.cli", "daemon", "--root", str(tmp_path), "--dir-slots", "16"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "a power of two >= 32" in r.stderr and "Traceback" not in r.stderr
