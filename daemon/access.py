@@ -54,6 +54,7 @@ OP_RIGHT: dict[str, Right] = {
     # bounded (daemon.connector_stats), and it changes no stored byte
     P.REPORT: Right.READ,
     P.PUT: Right.WRITE, P.ALLOC: Right.WRITE, P.COMMIT: Right.WRITE, P.ABORT: Right.WRITE,
+    P.RESERVE: Right.WRITE, P.PUT_T0: Right.WRITE,
     P.FLUSH: Right.WRITE,
     P.DELETE: Right.ADMIN, P.EVICT: Right.ADMIN, P.VERIFY: Right.ADMIN, P.COMPACT: Right.ADMIN,
     P.JOB: Right.ADMIN,
@@ -61,7 +62,8 @@ OP_RIGHT: dict[str, Right] = {
 
 
 # what a refused op is called in the error (a put is alloc, then commit)
-_ACTION = {P.ALLOC: "put", P.COMMIT: "put", P.ABORT: "put", P.JOB: "an admin job's progress"}
+_ACTION = {P.ALLOC: "put", P.COMMIT: "put", P.ABORT: "put", P.RESERVE: "put", P.PUT_T0: "put",
+           P.JOB: "an admin job's progress"}
 
 
 def action_of(op: str) -> str:

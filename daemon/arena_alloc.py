@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from bisect import bisect_left, insort
 
-SMALL_ALIGN = 64
-LARGE_ALIGN = 4096
-LARGE_MIN = 64 * 1024
+from kvfs.format import ARENA_LARGE_ALIGN as LARGE_ALIGN
+from kvfs.format import ARENA_LARGE_MIN as LARGE_MIN
+from kvfs.format import ARENA_SMALL_ALIGN as SMALL_ALIGN
+from kvfs.format import arena_rounded
 
 
 def _up(x: int, a: int) -> int:
@@ -44,9 +45,9 @@ class ArenaAllocator:
 
     @staticmethod
     def rounded(n: int) -> tuple[int, int]:
-        """(bytes taken, alignment) for a value of ``n`` bytes."""
-        a = LARGE_ALIGN if n >= LARGE_MIN else SMALL_ALIGN
-        return _up(max(n, 1), a), a
+        """(bytes taken, alignment) for a value of ``n`` bytes (kvfs.format:
+        clients placing their own values follow the same rule)."""
+        return arena_rounded(n)
 
     def _add_free(self, off: int, length: int) -> None:
         self._free_by_off[off] = length
@@ -95,6 +96,31 @@ class ArenaAllocator:
                 plen = self._del_free(prev)
                 off, length = prev, plen + length
         self._add_free(off, length)
+
+    def carve(self, rest: int, off: int, n: int) -> int:
+        """Inside the used extent at ``rest`` (what is left of a client's
+        reservation), make ``[off, off + rounded(n))`` a used extent of its
+        own, as if ``alloc`` had placed it there: the bytes between ``rest``
+        and ``off`` are freed, those after it stay the reservation's rest.
+        Returns the rest's new start (its end when nothing is left). Raises
+        ValueError for a placement ``alloc`` would not make (misaligned,
+        before the rest, past its end), changing nothing."""
+        length = self._used.get(rest)
+        if length is None:
+            raise ValueError(f"no reservation rest at {rest}")
+        end = rest + length
+        need, align = self.rounded(n)
+        if off % align or off < rest or off + need > end:
+            raise ValueError(f"{n} bytes at {off} are not inside the reservation [{rest}, {end}) "
+                             f"on a {align}-byte boundary")
+        del self._used[rest]
+        self._used[off] = need
+        if off > rest:
+            self._used[rest] = off - rest
+            self.free(rest)  # the gap the client skipped
+        if off + need < end:
+            self._used[off + need] = end - off - need
+        return off + need
 
     def extent_len(self, off: int) -> int:
         return self._used[off]

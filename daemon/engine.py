@@ -430,13 +430,17 @@ class Engine:
 
     # ------------------------------------------------------------------ write
     def prepare_put(self, ns: str, items: list[tuple[Any, int, Any]], *, may_evict: bool = True,
-                    t0: bool = False) -> PutPlan:
+                    t0: bool = False, placed: Callable[[int, int], int] | None = None) -> PutPlan:
         """Validate a batch, skip keys already stored, reserve space for the rest.
 
         Without ``may_evict`` it never blocks (safe on the event loop) and
         raises NeedRoom when eviction would be needed first. With ``t0``
         each item that fits also gets an arena extent for the client to fill
-        (T1 space is reserved all the same: the write-back goes there)."""
+        (T1 space is reserved all the same: the write-back goes there).
+        With ``placed`` the client filled arena bytes already: ``placed(i,
+        size)`` gives item i's arena offset (carved out of its reservation;
+        raises ValueError for a placement it may not have); items already
+        stored are not asked."""
         ns = normalize_ns(ns)
         norm: list[tuple[str, int, bytes | None]] = []
         for key, size, meta in items:
@@ -458,8 +462,13 @@ class Engine:
         plan = PutPlan(ns, [], [size for _k, size, _m in norm])
         try:
             with self._lock:
-                for f in fresh:
+                for i, f in enumerate(fresh):
                     op = None if f is None else self._reserve(ns, *f, touched=plan.touched)
+                    if op is not None and placed is not None:
+                        plan.items.append(op)  # before the carve: an abort frees what it carved
+                        op.t0 = placed(i, op.size)
+                        op.via_t0 = True
+                        continue
                     if op is not None and t0 and self.t0 is not None and self.t0.fits(op.size):
                         op.t0 = self.t0.reserve(op.size)
                         op.via_t0 = op.t0 >= 0
@@ -468,6 +477,41 @@ class Engine:
             self.abort_put(plan)
             raise
         return plan
+
+    # ------------------------------------------------------------------ arena reservations
+    # A client with the arena mapped takes a reservation once, places its
+    # puts in it itself, and sends each batch in one message (put_t0): the
+    # daemon carves each value out of the reservation as its own extent.
+    # Invariant: a reservation's rest is one used allocator extent, owned by
+    # one connection; values are carved from it in increasing order; what
+    # is left goes back when the connection ends or asks for another.
+    def reserve_arena(self, size: int) -> tuple[int, int]:
+        """(offset, size) of a new reservation of about ``size`` bytes (at
+        most the largest T0 value), evicting clean objects as needed;
+        (-1, 0) if the arena cannot make one now. Memory only."""
+        if self.t0 is None:
+            raise InvalidArgument("this daemon has no arena (T0): put through alloc/commit")
+        size = max(1, min(int(size), self.t0.max_object))
+        size, _align = self.t0.alloc.rounded(size)
+        with self._lock:
+            off = self.t0.reserve(size)
+        return (off, size) if off >= 0 else (-1, 0)
+
+    def carve_arena(self, rest: int, off: int, n: int) -> int:
+        """Make a client-placed value at ``off`` an extent of its own (see
+        ArenaAllocator.carve); returns the reservation's new rest. Caller
+        holds the lock."""
+        assert self.t0 is not None
+        try:
+            return self.t0.alloc.carve(rest, off, n)
+        except ValueError as e:
+            raise InvalidArgument(f"bad arena placement: {e}") from None
+
+    def release_arena(self, rest: int, end: int) -> None:
+        """Give back what is left of a reservation."""
+        if self.t0 is not None and rest < end:
+            with self._lock:
+                self.t0.alloc.free(rest)
 
     def _footprint(self, ns: str, key: str, size: int) -> int:
         nl, kl = len(ns.encode()), len(key.encode())

@@ -52,6 +52,8 @@ class Conn:
         self.staging: bytearray | None = None
         self.pending: dict[int, PutPlan] = {}  # alloc'd, not yet committed
         self.next_put = 1
+        self.reservations: dict[int, list[int]] = {}  # id -> [rest, end] of arena reservations (put_t0)
+        self.next_res = 1
 
     # Blocking variants, for a worker thread that owns the connection while
     # its task awaits it (so nothing else reads this socket meanwhile).
@@ -290,6 +292,8 @@ class Server:
             with trio.CancelScope(shield=True):
                 for plan in conn.pending.values():
                     await self._thread(self.engine.abort_put, plan)
+                for rest, end in conn.reservations.values():
+                    self.engine.release_arena(rest, end)
                 await self._thread(self.engine.release_owner, conn.id)
 
     def _hello(self) -> dict[str, Any]:
@@ -359,6 +363,20 @@ class Server:
             assert self._nursery is not None
             self._nursery.start_soon(self._write_back_bg, pending)
             return [o is not None and o.t0_stored for o in pending.items]
+        if op == P.RESERVE:
+            # a new reservation ends the connection's previous ones: a client fills one at a time
+            for rest, end in conn.reservations.values():
+                eng.release_arena(rest, end)
+            conn.reservations.clear()
+            off, size = eng.reserve_arena(P.arg(args, "bytes", int))  # memory only
+            if off < 0:
+                return {"res": 0}
+            rid = conn.next_res
+            conn.next_res += 1
+            conn.reservations[rid] = [off, off + size]
+            return {"res": rid, "off": off, "size": size}
+        if op == P.PUT_T0:
+            return await self._put_t0(conn, args)
         if op == P.ABORT:
             aborted = conn.pending.pop(P.arg(args, "put", int), None)
             if aborted is not None:
@@ -429,6 +447,50 @@ class Server:
             return self.engine.prepare_put(ns, [tuple(it) for it in items], may_evict=False, t0=t0)
         except NeedRoom:
             return await self._thread(partial(self.engine.prepare_put, ns, [tuple(it) for it in items], t0=t0))
+
+    async def _put_t0(self, conn: Conn, args: dict[str, Any]) -> list[int]:
+        """A batch the client placed in its arena reservation itself, with
+        its checksums: carve, plan the write-back, publish in T0; one
+        message for the whole batch (sync: answered once in T1 and the
+        index, as any sync put)."""
+        eng = self.engine
+        r = conn.reservations.get(P.arg(args, "res", int))
+        if r is None:
+            raise InvalidArgument("no such arena reservation on this connection")
+        raw = P.arg(args, "items", list)
+        if not all(isinstance(it, list) and len(it) == 5 for it in raw):
+            raise InvalidArgument("put_t0 items are [key, size, meta, arena offset, sums]")
+        offs = [it[3] for it in raw]
+        if not all(isinstance(o, int) and not isinstance(o, bool) for o in offs):
+            raise InvalidArgument("arena offsets must be ints")
+
+        def place(i: int, size: int) -> int:
+            if r[0] >= r[1]:
+                raise InvalidArgument("the arena reservation is used up")
+            r[0] = eng.carve_arena(r[0], offs[i], size)
+            return offs[i]
+        items = [(it[0], it[1], it[2]) for it in raw]
+        ns = P.arg(args, "ns", str)
+        try:
+            plan = eng.prepare_put(ns, items, may_evict=False, placed=place)
+        except NeedRoom:
+            plan = await self._thread(partial(eng.prepare_put, ns, items, placed=place))
+        try:
+            eng.set_client_sums(plan, [it[4] for it in raw])
+        except BaseException:
+            await self._thread(eng.abort_put, plan)
+            raise
+        sync = eng.effective_sync(P.arg(args, "sync", bool, False))
+        eng.publish_t0(plan)  # readable from T0 from here on
+        if sync:
+            stored = await self._thread(eng.write_back, plan, sync)
+        else:
+            eng.queue_write_back(plan)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._write_back_bg, plan)
+            stored = [o is not None and o.t0_stored for o in plan.items]
+        # per item its sequence number (-1: not stored), which the client's location cache wants
+        return [o.seq if ok and o is not None else -1 for o, ok in zip(plan.items, stored)]
 
     async def _put(self, conn: Conn, args: dict[str, Any], tlen: int) -> list[bool]:
         try:

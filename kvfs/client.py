@@ -37,6 +37,7 @@ from .generation import EPOCH, GenerationReader
 from .gpu import DeviceBuffer, GpuPlane, device_buffer, merge_copies
 from .loccache import LocationCache
 from .meta import encode_meta
+from .arena_puts import ArenaReservation, put_reserved
 from .reservation import Reservation
 
 BATCH_KEYS = 4096
@@ -173,6 +174,7 @@ class _Connection:
         self.next_id = 1
         self.broken = False
         self.answered = 0  # replies received: a connection that worked, then broke, was cut (a restart)
+        self.reservation: ArenaReservation | None = None  # arena space this connection places puts in
 
     def _recv_exact(self, n: int) -> bytes:
         buf = bytearray(n)
@@ -415,6 +417,19 @@ class Store:
                       if len(v) >= DIRECT_MIN or (len(v) and isinstance(v, DeviceBuffer))]
         dset = set(direct)
         inline = [i for i in range(len(views)) if i not in dset]
+        if self.arena is not None and self.arena.writable:
+            # host values go through this connection's arena reservation,
+            # one message a batch; device ones (and what it cannot take) the other way
+            host = [i for i in direct if not isinstance(views[i], DeviceBuffer)]
+            if host:
+                placed = self._put_reserved(ns, [[ks[i], len(views[i]), raw_metas[i]] for i in host],
+                                            [views[i] for i in host], sync)
+                taken = set()
+                for i, p in zip(host, placed):
+                    if p is not None:
+                        out[i] = p
+                        taken.add(i)
+                direct = [i for i in direct if i not in taken]
         for idx, fn in ((inline, self._put_inline), (direct, self._put_direct)):
             for b in range(0, len(idx), BATCH_KEYS):
                 sel = idx[b:b + BATCH_KEYS]
@@ -422,6 +437,36 @@ class Store:
                 for i, g in zip(sel, got):
                     out[i] = g
         return out
+
+    def _put_reserved(self, ns: str, items: list[list[Any]], views: list[Any], sync: bool) -> list[bool | None]:
+        """kvfs.arena_puts: per item stored, already there, or None (not taken)."""
+        self._drop_stale_fds()
+        self._check_restart()
+        conn = self._conn()  # reconnecting to a restarted daemon maps its new arena first
+        if self.arena is None or not self.arena.writable:
+            return [None] * len(items)
+        if self._touches:
+            self._flush_touches(conn)  # hits go out before anything that could evict
+        try:
+            out, _gens = put_reserved(self, conn, ns, items, views, sync)
+        except OSError as e:
+            if e.errno in (28, 122):
+                raise CapacityError(f"disk full while writing: {e}") from None
+            raise
+        return out
+
+    def _remember_t0(self, ns: str, stored: list[tuple[str, int, int, int, bytes, list[bytes]]], gen: int) -> None:
+        """The writer knows where its values went: a get of them by this
+        process needs no lookup (the same rules as any cached location).
+        ``stored``: (key, size, seq, arena offset, sum, chunk sums)."""
+        if self._locs is None or not stored:
+            return
+        unit = self.stripe_unit
+        entries = []
+        for key, size, seq, off, w, cs in stored:
+            exts = [[-1, -1, -1, min(unit, size - j * unit), c] for j, c in enumerate(cs)]  # T0 only: no T1 place
+            entries.append((key, [size, w, seq, exts, [off, False]]))
+        self._locs.put_many(ns, entries, gen)
 
     def _put_inline(self, ns: str, items: list[list[Any]], views: list[memoryview], sync: bool) -> list[bool]:
         return list(self._call(P.PUT, {"ns": ns, "items": items, "sync": sync}, views))

@@ -78,6 +78,20 @@ RECORD_ALIGN = 8
 PAGE = 4096
 ALIGN_PAYLOAD_MIN = 64 * 1024
 
+# Arena (T0) extents: values of ARENA_LARGE_MIN bytes and more start on a
+# page (DMA from the arena to a GPU), smaller ones on a cache line; sizes are
+# rounded up to the alignment. The daemon's allocator and a client placing
+# values in its own reservation (put_t0) both follow ``arena_rounded``.
+ARENA_SMALL_ALIGN = 64
+ARENA_LARGE_ALIGN = PAGE
+ARENA_LARGE_MIN = 64 * 1024
+
+
+def arena_rounded(n: int) -> tuple[int, int]:
+    """(bytes taken, alignment) of an arena extent for a value of ``n`` bytes."""
+    a = ARENA_LARGE_ALIGN if n >= ARENA_LARGE_MIN else ARENA_SMALL_ALIGN
+    return (max(n, 1) + a - 1) & ~(a - 1), a
+
 DEFAULT_STRIPE_UNIT = 4 * 1024 * 1024
 DEFAULT_SEGMENT_SIZE = 1024 * 1024 * 1024
 

@@ -65,10 +65,12 @@ VERIFY = "verify"  # starts a job
 JOB = "job"  # a job's progress, then its result
 COMPACT = "compact"  # starts a job
 REPORT = "report"  # an engine adapter's counters, shown per namespace in stats
+RESERVE = "reserve"  # arena space a client places its own puts in
+PUT_T0 = "put_t0"  # a batch of values the client placed in its reservation: one message, one commit
 
 OPS = frozenset({HELLO, PUT, LOOKUP, RELEASE, CONTAINS, PREFIX_MATCH, DELETE,
                  STAT, NAMESPACES, KEYS, STATS, REPORT_BAD, ALLOC, COMMIT, ABORT, TOUCH, FLUSH, EVICT,
-                 VERIFY, JOB, COMPACT, REPORT})
+                 VERIFY, JOB, COMPACT, REPORT, RESERVE, PUT_T0})
 
 # ops a client may send again on a new connection when the one it was sent
 # on is cut before the reply (a daemon restart): they only read, or do

@@ -91,3 +91,32 @@ def test_random_alloc_free_keeps_invariants(ops, seed):
         a.free(off)
     a.check()
     assert a.used == 0 and a.free_extents == 1
+
+
+def test_a_reservation_is_carved_into_values_and_its_rest_given_back():
+    """What a client's arena reservation becomes: each value it placed is
+    an extent of its own (freed alone later), skipped bytes are free at
+    once, and the rest goes back when the reservation ends."""
+    a = ArenaAllocator(1 << 20)
+    other = a.alloc(100)
+    res = a.alloc(256 * 1024)
+    end = res + 256 * 1024
+    rest = a.carve(res, res, 1000)  # a small value at the start
+    assert rest == res + 1024 and a.extent_len(res) == 1024
+    big = res + 64 * 1024  # a 64 KiB value on a page boundary, after a skipped gap
+    rest = a.carve(rest, big, 64 * 1024)
+    assert rest == big + 64 * 1024 and a.extent_len(big) == 64 * 1024
+    with pytest.raises(ValueError):
+        a.carve(rest, rest + 100, 64 * 1024)  # a large value must start on a page
+    with pytest.raises(ValueError):
+        a.carve(rest, res, 64)  # before the rest: already the client's or freed
+    with pytest.raises(ValueError):
+        a.carve(rest, end - 64, 128)  # past the reservation
+    a.check()
+    assert a.used == a.extent_len(other) + 256 * 1024 - (big - res - 1024)  # the gap went back; the rest is held
+    a.free(rest)  # the reservation ends
+    a.free(res)
+    a.free(big)
+    a.free(other)
+    a.check()
+    assert a.used == 0 and a.free_extents == 1

@@ -42,7 +42,7 @@ def test_stats_and_prometheus(tmp_path):
         st = s.stats()
         assert sum(x["chunks"] for x in st["stripes"]) == 20  # one chunk each, once written back
         req = st["requests"]
-        assert {"hello", "alloc", "commit"} <= set(req)  # a batch put is alloc + commit
+        assert {"hello", "reserve", "put_t0"} <= set(req)  # a batch put: one put_t0 (after a reservation)
         assert all(h["count"] > 0 and 0 < h["p50_s"] <= h["p99_s"] for h in req.values())
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         fams = {f.name: f for f in text_string_to_metric_families(text)}

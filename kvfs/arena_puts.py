@@ -1,0 +1,129 @@
+"""Puts into a reservation of the arena: one message per batch.
+
+A client with the arena (T0) mapped writable asks the daemon once for a
+reservation (``reserve``: tens of MiB), places its values in it itself,
+copies and hashes them, and sends the whole batch in one ``put_t0``
+message: key, size, meta, where it put the bytes and their checksums. The
+daemon carves each value out of the reservation, plans its write-back and
+publishes it in T0. So a put costs one round trip (was two: alloc, then
+commit), and a reservation round trip every tens of MiB.
+
+Invariants:
+- A connection has at most one reservation; values are placed in it at
+  increasing offsets, following kvfs.format.arena_rounded (the daemon's
+  allocator rules), and every put_t0 on it names it. Asking for a new one
+  ends the old one (the daemon frees its rest), so a batch is sent before
+  the next reservation is asked for.
+- The reservation belongs to the connection: a client that dies, or a
+  connection that breaks, gives it back with the connection.
+- Checksums are of the caller's bytes (as for alloc/commit puts): another
+  writer scribbling on the arena before the daemon publishes makes the
+  object fail verification, never pass as good.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import protocol as P
+from .format import arena_rounded
+from .gpu import address_of
+
+if TYPE_CHECKING:
+    from .client import Store, _Connection
+
+RESERVE_BYTES = 32 << 20  # asked for at a time (the daemon caps it at its largest T0 value)
+
+
+@dataclass
+class ArenaReservation:
+    rid: int
+    cursor: int  # where the next value may go
+    end: int
+
+    def place(self, n: int) -> int:
+        """An offset for ``n`` bytes, -1 if they do not fit."""
+        need, align = arena_rounded(n)
+        off = (self.cursor + align - 1) & ~(align - 1)
+        if off + need > self.end:
+            return -1
+        self.cursor = off + need
+        return off
+
+
+MADV_POPULATE_WRITE = 23  # Linux 5.14+: map (and fault in) a range's pages in one call
+_libc: Any = None
+
+
+def _populate(view: memoryview) -> None:
+    """Fault in this process's pages of a new reservation at once: the first
+    write to each arena page costs a page fault per process (about half of
+    a 64 KiB put's copy), and one madvise over the range costs far less
+    than the faults it saves. Nothing happens where the kernel has no such
+    advice."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    _libc.madvise(ctypes.c_void_p(address_of(view)), ctypes.c_size_t(len(view)), MADV_POPULATE_WRITE)
+
+
+def _reserve(conn: "_Connection", arena: Any, n: int) -> ArenaReservation | None:
+    need, _a = arena_rounded(n)
+    got = conn.call(P.RESERVE, {"bytes": max(RESERVE_BYTES, need + 4096)})
+    if not got.get("res"):
+        conn.reservation = None
+        return None  # the arena is full of values not yet written back: the caller uses alloc/commit
+    r = ArenaReservation(int(got["res"]), int(got["off"]), int(got["off"]) + int(got["size"]))
+    conn.reservation = r
+    page = 4096
+    lo = r.cursor & ~(page - 1)
+    _populate(arena.rw[lo:r.end])
+    return r
+
+
+def put_reserved(store: "Store", conn: "_Connection", ns: str, items: list[list[Any]], views: list[Any],
+                 sync: bool) -> tuple[list[bool | None], list[int]]:
+    """Put host values through ``conn``'s reservation, a batch per message.
+    Returns per item stored (True), already there (False) or not taken
+    (None: larger than a reservation, or the arena had no room: the caller
+    puts those the other way), and the generation read before."""
+    arena = store.arena
+    assert arena is not None and arena.writable
+    out: list[bool | None] = [None] * len(items)
+    batch: list[int] = []
+    offs: dict[int, int] = {}
+    r: ArenaReservation | None = conn.reservation
+    gens: list[int] = []
+
+    def send() -> None:
+        if not batch or r is None:
+            return
+        srcs = [views[i] for i in batch]
+        dests = [arena.rw[offs[i]:offs[i] + len(views[i])] for i in batch]
+        store.reader.copy(dests, srcs, [None] * len(batch))
+        sums = store.reader.hash_chunked(srcs, store.stripe_unit)  # of the caller's bytes, not the copies
+        gens.append(store._locs.generation() if store._locs is not None else 0)
+        msg = [[items[i][0], items[i][1], items[i][2], offs[i], [w, cs]] for i, (w, cs) in zip(batch, sums)]
+        seqs = conn.call(P.PUT_T0, {"ns": ns, "res": r.rid, "items": msg, "sync": sync})
+        for i, seq in zip(batch, seqs):
+            out[i] = seq >= 0  # -1: already there
+        store._remember_t0(ns, [(items[i][0], items[i][1], seq, offs[i], w, cs)
+                                for i, seq, (w, cs) in zip(batch, seqs, sums) if seq >= 0], gens[-1])
+        batch.clear()
+
+    full = False
+    for i, v in enumerate(views):
+        off = r.place(len(v)) if r is not None else -1
+        if off < 0 and not full:
+            send()
+            r = _reserve(conn, arena, len(v))
+            full = r is None
+            off = r.place(len(v)) if r is not None else -1
+        if off < 0:
+            continue  # too large for a reservation, or no room: the other way
+        offs[i] = off
+        batch.append(i)
+    send()
+    return out, gens
