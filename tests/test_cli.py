@@ -97,6 +97,19 @@ def test_bench_quick(tmp_path):
     assert b"get/raw" in r.stdout
 
 
+def test_bench_meta_quick(tmp_path):
+    """kvfs bench --meta runs both answers (the directory, the round trip)
+    idle and under a putter, and records the putter's rate."""
+    r = kvfs_cmd("bench", "--meta", "--quick", "--dir", str(tmp_path), "--json", str(tmp_path / "m.json"))
+    res = json.loads((tmp_path / "m.json").read_text())
+    assert res["directory"] and set(res["states"]) == {"idle", "1 putting"} and res["puts_per_s"] > 0
+    for cases in res["states"].values():
+        assert set(cases) == {"contains (directory)", "contains (round trip)", "prefix_match (directory)",
+                              "prefix_match (round trip)"}
+        assert all(v["p50_us"] > 0 and v["p99_us"] >= v["p50_us"] for v in cases.values())
+    assert b"faster than the round trip" in r.stdout
+
+
 def test_bench_compare_quick(tmp_path):
     """The comparison runs every system on the same bytes (each get is
     checked against the source inside the benchmark) and writes a table,

@@ -325,3 +325,22 @@ def test_torch_cpu_tensors_are_buffers_too(tmp_path):
         assert torch.equal(out, src)
         with pytest.raises(InvalidArgument, match="contiguous"):
             kn.get_many_into(keys[:1], [out[:, :10].t()], ns="tt")
+
+
+def test_bench_nixl_quick(tmp_path):
+    """kvfs bench --nixl runs every row on the same bytes (each checked in
+    its first round inside the benchmark) and writes the table and JSON."""
+    import json
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "kvfstools.cli", "bench", "--nixl", "--quick", "--dir", str(tmp_path),
+                        "--json", str(tmp_path / "n.json")], capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    res = json.loads((tmp_path / "n.json").read_text())
+    assert set(res["blocks"]) == {str(1 << 20), str(8 << 20)}
+    for b in res["blocks"].values():
+        groups = b["groups"]
+        assert {"raw preadv", "get_many_into", "NIXL POSIX default", "NIXL POSIX uring"} <= set(groups["T1 warm"])
+        assert {"memcpy", "KvfsNixl, kvfs copies", "KvfsNixl, NIXL UCX"} <= set(groups["T0"])
+        assert all(v > 0 for g in groups.values() for v in g.values())
+    assert b"NIXL POSIX" in r.stdout
