@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,8 @@ from .gpu import address_of
 
 if TYPE_CHECKING:
     from .client import Store, _Connection
+
+log = logging.getLogger("kvfs")
 
 RESERVE_BYTES = 32 << 20  # asked for at a time (the daemon caps it at its largest T0 value)
 
@@ -83,12 +86,29 @@ def _reserve(conn: "_Connection", arena: Any, n: int) -> ArenaReservation | None
     return r
 
 
+def _answered(store: "Store", ns: str, sent: list[tuple[str, int, int, bytes, list[bytes]]],
+              gen: int) -> Any:
+    """What to do with a deferred put_t0's answer: remember where the values
+    went (or count and log a refusal)."""
+    def on_reply(seqs: Any, err: BaseException | None) -> None:
+        if err is not None:
+            store.put_errors += len(sent)
+            log.warning("kvfs: a put of %d values sent without waiting failed: %s", len(sent), err)
+            return
+        store._remember_t0(ns, [(k, n, seq, off, w, cs) for (k, n, off, w, cs), seq in zip(sent, seqs) if seq >= 0],
+                           gen)
+    return on_reply
+
+
 def put_reserved(store: "Store", conn: "_Connection", ns: str, items: list[list[Any]], views: list[Any],
-                 sync: bool) -> tuple[list[bool | None], list[int]]:
+                 sync: bool, wait: bool = True) -> tuple[list[bool | None], list[int]]:
     """Put host values through ``conn``'s reservation, a batch per message.
     Returns per item stored (True), already there (False) or not taken
     (None: larger than a reservation, or the arena had no room: the caller
-    puts those the other way), and the generation read before."""
+    puts those the other way), and the generation read before. With
+    ``wait`` False the batch's answer is read later (``_Connection.defer``):
+    True then means sent, and keys the directory already holds are not
+    sent at all (False)."""
     arena = store.arena
     assert arena is not None and arena.writable
     out: list[bool | None] = [None] * len(items)
@@ -106,15 +126,33 @@ def put_reserved(store: "Store", conn: "_Connection", ns: str, items: list[list[
         sums = store.reader.hash_chunked(srcs, store.stripe_unit)  # of the caller's bytes, not the copies
         gens.append(store._locs.generation() if store._locs is not None else 0)
         msg = [[items[i][0], items[i][1], items[i][2], offs[i], [w, cs]] for i, (w, cs) in zip(batch, sums)]
-        seqs = conn.call(P.PUT_T0, {"ns": ns, "res": r.rid, "items": msg, "sync": sync})
+        args = {"ns": ns, "res": r.rid, "items": msg, "sync": sync}
+        sent = [(items[i][0], items[i][1], offs[i], w, cs) for i, (w, cs) in zip(batch, sums)]
+        if not wait:
+            conn.defer(P.PUT_T0, args, _answered(store, ns, sent, gens[-1]))
+            for i in batch:
+                out[i] = True
+            batch.clear()
+            return
+        seqs = conn.call(P.PUT_T0, args)
         for i, seq in zip(batch, seqs):
             out[i] = seq >= 0  # -1: already there
-        store._remember_t0(ns, [(items[i][0], items[i][1], seq, offs[i], w, cs)
-                                for i, seq, (w, cs) in zip(batch, seqs, sums) if seq >= 0], gens[-1])
+        store._remember_t0(ns, [(k, n, seq, off, w, cs) for (k, n, off, w, cs), seq in zip(sent, seqs) if seq >= 0],
+                           gens[-1])
         batch.clear()
 
+    skip: set[int] = set()
+    if not wait and store._dir is not None:
+        try:  # keys already stored are not copied, nor sent
+            there, _seen = store._dir.contains(ns, [it[0] for it in items])
+            skip = {i for i, hit in enumerate(there) if hit}
+        except ValueError:
+            pass
     full = False
     for i, v in enumerate(views):
+        if i in skip:
+            out[i] = False
+            continue
         off = r.place(len(v)) if r is not None else -1
         if off < 0 and not full:
             send()

@@ -8,11 +8,13 @@ so separate connections are what lets threads overlap).
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
 import socket
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +42,12 @@ from .meta import encode_meta
 from .arena_puts import ArenaReservation, put_reserved
 from .reservation import Reservation
 
+log = logging.getLogger("kvfs")
+
 BATCH_KEYS = 4096
+# puts sent with wait=False whose answers a connection reads later, at most
+# (each a batch): past that the oldest answer is waited for
+MAX_DEFERRED = 64
 # Without T0, values at least this large are written by the client straight
 # into the T1 extents the daemon reserves (alloc/commit); smaller ones travel
 # inline. With T0, every batch goes through the arena except a single value
@@ -175,6 +182,7 @@ class _Connection:
         self.broken = False
         self.answered = 0  # replies received: a connection that worked, then broke, was cut (a restart)
         self.reservation: ArenaReservation | None = None  # arena space this connection places puts in
+        self.deferred: deque[tuple[int, Callable[[Any, BaseException | None], None]]] = deque()
 
     def _recv_exact(self, n: int) -> bytes:
         buf = bytearray(n)
@@ -188,6 +196,8 @@ class _Connection:
         return bytes(buf)
 
     def call(self, op: str, args: dict[str, Any], trailer: Sequence[memoryview] = ()) -> Any:
+        if self.deferred:
+            self.drain()  # answers come in order: theirs first
         if self.broken:
             raise DaemonUnavailable(self.path, "connection lost")
         req_id = self.next_id
@@ -213,6 +223,52 @@ class _Connection:
             raise ProtocolError(f"reply to request {rid}, expected {req_id}")
         self.answered += 1
         return result
+
+    def defer(self, op: str, args: dict[str, Any], on_reply: Callable[[Any, BaseException | None], None]) -> None:
+        """Send a request and go on: its answer is read by the next call on
+        this connection (or ``drain``) and handed to ``on_reply(result,
+        error)``. At most MAX_DEFERRED wait: past that the oldest is read
+        first (backpressure)."""
+        if self.broken:
+            raise DaemonUnavailable(self.path, "connection lost")
+        while len(self.deferred) >= MAX_DEFERRED:
+            self.drain(1)
+        req_id = self.next_id
+        self.next_id += 1
+        try:
+            self.sock.sendall(P.request(req_id, op, args))
+        except OSError as e:
+            self.broken = True
+            raise DaemonUnavailable(self.path, f"connection lost: {e}") from None
+        self.deferred.append((req_id, on_reply))
+
+    def drain(self, n: int | None = None) -> None:
+        """Read the answers of deferred requests (all, or the ``n`` oldest)
+        and hand them over. A lost connection fails every one still waiting."""
+        while self.deferred and (n is None or n > 0):
+            req_id, on_reply = self.deferred.popleft()
+            if n is not None:
+                n -= 1
+            try:
+                if self.broken:
+                    raise DaemonUnavailable(self.path, "connection lost")
+                mlen, _ = P.parse_prefix(self._recv_exact(P.PREFIX.size))
+                body = self._recv_exact(mlen)
+            except (OSError, DaemonUnavailable) as e:
+                self.broken = True
+                on_reply(None, e if isinstance(e, DaemonUnavailable) else DaemonUnavailable(self.path, str(e)))
+                continue
+            try:
+                rid, result = P.parse_reply(body)
+            except KvfsError as e:
+                on_reply(None, e)
+                continue
+            if rid != req_id:
+                self.broken = True
+                on_reply(None, ProtocolError(f"reply to request {rid}, expected {req_id}"))
+                continue
+            self.answered += 1
+            on_reply(result, None)
 
     def notify(self, op: str, args: dict[str, Any]) -> None:
         """A request with id 0: no reply (lease releases)."""
@@ -279,6 +335,7 @@ class Store:
         # took it, and a hold may be released from another thread.
         self._hold_conn: _Connection | None = None
         self._hold_lock = threading.Lock()
+        self.put_errors = 0  # puts sent with wait=False that the daemon refused
         self.reader = DataPlane(threads)
         self._touch_lock = threading.Lock()
         self._touches: dict[str, list[str]] = {}  # cache hits not yet reported to the daemon
@@ -370,6 +427,9 @@ class Store:
     def close(self) -> None:
         if self._closed:
             return
+        c_own: _Connection | None = getattr(self._local, "conn", None)
+        if c_own is not None and c_own.deferred and not c_own.broken:
+            c_own.drain()  # this thread's puts sent without waiting: their answers, before the socket goes
         self._closed = True
         with self._conns_lock:
             for c in self._conns:
@@ -391,15 +451,25 @@ class Store:
 
     # -- writes ---------------------------------------------------------------
     def put(self, key: str | bytes, data: Any, *, ns: str = "default", meta: dict[str, Any] | None = None,
-            sync: bool = False) -> bool:
+            sync: bool = False, wait: bool = True) -> bool:
         """Store ``data`` under ``key``. False if the key was already there
         (objects are immutable: the existing bytes are kept). ``sync``:
         return only once it is on disk and in the index (as the daemon's
-        ``sync`` durability does for every put)."""
-        return self.put_many([key], [data], ns=ns, metas=[meta], sync=sync)[0]
+        ``sync`` durability does for every put). ``wait=False``: see
+        ``put_many``."""
+        return self.put_many([key], [data], ns=ns, metas=[meta], sync=sync, wait=wait)[0]
 
     def put_many(self, keys: Sequence[str | bytes], datas: Sequence[Any], *, ns: str = "default",
-                 metas: Sequence[dict[str, Any] | None] | None = None, sync: bool = False) -> list[bool]:
+                 metas: Sequence[dict[str, Any] | None] | None = None, sync: bool = False,
+                 wait: bool = True) -> list[bool]:
+        """Store each value under its key; per item True (stored) or False
+        (already there). ``wait=False`` (fast mode, values placed in the
+        arena): return once the bytes are in the arena and the batch is
+        sent, without waiting for the daemon's answer. The values are this
+        thread's to read at once (a later call on its connection reads the
+        answer first) and other processes' within microseconds; True then
+        means "sent" (False: already there when the call began), and a put
+        the daemon refuses is logged and counted in ``put_errors``."""
         ns = normalize_ns(ns)
         ks = normalize_keys(keys)
         if len(datas) != len(ks) or (metas is not None and len(metas) != len(ks)):
@@ -423,7 +493,7 @@ class Store:
             host = [i for i in direct if not isinstance(views[i], DeviceBuffer)]
             if host:
                 placed = self._put_reserved(ns, [[ks[i], len(views[i]), raw_metas[i]] for i in host],
-                                            [views[i] for i in host], sync)
+                                            [views[i] for i in host], sync, wait or sync)
                 taken = set()
                 for i, p in zip(host, placed):
                     if p is not None:
@@ -438,7 +508,8 @@ class Store:
                     out[i] = g
         return out
 
-    def _put_reserved(self, ns: str, items: list[list[Any]], views: list[Any], sync: bool) -> list[bool | None]:
+    def _put_reserved(self, ns: str, items: list[list[Any]], views: list[Any], sync: bool,
+                      wait: bool = True) -> list[bool | None]:
         """kvfs.arena_puts: per item stored, already there, or None (not taken)."""
         self._drop_stale_fds()
         self._check_restart()
@@ -448,7 +519,7 @@ class Store:
         if self._touches:
             self._flush_touches(conn)  # hits go out before anything that could evict
         try:
-            out, _gens = put_reserved(self, conn, ns, items, views, sync)
+            out, _gens = put_reserved(self, conn, ns, items, views, sync, wait)
         except OSError as e:
             if e.errno in (28, 122):
                 raise CapacityError(f"disk full while writing: {e}") from None
@@ -1247,6 +1318,9 @@ class Store:
             raise InvalidKey("expected a list of keys, got a single key")
         if self._dir is None:
             return None
+        own: _Connection | None = getattr(self._local, "conn", None)
+        if own is not None and own.deferred:
+            own.drain()  # this thread's puts sent without waiting are published: it sees its own writes
         self._check_restart()  # a restarted daemon has a new directory
         d = self._dir
         return d if d is not None and d.kept() else None

@@ -77,3 +77,25 @@ def test_placements_outside_the_reservation_are_refused_and_publish_nothing(tmp_
         assert s.stats()["objects"] == 0
         s.put("fine", b"y" * 100_000, ns="p")  # the connection and the daemon go on
         assert s.get("fine", ns="p") == b"y" * 100_000
+
+
+def test_puts_that_do_not_wait_are_seen_by_their_thread_and_others_and_refusals_counted(tmp_path):
+    d = DaemonProcess(tmp_path / "s", stripes=1, capacity="12M", shm_size="64M")
+    vals = [os.urandom(100 * KiB) for _ in range(30)]
+    keys = [f"n{i}" for i in range(30)]
+    with d, d.connect() as s, d.connect() as other:
+        assert s.put_many(keys[:10], vals[:10], wait=False) == [True] * 10
+        assert s.contains(keys[:10]) == [True] * 10  # its own writes: the answers are read first
+        assert [s.get(k) for k in keys[:10]] == vals[:10]
+        for k, v in zip(keys[10:], vals[10:]):
+            assert s.put(k, v, wait=False)
+        assert s.put_many(keys[:2] + ["new"], vals[:2] + [b"z" * 70_000], wait=False) == [False, False, True]
+        assert s.flush()  # a call: every answer read, every put written back
+        assert all(other.contains(keys + ["new"])) and other.get("n29") == vals[29]
+        assert s.put_errors == 0
+        assert s.put("huge", os.urandom(13 * MiB), wait=False)  # sent; the daemon cannot hold it (capacity)
+        assert not s.contains(["huge"])[0]
+        assert s.put_errors == 1  # refused, logged and counted, never an exception later
+        assert s.get("n0") == vals[0]  # the connection goes on
+        n = requests(s)
+        assert n.get("put_t0") == 1 + 20 + 1 + 1 and not n.get("commit")  # a message a batch; known keys not sent
