@@ -110,6 +110,16 @@ def test_bench_meta_quick(tmp_path):
     assert b"faster than the round trip" in r.stdout
 
 
+def test_bench_puts_quick(tmp_path):
+    r = kvfs_cmd("bench", "--puts", "--quick", "--dir", str(tmp_path), "--json", str(tmp_path / "p.json"))
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert set(res["single"]) == set(res["batches"]) == {"wait", "no wait"}
+    assert all(v["p50_us"] > 0 for v in res["single"].values())
+    assert all(v["objects_s"] > 0 and v["daemon_cpu_us"] > 0 for v in res["batches"].values())
+    assert res["handler_us_per_object"] > 0 and res["pwrite_gbs"] > 0 and res["memcpy_gbs"] > 0
+    assert b"daemon CPU" in r.stdout
+
+
 def test_bench_compare_quick(tmp_path):
     """The comparison runs every system on the same bytes (each get is
     checked against the source inside the benchmark) and writes a table,

@@ -82,6 +82,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     m.add_argument("--lmcache-chunks", type=int, default=16, help="--lmcache: chunks per batch (default 16)")
     m.add_argument("--lmcache-geometry", choices=["llama-3.1-8b", "tiny"], default="llama-3.1-8b",
                    help="--lmcache: the chunk's model geometry (default llama-3.1-8b: 32 MiB chunks)")
+    u = p.add_argument_group("--puts: what a put costs, one by one and in batches")
+    u.add_argument("--puts", action="store_true",
+                   help="64 KiB puts one by one (latency, client CPU) and in batches of 64 (objects/s, daemon "
+                        "CPU per object), waiting for the daemon and not, next to memcpy and raw pwrite")
     t = p.add_argument_group("--meta: contains / prefix_match of 1024 keys, idle and under put load")
     t.add_argument("--meta", action="store_true",
                    help="contains and prefix_match latency from the shared directory and by round trip, idle "
@@ -295,6 +299,10 @@ def run(args: argparse.Namespace) -> int:
             args.repeat, args.lmcache_chunks, args.lmcache_geometry = 1, 4, "tiny"
         res = run_lmcache_bench(args)
         return _emit(args, res, format_lmcache(res))
+    if args.puts:
+        from .bench_puts import format_puts, run_puts_bench
+        res = run_puts_bench(args)
+        return _emit(args, res, format_puts(res))
     if args.meta:
         from .bench_meta import format_meta, run_meta_bench
         if args.quick:

@@ -1,0 +1,122 @@
+"""`kvfs bench --puts`: what a put costs, one by one and in batches, with
+the physical baselines of the same bytes in the same run.
+
+- one 64 KiB put after another (1000 of them): latency p50/p99 and the
+  client's own CPU time per put, waiting for the daemon's answer
+  (``wait=True``, the default) and not (``wait=False``: the bytes are in
+  the arena and the batch sent);
+- batches of 64 x 64 KiB through ``put_many`` until ``flush`` (written back
+  to T1): objects/s and GB/s, both ways;
+- the daemon's time in its ``put_t0`` handler per object (its request
+  histogram), and the whole daemon's CPU time per object (its /proc stat);
+- memcpy of the same bytes into a preallocated buffer and raw ``pwrite`` of
+  them to a file on the same disk, for the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .bench_util import clean_up, commit
+from .table import render
+
+VALUE = 64 * 1024
+BATCH = 64
+
+
+def _cpu_s(pid: int) -> float:
+    """A process's user + system CPU seconds (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_puts_bench(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    from kvfs import native
+    from kvfsd.testing import DaemonProcess
+
+    n_single = 200 if args.quick else 1000
+    n_batches = 5 if args.quick else 50
+    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="kvfs-bench-puts-"))
+    base.mkdir(parents=True, exist_ok=True)
+    work = base / f"run-{os.getpid()}"
+    work.mkdir()
+    d = DaemonProcess(work / "kvfs", stripes=args.stripes, capacity="16G", shm_size="1G", log=work / "kvfs.log")
+    out: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "commit": commit(), "value": VALUE,
+                           "singles": n_single, "batches": n_batches, "batch": BATCH}
+    try:
+        d.start()
+        assert d.proc is not None
+        with d.connect() as s:
+            vals = np.random.default_rng(1).integers(0, 256, (BATCH, VALUE), dtype=np.uint8)
+            single: dict[str, Any] = {}
+            for wait in (True, False):
+                lat = []
+                cpu0 = time.thread_time()
+                for i in range(n_single):
+                    t = time.perf_counter()
+                    s.put(f"s{wait}-{i}", vals[i % BATCH], wait=wait)
+                    lat.append(time.perf_counter() - t)
+                cpu = (time.thread_time() - cpu0) / n_single
+                s.flush()
+                lat.sort()
+                single["wait" if wait else "no wait"] = {"p50_us": lat[len(lat) // 2] * 1e6,
+                                                         "p99_us": lat[int(len(lat) * .99)] * 1e6,
+                                                         "client_cpu_us": cpu * 1e6}
+            out["single"] = single
+            before = s.stats()["requests"].get("put_t0", {"count": 0, "sum_s": 0.0})
+            batches: dict[str, Any] = {}
+            for wait in (True, False):
+                dcpu0 = _cpu_s(d.proc.pid)
+                t = time.perf_counter()
+                for b in range(n_batches):
+                    s.put_many([f"b{wait}-{b}-{j}" for j in range(BATCH)], list(vals), wait=wait)
+                s.flush()
+                dt = time.perf_counter() - t
+                n = n_batches * BATCH
+                batches["wait" if wait else "no wait"] = {"objects_s": n / dt, "gbs": n * VALUE / dt / 1e9,
+                                                          "daemon_cpu_us": (_cpu_s(d.proc.pid) - dcpu0) / n * 1e6}
+            after = s.stats()["requests"]["put_t0"]
+            out["batches"] = batches
+            out["handler_us_per_object"] = (after["sum_s"] - before["sum_s"]) / (2 * n_batches * BATCH) * 1e6
+            # the physical baselines, same bytes
+            dst = np.empty((BATCH, VALUE), dtype=np.uint8)
+            t = time.perf_counter()
+            for _ in range(n_batches):
+                native.backend.copy_many(list(dst), list(vals), [None] * BATCH, 1)
+            out["memcpy_gbs"] = n_batches * BATCH * VALUE / (time.perf_counter() - t) / 1e9
+            raw = work / "raw"
+            fd = os.open(raw, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                t = time.perf_counter()
+                for b in range(n_batches):
+                    native.backend.write_many([fd] * BATCH, [(b * BATCH + j) * VALUE for j in range(BATCH)],
+                                              list(vals), 1)
+                os.fsync(fd)
+                out["pwrite_gbs"] = n_batches * BATCH * VALUE / (time.perf_counter() - t) / 1e9
+            finally:
+                os.close(fd)
+    finally:
+        clean_up(work, base, bool(args.dir), [d])
+        d.remove_shm()
+    return out
+
+
+def format_puts(res: dict[str, Any]) -> str:
+    head = (f"puts of {res['value'] >> 10} KiB values, commit {res['commit']}, {res['machine']['cpus']} cores")
+    rows = [[f"one put at a time, {k}", f"{v['p50_us']:.0f}", f"{v['p99_us']:.0f}", f"{v['client_cpu_us']:.0f}"]
+            for k, v in res["single"].items()]
+    t1 = render(["", "p50 us", "p99 us", "client CPU us/put"], rows)
+    rows2 = [[f"put_many of {res['batch']}, {k}", f"{v['objects_s']:.0f}", f"{v['gbs']:.2f}",
+              f"{v['gbs'] / res['pwrite_gbs']:.2f}x", f"{v['daemon_cpu_us']:.0f}"]
+             for k, v in res["batches"].items()]
+    rows2.append(["raw pwrite (same bytes, one thread, fsync)", "", f"{res['pwrite_gbs']:.2f}", "1.00x", ""])
+    rows2.append(["memcpy (same bytes, one thread)", "", f"{res['memcpy_gbs']:.2f}", "", ""])
+    t2 = render(["until flush (written back to T1)", "objects/s", "GB/s", "vs pwrite", "daemon CPU us/object"], rows2)
+    return (f"{head}\n{t1}\n\n{t2}\n\ndaemon put_t0 handler: {res['handler_us_per_object']:.1f} us per object "
+            f"(on its event loop)")
