@@ -26,13 +26,11 @@ import argparse
 import asyncio
 import os
 import statistics
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable
 
-from .bench_util import clean_up, commit
+from .bench_util import clean_up, commit, work_dirs
 from .table import render
 
 MiB = 1 << 20
@@ -91,10 +89,7 @@ def run_lmcache_bench(args: argparse.Namespace) -> dict[str, Any]:
     n, reps = args.lmcache_chunks, max(1, args.repeat)
     shape = (layers, 2, CHUNK_TOKENS, heads, head)
     chunk_bytes = layers * 2 * CHUNK_TOKENS * heads * head * 2
-    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="kvfs-bench-lmcache-"))
-    base.mkdir(parents=True, exist_ok=True)
-    work = base / f"run-{os.getpid()}"
-    work.mkdir()
+    base, work = work_dirs(args.dir, "kvfs-bench-lmcache-")
     daemons = [DaemonProcess(work / "kvfs", stripes=args.stripes, shm_size=max(256 * MiB, 2 * n * chunk_bytes),
                              capacity=str(8 * n * chunk_bytes), log=work / "kvfs.log"),
                DaemonProcess(work / "kvfs-t1", stripes=args.stripes, shm_size=0,

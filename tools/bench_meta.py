@@ -14,39 +14,20 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .bench_util import clean_up, commit
+from .bench_util import clean_up, commit, latencies, percentile, work_dirs
 from .table import render
 
 KEYS = 1024
 VALUE = 64 * 1024
 
 
-def _pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(q * len(s)))]
-
-
-def _lat(fn: Callable[[], Any], n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def run_meta_bench(args: argparse.Namespace) -> dict[str, Any]:
     from kvfsd.testing import DaemonProcess
 
-    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="kvfs-bench-meta-"))
-    base.mkdir(parents=True, exist_ok=True)
-    work = base / f"run-{os.getpid()}"
-    work.mkdir()
+    base, work = work_dirs(args.dir, "kvfs-bench-meta-")
     d = DaemonProcess(work / "kvfs", stripes=args.stripes, capacity="4G", shm_size="512M", log=work / "kvfs.log")
     n = max(10, args.meta_samples)
     out: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "commit": commit(), "keys": KEYS,
@@ -67,8 +48,9 @@ def run_meta_bench(args: argparse.Namespace) -> dict[str, Any]:
                 times: dict[str, list[float]] = {k: [] for k in cases}
                 for _ in range(n // 10):  # interleaved in rounds of 10 calls each
                     for name, fn in cases.items():
-                        times[name] += _lat(fn, 10)
-                return {k: {"p50_us": _pct(v, .5) * 1e6, "p99_us": _pct(v, .99) * 1e6} for k, v in times.items()}
+                        times[name] += latencies(fn, 10)
+                return {k: {"p50_us": percentile(v, .5) * 1e6, "p99_us": percentile(v, .99) * 1e6}
+                        for k, v in times.items()}
             out["states"]["idle"] = measure()
             if args.meta_putters:
                 procs = [subprocess.Popen([sys.executable, "-m", "kvfstools.bench_meta", str(d.socket), str(i),

@@ -38,12 +38,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable
 
-from .bench_util import clean_up, commit
+from .bench_util import clean_up, commit, work_dirs
 from .table import render
 
 MiB = 1 << 20
@@ -68,10 +66,7 @@ def run_nixl_bench(args: argparse.Namespace) -> dict[str, Any]:
     for m in modes:
         if m not in POSIX_MODES:
             raise SystemExit(f"kvfs bench --nixl: unknown POSIX mode {m!r} (one of {', '.join(POSIX_MODES)})")
-    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="kvfs-bench-nixl-"))
-    base.mkdir(parents=True, exist_ok=True)
-    work = base / f"run-{os.getpid()}"
-    work.mkdir()
+    base, work = work_dirs(args.dir, "kvfs-bench-nixl-")
     cap = str(8 * total + 512 * MiB)
     d1 = DaemonProcess(work / "t1", stripes=args.stripes, shm_size=0, capacity=cap, log=work / "t1.log")
     d0 = DaemonProcess(work / "t0", stripes=args.stripes, shm_size=int(total * 1.25) + 64 * MiB, capacity=cap,

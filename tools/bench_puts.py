@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from .bench_util import clean_up, commit
+from .bench_util import clean_up, commit, work_dirs
 from .table import render
 
 VALUE = 64 * 1024
@@ -42,10 +41,7 @@ def run_puts_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     n_single = 200 if args.quick else 1000
     n_batches = 5 if args.quick else 50
-    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="kvfs-bench-puts-"))
-    base.mkdir(parents=True, exist_ok=True)
-    work = base / f"run-{os.getpid()}"
-    work.mkdir()
+    base, work = work_dirs(args.dir, "kvfs-bench-puts-")
     d = DaemonProcess(work / "kvfs", stripes=args.stripes, capacity="16G", shm_size="1G", log=work / "kvfs.log")
     out: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "commit": commit(), "value": VALUE,
                            "singles": n_single, "batches": n_batches, "batch": BATCH}

@@ -2,9 +2,11 @@
 daemon or files behind."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -43,3 +45,28 @@ def commit() -> str:
     except OSError:
         return "unknown"
     return (rev or "unknown") + ("+changes" if dirty else "")
+
+
+def work_dirs(where: str | None, prefix: str) -> tuple[Path, Path]:
+    """(base, work): ``where`` (--dir) or a new temporary directory, and a
+    fresh folder of this run's inside it (``clean_up`` removes them)."""
+    base = Path(where) if where else Path(tempfile.mkdtemp(prefix=prefix))
+    base.mkdir(parents=True, exist_ok=True)
+    work = base / f"run-{os.getpid()}"
+    work.mkdir()
+    return base, work
+
+
+def latencies(fn: Callable[[], Any], n: int) -> list[float]:
+    """Seconds of each of ``n`` calls of ``fn``."""
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def percentile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")

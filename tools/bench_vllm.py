@@ -30,12 +30,11 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from .bench_util import clean_up, commit
+from .bench_util import clean_up, commit, work_dirs
 from .table import render
 
 MiB = 1 << 20
@@ -217,10 +216,7 @@ def run_granularity(args: argparse.Namespace, store: Any) -> list[dict[str, Any]
 def run_vllm_bench(args: argparse.Namespace) -> dict[str, Any]:
     from kvfsd.testing import DaemonProcess
 
-    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="kvfs-bench-vllm-"))
-    base.mkdir(parents=True, exist_ok=True)
-    work = base / f"run-{os.getpid()}"
-    work.mkdir()
+    base, work = work_dirs(args.dir, "kvfs-bench-vllm-")
     out: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "commit": commit()}
     d = DaemonProcess(work / "gran", stripes=args.stripes, shm_size="2G", capacity="16G", log=work / "gran.log")
     try:
