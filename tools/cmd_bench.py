@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from .bench_util import clean_up
+from .bench_util import clean_up, latencies
 from .table import render
 
 MiB = 1 << 20
@@ -196,20 +196,13 @@ def measure_meta(store: Any) -> dict[str, float]:
     ks = [f"m{i:05d}" for i in range(1024)]
     store.put_many(ks, [b"x" * 64] * 1024, ns="bench.meta")
 
-    def lat(fn: Callable[[], Any], n: int = 200) -> list[float]:
-        out = []
-        for _ in range(n):
-            a = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - a)
-        return out
-    lc = lat(lambda: store.contains(ks, ns="bench.meta"))
-    lp = lat(lambda: store.prefix_match(ks, ns="bench.meta"))
+    lc = latencies(lambda: store.contains(ks, ns="bench.meta"), 200)
+    lp = latencies(lambda: store.prefix_match(ks, ns="bench.meta"), 200)
     small = bytearray(4096)
     store.put("small", os.urandom(4096), ns="bench.meta")
-    lg = lat(lambda: store.get_into("small", small, ns="bench.meta"), 2000)
+    lg = latencies(lambda: store.get_into("small", small, ns="bench.meta"), 2000)
     with kvfs.connect(store.socket_path, cache_locations=False) as nocache:
-        lgl = lat(lambda: nocache.get_into("small", small, ns="bench.meta"), 2000)
+        lgl = latencies(lambda: nocache.get_into("small", small, ns="bench.meta"), 2000)
     store.delete(ks, ns="bench.meta")
     return {
         "contains_1024_p50_ms": _pct(lc, .5) * 1e3, "contains_1024_p99_ms": _pct(lc, .99) * 1e3,
