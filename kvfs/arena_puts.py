@@ -37,7 +37,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvfs")
 
-RESERVE_BYTES = 32 << 20  # asked for at a time (the daemon caps it at its largest T0 value)
+# Reservation sizes: a connection's first is RESERVE_FIRST and each next one
+# twice its last, up to RESERVE_MAX (the daemon caps them at its largest T0
+# value): an idle thread pins little of the arena, a busy one asks rarely.
+RESERVE_FIRST = 4 << 20
+RESERVE_MAX = 32 << 20
 
 
 @dataclass
@@ -74,7 +78,9 @@ def _populate(view: memoryview) -> None:
 
 def _reserve(conn: "_Connection", arena: Any, n: int) -> ArenaReservation | None:
     need, _a = arena_rounded(n)
-    got = conn.call(P.RESERVE, {"bytes": max(RESERVE_BYTES, need + 4096)})
+    want = max(conn.reserve_next, need + 4096)
+    conn.reserve_next = min(2 * want, RESERVE_MAX)
+    got = conn.call(P.RESERVE, {"bytes": want})
     if not got.get("res"):
         conn.reservation = None
         return None  # the arena is full of values not yet written back: the caller uses alloc/commit

@@ -39,7 +39,7 @@ from .generation import EPOCH, GenerationReader
 from .gpu import DeviceBuffer, GpuPlane, device_buffer, merge_copies
 from .loccache import LocationCache
 from .meta import encode_meta
-from .arena_puts import ArenaReservation, put_reserved
+from .arena_puts import RESERVE_FIRST, ArenaReservation, put_reserved
 from .reservation import Reservation
 
 log = logging.getLogger("kvfs")
@@ -182,6 +182,7 @@ class _Connection:
         self.broken = False
         self.answered = 0  # replies received: a connection that worked, then broke, was cut (a restart)
         self.reservation: ArenaReservation | None = None  # arena space this connection places puts in
+        self.reserve_next = RESERVE_FIRST  # the size of its next reservation (kvfs.arena_puts)
         self.deferred: deque[tuple[int, Callable[[Any, BaseException | None], None]]] = deque()
 
     def _recv_exact(self, n: int) -> bytes:
