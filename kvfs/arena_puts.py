@@ -107,11 +107,11 @@ def _answered(store: "Store", ns: str, sent: list[tuple[str, int, int, bytes, li
 
 
 def put_reserved(store: "Store", conn: "_Connection", ns: str, items: list[list[Any]], views: list[Any],
-                 sync: bool, wait: bool = True) -> tuple[list[bool | None], list[int]]:
+                 sync: bool, wait: bool = True) -> list[bool | None]:
     """Put host values through ``conn``'s reservation, a batch per message.
     Returns per item stored (True), already there (False) or not taken
     (None: larger than a reservation, or the arena had no room: the caller
-    puts those the other way), and the generation read before. With
+    puts those the other way). With
     ``wait`` False the batch's answer is read later (``_Connection.defer``):
     True then means sent, and keys the directory already holds are not
     sent at all (False)."""
@@ -121,7 +121,6 @@ def put_reserved(store: "Store", conn: "_Connection", ns: str, items: list[list[
     batch: list[int] = []
     offs: dict[int, int] = {}
     r: ArenaReservation | None = conn.reservation
-    gens: list[int] = []
 
     def send() -> None:
         if not batch or r is None:
@@ -130,12 +129,12 @@ def put_reserved(store: "Store", conn: "_Connection", ns: str, items: list[list[
         dests = [arena.rw[offs[i]:offs[i] + len(views[i])] for i in batch]
         store.reader.copy(dests, srcs, [None] * len(batch))
         sums = store.reader.hash_chunked(srcs, store.stripe_unit)  # of the caller's bytes, not the copies
-        gens.append(store._locs.generation() if store._locs is not None else 0)
+        gen = store._locs.generation() if store._locs is not None else 0  # before the daemon publishes
         msg = [[items[i][0], items[i][1], items[i][2], offs[i], [w, cs]] for i, (w, cs) in zip(batch, sums)]
         args = {"ns": ns, "res": r.rid, "items": msg, "sync": sync}
         sent = [(items[i][0], items[i][1], offs[i], w, cs) for i, (w, cs) in zip(batch, sums)]
         if not wait:
-            conn.defer(P.PUT_T0, args, _answered(store, ns, sent, gens[-1]))
+            conn.defer(P.PUT_T0, args, _answered(store, ns, sent, gen))
             for i in batch:
                 out[i] = True
             batch.clear()
@@ -144,7 +143,7 @@ def put_reserved(store: "Store", conn: "_Connection", ns: str, items: list[list[
         for i, seq in zip(batch, seqs):
             out[i] = seq >= 0  # -1: already there
         store._remember_t0(ns, [(k, n, seq, off, w, cs) for (k, n, off, w, cs), seq in zip(sent, seqs) if seq >= 0],
-                           gens[-1])
+                           gen)
         batch.clear()
 
     skip: set[int] = set()
@@ -170,4 +169,4 @@ def put_reserved(store: "Store", conn: "_Connection", ns: str, items: list[list[
         offs[i] = off
         batch.append(i)
     send()
-    return out, gens
+    return out

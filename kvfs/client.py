@@ -520,12 +520,11 @@ class Store:
         if self._touches:
             self._flush_touches(conn)  # hits go out before anything that could evict
         try:
-            out, _gens = put_reserved(self, conn, ns, items, views, sync, wait)
+            return put_reserved(self, conn, ns, items, views, sync, wait)
         except OSError as e:
             if e.errno in (28, 122):
                 raise CapacityError(f"disk full while writing: {e}") from None
             raise
-        return out
 
     def _remember_t0(self, ns: str, stored: list[tuple[str, int, int, int, bytes, list[bytes]]], gen: int) -> None:
         """The writer knows where its values went: a get of them by this

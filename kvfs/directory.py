@@ -65,6 +65,8 @@ from typing import Any, Sequence
 
 import xxhash
 
+from . import native
+
 HEADER = 4096
 MAGIC = b"KVD2"
 LAYOUT = 2
@@ -203,7 +205,6 @@ class DirectoryReader:
 
     def probe(self, ns: str, keys: Sequence[Any], prefix: bool = False) -> bytes:
         """``dir_probe`` of the data plane in use (kvfs.native)."""
-        from . import native
         return native.backend.dir_probe(self.mm, self.nslots, ns.encode(), keys if isinstance(keys, list)
                                         else list(keys), prefix)
 
@@ -222,7 +223,6 @@ class DirectoryReader:
     def contains(self, ns: str, keys: list[Any]) -> tuple[list[bool], int]:
         """``dir_contains`` of the data plane in use: (present?, bitmask of
         the other states met, ``1 << state``)."""
-        from . import native
         return native.backend.dir_contains(self.mm, self.nslots, ns.encode(), keys)
 
     def _item(self, raw: bytes) -> list[Any] | None:

@@ -172,8 +172,6 @@ def run_lmcache_bench(args: argparse.Namespace) -> dict[str, Any]:
                 pass
         loop.call_soon_threadsafe(loop.stop)
         clean_up(work, base, bool(args.dir), daemons)
-        for d in daemons:
-            d.remove_shm()
     return out
 
 

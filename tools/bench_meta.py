@@ -66,7 +66,6 @@ def run_meta_bench(args: argparse.Namespace) -> dict[str, Any]:
                 out["puts_per_s"] = puts / args.meta_seconds
     finally:
         clean_up(work, base, bool(args.dir), [d])
-        d.remove_shm()
     return out
 
 

@@ -53,6 +53,7 @@ def run_nixl_bench(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     from kvfs import native
+    from kvfs.format import segment_name
     from kvfs.integrations.nixl import POSIX_MODES, KvfsNixl
     from kvfs.sizes import parse_size
     from kvfsd.testing import DaemonProcess
@@ -98,7 +99,7 @@ def run_nixl_bench(args: argparse.Namespace) -> dict[str, Any]:
             outs = list(dest)
             # the blocks' extents, for the raw reads of the same bytes
             with s1.hold(keys, ns="bench") as h:
-                t1_ext = [(os.path.join(s1.stripes[st], _seg(sg)), off, ln, i)
+                t1_ext = [(os.path.join(s1.stripes[st], segment_name(sg)), off, ln, i)
                           for i, it in enumerate(h.items) for st, sg, off, ln, _c in it[3]]
             with s0.hold(keys, ns="bench") as h:
                 t0_off = [it[4][0] for it in h.items]
@@ -205,14 +206,7 @@ def run_nixl_bench(args: argparse.Namespace) -> dict[str, Any]:
             except Exception:  # noqa: BLE001 - closing what a failed run left
                 pass
         clean_up(work, base, bool(args.dir), [d1, d0])
-        for d in (d1, d0):
-            d.remove_shm()
     return out
-
-
-def _seg(seg: int) -> str:
-    from kvfs.format import segment_name
-    return segment_name(seg)
 
 
 def _positions(exts: list[tuple[str, int, int, int]]) -> list[int]:

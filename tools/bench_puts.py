@@ -99,7 +99,6 @@ def run_puts_bench(args: argparse.Namespace) -> dict[str, Any]:
                 os.close(fd)
     finally:
         clean_up(work, base, bool(args.dir), [d])
-        d.remove_shm()
     return out
 
 

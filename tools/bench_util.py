@@ -24,11 +24,13 @@ def median_seconds(fn: Callable[[], Any], repeat: int) -> float:
 
 
 def clean_up(work: Path, base: Path, keep_base: bool, daemons: Iterable[Any] = ()) -> None:
-    """Stop the benchmark's daemons and remove its files (``base`` too,
+    """Stop the benchmark's daemons, remove what they left in /dev/shm
+    (arena, directory, journal) and the benchmark's files (``base`` too,
     unless the user named it with --dir)."""
     for d in daemons:
         if d.alive():
             d.stop()
+        d.remove_shm()
     shutil.rmtree(work, ignore_errors=True)
     if not keep_base:
         shutil.rmtree(base, ignore_errors=True)

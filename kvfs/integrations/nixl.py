@@ -52,7 +52,7 @@ import importlib
 import itertools
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar
 
 from kvfs import Store
 from kvfs import protocol as P
@@ -90,6 +90,7 @@ POSIX_MODES: dict[str, dict[str, str]] = {
     "posix_aio": {"use_posix_aio": "true"}}
 _names = itertools.count()
 Descs = list[tuple[int, int, int]]
+_D = TypeVar("_D", bound="_Descriptors")
 
 
 class _Descriptors:
@@ -118,7 +119,7 @@ class _Descriptors:
     def _end(self) -> None:
         raise NotImplementedError
 
-    def __enter__(self) -> "_Descriptors":
+    def __enter__(self: _D) -> _D:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -146,9 +147,6 @@ class NixlRead(_Descriptors):
 
     _end = release
 
-    def __enter__(self) -> "NixlRead":
-        return self
-
 
 class NixlWrite(_Descriptors):
     """Reserved room (the destinations of WRITEs): ``file`` for T1 extents,
@@ -166,9 +164,6 @@ class NixlWrite(_Descriptors):
             self.registry.closed(self)
 
     _end = abort
-
-    def __enter__(self) -> "NixlWrite":
-        return self
 
 
 def _span(obj: Any, writable: bool) -> tuple[int, int, str, int]:
