@@ -38,10 +38,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvfs")
 
 # Reservation sizes: a connection's first is RESERVE_FIRST and each next one
-# twice its last, up to RESERVE_MAX (the daemon caps them at its largest T0
-# value): an idle thread pins little of the arena, a busy one asks rarely.
+# twice its last, up to RESERVE_MAX, or what the rest of the batch being put
+# needs if that is more, up to BATCH_MAX (the daemon caps any reservation at
+# its largest T0 value): an idle thread pins little of the arena, a busy one
+# asks rarely, and a large batch goes in few messages.
 RESERVE_FIRST = 4 << 20
 RESERVE_MAX = 32 << 20
+BATCH_MAX = 1 << 30
 
 
 @dataclass
@@ -76,10 +79,12 @@ def _populate(view: memoryview) -> None:
     _libc.madvise(ctypes.c_void_p(address_of(view)), ctypes.c_size_t(len(view)), MADV_POPULATE_WRITE)
 
 
-def _reserve(conn: "_Connection", arena: Any, n: int) -> ArenaReservation | None:
+def _reserve(conn: "_Connection", arena: Any, n: int, batch_rest: int) -> ArenaReservation | None:
+    """A new reservation for a value of ``n`` bytes and, room allowing, the
+    ``batch_rest`` bytes of the batch that follow it."""
     need, _a = arena_rounded(n)
-    want = max(conn.reserve_next, need + 4096)
-    conn.reserve_next = min(2 * want, RESERVE_MAX)
+    want = max(conn.reserve_next, need + 4096, min(batch_rest, BATCH_MAX))
+    conn.reserve_next = min(2 * conn.reserve_next, RESERVE_MAX)
     got = conn.call(P.RESERVE, {"bytes": want})
     if not got.get("res"):
         conn.reservation = None
@@ -154,6 +159,7 @@ def put_reserved(store: "Store", conn: "_Connection", ns: str, items: list[list[
         except ValueError:
             pass
     full = False
+    rest = sum(arena_rounded(len(v))[0] + 4096 for i, v in enumerate(views) if i not in skip)  # with alignment slack
     for i, v in enumerate(views):
         if i in skip:
             out[i] = False
@@ -161,9 +167,10 @@ def put_reserved(store: "Store", conn: "_Connection", ns: str, items: list[list[
         off = r.place(len(v)) if r is not None else -1
         if off < 0 and not full:
             send()
-            r = _reserve(conn, arena, len(v))
+            r = _reserve(conn, arena, len(v), rest)
             full = r is None
             off = r.place(len(v)) if r is not None else -1
+        rest -= arena_rounded(len(v))[0] + 4096
         if off < 0:
             continue  # too large for a reservation, or no room: the other way
         offs[i] = off
