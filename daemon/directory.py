@@ -20,12 +20,12 @@ from typing import Any
 
 import xxhash
 
-from kvfs.directory import (BUCKET, CHUNK, HEAD, HEAD_STRUCT, HEADER, IN_T1, LAYOUT, MAGIC, MAX_CHUNKS, PROBE, SLOT,
-                            SPILLED_AT, U64, VERSION, check_slots, file_size, home_of, hops_at, slot_offsets)
+from kvfs import native
+from kvfs.directory import (BUCKET, HEAD_STRUCT, HEADER, IN_T1, LAYOUT, MAGIC, MAX_CHUNKS, PROBE, SLOT, SPILLED_AT,
+                            U64, check_slots, file_size, home_of)
 
 from .arena import arena_path
 
-_EMPTY = bytes(16)
 ENTRIES_AT = SPILLED_AT + 8
 
 
@@ -52,44 +52,20 @@ class DirectoryWriter:
         finally:
             os.close(fd)
         HEAD_STRUCT.pack_into(self.mm, 0, MAGIC, LAYOUT, PROBE, 0, nslots, 0, 0)
-        self._hops = hops_at(nslots)
-        self._nb = nslots // BUCKET
         self.entries = 0
         self.spilled: dict[bytes, Any] = {}  # key hash -> mirror entry of a resident key in no slot
         self._spilled_home: dict[int, set[bytes]] = {}  # home bucket -> spilled key hashes
         self.spills = 0  # times a key found its buckets full
-
-    def _find(self, h: bytes) -> tuple[int, int]:
-        """(the slot holding ``h`` or -1, the first free slot of its buckets or -1)."""
-        mm = self.mm
-        for off in slot_offsets(h, self.nslots, mm[self._hops + self._home(h)]):
-            if mm[off + 8:off + 24] == h:
-                return off, -1
-        for off in slot_offsets(h, self.nslots):
-            if mm[off + 8:off + 24] == _EMPTY:
-                return -1, off
-        return -1, -1
-
-    def _write(self, off: int, body: bytes | memoryview) -> None:
-        mm = self.mm
-        v = VERSION.unpack_from(mm, off)[0]
-        VERSION.pack_into(mm, off, v + 1)  # odd: readers retry or miss
-        mm[off + 8:off + 8 + len(body)] = body
-        VERSION.pack_into(mm, off, v + 2)
+        self._put, self._del = native.backend.dir_put, native.backend.dir_del
 
     def _counts(self) -> None:
         U64.pack_into(self.mm, ENTRIES_AT, self.entries)
         U64.pack_into(self.mm, SPILLED_AT, len(self.spilled))
 
-    @staticmethod
-    def _body(h: bytes, m: Any) -> bytes:
-        body = bytearray(SLOT)
-        exts = m.exts if 0 < len(m.exts) <= MAX_CHUNKS else []  # more: present, location asked of the daemon
-        HEAD.pack_into(body, 0, 0, h, m.size, m.seq, m.checksum, m.t0 if m.t0 >= 0 else -1,
-                       0 if m.dirty else IN_T1, len(exts))
-        for i, (stripe, seg, coff, length, ccs) in enumerate(exts):
-            CHUNK.pack_into(body, HEAD.size + i * CHUNK.size, stripe, length, seg, coff, ccs)
-        return bytes(memoryview(body)[8:])
+    def _place(self, h: bytes, m: Any) -> int:
+        """kvfs.directory.put_py (in C when built): 1 new, 0 updated, -1 full."""
+        return self._put(self.mm, self.nslots, h, m.size, m.seq, m.checksum, m.t0, 0 if m.dirty else IN_T1,
+                         m.exts)
 
     def put(self, ok: bytes, m: Any) -> None:
         """Publish (or update) where the resident object ``ok`` lives."""
@@ -97,19 +73,15 @@ class DirectoryWriter:
         if h in self.spilled:
             self.spilled[h] = m
             return
-        off, free = self._find(h)
-        if off < 0:
-            if free < 0:
-                self.spilled[h] = m
-                self._spilled_home.setdefault(self._home(h), set()).add(h)
-                self.spills += 1
-                self._counts()
-                return
-            off = free
+        r = self._place(h, m)
+        if r < 0:
+            self.spilled[h] = m
+            self._spilled_home.setdefault(self._home(h), set()).add(h)
+            self.spills += 1
+            self._counts()
+        elif r:
             self.entries += 1
-            self._hop(h, off, True)  # before the key is there
-        self._write(off, self._body(h, m))
-        self._counts()
+            self._counts()
 
     def remove(self, ok: bytes) -> None:
         """Take ``ok`` out (before its removal is acknowledged, and before
@@ -119,35 +91,15 @@ class DirectoryWriter:
             self._unspill(h)
             self._counts()
             return
-        off, _free = self._find(h)
+        off = self._del(self.mm, self.nslots, h)
         if off < 0:
             return
-        self._write(off, bytes(SLOT - 8))
         self.entries -= 1
-        self._hop(h, off, False)  # after it left
         self._readmit(off)
         self._counts()
 
     def _home(self, h: bytes) -> int:
         return home_of(h, self.nslots)
-
-    def _hop(self, h: bytes, off: int, placed: bool) -> None:
-        """Keep the hop bit of ``h``'s home for the bucket of slot ``off``:
-        set it (a key of that home goes there), or clear it if no key of
-        that home is left in that bucket."""
-        home = self._home(h)
-        bucket = (off - HEADER) // SLOT // BUCKET
-        bit = 1 << ((bucket - home) % self._nb)
-        at = self._hops + home
-        if placed:
-            self.mm[at] |= bit
-            return
-        first = HEADER + bucket * BUCKET * SLOT
-        for o in range(first, first + BUCKET * SLOT, SLOT):
-            kh = self.mm[o + 8:o + 24]
-            if kh != _EMPTY and self._home(kh) == home:
-                return  # another key of that home is still there
-        self.mm[at] &= ~bit & 0xFF
 
     def _unspill(self, h: bytes) -> None:
         home = self._home(h)
@@ -168,8 +120,8 @@ class DirectoryWriter:
             for h in self._spilled_home.get((bucket - back) % nb, ()):
                 m = self.spilled.pop(h)
                 self._unspill(h)
-                self._hop(h, off, True)
-                self._write(off, self._body(h, m))
+                placed = self._place(h, m)  # the freed slot is in its buckets
+                assert placed == 1
                 self.entries += 1
                 return
 

@@ -48,6 +48,7 @@ from .rootlock import RootLock
 from .storecheck import check_record
 from .t0journal import Journal, Pending, read_pending
 from .tier0 import Tier0
+from .write_back import WriteBackPool, pool_size
 from .writer import WriterThread
 
 log = logging.getLogger("kvfsd")
@@ -242,6 +243,7 @@ class Engine:
         self.journal: Journal | None = None
         self.promote_q: OrderedDict[bytes, None] = OrderedDict()
         self.wb_pending: dict[int, PutPlan] = {}  # fast-mode T0 puts whose write-back is queued
+        self.wb_pool: WriteBackPool | None = None
         self._replay_t0()
         if cfg.shm_size:
             self.journal = Journal(arena_path(cfg.root).with_suffix(".journal"))  # the daemon's alone
@@ -249,12 +251,16 @@ class Engine:
             self.perms.apply(arena.path, Kind.DATA)
             self.t0 = Tier0(arena, max(cfg.shm_size // 4, 1),
                             self.leases.obj_leased, self.generation.bump, self._dir_put)
+            self.wb_pool = WriteBackPool(self, pool_size(len(cfg.stripes)))
 
     # ------------------------------------------------------------------ setup
     def close(self) -> None:
         try:
-            for plan in list(self.wb_pending.values()):
-                self.write_back(plan, False)  # T0 is its only copy: write it out before exit
+            if self.wb_pool is not None:
+                self.wb_pool.stop()
+            left = self.take_write_backs(list(self.wb_pending.values()))
+            if left:
+                self.write_back_many(left, False)  # T0 is its only copy: write it out before exit
             self.writer.call(self._flush_atimes)
             self.writer.call(self._persist_segments, sync=True)
         finally:
@@ -719,19 +725,30 @@ class Engine:
         return self._publish_written(plan, self.effective_sync(sync), self.abort_put)
 
     def _publish_written(self, plan: PutPlan, sync: bool, on_error: Callable[[PutPlan], None]) -> list[bool]:
+        return self._publish_many([plan], sync, on_error)[0]
+
+    def _publish_many(self, plans: list[PutPlan], sync: bool,
+                      on_error: Callable[[PutPlan], None]) -> list[list[bool]]:
         """Payloads and headers are written: fdatasync them (sync mode), then
-        the commit that publishes them. ``on_error`` undoes the plan."""
+        one commit that publishes every plan. ``on_error`` undoes a plan."""
         try:
             if sync:
-                for sid in plan.touched:
+                for sid in set().union(*(p.touched for p in plans)):
                     os.fdatasync(self.segs[sid].fd)
-            done = self.writer.call(self.publish_job(plan, sync), sync=sync)
+            jobs = [self.publish_job(p, sync) for p in plans]
+            done = self.writer.call(lambda txn: [job(txn) for job in jobs], sync=sync)
         except BaseException:
-            on_error(plan)
+            for p in plans:
+                on_error(p)
             raise
-        result, cand = self.finish_commit(plan, done)
+        out: list[list[bool]] = []
+        cand: list[int] = []
+        for p, d in zip(plans, done):
+            result, c = self.finish_commit(p, d)
+            out.append(result)
+            cand += c
         self._reclaim(cand)
-        return result
+        return out
 
     def publish_job(self, plan: PutPlan, sync: bool,
                     before: Callable[[], None] | None = None) -> Callable[[Any], Any]:
@@ -816,6 +833,8 @@ class Engine:
             self.counters["put_bytes"] += sum(op.size for (op, _e), f in zip(entries, stored)
                                               if f and not op.via_t0)
             self.counters["puts_existing"] += len(plan.items) - n_new - n_t0
+            if n_t0 and self.journal is not None:
+                self.journal.flush()  # under the lock: before any later delete is acknowledged
         result = [op is not None and (op.t0_stored if op.via_t0 else f)
                   for op, f in zip(plan.items, self._per_item(plan, stored))]
         cand = self._release_reservations(plan)
@@ -875,41 +894,65 @@ class Engine:
         return all(op is None or op.t0 >= 0 for op in plan.items)
 
     def queue_write_back(self, plan: PutPlan) -> None:
+        """Fast mode: the pool writes ``plan`` to T1 in the background."""
         with self._lock:
             self.wb_pending[id(plan)] = plan
+        assert self.wb_pool is not None
+        self.wb_pool.kick()
 
     def write_back(self, plan: PutPlan, sync: bool, queued: bool = False) -> list[bool]:
         """Write a committed T0 plan to T1 and publish it in LMDB (blocking;
-        a worker thread). Items the client wrote to T1 itself get their
-        headers. Durability order as for any put: payload (+ fdatasync in
-        sync mode), then the commit that publishes it. ``queued``: taken
-        from the background queue (whoever pops it first writes it)."""
-        if queued:
-            with self._lock:
-                if self.wb_pending.pop(id(plan), None) is None:
-                    return []
+        a worker thread). ``queued``: taken from the background queue
+        (whoever takes it first writes it); [] if another taker had it."""
+        if queued and not self.take_write_backs([plan]):
+            return []
+        return self.write_back_many([plan], sync)[0]
+
+    def take_write_backs(self, plans: list[PutPlan]) -> list[PutPlan]:
+        """Of queued plans, those this caller now owns (the rest were taken)."""
+        with self._lock:
+            return [p for p in plans if self.wb_pending.pop(id(p), None) is not None]
+
+    def write_back_many(self, plans: list[PutPlan], sync: bool) -> list[list[bool]]:
+        """Write committed T0 plans to T1, then publish them all in one
+        commit. Items the client wrote to T1 itself get their headers.
+        Durability order as for any put: payload (+ fdatasync in sync
+        mode), then the commit that publishes it. A plan whose write fails
+        is dropped (``_write_back_failed``) and the first such error raised
+        once the others are published."""
         assert self.t0 is not None
         arena = self.t0.arena.view
-        try:
-            for op in plan.items:
-                if op is None:
+        written: list[PutPlan] = []
+        error: BaseException | None = None
+        for plan in plans:
+            try:
+                self._write_records(plan, arena)
+            except Exception as e:  # noqa: BLE001 - this plan only; raised below
+                self._write_back_failed(plan)
+                error = error or e
+                continue
+            written.append(plan)
+        out = self._publish_many(written, sync, self._write_back_failed) if written else []
+        if error is not None:
+            raise error
+        return out
+
+    def _write_records(self, plan: PutPlan, arena: memoryview) -> None:
+        for op in plan.items:
+            if op is None:
+                continue
+            m = op.mem
+            for ch in op.chunks:
+                if m is None:
+                    if not op.via_t0:  # the client wrote the payload
+                        head = self._record_head(plan.ns, op, ch)
+                        self._pwrite(ch, [head], len(head))
                     continue
-                m = op.mem
-                for ch in op.chunks:
-                    if m is None:
-                        if not op.via_t0:  # the client wrote the payload
-                            head = self._record_head(plan.ns, op, ch)
-                            self._pwrite(ch, [head], len(head))
-                        continue
-                    if m.deleted:
-                        continue
-                    head = self._record_head(plan.ns, op, ch)
-                    src = arena[m.t0 + ch.chunk_off:m.t0 + ch.chunk_off + ch.length]
-                    self._pwrite(ch, [head, src], len(head) + ch.length)
-        except BaseException:
-            self._write_back_failed(plan)
-            raise
-        return self._publish_written(plan, sync, self._write_back_failed)
+                if m.deleted:
+                    continue
+                head = self._record_head(plan.ns, op, ch)
+                src = arena[m.t0 + ch.chunk_off:m.t0 + ch.chunk_off + ch.length]
+                self._pwrite(ch, [head, src], len(head) + ch.length)
 
     def _write_back_failed(self, plan: PutPlan) -> None:
         """T1 refused the write (disk full...): the dirty entries cannot stay
@@ -919,6 +962,8 @@ class Engine:
                 if op is not None and op.mem is not None:
                     log.error("write-back of %s/%s failed: dropped", plan.ns, op.key)
                     self._written_back(plan.ns, op, None)
+            if self.journal is not None:
+                self.journal.flush()
         self.abort_put(plan)
 
     def _written_back(self, ns: str, op: ObjPlan, e: ObjEntry | None) -> None:

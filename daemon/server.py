@@ -205,16 +205,6 @@ class Server:
                     log.exception("promotion to T0 failed")
                     self.engine.promote_q.clear()
 
-    async def _write_back_bg(self, plan: PutPlan) -> None:
-        """Fast mode: a T0 put is acknowledged once readable from T0; this
-        writes it to T1. On shutdown, what is still queued is written by
-        Engine.close (the plan stays in engine.wb_pending until taken)."""
-        try:
-            await self._thread(self.engine.write_back, plan, False, True)
-        except Exception as e:  # noqa: BLE001 - the daemon must outlive a failing disk
-            # write_back dropped the affected objects (T0 may not hold what T1 refused)
-            log.error("write-back to T1 failed: %s: %s", type(e).__name__, e)
-
     async def _handle(self, sock: trio.socket.SocketType) -> None:
         conn = Conn(sock)
         self.connections += 1
@@ -360,8 +350,6 @@ class Server:
                 # client wrote to T1 itself are readable only once published
                 return await self._thread(eng.write_back, pending, sync)
             eng.queue_write_back(pending)
-            assert self._nursery is not None
-            self._nursery.start_soon(self._write_back_bg, pending)
             return [o is not None and o.t0_stored for o in pending.items]
         if op == P.RESERVE:
             # a new reservation ends the connection's previous ones: a client fills one at a time
@@ -486,8 +474,6 @@ class Server:
             stored = await self._thread(eng.write_back, plan, sync)
         else:
             eng.queue_write_back(plan)
-            assert self._nursery is not None
-            self._nursery.start_soon(self._write_back_bg, plan)
             stored = [o is not None and o.t0_stored for o in plan.items]
         # per item its sequence number (-1: not stored), which the client's location cache wants
         return [o.seq if ok and o is not None else -1 for o, ok in zip(plan.items, stored)]

@@ -10,11 +10,16 @@ like any put; then both files are removed. (An OS crash loses /dev/shm and
 with it the backlog: that is what fast mode allows.)
 
 Records: u32 length | 8-byte xxh3-64 of the body | msgpack body, appended
-with one write() each (a torn or garbled tail is ignored). Bodies:
+with one write() per batch (a torn or garbled tail is ignored). Bodies:
 ``["P", ns, key, seq, size, arena_off, object_sum, [chunk_sum...], meta]``
 when a T0 put is published, ``["D", ns, key, seq]`` when its write-back
 ended (written, deleted or dropped). The file is truncated whenever the
 backlog is empty, so it stays small.
+
+"Done" records are buffered and written by ``flush`` (once per write-back
+batch): one lost with a crash only makes the next start write that put to
+T1 again, where it is found already stored and skipped. "P" records are
+written before their put is acknowledged: those are what must not be lost.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ class Journal:
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         os.fchmod(self.fd, 0o600)  # the daemon's alone (kvfsd.fileperms), even if an old file was wider
+        self._done: list[list[Any]] = []
 
     def _append(self, bodies: list[list[Any]]) -> None:
         out = bytearray()
@@ -60,13 +66,21 @@ class Journal:
         self._append([["P", p.ns, p.key, p.seq, p.size, p.off, p.checksum, p.chunk_sums, p.meta] for p in items])
 
     def done(self, ns: str, key: str, seq: int) -> None:
-        self._append([["D", ns, key, seq]])
+        self._done.append(["D", ns, key, seq])  # written by flush
+
+    def flush(self) -> None:
+        if self._done:
+            done, self._done = self._done, []
+            self._append(done)
 
     def empty(self) -> None:
         """No write-back is pending: start over (keeps the file small)."""
+        self._done.clear()
         os.ftruncate(self.fd, 0)
 
     def close(self, remove: bool = True) -> None:
+        if not remove:
+            self.flush()
         os.close(self.fd)
         if remove:
             self.path.unlink(missing_ok=True)

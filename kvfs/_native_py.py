@@ -167,3 +167,17 @@ def dir_contains(directory: Any, nslots: int, ns: bytes, keys: list[Any]) -> tup
     for st in set(states) - {1}:
         seen |= 1 << st
     return [st == 1 for st in states], seen
+
+
+def dir_put(directory: Any, nslots: int, h: bytes, size: int, seq: int, checksum: bytes, t0: int, flags: int,
+            exts: list[Any]) -> int:
+    """The location directory writer's put (kvfs.directory.put_py, the C
+    ``dir_put``'s twin): 1 new slot, 0 updated, -1 no room."""
+    from .directory import put_py
+    return put_py(directory, nslots, h, size, seq, checksum, t0, flags, exts)
+
+
+def dir_del(directory: Any, nslots: int, h: bytes) -> int:
+    """The writer's removal (kvfs.directory.del_py): the slot freed or -1."""
+    from .directory import del_py
+    return del_py(directory, nslots, h)

@@ -83,6 +83,7 @@ U64 = struct.Struct("<Q")
 assert HEAD.size + MAX_CHUNKS * CHUNK.size == SLOT
 assert HEAD_STRUCT.size <= HEADER
 IN_T1 = 1
+_EMPTY = bytes(16)
 ABSENT, PRESENT, SLOW, UNKNOWN = 0, 1, 2, 3  # dir_probe's states
 
 
@@ -162,6 +163,77 @@ def probe_py(mm: Any, nslots: int, ns: bytes, keys: Sequence[Any], prefix: bool 
         if prefix and st != PRESENT:
             break
     return bytes(out)
+
+
+# ---- the writer's slot operations (the daemon's, under its engine lock):
+# C dir_put / dir_del in native/directory.c; these are their twins.
+
+def _find(mm: Any, nslots: int, h: bytes) -> tuple[int, int]:
+    """(the slot holding ``h`` or -1, the first free slot of its buckets or -1)."""
+    for off in _candidates(mm, h, nslots):
+        if mm[off + 8:off + 24] == h:
+            return off, -1
+    for off in slot_offsets(h, nslots):
+        if mm[off + 8:off + 24] == _EMPTY:
+            return -1, off
+    return -1, -1
+
+
+def _write(mm: Any, off: int, body: bytes | memoryview) -> None:
+    v = VERSION.unpack_from(mm, off)[0]
+    VERSION.pack_into(mm, off, v + 1)  # odd: readers retry or miss
+    mm[off + 8:off + 8 + len(body)] = body
+    VERSION.pack_into(mm, off, v + 2)
+
+
+def _hop(mm: Any, nslots: int, h: bytes, off: int, placed: bool) -> None:
+    """Keep the hop bit of ``h``'s home for the bucket of slot ``off``: set
+    it (a key of that home goes there), or clear it if no key of that home
+    is left in that bucket."""
+    nb = nslots // BUCKET
+    home = home_of(h, nslots)
+    bucket = (off - HEADER) // SLOT // BUCKET
+    bit = 1 << ((bucket - home) % nb)
+    at = hops_at(nslots) + home
+    if placed:
+        mm[at] |= bit
+        return
+    first = HEADER + bucket * BUCKET * SLOT
+    for o in range(first, first + BUCKET * SLOT, SLOT):
+        kh = mm[o + 8:o + 24]
+        if kh != _EMPTY and home_of(kh, nslots) == home:
+            return  # another key of that home is still there
+    mm[at] &= ~bit & 0xFF
+
+
+def put_py(mm: Any, nslots: int, h: bytes, size: int, seq: int, checksum: bytes, t0: int, flags: int,
+           exts: list[Any]) -> int:
+    """Publish where the object of key hash ``h`` lives: 1 it took a free
+    slot, 0 its slot was updated, -1 its buckets are full (not written)."""
+    off, free = _find(mm, nslots, h)
+    new = 0
+    if off < 0:
+        if free < 0:
+            return -1
+        off, new = free, 1
+        _hop(mm, nslots, h, off, True)  # before the key is there
+    body = bytearray(SLOT)
+    exts = exts if len(exts) <= MAX_CHUNKS else []  # more: present, location asked of the daemon
+    HEAD.pack_into(body, 0, 0, h, size, seq, checksum, t0 if t0 >= 0 else -1, flags, len(exts))
+    for i, (stripe, seg, coff, length, ccs) in enumerate(exts):
+        CHUNK.pack_into(body, HEAD.size + i * CHUNK.size, stripe, length, seg, coff, ccs)
+    _write(mm, off, memoryview(body)[8:])
+    return new
+
+
+def del_py(mm: Any, nslots: int, h: bytes) -> int:
+    """Take key hash ``h`` out: the slot it freed, -1 if it was in none."""
+    off, _free = _find(mm, nslots, h)
+    if off < 0:
+        return -1
+    _write(mm, off, bytes(SLOT - 8))
+    _hop(mm, nslots, h, off, False)  # after it left
+    return off
 
 
 class DirectoryReader:

@@ -201,3 +201,198 @@ PyObject *kv_dir_contains(PyObject *self, PyObject *args) {
     (void)self;
     return probe_batch(args, 2);
 }
+
+/* ---- the writer's side (the daemon, one writer, under its engine lock):
+   kvfs.directory.put_py / del_py are the twins. In Python a put cost about
+   ten microseconds, twice per T0 put (published, then written back). */
+
+#define DIR_HEAD 72 /* HEAD: u64 version | 16s hash | u64 size | u64 seq | 16s sum | i64 t0 | u32 flags | u32 n */
+#define DIR_CHUNK 40 /* CHUNK: u32 stripe | u32 length | u64 seg | u64 offset | 16s sum */
+#define DIR_MAX_CHUNKS 3
+
+static const unsigned char EMPTY16[16];
+
+static uint64_t home_bucket(const unsigned char *h, uint64_t nbuckets) {
+    uint64_t low;
+    memcpy(&low, h, 8);
+    return low & (nbuckets - 1);
+}
+
+/* the slot holding h (or NULL); *free_slot: the first free one of its buckets (or NULL) */
+static unsigned char *find_slot(unsigned char *table, const unsigned char *hops, uint64_t nbuckets,
+                                const unsigned char *h, unsigned char **free_slot) {
+    uint64_t b = home_bucket(h, nbuckets);
+    unsigned hop = hops[b];
+    *free_slot = NULL;
+    for (int i = 0; i < DIR_PROBE; i++) {
+        if (!(hop >> i & 1)) continue;
+        unsigned char *bucket = table + ((b + i) & (nbuckets - 1)) * DIR_BUCKET * DIR_SLOT;
+        for (int j = 0; j < DIR_BUCKET; j++)
+            if (memcmp(bucket + j * DIR_SLOT + 8, h, 16) == 0) return bucket + j * DIR_SLOT;
+    }
+    for (int i = 0; i < DIR_PROBE && !*free_slot; i++) {
+        unsigned char *bucket = table + ((b + i) & (nbuckets - 1)) * DIR_BUCKET * DIR_SLOT;
+        for (int j = 0; j < DIR_BUCKET; j++)
+            if (memcmp(bucket + j * DIR_SLOT + 8, EMPTY16, 16) == 0) {
+                *free_slot = bucket + j * DIR_SLOT;
+                break;
+            }
+    }
+    return NULL;
+}
+
+/* seqlock write of a slot's body (bytes 8..SLOT): odd version, body, even version */
+static void write_slot(unsigned char *slot, const unsigned char *body) {
+    uint64_t *ver = (uint64_t *)slot;
+    uint64_t v = __atomic_load_n(ver, __ATOMIC_RELAXED);
+    __atomic_store_n(ver, v + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE); /* readers see odd before any new byte */
+    memcpy(slot + 8, body, DIR_SLOT - 8);
+    __atomic_store_n(ver, v + 2, __ATOMIC_RELEASE);
+}
+
+static void set_hop(unsigned char *table, unsigned char *hops, uint64_t nbuckets, const unsigned char *h,
+                    const unsigned char *slot, int placed) {
+    uint64_t home = home_bucket(h, nbuckets);
+    uint64_t bucket = (uint64_t)(slot - table) / DIR_SLOT / DIR_BUCKET;
+    unsigned char bit = (unsigned char)(1u << ((bucket - home) & (nbuckets - 1)));
+    if (placed) {
+        __atomic_store_n(hops + home, (unsigned char)(hops[home] | bit), __ATOMIC_RELEASE);
+        return;
+    }
+    const unsigned char *first = table + bucket * DIR_BUCKET * DIR_SLOT;
+    for (int j = 0; j < DIR_BUCKET; j++) {
+        const unsigned char *kh = first + j * DIR_SLOT + 8;
+        if (memcmp(kh, EMPTY16, 16) != 0 && home_bucket(kh, nbuckets) == home) return;
+    }
+    __atomic_store_n(hops + home, (unsigned char)(hops[home] & ~bit), __ATOMIC_RELEASE);
+}
+
+static int check_table(Py_buffer *dir, unsigned long long nslots) {
+    if (nslots < DIR_BUCKET * DIR_PROBE || (nslots & (nslots - 1)) ||
+        (unsigned long long)dir->len < DIR_HEADER + nslots * DIR_SLOT + nslots / DIR_BUCKET) {
+        PyErr_SetString(PyExc_ValueError, "directory buffer does not hold that many slots");
+        return 0;
+    }
+    return 1;
+}
+
+static int get_u64(PyObject *o, uint64_t *out) {
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) return 0;
+    *out = v;
+    return 1;
+}
+
+/* the 16-byte field at dst from a bytes object (shorter: zero-padded, as struct's "16s") */
+static int put16(unsigned char *dst, PyObject *o) {
+    if (!PyBytes_Check(o)) {
+        PyErr_SetString(PyExc_TypeError, "checksums are bytes");
+        return 0;
+    }
+    Py_ssize_t n = PyBytes_GET_SIZE(o);
+    memcpy(dst, PyBytes_AS_STRING(o), (size_t)(n < 16 ? n : 16));
+    return 1;
+}
+
+PyObject *kv_dir_put(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer dir, h;
+    unsigned long long nslots, size, seq;
+    long long t0;
+    unsigned int flags;
+    PyObject *checksum, *exts, *result = NULL;
+    if (!PyArg_ParseTuple(args, "w*Ky*KKSLIO", &dir, &nslots, &h, &size, &seq, &checksum, &t0, &flags, &exts))
+        return NULL;
+    if (!check_table(&dir, nslots)) goto out;
+    if (h.len != 16 || !PyList_Check(exts)) {
+        PyErr_SetString(PyExc_ValueError, "a 16-byte key hash and a list of extents");
+        goto out;
+    }
+    unsigned char body[DIR_SLOT];
+    memset(body, 0, sizeof body);
+    Py_ssize_t n = PyList_GET_SIZE(exts);
+    if (n > DIR_MAX_CHUNKS) n = 0; /* more: present, location asked of the daemon */
+    memcpy(body + 8, h.buf, 16);
+    memcpy(body + 24, &size, 8);
+    memcpy(body + 32, &seq, 8);
+    if (!put16(body + 40, checksum)) goto out;
+    int64_t off0 = t0 >= 0 ? t0 : -1;
+    memcpy(body + 56, &off0, 8);
+    uint32_t n32 = (uint32_t)n;
+    memcpy(body + 64, &flags, 4);
+    memcpy(body + 68, &n32, 4);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *x = PyList_GET_ITEM(exts, i);
+        PyObject *fast = PySequence_Fast(x, "an extent is [stripe, seg, offset, length, sum]");
+        if (!fast) goto out;
+        uint64_t stripe, seg, coff, length;
+        int good = PySequence_Fast_GET_SIZE(fast) == 5;
+        if (!good) PyErr_SetString(PyExc_ValueError, "an extent is [stripe, seg, offset, length, sum]");
+        PyObject **f = PySequence_Fast_ITEMS(fast);
+        good = good && get_u64(f[0], &stripe) && get_u64(f[1], &seg) && get_u64(f[2], &coff) &&
+               get_u64(f[3], &length);
+        unsigned char *c = body + DIR_HEAD + i * DIR_CHUNK;
+        if (good) {
+            uint32_t s32 = (uint32_t)stripe, l32 = (uint32_t)length;
+            memcpy(c, &s32, 4);
+            memcpy(c + 4, &l32, 4);
+            memcpy(c + 8, &seg, 8);
+            memcpy(c + 16, &coff, 8);
+            good = put16(c + 24, f[4]);
+        }
+        Py_DECREF(fast);
+        if (!good) goto out;
+    }
+    unsigned char *table = (unsigned char *)dir.buf + DIR_HEADER;
+    unsigned char *hops = table + nslots * DIR_SLOT;
+    uint64_t nbuckets = nslots / DIR_BUCKET;
+    unsigned char *free_slot;
+    unsigned char *slot = find_slot(table, hops, nbuckets, h.buf, &free_slot);
+    long r = 0;
+    if (!slot) {
+        if (!free_slot) {
+            result = PyLong_FromLong(-1);
+            goto out;
+        }
+        slot = free_slot;
+        r = 1;
+        set_hop(table, hops, nbuckets, h.buf, slot, 1); /* before the key is there */
+    }
+    write_slot(slot, body + 8);
+    result = PyLong_FromLong(r);
+out:
+    PyBuffer_Release(&dir);
+    PyBuffer_Release(&h);
+    return result;
+}
+
+PyObject *kv_dir_del(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer dir, h;
+    unsigned long long nslots;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "w*Ky*", &dir, &nslots, &h)) return NULL;
+    if (!check_table(&dir, nslots)) goto out;
+    if (h.len != 16) {
+        PyErr_SetString(PyExc_ValueError, "a 16-byte key hash");
+        goto out;
+    }
+    unsigned char *table = (unsigned char *)dir.buf + DIR_HEADER;
+    unsigned char *hops = table + nslots * DIR_SLOT;
+    uint64_t nbuckets = nslots / DIR_BUCKET;
+    unsigned char *free_slot;
+    unsigned char *slot = find_slot(table, hops, nbuckets, h.buf, &free_slot);
+    if (!slot) {
+        result = PyLong_FromLong(-1);
+        goto out;
+    }
+    static const unsigned char zero[DIR_SLOT];
+    write_slot(slot, zero);
+    set_hop(table, hops, nbuckets, h.buf, slot, 0); /* after it left */
+    result = PyLong_FromSsize_t((Py_ssize_t)(slot - (unsigned char *)dir.buf));
+out:
+    PyBuffer_Release(&dir);
+    PyBuffer_Release(&h);
+    return result;
+}

@@ -636,6 +636,8 @@ static PyObject *py_aligned_buffer(PyObject *self, PyObject *args) {
 
 PyObject *kv_dir_probe(PyObject *self, PyObject *args); /* directory.c */
 PyObject *kv_dir_contains(PyObject *self, PyObject *args);
+PyObject *kv_dir_put(PyObject *self, PyObject *args);
+PyObject *kv_dir_del(PyObject *self, PyObject *args);
 
 static PyMethodDef methods[] = {
     {"dir_probe", kv_dir_probe, METH_VARARGS,
@@ -645,6 +647,11 @@ static PyMethodDef methods[] = {
     {"dir_contains", kv_dir_contains, METH_VARARGS,
      "dir_contains(directory, nslots, ns, keys) -> ([bool], seen): dir_probe as a list of bools (True: "
      "present), and a bitmask of the other states met (1 << state)"},
+    {"dir_put", kv_dir_put, METH_VARARGS,
+     "dir_put(directory, nslots, hash, size, seq, checksum, t0, flags, extents) -> 1 took a free slot, "
+     "0 updated its slot, -1 its buckets are full (the daemon's writer side; kvfs/directory.py)"},
+    {"dir_del", kv_dir_del, METH_VARARGS,
+     "dir_del(directory, nslots, hash) -> byte offset of the slot it freed, -1 if in none"},
     {"read_many", py_read_many, METH_VARARGS,
      "read_many(fds, offsets, dests, sums, threads=1) -> [status]: pread each dest fully; verify "
      "xxh3-128 where a sum is given. status 0 ok, 1 short file, 2 mismatch, -errno."},

@@ -131,3 +131,38 @@ def test_a_directory_size_it_cannot_use_is_a_one_line_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kvfstools.cli", "daemon", "--root", str(tmp_path), "--dir-slots", "16"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "a power of two >= 32" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_c_writer_and_its_python_twin_write_the_same_bytes(tmp_path):
+    """The daemon's slot writes (dir_put / dir_del) in C and in Python leave
+    byte-identical tables through puts, updates, spills and removals."""
+    import random
+
+    from kvfs import _native_py
+    from kvfs.directory import file_size
+    if native.name != "native":
+        pytest.skip("the C data plane is not built")
+    nslots = 64  # small: buckets fill, puts are refused, removals clear hop bits
+    a, b = bytearray(file_size(nslots)), bytearray(file_size(nslots))
+    rng = random.Random(7)
+    import xxhash
+    live: list[bytes] = []
+    for step in range(3000):
+        if live and rng.random() < 0.4:
+            h = live.pop(rng.randrange(len(live)))
+            assert native.backend.dir_del(a, nslots, h) == _native_py.dir_del(b, nslots, h) >= 0
+        else:
+            h = xxhash.xxh3_128_digest(str(rng.randrange(200)).encode())
+            exts = [[rng.randrange(4), rng.randrange(1 << 40), 4096 * step, 1 << 16, bytes([step % 256]) * 16]
+                    for _ in range(rng.choice([1, 2, 3, 4]))]
+            args = (h, rng.randrange(1 << 40), step, bytes([1]) * 16, rng.choice([-1, 4096 * step]),
+                    rng.choice([0, 1]), exts)
+            r = native.backend.dir_put(a, nslots, *args)
+            assert r == _native_py.dir_put(b, nslots, *args)
+            if r == 1:
+                live.append(h)
+        assert a == b, f"tables differ after step {step}"
+    absent = xxhash.xxh3_128_digest(b"never put")
+    assert native.backend.dir_del(a, nslots, absent) == _native_py.dir_del(b, nslots, absent) == -1
+    with pytest.raises(ValueError):
+        native.backend.dir_put(a, 48, *args)  # not a power of two

@@ -10,7 +10,13 @@ the physical baselines of the same bytes in the same run.
 - the daemon's time in its ``put_t0`` handler per object (its request
   histogram), and the whole daemon's CPU time per object (its /proc stat);
 - memcpy of the same bytes into a preallocated buffer and raw ``pwrite`` of
-  them to a file on the same disk, for the ratios.
+  them to a file on the same disk, for the ratios;
+- sustained: ``put_many`` of 1 MiB values, ``wait=False``, 4 x the arena
+  of a second daemon (so the write-back, not the arena, must keep up),
+  until ``flush``, against raw ``pwrite`` of the same bytes to files on the
+  same stripes (one thread per stripe, no fsync: fast mode does not sync
+  either); with the longest ``put_many`` call, which shows whether a put
+  ever waited on the write-back.
 """
 from __future__ import annotations
 
@@ -97,9 +103,61 @@ def run_puts_bench(args: argparse.Namespace) -> dict[str, Any]:
                 out["pwrite_gbs"] = n_batches * BATCH * VALUE / (time.perf_counter() - t) / 1e9
             finally:
                 os.close(fd)
+        out["sustained"] = _sustained(args, work)
     finally:
         clean_up(work, base, bool(args.dir), [d])
     return out
+
+
+SUSTAINED_VALUE = 1 << 20
+SUSTAINED_BATCH = 16
+
+
+def _sustained(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import numpy as np
+
+    from kvfs import native
+    from kvfsd.testing import DaemonProcess
+
+    arena = (64 if args.quick else 256) << 20
+    total = 4 * arena
+    d = DaemonProcess(work / "kvfs-sustained", stripes=args.stripes, capacity="16G", shm_size=arena,
+                      log=work / "kvfs-sustained.log")
+    vals = np.random.default_rng(2).integers(0, 256, (SUSTAINED_BATCH, SUSTAINED_VALUE), dtype=np.uint8)
+    n_batches = total // (SUSTAINED_BATCH * SUSTAINED_VALUE)
+    try:
+        d.start()
+        with d.connect() as s:
+            calls = []
+            t = time.perf_counter()
+            for b in range(n_batches):
+                c = time.perf_counter()
+                s.put_many([f"z{b}-{j}" for j in range(SUSTAINED_BATCH)], list(vals), wait=False)
+                calls.append(time.perf_counter() - c)
+            s.flush()
+            dt = time.perf_counter() - t
+            full = s.stats()["tiers"]["T0"].get("full", 0)
+    finally:
+        d.stop()
+    from concurrent.futures import ThreadPoolExecutor
+    fds = [os.open(Path(st) / "raw", os.O_WRONLY | os.O_CREAT, 0o600) for st in d.stripes]
+
+    def fill(i: int) -> None:  # stripe i's share of the batches, as the daemon spreads them
+        for n, b in enumerate(range(i, n_batches, len(fds))):
+            native.backend.write_many([fds[i]] * SUSTAINED_BATCH,
+                                      [(n * SUSTAINED_BATCH + j) * SUSTAINED_VALUE for j in range(SUSTAINED_BATCH)],
+                                      list(vals), 1)
+    try:
+        t = time.perf_counter()
+        with ThreadPoolExecutor(len(fds)) as pool:
+            list(pool.map(fill, range(len(fds))))
+        raw_dt = time.perf_counter() - t
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return {"arena": arena, "bytes": n_batches * SUSTAINED_BATCH * SUSTAINED_VALUE, "gbs": total / dt / 1e9,
+            "raw_gbs": total / raw_dt / 1e9, "max_call_ms": max(calls) * 1e3,
+            "p99_call_ms": sorted(calls)[int(len(calls) * .99)] * 1e3, "arena_full": full}
 
 
 def format_puts(res: dict[str, Any]) -> str:
@@ -113,5 +171,12 @@ def format_puts(res: dict[str, Any]) -> str:
     rows2.append(["raw pwrite (same bytes, one thread, fsync)", "", f"{res['pwrite_gbs']:.2f}", "1.00x", ""])
     rows2.append(["memcpy (same bytes, one thread)", "", f"{res['memcpy_gbs']:.2f}", "", ""])
     t2 = render(["until flush (written back to T1)", "objects/s", "GB/s", "vs pwrite", "daemon CPU us/object"], rows2)
+    su = res["sustained"]
+    t3 = render(["sustained: 4 x a {} MiB arena, 1 MiB values".format(su["arena"] >> 20), "GB/s", "vs pwrite",
+                 "longest put_many", "p99 put_many"],
+                [["put_many of 16, no wait, until flush", f"{su['gbs']:.2f}", f"{su['gbs'] / su['raw_gbs']:.2f}x",
+                  f"{su['max_call_ms']:.1f} ms", f"{su['p99_call_ms']:.1f} ms"],
+                 ["raw pwrite (same bytes, a thread per stripe)", f"{su['raw_gbs']:.2f}", "1.00x", "", ""]])
     return (f"{head}\n{t1}\n\n{t2}\n\ndaemon put_t0 handler: {res['handler_us_per_object']:.1f} us per object "
-            f"(on its event loop)")
+            f"(on its event loop)\n\n{t3}\narena full (reservations refused, puts went to T1 directly): "
+            f"{su['arena_full']} times")

@@ -1,0 +1,96 @@
+"""Write-back of fast-mode T0 puts to T1, by a small pool of threads.
+
+A fast-mode T0 put is acknowledged once its bytes are in the arena and its
+mirror entry is published; its plan then waits in ``Engine.wb_pending``
+(insertion order) until a pool thread takes it.
+
+Invariants:
+- A queued plan is taken by exactly one taker: a pool thread, a sync caller
+  or ``Engine.close`` (``Engine.take_write_backs`` pops under the engine lock).
+- A thread takes what is queued, oldest first, up to ``BATCH_BYTES`` and
+  ``BATCH_PLANS``, and writes it as one batch: every record with pwritev
+  (the GIL is released, so threads write different stripes at once), then
+  one writer job publishes the whole batch, then the mirror follows.
+- A failing write drops only the plans it hit (T0 may not keep what T1
+  refused), logged; the thread goes on with the next batch.
+- Backpressure is the arena: dirty values are never evicted, so when
+  write-back falls behind, the arena fills, reservations fail and clients
+  put straight to T1 (alloc/commit) at disk speed. No put waits for the pool.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .engine import Engine, PutPlan
+
+log = logging.getLogger("kvfsd")
+
+BATCH_BYTES = 32 << 20
+BATCH_PLANS = 256
+
+
+def pool_size(stripes: int) -> int:
+    """One thread per stripe (each keeps one disk busy), two at least (one
+    copies while the other waits on the writer), eight at most."""
+    return max(2, min(8, stripes))
+
+
+class WriteBackPool:
+    def __init__(self, engine: "Engine", threads: int):
+        self.engine = engine
+        self._cv = threading.Condition()
+        self._stopping = False
+        self.batches = 0
+        self._threads = [threading.Thread(target=self._run, name=f"kvfs-wb{i}", daemon=True)
+                         for i in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def kick(self) -> None:
+        """Something was queued."""
+        with self._cv:
+            self._cv.notify()
+
+    def stop(self) -> None:
+        """Let every thread finish its batch and end; what is still queued
+        stays queued (``Engine.close`` writes it)."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join()
+
+    def _take(self) -> list["PutPlan"]:
+        eng = self.engine
+        with eng._lock:
+            plans: list[PutPlan] = []
+            size = 0
+            for key in list(eng.wb_pending):
+                if len(plans) >= BATCH_PLANS or (plans and size >= BATCH_BYTES):
+                    break
+                p = eng.wb_pending.pop(key)
+                plans.append(p)
+                size += sum(p.sizes)
+            return plans
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self.engine.wb_pending:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+            plans = self._take()
+            if not plans:
+                continue
+            if self.engine.wb_pending:
+                self.kick()  # more is queued: another thread takes it meanwhile
+            try:
+                self.engine.write_back_many(plans, False)
+            except Exception as e:  # noqa: BLE001 - the daemon must outlive a failing disk
+                # write_back_many dropped the affected objects (T0 may not hold what T1 refused)
+                log.error("write-back to T1 failed: %s: %s", type(e).__name__, e)
+            self.batches += 1
