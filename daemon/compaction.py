@@ -43,7 +43,8 @@ from kvfs import format as fmt
 from .index import SEG_SEALED, Extent, ObjEntry, segobj_key, split_obj_key
 
 if TYPE_CHECKING:
-    from .engine import ChunkPlan, Engine
+    from .engine import Engine
+    from .segments import ChunkPlan
 
 log = logging.getLogger("kvfsd")
 

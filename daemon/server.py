@@ -27,11 +27,13 @@ from kvfs.errors import InvalidArgument, KvfsError, ProtocolError
 
 from .access import OP_RIGHT, Right, action_of
 from .connector_stats import ConnectorStats
-from .engine import Engine, NeedRoom, PutPlan
+from .engine import Engine
 from .fileperms import Kind
 from .jobs import Job, Jobs
 from .metrics import RequestStats
 from .peers import unix_peer
+from .segments import PutPlan
+from .space import NeedRoom
 
 log = logging.getLogger("kvfsd")
 

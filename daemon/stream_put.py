@@ -20,7 +20,8 @@ from typing import Any
 
 import xxhash
 
-from .engine import ChunkPlan, Engine
+from .engine import Engine
+from .segments import ChunkPlan
 
 ZEROS = bytes(1 << 20)
 

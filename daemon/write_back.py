@@ -24,7 +24,8 @@ import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .engine import Engine, PutPlan
+    from .engine import Engine
+    from .segments import PutPlan
 
 log = logging.getLogger("kvfsd")
 

@@ -1,0 +1,128 @@
+"""Placement: where a record goes. Segments on the stripes, one open
+segment per stripe, objects striped round robin in ``stripe_unit`` chunks.
+
+Invariants:
+- a chunk is reserved at the end of its stripe's open segment, under the
+  lock; a segment full for it is sealed and a new one opened (its row goes
+  out with the next commit: ``_segment_rows``);
+- a segment's file gets its kind's permissions before any client learns
+  its name;
+- the daemon, not a client, writes record headers, so none can be forged.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from kvfs import format as fmt
+from kvfs.errors import CapacityError
+
+from .engine_state import EngineState
+from .fileperms import Kind
+from .index import SEG_OPEN, SEG_SEALED
+from .segments import ChunkPlan, ObjPlan, SegState
+
+log = logging.getLogger("kvfsd")
+
+
+class Placement(EngineState):
+    def stripe_paths(self) -> list[str]:
+        return [str(p) for p in self.cfg.stripes]
+
+    def seg_path(self, stripe: int, seg: int) -> Path:
+        return self.cfg.stripes[stripe] / fmt.segment_name(seg)
+
+    def segment_fd(self, seg: int) -> int:
+        """The daemon's fd of a segment, -1 if it is gone. The caller holds a
+        lease on it (or otherwise knows it cannot be unlinked meanwhile)."""
+        with self._lock:
+            s = self.segs.get(seg)
+            return s.ensure_fd() if s is not None else -1
+
+    def _footprint(self, ns: str, key: str, size: int) -> int:
+        nl, kl = len(ns.encode()), len(key.encode())
+        n = max(1, -(-size // self.stripe_unit))
+        return sum(fmt.record_span(nl, kl, min(self.stripe_unit, size - i * self.stripe_unit)) for i in range(n))
+
+    def _reserve(self, ns: str, key: str, size: int, meta: bytes | None, touched: set[int]) -> ObjPlan:
+        seq = self._next_seq
+        self._next_seq += 1
+        nstripes = len(self.cfg.stripes)
+        start = self._rr
+        self._rr = (self._rr + 1) % nstripes
+        nl, kl = len(ns.encode()), len(key.encode())
+        n = max(1, -(-size // self.stripe_unit))
+        chunks = [self._place_chunk((start + i) % nstripes, nl, kl, i,
+                                    min(self.stripe_unit, size - i * self.stripe_unit), touched)
+                  for i in range(n)]
+        return ObjPlan(key, size, meta, seq, chunks, xxhash.xxh3_128() if n > 1 else None)
+
+    def _place_chunk(self, stripe: int, nl: int, kl: int, i: int, length: int, touched: set[int]) -> ChunkPlan:
+        """Reserve room for chunk ``i`` at the end of ``stripe``'s open
+        segment. Caller holds the lock."""
+        seg = self._segment_for(stripe, fmt.record_span(nl, kl, length))
+        start = seg.end
+        hdr, pay, end = fmt.place_record(start, nl, kl, length)
+        self._usage += end - start
+        seg.end = end
+        seg.reserved[start] = end
+        touched.add(seg.seg)
+        return ChunkPlan(stripe, seg.seg, hdr, pay, end, length, i * self.stripe_unit, i, start=start)
+
+    def _segment_for(self, stripe: int, span: int) -> SegState:
+        sid = self.open_seg.get(stripe)
+        if sid is not None:
+            seg = self.segs[sid]
+            if seg.end + span <= self.cfg.segment_size or seg.end == 0:
+                return seg
+            seg.state = SEG_SEALED
+            seg.persisted = False  # the sealed state goes out with the next commit
+        sid = self._next_seg
+        self._next_seg += 1
+        seg = SegState(sid, stripe, self.seg_path(stripe, sid), SEG_OPEN, 0)
+        self.perms.apply(seg.ensure_fd(), Kind.DATA)  # before any client learns its name
+        self.segs[sid] = seg
+        self.open_seg[stripe] = sid
+        return seg
+
+    @staticmethod
+    def _record_head(ns: str, op: ObjPlan, ch: ChunkPlan) -> bytes:
+        return Placement.record_head(ns, op.key, len(op.chunks), op.size, op.seq, ch)
+
+    @staticmethod
+    def record_head(ns: str, key: str, nchunks: int, size: int, seq: int, ch: ChunkPlan) -> bytes:
+        """A chunk's record header and the padding up to its payload: the
+        bytes from ``ch.hdr_off`` to ``ch.payload_off``."""
+        hdr = fmt.RecordHeader(ns, key, ch.idx, nchunks, ch.length, size, ch.chunk_off, seq, ch.checksum).encode()
+        gap = ch.payload_off - ch.hdr_off - len(hdr)
+        assert 0 <= gap < fmt.RECORD_ALIGN
+        return hdr + bytes(gap)
+
+    def _pwrite(self, ch: ChunkPlan, bufs: list[Any], expect: int) -> None:
+        self._pwrite_at(ch, bufs, ch.hdr_off, expect)
+
+    def _pwrite_at(self, ch: ChunkPlan, bufs: list[Any], off: int, expect: int) -> int:
+        try:
+            n = os.pwritev(self.segs[ch.seg].fd, bufs, off)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CapacityError(f"disk full on stripe {self.cfg.stripes[ch.stripe]}",
+                                    needed=ch.length, capacity=self.capacity, used=self._usage) from None
+            raise
+        if n != expect:
+            raise CapacityError(f"short write on stripe {self.cfg.stripes[ch.stripe]} (disk full?)",
+                                needed=ch.length, capacity=self.capacity, used=self._usage)
+        return n
+
+    def _segment_rows(self) -> list[tuple[int, int, int]]:
+        with self._lock:
+            return [(s.seg, s.stripe, s.state) for s in self.segs.values() if not s.persisted]
+
+    def _persist_segments(self, txn: Any) -> None:
+        for sid, stripe, state in self._segment_rows():
+            self.index.put_segment(txn, sid, stripe, state)

@@ -1,0 +1,364 @@
+"""Puts: validate, plan, write, then commit or abort.
+
+Invariants:
+- a key already stored keeps its bytes: a put of it is a no-op (also when
+  a concurrent put of it wins the commit);
+- durability order: payloads (+ fdatasync in sync mode), then the commit
+  that publishes them, then the mirror and the directory, then the reply;
+- a plan's reservations are released exactly once (commit or abort);
+- what a T0 item's commit means for T0 is the Tiering layer's
+  (``_written_back``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable
+
+from kvfs import format as fmt
+from kvfs.errors import InvalidArgument
+from kvfs.keys import normalize_key, normalize_ns
+from kvfs.meta import encode_meta
+
+from .index import Extent, ObjEntry, obj_key
+from .mirror import MemEntry
+from .segments import ChunkPlan, ObjPlan, PutPlan
+from .space import NeedRoom, Space
+
+log = logging.getLogger("kvfsd")
+
+
+class Puts(Space):
+    def prepare_put(self, ns: str, items: list[tuple[Any, int, Any]], *, may_evict: bool = True,
+                    t0: bool = False, placed: Callable[[int, int], int] | None = None) -> PutPlan:
+        """Validate a batch, skip keys already stored, reserve space for the rest.
+
+        Without ``may_evict`` it never blocks (safe on the event loop) and
+        raises NeedRoom when eviction would be needed first. With ``t0``
+        each item that fits also gets an arena extent for the client to fill
+        (T1 space is reserved all the same: the write-back goes there).
+        With ``placed`` the client filled arena bytes already: ``placed(i,
+        size)`` gives item i's arena offset (carved out of its reservation;
+        raises ValueError for a placement it may not have); items already
+        stored are not asked."""
+        ns = normalize_ns(ns)
+        norm: list[tuple[str, int, bytes | None]] = []
+        for key, size, meta in items:
+            k = normalize_key(key)
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise InvalidArgument(f"size of {k!r} must be a non-negative int")
+            norm.append((k, size, encode_meta(meta)))
+        seen: set[str] = set()
+        fresh = []
+        for k, size, meta in norm:
+            exists = k in seen or obj_key(ns, k) in self.lru
+            seen.add(k)
+            fresh.append(None if exists else (k, size, meta))
+        need = sum(self._footprint(ns, k, size) for k, size, _m in (f for f in fresh if f))
+        if need and self.needs_room(need):
+            if not may_evict:
+                raise NeedRoom(need)
+            self._make_room(need)
+        plan = PutPlan(ns, [], [size for _k, size, _m in norm])
+        try:
+            with self._lock:
+                for i, f in enumerate(fresh):
+                    op = None if f is None else self._reserve(ns, *f, touched=plan.touched)
+                    if op is not None and placed is not None:
+                        plan.items.append(op)  # before the carve: an abort frees what it carved
+                        op.t0 = placed(i, op.size)
+                        op.via_t0 = True
+                        continue
+                    if op is not None and t0 and self.t0 is not None and self.t0.fits(op.size):
+                        op.t0 = self.t0.reserve(op.size)
+                        op.via_t0 = op.t0 >= 0
+                    plan.items.append(op)
+        except BaseException:
+            self.abort_put(plan)
+            raise
+        return plan
+
+    # A client with the arena mapped takes a reservation once, places its
+    # puts in it itself, and sends each batch in one message (put_t0): the
+    # daemon carves each value out of the reservation as its own extent.
+    # Invariant: a reservation's rest is one used allocator extent, owned by
+    # one connection; values are carved from it in increasing order; what
+    # is left goes back when the connection ends or asks for another.
+
+    def write_chunks(self, plan: PutPlan, pieces: list[tuple[int, int, memoryview]]) -> None:
+        """Write payload pieces: (item index, chunk index, bytes). Called in a
+        worker thread, in order (the whole-object hash is a running one)."""
+        for item_i, chunk_i, data in pieces:
+            op = plan.items[item_i]
+            assert op is not None
+            ch = op.chunks[chunk_i]
+            assert len(data) == ch.length
+            ch.checksum = fmt.checksum(data)
+            if op.hasher is not None:
+                op.hasher.update(data)
+            head = self._record_head(plan.ns, op, ch)
+            self._pwrite(ch, [head, data], len(head) + ch.length)
+
+    # A put whose size is unknown until it ends (a file written through the
+    # mount): writes go straight to their final place in T1, so the bytes
+    # are written once and the commit only adds headers and the index entry.
+    # Chunks are reserved full-size as writes reach them; ``end_stream``
+    # trims the last one. Nothing is readable before ``commit_put``.
+
+    def begin_stream(self, ns: str, key: str) -> tuple[PutPlan, int]:
+        """A plan with one item and no chunks yet, and the stripe its chunk 0 goes to."""
+        ns, key = normalize_ns(ns), normalize_key(key)
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+            first = self._rr
+            self._rr = (self._rr + 1) % len(self.cfg.stripes)
+        return PutPlan(ns, [ObjPlan(key, 0, None, seq, [])], [0]), first
+
+    def reserve_stream_chunk(self, plan: PutPlan, first: int, i: int) -> ChunkPlan:
+        """Room for full-size chunk ``i`` (blocking: it may evict)."""
+        op = plan.items[0]
+        assert op is not None
+        nl, kl = len(plan.ns.encode()), len(op.key.encode())
+        span = fmt.record_span(nl, kl, self.stripe_unit)
+        if self.needs_room(span):
+            self._make_room(span)
+        with self._lock:
+            ch = self._place_chunk((first + i) % len(self.cfg.stripes), nl, kl, i, self.stripe_unit, plan.touched)
+            op.chunks.append(ch)  # from here on abort_put releases it
+        return ch
+
+    def end_stream(self, plan: PutPlan, first: int, size: int) -> None:
+        """The value is ``size`` bytes: chunks it never wrote are reserved and
+        zero-filled (holes), chunks past its end are released, and the last
+        chunk is trimmed to its length and placed where ``place_record``
+        puts a record of that length, which recovery checks (blocking)."""
+        op = plan.items[0]
+        assert op is not None
+        su = self.stripe_unit
+        n = max(1, -(-size // su))
+        have = {c.idx: c for c in op.chunks}
+        extra = [c for c in op.chunks if c.idx >= n]
+        for i in range(n - 1):
+            if i not in have:
+                have[i] = self.reserve_stream_chunk(plan, first, i)
+                self.write_payload(have[i], bytes(su), 0)
+        last_len = size - (n - 1) * su
+        nl, kl = len(plan.ns.encode()), len(op.key.encode())
+        with self._lock:
+            for c in extra:
+                self.segs[c.seg].reserved.pop(c.start, None)  # slack: the segment's space is reclaimed with it
+            op.chunks = [c for c in op.chunks if c.idx < n]
+            dead = [c.seg for c in extra if self._reclaimable(c.seg)]
+        self._reclaim(dead)
+        last = have.get(n - 1)
+        if last is None:  # nothing written there: reserve it at its exact length
+            with self._lock:
+                last = self._place_chunk((first + n - 1) % len(self.cfg.stripes), nl, kl, n - 1, last_len,
+                                         plan.touched)
+                op.chunks.append(last)
+            if last_len:
+                self.write_payload(last, bytes(last_len), 0)
+        else:
+            hdr, pay, end = fmt.place_record(last.start, nl, kl, last_len)
+            if pay != last.payload_off:  # a short tail (< 64 KiB) has its payload right after its header
+                data = os.pread(self.segs[last.seg].fd, last_len, last.payload_off)
+                last.payload_off = pay
+                self.write_payload(last, data.ljust(last_len, b"\0"), 0)
+            with self._lock:
+                seg = self.segs[last.seg]
+                if seg.end == last.end:  # nothing was placed after it: give the slack back
+                    self._usage -= last.end - end
+                    seg.end = end
+                    last.end = end
+            last.hdr_off, last.length = hdr, last_len
+        op.chunks.sort(key=lambda c: c.idx)
+        op.size = size
+        plan.sizes[0] = size
+        plan.touched = {c.seg for c in op.chunks}
+
+    def write_payload(self, ch: ChunkPlan, data: Any, within: int) -> int:
+        """Write payload bytes of a reserved chunk at ``within`` (blocking)."""
+        return self._pwrite_at(ch, [data], ch.payload_off + within, len(data))
+
+    def set_client_sums(self, plan: PutPlan, sums: list[Any]) -> None:
+        """Checksums the client computed over the payloads it wrote itself
+        (alloc/commit path): per item ``[object_sum, [chunk_sum, ...]]``."""
+        if not isinstance(sums, list) or len(sums) != len(plan.items):
+            raise InvalidArgument("commit needs one checksum entry per item")
+        for op, s in zip(plan.items, sums):
+            if op is None:
+                continue
+            if not (isinstance(s, list) and len(s) == 2 and isinstance(s[0], bytes) and len(s[0]) == 16
+                    and isinstance(s[1], list) and len(s[1]) == len(op.chunks)
+                    and all(isinstance(c, bytes) and len(c) == 16 for c in s[1])):
+                raise InvalidArgument("a checksum entry is [16-byte object sum, [16-byte chunk sums]]")
+            op.checksum = s[0]
+            for ch, c in zip(op.chunks, s[1]):
+                ch.checksum = c
+
+    def write_headers(self, plan: PutPlan) -> None:
+        """Write the record headers of payloads a client wrote itself. The
+        daemon, not the client, writes headers, so a client cannot forge one."""
+        for op in plan.items:
+            if op is None:
+                continue
+            for ch in op.chunks:
+                head = self._record_head(plan.ns, op, ch)
+                self._pwrite(ch, [head], len(head))
+
+    def effective_sync(self, sync: bool) -> bool:
+        return sync or self.cfg.durability == "sync"
+
+    def commit_put(self, plan: PutPlan, sync: bool) -> list[bool]:
+        """Publish what was written. Returns, per item, whether it was stored
+        (False: it was already there, possibly put meanwhile by another client)."""
+        return self._publish_written(plan, self.effective_sync(sync), self.abort_put)
+
+    def _publish_written(self, plan: PutPlan, sync: bool, on_error: Callable[[PutPlan], None]) -> list[bool]:
+        return self._publish_many([plan], sync, on_error)[0]
+
+    def _publish_many(self, plans: list[PutPlan], sync: bool,
+                      on_error: Callable[[PutPlan], None]) -> list[list[bool]]:
+        """Payloads and headers are written: fdatasync them (sync mode), then
+        one commit that publishes every plan. ``on_error`` undoes a plan."""
+        try:
+            if sync:
+                for sid in set().union(*(p.touched for p in plans)):
+                    os.fdatasync(self.segs[sid].fd)
+            jobs = [self.publish_job(p, sync) for p in plans]
+            done = self.writer.call(lambda txn: [job(txn) for job in jobs], sync=sync)
+        except BaseException:
+            for p in plans:
+                on_error(p)
+            raise
+        out: list[list[bool]] = []
+        cand: list[int] = []
+        for p, d in zip(plans, done):
+            result, c = self.finish_commit(p, d)
+            out.append(result)
+            cand += c
+        self._reclaim(cand)
+        return out
+
+    def publish_job(self, plan: PutPlan, sync: bool,
+                    before: Callable[[], None] | None = None) -> Callable[[Any], Any]:
+        """The writer job that publishes ``plan``. With ``before`` it first
+        runs it (writing payloads or headers) and then, in sync mode,
+        fdatasyncs the touched segments: a put then costs one writer round
+        trip and no other thread hop."""
+        ns = plan.ns
+
+        def job(txn: Any) -> tuple[list[bool], list[tuple[ObjPlan, ObjEntry]], list[tuple[int, int, int]]]:
+            if before is not None:
+                before()
+                if sync:
+                    for sid in plan.touched:
+                        os.fdatasync(self.segs[sid].fd)
+            # durability order: payloads are written (and synced) above or
+            # before this job was queued; this commit publishes them.
+            now = time.time()
+            entries: list[tuple[ObjPlan, ObjEntry]] = []
+            for op in plan.items:
+                if op is None:
+                    continue
+                if not op.checksum:
+                    op.checksum = op.hasher.digest() if op.hasher is not None else (
+                        op.chunks[0].checksum if op.size else fmt.checksum(b""))
+                exts = [Extent(c.stripe, c.seg, c.payload_off, c.length, c.checksum) for c in op.chunks]
+                entries.append((op, ObjEntry(op.size, op.checksum, op.seq, now, now, op.meta, exts,
+                                             [c.hdr_off for c in op.chunks], [c.end - c.hdr_off for c in op.chunks])))
+            segrows = self._segment_rows()
+            for sid, stripe, state in segrows:
+                self.index.put_segment(txn, sid, stripe, state)
+            self.index.add_namespace(txn, ns, now)
+            stored = []
+            for op, e in entries:
+                # a concurrent put of the same key may have won: keep its bytes
+                fresh = txn.get(obj_key(ns, op.key), db=self.index.objects) is None
+                if op.via_t0:
+                    # a T0 put: only what publish_t0 made the mirror entry for,
+                    # and not if it was deleted meanwhile (the delete job ran
+                    # before this one on this same thread, or runs after and
+                    # unpublishes it)
+                    with self._lock:
+                        fresh = fresh and op.mem is not None and not op.mem.deleted
+                if fresh:
+                    self.index.put_object(txn, ns, op.key, e)
+                stored.append(fresh)
+            self.index.set_counter(txn, b"next_seq", self._next_seq)
+            self.index.set_counter(txn, b"next_seg", self._next_seg)
+            return stored, entries, segrows
+        return job
+
+    def finish_commit(self, plan: PutPlan, done: tuple[list[bool], list[tuple[ObjPlan, ObjEntry]],
+                                                     list[tuple[int, int, int]]]) -> tuple[list[bool], list[int]]:
+        """After the publishing commit: update the mirror (memory only, safe on
+        the loop). Returns the per-item result and segments to ``reclaim``."""
+        stored, entries, segrows = done
+        ns = plan.ns
+        with self._lock:
+            for sid, _stripe, state in segrows:
+                s = self.segs.get(sid)
+                if s is not None and s.state == state:
+                    s.persisted = True
+            n_t0 = 0
+            for (op, e), fresh in zip(entries, stored):
+                if op.via_t0:
+                    n_t0 += 1
+                    if op.mem is not None:
+                        self._written_back(ns, op, e if fresh else None)
+                    continue
+                if not fresh:
+                    continue
+                m = MemEntry.of(e)
+                for seg, span in m.spans:
+                    self.segs[seg].add_live(span)
+                self.lru[obj_key(ns, op.key)] = m
+                self._dir_put(obj_key(ns, op.key), m)
+                self.ns_objects[ns] += 1
+                self.logical_bytes += op.size
+            # T0 items were counted by publish_t0
+            n_new = sum(f for (op, _e), f in zip(entries, stored) if not op.via_t0)
+            self.counters["puts"] += n_new
+            self.counters["put_bytes"] += sum(op.size for (op, _e), f in zip(entries, stored)
+                                              if f and not op.via_t0)
+            self.counters["puts_existing"] += len(plan.items) - n_new - n_t0
+            if n_t0 and self.journal is not None:
+                self.journal.flush()  # under the lock: before any later delete is acknowledged
+        result = [op is not None and (op.t0_stored if op.via_t0 else f)
+                  for op, f in zip(plan.items, self._per_item(plan, stored))]
+        cand = self._release_reservations(plan)
+        return result, cand
+
+    @staticmethod
+    def _per_item(plan: PutPlan, stored: list[bool]) -> list[bool]:
+        it = iter(stored)
+        return [op is not None and next(it) for op in plan.items]
+
+    def abort_put(self, plan: PutPlan) -> None:
+        self._reclaim(self._release_reservations(plan))
+
+    def _release_reservations(self, plan: PutPlan) -> list[int]:
+        with self._lock:
+            done = []
+            for op in plan.items:
+                if op is None:
+                    continue
+                for c in op.chunks:
+                    s = self.segs.get(c.seg)
+                    if s is not None:
+                        s.reserved.pop(c.start, None)
+                        done.append(c.seg)
+                op.chunks = []  # released once only
+                if op.t0 >= 0 and op.mem is None and self.t0 is not None:
+                    self.t0.alloc.free(op.t0)  # never published: nobody can have seen it
+                op.t0 = -1
+            # only segments this leaves fully dead need a (blocking) reclaim
+            return [sid for sid in set(done) if self._reclaimable(sid)]
+
+    def _written_back(self, ns: str, op: ObjPlan, e: ObjEntry | None) -> None:
+        """A T0 item's write-back finished (``e``: published) or was skipped
+        (kvfsd.tiering). Caller holds the lock."""
+        raise NotImplementedError

@@ -1,0 +1,187 @@
+"""Repair: verify objects against their checksums, drop what fails,
+and (``kvfs verify --repair``) put back what can be rebuilt.
+
+Invariants:
+- a chunk that fails its checksum is never served: its object is removed
+  (T1) or its T0 copy dropped and reread from T1;
+- verification reads under the same leases as any reader.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable
+
+from kvfs import format as fmt
+from kvfs import native
+from kvfs.keys import normalize_key, normalize_ns
+
+from .index import ObjEntry, obj_key
+from .storecheck import check_record
+from .tiering import Tiering
+
+log = logging.getLogger("kvfsd")
+
+
+class Repair(Tiering):
+    @staticmethod
+    def _verify_record(fd: int, hdr_off: int, ns: str, key: str, e: ObjEntry, i: int) -> bool:
+        return check_record(fd, hdr_off, ns, key, e, i) is None
+
+    def verify_object(self, ns: str, key: str, seq: int | None = None) -> bool:
+        """Re-read an object and drop it if any chunk fails. True if dropped."""
+        ns, key = normalize_ns(ns), normalize_key(key)
+        if self._verify_t0(ns, key, seq):
+            return True
+        with self.index.env.begin() as txn:
+            e = self.index.get(txn, ns, key)
+        if e is None or (seq is not None and e.seq != seq):
+            return False
+        for i, x in enumerate(e.extents):
+            fd = self.segment_fd(x.seg)
+            if fd < 0 or not self._verify_record(fd, e.header_offsets[i], ns, key, e, i):
+                log.warning("corrupt object %s/%s (chunk %d): dropped", ns, key, i)
+                self._remove_objects([obj_key(ns, key)], reason="corrupt_dropped")
+                return True
+        return False
+
+    def verify_store(self, deep: bool = False, repair: bool = False,
+                     progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+        """``kvfs verify`` while serving (kvfsd.verify explains the checks).
+        Blocking; clients go on reading and writing. What pass 1 finds
+        broken is checked again under a lease before it counts (an object
+        deleted or moved meanwhile is no problem); pass 2 scans every
+        segment with its own file descriptors, and leaves out records of
+        puts still being written, segments reclaimed during the scan and
+        keys the daemon holds in memory (T0 puts not yet written back)."""
+        from .verify import MAX_LISTED, VerifyReport, check_index, find_orphans
+
+        t0 = time.monotonic()
+        rep = VerifyReport(mode="online", deep=deep)
+        suspects = check_index(self.index, self.segment_fd, deep, rep, progress)
+        rep.broken, rep.broken_count = [], 0
+        broken = []
+        for ns, key, seq in suspects:
+            reason = self._recheck(ns, key, seq, deep)
+            if reason is not None:
+                rep.add_broken(ns, key, reason)
+                broken.append(obj_key(ns, key))
+        with self._lock:
+            segs = [(s.stripe, s.seg, s.path) for s in self.segs.values()]
+        fds: dict[int, int] = {}
+
+        def writing() -> Callable[[int, int], bool]:
+            # taken before find_orphans reads the index: a put commits, then
+            # ends its reservation, so a record is in one or the other
+            with self._lock:
+                busy = {sid: dict(s.reserved) for sid, s in self.segs.items() if s.reserved}
+            return lambda seg, off: any(a <= off < b for a, b in busy.get(seg, {}).items())
+        try:
+            for _st, sid, path in segs:
+                try:
+                    fds[sid] = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue  # reclaimed since
+            orphans = find_orphans(self.index, [(st, sid, fds[sid], os.fstat(fds[sid]).st_size)
+                                                for st, sid, _p in segs if sid in fds], fds, deep, rep, progress,
+                                   writing)
+            with self._lock:
+                orphans = [(ns, k, e) for ns, k, e in orphans
+                           if all(x.seg in self.segs for x in e.extents) and obj_key(ns, k) not in self.lru]
+            rep.orphan_count = len(orphans)
+            rep.orphans = [[ns, k, e.size] for ns, k, e in orphans][:MAX_LISTED]
+            if repair:
+                if broken:
+                    rep.repaired_dropped = self._remove_objects(broken, reason="corrupt_dropped")
+                for ns, k, e in orphans:
+                    rep.repaired_indexed += self._put_again(ns, k, e, fds)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        rep.seconds = time.monotonic() - t0
+        return rep.as_dict()
+
+    def _recheck(self, ns: str, key: str, seq: int, deep: bool) -> str | None:
+        """What is wrong with ``ns``/``key`` (put ``seq``) now, under a lease;
+        None if nothing, or if it is gone or was stored again meanwhile."""
+        from .verify import check_entry
+        ok = obj_key(ns, key)
+        with self._lock:
+            m = self.lru.get(ok)
+            if m is None or m.seq != seq:
+                return None
+            lid = self.leases.grant("verify", [seg for seg, _span in m.spans], [ok], time.monotonic())
+        try:
+            with self.index.env.begin() as txn:
+                e = self.index.get(txn, ns, key)
+            if e is None or e.seq != seq:
+                return None
+            return check_entry(self.segment_fd, ns, key, e, deep)
+        finally:
+            freed = self.release([lid], "verify")
+            if freed:
+                self._reclaim(freed)
+
+    def _put_again(self, ns: str, key: str, e: ObjEntry, fds: dict[int, int]) -> int:
+        """Store an orphan through the put path (a copy: its old records stay
+        dead bytes). 1 if stored, 0 if its key appeared meanwhile or its bytes
+        no longer verify."""
+        data = bytearray()
+        for x in e.extents:
+            chunk = os.pread(fds[x.seg], x.length, x.offset)
+            if fmt.checksum(chunk) != x.checksum:
+                return 0
+            data += chunk
+        return int(self._store_value(ns, key, None, memoryview(data), False))
+
+    def _store_value(self, ns: str, key: str, meta: bytes | None, value: memoryview, sync: bool) -> bool:
+        """Put one value from the daemon itself (blocking). False: the key is there."""
+        plan = self.prepare_put(ns, [(key, len(value), meta)])
+        op = plan.items[0]
+        if op is None:
+            return False
+        try:
+            self.write_chunks(plan, [(0, c.idx, value[c.chunk_off:c.chunk_off + c.length]) for c in op.chunks])
+        except BaseException:
+            self.abort_put(plan)
+            raise
+        return self.commit_put(plan, sync)[0]
+
+    def _verify_t0(self, ns: str, key: str, seq: int | None) -> bool:
+        """Re-hash an object's T0 copy (any client may write the arena: see
+        the README's trust model). A bad copy of an object also in T1 is
+        dropped from T0; a bad T0-only object is dropped altogether (its
+        write-back would carry the damage). True if the object is gone."""
+        ok = obj_key(ns, key)
+        with self._lock:
+            m = self.lru.get(ok)
+            if self.t0 is None or m is None or m.t0 < 0 or (seq is not None and m.seq != seq):
+                return False
+            lid = self.leases.grant(("verify",), (), [ok], time.monotonic())  # keeps the extent
+            off, exts, dirty = m.t0, m.exts, m.dirty
+        try:
+            view = self.t0.arena.view
+            parts, pos = [], 0
+            for x in exts:
+                parts.append(view[off + pos:off + pos + x[3]])
+                pos += x[3]
+            good = native.backend.hash_many(parts) == [x[4] for x in exts]
+            for p in parts:
+                p.release()
+        finally:
+            with self._lock:
+                self.leases.release(lid)
+                self._drain_unpinned()
+        if good:
+            return False
+        log.warning("corrupt T0 copy of %s/%s: dropped%s", ns, key, " (not yet in T1: object lost)" if dirty else "")
+        if dirty:
+            self._remove_objects([ok], reason="corrupt_dropped")
+            return True
+        with self._lock:
+            if self.lru.get(ok) is m and m.t0 >= 0:
+                self.t0.drop(ok, m)
+                self.generation.bump()
+                self.t0.counters["corrupt_dropped"] += 1
+        return False

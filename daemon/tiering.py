@@ -1,0 +1,273 @@
+"""Tiering: the shared-memory arena (T0) over the stripes (T1).
+
+Invariants:
+- a T0 put is readable from the arena as soon as it is published (a dirty
+  mirror entry); its write-back writes it to T1 and publishes it in LMDB;
+  until then T0 is its only copy: it is never evicted, and its journal
+  record lets a restarted daemon finish the write-back (kvfsd.t0journal);
+- a reservation's rest is one allocator extent owned by one connection;
+  values are carved from it in increasing order; what is left goes back
+  when the connection ends or asks for another;
+- a promoted copy is verified chunk by chunk before it is marked resident.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from kvfs import native
+from kvfs.errors import InvalidArgument
+
+from .index import ObjEntry, obj_key
+from .mirror import MemEntry
+from .puts import Puts
+from .segments import ObjPlan, PutPlan
+from .t0journal import Pending
+
+log = logging.getLogger("kvfsd")
+
+
+class Tiering(Puts):
+    def reserve_arena(self, size: int) -> tuple[int, int]:
+        """(offset, size) of a new reservation of about ``size`` bytes (at
+        most the largest T0 value), evicting clean objects as needed;
+        (-1, 0) if the arena cannot make one now. Memory only."""
+        if self.t0 is None:
+            raise InvalidArgument("this daemon has no arena (T0): put through alloc/commit")
+        size = max(1, min(int(size), self.t0.max_object))
+        size, _align = self.t0.alloc.rounded(size)
+        with self._lock:
+            off = self.t0.reserve(size)
+        return (off, size) if off >= 0 else (-1, 0)
+
+    def carve_arena(self, rest: int, off: int, n: int) -> int:
+        """Make a client-placed value at ``off`` an extent of its own (see
+        ArenaAllocator.carve); returns the reservation's new rest. Caller
+        holds the lock."""
+        assert self.t0 is not None
+        try:
+            return self.t0.alloc.carve(rest, off, n)
+        except ValueError as e:
+            raise InvalidArgument(f"bad arena placement: {e}") from None
+
+    def release_arena(self, rest: int, end: int) -> None:
+        """Give back what is left of a reservation."""
+        if self.t0 is not None and rest < end:
+            with self._lock:
+                self.t0.alloc.free(rest)
+
+    def publish_t0(self, plan: PutPlan) -> None:
+        """Make the T0 items of a committed plan readable at once, from the
+        arena, as dirty mirror entries (memory only: safe on the loop). The
+        write-back (``write_back``) then writes them to T1 and publishes
+        them in LMDB. A key that appeared meanwhile keeps its bytes."""
+        ns = plan.ns
+        assert self.t0 is not None
+        journal: list[Pending] = []
+        with self._lock:
+            for op in plan.items:
+                if op is None or op.t0 < 0:
+                    continue
+                ok = obj_key(ns, op.key)
+                if ok in self.lru:
+                    self.t0.alloc.free(op.t0)  # unpublished: nobody saw it
+                    op.t0 = -1
+                    op.t0_stored = False
+                    self.counters["puts_existing"] += 1
+                    continue
+                exts = [[c.stripe, c.seg, c.payload_off, c.length, c.checksum] for c in op.chunks]
+                m = MemEntry(op.size, op.checksum, op.seq, exts, (), dirty=True)
+                m.meta = op.meta
+                m.created = time.time()
+                self.lru[ok] = m
+                self.t0.add(ok, m, op.t0)
+                op.mem = m
+                op.t0_stored = True
+                self.ns_objects[ns] += 1
+                self.logical_bytes += op.size
+                self.counters["puts"] += 1
+                self.counters["put_bytes"] += op.size
+                self.t0.backlog_objects += 1
+                self.t0.backlog_bytes += op.size
+                journal.append(Pending(ns, op.key, op.seq, op.size, op.t0, op.checksum,
+                                       [c.checksum for c in op.chunks], op.meta))
+            if self.journal is not None and journal:
+                self.journal.published(journal)
+
+    def t0_only(self, plan: PutPlan) -> bool:
+        """Every new item of the plan goes through T0 (none written to T1 by the client)."""
+        return all(op is None or op.t0 >= 0 for op in plan.items)
+
+    def queue_write_back(self, plan: PutPlan) -> None:
+        """Fast mode: the pool writes ``plan`` to T1 in the background."""
+        with self._lock:
+            self.wb_pending[id(plan)] = plan
+        assert self.wb_pool is not None
+        self.wb_pool.kick()
+
+    def write_back(self, plan: PutPlan, sync: bool, queued: bool = False) -> list[bool]:
+        """Write a committed T0 plan to T1 and publish it in LMDB (blocking;
+        a worker thread). ``queued``: taken from the background queue
+        (whoever takes it first writes it); [] if another taker had it."""
+        if queued and not self.take_write_backs([plan]):
+            return []
+        return self.write_back_many([plan], sync)[0]
+
+    def take_write_backs(self, plans: list[PutPlan]) -> list[PutPlan]:
+        """Of queued plans, those this caller now owns (the rest were taken)."""
+        with self._lock:
+            return [p for p in plans if self.wb_pending.pop(id(p), None) is not None]
+
+    def write_back_many(self, plans: list[PutPlan], sync: bool) -> list[list[bool]]:
+        """Write committed T0 plans to T1, then publish them all in one
+        commit. Items the client wrote to T1 itself get their headers.
+        Durability order as for any put: payload (+ fdatasync in sync
+        mode), then the commit that publishes it. A plan whose write fails
+        is dropped (``_write_back_failed``) and the first such error raised
+        once the others are published."""
+        assert self.t0 is not None
+        arena = self.t0.arena.view
+        written: list[PutPlan] = []
+        error: BaseException | None = None
+        for plan in plans:
+            try:
+                self._write_records(plan, arena)
+            except Exception as e:  # noqa: BLE001 - this plan only; raised below
+                self._write_back_failed(plan)
+                error = error or e
+                continue
+            written.append(plan)
+        out = self._publish_many(written, sync, self._write_back_failed) if written else []
+        if error is not None:
+            raise error
+        return out
+
+    def _write_records(self, plan: PutPlan, arena: memoryview) -> None:
+        for op in plan.items:
+            if op is None:
+                continue
+            m = op.mem
+            for ch in op.chunks:
+                if m is None:
+                    if not op.via_t0:  # the client wrote the payload
+                        head = self._record_head(plan.ns, op, ch)
+                        self._pwrite(ch, [head], len(head))
+                    continue
+                if m.deleted:
+                    continue
+                head = self._record_head(plan.ns, op, ch)
+                src = arena[m.t0 + ch.chunk_off:m.t0 + ch.chunk_off + ch.length]
+                self._pwrite(ch, [head, src], len(head) + ch.length)
+
+    def _write_back_failed(self, plan: PutPlan) -> None:
+        """T1 refused the write (disk full...): the dirty entries cannot stay
+        (T0 may not hold what T1 does not); they are dropped as if deleted."""
+        with self._lock:
+            for op in plan.items:
+                if op is not None and op.mem is not None:
+                    log.error("write-back of %s/%s failed: dropped", plan.ns, op.key)
+                    self._written_back(plan.ns, op, None)
+            if self.journal is not None:
+                self.journal.flush()
+        self.abort_put(plan)
+
+    def _written_back(self, ns: str, op: ObjPlan, e: ObjEntry | None) -> None:
+        """A T0 item's write-back finished (``e``: published) or was skipped.
+        Caller holds the lock."""
+        m = op.mem
+        assert m is not None and self.t0 is not None
+        if not m.dirty:
+            return
+        ok = obj_key(ns, op.key)
+        self.t0.backlog_objects -= 1
+        self.t0.backlog_bytes -= op.size
+        if self.journal is not None:
+            if self.t0.backlog_objects == 0:
+                self.journal.empty()
+            else:
+                self.journal.done(ns, op.key, op.seq)
+        m.dirty = False
+        m.meta = None
+        if e is not None and self.lru.get(ok) is m and not m.deleted:
+            m.spans = tuple((x.seg, sp) for x, sp in zip(e.extents, e.spans))
+            for seg, span in m.spans:
+                self.segs[seg].add_live(span)
+            m.rewire()
+            self._dir_put(ok, m)
+            return
+        # deleted while dirty (its mirror entry is gone already), or not
+        # published (the write-back failed): it goes, with its T0 copy
+        if self.lru.get(ok) is m:
+            del self.lru[ok]
+            if self.dir is not None:
+                self.dir.remove(ok)
+            self.ns_objects[ns] -= 1
+            if self.ns_objects[ns] <= 0:
+                del self.ns_objects[ns]
+            self.logical_bytes -= m.size
+        self.t0.drop(ok, m)
+        self.generation.bump()
+
+    def _tier_hit(self, ok: bytes, m: MemEntry) -> None:
+        """Count a hit per tier and apply the promotion policy: a T1 object
+        is copied into T0 on its ``promote_after``-th access (by a
+        background task: ``promote``). Caller holds the lock."""
+        t0 = self.t0
+        if t0 is None:
+            self.counters["t1_hits"] += 1
+            return
+        if m.t0 >= 0:
+            t0.counters["hits"] += 1
+            t0.touch(ok)
+            return
+        t0.counters["misses"] += 1
+        self.counters["t1_hits"] += 1
+        m.hits += 1
+        after = self.cfg.promote_after
+        if after and m.hits >= after and not m.dirty and t0.fits(m.size) and len(self.promote_q) < 4096:
+            self.promote_q[ok] = None
+
+    def promote_some(self, limit_bytes: int = 256 << 20) -> int:
+        """Copy queued T1 objects into T0 (blocking: a worker thread), up to
+        about ``limit_bytes``. The copy is verified chunk by chunk before the
+        object is marked resident. Returns how many were promoted."""
+        if self.t0 is None:
+            return 0
+        done = 0
+        moved = 0
+        while moved < limit_bytes:
+            with self._lock:
+                if not self.promote_q:
+                    break
+                ok, _ = self.promote_q.popitem(last=False)
+                m = self.lru.get(ok)
+                if m is None or m.t0 >= 0 or m.dirty:
+                    continue
+                off = self.t0.reserve(m.size)
+                if off < 0:
+                    self.promote_q.clear()  # T0 holds only dirty or leased objects now
+                    break
+                segs = [seg for seg, _ in m.spans]
+                lid = self.leases.grant(("promote",), segs, [ok], time.monotonic())
+                fds = [self.segs[x[1]].ensure_fd() for x in m.exts]
+            arena = self.t0.arena.view
+            dests, pos = [], 0
+            for x in m.exts:
+                dests.append(arena[off + pos:off + pos + x[3]])
+                pos += x[3]
+            try:
+                st = native.backend.read_many(fds, [x[2] for x in m.exts], dests, [x[4] for x in m.exts], 4)
+            finally:
+                for d in dests:
+                    d.release()
+            with self._lock:
+                self.leases.release(lid)
+                self._drain_unpinned()
+                if all(v == 0 for v in st) and self.lru.get(ok) is m and m.t0 < 0:
+                    self.t0.add(ok, m, off)
+                    self.t0.counters["promotions"] += 1
+                    done += 1
+                    moved += m.size
+                else:
+                    self.t0.alloc.free(off)  # never published
+        return done
