@@ -8,7 +8,8 @@
 Light to import: no trio, lmdb or pyfuse3 here (those are the daemon's).
 """
 from . import keys
-from .client import Hold, ObjectInfo, Store, connect
+from .client import Store, connect
+from .lookups import Hold, ObjectInfo
 from .reservation import Reservation
 from .errors import (CapacityError, CorruptionDetected, DaemonUnavailable, InvalidArgument, InvalidKey,
                      KvfsError, MissingDependency, NotFound, PermissionDenied, ProtocolError)

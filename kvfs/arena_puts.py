@@ -33,7 +33,8 @@ from .format import arena_rounded
 from .gpu import address_of
 
 if TYPE_CHECKING:
-    from .client import Store, _Connection
+    from .client_puts import Puts
+    from .connection import Connection
 
 log = logging.getLogger("kvfs")
 
@@ -79,7 +80,7 @@ def _populate(view: memoryview) -> None:
     _libc.madvise(ctypes.c_void_p(address_of(view)), ctypes.c_size_t(len(view)), MADV_POPULATE_WRITE)
 
 
-def _reserve(conn: "_Connection", arena: Any, n: int, batch_rest: int) -> ArenaReservation | None:
+def _reserve(conn: "Connection", arena: Any, n: int, batch_rest: int) -> ArenaReservation | None:
     """A new reservation for a value of ``n`` bytes and, room allowing, the
     ``batch_rest`` bytes of the batch that follow it."""
     need, _a = arena_rounded(n)
@@ -97,7 +98,7 @@ def _reserve(conn: "_Connection", arena: Any, n: int, batch_rest: int) -> ArenaR
     return r
 
 
-def _answered(store: "Store", ns: str, sent: list[tuple[str, int, int, bytes, list[bytes]]],
+def _answered(store: "Puts", ns: str, sent: list[tuple[str, int, int, bytes, list[bytes]]],
               gen: int) -> Any:
     """What to do with a deferred put_t0's answer: remember where the values
     went (or count and log a refusal)."""
@@ -111,7 +112,7 @@ def _answered(store: "Store", ns: str, sent: list[tuple[str, int, int, bytes, li
     return on_reply
 
 
-def put_reserved(store: "Store", conn: "_Connection", ns: str, items: list[list[Any]], views: list[Any],
+def put_reserved(store: "Puts", conn: "Connection", ns: str, items: list[list[Any]], views: list[Any],
                  sync: bool, wait: bool = True) -> list[bool | None]:
     """Put host values through ``conn``'s reservation, a batch per message.
     Returns per item stored (True), already there (False) or not taken

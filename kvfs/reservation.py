@@ -24,7 +24,8 @@ from . import protocol as P
 from .errors import KvfsError
 
 if TYPE_CHECKING:
-    from .client import Store, _Connection
+    from .client_puts import Puts
+    from .connection import Connection
 
 
 class Reservation:
@@ -35,7 +36,7 @@ class Reservation:
     value cut at the stripe unit), ``t0`` = the arena offset to fill instead
     (-1: fill the T1 chunks)."""
 
-    def __init__(self, store: "Store", conn: "_Connection", ns: str, keys: list[str], sizes: list[int],
+    def __init__(self, store: "Puts", conn: "Connection", ns: str, keys: list[str], sizes: list[int],
                  res: dict[str, Any], gen: int) -> None:
         self.store, self._conn, self.ns, self.keys, self.sizes = store, conn, ns, keys, sizes
         self._res = res

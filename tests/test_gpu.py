@@ -207,7 +207,7 @@ def test_a_readers_read_only_arena_is_registered_and_copied_from(tmp_path):
     """The read right maps the arena read-only: it is pinned read-only
     (cudaHostRegisterReadOnly) and T0 copies into device memory are right."""
     _cuda_or_skip()
-    from kvfs.client import _Arena
+    from kvfs.session import ArenaMapping as _Arena
     with DaemonProcess(tmp_path / "s", shm_size="256M") as d, d.connect() as s:
         rng = cupy.random.default_rng(3)
         srcs = [rng.integers(0, 256, n, dtype=cupy.uint8) for n in (4095, 8 * MiB, 64 * MiB)]

@@ -121,8 +121,8 @@ def test_device_puts_run_as_pipelined_sub_batches(tmp_path, monkeypatch):
     the next one's copies are under way: everything is stored once and
     right; a failure in a later sub-batch gives back the space of every
     sub-batch not yet committed, and what was committed stays readable."""
-    from kvfs import client, gpu_hash
-    monkeypatch.setattr(client, "DEVICE_SUB_BATCH", 2 * MiB)
+    from kvfs import client_puts, gpu_hash
+    monkeypatch.setattr(client_puts, "DEVICE_SUB_BATCH", 2 * MiB)
     d = DaemonProcess(tmp_path / "s", capacity="512M", shm_size="64M")
     with d, d.connect(verify="full") as s:
         host_gpu(s)
@@ -356,7 +356,7 @@ def test_cached_t0_locations_are_read_without_a_round_trip_and_never_stale(tmp_p
 def test_a_readers_read_only_arena_is_copied_from_right(tmp_path):
     """A client with the read right maps the arena read-only (its ACL grants
     no more): device reads take the mapping's address all the same."""
-    from kvfs.client import _Arena
+    from kvfs.session import ArenaMapping as _Arena
     with DaemonProcess(tmp_path / "s", shm_size="64M") as d, d.connect() as s:
         vals = {f"r{n}": os.urandom(n) for n in (1, 70_000, 5 * MiB)}
         s.put_many(list(vals), list(vals.values()), ns="ro")

@@ -56,7 +56,8 @@ from typing import Any, Sequence, TypeVar
 
 from kvfs import Store
 from kvfs import protocol as P
-from kvfs.client import BATCH_KEYS, as_readable, as_writable
+from kvfs.host_reads import as_readable, as_writable
+from kvfs.store_state import BATCH_KEYS
 from kvfs.errors import InvalidArgument, KvfsError
 from kvfs.gpu import address_of, device_buffer, merge_copies
 from kvfs.keys import normalize_keys, normalize_ns

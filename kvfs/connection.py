@@ -1,0 +1,159 @@
+"""A connection to the daemon's Unix socket: requests, answers in order,
+answers read later (``defer``), and notifications that get none.
+
+Invariants:
+- answers come in request order; a connection whose answer did not match
+  its request, or whose socket failed, is ``broken`` and never used again;
+- at most MAX_DEFERRED answers wait to be read: past that the oldest is
+  read first (backpressure on puts sent with ``wait=False``);
+- a connection carries the arena reservation its puts are placed in
+  (kvfs.arena_puts): it ends with the connection.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import protocol as P
+from .arena_puts import RESERVE_FIRST, ArenaReservation
+from .errors import DaemonUnavailable, KvfsError, PermissionDenied, ProtocolError
+
+log = logging.getLogger("kvfs")
+
+# puts sent with wait=False whose answers a connection reads later, at most
+# (each a batch): past that the oldest answer is waited for
+MAX_DEFERRED = 64
+
+
+class Connection:
+    def __init__(self, path: str):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.connect(path)
+        except PermissionError:
+            self.sock.close()
+            raise PermissionDenied(f"uid {os.getuid()} may not connect to {path}: a kvfs daemon admits only its "
+                                   f"own user, root, and those its --allow-uid/--allow-gid name") from None
+        except OSError as e:
+            self.sock.close()
+            raise DaemonUnavailable(path, e.strerror or str(e)) from None
+        self.next_id = 1
+        self.broken = False
+        self.answered = 0  # replies received: a connection that worked, then broke, was cut (a restart)
+        self.reservation: ArenaReservation | None = None  # arena space this connection places puts in
+        self.reserve_next = RESERVE_FIRST  # the size of its next reservation (kvfs.arena_puts)
+        self.deferred: deque[tuple[int, Callable[[Any, BaseException | None], None]]] = deque()
+
+    def _recv_exact(self, n: int) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        pos = 0
+        while pos < n:
+            k = self.sock.recv_into(view[pos:])
+            if k == 0:
+                raise ConnectionResetError("daemon closed the connection")
+            pos += k
+        return bytes(buf)
+
+    def call(self, op: str, args: dict[str, Any], trailer: Sequence[memoryview] = ()) -> Any:
+        if self.deferred:
+            self.drain()  # answers come in order: theirs first
+        if self.broken:
+            raise DaemonUnavailable(self.path, "connection lost")
+        req_id = self.next_id
+        self.next_id += 1
+        tlen = sum(len(t) for t in trailer)
+        frame = P.request(req_id, op, args, tlen)
+        try:
+            if tlen and tlen < 65536:
+                self.sock.sendall(frame + b"".join(bytes(t) for t in trailer))
+            else:
+                self.sock.sendall(frame)
+                for t in trailer:
+                    if len(t):
+                        self.sock.sendall(t)
+            mlen, _ = P.parse_prefix(self._recv_exact(P.PREFIX.size))
+            body = self._recv_exact(mlen)
+        except OSError as e:
+            self.broken = True
+            raise DaemonUnavailable(self.path, f"connection lost: {e}") from None
+        rid, result = P.parse_reply(body)
+        if rid != req_id:
+            self.broken = True
+            raise ProtocolError(f"reply to request {rid}, expected {req_id}")
+        self.answered += 1
+        return result
+
+    def defer(self, op: str, args: dict[str, Any], on_reply: Callable[[Any, BaseException | None], None]) -> None:
+        """Send a request and go on: its answer is read by the next call on
+        this connection (or ``drain``) and handed to ``on_reply(result,
+        error)``. At most MAX_DEFERRED wait: past that the oldest is read
+        first (backpressure)."""
+        if self.broken:
+            raise DaemonUnavailable(self.path, "connection lost")
+        while len(self.deferred) >= MAX_DEFERRED:
+            self.drain(1)
+        req_id = self.next_id
+        self.next_id += 1
+        try:
+            self.sock.sendall(P.request(req_id, op, args))
+        except OSError as e:
+            self.broken = True
+            raise DaemonUnavailable(self.path, f"connection lost: {e}") from None
+        self.deferred.append((req_id, on_reply))
+
+    def drain(self, n: int | None = None) -> None:
+        """Read the answers of deferred requests (all, or the ``n`` oldest)
+        and hand them over. A lost connection fails every one still waiting."""
+        while self.deferred and (n is None or n > 0):
+            req_id, on_reply = self.deferred.popleft()
+            if n is not None:
+                n -= 1
+            try:
+                if self.broken:
+                    raise DaemonUnavailable(self.path, "connection lost")
+                mlen, _ = P.parse_prefix(self._recv_exact(P.PREFIX.size))
+                body = self._recv_exact(mlen)
+            except (OSError, DaemonUnavailable) as e:
+                self.broken = True
+                on_reply(None, e if isinstance(e, DaemonUnavailable) else DaemonUnavailable(self.path, str(e)))
+                continue
+            try:
+                rid, result = P.parse_reply(body)
+            except KvfsError as e:
+                on_reply(None, e)
+                continue
+            if rid != req_id:
+                self.broken = True
+                on_reply(None, ProtocolError(f"reply to request {rid}, expected {req_id}"))
+                continue
+            self.answered += 1
+            on_reply(result, None)
+
+    def notify(self, op: str, args: dict[str, Any]) -> None:
+        """A request with id 0: no reply (lease releases)."""
+        if self.broken:
+            return
+        try:
+            self.sock.sendall(P.request(0, op, args))
+        except OSError:
+            self.broken = True
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def default_socket_path() -> str:
+    env = os.environ.get("KVFS_SOCKET")
+    if env:
+        return env
+    root = os.environ.get("KVFS_ROOT") or str(Path.home() / ".kvfs")
+    return str(Path(root) / "kvfs.sock")

@@ -1,0 +1,199 @@
+"""Reads into device memory (GPU): T0 by the copy engine, T1 by kvikio or
+pinned staging, verified on the GPU.
+
+Invariants:
+- the leases of a device read last until its copies have landed
+  (``DeviceReads.result``);
+- a record that fails its check is reported and its size returned as -1;
+  its bytes in device memory are not to be used.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+from . import protocol as P
+from .errors import InvalidArgument, NotFound
+from .gpu import DeviceBuffer, GpuPlane, device_buffer
+from .host_reads import HostReads, as_readable, as_writable
+from .keys import normalize_key, normalize_keys, normalize_ns
+from .optional import missing
+from .store_state import BATCH_KEYS
+
+log = logging.getLogger("kvfs")
+
+
+class DeviceReads:
+    """Reads into device memory in flight (``Store.get_many_into_async``)."""
+
+    def __init__(self, store: "DeviceReading", ns: str, ks: list[str], sizes: list[int], found: dict[int, list[Any]],
+                 pending: Any, leases: list[int]) -> None:
+        self.store, self.ns, self.ks, self.sizes, self.found = store, ns, ks, sizes, found
+        self.pending = pending
+        self.leases = leases
+        self.done = False
+
+    def wait(self, group: int) -> list[int]:
+        """Sizes of group ``group``'s items (-1: missing or failed) once its
+        bytes have landed in device memory."""
+        bad = self.pending.wait(group)
+        gs = self.pending.group_size
+        idx = range(group * gs, min(len(self.ks), (group + 1) * gs))
+        return [-1 if i in bad else self.sizes[i] for i in idx]
+
+    def result(self) -> list[int]:
+        """Wait for every group, report failed items, end the lease."""
+        if not self.done:
+            self.done = True
+            try:
+                bad = self.pending.finish()
+            finally:
+                for lease in self.leases:
+                    self.store._release(lease)
+            for i in sorted(bad):
+                self.sizes[i] = -1
+                if i in self.found:
+                    self.store._call(P.REPORT_BAD, {"ns": self.ns, "key": self.ks[i], "seq": self.found[i][2]})
+        return list(self.sizes)
+
+    def __enter__(self) -> "DeviceReads":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.result()
+
+
+class DeviceReading(HostReads):
+    def get_into(self, key: str | bytes, out: Any, *, ns: str = "default") -> int:
+        k, ns = normalize_key(key), normalize_ns(ns)
+        dev = device_buffer(out)
+        if dev is not None:
+            sizes = self._read_device(ns, [k], [dev])
+        else:
+            sizes, _ = self._read_batch(ns, [k], [as_writable(out)], False)
+        if sizes[0] < 0:
+            raise NotFound(f"{ns}/{k} not found")
+        return sizes[0]
+
+    def _device_or_host(self, data: Any) -> Any:
+        dev = device_buffer(data)
+        return dev if dev is not None else as_readable(data)
+
+    def _gpu_plane(self) -> GpuPlane:
+        if self._gpu is None:
+            try:
+                plane = GpuPlane(self.reader, use_kvikio=self.gpu_reader != "staging")
+            except ImportError as e:
+                raise missing("cupy", e) from None
+            if self.gpu_reader == "kvikio" and plane.kvikio is None:
+                raise missing("kvikio")
+            self._gpu = plane
+        return self._gpu
+
+    def get_many_into(self, keys: Sequence[str | bytes], outs: Sequence[Any], *, ns: str = "default") -> list[int]:
+        ks, ns = normalize_keys(keys), normalize_ns(ns)
+        if len(outs) != len(ks):
+            raise InvalidArgument("keys and outs must have the same length")
+        devs = [device_buffer(o) for o in outs]
+        if any(d is not None for d in devs):
+            if not all(d is not None for d in devs):
+                raise InvalidArgument("outs must be all device buffers or all host buffers")
+            res: list[int] = []
+            for i in range(0, len(ks), BATCH_KEYS):
+                res += self._read_device(ns, ks[i:i + BATCH_KEYS], devs[i:i + BATCH_KEYS])  # type: ignore[arg-type]
+            return res
+        views: list[memoryview | None] = [as_writable(o) for o in outs]
+        out: list[int] = []
+        for i in range(0, len(ks), BATCH_KEYS):
+            sizes, _ = self._read_batch(ns, ks[i:i + BATCH_KEYS], views[i:i + BATCH_KEYS], False)
+            out += sizes
+        return out
+
+    def get_many_into_async(self, keys: Sequence[str | bytes], outs: Sequence[Any], *, ns: str = "default",
+                            group_size: int | None = None) -> "DeviceReads":
+        """Start reading ``keys`` into device buffers and return at once.
+
+        Items are in groups of ``group_size`` consecutive keys (default: one
+        group). ``reads.wait(g)`` returns the sizes of group g once its
+        bytes are in device memory, so compute on group g can start while
+        the next groups are still copying (an inference engine loading a
+        KV cache layer by layer: one group per layer). ``reads.result()``
+        (or leaving ``with``) waits for everything and ends the lease; the
+        lease covers every copy until then. A failed item reads -1 and is
+        reported to the daemon; there is no second lookup here (retry it
+        with ``get_many_into``)."""
+        ks, ns = normalize_keys(keys), normalize_ns(ns)
+        if len(outs) != len(ks):
+            raise InvalidArgument("keys and outs must have the same length")
+        devs = [device_buffer(o) for o in outs]
+        if not all(d is not None for d in devs):
+            raise InvalidArgument("get_many_into_async takes device buffers only")
+        if any(d.readonly for d in devs if d is not None):
+            raise InvalidArgument("destination device buffer is read-only")
+        gs = group_size or max(1, len(ks))
+        gpu = self._gpu_plane()
+        self._check_restart()
+        self._conn()
+        found: dict[int, list[Any]] = {}
+        leases: list[int] = []
+        sizes = [-1] * len(ks)
+        try:
+            for b in range(0, len(ks), BATCH_KEYS):
+                res = self._call(P.LOOKUP, {"ns": ns, "keys": ks[b:b + BATCH_KEYS]})
+                if res["lease"]:
+                    leases.append(res["lease"])
+                found.update((b + i, item) for i, item in enumerate(res["items"]) if item is not None)
+            plan = gpu.plan(ns, ks, found, devs, self.arena, self._path, sizes)  # type: ignore[arg-type]
+            pending = gpu.start(ns, ks, found, plan, self.verify == "full", gs)
+        except BaseException:
+            for lease in leases:
+                self._release(lease)
+            raise
+        return DeviceReads(self, ns, ks, sizes, found, pending, leases)
+
+    def _read_device(self, ns: str, ks: list[str], outs: list[DeviceBuffer]) -> list[int]:
+        """Read into device buffers (kvfs.gpu), as the host path does: keys
+        whose location is known (cache, directory) are copied with no round
+        trip, and such a copy counts only if the removal generation did not
+        move until it completed (a seqlock: an extent evicted and reused
+        under it is caught); the rest, and what failed, are looked up under
+        a lease that ends only once their copies have completed. A failed
+        item is reported (the daemon re-checks and drops it) and looked up
+        once more."""
+        for d in outs:
+            if d.readonly:
+                raise InvalidArgument("destination device buffer is read-only")
+        gpu = self._gpu_plane()
+        self._drop_stale_fds()
+        self._check_restart()
+        self._conn()
+        sizes = [-1] * len(ks)
+        todo = list(range(len(ks)))
+        full = self.verify == "full"
+        cache = self._locs
+        if cache is not None:
+            gen, cached = self._known_locations(cache, ns, ks)
+            if cached:
+                plan = gpu.plan(ns, ks, cached, outs, self.arena, self._path, sizes)
+                missed = gpu.run(ns, ks, cached, plan, full)  # every copy has completed
+                if cache.generation() != gen:
+                    missed.update(cached)
+                todo = self._settle_known(cache, ns, ks, cached, missed, sizes, todo)
+        for attempt in range(2):
+            if not todo:
+                break
+            res = self._call(P.LOOKUP, {"ns": ns, "keys": [ks[i] for i in todo]})
+            lease = res["lease"]
+            found = {i: item for i, item in zip(todo, res["items"]) if item is not None}
+            try:
+                plan = gpu.plan(ns, ks, found, outs, self.arena, self._path, sizes)
+                bad = gpu.run(ns, ks, found, plan, full)
+            finally:
+                if lease:
+                    self._release(lease)
+            for i in bad:
+                sizes[i] = -1
+                if attempt == 0:
+                    self._call(P.REPORT_BAD, {"ns": ns, "key": ks[i], "seq": found[i][2]})
+            todo = sorted(bad)
+        return sizes
