@@ -263,26 +263,26 @@ class PendingRead:
     """A device read in flight (GpuPlane.start). Not thread-safe: one
     consumer waits for the groups, in any order."""
 
-    def __init__(self, plane: "GpuPlane", group_size: int, ngroups: int, *, events: list[Any] | None = None,
+    def __init__(self, plane: "GpuPlane", group_size: int, ngroups: int, *, events: dict[int, Any] | None = None,
                  futs: list[tuple[_Chunk, Any]] | None = None, bad: set[int] | None = None,
                  done_bad: set[int] | None = None, headers: Callable[[], set[int]] | None = None,
-                 verify: Callable[[int], set[int]] | None = None) -> None:
+                 verify: Callable[[int], set[int]] | None = None, groups: range | None = None) -> None:
         self.plane = plane
         self.group_size = group_size
-        self.events = events or []
+        self.events = events or {}
         self.futs: dict[int, list[tuple[_Chunk, Any]]] = {}
         for ch, f in futs or []:
             self.futs.setdefault(ch.item // group_size, []).append((ch, f))
         self.bad: set[int] = set(bad or ()) | set(done_bad or ())
-        self.waited = [done_bad is not None] * ngroups
+        # groups not in ``groups`` (another wave's) have nothing here to wait for
+        self.waited = [done_bad is not None or (groups is not None and g not in groups) for g in range(ngroups)]
         self._headers = headers  # joins the header checks (once)
         self._verify = verify  # verify="full": hashes group g on the device once landed
 
     def wait(self, g: int) -> set[int]:
         """Block until group g has landed; returns the failed items so far."""
         if not self.waited[g]:
-            ev = self.events[g] if g < len(self.events) else None
-            self.plane.copier.wait(ev)
+            self.plane.copier.wait(self.events.get(g))
             self.bad |= self.plane._kvikio_wait(self.futs.pop(g, []))
             if self._verify is not None:
                 self.bad |= self._verify(g)
@@ -529,15 +529,18 @@ class GpuPlane:
         return join
 
     def start(self, ns: str, ks: list[str], found: dict[int, list[Any]], p: GpuRead, full: bool,
-              group_size: int) -> "PendingRead":
+              group_size: int, items: range | None = None) -> "PendingRead":
         """Start a plan and return at once; items are in groups of
         ``group_size`` consecutive items, and ``PendingRead.wait(g)`` returns
         when group g's copies have landed (T0 copies are queued group by
         group, with an event after each; kvikio reads all go to its pool in
         order, their headers checked beside them; with ``full``, each group
         is hashed on the GPU once landed, instead). Staged reads run to
-        completion here."""
+        completion here. ``items``: the plan covers only these (a wave of a
+        larger read); the other groups' waits return at once."""
         ngroups = max(1, -(-len(ks) // group_size))
+        mine = range(ngroups) if items is None or not len(items) else \
+            range(items[0] // group_size, (items[-1]) // group_size + 1)
         if self._staged_only(p, full):
             return PendingRead(self, group_size, ngroups, done_bad=self._run_staged(ns, ks, found, p, full))
         c = self.copier
@@ -545,14 +548,14 @@ class GpuPlane:
         if p.t1:
             for ev in p.after:  # kvikio's threads write the destinations themselves
                 c.wait(ev)
-        events = []
+        events: dict[int, Any] = {}
         # verify="full": T0 copies are hashed on the GPU part by part, each
         # part as soon as its copies land (queued now, behind an event), so
         # hashing overlaps the copies still under way
         t0_checks: dict[int, list[Callable[[], set[int]]]] = {}
         t0 = iter(p.t0)
         nxt = next(t0, None)
-        for g in range(ngroups):
+        for g in mine:
             grp: list[_Chunk] = []
             while nxt is not None and nxt.item // group_size == g:
                 grp.append(nxt)
@@ -570,7 +573,7 @@ class GpuPlane:
                     c.h2d(dst, src, n)
                 if full and part:
                     t0_checks.setdefault(g, []).append(self._start_verify(part, c.record()))
-            events.append(c.record())
+            events[g] = c.record()
         submit_bad: set[int] = set()
         futs = self._kvikio_submit(p.t1, submit_bad) if p.t1 else []
         verify = None
@@ -593,7 +596,7 @@ class GpuPlane:
         else:
             headers = self._headers_in_background(ns, ks, found, p.t1) if p.t1 else None
         pending = PendingRead(self, group_size, ngroups, events=events, futs=futs, bad=submit_bad, headers=headers,
-                              verify=verify)
+                              verify=verify, groups=mine)
         self.counters["t0_chunks"] += len(p.t0)
         self.counters["t1_chunks"] += len(p.t1)
         return pending

@@ -283,6 +283,50 @@ def test_async_reads_land_group_by_group_and_hold_the_lease(store):
             s.get_many_into_async(["a0"], [bytearray(block)], ns="as")  # host buffers: use get_many_into
 
 
+@pytest.mark.parametrize("verify", [True, "full"])
+def test_async_reads_start_copying_before_the_last_lookup(store, verify):
+    """A large get_many_into_async works in waves: the first copies are
+    issued before the last keys are looked up (the copy engine is not left
+    waiting for the whole batch's control work), groups that straddle a
+    wave boundary wait for every part, a missing key in a late wave reads
+    -1, every byte lands right, and no lease outlives result()."""
+    from kvfs import device_reads
+    d, tier = store
+    with d.connect(verify=verify) as s:
+        plane = host_gpu(s, tier == "t1-direct")
+        n = 3 * device_reads.FIRST_WAVE + 20  # waves of 64, 128 and the last 21 keys
+        vals = {f"w{i}": os.urandom(1000 + i) for i in range(n)}
+        s.put_many(list(vals), list(vals.values()), ns="wv")
+        s.flush()
+        keys = list(vals) + ["missing"]
+        outs = [FakeDeviceArray(1000 + n) for _ in keys]
+        events: list[str] = []
+        h2d, call = plane.copier.h2d, s._call
+
+        def logged_h2d(dst, src, size):
+            events.append("copy")
+            h2d(dst, src, size)
+
+        def logged_call(op, args, *rest):
+            if op == "lookup":
+                events.append(f"lookup {args['keys'][-1]}")
+            return call(op, args, *rest)
+        plane.copier.h2d, s._call = logged_h2d, logged_call
+        gs = 50  # groups straddle the wave boundaries (64, 192)
+        with s.get_many_into_async(keys, outs, ns="wv", group_size=gs) as reads:
+            for g in reversed(range(-(-len(keys) // gs))):
+                for i, size in zip(range(g * gs, min(len(keys), (g + 1) * gs)), reads.wait(g)):
+                    if keys[i] == "missing":
+                        assert size == -1
+                    else:
+                        assert size == len(vals[keys[i]]) and outs[i].bytes()[:size] == vals[keys[i]], i
+        assert s.stats()["leases"] == 0
+        lookups = [e for e in events if e.startswith("lookup")]
+        assert len(lookups) == 3 and lookups[-1] == "lookup missing"
+        if tier == "t0":  # T0 copies are issued as each wave starts (T1 ones go to kvikio or staging)
+            assert events.index("copy") < events.index(lookups[-1])
+
+
 def test_host_only_use_imports_no_cuda_library(tmp_path):
     """A client that never touches device memory loads neither CuPy nor
     kvikio (nor torch), even where they are installed; capabilities() says
