@@ -24,31 +24,78 @@ log = logging.getLogger("kvfs")
 
 
 # get_many_into_async works in waves: the first of FIRST_WAVE keys, each next
-# one twice as large (up to BATCH_KEYS): a wave's lookup and planning run
-# while the copies of the waves before it are under way, so the copy engine
-# starts after a few dozen keys instead of after the whole batch's control
-# work (about 9 us a key: a 6144-key layer-wise load waited 40-55 ms).
+# one twice as large, up to WAVE_MAX. A wave's lookup and planning (about
+# 9 us a key in Python) run while the copies of the waves before it are
+# under way, and the waves past the first groups are started only as the
+# caller waits, AHEAD groups ahead of it: so the copy engine starts after a
+# few dozen keys, and the caller's compute on group 0 starts at once, not
+# after the whole batch's control work (a 4096-key layer-wise load spent
+# 40 ms there before its first layer could compute).
 FIRST_WAVE = 64
+WAVE_MAX = 512
+AHEAD = 2
 
 
 class DeviceReads:
-    """Reads into device memory in flight (``Store.get_many_into_async``):
-    the waves started so far, each ``(first item, end, PendingRead)``.
-    Invariant: every lease taken lasts until every wave has landed."""
+    """Reads into device memory in flight (``Store.get_many_into_async``).
 
-    def __init__(self, store: "DeviceReading", ns: str, ks: list[str], group_size: int) -> None:
+    Invariants: every item is read by exactly one wave, waves start in item
+    order, and the waves covering group g (and AHEAD more) have started
+    before ``wait(g)`` blocks; every lease taken lasts until every started
+    wave has landed (``result``), and ``result`` starts what is left first.
+    An error while starting a wave is raised by the call that started it;
+    after it, no wave starts, and ``result`` still lands what had started."""
+
+    def __init__(self, store: "DeviceReading", ns: str, ks: list[str], outs: Sequence[Any], group_size: int,
+                 gpu: GpuPlane, full: bool) -> None:
         self.store, self.ns, self.ks, self.group_size = store, ns, ks, group_size
+        self._outs, self._gpu, self._full = outs, gpu, full
+        self._devs: list[DeviceBuffer | None] = [None] * len(ks)
         self.sizes = [-1] * len(ks)
         self.found: dict[int, list[Any]] = {}
-        self.waves: list[tuple[int, int, Any]] = []
+        self.waves: list[tuple[int, int, Any]] = []  # (first item, end, PendingRead)
         self.leases: list[int] = []
+        self.started = 0  # items of the waves started so far
+        self._wave = FIRST_WAVE
+        self.failed = False
         self.done = False
+
+    def _start_until(self, end: int) -> None:
+        """Start waves until items ``[0, end)`` are all in one."""
+        st = self.store
+        while self.started < min(end, len(self.ks)) and not self.failed:
+            a = self.started
+            b = min(len(self.ks), a + self._wave)
+            try:
+                for i in range(a, b):
+                    d = self._devs[i] = device_buffer(self._outs[i])
+                    if d is None:
+                        raise InvalidArgument("get_many_into_async takes device buffers only")
+                    if d.readonly:
+                        raise InvalidArgument("destination device buffer is read-only")
+                found: dict[int, list[Any]] = {}
+                for c in range(a, b, BATCH_KEYS):
+                    res = st._call(P.LOOKUP, {"ns": self.ns, "keys": self.ks[c:min(b, c + BATCH_KEYS)]})
+                    if res["lease"]:
+                        self.leases.append(res["lease"])
+                    found.update((c + i, item) for i, item in enumerate(res["items"]) if item is not None)
+                plan = self._gpu.plan(self.ns, self.ks, found, self._devs,  # type: ignore[arg-type]
+                                      st.arena, st._path, self.sizes)
+                self.waves.append((a, b, self._gpu.start(self.ns, self.ks, found, plan, self._full,
+                                                         self.group_size, range(a, b))))
+            except BaseException:
+                self.failed = True
+                raise
+            self.found.update(found)
+            self.started = b
+            self._wave = min(2 * self._wave, WAVE_MAX)
 
     def wait(self, group: int) -> list[int]:
         """Sizes of group ``group``'s items (-1: missing or failed) once its
         bytes have landed in device memory."""
         gs = self.group_size
         lo, hi = group * gs, min(len(self.ks), (group + 1) * gs)
+        self._start_until((group + 1 + AHEAD) * gs)
         bad: set[int] = set()
         for a, b, pending in self.waves:
             if a < hi and b > lo:
@@ -56,22 +103,27 @@ class DeviceReads:
         return [-1 if i in bad else self.sizes[i] for i in range(lo, hi)]
 
     def result(self) -> list[int]:
-        """Wait for every group, report failed items, end the leases."""
+        """Start what is left, wait for every group, report failed items,
+        end the leases."""
         if not self.done:
+            error: BaseException | None = None
+            try:
+                self._start_until(len(self.ks))
+            except BaseException as e:  # noqa: BLE001 - what started lands first
+                error = e
             self.done = True
             bad: set[int] = set()
             try:
-                error: BaseException | None = None
                 for _a, _b, pending in self.waves:
                     try:
                         bad |= pending.finish()
                     except BaseException as e:  # noqa: BLE001 - the other waves still land first
                         error = error or e
-                if error is not None:
-                    raise error
             finally:
                 for lease in self.leases:
                     self.store._release(lease)
+            if error is not None:
+                raise error
             for i in sorted(bad):
                 self.sizes[i] = -1
                 if i in self.found:
@@ -144,8 +196,13 @@ class DeviceReading(HostReads):
         lease covers every copy until then. A failed item reads -1 and is
         reported to the daemon; there is no second lookup here (retry it
         with ``get_many_into``). Keys are looked up and their copies started
-        in waves (FIRST_WAVE keys, then twice as many each time), so copies
-        begin at once and the control work of later keys runs under them."""
+        in waves (FIRST_WAVE keys, then twice as many each time, up to
+        WAVE_MAX): the first groups' before this returns, the others as
+        ``wait`` asks for groups before them (AHEAD groups ahead) or at
+        ``result``. So copies begin at once, and compute on the first
+        groups need not wait for the control work of the last ones. An
+        error in a later wave (a bad buffer, the daemon gone) is raised by
+        the ``wait`` or ``result`` that started it."""
         ks, ns = normalize_keys(keys), normalize_ns(ns)
         if len(outs) != len(ks):
             raise InvalidArgument("keys and outs must have the same length")
@@ -153,29 +210,9 @@ class DeviceReading(HostReads):
         gpu = self._gpu_plane()
         self._check_restart()
         self._conn()
-        reads = DeviceReads(self, ns, ks, gs)
-        devs: list[DeviceBuffer | None] = [None] * len(ks)
-        full = self.verify == "full"
+        reads = DeviceReads(self, ns, ks, outs, gs, gpu, self.verify == "full")
         try:
-            a, wave = 0, FIRST_WAVE
-            while a < len(ks):
-                b = min(len(ks), a + wave)
-                for i in range(a, b):
-                    d = devs[i] = device_buffer(outs[i])
-                    if d is None:
-                        raise InvalidArgument("get_many_into_async takes device buffers only")
-                    if d.readonly:
-                        raise InvalidArgument("destination device buffer is read-only")
-                found: dict[int, list[Any]] = {}
-                for c in range(a, b, BATCH_KEYS):
-                    res = self._call(P.LOOKUP, {"ns": ns, "keys": ks[c:min(b, c + BATCH_KEYS)]})
-                    if res["lease"]:
-                        reads.leases.append(res["lease"])
-                    found.update((c + i, item) for i, item in enumerate(res["items"]) if item is not None)
-                plan = gpu.plan(ns, ks, found, devs, self.arena, self._path, reads.sizes)  # type: ignore[arg-type]
-                reads.waves.append((a, b, gpu.start(ns, ks, found, plan, full, gs, range(a, b))))
-                reads.found.update(found)
-                a, wave = b, min(2 * wave, BATCH_KEYS)
+            reads._start_until(max(FIRST_WAVE, (1 + AHEAD) * gs))
         except BaseException:
             try:
                 reads.result()  # what was started lands before its leases end

@@ -314,6 +314,11 @@ def test_async_reads_start_copying_before_the_last_lookup(store, verify):
         plane.copier.h2d, s._call = logged_h2d, logged_call
         gs = 50  # groups straddle the wave boundaries (64, 192)
         with s.get_many_into_async(keys, outs, ns="wv", group_size=gs) as reads:
+            # returned after the first groups' waves: the last keys are not looked up yet
+            assert "lookup missing" not in events and events.count("copy" if tier == "t0" else "lookup w191")
+            assert reads.wait(0) == [len(vals[k]) for k in keys[:gs]]
+            assert all(outs[i].bytes()[:len(vals[keys[i]])] == vals[keys[i]] for i in range(gs))
+            assert "lookup missing" not in events
             for g in reversed(range(-(-len(keys) // gs))):
                 for i, size in zip(range(g * gs, min(len(keys), (g + 1) * gs)), reads.wait(g)):
                     if keys[i] == "missing":
@@ -325,6 +330,25 @@ def test_async_reads_start_copying_before_the_last_lookup(store, verify):
         assert len(lookups) == 3 and lookups[-1] == "lookup missing"
         if tier == "t0":  # T0 copies are issued as each wave starts (T1 ones go to kvikio or staging)
             assert events.index("copy") < events.index(lookups[-1])
+
+
+def test_an_error_in_a_later_wave_is_raised_where_it_starts_and_leaks_nothing(tmp_path):
+    """A bad destination among the last keys of an async read is found when
+    its wave starts (at a wait or at result): that call raises a clear
+    error, what had started lands, and no lease is left behind."""
+    d = DaemonProcess(tmp_path / "s", capacity="256M", shm_size="64M")
+    with d, d.connect() as s:
+        host_gpu(s)
+        keys = [f"e{i}" for i in range(300)]
+        s.put_many(keys, [bytes([i % 256]) * 512 for i in range(300)], ns="e")
+        outs = [FakeDeviceArray(512) for _ in keys[:-1]] + [bytearray(512)]  # the last one is host memory
+        reads = s.get_many_into_async(keys, outs, ns="e", group_size=10)
+        assert reads.wait(0) == [512] * 10 and outs[3].bytes() == bytes([3]) * 512
+        with pytest.raises(InvalidArgument, match="device buffers only"):
+            for g in range(30):
+                reads.wait(g)
+        reads.result()  # lands what started, raises nothing more
+        assert s.stats()["leases"] == 0
 
 
 def test_host_only_use_imports_no_cuda_library(tmp_path):

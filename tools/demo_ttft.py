@@ -222,6 +222,7 @@ def run_ttft(store: Any, model: Any, tokens: int, suffix: int, device: str, ns: 
         _timed_put(store, keys, [_buf(blocks[i]) for i in range(len(keys))], ns, device, out)
         del blocks
         # 2. a new request: match, load, prefill the rest
+        before = _t0_lookups(store)
         _sync(device)
         t0 = time.perf_counter()
         n = store.prefix_match(keys, ns=ns)
@@ -252,6 +253,7 @@ def run_ttft(store: Any, model: Any, tokens: int, suffix: int, device: str, ns: 
         out["kvfs_ttft_s"] = time.perf_counter() - t0
         out["suffix_s"] = out["kvfs_ttft_s"] - out["load_s"] - out["rebuild_s"]
         out["suffix_alone_s"] = out["suffix_s"]  # on a cache built beforehand: the prefill alone
+        out["t0_share"] = _t0_share(store, before)
         logits = res.logits[0, -1].float()
     out["matched_blocks"] = n
     return _compare(out, logits, ref_logits)
@@ -274,6 +276,7 @@ def _run_layerwise(store: Any, model: Any, prompt: Any, keys: list[str], tokens:
                    [_buf(lb[b]) for lb in per_layer for b in range(len(keys))], ns, device, out)
         del per_layer
         # 2. a new request: match, then load layer by layer under the suffix's prefill
+        before = _t0_lookups(store)
         _sync(device)
         t0 = time.perf_counter()
         n = store.prefix_match(by_layer[0], ns=ns)
@@ -295,6 +298,7 @@ def _run_layerwise(store: Any, model: Any, prompt: Any, keys: list[str], tokens:
         out["suffix_alone_s"] = time.perf_counter() - t1
         del cache
         out["load_s"] = load.load_s  # until the last layer had landed (the earlier ones were computing)
+        out["t0_share"] = _t0_share(store, before)
         out["rebuild_s"] = 0.0  # inside the hooks, overlapped
         out["suffix_s"] = out["kvfs_ttft_s"] - out["load_s"]  # the prefill beyond the last layer's arrival
         logits = res.logits[0, -1].float()
@@ -400,6 +404,18 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def _t0_lookups(store: Any) -> tuple[int, int]:
+    t0 = store.stats()["tiers"].get("T0", {})
+    return t0.get("hits", 0), t0.get("misses", 0)
+
+
+def _t0_share(store: Any, before: tuple[int, int]) -> float:
+    """Of the lookups since ``before``, the share that found a T0 copy."""
+    hits, misses = _t0_lookups(store)
+    n = hits - before[0] + misses - before[1]
+    return (hits - before[0]) / n if n else 0.0
+
+
 def _pinned_h2d(nbytes: int) -> float:
     """Bytes/s of one pinned host -> device copy of ``nbytes`` (best of 3)."""
     import torch
@@ -419,7 +435,7 @@ def _pinned_h2d(nbytes: int) -> float:
 def _line(r: dict[str, Any]) -> str:
     return (f"{r['tier']} {r['load']:>9} {r['tokens']:>6} tokens: recompute {r['recompute_s'] * 1e3:8.1f} ms, kvfs "
             f"{r['kvfs_ttft_s'] * 1e3:7.1f} ms (load {r['load_s'] * 1e3:6.1f} ms of "
-            f"{r['blocks'] * r['block_bytes'] / 2**20:.0f} MiB, cache rebuild {r['rebuild_s'] * 1e3:5.1f} ms, "
+            f"{r['blocks'] * r['block_bytes'] / 2**20:.0f} MiB, {100 * r.get('t0_share', 0):.0f}% from T0, cache rebuild {r['rebuild_s'] * 1e3:5.1f} ms, "
             f"suffix {r['suffix_s'] * 1e3:5.1f} ms), "
             f"{r['speedup']:5.1f}x"
             + (f" (load at {r['load_vs_h2d']:.2f} x pinned H2D of {r['h2d_gbs']:.1f} GB/s; bound "
