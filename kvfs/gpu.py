@@ -364,7 +364,7 @@ class GpuPlane:
         self._pool: Any = None
         self._hasher: Any = False  # False: not made yet; None: hash on the host
         self._lock = threading.Lock()
-        self.counters = {"t0_chunks": 0, "t1_chunks": 0, "staged_bytes": 0, "header_checks": 0,
+        self.counters = {"t0_chunks": 0, "t0_copies": 0, "t1_chunks": 0, "staged_bytes": 0, "header_checks": 0,
                          "header_mismatches": 0, "device_hashed_values": 0,
                          "device_verified_chunks": 0}
 
@@ -494,7 +494,9 @@ class GpuPlane:
         if full:
             bad = self._staged(p.t0 + p.t1, verify=True)
         else:
-            for dst, src, n in _merged(p.t0):
+            merged = _merged(p.t0)
+            self.counters["t0_copies"] += len(merged)
+            for dst, src, n in merged:
                 c.h2d(dst, src, n)
             headers = self._headers_in_background(ns, ks, found, p.t1)
             try:
@@ -569,7 +571,9 @@ class GpuPlane:
                 parts[-1].append(ch)
                 size += ch.length
             for part in parts:
-                for dst, src, n in _merged(part):
+                merged = _merged(part)
+                self.counters["t0_copies"] += len(merged)
+                for dst, src, n in merged:
                     c.h2d(dst, src, n)
                 if full and part:
                     t0_checks.setdefault(g, []).append(self._start_verify(part, c.record()))

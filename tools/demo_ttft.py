@@ -253,7 +253,7 @@ def run_ttft(store: Any, model: Any, tokens: int, suffix: int, device: str, ns: 
         out["kvfs_ttft_s"] = time.perf_counter() - t0
         out["suffix_s"] = out["kvfs_ttft_s"] - out["load_s"] - out["rebuild_s"]
         out["suffix_alone_s"] = out["suffix_s"]  # on a cache built beforehand: the prefill alone
-        out["t0_share"] = _t0_share(store, before)
+        out["t0_share"] = _t0_share(store, before, out)
         logits = res.logits[0, -1].float()
     out["matched_blocks"] = n
     return _compare(out, logits, ref_logits)
@@ -298,7 +298,7 @@ def _run_layerwise(store: Any, model: Any, prompt: Any, keys: list[str], tokens:
         out["suffix_alone_s"] = time.perf_counter() - t1
         del cache
         out["load_s"] = load.load_s  # until the last layer had landed (the earlier ones were computing)
-        out["t0_share"] = _t0_share(store, before)
+        out["t0_share"] = _t0_share(store, before, out)
         out["rebuild_s"] = 0.0  # inside the hooks, overlapped
         out["suffix_s"] = out["kvfs_ttft_s"] - out["load_s"]  # the prefill beyond the last layer's arrival
         logits = res.logits[0, -1].float()
@@ -404,14 +404,17 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
-def _t0_lookups(store: Any) -> tuple[int, int]:
+def _t0_lookups(store: Any) -> tuple[int, int, int]:
     t0 = store.stats()["tiers"].get("T0", {})
-    return t0.get("hits", 0), t0.get("misses", 0)
+    plane = getattr(store, "_gpu", None)  # the client's device plane: its copy count
+    return t0.get("hits", 0), t0.get("misses", 0), plane.counters["t0_copies"] if plane is not None else 0
 
 
-def _t0_share(store: Any, before: tuple[int, int]) -> float:
-    """Of the lookups since ``before``, the share that found a T0 copy."""
-    hits, misses = _t0_lookups(store)
+def _t0_share(store: Any, before: tuple[int, int, int], out: dict[str, Any]) -> float:
+    """Of the lookups since ``before``, the share that found a T0 copy (and,
+    in ``out``, how many arena -> device copies the load took, after merging)."""
+    hits, misses, copies = _t0_lookups(store)
+    out["t0_copies"] = copies - before[2]
     n = hits - before[0] + misses - before[1]
     return (hits - before[0]) / n if n else 0.0
 
@@ -435,7 +438,7 @@ def _pinned_h2d(nbytes: int) -> float:
 def _line(r: dict[str, Any]) -> str:
     return (f"{r['tier']} {r['load']:>9} {r['tokens']:>6} tokens: recompute {r['recompute_s'] * 1e3:8.1f} ms, kvfs "
             f"{r['kvfs_ttft_s'] * 1e3:7.1f} ms (load {r['load_s'] * 1e3:6.1f} ms of "
-            f"{r['blocks'] * r['block_bytes'] / 2**20:.0f} MiB, {100 * r.get('t0_share', 0):.0f}% from T0, cache rebuild {r['rebuild_s'] * 1e3:5.1f} ms, "
+            f"{r['blocks'] * r['block_bytes'] / 2**20:.0f} MiB, {100 * r.get('t0_share', 0):.0f}% from T0 in {r.get('t0_copies', 0)} copies, cache rebuild {r['rebuild_s'] * 1e3:5.1f} ms, "
             f"suffix {r['suffix_s'] * 1e3:5.1f} ms), "
             f"{r['speedup']:5.1f}x"
             + (f" (load at {r['load_vs_h2d']:.2f} x pinned H2D of {r['h2d_gbs']:.1f} GB/s; bound "
