@@ -9,7 +9,7 @@ NIXL ?= 1.5.1
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo daemon test lint bench clean
+.PHONY: setup demo daemon test lint bench bench-readme clean
 
 setup: $(VENV)/.installed
 
@@ -48,6 +48,13 @@ lint: setup
 
 bench: setup
 	$(BIN)/kvfs bench --kv --json bench.json
+
+# Every README output block marked <!-- bench: ... --> that this machine can run,
+# rerun and stamped with the commit and machine (tools/bench_readme.py; ~1 h here).
+# The GPU machine's blocks: tools/gpu_machine.sh readme there, then
+# $(BIN)/python -m kvfstools.bench_readme --merge THAT_README here.
+bench-readme: setup
+	$(BIN)/python -m kvfstools.bench_readme $(if $(ONLY),--only '$(ONLY)')
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -37,7 +37,11 @@ def clean_up(work: Path, base: Path, keep_base: bool, daemons: Iterable[Any] = (
 
 
 def commit() -> str:
-    """The checkout's commit (and whether it had changes), for the figures' record."""
+    """The checkout's commit (and whether it had changes), for the figures' record.
+    KVFS_COMMIT overrides it: a copy of the tree without its history (the GPU
+    machine's) is told which commit it is."""
+    if os.environ.get("KVFS_COMMIT"):
+        return os.environ["KVFS_COMMIT"]
     here = Path(__file__).resolve().parent
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
