@@ -16,6 +16,8 @@ names the commit it was measured at, and goes stale visibly.
     python -m kvfstools.bench_readme --list          the blocks, and what each last ran at
     python -m kvfstools.bench_readme --merge OTHER   take the @gpu blocks from OTHER (a README
                                                      the GPU machine regenerated)
+    ... --readme COPY, then --merge COPY --which cpu  the same for a run on a copy (the README
+                                                     stays free to edit meanwhile)
 
 Blocks of a machine not present are left as they are and listed as skipped.
 Tables written by hand (markdown tables) are outside its reach: the README
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", action="append", default=[], metavar="TEXT",
                    help="only blocks whose arguments contain TEXT (repeatable)")
     p.add_argument("--list", action="store_true", help="list the blocks and what each last ran at")
-    p.add_argument("--merge", metavar="README", help="take the @gpu blocks from this README")
+    p.add_argument("--merge", metavar="README", help="take the @gpu blocks (or --which) from this README")
+    p.add_argument("--which", choices=["gpu", "cpu", "all"], default="gpu", help="the blocks --merge takes")
     p.add_argument("--gpu-only", action="store_true", help="only the @gpu blocks (on the GPU machine)")
     a = p.parse_args(argv)
     path = Path(a.readme)
@@ -119,10 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     new: dict[int, str] = {}  # block index -> its new body
     if a.merge:
         other = Path(a.merge).read_text().split("\n")
-        theirs = {b.args: "\n".join(other[b.start + 1:b.end]) for b in find_blocks(other) if b.gpu}
+        wanted = {"gpu": {True}, "cpu": {False}, "all": {True, False}}[a.which]
+        theirs = {(b.args, b.gpu): "\n".join(other[b.start + 1:b.end]) for b in find_blocks(other) if b.gpu in wanted}
         for i, b in enumerate(blocks):
-            if b.gpu and b.args in theirs:
-                new[i] = theirs[b.args]
+            if (b.args, b.gpu) in theirs:
+                new[i] = theirs[(b.args, b.gpu)]
     else:
         has_gpu = _gpu_name() is not None
         for i, b in enumerate(blocks):
