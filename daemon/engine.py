@@ -118,7 +118,7 @@ class Engine(Recovery):
         try:
             if self.wb_pool is not None:
                 self.wb_pool.stop()
-            left = self.take_write_backs(list(self.wb_pending.values()))
+            left = self.take_write_backs()
             if left:
                 self.write_back_many(left, False)  # T0 is its only copy: write it out before exit
             self.writer.call(self._flush_atimes)

@@ -227,7 +227,8 @@ class Puts(Space):
             if sync:
                 for sid in set().union(*(p.touched for p in plans)):
                     os.fdatasync(self.segs[sid].fd)
-            jobs = [self.publish_job(p, sync) for p in plans]
+            # the first job writes the segment rows and counters for all: one scan a batch
+            jobs = [self.publish_job(p, sync, shared=i == 0) for i, p in enumerate(plans)]
             done = self.writer.call(lambda txn: [job(txn) for job in jobs], sync=sync)
         except BaseException:
             for p in plans:
@@ -242,12 +243,14 @@ class Puts(Space):
         self._reclaim(cand)
         return out
 
-    def publish_job(self, plan: PutPlan, sync: bool,
-                    before: Callable[[], None] | None = None) -> Callable[[Any], Any]:
+    def publish_job(self, plan: PutPlan, sync: bool, before: Callable[[], None] | None = None,
+                    shared: bool = True) -> Callable[[Any], Any]:
         """The writer job that publishes ``plan``. With ``before`` it first
         runs it (writing payloads or headers) and then, in sync mode,
         fdatasyncs the touched segments: a put then costs one writer round
-        trip and no other thread hop."""
+        trip and no other thread hop. ``shared=False``: leave the segment
+        rows and counters to another job of the same transaction (a batch
+        writes them once)."""
         ns = plan.ns
 
         def job(txn: Any) -> tuple[list[bool], list[tuple[ObjPlan, ObjEntry]], list[tuple[int, int, int]]]:
@@ -269,7 +272,7 @@ class Puts(Space):
                 exts = [Extent(c.stripe, c.seg, c.payload_off, c.length, c.checksum) for c in op.chunks]
                 entries.append((op, ObjEntry(op.size, op.checksum, op.seq, now, now, op.meta, exts,
                                              [c.hdr_off for c in op.chunks], [c.end - c.hdr_off for c in op.chunks])))
-            segrows = self._segment_rows()
+            segrows = self._segment_rows() if shared else []
             for sid, stripe, state in segrows:
                 self.index.put_segment(txn, sid, stripe, state)
             self.index.add_namespace(txn, ns, now)
@@ -287,8 +290,9 @@ class Puts(Space):
                 if fresh:
                     self.index.put_object(txn, ns, op.key, e)
                 stored.append(fresh)
-            self.index.set_counter(txn, b"next_seq", self._next_seq)
-            self.index.set_counter(txn, b"next_seg", self._next_seg)
+            if shared:
+                self.index.set_counter(txn, b"next_seq", self._next_seq)
+                self.index.set_counter(txn, b"next_seg", self._next_seg)
             return stored, entries, segrows
         return job
 

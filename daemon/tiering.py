@@ -105,18 +105,17 @@ class Tiering(Puts):
         assert self.wb_pool is not None
         self.wb_pool.kick()
 
-    def write_back(self, plan: PutPlan, sync: bool, queued: bool = False) -> list[bool]:
-        """Write a committed T0 plan to T1 and publish it in LMDB (blocking;
-        a worker thread). ``queued``: taken from the background queue
-        (whoever takes it first writes it); [] if another taker had it."""
-        if queued and not self.take_write_backs([plan]):
-            return []
+    def write_back(self, plan: PutPlan, sync: bool) -> list[bool]:
+        """Write a committed T0 plan that was never queued to T1 and publish
+        it in LMDB (blocking; a worker thread)."""
         return self.write_back_many([plan], sync)[0]
 
-    def take_write_backs(self, plans: list[PutPlan]) -> list[PutPlan]:
-        """Of queued plans, those this caller now owns (the rest were taken)."""
+    def take_write_backs(self) -> list[PutPlan]:
+        """Every queued plan, now this caller's (oldest first)."""
         with self._lock:
-            return [p for p in plans if self.wb_pending.pop(id(p), None) is not None]
+            plans = list(self.wb_pending.values())
+            self.wb_pending.clear()
+            return plans
 
     def write_back_many(self, plans: list[PutPlan], sync: bool) -> list[list[bool]]:
         """Write committed T0 plans to T1, then publish them all in one

@@ -5,8 +5,9 @@ mirror entry is published; its plan then waits in ``Engine.wb_pending``
 (insertion order) until a pool thread takes it.
 
 Invariants:
-- A queued plan is taken by exactly one taker: a pool thread, a sync caller
-  or ``Engine.close`` (``Engine.take_write_backs`` pops under the engine lock).
+- A queued plan is taken by exactly one taker: a pool thread (``_take``) or
+  ``Engine.close`` (``Engine.take_write_backs``), each popping under the
+  engine lock. Sync puts are never queued: their caller writes them.
 - A thread takes what is queued, oldest first, up to ``BATCH_BYTES`` and
   ``BATCH_PLANS``, and writes it as one batch: every record with pwritev
   (the GIL is released, so threads write different stripes at once), then

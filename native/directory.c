@@ -84,6 +84,15 @@ static int plain_key(const char *s, Py_ssize_t n) {
     return 1;
 }
 
+static int check_table(Py_buffer *dir, unsigned long long nslots) {
+    if (nslots < DIR_BUCKET * DIR_PROBE || (nslots & (nslots - 1)) ||
+        (unsigned long long)dir->len < DIR_HEADER + nslots * DIR_SLOT + nslots / DIR_BUCKET) {
+        PyErr_SetString(PyExc_ValueError, "directory buffer does not hold that many slots");
+        return 0;
+    }
+    return 1;
+}
+
 /* mode: 0 states, 1 states up to the first that is not PRESENT, 2 (list of
    bool, bitmask of the states other than PRESENT seen: 1 << state) */
 static PyObject *probe_batch(PyObject *args, int mode_arg) {
@@ -98,11 +107,7 @@ static PyObject *probe_batch(PyObject *args, int mode_arg) {
         PyErr_SetString(PyExc_TypeError, "keys must be a list");
         goto out;
     }
-    if (nslots < DIR_BUCKET * DIR_PROBE || (nslots & (nslots - 1)) ||
-        (unsigned long long)dir.len < DIR_HEADER + nslots * DIR_SLOT + nslots / DIR_BUCKET) {
-        PyErr_SetString(PyExc_ValueError, "directory buffer does not hold that many slots");
-        goto out;
-    }
+    if (!check_table(&dir, nslots)) goto out;
     if (ns.len < 1 || ns.len > MAX_NS_BYTES) {
         PyErr_SetString(PyExc_ValueError, "namespace of 1-400 bytes");
         goto out;
@@ -268,14 +273,6 @@ static void set_hop(unsigned char *table, unsigned char *hops, uint64_t nbuckets
     __atomic_store_n(hops + home, (unsigned char)(hops[home] & ~bit), __ATOMIC_RELEASE);
 }
 
-static int check_table(Py_buffer *dir, unsigned long long nslots) {
-    if (nslots < DIR_BUCKET * DIR_PROBE || (nslots & (nslots - 1)) ||
-        (unsigned long long)dir->len < DIR_HEADER + nslots * DIR_SLOT + nslots / DIR_BUCKET) {
-        PyErr_SetString(PyExc_ValueError, "directory buffer does not hold that many slots");
-        return 0;
-    }
-    return 1;
-}
 
 static int get_u64(PyObject *o, uint64_t *out) {
     unsigned long long v = PyLong_AsUnsignedLongLong(o);
