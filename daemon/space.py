@@ -3,7 +3,8 @@
 Invariants:
 - eviction keeps usage below the high watermark by removing least recently
   used objects that are neither leased nor dirty (T0 only), down to the low
-  watermark;
+  watermark; a put that finds only dirty objects left waits (up to
+  DIRTY_WAIT) for their write-back, which makes them evictable;
 - a removal unpublishes in one commit, leaves the directory, bumps the
   removal generation, and only then reclaims segments left fully dead;
 - a segment is unlinked only when it has no live record, no reservation and
@@ -27,6 +28,10 @@ from .segments import SegState
 
 log = logging.getLogger("kvfsd")
 
+# how long a put that needs room waits for T0 write-backs to end (their
+# values then become evictable) before it is refused
+DIRTY_WAIT = 10.0
+
 
 class NeedRoom(Exception):
     """prepare_put(may_evict=False) found that eviction must run first."""
@@ -45,27 +50,48 @@ class Space(Placement):
             raise CapacityError(f"value needs {need} bytes on disk; the capacity is {cap}",
                                 needed=need, capacity=cap, used=self.disk_usage())
         with self._evict_lock:
-            used = self.disk_usage()
-            if used + need <= cap * self.cfg.high_watermark:
-                return
-            target = int(cap * self.cfg.low_watermark) - need
-            with self._lock:
-                # a generator: the walk stops as soon as the target is reached,
-                # instead of copying the whole LRU order under the lock
-                lru = ((ok, m.spans) for ok, m in self.lru.items())
-                seg_live = {s: st.live for s, st in self.segs.items()}
-                seg_size = {s: st.end for s, st in self.segs.items()}
-                v = choose_victims(
-                    lru, seg_live, seg_size, used, max(target, 0),
-                    evictable=lambda ok: not self.leases.obj_leased(ok) and not self.lru[ok].dirty,
-                    seg_reclaimable=lambda s: self.segs[s].inflight == 0 and not self.leases.seg_leased(s))
-            if v.objects:
-                self._remove_objects(v.objects, reason="evictions")
-            used = self.disk_usage()
-            if used + need > cap:
-                raise CapacityError(
-                    f"no room for {need} bytes: {used} of {cap} bytes used and nothing more can be "
-                    f"evicted (leased or in flight)", needed=need, capacity=cap, used=used)
+            deadline = time.monotonic() + DIRTY_WAIT
+            while True:
+                used = self.disk_usage()
+                if used + need <= cap * self.cfg.high_watermark:
+                    return
+                self._evict_for(used, need)
+                used = self.disk_usage()
+                if used + need <= cap:
+                    return
+                # what is left may be T0 puts whose write-back is under way:
+                # once written back they can be evicted, so wait for it
+                if not self._wait_written_back(deadline):
+                    raise CapacityError(
+                        f"no room for {need} bytes: {used} of {cap} bytes used and nothing more can be "
+                        f"evicted (leased or in flight)", needed=need, capacity=cap, used=used)
+
+    def _evict_for(self, used: int, need: int) -> None:
+        """Evict least recently used objects, neither leased nor dirty, down
+        to the low watermark less ``need``. Caller holds the eviction lock."""
+        target = int(self.capacity * self.cfg.low_watermark) - need
+        with self._lock:
+            # a generator: the walk stops as soon as the target is reached,
+            # instead of copying the whole LRU order under the lock
+            lru = ((ok, m.spans) for ok, m in self.lru.items())
+            seg_live = {s: st.live for s, st in self.segs.items()}
+            seg_size = {s: st.end for s, st in self.segs.items()}
+            v = choose_victims(
+                lru, seg_live, seg_size, used, max(target, 0),
+                evictable=lambda ok: not self.leases.obj_leased(ok) and not self.lru[ok].dirty,
+                seg_reclaimable=lambda s: self.segs[s].inflight == 0 and not self.leases.seg_leased(s))
+        if v.objects:
+            self._remove_objects(v.objects, reason="evictions")
+
+    def _wait_written_back(self, deadline: float) -> bool:
+        """Wait (a worker thread) until no T0 write-back is pending; False if
+        none was, or it did not end before ``deadline``."""
+        t0 = self.t0
+        if t0 is None or not t0.backlog_objects:
+            return False
+        while t0.backlog_objects and time.monotonic() < deadline:
+            time.sleep(0.002)
+        return not t0.backlog_objects
 
     def evict(self, to: int, ns: str | None = None) -> dict[str, Any]:
         """``kvfs evict``: evict least recently used objects (of ``ns``, or
