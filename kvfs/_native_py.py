@@ -169,6 +169,16 @@ def dir_contains(directory: Any, nslots: int, ns: bytes, keys: list[Any]) -> tup
     return [st == 1 for st in states], seen
 
 
+def dir_read(directory: Any, nslots: int, ns: bytes, key: Any, arena: Any, dest: Any, gen: Any, gen_before: int,
+             verify: bool, threads: int = 1) -> int:
+    """One get_into from the arena as the directory places it
+    (kvfs.directory.read_py, the C ``dir_read``'s twin): the size, -1 not
+    answerable there, -2 a chunk failed verification."""
+    from .directory import check_slots, read_py
+    check_slots(nslots)
+    return read_py(directory, nslots, ns, key, arena, dest, gen, gen_before, verify)
+
+
 def dir_put(directory: Any, nslots: int, h: bytes, size: int, seq: int, checksum: bytes, t0: int, flags: int,
             exts: list[Any]) -> int:
     """The location directory writer's put (kvfs.directory.put_py, the C

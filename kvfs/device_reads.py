@@ -139,6 +139,10 @@ class DeviceReads:
 
 class DeviceReading(HostReads):
     def get_into(self, key: str | bytes, out: Any, *, ns: str = "default") -> int:
+        if type(key) is str and type(ns) is str:
+            n = self._arena_read(ns, key, out)
+            if n >= 0:
+                return n
         k, ns = normalize_key(key), normalize_ns(ns)
         dev = device_buffer(out)
         if dev is not None:

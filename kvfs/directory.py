@@ -165,6 +165,41 @@ def probe_py(mm: Any, nslots: int, ns: bytes, keys: Sequence[Any], prefix: bool 
     return bytes(out)
 
 
+def read_py(mm: Any, nslots: int, ns: bytes, key: Any, arena: Any, dest: Any, gen: Any, gen_before: int,
+            verify: bool) -> int:
+    """What the C ``dir_read`` answers (kvfs._native_py's twin): the object
+    of ``key`` copied from the arena into ``dest`` and verified chunk by
+    chunk; its size, -1 when the directory does not place it in the arena
+    (or the generation moved: see the module's invariants), -2 when a chunk
+    fails verification."""
+    if not isinstance(key, str) or probe_py(mm, nslots, ns, [key]) != bytes([PRESENT]):
+        return -1
+    h = xxhash.xxh3_128_digest(ns + b"\x00" + key.encode())
+    raw = None
+    for off in _candidates(mm, h, nslots):
+        r, raw = _stable(mm, off, h)
+        if r == 1:
+            break
+    else:
+        return -1
+    if raw is None:
+        return -1
+    _v, _kh, size, _seq, _csum, t0, _flags, n = HEAD.unpack_from(raw, 0)
+    dv = memoryview(dest).cast("B")
+    if not n or n > MAX_CHUNKS or t0 < 0 or size > len(dv) or t0 + size > len(arena):
+        return -1
+    chunks = [CHUNK.unpack_from(raw, HEAD.size + i * CHUNK.size) for i in range(n)]
+    if sum(c[1] for c in chunks) != size:
+        return -1
+    pos = 0
+    for _stripe, length, _seg, _off, ccs in chunks:
+        dv[pos:pos + length] = arena[t0 + pos:t0 + pos + length]
+        if verify and xxhash.xxh3_128_digest(dv[pos:pos + length]) != ccs:
+            return -2
+        pos += length
+    return size if U64.unpack_from(gen, 0)[0] == gen_before else -1
+
+
 # ---- the writer's slot operations (the daemon's, under its engine lock):
 # C dir_put / dir_del in native/directory.c; these are their twins.
 

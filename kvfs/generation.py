@@ -71,5 +71,11 @@ class GenerationReader:
     def value(self) -> int:
         return _U64.unpack_from(self._mm, 0)[0]
 
+    @property
+    def buffer(self) -> mmap.mmap:
+        """The mapping itself (the counter is its first 8 bytes, little-endian),
+        for native code that reads it after a copy."""
+        return self._mm
+
     def close(self) -> None:
         self._mm.close()

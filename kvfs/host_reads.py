@@ -18,9 +18,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generator, Sequence
 
+from . import native
 from . import protocol as P
 from .dataplane import ReadTask
 from .errors import InvalidArgument, NotFound
+from .generation import EPOCH
 from .keys import normalize_key, normalize_keys, normalize_ns
 from .lookups import Lookups
 
@@ -61,6 +63,30 @@ def as_writable(out: Any) -> memoryview:
 
 
 class HostReads(Lookups):
+    def _arena_read(self, ns: str, key: Any, out: Any) -> int:
+        """A get_into answered from the directory and the arena in one native
+        call: no lookup, no lease, no Python per chunk. The size, or -1 when
+        the lookup path must answer: the directory does not place the object
+        in this arena, a removal or a restart happened since the last read
+        (that path catches up with them), ``out`` is not a writable host
+        buffer, or a chunk failed verification (that path reads again and
+        reports it). Keys and namespaces that are not plain ASCII are left
+        to that path too, which checks them."""
+        d, arena, gen = self._dir, self.arena, self._gen
+        if d is None or arena is None or gen is None or self._locs is None:
+            return -1  # (cache_locations=False: every read asks the daemon)
+        g = gen.value
+        if g != self._fd_gen or g // EPOCH != self._epoch:
+            return -1
+        try:
+            n = native.backend.dir_read(d.mm, d.nslots, ns.encode(), key, arena.ro, out, gen.buffer, g,
+                                        self.verify, self.reader.threads)
+        except (TypeError, ValueError, BufferError):
+            return -1  # not a plain writable host buffer, or a mapping closed by a reconnect
+        if n >= 0:
+            self._touch(ns, [key])
+        return n
+
     def _plan_reads(self, ns: str, ks: list[str], found: dict[int, list[Any]], outs: list[memoryview | None],
                     allow_alloc: bool, sizes: list[int], bufs: list[bytearray | None]) -> "_ReadPlan":
         """Copy tasks (T0 hits, from the arena) and read tasks (T1, from the

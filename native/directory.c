@@ -61,6 +61,38 @@ static int probe(const unsigned char *table, const unsigned char *hops, uint64_t
     return unknown ? UNKNOWN : ABSENT;
 }
 
+/* A stable copy of the slot holding h into out (DIR_SLOT bytes): 1 found,
+   0 absent, -1 its slot kept changing. The writer keeps a key in one slot
+   while it lives, so the first slot whose hash matches is the only one. */
+static int copy_slot(const unsigned char *table, const unsigned char *hops, uint64_t nbuckets,
+                     const unsigned char *h, unsigned char *out) {
+    uint64_t low;
+    memcpy(&low, h, 8);
+    uint64_t b = low & (nbuckets - 1);
+    unsigned hop = __atomic_load_n(hops + b, __ATOMIC_ACQUIRE);
+    int unknown = 0;
+    for (int i = 0; i < DIR_PROBE; i++) {
+        if (!(hop >> i & 1)) continue;
+        const unsigned char *bucket = table + ((b + i) & (nbuckets - 1)) * DIR_BUCKET * DIR_SLOT;
+        for (int j = 0; j < DIR_BUCKET; j++) {
+            const unsigned char *slot = bucket + j * DIR_SLOT;
+            for (int tries = 0; tries < 16; tries++) {
+                uint64_t v1 = __atomic_load_n((const uint64_t *)slot, __ATOMIC_ACQUIRE);
+                if (v1 & 1) continue;
+                memcpy(out, slot, DIR_SLOT);
+                __atomic_thread_fence(__ATOMIC_ACQUIRE);
+                uint64_t v2 = __atomic_load_n((const uint64_t *)slot, __ATOMIC_RELAXED);
+                if (v1 != v2) continue;
+                if (memcmp(out + 8, h, 16) == 0) return 1;
+                goto next_slot;
+            }
+            unknown = 1;
+        next_slot:;
+        }
+    }
+    return unknown ? -1 : 0;
+}
+
 /* any byte of x below n (n <= 128; bytes of x below 0x80) / equal to c */
 #define ANY_BELOW(x, n) (((x) - 0x0101010101010101ULL * (n)) & ~(x) & 0x8080808080808080ULL)
 #define ANY_EQUAL(x, c) ANY_BELOW((x) ^ (0x0101010101010101ULL * (c)), 1)
@@ -92,6 +124,27 @@ static int check_table(Py_buffer *dir, unsigned long long nslots) {
     }
     return 1;
 }
+
+/* The read side of kv_dir_read (kvfs_native.c): the stable slot of ns/key,
+   for a plain ASCII key. 1 found (slot in out), 0 absent, -1 unknown or not
+   a plain key (the caller takes the Python path). */
+int kv_dir_find(const unsigned char *dir, uint64_t nslots, const char *ns, size_t nslen, PyObject *key,
+                unsigned char *out) {
+    if (!PyUnicode_Check(key) || !PyUnicode_IS_ASCII(key) || nslen < 1 || nslen > MAX_NS_BYTES) return -1;
+    Py_ssize_t kl;
+    const char *ks = PyUnicode_AsUTF8AndSize(key, &kl);
+    if (!ks || !plain_key(ks, kl)) return -1;
+    char name[MAX_NS_BYTES + 1 + MAX_KEY_CHARS];
+    memcpy(name, ns, nslen);
+    name[nslen] = '\0';
+    memcpy(name + nslen + 1, ks, (size_t)kl);
+    XXH128_canonical_t c;
+    XXH128_canonicalFromHash(&c, XXH3_128bits(name, nslen + 1 + (size_t)kl));
+    const unsigned char *table = dir + DIR_HEADER;
+    return copy_slot(table, table + nslots * DIR_SLOT, nslots / DIR_BUCKET, c.digest, out);
+}
+
+int kv_dir_check(Py_buffer *dir, unsigned long long nslots) { return check_table(dir, nslots); }
 
 /* mode: 0 states, 1 states up to the first that is not PRESENT, 2 (list of
    bool, bitmask of the states other than PRESENT seen: 1 << state) */

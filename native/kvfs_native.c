@@ -42,20 +42,24 @@
 typedef void (*hash16_fn)(const void *, size_t, unsigned char *);
 typedef int (*copy_verify_fn)(char *, const char *, size_t, const unsigned char *);
 typedef int (*read_verify_fn)(int, int64_t, char *, size_t, const unsigned char *);
+typedef void (*copy_plain_fn)(char *, const char *, size_t);
 typedef void (*hash_chunked_fn)(const char *, size_t, size_t, unsigned char *, unsigned char *);
 void kv_hash_chunked_generic(const char *, size_t, size_t, unsigned char *, unsigned char *);
 void kv_hash16_generic(const void *, size_t, unsigned char *);
 int kv_copy_verify_generic(char *, const char *, size_t, const unsigned char *);
+void kv_copy_plain_generic(char *, const char *, size_t);
 int kv_read_verify_generic(int, int64_t, char *, size_t, const unsigned char *);
 int kv_avx2_built(void);
 #if defined(__x86_64__) && defined(__GNUC__)
 void kv_hash16_avx2(const void *, size_t, unsigned char *);
 int kv_copy_verify_avx2(char *, const char *, size_t, const unsigned char *);
+void kv_copy_plain_avx2(char *, const char *, size_t);
 int kv_read_verify_avx2(int, int64_t, char *, size_t, const unsigned char *);
 void kv_hash_chunked_avx2(const char *, size_t, size_t, unsigned char *, unsigned char *);
 #endif
 static hash16_fn hash16 = kv_hash16_generic;
 static copy_verify_fn copy_verify = kv_copy_verify_generic;
+static copy_plain_fn copy_plain = kv_copy_plain_generic;
 static read_verify_fn read_verify = kv_read_verify_generic;
 static hash_chunked_fn hash_chunked = kv_hash_chunked_generic;
 static const char *simd = "generic";
@@ -146,7 +150,7 @@ static void do_piece(batch_t *b, piece_t *p) {
     }
     switch (b->op) {
     case OP_COPY:
-        memcpy(t->dst + p->start, t->src + p->start, p->len);
+        copy_plain(t->dst + p->start, t->src + p->start, p->len);
         break;
     case OP_READ:
     case OP_WRITE:
@@ -432,6 +436,102 @@ done:
     return res;
 }
 
+/* ---------------------------------------------- one T0 read, no round trip */
+int kv_dir_find(const unsigned char *, uint64_t, const char *, size_t, PyObject *, unsigned char *);
+int kv_dir_check(Py_buffer *, unsigned long long);
+#define DIR_SLOT_BYTES 192
+#define DIR_HEAD_BYTES 72
+#define DIR_CHUNK_BYTES 40
+#define DIR_MAX_CHUNKS 3
+
+/* dir_read(directory, nslots, ns, key, arena, dest, generation, gen_before,
+ * verify, threads) -> size, or -1 (not answerable here: the caller takes
+ * the lookup path), or -2 (a chunk failed verification).
+ *
+ * The whole of a get_into whose object the directory places in the arena,
+ * in one call: find the slot, copy each chunk (verified by its own sum, as
+ * the T1 record would be), then check that the removal generation is still
+ * gen_before. The rules that make this safe are kvfs/directory.py's: a
+ * location leaves the directory before the generation moves for its
+ * removal, and arena bytes are reused only after such a move; so bytes
+ * copied from a slot read after gen_before was read, with the generation
+ * unchanged after the copy, are the object's. */
+static PyObject *py_dir_read(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer dir, ns, arena, dest, gen;
+    unsigned long long nslots, gen_before;
+    PyObject *key;
+    int verify, threads;
+    if (!PyArg_ParseTuple(args, "y*Ky*Oy*w*y*Kpi", &dir, &nslots, &ns, &key, &arena, &dest, &gen, &gen_before,
+                          &verify, &threads))
+        return NULL;
+    PyObject *res = NULL;
+    long long out = -1;
+    task_t tasks[DIR_MAX_CHUNKS];
+    piece_t *pieces = NULL;
+    if (!kv_dir_check(&dir, nslots)) goto done;
+    if (gen.len < 8) {
+        PyErr_SetString(PyExc_ValueError, "generation buffer of at least 8 bytes");
+        goto done;
+    }
+    unsigned char slot[DIR_SLOT_BYTES];
+    if (kv_dir_find(dir.buf, nslots, ns.buf, (size_t)ns.len, key, slot) != 1) goto answer;
+    uint64_t size;
+    int64_t t0;
+    uint32_t n;
+    memcpy(&size, slot + 24, 8);
+    memcpy(&t0, slot + 56, 8);
+    memcpy(&n, slot + 68, 4);
+    if (n == 0 || n > DIR_MAX_CHUNKS || t0 < 0 || size > (uint64_t)dest.len ||
+        (uint64_t)t0 > (uint64_t)arena.len || size > (uint64_t)arena.len - (uint64_t)t0)
+        goto answer;
+    batch_t b;
+    memset(&b, 0, sizeof b);
+    memset(tasks, 0, sizeof tasks);
+    b.op = OP_COPY;
+    b.tasks = tasks;
+    b.ntasks = n;
+    uint64_t pos = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        const unsigned char *c = slot + DIR_HEAD_BYTES + i * DIR_CHUNK_BYTES;
+        uint32_t len;
+        memcpy(&len, c + 4, 4);
+        tasks[i].dst = (char *)dest.buf + pos;
+        tasks[i].src = (const char *)arena.buf + t0 + pos;
+        tasks[i].len = len;
+        tasks[i].want = verify ? c + 24 : NULL; /* slot is ours: stays put while we copy */
+        pos += len;
+    }
+    if (pos != size) goto answer; /* a torn or foreign slot: let the daemon answer */
+    size_t total = 0;
+    if (make_pieces(&b, &total, threads < 1 ? 1 : threads) != 0) goto done;
+    pieces = b.pieces;
+    if (total >= (64u << 10)) {
+        Py_BEGIN_ALLOW_THREADS
+        run_batch(&b, threads, total);
+        Py_END_ALLOW_THREADS
+    } else {
+        run_batch(&b, 1, total);
+    }
+    for (uint32_t i = 0; i < n; i++)
+        if (tasks[i].status != 0) {
+            out = -2;
+            goto answer;
+        }
+    __atomic_thread_fence(__ATOMIC_ACQUIRE); /* the copy's loads before the generation's */
+    if (__atomic_load_n((const uint64_t *)gen.buf, __ATOMIC_RELAXED) == gen_before) out = (long long)size;
+answer:
+    res = PyLong_FromLongLong(out);
+done:
+    PyMem_Free(pieces);
+    PyBuffer_Release(&dir);
+    PyBuffer_Release(&ns);
+    PyBuffer_Release(&arena);
+    PyBuffer_Release(&dest);
+    PyBuffer_Release(&gen);
+    return res;
+}
+
 static PyObject *py_read_many(PyObject *self, PyObject *args) {
     PyObject *fds, *offsets, *dests, *sums;
     int threads = 1;
@@ -652,6 +752,10 @@ static PyMethodDef methods[] = {
      "0 updated its slot, -1 its buckets are full (the daemon's writer side; kvfs/directory.py)"},
     {"dir_del", kv_dir_del, METH_VARARGS,
      "dir_del(directory, nslots, hash) -> byte offset of the slot it freed, -1 if in none"},
+    {"dir_read", py_dir_read, METH_VARARGS,
+     "dir_read(directory, nslots, ns, key, arena, dest, generation, gen_before, verify, threads) -> size "
+     "read into dest from the arena, -1 not answerable from the directory and arena (or the generation "
+     "moved), -2 a chunk failed verification (see kvfs/directory.py)"},
     {"read_many", py_read_many, METH_VARARGS,
      "read_many(fds, offsets, dests, sums, threads=1) -> [status]: pread each dest fully; verify "
      "xxh3-128 where a sum is given. status 0 ok, 1 short file, 2 mismatch, -errno."},
@@ -681,6 +785,7 @@ PyMODINIT_FUNC PyInit__native(void) {
     if (kv_avx2_built() && __builtin_cpu_supports("avx2")) {
         hash16 = kv_hash16_avx2;
         copy_verify = kv_copy_verify_avx2;
+        copy_plain = kv_copy_plain_avx2;
         read_verify = kv_read_verify_avx2;
         hash_chunked = kv_hash_chunked_avx2;
         simd = "avx2";

@@ -166,3 +166,53 @@ def test_the_c_writer_and_its_python_twin_write_the_same_bytes(tmp_path):
     assert native.backend.dir_del(a, nslots, absent) == _native_py.dir_del(b, nslots, absent) == -1
     with pytest.raises(ValueError):
         native.backend.dir_put(a, 48, *args)  # not a power of two
+
+
+@pytest.mark.parametrize("impl", ["native", "python"])
+def test_dir_read_copies_verified_bytes_or_declines(impl):
+    """dir_read (one get_into from the directory and the arena, C and its
+    Python twin): the bytes when the slot places them in the arena and they
+    verify; -1 whenever it cannot vouch for them (absent, not in the arena,
+    a location not kept, a buffer too small, the generation moved, a key
+    the Python rules must see); -2 when a chunk fails verification."""
+    import struct
+
+    import xxhash
+
+    from kvfs import _native_py
+    from kvfs.directory import file_size, key_hash
+    if impl == "native" and native.name != "native":
+        pytest.skip("the C data plane is not built")
+    be = native.backend if impl == "native" else _native_py
+    nslots = 64
+    d = bytearray(file_size(nslots))
+    arena = bytearray(os.urandom(1 << 20))
+    gen = bytearray(struct.pack("<Q", 77))
+    lens = [40_000, 70_000, 3]  # three chunks, each with its own sum
+    base = 8192
+    pos, exts = 0, []
+    for n in lens:
+        exts.append([0, 9, 4096 + pos, n, xxhash.xxh3_128_digest(bytes(arena[base + pos:base + pos + n]))])
+        pos += n
+    size = sum(lens)
+    whole = xxhash.xxh3_128_digest(bytes(arena[base:base + size]))
+    _native_py.dir_put(d, nslots, key_hash("ns", "k"), size, 1, whole, base, 1, exts)
+    _native_py.dir_put(d, nslots, key_hash("ns", "t1only"), size, 2, whole, -1, 1, exts)
+    _native_py.dir_put(d, nslots, key_hash("ns", "many"), size, 3, whole, base, 1, exts + exts[:1])
+    out = bytearray(size + 10)
+
+    def read(key, dest=out, g=77, verify=True, ns=b"ns"):
+        return be.dir_read(d, nslots, ns, key, arena, dest, gen, g, verify, 2)
+
+    assert read("k") == size and out[:size] == arena[base:base + size]
+    for key in ("absent", "t1only", "many", "bad/key", "é", b"k"):
+        assert read(key) == -1, key
+    assert read("k", ns=b"other") == -1
+    assert read("k", dest=bytearray(size - 1)) == -1  # the lookup path raises the size error
+    assert read("k", g=76) == -1  # a removal since: the bytes may be another object's
+    arena[base + 50_000] ^= 1
+    out[:] = bytes(len(out))
+    assert read("k") == -2
+    assert read("k", verify=False) == size and out[:size] == arena[base:base + size]
+    with pytest.raises((TypeError, BufferError)):
+        read("k", dest=bytes(size))  # read-only destination

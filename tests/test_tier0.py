@@ -9,9 +9,9 @@ import time
 
 import numpy as np
 import pytest
+from helpers import count_calls
 
 from kvfs import DaemonUnavailable, NotFound
-from helpers import count_calls
 from kvfsd.testing import DaemonProcess
 
 MiB = 1 << 20
@@ -129,6 +129,39 @@ def test_cached_t0_reads_see_eviction_and_reuse(tmp_path):
             b.put(f"y{i}", bytes([i]) * MiB)  # evicts "x" from T0, reuses its bytes
         b.flush()
         assert a.get("x") == first  # from T1 now, never the new tenant's bytes
+
+
+def test_get_into_from_t0_needs_no_round_trip_and_sees_removals(tmp_path):
+    """A get_into of an object the directory places in the arena is one
+    native call (no lookup, no lease), even for another client's put; an
+    eviction that reuses its bytes, a deletion, or a scribble over the arena
+    is seen by the next read, which then takes the other paths."""
+    with small_t0(tmp_path) as d, d.connect() as a, d.connect() as b:
+        vals = {f"n{i}": os.urandom(300_000 + i) for i in range(5)}
+        b.put_many(list(vals), list(vals.values()))
+        calls = count_calls(a)
+        buf = bytearray(MiB)
+        for k, v in vals.items():
+            assert a.get_into(k, buf) == len(v) and buf[:len(v)] == v
+        assert calls == []
+        assert a.stats()["tiers"]["T0"]["hits"] >= 5  # hits reported in batches, as for cached reads
+        b.delete(["n0"])
+        with pytest.raises(NotFound):
+            a.get_into("n0", buf)
+        for i in range(30):
+            b.put(f"y{i}", bytes([i]) * MiB)  # evicts the rest from T0, reuses their bytes
+        b.flush()
+        assert a.stats()["tiers"]["T0"]["evictions"] > 0
+        for k, v in list(vals.items())[1:]:
+            assert a.get_into(k, buf) == len(v) and buf[:len(v)] == v  # from T1, never a tenant's bytes
+        a.put("s", vals["n1"])
+        fd = os.open(a.arena.path, os.O_RDWR)
+        mm = mmap.mmap(fd, a.arena.size)
+        os.close(fd)
+        mm[:] = b"\xAA" * len(mm)
+        mm.close()
+        a.flush()
+        assert a.get_into("s", buf) == len(vals["n1"]) and buf[:len(vals["n1"])] == vals["n1"]
 
 
 def test_sync_mode_kill9_loses_no_t0_put(tmp_path):
