@@ -179,6 +179,18 @@ def dir_read(directory: Any, nslots: int, ns: bytes, key: Any, arena: Any, dest:
     return read_py(directory, nslots, ns, key, arena, dest, gen, gen_before, verify)
 
 
+def dir_read_many(directory: Any, nslots: int, ns: bytes, keys: Sequence[Any], arena: Any, dests: Sequence[Any],
+                  gen: Any, gen_before: int, verify: bool, threads: int = 1) -> list[int]:
+    """``dir_read`` of a batch: per key the size, -1 or -2; every key -1 if
+    the generation moved by the end."""
+    import struct
+    if len(keys) != len(dests):
+        raise ValueError("keys and dests must have the same length")
+    views = [_mv(d, True) for d in dests]
+    out = [dir_read(directory, nslots, ns, k, arena, v, gen, gen_before, verify) for k, v in zip(keys, views)]
+    return [-1] * len(out) if struct.unpack_from("<Q", gen, 0)[0] != gen_before else out
+
+
 def dir_put(directory: Any, nslots: int, h: bytes, size: int, seq: int, checksum: bytes, t0: int, flags: int,
             exts: list[Any]) -> int:
     """The location directory writer's put (kvfs.directory.put_py, the C

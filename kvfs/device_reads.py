@@ -139,7 +139,8 @@ class DeviceReads:
 
 class DeviceReading(HostReads):
     def get_into(self, key: str | bytes, out: Any, *, ns: str = "default") -> int:
-        if type(key) is str and type(ns) is str:
+        tried = type(key) is str and type(ns) is str
+        if tried:
             n = self._arena_read(ns, key, out)
             if n >= 0:
                 return n
@@ -148,7 +149,8 @@ class DeviceReading(HostReads):
         if dev is not None:
             sizes = self._read_device(ns, [k], [dev])
         else:
-            sizes, _ = self._read_batch(ns, [k], [as_writable(out)], False)
+            read = self._read_located if tried else self._read_batch  # (not the arena read twice)
+            sizes, _ = read(ns, [k], [as_writable(out)], False)
         if sizes[0] < 0:
             raise NotFound(f"{ns}/{k} not found")
         return sizes[0]

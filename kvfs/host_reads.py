@@ -63,21 +63,31 @@ def as_writable(out: Any) -> memoryview:
 
 
 class HostReads(Lookups):
+    def _arena_generation(self) -> int | None:
+        """The removal generation, if reads may go straight to the directory
+        and the arena now (see _arena_read), else None."""
+        d, gen = self._dir, self._gen
+        if d is None or self.arena is None or gen is None or self._locs is None:
+            return None  # (cache_locations=False: every read asks the daemon)
+        g = gen.value
+        if g != self._fd_gen or g // EPOCH != self._epoch:
+            return None  # a removal or restart since: the other path catches up with it first
+        return g
+
     def _arena_read(self, ns: str, key: Any, out: Any) -> int:
         """A get_into answered from the directory and the arena in one native
         call: no lookup, no lease, no Python per chunk. The size, or -1 when
         the lookup path must answer: the directory does not place the object
-        in this arena, a removal or a restart happened since the last read
-        (that path catches up with them), ``out`` is not a writable host
-        buffer, or a chunk failed verification (that path reads again and
-        reports it). Keys and namespaces that are not plain ASCII are left
-        to that path too, which checks them."""
-        d, arena, gen = self._dir, self.arena, self._gen
-        if d is None or arena is None or gen is None or self._locs is None:
-            return -1  # (cache_locations=False: every read asks the daemon)
-        g = gen.value
-        if g != self._fd_gen or g // EPOCH != self._epoch:
+        in this arena, a removal or a restart happened since the last read,
+        ``out`` is not a writable host buffer, or a chunk failed
+        verification (that path reads again and reports it). Keys and
+        namespaces that are not plain ASCII are left to that path too,
+        which checks them."""
+        g = self._arena_generation()
+        if g is None:
             return -1
+        d, arena, gen = self._dir, self.arena, self._gen
+        assert d is not None and arena is not None and gen is not None
         try:
             n = native.backend.dir_read(d.mm, d.nslots, ns.encode(), key, arena.ro, out, gen.buffer, g,
                                         self.verify, self.reader.threads)
@@ -86,6 +96,23 @@ class HostReads(Lookups):
         if n >= 0:
             self._touch(ns, [key])
         return n
+
+    def _arena_reads(self, ns: str, ks: list[str], outs: list[memoryview]) -> list[int] | None:
+        """``_arena_read`` of a batch in one native call and one copy batch:
+        per key the size or a negative (that key takes the lookup path);
+        None when the whole batch must."""
+        g = self._arena_generation()
+        if g is None:
+            return None
+        d, arena, gen = self._dir, self.arena, self._gen
+        assert d is not None and arena is not None and gen is not None
+        try:
+            got: list[int] = native.backend.dir_read_many(d.mm, d.nslots, ns.encode(), ks, arena.ro, outs,
+                                                           gen.buffer, g, self.verify, self.reader.threads)
+        except (TypeError, ValueError, BufferError):
+            return None
+        self._touch(ns, [k for k, n in zip(ks, got) if n >= 0])
+        return got
 
     def _plan_reads(self, ns: str, ks: list[str], found: dict[int, list[Any]], outs: list[memoryview | None],
                     allow_alloc: bool, sizes: list[int], bufs: list[bytearray | None]) -> "_ReadPlan":
@@ -142,7 +169,23 @@ class HostReads(Lookups):
         None and allow_alloc). Returns sizes (-1: miss) and the allocated
         buffers.
 
-        Keys whose location is cached are read with no round trip; a cached
+        Keys the directory places in the arena are read in one native call
+        first (_arena_reads); the rest take _read_located."""
+        if allow_alloc or not ks or any(o is None for o in outs):
+            return self._read_located(ns, ks, outs, allow_alloc)
+        got = self._arena_reads(ns, ks, outs)  # type: ignore[arg-type]
+        if got is None:
+            return self._read_located(ns, ks, outs, allow_alloc)
+        rest = [i for i, n in enumerate(got) if n < 0]
+        if rest:
+            sizes, _ = self._read_located(ns, [ks[i] for i in rest], [outs[i] for i in rest], False)
+            for i, n in zip(rest, sizes):
+                got[i] = n
+        return got, [None] * len(ks)
+
+    def _read_located(self, ns: str, ks: list[str], outs: list[memoryview | None], allow_alloc: bool
+                      ) -> tuple[list[int], list[bytearray | None]]:
+        """_read_batch by locations. Keys whose location is cached are read with no round trip; a cached
         read that fails (file gone, short, mismatch) just falls through to a
         lookup. So does a cached T0 read during which the removal generation
         moved (its extent may have been evicted and reused under it: the

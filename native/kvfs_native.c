@@ -444,18 +444,108 @@ int kv_dir_check(Py_buffer *, unsigned long long);
 #define DIR_CHUNK_BYTES 40
 #define DIR_MAX_CHUNKS 3
 
+/* The arena reads of n keys (their dests already held as buffers), in one
+ * pool batch: sizes[i] = the size read, -1 not answerable here (the caller
+ * takes the lookup path), -2 a chunk failed verification. The rules that
+ * make this safe are kvfs/directory.py's: a location leaves the directory
+ * before the removal generation moves for its removal, and arena bytes are
+ * reused only after such a move; so bytes copied from a slot read after
+ * gen_before was read, with the generation unchanged after the copy, are
+ * the object's. If it moved, every read of the batch is -1. */
+static int arena_reads(Py_buffer *dir, unsigned long long nslots, Py_buffer *ns, PyObject *const *keys,
+                       Py_buffer *arena, Py_buffer *dests, Py_ssize_t n, Py_buffer *gen,
+                       unsigned long long gen_before, int verify, int threads, long long *sizes) {
+    task_t *tasks = PyMem_Calloc((size_t)(n ? n : 1) * DIR_MAX_CHUNKS, sizeof(task_t));
+    Py_ssize_t *owner = PyMem_Calloc((size_t)(n ? n : 1) * DIR_MAX_CHUNKS, sizeof(Py_ssize_t));
+    /* the slots are copied out, so the sums the tasks point to stay put */
+    unsigned char *slots = PyMem_Malloc((size_t)(n ? n : 1) * DIR_SLOT_BYTES);
+    if (!tasks || !owner || !slots) {
+        PyMem_Free(tasks);
+        PyMem_Free(owner);
+        PyMem_Free(slots);
+        PyErr_NoMemory();
+        return -1;
+    }
+    batch_t b;
+    memset(&b, 0, sizeof b);
+    b.op = OP_COPY;
+    b.tasks = tasks;
+    size_t nt = 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        sizes[k] = -1;
+        unsigned char *slot = slots + (size_t)k * DIR_SLOT_BYTES;
+        if (kv_dir_find(dir->buf, nslots, ns->buf, (size_t)ns->len, keys[k], slot) != 1) continue;
+        uint64_t size;
+        int64_t t0;
+        uint32_t nc;
+        memcpy(&size, slot + 24, 8);
+        memcpy(&t0, slot + 56, 8);
+        memcpy(&nc, slot + 68, 4);
+        if (nc == 0 || nc > DIR_MAX_CHUNKS || t0 < 0 || size > (uint64_t)dests[k].len ||
+            (uint64_t)t0 > (uint64_t)arena->len || size > (uint64_t)arena->len - (uint64_t)t0)
+            continue;
+        uint64_t pos = 0;
+        size_t first = nt;
+        for (uint32_t i = 0; i < nc; i++) {
+            const unsigned char *c = slot + DIR_HEAD_BYTES + i * DIR_CHUNK_BYTES;
+            uint32_t len;
+            memcpy(&len, c + 4, 4);
+            task_t *t = &tasks[nt];
+            t->dst = (char *)dests[k].buf + pos;
+            t->src = (const char *)arena->buf + t0 + pos;
+            t->len = len;
+            t->want = verify ? c + 24 : NULL;
+            owner[nt++] = k;
+            pos += len;
+        }
+        if (pos != size) { /* a torn or foreign slot: let the daemon answer */
+            memset(&tasks[first], 0, (nt - first) * sizeof(task_t));
+            nt = first;
+            continue;
+        }
+        sizes[k] = (long long)size;
+    }
+    b.ntasks = nt;
+    size_t total = 0;
+    int rc = 0;
+    if (nt && make_pieces(&b, &total, threads < 1 ? 1 : threads) != 0) {
+        rc = -1;
+        goto out;
+    }
+    if (nt) {
+        if (total >= (64u << 10)) {
+            Py_BEGIN_ALLOW_THREADS
+            run_batch(&b, threads, total);
+            Py_END_ALLOW_THREADS
+        } else {
+            run_batch(&b, 1, total);
+        }
+    }
+    for (size_t i = 0; i < nt; i++)
+        if (tasks[i].status != 0) sizes[owner[i]] = -2;
+    __atomic_thread_fence(__ATOMIC_ACQUIRE); /* the copies' loads before the generation's */
+    if (__atomic_load_n((const uint64_t *)gen->buf, __ATOMIC_RELAXED) != gen_before)
+        for (Py_ssize_t k = 0; k < n; k++) sizes[k] = -1;
+out:
+    PyMem_Free(b.pieces);
+    PyMem_Free(tasks);
+    PyMem_Free(owner);
+    PyMem_Free(slots);
+    return rc;
+}
+
+static int arena_read_args(Py_buffer *dir, unsigned long long nslots, Py_buffer *gen) {
+    if (!kv_dir_check(dir, nslots)) return 0;
+    if (gen->len < 8) {
+        PyErr_SetString(PyExc_ValueError, "generation buffer of at least 8 bytes");
+        return 0;
+    }
+    return 1;
+}
+
 /* dir_read(directory, nslots, ns, key, arena, dest, generation, gen_before,
- * verify, threads) -> size, or -1 (not answerable here: the caller takes
- * the lookup path), or -2 (a chunk failed verification).
- *
- * The whole of a get_into whose object the directory places in the arena,
- * in one call: find the slot, copy each chunk (verified by its own sum, as
- * the T1 record would be), then check that the removal generation is still
- * gen_before. The rules that make this safe are kvfs/directory.py's: a
- * location leaves the directory before the generation moves for its
- * removal, and arena bytes are reused only after such a move; so bytes
- * copied from a slot read after gen_before was read, with the generation
- * unchanged after the copy, are the object's. */
+ * verify, threads) -> size, -1 or -2: the whole of a get_into whose object
+ * the directory places in the arena, in one call (see arena_reads). */
 static PyObject *py_dir_read(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer dir, ns, arena, dest, gen;
@@ -466,68 +556,67 @@ static PyObject *py_dir_read(PyObject *self, PyObject *args) {
                           &verify, &threads))
         return NULL;
     PyObject *res = NULL;
-    long long out = -1;
-    task_t tasks[DIR_MAX_CHUNKS];
-    piece_t *pieces = NULL;
-    if (!kv_dir_check(&dir, nslots)) goto done;
-    if (gen.len < 8) {
-        PyErr_SetString(PyExc_ValueError, "generation buffer of at least 8 bytes");
-        goto done;
-    }
-    unsigned char slot[DIR_SLOT_BYTES];
-    if (kv_dir_find(dir.buf, nslots, ns.buf, (size_t)ns.len, key, slot) != 1) goto answer;
-    uint64_t size;
-    int64_t t0;
-    uint32_t n;
-    memcpy(&size, slot + 24, 8);
-    memcpy(&t0, slot + 56, 8);
-    memcpy(&n, slot + 68, 4);
-    if (n == 0 || n > DIR_MAX_CHUNKS || t0 < 0 || size > (uint64_t)dest.len ||
-        (uint64_t)t0 > (uint64_t)arena.len || size > (uint64_t)arena.len - (uint64_t)t0)
-        goto answer;
-    batch_t b;
-    memset(&b, 0, sizeof b);
-    memset(tasks, 0, sizeof tasks);
-    b.op = OP_COPY;
-    b.tasks = tasks;
-    b.ntasks = n;
-    uint64_t pos = 0;
-    for (uint32_t i = 0; i < n; i++) {
-        const unsigned char *c = slot + DIR_HEAD_BYTES + i * DIR_CHUNK_BYTES;
-        uint32_t len;
-        memcpy(&len, c + 4, 4);
-        tasks[i].dst = (char *)dest.buf + pos;
-        tasks[i].src = (const char *)arena.buf + t0 + pos;
-        tasks[i].len = len;
-        tasks[i].want = verify ? c + 24 : NULL; /* slot is ours: stays put while we copy */
-        pos += len;
-    }
-    if (pos != size) goto answer; /* a torn or foreign slot: let the daemon answer */
-    size_t total = 0;
-    if (make_pieces(&b, &total, threads < 1 ? 1 : threads) != 0) goto done;
-    pieces = b.pieces;
-    if (total >= (64u << 10)) {
-        Py_BEGIN_ALLOW_THREADS
-        run_batch(&b, threads, total);
-        Py_END_ALLOW_THREADS
-    } else {
-        run_batch(&b, 1, total);
-    }
-    for (uint32_t i = 0; i < n; i++)
-        if (tasks[i].status != 0) {
-            out = -2;
-            goto answer;
-        }
-    __atomic_thread_fence(__ATOMIC_ACQUIRE); /* the copy's loads before the generation's */
-    if (__atomic_load_n((const uint64_t *)gen.buf, __ATOMIC_RELAXED) == gen_before) out = (long long)size;
-answer:
-    res = PyLong_FromLongLong(out);
-done:
-    PyMem_Free(pieces);
+    long long size;
+    if (arena_read_args(&dir, nslots, &gen) &&
+        arena_reads(&dir, nslots, &ns, &key, &arena, &dest, 1, &gen, gen_before, verify, threads, &size) == 0)
+        res = PyLong_FromLongLong(size);
     PyBuffer_Release(&dir);
     PyBuffer_Release(&ns);
     PyBuffer_Release(&arena);
     PyBuffer_Release(&dest);
+    PyBuffer_Release(&gen);
+    return res;
+}
+
+/* dir_read_many(directory, nslots, ns, keys, arena, dests, generation,
+ * gen_before, verify, threads) -> [size, -1 or -2 per key]: dir_read of a
+ * batch, its copies in one pool batch. A dest that is not a writable host
+ * buffer raises TypeError (the caller takes the other path for the batch). */
+static PyObject *py_dir_read_many(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer dir, ns, arena, gen;
+    unsigned long long nslots, gen_before;
+    PyObject *keys, *dests;
+    int verify, threads;
+    if (!PyArg_ParseTuple(args, "y*Ky*Oy*Oy*Kpi", &dir, &nslots, &ns, &keys, &arena, &dests, &gen, &gen_before,
+                          &verify, &threads))
+        return NULL;
+    PyObject *res = NULL, *kq = NULL, *dq = NULL;
+    bufset_t db = {0};
+    long long *sizes = NULL;
+    if (!arena_read_args(&dir, nslots, &gen)) goto done;
+    if (!(kq = PySequence_Fast(keys, "keys must be a sequence"))) goto done;
+    if (!(dq = PySequence_Fast(dests, "dests must be a sequence"))) goto done;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(kq);
+    if (PySequence_Fast_GET_SIZE(dq) != n) {
+        PyErr_SetString(PyExc_ValueError, "keys and dests must have the same length");
+        goto done;
+    }
+    if (get_bufs(dq, n, 1, &db, "dests") != 0) goto done;
+    if (!(sizes = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(long long)))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (arena_reads(&dir, nslots, &ns, PySequence_Fast_ITEMS(kq), &arena, db.bufs, n, &gen, gen_before, verify,
+                    threads, sizes) != 0)
+        goto done;
+    if (!(res = PyList_New(n))) goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PyLong_FromLongLong(sizes[i]);
+        if (!v) {
+            Py_CLEAR(res);
+            goto done;
+        }
+        PyList_SET_ITEM(res, i, v);
+    }
+done:
+    PyMem_Free(sizes);
+    release_bufs(&db);
+    Py_XDECREF(kq);
+    Py_XDECREF(dq);
+    PyBuffer_Release(&dir);
+    PyBuffer_Release(&ns);
+    PyBuffer_Release(&arena);
     PyBuffer_Release(&gen);
     return res;
 }
@@ -756,6 +845,9 @@ static PyMethodDef methods[] = {
      "dir_read(directory, nslots, ns, key, arena, dest, generation, gen_before, verify, threads) -> size "
      "read into dest from the arena, -1 not answerable from the directory and arena (or the generation "
      "moved), -2 a chunk failed verification (see kvfs/directory.py)"},
+    {"dir_read_many", py_dir_read_many, METH_VARARGS,
+     "dir_read_many(directory, nslots, ns, keys, arena, dests, generation, gen_before, verify, threads) -> "
+     "[dir_read's answer per key], the copies in one batch"},
     {"read_many", py_read_many, METH_VARARGS,
      "read_many(fds, offsets, dests, sums, threads=1) -> [status]: pread each dest fully; verify "
      "xxh3-128 where a sum is given. status 0 ok, 1 short file, 2 mismatch, -errno."},

@@ -120,3 +120,28 @@ def test_a_reservation_is_carved_into_values_and_its_rest_given_back():
     a.free(other)
     a.check()
     assert a.used == 0 and a.free_extents == 1
+
+
+def test_the_arena_file_is_allocated_whole_or_refused(tmp_path, monkeypatch):
+    """The arena's pages are taken from tmpfs at start, so a /dev/shm that
+    fills later cannot SIGBUS a write to it; an arena tmpfs cannot hold is a
+    clear error that leaves no file behind. (A small tmpfs of our own stands
+    for /dev/shm: mounting it needs root, which CI is.)"""
+    import os
+    import subprocess
+
+    from kvfs.errors import InvalidArgument
+    from kvfsd import arena
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(shm)], check=True)
+    try:
+        monkeypatch.setattr(arena, "SHM_DIR", shm)
+        a = arena.Arena(tmp_path / "root", 4 << 20)
+        assert os.stat(a.path).st_blocks * 512 >= 4 << 20  # every page held, none left to a first touch
+        with pytest.raises(InvalidArgument, match="cannot hold"):
+            arena.Arena(tmp_path / "other", 6 << 20)  # 4 + 6 > 8 MiB
+        assert sorted(p.name for p in shm.iterdir()) == [a.path.name]
+        a.close()
+    finally:
+        subprocess.run(["umount", str(shm)], check=True)

@@ -170,8 +170,8 @@ def test_the_c_writer_and_its_python_twin_write_the_same_bytes(tmp_path):
 
 @pytest.mark.parametrize("impl", ["native", "python"])
 def test_dir_read_copies_verified_bytes_or_declines(impl):
-    """dir_read (one get_into from the directory and the arena, C and its
-    Python twin): the bytes when the slot places them in the arena and they
+    """dir_read and dir_read_many (get_into from the directory and the
+    arena, C and its Python twin): the bytes when the slot places them in the arena and they
     verify; -1 whenever it cannot vouch for them (absent, not in the arena,
     a location not kept, a buffer too small, the generation moved, a key
     the Python rules must see); -2 when a chunk fails verification."""
@@ -216,3 +216,12 @@ def test_dir_read_copies_verified_bytes_or_declines(impl):
     assert read("k", verify=False) == size and out[:size] == arena[base:base + size]
     with pytest.raises((TypeError, BufferError)):
         read("k", dest=bytes(size))  # read-only destination
+    arena[base + 50_000] ^= 1
+    outs = [bytearray(size) for _ in range(4)]
+    got = be.dir_read_many(d, nslots, b"ns", ["k", "absent", "k", "t1only"], arena, outs, gen, 77, True, 2)
+    assert got == [size, -1, size, -1] and outs[0] == outs[2] == arena[base:base + size]
+    arena[base + 3] ^= 1
+    assert be.dir_read_many(d, nslots, b"ns", ["k", "absent"], arena, outs[:2], gen, 77, True, 2) == [-2, -1]
+    assert be.dir_read_many(d, nslots, b"ns", ["k", "k"], arena, outs[:2], gen, 76, False, 2) == [-1, -1]
+    with pytest.raises(ValueError):
+        be.dir_read_many(d, nslots, b"ns", ["k"], arena, outs[:2], gen, 77, True, 2)
