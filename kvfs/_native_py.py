@@ -170,24 +170,28 @@ def dir_contains(directory: Any, nslots: int, ns: bytes, keys: list[Any]) -> tup
 
 
 def dir_read(directory: Any, nslots: int, ns: bytes, key: Any, arena: Any, dest: Any, gen: Any, gen_before: int,
-             verify: bool, threads: int = 1) -> int:
-    """One get_into from the arena as the directory places it
+             verify: bool, threads: int = 1, fds: dict[int, int] | None = None) -> int:
+    """One get_into from where the directory places it
     (kvfs.directory.read_py, the C ``dir_read``'s twin): the size, -1 not
-    answerable there, -2 a chunk failed verification."""
+    answerable that way, -2 a chunk failed verification."""
     from .directory import check_slots, read_py
     check_slots(nslots)
-    return read_py(directory, nslots, ns, key, arena, dest, gen, gen_before, verify)
+    if fds is not None and not isinstance(fds, dict):
+        raise TypeError("fds must be a dict or None")
+    return read_py(directory, nslots, ns, key, arena, _mv(dest, True), gen, gen_before, verify, fds)
 
 
 def dir_read_many(directory: Any, nslots: int, ns: bytes, keys: Sequence[Any], arena: Any, dests: Sequence[Any],
-                  gen: Any, gen_before: int, verify: bool, threads: int = 1) -> list[int]:
+                  gen: Any, gen_before: int, verify: bool, threads: int = 1,
+                  fds: dict[int, int] | None = None) -> list[int]:
     """``dir_read`` of a batch: per key the size, -1 or -2; every key -1 if
     the generation moved by the end."""
     import struct
     if len(keys) != len(dests):
         raise ValueError("keys and dests must have the same length")
     views = [_mv(d, True) for d in dests]
-    out = [dir_read(directory, nslots, ns, k, arena, v, gen, gen_before, verify) for k, v in zip(keys, views)]
+    out = [dir_read(directory, nslots, ns, k, arena, v, gen, gen_before, verify, threads, fds)
+           for k, v in zip(keys, views)]
     return [-1] * len(out) if struct.unpack_from("<Q", gen, 0)[0] != gen_before else out
 
 

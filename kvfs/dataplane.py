@@ -20,6 +20,7 @@ class ReadTask:
     offset: int
     dest: memoryview  # exactly the chunk's length
     checksum: bytes | None  # None: do not verify
+    fid: int | None = None  # the file's key in FdCache.by_id (kvfs.directory.fd_id), where known
 
 
 @dataclass
@@ -37,6 +38,11 @@ class FdCache:
     truncating recovery). An fd is closed only when no reader holds it, so a
     thread can never read through an fd number that was reused for another
     file.
+
+    ``by_id`` maps the files opened with a known id (kvfs.directory.fd_id)
+    to their fds, for the native reads of kvfs.directory's ``dir_read``,
+    which dup an fd while they hold the GIL: an fd leaves the map before it
+    is closed, so what they dup is always the file the id names.
     """
 
     def __init__(self, limit: int = 512, flags: int = os.O_RDONLY):
@@ -44,13 +50,17 @@ class FdCache:
         self.flags = flags
         self._lock = threading.Lock()
         self._fds: OrderedDict[str, list[int]] = OrderedDict()  # path -> [fd, refs]
+        self.by_id: dict[int, int] = {}
+        self._ids: dict[str, int] = {}  # path -> its id in by_id
 
-    def acquire(self, path: str) -> int:
+    def acquire(self, path: str, fid: int | None = None) -> int:
         with self._lock:
             ent = self._fds.get(path)
             if ent is not None:
                 ent[1] += 1
                 self._fds.move_to_end(path)
+                if fid is not None and path not in self._ids:
+                    self._ids[path], self.by_id[fid] = fid, ent[0]
                 return ent[0]
         fd = os.open(path, self.flags | os.O_CLOEXEC)
         with self._lock:
@@ -60,8 +70,17 @@ class FdCache:
                 ent[1] += 1
                 return ent[0]
             self._fds[path] = [fd, 1]
+            if fid is not None:
+                self._ids[path], self.by_id[fid] = fid, fd
             self._trim()
             return fd
+
+    def _close(self, path: str) -> None:
+        """Close a path's fd (lock held): out of by_id first."""
+        fid = self._ids.pop(path, None)
+        if fid is not None:
+            self.by_id.pop(fid, None)
+        os.close(self._fds.pop(path)[0])
 
     def release(self, path: str) -> None:
         with self._lock:
@@ -76,22 +95,19 @@ class FdCache:
         for p in list(self._fds):
             if len(self._fds) <= self.limit:
                 break
-            fd, refs = self._fds[p]
-            if refs <= 0:
-                del self._fds[p]
-                os.close(fd)
+            if self._fds[p][1] <= 0:
+                self._close(p)
 
     def drop_idle(self) -> None:
         """Close every fd no reader holds now (their files may be unlinked)."""
         with self._lock:
             for p in [p for p, (_fd, refs) in self._fds.items() if refs <= 0]:
-                os.close(self._fds.pop(p)[0])
+                self._close(p)
 
     def close(self) -> None:
         with self._lock:
-            for fd, _r in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            for p in list(self._fds):
+                self._close(p)
 
 
 class DataPlane:
@@ -113,7 +129,7 @@ class DataPlane:
         try:
             for i, t in enumerate(tasks):
                 try:
-                    fds.append(self.fds.acquire(t.path))
+                    fds.append(self.fds.acquire(t.path, t.fid))
                 except FileNotFoundError:
                     continue
                 held.append(t.path)

@@ -165,13 +165,21 @@ def probe_py(mm: Any, nslots: int, ns: bytes, keys: Sequence[Any], prefix: bool 
     return bytes(out)
 
 
+def fd_id(seg: int, stripe: int) -> int:
+    """A segment file's key in the fd map ``dir_read`` reads through
+    (kvfs.dataplane.FdCache.by_id)."""
+    return (seg << 16) | stripe
+
+
 def read_py(mm: Any, nslots: int, ns: bytes, key: Any, arena: Any, dest: Any, gen: Any, gen_before: int,
-            verify: bool) -> int:
+            verify: bool, fds: dict[int, int] | None = None) -> int:
     """What the C ``dir_read`` answers (kvfs._native_py's twin): the object
-    of ``key`` copied from the arena into ``dest`` and verified chunk by
-    chunk; its size, -1 when the directory does not place it in the arena
-    (or the generation moved: see the module's invariants), -2 when a chunk
-    fails verification."""
+    of ``key`` read where the directory places it, into ``dest``, verified
+    chunk by chunk: copied from the arena, or read from a segment file whose
+    fd ``fds`` holds. Its size; -1 when it cannot be read that way (absent,
+    a location not kept, a file not open, a short read, or the generation
+    moved: see the module's invariants); -2 when a chunk fails
+    verification."""
     if not isinstance(key, str) or probe_py(mm, nslots, ns, [key]) != bytes([PRESENT]):
         return -1
     h = xxhash.xxh3_128_digest(ns + b"\x00" + key.encode())
@@ -186,18 +194,28 @@ def read_py(mm: Any, nslots: int, ns: bytes, key: Any, arena: Any, dest: Any, ge
         return -1
     _v, _kh, size, _seq, _csum, t0, _flags, n = HEAD.unpack_from(raw, 0)
     dv = memoryview(dest).cast("B")
-    if not n or n > MAX_CHUNKS or t0 < 0 or size > len(dv) or t0 + size > len(arena):
+    if not n or n > MAX_CHUNKS or size > len(dv):
+        return -1
+    if (arena is None or t0 + size > len(arena)) if t0 >= 0 else fds is None:
         return -1
     chunks = [CHUNK.unpack_from(raw, HEAD.size + i * CHUNK.size) for i in range(n)]
     if sum(c[1] for c in chunks) != size:
         return -1
-    pos = 0
-    for _stripe, length, _seg, _off, ccs in chunks:
-        dv[pos:pos + length] = arena[t0 + pos:t0 + pos + length]
-        if verify and xxhash.xxh3_128_digest(dv[pos:pos + length]) != ccs:
-            return -2
+    pos, bad = 0, False
+    for stripe, length, seg, coff, ccs in chunks:
+        part = dv[pos:pos + length]
+        if t0 >= 0:
+            part[:] = arena[t0 + pos:t0 + pos + length]
+        else:
+            assert fds is not None
+            fd = fds.get(fd_id(seg, stripe))
+            if fd is None or os.preadv(fd, [part], coff) != length:
+                return -1
+        bad = bad or (verify and xxhash.xxh3_128_digest(part) != ccs)
         pos += length
-    return size if U64.unpack_from(gen, 0)[0] == gen_before else -1
+    if U64.unpack_from(gen, 0)[0] != gen_before:
+        return -1
+    return -2 if bad else size
 
 
 # ---- the writer's slot operations (the daemon's, under its engine lock):

@@ -22,6 +22,7 @@ from . import native
 from . import protocol as P
 from .dataplane import ReadTask
 from .errors import InvalidArgument, NotFound
+from .directory import fd_id
 from .generation import EPOCH
 from .keys import normalize_key, normalize_keys, normalize_ns
 from .lookups import Lookups
@@ -64,10 +65,10 @@ def as_writable(out: Any) -> memoryview:
 
 class HostReads(Lookups):
     def _arena_generation(self) -> int | None:
-        """The removal generation, if reads may go straight to the directory
-        and the arena now (see _arena_read), else None."""
+        """The removal generation, if reads may go straight to where the
+        directory places them now (see _arena_read), else None."""
         d, gen = self._dir, self._gen
-        if d is None or self.arena is None or gen is None or self._locs is None:
+        if d is None or gen is None or self._locs is None:
             return None  # (cache_locations=False: every read asks the daemon)
         g = gen.value
         if g != self._fd_gen or g // EPOCH != self._epoch:
@@ -75,22 +76,23 @@ class HostReads(Lookups):
         return g
 
     def _arena_read(self, ns: str, key: Any, out: Any) -> int:
-        """A get_into answered from the directory and the arena in one native
-        call: no lookup, no lease, no Python per chunk. The size, or -1 when
-        the lookup path must answer: the directory does not place the object
-        in this arena, a removal or a restart happened since the last read,
-        ``out`` is not a writable host buffer, or a chunk failed
-        verification (that path reads again and reports it). Keys and
-        namespaces that are not plain ASCII are left to that path too,
-        which checks them."""
+        """A get_into answered from the directory in one native call: copied
+        from the arena, or read from a segment file this client already has
+        open (FdCache.by_id); no lookup, no lease, no Python per chunk. The
+        size, or -1 when the located path must answer: the directory does not
+        place the object where this call can reach it, a removal or a restart
+        happened since the last read, ``out`` is not a writable host buffer,
+        or a chunk failed verification (that path reads again and reports
+        it). Keys and namespaces that are not plain ASCII are left to that
+        path too, which checks them."""
         g = self._arena_generation()
         if g is None:
             return -1
         d, arena, gen = self._dir, self.arena, self._gen
-        assert d is not None and arena is not None and gen is not None
+        assert d is not None and gen is not None
         try:
-            n = native.backend.dir_read(d.mm, d.nslots, ns.encode(), key, arena.ro, out, gen.buffer, g,
-                                        self.verify, self.reader.threads)
+            n = native.backend.dir_read(d.mm, d.nslots, ns.encode(), key, arena.ro if arena is not None else None,
+                                        out, gen.buffer, g, self.verify, self.reader.threads, self.reader.fds.by_id)
         except (TypeError, ValueError, BufferError):
             return -1  # not a plain writable host buffer, or a mapping closed by a reconnect
         if n >= 0:
@@ -105,10 +107,11 @@ class HostReads(Lookups):
         if g is None:
             return None
         d, arena, gen = self._dir, self.arena, self._gen
-        assert d is not None and arena is not None and gen is not None
+        assert d is not None and gen is not None
         try:
-            got: list[int] = native.backend.dir_read_many(d.mm, d.nslots, ns.encode(), ks, arena.ro, outs,
-                                                           gen.buffer, g, self.verify, self.reader.threads)
+            got: list[int] = native.backend.dir_read_many(
+                d.mm, d.nslots, ns.encode(), ks, arena.ro if arena is not None else None, outs, gen.buffer, g,
+                self.verify, self.reader.threads, self.reader.fds.by_id)
         except (TypeError, ValueError, BufferError):
             return None
         self._touch(ns, [k for k, n in zip(ks, got) if n >= 0])
@@ -147,7 +150,7 @@ class HostReads(Lookups):
                     plan.cown.append(i)
                 else:
                     plan.reads.append(ReadTask(self._path(stripe, seg), off, dest[pos:pos + length],
-                                               ccsum if self.verify else None))
+                                               ccsum if self.verify else None, fd_id(seg, stripe)))
                     plan.rown.append(i)
                 pos += length
             sizes[i] = size
@@ -169,8 +172,9 @@ class HostReads(Lookups):
         None and allow_alloc). Returns sizes (-1: miss) and the allocated
         buffers.
 
-        Keys the directory places in the arena are read in one native call
-        first (_arena_reads); the rest take _read_located."""
+        Keys the directory places in the arena or in open segment files are
+        read in one native call first (_arena_reads); the rest take
+        _read_located."""
         if allow_alloc or not ks or any(o is None for o in outs):
             return self._read_located(ns, ks, outs, allow_alloc)
         got = self._arena_reads(ns, ks, outs)  # type: ignore[arg-type]

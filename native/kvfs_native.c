@@ -27,6 +27,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -444,98 +445,147 @@ int kv_dir_check(Py_buffer *, unsigned long long);
 #define DIR_CHUNK_BYTES 40
 #define DIR_MAX_CHUNKS 3
 
-/* The arena reads of n keys (their dests already held as buffers), in one
- * pool batch: sizes[i] = the size read, -1 not answerable here (the caller
- * takes the lookup path), -2 a chunk failed verification. The rules that
- * make this safe are kvfs/directory.py's: a location leaves the directory
+/* The key of a segment file in the client's fd map (kvfs.dataplane.FdCache.by_id). */
+#define FD_ID(seg, stripe) (((seg) << 16) | (stripe))
+
+/* Runs a batch of tasks of one op (none: nothing). -1 with an exception set. */
+static int run_tasks(int op, task_t *tasks, size_t nt, int threads) {
+    if (!nt) return 0;
+    batch_t b;
+    memset(&b, 0, sizeof b);
+    b.op = op;
+    b.tasks = tasks;
+    b.ntasks = nt;
+    size_t total = 0;
+    if (make_pieces(&b, &total, threads < 1 ? 1 : threads) != 0) return -1;
+    if (op == OP_READ || total >= (64u << 10)) {
+        Py_BEGIN_ALLOW_THREADS
+        run_batch(&b, threads, total);
+        Py_END_ALLOW_THREADS
+    } else {
+        run_batch(&b, 1, total);
+    }
+    PyMem_Free(b.pieces);
+    return 0;
+}
+
+/* The reads of n keys the directory locates (their dests already held as
+ * buffers), without a round trip: chunks in the arena are copied, chunks in
+ * segment files whose fd is in `fds` (a dict: FD_ID -> fd, or NULL) are
+ * read, all verified chunk by chunk; sizes[i] = the size read, -1 not
+ * answerable here (the caller takes the lookup path), -2 a chunk failed
+ * verification.
+ *
+ * Why that is safe (kvfs/directory.py): a location leaves the directory
  * before the removal generation moves for its removal, and arena bytes are
  * reused only after such a move; so bytes copied from a slot read after
  * gen_before was read, with the generation unchanged after the copy, are
- * the object's. If it moved, every read of the batch is -1. */
-static int arena_reads(Py_buffer *dir, unsigned long long nslots, Py_buffer *ns, PyObject *const *keys,
-                       Py_buffer *arena, Py_buffer *dests, Py_ssize_t n, Py_buffer *gen,
-                       unsigned long long gen_before, int verify, int threads, long long *sizes) {
-    task_t *tasks = PyMem_Calloc((size_t)(n ? n : 1) * DIR_MAX_CHUNKS, sizeof(task_t));
-    Py_ssize_t *owner = PyMem_Calloc((size_t)(n ? n : 1) * DIR_MAX_CHUNKS, sizeof(Py_ssize_t));
+ * the object's. If it moved, every read of the batch is -1. Segment files
+ * are immutable and their ids never reused; each fd is dup'ed while the GIL
+ * is held (the map's owner takes an fd out of the map before it closes
+ * it), so a read never goes through an fd number reused meanwhile. */
+static int dir_reads(Py_buffer *dir, unsigned long long nslots, Py_buffer *ns, PyObject *const *keys,
+                     Py_buffer *arena, Py_buffer *dests, Py_ssize_t n, Py_buffer *gen,
+                     unsigned long long gen_before, int verify, int threads, PyObject *fds, long long *sizes) {
+    size_t cap = (size_t)(n ? n : 1) * DIR_MAX_CHUNKS;
+    task_t *ct = PyMem_Calloc(cap, sizeof(task_t)), *rt = PyMem_Calloc(cap, sizeof(task_t));
+    Py_ssize_t *cown = PyMem_Calloc(cap, sizeof(Py_ssize_t)), *rown = PyMem_Calloc(cap, sizeof(Py_ssize_t));
     /* the slots are copied out, so the sums the tasks point to stay put */
     unsigned char *slots = PyMem_Malloc((size_t)(n ? n : 1) * DIR_SLOT_BYTES);
-    if (!tasks || !owner || !slots) {
-        PyMem_Free(tasks);
-        PyMem_Free(owner);
-        PyMem_Free(slots);
+    size_t nc = 0, nr = 0;
+    int rc = -1;
+    if (!ct || !rt || !cown || !rown || !slots) {
         PyErr_NoMemory();
-        return -1;
+        goto out;
     }
-    batch_t b;
-    memset(&b, 0, sizeof b);
-    b.op = OP_COPY;
-    b.tasks = tasks;
-    size_t nt = 0;
     for (Py_ssize_t k = 0; k < n; k++) {
         sizes[k] = -1;
         unsigned char *slot = slots + (size_t)k * DIR_SLOT_BYTES;
         if (kv_dir_find(dir->buf, nslots, ns->buf, (size_t)ns->len, keys[k], slot) != 1) continue;
         uint64_t size;
         int64_t t0;
-        uint32_t nc;
+        uint32_t nch;
         memcpy(&size, slot + 24, 8);
         memcpy(&t0, slot + 56, 8);
-        memcpy(&nc, slot + 68, 4);
-        if (nc == 0 || nc > DIR_MAX_CHUNKS || t0 < 0 || size > (uint64_t)dests[k].len ||
-            (uint64_t)t0 > (uint64_t)arena->len || size > (uint64_t)arena->len - (uint64_t)t0)
+        memcpy(&nch, slot + 68, 4);
+        if (nch == 0 || nch > DIR_MAX_CHUNKS || size > (uint64_t)dests[k].len) continue;
+        if (t0 >= 0 ? (!arena->buf || (uint64_t)t0 > (uint64_t)arena->len ||
+                       size > (uint64_t)arena->len - (uint64_t)t0)
+                    : !fds)
             continue;
         uint64_t pos = 0;
-        size_t first = nt;
-        for (uint32_t i = 0; i < nc; i++) {
+        size_t c0 = nc, r0 = nr;
+        int ok = 1;
+        for (uint32_t i = 0; i < nch && ok; i++) {
             const unsigned char *c = slot + DIR_HEAD_BYTES + i * DIR_CHUNK_BYTES;
-            uint32_t len;
+            uint32_t stripe, len;
+            uint64_t seg, off;
+            memcpy(&stripe, c, 4);
             memcpy(&len, c + 4, 4);
-            task_t *t = &tasks[nt];
+            memcpy(&seg, c + 8, 8);
+            memcpy(&off, c + 16, 8);
+            task_t *t;
+            if (t0 >= 0) {
+                t = &ct[nc];
+                cown[nc++] = k;
+                t->src = (const char *)arena->buf + t0 + pos;
+            } else {
+                PyObject *id = PyLong_FromUnsignedLongLong(FD_ID(seg, (uint64_t)stripe));
+                PyObject *fdo = id ? PyDict_GetItemWithError(fds, id) : NULL;
+                Py_XDECREF(id);
+                long fd = fdo ? PyLong_AsLong(fdo) : -1;
+                int d = fd >= 0 ? fcntl((int)fd, F_DUPFD_CLOEXEC, 0) : -1;
+                if (PyErr_Occurred()) PyErr_Clear(); /* not this key, then */
+                if (d < 0 || off > (uint64_t)INT64_MAX) {
+                    if (d >= 0) close(d);
+                    ok = 0;
+                    break;
+                }
+                t = &rt[nr];
+                rown[nr++] = k;
+                t->fd = d;
+                t->offset = (int64_t)off;
+            }
             t->dst = (char *)dests[k].buf + pos;
-            t->src = (const char *)arena->buf + t0 + pos;
             t->len = len;
             t->want = verify ? c + 24 : NULL;
-            owner[nt++] = k;
             pos += len;
         }
-        if (pos != size) { /* a torn or foreign slot: let the daemon answer */
-            memset(&tasks[first], 0, (nt - first) * sizeof(task_t));
-            nt = first;
+        if (!ok || pos != size) { /* a file not open here, or a torn slot: the caller's way */
+            for (size_t i = r0; i < nr; i++) close(rt[i].fd);
+            memset(&ct[c0], 0, (nc - c0) * sizeof(task_t));
+            memset(&rt[r0], 0, (nr - r0) * sizeof(task_t));
+            nc = c0;
+            nr = r0;
             continue;
         }
         sizes[k] = (long long)size;
     }
-    b.ntasks = nt;
-    size_t total = 0;
-    int rc = 0;
-    if (nt && make_pieces(&b, &total, threads < 1 ? 1 : threads) != 0) {
-        rc = -1;
-        goto out;
-    }
-    if (nt) {
-        if (total >= (64u << 10)) {
-            Py_BEGIN_ALLOW_THREADS
-            run_batch(&b, threads, total);
-            Py_END_ALLOW_THREADS
-        } else {
-            run_batch(&b, 1, total);
-        }
-    }
-    for (size_t i = 0; i < nt; i++)
-        if (tasks[i].status != 0) sizes[owner[i]] = -2;
+    if (run_tasks(OP_COPY, ct, nc, threads) != 0 || run_tasks(OP_READ, rt, nr, threads) != 0) goto out;
+    for (size_t i = 0; i < nc; i++)
+        if (ct[i].status != 0) sizes[cown[i]] = -2;
+    for (size_t i = 0; i < nr; i++)
+        if (rt[i].status != 0 && sizes[rown[i]] != -2) sizes[rown[i]] = rt[i].status == 2 ? -2 : -1;
     __atomic_thread_fence(__ATOMIC_ACQUIRE); /* the copies' loads before the generation's */
     if (__atomic_load_n((const uint64_t *)gen->buf, __ATOMIC_RELAXED) != gen_before)
         for (Py_ssize_t k = 0; k < n; k++) sizes[k] = -1;
+    rc = 0;
 out:
-    PyMem_Free(b.pieces);
-    PyMem_Free(tasks);
-    PyMem_Free(owner);
+    for (size_t i = 0; i < nr; i++) close(rt[i].fd);
+    PyMem_Free(ct);
+    PyMem_Free(rt);
+    PyMem_Free(cown);
+    PyMem_Free(rown);
     PyMem_Free(slots);
     return rc;
 }
 
-static int arena_read_args(Py_buffer *dir, unsigned long long nslots, Py_buffer *gen) {
+static int arena_read_args(Py_buffer *dir, unsigned long long nslots, Py_buffer *gen, PyObject *fds) {
     if (!kv_dir_check(dir, nslots)) return 0;
+    if (fds != Py_None && !PyDict_Check(fds)) {
+        PyErr_SetString(PyExc_TypeError, "fds must be a dict or None");
+        return 0;
+    }
     if (gen->len < 8) {
         PyErr_SetString(PyExc_ValueError, "generation buffer of at least 8 bytes");
         return 0;
@@ -544,21 +594,23 @@ static int arena_read_args(Py_buffer *dir, unsigned long long nslots, Py_buffer 
 }
 
 /* dir_read(directory, nslots, ns, key, arena, dest, generation, gen_before,
- * verify, threads) -> size, -1 or -2: the whole of a get_into whose object
- * the directory places in the arena, in one call (see arena_reads). */
+ * verify, threads, fds=None) -> size, -1 or -2: the whole of a get_into the
+ * directory locates (in the arena, or in a segment file open in fds), in
+ * one call (see dir_reads). */
 static PyObject *py_dir_read(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer dir, ns, arena, dest, gen;
     unsigned long long nslots, gen_before;
-    PyObject *key;
+    PyObject *key, *fds = Py_None;
     int verify, threads;
-    if (!PyArg_ParseTuple(args, "y*Ky*Oy*w*y*Kpi", &dir, &nslots, &ns, &key, &arena, &dest, &gen, &gen_before,
-                          &verify, &threads))
+    if (!PyArg_ParseTuple(args, "y*Ky*Oz*w*y*Kpi|O", &dir, &nslots, &ns, &key, &arena, &dest, &gen, &gen_before,
+                          &verify, &threads, &fds))
         return NULL;
     PyObject *res = NULL;
     long long size;
-    if (arena_read_args(&dir, nslots, &gen) &&
-        arena_reads(&dir, nslots, &ns, &key, &arena, &dest, 1, &gen, gen_before, verify, threads, &size) == 0)
+    if (arena_read_args(&dir, nslots, &gen, fds) &&
+        dir_reads(&dir, nslots, &ns, &key, &arena, &dest, 1, &gen, gen_before, verify, threads,
+                  fds == Py_None ? NULL : fds, &size) == 0)
         res = PyLong_FromLongLong(size);
     PyBuffer_Release(&dir);
     PyBuffer_Release(&ns);
@@ -569,22 +621,23 @@ static PyObject *py_dir_read(PyObject *self, PyObject *args) {
 }
 
 /* dir_read_many(directory, nslots, ns, keys, arena, dests, generation,
- * gen_before, verify, threads) -> [size, -1 or -2 per key]: dir_read of a
- * batch, its copies in one pool batch. A dest that is not a writable host
+ * gen_before, verify, threads, fds=None) -> [size, -1 or -2 per key]:
+ * dir_read of a batch, its copies in one pool batch and its reads in
+ * another. A dest that is not a writable host
  * buffer raises TypeError (the caller takes the other path for the batch). */
 static PyObject *py_dir_read_many(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer dir, ns, arena, gen;
     unsigned long long nslots, gen_before;
-    PyObject *keys, *dests;
+    PyObject *keys, *dests, *fds = Py_None;
     int verify, threads;
-    if (!PyArg_ParseTuple(args, "y*Ky*Oy*Oy*Kpi", &dir, &nslots, &ns, &keys, &arena, &dests, &gen, &gen_before,
-                          &verify, &threads))
+    if (!PyArg_ParseTuple(args, "y*Ky*Oz*Oy*Kpi|O", &dir, &nslots, &ns, &keys, &arena, &dests, &gen, &gen_before,
+                          &verify, &threads, &fds))
         return NULL;
     PyObject *res = NULL, *kq = NULL, *dq = NULL;
     bufset_t db = {0};
     long long *sizes = NULL;
-    if (!arena_read_args(&dir, nslots, &gen)) goto done;
+    if (!arena_read_args(&dir, nslots, &gen, fds)) goto done;
     if (!(kq = PySequence_Fast(keys, "keys must be a sequence"))) goto done;
     if (!(dq = PySequence_Fast(dests, "dests must be a sequence"))) goto done;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(kq);
@@ -597,8 +650,8 @@ static PyObject *py_dir_read_many(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    if (arena_reads(&dir, nslots, &ns, PySequence_Fast_ITEMS(kq), &arena, db.bufs, n, &gen, gen_before, verify,
-                    threads, sizes) != 0)
+    if (dir_reads(&dir, nslots, &ns, PySequence_Fast_ITEMS(kq), &arena, db.bufs, n, &gen, gen_before, verify,
+                  threads, fds == Py_None ? NULL : fds, sizes) != 0)
         goto done;
     if (!(res = PyList_New(n))) goto done;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -842,12 +895,13 @@ static PyMethodDef methods[] = {
     {"dir_del", kv_dir_del, METH_VARARGS,
      "dir_del(directory, nslots, hash) -> byte offset of the slot it freed, -1 if in none"},
     {"dir_read", py_dir_read, METH_VARARGS,
-     "dir_read(directory, nslots, ns, key, arena, dest, generation, gen_before, verify, threads) -> size "
-     "read into dest from the arena, -1 not answerable from the directory and arena (or the generation "
-     "moved), -2 a chunk failed verification (see kvfs/directory.py)"},
+     "dir_read(directory, nslots, ns, key, arena, dest, generation, gen_before, verify, threads, fds=None) -> "
+     "size read into dest from the arena or the segment files open in fds ({(seg << 16) | stripe: fd}), "
+     "-1 not answerable that way (or the generation moved), -2 a chunk failed verification "
+     "(see kvfs/directory.py)"},
     {"dir_read_many", py_dir_read_many, METH_VARARGS,
-     "dir_read_many(directory, nslots, ns, keys, arena, dests, generation, gen_before, verify, threads) -> "
-     "[dir_read's answer per key], the copies in one batch"},
+     "dir_read_many(directory, nslots, ns, keys, arena, dests, generation, gen_before, verify, threads, "
+     "fds=None) -> [dir_read's answer per key], the copies in one batch and the reads in another"},
     {"read_many", py_read_many, METH_VARARGS,
      "read_many(fds, offsets, dests, sums, threads=1) -> [status]: pread each dest fully; verify "
      "xxh3-128 where a sum is given. status 0 ok, 1 short file, 2 mismatch, -errno."},

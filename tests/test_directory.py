@@ -169,7 +169,7 @@ def test_the_c_writer_and_its_python_twin_write_the_same_bytes(tmp_path):
 
 
 @pytest.mark.parametrize("impl", ["native", "python"])
-def test_dir_read_copies_verified_bytes_or_declines(impl):
+def test_dir_read_copies_verified_bytes_or_declines(impl, tmp_path):
     """dir_read and dir_read_many (get_into from the directory and the
     arena, C and its Python twin): the bytes when the slot places them in the arena and they
     verify; -1 whenever it cannot vouch for them (absent, not in the arena,
@@ -180,7 +180,7 @@ def test_dir_read_copies_verified_bytes_or_declines(impl):
     import xxhash
 
     from kvfs import _native_py
-    from kvfs.directory import file_size, key_hash
+    from kvfs.directory import fd_id, file_size, key_hash
     if impl == "native" and native.name != "native":
         pytest.skip("the C data plane is not built")
     be = native.backend if impl == "native" else _native_py
@@ -207,6 +207,29 @@ def test_dir_read_copies_verified_bytes_or_declines(impl):
     assert read("k") == size and out[:size] == arena[base:base + size]
     for key in ("absent", "t1only", "many", "bad/key", "é", b"k"):
         assert read(key) == -1, key
+    # T1: read through the fds the caller has open, by fd_id(seg, stripe)
+    seg_file = tmp_path / "seg"
+    seg_file.write_bytes(bytes(4096) + bytes(arena[base:base + size]))
+    fd = os.open(seg_file, os.O_RDONLY)
+    try:
+        fds = {fd_id(9, 0): fd}
+        out[:] = bytes(len(out))
+        assert be.dir_read(d, nslots, b"ns", "t1only", None, out, gen, 77, True, 2, fds) == size
+        assert out[:size] == arena[base:base + size]
+        assert be.dir_read(d, nslots, b"ns", "t1only", arena, out, gen, 77, True, 2, {fd_id(9, 1): fd}) == -1
+        assert be.dir_read(d, nslots, b"ns", "k", None, out, gen, 77, True, 2, fds) == -1  # T0 only, no arena
+        assert be.dir_read_many(d, nslots, b"ns", ["t1only", "k"], arena, [bytearray(size), bytearray(size)], gen,
+                                77, True, 2, fds) == [size, size]
+        with open(seg_file, "r+b") as f:
+            f.seek(4096 + 100)
+            f.write(b"\xff" * 8)
+        assert be.dir_read(d, nslots, b"ns", "t1only", None, out, gen, 77, True, 2, fds) == -2
+        os.truncate(seg_file, 4096 + 1000)
+        assert be.dir_read(d, nslots, b"ns", "t1only", None, out, gen, 77, False, 2, fds) == -1  # short
+        with pytest.raises(TypeError):
+            be.dir_read(d, nslots, b"ns", "t1only", None, out, gen, 77, True, 2, [fd])
+    finally:
+        os.close(fd)
     assert read("k", ns=b"other") == -1
     assert read("k", dest=bytearray(size - 1)) == -1  # the lookup path raises the size error
     assert read("k", g=76) == -1  # a removal since: the bytes may be another object's

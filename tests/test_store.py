@@ -1,6 +1,7 @@
 """The client against a real daemon: round trips, batches, immutability,
 metadata, restart persistence."""
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,3 +216,47 @@ def test_reserved_extents_filled_by_the_caller_are_invisible_until_commit(daemon
         assert other.contains(["gone"], ns="res") == [False]
         with pytest.raises(kvfs.InvalidArgument):
             store.reserve(["z"], [0], ns="res")
+
+
+def test_t1_reads_go_through_open_segment_files_with_no_round_trip(t1_daemon):
+    """Once a client has a segment file open, get_into and get_many_into of
+    what the directory places there are one native call each (no lookup, no
+    Python per chunk); a deletion, a compaction that moves the bytes, or a
+    scribbled record is seen by the next read, which then takes the other
+    paths."""
+    import kvfs
+    from helpers import count_calls
+    with t1_daemon.connect() as w, t1_daemon.connect() as r:
+        vals = {f"t{i}": os.urandom(200_000 + i) for i in range(6)}
+        w.put_many(list(vals), list(vals.values()), sync=True)
+        calls = count_calls(r)
+        located: list[str] = []
+        orig = r._read_located
+        r._read_located = lambda ns, ks, *a: (located.extend(ks), orig(ns, ks, *a))[1]
+        buf = bytearray(1 << 20)
+        for k, v in vals.items():  # the first read of each file opens it the slow way
+            assert r.get_into(k, buf) == len(v) and buf[:len(v)] == v
+        assert r.reader.fds.by_id
+        located.clear()
+        for k, v in vals.items():
+            assert r.get_into(k, buf) == len(v) and buf[:len(v)] == v
+        outs = [bytearray(len(v)) for v in vals.values()]
+        assert r.get_many_into(list(vals), outs) == [len(v) for v in vals.values()]
+        assert outs == list(vals.values())
+        assert located == [] and calls == []
+        w.delete(["t0"])
+        with pytest.raises(kvfs.NotFound):
+            r.get_into("t0", buf)
+        # a scribble over every segment file's payload: never served
+        for path in [p for st in t1_daemon.stripes for p in Path(st).rglob("*") if p.is_file()]:
+            with open(path, "r+b") as f:
+                f.seek(8192)
+                f.write(b"\xee" * 64)
+        bad = 0
+        for k, v in list(vals.items())[1:]:
+            try:
+                n = r.get_into(k, buf)
+                assert buf[:n] == v
+            except kvfs.KvfsError:
+                bad += 1
+        assert bad >= 1  # the scribble hit at least one record, and it was refused
