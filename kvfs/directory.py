@@ -179,7 +179,9 @@ def read_py(mm: Any, nslots: int, ns: bytes, key: Any, arena: Any, dest: Any, ge
     fd ``fds`` holds. Its size; -1 when it cannot be read that way (absent,
     a location not kept, a file not open, a short read, or the generation
     moved: see the module's invariants); -2 when a chunk fails
-    verification."""
+    verification. (Unlike the C one it does not dup the fds it reads
+    through, so a caller must keep them open meanwhile: kvfs.host_reads
+    gives fds to the C one only.)"""
     if not isinstance(key, str) or probe_py(mm, nslots, ns, [key]) != bytes([PRESENT]):
         return -1
     h = xxhash.xxh3_128_digest(ns + b"\x00" + key.encode())

@@ -75,6 +75,13 @@ class HostReads(Lookups):
             return None  # a removal or restart since: the other path catches up with it first
         return g
 
+    def _native_fds(self) -> dict[int, int] | None:
+        """The open segment files direct reads may use: only the C data plane
+        reads through them safely (it dups each fd under the GIL; the Python
+        twin could read an fd number closed and reused between its lookup
+        and its read), so the Python one reads T1 by locations."""
+        return self.reader.fds.by_id if native.name == "native" else None
+
     def _arena_read(self, ns: str, key: Any, out: Any) -> int:
         """A get_into answered from the directory in one native call: copied
         from the arena, or read from a segment file this client already has
@@ -92,7 +99,7 @@ class HostReads(Lookups):
         assert d is not None and gen is not None
         try:
             n = native.backend.dir_read(d.mm, d.nslots, ns.encode(), key, arena.ro if arena is not None else None,
-                                        out, gen.buffer, g, self.verify, self.reader.threads, self.reader.fds.by_id)
+                                        out, gen.buffer, g, self.verify, self.reader.threads, self._native_fds())
         except (TypeError, ValueError, BufferError):
             return -1  # not a plain writable host buffer, or a mapping closed by a reconnect
         if n >= 0:
@@ -111,7 +118,7 @@ class HostReads(Lookups):
         try:
             got: list[int] = native.backend.dir_read_many(
                 d.mm, d.nslots, ns.encode(), ks, arena.ro if arena is not None else None, outs, gen.buffer, g,
-                self.verify, self.reader.threads, self.reader.fds.by_id)
+                self.verify, self.reader.threads, self._native_fds())
         except (TypeError, ValueError, BufferError):
             return None
         self._touch(ns, [k for k, n in zip(ks, got) if n >= 0])
