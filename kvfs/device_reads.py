@@ -141,7 +141,7 @@ class DeviceReading(HostReads):
     def get_into(self, key: str | bytes, out: Any, *, ns: str = "default") -> int:
         tried = type(key) is str and type(ns) is str
         if tried:
-            n = self._arena_read(ns, key, out)
+            n = self._direct_read(ns, key, out)
             if n >= 0:
                 return n
         k, ns = normalize_key(key), normalize_ns(ns)
@@ -149,7 +149,7 @@ class DeviceReading(HostReads):
         if dev is not None:
             sizes = self._read_device(ns, [k], [dev])
         else:
-            read = self._read_located if tried else self._read_batch  # (not the arena read twice)
+            read = self._read_located if tried else self._read_batch  # (not the direct read twice)
             sizes, _ = read(ns, [k], [as_writable(out)], False)
         if sizes[0] < 0:
             raise NotFound(f"{ns}/{k} not found")

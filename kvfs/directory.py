@@ -141,6 +141,37 @@ def _stable(mm: Any, off: int, h: bytes) -> tuple[int, bytes | None]:
     return -1, None
 
 
+def _plain(k: Any) -> bool:
+    """A plain ASCII str key by kvfs.keys' rules (what the C reader takes;
+    anything else is left to the Python path)."""
+    return isinstance(k, str) and k.isascii() and 1 <= len(k) <= 200 and k not in (".", "..") \
+        and "/" not in k and k.isprintable()
+
+
+def _slot_of(mm: Any, nslots: int, h: bytes) -> bytes | None:
+    """A stable copy of the slot holding ``h`` (None: absent, or it kept
+    changing). A key lives in one slot, so the first whose hash matches is it."""
+    for off in _candidates(mm, h, nslots):
+        if mm[off + 8:off + 24] == h:
+            r, raw = _stable(mm, off, h)
+            return raw if r == 1 else None
+    return None
+
+
+def item_of(raw: bytes) -> list[Any] | None:
+    """A slot's location in lookup's wire form ([size, sum, seq, [[stripe,
+    seg, offset, length, chunk sum], ...], [T0 offset, also in T1] or
+    None]); None when the slot keeps no location (more than MAX_CHUNKS)."""
+    _v, _kh, size, seq, csum, t0, flags, n = HEAD.unpack_from(raw, 0)
+    if not n or n > MAX_CHUNKS:
+        return None
+    exts = []
+    for i in range(n):
+        stripe, length, seg, coff, ccs = CHUNK.unpack_from(raw, HEAD.size + i * CHUNK.size)
+        exts.append([stripe, seg, coff, length, ccs])
+    return [size, csum, seq, exts, None if t0 < 0 else [t0, bool(flags & IN_T1)]]
+
+
 def probe_py(mm: Any, nslots: int, ns: bytes, keys: Sequence[Any], prefix: bool = False) -> bytes:
     """What the C ``dir_probe`` answers (kvfs._native_py's twin): per key
     ABSENT, PRESENT, SLOW (not a plain ASCII str key: the caller checks it
@@ -148,8 +179,7 @@ def probe_py(mm: Any, nslots: int, ns: bytes, keys: Sequence[Any], prefix: bool 
     out = bytearray()
     for k in keys:
         st = SLOW
-        if isinstance(k, str) and k.isascii() and 1 <= len(k) <= 200 and k not in (".", "..") \
-                and "/" not in k and k.isprintable():
+        if _plain(k):
             h = xxhash.xxh3_128_digest(ns + b"\x00" + k.encode())
             st = ABSENT
             for off in _candidates(mm, h, nslots):
@@ -182,32 +212,22 @@ def read_py(mm: Any, nslots: int, ns: bytes, key: Any, arena: Any, dest: Any, ge
     verification. (Unlike the C one it does not dup the fds it reads
     through, so a caller must keep them open meanwhile: kvfs.host_reads
     gives fds to the C one only.)"""
-    if not isinstance(key, str) or probe_py(mm, nslots, ns, [key]) != bytes([PRESENT]):
-        return -1
-    h = xxhash.xxh3_128_digest(ns + b"\x00" + key.encode())
-    raw = None
-    for off in _candidates(mm, h, nslots):
-        r, raw = _stable(mm, off, h)
-        if r == 1:
-            break
-    else:
-        return -1
-    if raw is None:
-        return -1
-    _v, _kh, size, _seq, _csum, t0, _flags, n = HEAD.unpack_from(raw, 0)
+    raw = _slot_of(mm, nslots, xxhash.xxh3_128_digest(ns + b"\x00" + key.encode())) if _plain(key) else None
+    item = item_of(raw) if raw is not None else None
     dv = memoryview(dest).cast("B")
-    if not n or n > MAX_CHUNKS or size > len(dv):
+    if item is None or item[0] > len(dv):
         return -1
-    if (arena is None or t0 + size > len(arena)) if t0 >= 0 else fds is None:
+    size, _csum, _seq, exts, t0 = item
+    off0 = t0[0] if t0 is not None else -1
+    if (arena is None or off0 + size > len(arena)) if t0 is not None else fds is None:
         return -1
-    chunks = [CHUNK.unpack_from(raw, HEAD.size + i * CHUNK.size) for i in range(n)]
-    if sum(c[1] for c in chunks) != size:
+    if sum(x[3] for x in exts) != size:
         return -1
     pos, bad = 0, False
-    for stripe, length, seg, coff, ccs in chunks:
+    for stripe, seg, coff, length, ccs in exts:
         part = dv[pos:pos + length]
-        if t0 >= 0:
-            part[:] = arena[t0 + pos:t0 + pos + length]
+        if t0 is not None:
+            part[:] = arena[off0 + pos:off0 + pos + length]
         else:
             assert fds is not None
             fd = fds.get(fd_id(seg, stripe))
@@ -352,33 +372,17 @@ class DirectoryReader:
         the other states met, ``1 << state``)."""
         return native.backend.dir_contains(self.mm, self.nslots, ns.encode(), keys)
 
-    def _item(self, raw: bytes) -> list[Any] | None:
-        _v, _kh, size, seq, csum, t0, flags, n = HEAD.unpack_from(raw, 0)
-        if not n or n > MAX_CHUNKS:
-            return None  # present, location not kept here
-        exts = []
-        for i in range(n):
-            stripe, length, seg, coff, ccs = CHUNK.unpack_from(raw, HEAD.size + i * CHUNK.size)
-            exts.append([stripe, seg, coff, length, ccs])
-        return [size, csum, seq, exts, None if t0 < 0 else [t0, bool(flags & IN_T1)]]
-
     def lookup_many(self, ns: str, keys: list[str], idx: list[int]) -> dict[int, list[Any]]:
         """Locations (lookup's wire form) of ``keys[i]`` for i in ``idx`` that
         the directory holds."""
         out: dict[int, list[Any]] = {}
-        mm = self.mm
         nsb = ns.encode() + b"\x00"
         digest = xxhash.xxh3_128_digest
         for i in idx:
-            h = digest(nsb + keys[i].encode())
-            for off in _candidates(mm, h, self.nslots):
-                if mm[off + 8:off + 24] == h:
-                    r, raw = _stable(mm, off, h)
-                    if r == 1 and raw is not None:
-                        item = self._item(raw)
-                        if item is not None:
-                            out[i] = item
-                    break
+            raw = _slot_of(self.mm, self.nslots, digest(nsb + keys[i].encode()))
+            item = item_of(raw) if raw is not None else None
+            if item is not None:
+                out[i] = item
         return out
 
     def close(self) -> None:

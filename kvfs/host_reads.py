@@ -64,25 +64,26 @@ def as_writable(out: Any) -> memoryview:
 
 
 class HostReads(Lookups):
-    def _arena_generation(self) -> int | None:
-        """The removal generation, if reads may go straight to where the
-        directory places them now (see _arena_read), else None."""
+    def _direct(self) -> tuple[Any, Any, Any, int, dict[int, int] | None] | None:
+        """What a direct read (``dir_read``) needs, if reads may go straight
+        to where the directory places them now: (directory, arena or None,
+        generation buffer, the generation, open segment files or None).
+        None when they may not: no directory, ``cache_locations=False``
+        (every read asks the daemon), or a removal or restart since the last
+        located read (that path catches up with it first). Only the C data
+        plane gets the open files: it dups each fd under the GIL, where the
+        Python twin could read an fd number closed and reused between its
+        lookup and its read."""
         d, gen = self._dir, self._gen
         if d is None or gen is None or self._locs is None:
-            return None  # (cache_locations=False: every read asks the daemon)
+            return None
         g = gen.value
         if g != self._fd_gen or g // EPOCH != self._epoch:
-            return None  # a removal or restart since: the other path catches up with it first
-        return g
+            return None
+        fds = self.reader.fds.by_id if native.name == "native" else None
+        return d, self.arena.ro if self.arena is not None else None, gen.buffer, g, fds
 
-    def _native_fds(self) -> dict[int, int] | None:
-        """The open segment files direct reads may use: only the C data plane
-        reads through them safely (it dups each fd under the GIL; the Python
-        twin could read an fd number closed and reused between its lookup
-        and its read), so the Python one reads T1 by locations."""
-        return self.reader.fds.by_id if native.name == "native" else None
-
-    def _arena_read(self, ns: str, key: Any, out: Any) -> int:
+    def _direct_read(self, ns: str, key: Any, out: Any) -> int:
         """A get_into answered from the directory in one native call: copied
         from the arena, or read from a segment file this client already has
         open (FdCache.by_id); no lookup, no lease, no Python per chunk. The
@@ -92,33 +93,30 @@ class HostReads(Lookups):
         or a chunk failed verification (that path reads again and reports
         it). Keys and namespaces that are not plain ASCII are left to that
         path too, which checks them."""
-        g = self._arena_generation()
-        if g is None:
+        direct = self._direct()
+        if direct is None:
             return -1
-        d, arena, gen = self._dir, self.arena, self._gen
-        assert d is not None and gen is not None
+        d, arena, gen, g, fds = direct
         try:
-            n = native.backend.dir_read(d.mm, d.nslots, ns.encode(), key, arena.ro if arena is not None else None,
-                                        out, gen.buffer, g, self.verify, self.reader.threads, self._native_fds())
+            n = native.backend.dir_read(d.mm, d.nslots, ns.encode(), key, arena, out, gen, g, self.verify,
+                                        self.reader.threads, fds)
         except (TypeError, ValueError, BufferError):
             return -1  # not a plain writable host buffer, or a mapping closed by a reconnect
         if n >= 0:
             self._touch(ns, [key])
         return n
 
-    def _arena_reads(self, ns: str, ks: list[str], outs: list[memoryview]) -> list[int] | None:
-        """``_arena_read`` of a batch in one native call and one copy batch:
-        per key the size or a negative (that key takes the lookup path);
-        None when the whole batch must."""
-        g = self._arena_generation()
-        if g is None:
+    def _direct_reads(self, ns: str, ks: list[str], outs: list[memoryview]) -> list[int] | None:
+        """``_direct_read`` of a batch in one native call: per key the size or
+        a negative (that key takes the located path); None when the whole
+        batch must."""
+        direct = self._direct()
+        if direct is None:
             return None
-        d, arena, gen = self._dir, self.arena, self._gen
-        assert d is not None and gen is not None
+        d, arena, gen, g, fds = direct
         try:
-            got: list[int] = native.backend.dir_read_many(
-                d.mm, d.nslots, ns.encode(), ks, arena.ro if arena is not None else None, outs, gen.buffer, g,
-                self.verify, self.reader.threads, self._native_fds())
+            got: list[int] = native.backend.dir_read_many(d.mm, d.nslots, ns.encode(), ks, arena, outs, gen, g,
+                                                           self.verify, self.reader.threads, fds)
         except (TypeError, ValueError, BufferError):
             return None
         self._touch(ns, [k for k, n in zip(ks, got) if n >= 0])
@@ -180,11 +178,11 @@ class HostReads(Lookups):
         buffers.
 
         Keys the directory places in the arena or in open segment files are
-        read in one native call first (_arena_reads); the rest take
+        read in one native call first (_direct_reads); the rest take
         _read_located."""
         if allow_alloc or not ks or any(o is None for o in outs):
             return self._read_located(ns, ks, outs, allow_alloc)
-        got = self._arena_reads(ns, ks, outs)  # type: ignore[arg-type]
+        got = self._direct_reads(ns, ks, outs)  # type: ignore[arg-type]
         if got is None:
             return self._read_located(ns, ks, outs, allow_alloc)
         rest = [i for i, n in enumerate(got) if n < 0]

@@ -10,8 +10,7 @@
  *
  * The GIL is held: a batch of 1024 keys takes tens of microseconds.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "directory.h"
 
 #include <stdint.h>
 #include <string.h>
@@ -19,11 +18,6 @@
 #define XXH_INLINE_ALL
 #include "vendor/xxhash.h"
 
-/* kvfs/directory.py */
-#define DIR_HEADER 4096
-#define DIR_SLOT 192
-#define DIR_BUCKET 4
-#define DIR_PROBE 8
 #define MAX_KEY_CHARS 200
 #define MAX_NS_BYTES 400
 
@@ -34,7 +28,7 @@ static int slot_holds(const unsigned char *slot, const unsigned char *h) {
     for (int tries = 0; tries < 16; tries++) {
         uint64_t v1 = __atomic_load_n((const uint64_t *)slot, __ATOMIC_ACQUIRE);
         if (v1 & 1) continue;
-        int eq = memcmp(slot + 8, h, 16) == 0;
+        int eq = memcmp(slot + SLOT_HASH, h, 16) == 0;
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
         uint64_t v2 = __atomic_load_n((const uint64_t *)slot, __ATOMIC_RELAXED);
         if (v1 == v2) return eq;
@@ -83,7 +77,7 @@ static int copy_slot(const unsigned char *table, const unsigned char *hops, uint
                 __atomic_thread_fence(__ATOMIC_ACQUIRE);
                 uint64_t v2 = __atomic_load_n((const uint64_t *)slot, __ATOMIC_RELAXED);
                 if (v1 != v2) continue;
-                if (memcmp(out + 8, h, 16) == 0) return 1;
+                if (memcmp(out + SLOT_HASH, h, 16) == 0) return 1;
                 goto next_slot;
             }
             unknown = 1;
@@ -125,9 +119,7 @@ static int check_table(Py_buffer *dir, unsigned long long nslots) {
     return 1;
 }
 
-/* The read side of kv_dir_read (kvfs_native.c): the stable slot of ns/key,
-   for a plain ASCII key. 1 found (slot in out), 0 absent, -1 unknown or not
-   a plain key (the caller takes the Python path). */
+/* (directory.h) */
 int kv_dir_find(const unsigned char *dir, uint64_t nslots, const char *ns, size_t nslen, PyObject *key,
                 unsigned char *out) {
     if (!PyUnicode_Check(key) || !PyUnicode_IS_ASCII(key) || nslen < 1 || nslen > MAX_NS_BYTES) return -1;
@@ -264,9 +256,6 @@ PyObject *kv_dir_contains(PyObject *self, PyObject *args) {
    kvfs.directory.put_py / del_py are the twins. In Python a put cost about
    ten microseconds, twice per T0 put (published, then written back). */
 
-#define DIR_HEAD 72 /* HEAD: u64 version | 16s hash | u64 size | u64 seq | 16s sum | i64 t0 | u32 flags | u32 n */
-#define DIR_CHUNK 40 /* CHUNK: u32 stripe | u32 length | u64 seg | u64 offset | 16s sum */
-#define DIR_MAX_CHUNKS 3
 
 static const unsigned char EMPTY16[16];
 
@@ -286,12 +275,12 @@ static unsigned char *find_slot(unsigned char *table, const unsigned char *hops,
         if (!(hop >> i & 1)) continue;
         unsigned char *bucket = table + ((b + i) & (nbuckets - 1)) * DIR_BUCKET * DIR_SLOT;
         for (int j = 0; j < DIR_BUCKET; j++)
-            if (memcmp(bucket + j * DIR_SLOT + 8, h, 16) == 0) return bucket + j * DIR_SLOT;
+            if (memcmp(bucket + j * DIR_SLOT + SLOT_HASH, h, 16) == 0) return bucket + j * DIR_SLOT;
     }
     for (int i = 0; i < DIR_PROBE && !*free_slot; i++) {
         unsigned char *bucket = table + ((b + i) & (nbuckets - 1)) * DIR_BUCKET * DIR_SLOT;
         for (int j = 0; j < DIR_BUCKET; j++)
-            if (memcmp(bucket + j * DIR_SLOT + 8, EMPTY16, 16) == 0) {
+            if (memcmp(bucket + j * DIR_SLOT + SLOT_HASH, EMPTY16, 16) == 0) {
                 *free_slot = bucket + j * DIR_SLOT;
                 break;
             }
@@ -320,7 +309,7 @@ static void set_hop(unsigned char *table, unsigned char *hops, uint64_t nbuckets
     }
     const unsigned char *first = table + bucket * DIR_BUCKET * DIR_SLOT;
     for (int j = 0; j < DIR_BUCKET; j++) {
-        const unsigned char *kh = first + j * DIR_SLOT + 8;
+        const unsigned char *kh = first + j * DIR_SLOT + SLOT_HASH;
         if (memcmp(kh, EMPTY16, 16) != 0 && home_bucket(kh, nbuckets) == home) return;
     }
     __atomic_store_n(hops + home, (unsigned char)(hops[home] & ~bit), __ATOMIC_RELEASE);
@@ -363,15 +352,15 @@ PyObject *kv_dir_put(PyObject *self, PyObject *args) {
     memset(body, 0, sizeof body);
     Py_ssize_t n = PyList_GET_SIZE(exts);
     if (n > DIR_MAX_CHUNKS) n = 0; /* more: present, location asked of the daemon */
-    memcpy(body + 8, h.buf, 16);
-    memcpy(body + 24, &size, 8);
-    memcpy(body + 32, &seq, 8);
-    if (!put16(body + 40, checksum)) goto out;
+    memcpy(body + SLOT_HASH, h.buf, 16);
+    memcpy(body + SLOT_SIZE, &size, 8);
+    memcpy(body + SLOT_SEQ, &seq, 8);
+    if (!put16(body + SLOT_SUM, checksum)) goto out;
     int64_t off0 = t0 >= 0 ? t0 : -1;
-    memcpy(body + 56, &off0, 8);
+    memcpy(body + SLOT_T0, &off0, 8);
     uint32_t n32 = (uint32_t)n;
-    memcpy(body + 64, &flags, 4);
-    memcpy(body + 68, &n32, 4);
+    memcpy(body + SLOT_FLAGS, &flags, 4);
+    memcpy(body + SLOT_NCHUNKS, &n32, 4);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *x = PyList_GET_ITEM(exts, i);
         PyObject *fast = PySequence_Fast(x, "an extent is [stripe, seg, offset, length, sum]");
@@ -386,10 +375,10 @@ PyObject *kv_dir_put(PyObject *self, PyObject *args) {
         if (good) {
             uint32_t s32 = (uint32_t)stripe, l32 = (uint32_t)length;
             memcpy(c, &s32, 4);
-            memcpy(c + 4, &l32, 4);
-            memcpy(c + 8, &seg, 8);
-            memcpy(c + 16, &coff, 8);
-            good = put16(c + 24, f[4]);
+            memcpy(c + CHUNK_LENGTH, &l32, 4);
+            memcpy(c + CHUNK_SEG, &seg, 8);
+            memcpy(c + CHUNK_OFFSET, &coff, 8);
+            good = put16(c + CHUNK_SUM, f[4]);
         }
         Py_DECREF(fast);
         if (!good) goto out;

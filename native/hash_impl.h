@@ -39,7 +39,7 @@ void KV_FN(hash16)(const void *p, size_t n, unsigned char out[16]) {
 #define NT_MIN (32u << 10)
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <emmintrin.h>
-#define KV_HAVE_NT 1
+#define NT_ABOVE (NT_MIN - 1)
 static void copy_nt(char *dst, const char *src, size_t n) {
     size_t head = (16 - ((uintptr_t)dst & 15)) & 15;
     if (head > n) head = n;
@@ -57,18 +57,21 @@ static void copy_nt(char *dst, const char *src, size_t n) {
     }
     memcpy(dst + i, src + i, n - i);
 }
+#define NT_FENCE() _mm_sfence()
+#else
+#define NT_ABOVE SIZE_MAX /* no streaming stores here: every copy is a memcpy */
+#define copy_nt memcpy
+#define NT_FENCE() ((void)0)
 #endif
 
 /* A plain copy (no verification): non-temporal from NT_MIN bytes. */
 void KV_FN(copy_plain)(char *dst, const char *src, size_t len) {
-#ifdef KV_HAVE_NT
-    if (len >= NT_MIN) {
-        copy_nt(dst, src, len);
-        _mm_sfence();
+    if (len <= NT_ABOVE) {
+        memcpy(dst, src, len);
         return;
     }
-#endif
-    memcpy(dst, src, len);
+    copy_nt(dst, src, len);
+    NT_FENCE();
 }
 
 /* Returns 0 if the copy's xxh3-128 is `want`, 2 if not. From NT_MIN bytes
@@ -80,21 +83,16 @@ void KV_FN(copy_plain)(char *dst, const char *src, size_t len) {
 int KV_FN(copy_verify)(char *dst, const char *src, size_t len, const unsigned char *want) {
     XXH3_state_t st;
     XXH3_128bits_reset(&st);
-#ifdef KV_HAVE_NT
-    if (len >= NT_MIN) {
-        for (size_t pos = 0; pos < len; pos += SUB) {
-            size_t n = len - pos < SUB ? len - pos : SUB;
-            copy_nt(dst + pos, src + pos, n);
-            XXH3_128bits_update(&st, src + pos, n);
-        }
-        _mm_sfence();
-    } else
-#endif
+    int nt = len > NT_ABOVE;
     for (size_t pos = 0; pos < len; pos += SUB) {
         size_t n = len - pos < SUB ? len - pos : SUB;
-        memcpy(dst + pos, src + pos, n);
-        XXH3_128bits_update(&st, dst + pos, n);
+        if (nt)
+            copy_nt(dst + pos, src + pos, n);
+        else
+            memcpy(dst + pos, src + pos, n);
+        XXH3_128bits_update(&st, (nt ? src : dst) + pos, n);
     }
+    if (nt) NT_FENCE();
     XXH128_canonical_t c;
     XXH128_canonicalFromHash(&c, XXH3_128bits_digest(&st));
     return memcmp(c.digest, want, 16) == 0 ? 0 : 2;

@@ -26,6 +26,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "directory.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -437,13 +439,7 @@ done:
     return res;
 }
 
-/* ---------------------------------------------- one T0 read, no round trip */
-int kv_dir_find(const unsigned char *, uint64_t, const char *, size_t, PyObject *, unsigned char *);
-int kv_dir_check(Py_buffer *, unsigned long long);
-#define DIR_SLOT_BYTES 192
-#define DIR_HEAD_BYTES 72
-#define DIR_CHUNK_BYTES 40
-#define DIR_MAX_CHUNKS 3
+/* ------------------------------- reads where the directory places them */
 
 /* The key of a segment file in the client's fd map (kvfs.dataplane.FdCache.by_id). */
 #define FD_ID(seg, stripe) (((seg) << 16) | (stripe))
@@ -491,7 +487,7 @@ static int dir_reads(Py_buffer *dir, unsigned long long nslots, Py_buffer *ns, P
     task_t *ct = PyMem_Calloc(cap, sizeof(task_t)), *rt = PyMem_Calloc(cap, sizeof(task_t));
     Py_ssize_t *cown = PyMem_Calloc(cap, sizeof(Py_ssize_t)), *rown = PyMem_Calloc(cap, sizeof(Py_ssize_t));
     /* the slots are copied out, so the sums the tasks point to stay put */
-    unsigned char *slots = PyMem_Malloc((size_t)(n ? n : 1) * DIR_SLOT_BYTES);
+    unsigned char *slots = PyMem_Malloc((size_t)(n ? n : 1) * DIR_SLOT);
     size_t nc = 0, nr = 0;
     int rc = -1;
     if (!ct || !rt || !cown || !rown || !slots) {
@@ -500,14 +496,14 @@ static int dir_reads(Py_buffer *dir, unsigned long long nslots, Py_buffer *ns, P
     }
     for (Py_ssize_t k = 0; k < n; k++) {
         sizes[k] = -1;
-        unsigned char *slot = slots + (size_t)k * DIR_SLOT_BYTES;
+        unsigned char *slot = slots + (size_t)k * DIR_SLOT;
         if (kv_dir_find(dir->buf, nslots, ns->buf, (size_t)ns->len, keys[k], slot) != 1) continue;
         uint64_t size;
         int64_t t0;
         uint32_t nch;
-        memcpy(&size, slot + 24, 8);
-        memcpy(&t0, slot + 56, 8);
-        memcpy(&nch, slot + 68, 4);
+        memcpy(&size, slot + SLOT_SIZE, 8);
+        memcpy(&t0, slot + SLOT_T0, 8);
+        memcpy(&nch, slot + SLOT_NCHUNKS, 4);
         if (nch == 0 || nch > DIR_MAX_CHUNKS || size > (uint64_t)dests[k].len) continue;
         if (t0 >= 0 ? (!arena->buf || (uint64_t)t0 > (uint64_t)arena->len ||
                        size > (uint64_t)arena->len - (uint64_t)t0)
@@ -517,13 +513,13 @@ static int dir_reads(Py_buffer *dir, unsigned long long nslots, Py_buffer *ns, P
         size_t c0 = nc, r0 = nr;
         int ok = 1;
         for (uint32_t i = 0; i < nch && ok; i++) {
-            const unsigned char *c = slot + DIR_HEAD_BYTES + i * DIR_CHUNK_BYTES;
+            const unsigned char *c = slot + DIR_HEAD + i * DIR_CHUNK;
             uint32_t stripe, len;
             uint64_t seg, off;
-            memcpy(&stripe, c, 4);
-            memcpy(&len, c + 4, 4);
-            memcpy(&seg, c + 8, 8);
-            memcpy(&off, c + 16, 8);
+            memcpy(&stripe, c + CHUNK_STRIPE, 4);
+            memcpy(&len, c + CHUNK_LENGTH, 4);
+            memcpy(&seg, c + CHUNK_SEG, 8);
+            memcpy(&off, c + CHUNK_OFFSET, 8);
             task_t *t;
             if (t0 >= 0) {
                 t = &ct[nc];
@@ -548,7 +544,7 @@ static int dir_reads(Py_buffer *dir, unsigned long long nslots, Py_buffer *ns, P
             }
             t->dst = (char *)dests[k].buf + pos;
             t->len = len;
-            t->want = verify ? c + 24 : NULL;
+            t->want = verify ? c + CHUNK_SUM : NULL;
             pos += len;
         }
         if (!ok || pos != size) { /* a file not open here, or a torn slot: the caller's way */

@@ -244,7 +244,7 @@ def test_t1_reads_go_through_open_segment_files_with_no_round_trip(t1_daemon):
         assert r.get_many_into(list(vals), outs) == [len(v) for v in vals.values()]
         assert outs == list(vals.values())
         from kvfs import native
-        # only the C data plane reads through open files (kvfs.host_reads._native_fds)
+        # only the C data plane reads through open files (kvfs.host_reads.HostReads._direct)
         assert calls == [] and (located == [] if native.name == "native" else located)
         w.delete(["t0"])
         with pytest.raises(kvfs.NotFound):
