@@ -227,7 +227,7 @@ def _compact_segment(eng: "Engine", sid: int, rep: dict[str, Any]) -> None:
             m.spans = tuple((x.seg, sp) for x, sp in zip(e.extents, e.spans))
             for sid_, span in m.spans:
                 eng.segs[sid_].add_live(span)
-            m.exts = [x.wire() for x in e.extents]
+            m.exts = tuple(x.wire() for x in e.extents)
             m.rewire()
             eng._dir_put(ok, m)
         rep["objects_moved"] += len(applied)

@@ -48,7 +48,17 @@ class DirectoryWriter:
         try:
             os.fchmod(fd, mode)
             os.ftruncate(fd, file_size(nslots))
-            self.mm = mmap.mmap(fd, file_size(nslots), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            # Its pages are allocated and mapped now, not at the first put
+            # that lands on each (a page fault per put while the table
+            # fills, most of a put's directory cost). A tmpfs too full for
+            # that leaves the table sparse, as it was.
+            flags = mmap.MAP_SHARED
+            try:
+                os.posix_fallocate(fd, 0, file_size(nslots))
+                flags |= getattr(mmap, "MAP_POPULATE", 0)
+            except OSError:
+                pass
+            self.mm = mmap.mmap(fd, file_size(nslots), flags, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
         HEAD_STRUCT.pack_into(self.mm, 0, MAGIC, LAYOUT, PROBE, 0, nslots, 0, 0)

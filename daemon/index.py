@@ -49,8 +49,8 @@ class Extent:
     length: int
     checksum: bytes
 
-    def wire(self) -> list[Any]:
-        return [self.stripe, self.seg, self.offset, self.length, self.checksum]
+    def wire(self) -> tuple[Any, ...]:
+        return (self.stripe, self.seg, self.offset, self.length, self.checksum)
 
 
 @dataclass
@@ -66,11 +66,9 @@ class ObjEntry:
     spans: list[int]  # bytes of each record from its header to its (aligned) end
 
     def encode(self) -> bytes:
-        return msgpack.packb([
-            self.size, self.checksum, self.seq, self.created, self.atime, self.meta,
-            [[e.stripe, e.seg, e.offset, e.length, e.checksum, h, s]
-             for e, h, s in zip(self.extents, self.header_offsets, self.spans)],
-        ], use_bin_type=True)
+        return encode_entry(self.size, self.checksum, self.seq, self.created, self.atime, self.meta,
+                            [[e.stripe, e.seg, e.offset, e.length, e.checksum, h, s]
+                             for e, h, s in zip(self.extents, self.header_offsets, self.spans)])
 
     @classmethod
     def decode(cls, raw: bytes) -> "ObjEntry":
@@ -82,6 +80,13 @@ class ObjEntry:
     @property
     def footprint(self) -> int:
         return sum(self.spans)
+
+
+def encode_entry(size: int, checksum: bytes, seq: int, created: float, atime: float, meta: bytes | None,
+                 rows: list[list[Any]]) -> bytes:
+    """An ``objects`` value; ``rows``: per chunk [stripe, seg, payload_off,
+    length, chunk_sum, header_off, span]."""
+    return msgpack.packb([size, checksum, seq, created, atime, meta, rows], use_bin_type=True)
 
 
 def obj_key(ns: str, key: str) -> bytes:
@@ -144,6 +149,16 @@ class Index:
         txn.put(ok, e.encode(), db=self.objects)
         for ext, h in zip(e.extents, e.header_offsets):
             txn.put(segobj_key(ext.seg, h), ok, db=self.segobj)
+
+    def add_object(self, txn: lmdb.Transaction, ok: bytes, value: bytes, records: list[tuple[int, int]]) -> bool:
+        """Store a new object (``value``: ``encode_entry``; ``records``: its
+        chunks' (seg, header_off)) unless ``ok`` is stored already: then
+        nothing changes and the answer is False."""
+        if not txn.put(ok, value, db=self.objects, overwrite=False):
+            return False
+        for seg, h in records:
+            txn.put(_SEGOFF.pack(seg, h), ok, db=self.segobj)
+        return True
 
     def delete_object(self, txn: lmdb.Transaction, ns: str, key: str) -> ObjEntry | None:
         ok = obj_key(ns, key)

@@ -21,7 +21,7 @@ from kvfs.errors import InvalidArgument
 from kvfs.keys import normalize_key, normalize_ns
 from kvfs.meta import encode_meta
 
-from .index import Extent, ObjEntry, obj_key
+from .index import encode_entry, obj_key
 from .mirror import MemEntry
 from .segments import ChunkPlan, ObjPlan, PutPlan
 from .space import NeedRoom, Space
@@ -253,7 +253,7 @@ class Puts(Space):
         writes them once)."""
         ns = plan.ns
 
-        def job(txn: Any) -> tuple[list[bool], list[tuple[ObjPlan, ObjEntry]], list[tuple[int, int, int]]]:
+        def job(txn: Any) -> tuple[list[bool], list[ObjPlan], list[tuple[int, int, int]], float]:
             if before is not None:
                 before()
                 if sync:
@@ -262,72 +262,75 @@ class Puts(Space):
             # durability order: payloads are written (and synced) above or
             # before this job was queued; this commit publishes them.
             now = time.time()
-            entries: list[tuple[ObjPlan, ObjEntry]] = []
-            for op in plan.items:
-                if op is None:
-                    continue
-                if not op.checksum:
-                    op.checksum = op.hasher.digest() if op.hasher is not None else (
-                        op.chunks[0].checksum if op.size else fmt.checksum(b""))
-                exts = [Extent(c.stripe, c.seg, c.payload_off, c.length, c.checksum) for c in op.chunks]
-                entries.append((op, ObjEntry(op.size, op.checksum, op.seq, now, now, op.meta, exts,
-                                             [c.hdr_off for c in op.chunks], [c.end - c.hdr_off for c in op.chunks])))
+            ops = [op for op in plan.items if op is not None]
             segrows = self._segment_rows() if shared else []
             for sid, stripe, state in segrows:
                 self.index.put_segment(txn, sid, stripe, state)
             self.index.add_namespace(txn, ns, now)
+            if any(op.via_t0 for op in ops):
+                # a T0 put: only what publish_t0 made the mirror entry for,
+                # and not if it was deleted meanwhile (the delete job ran
+                # before this one on this same thread, or runs after and
+                # unpublishes it)
+                with self._lock:
+                    live = [not op.via_t0 or (op.mem is not None and not op.mem.deleted) for op in ops]
+            else:
+                live = [True] * len(ops)
+            nsb = ns.encode() + b"\0"
             stored = []
-            for op, e in entries:
+            for op, ok in zip(ops, live):
+                if not op.checksum:
+                    op.checksum = op.hasher.digest() if op.hasher is not None else (
+                        op.chunks[0].checksum if op.size else fmt.checksum(b""))
                 # a concurrent put of the same key may have won: keep its bytes
-                fresh = txn.get(obj_key(ns, op.key), db=self.index.objects) is None
-                if op.via_t0:
-                    # a T0 put: only what publish_t0 made the mirror entry for,
-                    # and not if it was deleted meanwhile (the delete job ran
-                    # before this one on this same thread, or runs after and
-                    # unpublishes it)
-                    with self._lock:
-                        fresh = fresh and op.mem is not None and not op.mem.deleted
-                if fresh:
-                    self.index.put_object(txn, ns, op.key, e)
-                stored.append(fresh)
+                stored.append(ok and self.index.add_object(
+                    txn, nsb + op.key.encode(),
+                    encode_entry(op.size, op.checksum, op.seq, now, now, op.meta,
+                                 [[c.stripe, c.seg, c.payload_off, c.length, c.checksum, c.hdr_off, c.end - c.hdr_off]
+                                  for c in op.chunks]),
+                    [(c.seg, c.hdr_off) for c in op.chunks]))
             if shared:
                 self.index.set_counter(txn, b"next_seq", self._next_seq)
                 self.index.set_counter(txn, b"next_seg", self._next_seg)
-            return stored, entries, segrows
+            return stored, ops, segrows, now
         return job
 
-    def finish_commit(self, plan: PutPlan, done: tuple[list[bool], list[tuple[ObjPlan, ObjEntry]],
-                                                     list[tuple[int, int, int]]]) -> tuple[list[bool], list[int]]:
+    def finish_commit(self, plan: PutPlan, done: tuple[list[bool], list[ObjPlan], list[tuple[int, int, int]], float]
+                      ) -> tuple[list[bool], list[int]]:
         """After the publishing commit: update the mirror (memory only, safe on
         the loop). Returns the per-item result and segments to ``reclaim``."""
-        stored, entries, segrows = done
+        stored, ops, segrows, now = done
         ns = plan.ns
         with self._lock:
             for sid, _stripe, state in segrows:
                 s = self.segs.get(sid)
                 if s is not None and s.state == state:
                     s.persisted = True
-            n_t0 = 0
-            for (op, e), fresh in zip(entries, stored):
+            n_t0 = n_new = new_bytes = 0
+            for op, fresh in zip(ops, stored):
                 if op.via_t0:
                     n_t0 += 1
                     if op.mem is not None:
-                        self._written_back(ns, op, e if fresh else None)
+                        self._written_back(ns, op, fresh)
                     continue
                 if not fresh:
                     continue
-                m = MemEntry.of(e)
+                m = MemEntry(op.size, op.checksum, op.seq,
+                             tuple((c.stripe, c.seg, c.payload_off, c.length, c.checksum) for c in op.chunks),
+                             tuple((c.seg, c.end - c.hdr_off) for c in op.chunks))
+                m.created = now
                 for seg, span in m.spans:
                     self.segs[seg].add_live(span)
-                self.lru[obj_key(ns, op.key)] = m
-                self._dir_put(obj_key(ns, op.key), m)
-                self.ns_objects[ns] += 1
-                self.logical_bytes += op.size
+                ok = obj_key(ns, op.key)
+                self.lru[ok] = m
+                self._dir_put(ok, m)
+                n_new += 1
+                new_bytes += op.size
             # T0 items were counted by publish_t0
-            n_new = sum(f for (op, _e), f in zip(entries, stored) if not op.via_t0)
+            self.ns_objects[ns] += n_new
+            self.logical_bytes += new_bytes
             self.counters["puts"] += n_new
-            self.counters["put_bytes"] += sum(op.size for (op, _e), f in zip(entries, stored)
-                                              if f and not op.via_t0)
+            self.counters["put_bytes"] += new_bytes
             self.counters["puts_existing"] += len(plan.items) - n_new - n_t0
             if n_t0 and self.journal is not None:
                 self.journal.flush()  # under the lock: before any later delete is acknowledged
@@ -362,7 +365,7 @@ class Puts(Space):
             # only segments this leaves fully dead need a (blocking) reclaim
             return [sid for sid in set(done) if self._reclaimable(sid)]
 
-    def _written_back(self, ns: str, op: ObjPlan, e: ObjEntry | None) -> None:
-        """A T0 item's write-back finished (``e``: published) or was skipped
+    def _written_back(self, ns: str, op: ObjPlan, published: bool) -> None:
+        """A T0 item's write-back finished (``published``) or was skipped
         (kvfsd.tiering). Caller holds the lock."""
         raise NotImplementedError

@@ -28,6 +28,7 @@ from kvfs.errors import InvalidArgument, KvfsError, ProtocolError
 from .access import OP_RIGHT, Right, action_of
 from .connector_stats import ConnectorStats
 from .engine import Engine
+from .gc_policy import GcPolicy
 from .fileperms import Kind
 from .jobs import Job, Jobs
 from .metrics import RequestStats
@@ -136,6 +137,7 @@ class Server:
         self.jobs = Jobs()
         self.requests = RequestStats()  # latency per op (kvfs stats, Prometheus)
         self.connector_stats = ConnectorStats()  # engine adapters' own counters, per namespace
+        self.gc = GcPolicy()  # the collector kept off the mirror (kvfsd.gc_policy)
 
     async def _thread(self, fn: Callable[..., Any], *a: Any) -> Any:
         return await trio.to_thread.run_sync(partial(fn, *a))
@@ -155,6 +157,7 @@ class Server:
                 nursery.start_soon(self._expire_loop)
                 nursery.start_soon(self._promote_loop)
                 nursery.start_soon(self._compact_loop)
+                nursery.start_soon(self._gc_loop)
                 task_status.started()
                 while True:
                     sock, _ = await listener.accept()
@@ -173,6 +176,7 @@ class Server:
         st["requests"] = self.requests.snapshot()
         st["access"] = self.engine.cfg.policy.describe()
         st["connectors"] = self.connector_stats.snapshot()
+        st["gc"] = self.gc.stats()
         return st
 
     def _start_compaction(self, threshold: float | None, stripe: str | None) -> Job:
@@ -189,6 +193,12 @@ class Server:
             await trio.sleep(COMPACT_CHECK_S)
             if eng.dead_bytes() > eng.cfg.compact_at * eng.capacity and not self.jobs.running("compact"):
                 self._start_compaction(None, None)
+
+    async def _gc_loop(self) -> None:
+        self.gc.started()
+        while True:
+            await trio.sleep(1.0)
+            self.gc.tick()
 
     async def _expire_loop(self) -> None:
         while True:

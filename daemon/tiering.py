@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
+from kvfs import format as fmt
 from kvfs import native
 from kvfs.errors import InvalidArgument
 
-from .index import ObjEntry, obj_key
+from .index import obj_key
 from .mirror import MemEntry
 from .puts import Puts
-from .segments import ObjPlan, PutPlan
+from .segments import ChunkPlan, ObjPlan, PutPlan
 from .t0journal import Pending
 
 log = logging.getLogger("kvfsd")
@@ -75,7 +77,7 @@ class Tiering(Puts):
                     op.t0_stored = False
                     self.counters["puts_existing"] += 1
                     continue
-                exts = [[c.stripe, c.seg, c.payload_off, c.length, c.checksum] for c in op.chunks]
+                exts = tuple((c.stripe, c.seg, c.payload_off, c.length, c.checksum) for c in op.chunks)
                 m = MemEntry(op.size, op.checksum, op.seq, exts, (), dirty=True)
                 m.meta = op.meta
                 m.created = time.time()
@@ -121,42 +123,60 @@ class Tiering(Puts):
         """Write committed T0 plans to T1, then publish them all in one
         commit. Items the client wrote to T1 itself get their headers.
         Durability order as for any put: payload (+ fdatasync in sync
-        mode), then the commit that publishes it. A plan whose write fails
-        is dropped (``_write_back_failed``) and the first such error raised
-        once the others are published."""
+        mode), then the commit that publishes it. Records reserved back to
+        back go out in one pwritev (``_pwrite_runs``); a plan whose write
+        fails is dropped (``_write_back_failed``) and the first such error
+        raised once the others are published."""
         assert self.t0 is not None
         arena = self.t0.arena.view
-        written: list[PutPlan] = []
+        writes: list[tuple[ChunkPlan, list[Any], int, int]] = []
+        for i, plan in enumerate(plans):
+            writes += self._record_writes(plan, arena, i)
+        failed = self._pwrite_runs(writes)
         error: BaseException | None = None
-        for plan in plans:
-            try:
-                self._write_records(plan, arena)
-            except Exception as e:  # noqa: BLE001 - this plan only; raised below
-                self._write_back_failed(plan)
-                error = error or e
-                continue
+        written: list[PutPlan] = []
+        for i, plan in enumerate(plans):
+            if i in failed:
+                try:  # again one by one: which write fails, and why
+                    for ch, bufs, n, tag in writes:
+                        if tag == i:
+                            self._pwrite(ch, bufs, n)
+                except Exception as e:  # noqa: BLE001 - this plan only; raised below
+                    self._write_back_failed(plan)
+                    error = error or e
+                    continue
             written.append(plan)
         out = self._publish_many(written, sync, self._write_back_failed) if written else []
         if error is not None:
             raise error
         return out
 
-    def _write_records(self, plan: PutPlan, arena: memoryview) -> None:
+    def _record_writes(self, plan: PutPlan, arena: memoryview,
+                       tag: int) -> list[tuple[ChunkPlan, list[Any], int, int]]:
+        """The record writes of a plan: (chunk, buffers, bytes, ``tag``)."""
+        out: list[tuple[ChunkPlan, list[Any], int, int]] = []
+        nsb = plan.ns.encode()
         for op in plan.items:
             if op is None:
                 continue
             m = op.mem
+            if m is not None and m.deleted:
+                continue
+            if m is None and op.via_t0:
+                continue  # not published in T0 (the key was there): nothing to write
+            names = nsb + op.key.encode()
             for ch in op.chunks:
-                if m is None:
-                    if not op.via_t0:  # the client wrote the payload
-                        head = self._record_head(plan.ns, op, ch)
-                        self._pwrite(ch, [head], len(head))
-                    continue
-                if m.deleted:
-                    continue
-                head = self._record_head(plan.ns, op, ch)
-                src = arena[m.t0 + ch.chunk_off:m.t0 + ch.chunk_off + ch.length]
-                self._pwrite(ch, [head, src], len(head) + ch.length)
+                head = fmt.encode_header(names, len(nsb), ch.idx, len(op.chunks), ch.length, op.size,
+                                         ch.chunk_off, op.seq, ch.checksum)
+                gap = ch.payload_off - ch.hdr_off - len(head)
+                if gap:
+                    head += bytes(gap)
+                if m is None:  # the client wrote the payload
+                    out.append((ch, [head], len(head), tag))
+                else:
+                    src = arena[m.t0 + ch.chunk_off:m.t0 + ch.chunk_off + ch.length]
+                    out.append((ch, [head, src], len(head) + ch.length, tag))
+        return out
 
     def _write_back_failed(self, plan: PutPlan) -> None:
         """T1 refused the write (disk full...): the dirty entries cannot stay
@@ -165,13 +185,13 @@ class Tiering(Puts):
             for op in plan.items:
                 if op is not None and op.mem is not None:
                     log.error("write-back of %s/%s failed: dropped", plan.ns, op.key)
-                    self._written_back(plan.ns, op, None)
+                    self._written_back(plan.ns, op, False)
             if self.journal is not None:
                 self.journal.flush()
         self.abort_put(plan)
 
-    def _written_back(self, ns: str, op: ObjPlan, e: ObjEntry | None) -> None:
-        """A T0 item's write-back finished (``e``: published) or was skipped.
+    def _written_back(self, ns: str, op: ObjPlan, published: bool) -> None:
+        """A T0 item's write-back finished (``published``) or was skipped.
         Caller holds the lock."""
         m = op.mem
         assert m is not None and self.t0 is not None
@@ -187,8 +207,8 @@ class Tiering(Puts):
                 self.journal.done(ns, op.key, op.seq)
         m.dirty = False
         m.meta = None
-        if e is not None and self.lru.get(ok) is m and not m.deleted:
-            m.spans = tuple((x.seg, sp) for x, sp in zip(e.extents, e.spans))
+        if published and self.lru.get(ok) is m and not m.deleted:
+            m.spans = tuple((c.seg, c.end - c.hdr_off) for c in op.chunks)
             for seg, span in m.spans:
                 self.segs[seg].add_live(span)
             m.rewire()

@@ -163,16 +163,25 @@ class RecordHeader:
 
     def encode(self) -> bytes:
         """Header + namespace + key, with the header checksum filled in."""
-        nsb = self.ns.encode()
-        kb = self.key.encode()
-        head = HEADER_STRUCT.pack(
-            MAGIC, FORMAT_VERSION, self.kind, len(nsb), len(kb), 0,
-            self.chunk_idx, self.chunk_cnt, 0, self.length, self.obj_size,
-            self.chunk_off, self.seq, self.checksum, 0,
-        )
-        body = head[:_HDR_SUM_OFFSET]
-        hsum = xxhash.xxh3_64_intdigest(body + nsb + kb)
-        return body + struct.pack("<Q", hsum) + nsb + kb
+        return encode_header(self.ns.encode() + self.key.encode(), len(self.ns.encode()), self.chunk_idx,
+                             self.chunk_cnt, self.length, self.obj_size, self.chunk_off, self.seq, self.checksum,
+                             self.kind)
+
+
+_BODY_STRUCT = struct.Struct(HEADER_STRUCT.format[:-1])  # the header up to its own checksum
+_SUM = struct.Struct("<Q")
+assert _BODY_STRUCT.size == _HDR_SUM_OFFSET
+
+
+def encode_header(names: bytes, ns_len: int, chunk_idx: int, chunk_cnt: int, length: int, obj_size: int,
+                  chunk_off: int, seq: int, checksum: bytes, kind: int = KIND_CHUNK) -> bytes:
+    """``RecordHeader.encode`` without the object: ``names`` is the utf-8
+    namespace followed by the key, ``ns_len`` the namespace's part (the
+    write-back encodes one header per chunk, so the names are encoded once
+    per object)."""
+    body = _BODY_STRUCT.pack(MAGIC, FORMAT_VERSION, kind, ns_len, len(names) - ns_len, 0, chunk_idx, chunk_cnt, 0,
+                             length, obj_size, chunk_off, seq, checksum)
+    return body + _SUM.pack(xxhash.xxh3_64_intdigest(body + names)) + names
 
 
 class BadRecord(ValueError):

@@ -344,13 +344,13 @@ PyObject *kv_dir_put(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "w*Ky*KKSLIO", &dir, &nslots, &h, &size, &seq, &checksum, &t0, &flags, &exts))
         return NULL;
     if (!check_table(&dir, nslots)) goto out;
-    if (h.len != 16 || !PyList_Check(exts)) {
-        PyErr_SetString(PyExc_ValueError, "a 16-byte key hash and a list of extents");
+    if (h.len != 16 || !(PyList_Check(exts) || PyTuple_Check(exts))) {
+        PyErr_SetString(PyExc_ValueError, "a 16-byte key hash and a list or tuple of extents");
         goto out;
     }
     unsigned char body[DIR_SLOT];
     memset(body, 0, sizeof body);
-    Py_ssize_t n = PyList_GET_SIZE(exts);
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(exts);
     if (n > DIR_MAX_CHUNKS) n = 0; /* more: present, location asked of the daemon */
     memcpy(body + SLOT_HASH, h.buf, 16);
     memcpy(body + SLOT_SIZE, &size, 8);
@@ -362,7 +362,7 @@ PyObject *kv_dir_put(PyObject *self, PyObject *args) {
     memcpy(body + SLOT_FLAGS, &flags, 4);
     memcpy(body + SLOT_NCHUNKS, &n32, 4);
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *x = PyList_GET_ITEM(exts, i);
+        PyObject *x = PySequence_Fast_GET_ITEM(exts, i);
         PyObject *fast = PySequence_Fast(x, "an extent is [stripe, seg, offset, length, sum]");
         if (!fast) goto out;
         uint64_t stripe, seg, coff, length;
