@@ -79,11 +79,11 @@ class DirectoryWriter:
 
     def put(self, ok: bytes, m: Any) -> None:
         """Publish (or update) where the resident object ``ok`` lives."""
-        h = _hash(ok)
-        if h in self.spilled:
+        h = xxhash.xxh3_128_digest(ok)  # _hash, inlined: twice per put
+        if self.spilled and h in self.spilled:
             self.spilled[h] = m
             return
-        r = self._place(h, m)
+        r = self._put(self.mm, self.nslots, h, m.size, m.seq, m.checksum, m.t0, 0 if m.dirty else IN_T1, m.exts)
         if r < 0:
             self.spilled[h] = m
             self._spilled_home.setdefault(self._home(h), set()).add(h)
@@ -91,7 +91,7 @@ class DirectoryWriter:
             self._counts()
         elif r:
             self.entries += 1
-            self._counts()
+            U64.pack_into(self.mm, ENTRIES_AT, self.entries)
 
     def remove(self, ok: bytes) -> None:
         """Take ``ok`` out (before its removal is acknowledged, and before

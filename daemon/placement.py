@@ -54,8 +54,11 @@ class Placement(EngineState):
 
     def _footprint(self, ns: str, key: str, size: int) -> int:
         nl, kl = len(ns.encode()), len(key.encode())
-        n = max(1, -(-size // self.stripe_unit))
-        return sum(fmt.record_span(nl, kl, min(self.stripe_unit, size - i * self.stripe_unit)) for i in range(n))
+        su = self.stripe_unit
+        if size <= su:
+            return fmt.record_span(nl, kl, size)
+        n = -(-size // su)
+        return sum(fmt.record_span(nl, kl, min(su, size - i * su)) for i in range(n))
 
     def _reserve(self, ns: str, key: str, size: int, meta: bytes | None, touched: set[int]) -> ObjPlan:
         seq = self._next_seq

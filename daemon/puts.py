@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from kvfs import format as fmt
 from kvfs.errors import InvalidArgument
-from kvfs.keys import normalize_key, normalize_ns
+from kvfs.keys import normalize_key, normalize_keys, normalize_ns
 from kvfs.meta import encode_meta
 
 from .index import encode_entry, obj_key
@@ -43,19 +43,26 @@ class Puts(Space):
         raises ValueError for a placement it may not have); items already
         stored are not asked."""
         ns = normalize_ns(ns)
+        keys = normalize_keys([it[0] for it in items])
         norm: list[tuple[str, int, bytes | None]] = []
-        for key, size, meta in items:
-            k = normalize_key(key)
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        for k, (_key, size, meta) in zip(keys, items):
+            if type(size) is not int or size < 0:  # (bool is not int here)
                 raise InvalidArgument(f"size of {k!r} must be a non-negative int")
-            norm.append((k, size, encode_meta(meta)))
+            norm.append((k, size, None if meta is None else encode_meta(meta)))
         seen: set[str] = set()
-        fresh = []
-        for k, size, meta in norm:
-            exists = k in seen or obj_key(ns, k) in self.lru
+        fresh: list[tuple[str, int, bytes | None] | None] = []
+        nsb = ns.encode() + b"\0"
+        lru = self.lru
+        need = 0
+        for f in norm:
+            k = f[0]
+            exists = k in seen or nsb + k.encode() in lru
             seen.add(k)
-            fresh.append(None if exists else (k, size, meta))
-        need = sum(self._footprint(ns, k, size) for k, size, _m in (f for f in fresh if f))
+            if exists:
+                fresh.append(None)
+            else:
+                fresh.append(f)
+                need += self._footprint(ns, k, f[1])
         if need and self.needs_room(need):
             if not may_evict:
                 raise NeedRoom(need)

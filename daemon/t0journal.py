@@ -11,10 +11,13 @@ with it the backlog: that is what fast mode allows.)
 
 Records: u32 length | 8-byte xxh3-64 of the body | msgpack body, appended
 with one write() per batch (a torn or garbled tail is ignored). Bodies:
-``["P", ns, key, seq, size, arena_off, object_sum, [chunk_sum...], meta]``
-when a T0 put is published, ``["D", ns, key, seq]`` when its write-back
-ended (written, deleted or dropped). The file is truncated whenever the
-backlog is empty, so it stays small.
+``["PB", [[ns, key, seq, size, arena_off, object_sum, [chunk_sum...],
+meta], ...]]`` when a batch of T0 puts is published, ``["DB", [[ns, key,
+seq], ...]]`` when their write-backs ended (written, deleted or dropped):
+one record a batch, so a batch is in the journal whole or not at all. (An
+older daemon wrote one ``["P", ...]`` or ``["D", ...]`` record per put; they
+are still read.) The file is truncated whenever the backlog is empty, so it
+stays small.
 
 "Done" records are buffered and written by ``flush`` (once per write-back
 batch): one lost with a crash only makes the next start write that put to
@@ -46,6 +49,10 @@ class Pending:
     chunk_sums: list[bytes]
     meta: bytes | None
 
+    def row(self) -> list[Any]:
+        """What ``Journal.published`` takes for it."""
+        return [self.ns, self.key, self.seq, self.size, self.off, self.checksum, self.chunk_sums, self.meta]
+
 
 class Journal:
     def __init__(self, path: Path):
@@ -54,24 +61,22 @@ class Journal:
         os.fchmod(self.fd, 0o600)  # the daemon's alone (kvfsd.fileperms), even if an old file was wider
         self._done: list[list[Any]] = []
 
-    def _append(self, bodies: list[list[Any]]) -> None:
-        out = bytearray()
-        for b in bodies:
-            raw = msgpack.packb(b, use_bin_type=True)
-            out += _HEAD.pack(len(raw), xxhash.xxh3_64_digest(raw)) + raw
-        if out:
-            os.write(self.fd, out)  # one write per batch: tmpfs, a few microseconds
+    def _append(self, body: list[Any]) -> None:
+        raw = msgpack.packb(body, use_bin_type=True)
+        os.write(self.fd, _HEAD.pack(len(raw), xxhash.xxh3_64_digest(raw)) + raw)  # tmpfs: a few microseconds
 
-    def published(self, items: list[Pending]) -> None:
-        self._append([["P", p.ns, p.key, p.seq, p.size, p.off, p.checksum, p.chunk_sums, p.meta] for p in items])
+    def published(self, rows: list[list[Any]]) -> None:
+        """A batch of T0 puts was published: per put ``Pending.row()``."""
+        if rows:
+            self._append(["PB", rows])
 
     def done(self, ns: str, key: str, seq: int) -> None:
-        self._done.append(["D", ns, key, seq])  # written by flush
+        self._done.append([ns, key, seq])  # written by flush
 
     def flush(self) -> None:
         if self._done:
             done, self._done = self._done, []
-            self._append(done)
+            self._append(["DB", done])
 
     def empty(self) -> None:
         """No write-back is pending: start over (keeps the file small)."""
@@ -95,11 +100,13 @@ def read_pending(path: Path) -> list[Pending]:
     pending: dict[tuple[str, str, int], Pending] = {}
     for body in _records(data):
         try:
-            if body[0] == "P":
-                p = Pending(*body[1:9])
-                pending[(p.ns, p.key, p.seq)] = p
-            elif body[0] == "D":
-                pending.pop((body[1], body[2], body[3]), None)
+            kind = body[0]
+            for row in body[1] if kind in ("PB", "DB") else [body[1:]]:
+                if kind in ("P", "PB"):
+                    p = Pending(*row[:8])
+                    pending[(p.ns, p.key, p.seq)] = p
+                elif kind in ("D", "DB"):
+                    pending.pop((row[0], row[1], row[2]), None)
         except (TypeError, IndexError):
             continue
     return list(pending.values())

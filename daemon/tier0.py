@@ -72,11 +72,10 @@ class Tier0:
                 return True
         return False
 
-    def add(self, ok: bytes, m: Resident, off: int) -> None:
-        m.t0 = off
+    def add(self, ok: bytes, m: Resident) -> None:
+        """``m`` has its copy at ``m.t0`` now (its wire says so already)."""
         self.lru[ok] = m
         self.bytes += m.size
-        m.rewire()
         self._changed(ok, m)
 
     def touch(self, ok: bytes) -> None:

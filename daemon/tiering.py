@@ -24,7 +24,6 @@ from .index import obj_key
 from .mirror import MemEntry
 from .puts import Puts
 from .segments import ChunkPlan, ObjPlan, PutPlan
-from .t0journal import Pending
 
 log = logging.getLogger("kvfsd")
 
@@ -64,37 +63,47 @@ class Tiering(Puts):
         write-back (``write_back``) then writes them to T1 and publishes
         them in LMDB. A key that appeared meanwhile keeps its bytes."""
         ns = plan.ns
-        assert self.t0 is not None
-        journal: list[Pending] = []
+        t0 = self.t0
+        assert t0 is not None
+        rows: list[list[Any]] = []
+        nsb = ns.encode() + b"\0"
+        now = time.time()
+        lru = self.lru
         with self._lock:
+            existing = new_bytes = 0
             for op in plan.items:
                 if op is None or op.t0 < 0:
                     continue
-                ok = obj_key(ns, op.key)
-                if ok in self.lru:
-                    self.t0.alloc.free(op.t0)  # unpublished: nobody saw it
+                ok = nsb + op.key.encode()
+                if ok in lru:
+                    t0.alloc.free(op.t0)  # unpublished: nobody saw it
                     op.t0 = -1
                     op.t0_stored = False
-                    self.counters["puts_existing"] += 1
+                    existing += 1
                     continue
-                exts = tuple((c.stripe, c.seg, c.payload_off, c.length, c.checksum) for c in op.chunks)
-                m = MemEntry(op.size, op.checksum, op.seq, exts, (), dirty=True)
+                chunks = op.chunks
+                m = MemEntry(op.size, op.checksum, op.seq,
+                             tuple((c.stripe, c.seg, c.payload_off, c.length, c.checksum) for c in chunks), (),
+                             t0=op.t0, dirty=True)
                 m.meta = op.meta
-                m.created = time.time()
-                self.lru[ok] = m
-                self.t0.add(ok, m, op.t0)
+                m.created = now
+                lru[ok] = m
+                t0.add(ok, m)
                 op.mem = m
                 op.t0_stored = True
-                self.ns_objects[ns] += 1
-                self.logical_bytes += op.size
-                self.counters["puts"] += 1
-                self.counters["put_bytes"] += op.size
-                self.t0.backlog_objects += 1
-                self.t0.backlog_bytes += op.size
-                journal.append(Pending(ns, op.key, op.seq, op.size, op.t0, op.checksum,
-                                       [c.checksum for c in op.chunks], op.meta))
-            if self.journal is not None and journal:
-                self.journal.published(journal)
+                new_bytes += op.size
+                rows.append([ns, op.key, op.seq, op.size, op.t0, op.checksum, [c.checksum for c in chunks], op.meta])
+            if rows:
+                self.ns_objects[ns] += len(rows)
+                self.logical_bytes += new_bytes
+                self.counters["puts"] += len(rows)
+                self.counters["put_bytes"] += new_bytes
+                t0.backlog_objects += len(rows)
+                t0.backlog_bytes += new_bytes
+                if self.journal is not None:
+                    self.journal.published(rows)
+            if existing:
+                self.counters["puts_existing"] += existing
 
     def t0_only(self, plan: PutPlan) -> bool:
         """Every new item of the plan goes through T0 (none written to T1 by the client)."""
@@ -283,7 +292,9 @@ class Tiering(Puts):
                 self.leases.release(lid)
                 self._drain_unpinned()
                 if all(v == 0 for v in st) and self.lru.get(ok) is m and m.t0 < 0:
-                    self.t0.add(ok, m, off)
+                    m.t0 = off
+                    m.rewire()
+                    self.t0.add(ok, m)
                     self.t0.counters["promotions"] += 1
                     done += 1
                     moved += m.size

@@ -14,6 +14,14 @@ Invariants:
   one writer job publishes the whole batch, then the mirror follows.
 - A failing write drops only the plans it hit (T0 may not keep what T1
   refused), logged; the thread goes on with the next batch.
+- A small backlog lingers up to ``LINGER_S`` for more to join it (one
+  thread at a time waits so; an ``EAGER_*`` backlog is taken at once). A
+  stream of single puts then makes one write-back batch every ``LINGER_S``
+  instead of a wake-up of the pool, a pwritev and an LMDB commit per put,
+  each taking the GIL from the event loop while it answers the next put;
+  writes of neighbouring records coalesce (``_pwrite_runs``). Nothing waits
+  on this but T1: a fast-mode put is acknowledged from T0, a sync put is
+  never queued, and ``settle`` waits at most ``LINGER_S`` longer.
 - Backpressure is the arena: dirty values are never evicted, so when
   write-back falls behind, the arena fills, reservations fail and clients
   put straight to T1 (alloc/commit) at disk speed. No put waits for the pool.
@@ -32,6 +40,9 @@ log = logging.getLogger("kvfsd")
 
 BATCH_BYTES = 32 << 20
 BATCH_PLANS = 256
+LINGER_S = 0.002
+EAGER_PLANS = 32
+EAGER_BYTES = 4 << 20
 
 
 def pool_size(stripes: int) -> int:
@@ -45,6 +56,7 @@ class WriteBackPool:
         self.engine = engine
         self._cv = threading.Condition()
         self._stopping = False
+        self._lingering = False  # a thread waits for a small backlog to grow
         self.batches = 0
         self._threads = [threading.Thread(target=self._run, name=f"kvfs-wb{i}", daemon=True)
                          for i in range(threads)]
@@ -54,7 +66,14 @@ class WriteBackPool:
     def kick(self) -> None:
         """Something was queued."""
         with self._cv:
-            self._cv.notify()
+            if not self._lingering or self._eager():
+                self._cv.notify()
+
+    def _eager(self) -> bool:
+        """The backlog is worth a batch now (read without the engine lock:
+        a stale answer only shortens or lengthens one linger)."""
+        eng = self.engine
+        return len(eng.wb_pending) >= EAGER_PLANS or (eng.t0 is not None and eng.t0.backlog_bytes >= EAGER_BYTES)
 
     def stop(self) -> None:
         """Let every thread finish its batch and end; what is still queued
@@ -85,6 +104,10 @@ class WriteBackPool:
                     self._cv.wait()
                 if self._stopping:
                     return
+                if not self._lingering and not self._eager():
+                    self._lingering = True
+                    self._cv.wait(LINGER_S)  # an eager kick or stop ends it early
+                    self._lingering = False
             plans = self._take()
             if not plans:
                 continue

@@ -129,6 +129,21 @@ def hash_chunked(bufs: Sequence[Any], chunk: int, threads: int = 1) -> list[tupl
     return _map(one, len(sv), threads, sum(len(v) for v in sv))
 
 
+def copy_hash_chunked(dsts: Sequence[Any], srcs: Sequence[Any], chunk: int,
+                      threads: int = 1) -> list[tuple[bytes, list[bytes]]]:
+    """``hash_chunked(srcs)``, each source copied to its destination too (the
+    C version does both in one pass)."""
+    if len(dsts) != len(srcs):
+        raise ValueError("dsts and srcs differ in length")
+    dv, sv = [_mv(d, True) for d in dsts], [_mv(s, False) for s in srcs]
+    if any(len(d) != len(v) for d, v in zip(dv, sv)):
+        raise ValueError("a destination is not the size of its source")
+    out = hash_chunked(sv, chunk, threads)
+    for d, v in zip(dv, sv):
+        d[:] = v
+    return out
+
+
 def lanes_hash(buf: Any, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
     """xxh3-128 of ``buf[off:off + length]`` per range (the C extension
     computes them the GPU's way, kvfs/xxh3_lanes.h; the sums are the same)."""

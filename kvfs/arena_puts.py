@@ -133,8 +133,7 @@ def put_reserved(store: "Puts", conn: "Connection", ns: str, items: list[list[An
             return
         srcs = [views[i] for i in batch]
         dests = [arena.rw[offs[i]:offs[i] + len(views[i])] for i in batch]
-        store.reader.copy(dests, srcs, [None] * len(batch))
-        sums = store.reader.hash_chunked(srcs, store.stripe_unit)  # of the caller's bytes, not the copies
+        sums = store.reader.copy_hash_chunked(dests, srcs, store.stripe_unit)  # of the caller's bytes, not the copies
         gen = store._locs.generation() if store._locs is not None else 0  # before the daemon publishes
         msg = [[items[i][0], items[i][1], items[i][2], offs[i], [w, cs]] for i, (w, cs) in zip(batch, sums)]
         args = {"ns": ns, "res": r.rid, "items": msg, "sync": sync}

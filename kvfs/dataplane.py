@@ -171,6 +171,12 @@ class DataPlane:
         """Per value: (whole sum, [chunk sums]), one pass over its bytes."""
         return list(native.backend.hash_chunked(views, chunk, self.threads if threads is None else threads))
 
+    def copy_hash_chunked(self, dests: Sequence[memoryview], views: Sequence[Any],
+                          chunk: int) -> list[tuple[bytes, list[bytes]]]:
+        """Copy each value to its destination and take its sums as
+        ``hash_chunked`` does, in one pass over its bytes."""
+        return list(native.backend.copy_hash_chunked(dests, views, chunk, self.threads))
+
     def close(self) -> None:
         self.fds.close()
         self.wfds.close()

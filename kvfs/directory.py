@@ -7,8 +7,10 @@ It answers two questions with no message to the daemon:
   resident object while it has room, so a miss here is a miss.
 - *Where is it?* A client's first get of a key, even one another process
   put, then costs microseconds instead of a lookup round trip. Objects of
-  more than MAX_CHUNKS chunks are present without a location (nchunks 0):
-  their gets ask the daemon.
+  more than MAX_CHUNKS chunks are present without their chunks' places
+  (nchunks 0): from T0 a get copies the whole value from the slot's arena
+  offset and checks it against the object's own sum (``read_py``, C
+  ``dir_read``); a T1 get of one asks the daemon.
 
 Layout: a HEADER-byte header, then ``nslots`` slots of SLOT bytes in
 buckets of BUCKET slots, then the hop map (one byte per bucket). A key's
@@ -213,9 +215,20 @@ def read_py(mm: Any, nslots: int, ns: bytes, key: Any, arena: Any, dest: Any, ge
     through, so a caller must keep them open meanwhile: kvfs.host_reads
     gives fds to the C one only.)"""
     raw = _slot_of(mm, nslots, xxhash.xxh3_128_digest(ns + b"\x00" + key.encode())) if _plain(key) else None
-    item = item_of(raw) if raw is not None else None
+    if raw is None:
+        return -1
+    item = item_of(raw)
     dv = memoryview(dest).cast("B")
-    if item is None or item[0] > len(dv):
+    if item is None:  # more chunks than a slot keeps: from the arena, one copy checked by the object's sum
+        _v, _kh, size, _seq, csum, off0, _flags, _n = HEAD.unpack_from(raw, 0)
+        if off0 < 0 or not 0 < size <= len(dv) or arena is None or off0 + size > len(arena):
+            return -1
+        dv[:size] = arena[off0:off0 + size]
+        bad = verify and xxhash.xxh3_128_digest(dv[:size]) != csum
+        if U64.unpack_from(gen, 0)[0] != gen_before:
+            return -1
+        return -2 if bad else size
+    if item[0] > len(dv):
         return -1
     size, _csum, _seq, exts, t0 = item
     off0 = t0[0] if t0 is not None else -1

@@ -124,29 +124,45 @@ int KV_FN(read_verify)(int fd, int64_t off, char *dst, size_t len, const unsigne
 
 /* One pass over a value: the xxh3-128 of each `chunk`-byte chunk (the last
  * may be shorter) into outs[16*i], and of the whole value into `whole`,
- * both fed the same 64 KiB step while it is in cache. A value of at most one
- * chunk is hashed once (its chunk sum is its whole sum). */
-void KV_FN(hash_chunked)(const char *p, size_t len, size_t chunk, unsigned char *whole, unsigned char *outs) {
-    if (len <= chunk) {
+ * both fed the same step while it is in cache. A value of at most one chunk
+ * is hashed once (its chunk sum is its whole sum). With `dst` the value is
+ * also copied there, step by step, the hash taken of the source the copy
+ * just loaded (a put's checksums are of the caller's bytes, not of the copy
+ * another process could scribble on): one pass over the source instead of
+ * a copy and then a hash. */
+void KV_FN(hash_chunked)(char *dst, const char *p, size_t len, size_t chunk, unsigned char *whole,
+                         unsigned char *outs) {
+    if (len <= chunk && !dst) {
         KV_FN(hash16)(p, len, whole);
         memcpy(outs, whole, 16);
         return;
     }
+    int single = len <= chunk;
+    int nt = dst && len > NT_ABOVE;
     XXH3_state_t w, c;
     XXH128_canonical_t can;
     XXH3_128bits_reset(&w);
     size_t ci = 0;
-    for (size_t cs = 0; cs < len; cs += chunk, ci++) {
+    for (size_t cs = 0; cs < len || (len == 0 && ci == 0); cs += chunk, ci++) {
         size_t ce = len - cs < chunk ? len : cs + chunk;
-        XXH3_128bits_reset(&c);
+        if (!single) XXH3_128bits_reset(&c);
         for (size_t pos = cs; pos < ce; pos += SUB) {
             size_t n = ce - pos < SUB ? ce - pos : SUB;
-            XXH3_128bits_update(&c, p + pos, n);
+            if (nt)
+                copy_nt(dst + pos, p + pos, n);
+            else if (dst)
+                memcpy(dst + pos, p + pos, n);
+            if (!single) XXH3_128bits_update(&c, p + pos, n);
             XXH3_128bits_update(&w, p + pos, n);
         }
-        XXH128_canonicalFromHash(&can, XXH3_128bits_digest(&c));
-        memcpy(outs + 16 * ci, can.digest, 16);
+        if (!single) {
+            XXH128_canonicalFromHash(&can, XXH3_128bits_digest(&c));
+            memcpy(outs + 16 * ci, can.digest, 16);
+        }
+        if (len == 0) break;
     }
+    if (nt) NT_FENCE();
     XXH128_canonicalFromHash(&can, XXH3_128bits_digest(&w));
     memcpy(whole, can.digest, 16);
+    if (single) memcpy(outs, whole, 16);
 }

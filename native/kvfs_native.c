@@ -46,8 +46,8 @@ typedef void (*hash16_fn)(const void *, size_t, unsigned char *);
 typedef int (*copy_verify_fn)(char *, const char *, size_t, const unsigned char *);
 typedef int (*read_verify_fn)(int, int64_t, char *, size_t, const unsigned char *);
 typedef void (*copy_plain_fn)(char *, const char *, size_t);
-typedef void (*hash_chunked_fn)(const char *, size_t, size_t, unsigned char *, unsigned char *);
-void kv_hash_chunked_generic(const char *, size_t, size_t, unsigned char *, unsigned char *);
+typedef void (*hash_chunked_fn)(char *, const char *, size_t, size_t, unsigned char *, unsigned char *);
+void kv_hash_chunked_generic(char *, const char *, size_t, size_t, unsigned char *, unsigned char *);
 void kv_hash16_generic(const void *, size_t, unsigned char *);
 int kv_copy_verify_generic(char *, const char *, size_t, const unsigned char *);
 void kv_copy_plain_generic(char *, const char *, size_t);
@@ -58,7 +58,7 @@ void kv_hash16_avx2(const void *, size_t, unsigned char *);
 int kv_copy_verify_avx2(char *, const char *, size_t, const unsigned char *);
 void kv_copy_plain_avx2(char *, const char *, size_t);
 int kv_read_verify_avx2(int, int64_t, char *, size_t, const unsigned char *);
-void kv_hash_chunked_avx2(const char *, size_t, size_t, unsigned char *, unsigned char *);
+void kv_hash_chunked_avx2(char *, const char *, size_t, size_t, unsigned char *, unsigned char *);
 #endif
 static hash16_fn hash16 = kv_hash16_generic;
 static copy_verify_fn copy_verify = kv_copy_verify_generic;
@@ -119,7 +119,7 @@ static void finish_task(batch_t *b, task_t *t) {
 /* A verified task done by one thread: copied or read and hashed as it goes. */
 static void do_fused(batch_t *b, task_t *t) {
     if (b->op == OP_HASHC)
-        hash_chunked(t->src, t->len, t->chunk, t->got, t->chunk_sums);
+        hash_chunked(t->dst, t->src, t->len, t->chunk, t->got, t->chunk_sums);
     else if (b->op == OP_COPY)
         t->status = copy_verify(t->dst, t->src, t->len, t->want);
     else
@@ -504,11 +504,25 @@ static int dir_reads(Py_buffer *dir, unsigned long long nslots, Py_buffer *ns, P
         memcpy(&size, slot + SLOT_SIZE, 8);
         memcpy(&t0, slot + SLOT_T0, 8);
         memcpy(&nch, slot + SLOT_NCHUNKS, 4);
-        if (nch == 0 || nch > DIR_MAX_CHUNKS || size > (uint64_t)dests[k].len) continue;
+        if (nch > DIR_MAX_CHUNKS || size > (uint64_t)dests[k].len) continue;
         if (t0 >= 0 ? (!arena->buf || (uint64_t)t0 > (uint64_t)arena->len ||
                        size > (uint64_t)arena->len - (uint64_t)t0)
                     : !fds)
             continue;
+        if (nch == 0) {
+            /* more chunks than a slot keeps: from the arena the object is
+             * one copy, verified against its whole-object sum; from T1 its
+             * places are the daemon's to tell */
+            if (t0 < 0 || size == 0) continue;
+            task_t *t = &ct[nc];
+            cown[nc++] = k;
+            t->src = (const char *)arena->buf + t0;
+            t->dst = (char *)dests[k].buf;
+            t->len = size;
+            t->want = verify ? slot + SLOT_SUM : NULL;
+            sizes[k] = (long long)size;
+            continue;
+        }
         uint64_t pos = 0;
         size_t c0 = nc, r0 = nr;
         int ok = 1;
@@ -699,21 +713,33 @@ static PyObject *py_hash_many(PyObject *self, PyObject *args) {
 }
 
 /* hash_chunked(bufs, chunk, threads=1) -> [(whole, [chunk sums])]: one pass
- * per buffer (see hash_impl.h); buffers spread over the threads. */
-static PyObject *py_hash_chunked(PyObject *self, PyObject *args) {
-    PyObject *bufs, *seq = NULL, *res = NULL;
-    Py_ssize_t chunk;
-    int threads = 1;
-    bufset_t sb = {0};
+ * per buffer (see hash_impl.h); buffers spread over the threads. With
+ * dsts (copy_hash_chunked) each buffer is copied there in the same pass. */
+static PyObject *chunked_sums(PyObject *dsts, PyObject *bufs, Py_ssize_t chunk, int threads) {
+    PyObject *seq = NULL, *dseq = NULL, *res = NULL;
+    bufset_t sb = {0}, db = {0};
     batch_t b;
     memset(&b, 0, sizeof b);
     unsigned char *sums = NULL;
-    if (!PyArg_ParseTuple(args, "On|i", &bufs, &chunk, &threads)) return NULL;
     if (chunk <= 0) { PyErr_SetString(PyExc_ValueError, "chunk must be > 0"); return NULL; }
     seq = PySequence_Fast(bufs, "bufs must be a sequence");
     if (!seq) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     if (get_bufs(seq, n, 0, &sb, "bufs") != 0) goto done;
+    if (dsts) {
+        dseq = PySequence_Fast(dsts, "dsts must be a sequence");
+        if (!dseq) goto done;
+        if (PySequence_Fast_GET_SIZE(dseq) != n) {
+            PyErr_SetString(PyExc_ValueError, "dsts and srcs differ in length");
+            goto done;
+        }
+        if (get_bufs(dseq, n, 1, &db, "dsts") != 0) goto done;
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (db.bufs[i].len != sb.bufs[i].len) {
+                PyErr_Format(PyExc_ValueError, "dsts[%zd] is not the size of srcs[%zd]", i, i);
+                goto done;
+            }
+    }
     b.op = OP_HASHC;
     b.tasks = PyMem_Calloc((size_t)(n ? n : 1), sizeof(task_t));
     if (!b.tasks) { PyErr_NoMemory(); goto done; }
@@ -729,6 +755,7 @@ static PyObject *py_hash_chunked(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < n; i++) {
         task_t *t = &b.tasks[i];
         t->src = sb.bufs[i].buf;
+        t->dst = dsts ? db.bufs[i].buf : NULL;
         t->len = (size_t)sb.bufs[i].len;
         t->chunk = (size_t)chunk;
         t->chunk_sums = sums + 16 * at;
@@ -760,11 +787,29 @@ static PyObject *py_hash_chunked(PyObject *self, PyObject *args) {
     }
 done:
     release_bufs(&sb);
+    release_bufs(&db);
     PyMem_Free(b.tasks);
     PyMem_Free(b.pieces);
     PyMem_Free(sums);
     Py_XDECREF(seq);
+    Py_XDECREF(dseq);
     return res;
+}
+
+static PyObject *py_hash_chunked(PyObject *self, PyObject *args) {
+    PyObject *bufs;
+    Py_ssize_t chunk;
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "On|i", &bufs, &chunk, &threads)) return NULL;
+    return chunked_sums(NULL, bufs, chunk, threads);
+}
+
+static PyObject *py_copy_hash_chunked(PyObject *self, PyObject *args) {
+    PyObject *dsts, *bufs;
+    Py_ssize_t chunk;
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "OOn|i", &dsts, &bufs, &chunk, &threads)) return NULL;
+    return chunked_sums(dsts, bufs, chunk, threads);
 }
 
 /* lanes_hash(buf, ranges) -> [xxh3-128 digest]: the GPU's way of hashing
@@ -910,6 +955,9 @@ static PyMethodDef methods[] = {
     {"hash_many", py_hash_many, METH_VARARGS, "hash_many(bufs, threads=1) -> [xxh3-128 digest]"},
     {"hash_chunked", py_hash_chunked, METH_VARARGS,
      "hash_chunked(bufs, chunk, threads=1) -> [(whole digest, [chunk digests])] in one pass per buffer"},
+    {"copy_hash_chunked", py_copy_hash_chunked, METH_VARARGS,
+     "copy_hash_chunked(dsts, srcs, chunk, threads=1) -> hash_chunked(srcs, ...), each src copied to its dst "
+     "in the same pass"},
     {"lanes_hash", py_lanes_hash, METH_VARARGS,
      "lanes_hash(buf, ranges) -> [xxh3-128 digest of buf[off:off+len]], computed the way the GPU does"},
     {"aligned_buffer", py_aligned_buffer, METH_VARARGS,

@@ -116,8 +116,10 @@ def test_bench_puts_quick(tmp_path):
     assert set(res["single"]) == set(res["batches"]) == {"wait", "no wait"}
     assert all(v["p50_us"] > 0 for v in res["single"].values())
     assert all(v["objects_s"] > 0 and v["daemon_cpu_us"] > 0 for v in res["batches"].values())
+    assert all(v["daemon_user_us"] > 0 for v in res["batches"].values())
     assert res["handler_us_per_object"] > 0 and res["pwrite_gbs"] > 0 and res["memcpy_gbs"] > 0
-    assert b"daemon CPU" in r.stdout
+    assert res["request_rtt"]["p50_us"] > 0
+    assert b"daemon CPU" in r.stdout and b"round trip" in r.stdout
 
 
 def test_bench_compare_quick(tmp_path):
@@ -130,7 +132,7 @@ def test_bench_compare_quick(tmp_path):
     res = json.loads((tmp_path / "c.json").read_text())
     want_get = {"memcpy", "raw preadv", "kvfs T0 get_into", "kvfs T0 get_view", "kvfs T1 get_into",
                 "file-per-block", "diskcache"}
-    want_put = {"raw pwrite", "kvfs T0 put", "kvfs T1 put", "file-per-block", "diskcache"}
+    want_put = {"raw pwrite", "kvfs T0 put", "kvfs T0 put_many", "kvfs T1 put", "file-per-block", "diskcache"}
     if shutil.which("redis-server"):
         want_get.add("redis")
         want_put.add("redis")

@@ -205,8 +205,17 @@ def test_dir_read_copies_verified_bytes_or_declines(impl, tmp_path):
         return be.dir_read(d, nslots, ns, key, arena, dest, gen, g, verify, 2)
 
     assert read("k") == size and out[:size] == arena[base:base + size]
-    for key in ("absent", "t1only", "many", "bad/key", "é", b"k"):
+    for key in ("absent", "t1only", "bad/key", "é", b"k"):
         assert read(key) == -1, key
+    # more chunks than a slot keeps: from the arena as one copy, checked by
+    # the object's own sum; from T1 only the daemon can place them
+    _native_py.dir_put(d, nslots, key_hash("ns", "many-t1"), size, 4, whole, -1, 1, exts + exts[:1])
+    _native_py.dir_put(d, nslots, key_hash("ns", "many-bad"), size, 5, bytes(16), base, 1, exts + exts[:1])
+    out[:] = bytes(len(out))
+    assert read("many") == size and out[:size] == arena[base:base + size]
+    assert read("many-t1") == -1
+    assert read("many-bad") == -2 and read("many-bad", verify=False) == size
+    assert read("many", dest=bytearray(size - 1)) == -1
     # T1: read through the fds the caller has open, by fd_id(seg, stripe)
     seg_file = tmp_path / "seg"
     seg_file.write_bytes(bytes(4096) + bytes(arena[base:base + size]))
@@ -235,13 +244,13 @@ def test_dir_read_copies_verified_bytes_or_declines(impl, tmp_path):
     assert read("k", g=76) == -1  # a removal since: the bytes may be another object's
     arena[base + 50_000] ^= 1
     out[:] = bytes(len(out))
-    assert read("k") == -2
+    assert read("k") == -2 and read("many") == -2
     assert read("k", verify=False) == size and out[:size] == arena[base:base + size]
     with pytest.raises((TypeError, BufferError)):
         read("k", dest=bytes(size))  # read-only destination
     arena[base + 50_000] ^= 1
     outs = [bytearray(size) for _ in range(4)]
-    got = be.dir_read_many(d, nslots, b"ns", ["k", "absent", "k", "t1only"], arena, outs, gen, 77, True, 2)
+    got = be.dir_read_many(d, nslots, b"ns", ["k", "absent", "many", "t1only"], arena, outs, gen, 77, True, 2)
     assert got == [size, -1, size, -1] and outs[0] == outs[2] == arena[base:base + size]
     arena[base + 3] ^= 1
     assert be.dir_read_many(d, nslots, b"ns", ["k", "absent"], arena, outs[:2], gen, 77, True, 2) == [-2, -1]

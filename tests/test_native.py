@@ -73,6 +73,25 @@ def test_hash_chunked_gives_chunk_and_whole_sums_in_one_pass(name):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+def test_copy_hash_chunked_copies_and_gives_the_sums_of_hash_chunked(name):
+    """A put's one pass: each value copied (plain and non-temporal sizes,
+    one and several chunks, empty) and its sums those of hash_chunked."""
+    b = mod(name)
+    chunk = 1 * MiB
+    vals = [os.urandom(n) for n in (0, 1, 100, 32 * 1024 + 3, chunk, chunk + 1, 3 * MiB + 5)]
+    dsts = [bytearray(len(v)) for v in vals]
+    got = b.copy_hash_chunked(dsts, vals, chunk, 3)
+    assert got == b.hash_chunked(vals, chunk, 1)
+    assert [bytes(d) for d in dsts] == vals
+    with pytest.raises(ValueError):
+        b.copy_hash_chunked([bytearray(2)], [b"abc"], chunk, 1)  # sizes differ
+    with pytest.raises(ValueError):
+        b.copy_hash_chunked([bytearray(3)], [b"abc", b"d"], chunk, 1)
+    with pytest.raises(TypeError):
+        b.copy_hash_chunked([b"abc"], [b"abc"], chunk, 1)  # not writable
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_lanes_hash_is_xxh3_128_of_each_range(name):
     """The GPU's way of hashing (kvfs/xxh3_lanes.h, run here by the C
     extension on the CPU): every length class of XXH3's long path (one

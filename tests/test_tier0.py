@@ -164,6 +164,34 @@ def test_get_into_from_t0_needs_no_round_trip_and_sees_removals(tmp_path):
         assert a.get_into("s", buf) == len(vals["n1"]) and buf[:len(vals["n1"])] == vals["n1"]
 
 
+def test_get_into_of_many_chunks_from_t0_needs_no_round_trip(tmp_path):
+    """An object of more chunks than a directory slot keeps is still read
+    from the arena in one native call, checked against the object's own
+    sum; a scribble over it is caught (and the next read takes the lookup
+    path, which reports it); once it is only in T1, the daemon places it."""
+    with small_t0(tmp_path, extra=["--stripe-unit", "64K"]) as d, d.connect() as a, d.connect() as b:
+        vals = {f"m{i}": os.urandom(5 * 65536 + 100 * i) for i in range(3)}  # 6 chunks each
+        b.put_many(list(vals), list(vals.values()))
+        b.flush()
+        calls = count_calls(a)
+        buf = bytearray(MiB)
+        for k, v in vals.items():
+            assert a.get_into(k, buf) == len(v) and buf[:len(v)] == v
+        assert a.get_many_into(list(vals), [bytearray(len(v)) for v in vals.values()]) == \
+            [len(v) for v in vals.values()]
+        assert calls == []
+        fd = os.open(a.arena.path, os.O_RDWR)
+        mm = mmap.mmap(fd, a.arena.size)
+        os.close(fd)
+        try:
+            mm[:] = b"\x55" * len(mm)  # every T0 copy is wrong now
+        finally:
+            mm.close()
+        for k, v in vals.items():
+            assert a.get_into(k, buf) == len(v) and buf[:len(v)] == v  # never the scribble: T1's bytes
+        assert "report_bad" in calls or "lookup" in calls
+
+
 def test_sync_mode_kill9_loses_no_t0_put(tmp_path):
     d = small_t0(tmp_path, shm="64M", durability="sync")
     with d:

@@ -34,6 +34,7 @@ from .table import render
 
 KiB, MiB = 1 << 10, 1 << 20
 BLOCKS = [64 * KiB, 1 * MiB, 2 * MiB, 8 * MiB, 64 * MiB]
+PUT_MANY_BATCH = 64  # values per put_many call in the batched T0 put row
 
 
 def _timed(threads: int, n: int, op: Callable[[int], object]) -> float:
@@ -180,6 +181,14 @@ class Bench:
         os.sync()
         put["kvfs T0 put"] = gbs(_timed(threads, count, lambda i: w0.put(keys[i], srcv[i])))
         w0.flush()
+        # batched: the same blocks under other keys, in put_many calls of
+        # PUT_MANY_BATCH, one per thread at a time (acknowledged, as above)
+        bkeys = [f"m{k}" for k in keys]
+        nb = -(-count // PUT_MANY_BATCH)
+        put["kvfs T0 put_many"] = gbs(_timed(threads, nb, lambda j: w0.put_many(
+            bkeys[j * PUT_MANY_BATCH:(j + 1) * PUT_MANY_BATCH], srcv[j * PUT_MANY_BATCH:(j + 1) * PUT_MANY_BATCH])))
+        w0.flush()
+        w0.delete(bkeys)
         os.sync()
         # the bound T0 reads meet first: the same copies from the arena's
         # shared memory (4 KiB pages, unless /dev/shm gives huge ones) rather
@@ -259,7 +268,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
 GET_ORDER = ["memcpy", "memcpy, arena source", "raw preadv", "raw preadv cold", "kvfs T0 get_into", "kvfs T0 get_into, verify off",
              "kvfs T0 get_view", "kvfs T1 get_into", "kvfs T1 get_into, verify off", "kvfs T1 get_into cold",
              "file-per-block", "diskcache", "redis"]
-PUT_ORDER = ["raw pwrite", "kvfs T0 put", "kvfs T1 put", "file-per-block", "diskcache", "redis"]
+PUT_ORDER = ["raw pwrite", "kvfs T0 put", "kvfs T0 put_many", "kvfs T1 put", "file-per-block", "diskcache", "redis"]
 
 
 def _ratio_base(system: str) -> str:

@@ -8,7 +8,12 @@ the physical baselines of the same bytes in the same run.
 - batches of 64 x 64 KiB through ``put_many`` until ``flush`` (written back
   to T1): objects/s and GB/s, both ways;
 - the daemon's time in its ``put_t0`` handler per object (its request
-  histogram), and the whole daemon's CPU time per object (its /proc stat);
+  histogram), and the whole daemon's CPU time per object (its /proc stat),
+  user and system apart: the system part is mostly the kernel copying the
+  bytes into the page cache, which the raw ``pwrite`` row's system time
+  per object (same bytes, same run) bounds from below;
+- a request that does nothing (``contains`` of one key): its round trip is
+  the floor of any put that waits for its answer;
 - memcpy of the same bytes into a preallocated buffer and raw ``pwrite`` of
   them to a file on the same disk, for the ratios;
 - sustained: ``put_many`` of 1 MiB values, ``wait=False``, 4 x the arena
@@ -33,10 +38,11 @@ VALUE = 64 * 1024
 BATCH = 64
 
 
-def _cpu_s(pid: int) -> float:
-    """A process's user + system CPU seconds (all its threads)."""
+def _cpu_s(pid: int) -> tuple[float, float]:
+    """A process's user and system CPU seconds (all its threads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def run_puts_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -70,19 +76,31 @@ def run_puts_bench(args: argparse.Namespace) -> dict[str, Any]:
                 single["wait" if wait else "no wait"] = {"p50_us": lat[len(lat) // 2] * 1e6,
                                                          "p99_us": lat[int(len(lat) * .99)] * 1e6,
                                                          "client_cpu_us": cpu * 1e6}
+            # the floor of a waited put: a request that does nothing, answered
+            from kvfs import protocol as P
+            conn = s._conn()
+            lat = []
+            for i in range(n_single):
+                t = time.perf_counter()
+                conn.call(P.CONTAINS, {"ns": "default", "keys": ["absent"]})
+                lat.append(time.perf_counter() - t)
+            lat.sort()
             out["single"] = single
+            out["request_rtt"] = {"p50_us": lat[len(lat) // 2] * 1e6, "p99_us": lat[int(len(lat) * .99)] * 1e6}
             before = s.stats()["requests"].get("put_t0", {"count": 0, "sum_s": 0.0})
             batches: dict[str, Any] = {}
             for wait in (True, False):
-                dcpu0 = _cpu_s(d.proc.pid)
+                (u0, s0) = _cpu_s(d.proc.pid)
                 t = time.perf_counter()
                 for b in range(n_batches):
                     s.put_many([f"b{wait}-{b}-{j}" for j in range(BATCH)], list(vals), wait=wait)
                 s.flush()
                 dt = time.perf_counter() - t
                 n = n_batches * BATCH
-                batches["wait" if wait else "no wait"] = {"objects_s": n / dt, "gbs": n * VALUE / dt / 1e9,
-                                                          "daemon_cpu_us": (_cpu_s(d.proc.pid) - dcpu0) / n * 1e6}
+                (u1, s1) = _cpu_s(d.proc.pid)
+                batches["wait" if wait else "no wait"] = {
+                    "objects_s": n / dt, "gbs": n * VALUE / dt / 1e9, "daemon_cpu_us": (u1 - u0 + s1 - s0) / n * 1e6,
+                    "daemon_user_us": (u1 - u0) / n * 1e6, "daemon_sys_us": (s1 - s0) / n * 1e6}
             after = s.stats()["requests"]["put_t0"]
             out["batches"] = batches
             out["handler_us_per_object"] = (after["sum_s"] - before["sum_s"]) / (2 * n_batches * BATCH) * 1e6
@@ -95,12 +113,16 @@ def run_puts_bench(args: argparse.Namespace) -> dict[str, Any]:
             raw = work / "raw"
             fd = os.open(raw, os.O_WRONLY | os.O_CREAT, 0o600)
             try:
+                c0 = os.times()
                 t = time.perf_counter()
                 for b in range(n_batches):
                     native.backend.write_many([fd] * BATCH, [(b * BATCH + j) * VALUE for j in range(BATCH)],
                                               list(vals), 1)
                 os.fsync(fd)
                 out["pwrite_gbs"] = n_batches * BATCH * VALUE / (time.perf_counter() - t) / 1e9
+                # the kernel's CPU time to write these bytes: what the
+                # daemon's write-back of them cannot go below
+                out["pwrite_sys_us"] = (os.times().system - c0.system) / (n_batches * BATCH) * 1e6
             finally:
                 os.close(fd)
         out["sustained"] = _sustained(args, work)
@@ -174,13 +196,19 @@ def format_puts(res: dict[str, Any]) -> str:
     head = (f"puts of {res['value'] >> 10} KiB values, commit {res['commit']}, {res['machine']['cpus']} cores")
     rows = [[f"one put at a time, {k}", f"{v['p50_us']:.0f}", f"{v['p99_us']:.0f}", f"{v['client_cpu_us']:.0f}"]
             for k, v in res["single"].items()]
+    if "request_rtt" in res:
+        rows.append(["a request's round trip (contains of 1 key)", f"{res['request_rtt']['p50_us']:.0f}",
+                     f"{res['request_rtt']['p99_us']:.0f}", ""])
     t1 = render(["", "p50 us", "p99 us", "client CPU us/put"], rows)
     rows2 = [[f"put_many of {res['batch']}, {k}", f"{v['objects_s']:.0f}", f"{v['gbs']:.2f}",
-              f"{v['gbs'] / res['pwrite_gbs']:.2f}x", f"{v['daemon_cpu_us']:.0f}"]
+              f"{v['gbs'] / res['pwrite_gbs']:.2f}x", f"{v['daemon_cpu_us']:.0f}",
+              f"{v.get('daemon_user_us', 0):.0f}", f"{v.get('daemon_sys_us', 0):.0f}"]
              for k, v in res["batches"].items()]
-    rows2.append(["raw pwrite (same bytes, one thread, fsync)", "", f"{res['pwrite_gbs']:.2f}", "1.00x", ""])
-    rows2.append(["memcpy (same bytes, one thread)", "", f"{res['memcpy_gbs']:.2f}", "", ""])
-    t2 = render(["until flush (written back to T1)", "objects/s", "GB/s", "vs pwrite", "daemon CPU us/object"], rows2)
+    rows2.append(["raw pwrite (same bytes, one thread, fsync)", "", f"{res['pwrite_gbs']:.2f}", "1.00x", "", "",
+                  f"{res.get('pwrite_sys_us', 0):.0f}"])
+    rows2.append(["memcpy (same bytes, one thread)", "", f"{res['memcpy_gbs']:.2f}", "", "", "", ""])
+    t2 = render(["until flush (written back to T1)", "objects/s", "GB/s", "vs pwrite", "daemon CPU us/object",
+                 "user", "system"], rows2)
     su = res["sustained"]
     t3 = render(["sustained: 4 x a {} MiB arena, 1 MiB values".format(su["arena"] >> 20), "GB/s", "vs pwrite",
                  "longest put_many", "p99 put_many"],
