@@ -18,11 +18,16 @@ text between
 ```
 the GPU machine's old figure
 ```
+
+<!-- bench: --version @gpu4 -->
+```
+a 4-GPU node's old figure
+```
 """
 
 
 def test_blocks_are_rerun_stamped_and_gpu_ones_left_alone(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench_readme, "_gpu_name", lambda: None)  # a machine without a GPU
+    monkeypatch.setattr(bench_readme, "_gpus", lambda: [])  # a machine without a GPU
     monkeypatch.setenv("KVFS_COMMIT", "abc1234")
     p = tmp_path / "README.md"
     p.write_text(README)
@@ -32,7 +37,23 @@ def test_blocks_are_rerun_stamped_and_gpu_ones_left_alone(tmp_path, monkeypatch)
     assert "an old figure" not in first and "usage: kvfs" in first  # what `kvfs --help` prints
     assert first.rstrip().splitlines()[-1].startswith(bench_readme.STAMP + "commit abc1234, ")
     assert "the GPU machine's old figure" in text and "text between" in text
+    assert "a 4-GPU node's old figure" in text
     assert text.count("```") == README.count("```")
+
+
+def test_a_node_block_runs_only_where_enough_gpus_are(tmp_path, monkeypatch):
+    """@gpu blocks run on a one-GPU machine, @gpu4 ones only on a node of 4 or more."""
+    runs = []
+    monkeypatch.setattr(bench_readme, "run_block", lambda args: runs.append(args) or f"ran {args}")
+    p = tmp_path / "README.md"
+    for gpus, want in (([], ["--help"]), (["H200"], ["--help", "--help"]),
+                       (["H200"] * 4, ["--help", "--help", "--version"])):
+        monkeypatch.setattr(bench_readme, "_gpus", lambda g=gpus: g)
+        p.write_text(README)
+        runs.clear()
+        assert bench_readme.main(["--readme", str(p)]) == 0
+        assert runs == want
+    assert "ran --version" in p.read_text()
 
 
 def test_the_gpu_machines_blocks_merge_back(tmp_path):

@@ -4,6 +4,7 @@ A block is a fenced code block right after a marker line::
 
     <!-- bench: ARGS -->          run here (the CPU machine)
     <!-- bench: ARGS @gpu -->     run only where CUDA is (the GPU machine)
+    <!-- bench: ARGS @gpu4 -->    run only where at least 4 GPUs are (a node)
 
 ARGS are ``kvfs`` arguments (``bench --puts``, ``demo-ttft --tokens
 32768``). The block becomes what that command prints on stdout, then one
@@ -19,9 +20,9 @@ names the commit it was measured at, and goes stale visibly.
     ... --readme COPY, then --merge COPY --which cpu  the same for a run on a copy (the README
                                                      stays free to edit meanwhile)
 
-Blocks of a machine not present are left as they are and listed as skipped.
-Tables written by hand (markdown tables) are outside its reach: the README
-says which command made each.
+Blocks of a machine not present are left as they are and listed as
+skipped (``--list`` shows each block's commit: a block older than the data
+path is stale until such a machine reruns it).
 """
 from __future__ import annotations
 
@@ -38,14 +39,14 @@ from pathlib import Path
 
 from .bench_util import commit
 
-MARK = re.compile(r"^<!-- bench: (?P<args>.+?)(?P<gpu> @gpu)? -->$")
+MARK = re.compile(r"^<!-- bench: (?P<args>.+?)(?: @gpu(?P<gpus>\d*))? -->$")
 STAMP = "# made by make bench-readme: "
 
 
 @dataclass
 class Block:
     args: str
-    gpu: bool
+    gpus: int  # GPUs the machine needs: 0 a CPU block, 1 an @gpu one, N an @gpuN one
     start: int  # the line index of the opening fence
     end: int  # the line index of the closing fence
 
@@ -61,7 +62,8 @@ def find_blocks(lines: list[str]) -> list[Block]:
         end = next((j for j in range(i + 2, len(lines)) if lines[j].startswith("```")), None)
         if end is None:
             raise SystemExit(f"README line {i + 2}: unclosed fenced block")
-        out.append(Block(m.group("args"), bool(m.group("gpu")), i + 1, end))
+        gpus = 0 if m.group("gpus") is None else int(m.group("gpus") or 1)
+        out.append(Block(m.group("args"), gpus, i + 1, end))
     return out
 
 
@@ -79,13 +81,17 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB" + (f", {gpu}" if gpu else "")
 
 
-def _gpu_name() -> str | None:
+def _gpus() -> list[str]:
     try:
         r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                            text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
-        return None
-    names = [n.strip() for n in r.stdout.splitlines() if n.strip()] if r.returncode == 0 else []
+        return []
+    return [n.strip() for n in r.stdout.splitlines() if n.strip()] if r.returncode == 0 else []
+
+
+def _gpu_name() -> str | None:
+    names = _gpus()
     return f"{len(names)} x {names[0]}" if names else None
 
 
@@ -117,25 +123,27 @@ def main(argv: list[str] | None = None) -> int:
     if a.list:
         for b in blocks:
             stamp = next((ln for ln in lines[b.start + 1:b.end] if ln.startswith(STAMP)), STAMP + "never")
-            print(f"{'gpu' if b.gpu else 'cpu'}  kvfs {b.args}\n     {stamp[len(STAMP):]}")
+            kind = "cpu" if not b.gpus else "gpu" if b.gpus == 1 else f"gpu{b.gpus}"
+            print(f"{kind:5s} kvfs {b.args}\n      {stamp[len(STAMP):]}")
         return 0
     new: dict[int, str] = {}  # block index -> its new body
     if a.merge:
         other = Path(a.merge).read_text().split("\n")
         wanted = {"gpu": {True}, "cpu": {False}, "all": {True, False}}[a.which]
-        theirs = {(b.args, b.gpu): "\n".join(other[b.start + 1:b.end]) for b in find_blocks(other) if b.gpu in wanted}
+        theirs = {(b.args, b.gpus): "\n".join(other[b.start + 1:b.end]) for b in find_blocks(other)
+                  if bool(b.gpus) in wanted}
         for i, b in enumerate(blocks):
-            if (b.args, b.gpu) in theirs:
-                new[i] = theirs[(b.args, b.gpu)]
+            if (b.args, b.gpus) in theirs:
+                new[i] = theirs[(b.args, b.gpus)]
     else:
-        has_gpu = _gpu_name() is not None
+        have = len(_gpus())
         for i, b in enumerate(blocks):
             if a.only and not any(t in b.args for t in a.only):
                 continue
-            if a.gpu_only and not b.gpu:
+            if a.gpu_only and not b.gpus:
                 continue
-            if b.gpu and not has_gpu:
-                print(f"  skipped (no GPU here): kvfs {b.args}", file=sys.stderr)
+            if b.gpus > have:
+                print(f"  skipped (needs {b.gpus} GPU(s), {have} here): kvfs {b.args}", file=sys.stderr)
                 continue
             new[i] = run_block(b.args)
     for i in sorted(new, reverse=True):  # from the end: earlier line numbers stay right
