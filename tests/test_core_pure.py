@@ -72,3 +72,40 @@ def test_parse_size():
     assert parse_size("1.5GiB") == 3 << 29 and parse_size("2g") == 2 << 30
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+def test_gc_policy_freezes_survivors_and_collects_fully_on_schedule(monkeypatch):
+    """The daemon's collector policy (kvfsd.gc_policy): what exists at start
+    is frozen, a tick past FREEZE_S freezes what survived since, a tick
+    past FULL_S unfreezes, collects everything (a frozen cycle that became
+    garbage is reclaimed) and freezes again, and stats say so."""
+    import gc
+    import weakref
+
+    from kvfsd import gc_policy
+
+    class Node:
+        pass
+    old = gc.get_threshold()
+    try:
+        pol = gc_policy.GcPolicy()
+        assert gc.get_threshold()[0] == gc_policy.YOUNG
+        pol.started()
+        assert gc.get_freeze_count() > 0 and pol.stats()["freezes"] == 1
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a cycle that survives a freeze, then becomes garbage
+        gone = weakref.ref(a)
+        pol._last_freeze -= gc_policy.FREEZE_S
+        pol.tick()
+        assert pol.stats()["freezes"] == 2 and pol.stats()["full_runs"] == 0
+        del a, b
+        gc.collect()  # a frozen cycle is out of the collector's reach
+        assert gone() is not None
+        pol._last_full -= gc_policy.FULL_S
+        pol.tick()
+        st = pol.stats()
+        assert gone() is None and st["full_runs"] == 1 and st["last_full_ms"] >= 0
+        assert st["frozen"] == gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*old)
