@@ -14,6 +14,8 @@ the physical baselines of the same bytes in the same run.
   per object (same bytes, same run) bounds from below;
 - a request that does nothing (``contains`` of one key): its round trip is
   the floor of any put that waits for its answer;
+- the daemon's per-object work taken apart phase by phase, in-process
+  (kvfstools.bench_phases);
 - memcpy of the same bytes into a preallocated buffer and raw ``pwrite`` of
   them to a file on the same disk, for the ratios;
 - sustained: ``put_many`` of 1 MiB values, ``wait=False``, 4 x the arena
@@ -126,6 +128,8 @@ def run_puts_bench(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 os.close(fd)
         out["sustained"] = _sustained(args, work)
+        from .bench_phases import run_phases
+        out["phases"] = run_phases(bool(args.quick))
     finally:
         clean_up(work, base, bool(args.dir), [d])
     return out
@@ -215,6 +219,10 @@ def format_puts(res: dict[str, Any]) -> str:
                 [["put_many of 16, no wait, until flush", f"{su['gbs']:.2f}", f"{su['gbs'] / su['raw_gbs']:.2f}x",
                   f"{su['max_call_ms']:.1f} ms", f"{su['p99_call_ms']:.1f} ms"],
                  ["raw pwrite (same bytes, a thread per stripe)", f"{su['raw_gbs']:.2f}", "1.00x", "", ""]])
-    return (f"{head}\n{t1}\n\n{t2}\n\ndaemon put_t0 handler: {res['handler_us_per_object']:.1f} us per object "
-            f"(on its event loop)\n\n{t3}\narena full (reservations refused, puts went to T1 directly): "
-            f"{su['arena_full']} times")
+    out = (f"{head}\n{t1}\n\n{t2}\n\ndaemon put_t0 handler: {res['handler_us_per_object']:.1f} us per object "
+           f"(on its event loop)\n\n{t3}\narena full (reservations refused, puts went to T1 directly): "
+           f"{su['arena_full']} times")
+    if "phases" in res:
+        from .bench_phases import format_phases
+        out += "\n\n" + format_phases(res["phases"])
+    return out
