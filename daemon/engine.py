@@ -139,14 +139,14 @@ class Engine(Recovery):
             self.root_lock.release()
 
     def lookup(self, ns: str, keys: list[Any], owner: Hashable | None, *, lease: bool = True
-               ) -> tuple[int, list[list[Any] | None]]:
+               ) -> tuple[int, list[tuple[Any, ...] | None]]:
         """Locations of ``keys`` (wire form) and one lease that pins them all
         (0: no hit or no lease asked). Memory only: safe on the event loop.
         The caller must release the lease."""
         ns = normalize_ns(ns)
         oks = [obj_key(ns, normalize_key(k)) for k in keys]
         now = time.time()
-        out: list[list[Any] | None] = []
+        out: list[tuple[Any, ...] | None] = []
         lid = 0
         with self._lock:
             segs: list[int] = []

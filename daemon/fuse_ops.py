@@ -66,7 +66,7 @@ ADVISE_CHUNKS = 4  # chunks beyond those the kernel is asked to read (posix_fadv
 class ReadHandle:
     ns: str
     key: str
-    item: list[Any]  # lookup's wire form: [size, checksum, seq, extents, t0]
+    item: tuple[Any, ...]  # lookup's wire form: (size, checksum, seq, extents, t0)
     lease: int
     chunks: dict[int, bytes] = field(default_factory=dict)  # verified chunk index -> bytes
     loading: dict[int, trio.Event] = field(default_factory=dict)  # chunk loads in flight

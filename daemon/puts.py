@@ -54,15 +54,15 @@ class Puts(Space):
         nsb = ns.encode() + b"\0"
         lru = self.lru
         need = 0
-        for f in norm:
-            k = f[0]
+        for it in norm:
+            k = it[0]
             exists = k in seen or nsb + k.encode() in lru
             seen.add(k)
             if exists:
                 fresh.append(None)
             else:
-                fresh.append(f)
-                need += self._footprint(ns, k, f[1])
+                fresh.append(it)
+                need += self._footprint(ns, k, it[1])
         if need and self.needs_room(need):
             if not may_evict:
                 raise NeedRoom(need)
