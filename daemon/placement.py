@@ -31,10 +31,15 @@ log = logging.getLogger("kvfsd")
 
 # Coalesced record writes (``_pwrite_runs``): records reserved back to back
 # in a segment go out in one pwritev, their padding written as zeros. Bounds
-# of one call: iovecs under Linux's IOV_MAX (1024), bytes far under its
-# 2 GiB cap on one write.
+# of one call: iovecs under Linux's IOV_MAX (1024), and 1 MiB, what one
+# record of a large value writes anyway. Not more: a buffered write holds
+# the file's inode lock for its whole length, dirty-page throttling
+# included, so one 64 MiB write stalled every other write to that segment
+# (the writer thread's record headers among them) and with it the puts
+# behind them, for 0.5-0.7 s at a time on this VM. Small records gain
+# almost all there is to gain by 1 MiB (16 of 64 KiB, hundreds of 4 KiB).
 RUN_IOVS = 1000
-RUN_BYTES = 64 << 20
+RUN_BYTES = 1 << 20
 _ZEROS = memoryview(bytes(2 * fmt.PAGE))  # padding is under PAGE + RECORD_ALIGN
 
 
