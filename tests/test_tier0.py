@@ -155,6 +155,7 @@ def test_get_into_from_t0_needs_no_round_trip_and_sees_removals(tmp_path):
         for k, v in list(vals.items())[1:]:
             assert a.get_into(k, buf) == len(v) and buf[:len(v)] == v  # from T1, never a tenant's bytes
         a.put("s", vals["n1"])
+        a.flush()  # in T1 before the scribble below (a write-back may wait up to 2 ms for more)
         fd = os.open(a.arena.path, os.O_RDWR)
         mm = mmap.mmap(fd, a.arena.size)
         os.close(fd)
