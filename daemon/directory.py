@@ -79,11 +79,11 @@ class DirectoryWriter:
 
     def put(self, ok: bytes, m: Any) -> None:
         """Publish (or update) where the resident object ``ok`` lives."""
-        h = xxhash.xxh3_128_digest(ok)  # _hash, inlined: twice per put
+        h = _hash(ok)
         if self.spilled and h in self.spilled:
             self.spilled[h] = m
             return
-        r = self._put(self.mm, self.nslots, h, m.size, m.seq, m.checksum, m.t0, 0 if m.dirty else IN_T1, m.exts)
+        r = self._place(h, m)
         if r < 0:
             self.spilled[h] = m
             self._spilled_home.setdefault(self._home(h), set()).add(h)

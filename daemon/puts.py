@@ -51,12 +51,11 @@ class Puts(Space):
             norm.append((k, size, None if meta is None else encode_meta(meta)))
         seen: set[str] = set()
         fresh: list[tuple[str, int, bytes | None] | None] = []
-        nsb = ns.encode() + b"\0"
         lru = self.lru
         need = 0
         for it in norm:
             k = it[0]
-            exists = k in seen or nsb + k.encode() in lru
+            exists = k in seen or obj_key(ns, k) in lru
             seen.add(k)
             if exists:
                 fresh.append(None)
@@ -283,7 +282,6 @@ class Puts(Space):
                     live = [not op.via_t0 or (op.mem is not None and not op.mem.deleted) for op in ops]
             else:
                 live = [True] * len(ops)
-            nsb = ns.encode() + b"\0"
             stored = []
             for op, ok in zip(ops, live):
                 if not op.checksum:
@@ -291,7 +289,7 @@ class Puts(Space):
                         op.chunks[0].checksum if op.size else fmt.checksum(b""))
                 # a concurrent put of the same key may have won: keep its bytes
                 stored.append(ok and self.index.add_object(
-                    txn, nsb + op.key.encode(),
+                    txn, obj_key(ns, op.key),
                     encode_entry(op.size, op.checksum, op.seq, now, now, op.meta,
                                  [[c.stripe, c.seg, c.payload_off, c.length, c.checksum, c.hdr_off, c.end - c.hdr_off]
                                   for c in op.chunks]),
@@ -323,8 +321,7 @@ class Puts(Space):
                 if not fresh:
                     continue
                 m = MemEntry(op.size, op.checksum, op.seq,
-                             tuple((c.stripe, c.seg, c.payload_off, c.length, c.checksum) for c in op.chunks),
-                             tuple((c.seg, c.end - c.hdr_off) for c in op.chunks))
+                             op.exts(), op.spans())
                 m.created = now
                 for seg, span in m.spans:
                     self.segs[seg].add_live(span)

@@ -87,6 +87,14 @@ class ObjPlan:
     mem: "MemEntry | None" = None  # the dirty mirror entry publish_t0 made
     t0_stored: bool = False  # publish_t0's answer for this item
 
+    def exts(self) -> tuple[tuple[Any, ...], ...]:
+        """Its chunks as the mirror keeps them: (stripe, seg, payload_off, length, sum)."""
+        return tuple((c.stripe, c.seg, c.payload_off, c.length, c.checksum) for c in self.chunks)
+
+    def spans(self) -> tuple[tuple[int, int], ...]:
+        """(segment, record bytes from header to aligned end) per chunk."""
+        return tuple((c.seg, c.end - c.hdr_off) for c in self.chunks)
+
 
 @dataclass
 class PutPlan:

@@ -66,7 +66,6 @@ class Tiering(Puts):
         t0 = self.t0
         assert t0 is not None
         rows: list[list[Any]] = []
-        nsb = ns.encode() + b"\0"
         now = time.time()
         lru = self.lru
         with self._lock:
@@ -74,7 +73,7 @@ class Tiering(Puts):
             for op in plan.items:
                 if op is None or op.t0 < 0:
                     continue
-                ok = nsb + op.key.encode()
+                ok = obj_key(ns, op.key)
                 if ok in lru:
                     t0.alloc.free(op.t0)  # unpublished: nobody saw it
                     op.t0 = -1
@@ -82,9 +81,7 @@ class Tiering(Puts):
                     existing += 1
                     continue
                 chunks = op.chunks
-                m = MemEntry(op.size, op.checksum, op.seq,
-                             tuple((c.stripe, c.seg, c.payload_off, c.length, c.checksum) for c in chunks), (),
-                             t0=op.t0, dirty=True)
+                m = MemEntry(op.size, op.checksum, op.seq, op.exts(), (), t0=op.t0, dirty=True)
                 m.meta = op.meta
                 m.created = now
                 lru[ok] = m
@@ -217,7 +214,7 @@ class Tiering(Puts):
         m.dirty = False
         m.meta = None
         if published and self.lru.get(ok) is m and not m.deleted:
-            m.spans = tuple((c.seg, c.end - c.hdr_off) for c in op.chunks)
+            m.spans = op.spans()
             for seg, span in m.spans:
                 self.segs[seg].add_live(span)
             m.rewire()
