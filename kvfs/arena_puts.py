@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import protocol as P
+from .device_puts import fill_device
 from .format import arena_rounded
-from .gpu import address_of
+from .gpu import DeviceBuffer, address_of
 
 if TYPE_CHECKING:
     from .client_puts import Puts
@@ -98,57 +99,61 @@ def _reserve(conn: "Connection", arena: Any, n: int, batch_rest: int) -> ArenaRe
     return r
 
 
-def _answered(store: "Puts", ns: str, sent: list[tuple[str, int, int, bytes, list[bytes]]],
-              gen: int) -> Any:
-    """What to do with a deferred put_t0's answer: remember where the values
-    went (or count and log a refusal)."""
-    def on_reply(seqs: Any, err: BaseException | None) -> None:
-        if err is not None:
-            store.put_errors += len(sent)
-            log.warning("kvfs: a put of %d values sent without waiting failed: %s", len(sent), err)
-            return
-        store._remember_t0(ns, [(k, n, seq, off, w, cs) for (k, n, off, w, cs), seq in zip(sent, seqs) if seq >= 0],
-                           gen)
-    return on_reply
-
-
 def put_reserved(store: "Puts", conn: "Connection", ns: str, items: list[list[Any]], views: list[Any],
                  sync: bool, wait: bool = True) -> list[bool | None]:
-    """Put host values through ``conn``'s reservation, a batch per message.
-    Returns per item stored (True), already there (False) or not taken
-    (None: larger than a reservation, or the arena had no room: the caller
-    puts those the other way). With
-    ``wait`` False the batch's answer is read later (``_Connection.defer``):
-    True then means sent, and keys the directory already holds are not
-    sent at all (False)."""
+    """Put values through ``conn``'s reservation: host values a batch per
+    message, device ones (all of ``views`` are, or none) pipelined by
+    kvfs.device_puts. Returns per item stored (True), already there (False)
+    or not taken (None: larger than a reservation, or the arena had no
+    room: the caller puts those the other way). With ``wait`` False the
+    answers are read later (``Connection.defer``): True then means sent,
+    keys the directory already holds are not sent at all (False), and a
+    refusal is logged and counted in ``put_errors``."""
     arena = store.arena
     assert arena is not None and arena.writable
+    device = bool(views) and isinstance(views[0], DeviceBuffer)
     out: list[bool | None] = [None] * len(items)
     batch: list[int] = []
     offs: dict[int, int] = {}
+    errors: list[BaseException] = []
     r: ArenaReservation | None = conn.reservation
+
+    def message(sub: list[int], sums: list[tuple[bytes, list[bytes]]]) -> None:
+        """One put_t0, its answer read later: a waiting put reads them all at
+        its end, so the daemon publishes one message while the next one is
+        being filled."""
+        assert r is not None
+        gen = store._locs.generation() if store._locs is not None else 0  # before the daemon publishes
+        msg = [[items[i][0], items[i][1], items[i][2], offs[i], [w, cs]] for i, (w, cs) in zip(sub, sums)]
+        sent = [(items[i][0], items[i][1], offs[i], w, cs) for i, (w, cs) in zip(sub, sums)]
+
+        def on_reply(seqs: Any, err: BaseException | None) -> None:
+            if err is not None:
+                if wait:
+                    errors.append(err)
+                else:
+                    store.put_errors += len(sent)
+                    log.warning("kvfs: a put of %d values sent without waiting failed: %s", len(sent), err)
+                return
+            if wait:
+                for i, seq in zip(sub, seqs):
+                    out[i] = seq >= 0  # -1: already there
+            store._remember_t0(ns, [(k, n, seq, off, w, cs) for (k, n, off, w, cs), seq in zip(sent, seqs)
+                                    if seq >= 0], gen)
+        conn.defer(P.PUT_T0, {"ns": ns, "res": r.rid, "items": msg, "sync": sync}, on_reply)
+        if not wait:
+            for i in sub:
+                out[i] = True
 
     def send() -> None:
         if not batch or r is None:
             return
-        srcs = [views[i] for i in batch]
-        dests = [arena.rw[offs[i]:offs[i] + len(views[i])] for i in batch]
-        sums = store.reader.copy_hash_chunked(dests, srcs, store.stripe_unit)  # of the caller's bytes, not the copies
-        gen = store._locs.generation() if store._locs is not None else 0  # before the daemon publishes
-        msg = [[items[i][0], items[i][1], items[i][2], offs[i], [w, cs]] for i, (w, cs) in zip(batch, sums)]
-        args = {"ns": ns, "res": r.rid, "items": msg, "sync": sync}
-        sent = [(items[i][0], items[i][1], offs[i], w, cs) for i, (w, cs) in zip(batch, sums)]
-        if not wait:
-            conn.defer(P.PUT_T0, args, _answered(store, ns, sent, gen))
-            for i in batch:
-                out[i] = True
-            batch.clear()
-            return
-        seqs = conn.call(P.PUT_T0, args)
-        for i, seq in zip(batch, seqs):
-            out[i] = seq >= 0  # -1: already there
-        store._remember_t0(ns, [(k, n, seq, off, w, cs) for (k, n, off, w, cs), seq in zip(sent, seqs) if seq >= 0],
-                           gen)
+        if device:
+            for a, b, sums in fill_device(store, arena, [views[i] for i in batch], [offs[i] for i in batch]):
+                message(batch[a:b], sums)
+        else:  # checksums of the caller's bytes, not of the copies
+            dests = [arena.rw[offs[i]:offs[i] + len(views[i])] for i in batch]
+            message(list(batch), store.reader.copy_hash_chunked(dests, [views[i] for i in batch], store.stripe_unit))
         batch.clear()
 
     skip: set[int] = set()
@@ -160,20 +165,26 @@ def put_reserved(store: "Puts", conn: "Connection", ns: str, items: list[list[An
             pass
     full = False
     rest = sum(arena_rounded(len(v))[0] + 4096 for i, v in enumerate(views) if i not in skip)  # with alignment slack
-    for i, v in enumerate(views):
-        if i in skip:
-            out[i] = False
-            continue
-        off = r.place(len(v)) if r is not None else -1
-        if off < 0 and not full:
-            send()
-            r = _reserve(conn, arena, len(v), rest)
-            full = r is None
+    try:
+        for i, v in enumerate(views):
+            if i in skip:
+                out[i] = False
+                continue
             off = r.place(len(v)) if r is not None else -1
-        rest -= arena_rounded(len(v))[0] + 4096
-        if off < 0:
-            continue  # too large for a reservation, or no room: the other way
-        offs[i] = off
-        batch.append(i)
-    send()
+            if off < 0 and not full:
+                send()
+                r = _reserve(conn, arena, len(v), rest)
+                full = r is None
+                off = r.place(len(v)) if r is not None else -1
+            rest -= arena_rounded(len(v))[0] + 4096
+            if off < 0:
+                continue  # too large for a reservation, or no room: the other way
+            offs[i] = off
+            batch.append(i)
+        send()
+    finally:
+        if wait:
+            conn.drain()  # what was sent is answered, even when a later part failed
+    if errors:
+        raise errors[0]
     return out

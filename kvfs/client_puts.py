@@ -120,18 +120,21 @@ class Puts(DeviceReading):
         dset = set(direct)
         inline = [i for i in range(len(views)) if i not in dset]
         if self.arena is not None and self.arena.writable:
-            # host values go through this connection's arena reservation,
-            # one message a batch; device ones (and what it cannot take) the other way
-            host = [i for i in direct if not isinstance(views[i], DeviceBuffer)]
-            if host:
-                placed = self._put_reserved(ns, [[ks[i], len(views[i]), raw_metas[i]] for i in host],
-                                            [views[i] for i in host], sync, wait or sync)
-                taken = set()
-                for i, p in zip(host, placed):
+            # values go through this connection's arena reservation, host
+            # ones a message a batch, device ones a message a sub-batch as
+            # their copies land; what it cannot take goes the other way
+            taken = set()
+            for on_device in (False, True):
+                sel = [i for i in direct if isinstance(views[i], DeviceBuffer) == on_device]
+                if not sel:
+                    continue
+                placed = self._put_reserved(ns, [[ks[i], len(views[i]), raw_metas[i]] for i in sel],
+                                            [views[i] for i in sel], sync, wait or sync)
+                for i, p in zip(sel, placed):
                     if p is not None:
                         out[i] = p
                         taken.add(i)
-                direct = [i for i in direct if i not in taken]
+            direct = [i for i in direct if i not in taken]
         for idx, fn in ((inline, self._put_inline), (direct, self._put_direct)):
             for b in range(0, len(idx), BATCH_KEYS):
                 sel = idx[b:b + BATCH_KEYS]

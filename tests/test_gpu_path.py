@@ -116,22 +116,125 @@ def test_device_put_checksums_whoever_computes_them(tmp_path):
         assert [o.bytes() for o in outs] == list(want.values())
 
 
-def test_device_puts_run_as_pipelined_sub_batches(tmp_path, monkeypatch):
-    """A large device batch is cut into sub-batches, each committed while
-    the next one's copies are under way: everything is stored once and
-    right; a failure in a later sub-batch gives back the space of every
-    sub-batch not yet committed, and what was committed stays readable."""
-    from kvfs import client_puts, gpu_hash
-    monkeypatch.setattr(client_puts, "DEVICE_SUB_BATCH", 2 * MiB)
+class LazyCopier(HostCopier):
+    """Device-to-host copies land only once waited for (an event or a sync),
+    as DMA does: a put that sent a value to the daemon before waiting for
+    its copy would publish arena bytes that are not there yet."""
+
+    def __init__(self):
+        self.queue, self.landed = [], 0
+
+    def d2h(self, dst, src, n):
+        self.queue.append((dst, src, n))
+
+    def record(self):
+        return len(self.queue)
+
+    def wait(self, ev):
+        while ev is not None and self.landed < ev:
+            ctypes.memmove(*self.queue[self.landed])
+            self.landed += 1
+
+    def sync(self):
+        self.wait(len(self.queue))
+
+
+def _slices(vals):
+    """Device slices of one buffer, one per value, in order."""
+    whole = FakeDeviceArray(sum(map(len, vals)), b"".join(vals))
+    db = device_buffer(whole)
+    offs = [sum(map(len, vals[:i])) for i in range(len(vals))]
+    return whole, [dataclasses.replace(db, ptr=db.ptr + o, nbytes=len(v)) for o, v in zip(offs, vals)]
+
+
+def test_device_puts_into_the_arena_send_each_sub_batch_as_its_copies_land(tmp_path, monkeypatch):
+    """With the arena, a device batch needs no alloc or commit: every copy is
+    queued at once into the connection's reservation, and each sub-batch's
+    put_t0 goes out once its own copies have landed (not before: the bytes
+    would not be there; not after the last: the daemon publishes one while
+    later ones are still copying). Everything is stored once and right."""
+    from kvfs import device_puts
+    monkeypatch.setattr(device_puts, "SUB_ITEMS", 2)
     d = DaemonProcess(tmp_path / "s", capacity="512M", shm_size="64M")
+    with d, d.connect(verify="full") as s:
+        plane = host_gpu(s)
+        plane.copier = copier = LazyCopier()
+        vals = [os.urandom(700 * 1024 + 8 * i) for i in range(12)]
+        _whole, srcs = _slices(vals)
+        calls, sends = [], []
+        real_call = s._call
+        monkeypatch.setattr(s, "_call", lambda op, a, t=(): calls.append(op) or real_call(op, a, t))
+        conn = s._conn()
+        real_defer = conn.defer
+        monkeypatch.setattr(conn, "defer", lambda op, a, cb: sends.append(
+            (op, len(a["items"]), copier.landed, len(copier.queue))) or real_defer(op, a, cb))
+        keys = [f"p{i}" for i in range(12)]
+        assert s.put_many(keys, srcs, ns="p") == [True] * 12
+        assert "alloc" not in calls and "commit" not in calls
+        assert [(op, n) for op, n, _l, _q in sends] == [("put_t0", 2)] * 6
+        queued = sends[0][3]
+        assert all(q == queued for _op, _n, _l, q in sends)  # every copy queued before the first send
+        landed = [l for _op, _n, l, _q in sends]
+        assert landed == sorted(landed) and 0 < landed[0] and landed[-2] < queued  # a sub-batch at a time
+        assert s.put_many(keys[:3], srcs[:3], ns="p") == [False] * 3  # stored once
+        outs = [FakeDeviceArray(len(v)) for v in vals]
+        assert s.get_many_into(keys, outs, ns="p") == [len(v) for v in vals]
+        assert [o.bytes() for o in outs] == vals
+        s.flush()
+        assert [s.get(k, ns="p") for k in keys] == vals
+
+
+def test_a_failed_device_put_publishes_only_what_it_sent_and_leaks_no_arena(tmp_path, monkeypatch):
+    """A failure in a later sub-batch: the sub-batches sent before it are
+    stored and right, nothing after is visible, the copies still queued are
+    waited for before the error goes up, and the arena space comes back
+    once the connection's reservation ends."""
+    from kvfs import device_puts, gpu_hash
+    monkeypatch.setattr(device_puts, "SUB_ITEMS", 2)
+    d = DaemonProcess(tmp_path / "s", capacity="512M", shm_size="64M")
+    with d:
+        with d.connect() as probe:
+            before = probe.stats()["tiers"]["T0"]["allocated_bytes"]
+        vals = [os.urandom(300 * 1024 + 8 * i) for i in range(12)]
+        with d.connect(verify="full") as s:
+            plane = host_gpu(s)
+            plane.copier = copier = LazyCopier()
+            _whole, srcs = _slices(vals)
+            n = {"jobs": 0}
+            start = gpu_hash.HostHasher.start
+
+            def third_fails(self, *a, **k):
+                job = start(self, *a, **k)
+                n["jobs"] += 1
+                if n["jobs"] == 3:
+                    job._digests = lambda: (_ for _ in ()).throw(RuntimeError("hashing failed"))
+                return job
+            monkeypatch.setattr(gpu_hash.HostHasher, "start", third_fails)
+            keys = [f"q{i}" for i in range(12)]
+            with pytest.raises(RuntimeError, match="hashing failed"):
+                s.put_many(keys, srcs, ns="p")
+            assert copier.landed == len(copier.queue)  # nothing left to land in space given back
+            assert s.contains(keys, ns="p") == [True] * 4 + [False] * 8
+            assert [s.get(k, ns="p") for k in keys[:4]] == vals[:4]
+            s.flush()
+            assert s.delete(keys[:4], ns="p") == 4
+        with d.connect() as probe:  # the reservation ended with its connection
+            assert probe.stats()["tiers"]["T0"]["allocated_bytes"] == before
+
+
+def test_device_puts_without_the_arena_run_as_pipelined_sub_batches(tmp_path, monkeypatch):
+    """Without T0, a large device batch is staged to the host and written to
+    T1 in sub-batches, each committed while the next one is allocated and
+    copied: everything is stored once and right; a failure in a later
+    sub-batch gives back the space of every sub-batch not yet committed,
+    and what was committed stays readable."""
+    from kvfs import client_puts
+    monkeypatch.setattr(client_puts, "DEVICE_SUB_BATCH", 2 * MiB)
+    d = DaemonProcess(tmp_path / "s", capacity="512M", shm_size=0)
     with d, d.connect(verify="full") as s:
         host_gpu(s)
         vals = [os.urandom(700 * 1024 + 8 * i) for i in range(12)]  # 2 per sub-batch: 6 sub-batches
-        # slices of one buffer: neighbours whose arena extents are adjacent too go as one copy
-        whole = FakeDeviceArray(sum(map(len, vals)), b"".join(vals))
-        db = device_buffer(whole)
-        offs = [sum(map(len, vals[:i])) for i in range(12)]
-        srcs = [dataclasses.replace(db, ptr=db.ptr + o, nbytes=len(v)) for o, v in zip(offs, vals)]
+        _whole, srcs = _slices(vals)
         calls = []
         real = s._call
         monkeypatch.setattr(s, "_call", lambda op, a, t=(): calls.append(op) or real(op, a, t))
@@ -146,24 +249,23 @@ def test_device_puts_run_as_pipelined_sub_batches(tmp_path, monkeypatch):
         assert [o.bytes() for o in outs] == vals
 
         n = {"calls": 0}
-        start = gpu_hash.HostHasher.start
+        to_host = GpuPlane.to_host
 
-        def fail_third(self, *a, **k):
+        def fail_fifth(self, *a, **k):
             n["calls"] += 1
-            if n["calls"] == 3:
-                raise RuntimeError("hashing failed")
-            return start(self, *a, **k)
-        monkeypatch.setattr(gpu_hash.HostHasher, "start", fail_third)
+            if n["calls"] == 5:
+                raise RuntimeError("copy failed")
+            return to_host(self, *a, **k)
+        monkeypatch.setattr(GpuPlane, "to_host", fail_fifth)
         more = [f"q{i}" for i in range(12)]
-        before = s.stats()["tiers"]["T0"]["allocated_bytes"]
-        with pytest.raises(RuntimeError, match="hashing failed"):
+        with pytest.raises(RuntimeError, match="copy failed"):
             s.put_many(more, srcs, ns="p")
-        s.flush()
         # sub-batch 1 was committed before sub-batch 3 failed; 2 and 3 were aborted
         assert s.contains(more, ns="p") == [True] * 2 + [False] * 10
         assert s.get("q1", ns="p") == vals[1]
-        assert s.delete(more[:2], ns="p") == 2
-        assert s.stats()["tiers"]["T0"]["allocated_bytes"] == before  # no extent left reserved
+        # what was aborted holds nothing: the same puts again store the rest
+        assert s.put_many(more, srcs, ns="p") == [False] * 2 + [True] * 10
+        assert [s.get(k, ns="p") for k in more] == vals
 
 
 def test_batched_gets_into_slices_of_one_device_buffer(store):

@@ -18,6 +18,10 @@ the physical baselines of the same bytes in the same run.
   (kvfstools.bench_phases);
 - memcpy of the same bytes into a preallocated buffer and raw ``pwrite`` of
   them to a file on the same disk, for the ratios;
+- processes: ``put_many`` of 64 x 64 KiB without waiting, until ``flush``,
+  from 1, 2 and (with 8 cores or more) 4 processes at once against one
+  daemon: objects/s in all (what the daemon commits) and against one
+  process, with the daemon's CPU time per object;
 - sustained: ``put_many`` of 1 MiB values, ``wait=False``, 4 x the arena
   of a second daemon (so the write-back, not the arena, must keep up),
   until ``flush``, against raw ``pwrite`` of the same bytes to files on the
@@ -29,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -127,12 +133,64 @@ def run_puts_bench(args: argparse.Namespace) -> dict[str, Any]:
                 out["pwrite_sys_us"] = (os.times().system - c0.system) / (n_batches * BATCH) * 1e6
             finally:
                 os.close(fd)
+        out["processes"] = _processes(d, 256 if args.quick else 4096)
         out["sustained"] = _sustained(args, work)
         from .bench_phases import run_phases
         out["phases"] = run_phases(bool(args.quick))
     finally:
         clean_up(work, base, bool(args.dir), [d])
     return out
+
+
+def _processes(d: Any, per_process: int) -> list[dict[str, Any]]:
+    """Several processes put_many at once (kvfstools.bench_puts as a
+    worker), each ``per_process`` 64 KiB values, until each one's flush;
+    released together once all are connected and warm."""
+    counts = [1, 2, 4] if (os.cpu_count() or 1) >= 8 else [1, 2]
+    rows = []
+    for round_, n in enumerate(counts):
+        procs = [subprocess.Popen([sys.executable, "-m", "kvfstools.bench_puts", str(d.socket), f"{round_}-{i}",
+                                   str(per_process)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                 for i in range(n)]
+        try:
+            for p in procs:
+                assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+            (u0, s0) = _cpu_s(d.proc.pid)
+            for p in procs:
+                assert p.stdin is not None
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            spans = [tuple(map(float, p.communicate(timeout=600)[0].split())) for p in procs]
+            (u1, s1) = _cpu_s(d.proc.pid)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        objs = n * per_process
+        dt = max(e for _s, e in spans) - min(s for s, _e in spans)
+        rows.append({"processes": n, "objects_s": objs / dt, "gbs": objs * VALUE / dt / 1e9,
+                     "daemon_cpu_us": (u1 - u0 + s1 - s0) / objs * 1e6, "daemon_user_us": (u1 - u0) / objs * 1e6})
+    return rows
+
+
+def _worker(sock: str, tag: str, count: int) -> None:
+    """One putting process: connect, warm up, say ready, wait for go, put
+    ``count`` values in batches of BATCH without waiting, flush; print the
+    wall-clock start and end."""
+    import numpy as np
+
+    import kvfs
+    vals = list(np.random.default_rng(abs(hash(tag)) % 2**32).integers(0, 256, (BATCH, VALUE), dtype=np.uint8))
+    with kvfs.connect(sock) as s:
+        s.put_many([f"w{tag}-warm-{j}" for j in range(BATCH)], vals, ns="procs")
+        s.flush()
+        print("ready", flush=True)
+        sys.stdin.readline()
+        t = time.time()
+        for b in range(0, count, BATCH):
+            s.put_many([f"w{tag}-{b + j}" for j in range(BATCH)], vals, ns="procs", wait=False)
+        s.flush()
+        print(t, time.time(), flush=True)
 
 
 SUSTAINED_VALUE = 1 << 20
@@ -213,6 +271,14 @@ def format_puts(res: dict[str, Any]) -> str:
     rows2.append(["memcpy (same bytes, one thread)", "", f"{res['memcpy_gbs']:.2f}", "", "", "", ""])
     t2 = render(["until flush (written back to T1)", "objects/s", "GB/s", "vs pwrite", "daemon CPU us/object",
                  "user", "system"], rows2)
+    if "processes" in res:
+        one = res["processes"][0]["objects_s"]
+        tp = render(["put_many of 64, no wait, until flush", "objects/s", "GB/s", "vs 1 process",
+                     "daemon CPU us/object", "user"],
+                    [[f"{r['processes']} process{'es' if r['processes'] > 1 else ''} at once", f"{r['objects_s']:.0f}",
+                      f"{r['gbs']:.2f}", f"{r['objects_s'] / one:.2f}x", f"{r['daemon_cpu_us']:.0f}",
+                      f"{r['daemon_user_us']:.0f}"] for r in res["processes"]])
+        t2 += "\n\n" + tp
     su = res["sustained"]
     t3 = render(["sustained: 4 x a {} MiB arena, 1 MiB values".format(su["arena"] >> 20), "GB/s", "vs pwrite",
                  "longest put_many", "p99 put_many"],
@@ -226,3 +292,7 @@ def format_puts(res: dict[str, Any]) -> str:
         from .bench_phases import format_phases
         out += "\n\n" + format_phases(res["phases"])
     return out
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2], int(sys.argv[3]))
