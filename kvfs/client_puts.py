@@ -22,6 +22,7 @@ import xxhash
 from . import protocol as P
 from .arena_puts import put_reserved
 from .dataplane import WriteTask
+from .device_puts import sub_batches
 from .device_reads import DeviceReading
 from .errors import CapacityError, InvalidArgument, KvfsError, ProtocolError
 from .gpu import DeviceBuffer, merge_copies
@@ -47,26 +48,6 @@ T0_INLINE_MAX = 64 * 1024
 # large enough that the GPU hashes several large values at once (a value's
 # whole-value sum is one sequential chain), small enough to overlap
 DEVICE_SUB_BATCH = 256 << 20
-
-
-
-def _sub_batches(sizes: list[int], limit: int) -> list[tuple[int, int]]:
-    """Consecutive [a, b) index ranges of at most ``limit`` bytes each (at
-    least one item; ``limit`` 0: one range)."""
-    if not limit:
-        return [(0, len(sizes))]
-    out: list[tuple[int, int]] = []
-    a, acc = 0, 0
-    for i, n in enumerate(sizes):
-        if i > a and acc + n > limit:
-            out.append((a, i))
-            a, acc = i, 0
-        acc += n
-    if a < len(sizes):
-        out.append((a, len(sizes)))
-    return out
-
-
 
 
 @dataclass
@@ -197,7 +178,8 @@ class Puts(DeviceReading):
         open_puts: list[int] = []  # allocated, not committed: aborted on failure
         inflight: tuple[Any, list[list[Any]], Callable[[], list[Any]]] | None = None
         try:
-            for a, b in _sub_batches([len(v) for v in views], DEVICE_SUB_BATCH if dev else 0):
+            sizes = [len(v) for v in views]
+            for a, b in (sub_batches(sizes, DEVICE_SUB_BATCH, len(sizes)) if dev else [(0, len(sizes))]):
                 res = self._call(P.ALLOC, {"ns": ns, "items": items[a:b], "t0": arena is not None})
                 open_puts.append(res["put"])
                 fill = self._start_fill(res["items"], views[a:b], arena)
