@@ -81,9 +81,11 @@ def _populate(view: memoryview) -> None:
     _libc.madvise(ctypes.c_void_p(address_of(view)), ctypes.c_size_t(len(view)), MADV_POPULATE_WRITE)
 
 
-def _reserve(conn: "Connection", arena: Any, n: int, batch_rest: int) -> ArenaReservation | None:
+def _reserve(conn: "Connection", arena: Any, n: int, batch_rest: int, populate: bool) -> ArenaReservation | None:
     """A new reservation for a value of ``n`` bytes and, room allowing, the
-    ``batch_rest`` bytes of the batch that follow it."""
+    ``batch_rest`` bytes of the batch that follow it. ``populate``: fault
+    its pages in now (the CPU writes them; DMA into the registered arena
+    needs no faults: registering pinned every page)."""
     need, _a = arena_rounded(n)
     want = max(conn.reserve_next, need + 4096, min(batch_rest, BATCH_MAX))
     conn.reserve_next = min(2 * conn.reserve_next, RESERVE_MAX)
@@ -93,9 +95,9 @@ def _reserve(conn: "Connection", arena: Any, n: int, batch_rest: int) -> ArenaRe
         return None  # the arena is full of values not yet written back: the caller uses alloc/commit
     r = ArenaReservation(int(got["res"]), int(got["off"]), int(got["off"]) + int(got["size"]))
     conn.reservation = r
-    page = 4096
-    lo = r.cursor & ~(page - 1)
-    _populate(arena.rw[lo:r.end])
+    if populate:
+        lo = r.cursor & ~4095
+        _populate(arena.rw[lo:r.end])
     return r
 
 
@@ -173,7 +175,7 @@ def put_reserved(store: "Puts", conn: "Connection", ns: str, items: list[list[An
             off = r.place(len(v)) if r is not None else -1
             if off < 0 and not full:
                 send()
-                r = _reserve(conn, arena, len(v), rest)
+                r = _reserve(conn, arena, len(v), rest, not device)
                 full = r is None
                 off = r.place(len(v)) if r is not None else -1
             rest -= arena_rounded(len(v))[0] + 4096

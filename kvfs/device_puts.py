@@ -55,6 +55,11 @@ def sub_batches(sizes: Sequence[int], max_bytes: int, max_items: int) -> list[tu
     return out
 
 
+def _hash_landed(store: "Puts", copier: Any, ev: Any, views: list[memoryview]) -> list[tuple[bytes, list[bytes]]]:
+    copier.wait(ev)
+    return store.reader.hash_chunked(views, store.stripe_unit, 1)
+
+
 def fill_device(store: "Puts", arena: Any, views: Sequence[DeviceBuffer], offs: Sequence[int]
                 ) -> Iterator[tuple[int, int, list[tuple[bytes, list[bytes]]]]]:
     """Copy ``views`` to their arena offsets ``offs``; yields (a, b, sums)
@@ -70,16 +75,22 @@ def fill_device(store: "Puts", arena: Any, views: Sequence[DeviceBuffer], offs: 
     try:
         copier.wait_on_stream(after)  # no copy of a tensor its kernel is still writing
         landed: list[Any] = []
-        jobs: list[tuple[list[int], Any]] = []
+        jobs: list[tuple[list[int], Any, Any]] = []
         for a, b in subs:
             for dst, src, n in merge_copies([(base + offs[i], views[i].ptr, len(views[i])) for i in range(a, b)]):
                 copier.d2h(dst, src, n)
-            landed.append(copier.record())
+            ev = copier.record()
+            landed.append(ev)
             on_gpu = [i for i in range(a, b) if hasher is not None and hasher.usable(views[i].ptr, len(views[i]))]
             job = hasher.start([(views[i].ptr, len(views[i])) for i in on_gpu], unit, after) if on_gpu else None
-            jobs.append((on_gpu, job))
             gpu.counters["device_hashed_values"] += len(on_gpu)
-        for (a, b), ev, (on_gpu, job) in zip(subs, landed, jobs):
+            # what the GPU cannot hash (unaligned or tiny): the landed copies,
+            # by the pool, each sub-batch as soon as it has landed
+            rest = [i for i in range(a, b) if job is None or i not in on_gpu]
+            host = gpu.pool().submit(_hash_landed, store, copier, ev, [arena.rw[offs[i]:offs[i] + len(views[i])]
+                                                                      for i in rest]) if rest else None
+            jobs.append((on_gpu, job, (rest, host)))
+        for (a, b), ev, (on_gpu, job, (rest, host)) in zip(subs, landed, jobs):
             copier.wait(ev)
             sums: dict[int, tuple[bytes, list[bytes]]] = {}
             if job is not None:
@@ -89,10 +100,8 @@ def fill_device(store: "Puts", arena: Any, views: Sequence[DeviceBuffer], offs: 
                             off = offs[i] + ci * unit
                             cs[ci] = xxhash.xxh3_128_digest(arena.rw[off:min(off + unit, offs[i] + len(views[i]))])
                     sums[i] = (w, cs)
-            rest = [i for i in range(a, b) if i not in sums]
-            if rest:  # what the GPU cannot hash: the landed copies, on the host
-                for i, s in zip(rest, store.reader.hash_chunked(
-                        [arena.rw[offs[i]:offs[i] + len(views[i])] for i in rest], unit)):
+            if host is not None:
+                for i, s in zip(rest, host.result()):
                     sums[i] = s
             out = [sums[i] for i in range(a, b)]
             for i, (_w, cs) in zip(range(a, b), out):
