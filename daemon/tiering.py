@@ -31,15 +31,24 @@ log = logging.getLogger("kvfsd")
 class Tiering(Puts):
     def reserve_arena(self, size: int) -> tuple[int, int]:
         """(offset, size) of a new reservation of about ``size`` bytes (at
-        most the largest T0 value), evicting clean objects as needed;
-        (-1, 0) if the arena cannot make one now. Memory only."""
+        most half the arena: a client asks for what the rest of its batch
+        needs, and a large device batch in one reservation keeps its copies
+        going, where each new reservation waits for the answers of the one
+        before), evicting clean objects as needed; (-1, 0) if the arena
+        cannot make one now. A request above the largest T0 value that
+        finds no room (the arena fragmented by dirty objects) is tried
+        again at that size. Memory only."""
         if self.t0 is None:
             raise InvalidArgument("this daemon has no arena (T0): put through alloc/commit")
-        size = max(1, min(int(size), self.t0.max_object))
-        size, _align = self.t0.alloc.rounded(size)
-        with self._lock:
-            off = self.t0.reserve(size)
-        return (off, size) if off >= 0 else (-1, 0)
+        t0 = self.t0
+        want = max(1, min(int(size), t0.alloc.size // 2))
+        for n in (want, t0.max_object) if want > t0.max_object else (want,):
+            n, _align = t0.alloc.rounded(n)
+            with self._lock:
+                off = t0.reserve(n)
+            if off >= 0:
+                return off, n
+        return -1, 0
 
     def carve_arena(self, rest: int, off: int, n: int) -> int:
         """Make a client-placed value at ``off`` an extent of its own (see

@@ -42,8 +42,8 @@ log = logging.getLogger("kvfs")
 # Reservation sizes: a connection's first is RESERVE_FIRST and each next one
 # twice its last, up to RESERVE_MAX, or what the rest of the batch being put
 # needs if that is more, up to BATCH_MAX (the daemon caps any reservation at
-# its largest T0 value): an idle thread pins little of the arena, a busy one
-# asks rarely, and a large batch goes in few messages.
+# half its arena): an idle thread pins little of the arena, a busy one asks
+# rarely, and a large batch goes in few messages.
 RESERVE_FIRST = 4 << 20
 RESERVE_MAX = 32 << 20
 BATCH_MAX = 1 << 30

@@ -37,7 +37,10 @@ if TYPE_CHECKING:
 # hashes a sub-batch per job (several large values at once: a value's
 # whole-value sum is one sequential chain)
 SUB_BYTES = 256 << 20
-SUB_ITEMS = 64
+SUB_ITEMS = 32
+# values the GPU does not hash are hashed on the host by the pool in groups
+# of about this many bytes (one thread each; a value is one pass)
+HOST_HASH_GROUP = 8 << 20
 
 
 def sub_batches(sizes: Sequence[int], max_bytes: int, max_items: int) -> list[tuple[int, int]]:
@@ -87,10 +90,11 @@ def fill_device(store: "Puts", arena: Any, views: Sequence[DeviceBuffer], offs: 
             # what the GPU cannot hash (unaligned or tiny): the landed copies,
             # by the pool, each sub-batch as soon as it has landed
             rest = [i for i in range(a, b) if job is None or i not in on_gpu]
-            host = gpu.pool().submit(_hash_landed, store, copier, ev, [arena.rw[offs[i]:offs[i] + len(views[i])]
-                                                                      for i in rest]) if rest else None
-            jobs.append((on_gpu, job, (rest, host)))
-        for (a, b), ev, (on_gpu, job, (rest, host)) in zip(subs, landed, jobs):
+            host = [(rest[c:d], gpu.pool().submit(_hash_landed, store, copier, ev, [
+                arena.rw[offs[i]:offs[i] + len(views[i])] for i in rest[c:d]]))
+                for c, d in sub_batches([len(views[i]) for i in rest], HOST_HASH_GROUP, len(rest))]
+            jobs.append((on_gpu, job, host))
+        for (a, b), ev, (on_gpu, job, host) in zip(subs, landed, jobs):
             copier.wait(ev)
             sums: dict[int, tuple[bytes, list[bytes]]] = {}
             if job is not None:
@@ -100,8 +104,8 @@ def fill_device(store: "Puts", arena: Any, views: Sequence[DeviceBuffer], offs: 
                             off = offs[i] + ci * unit
                             cs[ci] = xxhash.xxh3_128_digest(arena.rw[off:min(off + unit, offs[i] + len(views[i]))])
                     sums[i] = (w, cs)
-            if host is not None:
-                for i, s in zip(rest, host.result()):
+            for group, fut in host:
+                for i, s in zip(group, fut.result()):
                     sums[i] = s
             out = [sums[i] for i in range(a, b)]
             for i, (_w, cs) in zip(range(a, b), out):

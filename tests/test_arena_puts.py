@@ -99,3 +99,24 @@ def test_puts_that_do_not_wait_are_seen_by_their_thread_and_others_and_refusals_
         assert s.get("n0") == vals[0]  # the connection goes on
         n = requests(s)
         assert n.get("put_t0") == 1 + 20 + 1 + 1 and not n.get("commit")  # a message a batch; known keys not sent
+
+
+def test_a_reservation_is_what_the_batch_asks_up_to_half_the_arena_or_what_fits(tmp_path):
+    """A large batch gets one reservation of up to half the arena (its copies
+    need not stop for another); where other holders leave no such run free,
+    it gets the largest T0 value's size (a quarter)."""
+    d = DaemonProcess(tmp_path / "s", capacity="1G", shm_size="64M")
+    with d, d.connect() as s, d.connect() as w, d.connect() as x, d.connect() as y:
+        c = s._conn()
+        got = c.call(P.RESERVE, {"bytes": 48 * MiB})
+        assert got["res"] and got["size"] == 32 * MiB
+        got = c.call(P.RESERVE, {"bytes": 20 * MiB})  # ends the one before
+        assert got["res"] and got["size"] == 20 * MiB
+        # others hold 4 MiB after it and 4 MiB further on: no 32 MiB run is free
+        at = {}
+        for h, n in ((w, 4), (x, 20), (y, 4)):
+            r = h._conn().call(P.RESERVE, {"bytes": n * MiB})
+            at[h] = (r["off"], r["off"] + r["size"])
+        x._conn().call(P.RESERVE, {"bytes": 1 * MiB})  # x gives back its 20 MiB
+        got = c.call(P.RESERVE, {"bytes": 48 * MiB})
+        assert got["res"] and got["size"] == 16 * MiB, (got, at)
