@@ -199,7 +199,11 @@ class Bench:
                 assert v.nbytes == bs
         get["kvfs T0 get_view"] = gbs(_timed(threads, count, view))
         read("kvfs T0 get_into, verify off", _timed, lambda i: n0.get_into(keys[i], dstv[i]))
-        r0._flush_touches(r0._conn())  # direct reads report their hits in batches: send what is pending
+        # direct reads report their hits in batches: send what both readers
+        # hold, then a call on each connection (answered after its reports)
+        for st_ in (r0, n0):
+            st_._flush_touches(st_._conn())
+        n0.stats()
         hits = r0.stats()["tiers"]["T0"]["hits"] - hits0
         if hits < 2 * count:
             print(f"  note: only {hits} of {2 * count} T0 gets hit T0", file=sys.stderr)
