@@ -89,7 +89,8 @@ def fill_device(store: "Puts", arena: Any, views: Sequence[DeviceBuffer], offs: 
             gpu.counters["device_hashed_values"] += len(on_gpu)
             # what the GPU cannot hash (unaligned or tiny): the landed copies,
             # by the pool, each sub-batch as soon as it has landed
-            rest = [i for i in range(a, b) if job is None or i not in on_gpu]
+            hashed = set(on_gpu)
+            rest = [i for i in range(a, b) if i not in hashed]
             host = [(rest[c:d], gpu.pool().submit(_hash_landed, store, copier, ev, [
                 arena.rw[offs[i]:offs[i] + len(views[i])] for i in rest[c:d]]))
                 for c, d in sub_batches([len(views[i]) for i in rest], HOST_HASH_GROUP, len(rest))]
