@@ -61,7 +61,9 @@ def run_puts_bench(args: argparse.Namespace) -> dict[str, Any]:
     from kvfsd.testing import DaemonProcess
 
     n_single = 200 if args.quick else 1000
-    n_batches = 5 if args.quick else 50
+    # /proc CPU times tick at 10 ms: a quick run still needs enough objects (~50 ms of
+    # daemon CPU) for its per-object CPU figures to be more than one tick's noise
+    n_batches = 20 if args.quick else 50
     base, work = work_dirs(args.dir, "kvfs-bench-puts-")
     d = DaemonProcess(work / "kvfs", stripes=args.stripes, capacity="16G", shm_size="1G", log=work / "kvfs.log")
     out: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "commit": commit(), "value": VALUE,
