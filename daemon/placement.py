@@ -65,18 +65,23 @@ class Placement(EngineState):
         n = -(-size // su)
         return sum(fmt.record_span(nl, kl, min(su, size - i * su)) for i in range(n))
 
-    def _reserve(self, ns: str, key: str, size: int, meta: bytes | None, touched: set[int]) -> ObjPlan:
+    def _reserve(self, nl: int, ok: bytes, key: str, size: int, meta: bytes | None, touched: set[int]) -> ObjPlan:
+        """Plan object ``ok`` (``nl``: its namespace's utf-8 length): a
+        sequence number and its chunks, striped from the next stripe round
+        robin. Caller holds the lock."""
         seq = self._next_seq
         self._next_seq += 1
         nstripes = len(self.cfg.stripes)
         start = self._rr
-        self._rr = (self._rr + 1) % nstripes
-        nl, kl = len(ns.encode()), len(key.encode())
-        n = max(1, -(-size // self.stripe_unit))
-        chunks = [self._place_chunk((start + i) % nstripes, nl, kl, i,
-                                    min(self.stripe_unit, size - i * self.stripe_unit), touched)
+        self._rr = (start + 1) % nstripes
+        kl = len(ok) - nl - 1
+        su = self.stripe_unit
+        if size <= su:
+            return ObjPlan(key, size, meta, seq, [self._place_chunk(start, nl, kl, 0, size, touched)], ok)
+        n = -(-size // su)
+        chunks = [self._place_chunk((start + i) % nstripes, nl, kl, i, min(su, size - i * su), touched)
                   for i in range(n)]
-        return ObjPlan(key, size, meta, seq, chunks, xxhash.xxh3_128() if n > 1 else None)
+        return ObjPlan(key, size, meta, seq, chunks, ok, xxhash.xxh3_128())
 
     def _place_chunk(self, stripe: int, nl: int, kl: int, i: int, length: int, touched: set[int]) -> ChunkPlan:
         """Reserve room for chunk ``i`` at the end of ``stripe``'s open

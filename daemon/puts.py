@@ -44,33 +44,38 @@ class Puts(Space):
         stored are not asked."""
         ns = normalize_ns(ns)
         keys = normalize_keys([it[0] for it in items])
-        norm: list[tuple[str, int, bytes | None]] = []
+        nsb = ns.encode()
+        nsp, nl = nsb + b"\x00", len(nsb)
+        su = self.stripe_unit
+        seen: set[bytes] = set()
+        # per item (object key, key, size, meta), None: stored already or repeated in the batch
+        fresh: list[tuple[bytes, str, int, bytes | None] | None] = []
+        sizes: list[int] = []
+        lru = self.lru
+        need = 0
         for k, (_key, size, meta) in zip(keys, items):
             if type(size) is not int or size < 0:  # (bool is not int here)
                 raise InvalidArgument(f"size of {k!r} must be a non-negative int")
-            norm.append((k, size, None if meta is None else encode_meta(meta)))
-        seen: set[str] = set()
-        fresh: list[tuple[str, int, bytes | None] | None] = []
-        lru = self.lru
-        need = 0
-        for it in norm:
-            k = it[0]
-            exists = k in seen or obj_key(ns, k) in lru
-            seen.add(k)
-            if exists:
+            m = None if meta is None else encode_meta(meta)
+            sizes.append(size)
+            kb = k.encode()
+            ok = nsp + kb
+            if ok in seen or ok in lru:
                 fresh.append(None)
-            else:
-                fresh.append(it)
-                need += self._footprint(ns, k, it[1])
+                continue
+            seen.add(ok)
+            fresh.append((ok, k, size, m))
+            need += (fmt.record_span(nl, len(kb), size) if size <= su
+                     else self._footprint(ns, k, size))
         if need and self.needs_room(need):
             if not may_evict:
                 raise NeedRoom(need)
             self._make_room(need)
-        plan = PutPlan(ns, [], [size for _k, size, _m in norm])
+        plan = PutPlan(ns, [], sizes)
         try:
             with self._lock:
                 for i, f in enumerate(fresh):
-                    op = None if f is None else self._reserve(ns, *f, touched=plan.touched)
+                    op = None if f is None else self._reserve(nl, *f, touched=plan.touched)
                     if op is not None and placed is not None:
                         plan.items.append(op)  # before the carve: an abort frees what it carved
                         op.t0 = placed(i, op.size)
@@ -120,7 +125,7 @@ class Puts(Space):
             self._next_seq += 1
             first = self._rr
             self._rr = (self._rr + 1) % len(self.cfg.stripes)
-        return PutPlan(ns, [ObjPlan(key, 0, None, seq, [])], [0]), first
+        return PutPlan(ns, [ObjPlan(key, 0, None, seq, [], obj_key(ns, key))], [0]), first
 
     def reserve_stream_chunk(self, plan: PutPlan, first: int, i: int) -> ChunkPlan:
         """Room for full-size chunk ``i`` (blocking: it may evict)."""
@@ -289,7 +294,7 @@ class Puts(Space):
                         op.chunks[0].checksum if op.size else fmt.checksum(b""))
                 # a concurrent put of the same key may have won: keep its bytes
                 stored.append(ok and self.index.add_object(
-                    txn, obj_key(ns, op.key),
+                    txn, op.ok,
                     encode_entry(op.size, op.checksum, op.seq, now, now, op.meta,
                                  [[c.stripe, c.seg, c.payload_off, c.length, c.checksum, c.hdr_off, c.end - c.hdr_off]
                                   for c in op.chunks]),
@@ -325,7 +330,7 @@ class Puts(Space):
                 m.created = now
                 for seg, span in m.spans:
                     self.segs[seg].add_live(span)
-                ok = obj_key(ns, op.key)
+                ok = op.ok
                 self.lru[ok] = m
                 self._dir_put(ok, m)
                 n_new += 1

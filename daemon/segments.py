@@ -59,7 +59,7 @@ class SegState:
             self.fd = -1
 
 
-@dataclass
+@dataclass(slots=True)  # one or more per object put: slots make them cheaper to make and read
 class ChunkPlan:
     stripe: int
     seg: int
@@ -73,13 +73,14 @@ class ChunkPlan:
     start: int = -1  # where the reservation begins (the segment's end before it)
 
 
-@dataclass
+@dataclass(slots=True)
 class ObjPlan:
     key: str
     size: int
     meta: bytes | None
     seq: int
     chunks: list[ChunkPlan]
+    ok: bytes = b""  # the object key (kvfsd.index.obj_key), encoded once per put
     hasher: Any = None  # running xxh3-128 of the whole value (multi-chunk)
     checksum: bytes = b""
     t0: int = -1  # arena extent the client fills (T0 put), -1: the client writes T1 itself

@@ -20,7 +20,6 @@ from kvfs import format as fmt
 from kvfs import native
 from kvfs.errors import InvalidArgument
 
-from .index import obj_key
 from .mirror import MemEntry
 from .puts import Puts
 from .segments import ChunkPlan, ObjPlan, PutPlan
@@ -82,7 +81,7 @@ class Tiering(Puts):
             for op in plan.items:
                 if op is None or op.t0 < 0:
                     continue
-                ok = obj_key(ns, op.key)
+                ok = op.ok
                 if ok in lru:
                     t0.alloc.free(op.t0)  # unpublished: nobody saw it
                     op.t0 = -1
@@ -212,7 +211,7 @@ class Tiering(Puts):
         assert m is not None and self.t0 is not None
         if not m.dirty:
             return
-        ok = obj_key(ns, op.key)
+        ok = op.ok
         self.t0.backlog_objects -= 1
         self.t0.backlog_bytes -= op.size
         if self.journal is not None:

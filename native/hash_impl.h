@@ -166,3 +166,15 @@ void KV_FN(hash_chunked)(char *dst, const char *p, size_t len, size_t chunk, uns
     memcpy(whole, can.digest, 16);
     if (single) memcpy(outs, whole, 16);
 }
+
+/* A streaming xxh3-128 behind an opaque pointer (kvfs_native.c hashes the
+ * pieces of one task in order, from whichever thread lands them): state
+ * size (allocate 64-byte aligned), reset, update, canonical digest. */
+size_t KV_FN(hstate_size)(void) { return sizeof(XXH3_state_t); }
+void KV_FN(hreset)(void *st) { XXH3_128bits_reset((XXH3_state_t *)st); }
+void KV_FN(hupdate)(void *st, const void *p, size_t n) { XXH3_128bits_update((XXH3_state_t *)st, p, n); }
+void KV_FN(hdigest)(void *st, unsigned char out[16]) {
+    XXH128_canonical_t c;
+    XXH128_canonicalFromHash(&c, XXH3_128bits_digest((XXH3_state_t *)st));
+    memcpy(out, c.digest, 16);
+}

@@ -47,6 +47,13 @@ typedef int (*copy_verify_fn)(char *, const char *, size_t, const unsigned char 
 typedef int (*read_verify_fn)(int, int64_t, char *, size_t, const unsigned char *);
 typedef void (*copy_plain_fn)(char *, const char *, size_t);
 typedef void (*hash_chunked_fn)(char *, const char *, size_t, size_t, unsigned char *, unsigned char *);
+typedef void (*hreset_fn)(void *);
+typedef void (*hupdate_fn)(void *, const void *, size_t);
+typedef void (*hdigest_fn)(void *, unsigned char *);
+size_t kv_hstate_size_generic(void);
+void kv_hreset_generic(void *);
+void kv_hupdate_generic(void *, const void *, size_t);
+void kv_hdigest_generic(void *, unsigned char *);
 void kv_hash_chunked_generic(char *, const char *, size_t, size_t, unsigned char *, unsigned char *);
 void kv_hash16_generic(const void *, size_t, unsigned char *);
 int kv_copy_verify_generic(char *, const char *, size_t, const unsigned char *);
@@ -59,17 +66,35 @@ int kv_copy_verify_avx2(char *, const char *, size_t, const unsigned char *);
 void kv_copy_plain_avx2(char *, const char *, size_t);
 int kv_read_verify_avx2(int, int64_t, char *, size_t, const unsigned char *);
 void kv_hash_chunked_avx2(char *, const char *, size_t, size_t, unsigned char *, unsigned char *);
+void kv_hreset_avx2(void *);
+void kv_hupdate_avx2(void *, const void *, size_t);
+void kv_hdigest_avx2(void *, unsigned char *);
 #endif
 static hash16_fn hash16 = kv_hash16_generic;
 static copy_verify_fn copy_verify = kv_copy_verify_generic;
 static copy_plain_fn copy_plain = kv_copy_plain_generic;
 static read_verify_fn read_verify = kv_read_verify_generic;
 static hash_chunked_fn hash_chunked = kv_hash_chunked_generic;
+static hreset_fn hreset = kv_hreset_generic;
+static hupdate_fn hupdate = kv_hupdate_generic;
+static hdigest_fn hdigest = kv_hdigest_generic;
 static const char *simd = "generic";
 
 #define PIECE (1u << 20)       /* max bytes one thread takes at a time */
 #define MAX_THREADS 64
 #define INLINE_BELOW (256u << 10) /* batches smaller than this run on the caller alone */
+/* A verified task in a batch of fewer tasks than threads is cut into pieces
+ * of this size, copied or read by all the threads at once and hashed in
+ * order as they land (chase_hash), each while it is still in cache: the
+ * hash of one piece overlaps the copy of the next, where a fused task
+ * (do_fused) copies and hashes on one thread, one after the other. */
+#define CHASE_PIECE (256u << 10)
+/* Batches being cut or run right now in this process. A chase spreads one
+ * caller's task over idle cores; with another batch in flight the cores are
+ * not idle, and the wake-ups and switches cost more than they bring
+ * (measured: two callers' 1 MiB reads at 4.4 GB/s chased, 7.2 fused). */
+static atomic_int batches_in_flight;
+static int online_cpus = 1;
 
 enum { OP_READ, OP_COPY, OP_WRITE, OP_HASH, OP_HASHC };
 
@@ -86,6 +111,14 @@ typedef struct {
     size_t chunk;               /* OP_HASHC: chunk size */
     unsigned char *chunk_sums;  /* OP_HASHC: 16 bytes per chunk */
     atomic_int pieces_left;
+    /* chase: pieces landed (bytes in place, or a failure recorded) and
+     * hashed in piece order by whichever thread holds `hashing` */
+    int chase;
+    size_t first_piece, npieces;
+    atomic_uchar *landed;
+    atomic_int hashing;
+    size_t hashed;      /* pieces hashed so far; only the holder of `hashing` touches it */
+    void *hstate;       /* streaming xxh3-128, 64-byte aligned */
 } task_t;
 
 typedef struct {
@@ -144,8 +177,49 @@ static int io_all(int write, task_t *t, size_t start, size_t len) {
     return 0;
 }
 
+/* Hash a chase task's landed pieces in order, as long as the next one has
+ * landed. Whoever lands a piece calls this; only one thread hashes a task at
+ * a time (trylock). A thread that finds the lock taken leaves: the holder
+ * checks again after its release, and because both the landing flag and
+ * the lock are sequentially consistent, a piece that landed before the
+ * failed trylock is seen by that check. So every piece is hashed, inside
+ * the do_piece of some thread, before the batch counts that thread done;
+ * the last hash checks the sum. A failed piece (status set) stops the
+ * hashing: the task is already a failure. */
+static void chase_hash(batch_t *b, task_t *t) {
+    for (;;) {
+        int free_ = 0;
+        if (!atomic_compare_exchange_strong(&t->hashing, &free_, 1)) return;
+        while (t->hashed < t->npieces && atomic_load(&t->landed[t->hashed])) {
+            piece_t *q = &b->pieces[t->first_piece + t->hashed];
+            /* a read hashes what it read (in cache); a copy hashes its
+             * source, which the copy just loaded (its non-temporal
+             * destination is not in cache): as copy_verify does */
+            if (t->status == 0) hupdate(t->hstate, (b->op == OP_COPY ? t->src : t->dst) + q->start, q->len);
+            if (++t->hashed == t->npieces && t->status == 0) {
+                unsigned char got[16];
+                hdigest(t->hstate, got);
+                if (memcmp(got, t->want, 16) != 0) t->status = 2;
+            }
+        }
+        atomic_store(&t->hashing, 0);
+        if (!(t->hashed < t->npieces && atomic_load(&t->landed[t->hashed]))) return;
+    }
+}
+
 static void do_piece(batch_t *b, piece_t *p) {
     task_t *t = &b->tasks[p->task];
+    if (t->chase) {
+        if (b->op == OP_COPY) {
+            copy_plain(t->dst + p->start, t->src + p->start, p->len);
+        } else {
+            int st = io_all(0, t, p->start, p->len);
+            if (st != 0) t->status = st;  /* any failure fails the task; which one is reported does not matter */
+        }
+        atomic_store(&t->landed[(size_t)(p - b->pieces) - t->first_piece], 1);
+        chase_hash(b, t);
+        return;
+    }
     if (t->fused) {
         do_fused(b, t);
         atomic_fetch_sub(&t->pieces_left, 1);
@@ -284,12 +358,36 @@ static int get_bufs(PyObject *seq, Py_ssize_t n, int writable, bufset_t *out, co
 static size_t piece_count(batch_t *b, task_t *t, int threads) {
     size_t len = t->len;
     int verify = t->want != NULL && (b->op == OP_READ || b->op == OP_COPY);
+    /* Where chasing pays, measured on the 2-core VM (one caller, 8 threads,
+     * 256 MiB of distinct blocks): reads of 1 MiB 4.8 GB/s chased against
+     * 3.5 fused (the kernel's copy is slow, the hash a large share), of
+     * 8 MiB 7.9 against 4.0; arena copies of 1 MiB 6.2 chased against 7.2
+     * fused (waking helpers costs more than they save), of 8 MiB 10.2-10.8
+     * against 7.4. */
+    size_t chase_above = b->op == OP_READ ? CHASE_PIECE : PIECE;
+    if (verify && threads > 1 && online_cpus > 1 && b->ntasks < (size_t)threads && len > chase_above &&
+        atomic_load(&batches_in_flight) <= 1) {
+        t->chase = 1;
+        return (len + CHASE_PIECE - 1) / CHASE_PIECE;
+    }
     t->fused = (verify && (b->ntasks >= (size_t)threads || len <= PIECE)) || b->op == OP_HASHC;
     if (t->fused) return 1;
     return len ? (len + PIECE - 1) / PIECE : 1;
 }
 
-/* Cut tasks into pieces of at most PIECE bytes. */
+/* What make_pieces allocated (also after it failed half way). */
+static void free_pieces(batch_t *b) {
+    for (size_t i = 0; b->tasks && i < b->ntasks; i++) {
+        PyMem_Free(b->tasks[i].landed);
+        free(b->tasks[i].hstate);
+        b->tasks[i].landed = NULL;
+        b->tasks[i].hstate = NULL;
+    }
+    PyMem_Free(b->pieces);
+    b->pieces = NULL;
+}
+
+/* Cut tasks into pieces of at most PIECE bytes (chase tasks: CHASE_PIECE). */
 static int make_pieces(batch_t *b, size_t *total, int threads) {
     size_t np = 0;
     *total = 0;
@@ -302,9 +400,20 @@ static int make_pieces(batch_t *b, size_t *total, int threads) {
     size_t p = 0;
     for (size_t i = 0; i < b->ntasks; i++) {
         size_t len = b->tasks[i].len;
-        size_t k = b->tasks[i].fused ? 1 : (len ? (len + PIECE - 1) / PIECE : 1);
-        size_t step = k ? (len + k - 1) / k : 0;  /* even pieces */
-        atomic_init(&b->tasks[i].pieces_left, (int)k);
+        task_t *t = &b->tasks[i];
+        size_t k = t->fused ? 1 : t->chase ? (len + CHASE_PIECE - 1) / CHASE_PIECE
+                                           : (len ? (len + PIECE - 1) / PIECE : 1);
+        size_t step = t->chase ? CHASE_PIECE : k ? (len + k - 1) / k : 0;  /* even pieces; chase: in order */
+        atomic_init(&t->pieces_left, (int)k);
+        if (t->chase) {
+            t->first_piece = p;
+            t->npieces = k;
+            t->landed = PyMem_Calloc(k, sizeof(atomic_uchar));
+            t->hstate = aligned_alloc(64, (kv_hstate_size_generic() + 63) & ~(size_t)63);  /* one layout for both builds */
+            if (!t->landed || !t->hstate) { PyErr_NoMemory(); return -1; }
+            hreset(t->hstate);
+            atomic_init(&t->hashing, 0);
+        }
         for (size_t j = 0; j < k; j++) {
             size_t start = j * step;
             size_t l = start >= len ? 0 : (len - start < step ? len - start : step);
@@ -407,11 +516,16 @@ static PyObject *drive(int op, PyObject *fds, PyObject *offsets, PyObject *dsts,
         }
     }
     size_t total = 0;
-    if (make_pieces(&b, &total, threads < 1 ? 1 : threads) != 0) goto done;
+    atomic_fetch_add(&batches_in_flight, 1);
+    if (make_pieces(&b, &total, threads < 1 ? 1 : threads) != 0) {
+        atomic_fetch_sub(&batches_in_flight, 1);
+        goto done;
+    }
     /* sums (bytes objects) stay referenced by sumq while the GIL is released */
     Py_BEGIN_ALLOW_THREADS
     run_batch(&b, threads, total);
     Py_END_ALLOW_THREADS
+    atomic_fetch_sub(&batches_in_flight, 1);
     if (op == OP_WRITE) {
         for (size_t i = 0; i < b.ntasks; i++) {
             if (b.tasks[i].status < 0) {
@@ -429,8 +543,8 @@ static PyObject *drive(int op, PyObject *fds, PyObject *offsets, PyObject *dsts,
 done:
     release_bufs(&db);
     release_bufs(&sb);
+    free_pieces(&b);
     PyMem_Free(b.tasks);
-    PyMem_Free(b.pieces);
     Py_XDECREF(fdsq);
     Py_XDECREF(offq);
     Py_XDECREF(dstq);
@@ -453,7 +567,12 @@ static int run_tasks(int op, task_t *tasks, size_t nt, int threads) {
     b.tasks = tasks;
     b.ntasks = nt;
     size_t total = 0;
-    if (make_pieces(&b, &total, threads < 1 ? 1 : threads) != 0) return -1;
+    atomic_fetch_add(&batches_in_flight, 1);
+    if (make_pieces(&b, &total, threads < 1 ? 1 : threads) != 0) {
+        atomic_fetch_sub(&batches_in_flight, 1);
+        free_pieces(&b);
+        return -1;
+    }
     if (op == OP_READ || total >= (64u << 10)) {
         Py_BEGIN_ALLOW_THREADS
         run_batch(&b, threads, total);
@@ -461,7 +580,8 @@ static int run_tasks(int op, task_t *tasks, size_t nt, int threads) {
     } else {
         run_batch(&b, 1, total);
     }
-    PyMem_Free(b.pieces);
+    atomic_fetch_sub(&batches_in_flight, 1);
+    free_pieces(&b);
     return 0;
 }
 
@@ -788,8 +908,8 @@ static PyObject *chunked_sums(PyObject *dsts, PyObject *bufs, Py_ssize_t chunk, 
 done:
     release_bufs(&sb);
     release_bufs(&db);
+    free_pieces(&b);
     PyMem_Free(b.tasks);
-    PyMem_Free(b.pieces);
     PyMem_Free(sums);
     Py_XDECREF(seq);
     Py_XDECREF(dseq);
@@ -978,9 +1098,14 @@ PyMODINIT_FUNC PyInit__native(void) {
         copy_plain = kv_copy_plain_avx2;
         read_verify = kv_read_verify_avx2;
         hash_chunked = kv_hash_chunked_avx2;
+        hreset = kv_hreset_avx2;
+        hupdate = kv_hupdate_avx2;
+        hdigest = kv_hdigest_avx2;
         simd = "avx2";
     }
 #endif
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    online_cpus = ncpu > 1 ? (int)(ncpu > MAX_THREADS ? MAX_THREADS : ncpu) : 1;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     PyModule_AddIntConstant(m, "MAX_THREADS", MAX_THREADS);

@@ -59,6 +59,39 @@ def test_read_many_statuses_and_bytes(tmp_path, name, threads):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("size", [2 * MiB + 123, 9 * MiB])
+def test_one_large_verified_task_on_many_threads(tmp_path, name, size):
+    """Fewer tasks than threads: each large one is read or copied in pieces
+    by several threads and hashed in order as they land (the C backend's
+    chase_hash). The same answers as one thread: bytes, mismatch anywhere
+    (first, middle, last piece), short read."""
+    b = mod(name)
+    data = bytearray(os.urandom(size))
+    want = xxhash.xxh3_128_digest(bytes(data))
+    p = tmp_path / "f"
+    p.write_bytes(data)
+    fd = os.open(p, os.O_RDWR)
+    try:
+        for threads in (1, 4, 8):
+            d = bytearray(size)
+            assert b.read_many([fd], [0], [d], [want], threads) == [0] and d == data
+            d = bytearray(size)
+            assert b.copy_many([d], [bytes(data)], [want], threads) == [0] and d == data
+            assert b.read_many([fd], [0], [bytearray(size)], [b"\0" * 16], threads) == [2]
+            assert b.copy_many([bytearray(size)], [bytes(data)], [b"\0" * 16], threads) == [2]
+            assert b.read_many([fd], [4096], [bytearray(size)], [want], threads) == [1]  # past the end
+            for at in (0, size // 2, size - 1):
+                bad = bytearray(data)
+                bad[at] ^= 0xFF
+                os.pwrite(fd, bytes(bad[at:at + 1]), at)
+                assert b.read_many([fd], [0], [bytearray(size)], [want], threads) == [2], (threads, at)
+                assert b.copy_many([bytearray(size)], [bytes(bad)], [want], threads) == [2], (threads, at)
+                os.pwrite(fd, bytes(data[at:at + 1]), at)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_hash_chunked_gives_chunk_and_whole_sums_in_one_pass(name):
     b = mod(name)
     chunk = 4 * MiB
