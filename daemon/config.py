@@ -38,7 +38,10 @@ class Config:
     high_watermark: float = 0.95
     low_watermark: float = 0.90
     map_size: int = 1 << 40  # LMDB map: sparse, so large costs nothing
-    shm_size: int | None = None  # T0 arena bytes; None: min(25% of RAM, 4 GiB, half of /dev/shm); 0: no T0
+    shm_size: int | None = None  # T0 arena bytes; None: min(25% of RAM, 4 GiB, half of shm_dir's free space); 0: no T0
+    # the tmpfs that holds the arena, the location directory and the T0
+    # journal (a tmpfs mounted huge=advise gives the arena 2 MiB pages)
+    shm_dir: Path = Path("/dev/shm")
     promote_after: int = 2  # a T1 object is copied into T0 on this many accesses
     dir_slots: int = 1 << 18  # location directory slots (kvfs.directory; sparse shm); 0: none
     # who besides the daemon's own user and root is admitted, and with which
@@ -100,7 +103,10 @@ class Config:
             self.capacity = int(free * 0.9)
         if self.capacity <= 0:
             raise InvalidArgument("capacity must be positive")
-        self.shm_size = resolve_shm_size(self.shm_size)
+        self.shm_dir = Path(self.shm_dir).absolute()
+        if not self.shm_dir.is_dir():
+            raise InvalidArgument(f"--shm-dir {self.shm_dir}: not a directory")
+        self.shm_size = resolve_shm_size(self.shm_size, self.shm_dir)
         # Whole segments are the unit of reclaim: keep them small relative to
         # the capacity so eviction can free space in reasonable steps.
         seg = min(self.segment_size, max(self.capacity // 16, 2 * self.stripe_unit + 2 * PAGE))
@@ -108,13 +114,14 @@ class Config:
         return self
 
 
-def resolve_shm_size(asked: int | None) -> int:
+def resolve_shm_size(asked: int | None, shm_dir: Path = Path("/dev/shm")) -> int:
     """The T0 arena size. A default never takes more than half of what
-    /dev/shm has free (containers often give it only 64 MiB); an explicit
-    size that /dev/shm cannot hold is refused, because touching pages past
-    a full tmpfs kills the process with SIGBUS instead of failing a write."""
+    ``shm_dir`` has free (containers often give /dev/shm only 64 MiB); an
+    explicit size that it cannot hold is refused, because touching pages
+    past a full tmpfs kills the process with SIGBUS instead of failing a
+    write."""
     try:
-        shm_free = shutil.disk_usage("/dev/shm").free
+        shm_free = shutil.disk_usage(shm_dir).free
     except OSError:
         shm_free = 0
     if asked is None:
@@ -124,5 +131,5 @@ def resolve_shm_size(asked: int | None) -> int:
     if asked < 0:
         raise InvalidArgument("--shm-size must be >= 0")
     if asked > shm_free:
-        raise InvalidArgument(f"--shm-size {asked} is more than /dev/shm has free ({shm_free} bytes)")
+        raise InvalidArgument(f"--shm-size {asked} is more than {shm_dir} has free ({shm_free} bytes)")
     return asked - asked % 4096

@@ -24,7 +24,7 @@ from kvfs import native
 from kvfs.directory import (BUCKET, HEAD_STRUCT, HEADER, IN_T1, LAYOUT, MAGIC, MAX_CHUNKS, PROBE, SLOT, SPILLED_AT,
                             U64, check_slots, file_size, home_of)
 
-from .arena import arena_path
+from .arena import SHM_DIR, arena_path
 
 ENTRIES_AT = SPILLED_AT + 8
 
@@ -36,9 +36,9 @@ def _hash(ok: bytes) -> bytes:
 
 
 class DirectoryWriter:
-    def __init__(self, root: Path, nslots: int, mode: int = 0o600):
+    def __init__(self, root: Path, nslots: int, mode: int = 0o600, shm_dir: Path = SHM_DIR):
         check_slots(nslots)
-        self.path = arena_path(root).with_suffix(".dir")
+        self.path = arena_path(root, shm_dir).with_suffix(".dir")
         self.nslots = nslots
         try:
             os.unlink(self.path)  # never trust a directory from an earlier run

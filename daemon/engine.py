@@ -85,7 +85,7 @@ class Engine(Recovery):
             self.root_lock.release()
             raise
         self.writer = WriterThread(self.index.env, on_idle=self._flush_atimes)
-        self.dir: DirectoryWriter | None = DirectoryWriter(cfg.root, cfg.dir_slots) if cfg.dir_slots else None
+        self.dir: DirectoryWriter | None = DirectoryWriter(cfg.root, cfg.dir_slots, shm_dir=cfg.shm_dir) if cfg.dir_slots else None
         if self.dir is not None:
             self.perms.apply(self.dir.path, Kind.SHARED_RO)
         try:
@@ -107,8 +107,8 @@ class Engine(Recovery):
         self.wb_pool: WriteBackPool | None = None
         self._replay_t0()
         if cfg.shm_size:
-            self.journal = Journal(arena_path(cfg.root).with_suffix(".journal"))  # the daemon's alone
-            arena = Arena(cfg.root, cfg.shm_size)
+            self.journal = Journal(arena_path(cfg.root, cfg.shm_dir).with_suffix(".journal"))  # the daemon's alone
+            arena = Arena(cfg.root, cfg.shm_size, shm_dir=cfg.shm_dir)
             self.perms.apply(arena.path, Kind.DATA)
             self.t0 = Tier0(arena, max(cfg.shm_size // 4, 1),
                             self.leases.obj_leased, self.generation.bump, self._dir_put)

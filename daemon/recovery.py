@@ -151,7 +151,7 @@ class Recovery(Repair):
         """Write to T1 the fast-mode T0 puts that a crashed daemon owed
         (kvfsd.t0journal), from its orphaned arena, each verified against
         the checksums its client committed. Then both files go."""
-        apath = arena_path(self.cfg.root)
+        apath = arena_path(self.cfg.root, self.cfg.shm_dir)
         jpath = apath.with_suffix(".journal")
         pending = read_pending(jpath)
         rep = self.recovery

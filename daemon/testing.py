@@ -25,7 +25,7 @@ class DaemonProcess:
     def __init__(self, root: str | os.PathLike[str], *, stripes: int | list[str] = 1,
                  capacity: str | int | None = None, durability: str = "fast", shm_size: str | int | None = "256M",
                  extra: list[str] | None = None, log: str | os.PathLike[str] | None = None,
-                 mount: str | os.PathLike[str] | None = None):
+                 mount: str | os.PathLike[str] | None = None, shm_dir: str | os.PathLike[str] | None = None):
         self.root = Path(root)
         self.socket = self.root / "kvfs.sock"
         if isinstance(stripes, int):
@@ -36,6 +36,7 @@ class DaemonProcess:
         self.durability = durability
         self.shm_size = shm_size  # T0 arena; 0: none; None: the daemon's default
         self.mount = Path(mount) if mount is not None else None
+        self.shm_dir = Path(shm_dir) if shm_dir is not None else None  # None: the daemon's default, /dev/shm
         self.extra = list(extra or [])
         self.log_path = Path(log) if log else self.root.parent / f"{self.root.name}-daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -51,6 +52,8 @@ class DaemonProcess:
             a += ["--shm-size", str(self.shm_size)]
         if self.mount is not None:
             a += ["--mount", str(self.mount)]
+        if self.shm_dir is not None:
+            a += ["--shm-dir", str(self.shm_dir)]
         return a + self.extra
 
     def start(self, timeout: float = 30.0) -> "DaemonProcess":
@@ -126,8 +129,8 @@ class DaemonProcess:
         """Remove what a killed daemon left in /dev/shm (arena, directory,
         T0 journal). A restart on the same root would use or remove them;
         a test's root is never started again."""
-        from kvfsd.arena import arena_path
-        a = arena_path(self.root.absolute())
+        from kvfsd.arena import SHM_DIR, arena_path
+        a = arena_path(self.root.absolute(), self.shm_dir.absolute() if self.shm_dir else SHM_DIR)
         for p in (a, a.with_suffix(".dir"), a.with_suffix(".journal")):
             p.unlink(missing_ok=True)
 

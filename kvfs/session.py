@@ -43,11 +43,25 @@ class ArenaMapping:
             self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
         finally:
             os.close(fd)
+        try:  # where the daemon's tmpfs backs the arena with 2 MiB pages, map them as such (kvfsd.arena)
+            self.mm.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError):
+            pass
         self.path = path
         self.size = size
         self.writable = writable
         self.rw = memoryview(self.mm)  # read-only itself for a reader: puts never reach it (alloc is refused)
         self.ro = self.rw.toreadonly()
+
+    def close(self) -> None:
+        """Unmap (only once no slice of it is held elsewhere; else the
+        mapping goes when the last one does)."""
+        try:
+            self.ro.release()
+            self.rw.release()
+            self.mm.close()
+        except BufferError:
+            pass
 
 
 class Session(StoreState):

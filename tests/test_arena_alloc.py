@@ -122,7 +122,7 @@ def test_a_reservation_is_carved_into_values_and_its_rest_given_back():
     assert a.used == 0 and a.free_extents == 1
 
 
-def test_the_arena_file_is_allocated_whole_or_refused(tmp_path, monkeypatch):
+def test_the_arena_file_is_allocated_whole_or_refused(tmp_path):
     """The arena's pages are taken from tmpfs at start, so a /dev/shm that
     fills later cannot SIGBUS a write to it; an arena tmpfs cannot hold is a
     clear error that leaves no file behind. (A small tmpfs of our own stands
@@ -136,12 +136,45 @@ def test_the_arena_file_is_allocated_whole_or_refused(tmp_path, monkeypatch):
     shm.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(shm)], check=True)
     try:
-        monkeypatch.setattr(arena, "SHM_DIR", shm)
-        a = arena.Arena(tmp_path / "root", 4 << 20)
+        a = arena.Arena(tmp_path / "root", 4 << 20, shm_dir=shm)
         assert os.stat(a.path).st_blocks * 512 >= 4 << 20  # every page held, none left to a first touch
         with pytest.raises(InvalidArgument, match="cannot hold"):
-            arena.Arena(tmp_path / "other", 6 << 20)  # 4 + 6 > 8 MiB
+            arena.Arena(tmp_path / "other", 6 << 20, shm_dir=shm)  # 4 + 6 > 8 MiB
         assert sorted(p.name for p in shm.iterdir()) == [a.path.name]
         a.close()
     finally:
         subprocess.run(["umount", str(shm)], check=True)
+
+
+def test_a_huge_page_tmpfs_gives_the_arena_2mib_pages(tmp_path):
+    """On a tmpfs mounted huge=advise (what the README's tuning section asks
+    of /dev/shm, or of a tmpfs given with --shm-dir) the arena asks for and
+    gets 2 MiB pages, and a client's mapping of it maps them as such; on a
+    plain tmpfs it gets none. (Needs root to mount, which CI is, and a
+    kernel with transparent huge pages.)"""
+    import subprocess
+    from pathlib import Path
+
+    from kvfs.session import ArenaMapping
+    from kvfsd import arena
+    if not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists():
+        pytest.fail("this kernel has no transparent huge pages: the test cannot run here")
+    for opt, huge in (("huge=advise", True), ("huge=never", False)):
+        shm = tmp_path / opt.replace("=", "-")
+        shm.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=64m,{opt}", "tmpfs", str(shm)], check=True)
+        try:
+            a = arena.Arena(tmp_path / "root", 16 << 20, shm_dir=shm)
+            try:
+                assert (a.huge_bytes() >= 8 << 20) == huge, (opt, a.huge_bytes())
+                a.view[:] = b"\x01" * len(a.view)  # every page touched
+                m = ArenaMapping(str(a.path), a.size, writable=False)
+                try:
+                    assert sum(m.ro[(1 << 20) * i] for i in range(16)) == 16  # touch each MiB
+                    assert (arena.huge_bytes(a.path) >= 2 * (8 << 20)) == huge  # the daemon's and the client's
+                finally:
+                    m.close()
+            finally:
+                a.close()
+        finally:
+            subprocess.run(["umount", "-l", str(shm)], check=True)  # lazily: a failed assertion may leave a mapping

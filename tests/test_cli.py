@@ -153,3 +153,33 @@ def test_bench_native_quick(tmp_path):
     assert {row["backend"] for row in res["rows"]} == {"native", "python"}
     assert all(row[k] > 0 for row in res["rows"] for k in ("read_gbs", "copy_gbs", "get_many_gbs"))
     assert b"C / Python" in r.stdout
+
+
+def test_daemon_on_a_huge_page_tmpfs_of_its_own(tmp_path):
+    """--shm-dir: the arena, the directory and the T0 journal live on the
+    tmpfs given (here one mounted huge=advise, as the README's tuning
+    section says), the arena on 2 MiB pages, which `kvfs stats` reports;
+    T0 puts and gets work from it, and a stopped daemon leaves it empty."""
+    import kvfs
+    from kvfsd.testing import DaemonProcess
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128m,huge=advise", "tmpfs", str(shm)], check=True)
+    try:
+        d = DaemonProcess(tmp_path / "root", shm_size="64M", shm_dir=shm).start()
+        try:
+            assert sorted(p.suffix for p in shm.iterdir()) == [".arena", ".dir", ".journal"]
+            with kvfs.connect(d.socket) as s:
+                vals = [os.urandom(1 << 20) for _ in range(8)]
+                s.put_many([f"k{i}" for i in range(8)], vals)
+                with kvfs.connect(d.socket) as r:
+                    assert [r.get(f"k{i}") for i in range(8)] == vals
+                st = s.stats()["tiers"]["T0"]
+                assert st["path"].startswith(str(shm)) and st["huge_page_bytes"] >= 32 << 20
+            table = kvfs_cmd("stats", "--socket", str(d.socket)).stdout.decode()
+            assert "on 2 MiB pages" in table
+        finally:
+            d.stop()
+        assert list(shm.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(shm)], check=True)  # lazily: this process may still map the arena

@@ -7,7 +7,10 @@ For each block size and thread count, in interleaved rounds (median kept):
                bound T0 gets meet first)
   raw preadv   a plain file of the same blocks, page-cache hot (and cold
                after dropping caches, when run as root); raw pwrite for puts
-  kvfs T0      get_into / get_view from the shared-memory arena
+  kvfs T0      get_into / get_view from the shared-memory arena (/dev/shm,
+               4 KiB pages); as root also get_into from an arena on 2 MiB
+               pages (a tmpfs of its own mounted huge=advise, --shm-dir),
+               with the memcpy out of that arena
   kvfs T1      get_into from the segment files (a daemon without T0), hot
                and cold
   peers        file-per-block, diskcache.FanoutCache, Redis on loopback
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -103,6 +107,20 @@ class Bench:
         self.d1 = DaemonProcess(work / "t1", capacity=cap, shm_size=0, log=work / "t1.log")
         self.d0.start()
         self.d1.start()
+        # T0 on 2 MiB pages, as the README's tuning section sets a node up:
+        # a tmpfs of the benchmark's own mounted huge=advise (root only)
+        self.hugeshm: Path | None = work / "hugeshm"
+        self.d2: Any = None
+        try:
+            self.hugeshm.mkdir()
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.total + self.total // 4 + 128 * MiB},huge=advise",
+                            "kvfs-bench", str(self.hugeshm)], check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError):
+            self.hugeshm = None
+        if self.hugeshm is not None:
+            self.d2 = DaemonProcess(work / "t0h", capacity=cap, shm_size=str(self.total + self.total // 4 + 64 * MiB),
+                                    log=work / "t0h.log", shm_dir=self.hugeshm)
+            self.d2.start()
         self.peers: dict[str, Any] = {}
         self.unavailable: dict[str, str] = {}
         for cls in (bench_peers.FilePerBlock, bench_peers.Diskcache, bench_peers.Redis):
@@ -123,11 +141,14 @@ class Bench:
             # as connect() makes them (its data plane's threads copy and
             # verify one caller's large values on several cores): what one
             # process with ``threads`` calling threads gets
-            cs = (self.d0.connect(), self.d0.connect(), self.d1.connect(), self.d1.connect(),
-                  self.d0.connect(verify=False), self.d1.connect(verify=False))
+            cs: tuple[Any, ...] = (self.d0.connect(), self.d0.connect(), self.d1.connect(), self.d1.connect(),
+                                   self.d0.connect(verify=False), self.d1.connect(verify=False))
             for c in (cs[0], cs[1], cs[4]):
                 if c.arena is not None:
                     self.native.hash_many([c.arena.ro], 1)
+            if self.d2 is not None:
+                cs += (self.d2.connect(), self.d2.connect())
+                self.native.hash_many([cs[-1].arena.ro], 1)
             self._stores[threads] = cs
         return self._stores[threads]
 
@@ -137,9 +158,11 @@ class Bench:
                 c.close()
         for p in self.peers.values():
             p.close()
-        for d in (self.d0, self.d1):
-            if d.alive():
+        for d in (self.d0, self.d1, self.d2):
+            if d is not None and d.alive():
                 d.stop()
+        if self.hugeshm is not None:
+            subprocess.run(["umount", "-l", str(self.hugeshm)], check=False)
 
     def _check(self, n: int, what: str) -> None:
         import numpy as np
@@ -185,7 +208,7 @@ class Bench:
             os.close(fd)
             self.raw.unlink()
         # -- kvfs T0 (fast mode: acknowledged once in the arena)
-        w0, r0, w1, r1, n0, n1 = self.stores(threads)
+        w0, r0, w1, r1, n0, n1, *huge = self.stores(threads)
         os.sync()
         put["kvfs T0 put"] = gbs(_timed(threads, count, lambda i: w0.put(keys[i], srcv[i])))
         w0.flush()
@@ -216,6 +239,18 @@ class Bench:
         if hits < 2 * count:
             print(f"  note: only {hits} of {2 * count} T0 gets hit T0", file=sys.stderr)
         r0.delete(keys)
+        if huge:  # the same on 2 MiB pages (put in batches: these puts are not what is measured)
+            w2, r2 = huge
+            for j in range(0, count, PUT_MANY_BATCH):
+                w2.put_many(keys[j:j + PUT_MANY_BATCH], srcv[j:j + PUT_MANY_BATCH])
+            w2.flush()
+            hsrc = [r2.arena.ro[i * bs:(i + 1) * bs] for i in range(count)]
+            if len(r2.arena.ro) >= n:
+                get["memcpy, huge-page arena source"] = gbs(_timed(1, 1, lambda _i: self.native.copy_many(
+                    dstv, hsrc, [None] * count, threads)))
+                self.dst[:n] = 0
+            read("kvfs T0 get_into, huge pages", _timed, lambda i: r2.get_into(keys[i], dstv[i]))
+            w2.delete(keys)
         # batched: the same blocks under other keys, in put_many calls of
         # PUT_MANY_BATCH, one per thread at a time (acknowledged, as above).
         # After the T0 gets: this many more bytes would evict the blocks
@@ -264,6 +299,7 @@ class Bench:
             from .cmd_bench import measure_meta
             meta = measure_meta(s)
         return {"machine": {"cpus": os.cpu_count(), "dir": str(self.work), "native": self.native.__name__,
+                            "huge_page_arena": self.d2 is not None,
                             "cold": self.can_drop},
                 "total_bytes": self.total, "cells": cells, "meta": meta, "unavailable": self.unavailable}
 
@@ -282,8 +318,8 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
         clean_up(work, base, bool(args.dir))
 
 
-GET_ORDER = ["memcpy", "memcpy, arena source", "raw preadv", "raw preadv + xxh3, 1 thread", "raw preadv cold",
-             "kvfs T0 get_into", "kvfs T0 get_into, verify off",
+GET_ORDER = ["memcpy", "memcpy, arena source", "memcpy, huge-page arena source", "raw preadv",
+             "raw preadv + xxh3, 1 thread", "raw preadv cold", "kvfs T0 get_into", "kvfs T0 get_into, huge pages", "kvfs T0 get_into, verify off",
              "kvfs T0 get_view", "kvfs T1 get_into", "kvfs T1 get_into, verify off", "kvfs T1 get_into cold",
              "file-per-block", "diskcache", "redis"]
 PUT_ORDER = ["raw pwrite", "kvfs T0 put", "kvfs T0 put_many", "kvfs T1 put", "file-per-block", "diskcache", "redis"]

@@ -34,6 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--shm-size", default=None,
                    help="T0 shared-memory arena in /dev/shm, e.g. 4G; 0 disables T0 "
                         "(default min(25%% of RAM, 4G, half of /dev/shm's free space))")
+    p.add_argument("--shm-dir", default="/dev/shm",
+                   help="the tmpfs for the T0 arena, the location directory and the T0 journal (default "
+                        "/dev/shm; one mounted with huge=advise gives the arena 2 MiB pages: README, tuning)")
     p.add_argument("--promote-after", type=int, default=2,
                    help="copy a T1 object into T0 on its Nth access (default 2; 0: never)")
     p.add_argument("--dir-slots", type=_dir_slots, default=1 << 18,
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         segment_size=parse_size(args.segment_size),
         lease_timeout=args.lease_timeout,
         shm_size=parse_size(args.shm_size) if args.shm_size is not None else None,
+        shm_dir=Path(args.shm_dir),
         promote_after=args.promote_after,
         dir_slots=args.dir_slots,
         mount=Path(args.mount).absolute() if args.mount else None,

@@ -54,6 +54,11 @@ def format_stats(st: dict[str, Any]) -> str:
         ["corrupt dropped", c["corrupt_dropped"]],
         ["uptime", f"{st['uptime_s']:.0f} s"],
     ]
+    t0 = st["tiers"]["T0"]
+    if t0.get("capacity_bytes"):
+        huge = t0.get("huge_page_bytes", 0)
+        rows.append(["T0 arena", f"{t0['path']}, " + (f"{format_size(huge)} on 2 MiB pages" if huge else
+                                                      "4 KiB pages (README, tuning: huge=advise)")])
     d = st.get("directory")
     if d:
         # clients answer contains/prefix_match from it; spilled objects make them ask the daemon
