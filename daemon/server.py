@@ -368,7 +368,10 @@ class Server:
             for rest, end in conn.reservations.values():
                 eng.release_arena(rest, end)
             conn.reservations.clear()
-            off, size = eng.reserve_arena(P.arg(args, "bytes", int))  # memory only
+            want = P.arg(args, "bytes", int)
+            if want <= 0:
+                return {"res": 0}  # only the giving back (a client ends a large batch)
+            off, size = eng.reserve_arena(want)  # memory only
             if off < 0:
                 return {"res": 0}
             rid = conn.next_res

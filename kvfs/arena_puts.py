@@ -43,7 +43,10 @@ log = logging.getLogger("kvfs")
 # twice its last, up to RESERVE_MAX, or what the rest of the batch being put
 # needs if that is more, up to BATCH_MAX (the daemon caps any reservation at
 # half its arena): an idle thread pins little of the arena, a busy one asks
-# rarely, and a large batch goes in few messages.
+# rarely, and a large batch goes in few messages. What a batch leaves of a
+# reservation past RESERVE_MAX goes back at its end (a reserve of 0 bytes,
+# not waited for): else every connection that once put a large batch would
+# keep up to half the arena from everyone else for as long as it lives.
 RESERVE_FIRST = 4 << 20
 RESERVE_MAX = 32 << 20
 BATCH_MAX = 1 << 30
@@ -184,6 +187,9 @@ def put_reserved(store: "Puts", conn: "Connection", ns: str, items: list[list[An
             offs[i] = off
             batch.append(i)
         send()
+        if r is not None and r.end - r.cursor > RESERVE_MAX:
+            conn.defer(P.RESERVE, {"bytes": 0}, lambda _res, _err: None)  # after the messages that carve from it
+            conn.reservation = None
     finally:
         if wait:
             conn.drain()  # what was sent is answered, even when a later part failed

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -46,6 +47,7 @@ class Connection:
         self.broken = False
         self.answered = 0  # replies received: a connection that worked, then broke, was cut (a restart)
         self.reservation: ArenaReservation | None = None  # arena space this connection places puts in
+        self.owner = threading.current_thread()  # a connection is one thread's (kvfs.session: _new_conn)
         self.reserve_next = RESERVE_FIRST  # the size of its next reservation (kvfs.arena_puts)
         self.deferred: deque[tuple[int, Callable[[Any, BaseException | None], None]]] = deque()
 

@@ -119,8 +119,22 @@ class Session(StoreState):
 
     def _new_conn(self) -> Connection:
         c = Connection(self.socket_path)
+        # A thread that ended leaves its connection behind (thread-local, but
+        # listed here for close()): with it an arena reservation the daemon
+        # keeps for it, and a socket. Those of ended threads close as soon as
+        # any thread connects, so a pool whose threads come and go (an
+        # engine's executor) does not pile up connections and their
+        # reservations until the arena looks full to everyone.
         with self._conns_lock:
-            self._conns = [x for x in self._conns if not x.broken] + [c]
+            ended = [x for x in self._conns if not x.broken and not x.owner.is_alive()]
+            self._conns = [x for x in self._conns if not x.broken and x.owner.is_alive()] + [c]
+        for x in ended:
+            try:
+                if x.deferred:
+                    x.drain()  # answers to puts it sent without waiting (their errors are counted there)
+            except Exception:  # noqa: BLE001 - it is closed either way
+                pass
+            x.close()
         if hasattr(self, "daemon_pid"):
             hello = c.call(P.HELLO, {"version": P.PROTOCOL_VERSION})
             if hello.get("instance") != self._instance:

@@ -120,3 +120,43 @@ def test_a_reservation_is_what_the_batch_asks_up_to_half_the_arena_or_what_fits(
         x._conn().call(P.RESERVE, {"bytes": 1 * MiB})  # x gives back its 20 MiB
         got = c.call(P.RESERVE, {"bytes": 48 * MiB})
         assert got["res"] and got["size"] == 16 * MiB, (got, at)
+
+
+def test_a_large_batch_gives_back_what_it_left_of_its_reservation(tmp_path):
+    """A batch that took a large reservation (up to half the arena) gives
+    back what it did not use at its end, so writers that once put a large
+    batch do not keep the arena from the others: a second writer's batch
+    then goes to T0 too."""
+    d = DaemonProcess(tmp_path / "s", capacity="1G", shm_size="256M")
+    vals = [os.urandom(MiB) for _ in range(40)]
+    with d, d.connect() as a, d.connect() as b:
+        assert a.put_many([f"a{i}" for i in range(40)], vals) == [True] * 40
+        t0 = a.stats()["tiers"]["T0"]
+        assert t0["allocated_bytes"] - t0["bytes"] <= 32 * MiB, t0  # not the rest of a 128 MiB reservation
+        assert b.put_many([f"b{i}" for i in range(100)], [vals[i % 40] for i in range(100)]) == [True] * 100
+        assert not b._conn().call(P.RESERVE, {"bytes": 0})["res"]  # b gives its rest back too
+        t0 = a.stats()["tiers"]["T0"]
+        assert t0["objects"] == 140 and t0["allocated_bytes"] - 140 * MiB < MiB, t0  # no rest kept (alignment aside)
+        assert requests(a).get("alloc", 0) == 0  # nothing had to go to T1 directly
+
+
+def test_threads_that_come_and_go_do_not_pile_up_connections_or_reservations(tmp_path):
+    """Each thread of a Store has its own connection, and with it an arena
+    reservation. A pool whose threads come and go (an engine's executor)
+    must not leave one behind per ended thread: they close when a thread
+    next connects, and the daemon takes their reservations back, so the
+    arena stays free for T0 puts (before, 20 ended threads kept 20
+    reservations and the later puts went to T1)."""
+    import threading
+    d = DaemonProcess(tmp_path / "s", capacity="1G", shm_size="128M")
+    val = os.urandom(MiB)
+    with d, d.connect() as s:
+        for t in range(20):
+            th = threading.Thread(target=lambda t=t: s.put_many([f"t{t}-{i}" for i in range(4)], [val] * 4))
+            th.start()
+            th.join()
+        s.delete([f"t{t}-{i}" for t in range(20) for i in range(4)])
+        st = s.stats()
+        assert st["connections"] <= 3, st["connections"]  # this thread's, the last ended one's, at most
+        t0 = st["tiers"]["T0"]
+        assert t0["objects"] == 0 and t0["allocated_bytes"] <= 8 * MiB, t0
