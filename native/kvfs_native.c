@@ -357,6 +357,7 @@ static int get_bufs(PyObject *seq, Py_ssize_t n, int writable, bufset_t *out, co
  * hashed afterwards. */
 static size_t piece_count(batch_t *b, task_t *t, int threads) {
     size_t len = t->len;
+    t->chase = 0;  /* decided here, each batch: make_pieces cuts by what this says */
     int verify = t->want != NULL && (b->op == OP_READ || b->op == OP_COPY);
     /* Where chasing pays, measured on the 2-core VM (one caller, 8 threads,
      * 256 MiB of distinct blocks): reads of 1 MiB 4.8 GB/s chased against
