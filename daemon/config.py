@@ -54,6 +54,9 @@ class Config:
     compact_at: float = 0.2
     compact_threshold: float = 0.5
     metrics_port: int | None = None  # serve Prometheus metrics on 127.0.0.1:<port>
+    # after answering a request, poll its connection this long for the next
+    # one before sleeping in epoll (kvfsd.server, Conn.read_exact); 0: never
+    poll_us: float = 50.0
     policy: Policy = field(default_factory=lambda: Policy(os.getuid()))  # set by resolve()
 
     def resolve(self) -> "Config":
@@ -103,6 +106,8 @@ class Config:
             self.capacity = int(free * 0.9)
         if self.capacity <= 0:
             raise InvalidArgument("capacity must be positive")
+        if not 0 <= self.poll_us <= 10000:
+            raise InvalidArgument("--poll-us must be 0-10000")
         self.shm_dir = Path(self.shm_dir).absolute()
         if not self.shm_dir.is_dir():
             raise InvalidArgument(f"--shm-dir {self.shm_dir}: not a directory")

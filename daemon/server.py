@@ -48,8 +48,9 @@ class _Closed(Exception):
 class Conn:
     """Buffered reads over a trio socket, with ``recv_into`` for payloads."""
 
-    def __init__(self, sock: trio.socket.SocketType):
+    def __init__(self, sock: trio.socket.SocketType, poll_s: float = 0.0):
         self.sock = sock
+        self.poll_s = poll_s
         self.buf = bytearray()
         self.id = next(_conn_ids)
         self.staging: bytearray | None = None
@@ -88,6 +89,8 @@ class Conn:
             n -= k
 
     async def read_exact(self, n: int) -> bytes:
+        if len(self.buf) < n and self.poll_s:
+            await self._poll(n)
         while len(self.buf) < n:
             data = await self.sock.recv(max(65536, n - len(self.buf)))
             if not data:
@@ -96,6 +99,29 @@ class Conn:
         out = bytes(self.buf[:n])
         del self.buf[:n]
         return out
+
+    async def _poll(self, n: int) -> None:
+        """Try to read the next bytes for up to ``poll_s``, yielding to the
+        loop between tries, before ``read_exact`` parks in epoll. A client
+        that waits on each answer sends its next request within tens of
+        microseconds; finding it here saves the daemon's wake-up from epoll
+        (28-50 us on a VM: see native/socket_wait.c for the client's side).
+        While any task polls, the loop asks epoll without sleeping, so other
+        connections are served as before; the cost is CPU only while
+        requests keep coming."""
+        fd = self.sock.fileno()
+        until = time.perf_counter() + self.poll_s
+        while len(self.buf) < n:
+            try:
+                data = os.read(fd, max(65536, n - len(self.buf)))
+            except BlockingIOError:
+                if time.perf_counter() >= until:
+                    return
+                await trio.lowlevel.checkpoint()
+                continue
+            if not data:
+                raise _Closed()
+            self.buf += data
 
     def _take_buffered(self, view: memoryview) -> int:
         """Move already-received bytes into ``view``; returns how many."""
@@ -218,7 +244,7 @@ class Server:
                     self.engine.promote_q.clear()
 
     async def _handle(self, sock: trio.socket.SocketType) -> None:
-        conn = Conn(sock)
+        conn = Conn(sock, self.engine.cfg.poll_us * 1e-6)
         self.connections += 1
         policy = self.engine.cfg.policy
         # the socket's mode and ACL already keep out whoever is not granted;

@@ -222,3 +222,18 @@ def dir_del(directory: Any, nslots: int, h: bytes) -> int:
     """The writer's removal (kvfs.directory.del_py): the slot freed or -1."""
     from .directory import del_py
     return del_py(directory, nslots, h)
+
+
+def recv_spin(sock: Any, buf: Any, spin_ns: int) -> int:
+    """native/socket_wait.c's twin: poll ``sock`` for up to ``spin_ns``,
+    then block; returns the bytes received into ``buf`` (0: closed). Here
+    the polling holds the GIL between its calls, so it is shorter."""
+    import socket
+    import time
+    until = time.perf_counter_ns() + spin_ns // 4
+    while spin_ns > 0 and time.perf_counter_ns() < until:
+        try:
+            return int(sock.recv_into(buf, 0, socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            continue
+    return int(sock.recv_into(buf))

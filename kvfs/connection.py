@@ -7,7 +7,9 @@ Invariants:
 - at most MAX_DEFERRED answers wait to be read: past that the oldest is
   read first (backpressure on puts sent with ``wait=False``);
 - a connection carries the arena reservation its puts are placed in
-  (kvfs.arena_puts): it ends with the connection.
+  (kvfs.arena_puts): it ends with the connection;
+- bytes received but not yet parsed stay in its receive buffer, in order:
+  a reply may arrive in pieces or together with the next one.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from . import native
 from . import protocol as P
 from .arena_puts import RESERVE_FIRST, ArenaReservation
 from .errors import DaemonUnavailable, KvfsError, PermissionDenied, ProtocolError
@@ -28,6 +31,12 @@ log = logging.getLogger("kvfs")
 # puts sent with wait=False whose answers a connection reads later, at most
 # (each a batch): past that the oldest answer is waited for
 MAX_DEFERRED = 64
+
+# How long a caller polls for a reply before it sleeps (native/socket_wait.c
+# says why): past that it blocks and costs no CPU. KVFS_POLL_US=0 turns
+# polling off (a machine with fewer cores than busy threads).
+POLL_NS = int(float(os.environ.get("KVFS_POLL_US", "200")) * 1000)
+RECV_BUF = 64 << 10  # the receive buffer kept between replies; a larger reply grows it for itself
 
 
 class Connection:
@@ -50,17 +59,38 @@ class Connection:
         self.owner = threading.current_thread()  # a connection is one thread's (kvfs.session: _new_conn)
         self.reserve_next = RESERVE_FIRST  # the size of its next reservation (kvfs.arena_puts)
         self.deferred: deque[tuple[int, Callable[[Any, BaseException | None], None]]] = deque()
+        self.poll_ns = POLL_NS
+        self._rbuf = bytearray(RECV_BUF)
+        self._rlo = self._rhi = 0  # the unparsed bytes are _rbuf[_rlo:_rhi]
 
-    def _recv_exact(self, n: int) -> bytes:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        pos = 0
-        while pos < n:
-            k = self.sock.recv_into(view[pos:])
+    def _fill(self, need: int) -> None:
+        """Receive until at least ``need`` unparsed bytes are buffered, as
+        many per call as have arrived (usually a whole reply in one)."""
+        if self._rlo + need > len(self._rbuf):  # move what is left to the front, growing for a large reply
+            rest = self._rbuf[self._rlo:self._rhi]
+            self._rbuf = bytearray(max(RECV_BUF, need))
+            self._rbuf[:len(rest)] = rest
+            self._rlo, self._rhi = 0, len(rest)
+        view = memoryview(self._rbuf)
+        while self._rhi - self._rlo < need:
+            k = native.backend.recv_spin(self.sock, view[self._rhi:], self.poll_ns)
             if k == 0:
                 raise ConnectionResetError("daemon closed the connection")
-            pos += k
-        return bytes(buf)
+            self._rhi += k
+
+    def _read_reply(self) -> bytes:
+        """The next reply's message (msgpack), from the buffer or the socket."""
+        self._fill(P.PREFIX.size)
+        mlen, _ = P.parse_prefix(bytes(self._rbuf[self._rlo:self._rlo + P.PREFIX.size]))
+        self._fill(P.PREFIX.size + mlen)
+        start = self._rlo + P.PREFIX.size
+        body = bytes(self._rbuf[start:start + mlen])
+        self._rlo = start + mlen
+        if self._rlo == self._rhi:
+            self._rlo = self._rhi = 0
+            if len(self._rbuf) > RECV_BUF:
+                self._rbuf = bytearray(RECV_BUF)  # a large reply does not keep its buffer
+        return body
 
     def call(self, op: str, args: dict[str, Any], trailer: Sequence[memoryview] = ()) -> Any:
         if self.deferred:
@@ -79,11 +109,13 @@ class Connection:
                 for t in trailer:
                     if len(t):
                         self.sock.sendall(t)
-            mlen, _ = P.parse_prefix(self._recv_exact(P.PREFIX.size))
-            body = self._recv_exact(mlen)
+            body = self._read_reply()
         except OSError as e:
             self.broken = True
             raise DaemonUnavailable(self.path, f"connection lost: {e}") from None
+        except ProtocolError:
+            self.broken = True  # a bad frame prefix: nothing after it can be trusted
+            raise
         rid, result = P.parse_reply(body)
         if rid != req_id:
             self.broken = True
@@ -119,11 +151,10 @@ class Connection:
             try:
                 if self.broken:
                     raise DaemonUnavailable(self.path, "connection lost")
-                mlen, _ = P.parse_prefix(self._recv_exact(P.PREFIX.size))
-                body = self._recv_exact(mlen)
-            except (OSError, DaemonUnavailable) as e:
+                body = self._read_reply()
+            except (OSError, DaemonUnavailable, ProtocolError) as e:
                 self.broken = True
-                on_reply(None, e if isinstance(e, DaemonUnavailable) else DaemonUnavailable(self.path, str(e)))
+                on_reply(None, e if isinstance(e, KvfsError) else DaemonUnavailable(self.path, str(e)))
                 continue
             try:
                 rid, result = P.parse_reply(body)

@@ -1042,6 +1042,7 @@ PyObject *kv_dir_probe(PyObject *self, PyObject *args); /* directory.c */
 PyObject *kv_dir_contains(PyObject *self, PyObject *args);
 PyObject *kv_dir_put(PyObject *self, PyObject *args);
 PyObject *kv_dir_del(PyObject *self, PyObject *args);
+PyObject *kv_recv_spin(PyObject *self, PyObject *args); /* socket_wait.c */
 
 static PyMethodDef methods[] = {
     {"dir_probe", kv_dir_probe, METH_VARARGS,
@@ -1081,6 +1082,9 @@ static PyMethodDef methods[] = {
      "in the same pass"},
     {"lanes_hash", py_lanes_hash, METH_VARARGS,
      "lanes_hash(buf, ranges) -> [xxh3-128 digest of buf[off:off+len]], computed the way the GPU does"},
+    {"recv_spin", kv_recv_spin, METH_VARARGS,
+     "recv_spin(sock, buf, spin_ns) -> bytes received into buf (0: closed): polls the socket for up to "
+     "spin_ns, then blocks; the GIL is released throughout (native/socket_wait.c)"},
     {"aligned_buffer", py_aligned_buffer, METH_VARARGS,
      "aligned_buffer(size, alignment=4096) -> writable zeroed buffer at an aligned address"},
     {NULL, NULL, 0, NULL},

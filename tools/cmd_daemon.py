@@ -58,6 +58,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="segments at least this share dead are compacted (default 0.5)")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics")
+    p.add_argument("--poll-us", type=float, default=50.0, metavar="US",
+                   help="after answering a request, poll that connection this many microseconds for the next "
+                        "before sleeping: a client waiting on each answer then pays no wake-up (default 50; "
+                        "0: never; README, tuning)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -88,5 +92,6 @@ def run(args: argparse.Namespace) -> int:
         compact_at=args.compact_at,
         compact_threshold=args.compact_threshold,
         metrics_port=args.metrics_port,
+        poll_us=args.poll_us,
     )
     return run_daemon(cfg)
