@@ -68,11 +68,21 @@ class DeviceBuffer:
         return self.nbytes
 
 
+# Types whose instances are never device memory: their class has no
+# __cuda_array_interface__ and they are not torch's. Asking an object for
+# the attribute and catching the AttributeError costs a put several
+# microseconds; a host buffer's type is then known at once.
+_HOST_TYPES: set[type] = {bytes, bytearray, memoryview}
+
+
 def device_buffer(obj: Any) -> DeviceBuffer | None:
     """The device span of ``obj``, or None if it is not device memory."""
+    t = type(obj)
+    if t in _HOST_TYPES:
+        return None
     if isinstance(obj, DeviceBuffer):
         return obj
-    if type(obj).__module__.startswith("torch") and hasattr(obj, "data_ptr"):
+    if t.__module__.startswith("torch") and hasattr(obj, "data_ptr"):
         # torch tensors: asked directly (its __cuda_array_interface__ has no
         # typestr for bfloat16, the usual KV-cache dtype)
         if not obj.is_cuda:
@@ -80,6 +90,9 @@ def device_buffer(obj: Any) -> DeviceBuffer | None:
         if not obj.is_contiguous():
             raise InvalidArgument("device tensor must be contiguous")
         return DeviceBuffer(int(obj.data_ptr()), obj.numel() * obj.element_size(), False, obj, TORCH_STREAM)
+    if not hasattr(t, "__cuda_array_interface__"):
+        _HOST_TYPES.add(t)  # (the attribute is a property of the class wherever it is defined)
+        return None
     try:
         cai = obj.__cuda_array_interface__
     except AttributeError:

@@ -120,8 +120,10 @@ def test_bench_puts_quick(tmp_path):
     assert all(v["daemon_user_us"] > 0 for v in res["batches"].values())
     assert res["handler_us_per_object"] > 0 and res["pwrite_gbs"] > 0 and res["memcpy_gbs"] > 0
     assert res["request_rtt"]["p50_us"] > 0
+    assert res["no_polling"]["request_rtt"]["p50_us"] > 0 and res["no_polling"]["wait"]["p50_us"] > 0
     assert all(res["phases"][v][p] > 0 for v in ("4096", "65536") for p in ("prepare", "publish T0", "LMDB"))
     assert b"daemon CPU" in r.stdout and b"round trip" in r.stdout and b"in-process" in r.stdout
+    assert b"round trip, no polling" in r.stdout
 
 
 def test_bench_compare_quick(tmp_path):

@@ -14,6 +14,9 @@ the physical baselines of the same bytes in the same run.
   per object (same bytes, same run) bounds from below;
 - a request that does nothing (``contains`` of one key): its round trip is
   the floor of any put that waits for its answer;
+- the waited puts and the round trip again against a daemon that does not
+  poll for requests (``--poll-us 0``) from a client that does not poll for
+  answers (``KVFS_POLL_US=0``): what polling saves, in the same run;
 - the daemon's per-object work taken apart phase by phase, in-process
   (kvfstools.bench_phases);
 - memcpy of the same bytes into a preallocated buffer and raw ``pwrite`` of
@@ -73,31 +76,7 @@ def run_puts_bench(args: argparse.Namespace) -> dict[str, Any]:
         assert d.proc is not None
         with d.connect() as s:
             vals = np.random.default_rng(1).integers(0, 256, (BATCH, VALUE), dtype=np.uint8)
-            single: dict[str, Any] = {}
-            for wait in (True, False):
-                lat = []
-                cpu0 = time.thread_time()
-                for i in range(n_single):
-                    t = time.perf_counter()
-                    s.put(f"s{wait}-{i}", vals[i % BATCH], wait=wait)
-                    lat.append(time.perf_counter() - t)
-                cpu = (time.thread_time() - cpu0) / n_single
-                s.flush()
-                lat.sort()
-                single["wait" if wait else "no wait"] = {"p50_us": lat[len(lat) // 2] * 1e6,
-                                                         "p99_us": lat[int(len(lat) * .99)] * 1e6,
-                                                         "client_cpu_us": cpu * 1e6}
-            # the floor of a waited put: a request that does nothing, answered
-            from kvfs import protocol as P
-            conn = s._conn()
-            lat = []
-            for i in range(n_single):
-                t = time.perf_counter()
-                conn.call(P.CONTAINS, {"ns": "default", "keys": ["absent"]})
-                lat.append(time.perf_counter() - t)
-            lat.sort()
-            out["single"] = single
-            out["request_rtt"] = {"p50_us": lat[len(lat) // 2] * 1e6, "p99_us": lat[int(len(lat) * .99)] * 1e6}
+            out["single"], out["request_rtt"] = _singles(s, vals, n_single, "p")
             before = s.stats()["requests"].get("put_t0", {"count": 0, "sum_s": 0.0})
             batches: dict[str, Any] = {}
             for wait in (True, False):
@@ -136,6 +115,13 @@ def run_puts_bench(args: argparse.Namespace) -> dict[str, Any]:
                 out["pwrite_sys_us"] = (os.times().system - c0.system) / (n_batches * BATCH) * 1e6
             finally:
                 os.close(fd)
+        # the same without polling for answers, neither side (what every round trip paid before)
+        d0 = DaemonProcess(work / "kvfs-nopoll", stripes=args.stripes, capacity="4G", shm_size="256M",
+                           extra=["--poll-us", "0"], log=work / "kvfs-nopoll.log")
+        with d0, d0.connect() as sn:
+            sn._conn().poll_ns = 0
+            single0, rtt0 = _singles(sn, vals, n_single, "n", no_wait=False)
+            out["no_polling"] = {"wait": single0["wait"], "request_rtt": rtt0}
         out["processes"] = _processes(d, 256 if args.quick else 4096)
         out["sustained"] = _sustained(args, work)
         from .bench_phases import run_phases
@@ -143,6 +129,35 @@ def run_puts_bench(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         clean_up(work, base, bool(args.dir), [d])
     return out
+
+
+def _singles(s: Any, vals: Any, n: int, tag: str, no_wait: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One 64 KiB put after another (waiting for each answer, and not),
+    then a request that does nothing, answered: the floor of a waited put."""
+    from kvfs import protocol as P
+    single: dict[str, Any] = {}
+    for wait in (True, False) if no_wait else (True,):
+        lat = []
+        cpu0 = time.thread_time()
+        for i in range(n):
+            t = time.perf_counter()
+            s.put(f"{tag}{wait}-{i}", vals[i % BATCH], wait=wait)
+            lat.append(time.perf_counter() - t)
+        cpu = (time.thread_time() - cpu0) / n
+        s.flush()
+        single["wait" if wait else "no wait"] = {**_pcts(lat), "client_cpu_us": cpu * 1e6}
+    conn = s._conn()
+    lat = []
+    for i in range(n):
+        t = time.perf_counter()
+        conn.call(P.CONTAINS, {"ns": "default", "keys": ["absent"]})
+        lat.append(time.perf_counter() - t)
+    return single, _pcts(lat)
+
+
+def _pcts(lat: list[float]) -> dict[str, float]:
+    lat = sorted(lat)
+    return {"p50_us": lat[len(lat) // 2] * 1e6, "p99_us": lat[int(len(lat) * .99)] * 1e6}
 
 
 def _processes(d: Any, per_process: int) -> list[dict[str, Any]]:
@@ -269,6 +284,12 @@ def format_puts(res: dict[str, Any]) -> str:
     if "request_rtt" in res:
         rows.append(["a request's round trip (contains of 1 key)", f"{res['request_rtt']['p50_us']:.0f}",
                      f"{res['request_rtt']['p99_us']:.0f}", ""])
+    if "no_polling" in res:  # the same, neither side polling for answers (--poll-us 0, KVFS_POLL_US=0)
+        npl = res["no_polling"]
+        rows.append(["one put at a time, wait, no polling", f"{npl['wait']['p50_us']:.0f}",
+                     f"{npl['wait']['p99_us']:.0f}", f"{npl['wait']['client_cpu_us']:.0f}"])
+        rows.append(["a request's round trip, no polling", f"{npl['request_rtt']['p50_us']:.0f}",
+                     f"{npl['request_rtt']['p99_us']:.0f}", ""])
     t1 = render(["", "p50 us", "p99 us", "client CPU us/put"], rows)
     rows2 = [[f"put_many of {res['batch']}, {k}", f"{v['objects_s']:.0f}", f"{v['gbs']:.2f}",
               f"{v['gbs'] / res['pwrite_gbs']:.2f}x", f"{v['daemon_cpu_us']:.0f}",
