@@ -39,6 +39,7 @@ from .space import NeedRoom
 log = logging.getLogger("kvfsd")
 
 _conn_ids = itertools.count(1)
+MAX_RESERVATIONS = 2  # the one a client fills and the next, asked ahead (kvfs.arena_puts)
 
 
 class _Closed(Exception):
@@ -390,13 +391,25 @@ class Server:
             eng.queue_write_back(pending)
             return [o is not None and o.t0_stored for o in pending.items]
         if op == P.RESERVE:
-            # a new reservation ends the connection's previous ones: a client fills one at a time
-            for rest, end in conn.reservations.values():
-                eng.release_arena(rest, end)
-            conn.reservations.clear()
+            # a client fills one reservation at a time and may hold one more,
+            # asked ahead ("keep"); a reserve without "keep" ends all of them,
+            # "release" ends those it names (kvfs.arena_puts)
+            release = P.arg(args, "release", list, None)
+            keep = P.arg(args, "keep", bool, False)
+            if release is not None:
+                for rid in release:
+                    r = conn.reservations.pop(rid, None) if isinstance(rid, int) else None
+                    if r is not None:
+                        eng.release_arena(*r)
+            elif not keep:
+                for rest, end in conn.reservations.values():
+                    eng.release_arena(rest, end)
+                conn.reservations.clear()
             want = P.arg(args, "bytes", int)
             if want <= 0:
                 return {"res": 0}  # only the giving back (a client ends a large batch)
+            if len(conn.reservations) >= MAX_RESERVATIONS:
+                raise InvalidArgument(f"a connection holds at most {MAX_RESERVATIONS} arena reservations")
             off, size = eng.reserve_arena(want)  # memory only
             if off < 0:
                 return {"res": 0}

@@ -8,12 +8,23 @@ daemon carves each value out of the reservation, plans its write-back and
 publishes it in T0. So a put costs one round trip (was two: alloc, then
 commit), and a reservation round trip every tens of MiB.
 
+The next reservation is asked for ahead (``keep``: the daemon keeps the
+current one too) once the current one is half used, by a connection that
+filled one before or a batch the current one will not hold, and its
+answer is read with the put answers that come before it: a put that fills
+one reservation goes on in the next without waiting for the daemon. (A
+one-off batch asks nothing ahead: it would only pin arena space.)
+
 Invariants:
-- A connection has at most one reservation; values are placed in it at
-  increasing offsets, following kvfs.format.arena_rounded (the daemon's
-  allocator rules), and every put_t0 on it names it. Asking for a new one
-  ends the old one (the daemon frees its rest), so a batch is sent before
-  the next reservation is asked for.
+- A connection fills one reservation (``Connection.reservation``) and holds
+  at most one more, asked ahead (``Connection.ahead``, or its answer still
+  to come). Values are placed at increasing offsets, following
+  kvfs.format.arena_rounded (the daemon's allocator rules), and every
+  put_t0 names the reservation it carves from. A reservation is given
+  back (``release``) only after every put_t0 placed in it was sent; a
+  ``reserve`` without ``keep`` ends all of the connection's reservations,
+  and an answer asked ahead before it is then dropped unread
+  (``Connection.res_epoch``).
 - The reservation belongs to the connection: a client that dies, or a
   connection that breaks, gives it back with the connection.
 - Checksums are of the caller's bytes (as for alloc/commit puts): another
@@ -22,8 +33,6 @@ Invariants:
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from . import protocol as P
 from .device_puts import fill_device
 from .format import arena_rounded
-from .gpu import DeviceBuffer, address_of
+from .gpu import DeviceBuffer
 
 if TYPE_CHECKING:
     from .client_puts import Puts
@@ -57,6 +66,10 @@ class ArenaReservation:
     rid: int
     cursor: int  # where the next value may go
     end: int
+    start: int = 0
+
+    def half_used(self) -> bool:
+        return 2 * (self.cursor - self.start) >= self.end - self.start
 
     def place(self, n: int) -> int:
         """An offset for ``n`` bytes, -1 if they do not fit."""
@@ -68,39 +81,89 @@ class ArenaReservation:
         return off
 
 
-MADV_POPULATE_WRITE = 23  # Linux 5.14+: map (and fault in) a range's pages in one call
-_libc: Any = None
+def _ignore(_res: Any, _err: BaseException | None) -> None:
+    pass
 
 
-def _populate(view: memoryview) -> None:
-    """Fault in this process's pages of a new reservation at once: the first
-    write to each arena page costs a page fault per process (about half of
-    a 64 KiB put's copy), and one madvise over the range costs far less
-    than the faults it saves. Nothing happens where the kernel has no such
-    advice."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    _libc.madvise(ctypes.c_void_p(address_of(view)), ctypes.c_size_t(len(view)), MADV_POPULATE_WRITE)
+def _release(conn: "Connection", r: ArenaReservation) -> None:
+    """Give ``r``'s rest back, not waited for (after the put_t0 messages that
+    carve from it, which were sent first)."""
+    conn.defer(P.RESERVE, {"bytes": 0, "release": [r.rid]}, _ignore)
+
+
+def _want(conn: "Connection", need: int, batch_rest: int) -> int:
+    want = max(conn.reserve_next, need + 4096, min(batch_rest, BATCH_MAX))
+    conn.reserve_next = min(2 * conn.reserve_next, RESERVE_MAX)
+    return want
+
+
+def _ask_ahead(conn: "Connection", batch_rest: int) -> None:
+    """Ask for the next reservation now; its answer is read later, with the
+    put answers before it (``_take_ahead``). Not again after a refusal
+    until a waited ``reserve`` succeeds: a full arena is not asked on
+    every batch."""
+    if conn.ahead is not None or conn.ahead_pending or conn.ahead_refused:
+        return
+    epoch = conn.res_epoch
+
+    def on_reply(got: Any, err: BaseException | None) -> None:
+        conn.ahead_pending = False
+        if epoch != conn.res_epoch:
+            return  # every reservation of the connection was ended since: this one too
+        if err is None and isinstance(got, dict) and got.get("res"):
+            off = int(got["off"])
+            conn.ahead = ArenaReservation(int(got["res"]), off, off + int(got["size"]), off)
+        else:
+            conn.ahead_refused = True
+    conn.ahead_pending = True
+    conn.defer(P.RESERVE, {"bytes": _want(conn, 0, batch_rest), "keep": True}, on_reply)
+
+
+def _take_ahead(conn: "Connection") -> ArenaReservation | None:
+    """The reservation asked ahead, its answer read if it is still to come
+    (None: refused, or none was asked)."""
+    while conn.ahead_pending and conn.deferred:
+        conn.drain(1)
+    r, conn.ahead = conn.ahead, None
+    return r
+
+
+def end_reservations(conn: "Connection") -> None:
+    """Give back every reservation of the connection (a reserve of 0 bytes,
+    not waited for), the one asked ahead included."""
+    conn.defer(P.RESERVE, {"bytes": 0}, _ignore)
+    conn.res_epoch += 1
+    conn.reservation = conn.ahead = None
+    conn.ahead_pending = False
 
 
 def _reserve(conn: "Connection", arena: Any, n: int, batch_rest: int, populate: bool) -> ArenaReservation | None:
-    """A new reservation for a value of ``n`` bytes and, room allowing, the
-    ``batch_rest`` bytes of the batch that follow it. ``populate``: fault
-    its pages in now (the CPU writes them; DMA into the registered arena
-    needs no faults: registering pinned every page)."""
+    """The next reservation, for a value of ``n`` bytes and, room allowing,
+    the ``batch_rest`` bytes of the batch that follow it: the one asked
+    ahead if it holds the value, else one asked for now (waited for).
+    ``populate``: fault its pages in now (the CPU writes them; DMA into the
+    registered arena needs no faults: registering pinned every page)."""
     need, _a = arena_rounded(n)
-    want = max(conn.reserve_next, need + 4096, min(batch_rest, BATCH_MAX))
-    conn.reserve_next = min(2 * conn.reserve_next, RESERVE_MAX)
-    got = conn.call(P.RESERVE, {"bytes": want})
-    if not got.get("res"):
-        conn.reservation = None
-        return None  # the arena is full of values not yet written back: the caller uses alloc/commit
-    r = ArenaReservation(int(got["res"]), int(got["off"]), int(got["off"]) + int(got["size"]))
+    old = conn.reservation
+    if old is not None:
+        conn.refills += 1
+    r = _take_ahead(conn)
+    if r is not None and r.end - r.cursor >= need + 4096:
+        if old is not None:
+            _release(conn, old)
+    else:
+        conn.res_epoch += 1  # this reserve ends every reservation of the connection, r and old too
+        conn.ahead_pending = False
+        got = conn.call(P.RESERVE, {"bytes": _want(conn, need, batch_rest)})
+        if not got.get("res"):
+            conn.reservation = None
+            return None  # the arena is full of values not yet written back: the caller uses alloc/commit
+        off = int(got["off"])
+        r = ArenaReservation(int(got["res"]), off, off + int(got["size"]), off)
+        conn.ahead_refused = False
     conn.reservation = r
     if populate:
-        lo = r.cursor & ~4095
-        _populate(arena.rw[lo:r.end])
+        arena.populate(r.cursor, r.end)
     return r
 
 
@@ -186,10 +249,11 @@ def put_reserved(store: "Puts", conn: "Connection", ns: str, items: list[list[An
                 continue  # too large for a reservation, or no room: the other way
             offs[i] = off
             batch.append(i)
+            if r is not None and r.half_used() and (conn.refills or rest > r.end - r.cursor):
+                _ask_ahead(conn, rest)  # a connection that keeps putting, or a batch this one will not hold
         send()
         if r is not None and r.end - r.cursor > RESERVE_MAX:
-            conn.defer(P.RESERVE, {"bytes": 0}, lambda _res, _err: None)  # after the messages that carve from it
-            conn.reservation = None
+            end_reservations(conn)  # after the messages that carve from it
     finally:
         if wait:
             conn.drain()  # what was sent is answered, even when a later part failed

@@ -58,6 +58,11 @@ class Connection:
         self.reservation: ArenaReservation | None = None  # arena space this connection places puts in
         self.owner = threading.current_thread()  # a connection is one thread's (kvfs.session: _new_conn)
         self.reserve_next = RESERVE_FIRST  # the size of its next reservation (kvfs.arena_puts)
+        self.ahead: ArenaReservation | None = None  # the next reservation, asked ahead (kvfs.arena_puts)
+        self.ahead_pending = False  # its answer is still to be read
+        self.ahead_refused = False  # the last one asked ahead was refused (the arena was full)
+        self.res_epoch = 0  # bumped whenever every reservation of the connection ends
+        self.refills = 0  # reservations it filled and moved on from
         self.deferred: deque[tuple[int, Callable[[Any, BaseException | None], None]]] = deque()
         self.poll_ns = POLL_NS
         self._rbuf = bytearray(RECV_BUF)

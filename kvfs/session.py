@@ -31,6 +31,9 @@ from .store_state import StoreState
 
 log = logging.getLogger("kvfs")
 
+MADV_POPULATE_WRITE = 23  # Linux 5.14+: map (and fault in) a range's pages in one call
+POPULATE_REGION = 2 << 20
+
 
 class ArenaMapping:
     """The client's mapping of the daemon's shared-memory arena (T0):
@@ -52,6 +55,35 @@ class ArenaMapping:
         self.writable = writable
         self.rw = memoryview(self.mm)  # read-only itself for a reader: puts never reach it (alloc is refused)
         self.ro = self.rw.toreadonly()
+        # 2 MiB regions this process has faulted in (``populate``): its page
+        # table entries stay for as long as the mapping (the daemon never
+        # punches holes in the arena), so a region is populated once
+        self._populated = bytearray(-(-size // POPULATE_REGION))
+
+    def populate(self, lo: int, hi: int) -> None:
+        """Fault in this process's pages of ``[lo, hi)`` at once, before the
+        CPU writes them: the first write to each arena page costs a page
+        fault per process (about half of a 64 KiB put's copy), one madvise
+        over a range far less. Regions done before are skipped: asking again
+        costs 1-4 ms per 32 MiB on this VM even with every page present, as
+        much as copying a few MiB. Nothing happens where the kernel has no
+        such advice (before Linux 5.14)."""
+        first, last = lo // POPULATE_REGION, -(-hi // POPULATE_REGION)
+        i = first
+        while i < last:
+            if self._populated[i]:
+                i += 1
+                continue
+            j = i
+            while j < last and not self._populated[j]:
+                self._populated[j] = 1
+                j += 1
+            start, end = i * POPULATE_REGION, min(j * POPULATE_REGION, self.size)
+            try:
+                self.mm.madvise(MADV_POPULATE_WRITE, start, end - start)
+            except (OSError, ValueError):
+                pass
+            i = j
 
     def close(self) -> None:
         """Unmap (only once no slice of it is held elsewhere; else the

@@ -28,6 +28,7 @@ def test_a_batch_is_one_message_and_reads_back_everywhere(tmp_path):
         for i in range(20):
             assert s.put(f"one{i}", vals[0]) is True
         n = requests(s)
+        # one reservation: a one-off writer asks nothing ahead
         assert n.get("put_t0") == 22 and n.get("reserve") == 1 and not n.get("alloc") and not n.get("commit")
         assert [other.get(k) for k in keys] == vals  # from T0, by another client
         assert s.get("v3") == vals[3]  # the writer's own get: from its cache, no lookup
@@ -161,3 +162,87 @@ def test_threads_that_come_and_go_do_not_pile_up_connections_or_reservations(tmp
         assert st["connections"] <= 3, st["connections"]  # this thread's, the last ended one's, at most
         t0 = st["tiers"]["T0"]
         assert t0["objects"] == 0 and t0["allocated_bytes"] <= 8 * MiB, t0
+
+
+def _waited_ops(conn):
+    """Record the ops ``conn`` waits for an answer to (``call``, not ``defer``)."""
+    ops = []
+    orig = conn.call
+
+    def call(op, args, trailer=()):
+        ops.append(op)
+        return orig(op, args, trailer)
+    conn.call = call
+    return ops
+
+
+def test_a_writer_that_keeps_putting_gets_its_next_reservation_ahead(tmp_path):
+    """Once a connection has filled a reservation, it asks for the next one
+    when the current is half used, not waiting for the answer: the puts
+    that fill reservation after reservation wait for none of them."""
+    d = DaemonProcess(tmp_path / "s", stripes=2, capacity="2G", shm_size="256M")
+    vals = [os.urandom(256 * KiB) for _ in range(8)]
+    with d, d.connect() as other:
+        s = d.connect()
+        waited = _waited_ops(s._conn())
+        for b in range(60):  # 120 MiB: the reservations grow 4, 8, 16, 32 MiB, then stay at 32
+            assert s.put_many([f"b{b}-{i}" for i in range(8)], vals, wait=b % 2 == 0) == [True] * 8
+        s.flush()
+        n = requests(s)
+        assert n["reserve"] >= 5 and waited.count(P.RESERVE) <= 2, (n, waited.count(P.RESERVE))
+        assert n.get("alloc", 0) == 0  # everything went through the arena
+        assert all(other.get(f"b{b}-{i}") == vals[i] for b in range(60) for i in range(8))
+        t0 = s.stats()["tiers"]["T0"]
+        held = t0["allocated_bytes"] - t0["bytes"]
+        assert held <= 2 * 32 * MiB + MiB, t0  # the one it fills and the next, at most
+        s.close()  # its connection ends: both go back
+        for _ in range(100):
+            t0 = other.stats()["tiers"]["T0"]
+            if t0["allocated_bytes"] - t0["bytes"] < MiB:
+                break
+        assert t0["allocated_bytes"] - t0["bytes"] < MiB, t0
+
+
+def test_two_reservations_at_most_and_each_released_alone(tmp_path):
+    d = DaemonProcess(tmp_path / "s", capacity="1G", shm_size="64M")
+    with d, d.connect() as s:
+        c = s._conn()
+        held = lambda: s.stats()["tiers"]["T0"]["allocated_bytes"]  # noqa: E731
+        a = c.call(P.RESERVE, {"bytes": 4 * MiB})
+        b = c.call(P.RESERVE, {"bytes": 2 * MiB, "keep": True})
+        assert a["res"] and b["res"] and a["res"] != b["res"] and held() >= 6 * MiB
+        with pytest.raises(kvfs.InvalidArgument, match="at most 2"):
+            c.call(P.RESERVE, {"bytes": MiB, "keep": True})
+        val = os.urandom(100 * KiB)
+        import xxhash
+        w = xxhash.xxh3_128_digest(val)
+        for r, key in ((a, "in-a"), (b, "in-b")):  # a value placed in either is carved from it
+            s.arena.rw[r["off"]:r["off"] + len(val)] = val
+            assert c.call(P.PUT_T0, {"ns": "default", "res": r["res"],
+                                     "items": [[key, len(val), None, r["off"], [w, [w]]]]}) != [-1]
+        assert s.get("in-a") == val and s.get("in-b") == val
+        before = held()
+        assert c.call(P.RESERVE, {"bytes": 0, "release": [a["res"]]}) == {"res": 0}
+        assert before - held() >= 3 * MiB  # a's rest, and only a's
+        assert c.call(P.RESERVE, {"bytes": 0, "release": [a["res"], 999]}) == {"res": 0}  # unknown: nothing happens
+        c.call(P.RESERVE, {"bytes": MiB, "keep": True})  # b and this one
+        c.call(P.RESERVE, {"bytes": 0})  # without keep: every one ends
+        assert held() == 2 * 100 * KiB
+
+
+def test_an_answer_asked_ahead_is_dropped_once_every_reservation_ended(tmp_path):
+    from kvfs.arena_puts import _ask_ahead, _take_ahead, end_reservations
+    d = DaemonProcess(tmp_path / "s", capacity="1G", shm_size="64M")
+    with d, d.connect() as s:
+        s.put("first", os.urandom(100 * KiB))
+        c = s._conn()
+        _ask_ahead(c, 0)
+        assert c.ahead_pending
+        end_reservations(c)  # sent after the ask: the daemon ends the one it just made too
+        assert _take_ahead(c) is None and c.ahead is None
+        c.drain()
+        assert c.ahead is None
+        t0 = s.stats()["tiers"]["T0"]
+        assert t0["allocated_bytes"] == t0["bytes"], t0  # nothing held for this connection
+        s.put("second", b"x" * (300 * KiB))  # a fresh reservation, waited for
+        assert s.get("second") == b"x" * (300 * KiB)

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from kvfs.optional import need
 
-from .bench_util import clean_up
+from .bench_util import clean_up, drop_caches
 from .table import render
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -63,17 +63,6 @@ def _aligned(n: int) -> Any:
     raw = np.empty(n + 4096, dtype=np.uint8)
     off = (-raw.ctypes.data) % 4096
     return raw[off:off + n]
-
-
-def drop_caches() -> bool:
-    """Evict the page cache (root only). False if this process may not."""
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 class Bench:

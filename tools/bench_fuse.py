@@ -51,7 +51,7 @@ def _fresh(src: Path, can_drop: bool) -> None:
     """The same starting point for every `cp`: no dirty pages, the page
     cache dropped (so no run pays for the previous one's pages) and the
     source hot."""
-    from .bench_compare import drop_caches
+    from .bench_util import drop_caches
 
     os.sync()
     if can_drop:
@@ -87,7 +87,7 @@ def run_fuse_bench(args: argparse.Namespace) -> dict[str, Any]:
     need("pyfuse3")
     from kvfsd.testing import DaemonProcess
 
-    from .bench_compare import drop_caches
+    from .bench_util import drop_caches
 
     size = int(args.total * args.scale)
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="kvfs-fuse-"))

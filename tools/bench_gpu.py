@@ -40,7 +40,7 @@ def run_gpu_bench(args: argparse.Namespace) -> dict[str, Any]:
     from kvfs.gpu import DeviceBuffer, _kvikio
     from kvfsd.testing import DaemonProcess
 
-    from .bench_compare import drop_caches
+    from .bench_util import drop_caches
 
     kvikio = _kvikio()
     total = int(args.total * args.scale)

@@ -83,7 +83,7 @@ def run_lmcache_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     from kvfsd.testing import DaemonProcess
 
-    from .bench_compare import drop_caches
+    from .bench_util import drop_caches
 
     label, layers, heads, head = GEOMETRY[args.lmcache_geometry]
     n, reps = args.lmcache_chunks, max(1, args.repeat)

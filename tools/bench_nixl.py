@@ -58,7 +58,7 @@ def run_nixl_bench(args: argparse.Namespace) -> dict[str, Any]:
     from kvfs.sizes import parse_size
     from kvfsd.testing import DaemonProcess
 
-    from .bench_compare import drop_caches
+    from .bench_util import drop_caches
 
     total = int(parse_size(args.total) * args.scale)
     reps = max(1, args.repeat)

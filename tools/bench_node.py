@@ -163,7 +163,7 @@ def _disk_gbps(work: Path, nbytes: int, threads: int) -> float:
     """Parallel pread of plain files after dropping the page cache."""
     from kvfs import native
 
-    from .bench_compare import drop_caches
+    from .bench_util import drop_caches
     files = []
     per = nbytes // threads
     for i in range(threads):
@@ -190,7 +190,7 @@ def run_node_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     from kvfsd.testing import DaemonProcess
 
-    from .bench_compare import drop_caches
+    from .bench_util import drop_caches
     n = cp.cuda.runtime.getDeviceCount()
     gpus = list(range(n))
     root = os.geteuid() == 0

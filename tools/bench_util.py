@@ -76,3 +76,14 @@ def latencies(fn: Callable[[], Any], n: int) -> list[float]:
 def percentile(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
+
+
+def drop_caches() -> bool:
+    """Evict the page cache (root only). False if this process may not."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
