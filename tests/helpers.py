@@ -17,15 +17,17 @@ def value_for(i: int, max_size: int = 300_000) -> bytes:
     return b"".join(hashlib.sha256(seed + b"%d" % j).digest() for j in range(reps))[:size]
 
 
-def count_calls(store):
-    """Record the ops a Store sends to the daemon (in a list it returns)."""
+def count_calls(obj, method: str = "_call"):
+    """Record the ops a Store sends to the daemon (in a list it returns);
+    with ``method="call"`` on a Connection, the ops it waits for an answer
+    to (``call``, not ``defer``)."""
     calls = []
-    orig = store._call
+    orig = getattr(obj, method)
 
     def counting(op, args, trailer=()):
         calls.append(op)
         return orig(op, args, trailer)
-    store._call = counting
+    setattr(obj, method, counting)
     return calls
 
 

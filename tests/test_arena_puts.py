@@ -11,6 +11,8 @@ import kvfs
 from kvfs import protocol as P
 from kvfsd.testing import DaemonProcess
 
+from helpers import count_calls
+
 KiB, MiB = 1 << 10, 1 << 20
 
 
@@ -164,18 +166,6 @@ def test_threads_that_come_and_go_do_not_pile_up_connections_or_reservations(tmp
         assert t0["objects"] == 0 and t0["allocated_bytes"] <= 8 * MiB, t0
 
 
-def _waited_ops(conn):
-    """Record the ops ``conn`` waits for an answer to (``call``, not ``defer``)."""
-    ops = []
-    orig = conn.call
-
-    def call(op, args, trailer=()):
-        ops.append(op)
-        return orig(op, args, trailer)
-    conn.call = call
-    return ops
-
-
 def test_a_writer_that_keeps_putting_gets_its_next_reservation_ahead(tmp_path):
     """Once a connection has filled a reservation, it asks for the next one
     when the current is half used, not waiting for the answer: the puts
@@ -184,7 +174,7 @@ def test_a_writer_that_keeps_putting_gets_its_next_reservation_ahead(tmp_path):
     vals = [os.urandom(256 * KiB) for _ in range(8)]
     with d, d.connect() as other:
         s = d.connect()
-        waited = _waited_ops(s._conn())
+        waited = count_calls(s._conn(), "call")
         for b in range(60):  # 120 MiB: the reservations grow 4, 8, 16, 32 MiB, then stay at 32
             assert s.put_many([f"b{b}-{i}" for i in range(8)], vals, wait=b % 2 == 0) == [True] * 8
         s.flush()
