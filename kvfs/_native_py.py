@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
@@ -228,8 +230,6 @@ def recv_spin(sock: Any, buf: Any, spin_ns: int) -> int:
     """native/socket_wait.c's twin: poll ``sock`` for up to ``spin_ns``,
     then block; returns the bytes received into ``buf`` (0: closed). Here
     the polling holds the GIL between its calls, so it is shorter."""
-    import socket
-    import time
     until = time.perf_counter_ns() + spin_ns // 4
     while spin_ns > 0 and time.perf_counter_ns() < until:
         try:

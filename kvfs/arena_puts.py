@@ -66,7 +66,13 @@ class ArenaReservation:
     rid: int
     cursor: int  # where the next value may go
     end: int
-    start: int = 0
+    start: int  # where it began (its first value's offset at the earliest)
+
+    @classmethod
+    def of(cls, got: dict[str, Any]) -> "ArenaReservation":
+        """The reservation a ``reserve`` answer grants."""
+        off = int(got["off"])
+        return cls(int(got["res"]), off, off + int(got["size"]), off)
 
     def half_used(self) -> bool:
         return 2 * (self.cursor - self.start) >= self.end - self.start
@@ -111,8 +117,7 @@ def _ask_ahead(conn: "Connection", batch_rest: int) -> None:
         if epoch != conn.res_epoch:
             return  # every reservation of the connection was ended since: this one too
         if err is None and isinstance(got, dict) and got.get("res"):
-            off = int(got["off"])
-            conn.ahead = ArenaReservation(int(got["res"]), off, off + int(got["size"]), off)
+            conn.ahead = ArenaReservation.of(got)
         else:
             conn.ahead_refused = True
     conn.ahead_pending = True
@@ -158,8 +163,7 @@ def _reserve(conn: "Connection", arena: Any, n: int, batch_rest: int, populate: 
         if not got.get("res"):
             conn.reservation = None
             return None  # the arena is full of values not yet written back: the caller uses alloc/commit
-        off = int(got["off"])
-        r = ArenaReservation(int(got["res"]), off, off + int(got["size"]), off)
+        r = ArenaReservation.of(got)
         conn.ahead_refused = False
     conn.reservation = r
     if populate:
