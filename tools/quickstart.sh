@@ -17,13 +17,20 @@ fi
 "$BIN/kvfs" daemon "${MOUNT[@]}" >"$LOG" 2>&1 &
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
-for _ in $(seq 200); do
+# A first start on a fresh machine compiles every module and allocates the
+# arena (up to 4 GiB) while the page cache is full of what the install
+# wrote: it took more than 10 s here once. Wait up to 2 minutes, and say so
+# if the daemon never answers.
+ready=0
+for _ in $(seq 1200); do
   if "$BIN/python" -c "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])" "$SOCK" 2>/dev/null; then
+    ready=1
     break
   fi
   kill -0 $pid 2>/dev/null || { cat "$LOG"; exit 1; }
-  sleep 0.05
+  sleep 0.1
 done
+[ $ready = 1 ] || { echo "kvfs daemon did not answer on $SOCK within 120 s; its log:"; cat "$LOG"; exit 1; }
 echo "kvfs daemon pid $pid, store $ROOT, socket $SOCK (log: $LOG)"
 "$BIN/kvfs" demo
 if [ ${#MOUNT[@]} -gt 0 ]; then
