@@ -30,7 +30,11 @@ log = logging.getLogger("kvfs")
 # caller waits, AHEAD groups ahead of it: so the copy engine starts after a
 # few dozen keys, and the caller's compute on group 0 starts at once, not
 # after the whole batch's control work (a 4096-key layer-wise load spent
-# 40 ms there before its first layer could compute).
+# 40 ms there before its first layer could compute). A wave takes the
+# locations this process knows (its cache, the shared directory) with no
+# round trip, as blocking reads do, and looks up only the rest: a daemon
+# busy with write-back answers a lookup in milliseconds, and a load that
+# asked it once per wave waited that long a dozen times.
 FIRST_WAVE = 64
 WAVE_MAX = 512
 AHEAD = 2
@@ -44,7 +48,11 @@ class DeviceReads:
     before ``wait(g)`` blocks; every lease taken lasts until every started
     wave has landed (``result``), and ``result`` starts what is left first.
     An error while starting a wave is raised by the call that started it;
-    after it, no wave starts, and ``result`` still lands what had started."""
+    after it, no wave starts, and ``result`` still lands what had started.
+    An item copied from a known location (no lease) counts only if the
+    removal generation read before its location did not move until its
+    group had landed and its check passed; otherwise it is read again,
+    under a lease, before its size is given out (``_settle``)."""
 
     def __init__(self, store: "DeviceReading", ns: str, ks: list[str], outs: Sequence[Any], group_size: int,
                  gpu: GpuPlane, full: bool) -> None:
@@ -55,6 +63,9 @@ class DeviceReads:
         self.found: dict[int, list[Any]] = {}
         self.waves: list[tuple[int, int, Any]] = []  # (first item, end, PendingRead)
         self.leases: list[int] = []
+        # items copied from known locations (no lease): item -> the generation read before
+        self.known: dict[int, int] = {}
+        self.settled: set[int] = set()  # known items checked (and read again where needed)
         self.started = 0  # items of the waves started so far
         self._wave = FIRST_WAVE
         self.failed = False
@@ -74,11 +85,19 @@ class DeviceReads:
                     if d.readonly:
                         raise InvalidArgument("destination device buffer is read-only")
                 found: dict[int, list[Any]] = {}
-                for c in range(a, b, BATCH_KEYS):
-                    res = st._call(P.LOOKUP, {"ns": self.ns, "keys": self.ks[c:min(b, c + BATCH_KEYS)]})
+                cache = st._locs
+                if cache is not None:
+                    gen, cached = st._known_locations(cache, self.ns, self.ks[a:b])
+                    for i, item in cached.items():
+                        found[a + i] = item
+                        self.known[a + i] = gen
+                rest = [i for i in range(a, b) if i not in found]
+                for c in range(0, len(rest), BATCH_KEYS):
+                    part = rest[c:c + BATCH_KEYS]
+                    res = st._call(P.LOOKUP, {"ns": self.ns, "keys": [self.ks[i] for i in part]})
                     if res["lease"]:
                         self.leases.append(res["lease"])
-                    found.update((c + i, item) for i, item in enumerate(res["items"]) if item is not None)
+                    found.update((part[i], item) for i, item in enumerate(res["items"]) if item is not None)
                 plan = self._gpu.plan(self.ns, self.ks, found, self._devs,  # type: ignore[arg-type]
                                       st.arena, st._path, self.sizes)
                 self.waves.append((a, b, self._gpu.start(self.ns, self.ks, found, plan, self._full,
@@ -100,7 +119,29 @@ class DeviceReads:
         for a, b, pending in self.waves:
             if a < hi and b > lo:
                 bad |= pending.wait(group)
-        return [-1 if i in bad else self.sizes[i] for i in range(lo, hi)]
+        self._settle(range(lo, hi), bad)
+        return [-1 if i in bad and i not in self.known else self.sizes[i] for i in range(lo, hi)]
+
+    def _settle(self, items: range, bad: set[int]) -> None:
+        """Known-location items of ``items`` whose copies have landed: keep
+        those whose generation held and whose check passed, read the others
+        again under a lease (``_read_device``), and report the kept ones as
+        hits. Each item is settled once."""
+        st = self.store
+        cache = st._locs
+        todo = [i for i in items if i in self.known and i not in self.settled]
+        if not todo or cache is None:
+            return
+        self.settled.update(todo)
+        now = cache.generation()
+        again = [i for i in todo if i in bad or self.known[i] != now or self.sizes[i] < 0]
+        for i in again:
+            cache.drop(self.ns, self.ks[i])
+        if again:
+            devs = [self._devs[i] for i in again]
+            for i, n in zip(again, st._read_device(self.ns, [self.ks[i] for i in again], devs)):  # type: ignore[arg-type]
+                self.sizes[i] = n
+        st._touch(self.ns, [self.ks[i] for i in todo if i not in again])
 
     def result(self) -> list[int]:
         """Start what is left, wait for every group, report failed items,
@@ -124,7 +165,10 @@ class DeviceReads:
                     self.store._release(lease)
             if error is not None:
                 raise error
+            self._settle(range(self.started), bad)
             for i in sorted(bad):
+                if i in self.known:  # settled: read again where it failed
+                    continue
                 self.sizes[i] = -1
                 if i in self.found:
                     self.store._call(P.REPORT_BAD, {"ns": self.ns, "key": self.ks[i], "seq": self.found[i][2]})

@@ -359,9 +359,10 @@ def test_bad_device_buffers_are_refused(store):
 
 def test_async_reads_land_group_by_group_and_hold_the_lease(store):
     """get_many_into_async: wait(g) gives group g's sizes once its bytes are
-    in place; the lease lasts until result(); a missing key reads -1."""
+    in place; the lease lasts until result(); a missing key reads -1. (No
+    location cache: every key is looked up, under a lease.)"""
     d, tier = store
-    with d.connect() as s:
+    with d.connect(cache_locations=False) as s:
         host_gpu(s, tier == "t1-direct")
         block = 300 * 1024
         vals = {f"a{i}": os.urandom(block) for i in range(12)}
@@ -391,10 +392,11 @@ def test_async_reads_start_copying_before_the_last_lookup(store, verify):
     issued before the last keys are looked up (the copy engine is not left
     waiting for the whole batch's control work), groups that straddle a
     wave boundary wait for every part, a missing key in a late wave reads
-    -1, every byte lands right, and no lease outlives result()."""
+    -1, every byte lands right, and no lease outlives result(). (No location
+    cache: every key is looked up.)"""
     from kvfs import device_reads
     d, tier = store
-    with d.connect(verify=verify) as s:
+    with d.connect(verify=verify, cache_locations=False) as s:
         plane = host_gpu(s, tier == "t1-direct")
         n = 3 * device_reads.FIRST_WAVE + 20  # waves of 64, 128 and the last 21 keys
         vals = {f"w{i}": os.urandom(1000 + i) for i in range(n)}
@@ -432,6 +434,90 @@ def test_async_reads_start_copying_before_the_last_lookup(store, verify):
         assert len(lookups) == 3 and lookups[-1] == "lookup missing"
         if tier == "t0":  # T0 copies are issued as each wave starts (T1 ones go to kvikio or staging)
             assert events.index("copy") < events.index(lookups[-1])
+
+
+class DeferredCopier(HostCopier):
+    """A copy engine that runs its copies only when waited for, as CUDA's
+    runs them some time after they are queued."""
+
+    def __init__(self):
+        self.queued = []
+
+    def h2d(self, dst, src, n):
+        self.queued.append((dst, src, n))
+
+    def _run(self):
+        for dst, src, n in self.queued:
+            ctypes.memmove(dst, src, n)
+        self.queued.clear()
+
+    def wait(self, ev):
+        self._run()
+
+    def sync(self):
+        self._run()
+
+
+def test_async_reads_take_known_locations_without_a_round_trip(store):
+    """With the location cache (the default), a wave copies every key whose
+    location the process knows (its cache, the shared directory) with no
+    lookup and no lease: only a key nobody knows is looked up. The bytes
+    and sizes are those of a lookup's read."""
+    d, tier = store
+    with d.connect() as s:
+        host_gpu(s, tier == "t1-direct")
+        n = 200  # waves of 64 and 128, then the rest
+        vals = {f"n{i}": os.urandom(700 + i) for i in range(n)}
+        s.put_many(list(vals), list(vals.values()), ns="kn")
+        s.flush()
+        keys = list(vals) + ["missing"]
+        outs = [FakeDeviceArray(700 + n) for _ in keys]
+        looked_up: list[str] = []
+        call = s._call
+
+        def logged_call(op, args, *rest):
+            if op == "lookup":
+                looked_up.extend(args["keys"])
+            return call(op, args, *rest)
+        s._call = logged_call
+        with s.get_many_into_async(keys, outs, ns="kn", group_size=30) as reads:
+            for g in range(-(-len(keys) // 30)):
+                for i, size in zip(range(g * 30, min(len(keys), (g + 1) * 30)), reads.wait(g)):
+                    want = vals.get(keys[i])
+                    assert size == (-1 if want is None else len(want)), i
+                    if want is not None:
+                        assert outs[i].bytes()[:size] == want
+        assert looked_up == ["missing"]
+        assert s.stats()["leases"] == 0
+
+
+def test_async_reads_from_known_locations_read_again_after_a_removal(tmp_path):
+    """A copy from a known location takes no lease, so the object can be
+    deleted and its arena extent handed to another value before the copy
+    engine gets to it. The removal generation catches it: such an item is
+    read again under a lease (here: not found, -1) and never reported with
+    another value's bytes; the other items keep their copies."""
+    d = DaemonProcess(tmp_path / "s", capacity="256M", shm_size="64M")
+    with d, d.connect() as s, d.connect(cache_locations=False) as other:
+        plane = host_gpu(s)
+        plane.copier = DeferredCopier()
+        size = 64 * 1024
+        keys = [f"r{i}" for i in range(8)]
+        vals = [bytes([i + 1]) * size for i in range(8)]
+        s.put_many(keys, vals, ns="rm")
+        s.flush()
+        outs = [FakeDeviceArray(size) for _ in keys]
+        reads = s.get_many_into_async(keys, outs, ns="rm", group_size=4)
+        assert plane.copier.queued  # the copies are queued, none has run
+        assert other.delete("r1", ns="rm")
+        other.put_many([f"x{i}" for i in range(8)], [b"\xee" * size] * 8, ns="rm")  # reuses freed extents
+        got = reads.wait(0)
+        assert got[1] == -1 and got[0] == got[2] == got[3] == size
+        for i in (0, 2, 3):
+            assert outs[i].bytes() == vals[i]
+        assert reads.result()[4:] == [size] * 4
+        assert all(outs[i].bytes() == vals[i] for i in range(4, 8))
+        assert s.stats()["leases"] == 0
 
 
 def test_an_error_in_a_later_wave_is_raised_where_it_starts_and_leaks_nothing(tmp_path):
