@@ -386,6 +386,16 @@ def test_async_reads_land_group_by_group_and_hold_the_lease(store):
             s.get_many_into_async(["a0"], [bytearray(block)], ns="as")  # host buffers: use get_many_into
 
 
+def _stored_with_a_missing_key(s, ns, n, base):
+    """n values of base + i random bytes stored (and flushed) in ns: the
+    values by key, the keys with a missing one last, a device buffer each."""
+    vals = {f"{ns}{i}": os.urandom(base + i) for i in range(n)}
+    s.put_many(list(vals), list(vals.values()), ns=ns)
+    s.flush()
+    keys = list(vals) + ["missing"]
+    return vals, keys, [FakeDeviceArray(base + n) for _ in keys]
+
+
 @pytest.mark.parametrize("verify", [True, "full"])
 def test_async_reads_start_copying_before_the_last_lookup(store, verify):
     """A large get_many_into_async works in waves: the first copies are
@@ -399,11 +409,7 @@ def test_async_reads_start_copying_before_the_last_lookup(store, verify):
     with d.connect(verify=verify, cache_locations=False) as s:
         plane = host_gpu(s, tier == "t1-direct")
         n = 3 * device_reads.FIRST_WAVE + 20  # waves of 64, 128 and the last 21 keys
-        vals = {f"w{i}": os.urandom(1000 + i) for i in range(n)}
-        s.put_many(list(vals), list(vals.values()), ns="wv")
-        s.flush()
-        keys = list(vals) + ["missing"]
-        outs = [FakeDeviceArray(1000 + n) for _ in keys]
+        vals, keys, outs = _stored_with_a_missing_key(s, "wv", n, 1000)
         events: list[str] = []
         h2d, call = plane.copier.h2d, s._call
 
@@ -419,7 +425,7 @@ def test_async_reads_start_copying_before_the_last_lookup(store, verify):
         gs = 50  # groups straddle the wave boundaries (64, 192)
         with s.get_many_into_async(keys, outs, ns="wv", group_size=gs) as reads:
             # returned after the first groups' waves: the last keys are not looked up yet
-            assert "lookup missing" not in events and events.count("copy" if tier == "t0" else "lookup w191")
+            assert "lookup missing" not in events and events.count("copy" if tier == "t0" else "lookup wv191")
             assert reads.wait(0) == [len(vals[k]) for k in keys[:gs]]
             assert all(outs[i].bytes()[:len(vals[keys[i]])] == vals[keys[i]] for i in range(gs))
             assert "lookup missing" not in events
@@ -466,12 +472,7 @@ def test_async_reads_take_known_locations_without_a_round_trip(store):
     d, tier = store
     with d.connect() as s:
         host_gpu(s, tier == "t1-direct")
-        n = 200  # waves of 64 and 128, then the rest
-        vals = {f"n{i}": os.urandom(700 + i) for i in range(n)}
-        s.put_many(list(vals), list(vals.values()), ns="kn")
-        s.flush()
-        keys = list(vals) + ["missing"]
-        outs = [FakeDeviceArray(700 + n) for _ in keys]
+        vals, keys, outs = _stored_with_a_missing_key(s, "kn", 200, 700)  # waves of 64 and 128, then the rest
         looked_up: list[str] = []
         call = s._call
 
