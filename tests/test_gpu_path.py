@@ -521,6 +521,42 @@ def test_async_reads_from_known_locations_read_again_after_a_removal(tmp_path):
         assert s.stats()["leases"] == 0
 
 
+def test_async_reads_never_deliver_a_corrupted_copy_from_a_known_location(tmp_path):
+    """A T0 copy found through the directory fails full verification (one
+    byte flipped in the arena): it is read again under a lease, fails again
+    and is reported; the daemon drops the bad T0 copy, and the second
+    lookup reads the good one in T1. No wrong byte is delivered, and only
+    that key ever goes to the daemon."""
+    d = DaemonProcess(tmp_path / "s", capacity="256M", shm_size="64M")
+    with d, d.connect(verify="full") as s:
+        host_gpu(s)
+        keys = [f"c{i}" for i in range(6)]
+        vals = [os.urandom(MiB) for _ in keys]
+        s.put_many(keys, vals, ns="cr")
+        s.flush()
+        item = s._dir.lookup_many("cr", keys, [2])[2]
+        t0 = item[4][0]
+        s.arena.rw[t0 + 777] ^= 0xFF  # the arena copy rots (T1 keeps the good one)
+        looked_up: list[str] = []
+        call = s._call
+
+        def logged_call(op, args, *rest):
+            if op == "lookup":
+                looked_up.extend(args["keys"])
+            return call(op, args, *rest)
+        s._call = logged_call
+        outs = [FakeDeviceArray(MiB) for _ in keys]
+        with s.get_many_into_async(keys, outs, ns="cr", group_size=3) as reads:
+            assert reads.wait(0) == [MiB] * 3
+            assert outs[2].bytes() == vals[2]
+            assert reads.wait(1) == [MiB] * 3
+        assert reads.result() == [MiB] * 6
+        assert all(o.bytes() == v for o, v in zip(outs, vals))
+        assert looked_up and set(looked_up) == {"c2"}  # only the failed one went to the daemon
+        assert s.stat("c2", ns="cr").tier == "T1"  # its T0 copy reported and dropped
+        assert s.stats()["leases"] == 0
+
+
 def test_an_error_in_a_later_wave_is_raised_where_it_starts_and_leaks_nothing(tmp_path):
     """A bad destination among the last keys of an async read is found when
     its wave starts (at a wait or at result): that call raises a clear
