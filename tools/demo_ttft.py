@@ -181,12 +181,14 @@ class LayerwiseLoad:
         outs = [_buf(self.bufs[layer, b]) for layer in range(layers) for b in range(n)]
         self.t = time.perf_counter()
         self.load_s = 0.0
+        self.first_s = 0.0  # until layer 0 had landed
         self.reads: Any = None
         self.sizes: list[int] = []
         if dev.type == "cuda":
             self.reads = store.get_many_into_async(keys, outs, ns=ns, group_size=n)
         else:
             self.sizes = store.get_many_into(keys, outs, ns=ns)
+        self.start_s = time.perf_counter() - self.t  # the call itself: the first waves started
         self.hooks = [mod.register_forward_pre_hook(self._hook(i)) for i, mod in enumerate(model.model.layers)]
 
     def _hook(self, layer: int) -> Any:
@@ -195,6 +197,8 @@ class LayerwiseLoad:
                    else self.sizes[layer * self.n:(layer + 1) * self.n])
             if any(g < 0 for g in got):
                 raise RuntimeError(f"a block of layer {layer} could not be loaded")
+            if layer == 0:
+                self.first_s = time.perf_counter() - self.t
             if layer == self.layers - 1:
                 self.load_s = time.perf_counter() - self.t
             k, v = self.stored[layer]
@@ -331,6 +335,7 @@ def _run_layerwise(store: Any, model: Any, prompt: Any, keys: list[str], tokens:
         out["suffix_alone_s"] = time.perf_counter() - t1
         del cache
         out["load_s"] = load.load_s  # until the last layer had landed (the earlier ones were computing)
+        out["start_s"], out["first_layer_s"] = load.start_s, load.first_s
         out["t0_share"] = _t0_share(store, before, out)
         out["rebuild_s"] = 0.0  # inside the hooks, overlapped
         out["suffix_s"] = out["kvfs_ttft_s"] - out["load_s"]  # the prefill beyond the last layer's arrival
@@ -472,7 +477,9 @@ def _line(r: dict[str, Any]) -> str:
     return (f"{r['tier']} {r['load']:>9} {r['tokens']:>6} tokens: recompute {r['recompute_s'] * 1e3:8.1f} ms, kvfs "
             f"{r['kvfs_ttft_s'] * 1e3:7.1f} ms (load {r['load_s'] * 1e3:6.1f} ms of "
             f"{r['blocks'] * r['block_bytes'] / 2**20:.0f} MiB, {100 * r.get('t0_share', 0):.0f}% from T0 in {r.get('t0_copies', 0)} copies, cache rebuild {r['rebuild_s'] * 1e3:5.1f} ms, "
-            f"suffix {r['suffix_s'] * 1e3:5.1f} ms), "
+            f"suffix {r['suffix_s'] * 1e3:5.1f} ms"
+            + (f"; layer 0 in at {r['first_layer_s'] * 1e3:.1f} ms, the call {r['start_s'] * 1e3:.1f} ms"
+               if "first_layer_s" in r else "") + "), "
             f"{r['speedup']:5.1f}x"
             + (f" (load at {r['load_vs_h2d']:.2f} x pinned H2D of {r['h2d_gbs']:.1f} GB/s; bound "
                f"{r['bound_speedup']:.1f}x, {r['of_bound']:.2f} of it)" if "of_bound" in r else "")
