@@ -464,6 +464,19 @@ class DeferredCopier(HostCopier):
         self._run()
 
 
+def _log_lookups(s):
+    """The keys ``s`` looks up from now on, in order (a list that grows)."""
+    looked_up: list[str] = []
+    call = s._call
+
+    def logged_call(op, args, *rest):
+        if op == "lookup":
+            looked_up.extend(args["keys"])
+        return call(op, args, *rest)
+    s._call = logged_call
+    return looked_up
+
+
 def test_async_reads_take_known_locations_without_a_round_trip(store):
     """With the location cache (the default), a wave copies every key whose
     location the process knows (its cache, the shared directory) with no
@@ -473,14 +486,7 @@ def test_async_reads_take_known_locations_without_a_round_trip(store):
     with d.connect() as s:
         host_gpu(s, tier == "t1-direct")
         vals, keys, outs = _stored_with_a_missing_key(s, "kn", 200, 700)  # waves of 64 and 128, then the rest
-        looked_up: list[str] = []
-        call = s._call
-
-        def logged_call(op, args, *rest):
-            if op == "lookup":
-                looked_up.extend(args["keys"])
-            return call(op, args, *rest)
-        s._call = logged_call
+        looked_up = _log_lookups(s)
         with s.get_many_into_async(keys, outs, ns="kn", group_size=30) as reads:
             for g in range(-(-len(keys) // 30)):
                 for i, size in zip(range(g * 30, min(len(keys), (g + 1) * 30)), reads.wait(g)):
@@ -537,14 +543,7 @@ def test_async_reads_never_deliver_a_corrupted_copy_from_a_known_location(tmp_pa
         item = s._dir.lookup_many("cr", keys, [2])[2]
         t0 = item[4][0]
         s.arena.rw[t0 + 777] ^= 0xFF  # the arena copy rots (T1 keeps the good one)
-        looked_up: list[str] = []
-        call = s._call
-
-        def logged_call(op, args, *rest):
-            if op == "lookup":
-                looked_up.extend(args["keys"])
-            return call(op, args, *rest)
-        s._call = logged_call
+        looked_up = _log_lookups(s)
         outs = [FakeDeviceArray(MiB) for _ in keys]
         with s.get_many_into_async(keys, outs, ns="cr", group_size=3) as reads:
             assert reads.wait(0) == [MiB] * 3
