@@ -568,7 +568,11 @@ class GpuPlane:
         # part as soon as its copies land (queued now, behind an event), so
         # hashing overlaps the copies still under way
         t0_checks: dict[int, list[Callable[[], set[int]]]] = {}
-        t0 = iter(p.t0)
+        # group by group in item order: a plan's chunks come in the order of
+        # its ``found`` (known locations first, then what was looked up), and
+        # a chunk left behind here would be reported loaded and never copied.
+        # (A stable sort: an item's chunks keep their order.)
+        t0 = iter(sorted(p.t0, key=lambda ch: ch.item))
         nxt = next(t0, None)
         for g in mine:
             grp: list[_Chunk] = []
@@ -591,6 +595,8 @@ class GpuPlane:
                 if full and part:
                     t0_checks.setdefault(g, []).append(self._start_verify(part, c.record()))
             events[g] = c.record()
+        if nxt is not None:  # outside this plan's groups: a caller's bug, never a silent loss
+            raise AssertionError(f"item {nxt.item} is in no group of this read")
         submit_bad: set[int] = set()
         futs = self._kvikio_submit(p.t1, submit_bad) if p.t1 else []
         verify = None
