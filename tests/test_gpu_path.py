@@ -477,6 +477,34 @@ def _log_lookups(s):
     return looked_up
 
 
+def test_a_plan_whose_items_come_out_of_order_copies_every_one(tmp_path):
+    """GpuPlane.start queues T0 copies group by group; a wave's plan lists
+    the items it found through the directory first and those it looked up
+    after, so its items need not come in order. Every item is copied, in
+    whatever order the plan holds them, and each group's wait covers its
+    own items (on the old code item 0, listed last, was never copied)."""
+    d = DaemonProcess(tmp_path / "s", capacity="256M", shm_size="64M")
+    with d, d.connect() as s:
+        plane = host_gpu(s)
+        plane.copier = DeferredCopier()
+        keys = [f"o{i}" for i in range(6)]
+        vals = [bytes([i + 1]) * 70_000 for i in range(6)]
+        s.put_many(keys, vals, ns="o")
+        s.flush()
+        known = s._dir.lookup_many("o", keys, list(range(6)))
+        found = {i: known[i] for i in (1, 2, 3, 4, 5, 0)}  # item 0 last, as a looked-up one is
+        outs = [device_buffer(FakeDeviceArray(70_000)) for _ in keys]
+        sizes = [-1] * 6
+        plan = plane.plan("o", keys, found, outs, s.arena, s._path, sizes)
+        pending = plane.start("o", keys, found, plan, False, 2)
+        assert pending.wait(0) == set() and sizes == [70_000] * 6
+        for i in (0, 1):
+            assert bytes((ctypes.c_char * 70_000).from_address(outs[i].ptr)) == vals[i]
+        assert pending.finish() == set()
+        for i in range(6):
+            assert bytes((ctypes.c_char * 70_000).from_address(outs[i].ptr)) == vals[i]
+
+
 def test_async_reads_take_known_locations_without_a_round_trip(store):
     """With the location cache (the default), a wave copies every key whose
     location the process knows (its cache, the shared directory) with no
