@@ -85,12 +85,13 @@ class DeviceReads:
                     if d.readonly:
                         raise InvalidArgument("destination device buffer is read-only")
                 found: dict[int, list[Any]] = {}
+                known: dict[int, int] = {}
                 cache = st._locs
                 if cache is not None:
                     gen, cached = st._known_locations(cache, self.ns, self.ks[a:b])
                     for i, item in cached.items():
                         found[a + i] = item
-                        self.known[a + i] = gen
+                        known[a + i] = gen
                 rest = [i for i in range(a, b) if i not in found]
                 for c in range(0, len(rest), BATCH_KEYS):
                     part = rest[c:c + BATCH_KEYS]
@@ -106,6 +107,7 @@ class DeviceReads:
                 self.failed = True
                 raise
             self.found.update(found)
+            self.known.update(known)  # only a wave that started has copies to settle
             self.started = b
             self._wave = min(2 * self._wave, WAVE_MAX)
 
@@ -134,14 +136,14 @@ class DeviceReads:
             return
         self.settled.update(todo)
         now = cache.generation()
-        again = [i for i in todo if i in bad or self.known[i] != now or self.sizes[i] < 0]
-        for i in again:
-            cache.drop(self.ns, self.ks[i])
+        # as a blocking read settles its known locations: forget the failed
+        # ones, report the hits; then read the failed ones again
+        again = st._settle_known(cache, self.ns, self.ks, {i: self.found[i] for i in todo},
+                                 {i for i in todo if i in bad or self.known[i] != now}, self.sizes, todo)
         if again:
             devs = [self._devs[i] for i in again]
             for i, n in zip(again, st._read_device(self.ns, [self.ks[i] for i in again], devs)):  # type: ignore[arg-type]
                 self.sizes[i] = n
-        st._touch(self.ns, [self.ks[i] for i in todo if i not in again])
 
     def result(self) -> list[int]:
         """Start what is left, wait for every group, report failed items,
