@@ -67,6 +67,7 @@ class DirectoryWriter:
         self._spilled_home: dict[int, set[bytes]] = {}  # home bucket -> spilled key hashes
         self.spills = 0  # times a key found its buckets full
         self._put, self._del = native.backend.dir_put, native.backend.dir_del
+        self._put_entry, self._put_entries = native.backend.dir_put_entry, native.backend.dir_put_entries
 
     def _counts(self) -> None:
         U64.pack_into(self.mm, ENTRIES_AT, self.entries)
@@ -79,12 +80,14 @@ class DirectoryWriter:
 
     def put(self, ok: bytes, m: Any) -> None:
         """Publish (or update) where the resident object ``ok`` lives."""
-        h = _hash(ok)
-        if self.spilled and h in self.spilled:
-            self.spilled[h] = m
-            return
-        r = self._place(h, m)
+        if self.spilled:
+            h = _hash(ok)
+            if h in self.spilled:
+                self.spilled[h] = m
+                return
+        r = self._put_entry(self.mm, self.nslots, ok, m)  # hashes ok itself: twice per T0 put
         if r < 0:
+            h = _hash(ok)
             self.spilled[h] = m
             self._spilled_home.setdefault(self._home(h), set()).add(h)
             self.spills += 1
@@ -92,6 +95,19 @@ class DirectoryWriter:
         elif r:
             self.entries += 1
             U64.pack_into(self.mm, ENTRIES_AT, self.entries)
+
+    def put_many(self, oks: list[bytes], ms: list[Any]) -> None:
+        """``put`` of each (one call into C while no key is spilled)."""
+        if self.spilled:
+            for ok, m in zip(oks, ms):
+                self.put(ok, m)
+            return
+        taken, full = self._put_entries(self.mm, self.nslots, oks, ms)
+        if taken:
+            self.entries += taken
+            U64.pack_into(self.mm, ENTRIES_AT, self.entries)
+        for i in full:
+            self.put(oks[i], ms[i])  # spilled there
 
     def remove(self, ok: bytes) -> None:
         """Take ``ok`` out (before its removal is acknowledged, and before

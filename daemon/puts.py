@@ -317,11 +317,12 @@ class Puts(Space):
                 if s is not None and s.state == state:
                     s.persisted = True
             n_t0 = n_new = new_bytes = 0
+            written: list[tuple[ObjPlan, bool]] = []
             for op, fresh in zip(ops, stored):
                 if op.via_t0:
                     n_t0 += 1
                     if op.mem is not None:
-                        self._written_back(ns, op, fresh)
+                        written.append((op, fresh))
                     continue
                 if not fresh:
                     continue
@@ -335,6 +336,8 @@ class Puts(Space):
                 self._dir_put(ok, m)
                 n_new += 1
                 new_bytes += op.size
+            if written:
+                self._written_back_many(ns, written)
             # T0 items were counted by publish_t0
             self.ns_objects[ns] += n_new
             self.logical_bytes += new_bytes
@@ -377,4 +380,8 @@ class Puts(Space):
     def _written_back(self, ns: str, op: ObjPlan, published: bool) -> None:
         """A T0 item's write-back finished (``published``) or was skipped
         (kvfsd.tiering). Caller holds the lock."""
+        raise NotImplementedError
+
+    def _written_back_many(self, ns: str, done: list[tuple[ObjPlan, bool]]) -> None:
+        """``_written_back`` of each (op, published) (kvfsd.tiering)."""
         raise NotImplementedError

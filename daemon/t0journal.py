@@ -73,6 +73,10 @@ class Journal:
     def done(self, ns: str, key: str, seq: int) -> None:
         self._done.append([ns, key, seq])  # written by flush
 
+    def done_many(self, rows: list[list[Any]]) -> None:
+        """``done`` of each [ns, key, seq]."""
+        self._done.extend(rows)
+
     def flush(self) -> None:
         if self._done:
             done, self._done = self._done, []

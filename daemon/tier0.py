@@ -78,6 +78,12 @@ class Tier0:
         self.bytes += m.size
         self._changed(ok, m)
 
+    def add_new(self, ok: bytes, m: Resident) -> None:
+        """``add`` for a T0 put's new entry, whose directory entry its caller
+        writes (a batch at once). Caller holds the lock."""
+        self.lru[ok] = m
+        self.bytes += m.size
+
     def touch(self, ok: bytes) -> None:
         if ok in self.lru:
             self.lru.move_to_end(ok)

@@ -74,6 +74,8 @@ class Tiering(Puts):
         t0 = self.t0
         assert t0 is not None
         rows: list[list[Any]] = []
+        oks: list[bytes] = []
+        ms: list[MemEntry] = []
         now = time.time()
         lru = self.lru
         with self._lock:
@@ -93,11 +95,15 @@ class Tiering(Puts):
                 m.meta = op.meta
                 m.created = now
                 lru[ok] = m
-                t0.add(ok, m)
+                t0.add_new(ok, m)
+                oks.append(ok)
+                ms.append(m)
                 op.mem = m
                 op.t0_stored = True
                 new_bytes += op.size
                 rows.append([ns, op.key, op.seq, op.size, op.t0, op.checksum, [c.checksum for c in chunks], op.meta])
+            if oks and self.dir is not None:
+                self.dir.put_many(oks, ms)  # readable from here on
             if rows:
                 self.ns_objects[ns] += len(rows)
                 self.logical_bytes += new_bytes
@@ -203,6 +209,48 @@ class Tiering(Puts):
             if self.journal is not None:
                 self.journal.flush()
         self.abort_put(plan)
+
+    def _written_back_many(self, ns: str, done: list[tuple[ObjPlan, bool]]) -> None:
+        """``_written_back`` of each (op, published), the common case (published
+        and still the resident entry) batched: counters, journal and
+        directory once. Caller holds the lock."""
+        t0 = self.t0
+        assert t0 is not None
+        lru, segs = self.lru, self.segs
+        oks: list[bytes] = []
+        ms: list[MemEntry] = []
+        rows: list[list[Any]] = []
+        nbytes = 0
+        for op, published in done:
+            m = op.mem
+            assert m is not None
+            if not m.dirty:
+                continue
+            ok = op.ok
+            if not published or m.deleted or lru.get(ok) is not m:
+                self._written_back(ns, op, published)
+                continue
+            nbytes += op.size
+            rows.append([ns, op.key, op.seq])
+            m.dirty = False
+            m.meta = None
+            m.spans = spans = op.spans()
+            for seg, span in spans:
+                segs[seg].add_live(span)
+            m.rewire()
+            oks.append(ok)
+            ms.append(m)
+        if not oks:
+            return
+        t0.backlog_objects -= len(oks)
+        t0.backlog_bytes -= nbytes
+        if self.journal is not None:
+            if t0.backlog_objects == 0:
+                self.journal.empty()
+            else:
+                self.journal.done_many(rows)
+        if self.dir is not None:
+            self.dir.put_many(oks, ms)
 
     def _written_back(self, ns: str, op: ObjPlan, published: bool) -> None:
         """A T0 item's write-back finished (``published``) or was skipped.

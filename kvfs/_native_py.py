@@ -220,6 +220,22 @@ def dir_put(directory: Any, nslots: int, h: bytes, size: int, seq: int, checksum
     return put_py(directory, nslots, h, size, seq, checksum, t0, flags, exts)
 
 
+def dir_put_entry(directory: Any, nslots: int, ok: bytes, m: Any) -> int:
+    """``dir_put`` of a mirror entry (kvfsd.mirror.MemEntry) under the key
+    hash of its object key ``ok``: in T1 unless dirty."""
+    from .directory import IN_T1
+    return dir_put(directory, nslots, xxhash.xxh3_128_digest(ok), m.size, m.seq, m.checksum, m.t0,
+                   0 if m.dirty else IN_T1, m.exts)
+
+
+def dir_put_entries(directory: Any, nslots: int, oks: list[bytes], ms: list[Any]) -> tuple[int, list[int]]:
+    """``dir_put_entry`` of each: (slots taken, indices whose buckets were full)."""
+    if len(oks) != len(ms):
+        raise ValueError("one entry per object key")
+    rs = [dir_put_entry(directory, nslots, ok, m) for ok, m in zip(oks, ms)]
+    return sum(r == 1 for r in rs), [i for i, r in enumerate(rs) if r < 0]
+
+
 def dir_del(directory: Any, nslots: int, h: bytes) -> int:
     """The writer's removal (kvfs.directory.del_py): the slot freed or -1."""
     from .directory import del_py

@@ -334,28 +334,22 @@ static int put16(unsigned char *dst, PyObject *o) {
     return 1;
 }
 
-PyObject *kv_dir_put(PyObject *self, PyObject *args) {
-    (void)self;
-    Py_buffer dir, h;
-    unsigned long long nslots, size, seq;
-    long long t0;
-    unsigned int flags;
-    PyObject *checksum, *exts, *result = NULL;
-    if (!PyArg_ParseTuple(args, "w*Ky*KKSLIO", &dir, &nslots, &h, &size, &seq, &checksum, &t0, &flags, &exts))
-        return NULL;
-    if (!check_table(&dir, nslots)) goto out;
-    if (h.len != 16 || !(PyList_Check(exts) || PyTuple_Check(exts))) {
-        PyErr_SetString(PyExc_ValueError, "a 16-byte key hash and a list or tuple of extents");
-        goto out;
+/* Write the slot of key hash h: 1 it took a free slot, 0 its slot was
+   updated, -1 its buckets are full (not written), -2 an error is set. */
+static long put_slot(Py_buffer *dir, unsigned long long nslots, const unsigned char *h, unsigned long long size,
+                     unsigned long long seq, PyObject *checksum, long long t0, unsigned int flags, PyObject *exts) {
+    if (!(PyList_Check(exts) || PyTuple_Check(exts))) {
+        PyErr_SetString(PyExc_ValueError, "extents are a list or a tuple");
+        return -2;
     }
     unsigned char body[DIR_SLOT];
     memset(body, 0, sizeof body);
     Py_ssize_t n = PySequence_Fast_GET_SIZE(exts);
     if (n > DIR_MAX_CHUNKS) n = 0; /* more: present, location asked of the daemon */
-    memcpy(body + SLOT_HASH, h.buf, 16);
+    memcpy(body + SLOT_HASH, h, 16);
     memcpy(body + SLOT_SIZE, &size, 8);
     memcpy(body + SLOT_SEQ, &seq, 8);
-    if (!put16(body + SLOT_SUM, checksum)) goto out;
+    if (!put16(body + SLOT_SUM, checksum)) return -2;
     int64_t off0 = t0 >= 0 ? t0 : -1;
     memcpy(body + SLOT_T0, &off0, 8);
     uint32_t n32 = (uint32_t)n;
@@ -364,7 +358,7 @@ PyObject *kv_dir_put(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *x = PySequence_Fast_GET_ITEM(exts, i);
         PyObject *fast = PySequence_Fast(x, "an extent is [stripe, seg, offset, length, sum]");
-        if (!fast) goto out;
+        if (!fast) return -2;
         uint64_t stripe, seg, coff, length;
         int good = PySequence_Fast_GET_SIZE(fast) == 5;
         if (!good) PyErr_SetString(PyExc_ValueError, "an extent is [stripe, seg, offset, length, sum]");
@@ -381,28 +375,145 @@ PyObject *kv_dir_put(PyObject *self, PyObject *args) {
             good = put16(c + CHUNK_SUM, f[4]);
         }
         Py_DECREF(fast);
-        if (!good) goto out;
+        if (!good) return -2;
     }
-    unsigned char *table = (unsigned char *)dir.buf + DIR_HEADER;
+    unsigned char *table = (unsigned char *)dir->buf + DIR_HEADER;
     unsigned char *hops = table + nslots * DIR_SLOT;
     uint64_t nbuckets = nslots / DIR_BUCKET;
     unsigned char *free_slot;
-    unsigned char *slot = find_slot(table, hops, nbuckets, h.buf, &free_slot);
+    unsigned char *slot = find_slot(table, hops, nbuckets, h, &free_slot);
     long r = 0;
     if (!slot) {
-        if (!free_slot) {
-            result = PyLong_FromLong(-1);
-            goto out;
-        }
+        if (!free_slot) return -1;
         slot = free_slot;
         r = 1;
-        set_hop(table, hops, nbuckets, h.buf, slot, 1); /* before the key is there */
+        set_hop(table, hops, nbuckets, h, slot, 1); /* before the key is there */
     }
     write_slot(slot, body + 8);
-    result = PyLong_FromLong(r);
+    return r;
+}
+
+PyObject *kv_dir_put(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer dir, h;
+    unsigned long long nslots, size, seq;
+    long long t0;
+    unsigned int flags;
+    PyObject *checksum, *exts, *result = NULL;
+    if (!PyArg_ParseTuple(args, "w*Ky*KKSLIO", &dir, &nslots, &h, &size, &seq, &checksum, &t0, &flags, &exts))
+        return NULL;
+    if (!check_table(&dir, nslots)) goto out;
+    if (h.len != 16) {
+        PyErr_SetString(PyExc_ValueError, "a 16-byte key hash");
+        goto out;
+    }
+    long r = put_slot(&dir, nslots, h.buf, size, seq, checksum, t0, flags, exts);
+    if (r != -2) result = PyLong_FromLong(r);
 out:
     PyBuffer_Release(&dir);
     PyBuffer_Release(&h);
+    return result;
+}
+
+/* The attributes of a mirror entry (kvfsd.mirror.MemEntry) a slot is made of. */
+static PyObject *A_SIZE, *A_SEQ, *A_CHECKSUM, *A_T0, *A_DIRTY, *A_EXTS;
+
+static int entry_attrs(void) {
+    if (A_SIZE) return 1;
+    A_SIZE = PyUnicode_InternFromString("size");
+    A_SEQ = PyUnicode_InternFromString("seq");
+    A_CHECKSUM = PyUnicode_InternFromString("checksum");
+    A_T0 = PyUnicode_InternFromString("t0");
+    A_DIRTY = PyUnicode_InternFromString("dirty");
+    A_EXTS = PyUnicode_InternFromString("exts");
+    return A_SIZE && A_SEQ && A_CHECKSUM && A_T0 && A_DIRTY && A_EXTS;
+}
+
+static long put_entry(Py_buffer *dir, unsigned long long nslots, PyObject *ok, PyObject *m);
+
+/* dir_put_entry(directory, nslots, object key, entry): dir_put of a mirror
+   entry, its key hash (xxh3-128 of the object key) and fields taken here:
+   one call instead of a hash, six attribute reads and a nine-argument call
+   in Python, twice per T0 put. */
+PyObject *kv_dir_put_entry(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer dir;
+    unsigned long long nslots;
+    PyObject *ok, *m, *result = NULL;
+    if (!PyArg_ParseTuple(args, "w*KSO", &dir, &nslots, &ok, &m)) return NULL;
+    if (check_table(&dir, nslots) && entry_attrs()) {
+        long r = put_entry(&dir, nslots, ok, m);
+        if (r != -2) result = PyLong_FromLong(r);
+    }
+    PyBuffer_Release(&dir);
+    return result;
+}
+
+/* The slot of one mirror entry under object key ok: put_slot's result. */
+static long put_entry(Py_buffer *dir, unsigned long long nslots, PyObject *ok, PyObject *m) {
+    if (!PyBytes_Check(ok)) {
+        PyErr_SetString(PyExc_TypeError, "object keys are bytes");
+        return -2;
+    }
+    PyObject *size = NULL, *seq = NULL, *sum = NULL, *t0 = NULL, *dirty = NULL, *exts = NULL;
+    long r = -2;
+    size = PyObject_GetAttr(m, A_SIZE);
+    seq = size ? PyObject_GetAttr(m, A_SEQ) : NULL;
+    sum = seq ? PyObject_GetAttr(m, A_CHECKSUM) : NULL;
+    t0 = sum ? PyObject_GetAttr(m, A_T0) : NULL;
+    dirty = t0 ? PyObject_GetAttr(m, A_DIRTY) : NULL;
+    exts = dirty ? PyObject_GetAttr(m, A_EXTS) : NULL;
+    if (exts) {
+        uint64_t usize, useq;
+        long long off = PyLong_AsLongLong(t0);
+        int is_dirty = PyObject_IsTrue(dirty);
+        if (get_u64(size, &usize) && get_u64(seq, &useq) && !(off == -1 && PyErr_Occurred()) && is_dirty >= 0) {
+            XXH128_canonical_t c;
+            XXH128_canonicalFromHash(&c, XXH3_128bits(PyBytes_AS_STRING(ok), (size_t)PyBytes_GET_SIZE(ok)));
+            r = put_slot(dir, nslots, c.digest, usize, useq, sum, off, is_dirty ? 0u : 1u /* IN_T1 */, exts);
+        }
+    }
+    Py_XDECREF(size);
+    Py_XDECREF(seq);
+    Py_XDECREF(sum);
+    Py_XDECREF(t0);
+    Py_XDECREF(dirty);
+    Py_XDECREF(exts);
+    return r;
+}
+
+/* dir_put_entries(directory, nslots, object keys, entries) -> (slots taken,
+   [indices of the entries whose buckets were full]): dir_put_entry of a
+   batch in one call (a T0 put batch is published, then written back). */
+PyObject *kv_dir_put_entries(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer dir;
+    unsigned long long nslots;
+    PyObject *oks, *ms, *full = NULL, *result = NULL;
+    if (!PyArg_ParseTuple(args, "w*KO!O!", &dir, &nslots, &PyList_Type, &oks, &PyList_Type, &ms)) return NULL;
+    if (!check_table(&dir, nslots) || !entry_attrs()) goto out;
+    if (PyList_GET_SIZE(oks) != PyList_GET_SIZE(ms)) {
+        PyErr_SetString(PyExc_ValueError, "one entry per object key");
+        goto out;
+    }
+    full = PyList_New(0);
+    if (!full) goto out;
+    long taken = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(oks); i++) {
+        long r = put_entry(&dir, nslots, PyList_GET_ITEM(oks, i), PyList_GET_ITEM(ms, i));
+        if (r == -2) goto out;
+        if (r == 1) taken++;
+        if (r == -1) {
+            PyObject *ix = PyLong_FromSsize_t(i);
+            int bad = !ix || PyList_Append(full, ix) < 0;
+            Py_XDECREF(ix);
+            if (bad) goto out;
+        }
+    }
+    result = Py_BuildValue("lO", taken, full);
+out:
+    Py_XDECREF(full);
+    PyBuffer_Release(&dir);
     return result;
 }
 

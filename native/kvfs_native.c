@@ -1042,6 +1042,8 @@ PyObject *kv_dir_probe(PyObject *self, PyObject *args); /* directory.c */
 PyObject *kv_dir_contains(PyObject *self, PyObject *args);
 PyObject *kv_dir_put(PyObject *self, PyObject *args);
 PyObject *kv_dir_del(PyObject *self, PyObject *args);
+PyObject *kv_dir_put_entry(PyObject *self, PyObject *args);
+PyObject *kv_dir_put_entries(PyObject *self, PyObject *args);
 PyObject *kv_recv_spin(PyObject *self, PyObject *args); /* socket_wait.c */
 
 static PyMethodDef methods[] = {
@@ -1055,6 +1057,12 @@ static PyMethodDef methods[] = {
     {"dir_put", kv_dir_put, METH_VARARGS,
      "dir_put(directory, nslots, hash, size, seq, checksum, t0, flags, extents) -> 1 took a free slot, "
      "0 updated its slot, -1 its buckets are full (the daemon's writer side; kvfs/directory.py)"},
+    {"dir_put_entry", kv_dir_put_entry, METH_VARARGS,
+     "dir_put_entry(directory, nslots, object key, mirror entry) -> dir_put of the entry's size, seq, checksum, t0, "
+     "flags (in T1 unless dirty) and extents under the key hash of the object key"},
+    {"dir_put_entries", kv_dir_put_entries, METH_VARARGS,
+     "dir_put_entries(directory, nslots, object keys, entries) -> (slots taken, [indices not placed: buckets "
+     "full]): dir_put_entry of each"},
     {"dir_del", kv_dir_del, METH_VARARGS,
      "dir_del(directory, nslots, hash) -> byte offset of the slot it freed, -1 if in none"},
     {"dir_read", py_dir_read, METH_VARARGS,

@@ -168,6 +168,43 @@ def test_the_c_writer_and_its_python_twin_write_the_same_bytes(tmp_path):
         native.backend.dir_put(a, 48, *args)  # not a power of two
 
 
+def test_entry_writes_match_field_writes_in_c_and_python(tmp_path):
+    """dir_put_entry / dir_put_entries (the daemon's batched writes of
+    mirror entries) write what dir_put of the same fields under the object
+    key's hash writes, in C and in Python, and report full buckets by index."""
+    import random
+
+    import xxhash
+
+    from kvfs import _native_py
+    from kvfs.directory import IN_T1, file_size
+    if native.name != "native":
+        pytest.skip("the C data plane is not built")
+    nslots = 64
+    rng = random.Random(3)
+    oks = [ok("ns", f"k{i}") for i in range(400)]  # more than fit: some buckets fill
+    ms = [SimpleNamespace(size=rng.randrange(1 << 30), seq=i, checksum=bytes([i % 256]) * 16,
+                          t0=rng.choice([-1, 4096 * i]), dirty=rng.random() < 0.5,
+                          exts=tuple((rng.randrange(4), 9, 4096 * i, 100, bytes(16)) for _ in range(rng.choice([1, 4]))))
+          for i in range(400)]
+    want = bytearray(file_size(nslots))
+    refused = []
+    for i, (k, m) in enumerate(zip(oks, ms)):
+        r = _native_py.dir_put(want, nslots, xxhash.xxh3_128_digest(k), m.size, m.seq, m.checksum, m.t0,
+                               0 if m.dirty else IN_T1, list(m.exts))
+        if r < 0:
+            refused.append(i)
+    assert refused, "the table should fill"
+    for impl in (native.backend, _native_py):
+        one, many = bytearray(file_size(nslots)), bytearray(file_size(nslots))
+        rs = [impl.dir_put_entry(one, nslots, k, m) for k, m in zip(oks, ms)]
+        assert [i for i, r in enumerate(rs) if r < 0] == refused
+        assert impl.dir_put_entries(many, nslots, oks, ms) == (sum(r == 1 for r in rs), refused)
+        assert one == many == want
+        with pytest.raises(ValueError):
+            impl.dir_put_entries(many, nslots, oks, ms[:-1])
+
+
 @pytest.mark.parametrize("impl", ["native", "python"])
 def test_dir_read_copies_verified_bytes_or_declines(impl, tmp_path):
     """dir_read and dir_read_many (get_into from the directory and the
