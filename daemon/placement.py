@@ -70,7 +70,7 @@ class Placement(EngineState):
         sequence number and its chunks, striped from the next stripe round
         robin. Caller holds the lock."""
         seq = self._next_seq
-        self._next_seq += 1
+        self._next_seq = seq + 1
         nstripes = len(self.cfg.stripes)
         start = self._rr
         self._rr = (start + 1) % nstripes
@@ -92,8 +92,9 @@ class Placement(EngineState):
         self._usage += end - start
         seg.end = end
         seg.reserved[start] = end
-        touched.add(seg.seg)
-        return ChunkPlan(stripe, seg.seg, hdr, pay, end, length, i * self.stripe_unit, i, start=start)
+        sid = seg.seg
+        touched.add(sid)
+        return ChunkPlan(stripe, sid, hdr, pay, end, length, i * self.stripe_unit, i, b"", start)
 
     def _segment_for(self, stripe: int, span: int) -> SegState:
         sid = self.open_seg.get(stripe)

@@ -53,6 +53,7 @@ class Puts(Space):
         sizes: list[int] = []
         lru = self.lru
         need = 0
+        span0 = fmt.record_span(nl, 0, 0)  # record_span is that plus the key's and the value's bytes
         for k, (_key, size, meta) in zip(keys, items):
             if type(size) is not int or size < 0:  # (bool is not int here)
                 raise InvalidArgument(f"size of {k!r} must be a non-negative int")
@@ -65,26 +66,31 @@ class Puts(Space):
                 continue
             seen.add(ok)
             fresh.append((ok, k, size, m))
-            need += (fmt.record_span(nl, len(kb), size) if size <= su
-                     else self._footprint(ns, k, size))
+            need += span0 + len(kb) + size if size <= su else self._footprint(ns, k, size)
         if need and self.needs_room(need):
             if not may_evict:
                 raise NeedRoom(need)
             self._make_room(need)
         plan = PutPlan(ns, [], sizes)
         try:
+            ops, touched, reserve = plan.items, plan.touched, self._reserve
             with self._lock:
-                for i, f in enumerate(fresh):
-                    op = None if f is None else self._reserve(nl, *f, touched=plan.touched)
-                    if op is not None and placed is not None:
-                        plan.items.append(op)  # before the carve: an abort frees what it carved
+                if placed is not None:
+                    for i, f in enumerate(fresh):
+                        if f is None:
+                            ops.append(None)
+                            continue
+                        op = reserve(nl, *f, touched)
+                        ops.append(op)  # before the carve: an abort frees what it carved
                         op.t0 = placed(i, op.size)
                         op.via_t0 = True
-                        continue
-                    if op is not None and t0 and self.t0 is not None and self.t0.fits(op.size):
-                        op.t0 = self.t0.reserve(op.size)
-                        op.via_t0 = op.t0 >= 0
-                    plan.items.append(op)
+                else:
+                    for f in fresh:
+                        op = None if f is None else reserve(nl, *f, touched)
+                        if op is not None and t0 and self.t0 is not None and self.t0.fits(op.size):
+                            op.t0 = self.t0.reserve(op.size)
+                            op.via_t0 = op.t0 >= 0
+                        ops.append(op)
         except BaseException:
             self.abort_put(plan)
             raise

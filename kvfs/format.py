@@ -77,6 +77,8 @@ _HDR_SUM_OFFSET = HEADER_SIZE - 8
 RECORD_ALIGN = 8
 PAGE = 4096
 ALIGN_PAYLOAD_MIN = 64 * 1024
+_RA1, _PG1 = RECORD_ALIGN - 1, PAGE - 1
+assert not RECORD_ALIGN & _RA1 and not PAGE & _PG1
 
 # Arena (T0) extents: values of ARENA_LARGE_MIN bytes and more start on a
 # page (DMA from the arena to a GPU), smaller ones on a cache line; sizes are
@@ -124,15 +126,17 @@ def place_record(end: int, ns_len: int, key_len: int, length: int) -> tuple[int,
     Returns ``(header_offset, payload_offset, new_end)``. Pure arithmetic so
     the reservation and the scanner agree by construction.
     """
+    # bit arithmetic (RECORD_ALIGN and PAGE are powers of two): this runs
+    # once per chunk put, on the daemon's hot path
     head = HEADER_SIZE + ns_len + key_len
-    start = align_up(end, RECORD_ALIGN)
+    start = (end + _RA1) & ~_RA1
     if length >= ALIGN_PAYLOAD_MIN:
-        payload = align_up(start + head, PAGE)
-        hdr = (payload - head) // RECORD_ALIGN * RECORD_ALIGN
+        hdr = (((start + head + _PG1) & ~_PG1) - head) & ~_RA1
+        payload = (hdr + head + _PG1) & ~_PG1  # payload_offset
     else:
         hdr = start
-    payload = payload_offset(hdr, head, length)
-    return hdr, payload, align_up(payload + length, RECORD_ALIGN)
+        payload = hdr + head
+    return hdr, payload, (payload + length + _RA1) & ~_RA1
 
 
 def payload_offset(header_offset: int, header_len: int, length: int) -> int:

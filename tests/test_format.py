@@ -27,13 +27,14 @@ def test_header_detects_any_flipped_byte(pos):
 
 @pytest.mark.parametrize("length", [0, 1, 4095, 65535, 65536, 1 << 22])
 def test_place_record_alignment(length):
-    for end in (0, 8, 100, 4096, 70000):
+    for end in (0, 8, 100, 4088, 4089, 4096, 70000, (1 << 33) + 4095):
         hdr, pay, new_end = fmt.place_record(end, 3, 40, length)
         assert hdr >= end and hdr % fmt.RECORD_ALIGN == 0
         if length >= fmt.ALIGN_PAYLOAD_MIN:
             assert pay % fmt.PAGE == 0 and 0 <= pay - (hdr + fmt.HEADER_SIZE + 43) < fmt.RECORD_ALIGN
         else:
             assert pay == hdr + fmt.HEADER_SIZE + 43
+        assert pay == fmt.payload_offset(hdr, fmt.HEADER_SIZE + 43, length)  # where the scanner looks
         assert new_end >= pay + length and new_end % fmt.RECORD_ALIGN == 0
         assert new_end - end <= fmt.record_span(3, 40, length)
 
