@@ -34,6 +34,8 @@ from typing import Any, Iterator
 import lmdb
 import msgpack
 
+from kvfs import native
+
 SEG_OPEN = 0
 SEG_SEALED = 1
 
@@ -85,8 +87,9 @@ class ObjEntry:
 def encode_entry(size: int, checksum: bytes, seq: int, created: float, atime: float, meta: bytes | None,
                  rows: list[list[Any]]) -> bytes:
     """An ``objects`` value; ``rows``: per chunk [stripe, seg, payload_off,
-    length, chunk_sum, header_off, span]."""
-    return msgpack.packb([size, checksum, seq, created, atime, meta, rows], use_bin_type=True)
+    length, chunk_sum, header_off, span]. msgpack of the list of the
+    arguments (in C when built: once per put, on the write-back's path)."""
+    return native.backend.pack_entry(size, checksum, seq, created, atime, meta, rows)
 
 
 def obj_key(ns: str, key: str) -> bytes:

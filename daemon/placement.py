@@ -20,6 +20,7 @@ from typing import Any
 import xxhash
 
 from kvfs import format as fmt
+from kvfs import native
 from kvfs.errors import CapacityError
 
 from .engine_state import EngineState
@@ -121,11 +122,11 @@ class Placement(EngineState):
         """A chunk's record header and the padding up to its payload: the
         bytes from ``ch.hdr_off`` to ``ch.payload_off``."""
         nsb = ns.encode()
-        hdr = fmt.encode_header(nsb + key.encode(), len(nsb), ch.idx, nchunks, ch.length, size, ch.chunk_off, seq,
-                                ch.checksum)
-        gap = ch.payload_off - ch.hdr_off - len(hdr)
+        names = nsb + key.encode()
+        gap = ch.payload_off - ch.hdr_off - fmt.HEADER_SIZE - len(names)
         assert 0 <= gap < fmt.RECORD_ALIGN
-        return hdr + bytes(gap)
+        return native.backend.record_head(names, len(nsb), ch.idx, nchunks, ch.length, size, ch.chunk_off, seq,
+                                          ch.checksum, gap)
 
     def _pwrite_runs(self, writes: list[tuple[ChunkPlan, list[Any], int, int]]) -> set[int]:
         """Write records, each ``(chunk, buffers from its header on, bytes,

@@ -176,6 +176,9 @@ class Tiering(Puts):
         """The record writes of a plan: (chunk, buffers, bytes, ``tag``)."""
         out: list[tuple[ChunkPlan, list[Any], int, int]] = []
         nsb = plan.ns.encode()
+        nl = len(nsb)
+        head0 = fmt.HEADER_SIZE + nl
+        record_head = native.backend.record_head
         for op in plan.items:
             if op is None:
                 continue
@@ -185,12 +188,10 @@ class Tiering(Puts):
             if m is None and op.via_t0:
                 continue  # not published in T0 (the key was there): nothing to write
             names = nsb + op.key.encode()
+            hl = head0 + len(names) - nl
             for ch in op.chunks:
-                head = fmt.encode_header(names, len(nsb), ch.idx, len(op.chunks), ch.length, op.size,
-                                         ch.chunk_off, op.seq, ch.checksum)
-                gap = ch.payload_off - ch.hdr_off - len(head)
-                if gap:
-                    head += bytes(gap)
+                head = record_head(names, nl, ch.idx, len(op.chunks), ch.length, op.size, ch.chunk_off, op.seq,
+                                   ch.checksum, ch.payload_off - ch.hdr_off - hl)
                 if m is None:  # the client wrote the payload
                     out.append((ch, [head], len(head), tag))
                 else:

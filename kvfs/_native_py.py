@@ -236,6 +236,22 @@ def dir_put_entries(directory: Any, nslots: int, oks: list[bytes], ms: list[Any]
     return sum(r == 1 for r in rs), [i for i, r in enumerate(rs) if r < 0]
 
 
+def pack_entry(size: int, checksum: bytes, seq: int, created: float, atime: float, meta: bytes | None,
+               rows: list[Any]) -> bytes:
+    """An index entry (kvfsd.index.encode_entry): msgpack of the list of the arguments."""
+    import msgpack
+    return msgpack.packb([size, checksum, seq, created, atime, meta, rows], use_bin_type=True)
+
+
+def record_head(names: bytes, ns_len: int, chunk_idx: int, chunk_cnt: int, length: int, obj_size: int,
+                chunk_off: int, seq: int, checksum: bytes, pad: int) -> bytes:
+    """A record's header (kvfs.format.encode_header), its names, then ``pad`` zero bytes."""
+    from .format import encode_header
+    if pad < 0:
+        raise ValueError("bad record header fields")
+    return encode_header(names, ns_len, chunk_idx, chunk_cnt, length, obj_size, chunk_off, seq, checksum) + bytes(pad)
+
+
 def dir_del(directory: Any, nslots: int, h: bytes) -> int:
     """The writer's removal (kvfs.directory.del_py): the slot freed or -1."""
     from .directory import del_py

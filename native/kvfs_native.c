@@ -1044,6 +1044,8 @@ PyObject *kv_dir_put(PyObject *self, PyObject *args);
 PyObject *kv_dir_del(PyObject *self, PyObject *args);
 PyObject *kv_dir_put_entry(PyObject *self, PyObject *args);
 PyObject *kv_dir_put_entries(PyObject *self, PyObject *args);
+PyObject *kv_pack_entry(PyObject *self, PyObject *args);
+PyObject *kv_record_head(PyObject *self, PyObject *args);
 PyObject *kv_recv_spin(PyObject *self, PyObject *args); /* socket_wait.c */
 
 static PyMethodDef methods[] = {
@@ -1063,6 +1065,11 @@ static PyMethodDef methods[] = {
     {"dir_put_entries", kv_dir_put_entries, METH_VARARGS,
      "dir_put_entries(directory, nslots, object keys, entries) -> (slots taken, [indices not placed: buckets "
      "full]): dir_put_entry of each"},
+    {"pack_entry", kv_pack_entry, METH_VARARGS,
+     "pack_entry(size, checksum, seq, created, atime, meta, rows) -> the index entry: msgpack of the list of them"},
+    {"record_head", kv_record_head, METH_VARARGS,
+     "record_head(names, ns_len, chunk_idx, chunk_cnt, length, obj_size, chunk_off, seq, checksum, pad) -> "
+     "a record's header, its names and pad zero bytes"},
     {"dir_del", kv_dir_del, METH_VARARGS,
      "dir_del(directory, nslots, hash) -> byte offset of the slot it freed, -1 if in none"},
     {"dir_read", py_dir_read, METH_VARARGS,

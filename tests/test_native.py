@@ -178,6 +178,43 @@ def test_aligned_buffer(name):
     ctypes.memset(arr.ctypes.data, 0, 1)
 
 
+def test_index_entries_and_record_heads_are_the_definitions_bytes():
+    """pack_entry is msgpack.packb of its arguments' list and record_head is
+    encode_header plus padding, byte for byte (recovery and older daemons
+    read what either writes), over the values they meet: large and small
+    ints, floats, None or bytes meta, rows of up to 20 chunks."""
+    import random
+
+    import msgpack
+
+    from kvfs import format as fmt
+    assert _native is not None, "kvfs._native was not built"
+    rng = random.Random(5)
+    ints = [0, 1, 127, 128, 255, 256, 65535, 65536, (1 << 32) - 1, 1 << 32, (1 << 64) - 1, -1, -32, -33, -129,
+            -40000, -(1 << 40)]
+    for _ in range(3000):
+        def num():
+            return rng.choice(ints) if rng.random() < 0.5 else rng.randrange(1 << rng.choice([7, 15, 31, 50]))
+        rows = [[num(), num(), num(), num(), rng.randbytes(16), num(), num()] for _ in range(rng.choice([1, 2, 16, 20]))]
+        meta = rng.choice([None, b"{}", rng.randbytes(rng.choice([10, 300, 70000]))])
+        args = (num(), rng.randbytes(16), num(), rng.random() * 2e9, float(rng.randrange(1 << 31)), meta, rows)
+        want = msgpack.packb(list(args), use_bin_type=True)
+        assert _native.pack_entry(*args) == _native_py.pack_entry(*args) == want
+    with pytest.raises(TypeError):
+        _native.pack_entry(1, b"", 2, 0.0, 0.0, None, [object()])
+    for _ in range(2000):
+        ns, key = rng.randbytes(rng.randrange(1, 40)), rng.randbytes(rng.randrange(1, 1100))
+        f = (ns + key, len(ns), rng.randrange(1 << 20), rng.randrange(1, 1 << 20), rng.randrange(1 << 40),
+             rng.randrange(1 << 50), rng.randrange(1 << 50), rng.randrange(1 << 63), rng.randbytes(16))
+        pad = rng.randrange(8)
+        want = fmt.encode_header(*f) + bytes(pad)
+        assert _native.record_head(*f, pad) == _native_py.record_head(*f, pad) == want
+    with pytest.raises(ValueError):
+        _native.record_head(b"nskey", 2, 0, 1, 0, 0, 0, 0, bytes(16), -1)
+    with pytest.raises(ValueError):
+        _native.record_head(b"nskey", 9, 0, 1, 0, 0, 0, 0, bytes(16), 0)  # namespace longer than the names
+
+
 def test_backends_fail_alike_on_bad_arguments():
     for b in (mod("native"), mod("python")):
         with pytest.raises(ValueError):

@@ -1,0 +1,186 @@
+/*
+ * The per-object encodings of a put's commit, in C: the LMDB index entry
+ * (msgpack) and the record header a chunk is written behind. Each was a
+ * microsecond or more of Python per object on the daemon's hot path (the
+ * write-back of every T0 put); here they are a fraction of that. Their
+ * Python twins (kvfs/_native_py.py) are the definitions: the bytes must
+ * be identical (tests/test_native.py compares them).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define XXH_INLINE_ALL
+#include "vendor/xxhash.h"
+
+/* ---- msgpack, as msgpack-python's packb(obj, use_bin_type=True) writes it,
+   for what an index entry holds: ints, floats, bytes, None, lists/tuples. */
+
+typedef struct {
+    char *p; /* stack until it outgrows it, then PyMem */
+    Py_ssize_t n, cap;
+    char *stack;
+} out_t;
+
+static int grow(out_t *o, Py_ssize_t more) {
+    if (o->n + more <= o->cap) return 1;
+    Py_ssize_t cap = o->cap * 2 > o->n + more ? o->cap * 2 : o->n + more + 64;
+    char *p = o->p == o->stack ? PyMem_Malloc((size_t)cap) : PyMem_Realloc(o->p, (size_t)cap);
+    if (!p) {
+        PyErr_NoMemory();
+        return 0;
+    }
+    if (o->p == o->stack) memcpy(p, o->stack, (size_t)o->n);
+    o->p = p;
+    o->cap = cap;
+    return 1;
+}
+
+static int put_be(out_t *o, unsigned char tag, uint64_t v, int bytes) {
+    if (!grow(o, 1 + bytes)) return 0;
+    o->p[o->n++] = (char)tag;
+    for (int i = bytes - 1; i >= 0; i--) o->p[o->n++] = (char)(v >> (8 * i));
+    return 1;
+}
+
+static int pack_obj(out_t *o, PyObject *x, int depth);
+
+static int pack_int(out_t *o, PyObject *x) {
+    int overflow;
+    long long v = PyLong_AsLongLongAndOverflow(x, &overflow);
+    if (v == -1 && PyErr_Occurred()) return 0;
+    if (overflow > 0) {
+        unsigned long long u = PyLong_AsUnsignedLongLong(x);
+        if (u == (unsigned long long)-1 && PyErr_Occurred()) return 0;
+        return put_be(o, 0xcf, u, 8);
+    }
+    if (overflow < 0) {
+        PyErr_SetString(PyExc_OverflowError, "int too small to pack");
+        return 0;
+    }
+    if (v >= 0) {
+        if (v < 0x80) return put_be(o, (unsigned char)v, 0, 0);
+        if (v <= 0xff) return put_be(o, 0xcc, (uint64_t)v, 1);
+        if (v <= 0xffff) return put_be(o, 0xcd, (uint64_t)v, 2);
+        if (v <= 0xffffffffLL) return put_be(o, 0xce, (uint64_t)v, 4);
+        return put_be(o, 0xcf, (uint64_t)v, 8);
+    }
+    if (v >= -32) return put_be(o, (unsigned char)(int8_t)v, 0, 0);
+    if (v >= -128) return put_be(o, 0xd0, (uint64_t)(uint8_t)(int8_t)v, 1);
+    if (v >= -32768) return put_be(o, 0xd1, (uint64_t)(uint16_t)(int16_t)v, 2);
+    if (v >= -2147483648LL) return put_be(o, 0xd2, (uint64_t)(uint32_t)(int32_t)v, 4);
+    return put_be(o, 0xd3, (uint64_t)v, 8);
+}
+
+static int pack_obj(out_t *o, PyObject *x, int depth) {
+    if (depth > 8) {
+        PyErr_SetString(PyExc_ValueError, "nested too deep");
+        return 0;
+    }
+    if (x == Py_None) return put_be(o, 0xc0, 0, 0);
+    if (x == Py_True || x == Py_False) return put_be(o, x == Py_True ? 0xc3 : 0xc2, 0, 0);
+    if (PyLong_Check(x)) return pack_int(o, x); /* bool is handled above */
+    if (PyFloat_CheckExact(x)) {
+        double d = PyFloat_AS_DOUBLE(x);
+        uint64_t u;
+        memcpy(&u, &d, 8);
+        return put_be(o, 0xcb, u, 8);
+    }
+    if (PyBytes_CheckExact(x)) {
+        Py_ssize_t n = PyBytes_GET_SIZE(x);
+        int ok = n <= 0xff ? put_be(o, 0xc4, (uint64_t)n, 1)
+                 : n <= 0xffff ? put_be(o, 0xc5, (uint64_t)n, 2)
+                 : n <= 0xffffffffLL ? put_be(o, 0xc6, (uint64_t)n, 4) : 0;
+        if (!ok) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bytes too long to pack");
+            return 0;
+        }
+        if (!grow(o, n)) return 0;
+        memcpy(o->p + o->n, PyBytes_AS_STRING(x), (size_t)n);
+        o->n += n;
+        return 1;
+    }
+    if (PyList_CheckExact(x) || PyTuple_CheckExact(x)) {
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(x);
+        int ok = n <= 15 ? put_be(o, (unsigned char)(0x90 | n), 0, 0)
+                 : n <= 0xffff ? put_be(o, 0xdc, (uint64_t)n, 2) : put_be(o, 0xdd, (uint64_t)n, 4);
+        if (!ok) return 0;
+        PyObject **items = PySequence_Fast_ITEMS(x);
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (!pack_obj(o, items[i], depth + 1)) return 0;
+        return 1;
+    }
+    PyErr_Format(PyExc_TypeError, "cannot pack %s here", Py_TYPE(x)->tp_name);
+    return 0;
+}
+
+/* pack_entry(size, checksum, seq, created, atime, meta, rows) -> bytes:
+   msgpack.packb([size, checksum, seq, created, atime, meta, rows], use_bin_type=True). */
+PyObject *kv_pack_entry(PyObject *self, PyObject *args) {
+    (void)self;
+    if (PyTuple_GET_SIZE(args) != 7) {
+        PyErr_SetString(PyExc_TypeError, "pack_entry takes 7 arguments");
+        return NULL;
+    }
+    char stack[512];
+    out_t o = {stack, 0, sizeof stack, stack};
+    int ok = put_be(&o, 0x97, 0, 0);
+    for (Py_ssize_t i = 0; ok && i < 7; i++) ok = pack_obj(&o, PyTuple_GET_ITEM(args, i), 0);
+    PyObject *r = ok ? PyBytes_FromStringAndSize(o.p, o.n) : NULL;
+    if (o.p != stack) PyMem_Free(o.p);
+    return r;
+}
+
+/* ---- record headers (kvfs/format.py): "<4sBBHHHIIIQQQQ16sQ", the last
+   field the xxh3-64 of the 72 bytes before it and the names after it. */
+
+#define HDR_BODY 72
+#define HDR_SIZE 80
+
+static void le(unsigned char *p, uint64_t v, int bytes) {
+    for (int i = 0; i < bytes; i++) p[i] = (unsigned char)(v >> (8 * i));
+}
+
+/* record_head(names, ns_len, chunk_idx, chunk_cnt, length, obj_size,
+   chunk_off, seq, checksum, pad) -> header + names + pad zero bytes: the
+   bytes from a record's header to its payload. */
+PyObject *kv_record_head(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *names, *sum;
+    Py_ssize_t nlen, slen, pad;
+    unsigned int ns_len, cidx, ccnt;
+    unsigned long long length, osize, coff, seq;
+    if (!PyArg_ParseTuple(args, "y#IIIKKKKy#n", &names, &nlen, &ns_len, &cidx, &ccnt, &length, &osize, &coff, &seq,
+                          &sum, &slen, &pad))
+        return NULL;
+    if (ns_len > (unsigned)nlen || nlen - ns_len > 0xffff || ns_len > 0xffff || slen != 16 || pad < 0 || pad > 65536) {
+        PyErr_SetString(PyExc_ValueError, "bad record header fields");
+        return NULL;
+    }
+    PyObject *r = PyBytes_FromStringAndSize(NULL, HDR_SIZE + nlen + pad);
+    if (!r) return NULL;
+    unsigned char *p = (unsigned char *)PyBytes_AS_STRING(r);
+    memcpy(p, "KVr1", 4);
+    p[4] = 1; /* FORMAT_VERSION */
+    p[5] = 0; /* KIND_CHUNK */
+    le(p + 6, ns_len, 2);
+    le(p + 8, (uint64_t)(nlen - ns_len), 2);
+    le(p + 10, 0, 2);
+    le(p + 12, cidx, 4);
+    le(p + 16, ccnt, 4);
+    le(p + 20, 0, 4);
+    le(p + 24, length, 8);
+    le(p + 32, osize, 8);
+    le(p + 40, coff, 8);
+    le(p + 48, seq, 8);
+    memcpy(p + 56, sum, 16);
+    memcpy(p + HDR_SIZE, names, (size_t)nlen);
+    XXH3_state_t st;
+    XXH3_64bits_reset(&st);
+    XXH3_64bits_update(&st, p, HDR_BODY);
+    XXH3_64bits_update(&st, names, (size_t)nlen);
+    le(p + HDR_BODY, XXH3_64bits_digest(&st), 8);
+    memset(p + HDR_SIZE + nlen, 0, (size_t)pad);
+    return r;
+}
