@@ -109,7 +109,8 @@ class ArenaAllocator:
         if length is None:
             raise ValueError(f"no reservation rest at {rest}")
         end = rest + length
-        need, align = self.rounded(n)
+        align = LARGE_ALIGN if n >= LARGE_MIN else SMALL_ALIGN  # rounded(n), inline: once per T0 put
+        need = (max(n, 1) + align - 1) & ~(align - 1)
         if off % align or off < rest or off + need > end:
             raise ValueError(f"{n} bytes at {off} are not inside the reservation [{rest}, {end}) "
                              f"on a {align}-byte boundary")

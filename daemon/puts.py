@@ -204,16 +204,25 @@ class Puts(Space):
         (alloc/commit path): per item ``[object_sum, [chunk_sum, ...]]``."""
         if not isinstance(sums, list) or len(sums) != len(plan.items):
             raise InvalidArgument("commit needs one checksum entry per item")
+        bad = "a checksum entry is [16-byte object sum, [16-byte chunk sums]]"
         for op, s in zip(plan.items, sums):
             if op is None:
                 continue
-            if not (isinstance(s, list) and len(s) == 2 and isinstance(s[0], bytes) and len(s[0]) == 16
-                    and isinstance(s[1], list) and len(s[1]) == len(op.chunks)
-                    and all(isinstance(c, bytes) and len(c) == 16 for c in s[1])):
-                raise InvalidArgument("a checksum entry is [16-byte object sum, [16-byte chunk sums]]")
-            op.checksum = s[0]
-            for ch, c in zip(op.chunks, s[1]):
-                ch.checksum = c
+            if type(s) is not list or len(s) != 2:
+                raise InvalidArgument(bad)
+            whole, parts = s
+            chunks = op.chunks
+            if type(whole) is not bytes or len(whole) != 16 or type(parts) is not list or len(parts) != len(chunks):
+                raise InvalidArgument(bad)
+            for c in parts:
+                if type(c) is not bytes or len(c) != 16:
+                    raise InvalidArgument(bad)
+            op.checksum = whole
+            if len(chunks) == 1:
+                chunks[0].checksum = parts[0]
+            else:
+                for ch, c in zip(chunks, parts):
+                    ch.checksum = c
 
     def write_headers(self, plan: PutPlan) -> None:
         """Write the record headers of payloads a client wrote itself. The
@@ -294,17 +303,26 @@ class Puts(Space):
             else:
                 live = [True] * len(ops)
             stored = []
+            add = self.index.add_object
             for op, ok in zip(ops, live):
                 if not op.checksum:
                     op.checksum = op.hasher.digest() if op.hasher is not None else (
                         op.chunks[0].checksum if op.size else fmt.checksum(b""))
+                if not ok:
+                    stored.append(False)
+                    continue
+                cs = op.chunks
+                if len(cs) == 1:  # most puts: no comprehensions (this is once per put)
+                    c = cs[0]
+                    rows = [[c.stripe, c.seg, c.payload_off, c.length, c.checksum, c.hdr_off, c.end - c.hdr_off]]
+                    recs = [(c.seg, c.hdr_off)]
+                else:
+                    rows = [[c.stripe, c.seg, c.payload_off, c.length, c.checksum, c.hdr_off, c.end - c.hdr_off]
+                            for c in cs]
+                    recs = [(c.seg, c.hdr_off) for c in cs]
                 # a concurrent put of the same key may have won: keep its bytes
-                stored.append(ok and self.index.add_object(
-                    txn, op.ok,
-                    encode_entry(op.size, op.checksum, op.seq, now, now, op.meta,
-                                 [[c.stripe, c.seg, c.payload_off, c.length, c.checksum, c.hdr_off, c.end - c.hdr_off]
-                                  for c in op.chunks]),
-                    [(c.seg, c.hdr_off) for c in op.chunks]))
+                stored.append(add(txn, op.ok, encode_entry(op.size, op.checksum, op.seq, now, now, op.meta, rows),
+                                  recs))
             if shared:
                 self.index.set_counter(txn, b"next_seq", self._next_seq)
                 self.index.set_counter(txn, b"next_seg", self._next_seg)

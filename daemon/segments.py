@@ -90,11 +90,19 @@ class ObjPlan:
 
     def exts(self) -> tuple[tuple[Any, ...], ...]:
         """Its chunks as the mirror keeps them: (stripe, seg, payload_off, length, sum)."""
-        return tuple((c.stripe, c.seg, c.payload_off, c.length, c.checksum) for c in self.chunks)
+        cs = self.chunks
+        if len(cs) == 1:  # most puts: no generator (twice per T0 put)
+            c = cs[0]
+            return ((c.stripe, c.seg, c.payload_off, c.length, c.checksum),)
+        return tuple((c.stripe, c.seg, c.payload_off, c.length, c.checksum) for c in cs)
 
     def spans(self) -> tuple[tuple[int, int], ...]:
         """(segment, record bytes from header to aligned end) per chunk."""
-        return tuple((c.seg, c.end - c.hdr_off) for c in self.chunks)
+        cs = self.chunks
+        if len(cs) == 1:
+            c = cs[0]
+            return ((c.seg, c.end - c.hdr_off),)
+        return tuple((c.seg, c.end - c.hdr_off) for c in cs)
 
 
 @dataclass

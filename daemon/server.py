@@ -500,25 +500,32 @@ class Server:
         if r is None:
             raise InvalidArgument("no such arena reservation on this connection")
         raw = P.arg(args, "items", list)
-        if not all(isinstance(it, list) and len(it) == 5 for it in raw):
-            raise InvalidArgument("put_t0 items are [key, size, meta, arena offset, sums]")
-        offs = [it[3] for it in raw]
-        if not all(isinstance(o, int) and not isinstance(o, bool) for o in offs):
-            raise InvalidArgument("arena offsets must be ints")
+        # one pass over the batch (this is per object, on the loop)
+        items: list[tuple[Any, Any, Any]] = []
+        offs: list[int] = []
+        sums: list[Any] = []
+        for it in raw:
+            if type(it) is not list or len(it) != 5:
+                raise InvalidArgument("put_t0 items are [key, size, meta, arena offset, sums]")
+            key, size, meta, off, sm = it
+            if type(off) is not int:  # (bool is not int here)
+                raise InvalidArgument("arena offsets must be ints")
+            items.append((key, size, meta))
+            offs.append(off)
+            sums.append(sm)
 
         def place(i: int, size: int) -> int:
             if r[0] >= r[1]:
                 raise InvalidArgument("the arena reservation is used up")
             r[0] = eng.carve_arena(r[0], offs[i], size)
             return offs[i]
-        items = [(it[0], it[1], it[2]) for it in raw]
         ns = P.arg(args, "ns", str)
         try:
             plan = eng.prepare_put(ns, items, may_evict=False, placed=place)
         except NeedRoom:
             plan = await self._thread(partial(eng.prepare_put, ns, items, placed=place))
         try:
-            eng.set_client_sums(plan, [it[4] for it in raw])
+            eng.set_client_sums(plan, sums)
         except BaseException:
             await self._thread(eng.abort_put, plan)
             raise

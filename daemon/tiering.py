@@ -101,7 +101,8 @@ class Tiering(Puts):
                 op.mem = m
                 op.t0_stored = True
                 new_bytes += op.size
-                rows.append([ns, op.key, op.seq, op.size, op.t0, op.checksum, [c.checksum for c in chunks], op.meta])
+                rows.append([ns, op.key, op.seq, op.size, op.t0, op.checksum,
+                             [chunks[0].checksum] if len(chunks) == 1 else [c.checksum for c in chunks], op.meta])
             if oks and self.dir is not None:
                 self.dir.put_many(oks, ms)  # readable from here on
             if rows:
