@@ -86,11 +86,11 @@ class Puts(Space):
                         op.via_t0 = True
                 else:
                     for f in fresh:
-                        op = None if f is None else reserve(nl, *f, touched)
-                        if op is not None and t0 and self.t0 is not None and self.t0.fits(op.size):
-                            op.t0 = self.t0.reserve(op.size)
-                            op.via_t0 = op.t0 >= 0
-                        ops.append(op)
+                        maybe = None if f is None else reserve(nl, *f, touched)
+                        if maybe is not None and t0 and self.t0 is not None and self.t0.fits(maybe.size):
+                            maybe.t0 = self.t0.reserve(maybe.size)
+                            maybe.via_t0 = maybe.t0 >= 0
+                        ops.append(maybe)
         except BaseException:
             self.abort_put(plan)
             raise
