@@ -56,6 +56,23 @@ def test_a_node_block_runs_only_where_enough_gpus_are(tmp_path, monkeypatch):
     assert "ran --version" in p.read_text()
 
 
+def test_a_failing_block_keeps_its_figures_and_the_others_are_written(tmp_path, monkeypatch):
+    """A block whose command fails (a missing extra, say) is left as it was,
+    the exit status says so, and the blocks that ran are still written."""
+    monkeypatch.setattr(bench_readme, "_gpus", lambda: ["H200"])
+
+    def run(args):
+        if args == "--help":
+            raise bench_readme.BlockFailed("kvfs --help failed (exit 2)")
+        return f"ran {args}"
+    monkeypatch.setattr(bench_readme, "run_block", run)
+    p = tmp_path / "README.md"
+    p.write_text(README.replace("<!-- bench: --help @gpu -->", "<!-- bench: --version @gpu -->"))
+    assert bench_readme.main(["--readme", str(p)]) == 1
+    text = p.read_text()
+    assert "an old figure" in text and "ran --version" in text and "the GPU machine's old figure" not in text
+
+
 def test_the_gpu_machines_blocks_merge_back(tmp_path):
     ours, theirs = tmp_path / "README.md", tmp_path / "gpu.md"
     ours.write_text(README)

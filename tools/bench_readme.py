@@ -95,13 +95,17 @@ def _gpu_name() -> str | None:
     return f"{len(names)} x {names[0]}" if names else None
 
 
+class BlockFailed(Exception):
+    """A block's command failed: its figures stay as they were."""
+
+
 def run_block(args: str) -> str:
     """What ``kvfs ARGS`` prints on stdout (its progress goes to stderr, shown)."""
     t = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "kvfstools.cli", *shlex.split(args)], stdout=subprocess.PIPE,
                        text=True)
     if r.returncode != 0:
-        raise SystemExit(f"kvfs {args} failed (exit {r.returncode})")
+        raise BlockFailed(f"kvfs {args} failed (exit {r.returncode})")
     print(f"  kvfs {args}: {time.monotonic() - t:.0f} s", file=sys.stderr)
     body = [line.rstrip() for line in r.stdout.rstrip().splitlines()]
     return "\n".join(body + [f"{STAMP}commit {commit()}, {machine()}, {time.strftime('%Y-%m-%d')}"])
@@ -135,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, b in enumerate(blocks):
             if (b.args, b.gpus) in theirs:
                 new[i] = theirs[(b.args, b.gpus)]
-    else:
+    failed: list[str] = []
+    if not a.merge:
         have = len(_gpus())
         for i, b in enumerate(blocks):
             if a.only and not any(t in b.args for t in a.only):
@@ -145,12 +150,19 @@ def main(argv: list[str] | None = None) -> int:
             if b.gpus > have:
                 print(f"  skipped (needs {b.gpus} GPU(s), {have} here): kvfs {b.args}", file=sys.stderr)
                 continue
-            new[i] = run_block(b.args)
+            try:
+                new[i] = run_block(b.args)
+            except BlockFailed as e:  # the others' figures are still worth keeping (an hour's run)
+                print(f"  {e}: its block is left as it was", file=sys.stderr)
+                failed.append(b.args)
     for i in sorted(new, reverse=True):  # from the end: earlier line numbers stay right
         b = blocks[i]
         lines[b.start + 1:b.end] = new[i].split("\n")
     path.write_text("\n".join(lines))
     print(f"{len(new)} of {len(blocks)} blocks regenerated in {path}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} failed, left as they were: " + "; ".join(f"kvfs {x}" for x in failed), file=sys.stderr)
+        return 1
     return 0
 
 
