@@ -7,7 +7,7 @@ Invariants:
   that publishes them, then the mirror and the directory, then the reply;
 - a plan's reservations are released exactly once (commit or abort);
 - what a T0 item's commit means for T0 is the Tiering layer's
-  (``_written_back``).
+  (``_written_back_many``).
 """
 from __future__ import annotations
 
@@ -218,11 +218,8 @@ class Puts(Space):
                 if type(c) is not bytes or len(c) != 16:
                     raise InvalidArgument(bad)
             op.checksum = whole
-            if len(chunks) == 1:
-                chunks[0].checksum = parts[0]
-            else:
-                for ch, c in zip(chunks, parts):
-                    ch.checksum = c
+            for ch, c in zip(chunks, parts):
+                ch.checksum = c
 
     def write_headers(self, plan: PutPlan) -> None:
         """Write the record headers of payloads a client wrote itself. The
@@ -311,18 +308,10 @@ class Puts(Space):
                 if not ok:
                     stored.append(False)
                     continue
-                cs = op.chunks
-                if len(cs) == 1:  # most puts: no comprehensions (this is once per put)
-                    c = cs[0]
-                    rows = [[c.stripe, c.seg, c.payload_off, c.length, c.checksum, c.hdr_off, c.end - c.hdr_off]]
-                    recs = [(c.seg, c.hdr_off)]
-                else:
-                    rows = [[c.stripe, c.seg, c.payload_off, c.length, c.checksum, c.hdr_off, c.end - c.hdr_off]
-                            for c in cs]
-                    recs = [(c.seg, c.hdr_off) for c in cs]
                 # a concurrent put of the same key may have won: keep its bytes
-                stored.append(add(txn, op.ok, encode_entry(op.size, op.checksum, op.seq, now, now, op.meta, rows),
-                                  recs))
+                stored.append(add(txn, op.ok,
+                                  encode_entry(op.size, op.checksum, op.seq, now, now, op.meta, op.index_rows()),
+                                  [(c.seg, c.hdr_off) for c in op.chunks]))
             if shared:
                 self.index.set_counter(txn, b"next_seq", self._next_seq)
                 self.index.set_counter(txn, b"next_seg", self._next_seg)
@@ -401,11 +390,7 @@ class Puts(Space):
             # only segments this leaves fully dead need a (blocking) reclaim
             return [sid for sid in set(done) if self._reclaimable(sid)]
 
-    def _written_back(self, ns: str, op: ObjPlan, published: bool) -> None:
-        """A T0 item's write-back finished (``published``) or was skipped
-        (kvfsd.tiering). Caller holds the lock."""
-        raise NotImplementedError
-
     def _written_back_many(self, ns: str, done: list[tuple[ObjPlan, bool]]) -> None:
-        """``_written_back`` of each (op, published) (kvfsd.tiering)."""
+        """T0 items whose write-back finished or was skipped, (op, published)
+        each (kvfsd.tiering). Caller holds the lock."""
         raise NotImplementedError

@@ -204,18 +204,18 @@ class Tiering(Puts):
         """T1 refused the write (disk full...): the dirty entries cannot stay
         (T0 may not hold what T1 does not); they are dropped as if deleted."""
         with self._lock:
-            for op in plan.items:
-                if op is not None and op.mem is not None:
-                    log.error("write-back of %s/%s failed: dropped", plan.ns, op.key)
-                    self._written_back(plan.ns, op, False)
+            failed = [(op, False) for op in plan.items if op is not None and op.mem is not None]
+            for op, _ in failed:
+                log.error("write-back of %s/%s failed: dropped", plan.ns, op.key)
+            self._written_back_many(plan.ns, failed)
             if self.journal is not None:
                 self.journal.flush()
         self.abort_put(plan)
 
     def _written_back_many(self, ns: str, done: list[tuple[ObjPlan, bool]]) -> None:
-        """``_written_back`` of each (op, published), the common case (published
-        and still the resident entry) batched: counters, journal and
-        directory once. Caller holds the lock."""
+        """T0 items whose write-back finished (``published``) or was skipped,
+        (op, published) each: the backlog, the journal and the directory
+        are updated once for the batch. Caller holds the lock."""
         t0 = self.t0
         assert t0 is not None
         lru, segs = self.lru, self.segs
@@ -229,67 +229,41 @@ class Tiering(Puts):
             if not m.dirty:
                 continue
             ok = op.ok
-            if not published or m.deleted or lru.get(ok) is not m:
-                self._written_back(ns, op, published)
-                continue
             nbytes += op.size
             rows.append([ns, op.key, op.seq])
             m.dirty = False
             m.meta = None
-            m.spans = spans = op.spans()
-            for seg, span in spans:
-                segs[seg].add_live(span)
-            m.rewire()
-            oks.append(ok)
-            ms.append(m)
-        if not oks:
+            if published and not m.deleted and lru.get(ok) is m:
+                m.spans = spans = op.spans()
+                for seg, span in spans:
+                    segs[seg].add_live(span)
+                m.rewire()
+                oks.append(ok)
+                ms.append(m)
+                continue
+            # deleted while dirty (its mirror entry is gone already), or not
+            # published (the write-back failed): it goes, with its T0 copy
+            if lru.get(ok) is m:
+                del lru[ok]
+                if self.dir is not None:
+                    self.dir.remove(ok)
+                self.ns_objects[ns] -= 1
+                if self.ns_objects[ns] <= 0:
+                    del self.ns_objects[ns]
+                self.logical_bytes -= m.size
+            t0.drop(ok, m)
+            self.generation.bump()
+        if not rows:
             return
-        t0.backlog_objects -= len(oks)
+        t0.backlog_objects -= len(rows)
         t0.backlog_bytes -= nbytes
         if self.journal is not None:
             if t0.backlog_objects == 0:
                 self.journal.empty()
             else:
                 self.journal.done_many(rows)
-        if self.dir is not None:
+        if oks and self.dir is not None:
             self.dir.put_many(oks, ms)
-
-    def _written_back(self, ns: str, op: ObjPlan, published: bool) -> None:
-        """A T0 item's write-back finished (``published``) or was skipped.
-        Caller holds the lock."""
-        m = op.mem
-        assert m is not None and self.t0 is not None
-        if not m.dirty:
-            return
-        ok = op.ok
-        self.t0.backlog_objects -= 1
-        self.t0.backlog_bytes -= op.size
-        if self.journal is not None:
-            if self.t0.backlog_objects == 0:
-                self.journal.empty()
-            else:
-                self.journal.done(ns, op.key, op.seq)
-        m.dirty = False
-        m.meta = None
-        if published and self.lru.get(ok) is m and not m.deleted:
-            m.spans = op.spans()
-            for seg, span in m.spans:
-                self.segs[seg].add_live(span)
-            m.rewire()
-            self._dir_put(ok, m)
-            return
-        # deleted while dirty (its mirror entry is gone already), or not
-        # published (the write-back failed): it goes, with its T0 copy
-        if self.lru.get(ok) is m:
-            del self.lru[ok]
-            if self.dir is not None:
-                self.dir.remove(ok)
-            self.ns_objects[ns] -= 1
-            if self.ns_objects[ns] <= 0:
-                del self.ns_objects[ns]
-            self.logical_bytes -= m.size
-        self.t0.drop(ok, m)
-        self.generation.bump()
 
     def _tier_hit(self, ok: bytes, m: MemEntry) -> None:
         """Count a hit per tier and apply the promotion policy: a T1 object
