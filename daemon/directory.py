@@ -78,36 +78,41 @@ class DirectoryWriter:
         return self._put(self.mm, self.nslots, h, m.size, m.seq, m.checksum, m.t0, 0 if m.dirty else IN_T1,
                          m.exts)
 
+    # A spilled key's buckets are all full (it spilled because they were, and
+    # ``_readmit`` hands every slot freed there to a spilled key), so the C
+    # put of a spilled key always answers "full": only those answers need
+    # the key's hash and the spilled table.
+
     def put(self, ok: bytes, m: Any) -> None:
         """Publish (or update) where the resident object ``ok`` lives."""
-        if self.spilled:
-            h = _hash(ok)
-            if h in self.spilled:
-                self.spilled[h] = m
-                return
         r = self._put_entry(self.mm, self.nslots, ok, m)  # hashes ok itself: twice per T0 put
         if r < 0:
-            h = _hash(ok)
-            self.spilled[h] = m
-            self._spilled_home.setdefault(self._home(h), set()).add(h)
-            self.spills += 1
+            self._spill(ok, m)
             self._counts()
         elif r:
             self.entries += 1
             U64.pack_into(self.mm, ENTRIES_AT, self.entries)
 
     def put_many(self, oks: list[bytes], ms: list[Any]) -> None:
-        """``put`` of each (one call into C while no key is spilled)."""
-        if self.spilled:
-            for ok, m in zip(oks, ms):
-                self.put(ok, m)
-            return
+        """``put`` of each, one call into C."""
         taken, full = self._put_entries(self.mm, self.nslots, oks, ms)
         if taken:
             self.entries += taken
             U64.pack_into(self.mm, ENTRIES_AT, self.entries)
         for i in full:
-            self.put(oks[i], ms[i])  # spilled there
+            self._spill(oks[i], ms[i])
+        if full:
+            self._counts()
+
+    def _spill(self, ok: bytes, m: Any) -> None:
+        """``ok`` found its buckets full: keep (or update) it in the spilled
+        table. The caller writes the header's counts (``_counts``)."""
+        h = _hash(ok)
+        spilled = self.spilled
+        if h not in spilled:
+            self._spilled_home.setdefault(self._home(h), set()).add(h)
+            self.spills += 1
+        spilled[h] = m
 
     def remove(self, ok: bytes) -> None:
         """Take ``ok`` out (before its removal is acknowledged, and before

@@ -92,3 +92,13 @@ class EngineState:
         if self.dir is not None and self.lru.get(ok) is m:
             self.dir.put(ok, m)
 
+    def _dir_put_many(self, oks: list[bytes], ms: list[MemEntry]) -> None:
+        """``_dir_put`` of each, one call into the directory. Caller holds the lock."""
+        if self.dir is not None:
+            get = self.lru.get
+            keep = [i for i, (ok, m) in enumerate(zip(oks, ms)) if get(ok) is m]
+            if len(keep) == len(oks):
+                self.dir.put_many(oks, ms)
+            elif keep:
+                self.dir.put_many([oks[i] for i in keep], [ms[i] for i in keep])
+

@@ -7,7 +7,8 @@ held (kvfsd.engine). Invariants kept here:
   whose object is leased is deferred ("zombie") until the last lease on that
   object ends, so a client copying out of it never sees it reused;
 - a dirty entry (its write-back to T1 not yet committed) is never evicted:
-  T0 is its only copy;
+  T0 is its only copy; it is kept apart from the LRU that eviction scans
+  until ``cleaned``;
 - eviction bumps the removal generation before the freed bytes can be handed
   out again, so client location caches (kvfs.loccache) see it.
 """
@@ -30,15 +31,19 @@ class Resident(Protocol):
 
 class Tier0:
     def __init__(self, arena: Arena, max_object: int, leased: Callable[[bytes], bool],
-                 bump_generation: Callable[[], None], changed: Callable[[bytes, Any], None]):
+                 bump_generation: Callable[[], None], changed: Callable[[list[bytes], list[Any]], None]):
         self.arena = arena
         self.alloc = ArenaAllocator(arena.size)
         self.max_object = max_object
-        self.lru: OrderedDict[bytes, Any] = OrderedDict()  # resident objects, least recent first
+        # resident objects: the clean ones in LRU order (least recent first;
+        # what eviction scans), the dirty ones apart until their write-back
+        # ends (``cleaned``), so eviction never scans past them
+        self.lru: OrderedDict[bytes, Any] = OrderedDict()
+        self.dirty: dict[bytes, Any] = {}
         self.bytes = 0  # logical bytes of resident objects
         self._leased = leased
         self._bump = bump_generation
-        self._changed = changed  # an object's T0 location changed (the directory follows)
+        self._changed = changed  # objects' T0 locations changed (the directory follows): (keys, entries)
         self.zombies: dict[bytes, list[int]] = {}  # extents of gone objects still leased
         self.counters: Counter[str] = Counter()
         self.backlog_objects = 0  # committed to T0, write-back to T1 pending
@@ -50,39 +55,73 @@ class Tier0:
     def reserve(self, size: int) -> int:
         """An extent for ``size`` bytes, evicting clean unleased objects
         (least recent first) as needed; -1 if none can be made."""
+        try:
+            return self.alloc.alloc(size)
+        except ArenaFull:
+            pass
         evicted = False
         try:
-            while True:
+            # each round evicts what is missing at best (the largest free
+            # extent may grow into the need): no more than that is thrown out
+            while self._evict_for(max(self.alloc.rounded(size)[0] - self.alloc.largest_free, 1)):
+                evicted = True
                 try:
                     return self.alloc.alloc(size)
                 except ArenaFull:
-                    if not self._evict_one():
-                        self.counters["full"] += 1
-                        return -1
-                    evicted = True
+                    continue
+            self.counters["full"] += 1
+            return -1
         finally:
             if evicted:
                 self._bump()  # before the caller hands the extent out
 
-    def _evict_one(self) -> bool:
+    def _evict_for(self, size: int) -> bool:
+        """Evict the least recent clean unleased objects holding at least
+        ``size`` bytes (or all there are), in one round: one directory update
+        for the round, not one per object (a 32 MiB reservation of 4 KiB
+        values evicts thousands). Their extents may not be contiguous: the
+        caller tries again and asks for another round. False: nothing to evict."""
+        leased = self._leased
+        oks: list[bytes] = []
+        ms: list[Any] = []
+        skipped: list[bytes] = []
+        freed = 0
         for ok, m in self.lru.items():
-            if not m.dirty and not self._leased(ok):
-                self.drop(ok, m)
-                self.counters["evictions"] += 1
-                return True
-        return False
+            if leased(ok):
+                skipped.append(ok)
+                continue
+            oks.append(ok)
+            ms.append(m)
+            freed += m.size
+            if freed >= size:
+                break
+        move = self.lru.move_to_end  # being read: it counts as recent
+        for ok in skipped:
+            move(ok)
+        if not oks:
+            return False
+        for ok, m in zip(oks, ms):
+            self._forget(ok, m)
+        self.counters["evictions"] += len(oks)
+        self._changed(oks, ms)
+        return True
 
     def add(self, ok: bytes, m: Resident) -> None:
         """``m`` has its copy at ``m.t0`` now (its wire says so already)."""
         self.lru[ok] = m
         self.bytes += m.size
-        self._changed(ok, m)
+        self._changed([ok], [m])
 
     def add_new(self, ok: bytes, m: Resident) -> None:
-        """``add`` for a T0 put's new entry, whose directory entry its caller
-        writes (a batch at once). Caller holds the lock."""
-        self.lru[ok] = m
+        """``add`` for a T0 put's new (dirty) entry, whose directory entry
+        its caller writes (a batch at once). Caller holds the lock."""
+        self.dirty[ok] = m
         self.bytes += m.size
+
+    def cleaned(self, ok: bytes, m: Resident) -> None:
+        """``m``'s write-back ended (it is clean now): it may be evicted."""
+        if self.dirty.pop(ok, None) is not None:
+            self.lru[ok] = m
 
     def touch(self, ok: bytes) -> None:
         if ok in self.lru:
@@ -91,11 +130,15 @@ class Tier0:
     def drop(self, ok: bytes, m: Resident) -> None:
         """Forget the T0 copy of ``m`` (object stays in T1) and free its extent
         (deferred while leased). The caller bumps the generation."""
-        if self.lru.pop(ok, None) is not None:
+        self._forget(ok, m)
+        self._changed([ok], [m])
+
+    def _forget(self, ok: bytes, m: Resident) -> None:
+        """``drop`` but for the directory, which the caller updates."""
+        if self.lru.pop(ok, None) is not None or self.dirty.pop(ok, None) is not None:
             self.bytes -= m.size
         off, m.t0 = m.t0, -1
         m.rewire()
-        self._changed(ok, m)
         if off >= 0:
             self.release_extent(ok, off)
 
@@ -116,7 +159,7 @@ class Tier0:
         return {"path": str(self.arena.path), "capacity_bytes": self.alloc.size, "allocated_bytes": self.alloc.used,
                 # of the daemon's mapping, mapped with 2 MiB pages (kvfsd.arena: huge pages)
                 "huge_page_bytes": self.arena.huge_bytes(),
-                "bytes": self.bytes, "objects": len(self.lru), "free_extents": self.alloc.free_extents,
+                "bytes": self.bytes, "objects": len(self.lru) + len(self.dirty), "free_extents": self.alloc.free_extents,
                 "largest_free": self.alloc.largest_free, "hits": c["hits"], "misses": c["misses"],
                 "evictions": c["evictions"], "promotions": c["promotions"], "full": c["full"],
                 "corrupt_dropped": c["corrupt_dropped"],

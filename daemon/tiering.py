@@ -234,6 +234,7 @@ class Tiering(Puts):
             m.dirty = False
             m.meta = None
             if published and not m.deleted and lru.get(ok) is m:
+                t0.cleaned(ok, m)
                 m.spans = spans = op.spans()
                 for seg, span in spans:
                     segs[seg].add_live(span)

@@ -109,3 +109,53 @@ def test_gc_policy_freezes_survivors_and_collects_fully_on_schedule(monkeypatch)
     finally:
         gc.unfreeze()
         gc.set_threshold(*old)
+
+
+class _Entry:
+    def __init__(self, t0: int, size: int, dirty: bool = False):
+        self.t0, self.size, self.dirty = t0, size, dirty
+
+    def rewire(self) -> None:
+        pass
+
+
+def _tier0(size: int, leased=frozenset()):
+    from types import SimpleNamespace
+    from kvfsd.tier0 import Tier0
+    changes: list[list[bytes]] = []
+    bumps: list[int] = []
+    t0 = Tier0(SimpleNamespace(size=size, path="arena", huge_bytes=lambda: 0), size, lambda ok: ok in leased,
+               lambda: bumps.append(1), lambda oks, ms: changes.append(list(oks)))
+    return t0, changes, bumps
+
+
+def _put(t0, ok: bytes, size: int, dirty: bool):
+    m = _Entry(t0.alloc.alloc(size), size, dirty)
+    if dirty:
+        t0.add_new(ok, m)
+    else:
+        t0.add(ok, m)
+    return m
+
+
+def test_t0_eviction_takes_the_least_recent_clean_ones_in_one_round():
+    KiB = 1024
+    t0, changes, bumps = _tier0(64 * KiB, leased={b"c1"})
+    ms = {}
+    for i in range(16):  # 16 x 4 KiB fill it: c0..c7 clean, d8..d15 dirty (just put)
+        ok = (b"c%d" if i < 8 else b"d%d") % i
+        ms[ok] = _put(t0, ok, 4 * KiB, dirty=i >= 8)
+    changes.clear()
+    t0.touch(b"c0")  # c0 read: now the most recent
+    off = t0.reserve(12 * KiB)  # c2, c3, c4 (c1 is leased, c0 recent): one round, one directory update
+    assert off >= 0 and bumps == [1]
+    assert changes == [[b"c2", b"c3", b"c4"]]
+    assert all(ms[k].t0 == -1 for k in (b"c2", b"c3", b"c4")) and ms[b"c1"].t0 >= 0 and ms[b"c0"].t0 >= 0
+    assert t0.counters["evictions"] == 3
+    # dirty ones are never evicted; once cleaned they are the most recent
+    t0.cleaned(b"d8", ms[b"d8"])
+    ms[b"d8"].dirty = False
+    assert t0.reserve(64 * KiB) == -1 and t0.counters["full"] == 1
+    assert all(ms[b"d%d" % i].t0 >= 0 for i in range(9, 16))
+    assert t0.stats()["objects"] == 8  # c1 (leased) and d9..d15: the rest went, d8 included
+    assert ms[b"d8"].t0 == -1 and ms[b"c1"].t0 >= 0

@@ -58,12 +58,15 @@ def test_write_back_then_t0_eviction_then_read_from_t1(tmp_path):
             assert s.put(k, v) is True
         assert s.flush()
         st = s.stats()
-        assert st["tiers"]["T0"]["evictions"] >= 12 and st["tiers"]["T0"]["writeback_objects"] == 0
+        # at most 8 fit; the rest were evicted, or (every resident one still
+        # dirty when a reservation was asked) written to T1 directly
+        in_t0 = st["tiers"]["T0"]["objects"]
+        assert in_t0 <= 8 and st["tiers"]["T0"]["evictions"] >= 1 and st["tiers"]["T0"]["writeback_objects"] == 0
         assert st["tiers"]["T1"]["objects"] == 20
         for k, v in vals.items():
             assert s.get(k) == v
         st = s.stats()
-        assert st["tiers"]["T1"]["hits"] >= 12  # the evicted ones came from the segment files
+        assert st["tiers"]["T1"]["hits"] >= 20 - in_t0  # the others came from the segment files
 
 
 def test_second_access_promotes_a_t1_object_to_t0(tmp_path):
