@@ -72,6 +72,12 @@ def test_a_full_table_spills_says_so_and_takes_keys_back(tmp_path):
     assert states.count(PRESENT) == 32  # the others are not absent: the table is incomplete
     spilled = [k for k, st in zip(keys, states) if st != PRESENT]
     placed = [k for k, st in zip(keys, states) if st == PRESENT]
+    # updating spilled keys (one by one, or a batch with a new key) keeps one copy of each
+    w.put(ok("n", spilled[1]), entry(101))
+    w.put_many([ok("n", spilled[2]), ok("n", "k-new")], [entry(102), entry(103)])
+    assert w.stats()["entries"] == 32 and w.stats()["spilled"] == 9 and w.spills == 9
+    assert sorted(m.seq for m in w.spilled.values() if m.seq > 100) == [101, 102, 103]
+    w.remove(ok("n", "k-new"))
     w.remove(ok("n", spilled[0]))  # a spilled key removed: nothing freed
     assert w.stats()["entries"] == 32 and w.stats()["spilled"] == 7
     w.remove(ok("n", placed[0]))  # a slot freed: a spilled key takes it

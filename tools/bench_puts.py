@@ -129,6 +129,7 @@ def run_puts_bench(args: argparse.Namespace) -> dict[str, Any]:
                 os.close(fd)
         out["processes"] = _processes(d, 256 if args.quick else 4096)
         out["sustained"] = _sustained(args, work)
+        out["steady"] = _steady(args, work)
         from .bench_phases import run_phases
         out["phases"] = run_phases(bool(args.quick))
     finally:
@@ -307,6 +308,50 @@ def _sustained(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "p99_call_ms": sorted(calls)[int(len(calls) * .99)] * 1e3, "arena_full": full}
 
 
+STEADY_VALUE = 4096
+STEADY_SLOTS = 65536
+
+
+def _steady(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """A busy node's steady state: small values put far past what the arena
+    and the location directory hold, so every reservation evicts, every
+    new key may spill from a full directory, and the write-back runs
+    behind. Daemon CPU per object, measured after a warm-up that fills
+    both."""
+    import numpy as np
+
+    from kvfsd.testing import DaemonProcess
+
+    arena = (16 if args.quick else 256) << 20
+    d = DaemonProcess(work / "kvfs-steady", stripes=args.stripes, capacity="16G", shm_size=arena,
+                      extra=["--dir-slots", str(STEADY_SLOTS)], log=work / "kvfs-steady.log")
+    val = np.random.default_rng(3).integers(0, 256, STEADY_VALUE, dtype=np.uint8)
+    warm = 2 * (arena // STEADY_VALUE) // BATCH + STEADY_SLOTS // BATCH
+    n_batches = warm // (4 if args.quick else 1)
+    try:
+        d.start()
+        assert d.proc is not None
+        with d.connect() as s:
+            for b in range(warm):
+                s.put_many([f"w{b}-{j}" for j in range(BATCH)], [val] * BATCH, wait=False)
+            s.flush()
+            u0, s0 = _cpu_s(d.proc.pid)
+            t = time.perf_counter()
+            for b in range(n_batches):
+                s.put_many([f"s{b}-{j}" for j in range(BATCH)], [val] * BATCH, wait=False)
+            s.flush()
+            dt = time.perf_counter() - t
+            u1, s1 = _cpu_s(d.proc.pid)
+            st = s.stats()
+    finally:
+        d.stop()
+    n = n_batches * BATCH
+    return {"arena": arena, "slots": STEADY_SLOTS, "value": STEADY_VALUE, "objects": n, "objects_s": n / dt,
+            "daemon_cpu_us": (u1 + s1 - u0 - s0) / n * 1e6, "daemon_user_us": (u1 - u0) / n * 1e6,
+            "evictions": st["tiers"]["T0"]["evictions"], "spilled": (st.get("directory") or {}).get("spilled", 0),
+            "arena_full": st["tiers"]["T0"].get("full", 0)}
+
+
 def format_puts(res: dict[str, Any]) -> str:
     head = (f"puts of {res['value'] >> 10} KiB values, commit {res['commit']}, {res['machine']['cpus']} cores")
     rows = [[f"one put at a time, {k}", f"{v['p50_us']:.0f}", f"{v['p99_us']:.0f}", f"{v['client_cpu_us']:.0f}"]
@@ -352,6 +397,15 @@ def format_puts(res: dict[str, Any]) -> str:
     out = (f"{head}\n{t1}\n\n{t2}\n\ndaemon put_t0 handler: {res['handler_us_per_object']:.1f} us per object "
            f"(on its event loop)\n\n{t3}\narena full (reservations refused, puts went to T1 directly): "
            f"{su['arena_full']} times")
+    if "steady" in res:
+        sd = res["steady"]
+        out += "\n\n" + render(
+            [f"steady state: {sd['value'] >> 10} KiB values, {sd['arena'] >> 20} MiB arena full, {sd['slots']}-slot "
+             "directory full", "objects/s", "daemon CPU us/object", "user"],
+            [[f"put_many of {BATCH}, no wait, until flush ({sd['objects']} objects)", f"{sd['objects_s']:.0f}",
+              f"{sd['daemon_cpu_us']:.1f}", f"{sd['daemon_user_us']:.1f}"]])
+        out += (f"\nevictions {sd['evictions']}, keys spilled from the directory {sd['spilled']}, "
+                f"reservations refused {sd['arena_full']}")
     if "phases" in res:
         from .bench_phases import format_phases
         out += "\n\n" + format_phases(res["phases"])
