@@ -23,7 +23,7 @@ from kvfs import format as fmt
 
 from .arena import arena_path
 from .index import SEG_OPEN, SEG_SEALED, obj_key, split_obj_key
-from .mirror import MemEntry
+from .mirror import MemEntry, entry_of
 from .repair import Repair
 from .segments import SegState
 from .t0journal import read_pending
@@ -132,7 +132,7 @@ class Recovery(Repair):
                 self._next_seq = max(self._next_seq, e.seq + 1)
         entries.sort(key=lambda t: t[0])
         for _at, ok, ns, e in entries:
-            m = MemEntry.of(e)
+            m = entry_of(e)
             self.lru[ok] = m
             self._dir_put(ok, m)
             for seg, span in m.spans:

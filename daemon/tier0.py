@@ -8,7 +8,7 @@ held (kvfsd.engine). Invariants kept here:
   object ends, so a client copying out of it never sees it reused;
 - a dirty entry (its write-back to T1 not yet committed) is never evicted:
   T0 is its only copy; it is kept apart from the LRU that eviction scans
-  until ``cleaned``;
+  until its write-back ends;
 - eviction bumps the removal generation before the freed bytes can be handed
   out again, so client location caches (kvfs.loccache) see it.
 """
@@ -37,9 +37,10 @@ class Tier0:
         self.max_object = max_object
         # resident objects: the clean ones in LRU order (least recent first;
         # what eviction scans), the dirty ones apart until their write-back
-        # ends (``cleaned``), so eviction never scans past them
+        # ends (kvfsd.mirror.t0_written_back moves them), so eviction never
+        # scans past them
         self.lru: OrderedDict[bytes, Any] = OrderedDict()
-        self.dirty: dict[bytes, Any] = {}
+        self.dirty: dict[bytes, Any] = {}  # filled by a T0 put's publication (kvfsd.mirror.t0_publish)
         self.bytes = 0  # logical bytes of resident objects
         self._leased = leased
         self._bump = bump_generation
@@ -111,17 +112,6 @@ class Tier0:
         self.lru[ok] = m
         self.bytes += m.size
         self._changed([ok], [m])
-
-    def add_new(self, ok: bytes, m: Resident) -> None:
-        """``add`` for a T0 put's new (dirty) entry, whose directory entry
-        its caller writes (a batch at once). Caller holds the lock."""
-        self.dirty[ok] = m
-        self.bytes += m.size
-
-    def cleaned(self, ok: bytes, m: Resident) -> None:
-        """``m``'s write-back ended (it is clean now): it may be evicted."""
-        if self.dirty.pop(ok, None) is not None:
-            self.lru[ok] = m
 
     def touch(self, ok: bytes) -> None:
         if ok in self.lru:

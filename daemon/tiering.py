@@ -20,7 +20,7 @@ from kvfs import format as fmt
 from kvfs import native
 from kvfs.errors import InvalidArgument
 
-from .mirror import MemEntry
+from .mirror import MemEntry, t0_publish, t0_written_back
 from .puts import Puts
 from .segments import ChunkPlan, ObjPlan, PutPlan
 
@@ -73,39 +73,16 @@ class Tiering(Puts):
         ns = plan.ns
         t0 = self.t0
         assert t0 is not None
-        rows: list[list[Any]] = []
-        oks: list[bytes] = []
-        ms: list[MemEntry] = []
-        now = time.time()
-        lru = self.lru
         with self._lock:
-            existing = new_bytes = 0
-            for op in plan.items:
-                if op is None or op.t0 < 0:
-                    continue
-                ok = op.ok
-                if ok in lru:
-                    t0.alloc.free(op.t0)  # unpublished: nobody saw it
-                    op.t0 = -1
-                    op.t0_stored = False
-                    existing += 1
-                    continue
-                chunks = op.chunks
-                m = MemEntry(op.size, op.checksum, op.seq, op.exts(), (), t0=op.t0, dirty=True)
-                m.meta = op.meta
-                m.created = now
-                lru[ok] = m
-                t0.add_new(ok, m)
-                oks.append(ok)
-                ms.append(m)
-                op.mem = m
-                op.t0_stored = True
-                new_bytes += op.size
-                rows.append([ns, op.key, op.seq, op.size, op.t0, op.checksum,
-                             [chunks[0].checksum] if len(chunks) == 1 else [c.checksum for c in chunks], op.meta])
+            oks, ms, rows, new_bytes, existing = t0_publish(ns, plan.items, self.lru, t0.dirty, time.time())
+            for op in existing:
+                t0.alloc.free(op.t0)  # unpublished: nobody saw it
+                op.t0 = -1
+                op.t0_stored = False
             if oks and self.dir is not None:
                 self.dir.put_many(oks, ms)  # readable from here on
             if rows:
+                t0.bytes += new_bytes
                 self.ns_objects[ns] += len(rows)
                 self.logical_bytes += new_bytes
                 self.counters["puts"] += len(rows)
@@ -115,7 +92,7 @@ class Tiering(Puts):
                 if self.journal is not None:
                     self.journal.published(rows)
             if existing:
-                self.counters["puts_existing"] += existing
+                self.counters["puts_existing"] += len(existing)
 
     def t0_only(self, plan: PutPlan) -> bool:
         """Every new item of the plan goes through T0 (none written to T1 by the client)."""
@@ -219,31 +196,15 @@ class Tiering(Puts):
         t0 = self.t0
         assert t0 is not None
         lru, segs = self.lru, self.segs
-        oks: list[bytes] = []
-        ms: list[MemEntry] = []
-        rows: list[list[Any]] = []
-        nbytes = 0
-        for op, published in done:
-            m = op.mem
-            assert m is not None
-            if not m.dirty:
-                continue
-            ok = op.ok
-            nbytes += op.size
-            rows.append([ns, op.key, op.seq])
-            m.dirty = False
-            m.meta = None
-            if published and not m.deleted and lru.get(ok) is m:
-                t0.cleaned(ok, m)
-                m.spans = spans = op.spans()
-                for seg, span in spans:
-                    segs[seg].add_live(span)
-                m.rewire()
-                oks.append(ok)
-                ms.append(m)
-                continue
+        oks, ms, rows, nbytes, live, gone = t0_written_back(ns, done, lru, t0.lru, t0.dirty)
+        for seg, (span, records) in live.items():
+            s = segs[seg]
+            s.live += span
+            s.records += records
+        for op, m in gone:
             # deleted while dirty (its mirror entry is gone already), or not
             # published (the write-back failed): it goes, with its T0 copy
+            ok = op.ok
             if lru.get(ok) is m:
                 del lru[ok]
                 if self.dir is not None:

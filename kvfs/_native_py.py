@@ -269,3 +269,114 @@ def recv_spin(sock: Any, buf: Any, spin_ns: int) -> int:
         except BlockingIOError:
             continue
     return int(sock.recv_into(buf))
+
+
+class MemEntry:
+    """The daemon's mirror entry (kvfsd.mirror): native/mirror.c's twin.
+    Lookups answer ``wire``; it is replaced (``rewire``), never mutated, so a
+    reply being encoded on the event loop never sees a half-made change."""
+
+    __slots__ = ("size", "checksum", "seq", "exts", "spans", "wire", "t0", "dirty", "deleted", "hits", "meta",
+                 "created")
+
+    def __init__(self, size: int, checksum: bytes, seq: int, exts: tuple[tuple[Any, ...], ...],
+                 spans: tuple[tuple[int, int], ...], *, t0: int = -1, dirty: bool = False):
+        self.size = size
+        self.checksum = checksum
+        self.seq = seq
+        self.exts = exts  # ((stripe, seg, payload_off, length, chunk_sum), ...)
+        self.spans = spans  # ((seg, record bytes), ...); () while dirty: not yet counted live
+        self.t0 = t0  # arena offset of the T0 copy, -1: none
+        self.dirty = dirty  # in T0 only: write-back to T1 not committed yet
+        self.deleted = False  # removed while dirty: the write-back must not publish it
+        self.hits = 0  # T1 hits (promotion policy)
+        self.meta: bytes | None = None  # kept only while dirty (LMDB has it after)
+        self.created = 0.0  # for the mount's mtime
+        self.wire: tuple[Any, ...] = ()
+        self.rewire()
+
+    def rewire(self) -> None:
+        """wire = [size, checksum, seq, extents, t0] where t0 is None or
+        [arena offset, also in T1]."""
+        self.wire = (self.size, self.checksum, self.seq, self.exts,
+                     None if self.t0 < 0 else (self.t0, not self.dirty))
+
+    def __repr__(self) -> str:
+        return f"MemEntry(size={self.size}, seq={self.seq}, t0={self.t0}, dirty={self.dirty})"
+
+
+def t0_publish(ns: str, ops: list[Any], lru: dict[bytes, Any], dirty: dict[bytes, Any], now: float
+               ) -> tuple[list[bytes], list[MemEntry], list[list[Any]], int, list[Any]]:
+    """publish_t0's per-object loop (kvfsd.tiering): for each T0 item (op not
+    None, op.t0 >= 0) whose object key is not in ``lru``, a dirty entry put
+    in ``lru`` and ``dirty``, op.mem and op.t0_stored set, and its journal
+    row. Returns (keys, entries, rows, new bytes, the items already stored)."""
+    oks: list[bytes] = []
+    ms: list[MemEntry] = []
+    rows: list[list[Any]] = []
+    existing: list[Any] = []
+    new_bytes = 0
+    for op in ops:
+        if op is None or op.t0 < 0:
+            continue
+        ok = op.ok
+        if ok in lru:
+            existing.append(op)
+            continue
+        chunks = op.chunks
+        m = MemEntry(op.size, op.checksum, op.seq, tuple((c.stripe, c.seg, c.payload_off, c.length, c.checksum)
+                                                         for c in chunks), (), t0=op.t0, dirty=True)
+        m.meta = op.meta
+        m.created = now
+        lru[ok] = m
+        dirty[ok] = m
+        oks.append(ok)
+        ms.append(m)
+        op.mem = m
+        op.t0_stored = True
+        new_bytes += op.size
+        rows.append([ns, op.key, op.seq, op.size, op.t0, op.checksum, [c.checksum for c in chunks], op.meta])
+    return oks, ms, rows, new_bytes, existing
+
+
+def t0_written_back(ns: str, done: list[tuple[Any, bool]], lru: dict[bytes, Any], t0_lru: dict[bytes, Any],
+                    t0_dirty: dict[bytes, Any]) -> tuple[list[bytes], list[MemEntry], list[list[Any]], int,
+                                                         dict[int, list[int]], list[tuple[Any, MemEntry]]]:
+    """The write-back's mirror loop (kvfsd.tiering._written_back_many): for
+    each (op, published) whose entry ``op.mem`` is still dirty, it is dirty
+    no more and its journal row [ns, key, seq] and bytes count; if
+    published, not deleted and still ``lru``'s entry for its key, it moves
+    from ``t0_dirty`` (if there) to the end of ``t0_lru``, gets its spans (added to
+    ``live`` {seg: [bytes, records]}) and is rewired; otherwise (op, entry)
+    is returned in ``gone`` for the caller."""
+    oks: list[bytes] = []
+    ms: list[MemEntry] = []
+    rows: list[list[Any]] = []
+    live: dict[int, list[int]] = {}
+    gone: list[tuple[Any, MemEntry]] = []
+    nbytes = 0
+    for op, published in done:
+        m: MemEntry = op.mem
+        if not m.dirty:
+            continue
+        ok = op.ok
+        rows.append([ns, op.key, m.seq])
+        nbytes += m.size
+        m.dirty = False
+        m.meta = None
+        if published and not m.deleted and lru.get(ok) is m:
+            if ok in t0_dirty:  # (not if its T0 copy was dropped meanwhile)
+                del t0_dirty[ok]
+                t0_lru[ok] = m
+            spans = tuple((c.seg, c.end - c.hdr_off) for c in op.chunks)
+            for seg, span in spans:
+                v = live.setdefault(seg, [0, 0])
+                v[0] += span
+                v[1] += 1
+            m.spans = spans
+            m.rewire()
+            oks.append(ok)
+            ms.append(m)
+        else:
+            gone.append((op, m))
+    return oks, ms, rows, nbytes, live, gone

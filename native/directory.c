@@ -430,6 +430,8 @@ static int entry_attrs(void) {
 }
 
 static long put_entry(Py_buffer *dir, unsigned long long nslots, PyObject *ok, PyObject *m);
+int kv_mem_entry_fields(PyObject *m, long long *size, long long *seq, PyObject **sum, long long *t0, int *dirty,
+                        PyObject **exts); /* mirror.c */
 
 /* dir_put_entry(directory, nslots, object key, entry): dir_put of a mirror
    entry, its key hash (xxh3-128 of the object key) and fields taken here:
@@ -454,6 +456,19 @@ static long put_entry(Py_buffer *dir, unsigned long long nslots, PyObject *ok, P
     if (!PyBytes_Check(ok)) {
         PyErr_SetString(PyExc_TypeError, "object keys are bytes");
         return -2;
+    }
+    long long fsize, fseq, ft0;
+    int fdirty;
+    PyObject *fsum, *fexts;
+    if (kv_mem_entry_fields(m, &fsize, &fseq, &fsum, &ft0, &fdirty, &fexts)) { /* the C entry: no attribute reads */
+        if (fsize < 0 || fseq < 0) {
+            PyErr_SetString(PyExc_ValueError, "size and seq are non-negative");
+            return -2;
+        }
+        XXH128_canonical_t c;
+        XXH128_canonicalFromHash(&c, XXH3_128bits(PyBytes_AS_STRING(ok), (size_t)PyBytes_GET_SIZE(ok)));
+        return put_slot(dir, nslots, c.digest, (unsigned long long)fsize, (unsigned long long)fseq, fsum, ft0,
+                        fdirty ? 0u : 1u /* IN_T1 */, fexts);
     }
     PyObject *size = NULL, *seq = NULL, *sum = NULL, *t0 = NULL, *dirty = NULL, *exts = NULL;
     long r = -2;

@@ -1047,6 +1047,9 @@ PyObject *kv_dir_put_entries(PyObject *self, PyObject *args);
 PyObject *kv_pack_entry(PyObject *self, PyObject *args);
 PyObject *kv_record_head(PyObject *self, PyObject *args);
 PyObject *kv_recv_spin(PyObject *self, PyObject *args); /* socket_wait.c */
+PyObject *kv_t0_publish(PyObject *self, PyObject *args); /* mirror.c */
+PyObject *kv_t0_written_back(PyObject *self, PyObject *args);
+extern PyTypeObject MemEntryType;
 
 static PyMethodDef methods[] = {
     {"dir_probe", kv_dir_probe, METH_VARARGS,
@@ -1070,6 +1073,12 @@ static PyMethodDef methods[] = {
     {"record_head", kv_record_head, METH_VARARGS,
      "record_head(names, ns_len, chunk_idx, chunk_cnt, length, obj_size, chunk_off, seq, checksum, pad) -> "
      "a record's header, its names and pad zero bytes"},
+    {"t0_publish", kv_t0_publish, METH_VARARGS,
+     "t0_publish(ns, ops, lru, dirty, now) -> (object keys, entries, journal rows, new bytes, [ops already "
+     "stored]): publish_t0's loop, a dirty MemEntry per new T0 item (native/mirror.c)"},
+    {"t0_written_back", kv_t0_written_back, METH_VARARGS,
+     "t0_written_back(ns, done, lru, t0_lru, t0_dirty) -> (object keys, entries, journal rows, bytes, "
+     "{seg: [live bytes, records]}, [(op, entry) gone]): the write-back's mirror loop (native/mirror.c)"},
     {"dir_del", kv_dir_del, METH_VARARGS,
      "dir_del(directory, nslots, hash) -> byte offset of the slot it freed, -1 if in none"},
     {"dir_read", py_dir_read, METH_VARARGS,
@@ -1109,7 +1118,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "kvfs._native",
                                     "kvfs data-plane hot loops (see native/kvfs_native.c)", -1, methods};
 
 PyMODINIT_FUNC PyInit__native(void) {
-    if (PyType_Ready(&AlignedBufferType) < 0) return NULL;
+    if (PyType_Ready(&AlignedBufferType) < 0 || PyType_Ready(&MemEntryType) < 0) return NULL;
 #if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
     if (kv_avx2_built() && __builtin_cpu_supports("avx2")) {
@@ -1128,6 +1137,12 @@ PyMODINIT_FUNC PyInit__native(void) {
     online_cpus = ncpu > 1 ? (int)(ncpu > MAX_THREADS ? MAX_THREADS : ncpu) : 1;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
+    Py_INCREF(&MemEntryType);
+    if (PyModule_AddObject(m, "MemEntry", (PyObject *)&MemEntryType) < 0) {
+        Py_DECREF(&MemEntryType);
+        Py_DECREF(m);
+        return NULL;
+    }
     PyModule_AddIntConstant(m, "MAX_THREADS", MAX_THREADS);
     PyModule_AddStringConstant(m, "SIMD", simd);
     return m;

@@ -131,8 +131,9 @@ def _tier0(size: int, leased=frozenset()):
 
 def _put(t0, ok: bytes, size: int, dirty: bool):
     m = _Entry(t0.alloc.alloc(size), size, dirty)
-    if dirty:
-        t0.add_new(ok, m)
+    if dirty:  # as a T0 put's publication does (kvfsd.mirror.t0_publish)
+        t0.dirty[ok] = m
+        t0.bytes += size
     else:
         t0.add(ok, m)
     return m
@@ -153,7 +154,7 @@ def test_t0_eviction_takes_the_least_recent_clean_ones_in_one_round():
     assert all(ms[k].t0 == -1 for k in (b"c2", b"c3", b"c4")) and ms[b"c1"].t0 >= 0 and ms[b"c0"].t0 >= 0
     assert t0.counters["evictions"] == 3
     # dirty ones are never evicted; once cleaned they are the most recent
-    t0.cleaned(b"d8", ms[b"d8"])
+    t0.lru[b"d8"] = t0.dirty.pop(b"d8")  # as the write-back's end does (kvfsd.mirror.t0_written_back)
     ms[b"d8"].dirty = False
     assert t0.reserve(64 * KiB) == -1 and t0.counters["full"] == 1
     assert all(ms[b"d%d" % i].t0 >= 0 for i in range(9, 16))

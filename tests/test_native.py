@@ -215,6 +215,102 @@ def test_index_entries_and_record_heads_are_the_definitions_bytes():
         _native.record_head(b"nskey", 9, 0, 1, 0, 0, 0, 0, bytes(16), 0)  # namespace longer than the names
 
 
+@pytest.mark.parametrize("name", BACKENDS)
+def test_mirror_entries_and_t0_publish_behave_alike(name):
+    """The daemon's mirror entry and publish_t0's loop: the same fields,
+    wire and results on both backends; the C entry is never tracked by the
+    cyclic collector (a store of millions of objects walks none of them)."""
+    import gc
+    from collections import OrderedDict
+
+    from kvfsd.segments import ChunkPlan, ObjPlan
+    b = mod(name)
+    ext = ((0, 3, 4096, 10, b"c" * 16),)
+    m = b.MemEntry(10, b"s" * 16, 7, ext, (), t0=8192, dirty=True)
+    assert (m.size, m.checksum, m.seq, m.exts, m.spans, m.t0, m.dirty) == (10, b"s" * 16, 7, ext, (), 8192, True)
+    assert (m.deleted, m.hits, m.meta, m.created) == (False, 0, None, 0.0)
+    assert m.wire == (10, b"s" * 16, 7, ext, (8192, False))
+    m.dirty = False
+    assert m.wire == (10, b"s" * 16, 7, ext, (8192, False))  # replaced only by rewire
+    m.rewire()
+    assert m.wire == (10, b"s" * 16, 7, ext, (8192, True))
+    m.t0, m.hits, m.meta, m.created, m.spans = -1, m.hits + 1, b"{}", 1.5, ((3, 4200),)
+    m.rewire()
+    assert m.wire == (10, b"s" * 16, 7, ext, None) and (m.hits, m.meta, m.created, m.spans) == (1, b"{}", 1.5, ((3, 4200),))
+    assert b.MemEntry(1, b"", 2, (), ()).wire == (1, b"", 2, (), None)
+    if name == "native":
+        assert not gc.is_tracked(m)
+    with pytest.raises(TypeError):
+        b.MemEntry(1, b"", 2, (), (), 5)  # t0 and dirty are keywords
+
+    def plan(i, ok, nchunks=1, t0=4096):
+        chunks = [ChunkPlan(i % 2, 9, 64 * j, 64 * j + 40, 64 * j + 60, 5, 5 * j, j, bytes([j]) * 16, 64 * j)
+                  for j in range(nchunks)]
+        return ObjPlan(f"k{i}", 5 * nchunks, None if i % 2 else b'{"a":1}', 100 + i, chunks, ok, None,
+                       bytes([i]) * 16, t0 * (i + 1))
+    lru = OrderedDict([(b"ns\x00old", "old"), (b"ns\x00k2", "there")])
+    dirty = {}
+    ops = [plan(0, b"ns\x00k0"), None, plan(2, b"ns\x00k2"), plan(3, b"ns\x00k3", nchunks=3), plan(4, b"ns\x00k4", t0=-1)]
+    oks, ms, rows, nbytes, existing = b.t0_publish("ns", ops, lru, dirty, 12.5)
+    assert oks == [b"ns\x00k0", b"ns\x00k3"] and nbytes == 5 + 15 and existing == [ops[2]]
+    assert list(lru) == [b"ns\x00old", b"ns\x00k2", b"ns\x00k0", b"ns\x00k3"]  # order kept: appended
+    assert list(dirty) == oks and all(lru[k] is m and dirty[k] is m for k, m in zip(oks, ms))
+    for op, m in zip((ops[0], ops[3]), ms):
+        assert op.mem is m and op.t0_stored and m.dirty and m.t0 == op.t0 and m.spans == () and m.created == 12.5
+        assert m.meta == op.meta and (m.size, m.checksum, m.seq) == (op.size, op.checksum, op.seq)
+        assert m.exts == tuple((c.stripe, c.seg, c.payload_off, c.length, c.checksum) for c in op.chunks)
+        assert m.wire == (op.size, op.checksum, op.seq, m.exts, (op.t0, False))
+    assert not ops[2].t0_stored and ops[2].mem is None and ops[4].mem is None
+    assert rows == [["ns", op.key, op.seq, op.size, op.t0, op.checksum, [c.checksum for c in op.chunks], op.meta]
+                    for op in (ops[0], ops[3])]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_t0_written_back_cleans_moves_and_counts_alike(name):
+    """The write-back's mirror loop: published entries become clean, move
+    from the dirty map to the recent end of the T0 LRU, get their spans
+    (counted live per segment) and a fresh wire; deleted, failed or replaced
+    ones come back as gone; entries already clean are skipped."""
+    from collections import OrderedDict
+
+    from kvfsd.segments import ChunkPlan, ObjPlan
+    b = mod(name)
+    ops, lru, t0_lru, t0_dirty = [], OrderedDict(), OrderedDict([(b"ns\x00x", "x")]), {}
+    for i in range(6):
+        ok = b"ns\x00k%d" % i
+        chunks = [ChunkPlan(0, 4 + j, 100 * j, 100 * j + 50, 100 * j + 90, 8, 8 * j, j, b"c" * 16, 100 * j)
+                  for j in range(1 + i % 2)]
+        op = ObjPlan(f"k{i}", 8 * len(chunks), b"{}", 50 + i, chunks, ok, None, b"s" * 16, 4096 * (i + 1))
+        m = b.MemEntry(op.size, op.checksum, op.seq, (), (), t0=op.t0, dirty=True)
+        m.meta = op.meta
+        op.mem = m
+        lru[ok] = t0_dirty[ok] = m
+        ops.append(op)
+    ops[2].mem.deleted = True  # deleted while dirty
+    lru[ops[3].ok] = "a newer entry"  # replaced meanwhile
+    ops[4].mem.dirty = False  # settled already: skipped
+    t0_lru[ops[4].ok] = t0_dirty.pop(ops[4].ok)
+    del t0_dirty[ops[5].ok]  # its T0 copy dropped meanwhile: cleaned, in no T0 map
+    done = [(ops[0], True), (ops[1], True), (ops[2], True), (ops[3], True), (ops[4], True), (ops[5], True)]
+    failed = b.MemEntry(1, b"", 99, (), (), t0=0, dirty=True)
+    fop = ObjPlan("f", 1, None, 99, [], b"ns\x00f", None, b"", 0)
+    fop.mem = failed
+    lru[fop.ok] = t0_dirty[fop.ok] = failed
+    oks, ms, rows, nbytes, live, gone = b.t0_written_back("ns", done + [(fop, False)], lru, t0_lru, t0_dirty)
+    assert oks == [ops[0].ok, ops[1].ok, ops[5].ok] and ms == [ops[0].mem, ops[1].mem, ops[5].mem]
+    assert rows == [["ns", f"k{i}", 50 + i] for i in (0, 1, 2, 3, 5)] + [["ns", "f", 99]]
+    assert nbytes == 8 + 16 + 8 + 16 + 16 + 1
+    assert gone == [(ops[2], ops[2].mem), (ops[3], ops[3].mem), (fop, failed)]
+    assert list(t0_lru) == [b"ns\x00x", ops[4].ok, ops[0].ok, ops[1].ok] and list(t0_dirty) == [ops[2].ok, ops[3].ok, fop.ok]
+    assert live == {4: [90 * 3, 3], 5: [90 * 2, 2]}  # k0, k1, k5 have chunk 0 in seg 4; k1, k5 chunk 1 in 5
+    for op in (ops[0], ops[1], ops[5]):
+        m = op.mem
+        assert not m.dirty and m.meta is None
+        assert m.spans == tuple((c.seg, c.end - c.hdr_off) for c in op.chunks)
+        assert m.wire == (op.size, op.checksum, op.seq, (), (op.t0, True))
+    assert all(not m.dirty and m.meta is None for m in (ops[2].mem, ops[3].mem, failed))
+
+
 def test_backends_fail_alike_on_bad_arguments():
     for b in (mod("native"), mod("python")):
         with pytest.raises(ValueError):

@@ -1,0 +1,426 @@
+/*
+ * The daemon's mirror entry (kvfsd.mirror.MemEntry) as a C type, and the
+ * per-object loop of a T0 put's publication.
+ *
+ * Why: a busy daemon makes one entry per object put and rewrites its wire
+ * tuple twice more (write-back, eviction). As a Python class with slots an
+ * entry cost about 0.8 us to make and 0.3 us per rewire, and every entry was
+ * one more object for the cyclic collector. Here it is a fraction of that,
+ * and the type is not collected at all: an entry refers only to numbers,
+ * bytes, None and tuples of those, so it can never be part of a cycle.
+ *
+ * The Python twin (kvfs/_native_py.py: MemEntry, t0_publish) is the
+ * definition; tests/test_native.py holds the two to the same behaviour.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+typedef struct {
+    PyObject_HEAD
+    long long size;
+    PyObject *checksum;
+    long long seq;
+    PyObject *exts; /* ((stripe, seg, payload_off, length, chunk_sum), ...) */
+    PyObject *spans; /* ((seg, record bytes), ...); () while dirty */
+    PyObject *wire; /* what lookups answer: replaced, never mutated */
+    long long t0;   /* arena offset of the T0 copy, -1: none */
+    char dirty;     /* in T0 only: write-back to T1 not committed yet */
+    char deleted;   /* removed while dirty */
+    long long hits;
+    PyObject *meta; /* kept only while dirty */
+    double created;
+} MemEntryObject;
+
+static PyObject *make_wire(MemEntryObject *e) {
+    PyObject *where;
+    if (e->t0 < 0) {
+        where = Py_None;
+        Py_INCREF(where);
+    } else {
+        where = Py_BuildValue("(LO)", e->t0, e->dirty ? Py_False : Py_True);
+        if (!where) return NULL;
+    }
+    PyObject *w = Py_BuildValue("(LOLON)", e->size, e->checksum ? e->checksum : Py_None, e->seq,
+                                e->exts ? e->exts : Py_None, where);
+    return w;
+}
+
+static int rewire(MemEntryObject *e) {
+    PyObject *w = make_wire(e);
+    if (!w) return -1;
+    Py_XSETREF(e->wire, w);
+    return 0;
+}
+
+static PyObject *new_entry(PyTypeObject *type, long long size, PyObject *sum, long long seq, PyObject *exts,
+                           PyObject *spans, long long t0, int dirty) {
+    MemEntryObject *e = (MemEntryObject *)type->tp_alloc(type, 0);
+    if (!e) return NULL;
+    e->size = size;
+    Py_INCREF(sum);
+    e->checksum = sum;
+    e->seq = seq;
+    Py_INCREF(exts);
+    e->exts = exts;
+    Py_INCREF(spans);
+    e->spans = spans;
+    e->t0 = t0;
+    e->dirty = (char)(dirty != 0);
+    Py_INCREF(Py_None);
+    e->meta = Py_None;
+    if (rewire(e) < 0) {
+        Py_DECREF(e);
+        return NULL;
+    }
+    return (PyObject *)e;
+}
+
+static PyObject *me_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"size", "checksum", "seq", "exts", "spans", "t0", "dirty", NULL};
+    long long size, seq, t0 = -1;
+    PyObject *sum, *exts, *spans;
+    int dirty = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "LOLOO|$Lp", kwlist, &size, &sum, &seq, &exts, &spans, &t0, &dirty))
+        return NULL;
+    return new_entry(type, size, sum, seq, exts, spans, t0, dirty);
+}
+
+static void me_dealloc(MemEntryObject *e) {
+    Py_XDECREF(e->checksum);
+    Py_XDECREF(e->exts);
+    Py_XDECREF(e->spans);
+    Py_XDECREF(e->wire);
+    Py_XDECREF(e->meta);
+    Py_TYPE(e)->tp_free((PyObject *)e);
+}
+
+static PyObject *me_rewire(MemEntryObject *e, PyObject *unused) {
+    (void)unused;
+    if (rewire(e) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *me_repr(MemEntryObject *e) {
+    return PyUnicode_FromFormat("MemEntry(size=%lld, seq=%lld, t0=%lld, dirty=%s)", e->size, e->seq, e->t0,
+                                e->dirty ? "True" : "False");
+}
+
+static PyMemberDef me_members[] = {
+    {"size", T_LONGLONG, offsetof(MemEntryObject, size), 0, NULL},
+    {"checksum", T_OBJECT, offsetof(MemEntryObject, checksum), 0, NULL},
+    {"seq", T_LONGLONG, offsetof(MemEntryObject, seq), 0, NULL},
+    {"exts", T_OBJECT, offsetof(MemEntryObject, exts), 0, NULL},
+    {"spans", T_OBJECT, offsetof(MemEntryObject, spans), 0, NULL},
+    {"wire", T_OBJECT, offsetof(MemEntryObject, wire), 0, NULL},
+    {"t0", T_LONGLONG, offsetof(MemEntryObject, t0), 0, NULL},
+    {"dirty", T_BOOL, offsetof(MemEntryObject, dirty), 0, NULL},
+    {"deleted", T_BOOL, offsetof(MemEntryObject, deleted), 0, NULL},
+    {"hits", T_LONGLONG, offsetof(MemEntryObject, hits), 0, NULL},
+    {"meta", T_OBJECT, offsetof(MemEntryObject, meta), 0, NULL},
+    {"created", T_DOUBLE, offsetof(MemEntryObject, created), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyMethodDef me_methods[] = {
+    {"rewire", (PyCFunction)me_rewire, METH_NOARGS,
+     "wire = (size, checksum, seq, exts, None if t0 < 0 else (t0, not dirty)): replaced, never mutated"},
+    {NULL, NULL, 0, NULL},
+};
+
+PyTypeObject MemEntryType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvfs._native.MemEntry",
+    .tp_basicsize = sizeof(MemEntryObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT, /* no Py_TPFLAGS_HAVE_GC: never in a cycle (above) */
+    .tp_doc = "MemEntry(size, checksum, seq, exts, spans, *, t0=-1, dirty=False): the in-memory mirror of one "
+              "index entry (kvfsd/mirror.py)",
+    .tp_new = me_new,
+    .tp_dealloc = (destructor)me_dealloc,
+    .tp_repr = (reprfunc)me_repr,
+    .tp_members = me_members,
+    .tp_methods = me_methods,
+};
+
+/* The fields the location directory takes from an entry, read straight
+   from the struct (native/directory.c): 0 if m is not a MemEntry. The
+   references are borrowed. */
+int kv_mem_entry_fields(PyObject *m, long long *size, long long *seq, PyObject **sum, long long *t0, int *dirty,
+                        PyObject **exts) {
+    if (Py_TYPE(m) != &MemEntryType) return 0;
+    MemEntryObject *e = (MemEntryObject *)m;
+    if (!e->checksum || !e->exts) return 0; /* deleted attributes: the generic path says what is wrong */
+    *size = e->size;
+    *seq = e->seq;
+    *sum = e->checksum;
+    *t0 = e->t0;
+    *dirty = e->dirty;
+    *exts = e->exts;
+    return 1;
+}
+
+/* ---- t0_publish: publish_t0's per-object loop (kvfsd.tiering) ---------- */
+
+static PyObject *A_OK, *A_T0, *A_SIZE, *A_CHECKSUM, *A_SEQ, *A_CHUNKS, *A_META, *A_KEY, *A_MEM, *A_T0_STORED,
+    *A_STRIPE, *A_SEG, *A_PAYLOAD_OFF, *A_LENGTH, *A_END, *A_HDR_OFF;
+
+static int names(void) {
+    if (A_OK) return 1;
+#define INTERN(v, s) (v = PyUnicode_InternFromString(s))
+    return INTERN(A_T0, "t0") && INTERN(A_SIZE, "size") && INTERN(A_CHECKSUM, "checksum") && INTERN(A_SEQ, "seq") &&
+           INTERN(A_CHUNKS, "chunks") && INTERN(A_META, "meta") && INTERN(A_KEY, "key") && INTERN(A_MEM, "mem") &&
+           INTERN(A_T0_STORED, "t0_stored") && INTERN(A_STRIPE, "stripe") && INTERN(A_SEG, "seg") &&
+           INTERN(A_PAYLOAD_OFF, "payload_off") && INTERN(A_LENGTH, "length") && INTERN(A_END, "end") &&
+           INTERN(A_HDR_OFF, "hdr_off") && INTERN(A_OK, "ok");
+#undef INTERN
+}
+
+static int get_ll(PyObject *o, PyObject *name, long long *out) {
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (!v) return 0;
+    *out = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    return !(*out == -1 && PyErr_Occurred());
+}
+
+/* (exts tuple, [chunk sums]) of an ObjPlan's chunks. */
+static int chunk_views(PyObject *chunks, PyObject **exts, PyObject **sums) {
+    if (!PyList_Check(chunks)) {
+        PyErr_SetString(PyExc_TypeError, "a plan's chunks are a list");
+        return 0;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(chunks);
+    *exts = PyTuple_New(n);
+    *sums = PyList_New(n);
+    if (!*exts || !*sums) goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *c = PyList_GET_ITEM(chunks, i);
+        PyObject *stripe = PyObject_GetAttr(c, A_STRIPE);
+        PyObject *seg = stripe ? PyObject_GetAttr(c, A_SEG) : NULL;
+        PyObject *poff = seg ? PyObject_GetAttr(c, A_PAYLOAD_OFF) : NULL;
+        PyObject *len = poff ? PyObject_GetAttr(c, A_LENGTH) : NULL;
+        PyObject *sum = len ? PyObject_GetAttr(c, A_CHECKSUM) : NULL;
+        if (!sum) {
+            Py_XDECREF(stripe);
+            Py_XDECREF(seg);
+            Py_XDECREF(poff);
+            Py_XDECREF(len);
+            goto fail;
+        }
+        Py_INCREF(sum);
+        PyList_SET_ITEM(*sums, i, sum);
+        PyObject *t = PyTuple_Pack(5, stripe, seg, poff, len, sum);
+        Py_DECREF(stripe);
+        Py_DECREF(seg);
+        Py_DECREF(poff);
+        Py_DECREF(len);
+        Py_DECREF(sum);
+        if (!t) goto fail;
+        PyTuple_SET_ITEM(*exts, i, t);
+    }
+    return 1;
+fail:
+    Py_CLEAR(*exts);
+    Py_CLEAR(*sums);
+    return 0;
+}
+
+/* t0_publish(ns, ops, lru, dirty, now) -> (keys, entries, journal rows, new bytes, [existing ops])
+   For each T0 item of a plan (op not None, op.t0 >= 0) whose object key is
+   not in lru: a dirty MemEntry (meta and created set), in lru and in dirty
+   (Tier0's map of dirty entries), op.mem and op.t0_stored set, and its
+   journal row [ns, key, seq, size, t0, checksum, [chunk sums], meta].
+   Items whose key is in lru already are returned for the caller to settle
+   (their arena extents were never published). Caller holds the engine
+   lock. On an error (memory) what was published so far stays published:
+   as in the Python twin. lru is the engine's OrderedDict: written through
+   PyObject_SetItem, which keeps its order (PyDict_SetItem would not). */
+PyObject *kv_t0_publish(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *ns, *ops, *lru, *dirty;
+    double now;
+    if (!PyArg_ParseTuple(args, "UO!O!O!d", &ns, &PyList_Type, &ops, &PyDict_Type, &lru, &PyDict_Type, &dirty, &now))
+        return NULL;
+    if (!names()) return NULL;
+    PyObject *oks = PyList_New(0), *ms = PyList_New(0), *rows = PyList_New(0), *existing = PyList_New(0);
+    PyObject *none_spans = PyTuple_New(0);
+    long long new_bytes = 0;
+    if (!oks || !ms || !rows || !existing || !none_spans) goto fail;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(ops); i++) {
+        PyObject *op = PyList_GET_ITEM(ops, i);
+        if (op == Py_None) continue;
+        long long t0, size = 0, seq = 0;
+        if (!get_ll(op, A_T0, &t0)) goto fail;
+        if (t0 < 0) continue;
+        PyObject *ok = PyObject_GetAttr(op, A_OK);
+        if (!ok) goto fail;
+        int there = PyDict_Contains(lru, ok);
+        if (there) {
+            Py_DECREF(ok);
+            if (there < 0 || PyList_Append(existing, op) < 0) goto fail;
+            continue;
+        }
+        PyObject *sum = NULL, *chunks = NULL, *exts = NULL, *sums = NULL, *m = NULL, *meta = NULL, *key = NULL,
+                 *row = NULL;
+        int good = get_ll(op, A_SIZE, &size) && get_ll(op, A_SEQ, &seq) &&
+                   (sum = PyObject_GetAttr(op, A_CHECKSUM)) && (chunks = PyObject_GetAttr(op, A_CHUNKS)) &&
+                   chunk_views(chunks, &exts, &sums) && (meta = PyObject_GetAttr(op, A_META)) &&
+                   (key = PyObject_GetAttr(op, A_KEY)) &&
+                   (m = new_entry(&MemEntryType, size, sum, seq, exts, none_spans, t0, 1));
+        if (good) {
+            MemEntryObject *e = (MemEntryObject *)m;
+            Py_INCREF(meta);
+            Py_SETREF(e->meta, meta);
+            e->created = now;
+            good = PyObject_SetItem(lru, ok, m) == 0 && PyObject_SetItem(dirty, ok, m) == 0 &&
+                   PyList_Append(oks, ok) == 0 && PyList_Append(ms, m) == 0 && PyObject_SetAttr(op, A_MEM, m) == 0 &&
+                   PyObject_SetAttr(op, A_T0_STORED, Py_True) == 0 &&
+                   (row = Py_BuildValue("[OOLLLOOO]", ns, key, seq, size, t0, sum, sums, meta)) &&
+                   PyList_Append(rows, row) == 0;
+            new_bytes += size;
+        }
+        Py_XDECREF(sum);
+        Py_XDECREF(chunks);
+        Py_XDECREF(exts);
+        Py_XDECREF(sums);
+        Py_XDECREF(meta);
+        Py_XDECREF(key);
+        Py_XDECREF(row);
+        Py_XDECREF(m);
+        Py_DECREF(ok);
+        if (!good) goto fail;
+    }
+    Py_DECREF(none_spans);
+    return Py_BuildValue("(NNNLN)", oks, ms, rows, new_bytes, existing);
+fail:
+    Py_XDECREF(oks);
+    Py_XDECREF(ms);
+    Py_XDECREF(rows);
+    Py_XDECREF(existing);
+    Py_XDECREF(none_spans);
+    return NULL;
+}
+
+/* Add span bytes and one record to live[seg] = [bytes, records]. */
+static int add_live(PyObject *live, long long seg, long long span) {
+    PyObject *k = PyLong_FromLongLong(seg);
+    if (!k) return 0;
+    PyObject *cur = PyDict_GetItemWithError(live, k);
+    PyObject *v;
+    if (cur) {
+        v = Py_BuildValue("[LL]", PyLong_AsLongLong(PyList_GET_ITEM(cur, 0)) + span,
+                          PyLong_AsLongLong(PyList_GET_ITEM(cur, 1)) + 1);
+    } else {
+        v = PyErr_Occurred() ? NULL : Py_BuildValue("[Li]", span, 1);
+    }
+    int ok = v && PyDict_SetItem(live, k, v) == 0;
+    Py_XDECREF(v);
+    Py_DECREF(k);
+    return ok;
+}
+
+/* t0_written_back(ns, done, lru, t0_lru, t0_dirty) -> (keys, entries, journal rows, bytes, live, gone)
+   _written_back_many's per-object loop (kvfsd.tiering): for each (op,
+   published) whose entry op.mem is still dirty: it is dirty no more (meta
+   dropped), its journal row [ns, key, seq] and bytes are counted; if
+   published, not deleted and still the mirror's entry for its key, it
+   moves from t0_dirty (if there) to the end of t0_lru, gets its spans, is rewired and
+   returned (keys, entries: for the directory) with its records added to
+   live {seg: [bytes, records]}; otherwise (op, entry) is in gone for the
+   caller. Caller holds the engine lock. */
+PyObject *kv_t0_written_back(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *ns, *done, *lru, *t0_lru, *t0_dirty;
+    if (!PyArg_ParseTuple(args, "UO!OOO!", &ns, &PyList_Type, &done, &lru, &t0_lru, &PyDict_Type, &t0_dirty))
+        return NULL;
+    if (!names()) return NULL;
+    PyObject *oks = PyList_New(0), *ms = PyList_New(0), *rows = PyList_New(0), *live = PyDict_New(),
+             *gone = PyList_New(0);
+    long long nbytes = 0;
+    if (!oks || !ms || !rows || !live || !gone) goto fail;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(done); i++) {
+        PyObject *pair = PyList_GET_ITEM(done, i);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            PyErr_SetString(PyExc_TypeError, "done holds (op, published) pairs");
+            goto fail;
+        }
+        PyObject *op = PyTuple_GET_ITEM(pair, 0);
+        int published = PyObject_IsTrue(PyTuple_GET_ITEM(pair, 1));
+        if (published < 0) goto fail;
+        PyObject *m = PyObject_GetAttr(op, A_MEM);
+        if (!m) goto fail;
+        if (Py_TYPE(m) != &MemEntryType) {
+            Py_DECREF(m);
+            PyErr_SetString(PyExc_TypeError, "op.mem is a MemEntry of this data plane");
+            goto fail;
+        }
+        MemEntryObject *e = (MemEntryObject *)m;
+        if (!e->dirty) {
+            Py_DECREF(m);
+            continue;
+        }
+        PyObject *ok = NULL, *key = NULL, *row = NULL, *chunks = NULL, *spans = NULL, *cur = NULL;
+        int good = (ok = PyObject_GetAttr(op, A_OK)) && (key = PyObject_GetAttr(op, A_KEY)) &&
+                   (row = Py_BuildValue("[OOL]", ns, key, e->seq)) && PyList_Append(rows, row) == 0;
+        if (good) {
+            nbytes += e->size;
+            e->dirty = 0;
+            Py_INCREF(Py_None);
+            Py_SETREF(e->meta, Py_None);
+            cur = PyObject_GetItem(lru, ok); /* the mirror's entry for the key now, NULL: none */
+            if (!cur) {
+                if (PyErr_ExceptionMatches(PyExc_KeyError)) PyErr_Clear();
+                else good = 0;
+            }
+        }
+        if (good && published && !e->deleted && cur == m) {
+            /* out of the dirty map, to the recent end of the LRU (not if its
+               T0 copy was dropped meanwhile: then it is in neither) */
+            int in_t0 = PyDict_Contains(t0_dirty, ok);
+            good = in_t0 >= 0 && (!in_t0 || (PyDict_DelItem(t0_dirty, ok) == 0 &&
+                                             PyObject_SetItem(t0_lru, ok, m) == 0)) &&
+                   (chunks = PyObject_GetAttr(op, A_CHUNKS)) != NULL;
+            if (good && !PyList_Check(chunks)) {
+                PyErr_SetString(PyExc_TypeError, "a plan's chunks are a list");
+                good = 0;
+            }
+            if (good) {
+                Py_ssize_t n = PyList_GET_SIZE(chunks);
+                spans = PyTuple_New(n);
+                good = spans != NULL;
+                for (Py_ssize_t j = 0; good && j < n; j++) {
+                    PyObject *c = PyList_GET_ITEM(chunks, j);
+                    long long seg, end, hdr;
+                    good = get_ll(c, A_SEG, &seg) && get_ll(c, A_END, &end) && get_ll(c, A_HDR_OFF, &hdr);
+                    PyObject *t = good ? Py_BuildValue("(LL)", seg, end - hdr) : NULL;
+                    good = t != NULL && add_live(live, seg, end - hdr);
+                    if (t) PyTuple_SET_ITEM(spans, j, t);
+                }
+            }
+            if (good) {
+                Py_INCREF(spans);
+                Py_SETREF(e->spans, spans);
+                good = rewire(e) == 0 && PyList_Append(oks, ok) == 0 && PyList_Append(ms, m) == 0;
+            }
+        } else if (good) {
+            PyObject *g = PyTuple_Pack(2, op, m);
+            good = g && PyList_Append(gone, g) == 0;
+            Py_XDECREF(g);
+        }
+        Py_XDECREF(ok);
+        Py_XDECREF(key);
+        Py_XDECREF(row);
+        Py_XDECREF(chunks);
+        Py_XDECREF(spans);
+        Py_XDECREF(cur);
+        Py_DECREF(m);
+        if (!good) goto fail;
+    }
+    return Py_BuildValue("(NNNLNN)", oks, ms, rows, nbytes, live, gone);
+fail:
+    Py_XDECREF(oks);
+    Py_XDECREF(ms);
+    Py_XDECREF(rows);
+    Py_XDECREF(live);
+    Py_XDECREF(gone);
+    return NULL;
+}
