@@ -17,6 +17,7 @@ import time
 from typing import Any, Callable
 
 from kvfs import format as fmt
+from kvfs import native
 from kvfs.errors import InvalidArgument
 from kvfs.keys import normalize_key, normalize_keys, normalize_ns
 from kvfs.meta import encode_meta
@@ -31,17 +32,14 @@ log = logging.getLogger("kvfsd")
 
 class Puts(Space):
     def prepare_put(self, ns: str, items: list[tuple[Any, int, Any]], *, may_evict: bool = True,
-                    t0: bool = False, placed: Callable[[int, int], int] | None = None) -> PutPlan:
+                    t0: bool = False) -> PutPlan:
         """Validate a batch, skip keys already stored, reserve space for the rest.
 
         Without ``may_evict`` it never blocks (safe on the event loop) and
         raises NeedRoom when eviction would be needed first. With ``t0``
         each item that fits also gets an arena extent for the client to fill
         (T1 space is reserved all the same: the write-back goes there).
-        With ``placed`` the client filled arena bytes already: ``placed(i,
-        size)`` gives item i's arena offset (carved out of its reservation;
-        raises ValueError for a placement it may not have); items already
-        stored are not asked."""
+        A batch the client placed in the arena itself: ``prepare_placed``."""
         ns = normalize_ns(ns)
         keys = normalize_keys([it[0] for it in items])
         nsb = ns.encode()
@@ -75,22 +73,51 @@ class Puts(Space):
         try:
             ops, touched, reserve = plan.items, plan.touched, self._reserve
             with self._lock:
-                if placed is not None:
-                    for i, f in enumerate(fresh):
-                        if f is None:
-                            ops.append(None)
-                            continue
-                        op = reserve(nl, *f, touched)
-                        ops.append(op)  # before the carve: an abort frees what it carved
-                        op.t0 = placed(i, op.size)
-                        op.via_t0 = True
-                else:
-                    for f in fresh:
-                        maybe = None if f is None else reserve(nl, *f, touched)
-                        if maybe is not None and t0 and self.t0 is not None and self.t0.fits(maybe.size):
-                            maybe.t0 = self.t0.reserve(maybe.size)
-                            maybe.via_t0 = maybe.t0 >= 0
-                        ops.append(maybe)
+                for f in fresh:
+                    maybe = None if f is None else reserve(nl, *f, touched)
+                    if maybe is not None and t0 and self.t0 is not None and self.t0.fits(maybe.size):
+                        maybe.t0 = self.t0.reserve(maybe.size)
+                        maybe.via_t0 = maybe.t0 >= 0
+                    ops.append(maybe)
+        except BaseException:
+            self.abort_put(plan)
+            raise
+        return plan
+
+    def prepare_placed(self, ns: str, raw: list[Any], place: Callable[[int, int], int], *,
+                       may_evict: bool = True) -> PutPlan:
+        """``prepare_put`` and ``set_client_sums`` of a put_t0 batch: ``raw``
+        is its [key, size, meta, arena offset, sums] items, checked in one
+        pass (kvfs._native.t0_items) before anything is reserved, and
+        ``place(offset, size)`` carves item's arena extent out of the
+        client's reservation (raises InvalidArgument)."""
+        ns = normalize_ns(ns)
+        nsb = ns.encode()
+        nl = len(nsb)
+        fresh, sizes, need = native.backend.t0_items(raw, nsb + b"\x00", self.lru, self.stripe_unit,
+                                                     fmt.record_span(nl, 0, 0), normalize_key, encode_meta,
+                                                     InvalidArgument)
+        if need and self.needs_room(need):
+            if not may_evict:
+                raise NeedRoom(need)
+            self._make_room(need)
+        ops: list[ObjPlan | None] = [None] * len(raw)
+        plan = PutPlan(ns, ops, sizes)
+        try:
+            touched, reserve = plan.touched, self._reserve
+            with self._lock:
+                for i, ok, key, size, meta, off, whole, parts in fresh:
+                    op = reserve(nl, ok, key, size, meta, touched)
+                    ops[i] = op  # before the carve: an abort frees what it carved
+                    op.t0 = place(off, size)
+                    op.via_t0 = True
+                    op.checksum = whole
+                    chunks = op.chunks
+                    if len(chunks) == 1:
+                        chunks[0].checksum = parts[0]
+                    else:
+                        for ch, c in zip(chunks, parts):
+                            ch.checksum = c
         except BaseException:
             self.abort_put(plan)
             raise

@@ -500,35 +500,17 @@ class Server:
         if r is None:
             raise InvalidArgument("no such arena reservation on this connection")
         raw = P.arg(args, "items", list)
-        # one pass over the batch (this is per object, on the loop)
-        items: list[tuple[Any, Any, Any]] = []
-        offs: list[int] = []
-        sums: list[Any] = []
-        for it in raw:
-            if type(it) is not list or len(it) != 5:
-                raise InvalidArgument("put_t0 items are [key, size, meta, arena offset, sums]")
-            key, size, meta, off, sm = it
-            if type(off) is not int:  # (bool is not int here)
-                raise InvalidArgument("arena offsets must be ints")
-            items.append((key, size, meta))
-            offs.append(off)
-            sums.append(sm)
 
-        def place(i: int, size: int) -> int:
+        def place(off: int, size: int) -> int:
             if r[0] >= r[1]:
                 raise InvalidArgument("the arena reservation is used up")
-            r[0] = eng.carve_arena(r[0], offs[i], size)
-            return offs[i]
+            r[0] = eng.carve_arena(r[0], off, size)
+            return off
         ns = P.arg(args, "ns", str)
         try:
-            plan = eng.prepare_put(ns, items, may_evict=False, placed=place)
+            plan = eng.prepare_placed(ns, raw, place, may_evict=False)
         except NeedRoom:
-            plan = await self._thread(partial(eng.prepare_put, ns, items, placed=place))
-        try:
-            eng.set_client_sums(plan, sums)
-        except BaseException:
-            await self._thread(eng.abort_put, plan)
-            raise
+            plan = await self._thread(partial(eng.prepare_placed, ns, raw, place))
         sync = eng.effective_sync(P.arg(args, "sync", bool, False))
         eng.publish_t0(plan)  # readable from T0 from here on
         if sync:

@@ -380,3 +380,42 @@ def t0_written_back(ns: str, done: list[tuple[Any, bool]], lru: dict[bytes, Any]
         else:
             gone.append((op, m))
     return oks, ms, rows, nbytes, live, gone
+
+
+def t0_items(items: list[Any], nsp: bytes, lru: dict[bytes, Any], stripe_unit: int, span0: int,
+             normalize_key: Callable[[Any], str], encode_meta: Callable[[Any], bytes | None],
+             error: type[Exception]) -> tuple[list[tuple[Any, ...]], list[int], int]:
+    """A put_t0 batch's items checked in one pass (native/put_items.c's
+    twin): per new item (index, object key, key, size, meta, arena offset,
+    object sum, [chunk sums]), every item's size, and the T1 bytes the new
+    ones take at most. Repeated keys and stored ones are not new."""
+    if stripe_unit < 1:
+        raise ValueError("stripe_unit must be positive")
+    fresh: list[tuple[Any, ...]] = []
+    sizes: list[int] = []
+    seen: set[bytes] = set()
+    need = 0
+    for i, it in enumerate(items):
+        if type(it) is not list or len(it) != 5:
+            raise error("put_t0 items are [key, size, meta, arena offset, sums]")
+        key, size, meta, off, sums = it
+        if type(off) is not int:  # (bool is not int here)
+            raise error("arena offsets must be ints")
+        if type(size) is not int or not 0 <= size < 1 << 63:
+            raise error(f"size of {key!r} must be a non-negative int")
+        sizes.append(size)
+        k = normalize_key(key)
+        kb = k.encode()
+        ok = nsp + kb
+        if ok in seen or ok in lru:
+            continue
+        nchunks = 1 if size <= stripe_unit else -(-size // stripe_unit)
+        if not (type(sums) is list and len(sums) == 2 and type(sums[0]) is bytes and len(sums[0]) == 16
+                and type(sums[1]) is list and len(sums[1]) == nchunks
+                and all(type(c) is bytes and len(c) == 16 for c in sums[1])):
+            raise error("a checksum entry is [16-byte object sum, [16-byte chunk sums]]")
+        m = None if meta is None else encode_meta(meta)
+        seen.add(ok)
+        fresh.append((i, ok, k, size, m, off, sums[0], sums[1]))
+        need += nchunks * (span0 + len(kb)) + size
+    return fresh, sizes, need

@@ -1049,6 +1049,7 @@ PyObject *kv_record_head(PyObject *self, PyObject *args);
 PyObject *kv_recv_spin(PyObject *self, PyObject *args); /* socket_wait.c */
 PyObject *kv_t0_publish(PyObject *self, PyObject *args); /* mirror.c */
 PyObject *kv_t0_written_back(PyObject *self, PyObject *args);
+PyObject *kv_t0_items(PyObject *self, PyObject *args); /* put_items.c */
 extern PyTypeObject MemEntryType;
 
 static PyMethodDef methods[] = {
@@ -1079,6 +1080,9 @@ static PyMethodDef methods[] = {
     {"t0_written_back", kv_t0_written_back, METH_VARARGS,
      "t0_written_back(ns, done, lru, t0_lru, t0_dirty) -> (object keys, entries, journal rows, bytes, "
      "{seg: [live bytes, records]}, [(op, entry) gone]): the write-back's mirror loop (native/mirror.c)"},
+    {"t0_items", kv_t0_items, METH_VARARGS,
+     "t0_items(items, nsp, lru, stripe_unit, span0, normalize_key, encode_meta, error) -> (fresh, sizes, need): "
+     "a put_t0 batch's items checked in one pass (native/put_items.c)"},
     {"dir_del", kv_dir_del, METH_VARARGS,
      "dir_del(directory, nslots, hash) -> byte offset of the slot it freed, -1 if in none"},
     {"dir_read", py_dir_read, METH_VARARGS,

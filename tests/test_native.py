@@ -311,6 +311,42 @@ def test_t0_written_back_cleans_moves_and_counts_alike(name):
     assert all(not m.dirty and m.meta is None for m in (ops[2].mem, ops[3].mem, failed))
 
 
+def test_t0_items_check_a_batch_alike_on_both_backends():
+    """A put_t0 batch's items in one pass: the new ones with their object
+    keys and sums (repeated and stored keys are not new; bytes and non-ASCII
+    keys go through normalize_key), every size, the T1 bytes needed; and for
+    every malformed item the same error class and message from C and Python."""
+    from kvfs.errors import InvalidArgument
+    from kvfs.keys import normalize_key
+    from kvfs.meta import encode_meta
+    assert _native is not None, "kvfs._native was not built"
+    s = b"s" * 16
+    su = 4 << 20
+    items = [["a", 10, None, 0, [s, [s]]], ["a", 11, None, 4096, [s, [s]]], [b"\x01\x02", 5, {"x": 1}, 8192, [s, [s]]],
+             ["é", 9 * 1024 * 1024, None, 0, [s, [s, s, s]]], ["old", 1, None, 0, None], ["z" * 200, 0, "{}", 1, [s, [s]]]]
+    lru = {b"ns\x00old": 1}
+    args = (b"ns\x00", lru, su, 100, normalize_key, encode_meta, InvalidArgument)
+    fresh, sizes, need = _native.t0_items(items, *args)
+    assert (fresh, sizes, need) == _native_py.t0_items(items, *args)
+    assert [f[:6] for f in fresh] == [(0, b"ns\x00a", "a", 10, None, 0), (2, b"ns\x000102", "0102", 5, b'{"x":1}', 8192),
+                                      (3, "ns\x00é".encode(), "é", 9 * MiB, None, 0),
+                                      (5, b"ns\x00" + b"z" * 200, "z" * 200, 0, b"{}", 1)]
+    assert sizes == [10, 11, 5, 9 * MiB, 1, 0]
+    assert need == (100 + 1 + 10) + (100 + 4 + 5) + 3 * (100 + 2) + 9 * MiB + (100 + 200)
+    bad = [[["a", -1, None, 0, [s, [s]]]], [["a", True, None, 0, [s, [s]]]], [["a", 1 << 64, None, 0, [s, [s]]]],
+           [["a", 1, None, True, [s, [s]]]], [["a", 1, None, 0, [s, [s, s]]]], [["a", 1, None, 0, [s[:8], [s]]]],
+           [["a", 1, None, 0, (s, [s])]], [["a/b", 1, None, 0, [s, [s]]]], [["..", 1, None, 0, [s, [s]]]],
+           [["", 1, None, 0, [s, [s]]]], [["z" * 201, 1, None, 0, [s, [s]]]], [["a\x00", 1, None, 0, [s, [s]]]],
+           [["a", 1, "[]", 0, [s, [s]]]], [("a", 1, None, 0, [s, [s]])], [["a", 1, None, 0]], [7]]
+    for b in bad:
+        errs = []
+        for impl in (_native, _native_py):
+            with pytest.raises(ValueError) as e:  # InvalidArgument and InvalidKey are ValueErrors
+                impl.t0_items(b, *args)
+            errs.append((type(e.value), str(e.value)))
+        assert errs[0] == errs[1], b
+
+
 def test_backends_fail_alike_on_bad_arguments():
     for b in (mod("native"), mod("python")):
         with pytest.raises(ValueError):

@@ -4,9 +4,9 @@ An engine runs in this process (real LMDB, real segment files, a real
 arena; no socket, no write-back pool), and a batch of values goes through
 exactly the calls the server and the write-back make for a ``put_t0``:
 
-  prepare      keys checked, T1 space reserved, arena extents carved
-               (``prepare_put`` with the client's placements)
-  sums         the client's checksums checked and attached
+  prepare      items, keys and the client's checksums checked (one pass
+               in C), T1 space reserved, arena extents carved
+               (``prepare_placed``)
   publish T0   dirty mirror entries, the directory, the T0 journal
   headers      each record's header encoded (``_record_writes``)
   pwrite       the records written, coalesced (``_pwrite_runs``): mostly
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 BATCH = 64
-PHASES = ["prepare", "sums", "publish T0", "headers", "pwrite", "LMDB", "mirror"]
+PHASES = ["prepare", "publish T0", "headers", "pwrite", "LMDB", "mirror"]
 
 
 def _one_run(value: int, batches: int) -> dict[str, float]:
@@ -59,19 +59,16 @@ def _one_run(value: int, batches: int) -> dict[str, float]:
             rest = [off, off + size]
             offs = [off + i * step for i in range(BATCH)]
 
-            def place(i: int, n: int) -> int:
-                rest[0] = eng.carve_arena(rest[0], offs[i], n)
-                return offs[i]
-            items = [(f"b{b}-{j}", value, None) for j in range(BATCH)]
+            def place(o: int, n: int) -> int:
+                rest[0] = eng.carve_arena(rest[0], o, n)
+                return o
+            raw = [[f"b{b}-{j}", value, None, offs[j], sums] for j in range(BATCH)]
             t = time.perf_counter()
-            plan = eng.prepare_put("default", items, may_evict=False, placed=place)
-            t1 = time.perf_counter()
-            eng.set_client_sums(plan, [sums] * BATCH)
+            plan = eng.prepare_placed("default", raw, place, may_evict=False)
             t2 = time.perf_counter()
             eng.publish_t0(plan)
             t3 = time.perf_counter()
-            spent["prepare"] += t1 - t
-            spent["sums"] += t2 - t1
+            spent["prepare"] += t2 - t
             spent["publish T0"] += t3 - t2
             eng.release_arena(*rest)
             plans.append(plan)
