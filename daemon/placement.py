@@ -30,20 +30,6 @@ from .segments import ChunkPlan, ObjPlan, SegState
 
 log = logging.getLogger("kvfsd")
 
-# Coalesced record writes (``_pwrite_runs``): records reserved back to back
-# in a segment go out in one pwritev, their padding written as zeros. Bounds
-# of one call: iovecs under Linux's IOV_MAX (1024), and 1 MiB, what one
-# record of a large value writes anyway. Not more: a buffered write holds
-# the file's inode lock for its whole length, dirty-page throttling
-# included, so one 64 MiB write stalled every other write to that segment
-# (the writer thread's record headers among them) and with it the puts
-# behind them, for 0.5-0.7 s at a time on this VM. Small records gain
-# almost all there is to gain by 1 MiB (16 of 64 KiB, hundreds of 4 KiB).
-RUN_IOVS = 1000
-RUN_BYTES = 1 << 20
-_ZEROS = memoryview(bytes(2 * fmt.PAGE))  # padding is under PAGE + RECORD_ALIGN
-
-
 class Placement(EngineState):
     def stripe_paths(self) -> list[str]:
         return [str(p) for p in self.cfg.stripes]
@@ -127,49 +113,6 @@ class Placement(EngineState):
         assert 0 <= gap < fmt.RECORD_ALIGN
         return native.backend.record_head(names, len(nsb), ch.idx, nchunks, ch.length, size, ch.chunk_off, seq,
                                           ch.checksum, gap)
-
-    def _pwrite_runs(self, writes: list[tuple[ChunkPlan, list[Any], int, int]]) -> set[int]:
-        """Write records, each ``(chunk, buffers from its header on, bytes,
-        tag)``, coalescing those reserved back to back in one segment (a
-        write-back batch reserved them in order) into one pwritev each.
-        The bytes between two such records are their own reservations'
-        padding, so writing zeros there touches no one else's. Returns the
-        tags of writes in runs that failed (the caller writes those again
-        one by one, to learn which failed and why); rewriting what a failed
-        run did write is harmless."""
-        failed: set[int] = set()
-        run: list[Any] = []
-        tags: list[int] = []
-        seg = -1
-        off = at = end = 0  # run start; where its bytes end; where its last reservation ends
-
-        def flush() -> None:
-            if not run:
-                return
-            try:
-                ok = os.pwritev(self.segs[seg].fd, run, off) == at - off
-            except OSError:
-                ok = False
-            if not ok:
-                failed.update(tags)
-            run.clear()
-            tags.clear()
-
-        for ch, bufs, n, tag in sorted(writes, key=lambda w: (w[0].seg, w[0].hdr_off)):
-            pad = ch.hdr_off - at
-            if (ch.seg != seg or ch.start != end or len(run) + len(bufs) >= RUN_IOVS or at - off + n > RUN_BYTES
-                    or not 0 <= pad <= len(_ZEROS)):
-                flush()
-                seg, off, at = ch.seg, ch.hdr_off, ch.hdr_off
-                pad = 0
-            if pad:
-                run.append(_ZEROS[:pad])
-            run.extend(bufs)
-            tags.append(tag)
-            at = ch.hdr_off + n
-            end = ch.end
-        flush()
-        return failed
 
     def _pwrite(self, ch: ChunkPlan, bufs: list[Any], expect: int) -> None:
         self._pwrite_at(ch, bufs, ch.hdr_off, expect)

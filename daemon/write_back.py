@@ -19,7 +19,7 @@ Invariants:
   stream of single puts then makes one write-back batch every ``LINGER_S``
   instead of a wake-up of the pool, a pwritev and an LMDB commit per put,
   each taking the GIL from the event loop while it answers the next put;
-  writes of neighbouring records coalesce (``_pwrite_runs``). Nothing waits
+  writes of neighbouring records coalesce (``t0_write_records``). Nothing waits
   on this but T1: a fast-mode put is acknowledged from T0, a sync put is
   never queued, and ``settle`` waits at most ``LINGER_S`` longer.
 - Backpressure is the arena: dirty values are never evicted, so when

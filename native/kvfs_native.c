@@ -1050,6 +1050,7 @@ PyObject *kv_recv_spin(PyObject *self, PyObject *args); /* socket_wait.c */
 PyObject *kv_t0_publish(PyObject *self, PyObject *args); /* mirror.c */
 PyObject *kv_t0_written_back(PyObject *self, PyObject *args);
 PyObject *kv_t0_items(PyObject *self, PyObject *args); /* put_items.c */
+PyObject *kv_t0_write_records(PyObject *self, PyObject *args); /* write_back.c */
 extern PyTypeObject MemEntryType;
 
 static PyMethodDef methods[] = {
@@ -1083,6 +1084,9 @@ static PyMethodDef methods[] = {
     {"t0_items", kv_t0_items, METH_VARARGS,
      "t0_items(items, nsp, lru, stripe_unit, span0, normalize_key, encode_meta, error) -> (fresh, sizes, need): "
      "a put_t0 batch's items checked in one pass (native/put_items.c)"},
+    {"t0_write_records", kv_t0_write_records, METH_VARARGS,
+     "t0_write_records(jobs, arena, fds) -> ([failed tags], [bytes per pwritev]): the write-back's records, "
+     "headers built, neighbours coalesced, written with the GIL released (native/write_back.c)"},
     {"dir_del", kv_dir_del, METH_VARARGS,
      "dir_del(directory, nslots, hash) -> byte offset of the slot it freed, -1 if in none"},
     {"dir_read", py_dir_read, METH_VARARGS,

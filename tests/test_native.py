@@ -347,6 +347,75 @@ def test_t0_items_check_a_batch_alike_on_both_backends():
         assert errs[0] == errs[1], b
 
 
+def test_t0_write_records_write_the_same_files_on_both_backends(tmp_path):
+    """The write-back's record writes: headers as record_head builds them,
+    payloads from the arena, back-to-back records coalesced with their
+    padding zeroed, a gap or another segment starting a new pwritev, items
+    deleted or never published skipped, a client-written payload given only
+    its header, and a segment without a file failing its writes' tags."""
+    from kvfs import format as fmt
+    from kvfsd.segments import ChunkPlan, ObjPlan
+    assert _native is not None, "kvfs._native was not built"
+    rng = np.random.default_rng(4)
+    arena = bytearray(rng.integers(0, 256, 1 << 20, dtype=np.uint8).tobytes())
+    nsb = b"ns"
+
+    def plan(key, sizes, seg, at, t0, mem=True, via_t0=True, deleted=False):
+        chunks, end = [], at
+        for j, n in enumerate(sizes):
+            hdr, pay, new_end = fmt.place_record(end, 2, len(key), n)
+            chunks.append(ChunkPlan(0, seg, hdr, pay, new_end, n, sum(sizes[:j]), j, bytes([j + 1]) * 16, end))
+            end = new_end
+        op = ObjPlan(key, sum(sizes), None, 7, chunks, b"ns\x00" + key.encode(), None, b"s" * 16, t0, via_t0)
+        if mem:
+            op.mem = _native_py.MemEntry(op.size, op.checksum, 7, (), (), t0=t0, dirty=True)
+            op.mem.deleted = deleted
+        return op, end
+
+    ops, at = [], 0
+    for i, sizes in enumerate([[100], [5000], [70000], [0], [3, 9]]):  # back to back in segment 1
+        op, at = plan(f"k{i}", sizes, 1, at, 4096 * (i + 1) * 20)
+        ops.append(op)
+    gap, _ = plan("gap", [200], 1, at + 8192, 900000)  # not where the last one ended: a new run
+    other, _ = plan("o", [300], 2, 0, 0)  # another segment
+    client, _ = plan("c", [400], 1, 200000, -1, mem=False, via_t0=False)  # the client wrote its payload
+    dead, _ = plan("d", [50], 1, 300000, 0, deleted=True)
+    unpublished, _ = plan("u", [50], 1, 310000, -1, mem=False)
+    lost, _ = plan("l", [60], 3, 0, 0)  # segment 3 has no file
+    jobs = [(nsb, ops + [None, gap], 0), (nsb, [other, client, dead, unpublished], 1), (nsb, [lost], 2)]
+    results, files = [], []
+    for name, impl in (("c", _native), ("py", _native_py)):
+        paths = {seg: tmp_path / f"{name}-{seg}" for seg in (1, 2)}
+        fds = {seg: os.open(p, os.O_RDWR | os.O_CREAT, 0o600) for seg, p in paths.items()}
+        for fd in fds.values():
+            os.pwrite(fd, b"\xee" * 400000, 0)  # padding must come out as zeros
+        try:
+            results.append(impl.t0_write_records(jobs, arena, fds))
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        files.append({seg: p.read_bytes() for seg, p in paths.items()})
+    assert results[0] == results[1] and files[0] == files[1]
+    failed, runs = results[0]
+    assert failed == [2] and len(runs) == 5  # segment 1: the run, the gap, the client's; segment 2; segment 3
+    seg1 = files[0][1]
+    for op in ops + [gap]:
+        for ch in op.chunks:
+            assert seg1[ch.payload_off:ch.payload_off + ch.length] == arena[op.t0 + ch.chunk_off:
+                                                                          op.t0 + ch.chunk_off + ch.length]
+            names = nsb + op.key.encode()
+            assert seg1[ch.hdr_off:ch.payload_off] == _native_py.record_head(
+                names, 2, ch.idx, len(op.chunks), ch.length, op.size, ch.chunk_off, 7, ch.checksum,
+                ch.payload_off - ch.hdr_off - 80 - len(names))
+    run = [ch for op in ops for ch in op.chunks]
+    for a, b in zip(run, run[1:]):  # the padding between neighbours is written, as zeros
+        assert seg1[a.payload_off + a.length:b.hdr_off] == bytes(b.hdr_off - a.payload_off - a.length)
+    c = client.chunks[0]
+    assert seg1[c.payload_off:c.payload_off + c.length] == b"\xee" * c.length  # only its header written
+    assert seg1[dead.chunks[0].hdr_off:unpublished.chunks[0].end] == b"\xee" * (unpublished.chunks[0].end -
+                                                                                 dead.chunks[0].hdr_off)
+
+
 def test_backends_fail_alike_on_bad_arguments():
     for b in (mod("native"), mod("python")):
         with pytest.raises(ValueError):

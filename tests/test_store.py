@@ -264,24 +264,17 @@ def test_t1_reads_go_through_open_segment_files_with_no_round_trip(t1_daemon):
         assert bad >= 1  # the scribble hit at least one record, and it was refused
 
 
-def test_write_back_coalesces_neighbours_in_bounded_writes(tmp_path, monkeypatch):
+def test_write_back_coalesces_neighbours_in_bounded_writes(tmp_path):
     """The write-back writes records reserved back to back with one pwritev
     per run, each run at most RUN_BYTES (a larger buffered write holds the
     segment's inode lock long enough to stall every other write to it),
     and every record reads back: the daemon's engine, in process, with real
     segment files and LMDB."""
-    from kvfsd import placement
+    from kvfs._native_py import RUN_BYTES
     from kvfsd.config import Config
     from kvfsd.engine import Engine
     eng = Engine(Config(root=tmp_path / "e", capacity=1 << 30, shm_size=64 << 20).resolve())
-    writes = []
-    real = os.pwritev
-
-    def counting(fd, bufs, off):
-        writes.append(sum(len(memoryview(b)) for b in bufs))
-        return real(fd, bufs, off)
     try:
-        monkeypatch.setattr(placement.os, "pwritev", counting)
         vals = [os.urandom(65536) for _ in range(48)] + [os.urandom(1000) for _ in range(200)]
         plan = eng.prepare_put("n", [(f"k{i}", len(v), None) for i, v in enumerate(vals)], t0=True)
         assert all(op is not None and op.t0 >= 0 for op in plan.items)
@@ -292,8 +285,8 @@ def test_write_back_coalesces_neighbours_in_bounded_writes(tmp_path, monkeypatch
         eng.set_client_sums(plan, [[fmt.checksum(v), [fmt.checksum(v)]] for v in vals])
         eng.publish_t0(plan)
         assert eng.write_back(plan, False) == [True] * len(vals)
-        assert 1 < len(writes) < len(vals) / 4  # coalesced
-        assert max(writes) <= placement.RUN_BYTES <= 1 << 20  # 64 MiB runs stalled puts 0.5-0.7 s
+        assert 1 < eng.counters["writeback_pwritevs"] < len(vals) / 4  # coalesced
+        assert eng.counters["writeback_pwritev_max"] <= RUN_BYTES <= 1 << 20  # 64 MiB runs stalled puts 0.5-0.7 s
         for i, v in enumerate(vals):
             e = eng.stat("n", f"k{i}")
             assert e["size"] == len(v)

@@ -8,9 +8,9 @@ exactly the calls the server and the write-back make for a ``put_t0``:
                in C), T1 space reserved, arena extents carved
                (``prepare_placed``)
   publish T0   dirty mirror entries, the directory, the T0 journal
-  headers      each record's header encoded (``_record_writes``)
-  pwrite       the records written, coalesced (``_pwrite_runs``): mostly
-               the kernel's copy of the bytes
+  records      each record's header encoded and the records written,
+               coalesced (``t0_write_records``, in C with the GIL
+               released): mostly the kernel's copy of the bytes
   LMDB         the publishing transaction on the writer thread
   mirror       the mirror and directory after the commit (``finish_commit``)
 
@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 BATCH = 64
-PHASES = ["prepare", "publish T0", "headers", "pwrite", "LMDB", "mirror"]
+PHASES = ["prepare", "publish T0", "records", "LMDB", "mirror"]
 
 
 def _one_run(value: int, batches: int) -> dict[str, float]:
     from kvfs import format as fmt
+    from kvfs import native
     from kvfsd.config import Config
     from kvfsd.engine import Engine
     from kvfsd.gc_policy import GcPolicy
@@ -76,11 +77,11 @@ def _one_run(value: int, batches: int) -> dict[str, float]:
         for i in range(0, len(plans), 8):  # as the pool does: several plans a batch
             group = plans[i:i + 8]
             t = time.perf_counter()
-            writes = []
-            for k, p in enumerate(group):
-                writes += eng._record_writes(p, arena, k)
-            t1 = time.perf_counter()
-            assert not eng._pwrite_runs(writes)
+            with eng._lock:
+                fds = {sid: eng.segs[sid].fd for p in group for sid in p.touched}
+            failed, _runs = native.backend.t0_write_records(
+                [(p.ns.encode(), p.items, k) for k, p in enumerate(group)], arena, fds)
+            assert not failed
             t2 = time.perf_counter()
             jobs = [eng.publish_job(p, False, shared=k == 0) for k, p in enumerate(group)]
             done = eng.writer.call(lambda txn: [job(txn) for job in jobs], sync=False)
@@ -88,8 +89,7 @@ def _one_run(value: int, batches: int) -> dict[str, float]:
             for p, d in zip(group, done):
                 eng.finish_commit(p, d)
             t4 = time.perf_counter()
-            spent["headers"] += t1 - t
-            spent["pwrite"] += t2 - t1
+            spent["records"] += t2 - t
             spent["LMDB"] += t3 - t2
             spent["mirror"] += t4 - t3
         n = batches * BATCH
