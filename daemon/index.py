@@ -153,15 +153,24 @@ class Index:
         for ext, h in zip(e.extents, e.header_offsets):
             txn.put(segobj_key(ext.seg, h), ok, db=self.segobj)
 
-    def add_object(self, txn: lmdb.Transaction, ok: bytes, value: bytes, records: list[tuple[int, int]]) -> bool:
-        """Store a new object (``value``: ``encode_entry``; ``records``: its
-        chunks' (seg, header_off)) unless ``ok`` is stored already: then
-        nothing changes and the answer is False."""
-        if not txn.put(ok, value, db=self.objects, overwrite=False):
-            return False
-        for seg, h in records:
-            txn.put(_SEGOFF.pack(seg, h), ok, db=self.segobj)
-        return True
+    def add_objects(self, txn: lmdb.Transaction, pairs: list[tuple[bytes, bytes]], segs: list[tuple[bytes, bytes]],
+                    owner: list[int]) -> list[bool]:
+        """Store new objects, a batch (``kvfs._native.index_rows``' rows:
+        entries as ``encode_entry`` writes them) with one cursor call for the
+        objects and one for their segobj rows, unless a key is stored
+        already: then that one keeps its entry. Per object, whether it was
+        stored."""
+        if not pairs:
+            return []
+        _consumed, added = txn.cursor(db=self.objects).putmulti(pairs, overwrite=False)
+        if added == len(pairs):
+            stored = [True] * len(pairs)
+        else:  # some key was stored already (a concurrent put won): ours only where our entry is
+            stored = [txn.get(k, db=self.objects) == v for k, v in pairs]
+            segs = [row for row, i in zip(segs, owner) if stored[i]]
+        if segs:
+            txn.cursor(db=self.segobj).putmulti(segs)
+        return stored
 
     def delete_object(self, txn: lmdb.Transaction, ns: str, key: str) -> ObjEntry | None:
         ok = obj_key(ns, key)

@@ -22,7 +22,7 @@ from kvfs.errors import InvalidArgument
 from kvfs.keys import normalize_key, normalize_keys, normalize_ns
 from kvfs.meta import encode_meta
 
-from .index import encode_entry, obj_key
+from .index import obj_key
 from .mirror import MemEntry
 from .segments import ChunkPlan, ObjPlan, PutPlan
 from .space import NeedRoom, Space
@@ -326,19 +326,13 @@ class Puts(Space):
                     live = [not op.via_t0 or (op.mem is not None and not op.mem.deleted) for op in ops]
             else:
                 live = [True] * len(ops)
-            stored = []
-            add = self.index.add_object
-            for op, ok in zip(ops, live):
+            for op in ops:
                 if not op.checksum:
                     op.checksum = op.hasher.digest() if op.hasher is not None else (
                         op.chunks[0].checksum if op.size else fmt.checksum(b""))
-                if not ok:
-                    stored.append(False)
-                    continue
-                # a concurrent put of the same key may have won: keep its bytes
-                stored.append(add(txn, op.ok,
-                                  encode_entry(op.size, op.checksum, op.seq, now, now, op.meta, op.index_rows()),
-                                  [(c.seg, c.hdr_off) for c in op.chunks]))
+            # a concurrent put of the same key may have won: keep its bytes
+            it = iter(self.index.add_objects(txn, *native.backend.index_rows(ops, live, now)))
+            stored = [ok and next(it) for ok in live]
             if shared:
                 self.index.set_counter(txn, b"next_seq", self._next_seq)
                 self.index.set_counter(txn, b"next_seg", self._next_seg)

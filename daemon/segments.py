@@ -96,12 +96,6 @@ class ObjPlan:
             return ((c.stripe, c.seg, c.payload_off, c.length, c.checksum),)
         return tuple((c.stripe, c.seg, c.payload_off, c.length, c.checksum) for c in cs)
 
-    def index_rows(self) -> list[list[Any]]:
-        """Its chunks as its index entry keeps them (kvfsd.index.encode_entry):
-        [stripe, seg, payload_off, length, sum, header_off, record bytes]."""
-        return [[c.stripe, c.seg, c.payload_off, c.length, c.checksum, c.hdr_off, c.end - c.hdr_off]
-                for c in self.chunks]
-
     def spans(self) -> tuple[tuple[int, int], ...]:
         """(segment, record bytes from header to aligned end) per chunk."""
         cs = self.chunks

@@ -501,3 +501,28 @@ def t0_write_records(jobs: list[tuple[bytes, list[Any], int]], arena: Any, fds: 
             failed += tags
         i = j
     return failed, sizes
+
+
+def index_rows(ops: list[Any], live: list[bool], now: float
+               ) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]], list[int]]:
+    """The index rows of a batch's live items (native/records.c's twin):
+    (object key, entry as kvfsd.index.encode_entry writes it) per item,
+    (segobj key: >QQ segment and header offset, object key) per chunk, and
+    per chunk row the index of its item's row."""
+    import struct
+    if len(ops) != len(live):
+        raise ValueError("one live flag per item")
+    segoff = struct.Struct(">QQ")
+    pairs: list[tuple[bytes, bytes]] = []
+    segs: list[tuple[bytes, bytes]] = []
+    owner: list[int] = []
+    for op, on in zip(ops, live):
+        if not on:
+            continue
+        rows = [[c.stripe, c.seg, c.payload_off, c.length, c.checksum, c.hdr_off, c.end - c.hdr_off]
+                for c in op.chunks]
+        pairs.append((op.ok, pack_entry(op.size, op.checksum, op.seq, now, now, op.meta, rows)))
+        for c in op.chunks:
+            segs.append((segoff.pack(c.seg, c.hdr_off), op.ok))
+            owner.append(len(pairs) - 1)
+    return pairs, segs, owner

@@ -1046,6 +1046,7 @@ PyObject *kv_dir_put_entry(PyObject *self, PyObject *args);
 PyObject *kv_dir_put_entries(PyObject *self, PyObject *args);
 PyObject *kv_pack_entry(PyObject *self, PyObject *args);
 PyObject *kv_record_head(PyObject *self, PyObject *args);
+PyObject *kv_index_rows(PyObject *self, PyObject *args);
 PyObject *kv_recv_spin(PyObject *self, PyObject *args); /* socket_wait.c */
 PyObject *kv_t0_publish(PyObject *self, PyObject *args); /* mirror.c */
 PyObject *kv_t0_written_back(PyObject *self, PyObject *args);
@@ -1087,6 +1088,9 @@ static PyMethodDef methods[] = {
     {"t0_write_records", kv_t0_write_records, METH_VARARGS,
      "t0_write_records(jobs, arena, fds) -> ([failed tags], [bytes per pwritev]): the write-back's records, "
      "headers built, neighbours coalesced, written with the GIL released (native/write_back.c)"},
+    {"index_rows", kv_index_rows, METH_VARARGS,
+     "index_rows(ops, live, now) -> ([(object key, entry)], [(segobj key, object key)], [owner]): the index rows "
+     "of a batch's live items, as encode_entry writes them (native/records.c)"},
     {"dir_del", kv_dir_del, METH_VARARGS,
      "dir_del(directory, nslots, hash) -> byte offset of the slot it freed, -1 if in none"},
     {"dir_read", py_dir_read, METH_VARARGS,

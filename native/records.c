@@ -184,3 +184,142 @@ PyObject *kv_record_head(PyObject *self, PyObject *args) {
     memset(p + HDR_SIZE + nlen, 0, (size_t)pad);
     return r;
 }
+
+/* ---- index_rows: the index entries of a write-back batch, one call ----- */
+
+static int pack_ll(out_t *o, long long v) {
+    if (v >= 0) {
+        if (v < 0x80) return put_be(o, (unsigned char)v, 0, 0);
+        if (v <= 0xff) return put_be(o, 0xcc, (uint64_t)v, 1);
+        if (v <= 0xffff) return put_be(o, 0xcd, (uint64_t)v, 2);
+        if (v <= 0xffffffffLL) return put_be(o, 0xce, (uint64_t)v, 4);
+        return put_be(o, 0xcf, (uint64_t)v, 8);
+    }
+    if (v >= -32) return put_be(o, (unsigned char)(int8_t)v, 0, 0);
+    if (v >= -128) return put_be(o, 0xd0, (uint64_t)(uint8_t)(int8_t)v, 1);
+    if (v >= -32768) return put_be(o, 0xd1, (uint64_t)(uint16_t)(int16_t)v, 2);
+    if (v >= -2147483648LL) return put_be(o, 0xd2, (uint64_t)(uint32_t)(int32_t)v, 4);
+    return put_be(o, 0xd3, (uint64_t)v, 8);
+}
+
+static PyObject *I_OK, *I_SIZE, *I_CHECKSUM, *I_SEQ, *I_META, *I_CHUNKS, *I_STRIPE, *I_SEG, *I_PAYLOAD_OFF, *I_LENGTH,
+    *I_HDR_OFF, *I_END;
+
+static int index_names(void) {
+    if (I_END) return 1;
+#define INTERN(v, s) (v = PyUnicode_InternFromString(s))
+    return INTERN(I_OK, "ok") && INTERN(I_SIZE, "size") && INTERN(I_CHECKSUM, "checksum") && INTERN(I_SEQ, "seq") &&
+           INTERN(I_META, "meta") && INTERN(I_CHUNKS, "chunks") && INTERN(I_STRIPE, "stripe") &&
+           INTERN(I_SEG, "seg") && INTERN(I_PAYLOAD_OFF, "payload_off") && INTERN(I_LENGTH, "length") &&
+           INTERN(I_HDR_OFF, "hdr_off") && INTERN(I_END, "end");
+#undef INTERN
+}
+
+static int attr_ll(PyObject *o, PyObject *name, long long *out) {
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (!v) return 0;
+    if (!PyLong_Check(v)) {
+        Py_DECREF(v);
+        PyErr_SetString(PyExc_TypeError, "an index entry's numbers are ints");
+        return 0;
+    }
+    *out = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    return !(*out == -1 && PyErr_Occurred());
+}
+
+/* An object's index entry: pack_entry(size, checksum, seq, now, now, meta,
+   rows) with rows [stripe, seg, payload_off, length, sum, header_off,
+   end - header_off] per chunk, written straight from its plan's fields;
+   segkeys gets its chunks' segobj keys (>QQ: seg, header_off). */
+static PyObject *op_entry(PyObject *op, double now, PyObject *segkeys, PyObject *ok) {
+    char stack[512];
+    out_t o = {stack, 0, sizeof stack, stack};
+    PyObject *sum = NULL, *meta = NULL, *chunks = NULL, *value = NULL;
+    long long size, seq;
+    int good = attr_ll(op, I_SIZE, &size) && attr_ll(op, I_SEQ, &seq) && (sum = PyObject_GetAttr(op, I_CHECKSUM)) &&
+               (meta = PyObject_GetAttr(op, I_META)) && (chunks = PyObject_GetAttr(op, I_CHUNKS));
+    if (good && (!PyList_Check(chunks) || !PyBytes_CheckExact(sum) || !(meta == Py_None || PyBytes_CheckExact(meta)))) {
+        PyErr_SetString(PyExc_TypeError, "a plan's chunks are a list, its checksum and meta bytes");
+        good = 0;
+    }
+    uint64_t d;
+    good = good && put_be(&o, 0x97, 0, 0) && pack_ll(&o, size) && pack_obj(&o, sum, 0) && pack_ll(&o, seq) &&
+           (memcpy(&d, &now, 8), put_be(&o, 0xcb, d, 8)) && put_be(&o, 0xcb, d, 8) && pack_obj(&o, meta, 0);
+    Py_ssize_t n = good ? PyList_GET_SIZE(chunks) : 0;
+    good = good && (n <= 15 ? put_be(&o, (unsigned char)(0x90 | n), 0, 0) : put_be(&o, 0xdc, (uint64_t)n, 2));
+    for (Py_ssize_t j = 0; good && j < n; j++) {
+        PyObject *c = PyList_GET_ITEM(chunks, j);
+        long long stripe, seg, poff, length, hdr, end;
+        PyObject *csum = NULL;
+        good = attr_ll(c, I_STRIPE, &stripe) && attr_ll(c, I_SEG, &seg) && attr_ll(c, I_PAYLOAD_OFF, &poff) &&
+               attr_ll(c, I_LENGTH, &length) && attr_ll(c, I_HDR_OFF, &hdr) && attr_ll(c, I_END, &end) &&
+               (csum = PyObject_GetAttr(c, I_CHECKSUM)) && put_be(&o, 0x97, 0, 0) && pack_ll(&o, stripe) &&
+               pack_ll(&o, seg) && pack_ll(&o, poff) && pack_ll(&o, length) && pack_obj(&o, csum, 0) &&
+               pack_ll(&o, hdr) && pack_ll(&o, end - hdr);
+        Py_XDECREF(csum);
+        if (good) {
+            unsigned char k[16];
+            for (int b = 0; b < 8; b++) {
+                k[b] = (unsigned char)((uint64_t)seg >> (56 - 8 * b));
+                k[8 + b] = (unsigned char)((uint64_t)hdr >> (56 - 8 * b));
+            }
+            PyObject *key = PyBytes_FromStringAndSize((const char *)k, 16);
+            PyObject *pair = key ? PyTuple_Pack(2, key, ok) : NULL;
+            good = pair && PyList_Append(segkeys, pair) == 0;
+            Py_XDECREF(key);
+            Py_XDECREF(pair);
+        }
+    }
+    if (good) value = PyBytes_FromStringAndSize(o.p, o.n);
+    if (o.p != stack) PyMem_Free(o.p);
+    Py_XDECREF(sum);
+    Py_XDECREF(meta);
+    Py_XDECREF(chunks);
+    return value;
+}
+
+/* index_rows(ops, live, now) -> ([(object key, entry)], [(segobj key, object key)], [owner])
+   The index rows of a batch's live items (live[i] false: skipped), each
+   entry as encode_entry would write it; owner[j] is the index in the first
+   list of the item segobj row j belongs to. */
+PyObject *kv_index_rows(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *ops, *live;
+    double now;
+    if (!PyArg_ParseTuple(args, "O!O!d", &PyList_Type, &ops, &PyList_Type, &live, &now)) return NULL;
+    if (PyList_GET_SIZE(ops) != PyList_GET_SIZE(live)) {
+        PyErr_SetString(PyExc_ValueError, "one live flag per item");
+        return NULL;
+    }
+    if (!index_names()) return NULL;
+    PyObject *pairs = PyList_New(0), *segs = PyList_New(0), *owner = PyList_New(0);
+    if (!pairs || !segs || !owner) goto fail;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(ops); i++) {
+        int on = PyObject_IsTrue(PyList_GET_ITEM(live, i));
+        if (on < 0) goto fail;
+        if (!on) continue;
+        PyObject *op = PyList_GET_ITEM(ops, i);
+        PyObject *ok = PyObject_GetAttr(op, I_OK);
+        if (!ok) goto fail;
+        Py_ssize_t before = PyList_GET_SIZE(segs);
+        PyObject *v = op_entry(op, now, segs, ok);
+        PyObject *pair = v ? PyTuple_Pack(2, ok, v) : NULL;
+        Py_DECREF(ok);
+        Py_XDECREF(v);
+        int good = pair && PyList_Append(pairs, pair) == 0;
+        Py_XDECREF(pair);
+        for (Py_ssize_t j = before; good && j < PyList_GET_SIZE(segs); j++) {
+            PyObject *ix = PyLong_FromSsize_t(PyList_GET_SIZE(pairs) - 1);
+            good = ix && PyList_Append(owner, ix) == 0;
+            Py_XDECREF(ix);
+        }
+        if (!good) goto fail;
+    }
+    return Py_BuildValue("(NNN)", pairs, segs, owner);
+fail:
+    Py_XDECREF(pairs);
+    Py_XDECREF(segs);
+    Py_XDECREF(owner);
+    return NULL;
+}

@@ -416,6 +416,40 @@ def test_t0_write_records_write_the_same_files_on_both_backends(tmp_path):
                                                                                  dead.chunks[0].hdr_off)
 
 
+@pytest.mark.parametrize("name", BACKENDS)
+def test_index_rows_are_the_entries_encode_entry_writes(name):
+    """A write-back batch's index rows: per live item its object key and the
+    entry kvfsd.index.encode_entry writes, per chunk its segobj key (the
+    segment and header offset, big-endian) and the item it belongs to."""
+    import random
+
+    from kvfsd.index import encode_entry, segobj_key
+    from kvfsd.segments import ChunkPlan, ObjPlan
+    rng = random.Random(6)
+    ops = []
+    for i in range(300):
+        n = rng.choice([1, 1, 2, 17])
+        chunks = []
+        for j in range(n):
+            hdr = rng.randrange(1 << rng.choice([10, 33, 40]))
+            chunks.append(ChunkPlan(rng.randrange(8), rng.randrange(1 << rng.choice([4, 20, 34])), hdr + 96,
+                                    hdr + 96 + 4096, hdr + rng.randrange(200, 1 << 21), rng.randrange(1 << 22),
+                                    j << 22, j, rng.randbytes(16), hdr))
+        ops.append(ObjPlan(f"k{i}", rng.randrange(1 << rng.choice([7, 20, 40])), rng.choice([None, b"{}", b"x" * 300]),
+                           rng.randrange(1 << 50), chunks, f"ns\x00k{i}".encode(), None, rng.randbytes(16)))
+    live = [rng.random() < 0.8 for _ in ops]
+    now = 1.7e9 + rng.random()
+    pairs, segs, owner = mod(name).index_rows(ops, live, now)
+    kept = [op for op, on in zip(ops, live) if on]
+    assert pairs == [(op.ok, encode_entry(op.size, op.checksum, op.seq, now, now, op.meta,
+                                          [[c.stripe, c.seg, c.payload_off, c.length, c.checksum, c.hdr_off,
+                                            c.end - c.hdr_off] for c in op.chunks])) for op in kept]
+    assert segs == [(segobj_key(c.seg, c.hdr_off), op.ok) for op in kept for c in op.chunks]
+    assert owner == [i for i, op in enumerate(kept) for _ in op.chunks]
+    with pytest.raises(ValueError):
+        mod(name).index_rows(ops, live[:-1], now)
+
+
 def test_backends_fail_alike_on_bad_arguments():
     for b in (mod("native"), mod("python")):
         with pytest.raises(ValueError):

@@ -294,3 +294,33 @@ def test_write_back_coalesces_neighbours_in_bounded_writes(tmp_path):
         assert r["objects"] == len(vals) and r["broken_count"] == 0 and r["orphan_count"] == 0
     finally:
         eng.close()
+
+
+def test_index_batch_add_keeps_a_stored_key_and_its_rows(tmp_path):
+    """The write-back's batched index insert: new objects and their segobj
+    rows go in; an object whose key was stored meanwhile (a concurrent put
+    won) keeps its entry, gets no segobj rows of ours, and reads False."""
+    from kvfs import native
+    from kvfsd.index import Index, segobj_key
+    from kvfsd.segments import ChunkPlan, ObjPlan
+    idx = Index(tmp_path, 1 << 26)
+    try:
+        def op(key, seg, seq):
+            return ObjPlan(key, 10, None, seq, [ChunkPlan(0, seg, 4096, 4200, 4300, 10, 0, 0, b"c" * 16, 4096)],
+                           f"ns\x00{key}".encode(), None, b"s" * 16)
+        ops = [op("a", 1, 1), op("b", 2, 2), op("c", 3, 3)]
+        with idx.env.begin(write=True) as txn:
+            txn.put(b"ns\x00b", b"the winner", db=idx.objects)
+            stored = idx.add_objects(txn, *native.backend.index_rows(ops, [True] * 3, 5.0))
+        assert stored == [True, False, True]
+        with idx.env.begin() as txn:
+            assert txn.get(b"ns\x00b", db=idx.objects) == b"the winner"
+            assert txn.get(segobj_key(1, 4096), db=idx.segobj) == b"ns\x00a"
+            assert txn.get(segobj_key(2, 4096), db=idx.segobj) is None
+            assert txn.get(segobj_key(3, 4096), db=idx.segobj) == b"ns\x00c"
+            assert idx.get(txn, "ns", "a").seq == 1 and idx.get(txn, "ns", "c").seq == 3
+        with idx.env.begin(write=True) as txn:  # all new: the fast path
+            assert idx.add_objects(txn, *native.backend.index_rows([op("d", 4, 4)], [True], 6.0)) == [True]
+            assert idx.add_objects(txn, [], [], []) == []
+    finally:
+        idx.close()
