@@ -395,21 +395,12 @@ class Puts(Space):
 
     def _release_reservations(self, plan: PutPlan) -> list[int]:
         with self._lock:
-            done = []
-            for op in plan.items:
-                if op is None:
-                    continue
-                for c in op.chunks:
-                    s = self.segs.get(c.seg)
-                    if s is not None:
-                        s.reserved.pop(c.start, None)
-                        done.append(c.seg)
-                op.chunks = []  # released once only
-                if op.t0 >= 0 and op.mem is None and self.t0 is not None:
-                    self.t0.alloc.free(op.t0)  # never published: nobody can have seen it
-                op.t0 = -1
+            touched, frees = native.backend.release_chunks(plan.items, self.segs)
+            if self.t0 is not None:
+                for off in frees:
+                    self.t0.alloc.free(off)  # never published: nobody can have seen it
             # only segments this leaves fully dead need a (blocking) reclaim
-            return [sid for sid in set(done) if self._reclaimable(sid)]
+            return [sid for sid in touched if self._reclaimable(sid)]
 
     def _written_back_many(self, ns: str, done: list[tuple[ObjPlan, bool]]) -> None:
         """T0 items whose write-back finished or was skipped, (op, published)

@@ -526,3 +526,29 @@ def index_rows(ops: list[Any], live: list[bool], now: float
             segs.append((segoff.pack(c.seg, c.hdr_off), op.ok))
             owner.append(len(pairs) - 1)
     return pairs, segs, owner
+
+
+def release_chunks(ops: list[Any], segs: dict[int, Any]) -> tuple[list[int], list[int]]:
+    """A plan's chunk reservations released (native/mirror.c's twin): each
+    chunk leaves its segment's ``reserved`` map (a segment gone is skipped),
+    each op's chunks become [] and its t0 -1. Returns the segments touched
+    that exist (first-seen order) and the arena extents never published (op.mem None),
+    for the caller to free."""
+    touched: list[int] = []
+    seen: set[int] = set()
+    frees: list[int] = []
+    for op in ops:
+        if op is None:
+            continue
+        for c in op.chunks:
+            s = segs.get(c.seg)
+            if s is not None:
+                s.reserved.pop(c.start, None)
+                if c.seg not in seen:
+                    seen.add(c.seg)
+                    touched.append(c.seg)
+        op.chunks = []  # released once only
+        if op.t0 >= 0 and op.mem is None:
+            frees.append(op.t0)
+        op.t0 = -1
+    return touched, frees

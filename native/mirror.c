@@ -424,3 +424,89 @@ fail:
     Py_XDECREF(gone);
     return NULL;
 }
+
+/* release_chunks(ops, segs) -> ([segments touched that exist], [arena extents to free])
+   Puts._release_reservations' loop: each chunk's reservation leaves its
+   segment's reserved map (segs: {seg: SegState}; a segment gone is
+   skipped), each op's chunks become [] (released once only) and its t0 -1;
+   an arena extent that was never published (op.mem None) is returned for
+   the caller to free. Caller holds the engine lock. */
+static PyObject *R_CHUNKS, *R_SEG, *R_START, *R_RESERVED, *R_T0, *R_MEM;
+
+PyObject *kv_release_chunks(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *ops, *segs;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &ops, &PyDict_Type, &segs)) return NULL;
+    if (!R_MEM) {
+        if (!(R_CHUNKS = PyUnicode_InternFromString("chunks")) || !(R_SEG = PyUnicode_InternFromString("seg")) ||
+            !(R_START = PyUnicode_InternFromString("start")) ||
+            !(R_RESERVED = PyUnicode_InternFromString("reserved")) || !(R_T0 = PyUnicode_InternFromString("t0")) ||
+            !(R_MEM = PyUnicode_InternFromString("mem")))
+            return NULL;
+    }
+    PyObject *touched = PyList_New(0), *frees = PyList_New(0), *seen = PySet_New(NULL), *empty = NULL;
+    PyObject *minus1 = PyLong_FromLong(-1);
+    if (!touched || !frees || !seen || !minus1) goto fail;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(ops); i++) {
+        PyObject *op = PyList_GET_ITEM(ops, i);
+        if (op == Py_None) continue;
+        PyObject *chunks = PyObject_GetAttr(op, R_CHUNKS);
+        if (!chunks) goto fail;
+        if (!PyList_Check(chunks)) {
+            Py_DECREF(chunks);
+            PyErr_SetString(PyExc_TypeError, "a plan's chunks are a list");
+            goto fail;
+        }
+        int good = 1;
+        for (Py_ssize_t j = 0; good && j < PyList_GET_SIZE(chunks); j++) {
+            PyObject *c = PyList_GET_ITEM(chunks, j);
+            PyObject *seg = PyObject_GetAttr(c, R_SEG), *start = seg ? PyObject_GetAttr(c, R_START) : NULL;
+            good = start != NULL;
+            PyObject *s = good ? PyDict_GetItemWithError(segs, seg) : NULL; /* borrowed */
+            if (good && s) {
+                PyObject *res = PyObject_GetAttr(s, R_RESERVED);
+                int has = res && PyDict_Check(res) ? PyDict_Contains(res, start) : -1;
+                good = has == 0 || (has > 0 && PyDict_DelItem(res, start) == 0);
+                if (res && !PyDict_Check(res)) PyErr_SetString(PyExc_TypeError, "a segment's reserved is a dict");
+                Py_XDECREF(res);
+            } else if (good && PyErr_Occurred()) {
+                good = 0;
+            }
+            if (good && s) {
+                int had = PySet_Contains(seen, seg);
+                good = had >= 0 && (had || (PySet_Add(seen, seg) == 0 && PyList_Append(touched, seg) == 0));
+            }
+            Py_XDECREF(seg);
+            Py_XDECREF(start);
+        }
+        Py_DECREF(chunks);
+        if (!good) goto fail;
+        empty = PyList_New(0);
+        if (!empty || PyObject_SetAttr(op, R_CHUNKS, empty) < 0) goto fail; /* released once only */
+        Py_CLEAR(empty);
+        PyObject *t0 = PyObject_GetAttr(op, R_T0);
+        if (!t0) goto fail;
+        long long off = PyLong_AsLongLong(t0);
+        if (off == -1 && PyErr_Occurred()) {
+            Py_DECREF(t0);
+            goto fail;
+        }
+        if (off >= 0) {
+            PyObject *mem = PyObject_GetAttr(op, R_MEM);
+            good = mem != NULL && (mem != Py_None || PyList_Append(frees, t0) == 0);
+            Py_XDECREF(mem);
+        }
+        Py_DECREF(t0);
+        if (!good || PyObject_SetAttr(op, R_T0, minus1) < 0) goto fail;
+    }
+    Py_DECREF(seen);
+    Py_DECREF(minus1);
+    return Py_BuildValue("(NN)", touched, frees);
+fail:
+    Py_XDECREF(touched);
+    Py_XDECREF(frees);
+    Py_XDECREF(seen);
+    Py_XDECREF(empty);
+    Py_XDECREF(minus1);
+    return NULL;
+}

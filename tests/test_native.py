@@ -450,6 +450,28 @@ def test_index_rows_are_the_entries_encode_entry_writes(name):
         mod(name).index_rows(ops, live[:-1], now)
 
 
+@pytest.mark.parametrize("name", BACKENDS)
+def test_release_chunks_releases_each_reservation_once(name):
+    """A plan's reservations: each chunk leaves its segment's reserved map
+    (a segment gone is skipped and not reported), chunks become [] and t0
+    -1, and an arena extent never published is handed back to be freed."""
+    from types import SimpleNamespace
+
+    from kvfsd.segments import ChunkPlan, ObjPlan
+    segs = {1: SimpleNamespace(reserved={0: 100, 100: 200, 500: 600}), 2: SimpleNamespace(reserved={0: 50})}
+
+    def op(chunks, t0, mem):
+        o = ObjPlan("k", 1, None, 1, [ChunkPlan(0, seg, st, st, st + 1, 1, 0, 0, b"", st) for seg, st in chunks], b"k")
+        o.t0, o.mem = t0, mem
+        return o
+    ops = [op([(1, 0), (2, 0)], 4096, None), None, op([(1, 100), (9, 0)], 8192, "published"), op([(1, 300)], -1, None)]
+    touched, frees = mod(name).release_chunks(ops, segs)
+    assert touched == [1, 2] and frees == [4096]
+    assert segs[1].reserved == {500: 600} and segs[2].reserved == {}
+    assert all(o is None or (o.chunks == [] and o.t0 == -1) for o in ops)
+    assert mod(name).release_chunks(ops, segs) == ([], [])  # once only
+
+
 def test_backends_fail_alike_on_bad_arguments():
     for b in (mod("native"), mod("python")):
         with pytest.raises(ValueError):
