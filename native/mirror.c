@@ -12,8 +12,7 @@
  * The Python twin (kvfs/_native_py.py: MemEntry, t0_publish) is the
  * definition; tests/test_native.py holds the two to the same behaviour.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "plan_fields.h"
 #include <structmember.h>
 
 typedef struct {
@@ -165,21 +164,11 @@ static PyObject *A_OK, *A_T0, *A_SIZE, *A_CHECKSUM, *A_SEQ, *A_CHUNKS, *A_META, 
 
 static int names(void) {
     if (A_OK) return 1;
-#define INTERN(v, s) (v = PyUnicode_InternFromString(s))
     return INTERN(A_T0, "t0") && INTERN(A_SIZE, "size") && INTERN(A_CHECKSUM, "checksum") && INTERN(A_SEQ, "seq") &&
            INTERN(A_CHUNKS, "chunks") && INTERN(A_META, "meta") && INTERN(A_KEY, "key") && INTERN(A_MEM, "mem") &&
            INTERN(A_T0_STORED, "t0_stored") && INTERN(A_STRIPE, "stripe") && INTERN(A_SEG, "seg") &&
            INTERN(A_PAYLOAD_OFF, "payload_off") && INTERN(A_LENGTH, "length") && INTERN(A_END, "end") &&
            INTERN(A_HDR_OFF, "hdr_off") && INTERN(A_OK, "ok");
-#undef INTERN
-}
-
-static int get_ll(PyObject *o, PyObject *name, long long *out) {
-    PyObject *v = PyObject_GetAttr(o, name);
-    if (!v) return 0;
-    *out = PyLong_AsLongLong(v);
-    Py_DECREF(v);
-    return !(*out == -1 && PyErr_Occurred());
 }
 
 /* (exts tuple, [chunk sums]) of an ObjPlan's chunks. */
@@ -249,7 +238,7 @@ PyObject *kv_t0_publish(PyObject *self, PyObject *args) {
         PyObject *op = PyList_GET_ITEM(ops, i);
         if (op == Py_None) continue;
         long long t0, size = 0, seq = 0;
-        if (!get_ll(op, A_T0, &t0)) goto fail;
+        if (!attr_ll(op, A_T0, &t0)) goto fail;
         if (t0 < 0) continue;
         PyObject *ok = PyObject_GetAttr(op, A_OK);
         if (!ok) goto fail;
@@ -261,7 +250,7 @@ PyObject *kv_t0_publish(PyObject *self, PyObject *args) {
         }
         PyObject *sum = NULL, *chunks = NULL, *exts = NULL, *sums = NULL, *m = NULL, *meta = NULL, *key = NULL,
                  *row = NULL;
-        int good = get_ll(op, A_SIZE, &size) && get_ll(op, A_SEQ, &seq) &&
+        int good = attr_ll(op, A_SIZE, &size) && attr_ll(op, A_SEQ, &seq) &&
                    (sum = PyObject_GetAttr(op, A_CHECKSUM)) && (chunks = PyObject_GetAttr(op, A_CHUNKS)) &&
                    chunk_views(chunks, &exts, &sums) && (meta = PyObject_GetAttr(op, A_META)) &&
                    (key = PyObject_GetAttr(op, A_KEY)) &&
@@ -390,7 +379,7 @@ PyObject *kv_t0_written_back(PyObject *self, PyObject *args) {
                 for (Py_ssize_t j = 0; good && j < n; j++) {
                     PyObject *c = PyList_GET_ITEM(chunks, j);
                     long long seg, end, hdr;
-                    good = get_ll(c, A_SEG, &seg) && get_ll(c, A_END, &end) && get_ll(c, A_HDR_OFF, &hdr);
+                    good = attr_ll(c, A_SEG, &seg) && attr_ll(c, A_END, &end) && attr_ll(c, A_HDR_OFF, &hdr);
                     PyObject *t = good ? Py_BuildValue("(LL)", seg, end - hdr) : NULL;
                     good = t != NULL && add_live(live, seg, end - hdr);
                     if (t) PyTuple_SET_ITEM(spans, j, t);

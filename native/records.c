@@ -6,9 +6,7 @@
  * Python twins (kvfs/_native_py.py) are the definitions: the bytes must
  * be identical (tests/test_native.py compares them).
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <stdint.h>
+#include "plan_fields.h"
 #include <string.h>
 
 #define XXH_INLINE_ALL
@@ -46,6 +44,21 @@ static int put_be(out_t *o, unsigned char tag, uint64_t v, int bytes) {
 
 static int pack_obj(out_t *o, PyObject *x, int depth);
 
+static int pack_ll(out_t *o, long long v) {
+    if (v >= 0) {
+        if (v < 0x80) return put_be(o, (unsigned char)v, 0, 0);
+        if (v <= 0xff) return put_be(o, 0xcc, (uint64_t)v, 1);
+        if (v <= 0xffff) return put_be(o, 0xcd, (uint64_t)v, 2);
+        if (v <= 0xffffffffLL) return put_be(o, 0xce, (uint64_t)v, 4);
+        return put_be(o, 0xcf, (uint64_t)v, 8);
+    }
+    if (v >= -32) return put_be(o, (unsigned char)(int8_t)v, 0, 0);
+    if (v >= -128) return put_be(o, 0xd0, (uint64_t)(uint8_t)(int8_t)v, 1);
+    if (v >= -32768) return put_be(o, 0xd1, (uint64_t)(uint16_t)(int16_t)v, 2);
+    if (v >= -2147483648LL) return put_be(o, 0xd2, (uint64_t)(uint32_t)(int32_t)v, 4);
+    return put_be(o, 0xd3, (uint64_t)v, 8);
+}
+
 static int pack_int(out_t *o, PyObject *x) {
     int overflow;
     long long v = PyLong_AsLongLongAndOverflow(x, &overflow);
@@ -59,18 +72,7 @@ static int pack_int(out_t *o, PyObject *x) {
         PyErr_SetString(PyExc_OverflowError, "int too small to pack");
         return 0;
     }
-    if (v >= 0) {
-        if (v < 0x80) return put_be(o, (unsigned char)v, 0, 0);
-        if (v <= 0xff) return put_be(o, 0xcc, (uint64_t)v, 1);
-        if (v <= 0xffff) return put_be(o, 0xcd, (uint64_t)v, 2);
-        if (v <= 0xffffffffLL) return put_be(o, 0xce, (uint64_t)v, 4);
-        return put_be(o, 0xcf, (uint64_t)v, 8);
-    }
-    if (v >= -32) return put_be(o, (unsigned char)(int8_t)v, 0, 0);
-    if (v >= -128) return put_be(o, 0xd0, (uint64_t)(uint8_t)(int8_t)v, 1);
-    if (v >= -32768) return put_be(o, 0xd1, (uint64_t)(uint16_t)(int16_t)v, 2);
-    if (v >= -2147483648LL) return put_be(o, 0xd2, (uint64_t)(uint32_t)(int32_t)v, 4);
-    return put_be(o, 0xd3, (uint64_t)v, 8);
+    return pack_ll(o, v);
 }
 
 static int pack_obj(out_t *o, PyObject *x, int depth) {
@@ -142,6 +144,32 @@ static void le(unsigned char *p, uint64_t v, int bytes) {
     for (int i = 0; i < bytes; i++) p[i] = (unsigned char)(v >> (8 * i));
 }
 
+void kv_fill_record_head(unsigned char *p, const char *ns, Py_ssize_t nl, const char *key, Py_ssize_t kl,
+                         uint32_t chunk_idx, uint32_t chunk_cnt, uint64_t length, uint64_t obj_size,
+                         uint64_t chunk_off, uint64_t seq, const char *checksum16) {
+    memcpy(p, "KVr1", 4);
+    p[4] = 1; /* FORMAT_VERSION */
+    p[5] = 0; /* KIND_CHUNK */
+    le(p + 6, (uint64_t)nl, 2);
+    le(p + 8, (uint64_t)kl, 2);
+    le(p + 10, 0, 2);
+    le(p + 12, chunk_idx, 4);
+    le(p + 16, chunk_cnt, 4);
+    le(p + 20, 0, 4);
+    le(p + 24, length, 8);
+    le(p + 32, obj_size, 8);
+    le(p + 40, chunk_off, 8);
+    le(p + 48, seq, 8);
+    memcpy(p + 56, checksum16, 16);
+    memcpy(p + HDR_SIZE, ns, (size_t)nl);
+    memcpy(p + HDR_SIZE + nl, key, (size_t)kl);
+    XXH3_state_t st;
+    XXH3_64bits_reset(&st);
+    XXH3_64bits_update(&st, p, HDR_BODY);
+    XXH3_64bits_update(&st, p + HDR_SIZE, (size_t)(nl + kl));
+    le(p + HDR_BODY, XXH3_64bits_digest(&st), 8);
+}
+
 /* record_head(names, ns_len, chunk_idx, chunk_cnt, length, obj_size,
    chunk_off, seq, checksum, pad) -> header + names + pad zero bytes: the
    bytes from a record's header to its payload. */
@@ -161,71 +189,22 @@ PyObject *kv_record_head(PyObject *self, PyObject *args) {
     PyObject *r = PyBytes_FromStringAndSize(NULL, HDR_SIZE + nlen + pad);
     if (!r) return NULL;
     unsigned char *p = (unsigned char *)PyBytes_AS_STRING(r);
-    memcpy(p, "KVr1", 4);
-    p[4] = 1; /* FORMAT_VERSION */
-    p[5] = 0; /* KIND_CHUNK */
-    le(p + 6, ns_len, 2);
-    le(p + 8, (uint64_t)(nlen - ns_len), 2);
-    le(p + 10, 0, 2);
-    le(p + 12, cidx, 4);
-    le(p + 16, ccnt, 4);
-    le(p + 20, 0, 4);
-    le(p + 24, length, 8);
-    le(p + 32, osize, 8);
-    le(p + 40, coff, 8);
-    le(p + 48, seq, 8);
-    memcpy(p + 56, sum, 16);
-    memcpy(p + HDR_SIZE, names, (size_t)nlen);
-    XXH3_state_t st;
-    XXH3_64bits_reset(&st);
-    XXH3_64bits_update(&st, p, HDR_BODY);
-    XXH3_64bits_update(&st, names, (size_t)nlen);
-    le(p + HDR_BODY, XXH3_64bits_digest(&st), 8);
+    kv_fill_record_head(p, names, ns_len, names + ns_len, nlen - ns_len, cidx, ccnt, length, osize, coff, seq, sum);
     memset(p + HDR_SIZE + nlen, 0, (size_t)pad);
     return r;
 }
 
 /* ---- index_rows: the index entries of a write-back batch, one call ----- */
 
-static int pack_ll(out_t *o, long long v) {
-    if (v >= 0) {
-        if (v < 0x80) return put_be(o, (unsigned char)v, 0, 0);
-        if (v <= 0xff) return put_be(o, 0xcc, (uint64_t)v, 1);
-        if (v <= 0xffff) return put_be(o, 0xcd, (uint64_t)v, 2);
-        if (v <= 0xffffffffLL) return put_be(o, 0xce, (uint64_t)v, 4);
-        return put_be(o, 0xcf, (uint64_t)v, 8);
-    }
-    if (v >= -32) return put_be(o, (unsigned char)(int8_t)v, 0, 0);
-    if (v >= -128) return put_be(o, 0xd0, (uint64_t)(uint8_t)(int8_t)v, 1);
-    if (v >= -32768) return put_be(o, 0xd1, (uint64_t)(uint16_t)(int16_t)v, 2);
-    if (v >= -2147483648LL) return put_be(o, 0xd2, (uint64_t)(uint32_t)(int32_t)v, 4);
-    return put_be(o, 0xd3, (uint64_t)v, 8);
-}
-
 static PyObject *I_OK, *I_SIZE, *I_CHECKSUM, *I_SEQ, *I_META, *I_CHUNKS, *I_STRIPE, *I_SEG, *I_PAYLOAD_OFF, *I_LENGTH,
     *I_HDR_OFF, *I_END;
 
 static int index_names(void) {
     if (I_END) return 1;
-#define INTERN(v, s) (v = PyUnicode_InternFromString(s))
     return INTERN(I_OK, "ok") && INTERN(I_SIZE, "size") && INTERN(I_CHECKSUM, "checksum") && INTERN(I_SEQ, "seq") &&
            INTERN(I_META, "meta") && INTERN(I_CHUNKS, "chunks") && INTERN(I_STRIPE, "stripe") &&
            INTERN(I_SEG, "seg") && INTERN(I_PAYLOAD_OFF, "payload_off") && INTERN(I_LENGTH, "length") &&
            INTERN(I_HDR_OFF, "hdr_off") && INTERN(I_END, "end");
-#undef INTERN
-}
-
-static int attr_ll(PyObject *o, PyObject *name, long long *out) {
-    PyObject *v = PyObject_GetAttr(o, name);
-    if (!v) return 0;
-    if (!PyLong_Check(v)) {
-        Py_DECREF(v);
-        PyErr_SetString(PyExc_TypeError, "an index entry's numbers are ints");
-        return 0;
-    }
-    *out = PyLong_AsLongLong(v);
-    Py_DECREF(v);
-    return !(*out == -1 && PyErr_Occurred());
 }
 
 /* An object's index entry: pack_entry(size, checksum, seq, now, now, meta,

@@ -14,22 +14,16 @@
  * The Python twin (kvfs/_native_py.py: t0_write_records) is the
  * definition; the tests compare the files both write.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "plan_fields.h"
 #include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
 
-#define XXH_INLINE_ALL
-#include "vendor/xxhash.h"
-
 #define RUN_IOVS 1000 /* as _native_py.RUN_IOVS, RUN_BYTES */
 #define RUN_BYTES (1 << 20)
 #define ZEROS 8192 /* 2 pages: padding is under PAGE + RECORD_ALIGN */
-#define HDR_BODY 72
-#define HDR_SIZE 80
 
 typedef struct {
     long long seg, start, hdr_off, end;
@@ -43,10 +37,6 @@ typedef struct {
 
 static const unsigned char zeros[ZEROS];
 
-static void le(unsigned char *p, uint64_t v, int bytes) {
-    for (int i = 0; i < bytes; i++) p[i] = (unsigned char)(v >> (8 * i));
-}
-
 static int by_place(const void *a, const void *b) {
     const rec_t *x = a, *y = b;
     if (x->seg != y->seg) return x->seg < y->seg ? -1 : 1;
@@ -58,21 +48,11 @@ static PyObject *A_KEY, *A_SIZE, *A_SEQ, *A_CHUNKS, *A_MEM, *A_VIA_T0, *A_DELETE
 
 static int names(void) {
     if (A_END) return 1;
-#define INTERN(v, s) (v = PyUnicode_InternFromString(s))
     return INTERN(A_KEY, "key") && INTERN(A_SIZE, "size") && INTERN(A_SEQ, "seq") && INTERN(A_CHUNKS, "chunks") &&
            INTERN(A_MEM, "mem") && INTERN(A_VIA_T0, "via_t0") && INTERN(A_DELETED, "deleted") && INTERN(A_T0, "t0") &&
            INTERN(A_IDX, "idx") && INTERN(A_LENGTH, "length") && INTERN(A_CHUNK_OFF, "chunk_off") &&
            INTERN(A_CHECKSUM, "checksum") && INTERN(A_PAYLOAD_OFF, "payload_off") && INTERN(A_HDR_OFF, "hdr_off") &&
            INTERN(A_SEG, "seg") && INTERN(A_START, "start") && INTERN(A_END, "end");
-#undef INTERN
-}
-
-static int get_ll(PyObject *o, PyObject *name, long long *out) {
-    PyObject *v = PyObject_GetAttr(o, name);
-    if (!v) return 0;
-    *out = PyLong_AsLongLong(v);
-    Py_DECREF(v);
-    return !(*out == -1 && PyErr_Occurred());
 }
 
 static int get_bool(PyObject *o, PyObject *name, int *out) {
@@ -121,7 +101,7 @@ static int plan_records(recs_t *r, PyObject *nsb, PyObject *ops, long tag, const
         long long t0 = -1;
         int skip = 0, via_t0 = 0, deleted = 0;
         if (m != Py_None) {
-            skip = !(get_bool(m, A_DELETED, &deleted) && get_ll(m, A_T0, &t0));
+            skip = !(get_bool(m, A_DELETED, &deleted) && attr_ll(m, A_T0, &t0));
             if (skip) {
                 Py_DECREF(m);
                 return 0;
@@ -139,7 +119,7 @@ static int plan_records(recs_t *r, PyObject *nsb, PyObject *ops, long tag, const
         if (skip) continue;
         long long size, seq;
         PyObject *key = NULL, *kb = NULL, *chunks = NULL;
-        int good = get_ll(op, A_SIZE, &size) && get_ll(op, A_SEQ, &seq) && (key = PyObject_GetAttr(op, A_KEY)) &&
+        int good = attr_ll(op, A_SIZE, &size) && attr_ll(op, A_SEQ, &seq) && (key = PyObject_GetAttr(op, A_KEY)) &&
                    (kb = PyUnicode_AsUTF8String(key)) && (chunks = PyObject_GetAttr(op, A_CHUNKS));
         if (good && !PyList_Check(chunks)) {
             PyErr_SetString(PyExc_TypeError, "a plan's chunks are a list");
@@ -155,12 +135,12 @@ static int plan_records(recs_t *r, PyObject *nsb, PyObject *ops, long tag, const
             PyObject *ch = PyList_GET_ITEM(chunks, j);
             long long idx, length, coff, poff, hdr, seg, start, end;
             PyObject *sum = NULL;
-            good = get_ll(ch, A_IDX, &idx) && get_ll(ch, A_LENGTH, &length) && get_ll(ch, A_CHUNK_OFF, &coff) &&
-                   get_ll(ch, A_PAYLOAD_OFF, &poff) && get_ll(ch, A_HDR_OFF, &hdr) && get_ll(ch, A_SEG, &seg) &&
-                   get_ll(ch, A_START, &start) && get_ll(ch, A_END, &end) && (sum = PyObject_GetAttr(ch, A_CHECKSUM));
+            good = attr_ll(ch, A_IDX, &idx) && attr_ll(ch, A_LENGTH, &length) && attr_ll(ch, A_CHUNK_OFF, &coff) &&
+                   attr_ll(ch, A_PAYLOAD_OFF, &poff) && attr_ll(ch, A_HDR_OFF, &hdr) && attr_ll(ch, A_SEG, &seg) &&
+                   attr_ll(ch, A_START, &start) && attr_ll(ch, A_END, &end) && (sum = PyObject_GetAttr(ch, A_CHECKSUM));
             if (!good) break;
             Py_ssize_t headlen = (Py_ssize_t)(poff - hdr);
-            Py_ssize_t pad = headlen - HDR_SIZE - nl - kl;
+            Py_ssize_t pad = headlen - RECORD_HEADER - nl - kl;
             if (!PyBytes_Check(sum) || PyBytes_GET_SIZE(sum) != 16 || pad < 0 || pad > 65536 || length < 0) {
                 PyErr_SetString(PyExc_ValueError, "bad record fields");
                 Py_DECREF(sum);
@@ -200,30 +180,11 @@ static int plan_records(recs_t *r, PyObject *nsb, PyObject *ops, long tag, const
             x->src = from_arena ? arena + t0 + coff : NULL;
             x->length = (Py_ssize_t)length;
             x->tag = tag;
-            /* the header: as records.c's record_head (kvfs.format.encode_header) */
-            memcpy(p, "KVr1", 4);
-            p[4] = 1;
-            p[5] = 0;
-            le(p + 6, (uint64_t)nl, 2);
-            le(p + 8, (uint64_t)kl, 2);
-            le(p + 10, 0, 2);
-            le(p + 12, (uint64_t)idx, 4);
-            le(p + 16, (uint64_t)nchunks, 4);
-            le(p + 20, 0, 4);
-            le(p + 24, (uint64_t)length, 8);
-            le(p + 32, (uint64_t)size, 8);
-            le(p + 40, (uint64_t)coff, 8);
-            le(p + 48, (uint64_t)seq, 8);
-            memcpy(p + 56, PyBytes_AS_STRING(sum), 16);
+            kv_fill_record_head(p, PyBytes_AS_STRING(nsb), nl, PyBytes_AS_STRING(kb), kl, (uint32_t)idx,
+                                (uint32_t)nchunks, (uint64_t)length, (uint64_t)size, (uint64_t)coff, (uint64_t)seq,
+                                PyBytes_AS_STRING(sum));
             Py_DECREF(sum);
-            memcpy(p + HDR_SIZE, PyBytes_AS_STRING(nsb), (size_t)nl);
-            memcpy(p + HDR_SIZE + nl, PyBytes_AS_STRING(kb), (size_t)kl);
-            XXH3_state_t st;
-            XXH3_64bits_reset(&st);
-            XXH3_64bits_update(&st, p, HDR_BODY);
-            XXH3_64bits_update(&st, p + HDR_SIZE, (size_t)(nl + kl));
-            le(p + HDR_BODY, XXH3_64bits_digest(&st), 8);
-            memset(p + HDR_SIZE + nl + kl, 0, (size_t)pad);
+            memset(p + RECORD_HEADER + nl + kl, 0, (size_t)pad);
         }
         Py_XDECREF(key);
         Py_XDECREF(kb);
