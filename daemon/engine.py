@@ -23,6 +23,7 @@ from typing import Any, Callable, Hashable
 
 import lmdb
 
+from kvfs import native
 from kvfs.errors import InvalidArgument, KvfsError, NotFound
 from kvfs.generation import Generation
 from kvfs.keys import normalize_key, normalize_keys, normalize_ns
@@ -306,6 +307,7 @@ class Engine(Recovery):
                 "version": 1,
                 "uptime_s": time.time() - self.started,
                 "durability": self.cfg.durability,
+                "data_plane": native.name,  # the daemon's own per-object loops: "native" (C) or "python" (twins)
                 "capacity_bytes": self.capacity,
                 "disk_bytes": used,
                 "live_bytes": live,

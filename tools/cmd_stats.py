@@ -53,6 +53,8 @@ def format_stats(st: dict[str, Any]) -> str:
         ["compactions", f"{c.get('compactions', 0)} segments ({format_size(c.get('compacted_bytes', 0))} copied)"],
         ["corrupt dropped", c["corrupt_dropped"]],
         ["uptime", f"{st['uptime_s']:.0f} s"],
+        ["data plane", st.get("data_plane", "?") + ("" if st.get("data_plane") != "python" else
+                                                    " (kvfs._native not built, or KVFS_NATIVE=0: slower)")],
     ]
     t0 = st["tiers"]["T0"]
     if t0.get("capacity_bytes"):
