@@ -16,7 +16,8 @@ Invariants:
   are tracked, their tuples not).
 
 ``MemEntry``, ``t0_publish`` (publish_t0's loop) and ``t0_written_back``
-(the write-back's) come from the data plane in use (kvfs.native): the C type, or its twin in kvfs._native_py.
+(the write-back's) come from the data plane in use (kvfs.native): the C
+type and functions, or their twins in kvfs._native_py.
 """
 from __future__ import annotations
 

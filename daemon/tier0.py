@@ -149,7 +149,8 @@ class Tier0:
         return {"path": str(self.arena.path), "capacity_bytes": self.alloc.size, "allocated_bytes": self.alloc.used,
                 # of the daemon's mapping, mapped with 2 MiB pages (kvfsd.arena: huge pages)
                 "huge_page_bytes": self.arena.huge_bytes(),
-                "bytes": self.bytes, "objects": len(self.lru) + len(self.dirty), "free_extents": self.alloc.free_extents,
+                "bytes": self.bytes, "objects": len(self.lru) + len(self.dirty),
+                "free_extents": self.alloc.free_extents,
                 "largest_free": self.alloc.largest_free, "hits": c["hits"], "misses": c["misses"],
                 "evictions": c["evictions"], "promotions": c["promotions"], "full": c["full"],
                 "corrupt_dropped": c["corrupt_dropped"],
