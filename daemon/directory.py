@@ -65,7 +65,6 @@ class DirectoryWriter:
         self.entries = 0
         self.spilled: dict[bytes, Any] = {}  # key hash -> mirror entry of a resident key in no slot
         self._spilled_home: dict[int, set[bytes]] = {}  # home bucket -> spilled key hashes
-        self._home_mask = nslots // BUCKET - 1
         self.spills = 0  # times a key found its buckets full
         self._put, self._del = native.backend.dir_put, native.backend.dir_del
         self._put_entry, self._put_entries = native.backend.dir_put_entry, native.backend.dir_put_entries
@@ -110,8 +109,8 @@ class DirectoryWriter:
         table. The caller writes the header's counts (``_counts``)."""
         h = _hash(ok)
         spilled = self.spilled
-        if h not in spilled:  # (a busy node's every new key while the table is full: no calls, no spare set)
-            home = int.from_bytes(h[:8], "little") & self._home_mask  # home_of, inline
+        if h not in spilled:  # (a busy node's every new key while the table is full: no spare set)
+            home = self._home(h)
             hs = self._spilled_home.get(home)
             if hs is None:
                 self._spilled_home[home] = {h}

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
-from kvfs import format as fmt
-from kvfs import native
+from kvfs import _native_py, native
 from kvfs.errors import InvalidArgument
 
 from .mirror import MemEntry, t0_publish, t0_written_back
 from .puts import Puts
-from .segments import ChunkPlan, ObjPlan, PutPlan
+from .segments import ObjPlan, PutPlan
 
 log = logging.getLogger("kvfsd")
 
@@ -141,7 +139,7 @@ class Tiering(Puts):
         for i, plan in enumerate(plans):
             if i in failed:
                 try:  # again one by one: which write fails, and why
-                    for ch, bufs, n in self._record_writes(plan, arena):
+                    for ch, bufs, n in _native_py.record_writes(plan.ns.encode(), plan.items, arena):
                         self._pwrite(ch, bufs, n)
                 except Exception as e:  # noqa: BLE001 - this plan only; raised below
                     self._write_back_failed(plan)
@@ -151,34 +149,6 @@ class Tiering(Puts):
         out = self._publish_many(written, sync, self._write_back_failed) if written else []
         if error is not None:
             raise error
-        return out
-
-    def _record_writes(self, plan: PutPlan, arena: memoryview) -> list[tuple[ChunkPlan, list[Any], int]]:
-        """A plan's record writes one by one, (chunk, buffers, bytes): what
-        t0_write_records writes, for finding which write fails and why."""
-        out: list[tuple[ChunkPlan, list[Any], int]] = []
-        nsb = plan.ns.encode()
-        nl = len(nsb)
-        head0 = fmt.HEADER_SIZE + nl
-        record_head = native.backend.record_head
-        for op in plan.items:
-            if op is None:
-                continue
-            m = op.mem
-            if m is not None and m.deleted:
-                continue
-            if m is None and op.via_t0:
-                continue  # not published in T0 (the key was there): nothing to write
-            names = nsb + op.key.encode()
-            hl = head0 + len(names) - nl
-            for ch in op.chunks:
-                head = record_head(names, nl, ch.idx, len(op.chunks), ch.length, op.size, ch.chunk_off, op.seq,
-                                   ch.checksum, ch.payload_off - ch.hdr_off - hl)
-                if m is None:  # the client wrote the payload
-                    out.append((ch, [head], len(head)))
-                else:
-                    src = arena[m.t0 + ch.chunk_off:m.t0 + ch.chunk_off + ch.length]
-                    out.append((ch, [head, src], len(head) + ch.length))
         return out
 
     def _write_back_failed(self, plan: PutPlan) -> None:

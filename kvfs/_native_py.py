@@ -435,6 +435,34 @@ RUN_BYTES = 1 << 20
 _ZEROS = memoryview(bytes(8192))  # padding between neighbouring records is under PAGE + RECORD_ALIGN
 
 
+def record_writes(nsb: bytes, ops: list[Any], arena: Any) -> list[tuple[Any, list[Any], int]]:
+    """The records a write-back writes for one plan's items (namespace
+    ``nsb``), one by one: (chunk, [header, payload from the arena when the
+    item has a T0 copy], bytes). Deleted items and items not published in
+    T0 are skipped. What t0_write_records writes, and what the write-back
+    writes again one record at a time to learn which write failed."""
+    out: list[tuple[Any, list[Any], int]] = []
+    view = memoryview(arena)
+    nl = len(nsb)
+    for op in ops:
+        if op is None:
+            continue
+        m = op.mem
+        if (m is not None and m.deleted) or (m is None and op.via_t0):
+            continue
+        names = nsb + op.key.encode()
+        for ch in op.chunks:
+            head = record_head(names, nl, ch.idx, len(op.chunks), ch.length, op.size, ch.chunk_off, op.seq,
+                               ch.checksum, ch.payload_off - ch.hdr_off - 80 - len(names))
+            if m is None:  # the client wrote the payload
+                out.append((ch, [head], len(head)))
+                continue
+            if m.t0 < 0 or m.t0 + ch.chunk_off + ch.length > len(view):
+                raise ValueError("a T0 copy outside the arena")
+            out.append((ch, [head, view[m.t0 + ch.chunk_off:m.t0 + ch.chunk_off + ch.length]], len(head) + ch.length))
+    return out
+
+
 def t0_write_records(jobs: list[tuple[bytes, list[Any], int]], arena: Any, fds: dict[int, int]
                      ) -> tuple[list[int], list[int]]:
     """The write-back's record writes (native/write_back.c's twin): for each
@@ -446,28 +474,8 @@ def t0_write_records(jobs: list[tuple[bytes, list[Any], int]], arena: Any, fds: 
     theirs and written as zeros). A segment missing from ``fds`` fails
     its writes. Returns the tags of the writes in runs that failed, and
     the bytes of each pwritev."""
-    recs: list[tuple[int, int, int, int, int, list[Any], int, int]] = []
-    view = memoryview(arena)
-    for nsb, ops, tag in jobs:
-        nl = len(nsb)
-        for op in ops:
-            if op is None:
-                continue
-            m = op.mem
-            if (m is not None and m.deleted) or (m is None and op.via_t0):
-                continue
-            names = nsb + op.key.encode()
-            for ch in op.chunks:
-                head = record_head(names, nl, ch.idx, len(op.chunks), ch.length, op.size, ch.chunk_off, op.seq,
-                                   ch.checksum, ch.payload_off - ch.hdr_off - 80 - len(names))
-                if m is None:  # the client wrote the payload
-                    bufs: list[Any] = [head]
-                else:
-                    if m.t0 < 0 or m.t0 + ch.chunk_off + ch.length > len(view):
-                        raise ValueError("a T0 copy outside the arena")
-                    bufs = [head, view[m.t0 + ch.chunk_off:m.t0 + ch.chunk_off + ch.length]]
-                recs.append((ch.seg, ch.hdr_off, ch.start, ch.end, fds.get(ch.seg, -1), bufs,
-                             len(head) + (ch.length if m is not None else 0), tag))
+    recs = [(ch.seg, ch.hdr_off, ch.start, ch.end, fds.get(ch.seg, -1), bufs, n, tag)
+            for nsb, ops, tag in jobs for ch, bufs, n in record_writes(nsb, ops, arena)]
     recs.sort(key=lambda r: (r[0], r[1]))
     failed: list[int] = []
     sizes: list[int] = []
