@@ -5,38 +5,34 @@ Invariants kept here:
 - a key is in at most one slot, always among its PROBE buckets, and the
   hop bit of its home for that bucket is set before the key is written
   there and cleared only once no key of that home is left in it;
-- ``spilled`` holds exactly the keys that are resident but in no slot, and
-  the header's spilled count is its size: while it is not 0, readers must
-  ask the daemon about keys they do not find;
-- a slot freed by a removal is offered to a spilled key that may live
-  there before the removal returns, so the table fills back up.
+- every key in a slot is resident (in the engine's mirror); a new resident
+  always enters (``enter``: displacing the coldest key of full buckets),
+  an update of one outside the table takes a free slot or stays outside;
+- the header's ``outside`` is at least the number of resident keys in no
+  slot: the C writer counts a displaced key before it leaves its slot, and
+  each batch writes ``resident() - entries`` (exact once the batch's keys
+  are in the mirror; a removal is called after its key left the mirror).
 """
 from __future__ import annotations
 
 import mmap
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import xxhash
 
 from kvfs import native
-from kvfs.directory import (BUCKET, HEAD_STRUCT, HEADER, IN_T1, LAYOUT, MAGIC, MAX_CHUNKS, PROBE, SLOT, SPILLED_AT,
-                            U64, check_slots, file_size, home_of)
+from kvfs.directory import (BUCKET, ENTRIES_AT, HEAD_STRUCT, LAYOUT, MAGIC, MAX_CHUNKS, OUTSIDE_AT, PROBE, U64,
+                            check_slots, file_size)
 
 from .arena import SHM_DIR, arena_path
 
-ENTRIES_AT = SPILLED_AT + 8
-
-
-def _hash(ok: bytes) -> bytes:
-    """kvfs.directory.key_hash(ns, key): the xxh3-128 of the object key
-    ``ns\\0key`` (``ok`` is exactly those bytes, so no split and re-encode)."""
-    return xxhash.xxh3_128_digest(ok)
-
 
 class DirectoryWriter:
-    def __init__(self, root: Path, nslots: int, mode: int = 0o600, shm_dir: Path = SHM_DIR):
+    def __init__(self, root: Path, nslots: int, resident: Callable[[], int], mode: int = 0o600,
+                 shm_dir: Path = SHM_DIR):
+        """``resident()``: how many objects the engine's mirror holds."""
         check_slots(nslots)
         self.path = arena_path(root, shm_dir).with_suffix(".dir")
         self.nslots = nslots
@@ -61,110 +57,59 @@ class DirectoryWriter:
             self.mm = mmap.mmap(fd, file_size(nslots), flags, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
-        HEAD_STRUCT.pack_into(self.mm, 0, MAGIC, LAYOUT, PROBE, 0, nslots, 0, 0)
+        HEAD_STRUCT.pack_into(self.mm, 0, MAGIC, LAYOUT, PROBE, 0, nslots, 0, 0, 0)
         self.entries = 0
-        self.spilled: dict[bytes, Any] = {}  # key hash -> mirror entry of a resident key in no slot
-        self._spilled_home: dict[int, set[bytes]] = {}  # home bucket -> spilled key hashes
-        self.spills = 0  # times a key found its buckets full
-        self._put, self._del = native.backend.dir_put, native.backend.dir_del
+        self.resident = resident
+        self.displaced = 0  # times a new key took another's slot
         self._put_entry, self._put_entries = native.backend.dir_put_entry, native.backend.dir_put_entries
+        self._del = native.backend.dir_del
 
     def _counts(self) -> None:
         U64.pack_into(self.mm, ENTRIES_AT, self.entries)
-        U64.pack_into(self.mm, SPILLED_AT, len(self.spilled))
+        U64.pack_into(self.mm, OUTSIDE_AT, max(0, self.resident() - self.entries))
 
-    def _place(self, h: bytes, m: Any) -> int:
-        """kvfs.directory.put_py (in C when built): 1 new, 0 updated, -1 full."""
-        return self._put(self.mm, self.nslots, h, m.size, m.seq, m.checksum, m.t0, 0 if m.dirty else IN_T1,
-                         m.exts)
-
-    # A spilled key's buckets are all full (it spilled because they were, and
-    # ``_readmit`` hands every slot freed there to a spilled key), so the C
-    # put of a spilled key always answers "full": only those answers need
-    # the key's hash and the spilled table.
+    def enter(self, ok: bytes, m: Any) -> None:
+        """Publish where the new resident ``ok`` lives (already in the mirror)."""
+        self._result(self._put_entry(self.mm, self.nslots, ok, m, True))
 
     def put(self, ok: bytes, m: Any) -> None:
-        """Publish (or update) where the resident object ``ok`` lives."""
-        r = self._put_entry(self.mm, self.nslots, ok, m)  # hashes ok itself: twice per T0 put
-        if r < 0:
-            self._spill(ok, m)
-            self._counts()
-        elif r:
+        """Update where the resident ``ok`` lives (in a free slot if it was outside)."""
+        self._result(self._put_entry(self.mm, self.nslots, ok, m))
+
+    def _result(self, r: int) -> None:
+        if r == 1:
             self.entries += 1
-            U64.pack_into(self.mm, ENTRIES_AT, self.entries)
+        elif r == 2:
+            self.displaced += 1
+        if r > 0:
+            self._counts()
+
+    def enter_many(self, oks: list[bytes], ms: list[Any]) -> None:
+        """``enter`` of each, one call into C."""
+        taken, displaced, _left = self._put_entries(self.mm, self.nslots, oks, ms, True)
+        self.entries += taken
+        self.displaced += displaced
+        self._counts()
 
     def put_many(self, oks: list[bytes], ms: list[Any]) -> None:
         """``put`` of each, one call into C."""
-        taken, full = self._put_entries(self.mm, self.nslots, oks, ms)
+        taken, _displaced, _left = self._put_entries(self.mm, self.nslots, oks, ms)
         if taken:
             self.entries += taken
-            U64.pack_into(self.mm, ENTRIES_AT, self.entries)
-        for i in full:
-            self._spill(oks[i], ms[i])
-        if full:
             self._counts()
-
-    def _spill(self, ok: bytes, m: Any) -> None:
-        """``ok`` found its buckets full: keep (or update) it in the spilled
-        table. The caller writes the header's counts (``_counts``)."""
-        h = _hash(ok)
-        spilled = self.spilled
-        if h not in spilled:  # (a busy node's every new key while the table is full: no spare set)
-            home = self._home(h)
-            hs = self._spilled_home.get(home)
-            if hs is None:
-                self._spilled_home[home] = {h}
-            else:
-                hs.add(h)
-            self.spills += 1
-        spilled[h] = m
 
     def remove(self, ok: bytes) -> None:
-        """Take ``ok`` out (before its removal is acknowledged, and before
-        the generation bump of its removal)."""
-        h = _hash(ok)
-        if self.spilled.pop(h, None) is not None:
-            self._unspill(h)
-            self._counts()
-            return
-        off = self._del(self.mm, self.nslots, h)
-        if off < 0:
-            return
-        self.entries -= 1
-        self._readmit(off)
+        """Take ``ok`` out, after it left the mirror (before its removal is
+        acknowledged, and before the generation bump of its removal)."""
+        if self._del(self.mm, self.nslots, xxhash.xxh3_128_digest(ok)) >= 0:
+            self.entries -= 1
         self._counts()
 
-    def _home(self, h: bytes) -> int:
-        return home_of(h, self.nslots)
-
-    def _unspill(self, h: bytes) -> None:
-        home = self._home(h)
-        hs = self._spilled_home.get(home)
-        if hs is not None:
-            hs.discard(h)
-            if not hs:
-                del self._spilled_home[home]
-
-    def _readmit(self, off: int) -> None:
-        """A slot freed: give it to a spilled key that may live there (one
-        whose home bucket is this one or one of the PROBE-1 before it)."""
-        if not self.spilled:
-            return
-        nb = self.nslots // BUCKET
-        bucket = (off - HEADER) // SLOT // BUCKET
-        for back in range(PROBE):
-            for h in self._spilled_home.get((bucket - back) % nb, ()):
-                m = self.spilled.pop(h)
-                self._unspill(h)
-                placed = self._place(h, m)  # the freed slot is in its buckets
-                assert placed == 1
-                self.entries += 1
-                return
-
     def stats(self) -> dict[str, Any]:
-        return {"path": str(self.path), "slots": self.nslots, "entries": self.entries,
-                "spilled": len(self.spilled), "spills": self.spills, "complete": not self.spilled,
-                "probe_buckets": PROBE, "bucket": BUCKET, "max_chunks": MAX_CHUNKS}
+        outside = max(0, self.resident() - self.entries)
+        return {"path": str(self.path), "slots": self.nslots, "entries": self.entries, "outside": outside,
+                "displaced": self.displaced, "complete": not outside, "probe_buckets": PROBE, "bucket": BUCKET,
+                "max_chunks": MAX_CHUNKS}
 
     def close(self) -> None:
         self.mm.close()

@@ -86,7 +86,8 @@ class Engine(Recovery):
             self.root_lock.release()
             raise
         self.writer = WriterThread(self.index.env, on_idle=self._flush_atimes)
-        self.dir: DirectoryWriter | None = DirectoryWriter(cfg.root, cfg.dir_slots, shm_dir=cfg.shm_dir) if cfg.dir_slots else None
+        self.dir: DirectoryWriter | None = (DirectoryWriter(cfg.root, cfg.dir_slots, lambda: len(self.lru),
+                                                             shm_dir=cfg.shm_dir) if cfg.dir_slots else None)
         if self.dir is not None:
             self.perms.apply(self.dir.path, Kind.SHARED_RO)
         try:

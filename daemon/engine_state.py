@@ -87,10 +87,14 @@ class EngineState:
     wb_pending: dict[int, PutPlan]  # fast-mode T0 puts whose write-back is queued
     wb_pool: WriteBackPool | None
 
-    def _dir_put(self, ok: bytes, m: MemEntry) -> None:
-        """The mirror entry ``ok`` changed: so does the directory. Caller holds the lock."""
+    def _dir_put(self, ok: bytes, m: MemEntry, new: bool = False) -> None:
+        """The mirror entry ``ok`` changed (``new``: it is a new resident):
+        so does the directory. Caller holds the lock."""
         if self.dir is not None and self.lru.get(ok) is m:
-            self.dir.put(ok, m)
+            if new:
+                self.dir.enter(ok, m)
+            else:
+                self.dir.put(ok, m)
 
     def _dir_put_many(self, oks: list[bytes], ms: list[MemEntry]) -> None:
         """``_dir_put`` of each, one call into the directory. Caller holds the lock."""

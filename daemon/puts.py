@@ -367,7 +367,7 @@ class Puts(Space):
                     self.segs[seg].add_live(span)
                 ok = op.ok
                 self.lru[ok] = m
-                self._dir_put(ok, m)
+                self._dir_put(ok, m, new=True)
                 n_new += 1
                 new_bytes += op.size
             if written:

@@ -134,7 +134,7 @@ class Recovery(Repair):
         for _at, ok, ns, e in entries:
             m = entry_of(e)
             self.lru[ok] = m
-            self._dir_put(ok, m)
+            self._dir_put(ok, m, new=True)
             for seg, span in m.spans:
                 if seg in self.segs:
                     self.segs[seg].add_live(span)

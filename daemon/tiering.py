@@ -78,7 +78,7 @@ class Tiering(Puts):
                 op.t0 = -1
                 op.t0_stored = False
             if oks and self.dir is not None:
-                self.dir.put_many(oks, ms)  # readable from here on
+                self.dir.enter_many(oks, ms)  # readable from here on
             if rows:
                 t0.bytes += new_bytes
                 self.ns_objects[ns] += len(rows)

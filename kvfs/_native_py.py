@@ -213,27 +213,30 @@ def dir_read_many(directory: Any, nslots: int, ns: bytes, keys: Sequence[Any], a
 
 
 def dir_put(directory: Any, nslots: int, h: bytes, size: int, seq: int, checksum: bytes, t0: int, flags: int,
-            exts: list[Any]) -> int:
+            exts: list[Any], displace: bool = False) -> int:
     """The location directory writer's put (kvfs.directory.put_py, the C
-    ``dir_put``'s twin): 1 new slot, 0 updated, -1 no room."""
+    ``dir_put``'s twin): 1 new slot, 0 updated, 2 took the coldest key's
+    slot (``displace``), -1 no room."""
     from .directory import put_py
-    return put_py(directory, nslots, h, size, seq, checksum, t0, flags, exts)
+    return put_py(directory, nslots, h, size, seq, checksum, t0, flags, exts, displace)
 
 
-def dir_put_entry(directory: Any, nslots: int, ok: bytes, m: Any) -> int:
+def dir_put_entry(directory: Any, nslots: int, ok: bytes, m: Any, displace: bool = False) -> int:
     """``dir_put`` of a mirror entry (kvfsd.mirror.MemEntry) under the key
     hash of its object key ``ok``: in T1 unless dirty."""
     from .directory import IN_T1
     return dir_put(directory, nslots, xxhash.xxh3_128_digest(ok), m.size, m.seq, m.checksum, m.t0,
-                   0 if m.dirty else IN_T1, m.exts)
+                   0 if m.dirty else IN_T1, m.exts, displace)
 
 
-def dir_put_entries(directory: Any, nslots: int, oks: list[bytes], ms: list[Any]) -> tuple[int, list[int]]:
-    """``dir_put_entry`` of each: (slots taken, indices whose buckets were full)."""
+def dir_put_entries(directory: Any, nslots: int, oks: list[bytes], ms: list[Any],
+                    displace: bool = False) -> tuple[int, int, int]:
+    """``dir_put_entry`` of each: (slots taken, slots taken from other keys,
+    entries left out)."""
     if len(oks) != len(ms):
         raise ValueError("one entry per object key")
-    rs = [dir_put_entry(directory, nslots, ok, m) for ok, m in zip(oks, ms)]
-    return sum(r == 1 for r in rs), [i for i, r in enumerate(rs) if r < 0]
+    rs = [dir_put_entry(directory, nslots, ok, m, displace) for ok, m in zip(oks, ms)]
+    return rs.count(1), rs.count(2), rs.count(-1)
 
 
 def pack_entry(size: int, checksum: bytes, seq: int, created: float, atime: float, meta: bytes | None,

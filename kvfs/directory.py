@@ -4,7 +4,7 @@ the daemon keeps and clients read without a round trip.
 It answers two questions with no message to the daemon:
 - *Is it stored?* ``contains`` and ``prefix_match`` of a batch (an engine's
   scheduler asks this for every request). The directory holds every
-  resident object while it has room, so a miss here is a miss.
+  resident object while it has room, so a miss here is a miss (see Full).
 - *Where is it?* A client's first get of a key, even one another process
   put, then costs microseconds instead of a lookup round trip. Objects of
   more than MAX_CHUNKS chunks are present without their chunks' places
@@ -23,7 +23,7 @@ bucket: an absent key costs four slots, not thirty-two). A removal just
 empties its slot; no tombstones. Header (little-endian)::
 
     4s magic b"KVD2" | u32 layout version | u32 PROBE | u32 0 | u64 nslots |
-    u64 spilled | u64 entries
+    u64 outside | u64 entries | u64 displaced
 
 Slot::
 
@@ -31,12 +31,21 @@ Slot::
     i64 T0 offset (-1: none) | u32 flags (1: also in T1) | u32 nchunks |
     MAX_CHUNKS x (u32 stripe | u32 length | u64 segment | u64 offset | 16s chunk sum)
 
-**Full.** An object whose PROBE buckets are full is *spilled*: not in the
-table, counted in the header's ``spilled``, and placed as soon as a slot in
-its buckets frees up. While ``spilled`` is not 0 the table is incomplete:
-a key found is stored, a key not found must be asked of the daemon (one
-round trip for the misses only). Size it with ``kvfs daemon --dir-slots``
-(``kvfs stats`` shows entries and spills).
+**Full.** A new object whose PROBE buckets are full takes the slot of the
+coldest key there: an object only in T1 before one in T0, then the oldest
+put (lowest seq). The directory then works as a cache of the newest
+locations, where a busy node's next reads are, and never costs the daemon
+memory per key it leaves out. The header's ``outside`` counts resident
+objects in no slot (updates of one, such as its write-back or eviction, take
+a free slot in its buckets if there is one, never another key's), and
+``displaced`` counts every time a key took another's slot. While
+``outside`` is not 0 the table is incomplete: a key found is stored, a key
+not found must be asked of the daemon (one round trip for the misses only).
+A reader's "not found" means "not stored" only if ``outside`` was 0 when it
+began and ``displaced`` did not move until it ended (the writer counts a
+key outside, then displaced, before it leaves its slot). Size it with
+``kvfs daemon --dir-slots`` (``kvfs stats`` shows entries and the keys
+outside).
 
 Concurrency: one writer (the daemon, under its engine lock) and any number
 of lock-free readers. The writer makes a slot's version odd, changes the
@@ -71,9 +80,11 @@ from . import native
 
 HEADER = 4096
 MAGIC = b"KVD2"
-LAYOUT = 2
-HEAD_STRUCT = struct.Struct("<4sIIIQQQ")  # magic, layout, probe, 0, nslots, spilled, entries
-SPILLED_AT = 24
+LAYOUT = 3  # 3: full buckets displace their coldest key (2 spilled the new one)
+HEAD_STRUCT = struct.Struct("<4sIIIQQQQ")  # magic, layout, probe, 0, nslots, outside, entries, displaced
+OUTSIDE_AT = 24
+ENTRIES_AT = 32
+DISPLACED_AT = 40
 SLOT = 192
 BUCKET = 4
 PROBE = 8  # buckets a key may live in
@@ -294,15 +305,40 @@ def _hop(mm: Any, nslots: int, h: bytes, off: int, placed: bool) -> None:
     mm[at] &= ~bit & 0xFF
 
 
+def _victim(mm: Any, nslots: int, h: bytes) -> int:
+    """The slot a new key takes from its full buckets: the coldest of its
+    window, T1-only objects before T0 ones, then the lowest seq (first wins)."""
+    best, rank = -1, (2, 0)
+    for off in slot_offsets(h, nslots):
+        _v, _kh, _size, seq, _sum, t0, _fl, _n = HEAD.unpack_from(mm, off)
+        r = (int(t0 >= 0), seq)
+        if r < rank:
+            best, rank = off, r
+    return best
+
+
+def _add(mm: Any, at: int, n: int) -> None:
+    U64.pack_into(mm, at, U64.unpack_from(mm, at)[0] + n)
+
+
 def put_py(mm: Any, nslots: int, h: bytes, size: int, seq: int, checksum: bytes, t0: int, flags: int,
-           exts: list[Any]) -> int:
+           exts: list[Any], displace: bool = False) -> int:
     """Publish where the object of key hash ``h`` lives: 1 it took a free
-    slot, 0 its slot was updated, -1 its buckets are full (not written)."""
+    slot, 0 its slot was updated, 2 its buckets were full and it took the
+    coldest key's slot (``displace``: that key is counted outside), -1 its
+    buckets are full (not written)."""
     off, free = _find(mm, nslots, h)
     new = 0
-    if off < 0:
-        if free < 0:
+    gone = b""
+    if off < 0 and free < 0:
+        if not displace:
             return -1
+        off, new = _victim(mm, nslots, h), 2
+        gone = bytes(mm[off + 8:off + 24])
+        _add(mm, OUTSIDE_AT, 1)  # counted outside, then displaced, then it leaves
+        _add(mm, DISPLACED_AT, 1)
+        _hop(mm, nslots, h, off, True)
+    elif off < 0:
         off, new = free, 1
         _hop(mm, nslots, h, off, True)  # before the key is there
     body = bytearray(SLOT)
@@ -311,6 +347,8 @@ def put_py(mm: Any, nslots: int, h: bytes, size: int, seq: int, checksum: bytes,
     for i, (stripe, seg, coff, length, ccs) in enumerate(exts):
         CHUNK.pack_into(body, HEAD.size + i * CHUNK.size, stripe, length, seg, coff, ccs)
     _write(mm, off, memoryview(body)[8:])
+    if gone:
+        _hop(mm, nslots, gone, off, False)  # after it left
     return new
 
 
@@ -334,7 +372,7 @@ class DirectoryReader:
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             self.mm = mmap.mmap(self.fd, file_size(nslots), mmap.MAP_SHARED, mmap.PROT_READ)
-            magic, layout, probe, _z, n, _s, _e = HEAD_STRUCT.unpack_from(self.mm, 0)
+            magic, layout, probe, _z, n, _o, _e, _d = HEAD_STRUCT.unpack_from(self.mm, 0)
             if magic != MAGIC or layout != LAYOUT or probe != PROBE or n != nslots:
                 self.mm.close()
                 raise ValueError("the daemon's directory has another layout")
@@ -358,10 +396,16 @@ class DirectoryReader:
         except OSError:
             return False
 
-    def complete(self) -> bool:
-        """Every resident object is in the table (none spilled): a key not
-        found is not stored."""
-        return U64.unpack_from(self.mm, SPILLED_AT)[0] == 0
+    def complete(self) -> int | None:
+        """Read before a probe: a token if every resident object is in the
+        table, None if some are outside. A key the probe does not find is
+        not stored if ``still_complete(token)`` holds after it."""
+        displaced = U64.unpack_from(self.mm, DISPLACED_AT)[0]  # first: the writer counts outside, then this
+        return displaced if U64.unpack_from(self.mm, OUTSIDE_AT)[0] == 0 else None
+
+    def still_complete(self, token: int | None) -> bool:
+        """No key left its slot for another since ``complete()`` gave ``token``."""
+        return token is not None and U64.unpack_from(self.mm, DISPLACED_AT)[0] == token
 
     def probe(self, ns: str, keys: Sequence[Any], prefix: bool = False) -> bytes:
         """``dir_probe`` of the data plane in use (kvfs.native)."""

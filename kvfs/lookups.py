@@ -80,8 +80,9 @@ class Lookups(Session):
         ns = normalize_ns(ns)
         d = self._live_dir(keys)
         try:
-            complete = d.complete() if d is not None else False
+            token = d.complete() if d is not None else None
             fast = d.contains(ns, keys if isinstance(keys, list) else list(keys)) if d is not None else None
+            complete = d is not None and d.still_complete(token)
         except ValueError:  # closed under us by a reconnect to a restarted daemon
             fast = None
         if fast is None:
@@ -121,15 +122,16 @@ class Lookups(Session):
 
     def _dir_states(self, ns: str, keys: Sequence[str | bytes]) -> tuple[bytes | bytearray, bool] | None:
         """Each key's state in the directory (DIR_*), and whether the
-        directory held every resident object when the probe began (read
-        first: a key stored before this call and spilled is then seen as
-        incomplete, never as absent). None: no directory here."""
+        directory held every resident object from before the probe began
+        until it ended (kvfs.directory's reader rule: a key stored before
+        this call and outside the table is then seen as incomplete, never
+        as absent). None: no directory here."""
         d = self._live_dir(keys)
         if d is None:
             return None
         ks = keys if isinstance(keys, list) else list(keys)
         try:
-            complete = d.complete()
+            token = d.complete()
             states: bytes | bytearray = d.probe(ns, ks)
         except ValueError:  # closed under us by a reconnect to a restarted daemon
             return None
@@ -138,7 +140,10 @@ class Lookups(Session):
             for i, st in enumerate(states):
                 if st == DIR_SLOW:
                     states[i] = d.holds(ns, normalize_key(ks[i]))
-        return states, complete
+        try:
+            return states, d.still_complete(token)
+        except ValueError:
+            return states, False
 
     def _live_dir(self, keys: Any) -> DirectoryReader | None:
         """The directory, if there is one and its daemon still keeps it

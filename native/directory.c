@@ -334,10 +334,45 @@ static int put16(unsigned char *dst, PyObject *o) {
     return 1;
 }
 
+/* The slot a new key takes from its full buckets: the coldest of the
+   window, T1-only objects before T0 ones, then the oldest put (lowest seq). */
+static unsigned char *victim_slot(unsigned char *table, uint64_t nbuckets, const unsigned char *h) {
+    uint64_t b = home_bucket(h, nbuckets);
+    unsigned char *best = NULL;
+    int best_t0 = 2;
+    uint64_t best_seq = 0;
+    for (int i = 0; i < DIR_PROBE; i++) {
+        unsigned char *bucket = table + ((b + i) & (nbuckets - 1)) * DIR_BUCKET * DIR_SLOT;
+        for (int j = 0; j < DIR_BUCKET; j++) {
+            unsigned char *slot = bucket + j * DIR_SLOT;
+            int64_t t0;
+            uint64_t seq;
+            memcpy(&t0, slot + SLOT_T0, 8);
+            memcpy(&seq, slot + SLOT_SEQ, 8);
+            int in_t0 = t0 >= 0;
+            if (in_t0 < best_t0 || (in_t0 == best_t0 && seq < best_seq)) {
+                best = slot;
+                best_t0 = in_t0;
+                best_seq = seq;
+            }
+        }
+    }
+    return best;
+}
+
+static void add_u64(unsigned char *at, uint64_t n) {
+    uint64_t v = __atomic_load_n((uint64_t *)at, __ATOMIC_RELAXED);
+    __atomic_store_n((uint64_t *)at, v + n, __ATOMIC_RELEASE);
+}
+
 /* Write the slot of key hash h: 1 it took a free slot, 0 its slot was
-   updated, -1 its buckets are full (not written), -2 an error is set. */
+   updated, 2 its buckets were full and it took the slot of another key
+   (with displace; that key is then outside the table, counted in the
+   header before it leaves: kvfs.directory's reader rule), -1 its buckets
+   are full (not written), -2 an error is set. */
 static long put_slot(Py_buffer *dir, unsigned long long nslots, const unsigned char *h, unsigned long long size,
-                     unsigned long long seq, PyObject *checksum, long long t0, unsigned int flags, PyObject *exts) {
+                     unsigned long long seq, PyObject *checksum, long long t0, unsigned int flags, PyObject *exts,
+                     int displace) {
     if (!(PyList_Check(exts) || PyTuple_Check(exts))) {
         PyErr_SetString(PyExc_ValueError, "extents are a list or a tuple");
         return -2;
@@ -383,8 +418,20 @@ static long put_slot(Py_buffer *dir, unsigned long long nslots, const unsigned c
     unsigned char *free_slot;
     unsigned char *slot = find_slot(table, hops, nbuckets, h, &free_slot);
     long r = 0;
+    if (!slot && !free_slot) {
+        if (!displace) return -1;
+        slot = victim_slot(table, nbuckets, h);
+        unsigned char gone[16];
+        memcpy(gone, slot + SLOT_HASH, 16);
+        unsigned char *head = (unsigned char *)dir->buf;
+        add_u64(head + DIR_OUTSIDE_AT, 1); /* counted outside, then displaced, then it leaves */
+        add_u64(head + DIR_DISPLACED_AT, 1);
+        set_hop(table, hops, nbuckets, h, slot, 1);
+        write_slot(slot, body + 8);
+        set_hop(table, hops, nbuckets, gone, slot, 0); /* after it left */
+        return 2;
+    }
     if (!slot) {
-        if (!free_slot) return -1;
         slot = free_slot;
         r = 1;
         set_hop(table, hops, nbuckets, h, slot, 1); /* before the key is there */
@@ -400,14 +447,16 @@ PyObject *kv_dir_put(PyObject *self, PyObject *args) {
     long long t0;
     unsigned int flags;
     PyObject *checksum, *exts, *result = NULL;
-    if (!PyArg_ParseTuple(args, "w*Ky*KKSLIO", &dir, &nslots, &h, &size, &seq, &checksum, &t0, &flags, &exts))
+    int displace = 0;
+    if (!PyArg_ParseTuple(args, "w*Ky*KKSLIO|p", &dir, &nslots, &h, &size, &seq, &checksum, &t0, &flags, &exts,
+                          &displace))
         return NULL;
     if (!check_table(&dir, nslots)) goto out;
     if (h.len != 16) {
         PyErr_SetString(PyExc_ValueError, "a 16-byte key hash");
         goto out;
     }
-    long r = put_slot(&dir, nslots, h.buf, size, seq, checksum, t0, flags, exts);
+    long r = put_slot(&dir, nslots, h.buf, size, seq, checksum, t0, flags, exts, displace);
     if (r != -2) result = PyLong_FromLong(r);
 out:
     PyBuffer_Release(&dir);
@@ -429,7 +478,7 @@ static int entry_attrs(void) {
     return A_SIZE && A_SEQ && A_CHECKSUM && A_T0 && A_DIRTY && A_EXTS;
 }
 
-static long put_entry(Py_buffer *dir, unsigned long long nslots, PyObject *ok, PyObject *m);
+static long put_entry(Py_buffer *dir, unsigned long long nslots, PyObject *ok, PyObject *m, int displace);
 int kv_mem_entry_fields(PyObject *m, long long *size, long long *seq, PyObject **sum, long long *t0, int *dirty,
                         PyObject **exts); /* mirror.c */
 
@@ -442,9 +491,10 @@ PyObject *kv_dir_put_entry(PyObject *self, PyObject *args) {
     Py_buffer dir;
     unsigned long long nslots;
     PyObject *ok, *m, *result = NULL;
-    if (!PyArg_ParseTuple(args, "w*KSO", &dir, &nslots, &ok, &m)) return NULL;
+    int displace = 0;
+    if (!PyArg_ParseTuple(args, "w*KSO|p", &dir, &nslots, &ok, &m, &displace)) return NULL;
     if (check_table(&dir, nslots) && entry_attrs()) {
-        long r = put_entry(&dir, nslots, ok, m);
+        long r = put_entry(&dir, nslots, ok, m, displace);
         if (r != -2) result = PyLong_FromLong(r);
     }
     PyBuffer_Release(&dir);
@@ -452,7 +502,7 @@ PyObject *kv_dir_put_entry(PyObject *self, PyObject *args) {
 }
 
 /* The slot of one mirror entry under object key ok: put_slot's result. */
-static long put_entry(Py_buffer *dir, unsigned long long nslots, PyObject *ok, PyObject *m) {
+static long put_entry(Py_buffer *dir, unsigned long long nslots, PyObject *ok, PyObject *m, int displace) {
     if (!PyBytes_Check(ok)) {
         PyErr_SetString(PyExc_TypeError, "object keys are bytes");
         return -2;
@@ -468,7 +518,7 @@ static long put_entry(Py_buffer *dir, unsigned long long nslots, PyObject *ok, P
         XXH128_canonical_t c;
         XXH128_canonicalFromHash(&c, XXH3_128bits(PyBytes_AS_STRING(ok), (size_t)PyBytes_GET_SIZE(ok)));
         return put_slot(dir, nslots, c.digest, (unsigned long long)fsize, (unsigned long long)fseq, fsum, ft0,
-                        fdirty ? 0u : 1u /* IN_T1 */, fexts);
+                        fdirty ? 0u : 1u /* IN_T1 */, fexts, displace);
     }
     PyObject *size = NULL, *seq = NULL, *sum = NULL, *t0 = NULL, *dirty = NULL, *exts = NULL;
     long r = -2;
@@ -485,7 +535,7 @@ static long put_entry(Py_buffer *dir, unsigned long long nslots, PyObject *ok, P
         if (get_u64(size, &usize) && get_u64(seq, &useq) && !(off == -1 && PyErr_Occurred()) && is_dirty >= 0) {
             XXH128_canonical_t c;
             XXH128_canonicalFromHash(&c, XXH3_128bits(PyBytes_AS_STRING(ok), (size_t)PyBytes_GET_SIZE(ok)));
-            r = put_slot(dir, nslots, c.digest, usize, useq, sum, off, is_dirty ? 0u : 1u /* IN_T1 */, exts);
+            r = put_slot(dir, nslots, c.digest, usize, useq, sum, off, is_dirty ? 0u : 1u /* IN_T1 */, exts, displace);
         }
     }
     Py_XDECREF(size);
@@ -497,37 +547,32 @@ static long put_entry(Py_buffer *dir, unsigned long long nslots, PyObject *ok, P
     return r;
 }
 
-/* dir_put_entries(directory, nslots, object keys, entries) -> (slots taken,
-   [indices of the entries whose buckets were full]): dir_put_entry of a
-   batch in one call (a T0 put batch is published, then written back). */
+/* dir_put_entries(directory, nslots, object keys, entries, displace=False)
+   -> (slots taken, slots taken from other keys, entries left out): dir_put_entry
+   of a batch in one call (a T0 put batch is published, then written back). */
 PyObject *kv_dir_put_entries(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer dir;
     unsigned long long nslots;
-    PyObject *oks, *ms, *full = NULL, *result = NULL;
-    if (!PyArg_ParseTuple(args, "w*KO!O!", &dir, &nslots, &PyList_Type, &oks, &PyList_Type, &ms)) return NULL;
+    PyObject *oks, *ms, *result = NULL;
+    int displace = 0;
+    if (!PyArg_ParseTuple(args, "w*KO!O!|p", &dir, &nslots, &PyList_Type, &oks, &PyList_Type, &ms, &displace))
+        return NULL;
     if (!check_table(&dir, nslots) || !entry_attrs()) goto out;
     if (PyList_GET_SIZE(oks) != PyList_GET_SIZE(ms)) {
         PyErr_SetString(PyExc_ValueError, "one entry per object key");
         goto out;
     }
-    full = PyList_New(0);
-    if (!full) goto out;
-    long taken = 0;
+    long taken = 0, displaced = 0, left = 0;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(oks); i++) {
-        long r = put_entry(&dir, nslots, PyList_GET_ITEM(oks, i), PyList_GET_ITEM(ms, i));
+        long r = put_entry(&dir, nslots, PyList_GET_ITEM(oks, i), PyList_GET_ITEM(ms, i), displace);
         if (r == -2) goto out;
-        if (r == 1) taken++;
-        if (r == -1) {
-            PyObject *ix = PyLong_FromSsize_t(i);
-            int bad = !ix || PyList_Append(full, ix) < 0;
-            Py_XDECREF(ix);
-            if (bad) goto out;
-        }
+        taken += r == 1;
+        displaced += r == 2;
+        left += r == -1;
     }
-    result = Py_BuildValue("lO", taken, full);
+    result = Py_BuildValue("lll", taken, displaced, left);
 out:
-    Py_XDECREF(full);
     PyBuffer_Release(&dir);
     return result;
 }

@@ -20,6 +20,10 @@
 #define DIR_HEAD 72
 #define DIR_CHUNK 40
 #define DIR_MAX_CHUNKS 3
+/* byte offsets in the header: resident keys outside the table, and how
+   many times a key took another's slot (kvfs.directory's reader rule) */
+#define DIR_OUTSIDE_AT 24
+#define DIR_DISPLACED_AT 40
 
 /* byte offsets in a slot */
 #define SLOT_HASH 8

@@ -1,7 +1,7 @@
 """The location directory as the answer to contains and prefix_match: the
 daemon's writer and the readers (C and its Python twin) agree, a full
-table spills and says so, freed slots take spilled keys back, and a client
-answers from it with no round trip, exactly, idle or full."""
+table keeps the newest keys and says it is incomplete, and a client answers
+from it with no round trip, exactly, idle or full."""
 import os
 from types import SimpleNamespace
 
@@ -28,7 +28,7 @@ def ok(ns, key):
 
 @pytest.fixture
 def table(tmp_path):
-    w = DirectoryWriter(tmp_path, 1 << 10)
+    w = DirectoryWriter(tmp_path, 1 << 10, lambda: w.entries)  # every resident key has a slot here
     r = DirectoryReader(str(w.path), 1 << 10)
     yield w, r
     r.close()
@@ -39,7 +39,7 @@ def test_readers_find_every_key_and_agree(table):
     w, r = table
     keys = [f"{i:064x}" for i in range(600)]
     for i, k in enumerate(keys[:400]):
-        w.put(ok("ns", k), entry(i, chunks=1 + i % 5))  # more than 3 chunks: present, no location
+        w.enter(ok("ns", k), entry(i, chunks=1 + i % 5))  # more than 3 chunks: present, no location
     bad_long = ["a" * 20 + "/" + "b" * 10, "x" * 16 + "\x7f", "\t" + "y" * 30, "z" * 8 + "\x1f" + "z" * 7, "w" * 201]
     probes = keys + ["é-key", "bad/key", ".", "", b"raw"] + bad_long
     fast = native.backend.dir_probe(r.mm, r.nslots, b"ns", probes)
@@ -52,7 +52,7 @@ def test_readers_find_every_key_and_agree(table):
     assert list(fast[600:]) == [SLOW] * 10  # left to kvfs.keys' rules (which refuse all but the first)
     assert native.backend.dir_probe(r.mm, r.nslots, b"other", keys[:10]) == bytes([ABSENT]) * 10
     assert native.backend.dir_probe(r.mm, r.nslots, b"ns", keys[398:], True) == bytes([PRESENT, PRESENT, ABSENT])
-    assert r.complete() and w.stats()["entries"] == 400
+    assert r.complete() is not None and w.stats()["entries"] == 400
     found = r.lookup_many("ns", keys, list(range(10)))
     assert sorted(found) == [0, 1, 2, 5, 6, 7]  # 4 and 5 chunks: looked up from the daemon
     for k in keys[:200]:
@@ -61,32 +61,52 @@ def test_readers_find_every_key_and_agree(table):
     assert r.holds("ns", keys[300]) == PRESENT and r.holds("ns", "é-key") == ABSENT
 
 
-def test_a_full_table_spills_says_so_and_takes_keys_back(tmp_path):
-    w = DirectoryWriter(tmp_path, 32)  # one probe window: 32 slots for every key
+def test_a_full_table_keeps_the_newest_keys_and_says_it_is_incomplete(tmp_path):
+    resident: dict[str, SimpleNamespace] = {}  # the engine's mirror, as the writer counts it
+    w = DirectoryWriter(tmp_path, 32, lambda: len(resident))  # one probe window: 32 slots for every key
     r = DirectoryReader(str(w.path), 32)
     keys = [f"k{i}" for i in range(40)]
     for i, k in enumerate(keys):
-        w.put(ok("n", k), entry(i))
-    assert w.stats()["entries"] == 32 and w.stats()["spilled"] == 8 and not r.complete()
+        m = entry(i)
+        if i < 4:
+            m.t0 = 4096 * i  # in T0: T1-only keys leave first
+        resident[k] = m
+        w.enter(ok("n", k), m)
+    st = w.stats()
+    assert (st["entries"], st["outside"], st["displaced"], st["complete"]) == (32, 8, 8, False)
+    assert r.complete() is None
     states = native.backend.dir_probe(r.mm, 32, b"n", keys)
-    assert states.count(PRESENT) == 32  # the others are not absent: the table is incomplete
-    spilled = [k for k, st in zip(keys, states) if st != PRESENT]
-    placed = [k for k, st in zip(keys, states) if st == PRESENT]
-    # updating spilled keys (one by one, or a batch with a new key) keeps one copy of each
-    w.put(ok("n", spilled[1]), entry(101))
-    w.put_many([ok("n", spilled[2]), ok("n", "k-new")], [entry(102), entry(103)])
-    assert w.stats()["entries"] == 32 and w.stats()["spilled"] == 9 and w.spills == 9
-    assert sorted(m.seq for m in w.spilled.values() if m.seq > 100) == [101, 102, 103]
-    w.remove(ok("n", "k-new"))
-    w.remove(ok("n", spilled[0]))  # a spilled key removed: nothing freed
-    assert w.stats()["entries"] == 32 and w.stats()["spilled"] == 7
-    w.remove(ok("n", placed[0]))  # a slot freed: a spilled key takes it
-    assert w.stats()["entries"] == 32 and w.stats()["spilled"] == 6
-    for k in placed[1:8]:  # seven more freed: six taken back, one left free
+    outside = keys[4:12]  # the oldest T1-only puts
+    assert [k for k, st in zip(keys, states) if st != PRESENT] == outside
+    # an update of a key outside takes no other key's slot
+    w.put(ok("n", outside[0]), entry(100))
+    assert (w.entries, w.displaced, w.stats()["outside"]) == (32, 8, 8)
+    del resident[outside[1]]  # a key outside removed: nothing freed
+    w.remove(ok("n", outside[1]))
+    assert (w.entries, w.stats()["outside"]) == (32, 7)
+    del resident[keys[20]]  # a slot freed: the next update of a key outside takes it
+    w.remove(ok("n", keys[20]))
+    assert (w.entries, w.stats()["outside"]) == (31, 7)
+    w.put(ok("n", outside[2]), entry(102))
+    assert (w.entries, w.stats()["outside"]) == (32, 6)
+    for k in outside[3:]:
+        del resident[k]
         w.remove(ok("n", k))
-    assert w.stats()["spilled"] == 0 and w.stats()["entries"] == 31 and r.complete()
-    gone = {spilled[0], *placed[:8]}
+    for k in (outside[0], keys[21]):  # outside, then one with a slot
+        del resident[k]
+        w.remove(ok("n", k))
+    assert (w.entries, w.stats()["outside"]) == (31, 0)
+    token = r.complete()
+    assert token is not None and r.still_complete(token) and w.stats()["complete"]
+    gone = {outside[0], outside[1], keys[20], keys[21], *outside[3:]}
     assert list(native.backend.dir_probe(r.mm, 32, b"n", keys)) == [ABSENT if k in gone else PRESENT for k in keys]
+    # the reader's rule: a displacement during a probe makes its misses unsure
+    resident["late"] = entry(200)
+    w.enter(ok("n", "late"), resident["late"])
+    assert r.still_complete(token)  # a free slot was left: nobody displaced
+    resident["later"] = entry(201)
+    w.enter(ok("n", "later"), resident["later"])
+    assert not r.still_complete(token) and r.complete() is None
     r.close()
     w.close()
 
@@ -114,18 +134,25 @@ def test_contains_and_prefix_match_need_no_round_trip(tmp_path):
 
 def test_a_full_directory_still_answers_exactly(tmp_path):
     d = DaemonProcess(tmp_path / "s", stripes=1, capacity="1G", shm_size="64M", extra=["--dir-slots", "32"])
-    with d, d.connect() as s:
+    with d, d.connect() as s, d.connect() as other:
         keys = [f"f{i}" for i in range(100)]
-        s.put_many(keys[:60], [b"v" * 100] * 60, ns="f")
+        vals = [os.urandom(100) for _ in keys]
+        s.put_many(keys[:60], vals[:60], ns="f")
         st = s.stats()["directory"]
-        assert st["spilled"] == 60 - 32 and not st["complete"]
+        assert st["outside"] == 60 - 32 and st["displaced"] == 28 and not st["complete"]
         calls = count_calls(s)
         assert s.contains(keys, ns="f") == [True] * 60 + [False] * 40
         assert s.prefix_match(keys, ns="f") == 60
         assert calls.count("contains") == 1 and calls.count("prefix_match") == 1  # for the keys not found only
+        # the newest keys kept their slots: another client reads them with no lookup
+        theirs = count_calls(other)
+        assert [other.get(k, ns="f") for k in keys[28:60]] == vals[28:60]
+        assert theirs == []
+        assert [other.get(k, ns="f") for k in keys[:2]] == vals[:2]  # the oldest are outside: asked
+        assert theirs != []
         s.delete(keys[:50], ns="f")
         st = s.stats()["directory"]
-        assert st["spilled"] == 0 and st["complete"] and st["entries"] == 10  # spilled keys took freed slots
+        assert st["outside"] == 0 and st["complete"] and st["entries"] == 10  # the newest kept their slots
         calls.clear()
         assert s.contains(keys, ns="f") == [False] * 50 + [True] * 10 + [False] * 40
         assert calls == []
@@ -141,7 +168,8 @@ def test_a_directory_size_it_cannot_use_is_a_one_line_error(tmp_path):
 
 def test_the_c_writer_and_its_python_twin_write_the_same_bytes(tmp_path):
     """The daemon's slot writes (dir_put / dir_del) in C and in Python leave
-    byte-identical tables through puts, updates, spills and removals."""
+    byte-identical tables, header included, through puts, updates,
+    displacements, refusals and removals."""
     import random
 
     from kvfs import _native_py
@@ -162,14 +190,18 @@ def test_the_c_writer_and_its_python_twin_write_the_same_bytes(tmp_path):
             exts = [[rng.randrange(4), rng.randrange(1 << 40), 4096 * step, 1 << 16, bytes([step % 256]) * 16]
                     for _ in range(rng.choice([1, 2, 3, 4]))]
             args = (h, rng.randrange(1 << 40), step, bytes([1]) * 16, rng.choice([-1, 4096 * step]),
-                    rng.choice([0, 1]), exts)
+                    rng.choice([0, 1]), exts, rng.random() < 0.3)
             r = native.backend.dir_put(a, nslots, *args)
             assert r == _native_py.dir_put(b, nslots, *args)
-            if r == 1:
+            if r == 2:  # the coldest key of its window left: find which, the twins agree on the bytes
+                live = [x for x in live if native.backend.dir_del(bytearray(a), nslots, x) >= 0]
+            if r in (1, 2):
                 live.append(h)
         assert a == b, f"tables differ after step {step}"
     absent = xxhash.xxh3_128_digest(b"never put")
     assert native.backend.dir_del(a, nslots, absent) == _native_py.dir_del(b, nslots, absent) == -1
+    from kvfs.directory import DISPLACED_AT, U64
+    assert U64.unpack_from(a, DISPLACED_AT)[0] > 0, "some puts should have displaced a key"
     with pytest.raises(ValueError):
         native.backend.dir_put(a, 48, *args)  # not a power of two
 
@@ -177,7 +209,8 @@ def test_the_c_writer_and_its_python_twin_write_the_same_bytes(tmp_path):
 def test_entry_writes_match_field_writes_in_c_and_python(tmp_path):
     """dir_put_entry / dir_put_entries (the daemon's batched writes of
     mirror entries) write what dir_put of the same fields under the object
-    key's hash writes, in C and in Python, and report full buckets by index."""
+    key's hash writes, in C and in Python, and count full buckets (left out,
+    or displacing their coldest key)."""
     import random
 
     import xxhash
@@ -207,8 +240,14 @@ def test_entry_writes_match_field_writes_in_c_and_python(tmp_path):
         one, many = bytearray(file_size(nslots)), bytearray(file_size(nslots))
         rs = [impl.dir_put_entry(one, nslots, k, m) for k, m in zip(oks, ms)]
         assert [i for i, r in enumerate(rs) if r < 0] == refused
-        assert impl.dir_put_entries(many, nslots, oks, ms) == (sum(r == 1 for r in rs), refused)
+        assert impl.dir_put_entries(many, nslots, oks, ms) == (rs.count(1), 0, len(refused))
         assert one == many == want
+        # displacing: every entry gets a slot, the refused ones by taking another's
+        one, many = bytearray(file_size(nslots)), bytearray(file_size(nslots))
+        rs = [impl.dir_put_entry(one, nslots, k, m, True) for k, m in zip(oks, ms)]
+        assert [i for i, r in enumerate(rs) if r == 2] == refused
+        assert impl.dir_put_entries(many, nslots, oks, ms, True) == (rs.count(1), len(refused), 0)
+        assert one == many
         with pytest.raises(ValueError):
             impl.dir_put_entries(many, nslots, oks, ms[:-1])
 

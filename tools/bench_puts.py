@@ -315,8 +315,8 @@ STEADY_SLOTS = 65536
 def _steady(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """A busy node's steady state: small values put far past what the arena
     and the location directory hold, so every reservation evicts, every
-    new key may spill from a full directory, and the write-back runs
-    behind. Daemon CPU per object, measured after a warm-up that fills
+    new key may displace an older one from a full directory, and the
+    write-back runs behind. Daemon CPU per object, measured after a warm-up that fills
     both."""
     import numpy as np
 
@@ -348,7 +348,7 @@ def _steady(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     n = n_batches * BATCH
     return {"arena": arena, "slots": STEADY_SLOTS, "value": STEADY_VALUE, "objects": n, "objects_s": n / dt,
             "daemon_cpu_us": (u1 + s1 - u0 - s0) / n * 1e6, "daemon_user_us": (u1 - u0) / n * 1e6,
-            "evictions": st["tiers"]["T0"]["evictions"], "spilled": (st.get("directory") or {}).get("spilled", 0),
+            "evictions": st["tiers"]["T0"]["evictions"], "displaced": (st.get("directory") or {}).get("displaced", 0),
             "arena_full": st["tiers"]["T0"].get("full", 0)}
 
 
@@ -404,7 +404,7 @@ def format_puts(res: dict[str, Any]) -> str:
              "directory full", "objects/s", "daemon CPU us/object", "user"],
             [[f"put_many of {BATCH}, no wait, until flush ({sd['objects']} objects)", f"{sd['objects_s']:.0f}",
               f"{sd['daemon_cpu_us']:.1f}", f"{sd['daemon_user_us']:.1f}"]])
-        out += (f"\nevictions {sd['evictions']}, keys spilled from the directory {sd['spilled']}, "
+        out += (f"\nevictions {sd['evictions']}, older keys displaced from the directory {sd['displaced']}, "
                 f"reservations refused {sd['arena_full']}")
     if "phases" in res:
         from .bench_phases import format_phases

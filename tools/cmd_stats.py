@@ -63,10 +63,11 @@ def format_stats(st: dict[str, Any]) -> str:
                                                       "4 KiB pages (README, tuning: huge=advise)")])
     d = st.get("directory")
     if d:
-        # clients answer contains/prefix_match from it; spilled objects make them ask the daemon
+        # clients answer contains/prefix_match from it; objects outside make them ask the daemon
         rows.append(["directory", f"{d['entries']} of {d['slots']} slots, "
                      + ("complete" if d.get("complete", True) else
-                        f"{d['spilled']} spilled (misses are asked of the daemon: raise --dir-slots)")])
+                        f"{d['outside']} objects outside, the oldest (misses are asked of the daemon: "
+                        "raise --dir-slots)")])
     acc = st.get("access")
     if acc:
         granted = [f"uid {u}: {r}" for u, r in acc["uids"].items()] + [f"gid {g}: {r}" for g, r in acc["gids"].items()]
