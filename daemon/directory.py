@@ -23,8 +23,8 @@ from typing import Any, Callable
 import xxhash
 
 from kvfs import native
-from kvfs.directory import (BUCKET, ENTRIES_AT, HEAD_STRUCT, LAYOUT, MAGIC, MAX_CHUNKS, OUTSIDE_AT, PROBE, U64,
-                            check_slots, file_size)
+from kvfs.directory import (BUCKET, CLOCK_AT, ENTRIES_AT, HEAD_STRUCT, LAYOUT, MAGIC, MAX_CHUNKS,
+                            OUTSIDE_AT, PROBE, U64, check_slots, file_size)
 
 from .arena import SHM_DIR, arena_path
 
@@ -57,10 +57,11 @@ class DirectoryWriter:
             self.mm = mmap.mmap(fd, file_size(nslots), flags, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
-        HEAD_STRUCT.pack_into(self.mm, 0, MAGIC, LAYOUT, PROBE, 0, nslots, 0, 0, 0)
+        HEAD_STRUCT.pack_into(self.mm, 0, MAGIC, LAYOUT, PROBE, 0, nslots, 0, 0, 0, 0)
         self.entries = 0
         self.resident = resident
         self.displaced = 0  # times a new key took another's slot
+        self.clock = 0
         self._put_entry, self._put_entries = native.backend.dir_put_entry, native.backend.dir_put_entries
         self._del = native.backend.dir_del
 
@@ -68,12 +69,21 @@ class DirectoryWriter:
         U64.pack_into(self.mm, ENTRIES_AT, self.entries)
         U64.pack_into(self.mm, OUTSIDE_AT, max(0, self.resident() - self.entries))
 
+    def _tick(self) -> None:
+        """The clock every slot write stamps, one tick per write call (the
+        slot written longest ago goes first)."""
+        self.clock += 1
+        U64.pack_into(self.mm, CLOCK_AT, self.clock)
+
     def enter(self, ok: bytes, m: Any) -> None:
-        """Publish where the new resident ``ok`` lives (already in the mirror)."""
+        """Publish where the new resident ``ok`` lives (already in the mirror),
+        or that it was just read (a daemon lookup of a key outside)."""
+        self._tick()
         self._result(self._put_entry(self.mm, self.nslots, ok, m, True))
 
     def put(self, ok: bytes, m: Any) -> None:
         """Update where the resident ``ok`` lives (in a free slot if it was outside)."""
+        self._tick()
         self._result(self._put_entry(self.mm, self.nslots, ok, m))
 
     def _result(self, r: int) -> None:
@@ -86,6 +96,7 @@ class DirectoryWriter:
 
     def enter_many(self, oks: list[bytes], ms: list[Any]) -> None:
         """``enter`` of each, one call into C."""
+        self._tick()
         taken, displaced, _left = self._put_entries(self.mm, self.nslots, oks, ms, True)
         self.entries += taken
         self.displaced += displaced
@@ -93,6 +104,7 @@ class DirectoryWriter:
 
     def put_many(self, oks: list[bytes], ms: list[Any]) -> None:
         """``put`` of each, one call into C."""
+        self._tick()
         taken, _displaced, _left = self._put_entries(self.mm, self.nslots, oks, ms)
         if taken:
             self.entries += taken

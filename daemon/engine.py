@@ -153,6 +153,7 @@ class Engine(Recovery):
         with self._lock:
             segs: list[int] = []
             hit: list[bytes] = []
+            ms: list[Any] = []
             lru = self.lru
             for ok in oks:
                 m = lru.get(ok)
@@ -164,7 +165,12 @@ class Engine(Recovery):
                 self._tier_hit(ok, m)
                 segs.extend(seg for seg, _span in m.spans)
                 hit.append(ok)
+                ms.append(m)
                 out.append(m.wire)
+            if hit and self.dir is not None and len(lru) > self.dir.entries:
+                # a full directory: what is read now (maybe outside it) takes
+                # the coldest slots, so the next reader finds it there
+                self.dir.enter_many(hit, ms)
             self.counters["hits"] += len(hit)
             self.counters["misses"] += len(oks) - len(hit)
             if self.t0 is not None:

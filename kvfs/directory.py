@@ -23,17 +23,19 @@ bucket: an absent key costs four slots, not thirty-two). A removal just
 empties its slot; no tombstones. Header (little-endian)::
 
     4s magic b"KVD2" | u32 layout version | u32 PROBE | u32 0 | u64 nslots |
-    u64 outside | u64 entries | u64 displaced
+    u64 outside | u64 entries | u64 displaced | u64 writer's clock
 
 Slot::
 
     u64 version | 16s key hash | u64 size | u64 seq | 16s checksum |
-    i64 T0 offset (-1: none) | u32 flags (1: also in T1) | u32 nchunks |
+    i64 T0 offset (-1: none) | u32 flags (bit 0: also in T1; bits 1-31: the
+    writer's clock at its last write) | u32 nchunks |
     MAX_CHUNKS x (u32 stripe | u32 length | u64 segment | u64 offset | 16s chunk sum)
 
 **Full.** A new object whose PROBE buckets are full takes the slot of the
-coldest key there: an object only in T1 before one in T0, then the oldest
-put (lowest seq). The directory then works as a cache of the newest
+coldest key there: an object only in T1 before one in T0, then the one
+whose slot was written longest ago (a put, an update, or a daemon lookup,
+which enters a key read from outside the table), then the oldest put. The directory then works as a cache of the newest
 locations, where a busy node's next reads are, and never costs the daemon
 memory per key it leaves out. The header's ``outside`` counts resident
 objects in no slot (updates of one, such as its write-back or eviction, take
@@ -81,10 +83,13 @@ from . import native
 HEADER = 4096
 MAGIC = b"KVD2"
 LAYOUT = 3  # 3: full buckets displace their coldest key (2 spilled the new one)
-HEAD_STRUCT = struct.Struct("<4sIIIQQQQ")  # magic, layout, probe, 0, nslots, outside, entries, displaced
+HEAD_STRUCT = struct.Struct("<4sIIIQQQQQ")  # magic, layout, probe, 0, nslots, outside, entries, displaced, clock
 OUTSIDE_AT = 24
 ENTRIES_AT = 32
 DISPLACED_AT = 40
+CLOCK_AT = 48  # the writer's clock, one tick per write call; each slot write stamps it into the slot's flags
+STAMP_SHIFT = 1
+STAMP_MASK = 0x7FFFFFFF
 SLOT = 192
 BUCKET = 4
 PROBE = 8  # buckets a key may live in
@@ -305,13 +310,14 @@ def _hop(mm: Any, nslots: int, h: bytes, off: int, placed: bool) -> None:
     mm[at] &= ~bit & 0xFF
 
 
-def _victim(mm: Any, nslots: int, h: bytes) -> int:
+def _victim(mm: Any, nslots: int, h: bytes, now: int) -> int:
     """The slot a new key takes from its full buckets: the coldest of its
-    window, T1-only objects before T0 ones, then the lowest seq (first wins)."""
-    best, rank = -1, (2, 0)
+    window, T1-only objects before T0 ones, then the longest unwritten (the
+    age of its stamp, modulo 31 bits), then the lowest seq (first wins)."""
+    best, rank = -1, (2, 0, 0)
     for off in slot_offsets(h, nslots):
-        _v, _kh, _size, seq, _sum, t0, _fl, _n = HEAD.unpack_from(mm, off)
-        r = (int(t0 >= 0), seq)
+        _v, _kh, _size, seq, _sum, t0, fl, _n = HEAD.unpack_from(mm, off)
+        r = (int(t0 >= 0), -((now - (fl >> STAMP_SHIFT)) & STAMP_MASK), seq)
         if r < rank:
             best, rank = off, r
     return best
@@ -330,10 +336,12 @@ def put_py(mm: Any, nslots: int, h: bytes, size: int, seq: int, checksum: bytes,
     off, free = _find(mm, nslots, h)
     new = 0
     gone = b""
+    now = U64.unpack_from(mm, CLOCK_AT)[0] & STAMP_MASK
+    flags = (flags & ((1 << STAMP_SHIFT) - 1)) | now << STAMP_SHIFT  # stamped: its last write
     if off < 0 and free < 0:
         if not displace:
             return -1
-        off, new = _victim(mm, nslots, h), 2
+        off, new = _victim(mm, nslots, h, now), 2
         gone = bytes(mm[off + 8:off + 24])
         _add(mm, OUTSIDE_AT, 1)  # counted outside, then displaced, then it leaves
         _add(mm, DISPLACED_AT, 1)
@@ -372,7 +380,7 @@ class DirectoryReader:
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             self.mm = mmap.mmap(self.fd, file_size(nslots), mmap.MAP_SHARED, mmap.PROT_READ)
-            magic, layout, probe, _z, n, _o, _e, _d = HEAD_STRUCT.unpack_from(self.mm, 0)
+            magic, layout, probe, _z, n, _o, _e, _d, _c = HEAD_STRUCT.unpack_from(self.mm, 0)
             if magic != MAGIC or layout != LAYOUT or probe != PROBE or n != nslots:
                 self.mm.close()
                 raise ValueError("the daemon's directory has another layout")

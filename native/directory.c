@@ -335,11 +335,14 @@ static int put16(unsigned char *dst, PyObject *o) {
 }
 
 /* The slot a new key takes from its full buckets: the coldest of the
-   window, T1-only objects before T0 ones, then the oldest put (lowest seq). */
-static unsigned char *victim_slot(unsigned char *table, uint64_t nbuckets, const unsigned char *h) {
+   window, T1-only objects before T0 ones, then the longest unwritten (its
+   stamp's age on the writer's clock, modulo the stamp's 31 bits), then the
+   oldest put (lowest seq). */
+static unsigned char *victim_slot(unsigned char *table, uint64_t nbuckets, const unsigned char *h, uint32_t now) {
     uint64_t b = home_bucket(h, nbuckets);
     unsigned char *best = NULL;
     int best_t0 = 2;
+    uint32_t best_age = 0;
     uint64_t best_seq = 0;
     for (int i = 0; i < DIR_PROBE; i++) {
         unsigned char *bucket = table + ((b + i) & (nbuckets - 1)) * DIR_BUCKET * DIR_SLOT;
@@ -347,12 +350,16 @@ static unsigned char *victim_slot(unsigned char *table, uint64_t nbuckets, const
             unsigned char *slot = bucket + j * DIR_SLOT;
             int64_t t0;
             uint64_t seq;
+            uint32_t flags;
             memcpy(&t0, slot + SLOT_T0, 8);
             memcpy(&seq, slot + SLOT_SEQ, 8);
+            memcpy(&flags, slot + SLOT_FLAGS, 4);
             int in_t0 = t0 >= 0;
-            if (in_t0 < best_t0 || (in_t0 == best_t0 && seq < best_seq)) {
+            uint32_t age = (now - (flags >> DIR_STAMP_SHIFT)) & DIR_STAMP_MASK;
+            if (in_t0 < best_t0 || (in_t0 == best_t0 && (age > best_age || (age == best_age && seq < best_seq)))) {
                 best = slot;
                 best_t0 = in_t0;
+                best_age = age;
                 best_seq = seq;
             }
         }
@@ -387,6 +394,10 @@ static long put_slot(Py_buffer *dir, unsigned long long nslots, const unsigned c
     if (!put16(body + SLOT_SUM, checksum)) return -2;
     int64_t off0 = t0 >= 0 ? t0 : -1;
     memcpy(body + SLOT_T0, &off0, 8);
+    uint64_t clock;
+    memcpy(&clock, (unsigned char *)dir->buf + DIR_CLOCK_AT, 8);
+    uint32_t now = (uint32_t)(clock & DIR_STAMP_MASK);
+    flags = (flags & ((1u << DIR_STAMP_SHIFT) - 1)) | now << DIR_STAMP_SHIFT; /* stamped: its last write */
     uint32_t n32 = (uint32_t)n;
     memcpy(body + SLOT_FLAGS, &flags, 4);
     memcpy(body + SLOT_NCHUNKS, &n32, 4);
@@ -420,7 +431,7 @@ static long put_slot(Py_buffer *dir, unsigned long long nslots, const unsigned c
     long r = 0;
     if (!slot && !free_slot) {
         if (!displace) return -1;
-        slot = victim_slot(table, nbuckets, h);
+        slot = victim_slot(table, nbuckets, h, now);
         unsigned char gone[16];
         memcpy(gone, slot + SLOT_HASH, 16);
         unsigned char *head = (unsigned char *)dir->buf;

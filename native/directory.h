@@ -24,6 +24,11 @@
    many times a key took another's slot (kvfs.directory's reader rule) */
 #define DIR_OUTSIDE_AT 24
 #define DIR_DISPLACED_AT 40
+/* the writer's clock (kvfs.directory: one tick per write call); every slot
+   write stamps its low 31 bits into the slot's flags above bit 0 */
+#define DIR_CLOCK_AT 48
+#define DIR_STAMP_SHIFT 1
+#define DIR_STAMP_MASK 0x7FFFFFFFu
 
 /* byte offsets in a slot */
 #define SLOT_HASH 8
