@@ -39,9 +39,12 @@ static PyObject *make_wire(MemEntryObject *e) {
     } else {
         where = Py_BuildValue("(LO)", e->t0, e->dirty ? Py_False : Py_True);
         if (!where) return NULL;
+        untrack(where);
     }
     PyObject *w = Py_BuildValue("(LOLON)", e->size, e->checksum ? e->checksum : Py_None, e->seq,
                                 e->exts ? e->exts : Py_None, where);
+    /* untracked only if what it holds is: exts may be any object given to MemEntry() */
+    if (w && (!e->exts || !PyObject_GC_IsTracked(e->exts))) untrack(w);
     return w;
 }
 
@@ -198,6 +201,7 @@ static int chunk_views(PyObject *chunks, PyObject **exts, PyObject **sums) {
         Py_INCREF(sum);
         PyList_SET_ITEM(*sums, i, sum);
         PyObject *t = PyTuple_Pack(5, stripe, seg, poff, len, sum);
+        untrack(t);
         Py_DECREF(stripe);
         Py_DECREF(seg);
         Py_DECREF(poff);
@@ -206,6 +210,7 @@ static int chunk_views(PyObject *chunks, PyObject **exts, PyObject **sums) {
         if (!t) goto fail;
         PyTuple_SET_ITEM(*exts, i, t);
     }
+    untrack(*exts);
     return 1;
 fail:
     Py_CLEAR(*exts);
@@ -257,6 +262,9 @@ PyObject *kv_t0_publish(PyObject *self, PyObject *args) {
                    (m = new_entry(&MemEntryType, size, sum, seq, exts, none_spans, t0, 1));
         if (good) {
             MemEntryObject *e = (MemEntryObject *)m;
+            untrack(op); /* it lives until its write-back ends: a plan refers to nothing that refers back */
+            untrack(chunks);
+            for (Py_ssize_t c = 0; c < PyList_GET_SIZE(chunks); c++) untrack(PyList_GET_ITEM(chunks, c));
             Py_INCREF(meta);
             Py_SETREF(e->meta, meta);
             e->created = now;
@@ -381,11 +389,13 @@ PyObject *kv_t0_written_back(PyObject *self, PyObject *args) {
                     long long seg, end, hdr;
                     good = attr_ll(c, A_SEG, &seg) && attr_ll(c, A_END, &end) && attr_ll(c, A_HDR_OFF, &hdr);
                     PyObject *t = good ? Py_BuildValue("(LL)", seg, end - hdr) : NULL;
+                    untrack(t);
                     good = t != NULL && add_live(live, seg, end - hdr);
                     if (t) PyTuple_SET_ITEM(spans, j, t);
                 }
             }
             if (good) {
+                untrack(spans);
                 Py_INCREF(spans);
                 Py_SETREF(e->spans, spans);
                 good = rewire(e) == 0 && PyList_Append(oks, ok) == 0 && PyList_Append(ms, m) == 0;

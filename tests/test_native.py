@@ -263,6 +263,11 @@ def test_mirror_entries_and_t0_publish_behave_alike(name):
     assert not ops[2].t0_stored and ops[2].mem is None and ops[4].mem is None
     assert rows == [["ns", op.key, op.seq, op.size, op.t0, op.checksum, [c.checksum for c in op.chunks], op.meta]
                     for op in (ops[0], ops[3])]
+    if name == "native":  # what a published item keeps until its write-back ends is out of the collector's sight
+        for op, m in zip((ops[0], ops[3]), ms):
+            held = [op, op.chunks, *op.chunks, m.exts, *m.exts, m.wire, m.wire[4]]
+            assert not any(gc.is_tracked(x) for x in held)
+        assert gc.is_tracked(ops[2])  # not published: left as it was
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -271,6 +276,7 @@ def test_t0_written_back_cleans_moves_and_counts_alike(name):
     from the dirty map to the recent end of the T0 LRU, get their spans
     (counted live per segment) and a fresh wire; deleted, failed or replaced
     ones come back as gone; entries already clean are skipped."""
+    import gc
     from collections import OrderedDict
 
     from kvfsd.segments import ChunkPlan, ObjPlan
@@ -308,6 +314,8 @@ def test_t0_written_back_cleans_moves_and_counts_alike(name):
         assert not m.dirty and m.meta is None
         assert m.spans == tuple((c.seg, c.end - c.hdr_off) for c in op.chunks)
         assert m.wire == (op.size, op.checksum, op.seq, (), (op.t0, True))
+        if name == "native":  # kept as long as the object: out of the collector's sight
+            assert not any(gc.is_tracked(x) for x in (m.spans, *m.spans, m.wire))
     assert all(not m.dirty and m.meta is None for m in (ops[2].mem, ops[3].mem, failed))
 
 
