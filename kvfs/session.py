@@ -236,14 +236,19 @@ class Session(StoreState):
             self.reader.wfds.drop_idle()
 
     def _touch(self, ns: str, keys: list[str]) -> None:
-        """Report cache hits to the daemon in batches (fire-and-forget)."""
+        """Report cache hits to the daemon in batches (fire-and-forget).
+        Hits are hints for its LRU, and this is on every direct read's path:
+        no lock here, so a race with another thread's flush may drop a few
+        (each step is atomic under the GIL: nothing raises)."""
         if not keys:
             return
-        with self._touch_lock:
-            self._touches.setdefault(ns, []).extend(keys)
-            self._n_touches += len(keys)
-            if self._n_touches < 256 and time.monotonic() - self._touched_at < 0.5:
-                return
+        t = self._touches.get(ns)
+        if t is None:
+            t = self._touches.setdefault(ns, [])
+        t.extend(keys)
+        self._n_touches += len(keys)
+        if self._n_touches < 256 and time.monotonic() - self._touched_at < 0.5:
+            return
         self._flush_touches(self._conn())
 
     def _flush_touches(self, conn: Connection) -> None:
