@@ -35,19 +35,19 @@ Slot::
 **Full.** A new object whose PROBE buckets are full takes the slot of the
 coldest key there: an object only in T1 before one in T0, then the one
 whose slot was written longest ago (a put, an update, or a daemon lookup,
-which enters a key read from outside the table), then the oldest put. The directory then works as a cache of the newest
-locations, where a busy node's next reads are, and never costs the daemon
-memory per key it leaves out. The header's ``outside`` counts resident
-objects in no slot (updates of one, such as its write-back or eviction, take
-a free slot in its buckets if there is one, never another key's), and
-``displaced`` counts every time a key took another's slot. While
-``outside`` is not 0 the table is incomplete: a key found is stored, a key
-not found must be asked of the daemon (one round trip for the misses only).
-A reader's "not found" means "not stored" only if ``outside`` was 0 when it
-began and ``displaced`` did not move until it ended (the writer counts a
-key outside, then displaced, before it leaves its slot). Size it with
-``kvfs daemon --dir-slots`` (``kvfs stats`` shows entries and the keys
-outside).
+which enters a key read from outside the table), then the oldest put. The
+directory then works as a cache of the newest and most recently read
+locations, and never costs the daemon memory per key it leaves out. The
+header's ``outside`` counts resident objects in no slot (an update of one,
+such as its write-back or eviction, takes a free slot in its buckets if
+there is one, never another key's), and ``displaced`` counts every time a
+key took another's slot. While ``outside`` is not 0 the table is
+incomplete: a key found is stored, a key not found must be asked of the
+daemon (one round trip for the misses only). A reader's "not found" means
+"not stored" only if ``outside`` was 0 when it began and ``displaced`` did
+not move until it ended (the writer counts a key outside, then displaced,
+before it leaves its slot). Size it with ``kvfs daemon --dir-slots``
+(``kvfs stats`` shows entries and the keys outside).
 
 Concurrency: one writer (the daemon, under its engine lock) and any number
 of lock-free readers. The writer makes a slot's version odd, changes the
