@@ -18,7 +18,7 @@ from collections import Counter, OrderedDict
 from typing import Any, Callable, Protocol
 
 from .arena import Arena
-from .arena_alloc import ArenaAllocator, ArenaFull
+from .arena_alloc import ArenaFull, new_allocator
 
 
 class Resident(Protocol):
@@ -33,7 +33,7 @@ class Tier0:
     def __init__(self, arena: Arena, max_object: int, leased: Callable[[bytes], bool],
                  bump_generation: Callable[[], None], changed: Callable[[list[bytes], list[Any]], None]):
         self.arena = arena
-        self.alloc = ArenaAllocator(arena.size)
+        self.alloc = new_allocator(arena.size)
         self.max_object = max_object
         # resident objects: the clean ones in LRU order (least recent first;
         # what eviction scans), the dirty ones apart until their write-back

@@ -49,7 +49,7 @@ class Tiering(Puts):
 
     def carve_arena(self, rest: int, off: int, n: int) -> int:
         """Make a client-placed value at ``off`` an extent of its own (see
-        ArenaAllocator.carve); returns the reservation's new rest. Caller
+        PyArenaAllocator.carve); returns the reservation's new rest. Caller
         holds the lock."""
         assert self.t0 is not None
         try:

@@ -1054,6 +1054,7 @@ PyObject *kv_release_chunks(PyObject *self, PyObject *args);
 PyObject *kv_t0_items(PyObject *self, PyObject *args); /* put_items.c */
 PyObject *kv_t0_write_records(PyObject *self, PyObject *args); /* write_back.c */
 extern PyTypeObject MemEntryType;
+extern PyTypeObject ArenaAllocatorType; /* arena_alloc.c */
 
 static PyMethodDef methods[] = {
     {"dir_probe", kv_dir_probe, METH_VARARGS,
@@ -1134,7 +1135,9 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "kvfs._native",
                                     "kvfs data-plane hot loops (see native/kvfs_native.c)", -1, methods};
 
 PyMODINIT_FUNC PyInit__native(void) {
-    if (PyType_Ready(&AlignedBufferType) < 0 || PyType_Ready(&MemEntryType) < 0) return NULL;
+    if (PyType_Ready(&AlignedBufferType) < 0 || PyType_Ready(&MemEntryType) < 0 ||
+        PyType_Ready(&ArenaAllocatorType) < 0)
+        return NULL;
 #if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
     if (kv_avx2_built() && __builtin_cpu_supports("avx2")) {
@@ -1156,6 +1159,12 @@ PyMODINIT_FUNC PyInit__native(void) {
     Py_INCREF(&MemEntryType);
     if (PyModule_AddObject(m, "MemEntry", (PyObject *)&MemEntryType) < 0) {
         Py_DECREF(&MemEntryType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&ArenaAllocatorType);
+    if (PyModule_AddObject(m, "ArenaAllocator", (PyObject *)&ArenaAllocatorType) < 0) {
+        Py_DECREF(&ArenaAllocatorType);
         Py_DECREF(m);
         return NULL;
     }

@@ -1,16 +1,100 @@
-"""The arena allocator (pure): alignment, best fit, coalescing, exhaustion."""
+"""The arena allocator (pure): alignment, best fit, coalescing, exhaustion;
+the C type (native/arena_alloc.c) and its Python twin alike."""
 import random
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from kvfsd.arena_alloc import LARGE_ALIGN, LARGE_MIN, SMALL_ALIGN, ArenaAllocator, ArenaFull
+from kvfs import native
+from kvfsd.arena_alloc import LARGE_ALIGN, LARGE_MIN, SMALL_ALIGN, ArenaFull, PyArenaAllocator, new_allocator
 
 KiB, MiB = 1024, 1 << 20
 
 
-def test_alignment_small_and_large():
-    a = ArenaAllocator(16 * MiB)
+def _c(size):
+    return native.backend.ArenaAllocator(size, ArenaFull)
+
+
+IMPLS = [pytest.param(PyArenaAllocator, id="python"),
+         pytest.param(_c, id="native", marks=pytest.mark.skipif(native.name != "native",
+                                                                reason="the C data plane is not built"))]
+
+
+@pytest.mark.skipif(native.name != "native", reason="the C data plane is not built")
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("aafcx"), st.integers(0, 600 * KiB), st.integers(0, 2**32)),
+                min_size=1, max_size=400))
+def test_the_c_allocator_answers_as_its_twin(ops):
+    """Every operation, error or not, gives the same answer and leaves the
+    same state in C and in Python (alloc, free, carve of reservations, bad
+    offsets, bad placements)."""
+    size = 4 * MiB + 192  # not a multiple of a page: the last extent is odd
+    c, py = _c(size), PyArenaAllocator(size)
+    live: list[int] = []
+    rests: list[int] = []
+
+    def both(f):
+        out = []
+        for a in (c, py):
+            try:
+                out.append(("ok", f(a)))
+            except (ArenaFull, ValueError, KeyError) as e:
+                out.append((type(e).__name__, str(e)))
+        assert out[0] == out[1]
+        return out[0]
+
+    for kind, n, r in ops:
+        if kind == "a" or not live:
+            st_, off = both(lambda a: a.alloc(n))
+            if st_ == "ok":
+                (rests if r % 3 == 0 else live).append(off)
+        elif kind == "f":
+            off = live.pop(r % len(live))
+            both(lambda a: a.free(off))
+        elif kind == "c" and rests:
+            i = r % len(rests)
+            rest = rests[i]
+            off = rest + (r >> 8) % 3 * 64 * (1 if n < LARGE_MIN else 64)
+            st_, new = both(lambda a: a.carve(rest, off, n))
+            if st_ == "ok":
+                live.append(off)
+                rests[i] = new
+        else:
+            both(lambda a: a.free(r % size))  # mostly not an extent: the same error
+            both(lambda a: a.extent_len(r % size))
+        assert (c.used, c.free_bytes, c.largest_free, c.free_extents) == \
+            (py.used, py.free_bytes, py.largest_free, py.free_extents)
+        c.check()
+        py.check()
+
+
+@pytest.mark.parametrize("Alloc", IMPLS)
+def test_many_small_extents_then_all_back(Alloc):
+    """Thousands of extents handed out and freed in random order (the C
+    type's table of extents grows and shrinks through them)."""
+    a = Alloc(8 * MiB)
+    offs = [a.alloc(100 + i % 7) for i in range(20000)]
+    assert len(set(offs)) == len(offs) and a.used == 20000 * 128
+    rnd = random.Random(5)
+    rnd.shuffle(offs)
+    for i, off in enumerate(offs):
+        a.free(off)
+        if i % 4000 == 0:
+            a.check()
+    a.check()
+    assert a.used == 0 and a.free_extents == 1 and a.largest_free == a.size
+
+
+def test_the_daemon_gets_the_data_planes_allocator():
+    a = new_allocator(MiB)
+    assert type(a).__name__ == ("ArenaAllocator" if native.name == "native" else "PyArenaAllocator")
+    with pytest.raises(ArenaFull):
+        a.alloc(2 * MiB)
+
+
+@pytest.mark.parametrize("Alloc", IMPLS)
+def test_alignment_small_and_large(Alloc):
+    a = Alloc(16 * MiB)
     offs = [a.alloc(n) for n in (1, 100, 65 * KiB, 3, LARGE_MIN, 5 * MiB, 777)]
     for n, off in zip((1, 100, 65 * KiB, 3, LARGE_MIN, 5 * MiB, 777), offs):
         assert off % (LARGE_ALIGN if n >= LARGE_MIN else SMALL_ALIGN) == 0
@@ -18,8 +102,9 @@ def test_alignment_small_and_large():
     a.check()
 
 
-def test_extents_never_overlap():
-    a = ArenaAllocator(4 * MiB)
+@pytest.mark.parametrize("Alloc", IMPLS)
+def test_extents_never_overlap(Alloc):
+    a = Alloc(4 * MiB)
     got = []
     for n in [1, 5000, 64 * KiB, 100, 200 * KiB, 64, 65]:
         off = a.alloc(n)
@@ -28,8 +113,9 @@ def test_extents_never_overlap():
     assert all(e <= s for (_s0, e), (s, _e1) in zip(got, got[1:]))
 
 
-def test_exhaustion_is_a_clear_error():
-    a = ArenaAllocator(1 * MiB)
+@pytest.mark.parametrize("Alloc", IMPLS)
+def test_exhaustion_is_a_clear_error(Alloc):
+    a = Alloc(1 * MiB)
     a.alloc(700 * KiB)
     with pytest.raises(ArenaFull, match="no free extent of"):
         a.alloc(400 * KiB)
@@ -37,8 +123,9 @@ def test_exhaustion_is_a_clear_error():
         a.free(12345)
 
 
-def test_fragmentation_then_coalescing():
-    a = ArenaAllocator(64 * MiB)
+@pytest.mark.parametrize("Alloc", IMPLS)
+def test_fragmentation_then_coalescing(Alloc):
+    a = Alloc(64 * MiB)
     offs = [a.alloc(MiB) for _ in range(64)]
     with pytest.raises(ArenaFull):
         a.alloc(1)
@@ -54,8 +141,9 @@ def test_fragmentation_then_coalescing():
     assert a.alloc(64 * MiB) == 0
 
 
-def test_best_fit_keeps_large_holes_for_large_values():
-    a = ArenaAllocator(16 * MiB)
+@pytest.mark.parametrize("Alloc", IMPLS)
+def test_best_fit_keeps_large_holes_for_large_values(Alloc):
+    a = Alloc(16 * MiB)
     small_hole = a.alloc(128 * KiB)
     a.alloc(4 * KiB)  # separator
     big_hole = a.alloc(8 * MiB)
@@ -66,19 +154,20 @@ def test_best_fit_keeps_large_holes_for_large_values():
     assert a.alloc(8 * MiB) == big_hole
 
 
+@pytest.mark.parametrize("Alloc", IMPLS)
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.integers(1, 3 * MiB)), min_size=1, max_size=300),
        st.integers(0, 2**32))
-def test_random_alloc_free_keeps_invariants(ops, seed):
+def test_random_alloc_free_keeps_invariants(Alloc, ops, seed):
     rnd = random.Random(seed)
-    a = ArenaAllocator(32 * MiB)
+    a = Alloc(32 * MiB)
     live: dict[int, int] = {}
     for do_alloc, n in ops:
         if do_alloc or not live:
             try:
                 off = a.alloc(n)
             except ArenaFull:
-                assert a.largest_free < ArenaAllocator.rounded(n)[0] + LARGE_ALIGN
+                assert a.largest_free < Alloc.rounded(n)[0] + LARGE_ALIGN
                 continue
             assert all(off + n <= o or o + l <= off for o, l in live.items())
             live[off] = n
@@ -93,11 +182,12 @@ def test_random_alloc_free_keeps_invariants(ops, seed):
     assert a.used == 0 and a.free_extents == 1
 
 
-def test_a_reservation_is_carved_into_values_and_its_rest_given_back():
+@pytest.mark.parametrize("Alloc", IMPLS)
+def test_a_reservation_is_carved_into_values_and_its_rest_given_back(Alloc):
     """What a client's arena reservation becomes: each value it placed is
     an extent of its own (freed alone later), skipped bytes are free at
     once, and the rest goes back when the reservation ends."""
-    a = ArenaAllocator(1 << 20)
+    a = Alloc(1 << 20)
     other = a.alloc(100)
     res = a.alloc(256 * 1024)
     end = res + 256 * 1024
