@@ -113,7 +113,7 @@ class Engine(Recovery):
             arena = Arena(cfg.root, cfg.shm_size, shm_dir=cfg.shm_dir)
             self.perms.apply(arena.path, Kind.DATA)
             self.t0 = Tier0(arena, max(cfg.shm_size // 4, 1),
-                            self.leases.obj_leased, self.generation.bump, self._dir_put_many)
+                            self.leases.leased_objects, self.generation.bump, self._dir_put_many)
             self.wb_pool = WriteBackPool(self, pool_size(len(cfg.stripes)))
 
     def close(self) -> None:

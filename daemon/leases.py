@@ -90,5 +90,11 @@ class LeaseTable:
     def obj_leased(self, obj: bytes) -> bool:
         return self._obj_count.get(obj, 0) > 0
 
+    @property
+    def leased_objects(self) -> Counter[bytes]:
+        """The objects a lease pins now, a live view (its keys are exactly
+        those: a count that reaches 0 is deleted). Read it only."""
+        return self._obj_count
+
     def __len__(self) -> int:
         return len(self._leases)

@@ -15,7 +15,9 @@ held (kvfsd.engine). Invariants kept here:
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Container, Protocol
+
+from kvfs import native
 
 from .arena import Arena
 from .arena_alloc import ArenaFull, new_allocator
@@ -30,8 +32,10 @@ class Resident(Protocol):
 
 
 class Tier0:
-    def __init__(self, arena: Arena, max_object: int, leased: Callable[[bytes], bool],
+    def __init__(self, arena: Arena, max_object: int, leased: Container[bytes],
                  bump_generation: Callable[[], None], changed: Callable[[list[bytes], list[Any]], None]):
+        """``leased``: the keys of the objects a lease pins now (a live view:
+        kvfsd.leases.LeaseTable.leased_objects)."""
         self.arena = arena
         self.alloc = new_allocator(arena.size)
         self.max_object = max_object
@@ -42,7 +46,9 @@ class Tier0:
         self.lru: OrderedDict[bytes, Any] = OrderedDict()
         self.dirty: dict[bytes, Any] = {}  # filled by a T0 put's publication (kvfsd.mirror.t0_publish)
         self.bytes = 0  # logical bytes of resident objects
-        self._leased = leased
+        self._leased = leased.__contains__
+        self._leased_objs = leased
+        self._evict_round = native.backend.t0_evict_round
         self._bump = bump_generation
         self._changed = changed  # objects' T0 locations changed (the directory follows): (keys, entries)
         self.zombies: dict[bytes, list[int]] = {}  # extents of gone objects still leased
@@ -82,27 +88,13 @@ class Tier0:
         for the round, not one per object (a 32 MiB reservation of 4 KiB
         values evicts thousands). Their extents may not be contiguous: the
         caller tries again and asks for another round. False: nothing to evict."""
-        leased = self._leased
-        oks: list[bytes] = []
-        ms: list[Any] = []
-        skipped: list[bytes] = []
-        freed = 0
-        for ok, m in self.lru.items():
-            if leased(ok):
-                skipped.append(ok)
-                continue
-            oks.append(ok)
-            ms.append(m)
-            freed += m.size
-            if freed >= size:
-                break
-        move = self.lru.move_to_end  # being read: it counts as recent
-        for ok in skipped:
-            move(ok)
+        oks, ms, offs, nbytes = self._evict_round(self.lru, self.dirty, self._leased_objs, size)
         if not oks:
             return False
-        for ok, m in zip(oks, ms):
-            self._forget(ok, m)
+        self.bytes -= nbytes
+        free = self.alloc.free  # none is leased: _forget's release_extent would free each at once
+        for off in offs:
+            free(off)
         self.counters["evictions"] += len(oks)
         self._changed(oks, ms)
         return True

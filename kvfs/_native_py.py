@@ -539,6 +539,42 @@ def index_rows(ops: list[Any], live: list[bool], now: float
     return pairs, segs, owner
 
 
+def t0_evict_round(lru: Any, dirty: dict[bytes, Any], leased: Any, need: int
+                   ) -> tuple[list[bytes], list[Any], list[int], int]:
+    """One eviction round of T0 (kvfsd.tier0.Tier0._evict_for; native/mirror.c's
+    twin): the least recent entries of ``lru`` (an OrderedDict of clean
+    entries) whose keys are not in ``leased``, until their sizes reach
+    ``need`` (or all there are); leased ones passed over move to the recent
+    end. The chosen ones leave ``lru`` (and ``dirty``) and lose their T0
+    copy (t0 -1, rewired). Returns (keys, entries, arena offsets to free,
+    bytes they held)."""
+    oks: list[bytes] = []
+    ms: list[Any] = []
+    skipped: list[bytes] = []
+    freed = 0
+    for ok, m in lru.items():
+        if ok in leased:
+            skipped.append(ok)
+            continue
+        oks.append(ok)
+        ms.append(m)
+        freed += m.size
+        if freed >= need:
+            break
+    for ok in skipped:
+        lru.move_to_end(ok)  # being read: it counts as recent
+    offs: list[int] = []
+    nbytes = 0
+    for ok, m in zip(oks, ms):
+        if lru.pop(ok, None) is not None or dirty.pop(ok, None) is not None:
+            nbytes += m.size
+        off, m.t0 = m.t0, -1
+        m.rewire()
+        if off >= 0:
+            offs.append(off)
+    return oks, ms, offs, nbytes
+
+
 def release_chunks(ops: list[Any], segs: dict[int, Any]) -> tuple[list[int], list[int]]:
     """A plan's chunk reservations released (native/mirror.c's twin): each
     chunk leaves its segment's ``reserved`` map (a segment gone is skipped),

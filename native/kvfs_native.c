@@ -1051,6 +1051,7 @@ PyObject *kv_recv_spin(PyObject *self, PyObject *args); /* socket_wait.c */
 PyObject *kv_t0_publish(PyObject *self, PyObject *args); /* mirror.c */
 PyObject *kv_t0_written_back(PyObject *self, PyObject *args);
 PyObject *kv_release_chunks(PyObject *self, PyObject *args);
+PyObject *kv_t0_evict_round(PyObject *self, PyObject *args);
 PyObject *kv_t0_items(PyObject *self, PyObject *args); /* put_items.c */
 PyObject *kv_t0_write_records(PyObject *self, PyObject *args); /* write_back.c */
 extern PyTypeObject MemEntryType;
@@ -1093,6 +1094,9 @@ static PyMethodDef methods[] = {
     {"index_rows", kv_index_rows, METH_VARARGS,
      "index_rows(ops, live, now) -> ([(object key, entry)], [(segobj key, object key)], [owner]): the index rows "
      "of a batch's live items, as encode_entry writes them (native/records.c)"},
+    {"t0_evict_round", kv_t0_evict_round, METH_VARARGS,
+     "t0_evict_round(lru, dirty, leased, need) -> (keys, entries, arena offsets, bytes): one eviction round "
+     "of T0 (native/mirror.c)"},
     {"release_chunks", kv_release_chunks, METH_VARARGS,
      "release_chunks(ops, segs) -> ([segments touched], [arena extents never published]): a plan's chunk "
      "reservations released (native/mirror.c)"},

@@ -424,6 +424,103 @@ fail:
     return NULL;
 }
 
+/* t0_evict_round(lru, dirty, leased, need) -> (keys, entries, offsets, bytes)
+   One eviction round of T0 (kvfsd.tier0.Tier0._evict_for): the least recent
+   entries of lru (an OrderedDict of clean entries) whose keys are not in
+   leased, until their sizes reach need (or all there are); leased ones
+   passed over move to the recent end. The chosen ones leave lru (and
+   dirty) and lose their T0 copy (t0 -1, rewired). Caller holds the engine
+   lock; the twin (kvfs._native_py) is the definition. */
+static PyObject *E_MOVE, *E_T0, *E_SIZE, *E_REWIRE;
+
+static int is_leased(PyObject *leased, PyObject *ok) {
+    return PyDict_Check(leased) ? PyDict_Contains(leased, ok) : PySequence_Contains(leased, ok);
+}
+
+PyObject *kv_t0_evict_round(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *lru, *dirty, *leased;
+    long long need;
+    if (!PyArg_ParseTuple(args, "OO!OL", &lru, &PyDict_Type, &dirty, &leased, &need)) return NULL;
+    if (!E_REWIRE && !(INTERN(E_MOVE, "move_to_end") && INTERN(E_T0, "t0") && INTERN(E_SIZE, "size") &&
+                       INTERN(E_REWIRE, "rewire")))
+        return NULL;
+    PyObject *oks = PyList_New(0), *ms = PyList_New(0), *offs = PyList_New(0), *skipped = PyList_New(0);
+    PyObject *it = NULL, *ok = NULL, *m = NULL;
+    long long freed = 0, nbytes = 0;
+    if (!oks || !ms || !offs || !skipped || !(it = PyObject_GetIter(lru))) goto fail;
+    while ((ok = PyIter_Next(it))) {
+        int l = is_leased(leased, ok);
+        if (l < 0) goto fail;
+        if (l) {
+            if (PyList_Append(skipped, ok) < 0) goto fail;
+            Py_CLEAR(ok);
+            continue;
+        }
+        m = PyObject_GetItem(lru, ok);
+        long long size;
+        if (!m || PyList_Append(oks, ok) < 0 || PyList_Append(ms, m) < 0) goto fail;
+        if (Py_TYPE(m) == &MemEntryType) size = ((MemEntryObject *)m)->size;
+        else if (!attr_ll(m, E_SIZE, &size)) goto fail;
+        freed += size;
+        Py_CLEAR(ok);
+        Py_CLEAR(m);
+        if (freed >= need) break;
+    }
+    if (PyErr_Occurred()) goto fail;
+    Py_CLEAR(it);
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(skipped); i++) {
+        PyObject *r = PyObject_CallMethodOneArg(lru, E_MOVE, PyList_GET_ITEM(skipped, i));
+        if (!r) goto fail;
+        Py_DECREF(r);
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(oks); i++) {
+        PyObject *k = PyList_GET_ITEM(oks, i), *e = PyList_GET_ITEM(ms, i);
+        int gone = PyObject_DelItem(lru, k) == 0;
+        if (!gone) {
+            if (!PyErr_ExceptionMatches(PyExc_KeyError)) goto fail;
+            PyErr_Clear();
+            int in_dirty = PyDict_Contains(dirty, k);
+            if (in_dirty < 0 || (in_dirty && PyDict_DelItem(dirty, k) < 0)) goto fail;
+            gone = in_dirty;
+        }
+        long long off, size;
+        if (Py_TYPE(e) == &MemEntryType) {
+            MemEntryObject *me = (MemEntryObject *)e;
+            size = me->size;
+            off = me->t0;
+            me->t0 = -1;
+            if (rewire(me) < 0) goto fail;
+        } else {
+            if (!attr_ll(e, E_SIZE, &size) || !attr_ll(e, E_T0, &off)) goto fail;
+            PyObject *minus1 = PyLong_FromLong(-1);
+            int bad = !minus1 || PyObject_SetAttr(e, E_T0, minus1) < 0;
+            Py_XDECREF(minus1);
+            PyObject *r = bad ? NULL : PyObject_CallMethodNoArgs(e, E_REWIRE);
+            if (!r) goto fail;
+            Py_DECREF(r);
+        }
+        if (gone) nbytes += size;
+        if (off >= 0) {
+            PyObject *o = PyLong_FromLongLong(off);
+            int bad = !o || PyList_Append(offs, o) < 0;
+            Py_XDECREF(o);
+            if (bad) goto fail;
+        }
+    }
+    Py_DECREF(skipped);
+    return Py_BuildValue("(NNNL)", oks, ms, offs, nbytes);
+fail:
+    Py_XDECREF(it);
+    Py_XDECREF(ok);
+    Py_XDECREF(m);
+    Py_XDECREF(oks);
+    Py_XDECREF(ms);
+    Py_XDECREF(offs);
+    Py_XDECREF(skipped);
+    return NULL;
+}
+
 /* release_chunks(ops, segs) -> ([segments touched that exist], [arena extents to free])
    Puts._release_reservations' loop: each chunk's reservation leaves its
    segment's reserved map (segs: {seg: SegState}; a segment gone is

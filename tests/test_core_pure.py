@@ -124,7 +124,7 @@ def _tier0(size: int, leased=frozenset()):
     from kvfsd.tier0 import Tier0
     changes: list[list[bytes]] = []
     bumps: list[int] = []
-    t0 = Tier0(SimpleNamespace(size=size, path="arena", huge_bytes=lambda: 0), size, lambda ok: ok in leased,
+    t0 = Tier0(SimpleNamespace(size=size, path="arena", huge_bytes=lambda: 0), size, leased,
                lambda: bumps.append(1), lambda oks, ms: changes.append(list(oks)))
     return t0, changes, bumps
 

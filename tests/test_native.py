@@ -319,6 +319,38 @@ def test_t0_written_back_cleans_moves_and_counts_alike(name):
     assert all(not m.dirty and m.meta is None for m in (ops[2].mem, ops[3].mem, failed))
 
 
+@pytest.mark.parametrize("name", BACKENDS)
+def test_t0_evict_round_alike(name):
+    """One eviction round: the least recent unleased entries until the need
+    is met (the one that meets it included), leased ones moved to the recent
+    end, the chosen out of the LRU with no T0 copy and a fresh wire; with a
+    need of 0 still one; none when all are leased."""
+    from collections import Counter, OrderedDict
+    b = mod(name)
+
+    def state():
+        lru = OrderedDict()
+        for i in range(8):
+            lru[b"ns\x00k%d" % i] = b.MemEntry(100 + i, b"s" * 16, i, (), (), t0=4096 * i)
+        return lru
+
+    lru = state()
+    ms0 = list(lru.values())
+    leased = Counter({b"ns\x00k1": 1, b"ns\x00k4": 2})
+    oks, ms, offs, nbytes = b.t0_evict_round(lru, {}, leased, 100 + 102 + 1)
+    assert oks == [b"ns\x00k0", b"ns\x00k2", b"ns\x00k3"] and ms == [ms0[0], ms0[2], ms0[3]]
+    assert offs == [0, 8192, 12288] and nbytes == 100 + 102 + 103
+    assert list(lru) == [b"ns\x00k4", b"ns\x00k5", b"ns\x00k6", b"ns\x00k7", b"ns\x00k1"]  # k1 passed over: recent
+    assert all(m.t0 == -1 and m.wire[4] is None for m in ms)
+    lru = state()
+    assert b.t0_evict_round(lru, {}, set(), 0)[0] == [b"ns\x00k0"]
+    lru = state()
+    assert b.t0_evict_round(lru, {}, set(lru), 10**9)[:3] == ([], [], []) and len(lru) == 8
+    lru = state()
+    got = b.t0_evict_round(lru, {}, {}, 10**9)
+    assert len(got[0]) == 8 and not lru and got[3] == sum(100 + i for i in range(8))
+
+
 def test_t0_items_check_a_batch_alike_on_both_backends():
     """A put_t0 batch's items in one pass: the new ones with their object
     keys and sums (repeated and stored keys are not new; bytes and non-ASCII
