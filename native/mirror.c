@@ -34,15 +34,16 @@ typedef struct {
 static PyObject *make_wire(MemEntryObject *e) {
     PyObject *where;
     if (e->t0 < 0) {
-        where = Py_None;
-        Py_INCREF(where);
+        where = Py_NewRef(Py_None);
     } else {
-        where = Py_BuildValue("(LO)", e->t0, e->dirty ? Py_False : Py_True);
+        PyObject *it[2] = {PyLong_FromLongLong(e->t0), Py_NewRef(e->dirty ? Py_False : Py_True)};
+        where = steal_seq(0, 2, it);
         if (!where) return NULL;
         untrack(where);
     }
-    PyObject *w = Py_BuildValue("(LOLON)", e->size, e->checksum ? e->checksum : Py_None, e->seq,
-                                e->exts ? e->exts : Py_None, where);
+    PyObject *it[5] = {PyLong_FromLongLong(e->size), Py_NewRef(e->checksum ? e->checksum : Py_None),
+                       PyLong_FromLongLong(e->seq), Py_NewRef(e->exts ? e->exts : Py_None), where};
+    PyObject *w = steal_seq(0, 5, it);
     /* untracked only if what it holds is: exts may be any object given to MemEntry() */
     if (w && (!e->exts || !PyObject_GC_IsTracked(e->exts))) untrack(w);
     return w;
@@ -271,7 +272,9 @@ PyObject *kv_t0_publish(PyObject *self, PyObject *args) {
             good = PyObject_SetItem(lru, ok, m) == 0 && PyObject_SetItem(dirty, ok, m) == 0 &&
                    PyList_Append(oks, ok) == 0 && PyList_Append(ms, m) == 0 && PyObject_SetAttr(op, A_MEM, m) == 0 &&
                    PyObject_SetAttr(op, A_T0_STORED, Py_True) == 0 &&
-                   (row = Py_BuildValue("[OOLLLOOO]", ns, key, seq, size, t0, sum, sums, meta)) &&
+                   (row = steal_seq(1, 8, (PyObject *[]){Py_NewRef(ns), Py_NewRef(key), PyLong_FromLongLong(seq),
+                                                          PyLong_FromLongLong(size), PyLong_FromLongLong(t0),
+                                                          Py_NewRef(sum), Py_NewRef(sums), Py_NewRef(meta)})) &&
                    PyList_Append(rows, row) == 0;
             new_bytes += size;
         }
@@ -301,16 +304,25 @@ fail:
 static int add_live(PyObject *live, long long seg, long long span) {
     PyObject *k = PyLong_FromLongLong(seg);
     if (!k) return 0;
-    PyObject *cur = PyDict_GetItemWithError(live, k);
-    PyObject *v;
-    if (cur) {
-        v = Py_BuildValue("[LL]", PyLong_AsLongLong(PyList_GET_ITEM(cur, 0)) + span,
-                          PyLong_AsLongLong(PyList_GET_ITEM(cur, 1)) + 1);
+    PyObject *cur = PyDict_GetItemWithError(live, k); /* borrowed */
+    int ok;
+    if (cur) { /* a list of this call's own making: updated in place */
+        PyObject *b = PyLong_FromLongLong(PyLong_AsLongLong(PyList_GET_ITEM(cur, 0)) + span);
+        PyObject *r = PyLong_FromLongLong(PyLong_AsLongLong(PyList_GET_ITEM(cur, 1)) + 1);
+        ok = b && r;
+        if (ok) {
+            PyList_SetItem(cur, 0, b);
+            PyList_SetItem(cur, 1, r);
+        } else {
+            Py_XDECREF(b);
+            Py_XDECREF(r);
+        }
     } else {
-        v = PyErr_Occurred() ? NULL : Py_BuildValue("[Li]", span, 1);
+        PyObject *v = PyErr_Occurred() ? NULL
+                                       : steal_seq(1, 2, (PyObject *[]){PyLong_FromLongLong(span), PyLong_FromLong(1)});
+        ok = v && PyDict_SetItem(live, k, v) == 0;
+        Py_XDECREF(v);
     }
-    int ok = v && PyDict_SetItem(live, k, v) == 0;
-    Py_XDECREF(v);
     Py_DECREF(k);
     return ok;
 }
@@ -357,7 +369,8 @@ PyObject *kv_t0_written_back(PyObject *self, PyObject *args) {
         }
         PyObject *ok = NULL, *key = NULL, *row = NULL, *chunks = NULL, *spans = NULL, *cur = NULL;
         int good = (ok = PyObject_GetAttr(op, A_OK)) && (key = PyObject_GetAttr(op, A_KEY)) &&
-                   (row = Py_BuildValue("[OOL]", ns, key, e->seq)) && PyList_Append(rows, row) == 0;
+                   (row = steal_seq(1, 3, (PyObject *[]){Py_NewRef(ns), Py_NewRef(key), PyLong_FromLongLong(e->seq)})) &&
+                   PyList_Append(rows, row) == 0;
         if (good) {
             nbytes += e->size;
             e->dirty = 0;
@@ -388,7 +401,9 @@ PyObject *kv_t0_written_back(PyObject *self, PyObject *args) {
                     PyObject *c = PyList_GET_ITEM(chunks, j);
                     long long seg, end, hdr;
                     good = attr_ll(c, A_SEG, &seg) && attr_ll(c, A_END, &end) && attr_ll(c, A_HDR_OFF, &hdr);
-                    PyObject *t = good ? Py_BuildValue("(LL)", seg, end - hdr) : NULL;
+                    PyObject *t = good ? steal_seq(0, 2, (PyObject *[]){PyLong_FromLongLong(seg),
+                                                                         PyLong_FromLongLong(end - hdr)})
+                                       : NULL;
                     untrack(t);
                     good = t != NULL && add_live(live, seg, end - hdr);
                     if (t) PyTuple_SET_ITEM(spans, j, t);

@@ -23,6 +23,25 @@ static inline void untrack(PyObject *o) {
     if (o && PyObject_GC_IsTracked(o)) PyObject_GC_UnTrack(o);
 }
 
+/* A tuple (or list) of n new references, stolen; NULL (and every one
+   released) if any is NULL or memory runs out. Py_BuildValue parses its
+   format on every call: these are made several times per put. */
+static inline PyObject *steal_seq(int list, Py_ssize_t n, PyObject **items) {
+    PyObject *seq = NULL;
+    int bad = 0;
+    for (Py_ssize_t i = 0; i < n; i++) bad |= items[i] == NULL;
+    if (!bad) seq = list ? PyList_New(n) : PyTuple_New(n);
+    if (!seq) {
+        for (Py_ssize_t i = 0; i < n; i++) Py_XDECREF(items[i]);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (list) PyList_SET_ITEM(seq, i, items[i]);
+        else PyTuple_SET_ITEM(seq, i, items[i]);
+    }
+    return seq;
+}
+
 /* An int field of o as a long long: 0, an error set, if it is missing, not
    an int or out of range. */
 static inline int attr_ll(PyObject *o, PyObject *name, long long *out) {

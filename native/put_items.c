@@ -9,8 +9,7 @@
  * The Python twin (kvfs/_native_py.py: t0_items) is the definition; the
  * tests hold both to the same results and the same errors.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "plan_fields.h"
 
 /* A key C can take as it is: str, 1-200 characters, all printable ASCII,
    no '/', not "." or "..". Anything else goes to Python's normalize_key
@@ -115,14 +114,14 @@ PyObject *kv_t0_items(PyObject *self, PyObject *args) {
             goto fail;
         }
         PyObject *m = meta == Py_None ? (Py_INCREF(Py_None), Py_None) : PyObject_CallOneArg(encode_meta, meta);
-        PyObject *t = m ? Py_BuildValue("(nNNLNOOO)", i, ok, k, sz, m, off, whole, parts) : NULL;
-        if (!t) {
-            if (!m) {
-                Py_DECREF(k);
-                Py_DECREF(ok);
-            }
+        if (!m) {
+            Py_DECREF(k);
+            Py_DECREF(ok);
             goto fail;
         }
+        PyObject *t = steal_seq(0, 8, (PyObject *[]){PyLong_FromSsize_t(i), ok, k, PyLong_FromLongLong(sz), m,
+                                                      Py_NewRef(off), Py_NewRef(whole), Py_NewRef(parts)});
+        if (!t) goto fail;
         int bad = PySet_Add(seen, PyTuple_GET_ITEM(t, 1)) < 0 || PyList_Append(fresh, t) < 0;
         Py_DECREF(t);
         if (bad) goto fail;
