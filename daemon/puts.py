@@ -84,13 +84,14 @@ class Puts(Space):
             raise
         return plan
 
-    def prepare_placed(self, ns: str, raw: list[Any], place: Callable[[int, int], int], *,
-                       may_evict: bool = True) -> PutPlan:
+    def prepare_placed(self, ns: str, raw: list[Any], res: list[int], *, may_evict: bool = True) -> PutPlan:
         """``prepare_put`` and ``set_client_sums`` of a put_t0 batch: ``raw``
         is its [key, size, meta, arena offset, sums] items, checked in one
-        pass (kvfs._native.t0_items) before anything is reserved, and
-        ``place(offset, size)`` carves item's arena extent out of the
-        client's reservation (raises InvalidArgument)."""
+        pass (kvfs._native.t0_items) before anything is reserved; each new
+        item's arena extent is carved out of the client's reservation
+        ``res`` = [rest, end] (its rest moves on, also when a later item
+        fails; InvalidArgument for a placement outside it, or once it is
+        used up)."""
         ns = normalize_ns(ns)
         nsb = ns.encode()
         nl = len(nsb)
@@ -103,13 +104,22 @@ class Puts(Space):
             self._make_room(need)
         ops: list[ObjPlan | None] = [None] * len(raw)
         plan = PutPlan(ns, ops, sizes)
+        assert self.t0 is not None
+        carve = self.t0.alloc.carve
+        rest, end = res
         try:
             touched, reserve = plan.touched, self._reserve
             with self._lock:
                 for i, ok, key, size, meta, off, whole, parts in fresh:
                     op = reserve(nl, ok, key, size, meta, touched)
                     ops[i] = op  # before the carve: an abort frees what it carved
-                    op.t0 = place(off, size)
+                    if rest >= end:
+                        raise InvalidArgument("the arena reservation is used up")
+                    try:
+                        rest = carve(rest, off, size)
+                    except ValueError as e:
+                        raise InvalidArgument(f"bad arena placement: {e}") from None
+                    op.t0 = off
                     op.via_t0 = True
                     op.checksum = whole
                     chunks = op.chunks
@@ -119,8 +129,10 @@ class Puts(Space):
                         for ch, c in zip(chunks, parts):
                             ch.checksum = c
         except BaseException:
+            res[0] = rest
             self.abort_put(plan)
             raise
+        res[0] = rest
         return plan
 
     # A client with the arena mapped takes a reservation once, places its

@@ -500,17 +500,11 @@ class Server:
         if r is None:
             raise InvalidArgument("no such arena reservation on this connection")
         raw = P.arg(args, "items", list)
-
-        def place(off: int, size: int) -> int:
-            if r[0] >= r[1]:
-                raise InvalidArgument("the arena reservation is used up")
-            r[0] = eng.carve_arena(r[0], off, size)
-            return off
         ns = P.arg(args, "ns", str)
         try:
-            plan = eng.prepare_placed(ns, raw, place, may_evict=False)
+            plan = eng.prepare_placed(ns, raw, r, may_evict=False)
         except NeedRoom:
-            plan = await self._thread(partial(eng.prepare_placed, ns, raw, place))
+            plan = await self._thread(partial(eng.prepare_placed, ns, raw, r))
         sync = eng.effective_sync(P.arg(args, "sync", bool, False))
         eng.publish_t0(plan)  # readable from T0 from here on
         if sync:

@@ -47,16 +47,6 @@ class Tiering(Puts):
                 return off, n
         return -1, 0
 
-    def carve_arena(self, rest: int, off: int, n: int) -> int:
-        """Make a client-placed value at ``off`` an extent of its own (see
-        PyArenaAllocator.carve); returns the reservation's new rest. Caller
-        holds the lock."""
-        assert self.t0 is not None
-        try:
-            return self.t0.alloc.carve(rest, off, n)
-        except ValueError as e:
-            raise InvalidArgument(f"bad arena placement: {e}") from None
-
     def release_arena(self, rest: int, end: int) -> None:
         """Give back what is left of a reservation."""
         if self.t0 is not None and rest < end:

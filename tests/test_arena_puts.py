@@ -76,7 +76,11 @@ def test_placements_outside_the_reservation_are_refused_and_publish_nothing(tmp_
                 c.call(P.PUT_T0, {"ns": "p", "res": rid, "items": bad})
         with pytest.raises(kvfs.InvalidArgument, match="no such arena reservation"):
             c.call(P.PUT_T0, {"ns": "p", "res": rid + 7, "items": []})
-        assert s.contains(["a", "b"], ns="p") == [False, False]
+        page = off + 4096  # a large value on a page, to the reservation's end; then one more
+        whole = [["c", off + size - page, None, page, s_], ["d", 100, None, off + size, s_]]
+        with pytest.raises(kvfs.InvalidArgument, match="used up"):  # a value past one that fills it
+            c.call(P.PUT_T0, {"ns": "p", "res": rid, "items": whole})
+        assert s.contains(["a", "b", "c", "d"], ns="p") == [False] * 4
         assert s.stats()["objects"] == 0
         s.put("fine", b"y" * 100_000, ns="p")  # the connection and the daemon go on
         assert s.get("fine", ns="p") == b"y" * 100_000

@@ -59,13 +59,9 @@ def _one_run(value: int, batches: int) -> dict[str, float]:
             off, size = eng.reserve_arena(BATCH * step + 4096)
             rest = [off, off + size]
             offs = [off + i * step for i in range(BATCH)]
-
-            def place(o: int, n: int) -> int:
-                rest[0] = eng.carve_arena(rest[0], o, n)
-                return o
             raw = [[f"b{b}-{j}", value, None, offs[j], sums] for j in range(BATCH)]
             t = time.perf_counter()
-            plan = eng.prepare_placed("default", raw, place, may_evict=False)
+            plan = eng.prepare_placed("default", raw, rest, may_evict=False)
             t2 = time.perf_counter()
             eng.publish_t0(plan)
             t3 = time.perf_counter()
