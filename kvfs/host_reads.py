@@ -93,16 +93,19 @@ class HostReads(Lookups):
         or a chunk failed verification (that path reads again and reports
         it). Keys and namespaces that are not plain ASCII are left to that
         path too, which checks them."""
-        # _direct() inlined (every get_into starts here): the generation is
-        # checked by dir_read after its copy against _fd_gen, the one the
-        # last located read caught up with; the counter only grows, so equal
-        # then means unchanged since, as _direct's check before the read
+        # _direct() inlined (every get_into starts here). The generation is
+        # checked before the copy too: after a removal the located path
+        # catches up first, rather than a large copy made only to be thrown
+        # away (a node that promotes and evicts bumps it often)
         d, gen, arena = self._dir, self._gen, self.arena
-        if d is None or gen is None or self._locs is None or self._fd_gen // EPOCH != self._epoch:
+        if d is None or gen is None or self._locs is None:
+            return -1
+        g = gen.value
+        if g != self._fd_gen or g // EPOCH != self._epoch:
             return -1
         try:
             n = native.backend.dir_read(d.mm, d.nslots, ns.encode(), key, arena.ro if arena is not None else None,
-                                        out, gen.buffer, self._fd_gen, self.verify, self.reader.threads,
+                                        out, gen.buffer, g, self.verify, self.reader.threads,
                                         self.reader.fds.by_id if native.name == "native" else None)
         except (TypeError, ValueError, BufferError):
             return -1  # not a plain writable host buffer, or a mapping closed by a reconnect
