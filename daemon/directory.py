@@ -65,9 +65,14 @@ class DirectoryWriter:
         self._put_entry, self._put_entries = native.backend.dir_put_entry, native.backend.dir_put_entries
         self._del = native.backend.dir_del
 
+    @property
+    def outside(self) -> int:
+        """Resident objects in no slot (at least: see the invariants)."""
+        return max(0, self.resident() - self.entries)
+
     def _counts(self) -> None:
         U64.pack_into(self.mm, ENTRIES_AT, self.entries)
-        U64.pack_into(self.mm, OUTSIDE_AT, max(0, self.resident() - self.entries))
+        U64.pack_into(self.mm, OUTSIDE_AT, self.outside)
 
     def _tick(self) -> None:
         """The clock every slot write stamps, one tick per write call (the
@@ -118,7 +123,7 @@ class DirectoryWriter:
         self._counts()
 
     def stats(self) -> dict[str, Any]:
-        outside = max(0, self.resident() - self.entries)
+        outside = self.outside
         return {"path": str(self.path), "slots": self.nslots, "entries": self.entries, "outside": outside,
                 "displaced": self.displaced, "complete": not outside, "probe_buckets": PROBE, "bucket": BUCKET,
                 "max_chunks": MAX_CHUNKS}

@@ -167,7 +167,7 @@ class Engine(Recovery):
                 hit.append(ok)
                 ms.append(m)
                 out.append(m.wire)
-            if hit and self.dir is not None and len(lru) > self.dir.entries:
+            if hit and self.dir is not None and self.dir.outside:
                 # a full directory: what is read now (maybe outside it) takes
                 # the coldest slots, so the next reader finds it there
                 self.dir.enter_many(hit, ms)

@@ -129,10 +129,10 @@ class Puts(Space):
                         for ch, c in zip(chunks, parts):
                             ch.checksum = c
         except BaseException:
-            res[0] = rest
             self.abort_put(plan)
             raise
-        res[0] = rest
+        finally:
+            res[0] = rest  # what was carved stays carved: the rest moved on
         return plan
 
     # A client with the arena mapped takes a reservation once, places its

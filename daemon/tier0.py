@@ -46,8 +46,7 @@ class Tier0:
         self.lru: OrderedDict[bytes, Any] = OrderedDict()
         self.dirty: dict[bytes, Any] = {}  # filled by a T0 put's publication (kvfsd.mirror.t0_publish)
         self.bytes = 0  # logical bytes of resident objects
-        self._leased = leased.__contains__
-        self._leased_objs = leased
+        self._leased = leased
         self._evict_round = native.backend.t0_evict_round
         self._bump = bump_generation
         self._changed = changed  # objects' T0 locations changed (the directory follows): (keys, entries)
@@ -88,7 +87,7 @@ class Tier0:
         for the round, not one per object (a 32 MiB reservation of 4 KiB
         values evicts thousands). Their extents may not be contiguous: the
         caller tries again and asks for another round. False: nothing to evict."""
-        oks, ms, offs, nbytes = self._evict_round(self.lru, self.dirty, self._leased_objs, size)
+        oks, ms, offs, nbytes = self._evict_round(self.lru, self.dirty, self._leased, size)
         if not oks:
             return False
         self.bytes -= nbytes
@@ -125,7 +124,7 @@ class Tier0:
             self.release_extent(ok, off)
 
     def release_extent(self, ok: bytes, off: int) -> None:
-        if self._leased(ok):
+        if ok in self._leased:
             self.zombies.setdefault(ok, []).append(off)
         else:
             self.alloc.free(off)
