@@ -24,7 +24,8 @@ setup(
         "kvfs._native", ["native/kvfs_native.c", "native/hash_generic.c", "native/hash_avx2.c",
                           "native/directory.c", "native/socket_wait.c", "native/records.c",
                           "native/mirror.c", "native/put_items.c",
-                          "native/write_back.c", "native/arena_alloc.c"],
+                          "native/write_back.c", "native/arena_alloc.c", "native/plans.c",
+                          "native/placement.c"],
         include_dirs=["native", "kvfs"],  # kvfs/xxh3_lanes.h: shared with the GPU kernels
         extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wno-missing-field-initializers"],
         libraries=["pthread"],

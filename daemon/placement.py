@@ -15,13 +15,13 @@ import errno
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import xxhash
 
 from kvfs import format as fmt
 from kvfs import native
-from kvfs.errors import CapacityError
+from kvfs.errors import CapacityError, InvalidArgument
 
 from .engine_state import EngineState
 from .fileperms import Kind
@@ -52,36 +52,34 @@ class Placement(EngineState):
         n = -(-size // su)
         return sum(fmt.record_span(nl, kl, min(su, size - i * su)) for i in range(n))
 
-    def _reserve(self, nl: int, ok: bytes, key: str, size: int, meta: bytes | None, touched: set[int]) -> ObjPlan:
-        """Plan object ``ok`` (``nl``: its namespace's utf-8 length): a
-        sequence number and its chunks, striped from the next stripe round
-        robin. Caller holds the lock."""
-        seq = self._next_seq
-        self._next_seq = seq + 1
-        nstripes = len(self.cfg.stripes)
-        start = self._rr
-        self._rr = (start + 1) % nstripes
-        kl = len(ok) - nl - 1
-        su = self.stripe_unit
-        if size <= su:
-            return ObjPlan(key, size, meta, seq, [self._place_chunk(start, nl, kl, 0, size, touched)], ok)
-        n = -(-size // su)
-        chunks = [self._place_chunk((start + i) % nstripes, nl, kl, i, min(su, size - i * su), touched)
-                  for i in range(n)]
-        return ObjPlan(key, size, meta, seq, chunks, ok, xxhash.xxh3_128())
+    def _place(self, items: list[Any], at: int, nl: int, touched: set[int], out: list[ObjPlan | None],
+               carve: Callable[[int, int, int], int] | None = None, res: list[int] | None = None) -> None:
+        """Plan each of ``items`` (``native.backend.place_items``: its
+        (object key, key, size, meta) at ``at``; ``nl``: the namespace's
+        utf-8 length): a sequence number and its chunks, striped from the
+        next stripe round robin, reserved at the end of their stripes' open
+        segments; its ObjPlan appended to ``out``, None for an item that
+        is None. With ``carve`` also its arena extent, out of ``res``.
+        Caller holds the lock; what was placed before an error is in
+        ``out``, for the caller to abort."""
+        state = [self._next_seq, self._rr, 0]
+        try:
+            native.backend.place_items(items, at, nl, self.stripe_unit, self.cfg.segment_size, len(self.cfg.stripes),
+                                       state, self.open_seg, self.segs, touched, self._segment_for,
+                                       xxhash.xxh3_128, out, carve, res, InvalidArgument)
+        finally:
+            self._next_seq, self._rr = state[0], state[1]
+            self._usage += state[2]
 
     def _place_chunk(self, stripe: int, nl: int, kl: int, i: int, length: int, touched: set[int]) -> ChunkPlan:
         """Reserve room for chunk ``i`` at the end of ``stripe``'s open
         segment. Caller holds the lock."""
         seg = self._segment_for(stripe, fmt.record_span(nl, kl, length))
         start = seg.end
-        hdr, pay, end = fmt.place_record(start, nl, kl, length)
-        self._usage += end - start
-        seg.end = end
-        seg.reserved[start] = end
-        sid = seg.seg
-        touched.add(sid)
-        return ChunkPlan(stripe, sid, hdr, pay, end, length, i * self.stripe_unit, i, b"", start)
+        ch = native.backend.place_chunk(seg, stripe, nl, kl, i, length, self.stripe_unit)
+        self._usage += seg.end - start
+        touched.add(seg.seg)
+        return ch
 
     def _segment_for(self, stripe: int, span: int) -> SegState:
         sid = self.open_seg.get(stripe)

@@ -71,14 +71,14 @@ class Puts(Space):
             self._make_room(need)
         plan = PutPlan(ns, [], sizes)
         try:
-            ops, touched, reserve = plan.items, plan.touched, self._reserve
             with self._lock:
-                for f in fresh:
-                    maybe = None if f is None else reserve(nl, *f, touched)
-                    if maybe is not None and t0 and self.t0 is not None and self.t0.fits(maybe.size):
-                        maybe.t0 = self.t0.reserve(maybe.size)
-                        maybe.via_t0 = maybe.t0 >= 0
-                    ops.append(maybe)
+                self._place(fresh, 0, nl, plan.touched, plan.items)
+                t0s = self.t0 if t0 else None
+                if t0s is not None:
+                    for op in plan.items:
+                        if op is not None and t0s.fits(op.size):
+                            op.t0 = t0s.reserve(op.size)
+                            op.via_t0 = op.t0 >= 0
         except BaseException:
             self.abort_put(plan)
             raise
@@ -102,37 +102,19 @@ class Puts(Space):
             if not may_evict:
                 raise NeedRoom(need)
             self._make_room(need)
-        ops: list[ObjPlan | None] = [None] * len(raw)
-        plan = PutPlan(ns, ops, sizes)
+        placed: list[ObjPlan | None] = []
+        plan = PutPlan(ns, placed, sizes)
         assert self.t0 is not None
-        carve = self.t0.alloc.carve
-        rest, end = res
         try:
-            touched, reserve = plan.touched, self._reserve
             with self._lock:
-                for i, ok, key, size, meta, off, whole, parts in fresh:
-                    op = reserve(nl, ok, key, size, meta, touched)
-                    ops[i] = op  # before the carve: an abort frees what it carved
-                    if rest >= end:
-                        raise InvalidArgument("the arena reservation is used up")
-                    try:
-                        rest = carve(rest, off, size)
-                    except ValueError as e:
-                        raise InvalidArgument(f"bad arena placement: {e}") from None
-                    op.t0 = off
-                    op.via_t0 = True
-                    op.checksum = whole
-                    chunks = op.chunks
-                    if len(chunks) == 1:
-                        chunks[0].checksum = parts[0]
-                    else:
-                        for ch, c in zip(chunks, parts):
-                            ch.checksum = c
+                self._place(fresh, 1, nl, plan.touched, placed, self.t0.alloc.carve, res)
         except BaseException:
-            self.abort_put(plan)
+            self.abort_put(plan)  # what was carved is freed, the rest of the reservation moved on
             raise
-        finally:
-            res[0] = rest  # what was carved stays carved: the rest moved on
+        ops: list[ObjPlan | None] = [None] * len(raw)
+        for f, op in zip(fresh, placed):
+            ops[f[0]] = op
+        plan.items = ops
         return plan
 
     # A client with the arena mapped takes a reservation once, places its

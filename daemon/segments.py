@@ -14,10 +14,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .mirror import MemEntry
+from kvfs import native
 
 
 @dataclass
@@ -59,50 +58,11 @@ class SegState:
             self.fd = -1
 
 
-@dataclass(slots=True)  # one or more per object put: slots make them cheaper to make and read
-class ChunkPlan:
-    stripe: int
-    seg: int
-    hdr_off: int
-    payload_off: int
-    end: int
-    length: int
-    chunk_off: int
-    idx: int
-    checksum: bytes = b""
-    start: int = -1  # where the reservation begins (the segment's end before it)
-
-
-@dataclass(slots=True)
-class ObjPlan:
-    key: str
-    size: int
-    meta: bytes | None
-    seq: int
-    chunks: list[ChunkPlan]
-    ok: bytes = b""  # the object key (kvfsd.index.obj_key), encoded once per put
-    hasher: Any = None  # running xxh3-128 of the whole value (multi-chunk)
-    checksum: bytes = b""
-    t0: int = -1  # arena extent the client fills (T0 put), -1: the client writes T1 itself
-    via_t0: bool = False  # a T0 put item (stays True after t0 is handed to ``mem``)
-    mem: "MemEntry | None" = None  # the dirty mirror entry publish_t0 made
-    t0_stored: bool = False  # publish_t0's answer for this item
-
-    def exts(self) -> tuple[tuple[Any, ...], ...]:
-        """Its chunks as the mirror keeps them: (stripe, seg, payload_off, length, sum)."""
-        cs = self.chunks
-        if len(cs) == 1:  # most puts: no generator (twice per T0 put)
-            c = cs[0]
-            return ((c.stripe, c.seg, c.payload_off, c.length, c.checksum),)
-        return tuple((c.stripe, c.seg, c.payload_off, c.length, c.checksum) for c in cs)
-
-    def spans(self) -> tuple[tuple[int, int], ...]:
-        """(segment, record bytes from header to aligned end) per chunk."""
-        cs = self.chunks
-        if len(cs) == 1:
-            c = cs[0]
-            return ((c.seg, c.end - c.hdr_off),)
-        return tuple((c.seg, c.end - c.hdr_off) for c in cs)
+if TYPE_CHECKING:
+    from kvfs._native_py import ChunkPlan, ObjPlan
+else:  # chosen once, as the mirror's MemEntry: the C types, or their twins in kvfs._native_py
+    ChunkPlan = native.backend.ChunkPlan
+    ObjPlan = native.backend.ObjPlan
 
 
 @dataclass

@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import xxhash
@@ -272,6 +273,56 @@ def recv_spin(sock: Any, buf: Any, spin_ns: int) -> int:
         except BlockingIOError:
             continue
     return int(sock.recv_into(buf))
+
+
+@dataclass(slots=True)
+class ChunkPlan:
+    """One chunk's reservation of a put (kvfsd.segments): native/plans.c's twin."""
+
+    stripe: int
+    seg: int
+    hdr_off: int
+    payload_off: int
+    end: int
+    length: int
+    chunk_off: int
+    idx: int
+    checksum: bytes = b""
+    start: int = -1  # where the reservation begins (the segment's end before it)
+
+
+@dataclass(slots=True)
+class ObjPlan:
+    """One object's put plan (kvfsd.segments): native/plans.c's twin."""
+
+    key: str
+    size: int
+    meta: bytes | None
+    seq: int
+    chunks: list[ChunkPlan]
+    ok: bytes = b""  # the object key (kvfsd.index.obj_key), encoded once per put
+    hasher: Any = None  # running xxh3-128 of the whole value (multi-chunk)
+    checksum: bytes = b""
+    t0: int = -1  # arena extent the client fills (T0 put), -1: the client writes T1 itself
+    via_t0: bool = False  # a T0 put item (stays True after t0 is handed to ``mem``)
+    mem: MemEntry | None = None  # the dirty mirror entry publish_t0 made
+    t0_stored: bool = False  # publish_t0's answer for this item
+
+    def exts(self) -> tuple[tuple[Any, ...], ...]:
+        """Its chunks as the mirror keeps them: (stripe, seg, payload_off, length, sum)."""
+        cs = self.chunks
+        if len(cs) == 1:  # most puts: no generator (twice per T0 put)
+            c = cs[0]
+            return ((c.stripe, c.seg, c.payload_off, c.length, c.checksum),)
+        return tuple((c.stripe, c.seg, c.payload_off, c.length, c.checksum) for c in cs)
+
+    def spans(self) -> tuple[tuple[int, int], ...]:
+        """(segment, record bytes from header to aligned end) per chunk."""
+        cs = self.chunks
+        if len(cs) == 1:
+            c = cs[0]
+            return ((c.seg, c.end - c.hdr_off),)
+        return tuple((c.seg, c.end - c.hdr_off) for c in cs)
 
 
 class MemEntry:
@@ -599,3 +650,81 @@ def release_chunks(ops: list[Any], segs: dict[int, Any]) -> tuple[list[int], lis
             frees.append(op.t0)
         op.t0 = -1
     return touched, frees
+
+
+def place_chunk(seg: Any, stripe: int, nl: int, kl: int, i: int, length: int, stripe_unit: int) -> ChunkPlan:
+    """Reserve chunk ``i`` of ``length`` bytes at the end of ``seg`` (a
+    kvfsd.segments.SegState with room for it): its ChunkPlan, the segment's
+    end moved past it and the reservation in its ``reserved``."""
+    from .format import place_record
+    start = seg.end
+    hdr, pay, end = place_record(start, nl, kl, length)
+    seg.end = end
+    seg.reserved[start] = end
+    return ChunkPlan(stripe, seg.seg, hdr, pay, end, length, i * stripe_unit, i, b"", start)
+
+
+def place_items(items: list[Any], at: int, nl: int, stripe_unit: int, segment_size: int, nstripes: int,
+                state: list[int], open_seg: dict[int, int], segs: dict[int, Any], touched: set[int],
+                segment_for: Callable[[int, int], Any], new_hasher: Callable[[], Any], out: list[Any],
+                carve: Callable[[int, int, int], int] | None = None, res: list[int] | None = None,
+                error: type[Exception] = ValueError) -> None:
+    """The placement layer's loop (kvfsd.placement; native/placement.c's
+    twin). Per item of ``items`` (None: None appended to ``out``), its
+    (object key, key, size, meta) at ``at``..``at``+3: the next sequence
+    number (``state[0]``), its chunks striped from the next stripe round
+    robin (``state[1]``), each reserved at the end of its stripe's open
+    segment (``open_seg``: stripe -> segment, ``segs``: segment ->
+    SegState), or of the one ``segment_for(stripe, span)`` opens when that
+    has no room; the bytes reserved are added to ``state[2]``, the segments
+    to ``touched``, and its ObjPlan (with ``new_hasher()`` if it has several
+    chunks) appended to ``out`` once its chunks are reserved.
+
+    With ``carve`` (a batch the client placed in its arena reservation
+    ``res`` = [rest, end]): each item's (arena offset, object sum, [chunk
+    sums]) follow at ``at``+4..+6, and its extent is carved out of the
+    reservation after its plan is in ``out`` (``res[0]`` moves on); then
+    it is a T0 item with those sums. ``error`` for a placement outside the
+    reservation, or once it is used up. ``state`` and ``res`` hold what was
+    done also when an error stops the loop."""
+    from .format import record_span
+    su = stripe_unit
+    for it in items:
+        if it is None:
+            out.append(None)
+            continue
+        ok, key, size, meta = it[at:at + 4]
+        kl = len(ok) - nl - 1
+        seq, start = state[0], state[1]
+        state[0], state[1] = seq + 1, (start + 1) % nstripes
+        n = 1 if size <= su else -(-size // su)
+        chunks = []
+        for i in range(n):
+            stripe = (start + i) % nstripes
+            length = size if n == 1 else min(su, size - i * su)
+            span = record_span(nl, kl, length)
+            sid = open_seg.get(stripe)
+            seg = None if sid is None else segs[sid]
+            if seg is None or not (seg.end + span <= segment_size or seg.end == 0):
+                seg = segment_for(stripe, span)
+            before = seg.end
+            chunks.append(place_chunk(seg, stripe, nl, kl, i, length, su))
+            state[2] += seg.end - before
+            touched.add(seg.seg)
+        op = ObjPlan(key, size, meta, seq, chunks, ok, new_hasher() if n > 1 else None)
+        out.append(op)
+        if carve is None:
+            continue
+        assert res is not None
+        off, whole, parts = it[at + 4:at + 7]
+        if res[0] >= res[1]:
+            raise error("the arena reservation is used up")
+        try:
+            res[0] = carve(res[0], off, size)
+        except ValueError as e:
+            raise error(f"bad arena placement: {e}") from None
+        op.t0 = off
+        op.via_t0 = True
+        op.checksum = whole
+        for ch, c in zip(chunks, parts):
+            ch.checksum = c

@@ -1054,8 +1054,11 @@ PyObject *kv_release_chunks(PyObject *self, PyObject *args);
 PyObject *kv_t0_evict_round(PyObject *self, PyObject *args);
 PyObject *kv_t0_items(PyObject *self, PyObject *args); /* put_items.c */
 PyObject *kv_t0_write_records(PyObject *self, PyObject *args); /* write_back.c */
+PyObject *kv_place_items(PyObject *self, PyObject *args);      /* placement.c */
+PyObject *kv_place_chunk(PyObject *self, PyObject *args);      /* placement.c */
 extern PyTypeObject MemEntryType;
 extern PyTypeObject ArenaAllocatorType; /* arena_alloc.c */
+extern PyTypeObject ObjPlanType, ChunkPlanType;  /* plans.c */
 
 static PyMethodDef methods[] = {
     {"dir_probe", kv_dir_probe, METH_VARARGS,
@@ -1097,6 +1100,13 @@ static PyMethodDef methods[] = {
     {"t0_evict_round", kv_t0_evict_round, METH_VARARGS,
      "t0_evict_round(lru, dirty, leased, need) -> (keys, entries, arena offsets, bytes): one eviction round "
      "of T0 (native/mirror.c)"},
+    {"place_items", kv_place_items, METH_VARARGS,
+     "place_items(items, at, nl, stripe_unit, segment_size, nstripes, state, open_seg, segs, touched, segment_for, "
+     "new_hasher, out, carve=None, res=None, error=ValueError) -> None: the placement layer's loop, a plan per item "
+     "appended to out (native/placement.c; kvfs._native_py.place_items is the definition)"},
+    {"place_chunk", kv_place_chunk, METH_VARARGS,
+     "place_chunk(seg, stripe, nl, kl, i, length, stripe_unit) -> ChunkPlan: chunk i reserved at the end of seg "
+     "(kvfs._native_py.place_chunk)"},
     {"release_chunks", kv_release_chunks, METH_VARARGS,
      "release_chunks(ops, segs) -> ([segments touched], [arena extents never published]): a plan's chunk "
      "reservations released (native/mirror.c)"},
@@ -1140,7 +1150,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "kvfs._native",
 
 PyMODINIT_FUNC PyInit__native(void) {
     if (PyType_Ready(&AlignedBufferType) < 0 || PyType_Ready(&MemEntryType) < 0 ||
-        PyType_Ready(&ArenaAllocatorType) < 0)
+        PyType_Ready(&ArenaAllocatorType) < 0 || PyType_Ready(&ObjPlanType) < 0 || PyType_Ready(&ChunkPlanType) < 0)
         return NULL;
 #if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
@@ -1160,15 +1170,10 @@ PyMODINIT_FUNC PyInit__native(void) {
     online_cpus = ncpu > 1 ? (int)(ncpu > MAX_THREADS ? MAX_THREADS : ncpu) : 1;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
-    Py_INCREF(&MemEntryType);
-    if (PyModule_AddObject(m, "MemEntry", (PyObject *)&MemEntryType) < 0) {
-        Py_DECREF(&MemEntryType);
-        Py_DECREF(m);
-        return NULL;
-    }
-    Py_INCREF(&ArenaAllocatorType);
-    if (PyModule_AddObject(m, "ArenaAllocator", (PyObject *)&ArenaAllocatorType) < 0) {
-        Py_DECREF(&ArenaAllocatorType);
+    if (PyModule_AddObjectRef(m, "MemEntry", (PyObject *)&MemEntryType) < 0 ||
+        PyModule_AddObjectRef(m, "ArenaAllocator", (PyObject *)&ArenaAllocatorType) < 0 ||
+        PyModule_AddObjectRef(m, "ObjPlan", (PyObject *)&ObjPlanType) < 0 ||
+        PyModule_AddObjectRef(m, "ChunkPlan", (PyObject *)&ChunkPlanType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

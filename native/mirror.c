@@ -163,62 +163,6 @@ int kv_mem_entry_fields(PyObject *m, long long *size, long long *seq, PyObject *
 
 /* ---- t0_publish: publish_t0's per-object loop (kvfsd.tiering) ---------- */
 
-static PyObject *A_OK, *A_T0, *A_SIZE, *A_CHECKSUM, *A_SEQ, *A_CHUNKS, *A_META, *A_KEY, *A_MEM, *A_T0_STORED,
-    *A_STRIPE, *A_SEG, *A_PAYLOAD_OFF, *A_LENGTH, *A_END, *A_HDR_OFF;
-
-static int names(void) {
-    if (A_OK) return 1;
-    return INTERN(A_T0, "t0") && INTERN(A_SIZE, "size") && INTERN(A_CHECKSUM, "checksum") && INTERN(A_SEQ, "seq") &&
-           INTERN(A_CHUNKS, "chunks") && INTERN(A_META, "meta") && INTERN(A_KEY, "key") && INTERN(A_MEM, "mem") &&
-           INTERN(A_T0_STORED, "t0_stored") && INTERN(A_STRIPE, "stripe") && INTERN(A_SEG, "seg") &&
-           INTERN(A_PAYLOAD_OFF, "payload_off") && INTERN(A_LENGTH, "length") && INTERN(A_END, "end") &&
-           INTERN(A_HDR_OFF, "hdr_off") && INTERN(A_OK, "ok");
-}
-
-/* (exts tuple, [chunk sums]) of an ObjPlan's chunks. */
-static int chunk_views(PyObject *chunks, PyObject **exts, PyObject **sums) {
-    if (!PyList_Check(chunks)) {
-        PyErr_SetString(PyExc_TypeError, "a plan's chunks are a list");
-        return 0;
-    }
-    Py_ssize_t n = PyList_GET_SIZE(chunks);
-    *exts = PyTuple_New(n);
-    *sums = PyList_New(n);
-    if (!*exts || !*sums) goto fail;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *c = PyList_GET_ITEM(chunks, i);
-        PyObject *stripe = PyObject_GetAttr(c, A_STRIPE);
-        PyObject *seg = stripe ? PyObject_GetAttr(c, A_SEG) : NULL;
-        PyObject *poff = seg ? PyObject_GetAttr(c, A_PAYLOAD_OFF) : NULL;
-        PyObject *len = poff ? PyObject_GetAttr(c, A_LENGTH) : NULL;
-        PyObject *sum = len ? PyObject_GetAttr(c, A_CHECKSUM) : NULL;
-        if (!sum) {
-            Py_XDECREF(stripe);
-            Py_XDECREF(seg);
-            Py_XDECREF(poff);
-            Py_XDECREF(len);
-            goto fail;
-        }
-        Py_INCREF(sum);
-        PyList_SET_ITEM(*sums, i, sum);
-        PyObject *t = PyTuple_Pack(5, stripe, seg, poff, len, sum);
-        untrack(t);
-        Py_DECREF(stripe);
-        Py_DECREF(seg);
-        Py_DECREF(poff);
-        Py_DECREF(len);
-        Py_DECREF(sum);
-        if (!t) goto fail;
-        PyTuple_SET_ITEM(*exts, i, t);
-    }
-    untrack(*exts);
-    return 1;
-fail:
-    Py_CLEAR(*exts);
-    Py_CLEAR(*sums);
-    return 0;
-}
-
 /* t0_publish(ns, ops, lru, dirty, now) -> (keys, entries, journal rows, new bytes, [existing ops])
    For each T0 item of a plan (op not None, op.t0 >= 0) whose object key is
    not in lru: a dirty MemEntry (meta and created set), in lru and in dirty
@@ -235,7 +179,6 @@ PyObject *kv_t0_publish(PyObject *self, PyObject *args) {
     double now;
     if (!PyArg_ParseTuple(args, "UO!O!O!d", &ns, &PyList_Type, &ops, &PyDict_Type, &lru, &PyDict_Type, &dirty, &now))
         return NULL;
-    if (!names()) return NULL;
     PyObject *oks = PyList_New(0), *ms = PyList_New(0), *rows = PyList_New(0), *existing = PyList_New(0);
     PyObject *none_spans = PyTuple_New(0);
     long long new_bytes = 0;
@@ -244,9 +187,9 @@ PyObject *kv_t0_publish(PyObject *self, PyObject *args) {
         PyObject *op = PyList_GET_ITEM(ops, i);
         if (op == Py_None) continue;
         long long t0, size = 0, seq = 0;
-        if (!attr_ll(op, A_T0, &t0)) goto fail;
+        if (!OBJ_LL(op, t0, &t0)) goto fail;
         if (t0 < 0) continue;
-        PyObject *ok = PyObject_GetAttr(op, A_OK);
+        PyObject *ok = OBJ_GET(op, ok);
         if (!ok) goto fail;
         int there = PyDict_Contains(lru, ok);
         if (there) {
@@ -256,10 +199,9 @@ PyObject *kv_t0_publish(PyObject *self, PyObject *args) {
         }
         PyObject *sum = NULL, *chunks = NULL, *exts = NULL, *sums = NULL, *m = NULL, *meta = NULL, *key = NULL,
                  *row = NULL;
-        int good = attr_ll(op, A_SIZE, &size) && attr_ll(op, A_SEQ, &seq) &&
-                   (sum = PyObject_GetAttr(op, A_CHECKSUM)) && (chunks = PyObject_GetAttr(op, A_CHUNKS)) &&
-                   chunk_views(chunks, &exts, &sums) && (meta = PyObject_GetAttr(op, A_META)) &&
-                   (key = PyObject_GetAttr(op, A_KEY)) &&
+        int good = OBJ_LL(op, size, &size) && OBJ_LL(op, seq, &seq) && (sum = OBJ_GET(op, checksum)) &&
+                   (chunks = OBJ_GET(op, chunks)) && (exts = kv_plan_exts(chunks, &sums)) && (meta = OBJ_GET(op, meta)) &&
+                   (key = OBJ_GET(op, key)) &&
                    (m = new_entry(&MemEntryType, size, sum, seq, exts, none_spans, t0, 1));
         if (good) {
             MemEntryObject *e = (MemEntryObject *)m;
@@ -270,8 +212,8 @@ PyObject *kv_t0_publish(PyObject *self, PyObject *args) {
             Py_SETREF(e->meta, meta);
             e->created = now;
             good = PyObject_SetItem(lru, ok, m) == 0 && PyObject_SetItem(dirty, ok, m) == 0 &&
-                   PyList_Append(oks, ok) == 0 && PyList_Append(ms, m) == 0 && PyObject_SetAttr(op, A_MEM, m) == 0 &&
-                   PyObject_SetAttr(op, A_T0_STORED, Py_True) == 0 &&
+                   PyList_Append(oks, ok) == 0 && PyList_Append(ms, m) == 0 && OBJ_SET(op, mem, m) == 0 &&
+                   OBJ_SET_BOOL(op, t0_stored, 1) == 0 &&
                    (row = steal_seq(1, 8, (PyObject *[]){Py_NewRef(ns), Py_NewRef(key), PyLong_FromLongLong(seq),
                                                           PyLong_FromLongLong(size), PyLong_FromLongLong(t0),
                                                           Py_NewRef(sum), Py_NewRef(sums), Py_NewRef(meta)})) &&
@@ -341,7 +283,6 @@ PyObject *kv_t0_written_back(PyObject *self, PyObject *args) {
     PyObject *ns, *done, *lru, *t0_lru, *t0_dirty;
     if (!PyArg_ParseTuple(args, "UO!OOO!", &ns, &PyList_Type, &done, &lru, &t0_lru, &PyDict_Type, &t0_dirty))
         return NULL;
-    if (!names()) return NULL;
     PyObject *oks = PyList_New(0), *ms = PyList_New(0), *rows = PyList_New(0), *live = PyDict_New(),
              *gone = PyList_New(0);
     long long nbytes = 0;
@@ -355,7 +296,7 @@ PyObject *kv_t0_written_back(PyObject *self, PyObject *args) {
         PyObject *op = PyTuple_GET_ITEM(pair, 0);
         int published = PyObject_IsTrue(PyTuple_GET_ITEM(pair, 1));
         if (published < 0) goto fail;
-        PyObject *m = PyObject_GetAttr(op, A_MEM);
+        PyObject *m = OBJ_GET(op, mem);
         if (!m) goto fail;
         if (Py_TYPE(m) != &MemEntryType) {
             Py_DECREF(m);
@@ -368,7 +309,7 @@ PyObject *kv_t0_written_back(PyObject *self, PyObject *args) {
             continue;
         }
         PyObject *ok = NULL, *key = NULL, *row = NULL, *chunks = NULL, *spans = NULL, *cur = NULL;
-        int good = (ok = PyObject_GetAttr(op, A_OK)) && (key = PyObject_GetAttr(op, A_KEY)) &&
+        int good = (ok = OBJ_GET(op, ok)) && (key = OBJ_GET(op, key)) &&
                    (row = steal_seq(1, 3, (PyObject *[]){Py_NewRef(ns), Py_NewRef(key), PyLong_FromLongLong(e->seq)})) &&
                    PyList_Append(rows, row) == 0;
         if (good) {
@@ -388,7 +329,7 @@ PyObject *kv_t0_written_back(PyObject *self, PyObject *args) {
             int in_t0 = PyDict_Contains(t0_dirty, ok);
             good = in_t0 >= 0 && (!in_t0 || (PyDict_DelItem(t0_dirty, ok) == 0 &&
                                              PyObject_SetItem(t0_lru, ok, m) == 0)) &&
-                   (chunks = PyObject_GetAttr(op, A_CHUNKS)) != NULL;
+                   (chunks = OBJ_GET(op, chunks)) != NULL;
             if (good && !PyList_Check(chunks)) {
                 PyErr_SetString(PyExc_TypeError, "a plan's chunks are a list");
                 good = 0;
@@ -400,7 +341,7 @@ PyObject *kv_t0_written_back(PyObject *self, PyObject *args) {
                 for (Py_ssize_t j = 0; good && j < n; j++) {
                     PyObject *c = PyList_GET_ITEM(chunks, j);
                     long long seg, end, hdr;
-                    good = attr_ll(c, A_SEG, &seg) && attr_ll(c, A_END, &end) && attr_ll(c, A_HDR_OFF, &hdr);
+                    good = CHUNK_LL(c, seg, &seg) && CHUNK_LL(c, end, &end) && CHUNK_LL(c, hdr_off, &hdr);
                     PyObject *t = good ? steal_seq(0, 2, (PyObject *[]){PyLong_FromLongLong(seg),
                                                                          PyLong_FromLongLong(end - hdr)})
                                        : NULL;
@@ -542,26 +483,19 @@ fail:
    skipped), each op's chunks become [] (released once only) and its t0 -1;
    an arena extent that was never published (op.mem None) is returned for
    the caller to free. Caller holds the engine lock. */
-static PyObject *R_CHUNKS, *R_SEG, *R_START, *R_RESERVED, *R_T0, *R_MEM;
+static PyObject *R_RESERVED;
 
 PyObject *kv_release_chunks(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *ops, *segs;
     if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &ops, &PyDict_Type, &segs)) return NULL;
-    if (!R_MEM) {
-        if (!(R_CHUNKS = PyUnicode_InternFromString("chunks")) || !(R_SEG = PyUnicode_InternFromString("seg")) ||
-            !(R_START = PyUnicode_InternFromString("start")) ||
-            !(R_RESERVED = PyUnicode_InternFromString("reserved")) || !(R_T0 = PyUnicode_InternFromString("t0")) ||
-            !(R_MEM = PyUnicode_InternFromString("mem")))
-            return NULL;
-    }
+    if (!R_RESERVED && !INTERN(R_RESERVED, "reserved")) return NULL;
     PyObject *touched = PyList_New(0), *frees = PyList_New(0), *seen = PySet_New(NULL), *empty = NULL;
-    PyObject *minus1 = PyLong_FromLong(-1);
-    if (!touched || !frees || !seen || !minus1) goto fail;
+    if (!touched || !frees || !seen) goto fail;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(ops); i++) {
         PyObject *op = PyList_GET_ITEM(ops, i);
         if (op == Py_None) continue;
-        PyObject *chunks = PyObject_GetAttr(op, R_CHUNKS);
+        PyObject *chunks = OBJ_GET(op, chunks);
         if (!chunks) goto fail;
         if (!PyList_Check(chunks)) {
             Py_DECREF(chunks);
@@ -571,8 +505,10 @@ PyObject *kv_release_chunks(PyObject *self, PyObject *args) {
         int good = 1;
         for (Py_ssize_t j = 0; good && j < PyList_GET_SIZE(chunks); j++) {
             PyObject *c = PyList_GET_ITEM(chunks, j);
-            PyObject *seg = PyObject_GetAttr(c, R_SEG), *start = seg ? PyObject_GetAttr(c, R_START) : NULL;
-            good = start != NULL;
+            long long segn, startn;
+            PyObject *seg = NULL, *start = NULL;
+            good = CHUNK_LL(c, seg, &segn) && CHUNK_LL(c, start, &startn) && (seg = PyLong_FromLongLong(segn)) &&
+                   (start = PyLong_FromLongLong(startn));
             PyObject *s = good ? PyDict_GetItemWithError(segs, seg) : NULL; /* borrowed */
             if (good && s) {
                 PyObject *res = PyObject_GetAttr(s, R_RESERVED);
@@ -593,31 +529,24 @@ PyObject *kv_release_chunks(PyObject *self, PyObject *args) {
         Py_DECREF(chunks);
         if (!good) goto fail;
         empty = PyList_New(0);
-        if (!empty || PyObject_SetAttr(op, R_CHUNKS, empty) < 0) goto fail; /* released once only */
+        if (!empty || OBJ_SET(op, chunks, empty) < 0) goto fail; /* released once only */
         Py_CLEAR(empty);
-        PyObject *t0 = PyObject_GetAttr(op, R_T0);
-        if (!t0) goto fail;
-        long long off = PyLong_AsLongLong(t0);
-        if (off == -1 && PyErr_Occurred()) {
-            Py_DECREF(t0);
-            goto fail;
-        }
+        long long off;
+        if (!OBJ_LL(op, t0, &off)) goto fail;
         if (off >= 0) {
-            PyObject *mem = PyObject_GetAttr(op, R_MEM);
-            good = mem != NULL && (mem != Py_None || PyList_Append(frees, t0) == 0);
+            PyObject *mem = OBJ_GET(op, mem), *t0 = mem == Py_None ? PyLong_FromLongLong(off) : NULL;
+            good = mem != NULL && (mem != Py_None || (t0 && PyList_Append(frees, t0) == 0));
             Py_XDECREF(mem);
+            Py_XDECREF(t0);
         }
-        Py_DECREF(t0);
-        if (!good || PyObject_SetAttr(op, R_T0, minus1) < 0) goto fail;
+        if (!good || OBJ_SET_LL(op, t0, -1) < 0) goto fail;
     }
     Py_DECREF(seen);
-    Py_DECREF(minus1);
     return Py_BuildValue("(NN)", touched, frees);
 fail:
     Py_XDECREF(touched);
     Py_XDECREF(frees);
     Py_XDECREF(seen);
     Py_XDECREF(empty);
-    Py_XDECREF(minus1);
     return NULL;
 }

@@ -196,17 +196,6 @@ PyObject *kv_record_head(PyObject *self, PyObject *args) {
 
 /* ---- index_rows: the index entries of a write-back batch, one call ----- */
 
-static PyObject *I_OK, *I_SIZE, *I_CHECKSUM, *I_SEQ, *I_META, *I_CHUNKS, *I_STRIPE, *I_SEG, *I_PAYLOAD_OFF, *I_LENGTH,
-    *I_HDR_OFF, *I_END;
-
-static int index_names(void) {
-    if (I_END) return 1;
-    return INTERN(I_OK, "ok") && INTERN(I_SIZE, "size") && INTERN(I_CHECKSUM, "checksum") && INTERN(I_SEQ, "seq") &&
-           INTERN(I_META, "meta") && INTERN(I_CHUNKS, "chunks") && INTERN(I_STRIPE, "stripe") &&
-           INTERN(I_SEG, "seg") && INTERN(I_PAYLOAD_OFF, "payload_off") && INTERN(I_LENGTH, "length") &&
-           INTERN(I_HDR_OFF, "hdr_off") && INTERN(I_END, "end");
-}
-
 /* An object's index entry: pack_entry(size, checksum, seq, now, now, meta,
    rows) with rows [stripe, seg, payload_off, length, sum, header_off,
    end - header_off] per chunk, written straight from its plan's fields;
@@ -216,8 +205,8 @@ static PyObject *op_entry(PyObject *op, double now, PyObject *segkeys, PyObject 
     out_t o = {stack, 0, sizeof stack, stack};
     PyObject *sum = NULL, *meta = NULL, *chunks = NULL, *value = NULL;
     long long size, seq;
-    int good = attr_ll(op, I_SIZE, &size) && attr_ll(op, I_SEQ, &seq) && (sum = PyObject_GetAttr(op, I_CHECKSUM)) &&
-               (meta = PyObject_GetAttr(op, I_META)) && (chunks = PyObject_GetAttr(op, I_CHUNKS));
+    int good = OBJ_LL(op, size, &size) && OBJ_LL(op, seq, &seq) && (sum = OBJ_GET(op, checksum)) &&
+               (meta = OBJ_GET(op, meta)) && (chunks = OBJ_GET(op, chunks));
     if (good && (!PyList_Check(chunks) || !PyBytes_CheckExact(sum) || !(meta == Py_None || PyBytes_CheckExact(meta)))) {
         PyErr_SetString(PyExc_TypeError, "a plan's chunks are a list, its checksum and meta bytes");
         good = 0;
@@ -231,9 +220,9 @@ static PyObject *op_entry(PyObject *op, double now, PyObject *segkeys, PyObject 
         PyObject *c = PyList_GET_ITEM(chunks, j);
         long long stripe, seg, poff, length, hdr, end;
         PyObject *csum = NULL;
-        good = attr_ll(c, I_STRIPE, &stripe) && attr_ll(c, I_SEG, &seg) && attr_ll(c, I_PAYLOAD_OFF, &poff) &&
-               attr_ll(c, I_LENGTH, &length) && attr_ll(c, I_HDR_OFF, &hdr) && attr_ll(c, I_END, &end) &&
-               (csum = PyObject_GetAttr(c, I_CHECKSUM)) && put_be(&o, 0x97, 0, 0) && pack_ll(&o, stripe) &&
+        good = CHUNK_LL(c, stripe, &stripe) && CHUNK_LL(c, seg, &seg) && CHUNK_LL(c, payload_off, &poff) &&
+               CHUNK_LL(c, length, &length) && CHUNK_LL(c, hdr_off, &hdr) && CHUNK_LL(c, end, &end) &&
+               (csum = CHUNK_GET(c, checksum)) && put_be(&o, 0x97, 0, 0) && pack_ll(&o, stripe) &&
                pack_ll(&o, seg) && pack_ll(&o, poff) && pack_ll(&o, length) && pack_obj(&o, csum, 0) &&
                pack_ll(&o, hdr) && pack_ll(&o, end - hdr);
         Py_XDECREF(csum);
@@ -271,7 +260,6 @@ PyObject *kv_index_rows(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "one live flag per item");
         return NULL;
     }
-    if (!index_names()) return NULL;
     PyObject *pairs = PyList_New(0), *segs = PyList_New(0), *owner = PyList_New(0);
     if (!pairs || !segs || !owner) goto fail;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(ops); i++) {
@@ -279,7 +267,7 @@ PyObject *kv_index_rows(PyObject *self, PyObject *args) {
         if (on < 0) goto fail;
         if (!on) continue;
         PyObject *op = PyList_GET_ITEM(ops, i);
-        PyObject *ok = PyObject_GetAttr(op, I_OK);
+        PyObject *ok = OBJ_GET(op, ok);
         if (!ok) goto fail;
         Py_ssize_t before = PyList_GET_SIZE(segs);
         PyObject *v = op_entry(op, now, segs, ok);

@@ -43,16 +43,12 @@ static int by_place(const void *a, const void *b) {
     return x->hdr_off < y->hdr_off ? -1 : x->hdr_off > y->hdr_off;
 }
 
-static PyObject *A_KEY, *A_SIZE, *A_SEQ, *A_CHUNKS, *A_MEM, *A_VIA_T0, *A_DELETED, *A_T0, *A_IDX, *A_LENGTH,
-    *A_CHUNK_OFF, *A_CHECKSUM, *A_PAYLOAD_OFF, *A_HDR_OFF, *A_SEG, *A_START, *A_END;
+/* the MemEntry fields read here (the plan's come from plan_fields.h) */
+static PyObject *A_DELETED, *A_T0;
 
 static int names(void) {
-    if (A_END) return 1;
-    return INTERN(A_KEY, "key") && INTERN(A_SIZE, "size") && INTERN(A_SEQ, "seq") && INTERN(A_CHUNKS, "chunks") &&
-           INTERN(A_MEM, "mem") && INTERN(A_VIA_T0, "via_t0") && INTERN(A_DELETED, "deleted") && INTERN(A_T0, "t0") &&
-           INTERN(A_IDX, "idx") && INTERN(A_LENGTH, "length") && INTERN(A_CHUNK_OFF, "chunk_off") &&
-           INTERN(A_CHECKSUM, "checksum") && INTERN(A_PAYLOAD_OFF, "payload_off") && INTERN(A_HDR_OFF, "hdr_off") &&
-           INTERN(A_SEG, "seg") && INTERN(A_START, "start") && INTERN(A_END, "end");
+    if (A_T0) return 1;
+    return INTERN(A_DELETED, "deleted") && INTERN(A_T0, "t0");
 }
 
 static int get_bool(PyObject *o, PyObject *name, int *out) {
@@ -96,7 +92,7 @@ static int plan_records(recs_t *r, PyObject *nsb, PyObject *ops, long tag, const
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(ops); i++) {
         PyObject *op = PyList_GET_ITEM(ops, i);
         if (op == Py_None) continue;
-        PyObject *m = PyObject_GetAttr(op, A_MEM);
+        PyObject *m = OBJ_GET(op, mem);
         if (!m) return 0;
         long long t0 = -1;
         int skip = 0, via_t0 = 0, deleted = 0;
@@ -108,7 +104,7 @@ static int plan_records(recs_t *r, PyObject *nsb, PyObject *ops, long tag, const
             }
             skip = deleted;
         } else {
-            if (!get_bool(op, A_VIA_T0, &via_t0)) {
+            if ((via_t0 = OBJ_TRUTH(op, via_t0)) < 0) {
                 Py_DECREF(m);
                 return 0;
             }
@@ -119,8 +115,8 @@ static int plan_records(recs_t *r, PyObject *nsb, PyObject *ops, long tag, const
         if (skip) continue;
         long long size, seq;
         PyObject *key = NULL, *kb = NULL, *chunks = NULL;
-        int good = attr_ll(op, A_SIZE, &size) && attr_ll(op, A_SEQ, &seq) && (key = PyObject_GetAttr(op, A_KEY)) &&
-                   (kb = PyUnicode_AsUTF8String(key)) && (chunks = PyObject_GetAttr(op, A_CHUNKS));
+        int good = OBJ_LL(op, size, &size) && OBJ_LL(op, seq, &seq) && (key = OBJ_GET(op, key)) &&
+                   (kb = PyUnicode_AsUTF8String(key)) && (chunks = OBJ_GET(op, chunks));
         if (good && !PyList_Check(chunks)) {
             PyErr_SetString(PyExc_TypeError, "a plan's chunks are a list");
             good = 0;
@@ -135,9 +131,9 @@ static int plan_records(recs_t *r, PyObject *nsb, PyObject *ops, long tag, const
             PyObject *ch = PyList_GET_ITEM(chunks, j);
             long long idx, length, coff, poff, hdr, seg, start, end;
             PyObject *sum = NULL;
-            good = attr_ll(ch, A_IDX, &idx) && attr_ll(ch, A_LENGTH, &length) && attr_ll(ch, A_CHUNK_OFF, &coff) &&
-                   attr_ll(ch, A_PAYLOAD_OFF, &poff) && attr_ll(ch, A_HDR_OFF, &hdr) && attr_ll(ch, A_SEG, &seg) &&
-                   attr_ll(ch, A_START, &start) && attr_ll(ch, A_END, &end) && (sum = PyObject_GetAttr(ch, A_CHECKSUM));
+            good = CHUNK_LL(ch, idx, &idx) && CHUNK_LL(ch, length, &length) && CHUNK_LL(ch, chunk_off, &coff) &&
+                   CHUNK_LL(ch, payload_off, &poff) && CHUNK_LL(ch, hdr_off, &hdr) && CHUNK_LL(ch, seg, &seg) &&
+                   CHUNK_LL(ch, start, &start) && CHUNK_LL(ch, end, &end) && (sum = CHUNK_GET(ch, checksum));
             if (!good) break;
             Py_ssize_t headlen = (Py_ssize_t)(poff - hdr);
             Py_ssize_t pad = headlen - RECORD_HEADER - nl - kl;

@@ -215,15 +215,16 @@ def test_index_entries_and_record_heads_are_the_definitions_bytes():
         _native.record_head(b"nskey", 9, 0, 1, 0, 0, 0, 0, bytes(16), 0)  # namespace longer than the names
 
 
+@pytest.mark.parametrize("plans", BACKENDS)
 @pytest.mark.parametrize("name", BACKENDS)
-def test_mirror_entries_and_t0_publish_behave_alike(name):
+def test_mirror_entries_and_t0_publish_behave_alike(name, plans):
     """The daemon's mirror entry and publish_t0's loop: the same fields,
     wire and results on both backends; the C entry is never tracked by the
     cyclic collector (a store of millions of objects walks none of them)."""
     import gc
     from collections import OrderedDict
 
-    from kvfsd.segments import ChunkPlan, ObjPlan
+    ChunkPlan, ObjPlan = mod(plans).ChunkPlan, mod(plans).ObjPlan  # the C types or their twins
     b = mod(name)
     ext = ((0, 3, 4096, 10, b"c" * 16),)
     m = b.MemEntry(10, b"s" * 16, 7, ext, (), t0=8192, dirty=True)
@@ -267,11 +268,12 @@ def test_mirror_entries_and_t0_publish_behave_alike(name):
         for op, m in zip((ops[0], ops[3]), ms):
             held = [op, op.chunks, *op.chunks, m.exts, *m.exts, m.wire, m.wire[4]]
             assert not any(gc.is_tracked(x) for x in held)
-        assert gc.is_tracked(ops[2])  # not published: left as it was
+        assert gc.is_tracked(ops[2]) == (plans == "python")  # not published: left as it was (a C plan never is)
 
 
+@pytest.mark.parametrize("plans", BACKENDS)
 @pytest.mark.parametrize("name", BACKENDS)
-def test_t0_written_back_cleans_moves_and_counts_alike(name):
+def test_t0_written_back_cleans_moves_and_counts_alike(name, plans):
     """The write-back's mirror loop: published entries become clean, move
     from the dirty map to the recent end of the T0 LRU, get their spans
     (counted live per segment) and a fresh wire; deleted, failed or replaced
@@ -279,7 +281,7 @@ def test_t0_written_back_cleans_moves_and_counts_alike(name):
     import gc
     from collections import OrderedDict
 
-    from kvfsd.segments import ChunkPlan, ObjPlan
+    ChunkPlan, ObjPlan = mod(plans).ChunkPlan, mod(plans).ObjPlan  # the C types or their twins
     b = mod(name)
     ops, lru, t0_lru, t0_dirty = [], OrderedDict(), OrderedDict([(b"ns\x00x", "x")]), {}
     for i in range(6):
@@ -387,14 +389,15 @@ def test_t0_items_check_a_batch_alike_on_both_backends():
         assert errs[0] == errs[1], b
 
 
-def test_t0_write_records_write_the_same_files_on_both_backends(tmp_path):
+@pytest.mark.parametrize("plans", BACKENDS)
+def test_t0_write_records_write_the_same_files_on_both_backends(tmp_path, plans):
     """The write-back's record writes: headers as record_head builds them,
     payloads from the arena, back-to-back records coalesced with their
     padding zeroed, a gap or another segment starting a new pwritev, items
     deleted or never published skipped, a client-written payload given only
     its header, and a segment without a file failing its writes' tags."""
     from kvfs import format as fmt
-    from kvfsd.segments import ChunkPlan, ObjPlan
+    ChunkPlan, ObjPlan = mod(plans).ChunkPlan, mod(plans).ObjPlan  # the C types or their twins
     assert _native is not None, "kvfs._native was not built"
     rng = np.random.default_rng(4)
     arena = bytearray(rng.integers(0, 256, 1 << 20, dtype=np.uint8).tobytes())
@@ -456,15 +459,16 @@ def test_t0_write_records_write_the_same_files_on_both_backends(tmp_path):
                                                                                  dead.chunks[0].hdr_off)
 
 
+@pytest.mark.parametrize("plans", BACKENDS)
 @pytest.mark.parametrize("name", BACKENDS)
-def test_index_rows_are_the_entries_encode_entry_writes(name):
+def test_index_rows_are_the_entries_encode_entry_writes(name, plans):
     """A write-back batch's index rows: per live item its object key and the
     entry kvfsd.index.encode_entry writes, per chunk its segobj key (the
     segment and header offset, big-endian) and the item it belongs to."""
     import random
 
     from kvfsd.index import encode_entry, segobj_key
-    from kvfsd.segments import ChunkPlan, ObjPlan
+    ChunkPlan, ObjPlan = mod(plans).ChunkPlan, mod(plans).ObjPlan  # the C types or their twins
     rng = random.Random(6)
     ops = []
     for i in range(300):
@@ -490,14 +494,15 @@ def test_index_rows_are_the_entries_encode_entry_writes(name):
         mod(name).index_rows(ops, live[:-1], now)
 
 
+@pytest.mark.parametrize("plans", BACKENDS)
 @pytest.mark.parametrize("name", BACKENDS)
-def test_release_chunks_releases_each_reservation_once(name):
+def test_release_chunks_releases_each_reservation_once(name, plans):
     """A plan's reservations: each chunk leaves its segment's reserved map
     (a segment gone is skipped and not reported), chunks become [] and t0
     -1, and an arena extent never published is handed back to be freed."""
     from types import SimpleNamespace
 
-    from kvfsd.segments import ChunkPlan, ObjPlan
+    ChunkPlan, ObjPlan = mod(plans).ChunkPlan, mod(plans).ObjPlan  # the C types or their twins
     segs = {1: SimpleNamespace(reserved={0: 100, 100: 200, 500: 600}), 2: SimpleNamespace(reserved={0: 50})}
 
     def op(chunks, t0, mem):
@@ -551,3 +556,111 @@ def test_env_var_forces_the_fallback():
     env["KVFS_NATIVE"] = "1"
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True).stdout.strip() == "native"
+
+
+def _plan_fields(op):
+    if op is None:
+        return None
+    chunks = [(c.stripe, c.seg, c.hdr_off, c.payload_off, c.end, c.length, c.chunk_off, c.idx, c.checksum, c.start)
+              for c in op.chunks]
+    return (op.key, op.size, op.meta, op.seq, chunks, op.ok, op.hasher is not None, op.checksum, op.t0, op.via_t0,
+            op.mem, op.t0_stored)
+
+
+def test_plan_types_are_their_twins():
+    """The C plans (native/plans.c) take the twins' arguments and defaults,
+    hold what they are given, answer exts() and spans() alike and are
+    never seen by the cyclic collector."""
+    import gc
+    c, p = mod("native"), mod("python")
+    args = ("k", 10, b"{}", 7, [], b"ns\x00k")
+    for b in (c, p):
+        ch = b.ChunkPlan(1, 9, 100, 4096, 4200, 10, 0, 0)
+        assert (ch.checksum, ch.start) == (b"", -1)
+        ch2 = b.ChunkPlan(stripe=0, seg=3, hdr_off=0, payload_off=80, end=96, length=5, chunk_off=10, idx=1,
+                          checksum=b"s" * 16, start=0)
+        op = b.ObjPlan(*args[:4], [ch, ch2], args[5])
+        assert (op.hasher, op.checksum, op.t0, op.via_t0, op.mem, op.t0_stored) == (None, b"", -1, False, None, False)
+        assert op.exts() == ((1, 9, 4096, 10, b""), (0, 3, 80, 5, b"s" * 16))
+        assert op.spans() == ((9, 4100), (3, 96))
+        op.t0, op.via_t0, op.mem, op.chunks = 4096, True, "m", []
+        assert (op.t0, op.via_t0, op.mem, op.exts(), op.spans()) == (4096, True, "m", (), ())
+        with pytest.raises(TypeError):
+            b.ChunkPlan(1, 2, 3)
+    assert _plan_fields(c.ObjPlan(*args, None, b"x", 5, True, None, True)) == \
+        _plan_fields(p.ObjPlan(*args, None, b"x", 5, True, None, True))
+    op = c.ObjPlan(*args)
+    assert not gc.is_tracked(op) and not gc.is_tracked(c.ChunkPlan(0, 0, 0, 0, 0, 0, 0, 0))
+    with pytest.raises(TypeError):
+        op.size = "ten"
+    del op.meta
+    with pytest.raises(AttributeError):
+        c.index_rows([op], [True], 1.0)  # a deleted field is an error, not a crash
+
+
+@pytest.mark.parametrize("carving", [False, True], ids=["reserve", "carve"])
+def test_place_items_places_alike_on_both_backends(carving):
+    """The placement loop: the same plans (sequence numbers, stripes round
+    robin, chunk offsets as kvfs.format.place_record puts them), the same
+    segment ends, reservations and new segments when one is full, the same
+    state, and with a carve the same extents, sums and errors."""
+    import random
+    from types import SimpleNamespace
+
+    import xxhash
+    rng = random.Random(11)
+    su, segsize, nstripes, nl = 1 << 20, 8 << 20, 3, 2
+    runs = []
+    for b in (mod("native"), mod("python")):
+        rng.seed(11)
+        segs, open_seg = {}, {0: 0}
+        segs[0] = SimpleNamespace(seg=0, end=12345, reserved={})
+
+        def segment_for(stripe, span, segs=segs, open_seg=open_seg):
+            sid = open_seg.get(stripe)
+            if sid is not None and (segs[sid].end + span <= segsize or segs[sid].end == 0):
+                return segs[sid]
+            sid = len(segs)
+            segs[sid] = SimpleNamespace(seg=sid, end=0, reserved={})
+            open_seg[stripe] = sid
+            return segs[sid]
+
+        def carve(rest, off, size):
+            if off < rest or off % 64:
+                raise ValueError(f"offset {off} before {rest} or unaligned")
+            return off + size
+
+        state, touched, out, res, errors = [100, 2, 0], set(), [], [0, 1 << 40], []
+        pos = 0
+        for batch in range(40):
+            items = []
+            for i in range(rng.randrange(1, 12)):
+                if rng.random() < 0.1:
+                    items.append(None)
+                    continue
+                key = "k" * rng.randrange(1, 40) + str(batch * 100 + i)
+                size = rng.choice([0, 1, 100, 65535, 65536, 70000, su, su + 1, 3 * su + 7])
+                ok = b"ns\x00" + key.encode()
+                sums = [bytes([i]) * 16, [bytes([j]) * 16 for j in range(max(1, -(-size // su)))]]
+                off = pos + (3 if rng.random() < 0.02 else rng.choice([0, 64]))  # 3: a bad placement
+                pos = off + size
+                items.append((i, ok, key, size, None if i % 2 else b"{}", off, *sums) if carving
+                             else (ok, key, size, b"{}"))
+            if carving:
+                items = [it for it in items if it is not None]
+                if batch == 30:
+                    res[1] = res[0]  # used up
+            try:
+                b.place_items(items, 1 if carving else 0, nl, su, segsize, nstripes, state, open_seg, segs, touched,
+                              segment_for, xxhash.xxh3_128, out, carve if carving else None, res if carving else None,
+                              KeyError)
+            except KeyError as e:
+                errors.append(str(e))
+        runs.append(([_plan_fields(op) for op in out], {k: (s.end, s.reserved) for k, s in segs.items()},
+                     open_seg, state, touched, res, errors))
+    assert runs[0] == runs[1]
+    plans, segs_seen, _, state, touched, _, errors = runs[0]
+    assert len(segs_seen) > nstripes + 1 and touched == set(segs_seen)  # full segments were replaced
+    assert state[0] == 100 + sum(p is not None for p in plans)
+    if carving:
+        assert any("bad arena placement" in e for e in errors) and any("used up" in e for e in errors)
