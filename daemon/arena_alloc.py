@@ -104,6 +104,11 @@ class PyArenaAllocator:
                 off, length = prev, plen + length
         self._add_free(off, length)
 
+    def free_many(self, offs: list[int]) -> None:
+        """``free`` of each, in order (one call for an eviction round)."""
+        for off in offs:
+            self.free(off)
+
     def carve(self, rest: int, off: int, n: int) -> int:
         """Inside the used extent at ``rest`` (what is left of a client's
         reservation), make ``[off, off + rounded(n))`` a used extent of its

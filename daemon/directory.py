@@ -107,10 +107,11 @@ class DirectoryWriter:
         self.displaced += displaced
         self._counts()
 
-    def put_many(self, oks: list[bytes], ms: list[Any]) -> None:
-        """``put`` of each, one call into C."""
+    def put_many(self, oks: list[bytes], ms: list[Any], current: dict[bytes, Any] | None = None) -> None:
+        """``put`` of each, one call into C; with ``current`` (the mirror),
+        only of those still ``current[key]``."""
         self._tick()
-        taken, _displaced, _left = self._put_entries(self.mm, self.nslots, oks, ms)
+        taken, _displaced, _left = self._put_entries(self.mm, self.nslots, oks, ms, False, current)
         if taken:
             self.entries += taken
             self._counts()

@@ -106,6 +106,9 @@ class Engine(Recovery):
         self.journal: Journal | None = None
         self.promote_q: OrderedDict[bytes, None] = OrderedDict()
         self.wb_pending: dict[int, PutPlan] = {}  # fast-mode T0 puts whose write-back is queued
+        # guards wb_pending alone: queueing a put on the event loop never waits
+        # for the engine lock, which the write-back holds while it settles a batch
+        self._wb_lock = threading.Lock()
         self.wb_pool: WriteBackPool | None = None
         self._replay_t0()
         if cfg.shm_size:

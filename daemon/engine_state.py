@@ -84,7 +84,8 @@ class EngineState:
     t0: Tier0 | None
     journal: Journal | None  # T0 puts not yet written back (kvfsd.t0journal)
     promote_q: OrderedDict[bytes, None]  # T1 objects to copy into T0
-    wb_pending: dict[int, PutPlan]  # fast-mode T0 puts whose write-back is queued
+    wb_pending: dict[int, PutPlan]  # fast-mode T0 puts whose write-back is queued (under _wb_lock)
+    _wb_lock: threading.Lock  # guards wb_pending alone; never held with another lock
     wb_pool: WriteBackPool | None
 
     def _dir_put(self, ok: bytes, m: MemEntry, new: bool = False) -> None:
@@ -99,10 +100,5 @@ class EngineState:
     def _dir_put_many(self, oks: list[bytes], ms: list[MemEntry]) -> None:
         """``_dir_put`` of each, one call into the directory. Caller holds the lock."""
         if self.dir is not None:
-            get = self.lru.get
-            keep = [i for i, (ok, m) in enumerate(zip(oks, ms)) if get(ok) is m]
-            if len(keep) == len(oks):
-                self.dir.put_many(oks, ms)
-            elif keep:
-                self.dir.put_many([oks[i] for i in keep], [ms[i] for i in keep])
+            self.dir.put_many(oks, ms, self.lru)
 

@@ -91,9 +91,7 @@ class Tier0:
         if not oks:
             return False
         self.bytes -= nbytes
-        free = self.alloc.free  # none is leased: _forget's release_extent would free each at once
-        for off in offs:
-            free(off)
+        self.alloc.free_many(offs)  # none is leased: _forget's release_extent would free each at once
         self.counters["evictions"] += len(oks)
         self._changed(oks, ms)
         return True

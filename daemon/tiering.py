@@ -88,7 +88,7 @@ class Tiering(Puts):
 
     def queue_write_back(self, plan: PutPlan) -> None:
         """Fast mode: the pool writes ``plan`` to T1 in the background."""
-        with self._lock:
+        with self._wb_lock:
             self.wb_pending[id(plan)] = plan
         assert self.wb_pool is not None
         self.wb_pool.kick()
@@ -100,7 +100,7 @@ class Tiering(Puts):
 
     def take_write_backs(self) -> list[PutPlan]:
         """Every queued plan, now this caller's (oldest first)."""
-        with self._lock:
+        with self._wb_lock:
             plans = list(self.wb_pending.values())
             self.wb_pending.clear()
             return plans

@@ -7,7 +7,8 @@ mirror entry is published; its plan then waits in ``Engine.wb_pending``
 Invariants:
 - A queued plan is taken by exactly one taker: a pool thread (``_take``) or
   ``Engine.close`` (``Engine.take_write_backs``), each popping under the
-  engine lock. Sync puts are never queued: their caller writes them.
+  queue's own lock (``Engine._wb_lock``, never held with another: queueing
+  a put on the event loop does not wait for the engine lock). Sync puts are never queued: their caller writes them.
 - A thread takes what is queued, oldest first, up to ``BATCH_BYTES`` and
   ``BATCH_PLANS``, and writes it as one batch: every record with pwritev
   (the GIL is released, so threads write different stripes at once), then
@@ -86,7 +87,7 @@ class WriteBackPool:
 
     def _take(self) -> list["PutPlan"]:
         eng = self.engine
-        with eng._lock:
+        with eng._wb_lock:
             plans: list[PutPlan] = []
             size = 0
             for key in list(eng.wb_pending):

@@ -231,12 +231,16 @@ def dir_put_entry(directory: Any, nslots: int, ok: bytes, m: Any, displace: bool
 
 
 def dir_put_entries(directory: Any, nslots: int, oks: list[bytes], ms: list[Any],
-                    displace: bool = False) -> tuple[int, int, int]:
+                    displace: bool = False, current: dict[bytes, Any] | None = None) -> tuple[int, int, int]:
     """``dir_put_entry`` of each: (slots taken, slots taken from other keys,
-    entries left out)."""
+    entries left out); with ``current``, only of those that are
+    ``current[key]`` (the mirror's entry for their key now)."""
     if len(oks) != len(ms):
         raise ValueError("one entry per object key")
-    rs = [dir_put_entry(directory, nslots, ok, m, displace) for ok, m in zip(oks, ms)]
+    if current is not None and not isinstance(current, dict):
+        raise TypeError("current is a dict or None")
+    rs = [dir_put_entry(directory, nslots, ok, m, displace) for ok, m in zip(oks, ms)
+          if current is None or current.get(ok) is m]
     return rs.count(1), rs.count(2), rs.count(-1)
 
 

@@ -286,6 +286,23 @@ static PyObject *arena_free_m(ArenaObject *a, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* free_many(offsets): free of each, in order; the first that fails raises
+   (those before it stay freed, as with a loop of free). */
+static PyObject *arena_free_many_m(ArenaObject *a, PyObject *offs) {
+    PyObject *seq = PySequence_Fast(offs, "offsets are a sequence");
+    if (!seq) return NULL;
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+        PyObject *r = arena_free_m(a, PySequence_Fast_GET_ITEM(seq, i));
+        if (!r) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        Py_DECREF(r);
+    }
+    Py_DECREF(seq);
+    Py_RETURN_NONE;
+}
+
 /* carve(rest, off, n): see the twin. Changes nothing when it raises. */
 static PyObject *arena_carve_m(ArenaObject *a, PyObject *args) {
     long long rest_s, off_s, n_s;
@@ -407,6 +424,7 @@ static PyMethodDef arena_methods[] = {
     {"rounded", (PyCFunction)arena_rounded_m, METH_O | METH_STATIC, "(bytes taken, alignment) for a value of n bytes"},
     {"alloc", (PyCFunction)arena_alloc_m, METH_O, "offset of a new extent for n bytes; raises full_error"},
     {"free", (PyCFunction)arena_free_m, METH_O, "give an extent back (coalesced with free neighbours)"},
+    {"free_many", (PyCFunction)arena_free_many_m, METH_O, "free of each offset, in order"},
     {"carve", (PyCFunction)arena_carve_m, METH_VARARGS, "carve(rest, off, n): a value's extent out of a reservation"},
     {"extent_len", (PyCFunction)arena_extent_len_m, METH_O, "the rounded length handed out at off"},
     {"check", (PyCFunction)arena_check_m, METH_NOARGS, "assert the invariants (tests)"},

@@ -565,10 +565,16 @@ PyObject *kv_dir_put_entries(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer dir;
     unsigned long long nslots;
-    PyObject *oks, *ms, *result = NULL;
+    PyObject *oks, *ms, *result = NULL, *current = Py_None;
     int displace = 0;
-    if (!PyArg_ParseTuple(args, "w*KO!O!|p", &dir, &nslots, &PyList_Type, &oks, &PyList_Type, &ms, &displace))
+    if (!PyArg_ParseTuple(args, "w*KO!O!|pO", &dir, &nslots, &PyList_Type, &oks, &PyList_Type, &ms, &displace,
+                          &current))
         return NULL;
+    if (current != Py_None && !PyDict_Check(current)) {
+        PyErr_SetString(PyExc_TypeError, "current is a dict or None");
+        PyBuffer_Release(&dir);
+        return NULL;
+    }
     if (!check_table(&dir, nslots) || !entry_attrs()) goto out;
     if (PyList_GET_SIZE(oks) != PyList_GET_SIZE(ms)) {
         PyErr_SetString(PyExc_ValueError, "one entry per object key");
@@ -576,6 +582,11 @@ PyObject *kv_dir_put_entries(PyObject *self, PyObject *args) {
     }
     long taken = 0, displaced = 0, left = 0;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(oks); i++) {
+        if (current != Py_None) { /* only entries still the mirror's for their key */
+            PyObject *now = PyDict_GetItemWithError(current, PyList_GET_ITEM(oks, i)); /* borrowed */
+            if (!now && PyErr_Occurred()) goto out;
+            if (now != PyList_GET_ITEM(ms, i)) continue;
+        }
         long r = put_entry(&dir, nslots, PyList_GET_ITEM(oks, i), PyList_GET_ITEM(ms, i), displace);
         if (r == -2) goto out;
         taken += r == 1;

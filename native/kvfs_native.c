@@ -1075,8 +1075,9 @@ static PyMethodDef methods[] = {
      "dir_put_entry(directory, nslots, object key, mirror entry) -> dir_put of the entry's size, seq, checksum, t0, "
      "flags (in T1 unless dirty) and extents under the key hash of the object key"},
     {"dir_put_entries", kv_dir_put_entries, METH_VARARGS,
-     "dir_put_entries(directory, nslots, object keys, entries) -> (slots taken, [indices not placed: buckets "
-     "full]): dir_put_entry of each"},
+     "dir_put_entries(directory, nslots, object keys, entries, displace=False, current=None) -> (slots taken, "
+     "slots taken from other keys, entries left out): dir_put_entry of each (with current, a dict, only of those "
+     "that are current[key])"},
     {"pack_entry", kv_pack_entry, METH_VARARGS,
      "pack_entry(size, checksum, seq, created, atime, meta, rows) -> the index entry: msgpack of the list of them"},
     {"record_head", kv_record_head, METH_VARARGS,

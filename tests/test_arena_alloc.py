@@ -48,9 +48,12 @@ def test_the_c_allocator_answers_as_its_twin(ops):
             st_, off = both(lambda a: a.alloc(n))
             if st_ == "ok":
                 (rests if r % 3 == 0 else live).append(off)
-        elif kind == "f":
+        elif kind == "f" and r % 4:
             off = live.pop(r % len(live))
             both(lambda a: a.free(off))
+        elif kind == "f":  # free_many, with a bad offset in the middle now and then
+            offs = [live.pop(r % len(live)) for _ in range(min(len(live), 1 + r % 5))]
+            both(lambda a: a.free_many(offs[:1] + [r % size] + offs[1:] if r % 8 == 0 else offs))
         elif kind == "c" and rests:
             i = r % len(rests)
             rest = rests[i]

@@ -261,6 +261,16 @@ def test_entry_writes_match_field_writes_in_c_and_python(tmp_path):
         assert one == many
         with pytest.raises(ValueError):
             impl.dir_put_entries(many, nslots, oks, ms[:-1])
+        # with the mirror: only the entries still current for their key
+        current = {k: m for i, (k, m) in enumerate(zip(oks, ms)) if i % 3}
+        current[oks[3]] = "replaced meanwhile"
+        keep = [i for i in range(len(oks)) if i % 3 and i != 3]
+        one, many = bytearray(file_size(nslots)), bytearray(file_size(nslots))
+        rs = [impl.dir_put_entry(one, nslots, oks[i], ms[i]) for i in keep]
+        assert impl.dir_put_entries(many, nslots, oks, ms, False, current) == (rs.count(1), 0, rs.count(-1))
+        assert one == many
+        with pytest.raises(TypeError):
+            impl.dir_put_entries(many, nslots, oks, ms, False, [])
 
 
 @pytest.mark.parametrize("impl", ["native", "python"])
