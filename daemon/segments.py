@@ -8,6 +8,10 @@ then committed or aborted. Invariants:
 - ``SegState.end`` is the reserved end: every reservation lies below it;
 - ``SegState.live`` counts only published records (a T0 put's records
   count once their write-back is committed).
+
+``ObjPlan`` and ``ChunkPlan`` are the data plane's (kvfs.native): C types
+(native/plans.c) whose fields the batch loops in C read from the struct, or
+their twins in kvfs._native_py; every plan of a daemon is of one kind.
 """
 from __future__ import annotations
 

@@ -42,10 +42,9 @@ static inline PyObject *steal_seq(int list, Py_ssize_t n, PyObject **items) {
     return seq;
 }
 
-/* An int field of o as a long long: 0, an error set, if it is missing, not
-   an int or out of range. */
-static inline int attr_ll(PyObject *o, PyObject *name, long long *out) {
-    PyObject *v = PyObject_GetAttr(o, name);
+/* v (a new reference, NULL: an error is set) as a long long, v released:
+   0, an error set, if it is NULL, not an int or out of range. */
+static inline int ll_of(PyObject *v, long long *out) {
     if (!v) return 0;
     if (!PyLong_Check(v)) {
         Py_DECREF(v);
@@ -55,6 +54,11 @@ static inline int attr_ll(PyObject *o, PyObject *name, long long *out) {
     *out = PyLong_AsLongLong(v);
     Py_DECREF(v);
     return !(*out == -1 && PyErr_Occurred());
+}
+
+/* An int field of o as a long long (ll_of). */
+static inline int attr_ll(PyObject *o, PyObject *name, long long *out) {
+    return ll_of(PyObject_GetAttr(o, name), out);
 }
 
 /* ---- the put plan's C types (native/plans.c) ----
@@ -98,16 +102,7 @@ int kv_plan_missing(PyObject *o, const char *name);
 
 /* An int field of o by name, as attr_ll (the twins' path: not hot). */
 static inline int attr_ll_s(PyObject *o, const char *name, long long *out) {
-    PyObject *v = PyObject_GetAttrString(o, name);
-    if (!v) return 0;
-    if (!PyLong_Check(v)) {
-        Py_DECREF(v);
-        PyErr_SetString(PyExc_TypeError, "a plan's numbers are ints");
-        return 0;
-    }
-    *out = PyLong_AsLongLong(v);
-    Py_DECREF(v);
-    return !(*out == -1 && PyErr_Occurred());
+    return ll_of(PyObject_GetAttrString(o, name), out);
 }
 
 static inline PyObject *plan_ref(PyObject *o, PyObject *v, const char *name) {
