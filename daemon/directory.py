@@ -8,6 +8,8 @@ Invariants kept here:
 - every key in a slot is resident (in the engine's mirror); a new resident
   always enters (``enter``: displacing the coldest key of full buckets),
   an update of one outside the table takes a free slot or stays outside;
+  a refill (``fill``) enters keys outside into free slots and touches no
+  key that has one;
 - the header's ``outside`` is at least the number of resident keys in no
   slot: the C writer counts a displaced key before it leaves its slot, and
   each batch writes ``resident() - entries`` (exact once the batch's keys
@@ -23,8 +25,8 @@ from typing import Any, Callable
 import xxhash
 
 from kvfs import native
-from kvfs.directory import (BUCKET, CLOCK_AT, ENTRIES_AT, HEAD_STRUCT, LAYOUT, MAGIC, MAX_CHUNKS,
-                            OUTSIDE_AT, PROBE, U64, check_slots, file_size)
+from kvfs.directory import (BUCKET, CLOCK_AT, DISPLACE, ENTRIES_AT, FILL, HEAD_STRUCT, LAYOUT, MAGIC, MAX_CHUNKS,
+                            OUTSIDE_AT, PROBE, U64, UPDATE, check_slots, file_size)
 
 from .arena import SHM_DIR, arena_path
 
@@ -61,6 +63,7 @@ class DirectoryWriter:
         self.entries = 0
         self.resident = resident
         self.displaced = 0  # times a new key took another's slot
+        self.freed = 0  # slots freed by removals (a refill is worth trying only after some)
         self.clock = 0
         self._put_entry, self._put_entries = native.backend.dir_put_entry, native.backend.dir_put_entries
         self._del = native.backend.dir_del
@@ -84,7 +87,7 @@ class DirectoryWriter:
         """Publish where the new resident ``ok`` lives (already in the mirror),
         or that it was just read (a daemon lookup of a key outside)."""
         self._tick()
-        self._result(self._put_entry(self.mm, self.nslots, ok, m, True))
+        self._result(self._put_entry(self.mm, self.nslots, ok, m, DISPLACE))
 
     def put(self, ok: bytes, m: Any) -> None:
         """Update where the resident ``ok`` lives (in a free slot if it was outside)."""
@@ -102,7 +105,7 @@ class DirectoryWriter:
     def enter_many(self, oks: list[bytes], ms: list[Any]) -> None:
         """``enter`` of each, one call into C."""
         self._tick()
-        taken, displaced, _left = self._put_entries(self.mm, self.nslots, oks, ms, True)
+        taken, displaced, _left = self._put_entries(self.mm, self.nslots, oks, ms, DISPLACE)
         self.entries += taken
         self.displaced += displaced
         self._counts()
@@ -111,16 +114,29 @@ class DirectoryWriter:
         """``put`` of each, one call into C; with ``current`` (the mirror),
         only of those still ``current[key]``."""
         self._tick()
-        taken, _displaced, _left = self._put_entries(self.mm, self.nslots, oks, ms, False, current)
+        taken, _displaced, _left = self._put_entries(self.mm, self.nslots, oks, ms, UPDATE, current)
         if taken:
             self.entries += taken
             self._counts()
+
+    def fill(self, oks: list[bytes], ms: list[Any], current: dict[bytes, Any]) -> int:
+        """Enter those of ``oks`` that are in no slot into free ones (keys
+        outside since the table overflowed, after removals freed slots);
+        a key with a slot is left as it is, one whose buckets are full stays
+        outside. Only entries still ``current[key]``. Returns how many entered."""
+        self._tick()
+        taken, _displaced, _left = self._put_entries(self.mm, self.nslots, oks, ms, FILL, current)
+        if taken:
+            self.entries += taken
+            self._counts()
+        return taken
 
     def remove(self, ok: bytes) -> None:
         """Take ``ok`` out, after it left the mirror (before its removal is
         acknowledged, and before the generation bump of its removal)."""
         if self._del(self.mm, self.nslots, xxhash.xxh3_128_digest(ok)) >= 0:
             self.entries -= 1
+            self.freed += 1
         self._counts()
 
     def stats(self) -> dict[str, Any]:

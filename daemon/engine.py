@@ -30,6 +30,7 @@ from kvfs.keys import normalize_key, normalize_keys, normalize_ns
 
 from .arena import Arena, arena_path
 from .config import Config
+from .dir_refill import DirectoryRefill
 from .directory import DirectoryWriter
 from .fileperms import FilePerms, Kind, secure_store
 from .index import Index, obj_key, split_obj_key
@@ -90,6 +91,7 @@ class Engine(Recovery):
                                                              shm_dir=cfg.shm_dir) if cfg.dir_slots else None)
         if self.dir is not None:
             self.perms.apply(self.dir.path, Kind.SHARED_RO)
+        self.dir_refill = DirectoryRefill()
         try:
             self.recovery = self._recover()
         except lmdb.Error as e:
@@ -286,6 +288,11 @@ class Engine(Recovery):
             entries, more = self.index.iter_entries(txn, ns, after, limit)
         return [[k, e.size, self._tier_name(obj_key(ns, k)), e.created] for k, e in entries if e is not None], more
 
+    def refill_directory(self) -> int:
+        """Keys outside the directory into slots removals freed (a step of
+        ``DirectoryRefill``; blocking, the server calls it once a second)."""
+        return self.dir_refill.step(self)
+
     def _flush_atimes(self, txn: Any) -> None:
         with self._lock:
             dirty, self._dirty_atime = self._dirty_atime, {}
@@ -335,7 +342,8 @@ class Engine(Recovery):
                 "recovery": vars(self.recovery),
                 "tiers": tiers,
                 "promote_queue": len(self.promote_q),
-                "directory": self.dir.stats() if self.dir is not None else None,
+                "directory": (dict(self.dir.stats(), refill_passes=self.dir_refill.passes,
+                                   refilled=self.dir_refill.entered) if self.dir is not None else None),
             }
         return out
 

@@ -228,9 +228,11 @@ class Server:
             self.gc.tick()
 
     async def _expire_loop(self) -> None:
+        """Once a second: leases past their time, and the directory's refill."""
         while True:
             await trio.sleep(1.0)
             await self._thread(self.engine.expire_leases)
+            await self._thread(self.engine.refill_directory)
 
     async def _promote_loop(self) -> None:
         """Copies T1 objects that the promotion policy picked into T0."""

@@ -214,7 +214,7 @@ def dir_read_many(directory: Any, nslots: int, ns: bytes, keys: Sequence[Any], a
 
 
 def dir_put(directory: Any, nslots: int, h: bytes, size: int, seq: int, checksum: bytes, t0: int, flags: int,
-            exts: list[Any], displace: bool = False) -> int:
+            exts: list[Any], displace: int = 0) -> int:
     """The location directory writer's put (kvfs.directory.put_py, the C
     ``dir_put``'s twin): 1 new slot, 0 updated, 2 took the coldest key's
     slot (``displace``), -1 no room."""
@@ -222,7 +222,7 @@ def dir_put(directory: Any, nslots: int, h: bytes, size: int, seq: int, checksum
     return put_py(directory, nslots, h, size, seq, checksum, t0, flags, exts, displace)
 
 
-def dir_put_entry(directory: Any, nslots: int, ok: bytes, m: Any, displace: bool = False) -> int:
+def dir_put_entry(directory: Any, nslots: int, ok: bytes, m: Any, displace: int = 0) -> int:
     """``dir_put`` of a mirror entry (kvfsd.mirror.MemEntry) under the key
     hash of its object key ``ok``: in T1 unless dirty."""
     from .directory import IN_T1
@@ -231,7 +231,7 @@ def dir_put_entry(directory: Any, nslots: int, ok: bytes, m: Any, displace: bool
 
 
 def dir_put_entries(directory: Any, nslots: int, oks: list[bytes], ms: list[Any],
-                    displace: bool = False, current: dict[bytes, Any] | None = None) -> tuple[int, int, int]:
+                    displace: int = 0, current: dict[bytes, Any] | None = None) -> tuple[int, int, int]:
     """``dir_put_entry`` of each: (slots taken, slots taken from other keys,
     entries left out); with ``current``, only of those that are
     ``current[key]`` (the mirror's entry for their key now)."""

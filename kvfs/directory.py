@@ -101,6 +101,9 @@ U64 = struct.Struct("<Q")
 assert HEAD.size + MAX_CHUNKS * CHUNK.size == SLOT
 assert HEAD_STRUCT.size <= HEADER
 IN_T1 = 1
+# put modes (put_py, dir_put...): update or take a free slot; also take the
+# coldest key's; only enter a key in no slot, into a free one (a refill)
+UPDATE, DISPLACE, FILL = 0, 1, 2
 _EMPTY = bytes(16)
 ABSENT, PRESENT, SLOW, UNKNOWN = 0, 1, 2, 3  # dir_probe's states
 
@@ -328,18 +331,22 @@ def _add(mm: Any, at: int, n: int) -> None:
 
 
 def put_py(mm: Any, nslots: int, h: bytes, size: int, seq: int, checksum: bytes, t0: int, flags: int,
-           exts: list[Any], displace: bool = False) -> int:
+           exts: list[Any], displace: int = 0) -> int:
     """Publish where the object of key hash ``h`` lives: 1 it took a free
     slot, 0 its slot was updated, 2 its buckets were full and it took the
-    coldest key's slot (``displace``: that key is counted outside), -1 its
-    buckets are full (not written)."""
+    coldest key's slot (``displace`` DISPLACE: that key is counted
+    outside), -1 its buckets are full (not written). With ``displace``
+    FILL only a key in no slot is written, into a free one (0: it has a
+    slot, left as it is)."""
     off, free = _find(mm, nslots, h)
+    if off >= 0 and displace == FILL:
+        return 0
     new = 0
     gone = b""
     now = U64.unpack_from(mm, CLOCK_AT)[0] & STAMP_MASK
     flags = (flags & ((1 << STAMP_SHIFT) - 1)) | now << STAMP_SHIFT  # stamped: its last write
     if off < 0 and free < 0:
-        if not displace:
+        if displace != DISPLACE:
             return -1
         off, new = _victim(mm, nslots, h, now), 2
         gone = bytes(mm[off + 8:off + 24])

@@ -374,9 +374,13 @@ static void add_u64(unsigned char *at, uint64_t n) {
 
 /* Write the slot of key hash h: 1 it took a free slot, 0 its slot was
    updated, 2 its buckets were full and it took the slot of another key
-   (with displace; that key is then outside the table, counted in the
-   header before it leaves: kvfs.directory's reader rule), -1 its buckets
-   are full (not written), -2 an error is set. */
+   (with displace DISPLACE; that key is then outside the table, counted in
+   the header before it leaves: kvfs.directory's reader rule), -1 its
+   buckets are full (not written), -2 an error is set. With displace FILL
+   only a key in no slot is written, into a free one: 0 for a key that has
+   a slot (left as it is). */
+#define DISPLACE 1
+#define FILL 2
 static long put_slot(Py_buffer *dir, unsigned long long nslots, const unsigned char *h, unsigned long long size,
                      unsigned long long seq, PyObject *checksum, long long t0, unsigned int flags, PyObject *exts,
                      int displace) {
@@ -430,7 +434,7 @@ static long put_slot(Py_buffer *dir, unsigned long long nslots, const unsigned c
     unsigned char *slot = find_slot(table, hops, nbuckets, h, &free_slot);
     long r = 0;
     if (!slot && !free_slot) {
-        if (!displace) return -1;
+        if (displace != DISPLACE) return -1;
         slot = victim_slot(table, nbuckets, h, now);
         unsigned char gone[16];
         memcpy(gone, slot + SLOT_HASH, 16);
@@ -442,6 +446,7 @@ static long put_slot(Py_buffer *dir, unsigned long long nslots, const unsigned c
         set_hop(table, hops, nbuckets, gone, slot, 0); /* after it left */
         return 2;
     }
+    if (slot && displace == FILL) return 0;
     if (!slot) {
         slot = free_slot;
         r = 1;
@@ -459,7 +464,7 @@ PyObject *kv_dir_put(PyObject *self, PyObject *args) {
     unsigned int flags;
     PyObject *checksum, *exts, *result = NULL;
     int displace = 0;
-    if (!PyArg_ParseTuple(args, "w*Ky*KKSLIO|p", &dir, &nslots, &h, &size, &seq, &checksum, &t0, &flags, &exts,
+    if (!PyArg_ParseTuple(args, "w*Ky*KKSLIO|i", &dir, &nslots, &h, &size, &seq, &checksum, &t0, &flags, &exts,
                           &displace))
         return NULL;
     if (!check_table(&dir, nslots)) goto out;
@@ -503,7 +508,7 @@ PyObject *kv_dir_put_entry(PyObject *self, PyObject *args) {
     unsigned long long nslots;
     PyObject *ok, *m, *result = NULL;
     int displace = 0;
-    if (!PyArg_ParseTuple(args, "w*KSO|p", &dir, &nslots, &ok, &m, &displace)) return NULL;
+    if (!PyArg_ParseTuple(args, "w*KSO|i", &dir, &nslots, &ok, &m, &displace)) return NULL;
     if (check_table(&dir, nslots) && entry_attrs()) {
         long r = put_entry(&dir, nslots, ok, m, displace);
         if (r != -2) result = PyLong_FromLong(r);
@@ -558,7 +563,7 @@ static long put_entry(Py_buffer *dir, unsigned long long nslots, PyObject *ok, P
     return r;
 }
 
-/* dir_put_entries(directory, nslots, object keys, entries, displace=False)
+/* dir_put_entries(directory, nslots, object keys, entries, displace=0, current=None)
    -> (slots taken, slots taken from other keys, entries left out): dir_put_entry
    of a batch in one call (a T0 put batch is published, then written back). */
 PyObject *kv_dir_put_entries(PyObject *self, PyObject *args) {
@@ -567,7 +572,7 @@ PyObject *kv_dir_put_entries(PyObject *self, PyObject *args) {
     unsigned long long nslots;
     PyObject *oks, *ms, *result = NULL, *current = Py_None;
     int displace = 0;
-    if (!PyArg_ParseTuple(args, "w*KO!O!|pO", &dir, &nslots, &PyList_Type, &oks, &PyList_Type, &ms, &displace,
+    if (!PyArg_ParseTuple(args, "w*KO!O!|iO", &dir, &nslots, &PyList_Type, &oks, &PyList_Type, &ms, &displace,
                           &current))
         return NULL;
     if (current != Py_None && !PyDict_Check(current)) {

@@ -3,6 +3,7 @@ daemon's writer and the readers (C and its Python twin) agree, a full
 table keeps the newest keys and says it is incomplete, and a client answers
 from it with no round trip, exactly, idle or full."""
 import os
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -164,6 +165,42 @@ def test_a_full_directory_still_answers_exactly(tmp_path):
         assert calls == []
 
 
+def test_a_shrunk_store_refills_its_directory_and_misses_need_no_lookup(tmp_path):
+    """Keys left outside an over-full directory come back into the slots
+    that removals free (the daemon's refill, once a second), so a store
+    that shrank answers misses from shared memory again."""
+    d = DaemonProcess(tmp_path / "s", stripes=1, capacity="1G", shm_size="64M", extra=["--dir-slots", "32"])
+    with d, d.connect() as s:
+        keys = [f"r{i}" for i in range(70)]
+        vals = [os.urandom(100) for _ in keys]
+        s.put_many(keys, vals, ns="r")
+        assert s.flush()
+        st = s.stats()["directory"]
+        assert st["outside"] == 38 and st["entries"] == 32  # the oldest 38 are outside
+        s.delete(keys[50:], ns="r")  # 20 of the newest: their slots are free, 38 keys still outside
+
+        def settled(outside):
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                st = s.stats()["directory"]
+                if st["outside"] == outside:
+                    return st
+                time.sleep(0.2)
+            raise AssertionError(f"outside stayed {st['outside']}, wanted {outside}")
+        st = settled(18)  # 20 of them entered
+        assert st["entries"] == 32 and st["refilled"] == 20 and not st["complete"]
+        time.sleep(1.5)  # no slot is free, nothing was removed since: no pass walks the mirror again
+        assert s.stats()["directory"]["refill_passes"] == st["refill_passes"]
+        s.delete(keys[:18], ns="r")  # the oldest: the refill, most recent first, left them outside
+        st = settled(0)
+        assert st["complete"] and st["entries"] == 32
+        with d.connect() as other:
+            calls = count_calls(other)
+            assert other.contains(keys, ns="r") == [False] * 18 + [True] * 32 + [False] * 20
+            assert [other.get(k, ns="r") for k in keys[18:50]] == vals[18:50]
+            assert calls == []  # hits and misses alike answered from shared memory
+
+
 def test_a_directory_size_it_cannot_use_is_a_one_line_error(tmp_path):
     import subprocess
     import sys
@@ -187,7 +224,7 @@ def test_the_c_writer_and_its_python_twin_write_the_same_bytes(tmp_path):
     rng = random.Random(7)
     import xxhash
     live: list[bytes] = []
-    from kvfs.directory import CLOCK_AT, U64
+    from kvfs.directory import CLOCK_AT, DISPLACE, FILL, U64, UPDATE
     clock = (1 << 31) - 1500  # the stamps wrap around during the run
     for step in range(3000):
         clock += rng.choice([0, 1, 1, 2])
@@ -201,13 +238,16 @@ def test_the_c_writer_and_its_python_twin_write_the_same_bytes(tmp_path):
             exts = [[rng.randrange(4), rng.randrange(1 << 40), 4096 * step, 1 << 16, bytes([step % 256]) * 16]
                     for _ in range(rng.choice([1, 2, 3, 4]))]
             args = (h, rng.randrange(1 << 40), step, bytes([1]) * 16, rng.choice([-1, 4096 * step]),
-                    rng.choice([0, 1]), exts, rng.random() < 0.3)
+                    rng.choice([0, 1]), exts, rng.choice([UPDATE, UPDATE, DISPLACE, FILL]))
+            before = bytes(a)
             r = native.backend.dir_put(a, nslots, *args)
             assert r == _native_py.dir_put(b, nslots, *args)
             if r == 2:  # the coldest key of its window left: find which, the twins agree on the bytes
                 live = [x for x in live if native.backend.dir_del(bytearray(a), nslots, x) >= 0]
             if r in (1, 2):
                 live.append(h)
+            if args[-1] == FILL and r == 0:  # it had a slot: a refill leaves it as it was
+                assert a == before
         assert a == b, f"tables differ after step {step}"
     absent = xxhash.xxh3_128_digest(b"never put")
     assert native.backend.dir_del(a, nslots, absent) == _native_py.dir_del(b, nslots, absent) == -1

@@ -67,7 +67,8 @@ def format_stats(st: dict[str, Any]) -> str:
         rows.append(["directory", f"{d['entries']} of {d['slots']} slots, "
                      + ("complete" if d.get("complete", True) else
                         f"{d['outside']} objects outside, the oldest (misses are asked of the daemon: "
-                        "raise --dir-slots)")])
+                        "raise --dir-slots)")
+                     + (f"; {d['refilled']} refilled after removals" if d.get("refilled") else "")])
     acc = st.get("access")
     if acc:
         granted = [f"uid {u}: {r}" for u, r in acc["uids"].items()] + [f"gid {g}: {r}" for g, r in acc["gids"].items()]
