@@ -165,12 +165,16 @@ def test_a_full_directory_still_answers_exactly(tmp_path):
         assert calls == []
 
 
-def test_a_shrunk_store_refills_its_directory_and_misses_need_no_lookup(tmp_path):
+@pytest.mark.parametrize("data_plane", ["native", "python"])
+def test_a_shrunk_store_refills_its_directory_and_misses_need_no_lookup(tmp_path, monkeypatch, data_plane):
     """Keys left outside an over-full directory come back into the slots
     that removals free (the daemon's refill, once a second), so a store
-    that shrank answers misses from shared memory again."""
+    that shrank answers misses from shared memory again; the same with the
+    daemon on either data plane (the C writer or its twin)."""
+    monkeypatch.setenv("KVFS_NATIVE", "1" if data_plane == "native" else "0")
     d = DaemonProcess(tmp_path / "s", stripes=1, capacity="1G", shm_size="64M", extra=["--dir-slots", "32"])
     with d, d.connect() as s:
+        assert s.stats()["data_plane"] == data_plane
         keys = [f"r{i}" for i in range(70)]
         vals = [os.urandom(100) for _ in keys]
         s.put_many(keys, vals, ns="r")
