@@ -113,23 +113,23 @@ class DirectoryWriter:
     def put_many(self, oks: list[bytes], ms: list[Any], current: dict[bytes, Any] | None = None) -> None:
         """``put`` of each, one call into C; with ``current`` (the mirror),
         only of those still ``current[key]``."""
-        self._tick()
-        taken, _displaced, _left = self._put_entries(self.mm, self.nslots, oks, ms, UPDATE, current)
-        if taken:
-            self.entries += taken
-            self._counts()
+        self._write_many(oks, ms, UPDATE, current)
 
     def fill(self, oks: list[bytes], ms: list[Any], current: dict[bytes, Any]) -> int:
         """Enter those of ``oks`` that are in no slot into free ones (keys
         outside since the table overflowed, after removals freed slots);
         a key with a slot is left as it is, one whose buckets are full stays
         outside. Only entries still ``current[key]``. Returns how many entered."""
+        return self._write_many(oks, ms, FILL, current)
+
+    def _write_many(self, oks: list[bytes], ms: list[Any], mode: int, current: dict[bytes, Any] | None) -> int:
+        """One batch of slot writes that never displaces: the slots it took."""
         self._tick()
-        taken, _displaced, _left = self._put_entries(self.mm, self.nslots, oks, ms, FILL, current)
+        taken, _displaced, _left = self._put_entries(self.mm, self.nslots, oks, ms, mode, current)
         if taken:
             self.entries += taken
             self._counts()
-        return taken
+        return int(taken)
 
     def remove(self, ok: bytes) -> None:
         """Take ``ok`` out, after it left the mirror (before its removal is

@@ -50,9 +50,9 @@ static int set_ll(PyObject *o, PyObject *name, long long v) {
 
 /* The segment a chunk of span bytes on stripe goes to: the stripe's open
    one if it has room (or is empty), else segment_for(stripe, span)'s. A
-   new reference. */
+   new reference; *end is its end (read once here, for place_chunk). */
 static PyObject *segment(PyObject *open_seg, PyObject *segs, PyObject *segment_for, long long stripe, long long span,
-                         long long segment_size) {
+                         long long segment_size, long long *end) {
     PyObject *k = PyLong_FromLongLong(stripe);
     if (!k) return NULL;
     PyObject *sid = PyDict_GetItemWithError(open_seg, k); /* borrowed */
@@ -60,12 +60,11 @@ static PyObject *segment(PyObject *open_seg, PyObject *segs, PyObject *segment_f
     if (sid) {
         PyObject *seg = PyObject_GetItem(segs, sid);
         if (!seg) return NULL;
-        long long end;
-        if (!attr_ll(seg, S_END, &end)) {
+        if (!attr_ll(seg, S_END, end)) {
             Py_DECREF(seg);
             return NULL;
         }
-        if (end + span <= segment_size || end == 0) return seg;
+        if (*end + span <= segment_size || *end == 0) return seg;
         Py_DECREF(seg);
     } else if (PyErr_Occurred()) {
         return NULL;
@@ -74,15 +73,17 @@ static PyObject *segment(PyObject *open_seg, PyObject *segs, PyObject *segment_f
     PyObject *seg = a && b ? PyObject_CallFunctionObjArgs(segment_for, a, b, NULL) : NULL;
     Py_XDECREF(a);
     Py_XDECREF(b);
+    if (seg && !attr_ll(seg, S_END, end)) Py_CLEAR(seg);
     return seg;
 }
 
-/* One chunk reserved at the end of seg (kvfs._native_py.place_chunk); *grew:
-   the bytes the segment's end moved. */
-static PyObject *place_chunk(PyObject *seg, long long stripe, long long nl, long long kl, long long i,
-                             long long length, long long su, PyObject *empty, long long *grew, long long *sid) {
-    long long start, hdr, pay, end;
-    if (!attr_ll(seg, S_END, &start) || !attr_ll(seg, S_SEG, sid)) return NULL;
+/* One chunk reserved at the end of seg, which is start (kvfs._native_py.place_chunk);
+   *grew: the bytes the segment's end moved. */
+static PyObject *place_chunk(PyObject *seg, long long start, long long stripe, long long nl, long long kl,
+                             long long i, long long length, long long su, PyObject *empty, long long *grew,
+                             long long *sid) {
+    long long hdr, pay, end;
+    if (!attr_ll(seg, S_SEG, sid)) return NULL;
     place_record(start, nl, kl, length, &hdr, &pay, &end);
     PyObject *res = PyObject_GetAttr(seg, S_RESERVED);
     if (!res) return NULL;
@@ -225,9 +226,10 @@ PyObject *kv_place_items(PyObject *self, PyObject *args) {
         for (long long i = 0; good && i < n; i++) {
             long long stripe = (start + i) % nstripes;
             long long length = n == 1 ? size : (su < size - i * su ? su : size - i * su);
-            long long grew = 0, sid = 0;
-            PyObject *seg = segment(open_seg, segs, segment_for, stripe, record_span(nl, kl, length), segment_size);
-            PyObject *ch = seg ? place_chunk(seg, stripe, nl, kl, i, length, su, empty, &grew, &sid) : NULL;
+            long long grew = 0, sid = 0, end = 0;
+            PyObject *seg =
+                segment(open_seg, segs, segment_for, stripe, record_span(nl, kl, length), segment_size, &end);
+            PyObject *ch = seg ? place_chunk(seg, end, stripe, nl, kl, i, length, su, empty, &grew, &sid) : NULL;
             Py_XDECREF(seg);
             used += grew;
             PyObject *s = ch ? PyLong_FromLongLong(sid) : NULL;
@@ -264,11 +266,12 @@ PyObject *kv_place_items(PyObject *self, PyObject *args) {
 PyObject *kv_place_chunk(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *seg;
-    long long stripe, nl, kl, i, length, su, grew, sid;
+    long long stripe, nl, kl, i, length, su, grew, sid, start;
     if (!PyArg_ParseTuple(args, "OLLLLLL", &seg, &stripe, &nl, &kl, &i, &length, &su)) return NULL;
     if (!S_SEG && !(INTERN(S_END, "end") && INTERN(S_RESERVED, "reserved") && INTERN(S_SEG, "seg"))) return NULL;
+    if (!attr_ll(seg, S_END, &start)) return NULL;
     PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
-    PyObject *ch = empty ? place_chunk(seg, stripe, nl, kl, i, length, su, empty, &grew, &sid) : NULL;
+    PyObject *ch = empty ? place_chunk(seg, start, stripe, nl, kl, i, length, su, empty, &grew, &sid) : NULL;
     Py_XDECREF(empty);
     return ch;
 }

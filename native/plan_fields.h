@@ -89,12 +89,13 @@ typedef struct {
 
 extern PyTypeObject ChunkPlanType, ObjPlanType;
 
-/* New plans with the fields a placement gives (the rest their defaults);
-   empty is b"" (shared). */
+/* New plans with the fields a placement gives (the rest their defaults:
+   no hasher, mem None, t0 -1, not via T0), checksum given (b"" until the
+   sums are known). */
 PyObject *kv_chunk_plan(long long stripe, long long seg, long long hdr_off, long long payload_off, long long end,
-                        long long length, long long chunk_off, long long idx, long long start, PyObject *empty);
+                        long long length, long long chunk_off, long long idx, long long start, PyObject *checksum);
 PyObject *kv_obj_plan(PyObject *key, long long size, PyObject *meta, long long seq, PyObject *chunks, PyObject *ok,
-                      PyObject *empty);
+                      PyObject *checksum);
 /* ((stripe, seg, payload_off, length, sum), ...) of a chunk list; with
    sums, also a new list of the chunk sums. */
 PyObject *kv_plan_exts(PyObject *chunks, PyObject **sums);

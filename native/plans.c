@@ -21,35 +21,8 @@
 
 /* ---- ChunkPlan --------------------------------------------------------- */
 
-static PyObject *cp_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"stripe", "seg", "hdr_off", "payload_off", "end", "length", "chunk_off", "idx",
-                             "checksum", "start", NULL};
-    long long f[8], start = -1;
-    PyObject *sum = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "LLLLLLLL|OL", kwlist, &f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6],
-                                     &f[7], &sum, &start))
-        return NULL;
-    ChunkPlanObject *c = (ChunkPlanObject *)type->tp_alloc(type, 0);
-    if (!c) return NULL;
-    c->stripe = f[0];
-    c->seg = f[1];
-    c->hdr_off = f[2];
-    c->payload_off = f[3];
-    c->end = f[4];
-    c->length = f[5];
-    c->chunk_off = f[6];
-    c->idx = f[7];
-    c->start = start;
-    c->checksum = sum ? Py_NewRef(sum) : PyBytes_FromStringAndSize(NULL, 0);
-    if (!c->checksum) {
-        Py_DECREF(c);
-        return NULL;
-    }
-    return (PyObject *)c;
-}
-
 PyObject *kv_chunk_plan(long long stripe, long long seg, long long hdr_off, long long payload_off, long long end,
-                        long long length, long long chunk_off, long long idx, long long start, PyObject *empty) {
+                        long long length, long long chunk_off, long long idx, long long start, PyObject *checksum) {
     ChunkPlanObject *c = PyObject_New(ChunkPlanObject, &ChunkPlanType);
     if (!c) return NULL;
     c->stripe = stripe;
@@ -61,8 +34,26 @@ PyObject *kv_chunk_plan(long long stripe, long long seg, long long hdr_off, long
     c->chunk_off = chunk_off;
     c->idx = idx;
     c->start = start;
-    c->checksum = Py_NewRef(empty);
+    c->checksum = Py_NewRef(checksum);
     return (PyObject *)c;
+}
+
+/* ChunkPlan(...) from Python: the same fields, given by argument (the type
+   is not subclassable: type is ChunkPlanType). */
+static PyObject *cp_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    (void)type;
+    static char *kwlist[] = {"stripe", "seg", "hdr_off", "payload_off", "end", "length", "chunk_off", "idx",
+                             "checksum", "start", NULL};
+    long long f[8], start = -1;
+    PyObject *sum = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "LLLLLLLL|OL", kwlist, &f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6],
+                                     &f[7], &sum, &start))
+        return NULL;
+    PyObject *empty = sum ? NULL : PyBytes_FromStringAndSize(NULL, 0);
+    PyObject *c = sum || empty ? kv_chunk_plan(f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], start, sum ? sum : empty)
+                               : NULL;
+    Py_XDECREF(empty);
+    return c;
 }
 
 static void cp_dealloc(ChunkPlanObject *c) {
@@ -106,38 +97,8 @@ PyTypeObject ChunkPlanType = {
 
 /* ---- ObjPlan ----------------------------------------------------------- */
 
-static PyObject *op_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"key", "size", "meta", "seq", "chunks", "ok", "hasher", "checksum", "t0", "via_t0",
-                             "mem", "t0_stored", NULL};
-    PyObject *key, *meta, *chunks, *ok = NULL, *hasher = Py_None, *sum = NULL, *mem = Py_None;
-    long long size, seq, t0 = -1;
-    int via_t0 = 0, t0_stored = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OLOLO|OOOLpOp", kwlist, &key, &size, &meta, &seq, &chunks, &ok, &hasher,
-                                     &sum, &t0, &via_t0, &mem, &t0_stored))
-        return NULL;
-    ObjPlanObject *o = (ObjPlanObject *)type->tp_alloc(type, 0);
-    if (!o) return NULL;
-    o->key = Py_NewRef(key);
-    o->size = size;
-    o->meta = Py_NewRef(meta);
-    o->seq = seq;
-    o->chunks = Py_NewRef(chunks);
-    o->ok = ok ? Py_NewRef(ok) : PyBytes_FromStringAndSize(NULL, 0);
-    o->hasher = Py_NewRef(hasher);
-    o->checksum = sum ? Py_NewRef(sum) : PyBytes_FromStringAndSize(NULL, 0);
-    o->t0 = t0;
-    o->via_t0 = (char)via_t0;
-    o->mem = Py_NewRef(mem);
-    o->t0_stored = (char)t0_stored;
-    if (!o->ok || !o->checksum) {
-        Py_DECREF(o);
-        return NULL;
-    }
-    return (PyObject *)o;
-}
-
 PyObject *kv_obj_plan(PyObject *key, long long size, PyObject *meta, long long seq, PyObject *chunks, PyObject *ok,
-                      PyObject *empty) {
+                      PyObject *checksum) {
     ObjPlanObject *o = PyObject_New(ObjPlanObject, &ObjPlanType);
     if (!o) return NULL;
     o->key = Py_NewRef(key);
@@ -147,11 +108,36 @@ PyObject *kv_obj_plan(PyObject *key, long long size, PyObject *meta, long long s
     o->chunks = Py_NewRef(chunks);
     o->ok = Py_NewRef(ok);
     o->hasher = Py_NewRef(Py_None);
-    o->checksum = Py_NewRef(empty);
+    o->checksum = Py_NewRef(checksum);
     o->t0 = -1;
     o->via_t0 = 0;
     o->mem = Py_NewRef(Py_None);
     o->t0_stored = 0;
+    return (PyObject *)o;
+}
+
+/* ObjPlan(...) from Python: kv_obj_plan, then the fields it leaves at their
+   defaults (the type is not subclassable: type is ObjPlanType). */
+static PyObject *op_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    (void)type;
+    static char *kwlist[] = {"key", "size", "meta", "seq", "chunks", "ok", "hasher", "checksum", "t0", "via_t0",
+                             "mem", "t0_stored", NULL};
+    PyObject *key, *meta, *chunks, *ok = NULL, *hasher = Py_None, *sum = NULL, *mem = Py_None;
+    long long size, seq, t0 = -1;
+    int via_t0 = 0, t0_stored = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OLOLO|OOOLpOp", kwlist, &key, &size, &meta, &seq, &chunks, &ok, &hasher,
+                                     &sum, &t0, &via_t0, &mem, &t0_stored))
+        return NULL;
+    PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
+    ObjPlanObject *o = empty ? (ObjPlanObject *)kv_obj_plan(key, size, meta, seq, chunks, ok ? ok : empty, empty) : NULL;
+    Py_XDECREF(empty);
+    if (!o) return NULL;
+    Py_SETREF(o->hasher, Py_NewRef(hasher));
+    if (sum) Py_SETREF(o->checksum, Py_NewRef(sum));
+    o->t0 = t0;
+    o->via_t0 = (char)via_t0;
+    Py_SETREF(o->mem, Py_NewRef(mem));
+    o->t0_stored = (char)t0_stored;
     return (PyObject *)o;
 }
 
