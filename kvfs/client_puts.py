@@ -36,14 +36,15 @@ log = logging.getLogger("kvfs")
 
 # Without T0, values at least this large are written by the client straight
 # into the T1 extents the daemon reserves (alloc/commit); smaller ones travel
-# inline. With T0, every batch goes through the arena except a single value
-# smaller than T0_INLINE_MAX (one round trip beats two for tiny values).
+# inline. With T0, every non-empty value goes through the arena: the
+# connection keeps its reservation between puts, so even a lone 4 KiB put is
+# one message (inline, it went to T1 through the writer thread and an LMDB
+# commit, and waited for both: 2.3 x slower on the 2-core VM).
 DIRECT_MIN = 256 * 1024
 # device puts the GPU does not hash (unaligned or tiny sources) are hashed on
 # the host in groups of about this many bytes, each as soon as its copies
 # land (one thread per group; a value is one pass)
 HASH_GROUP = 8 << 20
-T0_INLINE_MAX = 64 * 1024
 # device puts run as pipelined sub-batches of about this many bytes (see _put_direct):
 # large enough that the GPU hashes several large values at once (a value's
 # whole-value sum is one sequential chain), small enough to overlap
@@ -91,10 +92,8 @@ class Puts(DeviceReading):
         raw_metas: list[bytes | None] = [encode_meta(m) for m in metas] if metas is not None else [None] * len(ks)
         out: list[bool] = [False] * len(ks)
         if self.arena is not None:
-            # T0: the batch goes through the arena (no payload on the socket),
-            # except a lone small value and empty ones
-            lone_small = len(views) == 1 and len(views[0]) < T0_INLINE_MAX
-            direct = [i for i, v in enumerate(views) if len(v) and (not lone_small or isinstance(v, DeviceBuffer))]
+            # T0: the batch goes through the arena (no payload on the socket), except empty values
+            direct = [i for i, v in enumerate(views) if len(v)]
         else:
             direct = [i for i, v in enumerate(views)
                       if len(v) >= DIRECT_MIN or (len(v) and isinstance(v, DeviceBuffer))]

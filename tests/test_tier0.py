@@ -26,8 +26,7 @@ def test_t0_put_get_view_roundtrip(store, size):
     data = os.urandom(size)
     assert store.put("k", data) is True
     st = store.stats()["tiers"]["T0"]
-    if size >= 64 * 1024:  # a lone value below that travels inline to T1
-        assert st["objects"] == 1 and st["allocated_bytes"] >= size
+    assert st["objects"] == 1 and st["allocated_bytes"] >= size  # a lone value of any size goes to T0
     assert store.get("k") == data
     out = np.zeros(size + 3, dtype=np.uint8)
     assert store.get_into("k", out) == size and out[:size].tobytes() == data
@@ -49,6 +48,27 @@ def test_batches_move_no_payload_through_the_socket(store):
     assert store.get_many_into(keys, outs) == [len(v) for v in vals]
     assert [bytes(o) for o in outs] == vals
     assert store.stats()["tiers"]["T0"]["hits"] >= 200
+
+
+def test_lone_small_puts_are_one_message_each_through_the_arena(store):
+    """A put of one small value (a KV block of a short prefix) reuses the
+    connection's reservation: no payload on the socket, no reserve round
+    trip after the first, and the daemon answers from T0 before any write-back."""
+    conn = store._conn()
+    waited = count_calls(conn, "call")
+    sent = []
+    defer = conn.defer
+    conn.defer = lambda op, args, on_reply: (sent.append(op), defer(op, args, on_reply))[1]
+    vals = {f"s{i}": os.urandom(10 + 997 * i) for i in range(40)}  # 10 B to 39 KiB
+    for k, v in vals.items():
+        assert store.put(k, v) is True
+    assert sent == ["put_t0"] * 40
+    assert waited.count("reserve") <= 1 and "put" not in waited
+    st = store.stats()
+    assert st["counters"]["inline_put_bytes"] == 0 and st["tiers"]["T0"]["objects"] == 40
+    assert all(store.get(k) == v for k, v in vals.items())
+    assert store.put("s3", b"other bytes") is False  # immutable: the first value stays
+    assert store.get("s3") == vals["s3"]
 
 
 def test_write_back_then_t0_eviction_then_read_from_t1(tmp_path):
@@ -368,7 +388,7 @@ def test_get_views_batch_one_round_trip(tmp_path):
     with small_t0(tmp_path, shm="64M") as d, d.connect() as w, d.connect() as r:
         vals = {f"g{i}": os.urandom(100_000 + i) for i in range(20)}
         w.put_many(list(vals), list(vals.values()))
-        w.put("tiny", b"t" * 10)  # a lone small put: inline, in T1 only
+        w._put_inline("default", [["tiny", 10, None]], [memoryview(b"t" * 10)], False)  # the inline op: T1 only
         w.flush()
         calls = count_calls(r)
         keys = list(vals) + ["tiny", "missing"]
