@@ -137,22 +137,27 @@ def run_puts_bench(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+SMALL_VALUE = 4096  # a lone small put (the KV block of a short prefix): one message through the arena too
+
+
 def _singles(stores: list[Any], vals: Any, n: int, turns: int = 4) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """Per store: one 64 KiB put after another (waiting for each answer,
-    and not), then a request that does nothing, answered (the floor of a
-    waited put). The stores take turns, ``n / turns`` of each at a time."""
+    and not), one 4 KiB put after another (waiting), then a request that
+    does nothing, answered (the floor of a waited put). The stores take
+    turns, ``n / turns`` of each at a time."""
     from kvfs import protocol as P
     m = max(1, n // turns)
-    lat: list[dict[str, list[float]]] = [{"wait": [], "no wait": [], "rtt": []} for _ in stores]
-    cpu: list[dict[str, float]] = [{"wait": 0.0, "no wait": 0.0} for _ in stores]
+    modes = (("wait", True, VALUE), ("no wait", False, VALUE), (f"wait, {SMALL_VALUE >> 10} KiB values", True,
+                                                                 SMALL_VALUE))
+    lat: list[dict[str, list[float]]] = [{name: [] for name in [*(mo[0] for mo in modes), "rtt"]} for _ in stores]
+    cpu: list[dict[str, float]] = [{name: 0.0 for name, _w, _v in modes} for _ in stores]
     for turn in range(turns):
         for k, s in enumerate(stores):
-            for wait in (True, False):
-                name = "wait" if wait else "no wait"
+            for name, wait, size in modes:
                 cpu0 = time.thread_time()
                 for i in range(m):
                     t = time.perf_counter()
-                    s.put(f"s{k}-{turn}-{wait}-{i}", vals[i % BATCH], wait=wait)
+                    s.put(f"s{k}-{turn}-{name}-{i}", vals[i % BATCH][:size], wait=wait)
                     lat[k][name].append(time.perf_counter() - t)
                 cpu[k][name] += time.thread_time() - cpu0
                 s.flush()
@@ -162,7 +167,7 @@ def _singles(stores: list[Any], vals: Any, n: int, turns: int = 4) -> list[tuple
                 conn.call(P.CONTAINS, {"ns": "default", "keys": ["absent"]})
                 lat[k]["rtt"].append(time.perf_counter() - t)
     return [({name: {**_pcts(lat[k][name]), "client_cpu_us": cpu[k][name] / (m * turns) * 1e6}
-              for name in ("wait", "no wait")}, _pcts(lat[k]["rtt"])) for k in range(len(stores))]
+              for name, _w, _v in modes}, _pcts(lat[k]["rtt"])) for k in range(len(stores))]
 
 
 def _pcts(lat: list[float]) -> dict[str, float]:
