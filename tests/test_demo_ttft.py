@@ -24,6 +24,10 @@ def test_ttft_path_matches_full_recompute_from_t0_and_t1(tmp_path, load):
         assert r["matched_blocks"] == r["blocks"] == r["tokens"] // BLOCK_TOKENS
         assert r["logits_ok"] and r["same_next_token"], r
         assert r["load_s"] > 0 and r["kvfs_ttft_s"] > 0
+        if load == "layerwise":  # where the compute waited on the loads, per layer
+            ins, waits = r["layer_in_s"], r["layer_wait_s"]
+            assert len(ins) == len(waits) == 2  # the tiny model's layers
+            assert 0 < ins[0] <= ins[1] == r["load_s"] and all(0 <= w <= i for w, i in zip(waits, ins))
 
 
 @pytest.mark.parametrize("layerwise", [True, False])

@@ -182,6 +182,10 @@ class LayerwiseLoad:
         self.t = time.perf_counter()
         self.load_s = 0.0
         self.first_s = 0.0  # until layer 0 had landed
+        # per layer, when its blocks were there (from the call) and how long
+        # its compute stood waiting for them: where a slow load lost its time
+        self.layer_in_s = [0.0] * layers
+        self.layer_wait_s = [0.0] * layers
         self.reads: Any = None
         self.sizes: list[int] = []
         if dev.type == "cuda":
@@ -193,14 +197,17 @@ class LayerwiseLoad:
 
     def _hook(self, layer: int) -> Any:
         def hook(_module: Any, _args: Any) -> None:
+            asked = time.perf_counter()
             got = (self.reads.wait(layer) if self.reads is not None
                    else self.sizes[layer * self.n:(layer + 1) * self.n])
             if any(g < 0 for g in got):
                 raise RuntimeError(f"a block of layer {layer} could not be loaded")
+            now = time.perf_counter()
+            self.layer_in_s[layer], self.layer_wait_s[layer] = now - self.t, now - asked
             if layer == 0:
-                self.first_s = time.perf_counter() - self.t
+                self.first_s = now - self.t
             if layer == self.layers - 1:
-                self.load_s = time.perf_counter() - self.t
+                self.load_s = now - self.t
             k, v = self.stored[layer]
             b = self.bufs[layer]  # [blocks, 2, heads, T, dim] -> [1, heads, blocks*T, dim]
             k.view(k.shape[1], self.n, BLOCK_TOKENS, k.shape[3]).copy_(b[:, 0].permute(1, 0, 2, 3))
@@ -336,6 +343,7 @@ def _run_layerwise(store: Any, model: Any, prompt: Any, keys: list[str], tokens:
         del cache
         out["load_s"] = load.load_s  # until the last layer had landed (the earlier ones were computing)
         out["start_s"], out["first_layer_s"] = load.start_s, load.first_s
+        out["layer_in_s"], out["layer_wait_s"] = load.layer_in_s, load.layer_wait_s
         out["t0_share"] = _t0_share(store, before, out)
         out["rebuild_s"] = 0.0  # inside the hooks, overlapped
         out["suffix_s"] = out["kvfs_ttft_s"] - out["load_s"]  # the prefill beyond the last layer's arrival
@@ -439,6 +447,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                     r["of_bound"] = r["speedup"] / r["bound_speedup"]
                 res["runs"].append(r)
                 print(_line(r), file=sys.stderr, flush=True)  # progress
+                if "layer_wait_s" in r:
+                    print(stalls(r), file=sys.stderr, flush=True)
     return res
 
 
@@ -471,6 +481,15 @@ def _pinned_h2d(nbytes: int) -> float:
         best = min(best, time.perf_counter() - t)
     del host, dev
     return nbytes / best
+
+
+def stalls(r: dict[str, Any]) -> str:
+    """Where a layer-wise run's compute waited for its loads (stderr and
+    --json only: the README block keeps one line per run)."""
+    waits = r["layer_wait_s"]
+    worst = max(range(len(waits)), key=waits.__getitem__)
+    return (f"  compute waited {sum(waits) * 1e3:.1f} ms for loads in all; longest at layer {worst} "
+            f"({waits[worst] * 1e3:.1f} ms, in at {r['layer_in_s'][worst] * 1e3:.1f} ms)")
 
 
 def _line(r: dict[str, Any]) -> str:
