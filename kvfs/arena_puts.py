@@ -25,6 +25,9 @@ Invariants:
   ``reserve`` without ``keep`` ends all of the connection's reservations,
   and an answer asked ahead before it is then dropped unread
   (``Connection.res_epoch``).
+- A refused ``reserve`` makes the connection put the other way (small host
+  values inline, the rest into T1 extents) for ``REFUSED_BACKOFF_S``
+  before it asks again (``Connection.refused_until``).
 - The reservation belongs to the connection: a client that dies, or a
   connection that breaks, gives it back with the connection.
 - Checksums are of the caller's bytes (as for alloc/commit puts): another
@@ -34,6 +37,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +63,11 @@ log = logging.getLogger("kvfs")
 RESERVE_FIRST = 4 << 20
 RESERVE_MAX = 32 << 20
 BATCH_MAX = 1 << 30
+# After a refused reserve (the arena full of values not yet written back, or
+# leased) a connection puts the other way without asking again for this
+# long: the write-back frees room at disk speed, and each refusal is a round
+# trip in front of a put that then still goes the other way.
+REFUSED_BACKOFF_S = 0.005
 
 
 @dataclass
@@ -162,7 +171,8 @@ def _reserve(conn: "Connection", arena: Any, n: int, batch_rest: int, populate: 
         got = conn.call(P.RESERVE, {"bytes": _want(conn, need, batch_rest)})
         if not got.get("res"):
             conn.reservation = None
-            return None  # the arena is full of values not yet written back: the caller uses alloc/commit
+            conn.refused_until = time.monotonic() + REFUSED_BACKOFF_S
+            return None  # the arena is full of values not yet written back: the caller puts the other way
         r = ArenaReservation.of(got)
         conn.ahead_refused = False
     conn.reservation = r
@@ -245,7 +255,8 @@ def put_reserved(store: "Puts", conn: "Connection", ns: str, items: list[list[An
             off = r.place(len(v)) if r is not None else -1
             if off < 0 and not full:
                 send()
-                r = _reserve(conn, arena, len(v), rest, not device)
+                # refused a moment ago: the other way at once, no round trip to be refused again
+                r = _reserve(conn, arena, len(v), rest, not device) if time.monotonic() >= conn.refused_until else None
                 full = r is None
                 off = r.place(len(v)) if r is not None else -1
             rest -= arena_rounded(len(v))[0] + 4096

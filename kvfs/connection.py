@@ -61,6 +61,7 @@ class Connection:
         self.ahead: ArenaReservation | None = None  # the next reservation, asked ahead (kvfs.arena_puts)
         self.ahead_pending = False  # its answer is still to be read
         self.ahead_refused = False  # the last one asked ahead was refused (the arena was full)
+        self.refused_until = 0.0  # monotonic time before which a refused connection does not ask (kvfs.arena_puts)
         self.res_epoch = 0  # bumped whenever every reservation of the connection ends
         self.refills = 0  # reservations it filled and moved on from
         self.deferred: deque[tuple[int, Callable[[Any, BaseException | None], None]]] = deque()

@@ -71,6 +71,35 @@ def test_lone_small_puts_are_one_message_each_through_the_arena(store):
     assert store.get("s3") == vals["s3"]
 
 
+def test_a_full_arena_sends_small_puts_inline_and_is_not_asked_again_at_once(tmp_path, monkeypatch):
+    """While the arena is full of values that cannot go (leased here), a
+    small put is one inline message, not a refused reserve plus alloc and
+    commit, and the refused connection does not ask again within the
+    backoff; once room is back, puts go through the arena again."""
+    from contextlib import ExitStack
+
+    import kvfs.arena_puts as AP
+    monkeypatch.setattr(AP, "REFUSED_BACKOFF_S", 60.0)  # deterministic: no second ask in this test
+    with small_t0(tmp_path) as d, d.connect() as w, d.connect() as r, ExitStack() as views:
+        for i in range(12):  # 12 MiB of leased values through an 8 MiB arena: it fills
+            w.put(f"big{i}", os.urandom(MiB))
+            views.enter_context(r.get_view(f"big{i}"))
+        w._conn().refused_until = 0.0  # as if the last refusal were long ago
+        calls = count_calls(w._conn(), "call")
+        vals = {f"s{i}": os.urandom(4096 + i) for i in range(30)}
+        for k, v in vals.items():
+            assert w.put(k, v) is True
+        assert calls.count("reserve") == 1  # the one refusal, then no more asking
+        assert calls.count("put") == 30 and "alloc" not in calls and "commit" not in calls
+        assert all(w.get(k) == v for k, v in vals.items())
+        views.close()  # the leases go: room again
+        w.flush()
+        w._conn().refused_until = 0.0
+        assert w.put("after", b"x" * 5000) is True
+        assert w.stats()["tiers"]["T0"]["objects"] >= 1 and w.get("after") == b"x" * 5000
+        assert calls.count("reserve") == 2 and calls.count("put") == 30
+
+
 def test_write_back_then_t0_eviction_then_read_from_t1(tmp_path):
     with small_t0(tmp_path) as d, d.connect() as s:
         vals = {f"v{i}": os.urandom(MiB) for i in range(20)}  # 20 MiB through an 8 MiB arena
