@@ -117,9 +117,9 @@ class Puts(DeviceReading):
             # what the arena did not take (it was full): small host values
             # inline, one round trip, as without T0; the rest into T1 extents
             rest = [i for i in direct if i not in taken]
-            small = [i for i in rest if len(views[i]) < DIRECT_MIN and not isinstance(views[i], DeviceBuffer)]
-            inline += small
-            direct = [i for i in rest if i not in set(small)]
+            small = {i for i in rest if len(views[i]) < DIRECT_MIN and not isinstance(views[i], DeviceBuffer)}
+            inline += [i for i in rest if i in small]
+            direct = [i for i in rest if i not in small]
         for idx, fn in ((inline, self._put_inline), (direct, self._put_direct)):
             for b in range(0, len(idx), BATCH_KEYS):
                 sel = idx[b:b + BATCH_KEYS]
