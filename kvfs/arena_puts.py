@@ -156,7 +156,10 @@ def _reserve(conn: "Connection", arena: Any, n: int, batch_rest: int, populate: 
     the ``batch_rest`` bytes of the batch that follow it: the one asked
     ahead if it holds the value, else one asked for now (waited for).
     ``populate``: fault its pages in now (the CPU writes them; DMA into the
-    registered arena needs no faults: registering pinned every page)."""
+    registered arena needs no faults: registering pinned every page).
+    None, with no round trip, while a refusal is recent (``REFUSED_BACKOFF_S``)."""
+    if time.monotonic() < conn.refused_until:
+        return None
     need, _a = arena_rounded(n)
     old = conn.reservation
     if old is not None:
@@ -255,8 +258,7 @@ def put_reserved(store: "Puts", conn: "Connection", ns: str, items: list[list[An
             off = r.place(len(v)) if r is not None else -1
             if off < 0 and not full:
                 send()
-                # refused a moment ago: the other way at once, no round trip to be refused again
-                r = _reserve(conn, arena, len(v), rest, not device) if time.monotonic() >= conn.refused_until else None
+                r = _reserve(conn, arena, len(v), rest, not device)
                 full = r is None
                 off = r.place(len(v)) if r is not None else -1
             rest -= arena_rounded(len(v))[0] + 4096

@@ -51,6 +51,12 @@ HASH_GROUP = 8 << 20
 DEVICE_SUB_BATCH = 256 << 20
 
 
+def _into_extents(v: Any) -> bool:
+    """Without the arena, a value goes into T1 extents (alloc/commit), not
+    inline: large ones, and every device one."""
+    return len(v) >= DIRECT_MIN or isinstance(v, DeviceBuffer)
+
+
 @dataclass
 class _Landed:
     """A put's source already copied into its arena extent (from a device),
@@ -95,8 +101,7 @@ class Puts(DeviceReading):
             # T0: the batch goes through the arena (no payload on the socket), except empty values
             direct = [i for i, v in enumerate(views) if len(v)]
         else:
-            direct = [i for i, v in enumerate(views)
-                      if len(v) >= DIRECT_MIN or (len(v) and isinstance(v, DeviceBuffer))]
+            direct = [i for i, v in enumerate(views) if len(v) and _into_extents(v)]
         dset = set(direct)
         inline = [i for i in range(len(views)) if i not in dset]
         if self.arena is not None and self.arena.writable:
@@ -117,7 +122,7 @@ class Puts(DeviceReading):
             # what the arena did not take (it was full): small host values
             # inline, one round trip, as without T0; the rest into T1 extents
             rest = [i for i in direct if i not in taken]
-            small = {i for i in rest if len(views[i]) < DIRECT_MIN and not isinstance(views[i], DeviceBuffer)}
+            small = {i for i in rest if not _into_extents(views[i])}
             inline += [i for i in rest if i in small]
             direct = [i for i in rest if i not in small]
         for idx, fn in ((inline, self._put_inline), (direct, self._put_direct)):
