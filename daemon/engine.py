@@ -303,6 +303,14 @@ class Engine(Recovery):
                 e.atime = at
                 txn.put(ok, e.encode(), db=self.index.objects)
 
+    def _t0_stats(self) -> dict[str, Any]:
+        if self.t0 is None:
+            return {"capacity_bytes": 0}
+        out = self.t0.stats()
+        if self.journal is not None:  # what a crash would replay, and how often it was cut back
+            out["journal_bytes"], out["journal_rewrites"] = self.journal.size, self.journal.rewrites
+        return out
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
             per_stripe = []
@@ -316,7 +324,7 @@ class Engine(Recovery):
             live = sum(s.live for s in self.segs.values())
             c = dict(self.counters)
             tiers: dict[str, Any] = {
-                "T0": self.t0.stats() if self.t0 is not None else {"capacity_bytes": 0},
+                "T0": self._t0_stats(),
                 "T1": {"objects": len(self.lru) - (self.t0.backlog_objects if self.t0 else 0),
                        "bytes": self.logical_bytes - (self.t0.backlog_bytes if self.t0 else 0),
                        "hits": c.get("t1_hits", 0), "misses": c.get("misses", 0)}}

@@ -189,3 +189,4 @@ class Recovery(Repair):
                 log.warning("T0 journal: %d puts written to T1 after a crash, %d lost",
                             rep.t0_replayed, rep.t0_replay_failed)
         jpath.unlink(missing_ok=True)
+        jpath.with_name(jpath.name + ".new").unlink(missing_ok=True)  # a rewrite cut short (kvfsd.t0journal)

@@ -23,6 +23,14 @@ stays small.
 batch): one lost with a crash only makes the next start write that put to
 T1 again, where it is found already stored and skipped. "P" records are
 written before their put is acknowledged: those are what must not be lost.
+A delete of a put still owed writes its "done" before the delete is
+acknowledged (kvfsd.space), so a crash does not bring the key back.
+
+Under a put load that never lets the backlog empty, the file would grow
+for ever (in /dev/shm: memory). Once appended records outgrow what is
+still pending (``too_long``), the engine ``rewrite``s it with one "PB"
+record of what it still owes, into a new file renamed over the old one: a
+crash at any point leaves one whole journal, the old or the new.
 """
 from __future__ import annotations
 
@@ -36,6 +44,9 @@ import msgpack
 import xxhash
 
 _HEAD = struct.Struct("<I8s")
+# a journal is rewritten once it is this long and 4 x what it held after the last rewrite
+REWRITE_MIN = int(os.environ.get("KVFS_JOURNAL_REWRITE_MIN", 32 << 20))
+REWRITE_ROWS = 4096  # rows per record of a rewrite (a record is read whole)
 
 
 @dataclass
@@ -60,10 +71,17 @@ class Journal:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         os.fchmod(self.fd, 0o600)  # the daemon's alone (kvfsd.fileperms), even if an old file was wider
         self._done: list[list[Any]] = []
+        self.size = 0  # bytes in the file
+        self.base = 0  # bytes after the last rewrite
+        self.rewrites = 0
 
-    def _append(self, body: list[Any]) -> None:
+    def _append(self, body: list[Any], fd: int | None = None) -> int:
         raw = msgpack.packb(body, use_bin_type=True)
-        os.write(self.fd, _HEAD.pack(len(raw), xxhash.xxh3_64_digest(raw)) + raw)  # tmpfs: a few microseconds
+        rec = _HEAD.pack(len(raw), xxhash.xxh3_64_digest(raw)) + raw
+        os.write(self.fd if fd is None else fd, rec)  # tmpfs: a few microseconds
+        if fd is None:
+            self.size += len(rec)
+        return len(rec)
 
     def published(self, rows: list[list[Any]]) -> None:
         """A batch of T0 puts was published: per put ``Pending.row()``."""
@@ -86,6 +104,32 @@ class Journal:
         """No write-back is pending: start over (keeps the file small)."""
         self._done.clear()
         os.ftruncate(self.fd, 0)
+        self.size = self.base = 0
+
+    def too_long(self) -> bool:
+        """Records have piled up past what can still be pending: ``rewrite``."""
+        return self.size > max(REWRITE_MIN, 4 * self.base)
+
+    def rewrite(self, rows: list[list[Any]]) -> None:
+        """Replace the journal by one of ``rows`` (``Pending.row()`` of
+        every put still owed, and nothing else: buffered "done" rows go).
+        The new file is complete before it is renamed over the old one; if
+        it cannot be written (/dev/shm full) the old one stays."""
+        tmp = self.path.with_name(self.path.name + ".new")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            size = sum(self._append(["PB", rows[i:i + REWRITE_ROWS]], fd) for i in range(0, len(rows), REWRITE_ROWS))
+            os.rename(tmp, self.path)
+        except OSError:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(self.fd)
+        self.fd = fd
+        self._done.clear()
+        self.size = self.base = size
+        self.rewrites += 1
 
     def close(self, remove: bool = True) -> None:
         if not remove:

@@ -18,6 +18,7 @@ import time
 from kvfs import _native_py, native
 from kvfs.errors import InvalidArgument
 
+from .index import split_obj_key
 from .mirror import MemEntry, t0_publish, t0_written_back
 from .puts import Puts
 from .segments import ObjPlan, PutPlan
@@ -188,8 +189,26 @@ class Tiering(Puts):
                 self.journal.empty()
             else:
                 self.journal.done_many(rows)
+                if self.journal.too_long():
+                    self._rewrite_journal()
         if oks and self.dir is not None:
             self.dir.put_many(oks, ms)
+
+    def _rewrite_journal(self) -> None:
+        """The journal reduced to what is still owed: every dirty entry
+        not deleted (a deleted one's "done" was written by its delete).
+        Caller holds the lock, so nothing is published or written back
+        meanwhile."""
+        assert self.t0 is not None and self.journal is not None
+        rows = []
+        for ok, m in self.t0.dirty.items():
+            if not m.deleted:
+                ns, key = split_obj_key(ok)
+                rows.append([ns, key, m.seq, m.size, m.t0, m.checksum, [x[4] for x in m.exts], m.meta])
+        try:
+            self.journal.rewrite(rows)
+        except OSError as e:  # the old journal stays, whole
+            log.warning("T0 journal could not be rewritten (%s): it keeps growing", e)
 
     def _tier_hit(self, ok: bytes, m: MemEntry) -> None:
         """Count a hit per tier and apply the promotion policy: a T1 object

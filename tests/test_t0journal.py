@@ -1,4 +1,7 @@
 """The T0 journal's records (pure file format): pending = published and not done."""
+import pytest
+
+from kvfsd import t0journal
 from kvfsd.t0journal import Journal, Pending, read_pending
 
 
@@ -49,3 +52,83 @@ def test_older_per_put_records_are_read(tmp_path):
     j._append(["D", "ns", "a", 1])
     j.close(remove=False)
     assert read_pending(tmp_path / "j") == [pend("b", 2)]
+
+
+def test_a_rewrite_keeps_only_what_is_still_owed(tmp_path, monkeypatch):
+    monkeypatch.setattr(t0journal, "REWRITE_MIN", 1000)
+    monkeypatch.setattr(t0journal, "REWRITE_ROWS", 3)  # several records
+    j = Journal(tmp_path / "j")
+    for i in range(40):
+        j.published([p(f"k{i}", i)])
+        j.done("ns", f"k{i}", i)
+    j.flush()
+    assert j.too_long() and j.size == (tmp_path / "j").stat().st_size
+    j.done("ns", "k99", 99)  # buffered: gone with the rewrite, which holds only what it is given
+    j.rewrite([p("a", 1), p("b", 2), p("c", 3), p("d", 4)])
+    assert not (tmp_path / "j.new").exists()
+    assert sorted(x.key for x in read_pending(tmp_path / "j")) == ["a", "b", "c", "d"]
+    assert not j.too_long() and j.rewrites == 1 and j.base == j.size == (tmp_path / "j").stat().st_size
+    j.published([p("e", 5)])  # appends go to the new file
+    j.done("ns", "a", 1)
+    j.flush()
+    assert sorted(x.key for x in read_pending(tmp_path / "j")) == ["b", "c", "d", "e"]
+    j.close()
+    assert not (tmp_path / "j").exists()
+
+
+def test_a_rewrite_that_fails_leaves_the_old_journal(tmp_path, monkeypatch):
+    j = Journal(tmp_path / "j")
+    j.published([p("a", 1), p("b", 2)])
+
+    def full(*_a):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(t0journal.os, "rename", full)
+    with pytest.raises(OSError):
+        j.rewrite([p("b", 2)])
+    monkeypatch.undo()
+    assert not (tmp_path / "j.new").exists()
+    j.published([p("c", 3)])  # still appending to the old file
+    assert sorted(x.key for x in read_pending(tmp_path / "j")) == ["a", "b", "c"]
+    j.close()
+
+
+def test_the_engine_rewrites_exactly_the_puts_it_still_owes(tmp_path):
+    """A rewrite is made from the mirror's dirty entries: each row must be
+    the one its put's publication journaled (sums, arena offset, meta),
+    less the puts written back since and those deleted (their "done" was
+    written by the delete)."""
+    import os
+
+    from kvfs import format as fmt
+    from kvfsd.config import Config
+    from kvfsd.engine import Engine
+    eng = Engine(Config(root=tmp_path / "e", capacity=1 << 30, shm_size=64 << 20).resolve())
+    try:
+        assert eng.wb_pool is not None and eng.t0 is not None and eng.journal is not None
+        eng.wb_pool.stop()  # nothing is written back but what this test writes back
+        eng.wb_pool = None
+        su = eng.stripe_unit
+        plans = []
+        for b in range(3):
+            vals = [os.urandom(n) for n in (10, 4096, 65536, su + 5)]
+            metas = [None, {"layer": b}, None, {"x": "y"}]
+            plan = eng.prepare_put("n", [(f"k{b}-{i}", len(v), m) for i, (v, m) in enumerate(zip(vals, metas))],
+                                   t0=True)
+            arena = eng.t0.arena.view
+            for op, v in zip(plan.items, vals):
+                arena[op.t0:op.t0 + len(v)] = v
+            eng.set_client_sums(plan, [[fmt.checksum(v), [fmt.checksum(v[i:i + su]) for i in range(0, len(v), su)]]
+                                       for v in vals])
+            eng.publish_t0(plan)
+            plans.append(plan)
+        published = {(p.ns, p.key): p for p in read_pending(eng.journal.path)}
+        assert len(published) == 12 and any(p.meta for p in published.values())
+        eng.write_back(plans[0], False)  # done rows, buffered
+        assert eng.delete("n", ["k1-2"]) == 1
+        with eng._lock:
+            eng._rewrite_journal()
+        after = {(p.ns, p.key): p for p in read_pending(eng.journal.path)}
+        want = {k: v for k, v in published.items() if not k[1].startswith("k0-") and k[1] != "k1-2"}
+        assert after == want and eng.journal.rewrites == 1
+    finally:
+        eng.close()
