@@ -19,6 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE", help="also write results as JSON")
     p.add_argument("--load", choices=["layerwise", "whole"], default="layerwise",
                    help="layerwise: load layer l+1 while layer l computes (default); whole: load it all, then prefill")
+    p.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
+                   help="leave the model's objects to the garbage collector (by default they are frozen "
+                        "after the warm-up, as vLLM does at start)")
     p.add_argument("--profile", action="store_true",
                    help="print where the suffix prefill's time goes (torch profiler; largest prompt, T0)")
     return p

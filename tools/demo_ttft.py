@@ -21,6 +21,7 @@ slices of one device buffer.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -268,7 +269,7 @@ def run_ttft(store: Any, model: Any, tokens: int, suffix: int, device: str, ns: 
         # 2. a new request: match, load, prefill the rest
         before = _t0_lookups(store)
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = out["request_at"] = time.perf_counter()
         n = store.prefix_match(keys, ns=ns)
         shape = (n, model.config.num_hidden_layers, 2, model.config.num_key_value_heads, BLOCK_TOKENS,
                  model.config.hidden_size // model.config.num_attention_heads)
@@ -322,7 +323,7 @@ def _run_layerwise(store: Any, model: Any, prompt: Any, keys: list[str], tokens:
         # 2. a new request: match, then load layer by layer under the suffix's prefill
         before = _t0_lookups(store)
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = out["request_at"] = time.perf_counter()
         n = store.prefix_match(by_layer[0], ns=ns)
         load = LayerwiseLoad(store, model, by_layer, n, ns)
         try:
@@ -387,6 +388,31 @@ def logits_agree(r: dict[str, Any], device: str) -> bool:
     return r["max_abs_diff"] <= tol and r["same_next_token"]
 
 
+class GcPauses:
+    """The cyclic collector's pauses in this process (gc.callbacks), so a
+    run can tell a stall of its own from one of the collector's."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, float, int]] = []  # (start, seconds, generation)
+        self._start = 0.0
+        gc.callbacks.append(self._cb)
+
+    def _cb(self, phase: str, info: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            self._start = now
+        else:
+            self.events.append((self._start, now - self._start, info["generation"]))
+
+    def during(self, t: float, dt: float) -> tuple[float, float, int]:
+        """(total seconds, longest pause, collections) of those that began in [t, t + dt]."""
+        ev = [e for e in self.events if t <= e[0] <= t + dt]
+        return sum(e[1] for e in ev), max((e[1] for e in ev), default=0.0), len(ev)
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._cb)
+
+
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     import tempfile
 
@@ -421,34 +447,47 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             if device == "cuda":
                 h2d[n] = _pinned_h2d(n // BLOCK_TOKENS * BLOCK_TOKENS * cfg.num_hidden_layers * 2
                                      * cfg.num_key_value_heads * head_dim * 2)
-    for tier, shm in (("T0", str(int(1.3 * kv_bytes) + (64 << 20))), ("T1", "0")):
-        d = DaemonProcess(base / tier, capacity=str(3 * kv_bytes + (1 << 30)), shm_size=shm)
-        with d, d.connect(threads=16) as s:
-            if device == "cuda":
-                s.pin_arena()  # once per process, not per request
-                # the device read path set up once (streams, events, the data plane), untimed
-                probe = torch.ones(1 << 20, dtype=torch.uint8, device=device)
-                s.put_many(["warm-up"], [probe], ns="warm-up")
-                s.get_many_into_async(["warm-up"], [torch.empty_like(probe)], ns="warm-up").result()
-            for n in lengths:
-                r = run_ttft(s, model, n, args.suffix, device, ns=f"ttft{n}",
-                             profile=getattr(args, "profile", False) and tier == "T0" and n == max(lengths),
-                             layerwise=getattr(args, "load", "layerwise") == "layerwise")
-                if "profile" in r:
-                    print(r.pop("profile"), file=sys.stderr)
-                r["tier"] = tier
-                r["logits_ok"] = logits_agree(r, device)
-                if n in h2d:
-                    kv = r["matched_blocks"] * r["block_bytes"]
-                    r["h2d_gbs"] = h2d[n] / 1e9
-                    r["load_vs_h2d"] = kv / r["load_s"] / h2d[n]
-                    # the most a load-then-prefill can give: recompute / max(KV bytes / H2D, suffix prefill)
-                    r["bound_speedup"] = r["recompute_s"] / max(kv / h2d[n], r["suffix_alone_s"])
-                    r["of_bound"] = r["speedup"] / r["bound_speedup"]
-                res["runs"].append(r)
-                print(_line(r), file=sys.stderr, flush=True)  # progress
-                if "layer_wait_s" in r:
-                    print(stalls(r), file=sys.stderr, flush=True)
+    if getattr(args, "gc_freeze", True):
+        # what a serving engine does once it has started (vLLM's
+        # freeze_gc_heap): the model's and libraries' objects leave the
+        # collector's reach, so a full collection during a request walks
+        # only what was made since (one cost 210 ms in a 32k load on an H100)
+        gc.collect()
+        gc.freeze()
+    res["gc_frozen"] = gc.get_freeze_count()
+    pauses = GcPauses()
+    try:
+        for tier, shm in (("T0", str(int(1.3 * kv_bytes) + (64 << 20))), ("T1", "0")):
+            d = DaemonProcess(base / tier, capacity=str(3 * kv_bytes + (1 << 30)), shm_size=shm)
+            with d, d.connect(threads=16) as s:
+                if device == "cuda":
+                    s.pin_arena()  # once per process, not per request
+                    # the device read path set up once (streams, events, the data plane), untimed
+                    probe = torch.ones(1 << 20, dtype=torch.uint8, device=device)
+                    s.put_many(["warm-up"], [probe], ns="warm-up")
+                    s.get_many_into_async(["warm-up"], [torch.empty_like(probe)], ns="warm-up").result()
+                for n in lengths:
+                    r = run_ttft(s, model, n, args.suffix, device, ns=f"ttft{n}",
+                                 profile=getattr(args, "profile", False) and tier == "T0" and n == max(lengths),
+                                 layerwise=getattr(args, "load", "layerwise") == "layerwise")
+                    if "profile" in r:
+                        print(r.pop("profile"), file=sys.stderr)
+                    r["tier"] = tier
+                    r["logits_ok"] = logits_agree(r, device)
+                    r["gc_s"], r["gc_max_s"], r["gc_runs"] = pauses.during(r.pop("request_at"), r["kvfs_ttft_s"])
+                    if n in h2d:
+                        kv = r["matched_blocks"] * r["block_bytes"]
+                        r["h2d_gbs"] = h2d[n] / 1e9
+                        r["load_vs_h2d"] = kv / r["load_s"] / h2d[n]
+                        # the most a load-then-prefill can give: recompute / max(KV bytes / H2D, suffix prefill)
+                        r["bound_speedup"] = r["recompute_s"] / max(kv / h2d[n], r["suffix_alone_s"])
+                        r["of_bound"] = r["speedup"] / r["bound_speedup"]
+                    res["runs"].append(r)
+                    print(_line(r), file=sys.stderr, flush=True)  # progress
+                    if "layer_wait_s" in r:
+                        print(stalls(r), file=sys.stderr, flush=True)
+    finally:
+        pauses.close()
     return res
 
 
@@ -489,7 +528,8 @@ def stalls(r: dict[str, Any]) -> str:
     waits = r["layer_wait_s"]
     worst = max(range(len(waits)), key=waits.__getitem__)
     return (f"  compute waited {sum(waits) * 1e3:.1f} ms for loads in all; longest at layer {worst} "
-            f"({waits[worst] * 1e3:.1f} ms, in at {r['layer_in_s'][worst] * 1e3:.1f} ms)")
+            f"({waits[worst] * 1e3:.1f} ms, in at {r['layer_in_s'][worst] * 1e3:.1f} ms); "
+            f"{r.get('gc_runs', 0)} garbage collections in the request, {r.get('gc_s', 0) * 1e3:.1f} ms")
 
 
 def _line(r: dict[str, Any]) -> str:
