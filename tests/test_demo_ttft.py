@@ -4,6 +4,8 @@ rebuilt, only the suffix prefilled, and the next-token logits equal to a
 full recompute. The GPU run (Llama-3.1-8B shape, bf16) is the same code:
 `kvfs demo-ttft` on the GPU machine."""
 import argparse
+import gc
+import tempfile
 
 import pytest
 
@@ -28,6 +30,17 @@ def test_ttft_path_matches_full_recompute_from_t0_and_t1(tmp_path, load):
             ins, waits = r["layer_in_s"], r["layer_wait_s"]
             assert len(ins) == len(waits) == 2  # the tiny model's layers
             assert 0 < ins[0] <= ins[1] == r["load_s"] and all(0 <= w <= i for w, i in zip(waits, ins))
+
+
+def test_the_demo_leaves_no_store_behind_and_reports_the_collector(tmp_path, monkeypatch):
+    """Without --dir its stores go in a temp dir, removed at the end (they
+    were left: 20 GiB a run at 32k and 48k tokens filled a GPU host's disk)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    res = run_demo(argparse.Namespace(device="cpu", model="tiny", tokens="512", suffix=16, dir=None))
+    assert len(res["runs"]) == 2 and all(r["logits_ok"] for r in res["runs"])
+    assert res["gc_frozen"] > 0 and gc.get_freeze_count() == 0  # frozen for the run, not after it
+    assert all(r["gc_runs"] >= 0 and 0 <= r["gc_max_s"] <= r["gc_s"] for r in res["runs"])
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("layerwise", [True, False])

@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--model", choices=["llama-3.1-8b", "tiny"], default=None,
                    help="model shape (default llama-3.1-8b on GPU, tiny on CPU)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None)
-    p.add_argument("--dir", default=None, help="where the demo's stores go (default: a temp dir)")
+    p.add_argument("--dir", default=None, help="where the demo's stores go, kept (default: a temp dir, removed at the end)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write results as JSON")
     p.add_argument("--load", choices=["layerwise", "whole"], default="layerwise",
                    help="layerwise: load layer l+1 while layer l computes (default); whole: load it all, then prefill")

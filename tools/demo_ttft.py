@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -486,8 +487,14 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                     print(_line(r), file=sys.stderr, flush=True)  # progress
                     if "layer_wait_s" in r:
                         print(stalls(r), file=sys.stderr, flush=True)
+            if not args.dir:  # its stores are this run's own: 10 GiB and more of disk at 48k
+                shutil.rmtree(base / tier, ignore_errors=True)
     finally:
         pauses.close()
+        if not args.dir:
+            shutil.rmtree(base, ignore_errors=True)
+        if getattr(args, "gc_freeze", True):
+            gc.unfreeze()  # (a process that runs more than this demo)
     return res
 
 
