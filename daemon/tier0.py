@@ -114,11 +114,17 @@ class Tier0:
 
     def _forget(self, ok: bytes, m: Resident) -> None:
         """``drop`` but for the directory, which the caller updates."""
-        if self.lru.pop(ok, None) is not None or self.dirty.pop(ok, None) is not None:
-            self.bytes -= m.size
+        # only m itself: a put of the same key after m's delete may hold
+        # the key here now, and it stays (dirty: the journal owes it).
+        # m's bytes were counted while it had a copy (t0 >= 0), in a map or not.
+        for where in (self.lru, self.dirty):
+            if where.get(ok) is m:
+                del where[ok]
+                break
         off, m.t0 = m.t0, -1
         m.rewire()
         if off >= 0:
+            self.bytes -= m.size
             self.release_extent(ok, off)
 
     def release_extent(self, ok: bytes, off: int) -> None:

@@ -132,3 +132,43 @@ def test_the_engine_rewrites_exactly_the_puts_it_still_owes(tmp_path):
         assert after == want and eng.journal.rewrites == 1
     finally:
         eng.close()
+
+
+def test_a_put_after_a_delete_stays_owed_when_the_deleted_one_is_written_back(tmp_path):
+    """put k, delete k, put k again, all before any write-back: when the
+    first write-back ends it drops its own T0 copy, not the second put's
+    dirty entry (it did, and a journal rewrite then left the second put,
+    acknowledged, out of what a crash replays)."""
+    import os
+
+    from kvfs import format as fmt
+    from kvfsd.config import Config
+    from kvfsd.engine import Engine
+    from kvfsd.index import obj_key
+    eng = Engine(Config(root=tmp_path / "e", capacity=1 << 30, shm_size=64 << 20).resolve())
+    try:
+        assert eng.wb_pool is not None and eng.t0 is not None and eng.journal is not None
+        eng.wb_pool.stop()
+        eng.wb_pool = None
+        plans = []
+        for _ in range(2):
+            v = os.urandom(5000)
+            plan = eng.prepare_put("n", [("k", len(v), None)], t0=True)
+            op = plan.items[0]
+            eng.t0.arena.view[op.t0:op.t0 + len(v)] = v
+            eng.set_client_sums(plan, [[fmt.checksum(v), [fmt.checksum(v)]]])
+            eng.publish_t0(plan)
+            plans.append(plan)
+            if len(plans) == 1:
+                assert eng.delete("n", ["k"]) == 1
+        second = plans[1].items[0].mem
+        eng.write_back(plans[0], False)  # the deleted put: dropped, not published
+        ok = obj_key("n", "k")
+        assert eng.t0.dirty.get(ok) is second and eng.lru.get(ok) is second
+        with eng._lock:
+            eng._rewrite_journal()
+        assert [(p.key, p.seq) for p in read_pending(eng.journal.path)] == [("k", second.seq)]
+        assert eng.write_back(plans[1], False) == [True]
+        assert eng.t0.bytes == 5000 and not eng.t0.dirty
+    finally:
+        eng.close()
