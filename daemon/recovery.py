@@ -26,7 +26,7 @@ from .index import SEG_OPEN, SEG_SEALED, obj_key, split_obj_key
 from .mirror import MemEntry, entry_of
 from .repair import Repair
 from .segments import SegState
-from .t0journal import read_pending
+from .t0journal import read_pending, rewrite_path
 
 log = logging.getLogger("kvfsd")
 
@@ -189,4 +189,4 @@ class Recovery(Repair):
                 log.warning("T0 journal: %d puts written to T1 after a crash, %d lost",
                             rep.t0_replayed, rep.t0_replay_failed)
         jpath.unlink(missing_ok=True)
-        jpath.with_name(jpath.name + ".new").unlink(missing_ok=True)  # a rewrite cut short (kvfsd.t0journal)
+        rewrite_path(jpath).unlink(missing_ok=True)  # a rewrite cut short

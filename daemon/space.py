@@ -155,14 +155,13 @@ class Space(Placement):
                 m = self.lru.pop(ok, None)
                 if m is None:
                     continue  # never mirrored (a lost race): its spans were not counted
+                ns, key = split_obj_key(ok)
                 if m.dirty:
-                    ns, key = split_obj_key(ok)
                     owed.append([ns, key, m.seq])
                 if self.dir is not None:
                     self.dir.remove(ok)  # before the generation bump below
                 self._dirty_atime.pop(ok, None)
                 self.promote_q.pop(ok, None)
-                ns, _k = split_obj_key(ok)
                 self.ns_objects[ns] -= 1
                 if self.ns_objects[ns] <= 0:
                     del self.ns_objects[ns]

@@ -75,13 +75,10 @@ class Journal:
         self.base = 0  # bytes after the last rewrite
         self.rewrites = 0
 
-    def _append(self, body: list[Any], fd: int | None = None) -> int:
-        raw = msgpack.packb(body, use_bin_type=True)
-        rec = _HEAD.pack(len(raw), xxhash.xxh3_64_digest(raw)) + raw
-        os.write(self.fd if fd is None else fd, rec)  # tmpfs: a few microseconds
-        if fd is None:
-            self.size += len(rec)
-        return len(rec)
+    def _append(self, body: list[Any]) -> None:
+        rec = _record(body)
+        os.write(self.fd, rec)  # tmpfs: a few microseconds
+        self.size += len(rec)
 
     def published(self, rows: list[list[Any]]) -> None:
         """A batch of T0 puts was published: per put ``Pending.row()``."""
@@ -115,11 +112,12 @@ class Journal:
         every put still owed, and nothing else: buffered "done" rows go).
         The new file is complete before it is renamed over the old one; if
         it cannot be written (/dev/shm full) the old one stays."""
-        tmp = self.path.with_name(self.path.name + ".new")
+        tmp = rewrite_path(self.path)
+        data = b"".join(_record(["PB", rows[i:i + REWRITE_ROWS]]) for i in range(0, len(rows), REWRITE_ROWS))
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.fchmod(fd, 0o600)
-            size = sum(self._append(["PB", rows[i:i + REWRITE_ROWS]], fd) for i in range(0, len(rows), REWRITE_ROWS))
+            os.write(fd, data)
             os.rename(tmp, self.path)
         except OSError:
             os.close(fd)
@@ -128,7 +126,7 @@ class Journal:
         os.close(self.fd)
         self.fd = fd
         self._done.clear()
-        self.size = self.base = size
+        self.size = self.base = len(data)
         self.rewrites += 1
 
     def close(self, remove: bool = True) -> None:
@@ -137,6 +135,17 @@ class Journal:
         os.close(self.fd)
         if remove:
             self.path.unlink(missing_ok=True)
+
+
+def _record(body: list[Any]) -> bytes:
+    raw = msgpack.packb(body, use_bin_type=True)
+    return _HEAD.pack(len(raw), xxhash.xxh3_64_digest(raw)) + raw
+
+
+def rewrite_path(path: Path) -> Path:
+    """Where ``Journal.rewrite`` builds the new journal before its rename
+    (left behind only by a crash in between: removed at start)."""
+    return path.with_name(path.name + ".new")
 
 
 def read_pending(path: Path) -> list[Pending]:

@@ -131,7 +131,9 @@ class DaemonProcess:
         a test's root is never started again."""
         from kvfsd.arena import SHM_DIR, arena_path
         a = arena_path(self.root.absolute(), self.shm_dir.absolute() if self.shm_dir else SHM_DIR)
-        for p in (a, a.with_suffix(".dir"), a.with_suffix(".journal"), a.with_suffix(".journal.new")):
+        from kvfsd.t0journal import rewrite_path
+        j = a.with_suffix(".journal")
+        for p in (a, a.with_suffix(".dir"), j, rewrite_path(j)):
             p.unlink(missing_ok=True)
 
 

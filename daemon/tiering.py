@@ -22,6 +22,7 @@ from .index import split_obj_key
 from .mirror import MemEntry, t0_publish, t0_written_back
 from .puts import Puts
 from .segments import ObjPlan, PutPlan
+from .t0journal import Pending
 
 log = logging.getLogger("kvfsd")
 
@@ -204,7 +205,7 @@ class Tiering(Puts):
         for ok, m in self.t0.dirty.items():
             if not m.deleted:
                 ns, key = split_obj_key(ok)
-                rows.append([ns, key, m.seq, m.size, m.t0, m.checksum, [x[4] for x in m.exts], m.meta])
+                rows.append(Pending(ns, key, m.seq, m.size, m.t0, m.checksum, [x[4] for x in m.exts], m.meta).row())
         try:
             self.journal.rewrite(rows)
         except OSError as e:  # the old journal stays, whole

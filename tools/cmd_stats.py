@@ -113,10 +113,10 @@ def tier_rows(st: dict[str, Any]) -> list[list[Any]]:
     c = st["counters"]
     rows = []
     if t0.get("capacity_bytes"):
+        journal = f", journal {format_size(t0['journal_bytes'])}" if "journal_bytes" in t0 else ""
         rows.append(["T0 shm", format_size(t0["capacity_bytes"]), t0["objects"], format_size(t0["bytes"]),
                      t0["hits"], t0["misses"], t0["evictions"], t0["promotions"],
-                     f"{t0['writeback_objects']} ({format_size(t0['writeback_bytes'])}"
-                     + (f", journal {format_size(t0['journal_bytes'])})" if "journal_bytes" in t0 else ")")])
+                     f"{t0['writeback_objects']} ({format_size(t0['writeback_bytes'])}{journal})"])
     else:
         rows.append(["T0 shm", "off", "", "", "", "", "", "", ""])
     rows.append(["T1 disk", format_size(st["capacity_bytes"]), t1["objects"], format_size(t1["bytes"]),

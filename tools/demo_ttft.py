@@ -448,7 +448,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             if device == "cuda":
                 h2d[n] = _pinned_h2d(n // BLOCK_TOKENS * BLOCK_TOKENS * cfg.num_hidden_layers * 2
                                      * cfg.num_key_value_heads * head_dim * 2)
-    if getattr(args, "gc_freeze", True):
+    freeze = getattr(args, "gc_freeze", True)
+    if freeze:
         # what a serving engine does once it has started (vLLM's
         # freeze_gc_heap): the model's and libraries' objects leave the
         # collector's reach, so a full collection during a request walks
@@ -477,12 +478,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                     r["logits_ok"] = logits_agree(r, device)
                     r["gc_s"], r["gc_max_s"], r["gc_runs"] = pauses.during(r.pop("request_at"), r["kvfs_ttft_s"])
                     if n in h2d:
-                        kv = r["matched_blocks"] * r["block_bytes"]
-                        r["h2d_gbs"] = h2d[n] / 1e9
-                        r["load_vs_h2d"] = kv / r["load_s"] / h2d[n]
-                        # the most a load-then-prefill can give: recompute / max(KV bytes / H2D, suffix prefill)
-                        r["bound_speedup"] = r["recompute_s"] / max(kv / h2d[n], r["suffix_alone_s"])
-                        r["of_bound"] = r["speedup"] / r["bound_speedup"]
+                        _against_h2d(r, h2d[n])
                     res["runs"].append(r)
                     print(_line(r), file=sys.stderr, flush=True)  # progress
                     if "layer_wait_s" in r:
@@ -493,9 +489,20 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         pauses.close()
         if not args.dir:
             shutil.rmtree(base, ignore_errors=True)
-        if getattr(args, "gc_freeze", True):
+        if freeze:
             gc.unfreeze()  # (a process that runs more than this demo)
     return res
+
+
+def _against_h2d(r: dict[str, Any], h2d: float) -> None:
+    """A run's load rate against pinned H2D (bytes/s) of the same bytes, and
+    its speedup against the most a load-then-prefill can give:
+    recompute / max(KV bytes / H2D, suffix prefill)."""
+    kv = r["matched_blocks"] * r["block_bytes"]
+    r["h2d_gbs"] = h2d / 1e9
+    r["load_vs_h2d"] = kv / r["load_s"] / h2d
+    r["bound_speedup"] = r["recompute_s"] / max(kv / h2d, r["suffix_alone_s"])
+    r["of_bound"] = r["speedup"] / r["bound_speedup"]
 
 
 def _t0_lookups(store: Any) -> tuple[int, int, int]:
