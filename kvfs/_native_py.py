@@ -331,10 +331,11 @@ class ObjPlan:
 
 class MemEntry:
     """The daemon's mirror entry (kvfsd.mirror): native/mirror.c's twin.
-    Lookups answer ``wire``; it is replaced (``rewire``), never mutated, so a
-    reply being encoded on the event loop never sees a half-made change."""
+    Lookups answer ``wire``, made on its first read after the last
+    ``rewire`` (the fields changed) and replaced, never mutated, so a reply
+    being encoded on the event loop never sees a half-made change."""
 
-    __slots__ = ("size", "checksum", "seq", "exts", "spans", "wire", "t0", "dirty", "deleted", "hits", "meta",
+    __slots__ = ("size", "checksum", "seq", "exts", "spans", "_wire", "t0", "dirty", "deleted", "hits", "meta",
                  "created")
 
     def __init__(self, size: int, checksum: bytes, seq: int, exts: tuple[tuple[Any, ...], ...],
@@ -350,14 +351,20 @@ class MemEntry:
         self.hits = 0  # T1 hits (promotion policy)
         self.meta: bytes | None = None  # kept only while dirty (LMDB has it after)
         self.created = 0.0  # for the mount's mtime
-        self.wire: tuple[Any, ...] = ()
-        self.rewire()
+        self._wire: tuple[Any, ...] | None = None
 
     def rewire(self) -> None:
-        """wire = [size, checksum, seq, extents, t0] where t0 is None or
-        [arena offset, also in T1]."""
-        self.wire = (self.size, self.checksum, self.seq, self.exts,
-                     None if self.t0 < 0 else (self.t0, not self.dirty))
+        """The fields changed: ``wire`` is made anew when next read."""
+        self._wire = None
+
+    @property
+    def wire(self) -> tuple[Any, ...]:
+        """(size, checksum, seq, extents, t0) where t0 is None or (arena
+        offset, also in T1)."""
+        if self._wire is None:
+            self._wire = (self.size, self.checksum, self.seq, self.exts,
+                          None if self.t0 < 0 else (self.t0, not self.dirty))
+        return self._wire
 
     def __repr__(self) -> str:
         return f"MemEntry(size={self.size}, seq={self.seq}, t0={self.t0}, dirty={self.dirty})"

@@ -265,27 +265,73 @@ static uint64_t home_bucket(const unsigned char *h, uint64_t nbuckets) {
     return low & (nbuckets - 1);
 }
 
-/* the slot holding h (or NULL); *free_slot: the first free one of its buckets (or NULL) */
-static unsigned char *find_slot(unsigned char *table, const unsigned char *hops, uint64_t nbuckets,
-                                const unsigned char *h, unsigned char **free_slot) {
+/* the slot holding h, or NULL (only the buckets its hop bits name are read) */
+static unsigned char *key_slot(unsigned char *table, const unsigned char *hops, uint64_t nbuckets,
+                               const unsigned char *h) {
     uint64_t b = home_bucket(h, nbuckets);
     unsigned hop = hops[b];
-    *free_slot = NULL;
     for (int i = 0; i < DIR_PROBE; i++) {
         if (!(hop >> i & 1)) continue;
         unsigned char *bucket = table + ((b + i) & (nbuckets - 1)) * DIR_BUCKET * DIR_SLOT;
         for (int j = 0; j < DIR_BUCKET; j++)
             if (memcmp(bucket + j * DIR_SLOT + SLOT_HASH, h, 16) == 0) return bucket + j * DIR_SLOT;
     }
-    for (int i = 0; i < DIR_PROBE && !*free_slot; i++) {
-        unsigned char *bucket = table + ((b + i) & (nbuckets - 1)) * DIR_BUCKET * DIR_SLOT;
-        for (int j = 0; j < DIR_BUCKET; j++)
-            if (memcmp(bucket + j * DIR_SLOT + SLOT_HASH, EMPTY16, 16) == 0) {
-                *free_slot = bucket + j * DIR_SLOT;
-                break;
-            }
-    }
     return NULL;
+}
+
+/* Whether slot a is a better victim than the best so far (victim_slot's rule). */
+typedef struct {
+    unsigned char *slot;
+    int t0;
+    uint32_t age;
+    uint64_t seq;
+} victim_t;
+
+static void consider_victim(victim_t *v, unsigned char *slot, uint32_t now) {
+    int64_t t0;
+    uint64_t seq;
+    uint32_t flags;
+    memcpy(&t0, slot + SLOT_T0, 8);
+    memcpy(&seq, slot + SLOT_SEQ, 8);
+    memcpy(&flags, slot + SLOT_FLAGS, 4);
+    int in_t0 = t0 >= 0;
+    uint32_t age = (now - (flags >> DIR_STAMP_SHIFT)) & DIR_STAMP_MASK;
+    if (in_t0 < v->t0 || (in_t0 == v->t0 && (age > v->age || (age == v->age && seq < v->seq)))) {
+        v->slot = slot;
+        v->t0 = in_t0;
+        v->age = age;
+        v->seq = seq;
+    }
+}
+
+/* The first free slot of h's buckets; NULL if they are full, and then, if
+   victim is given, the slot a new key takes from another in *victim: the
+   coldest of the window, T1-only objects before T0 ones, then the longest
+   unwritten (its stamp's age on the writer's clock, modulo the stamp's 31
+   bits), then the oldest put (lowest seq). One pass over the window: a
+   full table's new key reads each slot once. */
+static unsigned char *free_or_victim(unsigned char *table, uint64_t nbuckets, const unsigned char *h,
+                                     unsigned char **victim, uint32_t now) {
+    uint64_t b = home_bucket(h, nbuckets);
+    victim_t v = {NULL, 2, 0, 0};
+    for (int i = 0; i < DIR_PROBE; i++) {
+        unsigned char *bucket = table + ((b + i) & (nbuckets - 1)) * DIR_BUCKET * DIR_SLOT;
+        for (int j = 0; j < DIR_BUCKET; j++) {
+            unsigned char *slot = bucket + j * DIR_SLOT;
+            if (memcmp(slot + SLOT_HASH, EMPTY16, 16) == 0) return slot;
+            if (victim) consider_victim(&v, slot, now);
+        }
+    }
+    if (victim) *victim = v.slot;
+    return NULL;
+}
+
+/* the slot holding h (or NULL); *free_slot: the first free one of its buckets (or NULL) */
+static unsigned char *find_slot(unsigned char *table, const unsigned char *hops, uint64_t nbuckets,
+                                const unsigned char *h, unsigned char **free_slot) {
+    unsigned char *slot = key_slot(table, hops, nbuckets, h);
+    *free_slot = slot ? NULL : free_or_victim(table, nbuckets, h, NULL, 0);
+    return slot;
 }
 
 /* seqlock write of a slot's body (bytes 8..SLOT): odd version, body, even version */
@@ -334,73 +380,39 @@ static int put16(unsigned char *dst, PyObject *o) {
     return 1;
 }
 
-/* The slot a new key takes from its full buckets: the coldest of the
-   window, T1-only objects before T0 ones, then the longest unwritten (its
-   stamp's age on the writer's clock, modulo the stamp's 31 bits), then the
-   oldest put (lowest seq). */
-static unsigned char *victim_slot(unsigned char *table, uint64_t nbuckets, const unsigned char *h, uint32_t now) {
-    uint64_t b = home_bucket(h, nbuckets);
-    unsigned char *best = NULL;
-    int best_t0 = 2;
-    uint32_t best_age = 0;
-    uint64_t best_seq = 0;
-    for (int i = 0; i < DIR_PROBE; i++) {
-        unsigned char *bucket = table + ((b + i) & (nbuckets - 1)) * DIR_BUCKET * DIR_SLOT;
-        for (int j = 0; j < DIR_BUCKET; j++) {
-            unsigned char *slot = bucket + j * DIR_SLOT;
-            int64_t t0;
-            uint64_t seq;
-            uint32_t flags;
-            memcpy(&t0, slot + SLOT_T0, 8);
-            memcpy(&seq, slot + SLOT_SEQ, 8);
-            memcpy(&flags, slot + SLOT_FLAGS, 4);
-            int in_t0 = t0 >= 0;
-            uint32_t age = (now - (flags >> DIR_STAMP_SHIFT)) & DIR_STAMP_MASK;
-            if (in_t0 < best_t0 || (in_t0 == best_t0 && (age > best_age || (age == best_age && seq < best_seq)))) {
-                best = slot;
-                best_t0 = in_t0;
-                best_age = age;
-                best_seq = seq;
-            }
-        }
-    }
-    return best;
-}
-
 static void add_u64(unsigned char *at, uint64_t n) {
     uint64_t v = __atomic_load_n((uint64_t *)at, __ATOMIC_RELAXED);
     __atomic_store_n((uint64_t *)at, v + n, __ATOMIC_RELEASE);
 }
 
-/* Write the slot of key hash h: 1 it took a free slot, 0 its slot was
-   updated, 2 its buckets were full and it took the slot of another key
-   (with displace DISPLACE; that key is then outside the table, counted in
-   the header before it leaves: kvfs.directory's reader rule), -1 its
-   buckets are full (not written), -2 an error is set. With displace FILL
-   only a key in no slot is written, into a free one: 0 for a key that has
-   a slot (left as it is). */
 #define DISPLACE 1
 #define FILL 2
-static long put_slot(Py_buffer *dir, unsigned long long nslots, const unsigned char *h, unsigned long long size,
-                     unsigned long long seq, PyObject *checksum, long long t0, unsigned int flags, PyObject *exts,
-                     int displace) {
+
+/* The writer's clock, as slots are stamped with it. */
+static uint32_t dir_now(Py_buffer *dir) {
+    uint64_t clock;
+    memcpy(&clock, (unsigned char *)dir->buf + DIR_CLOCK_AT, 8);
+    return (uint32_t)(clock & DIR_STAMP_MASK);
+}
+
+/* A slot as written (DIR_SLOT bytes; its first 8, the version, unused) for
+   key hash h: 0 with an error set if the fields are not what a slot holds.
+   Needs the GIL (exts are Python objects); placing it does not. */
+static int make_body(unsigned char *body, const unsigned char *h, unsigned long long size, unsigned long long seq,
+                     PyObject *checksum, long long t0, unsigned int flags, PyObject *exts, uint32_t now) {
     if (!(PyList_Check(exts) || PyTuple_Check(exts))) {
         PyErr_SetString(PyExc_ValueError, "extents are a list or a tuple");
-        return -2;
+        return 0;
     }
-    unsigned char body[DIR_SLOT];
-    memset(body, 0, sizeof body);
+    memset(body, 0, DIR_SLOT);
     Py_ssize_t n = PySequence_Fast_GET_SIZE(exts);
     if (n > DIR_MAX_CHUNKS) n = 0; /* more: present, location asked of the daemon */
     memcpy(body + SLOT_HASH, h, 16);
     memcpy(body + SLOT_SIZE, &size, 8);
     memcpy(body + SLOT_SEQ, &seq, 8);
-    if (!put16(body + SLOT_SUM, checksum)) return -2;
+    if (!put16(body + SLOT_SUM, checksum)) return 0;
     int64_t off0 = t0 >= 0 ? t0 : -1;
     memcpy(body + SLOT_T0, &off0, 8);
-    uint64_t clock;
-    memcpy(&clock, (unsigned char *)dir->buf + DIR_CLOCK_AT, 8);
-    uint32_t now = (uint32_t)(clock & DIR_STAMP_MASK);
     flags = (flags & ((1u << DIR_STAMP_SHIFT) - 1)) | now << DIR_STAMP_SHIFT; /* stamped: its last write */
     uint32_t n32 = (uint32_t)n;
     memcpy(body + SLOT_FLAGS, &flags, 4);
@@ -408,7 +420,7 @@ static long put_slot(Py_buffer *dir, unsigned long long nslots, const unsigned c
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *x = PySequence_Fast_GET_ITEM(exts, i);
         PyObject *fast = PySequence_Fast(x, "an extent is [stripe, seg, offset, length, sum]");
-        if (!fast) return -2;
+        if (!fast) return 0;
         uint64_t stripe, seg, coff, length;
         int good = PySequence_Fast_GET_SIZE(fast) == 5;
         if (!good) PyErr_SetString(PyExc_ValueError, "an extent is [stripe, seg, offset, length, sum]");
@@ -425,35 +437,59 @@ static long put_slot(Py_buffer *dir, unsigned long long nslots, const unsigned c
             good = put16(c + CHUNK_SUM, f[4]);
         }
         Py_DECREF(fast);
-        if (!good) return -2;
+        if (!good) return 0;
     }
-    unsigned char *table = (unsigned char *)dir->buf + DIR_HEADER;
+    return 1;
+}
+
+/* Write a slot made by make_body into the table (its key hash at
+   body + SLOT_HASH): 1 it took a free slot, 0 its slot was updated, 2 its
+   buckets were full and it took the slot of another key (with displace
+   DISPLACE; that key is then outside the table, counted in the header
+   before it leaves: kvfs.directory's reader rule), -1 its buckets are full
+   (not written). With displace FILL only a key in no slot is written, into
+   a free one: 0 for a key that has a slot (left as it is). Touches only
+   the table: callers may run it without the GIL, holding the daemon's
+   lock (one writer). */
+static long place_body(unsigned char *dirbuf, unsigned long long nslots, const unsigned char *body, uint32_t now,
+                       int displace) {
+    const unsigned char *h = body + SLOT_HASH;
+    unsigned char *table = dirbuf + DIR_HEADER;
     unsigned char *hops = table + nslots * DIR_SLOT;
     uint64_t nbuckets = nslots / DIR_BUCKET;
-    unsigned char *free_slot;
-    unsigned char *slot = find_slot(table, hops, nbuckets, h, &free_slot);
-    long r = 0;
-    if (!slot && !free_slot) {
+    unsigned char *slot = key_slot(table, hops, nbuckets, h);
+    if (slot) {
+        if (displace == FILL) return 0;
+        write_slot(slot, body + 8);
+        return 0;
+    }
+    unsigned char *victim = NULL;
+    slot = free_or_victim(table, nbuckets, h, displace == DISPLACE ? &victim : NULL, now);
+    if (!slot) {
         if (displace != DISPLACE) return -1;
-        slot = victim_slot(table, nbuckets, h, now);
+        slot = victim;
         unsigned char gone[16];
         memcpy(gone, slot + SLOT_HASH, 16);
-        unsigned char *head = (unsigned char *)dir->buf;
-        add_u64(head + DIR_OUTSIDE_AT, 1); /* counted outside, then displaced, then it leaves */
-        add_u64(head + DIR_DISPLACED_AT, 1);
+        add_u64(dirbuf + DIR_OUTSIDE_AT, 1); /* counted outside, then displaced, then it leaves */
+        add_u64(dirbuf + DIR_DISPLACED_AT, 1);
         set_hop(table, hops, nbuckets, h, slot, 1);
         write_slot(slot, body + 8);
         set_hop(table, hops, nbuckets, gone, slot, 0); /* after it left */
         return 2;
     }
-    if (slot && displace == FILL) return 0;
-    if (!slot) {
-        slot = free_slot;
-        r = 1;
-        set_hop(table, hops, nbuckets, h, slot, 1); /* before the key is there */
-    }
+    set_hop(table, hops, nbuckets, h, slot, 1); /* before the key is there */
     write_slot(slot, body + 8);
-    return r;
+    return 1;
+}
+
+/* Write the slot of key hash h: place_body's result, or -2 with an error set. */
+static long put_slot(Py_buffer *dir, unsigned long long nslots, const unsigned char *h, unsigned long long size,
+                     unsigned long long seq, PyObject *checksum, long long t0, unsigned int flags, PyObject *exts,
+                     int displace) {
+    unsigned char body[DIR_SLOT];
+    uint32_t now = dir_now(dir);
+    if (!make_body(body, h, size, seq, checksum, t0, flags, exts, now)) return -2;
+    return place_body((unsigned char *)dir->buf, nslots, body, now, displace);
 }
 
 PyObject *kv_dir_put(PyObject *self, PyObject *args) {
@@ -494,7 +530,7 @@ static int entry_attrs(void) {
     return A_SIZE && A_SEQ && A_CHECKSUM && A_T0 && A_DIRTY && A_EXTS;
 }
 
-static long put_entry(Py_buffer *dir, unsigned long long nslots, PyObject *ok, PyObject *m, int displace);
+static int entry_body(unsigned char *body, PyObject *ok, PyObject *m, uint32_t now);
 int kv_mem_entry_fields(PyObject *m, long long *size, long long *seq, PyObject **sum, long long *t0, int *dirty,
                         PyObject **exts); /* mirror.c */
 
@@ -510,34 +546,36 @@ PyObject *kv_dir_put_entry(PyObject *self, PyObject *args) {
     int displace = 0;
     if (!PyArg_ParseTuple(args, "w*KSO|i", &dir, &nslots, &ok, &m, &displace)) return NULL;
     if (check_table(&dir, nslots) && entry_attrs()) {
-        long r = put_entry(&dir, nslots, ok, m, displace);
-        if (r != -2) result = PyLong_FromLong(r);
+        unsigned char body[DIR_SLOT];
+        uint32_t now = dir_now(&dir);
+        if (entry_body(body, ok, m, now))
+            result = PyLong_FromLong(place_body((unsigned char *)dir.buf, nslots, body, now, displace));
     }
     PyBuffer_Release(&dir);
     return result;
 }
 
-/* The slot of one mirror entry under object key ok: put_slot's result. */
-static long put_entry(Py_buffer *dir, unsigned long long nslots, PyObject *ok, PyObject *m, int displace) {
+/* The slot (make_body) of one mirror entry under object key ok: 0 with an error set. */
+static int entry_body(unsigned char *body, PyObject *ok, PyObject *m, uint32_t now) {
     if (!PyBytes_Check(ok)) {
         PyErr_SetString(PyExc_TypeError, "object keys are bytes");
-        return -2;
+        return 0;
     }
+    XXH128_canonical_t c;
     long long fsize, fseq, ft0;
     int fdirty;
     PyObject *fsum, *fexts;
     if (kv_mem_entry_fields(m, &fsize, &fseq, &fsum, &ft0, &fdirty, &fexts)) { /* the C entry: no attribute reads */
         if (fsize < 0 || fseq < 0) {
             PyErr_SetString(PyExc_ValueError, "size and seq are non-negative");
-            return -2;
+            return 0;
         }
-        XXH128_canonical_t c;
         XXH128_canonicalFromHash(&c, XXH3_128bits(PyBytes_AS_STRING(ok), (size_t)PyBytes_GET_SIZE(ok)));
-        return put_slot(dir, nslots, c.digest, (unsigned long long)fsize, (unsigned long long)fseq, fsum, ft0,
-                        fdirty ? 0u : 1u /* IN_T1 */, fexts, displace);
+        return make_body(body, c.digest, (unsigned long long)fsize, (unsigned long long)fseq, fsum, ft0,
+                         fdirty ? 0u : 1u /* IN_T1 */, fexts, now);
     }
     PyObject *size = NULL, *seq = NULL, *sum = NULL, *t0 = NULL, *dirty = NULL, *exts = NULL;
-    long r = -2;
+    int r = 0;
     size = PyObject_GetAttr(m, A_SIZE);
     seq = size ? PyObject_GetAttr(m, A_SEQ) : NULL;
     sum = seq ? PyObject_GetAttr(m, A_CHECKSUM) : NULL;
@@ -549,9 +587,8 @@ static long put_entry(Py_buffer *dir, unsigned long long nslots, PyObject *ok, P
         long long off = PyLong_AsLongLong(t0);
         int is_dirty = PyObject_IsTrue(dirty);
         if (get_u64(size, &usize) && get_u64(seq, &useq) && !(off == -1 && PyErr_Occurred()) && is_dirty >= 0) {
-            XXH128_canonical_t c;
             XXH128_canonicalFromHash(&c, XXH3_128bits(PyBytes_AS_STRING(ok), (size_t)PyBytes_GET_SIZE(ok)));
-            r = put_slot(dir, nslots, c.digest, usize, useq, sum, off, is_dirty ? 0u : 1u /* IN_T1 */, exts, displace);
+            r = make_body(body, c.digest, usize, useq, sum, off, is_dirty ? 0u : 1u /* IN_T1 */, exts, now);
         }
     }
     Py_XDECREF(size);
@@ -563,15 +600,25 @@ static long put_entry(Py_buffer *dir, unsigned long long nslots, PyObject *ok, P
     return r;
 }
 
+/* a batch of at least this many slots is placed without the GIL (below
+   it, giving the GIL up and taking it back costs more than it frees) */
+#define DIR_NOGIL_MIN 8
+
 /* dir_put_entries(directory, nslots, object keys, entries, displace=0, current=None)
    -> (slots taken, slots taken from other keys, entries left out): dir_put_entry
-   of a batch in one call (a T0 put batch is published, then written back). */
+   of a batch in one call (a T0 put batch is published, then written back).
+   The slots are made first, holding the GIL, then placed in the table
+   without it: the daemon's other threads run meanwhile (a full table's new
+   keys read a window of slots each), and its lock, which every directory
+   writer holds, keeps the table to one writer. On an error the slots made
+   before it are placed, as one by one. */
 PyObject *kv_dir_put_entries(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer dir;
     unsigned long long nslots;
     PyObject *oks, *ms, *result = NULL, *current = Py_None;
     int displace = 0;
+    unsigned char *bodies = NULL;
     if (!PyArg_ParseTuple(args, "w*KO!O!|iO", &dir, &nslots, &PyList_Type, &oks, &PyList_Type, &ms, &displace,
                           &current))
         return NULL;
@@ -581,25 +628,47 @@ PyObject *kv_dir_put_entries(PyObject *self, PyObject *args) {
         return NULL;
     }
     if (!check_table(&dir, nslots) || !entry_attrs()) goto out;
-    if (PyList_GET_SIZE(oks) != PyList_GET_SIZE(ms)) {
+    Py_ssize_t n = PyList_GET_SIZE(oks);
+    if (n != PyList_GET_SIZE(ms)) {
         PyErr_SetString(PyExc_ValueError, "one entry per object key");
         goto out;
     }
-    long taken = 0, displaced = 0, left = 0;
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(oks); i++) {
+    bodies = PyMem_RawMalloc((size_t)(n ? n : 1) * DIR_SLOT);
+    if (!bodies) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    uint32_t now = dir_now(&dir);
+    Py_ssize_t made = 0;
+    int failed = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
         if (current != Py_None) { /* only entries still the mirror's for their key */
-            PyObject *now = PyDict_GetItemWithError(current, PyList_GET_ITEM(oks, i)); /* borrowed */
-            if (!now && PyErr_Occurred()) goto out;
-            if (now != PyList_GET_ITEM(ms, i)) continue;
+            PyObject *cur = PyDict_GetItemWithError(current, PyList_GET_ITEM(oks, i)); /* borrowed */
+            if (!cur && PyErr_Occurred()) {
+                failed = 1;
+                break;
+            }
+            if (cur != PyList_GET_ITEM(ms, i)) continue;
         }
-        long r = put_entry(&dir, nslots, PyList_GET_ITEM(oks, i), PyList_GET_ITEM(ms, i), displace);
-        if (r == -2) goto out;
+        if (!entry_body(bodies + made * DIR_SLOT, PyList_GET_ITEM(oks, i), PyList_GET_ITEM(ms, i), now)) {
+            failed = 1;
+            break;
+        }
+        made++;
+    }
+    long taken = 0, displaced = 0, left = 0;
+    unsigned char *buf = (unsigned char *)dir.buf;
+    PyThreadState *ts = made >= DIR_NOGIL_MIN ? PyEval_SaveThread() : NULL;
+    for (Py_ssize_t i = 0; i < made; i++) {
+        long r = place_body(buf, nslots, bodies + i * DIR_SLOT, now, displace);
         taken += r == 1;
         displaced += r == 2;
         left += r == -1;
     }
-    result = Py_BuildValue("lll", taken, displaced, left);
+    if (ts) PyEval_RestoreThread(ts);
+    if (!failed) result = Py_BuildValue("lll", taken, displaced, left);
 out:
+    PyMem_RawFree(bodies);
     PyBuffer_Release(&dir);
     return result;
 }

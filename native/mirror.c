@@ -2,8 +2,8 @@
  * The daemon's mirror entry (kvfsd.mirror.MemEntry) as a C type, and the
  * per-object loop of a T0 put's publication.
  *
- * Why: a busy daemon makes one entry per object put and rewrites its wire
- * tuple twice more (write-back, eviction). As a Python class with slots an
+ * Why: a busy daemon makes one entry per object put and changes it twice
+ * more (write-back, eviction); its wire tuple is made only when read. As a Python class with slots an
  * entry cost about 0.8 us to make and 0.3 us per rewire, and every entry was
  * one more object for the cyclic collector. Here it is a fraction of that,
  * and the type is not collected at all: an entry refers only to numbers,
@@ -22,7 +22,7 @@ typedef struct {
     long long seq;
     PyObject *exts; /* ((stripe, seg, payload_off, length, chunk_sum), ...) */
     PyObject *spans; /* ((seg, record bytes), ...); () while dirty */
-    PyObject *wire; /* what lookups answer: replaced, never mutated */
+    PyObject *wire; /* what lookups answer, made on first read after a rewire (NULL until then); never mutated */
     long long t0;   /* arena offset of the T0 copy, -1: none */
     char dirty;     /* in T0 only: write-back to T1 not committed yet */
     char deleted;   /* removed while dirty */
@@ -49,11 +49,21 @@ static PyObject *make_wire(MemEntryObject *e) {
     return w;
 }
 
+/* The fields changed: the next read of wire makes it anew. Lazy because an
+   entry changes three times in a T0 put's life (publish, write-back,
+   eviction) and is looked up (location replies) in few of them. */
 static int rewire(MemEntryObject *e) {
-    PyObject *w = make_wire(e);
-    if (!w) return -1;
-    Py_XSETREF(e->wire, w);
+    Py_CLEAR(e->wire);
     return 0;
+}
+
+static PyObject *me_get_wire(MemEntryObject *e, void *closure) {
+    (void)closure;
+    if (!e->wire) {
+        e->wire = make_wire(e);
+        if (!e->wire) return NULL;
+    }
+    return Py_NewRef(e->wire);
 }
 
 static PyObject *new_entry(PyTypeObject *type, long long size, PyObject *sum, long long seq, PyObject *exts,
@@ -71,11 +81,7 @@ static PyObject *new_entry(PyTypeObject *type, long long size, PyObject *sum, lo
     e->t0 = t0;
     e->dirty = (char)(dirty != 0);
     Py_INCREF(Py_None);
-    e->meta = Py_None;
-    if (rewire(e) < 0) {
-        Py_DECREF(e);
-        return NULL;
-    }
+    e->meta = Py_None; /* wire: NULL, made when read */
     return (PyObject *)e;
 }
 
@@ -115,7 +121,6 @@ static PyMemberDef me_members[] = {
     {"seq", T_LONGLONG, offsetof(MemEntryObject, seq), 0, NULL},
     {"exts", T_OBJECT, offsetof(MemEntryObject, exts), 0, NULL},
     {"spans", T_OBJECT, offsetof(MemEntryObject, spans), 0, NULL},
-    {"wire", T_OBJECT, offsetof(MemEntryObject, wire), 0, NULL},
     {"t0", T_LONGLONG, offsetof(MemEntryObject, t0), 0, NULL},
     {"dirty", T_BOOL, offsetof(MemEntryObject, dirty), 0, NULL},
     {"deleted", T_BOOL, offsetof(MemEntryObject, deleted), 0, NULL},
@@ -125,9 +130,16 @@ static PyMemberDef me_members[] = {
     {NULL, 0, 0, 0, NULL},
 };
 
+static PyGetSetDef me_getset[] = {
+    {"wire", (getter)me_get_wire, NULL,
+     "(size, checksum, seq, exts, None if t0 < 0 else (t0, not dirty)) as of its first read after the last "
+     "rewire: replaced, never mutated",
+     NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 static PyMethodDef me_methods[] = {
-    {"rewire", (PyCFunction)me_rewire, METH_NOARGS,
-     "wire = (size, checksum, seq, exts, None if t0 < 0 else (t0, not dirty)): replaced, never mutated"},
+    {"rewire", (PyCFunction)me_rewire, METH_NOARGS, "the fields changed: wire is made anew when next read"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -141,6 +153,7 @@ PyTypeObject MemEntryType = {
     .tp_dealloc = (destructor)me_dealloc,
     .tp_repr = (reprfunc)me_repr,
     .tp_members = me_members,
+    .tp_getset = me_getset,
     .tp_methods = me_methods,
 };
 

@@ -315,6 +315,17 @@ def test_entry_writes_match_field_writes_in_c_and_python(tmp_path):
         assert one == many
         with pytest.raises(TypeError):
             impl.dir_put_entries(many, nslots, oks, ms, False, [])
+        # a bad entry mid-batch: an error, and the entries before it are written, as one by one
+        bad = list(ms[:20])
+        m12 = ms[12]
+        bad[12] = (SimpleNamespace(**{**vars(m12), "exts": ((1, 2, 3),)}) if isinstance(m12, SimpleNamespace)
+                   else type(m12)(m12.size, m12.checksum, m12.seq, ((1, 2, 3),), (), t0=m12.t0, dirty=m12.dirty))
+        one, many = bytearray(file_size(nslots)), bytearray(file_size(nslots))
+        for k, m in zip(oks[:12], bad[:12]):
+            impl.dir_put_entry(one, nslots, k, m)
+        with pytest.raises(ValueError):
+            impl.dir_put_entries(many, nslots, oks[:20], bad)
+        assert one == many and any(one)
 
 
 @pytest.mark.parametrize("impl", ["native", "python"])

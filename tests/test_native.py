@@ -233,8 +233,11 @@ def test_mirror_entries_and_t0_publish_behave_alike(name, plans):
     assert m.wire == (10, b"s" * 16, 7, ext, (8192, False))
     m.dirty = False
     assert m.wire == (10, b"s" * 16, 7, ext, (8192, False))  # replaced only by rewire
+    held = m.wire
+    assert m.wire is held  # made once, on its first read
     m.rewire()
     assert m.wire == (10, b"s" * 16, 7, ext, (8192, True))
+    assert held == (10, b"s" * 16, 7, ext, (8192, False))  # a reply holding the old one keeps it whole
     m.t0, m.hits, m.meta, m.created, m.spans = -1, m.hits + 1, b"{}", 1.5, ((3, 4200),)
     m.rewire()
     assert m.wire == (10, b"s" * 16, 7, ext, None) and (m.hits, m.meta, m.created, m.spans) == (1, b"{}", 1.5, ((3, 4200),))
