@@ -71,16 +71,16 @@ class Tiering(Puts):
                 op.t0_stored = False
             if oks and self.dir is not None:
                 self.dir.enter_many(oks, ms)  # readable from here on
-            if rows:
+            if oks:  # one journal row each, in rows
                 t0.bytes += new_bytes
-                self.ns_objects[ns] += len(rows)
+                self.ns_objects[ns] += len(oks)
                 self.logical_bytes += new_bytes
-                self.counters["puts"] += len(rows)
+                self.counters["puts"] += len(oks)
                 self.counters["put_bytes"] += new_bytes
-                t0.backlog_objects += len(rows)
+                t0.backlog_objects += len(oks)
                 t0.backlog_bytes += new_bytes
                 if self.journal is not None:
-                    self.journal.published(rows)
+                    self.journal.published_rows(ns, rows)
             if existing:
                 self.counters["puts_existing"] += len(existing)
 
@@ -162,7 +162,7 @@ class Tiering(Puts):
         t0 = self.t0
         assert t0 is not None
         lru, segs = self.lru, self.segs
-        oks, ms, rows, nbytes, live, gone = t0_written_back(ns, done, lru, t0.lru, t0.dirty)
+        oks, ms, seqs, nbytes, live, gone = t0_written_back(ns, done, lru, t0.lru, t0.dirty)
         for seg, (span, records) in live.items():
             s = segs[seg]
             s.live += span
@@ -181,15 +181,15 @@ class Tiering(Puts):
                 self.logical_bytes -= m.size
             t0.drop(ok, m)
             self.generation.bump()
-        if not rows:
+        if not seqs:
             return
-        t0.backlog_objects -= len(rows)
+        t0.backlog_objects -= len(seqs) // 8  # (<Q each)
         t0.backlog_bytes -= nbytes
         if self.journal is not None:
             if t0.backlog_objects == 0:
                 self.journal.empty()
             else:
-                self.journal.done_many(rows)
+                self.journal.done_seqs(seqs)
                 if self.journal.too_long():
                     self._rewrite_journal()
         if oks and self.dir is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import mmap
 import os
 import socket
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -370,15 +371,35 @@ class MemEntry:
         return f"MemEntry(size={self.size}, seq={self.seq}, t0={self.t0}, dirty={self.dirty})"
 
 
+_JOURNAL_HEAD = struct.Struct("<QQq")
+_U32 = struct.Struct("<I")
+_I32 = struct.Struct("<i")
+_U64 = struct.Struct("<Q")
+
+
+def journal_row(seq: int, size: int, off: int, checksum: bytes, chunk_sums: list[bytes], key: str,
+                meta: bytes | None) -> bytes:
+    """One put's row of a "PX" record of the T0 journal (kvfsd.t0journal
+    reads them): <QQq seq, size, arena offset | object sum (16 bytes) | <I n
+    | n chunk sums | <I key length | key (utf-8) | <i meta length (-1:
+    none) | meta."""
+    if len(checksum) != 16 or any(len(c) != 16 for c in chunk_sums):
+        raise TypeError("checksums are 16 bytes")
+    kb = key.encode()
+    return b"".join([_JOURNAL_HEAD.pack(seq, size, off), checksum, _U32.pack(len(chunk_sums)), *chunk_sums,
+                     _U32.pack(len(kb)), kb, _I32.pack(-1 if meta is None else len(meta)), meta or b""])
+
+
 def t0_publish(ns: str, ops: list[Any], lru: dict[bytes, Any], dirty: dict[bytes, Any], now: float
-               ) -> tuple[list[bytes], list[MemEntry], list[list[Any]], int, list[Any]]:
+               ) -> tuple[list[bytes], list[MemEntry], bytes, int, list[Any]]:
     """publish_t0's per-object loop (kvfsd.tiering): for each T0 item (op not
     None, op.t0 >= 0) whose object key is not in ``lru``, a dirty entry put
     in ``lru`` and ``dirty``, op.mem and op.t0_stored set, and its journal
-    row. Returns (keys, entries, rows, new bytes, the items already stored)."""
+    row (``journal_row``). Returns (keys, entries, the rows' bytes, new
+    bytes, the items already stored)."""
     oks: list[bytes] = []
     ms: list[MemEntry] = []
-    rows: list[list[Any]] = []
+    rows: list[bytes] = []
     existing: list[Any] = []
     new_bytes = 0
     for op in ops:
@@ -400,23 +421,24 @@ def t0_publish(ns: str, ops: list[Any], lru: dict[bytes, Any], dirty: dict[bytes
         op.mem = m
         op.t0_stored = True
         new_bytes += op.size
-        rows.append([ns, op.key, op.seq, op.size, op.t0, op.checksum, [c.checksum for c in chunks], op.meta])
-    return oks, ms, rows, new_bytes, existing
+        rows.append(journal_row(op.seq, op.size, op.t0, op.checksum, [c.checksum for c in chunks], op.key, op.meta))
+    return oks, ms, b"".join(rows), new_bytes, existing
 
 
 def t0_written_back(ns: str, done: list[tuple[Any, bool]], lru: dict[bytes, Any], t0_lru: dict[bytes, Any],
-                    t0_dirty: dict[bytes, Any]) -> tuple[list[bytes], list[MemEntry], list[list[Any]], int,
+                    t0_dirty: dict[bytes, Any]) -> tuple[list[bytes], list[MemEntry], bytes, int,
                                                          dict[int, list[int]], list[tuple[Any, MemEntry]]]:
     """The write-back's mirror loop (kvfsd.tiering._written_back_many): for
     each (op, published) whose entry ``op.mem`` is still dirty, it is dirty
-    no more and its journal row [ns, key, seq] and bytes count; if
+    no more, its seq goes to the journal's "done" bytes (<Q each) and its
+    bytes count; if
     published, not deleted and still ``lru``'s entry for its key, it moves
     from ``t0_dirty`` (if there) to the end of ``t0_lru``, gets its spans (added to
     ``live`` {seg: [bytes, records]}) and is rewired; otherwise (op, entry)
     is returned in ``gone`` for the caller."""
     oks: list[bytes] = []
     ms: list[MemEntry] = []
-    rows: list[list[Any]] = []
+    seqs: list[int] = []
     live: dict[int, list[int]] = {}
     gone: list[tuple[Any, MemEntry]] = []
     nbytes = 0
@@ -425,7 +447,7 @@ def t0_written_back(ns: str, done: list[tuple[Any, bool]], lru: dict[bytes, Any]
         if not m.dirty:
             continue
         ok = op.ok
-        rows.append([ns, op.key, m.seq])
+        seqs.append(m.seq)
         nbytes += m.size
         m.dirty = False
         m.meta = None
@@ -444,7 +466,7 @@ def t0_written_back(ns: str, done: list[tuple[Any, bool]], lru: dict[bytes, Any]
             ms.append(m)
         else:
             gone.append((op, m))
-    return oks, ms, rows, nbytes, live, gone
+    return oks, ms, struct.pack(f"<{len(seqs)}Q", *seqs), nbytes, live, gone
 
 
 def t0_items(items: list[Any], nsp: bytes, lru: dict[bytes, Any], stripe_unit: int, span0: int,

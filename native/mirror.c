@@ -174,14 +174,82 @@ int kv_mem_entry_fields(PyObject *m, long long *size, long long *seq, PyObject *
     return 1;
 }
 
+/* ---- the T0 journal's compact rows (kvfsd.t0journal: "PX", "DX") -------- */
+
+typedef struct {
+    char *p;
+    size_t n, cap;
+} jbuf_t;
+
+static int jbuf_put(jbuf_t *b, const void *d, size_t n) {
+    if (b->n + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 4096;
+        while (cap < b->n + n) cap *= 2;
+        char *p = PyMem_Realloc(b->p, cap);
+        if (!p) {
+            PyErr_NoMemory();
+            return 0;
+        }
+        b->p = p;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->n, d, n);
+    b->n += n;
+    return 1;
+}
+
+static int jbuf_u32(jbuf_t *b, uint32_t v) { return jbuf_put(b, &v, 4); } /* little-endian hosts (x86, arm) */
+static int jbuf_u64(jbuf_t *b, uint64_t v) { return jbuf_put(b, &v, 8); }
+
+static int jbuf_sum(jbuf_t *b, PyObject *sum) {
+    if (!PyBytes_Check(sum) || PyBytes_GET_SIZE(sum) != 16) {
+        PyErr_SetString(PyExc_TypeError, "checksums are 16 bytes");
+        return 0;
+    }
+    return jbuf_put(b, PyBytes_AS_STRING(sum), 16);
+}
+
+/* One put's row: <QQq seq, size, arena offset | object sum | <I n | n chunk
+   sums | <I key length | key (utf-8) | <i meta length (-1: none) | meta. */
+static int jbuf_put_row(jbuf_t *b, long long seq, long long size, long long off, PyObject *sum, PyObject *sums,
+                        PyObject *key, PyObject *meta) {
+    Py_ssize_t kl;
+    const char *k = PyUnicode_AsUTF8AndSize(key, &kl);
+    if (!k || !PyList_Check(sums)) {
+        if (k) PyErr_SetString(PyExc_TypeError, "chunk sums are a list");
+        return 0;
+    }
+    if (meta != Py_None && !PyBytes_Check(meta)) {
+        PyErr_SetString(PyExc_TypeError, "meta is bytes or None");
+        return 0;
+    }
+    if (!(jbuf_u64(b, (uint64_t)seq) && jbuf_u64(b, (uint64_t)size) && jbuf_u64(b, (uint64_t)off) && jbuf_sum(b, sum) &&
+          jbuf_u32(b, (uint32_t)PyList_GET_SIZE(sums))))
+        return 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(sums); i++)
+        if (!jbuf_sum(b, PyList_GET_ITEM(sums, i))) return 0;
+    if (!(jbuf_u32(b, (uint32_t)kl) && jbuf_put(b, k, (size_t)kl))) return 0;
+    if (meta == Py_None) return jbuf_u32(b, 0xFFFFFFFFu);
+    return jbuf_u32(b, (uint32_t)PyBytes_GET_SIZE(meta)) &&
+           jbuf_put(b, PyBytes_AS_STRING(meta), (size_t)PyBytes_GET_SIZE(meta));
+}
+
+/* the bytes made, and the buffer freed (NULL on an error) */
+static PyObject *jbuf_bytes(jbuf_t *b) {
+    PyObject *out = PyBytes_FromStringAndSize(b->p ? b->p : "", (Py_ssize_t)b->n);
+    PyMem_Free(b->p);
+    b->p = NULL;
+    return out;
+}
+
 /* ---- t0_publish: publish_t0's per-object loop (kvfsd.tiering) ---------- */
 
 /* t0_publish(ns, ops, lru, dirty, now) -> (keys, entries, journal rows, new bytes, [existing ops])
    For each T0 item of a plan (op not None, op.t0 >= 0) whose object key is
    not in lru: a dirty MemEntry (meta and created set), in lru and in dirty
    (Tier0's map of dirty entries), op.mem and op.t0_stored set, and its
-   journal row [ns, key, seq, size, t0, checksum, [chunk sums], meta].
-   Items whose key is in lru already are returned for the caller to settle
+   journal row (jbuf_put_row: the bytes of a "PX" record's rows). Items
+   whose key is in lru already are returned for the caller to settle
    (their arena extents were never published). Caller holds the engine
    lock. On an error (memory) what was published so far stays published:
    as in the Python twin. lru is the engine's OrderedDict: written through
@@ -192,10 +260,11 @@ PyObject *kv_t0_publish(PyObject *self, PyObject *args) {
     double now;
     if (!PyArg_ParseTuple(args, "UO!O!O!d", &ns, &PyList_Type, &ops, &PyDict_Type, &lru, &PyDict_Type, &dirty, &now))
         return NULL;
-    PyObject *oks = PyList_New(0), *ms = PyList_New(0), *rows = PyList_New(0), *existing = PyList_New(0);
+    PyObject *oks = PyList_New(0), *ms = PyList_New(0), *existing = PyList_New(0), *rows = NULL;
     PyObject *none_spans = PyTuple_New(0);
+    jbuf_t jb = {NULL, 0, 0};
     long long new_bytes = 0;
-    if (!oks || !ms || !rows || !existing || !none_spans) goto fail;
+    if (!oks || !ms || !existing || !none_spans) goto fail;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(ops); i++) {
         PyObject *op = PyList_GET_ITEM(ops, i);
         if (op == Py_None) continue;
@@ -210,8 +279,7 @@ PyObject *kv_t0_publish(PyObject *self, PyObject *args) {
             if (there < 0 || PyList_Append(existing, op) < 0) goto fail;
             continue;
         }
-        PyObject *sum = NULL, *chunks = NULL, *exts = NULL, *sums = NULL, *m = NULL, *meta = NULL, *key = NULL,
-                 *row = NULL;
+        PyObject *sum = NULL, *chunks = NULL, *exts = NULL, *sums = NULL, *m = NULL, *meta = NULL, *key = NULL;
         int good = OBJ_LL(op, size, &size) && OBJ_LL(op, seq, &seq) && (sum = OBJ_GET(op, checksum)) &&
                    (chunks = OBJ_GET(op, chunks)) && (exts = kv_plan_exts(chunks, &sums)) && (meta = OBJ_GET(op, meta)) &&
                    (key = OBJ_GET(op, key)) &&
@@ -226,11 +294,7 @@ PyObject *kv_t0_publish(PyObject *self, PyObject *args) {
             e->created = now;
             good = PyObject_SetItem(lru, ok, m) == 0 && PyObject_SetItem(dirty, ok, m) == 0 &&
                    PyList_Append(oks, ok) == 0 && PyList_Append(ms, m) == 0 && OBJ_SET(op, mem, m) == 0 &&
-                   OBJ_SET_BOOL(op, t0_stored, 1) == 0 &&
-                   (row = steal_seq(1, 8, (PyObject *[]){Py_NewRef(ns), Py_NewRef(key), PyLong_FromLongLong(seq),
-                                                          PyLong_FromLongLong(size), PyLong_FromLongLong(t0),
-                                                          Py_NewRef(sum), Py_NewRef(sums), Py_NewRef(meta)})) &&
-                   PyList_Append(rows, row) == 0;
+                   OBJ_SET_BOOL(op, t0_stored, 1) == 0 && jbuf_put_row(&jb, seq, size, t0, sum, sums, key, meta);
             new_bytes += size;
         }
         Py_XDECREF(sum);
@@ -239,17 +303,18 @@ PyObject *kv_t0_publish(PyObject *self, PyObject *args) {
         Py_XDECREF(sums);
         Py_XDECREF(meta);
         Py_XDECREF(key);
-        Py_XDECREF(row);
         Py_XDECREF(m);
         Py_DECREF(ok);
         if (!good) goto fail;
     }
     Py_DECREF(none_spans);
+    none_spans = NULL;
+    if (!(rows = jbuf_bytes(&jb))) goto fail;
     return Py_BuildValue("(NNNLN)", oks, ms, rows, new_bytes, existing);
 fail:
+    PyMem_Free(jb.p);
     Py_XDECREF(oks);
     Py_XDECREF(ms);
-    Py_XDECREF(rows);
     Py_XDECREF(existing);
     Py_XDECREF(none_spans);
     return NULL;
@@ -282,10 +347,10 @@ static int add_live(PyObject *live, long long seg, long long span) {
     return ok;
 }
 
-/* t0_written_back(ns, done, lru, t0_lru, t0_dirty) -> (keys, entries, journal rows, bytes, live, gone)
+/* t0_written_back(ns, done, lru, t0_lru, t0_dirty) -> (keys, entries, journal seqs, bytes, live, gone)
    _written_back_many's per-object loop (kvfsd.tiering): for each (op,
    published) whose entry op.mem is still dirty: it is dirty no more (meta
-   dropped), its journal row [ns, key, seq] and bytes are counted; if
+   dropped), its seq goes to the journal's "done" bytes (<Q each) and its bytes are counted; if
    published, not deleted and still the mirror's entry for its key, it
    moves from t0_dirty (if there) to the end of t0_lru, gets its spans, is rewired and
    returned (keys, entries: for the directory) with its records added to
@@ -296,10 +361,10 @@ PyObject *kv_t0_written_back(PyObject *self, PyObject *args) {
     PyObject *ns, *done, *lru, *t0_lru, *t0_dirty;
     if (!PyArg_ParseTuple(args, "UO!OOO!", &ns, &PyList_Type, &done, &lru, &t0_lru, &PyDict_Type, &t0_dirty))
         return NULL;
-    PyObject *oks = PyList_New(0), *ms = PyList_New(0), *rows = PyList_New(0), *live = PyDict_New(),
-             *gone = PyList_New(0);
+    PyObject *oks = PyList_New(0), *ms = PyList_New(0), *seqs = NULL, *live = PyDict_New(), *gone = PyList_New(0);
+    jbuf_t jb = {NULL, 0, 0};
     long long nbytes = 0;
-    if (!oks || !ms || !rows || !live || !gone) goto fail;
+    if (!oks || !ms || !live || !gone) goto fail;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(done); i++) {
         PyObject *pair = PyList_GET_ITEM(done, i);
         if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
@@ -321,10 +386,8 @@ PyObject *kv_t0_written_back(PyObject *self, PyObject *args) {
             Py_DECREF(m);
             continue;
         }
-        PyObject *ok = NULL, *key = NULL, *row = NULL, *chunks = NULL, *spans = NULL, *cur = NULL;
-        int good = (ok = OBJ_GET(op, ok)) && (key = OBJ_GET(op, key)) &&
-                   (row = steal_seq(1, 3, (PyObject *[]){Py_NewRef(ns), Py_NewRef(key), PyLong_FromLongLong(e->seq)})) &&
-                   PyList_Append(rows, row) == 0;
+        PyObject *ok = NULL, *chunks = NULL, *spans = NULL, *cur = NULL;
+        int good = (ok = OBJ_GET(op, ok)) && jbuf_u64(&jb, (uint64_t)e->seq);
         if (good) {
             nbytes += e->size;
             e->dirty = 0;
@@ -375,19 +438,18 @@ PyObject *kv_t0_written_back(PyObject *self, PyObject *args) {
             Py_XDECREF(g);
         }
         Py_XDECREF(ok);
-        Py_XDECREF(key);
-        Py_XDECREF(row);
         Py_XDECREF(chunks);
         Py_XDECREF(spans);
         Py_XDECREF(cur);
         Py_DECREF(m);
         if (!good) goto fail;
     }
-    return Py_BuildValue("(NNNLNN)", oks, ms, rows, nbytes, live, gone);
+    if (!(seqs = jbuf_bytes(&jb))) goto fail;
+    return Py_BuildValue("(NNNLNN)", oks, ms, seqs, nbytes, live, gone);
 fail:
     Py_XDECREF(oks);
     Py_XDECREF(ms);
-    Py_XDECREF(rows);
+    PyMem_Free(jb.p);
     Py_XDECREF(live);
     Py_XDECREF(gone);
     return NULL;

@@ -3,6 +3,7 @@ twin kvfs._native_py give identical results, and the client gives identical
 bytes on either."""
 import ctypes
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -265,8 +266,12 @@ def test_mirror_entries_and_t0_publish_behave_alike(name, plans):
         assert m.exts == tuple((c.stripe, c.seg, c.payload_off, c.length, c.checksum) for c in op.chunks)
         assert m.wire == (op.size, op.checksum, op.seq, m.exts, (op.t0, False))
     assert not ops[2].t0_stored and ops[2].mem is None and ops[4].mem is None
-    assert rows == [["ns", op.key, op.seq, op.size, op.t0, op.checksum, [c.checksum for c in op.chunks], op.meta]
-                    for op in (ops[0], ops[3])]
+    from kvfs._native_py import journal_row
+    assert rows == b"".join(journal_row(op.seq, op.size, op.t0, op.checksum, [c.checksum for c in op.chunks], op.key,
+                                        op.meta) for op in (ops[0], ops[3]))
+    from kvfsd.t0journal import Pending, _px_rows  # what a restart reads back
+    assert _px_rows("ns", rows) == [Pending("ns", op.key, op.seq, op.size, op.t0, op.checksum,
+                                            [c.checksum for c in op.chunks], op.meta) for op in (ops[0], ops[3])]
     if name == "native":  # what a published item keeps until its write-back ends is out of the collector's sight
         for op, m in zip((ops[0], ops[3]), ms):
             held = [op, op.chunks, *op.chunks, m.exts, *m.exts, m.wire, m.wire[4]]
@@ -309,7 +314,7 @@ def test_t0_written_back_cleans_moves_and_counts_alike(name, plans):
     lru[fop.ok] = t0_dirty[fop.ok] = failed
     oks, ms, rows, nbytes, live, gone = b.t0_written_back("ns", done + [(fop, False)], lru, t0_lru, t0_dirty)
     assert oks == [ops[0].ok, ops[1].ok, ops[5].ok] and ms == [ops[0].mem, ops[1].mem, ops[5].mem]
-    assert rows == [["ns", f"k{i}", 50 + i] for i in (0, 1, 2, 3, 5)] + [["ns", "f", 99]]
+    assert rows == struct.pack("<6Q", *(50 + i for i in (0, 1, 2, 3, 5)), 99)  # the journal's "done" seqs
     assert nbytes == 8 + 16 + 8 + 16 + 16 + 1
     assert gone == [(ops[2], ops[2].mem), (ops[3], ops[3].mem), (fop, failed)]
     assert list(t0_lru) == [b"ns\x00x", ops[4].ok, ops[0].ok, ops[1].ok] and list(t0_dirty) == [ops[2].ok, ops[3].ok, fop.ok]

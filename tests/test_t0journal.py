@@ -44,6 +44,39 @@ def test_torn_or_garbled_tail_is_ignored(tmp_path):
     assert read_pending(tmp_path / "missing") == []
 
 
+def rows(*ps):
+    from kvfs._native_py import journal_row
+    return b"".join(journal_row(x.seq, x.size, x.off, x.checksum, x.chunk_sums, x.key, x.meta) for x in ps)
+
+
+def test_compact_rows_are_pending_until_their_seqs_are_done(tmp_path):
+    """The records a daemon writes per batch: "PX" rows made by the
+    publication (C or its twin), "DX" seqs made by the write-back; read
+    alongside the "PB"/"DB" rows of a rewrite or an older daemon."""
+    from kvfs import native
+    a = Pending("ns", "a", 1, 10, 4096, b"s" * 16, [b"c" * 16], b'{"m":1}')
+    b = Pending("ns", "b\u00e9", 2, 3 << 20, 8192, b"t" * 16, [b"d" * 16, b"e" * 16, b"f" * 16], None)
+    c = Pending("other", "c", 3, 0, 0, b"u" * 16, [b"g" * 16], None)
+    j = Journal(tmp_path / "j")
+    j.published_rows("ns", rows(a, b))
+    j.published_rows("other", rows(c))
+    j.published([p("d", 4)])
+    assert sorted(read_pending(tmp_path / "j"), key=lambda x: x.seq) == [a, b, c, pend("d", 4)]
+    j.done_seqs(native.backend.t0_written_back("ns", [], {}, {}, {})[2])  # nothing done: no record
+    j.flush()
+    j.done_seqs((2).to_bytes(8, "little") + (4).to_bytes(8, "little"))
+    j.done("other", "c", 3)
+    j.flush()
+    assert sorted(read_pending(tmp_path / "j"), key=lambda x: x.seq) == [a]
+    j.close()
+    # a record whose rows do not parse is skipped whole; the others are read
+    bad = Journal(tmp_path / "k")
+    bad.published_rows("ns", rows(a)[:-3])
+    bad.published_rows("ns", rows(b))
+    bad.close(remove=False)
+    assert read_pending(tmp_path / "k") == [b]
+
+
 def test_older_per_put_records_are_read(tmp_path):
     """A journal an older daemon left (one record per put) still gives its pending puts."""
     j = Journal(tmp_path / "j")
