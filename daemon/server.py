@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import trio
 
+from kvfs import native
 from kvfs import protocol as P
 from kvfs.errors import InvalidArgument, KvfsError, ProtocolError
 
@@ -148,7 +149,14 @@ class Conn:
             n -= k
 
     async def send(self, data: bytes) -> None:
-        view = memoryview(data)
+        # a reply goes out without giving up the GIL if the socket takes it
+        # whole (native/socket_wait.c says why); then one checkpoint, as
+        # trio's send would, so a connection that keeps the loop busy still
+        # lets the others in
+        sent = native.backend.send_held(self.sock.fileno(), data)
+        view = memoryview(data)[sent:]
+        if not view:
+            await trio.lowlevel.checkpoint()
         while view:
             sent = await self.sock.send(view)
             view = view[sent:]

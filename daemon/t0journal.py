@@ -42,6 +42,7 @@ crash at any point leaves one whole journal, the old or the new.
 """
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ from typing import Any, Iterator
 
 import msgpack
 import xxhash
+
+from kvfs import native
 
 _HEAD = struct.Struct("<I8s")
 _U64 = struct.Struct("<Q")
@@ -89,8 +92,11 @@ class Journal:
 
     def _append(self, body: list[Any]) -> None:
         rec = _record(body)
-        os.write(self.fd, rec)  # tmpfs: a few microseconds
-        self.size += len(rec)
+        # tmpfs: a few microseconds, so the GIL is kept (native/socket_wait.c says why)
+        n = native.backend.write_held(self.fd, rec)
+        self.size += n
+        if n != len(rec):
+            raise OSError(errno.ENOSPC, f"the T0 journal {self.path} took {n} of {len(rec)} bytes")
 
     def published(self, rows: list[list[Any]]) -> None:
         """A batch of T0 puts was published: per put ``Pending.row()``."""
