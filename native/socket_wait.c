@@ -86,37 +86,34 @@ PyObject *kv_recv_spin(PyObject *self, PyObject *args) {
  * less than the hand-over does.
  */
 
-/* write_held(fd, data) -> bytes written: write(2), retried on EINTR, the GIL held. */
-PyObject *kv_write_held(PyObject *self, PyObject *args) {
-    (void)self;
+/* write(2) (send 0) or a non-blocking send(2) (send 1) of data to fd, the
+   GIL held, retried on EINTR: the bytes taken, 0 for a send the socket's
+   full buffer refused. */
+static PyObject *held_io(PyObject *args, int send_it) {
     int fd;
     Py_buffer b;
     if (!PyArg_ParseTuple(args, "iy*", &fd, &b)) return NULL;
     ssize_t k;
     do {
-        k = write(fd, b.buf, (size_t)b.len);
-    } while (k < 0 && errno == EINTR && !PyErr_CheckSignals());
-    PyBuffer_Release(&b);
-    if (k < 0) return PyErr_Occurred() ? NULL : PyErr_SetFromErrno(PyExc_OSError);
-    return PyLong_FromSsize_t(k);
-}
-
-/* send_held(fd, data) -> bytes sent, 0 if the socket's buffer is full:
-   send(2) with MSG_DONTWAIT | MSG_NOSIGNAL, the GIL held. */
-PyObject *kv_send_held(PyObject *self, PyObject *args) {
-    (void)self;
-    int fd;
-    Py_buffer b;
-    if (!PyArg_ParseTuple(args, "iy*", &fd, &b)) return NULL;
-    ssize_t k;
-    do {
-        k = send(fd, b.buf, (size_t)b.len, MSG_DONTWAIT | MSG_NOSIGNAL);
+        k = send_it ? send(fd, b.buf, (size_t)b.len, MSG_DONTWAIT | MSG_NOSIGNAL) : write(fd, b.buf, (size_t)b.len);
     } while (k < 0 && errno == EINTR && !PyErr_CheckSignals());
     PyBuffer_Release(&b);
     if (k < 0) {
         if (PyErr_Occurred()) return NULL;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) return PyLong_FromLong(0);
+        if (send_it && (errno == EAGAIN || errno == EWOULDBLOCK)) return PyLong_FromLong(0);
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     return PyLong_FromSsize_t(k);
+}
+
+/* write_held(fd, data) -> bytes written */
+PyObject *kv_write_held(PyObject *self, PyObject *args) {
+    (void)self;
+    return held_io(args, 0);
+}
+
+/* send_held(fd, data) -> bytes sent, 0 if the socket's buffer is full */
+PyObject *kv_send_held(PyObject *self, PyObject *args) {
+    (void)self;
+    return held_io(args, 1);
 }
