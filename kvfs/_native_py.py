@@ -430,6 +430,8 @@ def t0_publish(ns: str, ops: list[Any], lru: dict[bytes, Any], dirty: dict[bytes
                                                          for c in chunks), (), t0=op.t0, dirty=True)
         m.meta = op.meta
         m.created = now
+        # the row first: an item it refuses (a bad sum, meta or key) is not published
+        rows.append(journal_row(op.seq, op.size, op.t0, op.checksum, [c.checksum for c in chunks], op.key, op.meta))
         lru[ok] = m
         dirty[ok] = m
         oks.append(ok)
@@ -437,7 +439,6 @@ def t0_publish(ns: str, ops: list[Any], lru: dict[bytes, Any], dirty: dict[bytes
         op.mem = m
         op.t0_stored = True
         new_bytes += op.size
-        rows.append(journal_row(op.seq, op.size, op.t0, op.checksum, [c.checksum for c in chunks], op.key, op.meta))
     return oks, ms, b"".join(rows), new_bytes, existing
 
 

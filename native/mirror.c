@@ -292,9 +292,10 @@ PyObject *kv_t0_publish(PyObject *self, PyObject *args) {
             Py_INCREF(meta);
             Py_SETREF(e->meta, meta);
             e->created = now;
-            good = PyObject_SetItem(lru, ok, m) == 0 && PyObject_SetItem(dirty, ok, m) == 0 &&
-                   PyList_Append(oks, ok) == 0 && PyList_Append(ms, m) == 0 && OBJ_SET(op, mem, m) == 0 &&
-                   OBJ_SET_BOOL(op, t0_stored, 1) == 0 && jbuf_put_row(&jb, seq, size, t0, sum, sums, key, meta);
+            /* the row first: an item it refuses (a bad sum, meta or key) is not published */
+            good = jbuf_put_row(&jb, seq, size, t0, sum, sums, key, meta) && PyObject_SetItem(lru, ok, m) == 0 &&
+                   PyObject_SetItem(dirty, ok, m) == 0 && PyList_Append(oks, ok) == 0 &&
+                   PyList_Append(ms, m) == 0 && OBJ_SET(op, mem, m) == 0 && OBJ_SET_BOOL(op, t0_stored, 1) == 0;
             new_bytes += size;
         }
         Py_XDECREF(sum);

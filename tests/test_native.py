@@ -272,6 +272,12 @@ def test_mirror_entries_and_t0_publish_behave_alike(name, plans):
     from kvfsd.t0journal import Pending, _px_rows  # what a restart reads back
     assert _px_rows("ns", rows) == [Pending("ns", op.key, op.seq, op.size, op.t0, op.checksum,
                                             [c.checksum for c in op.chunks], op.meta) for op in (ops[0], ops[3])]
+    # an item whose journal row cannot be made (a sum that is not 16 bytes) is refused before it is published
+    bad = plan(5, b"ns\x00k5")
+    bad.checksum = b"short"
+    with pytest.raises(TypeError):
+        b.t0_publish("ns", [bad], lru, dirty, 13.0)
+    assert b"ns\x00k5" not in lru and b"ns\x00k5" not in dirty and bad.mem is None and not bad.t0_stored
     if name == "native":  # what a published item keeps until its write-back ends is out of the collector's sight
         for op, m in zip((ops[0], ops[3]), ms):
             held = [op, op.chunks, *op.chunks, m.exts, *m.exts, m.wire, m.wire[4]]
