@@ -150,14 +150,14 @@ class Space(Placement):
         removed: list[bytes] = self.writer.call(job, sync=self.cfg.durability == "sync")
         segs: list[int] = []
         with self._lock:
-            owed: list[list[Any]] = []  # removed T0 puts not yet written back: the journal owes them no more
+            owed: list[int] = []  # seqs of removed T0 puts not yet written back: the journal owes them no more
             for ok in removed:
                 m = self.lru.pop(ok, None)
                 if m is None:
                     continue  # never mirrored (a lost race): its spans were not counted
-                ns, key = split_obj_key(ok)
+                ns, _key = split_obj_key(ok)
                 if m.dirty:
-                    owed.append([ns, key, m.seq])
+                    owed.append(m.seq)
                 if self.dir is not None:
                     self.dir.remove(ok)  # before the generation bump below
                 self._dirty_atime.pop(ok, None)
@@ -177,7 +177,7 @@ class Space(Placement):
                 # before the removal is acknowledged: a daemon killed before
                 # their write-backs end must not replay them (a deleted key
                 # would come back)
-                self.journal.done_many(owed)
+                self.journal.done(*owed)
                 self.journal.flush()
             self.counters[reason] += len(removed)
             if removed:

@@ -109,13 +109,11 @@ class Journal:
         if rows:
             self._append(["PX", ns, rows])
 
-    def done(self, ns: str, key: str, seq: int) -> None:
-        self._done.append(_U64.pack(seq))  # written by flush
-
-    def done_many(self, rows: list[list[Any]]) -> None:
-        """``done`` of each [ns, key, seq]."""
-        if rows:
-            self._done.append(struct.pack(f"<{len(rows)}Q", *(r[2] for r in rows)))
+    def done(self, *seqs: int) -> None:
+        """The puts of these seqs were written back, deleted or dropped
+        (written by ``flush``)."""
+        if seqs:
+            self._done.append(struct.pack(f"<{len(seqs)}Q", *seqs))
 
     def done_seqs(self, seqs: bytes) -> None:
         """``done`` of the puts of these seqs (<Q each, as t0_written_back makes them)."""

@@ -205,7 +205,6 @@ def dir_read_many(directory: Any, nslots: int, ns: bytes, keys: Sequence[Any], a
                   fds: dict[int, int] | None = None) -> list[int]:
     """``dir_read`` of a batch: per key the size, -1 or -2; every key -1 if
     the generation moved by the end."""
-    import struct
     if len(keys) != len(dests):
         raise ValueError("keys and dests must have the same length")
     views = [_mv(d, True) for d in dests]
@@ -621,7 +620,6 @@ def index_rows(ops: list[Any], live: list[bool], now: float
     (object key, entry as kvfsd.index.encode_entry writes it) per item,
     (segobj key: >QQ segment and header offset, object key) per chunk, and
     per chunk row the index of its item's row."""
-    import struct
     if len(ops) != len(live):
         raise ValueError("one live flag per item")
     segoff = struct.Struct(">QQ")

@@ -326,14 +326,6 @@ static unsigned char *free_or_victim(unsigned char *table, uint64_t nbuckets, co
     return NULL;
 }
 
-/* the slot holding h (or NULL); *free_slot: the first free one of its buckets (or NULL) */
-static unsigned char *find_slot(unsigned char *table, const unsigned char *hops, uint64_t nbuckets,
-                                const unsigned char *h, unsigned char **free_slot) {
-    unsigned char *slot = key_slot(table, hops, nbuckets, h);
-    *free_slot = slot ? NULL : free_or_victim(table, nbuckets, h, NULL, 0);
-    return slot;
-}
-
 /* seqlock write of a slot's body (bytes 8..SLOT): odd version, body, even version */
 static void write_slot(unsigned char *slot, const unsigned char *body) {
     uint64_t *ver = (uint64_t *)slot;
@@ -687,8 +679,7 @@ PyObject *kv_dir_del(PyObject *self, PyObject *args) {
     unsigned char *table = (unsigned char *)dir.buf + DIR_HEADER;
     unsigned char *hops = table + nslots * DIR_SLOT;
     uint64_t nbuckets = nslots / DIR_BUCKET;
-    unsigned char *free_slot;
-    unsigned char *slot = find_slot(table, hops, nbuckets, h.buf, &free_slot);
+    unsigned char *slot = key_slot(table, hops, nbuckets, h.buf);
     if (!slot) {
         result = PyLong_FromLong(-1);
         goto out;

@@ -3,8 +3,9 @@
  * per-object loop of a T0 put's publication.
  *
  * Why: a busy daemon makes one entry per object put and changes it twice
- * more (write-back, eviction); its wire tuple is made only when read. As a Python class with slots an
- * entry cost about 0.8 us to make and 0.3 us per rewire, and every entry was
+ * more (write-back, eviction); its wire tuple is made only when read. As a
+ * Python class with slots an entry cost about 0.8 us to make and 0.3 us per
+ * rewire, and every entry was
  * one more object for the cyclic collector. Here it is a fraction of that,
  * and the type is not collected at all: an entry refers only to numbers,
  * bytes, None and tuples of those, so it can never be part of a cycle.
@@ -52,10 +53,7 @@ static PyObject *make_wire(MemEntryObject *e) {
 /* The fields changed: the next read of wire makes it anew. Lazy because an
    entry changes three times in a T0 put's life (publish, write-back,
    eviction) and is looked up (location replies) in few of them. */
-static int rewire(MemEntryObject *e) {
-    Py_CLEAR(e->wire);
-    return 0;
-}
+static void rewire(MemEntryObject *e) { Py_CLEAR(e->wire); }
 
 static PyObject *me_get_wire(MemEntryObject *e, void *closure) {
     (void)closure;
@@ -106,7 +104,7 @@ static void me_dealloc(MemEntryObject *e) {
 
 static PyObject *me_rewire(MemEntryObject *e, PyObject *unused) {
     (void)unused;
-    if (rewire(e) < 0) return NULL;
+    rewire(e);
     Py_RETURN_NONE;
 }
 
@@ -431,7 +429,8 @@ PyObject *kv_t0_written_back(PyObject *self, PyObject *args) {
                 untrack(spans);
                 Py_INCREF(spans);
                 Py_SETREF(e->spans, spans);
-                good = rewire(e) == 0 && PyList_Append(oks, ok) == 0 && PyList_Append(ms, m) == 0;
+                rewire(e);
+                good = PyList_Append(oks, ok) == 0 && PyList_Append(ms, m) == 0;
             }
         } else if (good) {
             PyObject *g = PyTuple_Pack(2, op, m);
@@ -522,7 +521,7 @@ PyObject *kv_t0_evict_round(PyObject *self, PyObject *args) {
             size = me->size;
             off = me->t0;
             me->t0 = -1;
-            if (rewire(me) < 0) goto fail;
+            rewire(me);
         } else {
             if (!attr_ll(e, E_SIZE, &size) || !attr_ll(e, E_T0, &off)) goto fail;
             PyObject *minus1 = PyLong_FromLong(-1);

@@ -16,8 +16,8 @@ def p(key, seq):
 def test_pending_is_published_minus_done(tmp_path):
     j = Journal(tmp_path / "j")
     j.published([p("a", 1), p("b", 2), p("c", 3)])
-    j.done("ns", "b", 2)
-    j.done("ns", "zz", 9)  # unknown: ignored
+    j.done(2)
+    j.done(9)  # unknown: ignored
     # "done" is buffered until a flush: unflushed, a crash only writes b to T1 again
     assert sorted(x.key for x in read_pending(tmp_path / "j")) == ["a", "b", "c"]
     j.flush()
@@ -65,7 +65,7 @@ def test_compact_rows_are_pending_until_their_seqs_are_done(tmp_path):
     j.done_seqs(native.backend.t0_written_back("ns", [], {}, {}, {})[2])  # nothing done: no record
     j.flush()
     j.done_seqs((2).to_bytes(8, "little") + (4).to_bytes(8, "little"))
-    j.done("other", "c", 3)
+    j.done(3)
     j.flush()
     assert sorted(read_pending(tmp_path / "j"), key=lambda x: x.seq) == [a]
     j.close()
@@ -93,16 +93,16 @@ def test_a_rewrite_keeps_only_what_is_still_owed(tmp_path, monkeypatch):
     j = Journal(tmp_path / "j")
     for i in range(40):
         j.published([p(f"k{i}", i)])
-        j.done("ns", f"k{i}", i)
+        j.done(i)
     j.flush()
     assert j.too_long() and j.size == (tmp_path / "j").stat().st_size
-    j.done("ns", "k99", 99)  # buffered: gone with the rewrite, which holds only what it is given
+    j.done(99)  # buffered: gone with the rewrite, which holds only what it is given
     j.rewrite([p("a", 1), p("b", 2), p("c", 3), p("d", 4)])
     assert not (tmp_path / "j.new").exists()
     assert sorted(x.key for x in read_pending(tmp_path / "j")) == ["a", "b", "c", "d"]
     assert not j.too_long() and j.rewrites == 1 and j.base == j.size == (tmp_path / "j").stat().st_size
     j.published([p("e", 5)])  # appends go to the new file
-    j.done("ns", "a", 1)
+    j.done(1)
     j.flush()
     assert sorted(x.key for x in read_pending(tmp_path / "j")) == ["b", "c", "d", "e"]
     j.close()
