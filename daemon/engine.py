@@ -307,6 +307,8 @@ class Engine(Recovery):
         if self.t0 is None:
             return {"capacity_bytes": 0}
         out = self.t0.stats()
+        if self.wb_pool is not None:  # how many objects a write-back batch took, on average
+            out["writeback_batches"] = self.wb_pool.batches
         if self.journal is not None:  # what a crash would replay, and how often it was cut back
             out["journal_bytes"], out["journal_rewrites"] = self.journal.size, self.journal.rewrites
         return out

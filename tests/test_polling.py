@@ -1,8 +1,9 @@
 """Waiting for answers without paying wake-ups: the client polls its socket
 for a reply (recv_spin, both backends) before it sleeps, reads replies
 through a buffer that may hold a piece of one or several at once, and the
-daemon polls a connection briefly after answering it (--poll-us) without
-holding up any other connection or burning CPU while idle."""
+daemon polls a connection briefly after answering it (--poll-us), while
+its requests come that soon, without holding up any other connection or
+burning CPU while idle."""
 from __future__ import annotations
 
 import os
@@ -244,6 +245,27 @@ def test_a_polling_daemon_serves_every_connection_and_rests_when_idle(tmp_path):
         finally:
             a.close()
             b.close()
+
+
+def test_a_client_that_pauses_longer_than_the_poll_is_not_polled_for(tmp_path):
+    # a request every 50 ms against a 10 ms poll: polling for each would
+    # spin the daemon's loop 10 ms per request (0.3 s here); the daemon
+    # polls for a connection only while its requests come that soon
+    d = DaemonProcess(tmp_path / "store", stripes=1, capacity="1G", shm_size="64M", extra=["--poll-us", "10000"])
+    with d:
+        c = d.connect()
+        try:
+            conn = c._conn()
+            ask = {"ns": "default", "keys": ["k"]}
+            assert conn.call(P.CONTAINS, ask) == [False]
+            assert d.proc is not None
+            cpu = _cpu_s(d.proc.pid)
+            for _ in range(30):
+                time.sleep(0.05)
+                assert conn.call(P.CONTAINS, ask) == [False]
+            assert _cpu_s(d.proc.pid) - cpu < 0.15
+        finally:
+            c.close()
 
 
 def test_poll_us_out_of_range_is_refused(tmp_path):
