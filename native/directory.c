@@ -592,6 +592,31 @@ static int entry_body(unsigned char *body, PyObject *ok, PyObject *m, uint32_t n
     return r;
 }
 
+/* In a busy daemon a slot's placement waits mostly on one cache miss, the
+   first read of its home bucket: the table is large, each key's bucket is
+   random, and the other threads keep it out of the cache. So a batch asks
+   for the buckets of the key DIR_PREFETCH places ahead while it places
+   this one, and the misses of a batch overlap instead of coming one after
+   another (the 4 KiB steady state's placements: 0.55-0.77 -> 0.46-0.58 us
+   per object on the 2-core VM). A new key's (DISPLACE) next bucket is
+   asked for too: a full table's keys spill into it. Always inlined: a
+   function of prefetches alone has no effect GCC keeps a call for. */
+#define DIR_PREFETCH 8
+
+static inline __attribute__((always_inline)) void prefetch_home(const unsigned char *dirbuf, unsigned long long nslots, const unsigned char *body,
+                          int buckets) {
+    const unsigned char *table = dirbuf + DIR_HEADER;
+    uint64_t nbuckets = nslots / DIR_BUCKET, b = home_bucket(body + SLOT_HASH, nbuckets);
+    __builtin_prefetch(table + nslots * DIR_SLOT + b); /* its hop byte */
+    for (int i = 0; i < buckets; i++) {
+        const unsigned char *bucket = table + ((b + i) & (nbuckets - 1)) * DIR_BUCKET * DIR_SLOT;
+        for (int j = 0; j < DIR_BUCKET; j++) {
+            __builtin_prefetch(bucket + j * DIR_SLOT);      /* key hash .. T0 offset */
+            __builtin_prefetch(bucket + j * DIR_SLOT + 64); /* flags (the victim rule's stamp) */
+        }
+    }
+}
+
 /* a batch of at least this many slots is placed without the GIL (below
    it, giving the GIL up and taking it back costs more than it frees) */
 #define DIR_NOGIL_MIN 8
@@ -651,7 +676,10 @@ PyObject *kv_dir_put_entries(PyObject *self, PyObject *args) {
     long taken = 0, displaced = 0, left = 0;
     unsigned char *buf = (unsigned char *)dir.buf;
     PyThreadState *ts = made >= DIR_NOGIL_MIN ? PyEval_SaveThread() : NULL;
+    int ahead = displace == DISPLACE ? 2 : 1;
+    for (Py_ssize_t i = 0; i < made && i < DIR_PREFETCH; i++) prefetch_home(buf, nslots, bodies + i * DIR_SLOT, ahead);
     for (Py_ssize_t i = 0; i < made; i++) {
+        if (i + DIR_PREFETCH < made) prefetch_home(buf, nslots, bodies + (i + DIR_PREFETCH) * DIR_SLOT, ahead);
         long r = place_body(buf, nslots, bodies + i * DIR_SLOT, now, displace);
         taken += r == 1;
         displaced += r == 2;
