@@ -100,14 +100,18 @@ def test_bench_quick(tmp_path):
 
 def test_bench_meta_quick(tmp_path):
     """kvfs bench --meta runs both answers (the directory, the round trip)
-    idle and under a putter, and records the putter's rate."""
+    idle and under a putter, with the CPU-only step that bounds their tail
+    (a busy loop as long as the idle directory call), and records the
+    putter's rate."""
     r = kvfs_cmd("bench", "--meta", "--quick", "--dir", str(tmp_path), "--json", str(tmp_path / "m.json"))
     res = json.loads((tmp_path / "m.json").read_text())
     assert res["directory"] and set(res["states"]) == {"idle", "1 putting"} and res["puts_per_s"] > 0
     for cases in res["states"].values():
         assert set(cases) == {"contains (directory)", "contains (round trip)", "prefix_match (directory)",
-                              "prefix_match (round trip)"}
+                              "prefix_match (round trip)", "CPU-only step (bound)"}
         assert all(v["p50_us"] > 0 and v["p99_us"] >= v["p50_us"] for v in cases.values())
+        # a busy loop of the given length never returns sooner
+        assert cases["CPU-only step (bound)"]["p50_us"] >= res["cpu_step_us"] > 0
     assert b"faster than the round trip" in r.stdout
 
 

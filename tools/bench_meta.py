@@ -6,7 +6,10 @@ For each state (idle, then with --meta-putters processes putting), the
 client answers from the shared location directory (kvfs.directory) and,
 in the same rounds, asks the daemon the same question (the round trip the
 directory replaces). p50/p99 over --meta-samples calls of 1024 keys, half
-of them stored; the putters' own rate is recorded beside.
+of them stored; the putters' own rate is recorded beside. In the same
+rounds a step of pure CPU as long as the idle directory call (no store,
+no memory traffic): its p99 is what waiting for a core adds to any call
+of that length in that state, the bound under the store's own tail.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from .table import render
 
 KEYS = 1024
 VALUE = 64 * 1024
+CPU_STEP = "CPU-only step (bound)"
 
 
 def run_meta_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -40,11 +44,23 @@ def run_meta_bench(args: argparse.Namespace) -> dict[str, Any]:
             ks = s._dir is not None
             out["directory"] = ks
 
+            # the bound on a p99 that no store beats: a step of pure CPU as
+            # long as the idle directory call, timed in the same rounds; its
+            # tail is the time the measuring thread waited for a core
+            spin_s = percentile(latencies(lambda: s.contains(keys, ns="meta"), 100), .5)
+            out["cpu_step_us"] = spin_s * 1e6
+
+            def cpu_step() -> None:
+                end = time.perf_counter() + spin_s
+                while time.perf_counter() < end:
+                    pass
+
             def measure() -> dict[str, dict[str, float]]:
                 cases = {"contains (directory)": lambda: s.contains(keys, ns="meta"),
                          "contains (round trip)": lambda: s._contains_asked(keys, "meta"),
                          "prefix_match (directory)": lambda: s.prefix_match(keys, ns="meta"),
-                         "prefix_match (round trip)": lambda: s._prefix_asked(keys, "meta")}
+                         "prefix_match (round trip)": lambda: s._prefix_asked(keys, "meta"),
+                         CPU_STEP: cpu_step}
                 times: dict[str, list[float]] = {k: [] for k in cases}
                 for _ in range(n // 10):  # interleaved in rounds of 10 calls each
                     for name, fn in cases.items():
@@ -79,6 +95,9 @@ def format_meta(res: dict[str, Any]) -> str:
             rows.append([state, name, f"{v['p50_us']:.0f}", f"{v['p99_us']:.0f}",
                          f"{rt['p50_us'] / v['p50_us']:.1f}x" if rt and "directory" in name else ""])
     text = head + "\n" + render(["state", "call", "p50 us", "p99 us", "faster than the round trip"], rows)
+    if "cpu_step_us" in res:
+        text += (f"\n{CPU_STEP}: a busy loop of {res['cpu_step_us']:.0f} us (the idle directory contains' p50), "
+                 "timed in the same rounds: its p99 is the wait for a core")
     if "puts_per_s" in res:
         text += f"\nputters: {res['putters']} processes, {res['puts_per_s']:.0f} puts of 64 KiB/s in all"
     return text
