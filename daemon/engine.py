@@ -307,7 +307,7 @@ class Engine(Recovery):
         if self.t0 is None:
             return {"capacity_bytes": 0}
         out = self.t0.stats()
-        if self.wb_pool is not None:  # how many objects a write-back batch took, on average
+        if self.wb_pool is not None:  # batches the pool wrote: against the T0 puts, how well they batch
             out["writeback_batches"] = self.wb_pool.batches
         if self.journal is not None:  # what a crash would replay, and how often it was cut back
             out["journal_bytes"], out["journal_rewrites"] = self.journal.size, self.journal.rewrites
