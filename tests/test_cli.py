@@ -127,6 +127,9 @@ def test_bench_puts_quick(tmp_path):
     assert res["request_rtt"]["p50_us"] > 0
     assert res["no_polling"]["request_rtt"]["p50_us"] > 0 and res["no_polling"]["wait"]["p50_us"] > 0
     assert all(res["phases"][v][p] > 0 for v in ("4096", "65536") for p in ("prepare", "publish T0", "LMDB"))
+    # the event loop is one of the daemon's threads: its share of the CPU per object, never more than the whole
+    sd = res["steady"]
+    assert 0 < sd["loop_cpu_us"] <= sd["daemon_cpu_us"]
     assert b"daemon CPU" in r.stdout and b"round trip" in r.stdout and b"in-process" in r.stdout
     assert b"round trip, no polling" in r.stdout and b"one put at a time, wait, 4 KiB values" in r.stdout
 

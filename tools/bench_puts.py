@@ -54,9 +54,11 @@ VALUE = 64 * 1024
 BATCH = 64
 
 
-def _cpu_s(pid: int) -> tuple[float, float]:
-    """A process's user and system CPU seconds (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _cpu_s(pid: int, tid: int | None = None) -> tuple[float, float]:
+    """A process's user and system CPU seconds (all its threads), or one
+    thread's (``tid``; the daemon's event loop is its main thread, tid == pid)."""
+    stat = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tick, int(fields[12]) / tick
 
@@ -341,18 +343,21 @@ def _steady(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 s.put_many([f"w{b}-{j}" for j in range(BATCH)], [val] * BATCH, wait=False)
             s.flush()
             u0, s0 = _cpu_s(d.proc.pid)
+            lu0, ls0 = _cpu_s(d.proc.pid, d.proc.pid)
             t = time.perf_counter()
             for b in range(n_batches):
                 s.put_many([f"s{b}-{j}" for j in range(BATCH)], [val] * BATCH, wait=False)
             s.flush()
             dt = time.perf_counter() - t
             u1, s1 = _cpu_s(d.proc.pid)
+            lu1, ls1 = _cpu_s(d.proc.pid, d.proc.pid)
             st = s.stats()
     finally:
         d.stop()
     n = n_batches * BATCH
     return {"arena": arena, "slots": STEADY_SLOTS, "value": STEADY_VALUE, "objects": n, "objects_s": n / dt,
             "daemon_cpu_us": (u1 + s1 - u0 - s0) / n * 1e6, "daemon_user_us": (u1 - u0) / n * 1e6,
+            "loop_cpu_us": (lu1 + ls1 - lu0 - ls0) / n * 1e6,
             "evictions": st["tiers"]["T0"]["evictions"], "displaced": (st.get("directory") or {}).get("displaced", 0),
             "arena_full": st["tiers"]["T0"].get("full", 0)}
 
@@ -406,11 +411,16 @@ def format_puts(res: dict[str, Any]) -> str:
         sd = res["steady"]
         out += "\n\n" + render(
             [f"steady state: {sd['value'] >> 10} KiB values, {sd['arena'] >> 20} MiB arena full, {sd['slots']}-slot "
-             "directory full", "objects/s", "daemon CPU us/object", "user"],
+             "directory full", "objects/s", "daemon CPU us/object", "user", "event loop"],
             [[f"put_many of {BATCH}, no wait, until flush ({sd['objects']} objects)", f"{sd['objects_s']:.0f}",
-              f"{sd['daemon_cpu_us']:.1f}", f"{sd['daemon_user_us']:.1f}"]])
+              f"{sd['daemon_cpu_us']:.1f}", f"{sd['daemon_user_us']:.1f}", f"{sd.get('loop_cpu_us', 0):.1f}"]])
         out += (f"\nevictions {sd['evictions']}, older keys displaced from the directory {sd['displaced']}, "
                 f"reservations refused {sd['arena_full']}")
+        if sd.get("loop_cpu_us"):
+            # one trio loop answers every put_t0: what it spends per object caps the
+            # objects/s the daemon can answer, whatever the other threads do
+            out += (f"\nthe event loop (one thread) spent {sd['loop_cpu_us']:.1f} us of it per object: "
+                    f"at most {1e6 / sd['loop_cpu_us'] / 1e3:.0f}k objects/s answered")
     if "phases" in res:
         from .bench_phases import format_phases
         out += "\n\n" + format_phases(res["phases"])
