@@ -58,7 +58,7 @@ class Conn:
         # a client that streams requests without waiting, or pauses
         # between them, would only make the loop spin ``poll_s`` per
         # request, CPU taken from the write-back threads (0.4-1.1 us of the
-        # event loop's per 4 KiB put in batches of 64 on a 2-core VM).
+        # event loop's CPU per 4 KiB put, in batches of 64 on a 2-core VM).
         self.polling = poll_s > 0
         self.buf = bytearray()
         self.id = next(_conn_ids)
