@@ -9,12 +9,15 @@ held (kvfsd.engine). Invariants kept here:
 - a dirty entry (its write-back to T1 not yet committed) is never evicted:
   T0 is its only copy; it is kept apart from the LRU that eviction scans
   until its write-back ends;
+- a resident entry is on exactly one of ``lru`` (clean, least recent
+  first) and ``dirty``: T0Lists (native/mirror.c), linked through the
+  entries, so moving one is no hash-table work;
 - eviction bumps the removal generation before the freed bytes can be handed
   out again, so client location caches (kvfs.loccache) see it.
 """
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter
 from typing import Any, Callable, Container, Protocol
 
 from kvfs import native
@@ -43,8 +46,8 @@ class Tier0:
         # what eviction scans), the dirty ones apart until their write-back
         # ends (kvfsd.mirror.t0_written_back moves them), so eviction never
         # scans past them
-        self.lru: OrderedDict[bytes, Any] = OrderedDict()
-        self.dirty: dict[bytes, Any] = {}  # filled by a T0 put's publication (kvfsd.mirror.t0_publish)
+        self.lru = native.backend.T0List()
+        self.dirty = native.backend.T0List()  # filled by a T0 put's publication (kvfsd.mirror.t0_publish)
         self.bytes = 0  # logical bytes of resident objects
         self._leased = leased
         self._evict_round = native.backend.t0_evict_round
@@ -87,7 +90,7 @@ class Tier0:
         for the round, not one per object (a 32 MiB reservation of 4 KiB
         values evicts thousands). Their extents may not be contiguous: the
         caller tries again and asks for another round. False: nothing to evict."""
-        oks, ms, offs, nbytes = self._evict_round(self.lru, self.dirty, self._leased, size)
+        oks, ms, offs, nbytes = self._evict_round(self.lru, self._leased, size)
         if not oks:
             return False
         self.bytes -= nbytes
@@ -98,13 +101,13 @@ class Tier0:
 
     def add(self, ok: bytes, m: Resident) -> None:
         """``m`` has its copy at ``m.t0`` now (its wire says so already)."""
-        self.lru[ok] = m
+        self.lru.append(ok, m)
         self.bytes += m.size
         self._changed([ok], [m])
 
-    def touch(self, ok: bytes) -> None:
-        if ok in self.lru:
-            self.lru.move_to_end(ok)
+    def touch(self, m: Resident) -> None:
+        """``m`` was read: the most recent now (if clean)."""
+        self.lru.move_to_end(m)
 
     def drop(self, ok: bytes, m: Resident) -> None:
         """Forget the T0 copy of ``m`` (object stays in T1) and free its extent
@@ -116,11 +119,9 @@ class Tier0:
         """``drop`` but for the directory, which the caller updates."""
         # only m itself: a put of the same key after m's delete may hold
         # the key here now, and it stays (dirty: the journal owes it).
-        # m's bytes were counted while it had a copy (t0 >= 0), in a map or not.
-        for where in (self.lru, self.dirty):
-            if where.get(ok) is m:
-                del where[ok]
-                break
+        # m's bytes were counted while it had a copy (t0 >= 0), on a list or not.
+        if not self.lru.remove(m):
+            self.dirty.remove(m)
         off, m.t0 = m.t0, -1
         m.rewire()
         if off >= 0:

@@ -221,7 +221,7 @@ class Tiering(Puts):
             return
         if m.t0 >= 0:
             t0.counters["hits"] += 1
-            t0.touch(ok)
+            t0.touch(m)
             return
         t0.counters["misses"] += 1
         self.counters["t1_hits"] += 1

@@ -352,7 +352,7 @@ class MemEntry:
     being encoded on the event loop never sees a half-made change."""
 
     __slots__ = ("size", "checksum", "seq", "exts", "spans", "_wire", "t0", "dirty", "deleted", "hits", "meta",
-                 "created")
+                 "created", "_t0list")
 
     def __init__(self, size: int, checksum: bytes, seq: int, exts: tuple[tuple[Any, ...], ...],
                  spans: tuple[tuple[int, int], ...], *, t0: int = -1, dirty: bool = False):
@@ -368,6 +368,7 @@ class MemEntry:
         self.meta: bytes | None = None  # kept only while dirty (LMDB has it after)
         self.created = 0.0  # for the mount's mtime
         self._wire: tuple[Any, ...] | None = None
+        self._t0list: T0List | None = None  # the T0 list holding it, if any
 
     def rewire(self) -> None:
         """The fields changed: ``wire`` is made anew when next read."""
@@ -384,6 +385,61 @@ class MemEntry:
 
     def __repr__(self) -> str:
         return f"MemEntry(size={self.size}, seq={self.seq}, t0={self.t0}, dirty={self.dirty})"
+
+
+class T0List:
+    """T0's LRU of clean entries, or its set of dirty ones (kvfsd.tier0):
+    native/mirror.c's twin, where each entry is linked into the list that
+    holds it. An entry is on at most one list; least recent first."""
+
+    def __init__(self) -> None:
+        self._d: dict[int, tuple[bytes, MemEntry]] = {}
+
+    def append(self, ok: bytes, m: MemEntry) -> None:
+        """``m`` (on no list) to the recent end, with its key ``ok``."""
+        if not isinstance(ok, bytes):
+            raise TypeError("object keys are bytes")
+        if not isinstance(m, MemEntry):
+            raise TypeError("T0 lists hold MemEntry objects of this data plane")
+        if m._t0list is not None:
+            raise ValueError("the entry is on a T0 list already")
+        m._t0list = self
+        self._d[id(m)] = (ok, m)
+
+    def remove(self, m: MemEntry) -> bool:
+        """Whether ``m`` was on this list (it is not now)."""
+        if not isinstance(m, MemEntry):
+            raise TypeError("T0 lists hold MemEntry objects of this data plane")
+        if m._t0list is not self:
+            return False
+        del self._d[id(m)]
+        m._t0list = None
+        return True
+
+    def move_to_end(self, m: MemEntry) -> bool:
+        """Whether ``m`` is on this list (now at its recent end)."""
+        if not isinstance(m, MemEntry):
+            raise TypeError("T0 lists hold MemEntry objects of this data plane")
+        if m._t0list is not self:
+            return False
+        self._d[id(m)] = self._d.pop(id(m))
+        return True
+
+    def _take(self, m: MemEntry, into: "T0List") -> None:
+        """``m`` (on this list) to the recent end of ``into``."""
+        ok, _m = self._d.pop(id(m))
+        m._t0list = into
+        into._d[id(m)] = (ok, m)
+
+    def items(self) -> list[tuple[bytes, MemEntry]]:
+        """(key, entry) pairs, least recent first."""
+        return list(self._d.values())
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __contains__(self, m: object) -> bool:
+        return isinstance(m, MemEntry) and m._t0list is self
 
 
 _JOURNAL_HEAD = struct.Struct("<QQq")
@@ -405,11 +461,11 @@ def journal_row(seq: int, size: int, off: int, checksum: bytes, chunk_sums: list
                      _U32.pack(len(kb)), kb, _I32.pack(-1 if meta is None else len(meta)), meta or b""])
 
 
-def t0_publish(ns: str, ops: list[Any], lru: dict[bytes, Any], dirty: dict[bytes, Any], now: float
+def t0_publish(ns: str, ops: list[Any], lru: dict[bytes, Any], dirty: T0List, now: float
                ) -> tuple[list[bytes], list[MemEntry], bytes, int, list[Any]]:
     """publish_t0's per-object loop (kvfsd.tiering): for each T0 item (op not
     None, op.t0 >= 0) whose object key is not in ``lru``, a dirty entry put
-    in ``lru`` and ``dirty``, op.mem and op.t0_stored set, and its journal
+    in ``lru`` and the T0List ``dirty``, op.mem and op.t0_stored set, and its journal
     row (``journal_row``). Returns (keys, entries, the rows' bytes, new
     bytes, the items already stored)."""
     oks: list[bytes] = []
@@ -432,7 +488,7 @@ def t0_publish(ns: str, ops: list[Any], lru: dict[bytes, Any], dirty: dict[bytes
         # the row first: an item it refuses (a bad sum, meta or key) is not published
         rows.append(journal_row(op.seq, op.size, op.t0, op.checksum, [c.checksum for c in chunks], op.key, op.meta))
         lru[ok] = m
-        dirty[ok] = m
+        dirty.append(ok, m)
         oks.append(ok)
         ms.append(m)
         op.mem = m
@@ -441,9 +497,9 @@ def t0_publish(ns: str, ops: list[Any], lru: dict[bytes, Any], dirty: dict[bytes
     return oks, ms, b"".join(rows), new_bytes, existing
 
 
-def t0_written_back(ns: str, done: list[tuple[Any, bool]], lru: dict[bytes, Any], t0_lru: dict[bytes, Any],
-                    t0_dirty: dict[bytes, Any]) -> tuple[list[bytes], list[MemEntry], bytes, int,
-                                                         dict[int, list[int]], list[tuple[Any, MemEntry]]]:
+def t0_written_back(ns: str, done: list[tuple[Any, bool]], lru: dict[bytes, Any], t0_lru: T0List,
+                    t0_dirty: T0List) -> tuple[list[bytes], list[MemEntry], bytes, int,
+                                               dict[int, list[int]], list[tuple[Any, MemEntry]]]:
     """The write-back's mirror loop (kvfsd.tiering._written_back_many): for
     each (op, published) whose entry ``op.mem`` is still dirty, it is dirty
     no more, its seq goes to the journal's "done" bytes (<Q each) and its
@@ -468,9 +524,8 @@ def t0_written_back(ns: str, done: list[tuple[Any, bool]], lru: dict[bytes, Any]
         m.dirty = False
         m.meta = None
         if published and not m.deleted and lru.get(ok) is m:
-            if ok in t0_dirty:  # (not if its T0 copy was dropped meanwhile)
-                del t0_dirty[ok]
-                t0_lru[ok] = m
+            if m in t0_dirty:  # (not if its T0 copy was dropped meanwhile)
+                t0_dirty._take(m, t0_lru)
             spans = tuple((c.seg, c.end - c.hdr_off) for c in op.chunks)
             for seg, span in spans:
                 v = live.setdefault(seg, [0, 0])
@@ -638,35 +693,33 @@ def index_rows(ops: list[Any], live: list[bool], now: float
     return pairs, segs, owner
 
 
-def t0_evict_round(lru: Any, dirty: dict[bytes, Any], leased: Any, need: int
-                   ) -> tuple[list[bytes], list[Any], list[int], int]:
+def t0_evict_round(lru: T0List, leased: Any, need: int) -> tuple[list[bytes], list[Any], list[int], int]:
     """One eviction round of T0 (kvfsd.tier0.Tier0._evict_for; native/mirror.c's
-    twin): the least recent entries of ``lru`` (an OrderedDict of clean
-    entries) whose keys are not in ``leased``, until their sizes reach
-    ``need`` (or all there are); leased ones passed over move to the recent
-    end. The chosen ones leave ``lru`` (and ``dirty``) and lose their T0
-    copy (t0 -1, rewired). Returns (keys, entries, arena offsets to free,
-    bytes they held)."""
+    twin): the least recent entries of the T0List ``lru`` (clean entries)
+    whose keys are not in ``leased``, until their sizes reach ``need`` (or
+    all there are); leased ones passed over move to the recent end. The
+    chosen ones leave ``lru`` and lose their T0 copy (t0 -1, rewired).
+    Returns (keys, entries, arena offsets to free, bytes they held)."""
     oks: list[bytes] = []
     ms: list[Any] = []
-    skipped: list[bytes] = []
+    skipped: list[Any] = []
     freed = 0
     for ok, m in lru.items():
         if ok in leased:
-            skipped.append(ok)
+            skipped.append(m)
             continue
         oks.append(ok)
         ms.append(m)
         freed += m.size
         if freed >= need:
             break
-    for ok in skipped:
-        lru.move_to_end(ok)  # being read: it counts as recent
+    for m in skipped:
+        lru.move_to_end(m)  # being read: it counts as recent
     offs: list[int] = []
     nbytes = 0
-    for ok, m in zip(oks, ms):
-        if lru.pop(ok, None) is not None or dirty.pop(ok, None) is not None:
-            nbytes += m.size
+    for m in ms:
+        lru.remove(m)
+        nbytes += m.size
         off, m.t0 = m.t0, -1
         m.rewire()
         if off >= 0:

@@ -1059,6 +1059,7 @@ PyObject *kv_t0_write_records(PyObject *self, PyObject *args); /* write_back.c *
 PyObject *kv_place_items(PyObject *self, PyObject *args);      /* placement.c */
 PyObject *kv_place_chunk(PyObject *self, PyObject *args);      /* placement.c */
 extern PyTypeObject MemEntryType;
+extern PyTypeObject T0ListType;
 extern PyTypeObject ArenaAllocatorType; /* arena_alloc.c */
 extern PyTypeObject ObjPlanType, ChunkPlanType;  /* plans.c */
 
@@ -1101,7 +1102,7 @@ static PyMethodDef methods[] = {
      "index_rows(ops, live, now) -> ([(object key, entry)], [(segobj key, object key)], [owner]): the index rows "
      "of a batch's live items, as encode_entry writes them (native/records.c)"},
     {"t0_evict_round", kv_t0_evict_round, METH_VARARGS,
-     "t0_evict_round(lru, dirty, leased, need) -> (keys, entries, arena offsets, bytes): one eviction round "
+     "t0_evict_round(lru, leased, need) -> (keys, entries, arena offsets, bytes): one eviction round "
      "of T0 (native/mirror.c)"},
     {"place_items", kv_place_items, METH_VARARGS,
      "place_items(items, at, nl, stripe_unit, segment_size, nstripes, state, open_seg, segs, touched, segment_for, "
@@ -1156,7 +1157,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "kvfs._native",
                                     "kvfs data-plane hot loops (see native/kvfs_native.c)", -1, methods};
 
 PyMODINIT_FUNC PyInit__native(void) {
-    if (PyType_Ready(&AlignedBufferType) < 0 || PyType_Ready(&MemEntryType) < 0 ||
+    if (PyType_Ready(&AlignedBufferType) < 0 || PyType_Ready(&MemEntryType) < 0 || PyType_Ready(&T0ListType) < 0 ||
         PyType_Ready(&ArenaAllocatorType) < 0 || PyType_Ready(&ObjPlanType) < 0 || PyType_Ready(&ChunkPlanType) < 0)
         return NULL;
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -1178,6 +1179,7 @@ PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "MemEntry", (PyObject *)&MemEntryType) < 0 ||
+        PyModule_AddObjectRef(m, "T0List", (PyObject *)&T0ListType) < 0 ||
         PyModule_AddObjectRef(m, "ArenaAllocator", (PyObject *)&ArenaAllocatorType) < 0 ||
         PyModule_AddObjectRef(m, "ObjPlan", (PyObject *)&ObjPlanType) < 0 ||
         PyModule_AddObjectRef(m, "ChunkPlan", (PyObject *)&ChunkPlanType) < 0) {

@@ -16,7 +16,7 @@
 #include "plan_fields.h"
 #include <structmember.h>
 
-typedef struct {
+typedef struct MemEntryObject {
     PyObject_HEAD
     long long size;
     PyObject *checksum;
@@ -30,6 +30,12 @@ typedef struct {
     long long hits;
     PyObject *meta; /* kept only while dirty */
     double created;
+    /* T0's lists (T0List below): the list holding this entry (borrowed:
+       the list holds the entry, never the other way), its neighbours there,
+       and its object key while it is on one */
+    PyObject *t0list;
+    struct MemEntryObject *t0prev, *t0next;
+    PyObject *t0key;
 } MemEntryObject;
 
 static PyObject *make_wire(MemEntryObject *e) {
@@ -155,6 +161,171 @@ PyTypeObject MemEntryType = {
     .tp_methods = me_methods,
 };
 
+/* ---- T0List: T0's clean LRU and its dirty set, linked through the entries --
+ *
+ * Why: as an OrderedDict (clean) and a dict (dirty) keyed by object key,
+ * T0's bookkeeping cost every T0 put six more lookups and stores in large
+ * hash tables (publish: into dirty; write-back: out of dirty, into the
+ * LRU; eviction: iterate, get, delete), each a cache miss or two in a
+ * busy daemon, plus an OrderedDict node per entry. Here an entry is linked
+ * into the list that holds it: append, remove and move-to-end are pointer
+ * updates, and eviction walks from the least recent end.
+ *
+ * Invariants: an entry is on at most one list (t0list says which); the
+ * list holds a reference to each entry and to its key while it is there;
+ * entries are MemEntry objects of this module. Caller holds the engine
+ * lock (as for the dicts before).
+ */
+typedef struct {
+    PyObject_HEAD
+    MemEntryObject *head, *tail; /* least recent first */
+    Py_ssize_t n;
+} T0ListObject;
+
+PyTypeObject T0ListType;
+
+/* e (on no list) goes to the recent end of l, with its key ok */
+static void tl_link(T0ListObject *l, MemEntryObject *e, PyObject *ok) {
+    Py_INCREF(e);
+    Py_INCREF(ok);
+    e->t0key = ok;
+    e->t0list = (PyObject *)l;
+    e->t0prev = l->tail;
+    e->t0next = NULL;
+    if (l->tail) l->tail->t0next = e;
+    else l->head = e;
+    l->tail = e;
+    l->n++;
+}
+
+/* e leaves its list; the list's references (to e and its key) stay the
+   caller's to drop (or to hand to another list) */
+static void tl_detach(MemEntryObject *e) {
+    T0ListObject *l = (T0ListObject *)e->t0list;
+    if (e->t0prev) e->t0prev->t0next = e->t0next;
+    else l->head = e->t0next;
+    if (e->t0next) e->t0next->t0prev = e->t0prev;
+    else l->tail = e->t0prev;
+    e->t0prev = e->t0next = NULL;
+    e->t0list = NULL;
+    l->n--;
+}
+
+/* e leaves its list and the list's references go (e may be freed: the
+   caller holds its own reference if it goes on using e) */
+static void tl_unlink(MemEntryObject *e) {
+    PyObject *k = e->t0key;
+    e->t0key = NULL;
+    tl_detach(e);
+    Py_XDECREF(k);
+    Py_DECREF(e);
+}
+
+/* e (on some list) to the recent end of l, its references kept */
+static void tl_move(T0ListObject *l, MemEntryObject *e) {
+    if ((T0ListObject *)e->t0list == l && l->tail == e) return;
+    PyObject *k = e->t0key;
+    tl_detach(e);
+    e->t0list = (PyObject *)l;
+    e->t0key = k;
+    e->t0prev = l->tail;
+    if (l->tail) l->tail->t0next = e;
+    else l->head = e;
+    l->tail = e;
+    l->n++;
+}
+
+static int is_entry(PyObject *m) {
+    if (Py_TYPE(m) == &MemEntryType) return 1;
+    PyErr_SetString(PyExc_TypeError, "T0 lists hold MemEntry objects of this data plane");
+    return 0;
+}
+
+static PyObject *tl_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    if (!_PyArg_NoKeywords("T0List", kw) || !PyArg_ParseTuple(args, ":T0List")) return NULL;
+    return type->tp_alloc(type, 0);
+}
+
+static void tl_dealloc(T0ListObject *l) {
+    while (l->head) tl_unlink(l->head);
+    Py_TYPE(l)->tp_free((PyObject *)l);
+}
+
+static PyObject *tl_append(T0ListObject *l, PyObject *args) {
+    PyObject *ok, *m;
+    if (!PyArg_ParseTuple(args, "O!O:append", &PyBytes_Type, &ok, &m) || !is_entry(m)) return NULL;
+    MemEntryObject *e = (MemEntryObject *)m;
+    if (e->t0list) {
+        PyErr_SetString(PyExc_ValueError, "the entry is on a T0 list already");
+        return NULL;
+    }
+    tl_link(l, e, ok);
+    Py_RETURN_NONE;
+}
+
+static PyObject *tl_remove(T0ListObject *l, PyObject *m) {
+    if (!is_entry(m)) return NULL;
+    MemEntryObject *e = (MemEntryObject *)m;
+    if ((T0ListObject *)e->t0list != l) Py_RETURN_FALSE;
+    tl_unlink(e); /* the caller's reference (m) keeps e */
+    Py_RETURN_TRUE;
+}
+
+static PyObject *tl_move_to_end(T0ListObject *l, PyObject *m) {
+    if (!is_entry(m)) return NULL;
+    MemEntryObject *e = (MemEntryObject *)m;
+    if ((T0ListObject *)e->t0list != l) Py_RETURN_FALSE;
+    tl_move(l, e);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *tl_items(T0ListObject *l, PyObject *unused) {
+    (void)unused;
+    PyObject *out = PyList_New(l->n);
+    if (!out) return NULL;
+    Py_ssize_t i = 0;
+    for (MemEntryObject *e = l->head; e; e = e->t0next, i++) {
+        PyObject *t = PyTuple_Pack(2, e->t0key, (PyObject *)e);
+        if (!t) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, t);
+    }
+    return out;
+}
+
+static Py_ssize_t tl_len(T0ListObject *l) { return l->n; }
+
+static int tl_contains(T0ListObject *l, PyObject *m) {
+    return Py_TYPE(m) == &MemEntryType && (T0ListObject *)((MemEntryObject *)m)->t0list == l;
+}
+
+static PyMethodDef tl_methods[] = {
+    {"append", (PyCFunction)tl_append, METH_VARARGS, "append(ok, m): m (on no list) to the recent end, with its key"},
+    {"remove", (PyCFunction)tl_remove, METH_O, "remove(m) -> whether m was on this list (it is not now)"},
+    {"move_to_end", (PyCFunction)tl_move_to_end, METH_O, "move_to_end(m) -> whether m is on this list (now its recent end)"},
+    {"items", (PyCFunction)tl_items, METH_NOARGS, "[(key, entry), ...], least recent first"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PySequenceMethods tl_as_sequence = {
+    .sq_length = (lenfunc)tl_len,
+    .sq_contains = (objobjproc)tl_contains,
+};
+
+PyTypeObject T0ListType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvfs._native.T0List",
+    .tp_basicsize = sizeof(T0ListObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT, /* holds entries and bytes only: never in a cycle */
+    .tp_doc = "T0List(): T0's LRU of clean entries or its set of dirty ones, linked through the entries "
+              "(kvfsd.tier0)",
+    .tp_new = tl_new,
+    .tp_dealloc = (destructor)tl_dealloc,
+    .tp_methods = tl_methods,
+    .tp_as_sequence = &tl_as_sequence,
+};
+
 /* The fields the location directory takes from an entry, read straight
    from the struct (native/directory.c): 0 if m is not a MemEntry. The
    references are borrowed. */
@@ -245,7 +416,7 @@ static PyObject *jbuf_bytes(jbuf_t *b) {
 /* t0_publish(ns, ops, lru, dirty, now) -> (keys, entries, journal rows, new bytes, [existing ops])
    For each T0 item of a plan (op not None, op.t0 >= 0) whose object key is
    not in lru: a dirty MemEntry (meta and created set), in lru and in dirty
-   (Tier0's map of dirty entries), op.mem and op.t0_stored set, and its
+   (Tier0's T0List of dirty entries), op.mem and op.t0_stored set, and its
    journal row (jbuf_put_row: the bytes of a "PX" record's rows). Items
    whose key is in lru already are returned for the caller to settle
    (their arena extents were never published). Caller holds the engine
@@ -256,7 +427,7 @@ PyObject *kv_t0_publish(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *ns, *ops, *lru, *dirty;
     double now;
-    if (!PyArg_ParseTuple(args, "UO!O!O!d", &ns, &PyList_Type, &ops, &PyDict_Type, &lru, &PyDict_Type, &dirty, &now))
+    if (!PyArg_ParseTuple(args, "UO!O!O!d", &ns, &PyList_Type, &ops, &PyDict_Type, &lru, &T0ListType, &dirty, &now))
         return NULL;
     PyObject *oks = PyList_New(0), *ms = PyList_New(0), *existing = PyList_New(0), *rows = NULL;
     PyObject *none_spans = PyTuple_New(0);
@@ -291,9 +462,10 @@ PyObject *kv_t0_publish(PyObject *self, PyObject *args) {
             Py_SETREF(e->meta, meta);
             e->created = now;
             /* the row first: an item it refuses (a bad sum, meta or key) is not published */
-            good = jbuf_put_row(&jb, seq, size, t0, sum, sums, key, meta) && PyObject_SetItem(lru, ok, m) == 0 &&
-                   PyObject_SetItem(dirty, ok, m) == 0 && PyList_Append(oks, ok) == 0 &&
-                   PyList_Append(ms, m) == 0 && OBJ_SET(op, mem, m) == 0 && OBJ_SET_BOOL(op, t0_stored, 1) == 0;
+            good = jbuf_put_row(&jb, seq, size, t0, sum, sums, key, meta) && PyObject_SetItem(lru, ok, m) == 0;
+            if (good) tl_link((T0ListObject *)dirty, e, ok);
+            good = good && PyList_Append(oks, ok) == 0 && PyList_Append(ms, m) == 0 && OBJ_SET(op, mem, m) == 0 &&
+                   OBJ_SET_BOOL(op, t0_stored, 1) == 0;
             new_bytes += size;
         }
         Py_XDECREF(sum);
@@ -354,11 +526,12 @@ static int add_live(PyObject *live, long long seg, long long span) {
    moves from t0_dirty (if there) to the end of t0_lru, gets its spans, is rewired and
    returned (keys, entries: for the directory) with its records added to
    live {seg: [bytes, records]}; otherwise (op, entry) is in gone for the
-   caller. Caller holds the engine lock. */
+   caller. t0_lru and t0_dirty are T0Lists. Caller holds the engine lock. */
 PyObject *kv_t0_written_back(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *ns, *done, *lru, *t0_lru, *t0_dirty;
-    if (!PyArg_ParseTuple(args, "UO!OOO!", &ns, &PyList_Type, &done, &lru, &t0_lru, &PyDict_Type, &t0_dirty))
+    if (!PyArg_ParseTuple(args, "UO!OO!O!", &ns, &PyList_Type, &done, &lru, &T0ListType, &t0_lru, &T0ListType,
+                          &t0_dirty))
         return NULL;
     PyObject *oks = PyList_New(0), *ms = PyList_New(0), *seqs = NULL, *live = PyDict_New(), *gone = PyList_New(0);
     jbuf_t jb = {NULL, 0, 0};
@@ -401,10 +574,8 @@ PyObject *kv_t0_written_back(PyObject *self, PyObject *args) {
         if (good && published && !e->deleted && cur == m) {
             /* out of the dirty map, to the recent end of the LRU (not if its
                T0 copy was dropped meanwhile: then it is in neither) */
-            int in_t0 = PyDict_Contains(t0_dirty, ok);
-            good = in_t0 >= 0 && (!in_t0 || (PyDict_DelItem(t0_dirty, ok) == 0 &&
-                                             PyObject_SetItem(t0_lru, ok, m) == 0)) &&
-                   (chunks = OBJ_GET(op, chunks)) != NULL;
+            if (e->t0list == t0_dirty) tl_move((T0ListObject *)t0_lru, e);
+            good = (chunks = OBJ_GET(op, chunks)) != NULL;
             if (good && !PyList_Check(chunks)) {
                 PyErr_SetString(PyExc_TypeError, "a plan's chunks are a list");
                 good = 0;
@@ -455,83 +626,42 @@ fail:
     return NULL;
 }
 
-/* t0_evict_round(lru, dirty, leased, need) -> (keys, entries, offsets, bytes)
-   One eviction round of T0 (kvfsd.tier0.Tier0._evict_for): the least recent
-   entries of lru (an OrderedDict of clean entries) whose keys are not in
-   leased, until their sizes reach need (or all there are); leased ones
-   passed over move to the recent end. The chosen ones leave lru (and
-   dirty) and lose their T0 copy (t0 -1, rewired). Caller holds the engine
-   lock; the twin (kvfs._native_py) is the definition. */
-static PyObject *E_MOVE, *E_T0, *E_SIZE, *E_REWIRE;
-
+/* t0_evict_round(lru, leased, need) -> (keys, entries, offsets, bytes)
+   One eviction round of T0 (kvfsd.tier0.Tier0._evict_for): the least
+   recent entries of lru (the T0List of clean entries) whose keys are not
+   in leased, until their sizes reach need (or all there are); leased ones
+   passed over move to the recent end. The chosen ones leave lru and lose
+   their T0 copy (t0 -1, rewired). Caller holds the engine lock; the twin
+   (kvfs._native_py) is the definition. */
 static int is_leased(PyObject *leased, PyObject *ok) {
     return PyDict_Check(leased) ? PyDict_Contains(leased, ok) : PySequence_Contains(leased, ok);
 }
 
 PyObject *kv_t0_evict_round(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *lru, *dirty, *leased;
+    PyObject *lru, *leased;
     long long need;
-    if (!PyArg_ParseTuple(args, "OO!OL", &lru, &PyDict_Type, &dirty, &leased, &need)) return NULL;
-    if (!E_REWIRE && !(INTERN(E_MOVE, "move_to_end") && INTERN(E_T0, "t0") && INTERN(E_SIZE, "size") &&
-                       INTERN(E_REWIRE, "rewire")))
-        return NULL;
+    if (!PyArg_ParseTuple(args, "O!OL", &T0ListType, &lru, &leased, &need)) return NULL;
+    T0ListObject *l = (T0ListObject *)lru;
     PyObject *oks = PyList_New(0), *ms = PyList_New(0), *offs = PyList_New(0), *skipped = PyList_New(0);
-    PyObject *it = NULL, *ok = NULL, *m = NULL;
     long long freed = 0, nbytes = 0;
-    if (!oks || !ms || !offs || !skipped || !(it = PyObject_GetIter(lru))) goto fail;
-    while ((ok = PyIter_Next(it))) {
-        int l = is_leased(leased, ok);
-        if (l < 0) goto fail;
-        if (l) {
-            if (PyList_Append(skipped, ok) < 0) goto fail;
-            Py_CLEAR(ok);
-            continue;
-        }
-        m = PyObject_GetItem(lru, ok);
-        long long size;
-        if (!m || PyList_Append(oks, ok) < 0 || PyList_Append(ms, m) < 0) goto fail;
-        if (Py_TYPE(m) == &MemEntryType) size = ((MemEntryObject *)m)->size;
-        else if (!attr_ll(m, E_SIZE, &size)) goto fail;
-        freed += size;
-        Py_CLEAR(ok);
-        Py_CLEAR(m);
-        if (freed >= need) break;
+    if (!oks || !ms || !offs || !skipped) goto fail;
+    for (MemEntryObject *e = l->head; e; e = e->t0next) {
+        int lz = is_leased(leased, e->t0key);
+        if (lz < 0) goto fail;
+        if (PyList_Append(lz ? skipped : ms, (PyObject *)e) < 0 || (!lz && PyList_Append(oks, e->t0key) < 0))
+            goto fail;
+        if (!lz && (freed += e->size) >= need) break;
     }
-    if (PyErr_Occurred()) goto fail;
-    Py_CLEAR(it);
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(skipped); i++) {
-        PyObject *r = PyObject_CallMethodOneArg(lru, E_MOVE, PyList_GET_ITEM(skipped, i));
-        if (!r) goto fail;
-        Py_DECREF(r);
-    }
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(oks); i++) {
-        PyObject *k = PyList_GET_ITEM(oks, i), *e = PyList_GET_ITEM(ms, i);
-        int gone = PyObject_DelItem(lru, k) == 0;
-        if (!gone) {
-            if (!PyErr_ExceptionMatches(PyExc_KeyError)) goto fail;
-            PyErr_Clear();
-            int in_dirty = PyDict_Contains(dirty, k);
-            if (in_dirty < 0 || (in_dirty && PyDict_DelItem(dirty, k) < 0)) goto fail;
-            gone = in_dirty;
-        }
-        long long off, size;
-        if (Py_TYPE(e) == &MemEntryType) {
-            MemEntryObject *me = (MemEntryObject *)e;
-            size = me->size;
-            off = me->t0;
-            me->t0 = -1;
-            rewire(me);
-        } else {
-            if (!attr_ll(e, E_SIZE, &size) || !attr_ll(e, E_T0, &off)) goto fail;
-            PyObject *minus1 = PyLong_FromLong(-1);
-            int bad = !minus1 || PyObject_SetAttr(e, E_T0, minus1) < 0;
-            Py_XDECREF(minus1);
-            PyObject *r = bad ? NULL : PyObject_CallMethodNoArgs(e, E_REWIRE);
-            if (!r) goto fail;
-            Py_DECREF(r);
-        }
-        if (gone) nbytes += size;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(skipped); i++) /* being read: they count as recent */
+        tl_move(l, (MemEntryObject *)PyList_GET_ITEM(skipped, i));
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(ms); i++) {
+        MemEntryObject *e = (MemEntryObject *)PyList_GET_ITEM(ms, i); /* ms holds it */
+        tl_unlink(e);
+        nbytes += e->size;
+        long long off = e->t0;
+        e->t0 = -1;
+        rewire(e);
         if (off >= 0) {
             PyObject *o = PyLong_FromLongLong(off);
             int bad = !o || PyList_Append(offs, o) < 0;
@@ -542,9 +672,6 @@ PyObject *kv_t0_evict_round(PyObject *self, PyObject *args) {
     Py_DECREF(skipped);
     return Py_BuildValue("(NNNL)", oks, ms, offs, nbytes);
 fail:
-    Py_XDECREF(it);
-    Py_XDECREF(ok);
-    Py_XDECREF(m);
     Py_XDECREF(oks);
     Py_XDECREF(ms);
     Py_XDECREF(offs);

@@ -111,14 +111,6 @@ def test_gc_policy_freezes_survivors_and_collects_fully_on_schedule(monkeypatch)
         gc.set_threshold(*old)
 
 
-class _Entry:
-    def __init__(self, t0: int, size: int, dirty: bool = False):
-        self.t0, self.size, self.dirty = t0, size, dirty
-
-    def rewire(self) -> None:
-        pass
-
-
 def _tier0(size: int, leased=frozenset()):
     from types import SimpleNamespace
     from kvfsd.tier0 import Tier0
@@ -130,9 +122,10 @@ def _tier0(size: int, leased=frozenset()):
 
 
 def _put(t0, ok: bytes, size: int, dirty: bool):
-    m = _Entry(t0.alloc.alloc(size), size, dirty)
+    from kvfs import native
+    m = native.backend.MemEntry(size, b"", 0, (), (), t0=t0.alloc.alloc(size), dirty=dirty)
     if dirty:  # as a T0 put's publication does (kvfsd.mirror.t0_publish)
-        t0.dirty[ok] = m
+        t0.dirty.append(ok, m)
         t0.bytes += size
     else:
         t0.add(ok, m)
@@ -147,14 +140,15 @@ def test_t0_eviction_takes_the_least_recent_clean_ones_in_one_round():
         ok = (b"c%d" if i < 8 else b"d%d") % i
         ms[ok] = _put(t0, ok, 4 * KiB, dirty=i >= 8)
     changes.clear()
-    t0.touch(b"c0")  # c0 read: now the most recent
+    t0.touch(ms[b"c0"])  # c0 read: now the most recent
     off = t0.reserve(12 * KiB)  # c2, c3, c4 (c1 is leased, c0 recent): one round, one directory update
     assert off >= 0 and bumps == [1]
     assert changes == [[b"c2", b"c3", b"c4"]]
     assert all(ms[k].t0 == -1 for k in (b"c2", b"c3", b"c4")) and ms[b"c1"].t0 >= 0 and ms[b"c0"].t0 >= 0
     assert t0.counters["evictions"] == 3
     # dirty ones are never evicted; once cleaned they are the most recent
-    t0.lru[b"d8"] = t0.dirty.pop(b"d8")  # as the write-back's end does (kvfsd.mirror.t0_written_back)
+    assert t0.dirty.remove(ms[b"d8"])  # as the write-back's end does (kvfsd.mirror.t0_written_back)
+    t0.lru.append(b"d8", ms[b"d8"])
     ms[b"d8"].dirty = False
     assert t0.reserve(64 * KiB) == -1 and t0.counters["full"] == 1
     assert all(ms[b"d%d" % i].t0 >= 0 for i in range(9, 16))

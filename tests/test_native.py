@@ -4,6 +4,7 @@ bytes on either."""
 import ctypes
 import os
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -254,12 +255,12 @@ def test_mirror_entries_and_t0_publish_behave_alike(name, plans):
         return ObjPlan(f"k{i}", 5 * nchunks, None if i % 2 else b'{"a":1}', 100 + i, chunks, ok, None,
                        bytes([i]) * 16, t0 * (i + 1))
     lru = OrderedDict([(b"ns\x00old", "old"), (b"ns\x00k2", "there")])
-    dirty = {}
+    dirty = b.T0List()
     ops = [plan(0, b"ns\x00k0"), None, plan(2, b"ns\x00k2"), plan(3, b"ns\x00k3", nchunks=3), plan(4, b"ns\x00k4", t0=-1)]
     oks, ms, rows, nbytes, existing = b.t0_publish("ns", ops, lru, dirty, 12.5)
     assert oks == [b"ns\x00k0", b"ns\x00k3"] and nbytes == 5 + 15 and existing == [ops[2]]
     assert list(lru) == [b"ns\x00old", b"ns\x00k2", b"ns\x00k0", b"ns\x00k3"]  # order kept: appended
-    assert list(dirty) == oks and all(lru[k] is m and dirty[k] is m for k, m in zip(oks, ms))
+    assert dirty.items() == list(zip(oks, ms)) and all(lru[k] is m and m in dirty for k, m in zip(oks, ms))
     for op, m in zip((ops[0], ops[3]), ms):
         assert op.mem is m and op.t0_stored and m.dirty and m.t0 == op.t0 and m.spans == () and m.created == 12.5
         assert m.meta == op.meta and (m.size, m.checksum, m.seq) == (op.size, op.checksum, op.seq)
@@ -277,7 +278,7 @@ def test_mirror_entries_and_t0_publish_behave_alike(name, plans):
     bad.checksum = b"short"
     with pytest.raises(TypeError):
         b.t0_publish("ns", [bad], lru, dirty, 13.0)
-    assert b"ns\x00k5" not in lru and b"ns\x00k5" not in dirty and bad.mem is None and not bad.t0_stored
+    assert b"ns\x00k5" not in lru and len(dirty) == 2 and bad.mem is None and not bad.t0_stored
     if name == "native":  # what a published item keeps until its write-back ends is out of the collector's sight
         for op, m in zip((ops[0], ops[3]), ms):
             held = [op, op.chunks, *op.chunks, m.exts, *m.exts, m.wire, m.wire[4]]
@@ -289,7 +290,7 @@ def test_mirror_entries_and_t0_publish_behave_alike(name, plans):
 @pytest.mark.parametrize("name", BACKENDS)
 def test_t0_written_back_cleans_moves_and_counts_alike(name, plans):
     """The write-back's mirror loop: published entries become clean, move
-    from the dirty map to the recent end of the T0 LRU, get their spans
+    from the dirty list to the recent end of the T0 LRU, get their spans
     (counted live per segment) and a fresh wire; deleted, failed or replaced
     ones come back as gone; entries already clean are skipped."""
     import gc
@@ -297,7 +298,8 @@ def test_t0_written_back_cleans_moves_and_counts_alike(name, plans):
 
     ChunkPlan, ObjPlan = mod(plans).ChunkPlan, mod(plans).ObjPlan  # the C types or their twins
     b = mod(name)
-    ops, lru, t0_lru, t0_dirty = [], OrderedDict(), OrderedDict([(b"ns\x00x", "x")]), {}
+    ops, lru, t0_lru, t0_dirty = [], OrderedDict(), b.T0List(), b.T0List()
+    t0_lru.append(b"ns\x00x", b.MemEntry(1, b"", 1, (), ()))
     for i in range(6):
         ok = b"ns\x00k%d" % i
         chunks = [ChunkPlan(0, 4 + j, 100 * j, 100 * j + 50, 100 * j + 90, 8, 8 * j, j, b"c" * 16, 100 * j)
@@ -306,24 +308,28 @@ def test_t0_written_back_cleans_moves_and_counts_alike(name, plans):
         m = b.MemEntry(op.size, op.checksum, op.seq, (), (), t0=op.t0, dirty=True)
         m.meta = op.meta
         op.mem = m
-        lru[ok] = t0_dirty[ok] = m
+        lru[ok] = m
+        t0_dirty.append(ok, m)
         ops.append(op)
     ops[2].mem.deleted = True  # deleted while dirty
     lru[ops[3].ok] = "a newer entry"  # replaced meanwhile
     ops[4].mem.dirty = False  # settled already: skipped
-    t0_lru[ops[4].ok] = t0_dirty.pop(ops[4].ok)
-    del t0_dirty[ops[5].ok]  # its T0 copy dropped meanwhile: cleaned, in no T0 map
+    assert t0_dirty.remove(ops[4].mem) and not t0_dirty.remove(ops[4].mem)
+    t0_lru.append(ops[4].ok, ops[4].mem)
+    assert t0_dirty.remove(ops[5].mem)  # its T0 copy dropped meanwhile: cleaned, on no T0 list
     done = [(ops[0], True), (ops[1], True), (ops[2], True), (ops[3], True), (ops[4], True), (ops[5], True)]
     failed = b.MemEntry(1, b"", 99, (), (), t0=0, dirty=True)
     fop = ObjPlan("f", 1, None, 99, [], b"ns\x00f", None, b"", 0)
     fop.mem = failed
-    lru[fop.ok] = t0_dirty[fop.ok] = failed
+    lru[fop.ok] = failed
+    t0_dirty.append(fop.ok, failed)
     oks, ms, rows, nbytes, live, gone = b.t0_written_back("ns", done + [(fop, False)], lru, t0_lru, t0_dirty)
     assert oks == [ops[0].ok, ops[1].ok, ops[5].ok] and ms == [ops[0].mem, ops[1].mem, ops[5].mem]
     assert rows == struct.pack("<6Q", *(50 + i for i in (0, 1, 2, 3, 5)), 99)  # the journal's "done" seqs
     assert nbytes == 8 + 16 + 8 + 16 + 16 + 1
     assert gone == [(ops[2], ops[2].mem), (ops[3], ops[3].mem), (fop, failed)]
-    assert list(t0_lru) == [b"ns\x00x", ops[4].ok, ops[0].ok, ops[1].ok] and list(t0_dirty) == [ops[2].ok, ops[3].ok, fop.ok]
+    assert [k for k, _ in t0_lru.items()] == [b"ns\x00x", ops[4].ok, ops[0].ok, ops[1].ok]
+    assert t0_dirty.items() == [(ops[2].ok, ops[2].mem), (ops[3].ok, ops[3].mem), (fop.ok, failed)]
     assert live == {4: [90 * 3, 3], 5: [90 * 2, 2]}  # k0, k1, k5 have chunk 0 in seg 4; k1, k5 chunk 1 in 5
     for op in (ops[0], ops[1], ops[5]):
         m = op.mem
@@ -341,30 +347,74 @@ def test_t0_evict_round_alike(name):
     is met (the one that meets it included), leased ones moved to the recent
     end, the chosen out of the LRU with no T0 copy and a fresh wire; with a
     need of 0 still one; none when all are leased."""
-    from collections import Counter, OrderedDict
+    from collections import Counter
     b = mod(name)
 
     def state():
-        lru = OrderedDict()
+        lru = b.T0List()
         for i in range(8):
-            lru[b"ns\x00k%d" % i] = b.MemEntry(100 + i, b"s" * 16, i, (), (), t0=4096 * i)
+            lru.append(b"ns\x00k%d" % i, b.MemEntry(100 + i, b"s" * 16, i, (), (), t0=4096 * i))
         return lru
 
     lru = state()
-    ms0 = list(lru.values())
+    ms0 = [m for _, m in lru.items()]
     leased = Counter({b"ns\x00k1": 1, b"ns\x00k4": 2})
-    oks, ms, offs, nbytes = b.t0_evict_round(lru, {}, leased, 100 + 102 + 1)
+    oks, ms, offs, nbytes = b.t0_evict_round(lru, leased, 100 + 102 + 1)
     assert oks == [b"ns\x00k0", b"ns\x00k2", b"ns\x00k3"] and ms == [ms0[0], ms0[2], ms0[3]]
     assert offs == [0, 8192, 12288] and nbytes == 100 + 102 + 103
-    assert list(lru) == [b"ns\x00k4", b"ns\x00k5", b"ns\x00k6", b"ns\x00k7", b"ns\x00k1"]  # k1 passed over: recent
-    assert all(m.t0 == -1 and m.wire[4] is None for m in ms)
+    assert [k for k, _ in lru.items()] == [b"ns\x00k4", b"ns\x00k5", b"ns\x00k6", b"ns\x00k7",
+                                           b"ns\x00k1"]  # k1 passed over: recent
+    assert all(m.t0 == -1 and m.wire[4] is None and m not in lru for m in ms)
     lru = state()
-    assert b.t0_evict_round(lru, {}, set(), 0)[0] == [b"ns\x00k0"]
+    assert b.t0_evict_round(lru, set(), 0)[0] == [b"ns\x00k0"]
     lru = state()
-    assert b.t0_evict_round(lru, {}, set(lru), 10**9)[:3] == ([], [], []) and len(lru) == 8
+    keys = [k for k, _ in lru.items()]
+    assert b.t0_evict_round(lru, set(keys), 10**9)[:3] == ([], [], []) and len(lru) == 8
     lru = state()
-    got = b.t0_evict_round(lru, {}, {}, 10**9)
-    assert len(got[0]) == 8 and not lru and got[3] == sum(100 + i for i in range(8))
+    got = b.t0_evict_round(lru, {}, 10**9)
+    assert len(got[0]) == 8 and len(lru) == 0 and got[3] == sum(100 + i for i in range(8))
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_t0_lists_hold_each_entry_once_in_order(name):
+    """T0's lists (kvfsd.tier0): append to the recent end, remove and
+    move_to_end of an entry that is there (False if not), items least
+    recent first; an entry is on one list at most; what a list drops or
+    hands over is not freed while someone holds it."""
+    import gc
+    import weakref
+    b = mod(name)
+    a, c = b.T0List(), b.T0List()
+    ms = [b.MemEntry(i, b"", i, (), ()) for i in range(4)]
+    for i, m in enumerate(ms):
+        a.append(b"k%d" % i, m)
+    assert len(a) == 4 and a.items() == [(b"k%d" % i, m) for i, m in enumerate(ms)]
+    assert ms[0] in a and ms[0] not in c and "k0" not in a
+    assert a.move_to_end(ms[1]) and not c.move_to_end(ms[1])
+    assert [k for k, _ in a.items()] == [b"k0", b"k2", b"k3", b"k1"]
+    with pytest.raises(ValueError):
+        c.append(b"k0", ms[0])  # on a already
+    with pytest.raises(TypeError):
+        a.append(b"x", object())  # entries only
+    with pytest.raises(TypeError):
+        a.append("k9", b.MemEntry(9, b"", 9, (), ()))  # keys are bytes
+    assert a.remove(ms[2]) and not a.remove(ms[2]) and not c.remove(ms[0])
+    c.append(b"k2", ms[2])
+    assert c.items() == [(b"k2", ms[2])] and len(a) == 3
+    assert a.remove(ms[3]) and a.remove(ms[0]) and a.items() == [(b"k1", ms[1])]
+    assert a.remove(ms[1]) and len(a) == 0 and a.items() == []
+    a.append(b"again", ms[1])  # off every list: it may go on one again
+    assert a.items() == [(b"again", ms[1])]
+    if name == "native":  # a list's own references: nothing leaks, nothing is freed early
+        sole = b.MemEntry(5, b"x" * 16, 5, (), ())
+        key = b"only-the-list-holds-me" + bytes(8)
+        before = sys.getrefcount(sole), sys.getrefcount(key)
+        c.append(key, sole)
+        assert (sys.getrefcount(sole), sys.getrefcount(key)) == (before[0] + 1, before[1] + 1)
+        assert c.remove(sole) and (sys.getrefcount(sole), sys.getrefcount(key)) == before
+        del a, c
+        gc.collect()
+        assert sys.getrefcount(ms[1]) == sys.getrefcount(ms[0])  # the lists' references went with them
 
 
 def test_t0_items_check_a_batch_alike_on_both_backends():
