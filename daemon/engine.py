@@ -65,6 +65,7 @@ class Engine(Recovery):
         self._evict_lock = threading.Lock()
         self.leases = LeaseTable(cfg.lease_timeout)
         self.segs: dict[int, SegState] = {}
+        self.unpersisted: set[int] = set()  # segments whose row goes out with the next commit
         self.open_seg: dict[int, int] = {}
         self.lru: OrderedDict[bytes, MemEntry] = OrderedDict()  # index mirror, least recent first
         self._usage = 0  # sum of segment ends (reserved bytes included)

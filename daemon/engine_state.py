@@ -67,6 +67,9 @@ class EngineState:
     _evict_lock: threading.Lock  # one eviction at a time
     leases: LeaseTable
     segs: dict[int, SegState]
+    # the segments whose row goes out with the next commit (persisted
+    # False): a commit writes these, not a scan of every segment
+    unpersisted: set[int]
     open_seg: dict[int, int]  # stripe -> its open segment
     lru: OrderedDict[bytes, MemEntry]  # the index mirror, least recently used first
     _usage: int  # sum of segment ends (reserved bytes included)

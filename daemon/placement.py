@@ -88,14 +88,20 @@ class Placement(EngineState):
             if seg.end + span <= self.cfg.segment_size or seg.end == 0:
                 return seg
             seg.state = SEG_SEALED
-            seg.persisted = False  # the sealed state goes out with the next commit
+            self.unpersist(seg)  # the sealed state goes out with the next commit
         sid = self._next_seg
         self._next_seg += 1
         seg = SegState(sid, stripe, self.seg_path(stripe, sid), SEG_OPEN, 0)
         self.perms.apply(seg.ensure_fd(), Kind.DATA)  # before any client learns its name
         self.segs[sid] = seg
+        self.unpersisted.add(sid)
         self.open_seg[stripe] = sid
         return seg
+
+    def unpersist(self, seg: SegState) -> None:
+        """``seg``'s row changed: it goes out with the next commit. Caller holds the lock."""
+        seg.persisted = False
+        self.unpersisted.add(seg.seg)
 
     @staticmethod
     def _record_head(ns: str, op: ObjPlan, ch: ChunkPlan) -> bytes:
@@ -130,7 +136,8 @@ class Placement(EngineState):
 
     def _segment_rows(self) -> list[tuple[int, int, int]]:
         with self._lock:
-            return [(s.seg, s.stripe, s.state) for s in self.segs.values() if not s.persisted]
+            return [(s.seg, s.stripe, s.state) for s in map(self.segs.get, self.unpersisted)
+                    if s is not None and not s.persisted]
 
     def _persist_segments(self, txn: Any) -> None:
         for sid, stripe, state in self._segment_rows():

@@ -342,8 +342,11 @@ class Puts(Space):
         with self._lock:
             for sid, _stripe, state in segrows:
                 s = self.segs.get(sid)
-                if s is not None and s.state == state:
+                if s is None:
+                    self.unpersisted.discard(sid)
+                elif s.state == state:
                     s.persisted = True
+                    self.unpersisted.discard(sid)
             n_t0 = n_new = new_bytes = 0
             written: list[tuple[ObjPlan, bool]] = []
             for op, fresh in zip(ops, stored):

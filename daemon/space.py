@@ -199,6 +199,7 @@ class Space(Placement):
                 if self.open_seg.get(s.stripe) == sid:
                     del self.open_seg[s.stripe]
                 del self.segs[sid]
+                self.unpersisted.discard(sid)
                 self._usage -= s.end
                 doomed.append(s)
         if not doomed:

@@ -173,3 +173,34 @@ def test_a_put_being_written_is_not_an_orphan(tmp_path):
         assert r["orphan_count"] == 1 and r["orphans"][0][:2] == ["n", "gone"]
     finally:
         eng.close()
+
+
+def test_each_commit_writes_the_rows_of_changed_segments_only(tmp_path):
+    """The engine, in process: a segment opened or sealed is owed a row in
+    LMDB's segments table until a commit writes it; a commit writes those
+    only (not a scan of every segment), so after it the index holds every
+    segment in its state and nothing is owed."""
+    from kvfsd.config import Config
+    from kvfsd.engine import Engine
+    from kvfsd.index import SEG_OPEN, SEG_SEALED
+    eng = Engine(Config(root=tmp_path / "e", capacity=64 << 20, shm_size=0, dir_slots=0).resolve())
+    try:
+        seg_size = eng.cfg.segment_size  # capacity / 16 at most: a few MiB here
+        val = memoryview(os.urandom(256 * 1024))
+        for i in range(3 * seg_size // len(val)):  # fills segments: they are sealed and new ones opened
+            plan = eng.prepare_put("n", [(f"k{i}", len(val), None)])
+            eng.write_chunks(plan, [(0, 0, val)])
+            assert eng.commit_put(plan, False) == [True]
+            with eng._lock:
+                owed = set(eng.unpersisted)
+            assert owed == {sid for sid, s in eng.segs.items() if not s.persisted}
+            assert len(owed) <= len(eng.cfg.stripes)  # at most what the last put opened or sealed
+        with eng.index.env.begin() as txn:
+            rows = {sid: state for sid, _stripe, state in eng.index.iter_segments(txn)}
+        states = {sid: s.state for sid, s in eng.segs.items()}
+        assert len(states) > 2 * len(eng.cfg.stripes) and SEG_SEALED in states.values() and SEG_OPEN in states.values()
+        owed = eng.unpersisted
+        assert {sid: st for sid, st in rows.items() if sid not in owed} == {
+            sid: st for sid, st in states.items() if sid not in owed}
+    finally:
+        eng.close()
