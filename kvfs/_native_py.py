@@ -231,10 +231,12 @@ def dir_put_entry(directory: Any, nslots: int, ok: bytes, m: Any, displace: int 
 
 
 def dir_put_entries(directory: Any, nslots: int, oks: list[bytes], ms: list[Any],
-                    displace: int = 0, current: dict[bytes, Any] | None = None) -> tuple[int, int, int]:
+                    displace: int = 0, current: dict[bytes, Any] | None = None,
+                    yield_gil: bool = True) -> tuple[int, int, int]:
     """``dir_put_entry`` of each: (slots taken, slots taken from other keys,
     entries left out); with ``current``, only of those that are
-    ``current[key]`` (the mirror's entry for their key now)."""
+    ``current[key]`` (the mirror's entry for their key now). (``yield_gil``:
+    the C version's; here the GIL is Python's to give.)"""
     if len(oks) != len(ms):
         raise ValueError("one entry per object key")
     if current is not None and not isinstance(current, dict):

@@ -622,23 +622,23 @@ static inline __attribute__((always_inline)) void prefetch_home(const unsigned c
    it, giving the GIL up and taking it back costs more than it frees) */
 #define DIR_NOGIL_MIN 8
 
-/* dir_put_entries(directory, nslots, object keys, entries, displace=0, current=None)
+/* dir_put_entries(directory, nslots, object keys, entries, displace=0, current=None, yield_gil=True)
    -> (slots taken, slots taken from other keys, entries left out): dir_put_entry
    of a batch in one call (a T0 put batch is published, then written back).
    The slots are made first, holding the GIL, then placed in the table
-   without it: the daemon's other threads run meanwhile (a full table's new
-   keys read a window of slots each), and its lock, which every directory
-   writer holds, keeps the table to one writer. On an error the slots made
-   before it are placed, as one by one. */
+   without it (unless yield_gil is false): the daemon's other threads run
+   meanwhile (a full table's new keys read a window of slots each), and its
+   lock, which every directory writer holds, keeps the table to one writer.
+   On an error the slots made before it are placed, as one by one. */
 PyObject *kv_dir_put_entries(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer dir;
     unsigned long long nslots;
     PyObject *oks, *ms, *result = NULL, *current = Py_None;
-    int displace = 0;
+    int displace = 0, yield_gil = 1;
     unsigned char *bodies = NULL;
-    if (!PyArg_ParseTuple(args, "w*KO!O!|iO", &dir, &nslots, &PyList_Type, &oks, &PyList_Type, &ms, &displace,
-                          &current))
+    if (!PyArg_ParseTuple(args, "w*KO!O!|iOp", &dir, &nslots, &PyList_Type, &oks, &PyList_Type, &ms, &displace,
+                          &current, &yield_gil))
         return NULL;
     if (current != Py_None && !PyDict_Check(current)) {
         PyErr_SetString(PyExc_TypeError, "current is a dict or None");
@@ -676,7 +676,7 @@ PyObject *kv_dir_put_entries(PyObject *self, PyObject *args) {
     }
     long taken = 0, displaced = 0, left = 0;
     unsigned char *buf = (unsigned char *)dir.buf;
-    PyThreadState *ts = made >= DIR_NOGIL_MIN ? PyEval_SaveThread() : NULL;
+    PyThreadState *ts = yield_gil && made >= DIR_NOGIL_MIN ? PyEval_SaveThread() : NULL;
     int ahead = displace == DISPLACE ? 2 : 1;
     for (Py_ssize_t i = 0; i < made && i < DIR_PREFETCH; i++)
         prefetch_home(buf, nslots, bodies + i * DIR_SLOT, ahead);

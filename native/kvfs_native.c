@@ -1078,9 +1078,9 @@ static PyMethodDef methods[] = {
      "dir_put_entry(directory, nslots, object key, mirror entry) -> dir_put of the entry's size, seq, checksum, t0, "
      "flags (in T1 unless dirty) and extents under the key hash of the object key"},
     {"dir_put_entries", kv_dir_put_entries, METH_VARARGS,
-     "dir_put_entries(directory, nslots, object keys, entries, displace=False, current=None) -> (slots taken, "
-     "slots taken from other keys, entries left out): dir_put_entry of each (with current, a dict, only of those "
-     "that are current[key])"},
+     "dir_put_entries(directory, nslots, object keys, entries, displace=False, current=None, yield_gil=True) -> "
+     "(slots taken, slots taken from other keys, entries left out): dir_put_entry of each (with current, a dict, "
+     "only of those that are current[key]; a batch of 8 or more placed without the GIL unless yield_gil is false)"},
     {"pack_entry", kv_pack_entry, METH_VARARGS,
      "pack_entry(size, checksum, seq, created, atime, meta, rows) -> the index entry: msgpack of the list of them"},
     {"record_head", kv_record_head, METH_VARARGS,

@@ -303,6 +303,9 @@ def test_entry_writes_match_field_writes_in_c_and_python(tmp_path):
         assert [i for i, r in enumerate(rs) if r == 2] == refused
         assert impl.dir_put_entries(many, nslots, oks, ms, True) == (rs.count(1), len(refused), 0)
         assert one == many
+        held = bytearray(file_size(nslots))  # placed holding the GIL (the event loop's batches): the same slots
+        assert impl.dir_put_entries(held, nslots, oks, ms, True, None, False) == (rs.count(1), len(refused), 0)
+        assert held == many
         with pytest.raises(ValueError):
             impl.dir_put_entries(many, nslots, oks, ms[:-1])
         # with the mirror: only the entries still current for their key
