@@ -122,7 +122,9 @@ def test_bench_puts_quick(tmp_path):
     assert set(res["single"]) == {"wait", "no wait", "wait, 4 KiB values"}
     assert all(v["p50_us"] > 0 for v in res["single"].values())
     assert all(v["objects_s"] > 0 and v["daemon_cpu_us"] > 0 for v in res["batches"].values())
-    assert all(v["daemon_user_us"] > 0 for v in res["batches"].values())
+    # user and system apart come from /proc in clock ticks (10 ms): a quick run's batches may take
+    # fewer user ticks than one, so only the split's bounds are sure
+    assert all(0 <= v["daemon_user_us"] <= v["daemon_cpu_us"] for v in res["batches"].values())
     assert res["handler_us_per_object"] > 0 and res["pwrite_gbs"] > 0 and res["memcpy_gbs"] > 0
     assert res["request_rtt"]["p50_us"] > 0
     assert res["no_polling"]["request_rtt"]["p50_us"] > 0 and res["no_polling"]["wait"]["p50_us"] > 0
