@@ -397,22 +397,24 @@ class T0List:
     def __init__(self) -> None:
         self._d: dict[int, tuple[bytes, MemEntry]] = {}
 
+    @staticmethod
+    def _entry(m: Any) -> MemEntry:
+        if not isinstance(m, MemEntry):
+            raise TypeError("T0 lists hold MemEntry objects of this data plane")
+        return m
+
     def append(self, ok: bytes, m: MemEntry) -> None:
         """``m`` (on no list) to the recent end, with its key ``ok``."""
         if not isinstance(ok, bytes):
             raise TypeError("object keys are bytes")
-        if not isinstance(m, MemEntry):
-            raise TypeError("T0 lists hold MemEntry objects of this data plane")
-        if m._t0list is not None:
+        if self._entry(m)._t0list is not None:
             raise ValueError("the entry is on a T0 list already")
         m._t0list = self
         self._d[id(m)] = (ok, m)
 
     def remove(self, m: MemEntry) -> bool:
         """Whether ``m`` was on this list (it is not now)."""
-        if not isinstance(m, MemEntry):
-            raise TypeError("T0 lists hold MemEntry objects of this data plane")
-        if m._t0list is not self:
+        if self._entry(m)._t0list is not self:
             return False
         del self._d[id(m)]
         m._t0list = None
@@ -420,9 +422,7 @@ class T0List:
 
     def move_to_end(self, m: MemEntry) -> bool:
         """Whether ``m`` is on this list (now at its recent end)."""
-        if not isinstance(m, MemEntry):
-            raise TypeError("T0 lists hold MemEntry objects of this data plane")
-        if m._t0list is not self:
+        if self._entry(m)._t0list is not self:
             return False
         self._d[id(m)] = self._d.pop(id(m))
         return True

@@ -184,11 +184,8 @@ typedef struct {
 
 PyTypeObject T0ListType;
 
-/* e (on no list) goes to the recent end of l, with its key ok */
-static void tl_link(T0ListObject *l, MemEntryObject *e, PyObject *ok) {
-    Py_INCREF(e);
-    Py_INCREF(ok);
-    e->t0key = ok;
+/* e (detached) at the recent end of l; references are the caller's business */
+static void tl_attach(T0ListObject *l, MemEntryObject *e) {
     e->t0list = (PyObject *)l;
     e->t0prev = l->tail;
     e->t0next = NULL;
@@ -196,6 +193,14 @@ static void tl_link(T0ListObject *l, MemEntryObject *e, PyObject *ok) {
     else l->head = e;
     l->tail = e;
     l->n++;
+}
+
+/* e (on no list) goes to the recent end of l, with its key ok */
+static void tl_link(T0ListObject *l, MemEntryObject *e, PyObject *ok) {
+    Py_INCREF(e);
+    Py_INCREF(ok);
+    e->t0key = ok;
+    tl_attach(l, e);
 }
 
 /* e leaves its list; the list's references (to e and its key) stay the
@@ -224,15 +229,8 @@ static void tl_unlink(MemEntryObject *e) {
 /* e (on some list) to the recent end of l, its references kept */
 static void tl_move(T0ListObject *l, MemEntryObject *e) {
     if ((T0ListObject *)e->t0list == l && l->tail == e) return;
-    PyObject *k = e->t0key;
-    tl_detach(e);
-    e->t0list = (PyObject *)l;
-    e->t0key = k;
-    e->t0prev = l->tail;
-    if (l->tail) l->tail->t0next = e;
-    else l->head = e;
-    l->tail = e;
-    l->n++;
+    tl_detach(e); /* e->t0key stays: the list's reference moves with it */
+    tl_attach(l, e);
 }
 
 static int is_entry(PyObject *m) {
