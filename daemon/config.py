@@ -56,7 +56,7 @@ class Config:
     metrics_port: int | None = None  # serve Prometheus metrics on 127.0.0.1:<port>
     # after answering a request, poll its connection this long for the next
     # one before sleeping in epoll (kvfsd.server, Conn.read_exact); 0: never
-    poll_us: float = 50.0
+    poll_us: float = 200.0
     policy: Policy = field(default_factory=lambda: Policy(os.getuid()))  # set by resolve()
 
     def resolve(self) -> "Config":

@@ -53,12 +53,15 @@ class Conn:
     def __init__(self, sock: trio.socket.SocketType, poll_s: float = 0.0):
         self.sock = sock
         self.poll_s = poll_s
-        # Poll for the next request only while the last wait for one was
-        # short (a client that waits on each answer and sends at once):
-        # a client that streams requests without waiting, or pauses
-        # between them, would only make the loop spin ``poll_s`` per
-        # request, CPU taken from the write-back threads (0.4-1.1 us of the
-        # event loop's CPU per 4 KiB put, in batches of 64 on a 2-core VM).
+        # Poll for the next request only while polls find it: a poll that
+        # ran out turns polling off, and a wait that ended within
+        # ``poll_s`` anyway (in epoll, wake-up included) turns it back on.
+        # A client that waits on each answer and sends its next request at
+        # once is found by the poll every time; one that pauses longer
+        # between requests costs at most one spent poll, not one a
+        # request (CPU the write-back threads would otherwise have: 0.4-1.1
+        # us of the event loop's CPU per 4 KiB put, in batches of 64 on a
+        # 2-core VM, when every poll ran out).
         self.polling = poll_s > 0
         self.buf = bytearray()
         self.id = next(_conn_ids)
@@ -100,26 +103,24 @@ class Conn:
     async def read_exact(self, n: int) -> bytes:
         if len(self.buf) < n:
             began = time.perf_counter()
-            if self.polling:
-                await self._poll(n)
-            while len(self.buf) < n:
-                data = await self.sock.recv(max(65536, n - len(self.buf)))
-                if not data:
-                    raise _Closed()
-                self.buf += data
-            # poll next time if this wait was short enough that a poll
-            # would have found the bytes (twice the poll: a wait that ended
-            # in epoll has the wake-up in it)
-            self.polling = self.poll_s > 0 and time.perf_counter() - began <= 2 * self.poll_s
+            if not (self.polling and await self._poll(n)):
+                while len(self.buf) < n:
+                    data = await self.sock.recv(max(65536, n - len(self.buf)))
+                    if not data:
+                        raise _Closed()
+                    self.buf += data
+                # poll next time if a poll would have found these bytes
+                self.polling = self.poll_s > 0 and time.perf_counter() - began <= self.poll_s
         out = bytes(self.buf[:n])
         del self.buf[:n]
         return out
 
-    async def _poll(self, n: int) -> None:
-        """Try to read the next bytes for up to ``poll_s``, yielding to the
-        loop between tries, before ``read_exact`` parks in epoll. A client
-        that waits on each answer sends its next request within tens of
-        microseconds; finding it here saves the daemon's wake-up from epoll
+    async def _poll(self, n: int) -> bool:
+        """Try to read the next ``n`` bytes for up to ``poll_s``, yielding to
+        the loop between tries, before ``read_exact`` parks in epoll; whether
+        they came. A client that waits on each answer sends its next request
+        within tens of microseconds; finding it here saves the daemon's
+        wake-up from epoll
         (28-50 us on a VM: see native/socket_wait.c for the client's side).
         While any task polls, the loop asks epoll without sleeping, so other
         connections are served as before; the cost is CPU only while
@@ -131,12 +132,13 @@ class Conn:
                 data = os.read(fd, max(65536, n - len(self.buf)))
             except BlockingIOError:
                 if time.perf_counter() >= until:
-                    return
+                    return False
                 await trio.lowlevel.checkpoint()
                 continue
             if not data:
                 raise _Closed()
             self.buf += data
+        return True
 
     def _take_buffered(self, view: memoryview) -> int:
         """Move already-received bytes into ``view``; returns how many."""

@@ -58,9 +58,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="segments at least this share dead are compacted (default 0.5)")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics")
-    p.add_argument("--poll-us", type=float, default=50.0, metavar="US",
+    p.add_argument("--poll-us", type=float, default=200.0, metavar="US",
                    help="after answering a request, poll that connection this many microseconds for the next "
-                        "before sleeping: a client waiting on each answer then pays no wake-up (default 50; "
+                        "before sleeping: a client waiting on each answer then pays no wake-up (default 200; "
                         "0: never; README, tuning)")
     p.add_argument("--log-level", default="INFO")
     return p
