@@ -63,3 +63,23 @@ def test_a_wrong_cache_changes_the_logits(tmp_path, layerwise):
         r = run_ttft(s, model, 512, 16, "cpu", ns="w", layerwise=layerwise)
         assert r["matched_blocks"] == 512 // BLOCK_TOKENS
         assert not logits_agree(r, "cpu"), r
+
+
+@pytest.mark.parametrize("load", ["whole", "layerwise"])
+def test_a_whole_load_is_also_held_to_the_load_then_prefill_bound(load):
+    # 1 GB of KV at 10 GB/s is 0.1 s, the suffix 0.05 s, recompute 1 s: the
+    # overlapped bound is 1 / max(0.1, 0.05) = 10x; a whole load, which
+    # cannot start the prefill before its last block is in, 1 / 0.15 = 6.7x
+    from kvfstools.demo_ttft import _against_h2d, _line
+    r = {"tier": "T0", "load": load, "tokens": 1024, "matched_blocks": 4, "block_bytes": 250_000_000,
+         "blocks": 4, "recompute_s": 1.0, "kvfs_ttft_s": 0.2, "speedup": 5.0, "load_s": 0.12, "rebuild_s": 0.03,
+         "suffix_s": 0.05, "suffix_alone_s": 0.05, "max_abs_diff": 0.0, "same_next_token": True}
+    _against_h2d(r, 10e9)
+    assert r["bound_speedup"] == pytest.approx(10.0) and r["of_bound"] == pytest.approx(0.5)
+    line = _line(r)
+    assert "bound 10.0x, 0.50 of it" in line
+    if load == "whole":
+        assert r["of_seq_bound"] == pytest.approx(5.0 / (1 / 0.15))
+        assert "load then prefill: bound 6.7x, 0.75 of it)" in line
+    else:
+        assert "of_seq_bound" not in r and "load then prefill" not in line
