@@ -120,8 +120,8 @@ class Conn:
         the loop between tries, before ``read_exact`` parks in epoll; whether
         they came. A client that waits on each answer sends its next request
         within tens of microseconds; finding it here saves the daemon's
-        wake-up from epoll
-        (28-50 us on a VM: see native/socket_wait.c for the client's side).
+        wake-up from epoll (28-50 us on a VM: see native/socket_wait.c for
+        the client's side).
         While any task polls, the loop asks epoll without sleeping, so other
         connections are served as before; the cost is CPU only while
         requests keep coming."""

@@ -560,12 +560,18 @@ def _line(r: dict[str, Any]) -> str:
             f"suffix {r['suffix_s'] * 1e3:5.1f} ms"
             + (f"; layer 0 in at {r['first_layer_s'] * 1e3:.1f} ms, the call {r['start_s'] * 1e3:.1f} ms"
                if "first_layer_s" in r else "") + "), "
-            f"{r['speedup']:5.1f}x"
-            + (f" (load at {r['load_vs_h2d']:.2f} x pinned H2D of {r['h2d_gbs']:.1f} GB/s; bound "
-               f"{r['bound_speedup']:.1f}x, {r['of_bound']:.2f} of it"
-               + (f"; load then prefill: bound {r['seq_bound_speedup']:.1f}x, {r['of_seq_bound']:.2f} of it"
-                  if "of_seq_bound" in r else "") + ")" if "of_bound" in r else "")
-            + f"; logits max diff {r['max_abs_diff']:.4f}, same next token: {r['same_next_token']}")
+            f"{r['speedup']:5.1f}x{_bounds(r)}"
+            f"; logits max diff {r['max_abs_diff']:.4f}, same next token: {r['same_next_token']}")
+
+
+def _bounds(r: dict[str, Any]) -> str:
+    """A run's load rate and speedup against its bounds (``_against_h2d``), if measured."""
+    if "of_bound" not in r:
+        return ""
+    seq = (f"; load then prefill: bound {r['seq_bound_speedup']:.1f}x, {r['of_seq_bound']:.2f} of it"
+           if "of_seq_bound" in r else "")
+    return (f" (load at {r['load_vs_h2d']:.2f} x pinned H2D of {r['h2d_gbs']:.1f} GB/s; bound "
+            f"{r['bound_speedup']:.1f}x, {r['of_bound']:.2f} of it{seq})")
 
 
 def format_demo(res: dict[str, Any]) -> str:
