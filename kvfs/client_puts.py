@@ -20,13 +20,14 @@ from typing import Any, Callable, Sequence
 import xxhash
 
 from . import protocol as P
-from .arena_puts import put_reserved
+from .arena_puts import put_one, put_reserved
 from .dataplane import WriteTask
 from .device_puts import sub_batches
 from .device_reads import DeviceReading
 from .errors import CapacityError, InvalidArgument, KvfsError, ProtocolError
+from .generation import EPOCH
 from .gpu import DeviceBuffer, merge_copies
-from .keys import normalize_keys, normalize_ns
+from .keys import normalize_key, normalize_keys, normalize_ns
 from .meta import encode_meta
 from .reservation import Reservation
 from .session import ArenaMapping
@@ -77,7 +78,36 @@ class Puts(DeviceReading):
         return only once it is on disk and in the index (as the daemon's
         ``sync`` durability does for every put). ``wait=False``: see
         ``put_many``."""
+        got = self._put_one(key, data, ns, meta, sync, wait)
+        if got is not None:
+            return got
         return self.put_many([key], [data], ns=ns, metas=[meta], sync=sync, wait=wait)[0]
+
+    def _put_one(self, key: str | bytes, data: Any, ns: str, meta: dict[str, Any] | None, sync: bool,
+                 wait: bool) -> bool | None:
+        """A lone host value through the connection's current reservation
+        (kvfs.arena_puts.put_one); None: ``put_many`` puts it (no
+        reservation or no room in it yet, a device or empty value, no
+        arena, hits to report first, a restarted daemon...)."""
+        arena = self.arena
+        conn = getattr(self._local, "conn", None)
+        if arena is None or not arena.writable or conn is None or conn.broken or self._touches:
+            return None
+        gen = self._gen
+        if gen is not None:
+            g = gen.value
+            if g != self._fd_gen or g // EPOCH != self._epoch:
+                return None  # put_many drops stale fds, or re-hellos a restarted daemon, first
+        view = self._device_or_host(data)
+        if isinstance(view, DeviceBuffer) or not len(view):
+            return None
+        ns, k = normalize_ns(ns), normalize_key(key)
+        try:
+            return put_one(self, conn, ns, k, view, None if meta is None else encode_meta(meta), sync, wait or sync)
+        except OSError as e:
+            if e.errno in (28, 122):
+                raise CapacityError(f"disk full while writing: {e}") from None
+            raise
 
     def put_many(self, keys: Sequence[str | bytes], datas: Sequence[Any], *, ns: str = "default",
                  metas: Sequence[dict[str, Any] | None] | None = None, sync: bool = False,

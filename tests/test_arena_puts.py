@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import kvfs
+from kvfs import arena_puts, client_puts
 from kvfs import protocol as P
 from kvfsd.testing import DaemonProcess
 
@@ -195,6 +196,39 @@ def test_a_writer_that_keeps_putting_gets_its_next_reservation_ahead(tmp_path):
             if t0["allocated_bytes"] - t0["bytes"] < MiB:
                 break
         assert t0["allocated_bytes"] - t0["bytes"] < MiB, t0
+
+
+def test_lone_puts_fill_reservation_after_reservation_a_message_each(tmp_path, monkeypatch):
+    """``put`` of one host value goes straight into the current reservation
+    (kvfs.arena_puts.put_one): one message a put, the next reservation
+    asked ahead as for batches, and the same answers as ``put_many``."""
+    d = DaemonProcess(tmp_path / "s", stripes=2, capacity="2G", shm_size="256M")
+    vals = [os.urandom(n) for n in (64 * KiB, 4 * KiB, 300 * KiB, 1000)]
+    keys = [f"one{i}" for i in range(400)]  # 34 MiB: reservations of 4, 8, 16, then 32 MiB
+    taken = []
+
+    def put_one(*a):
+        got = arena_puts.put_one(*a)
+        taken.append(got is not None)
+        return got
+    monkeypatch.setattr(client_puts, "put_one", put_one)
+    with d, d.connect() as s, d.connect() as other:
+        waited = count_calls(s._conn(), "call")
+        for i, k in enumerate(keys):
+            assert s.put(k, vals[i % 4], meta={"i": i} if i % 50 == 0 else None, wait=i % 3 != 0) is True
+        assert s.put(keys[1], b"other bytes") is False  # already there: its bytes stay
+        assert s.put(keys[2], b"other bytes", wait=False) is False  # known from the directory: not sent
+        assert s.put("synced", vals[0], sync=True) is True
+        s.flush()
+        n = requests(s)
+        assert n["put_t0"] == 400 + 1 + 1 and n["reserve"] >= 4 and not n.get("alloc"), n
+        assert waited.count(P.RESERVE) <= 2, waited.count(P.RESERVE)  # the rest asked ahead
+        # all but the first put of each reservation (put_many asks for one) took the short way
+        assert len(taken) == 403 and taken.count(False) <= 8, taken.count(False)
+        assert all(other.get(k) == vals[i % 4] for i, k in enumerate(keys))
+        assert all(s.get(k) == vals[i % 4] for i, k in enumerate(keys))  # the writer's own, from its cache
+        assert other.stat("one50").meta == {"i": 50} and other.stat("one51").meta is None
+        assert "T1" in other.stat("synced").tier and s.put_errors == 0
 
 
 def test_two_reservations_at_most_and_each_released_alone(tmp_path):
