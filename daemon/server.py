@@ -70,6 +70,9 @@ class Conn:
         self.next_put = 1
         self.reservations: dict[int, list[int]] = {}  # id -> [rest, end] of arena reservations (put_t0)
         self.next_res = 1
+        # work a request left for after its reply is sent (or failed to
+        # be): what a client need not wait for (queueing a write-back)
+        self.after_reply: list[Callable[[], None]] = []
 
     # Blocking variants, for a worker thread that owns the connection while
     # its task awaits it (so nothing else reads this socket meanwhile).
@@ -335,8 +338,14 @@ class Server:
                 except Exception as e:  # noqa: BLE001 - one request must not kill the daemon
                     log.exception("internal error serving a request")
                     reply = P.reply_err(req_id, KvfsError(f"internal error: {type(e).__name__}: {e}"))
-                if req_id:
-                    await conn.send(reply)
+                try:
+                    if req_id:
+                        await conn.send(reply)
+                finally:
+                    if conn.after_reply:
+                        for fn in conn.after_reply:
+                            fn()
+                        conn.after_reply.clear()
         except (_Closed, trio.BrokenResourceError, ConnectionError, OSError) as e:
             if not isinstance(e, _Closed):
                 log.debug("connection %d: %s", conn.id, e)
@@ -535,7 +544,9 @@ class Server:
         if sync:
             stored = await self._thread(eng.write_back, plan, sync)
         else:
-            eng.queue_write_back(plan)
+            # after the reply: the put is readable and journaled already
+            # (a crash from here on leaves it to the journal's replay)
+            conn.after_reply.append(partial(eng.queue_write_back, plan))
             stored = [o is not None and o.t0_stored for o in plan.items]
         # per item its sequence number (-1: not stored), which the client's location cache wants
         return [o.seq if ok and o is not None else -1 for o, ok in zip(plan.items, stored)]
