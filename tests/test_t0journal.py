@@ -13,6 +13,19 @@ def p(key, seq):
     return pend(key, seq).row()
 
 
+def records_end(path):
+    """Where the records end (each whole; then the file is zeros)."""
+    raw = path.read_bytes()
+    pos = 0
+    while pos + t0journal._HEAD.size <= len(raw):
+        n, _digest = t0journal._HEAD.unpack_from(raw, pos)
+        if not n:
+            break
+        pos += t0journal._HEAD.size + n
+    assert not raw[pos:].strip(b"\0")
+    return pos
+
+
 def test_pending_is_published_minus_done(tmp_path):
     j = Journal(tmp_path / "j")
     j.published([p("a", 1), p("b", 2), p("c", 3)])
@@ -96,12 +109,12 @@ def test_a_rewrite_keeps_only_what_is_still_owed(tmp_path, monkeypatch):
         j.published([p(f"k{i}", i)])
         j.done(i)
     j.flush()
-    assert j.too_long() and j.size == (tmp_path / "j").stat().st_size
+    assert j.too_long() and records_end(tmp_path / "j") == j.size
     j.done(99)  # buffered: gone with the rewrite, which holds only what it is given
     j.rewrite([p("a", 1), p("b", 2), p("c", 3), p("d", 4)])
     assert not (tmp_path / "j.new").exists()
     assert sorted(x.key for x in read_pending(tmp_path / "j")) == ["a", "b", "c", "d"]
-    assert not j.too_long() and j.rewrites == 1 and j.base == j.size == (tmp_path / "j").stat().st_size
+    assert not j.too_long() and j.rewrites == 1 and j.base == j.size == records_end(tmp_path / "j")
     j.published([p("e", 5)])  # appends go to the new file
     j.done(1)
     j.flush()
@@ -206,3 +219,49 @@ def test_a_put_after_a_delete_stays_owed_when_the_deleted_one_is_written_back(tm
         assert eng.t0.bytes == 5000 and len(eng.t0.dirty) == 0
     finally:
         eng.close()
+
+
+def test_records_are_in_the_file_as_soon_as_appended_and_the_mapping_grows(tmp_path, monkeypatch):
+    """Appends are stores into a mapping of the file: another process (the
+    next daemon, after a kill) reads them at once, with no close or flush;
+    the file is allocated ahead in GROW steps and the zeros after the
+    records read as their end. ``empty`` zeroes the records of a small
+    file and gives a grown one back."""
+    monkeypatch.setattr(t0journal, "GROW", 4096)
+    j = Journal(tmp_path / "j")
+    assert (tmp_path / "j").stat().st_size == 4096 and read_pending(tmp_path / "j") == []
+    j.published([p("a", 1)])
+    assert [x.key for x in read_pending(tmp_path / "j")] == ["a"]  # no flush, no close
+    for i in range(2, 200):  # past several GROW steps
+        j.published([p(f"k{i}", i)])
+    assert j.cap > 4096 and (tmp_path / "j").stat().st_size == j.cap >= j.size
+    assert len(read_pending(tmp_path / "j")) == 199
+    j.empty()
+    assert read_pending(tmp_path / "j") == [] and (tmp_path / "j").stat().st_size == 4096 == j.cap
+    j.published([p("b", 2)])
+    j.empty()  # a small file: zeroed in place
+    assert (tmp_path / "j").read_bytes() == bytes(4096)
+    j.published([p("c", 3)])
+    assert [x.key for x in read_pending(tmp_path / "j")] == ["c"]
+    j.close()
+
+
+def test_a_journal_that_cannot_grow_is_an_error_not_a_crash(tmp_path, monkeypatch):
+    """/dev/shm full: the allocation ahead of the mapping fails with ENOSPC
+    (a store into an unallocated tmpfs page would kill the daemon with
+    SIGBUS); what was appended before stays readable."""
+    monkeypatch.setattr(t0journal, "GROW", 4096)
+    j = Journal(tmp_path / "j")
+    j.published([p("a", 1)])
+
+    def full(*_a):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(t0journal.os, "posix_fallocate", full)
+    with pytest.raises(OSError) as e:
+        for i in range(2, 200):
+            j.published([p(f"k{i}", i)])
+    assert e.value.errno == 28
+    monkeypatch.undo()
+    got = read_pending(tmp_path / "j")
+    assert [x.key for x in got][:1] == ["a"] and len(got) < 199
+    j.close()
