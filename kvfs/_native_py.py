@@ -281,11 +281,6 @@ def recv_spin(sock: Any, buf: Any, spin_ns: int) -> int:
     return int(sock.recv_into(buf))
 
 
-def write_held(fd: int, data: Any) -> int:
-    """native/socket_wait.c's twin: write(2) (here the GIL is given up, as os.write does)."""
-    return os.write(fd, data)
-
-
 def send_held(fd: int, data: Any) -> int:
     """native/socket_wait.c's twin: a non-blocking send(2), 0 if the socket's buffer is full."""
     s = socket.socket(fileno=fd)  # the caller's socket: wrapped, not owned

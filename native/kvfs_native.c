@@ -1048,7 +1048,6 @@ PyObject *kv_pack_entry(PyObject *self, PyObject *args);
 PyObject *kv_record_head(PyObject *self, PyObject *args);
 PyObject *kv_index_rows(PyObject *self, PyObject *args);
 PyObject *kv_recv_spin(PyObject *self, PyObject *args); /* socket_wait.c */
-PyObject *kv_write_held(PyObject *self, PyObject *args);
 PyObject *kv_send_held(PyObject *self, PyObject *args);
 PyObject *kv_t0_publish(PyObject *self, PyObject *args); /* mirror.c */
 PyObject *kv_t0_written_back(PyObject *self, PyObject *args);
@@ -1144,8 +1143,6 @@ static PyMethodDef methods[] = {
     {"recv_spin", kv_recv_spin, METH_VARARGS,
      "recv_spin(sock, buf, spin_ns) -> bytes received into buf (0: closed): polls the socket for up to "
      "spin_ns, then blocks; the GIL is released throughout (native/socket_wait.c)"},
-    {"write_held", kv_write_held, METH_VARARGS,
-     "write_held(fd, data) -> bytes written: write(2) without giving up the GIL (a short write to tmpfs)"},
     {"send_held", kv_send_held, METH_VARARGS,
      "send_held(fd, data) -> bytes sent, 0 if the buffer is full: a non-blocking send(2) without giving up the GIL"},
     {"aligned_buffer", py_aligned_buffer, METH_VARARGS,

@@ -74,46 +74,34 @@ PyObject *kv_recv_spin(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(k);
 }
 
-/* ---- short writes that keep the GIL ------------------------------------
+/* ---- replies that keep the GIL ------------------------------------------
  *
- * Why: CPython releases the GIL around every os.write and socket.send. In
- * the daemon another thread is nearly always waiting for it, so each such
- * call hands the GIL over (a futex wake, a context switch, and a wait to
- * get it back): a profile of lone puts showed 12% of the daemon's CPU in
- * futex wakes, mostly from the T0 journal's writes and the replies' sends.
- * A write to tmpfs and a non-blocking send of a reply take microseconds and
- * never sleep, so holding the GIL through them costs the other threads
- * less than the hand-over does.
+ * Why: CPython releases the GIL around every socket.send. In the daemon
+ * another thread is nearly always waiting for it, so each such call hands
+ * the GIL over (a futex wake, a context switch, and a wait to get it back):
+ * a profile of lone puts showed 12% of the daemon's CPU in futex wakes,
+ * mostly from the T0 journal's writes (now stores into a mapping:
+ * kvfsd.t0journal) and the replies' sends. A non-blocking send of a reply
+ * takes microseconds and never sleeps, so holding the GIL through it costs
+ * the other threads less than the hand-over does.
  */
 
-/* write(2) (send 0) or a non-blocking send(2) (send 1) of data to fd, the
-   GIL held, retried on EINTR: the bytes taken, 0 for a send the socket's
-   full buffer refused. */
-static PyObject *held_io(PyObject *args, int send_it) {
+/* send_held(fd, data) -> bytes sent, 0 if the socket's buffer is full: a
+   non-blocking send(2), the GIL held, retried on EINTR */
+PyObject *kv_send_held(PyObject *self, PyObject *args) {
+    (void)self;
     int fd;
     Py_buffer b;
     if (!PyArg_ParseTuple(args, "iy*", &fd, &b)) return NULL;
     ssize_t k;
     do {
-        k = send_it ? send(fd, b.buf, (size_t)b.len, MSG_DONTWAIT | MSG_NOSIGNAL) : write(fd, b.buf, (size_t)b.len);
+        k = send(fd, b.buf, (size_t)b.len, MSG_DONTWAIT | MSG_NOSIGNAL);
     } while (k < 0 && errno == EINTR && !PyErr_CheckSignals());
     PyBuffer_Release(&b);
     if (k < 0) {
         if (PyErr_Occurred()) return NULL;
-        if (send_it && (errno == EAGAIN || errno == EWOULDBLOCK)) return PyLong_FromLong(0);
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return PyLong_FromLong(0);
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     return PyLong_FromSsize_t(k);
-}
-
-/* write_held(fd, data) -> bytes written */
-PyObject *kv_write_held(PyObject *self, PyObject *args) {
-    (void)self;
-    return held_io(args, 0);
-}
-
-/* send_held(fd, data) -> bytes sent, 0 if the socket's buffer is full */
-PyObject *kv_send_held(PyObject *self, PyObject *args) {
-    (void)self;
-    return held_io(args, 1);
 }
