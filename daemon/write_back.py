@@ -45,7 +45,7 @@ BATCH_PLANS = 256
 LINGER_S = 0.002
 EAGER_PLANS = 32
 EAGER_BYTES = 4 << 20
-# The pool's threads run at this nice value: where the CPUs are all busy
+# The pool's threads run this much nicer than the daemon: where the CPUs are all busy
 # (a waited put on a 2-core machine: the client and the event loop each
 # spin for the other's answer) a write-back thread that wakes no longer
 # takes a core from them on equal terms, which put one waited put in four
@@ -109,8 +109,9 @@ class WriteBackPool:
             return plans
 
     def _run(self) -> None:
-        try:  # this thread only (a Linux thread is its own task)
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
+        try:  # this thread only (a Linux thread is its own task), NICE below the daemon's own
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + NICE))
         except OSError:
             pass  # (lowering one's own priority is always allowed; a refusal only costs the latency above)
         while True:

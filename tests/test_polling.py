@@ -276,3 +276,25 @@ def test_poll_us_out_of_range_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="poll-us"):
         d.start(timeout=20)
 
+
+
+def test_the_write_back_threads_leave_the_cores_to_a_spinning_pair(tmp_path):
+    """The daemon's write-back pool runs at a lower priority (nice
+    kvfsd.write_back.NICE), one thread per stripe, and nothing else does:
+    on a machine whose cores all spin (a client and the event loop, each
+    polling for the other's answer) a waking write-back thread must not
+    take a core from them on equal terms (stop 42: one waited put in four
+    took 400-600 us), while the event loop and the index writer keep the
+    process's own priority."""
+    from kvfsd.write_back import NICE, pool_size
+    d = DaemonProcess(tmp_path / "s", stripes=3, shm_size="64M")
+    with d, d.connect() as s:
+        assert s.put("a", os.urandom(70_000)) and s.flush()
+        assert d.proc is not None
+        pid = d.proc.pid
+        nice = {int(t): int(open(f"/proc/{pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()[16])
+                for t in os.listdir(f"/proc/{pid}/task")}
+    base = nice[pid]  # the event loop's thread: whatever the daemon was started with
+    lowered = [t for t, n in nice.items() if n == min(19, base + NICE)]
+    assert len(lowered) == pool_size(3) == 3, nice
+    assert all(n == base for t, n in nice.items() if t not in lowered), nice
