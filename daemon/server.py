@@ -343,9 +343,9 @@ class Server:
                         await conn.send(reply)
                 finally:
                     if conn.after_reply:
-                        for fn in conn.after_reply:
+                        after, conn.after_reply = conn.after_reply, []
+                        for fn in after:
                             fn()
-                        conn.after_reply.clear()
         except (_Closed, trio.BrokenResourceError, ConnectionError, OSError) as e:
             if not isinstance(e, _Closed):
                 log.debug("connection %d: %s", conn.id, e)

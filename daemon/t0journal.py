@@ -115,12 +115,14 @@ class Journal:
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise  # ENOSPC: /dev/shm is full
-            # a file system without fallocate: zeros written allocate as well
-            os.ftruncate(self.fd, max(cap, os.fstat(self.fd).st_size))
-            zeros = bytes(GROW)
-            for pos in range(self.cap, cap, GROW):
-                if os.pwrite(self.fd, zeros, pos) != GROW:
-                    raise OSError(errno.ENOSPC, f"the T0 journal {self.path} could not grow") from None
+            # a file system without fallocate: zeros written past what the
+            # file holds (a rewrite's records, say) allocate as well
+            pos = os.fstat(self.fd).st_size
+            while pos < cap:
+                k = os.pwrite(self.fd, bytes(min(GROW, cap - pos)), pos)
+                if k <= 0:
+                    raise OSError(errno.ENOSPC, f"the T0 journal {self.path} could not grow")
+                pos += k
         mm = mmap.mmap(self.fd, cap)
         if self.mm is not None:
             self.mm.close()

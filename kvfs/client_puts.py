@@ -25,7 +25,6 @@ from .dataplane import WriteTask
 from .device_puts import sub_batches
 from .device_reads import DeviceReading
 from .errors import CapacityError, InvalidArgument, KvfsError, ProtocolError
-from .generation import EPOCH
 from .gpu import DeviceBuffer, merge_copies
 from .keys import normalize_key, normalize_keys, normalize_ns
 from .meta import encode_meta
@@ -93,11 +92,8 @@ class Puts(DeviceReading):
         conn = getattr(self._local, "conn", None)
         if arena is None or not arena.writable or conn is None or conn.broken or self._touches:
             return None
-        gen = self._gen
-        if gen is not None:
-            g = gen.value
-            if g != self._fd_gen or g // EPOCH != self._epoch:
-                return None  # put_many drops stale fds, or re-hellos a restarted daemon, first
+        if self._gen is not None and not self._caught_up(self._gen.value):
+            return None  # put_many drops stale fds, or re-hellos a restarted daemon, first
         view = self._device_or_host(data)
         if isinstance(view, DeviceBuffer) or not len(view):
             return None

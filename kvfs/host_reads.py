@@ -78,7 +78,7 @@ class HostReads(Lookups):
         if d is None or gen is None or self._locs is None:
             return None
         g = gen.value
-        if g != self._fd_gen or g // EPOCH != self._epoch:
+        if not self._caught_up(g):
             return None
         fds = self.reader.fds.by_id if native.name == "native" else None
         return d, self.arena.ro if self.arena is not None else None, gen.buffer, g, fds
@@ -101,7 +101,7 @@ class HostReads(Lookups):
         if d is None or gen is None or self._locs is None:
             return -1
         g = gen.value
-        if g != self._fd_gen or g // EPOCH != self._epoch:
+        if g != self._fd_gen or g // EPOCH != self._epoch:  # _caught_up(g), inlined too (0.07 us of 2.1)
             return -1
         try:
             n = native.backend.dir_read(d.mm, d.nslots, ns.encode(), key, arena.ro if arena is not None else None,

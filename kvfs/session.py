@@ -227,6 +227,13 @@ class Session(StoreState):
         if c is not None and not c.broken:
             c.notify(P.RELEASE, {"leases": [lease]})
 
+    def _caught_up(self, g: int) -> bool:
+        """The generation ``g`` (just read) is the one this client last caught
+        up with (``_drop_stale_fds``, ``_check_restart``): nothing removed
+        and no restart since, so its cached locations and its mappings of
+        the arena and the directory still hold."""
+        return g == self._fd_gen and g // EPOCH == self._epoch
+
     def _drop_stale_fds(self) -> None:
         """Something was removed, so segment files may have been unlinked:
         close idle fds so they do not pin the space of deleted files."""

@@ -277,7 +277,6 @@ def test_poll_us_out_of_range_is_refused(tmp_path):
         d.start(timeout=20)
 
 
-
 def test_the_write_back_threads_leave_the_cores_to_a_spinning_pair(tmp_path):
     """The daemon's write-back pool runs at a lower priority (nice
     kvfsd.write_back.NICE), one thread per stripe, and nothing else does:

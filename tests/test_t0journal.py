@@ -265,3 +265,25 @@ def test_a_journal_that_cannot_grow_is_an_error_not_a_crash(tmp_path, monkeypatc
     got = read_pending(tmp_path / "j")
     assert [x.key for x in got][:1] == ["a"] and len(got) < 199
     j.close()
+
+
+def test_without_fallocate_the_journal_grows_by_writing_zeros_and_a_rewrite_keeps_its_records(
+        tmp_path, monkeypatch):
+    """Where the file system has no fallocate the journal allocates by
+    writing zeros, and only past what the file already holds: a rewrite's
+    records, written before its new file is mapped, stay."""
+    import errno as errno_
+
+    def unsupported(*_a):
+        raise OSError(errno_.EOPNOTSUPP, "Operation not supported")
+    monkeypatch.setattr(t0journal, "GROW", 4096)
+    monkeypatch.setattr(t0journal.os, "posix_fallocate", unsupported)
+    j = Journal(tmp_path / "j")
+    for i in range(100):  # past several GROW steps
+        j.published([p(f"k{i}", i)])
+    assert len(read_pending(tmp_path / "j")) == 100 and (tmp_path / "j").stat().st_size == j.cap
+    j.rewrite([p("a", 1), p("b", 2)])
+    assert sorted(x.key for x in read_pending(tmp_path / "j")) == ["a", "b"]
+    j.published([p("c", 3)])
+    assert sorted(x.key for x in read_pending(tmp_path / "j")) == ["a", "b", "c"]
+    j.close()
