@@ -353,6 +353,8 @@ class Engine(Recovery):
                 "recovery": vars(self.recovery),
                 "tiers": tiers,
                 "promote_queue": len(self.promote_q),
+                # the LMDB index: write transactions committed since start, and the pages in use
+                "index": {"commits": self.writer.commits, "used_bytes": self.index.used_bytes()},
                 "directory": (dict(self.dir.stats(), refill_passes=self.dir_refill.passes,
                                    refilled=self.dir_refill.entered) if self.dir is not None else None),
             }

@@ -130,6 +130,11 @@ class Index:
         self.namespaces = self.env.open_db(b"namespaces")
         self.meta = self.env.open_db(b"meta")
 
+    def used_bytes(self) -> int:
+        """Bytes of the map in use (through its last page; freed pages inside count)."""
+        info = self.env.info()
+        return (info["last_pgno"] + 1) * self.env.stat()["psize"]
+
     def close(self) -> None:
         self.env.sync(True)
         self.env.close()

@@ -15,6 +15,7 @@ from kvfs.optional import need
 from .config import Config
 from .engine import Engine
 from .server import Server
+from .threadnames import name_os_thread
 
 log = logging.getLogger("kvfsd")
 
@@ -49,6 +50,7 @@ def run(cfg: Config) -> int:
     # Whatever the daemon creates is its user's alone unless kvfsd.fileperms
     # grants more (a file made without an explicit mode stays private too).
     os.umask(0o077)
+    name_os_thread("kvfsd")  # the main thread runs the event loop; ps and top show the daemon as kvfsd
     # what the asked features need, before any work (one line each if missing)
     if cfg.mount is not None:
         need("pyfuse3")

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 
 from .access import Policy
 from .peers import tcp_peer_ids
+from .threadnames import name_os_thread
 
 # upper bounds in seconds: 25 us .. 10 s, about x2.5 apart
 BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3,
@@ -179,5 +180,8 @@ def serve_prometheus(port: int, snapshot: Callable[[], dict[str, Any]], policy: 
         return app(environ, start_response)
 
     httpd = make_server("127.0.0.1", port, gated, Server, handler_class=Handler)
-    threading.Thread(target=httpd.serve_forever, name="kvfs-metrics", daemon=True).start()
+    def serve() -> None:
+        name_os_thread()
+        httpd.serve_forever()
+    threading.Thread(target=serve, name="kvfs-metrics", daemon=True).start()
     return httpd

@@ -34,6 +34,8 @@ import os
 import threading
 from typing import TYPE_CHECKING
 
+from .threadnames import name_os_thread
+
 if TYPE_CHECKING:
     from .engine import Engine
     from .segments import PutPlan
@@ -109,6 +111,7 @@ class WriteBackPool:
             return plans
 
     def _run(self) -> None:
+        name_os_thread()
         try:  # this thread only (a Linux thread is its own task), NICE below the daemon's own
             tid = threading.get_native_id()
             os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + NICE))

@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 import lmdb
 
+from .threadnames import name_os_thread
+
 Job = Callable[[lmdb.Transaction], Any]
 
 
@@ -60,6 +62,7 @@ class WriterThread:
         self.env.sync(True)
 
     def _sync_loop(self) -> None:
+        name_os_thread()
         while True:
             self._sync_wanted.wait()
             self._sync_wanted.clear()
@@ -72,6 +75,7 @@ class WriterThread:
                 logging.getLogger("kvfsd").exception("index sync failed")
 
     def _run(self) -> None:
+        name_os_thread()
         stopping = False
         while not stopping:
             try:

@@ -30,6 +30,7 @@ def test_put_get_ls_rm_stats(daemon, tmp_path):
     table = kvfs_cmd("stats", "--socket", sock).stdout.decode()
     assert "objects" in table and "3 (" in table and "stripe" in table
     assert "T0 shm" in table and "T1 disk" in table and "write-back backlog" in table
+    assert "of LMDB pages" in table and st["index"]["commits"] >= 1  # the index's row
     assert set(st["tiers"]) == {"T0", "T1"} and st["tiers"]["T0"]["capacity_bytes"] > 0
     assert st["gc"]["frozen"] > 0 and st["gc"]["freezes"] >= 1  # the daemon's collector policy is on
     kvfs_cmd("rm", "--socket", sock, "ns1", "blk0")
@@ -130,8 +131,13 @@ def test_bench_puts_quick(tmp_path):
     assert res["no_polling"]["request_rtt"]["p50_us"] > 0 and res["no_polling"]["wait"]["p50_us"] > 0
     assert all(res["phases"][v][p] > 0 for v in ("4096", "65536") for p in ("prepare", "publish T0", "LMDB"))
     # the event loop is one of the daemon's threads: its share of the CPU per object, never more than the whole
-    sd = res["steady"]
-    assert 0 < sd["loop_cpu_us"] <= sd["daemon_cpu_us"]
+    for kind in ("steady", "steady_sequential"):
+        sd = res[kind]
+        assert 0 < sd["loop_cpu_us"] <= sd["daemon_cpu_us"]
+        # the daemon's threads are told apart by their OS names: loop, index writer and write-back all ran
+        assert all(sd["threads_us"][t] > 0 for t in ("event loop", "index writer", "write-back")), sd
+        assert sd["index_alone_us"] > 0 and sd["commits"] >= 1
+    assert res["steady"]["keys"] == "hash" and res["steady_sequential"]["keys"] == "sequential"
     assert b"daemon CPU" in r.stdout and b"round trip" in r.stdout and b"in-process" in r.stdout
     assert b"round trip, no polling" in r.stdout and b"one put at a time, wait, 4 KiB values" in r.stdout
 

@@ -284,7 +284,7 @@ def test_the_write_back_threads_leave_the_cores_to_a_spinning_pair(tmp_path):
     polling for the other's answer) a waking write-back thread must not
     take a core from them on equal terms (stop 42: one waited put in four
     took 400-600 us), while the event loop and the index writer keep the
-    process's own priority."""
+    process's own priority. Every thread carries its name as an OS name."""
     from kvfsd.write_back import NICE, pool_size
     d = DaemonProcess(tmp_path / "s", stripes=3, shm_size="64M")
     with d, d.connect() as s:
@@ -293,7 +293,12 @@ def test_the_write_back_threads_leave_the_cores_to_a_spinning_pair(tmp_path):
         pid = d.proc.pid
         nice = {int(t): int(open(f"/proc/{pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()[16])
                 for t in os.listdir(f"/proc/{pid}/task")}
+        names = {int(t): open(f"/proc/{pid}/task/{t}/comm").read().strip() for t in os.listdir(f"/proc/{pid}/task")}
     base = nice[pid]  # the event loop's thread: whatever the daemon was started with
     lowered = [t for t, n in nice.items() if n == min(19, base + NICE)]
     assert len(lowered) == pool_size(3) == 3, nice
     assert all(n == base for t, n in nice.items() if t not in lowered), nice
+    # each thread says what it is to top -H and /proc (the benchmarks split the daemon's CPU by these)
+    assert names[pid] == "kvfsd", names
+    assert sorted(names[t] for t in lowered) == ["kvfs-wb0", "kvfs-wb1", "kvfs-wb2"], names
+    assert {"kvfs-writer", "kvfs-index-sync"} <= set(names.values()), names

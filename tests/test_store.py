@@ -144,6 +144,8 @@ def test_stats_shape(store):
     st = store.stats()
     assert st["objects"] == 1 and st["counters"]["hits"] >= 1 and st["counters"]["misses"] >= 1
     assert len(st["stripes"]) == 3 and st["disk_bytes"] >= 3
+    # the index: the put's publication was committed, and LMDB holds pages for it
+    assert st["index"]["commits"] >= 1 and st["index"]["used_bytes"] >= 4096
 
 
 def test_a_hold_pins_keys_until_released_from_any_thread(daemon, store):

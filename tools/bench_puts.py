@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -131,7 +132,8 @@ def run_puts_bench(args: argparse.Namespace) -> dict[str, Any]:
                 os.close(fd)
         out["processes"] = _processes(d, 256 if args.quick else 4096)
         out["sustained"] = _sustained(args, work)
-        out["steady"] = _steady(args, work)
+        out["steady"] = _steady(args, work, "hash")
+        out["steady_sequential"] = _steady(args, work, "sequential")
         from .bench_phases import run_phases
         out["phases"] = run_phases(bool(args.quick))
     finally:
@@ -319,47 +321,143 @@ STEADY_VALUE = 4096
 STEADY_SLOTS = 65536
 
 
-def _steady(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def _thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds of each of a process's threads, summed by OS thread name
+    (the daemon names its threads: kvfsd.threadnames)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            raw = Path(f"/proc/{pid}/task/{t}/stat").read_text()
+        except OSError:
+            continue  # a thread that ended meanwhile
+        name = raw[raw.index("(") + 1:raw.rindex(")")]
+        fields = raw.rsplit(")", 1)[1].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+# which of the daemon's threads does what (kvfsd.threadnames); the rest is "other"
+STEADY_THREADS = {"event loop": ("kvfsd",), "index writer": ("kvfs-writer", "kvfs-index-sync"),
+                  "write-back": ("kvfs-wb",)}
+
+
+def steady_keys(kind: str, prefix: str, b: int) -> list[str]:
+    """A batch's keys: 32 hex digits of a hash, as engines name blocks (a
+    vLLM block hash, an LMCache chunk hash: they land anywhere in the
+    index), or sequential names (which land next to each other)."""
+    import hashlib
+    if kind == "hash":
+        return [hashlib.blake2b(f"{prefix}{b}-{j}".encode(), digest_size=16).hexdigest() for j in range(BATCH)]
+    return [f"{prefix}{b}-{j}" for j in range(BATCH)]
+
+
+def _steady(args: argparse.Namespace, work: Path, kind: str) -> dict[str, Any]:
     """A busy node's steady state: small values put far past what the arena
     and the location directory hold, so every reservation evicts, every
     new key may displace an older one from a full directory, and the
-    write-back runs behind. Daemon CPU per object, measured after a warm-up that fills
-    both."""
+    write-back runs behind. Daemon CPU per object, by thread, measured after
+    a warm-up that fills both; then the bound its index sets: the same
+    objects' LMDB rows inserted again into the same index by one thread
+    (``_index_alone``)."""
     import numpy as np
 
     from kvfsd.testing import DaemonProcess
 
     arena = (16 if args.quick else 256) << 20
-    d = DaemonProcess(work / "kvfs-steady", stripes=args.stripes, capacity="16G", shm_size=arena,
-                      extra=["--dir-slots", str(STEADY_SLOTS)], log=work / "kvfs-steady.log")
+    root = work / f"kvfs-steady-{kind}"
+    d = DaemonProcess(root, stripes=args.stripes, capacity="16G", shm_size=arena,
+                      extra=["--dir-slots", str(STEADY_SLOTS)], log=work / f"kvfs-steady-{kind}.log")
     val = np.random.default_rng(3).integers(0, 256, STEADY_VALUE, dtype=np.uint8)
     warm = 2 * (arena // STEADY_VALUE) // BATCH + STEADY_SLOTS // BATCH
     n_batches = warm // (4 if args.quick else 1)
+    measured: list[str] = []
+    os.sync()  # what earlier runs left dirty is written now, not by the kernel's flushers during this one
     try:
         d.start()
         assert d.proc is not None
         with d.connect() as s:
             for b in range(warm):
-                s.put_many([f"w{b}-{j}" for j in range(BATCH)], [val] * BATCH, wait=False)
+                s.put_many(steady_keys(kind, "w", b), [val] * BATCH, wait=False)
             s.flush()
+            commits0 = s.stats()["index"]["commits"]
             u0, s0 = _cpu_s(d.proc.pid)
-            lu0, ls0 = _cpu_s(d.proc.pid, d.proc.pid)
+            th0 = _thread_cpu_s(d.proc.pid)
             t = time.perf_counter()
             for b in range(n_batches):
-                s.put_many([f"s{b}-{j}" for j in range(BATCH)], [val] * BATCH, wait=False)
+                keys = steady_keys(kind, "s", b)
+                s.put_many(keys, [val] * BATCH, wait=False)
+                measured += keys
             s.flush()
             dt = time.perf_counter() - t
             u1, s1 = _cpu_s(d.proc.pid)
-            lu1, ls1 = _cpu_s(d.proc.pid, d.proc.pid)
+            th1 = _thread_cpu_s(d.proc.pid)
             st = s.stats()
     finally:
         d.stop()
     n = n_batches * BATCH
-    return {"arena": arena, "slots": STEADY_SLOTS, "value": STEADY_VALUE, "objects": n, "objects_s": n / dt,
-            "daemon_cpu_us": (u1 + s1 - u0 - s0) / n * 1e6, "daemon_user_us": (u1 - u0) / n * 1e6,
-            "loop_cpu_us": (lu1 + ls1 - lu0 - ls0) / n * 1e6,
+    per_thread = {k: 0.0 for k in (*STEADY_THREADS, "other")}
+    for name, c in th1.items():
+        role = next((r for r, prefixes in STEADY_THREADS.items() if name.startswith(prefixes)), "other")
+        per_thread[role] += (c - th0.get(name, 0.0)) / n * 1e6
+    commits = max(1, st["index"]["commits"] - commits0)
+    return {"keys": kind, "arena": arena, "slots": STEADY_SLOTS, "value": STEADY_VALUE, "objects": n,
+            "objects_s": n / dt, "daemon_cpu_us": (u1 + s1 - u0 - s0) / n * 1e6, "daemon_user_us": (u1 - u0) / n * 1e6,
+            "loop_cpu_us": per_thread["event loop"], "threads_us": per_thread, "commits": commits,
+            "index_alone_us": _index_alone_then_drop(root, measured, commits),
             "evictions": st["tiers"]["T0"]["evictions"], "displaced": (st.get("directory") or {}).get("displaced", 0),
             "arena_full": st["tiers"]["T0"].get("full", 0)}
+
+
+def _index_alone_then_drop(root: Path, keys: list[str], commits: int) -> float:
+    """``_index_alone``, then the store is deleted: the gigabytes its
+    segments hold are not left to the page cache and the kernel's flushers
+    while the next run measures (a second steady run in a row took twice
+    the CPU per object without it)."""
+    try:
+        return _index_alone(root, keys, commits)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _index_alone(root: Path, keys: list[str], commits: int) -> float:
+    """The bound the index sets on a put's daemon CPU: the LMDB rows the
+    daemon wrote for ``keys`` (their object rows and segment-object rows),
+    taken out of its index (stopped) and inserted again the way its writer
+    thread does (a write transaction per commit, the rows in a nested one,
+    ``putmulti``), in as many commits as the daemon made for them. CPU
+    microseconds of this one thread per object, the kernel's share (the
+    commit's page writes) included."""
+    from kvfsd.index import Index, obj_key
+
+    idx = Index(root, 1 << 40)
+    try:
+        env = idx.env
+        oks = [obj_key("default", k) for k in keys]
+        want = set(oks)
+        with env.begin() as txn:
+            rows = [(ok, bytes(v)) for ok in oks if (v := txn.get(ok, db=idx.objects)) is not None]
+            segrows: dict[bytes, list[tuple[bytes, bytes]]] = {}
+            for k, v in txn.cursor(db=idx.segobj):
+                if bytes(v) in want:
+                    segrows.setdefault(bytes(v), []).append((bytes(k), bytes(v)))
+        if not rows:
+            return 0.0
+        with env.begin(write=True) as txn:  # the index as it was before these puts, near enough
+            for ok, _v in rows:
+                txn.delete(ok, db=idx.objects)
+                for k, _ in segrows.get(ok, ()):
+                    txn.delete(k, db=idx.segobj)
+        per = -(-len(rows) // commits)
+        c0 = time.thread_time()
+        for i in range(0, len(rows), per):
+            part = rows[i:i + per]
+            with env.begin(write=True) as txn, env.begin(write=True, parent=txn) as sub:
+                sub.cursor(db=idx.objects).putmulti(part, overwrite=False)
+                sub.cursor(db=idx.segobj).putmulti([r for ok, _v in part for r in segrows.get(ok, ())])
+        return (time.thread_time() - c0) / len(rows) * 1e6
+    finally:
+        idx.close()
 
 
 def format_puts(res: dict[str, Any]) -> str:
@@ -408,22 +506,32 @@ def format_puts(res: dict[str, Any]) -> str:
            f"(on its event loop)\n\n{t3}\narena full (reservations refused, puts went to T1 directly): "
            f"{su['arena_full']} times")
     if "steady" in res:
-        sd = res["steady"]
-        out += "\n\n" + render(
-            [f"steady state: {sd['value'] >> 10} KiB values, {sd['arena'] >> 20} MiB arena full, {sd['slots']}-slot "
-             "directory full", "objects/s", "daemon CPU us/object", "user", "event loop"],
-            [[f"put_many of {BATCH}, no wait, until flush ({sd['objects']} objects)", f"{sd['objects_s']:.0f}",
-              f"{sd['daemon_cpu_us']:.1f}", f"{sd['daemon_user_us']:.1f}", f"{sd.get('loop_cpu_us', 0):.1f}"]])
-        out += (f"\nevictions {sd['evictions']}, older keys displaced from the directory {sd['displaced']}, "
-                f"reservations refused {sd['arena_full']}")
-        if sd.get("loop_cpu_us"):
-            # one trio loop answers every put_t0: what it spends per object caps the
-            # objects/s the daemon can answer, whatever the other threads do
-            out += (f"\nthe event loop (one thread) spent {sd['loop_cpu_us']:.1f} us of it per object: "
-                    f"at most {1e6 / sd['loop_cpu_us'] / 1e3:.0f}k objects/s answered")
+        out += "\n\n" + format_steady([res[k] for k in ("steady", "steady_sequential") if k in res])
     if "phases" in res:
         from .bench_phases import format_phases
         out += "\n\n" + format_phases(res["phases"])
+    return out
+
+
+def format_steady(runs: list[dict[str, Any]]) -> str:
+    """The steady state's table: one row per kind of key, the daemon's CPU
+    per object split by thread, and the index-alone bound beside it."""
+    sd = runs[0]
+    head = (f"steady state: {sd['value'] >> 10} KiB values, {sd['arena'] >> 20} MiB arena full, {sd['slots']}-slot "
+            "directory full, put_many of 64, no wait, until flush")
+    rows = [[f"{r['keys']} keys ({r['objects']} objects)", f"{r['objects_s']:.0f}", f"{r['daemon_cpu_us']:.1f}",
+             *(f"{r['threads_us'][t]:.1f}" for t in ("event loop", "index writer", "write-back", "other")),
+             f"{r['index_alone_us']:.1f}"] for r in runs]
+    out = render([head, "objects/s", "daemon CPU us/object", "event loop", "index writer", "write-back", "other",
+                  "index alone"], rows)
+    out += "".join(f"\n{r['keys']} keys: evictions {r['evictions']}, older keys displaced from the directory "
+                   f"{r['displaced']}, reservations refused {r['arena_full']}, {r['commits']} index commits" for r in runs)
+    # one trio loop answers every put_t0: what it spends per object caps the
+    # objects/s the daemon can answer, whatever the other threads do
+    out += "".join(f"\nthe event loop (one thread) spent {r['loop_cpu_us']:.1f} us per object with {r['keys']} keys: "
+                   f"at most {1e6 / r['loop_cpu_us'] / 1e3:.0f}k objects/s answered" for r in runs if r["loop_cpu_us"])
+    out += ("\nindex alone: the same objects' LMDB rows taken out of the stopped daemon's index and inserted again "
+            "as its writer does, in as many commits, by one thread (CPU us/object)")
     return out
 
 

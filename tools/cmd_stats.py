@@ -45,6 +45,8 @@ def format_stats(st: dict[str, Any]) -> str:
         ["live / dead", f"{format_size(st['live_bytes'])} / {format_size(st['dead_bytes'])}"],
         ["objects", f"{st['objects']} ({format_size(st['logical_bytes'])})"],
         ["segments", st["segments"]],
+        *([["index", f"{format_size(st['index']['used_bytes'])} of LMDB pages, {st['index']['commits']} commits"]]
+          if st.get("index") else []),
         ["leases", st["leases"]],
         ["connections", st.get("connections", 0)],
         ["hits / misses", f"{c['hits']} / {c['misses']}" + (f" ({100 * c['hits'] / lookups:.1f}% hit)" if lookups else "")],
