@@ -30,6 +30,33 @@ def test_ttft_path_matches_full_recompute_from_t0_and_t1(tmp_path, load):
             ins, waits = r["layer_in_s"], r["layer_wait_s"]
             assert len(ins) == len(waits) == 2  # the tiny model's layers
             assert 0 < ins[0] <= ins[1] == r["load_s"] and all(0 <= w <= i for w, i in zip(waits, ins))
+            # the request's time is its parts: match (and the cache over the KV space), the loads, the rest
+            assert r["match_s"] > 0 and r["suffix_s"] > 0
+            assert r["match_s"] + r["load_s"] + r["suffix_s"] == pytest.approx(r["kvfs_ttft_s"])
+
+
+def test_a_layerwise_load_fills_the_kv_space_made_before_the_request(tmp_path):
+    """The load's buffers and the cache the model reads are views of a KV
+    space allocated before the request (as an engine's KV cache is, at
+    start), not allocated inside it; a match longer than the space is refused."""
+    from kvfstools.demo_ttft import KvSpace, LayerwiseLoad
+    model = build_model("tiny", "cpu")
+    layers = model.config.num_hidden_layers
+    space = KvSpace(model, 8)
+    d = DaemonProcess(tmp_path / "s", capacity="256M", shm_size="64M")
+    with d, d.connect() as s:
+        keys = [[f"k{b}.L{layer}" for b in range(8)] for layer in range(layers)]
+        load = LayerwiseLoad(s, model, keys, 5, "v", space)
+        try:
+            assert load.bufs.data_ptr() == space.bufs.data_ptr() and load.bufs.shape[1] == 5
+            for layer, (k, v) in enumerate(load.stored):
+                assert k.data_ptr() == space.k[layer].data_ptr() and v.data_ptr() == space.v[layer].data_ptr()
+                assert k.shape[2] == v.shape[2] == 5 * BLOCK_TOKENS
+        finally:
+            for h in load.hooks:
+                h.remove()
+        with pytest.raises(ValueError, match="holds 8"):
+            LayerwiseLoad(s, model, keys, 9, "v", space)
 
 
 def test_the_demo_leaves_no_store_behind_and_reports_the_collector(tmp_path, monkeypatch):
