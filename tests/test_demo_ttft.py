@@ -30,9 +30,9 @@ def test_ttft_path_matches_full_recompute_from_t0_and_t1(tmp_path, load):
             ins, waits = r["layer_in_s"], r["layer_wait_s"]
             assert len(ins) == len(waits) == 2  # the tiny model's layers
             assert 0 < ins[0] <= ins[1] == r["load_s"] and all(0 <= w <= i for w, i in zip(waits, ins))
-            # the request's time is its parts: match (and the cache over the KV space), the loads, the rest
-            assert r["match_s"] > 0 and r["suffix_s"] > 0
-            assert r["match_s"] + r["load_s"] + r["suffix_s"] == pytest.approx(r["kvfs_ttft_s"])
+            # the request's time is its parts: match, setup (the cache over the KV space), the loads, the rest
+            assert r["match_s"] > 0 and r["setup_s"] > 0 and r["suffix_s"] > 0
+            assert r["match_s"] + r["setup_s"] + r["load_s"] + r["suffix_s"] == pytest.approx(r["kvfs_ttft_s"])
 
 
 def test_a_layerwise_load_fills_the_kv_space_made_before_the_request(tmp_path):

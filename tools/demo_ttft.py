@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import shutil
 import sys
 import time
@@ -160,7 +161,10 @@ class KvSpace:
     as they are loaded, [layer, block, K/V, head, token, dim], and per
     layer the K and V tensors transformers' cache reads. A request uses the
     first ``n`` blocks of it. (Allocated inside the request, these 8 GiB at
-    32k tokens took about 20 ms of the TTFT before the first read started.)"""
+    32k tokens took about 20 ms of the TTFT before the first read started.)
+    ``outs``: per layer, each block's destination as kvfs takes it, made
+    here too (an engine knows its blocks' addresses from the start; made
+    per request, 65536 of them at 32k tokens, they were most of the rest)."""
 
     def __init__(self, model: Any, n_max: int) -> None:
         import torch
@@ -173,6 +177,7 @@ class KvSpace:
         self.k = [torch.empty((1, heads, n_max * BLOCK_TOKENS, dim), dtype=model.dtype, device=dev)
                   for _ in range(layers)]
         self.v = [torch.empty_like(t) for t in self.k]
+        self.outs = [[_buf(self.bufs[layer, b]) for b in range(n_max)] for layer in range(layers)]
 
 
 class LayerwiseLoad:
@@ -200,8 +205,8 @@ class LayerwiseLoad:
         # views of the space: the cache holds the whole prefix length from the start
         self.cache = _cache_over(cfg, [(space.k[layer][:, :, :t], space.v[layer][:, :, :t]) for layer in range(layers)])
         self.stored = _layers(self.cache)  # the tensors the cache holds (filled by the hooks)
-        keys = [k for layer in range(layers) for k in keys_by_layer[layer][:n]]
-        outs = [_buf(self.bufs[layer, b]) for layer in range(layers) for b in range(n)]
+        keys = list(itertools.chain.from_iterable(keys_by_layer[layer][:n] for layer in range(layers)))
+        outs = list(itertools.chain.from_iterable(space.outs[layer][:n] for layer in range(layers)))
         self.t = time.perf_counter()
         self.load_s = 0.0
         self.first_s = 0.0  # until layer 0 had landed
@@ -362,6 +367,7 @@ def _run_layerwise(store: Any, model: Any, prompt: Any, keys: list[str], tokens:
         _sync(device)
         t0 = out["request_at"] = time.perf_counter()
         n = store.prefix_match(by_layer[0], ns=ns)
+        out["match_s"] = time.perf_counter() - t0
         load = LayerwiseLoad(store, model, by_layer, n, ns, space)
         try:
             res = model(prompt[:, n * BLOCK_TOKENS:], use_cache=True, logits_to_keep=1,
@@ -384,9 +390,10 @@ def _run_layerwise(store: Any, model: Any, prompt: Any, keys: list[str], tokens:
         out["layer_in_s"], out["layer_wait_s"] = load.layer_in_s, load.layer_wait_s
         out["t0_share"] = _t0_share(store, before, out)
         out["rebuild_s"] = 0.0  # inside the hooks, overlapped
-        out["match_s"] = load.t - t0  # prefix_match, and the cache made of views of the KV space
+        # after prefix_match, until the reads start: the cache made of views of the KV space, the lists of keys and places
+        out["setup_s"] = load.t - t0 - out["match_s"]
         # the prefill beyond the last layer's arrival
-        out["suffix_s"] = out["kvfs_ttft_s"] - out["match_s"] - out["load_s"]
+        out["suffix_s"] = out["kvfs_ttft_s"] - out["match_s"] - out["setup_s"] - out["load_s"]
         logits = res.logits[0, -1].float()
     out["matched_blocks"] = n
     return _compare(out, logits, ref_logits)
@@ -598,7 +605,8 @@ def _line(r: dict[str, Any]) -> str:
             f"suffix {r['suffix_s'] * 1e3:5.1f} ms"
             + (f"; layer 0 in at {r['first_layer_s'] * 1e3:.1f} ms, the call {r['start_s'] * 1e3:.1f} ms"
                if "first_layer_s" in r else "")
-            + (f"; match {r['match_s'] * 1e3:.1f} ms" if "match_s" in r else "") + "), "
+            + (f"; match {r['match_s'] * 1e3:.1f} ms, setup {r['setup_s'] * 1e3:.1f} ms" if "setup_s" in r else "")
+            + "), "
             f"{r['speedup']:5.1f}x{_bounds(r)}"
             f"; logits max diff {r['max_abs_diff']:.4f}, same next token: {r['same_next_token']}")
 
