@@ -11,7 +11,6 @@ CPU time by thread (kvfstools.bench_puts).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import threading
 
 PR_SET_NAME = 15
@@ -24,7 +23,7 @@ def name_os_thread(name: str | None = None) -> None:
     global _libc
     try:
         if _libc is None:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+            _libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols, libc's among them (no ldconfig run)
         raw = (name or threading.current_thread().name).encode()[:15]
         _libc.prctl(PR_SET_NAME, ctypes.c_char_p(raw), 0, 0, 0)
     except (OSError, AttributeError):
