@@ -89,6 +89,11 @@ def prometheus_families(st: dict[str, Any]) -> Iterator[Any]:
     yield gauge("kvfs_logical_bytes", "Bytes of the values stored.", st["logical_bytes"])
     yield gauge("kvfs_segments", "Segment files.", st["segments"])
     yield gauge("kvfs_leases", "Leases held by readers.", st["leases"])
+    if st.get("index"):
+        yield gauge("kvfs_index_used_bytes", "Bytes of the LMDB index's map in use (through its last page).",
+                    st["index"]["used_bytes"])
+        yield CounterMetricFamily("kvfs_index_commits", "LMDB write transactions committed since start.",
+                                  value=st["index"]["commits"])  # exposed as kvfs_index_commits_total
     yield gauge("kvfs_connections", "Client connections open.", st.get("connections", 0))
     stripe = GaugeMetricFamily("kvfs_stripe_disk_bytes", "Bytes on disk per stripe.", labels=["stripe"])
     chunks = GaugeMetricFamily("kvfs_stripe_chunks", "Published records (chunks) per stripe.", labels=["stripe"])

@@ -53,6 +53,9 @@ def test_stats_and_prometheus(tmp_path):
         assert {x.labels["op"] for x in lat} >= {"hello"} and all(x.value > 0 for x in lat)
         assert {x.labels["tier"] for x in fams["kvfs_tier_bytes"].samples} == {"T0", "T1"}
         assert sum(x.value for x in fams["kvfs_stripe_chunks"].samples) == 20
+        # the index: the puts' publications were committed, and its pages are in use
+        assert fams["kvfs_index_commits"].samples[0].name == "kvfs_index_commits_total"
+        assert fams["kvfs_index_commits"].samples[0].value >= 1 and value["kvfs_index_used_bytes"] >= 4096
         table = subprocess.run([sys.executable, "-m", "kvfstools.cli", "stats", "--socket", str(d.socket)],
                                capture_output=True, check=True).stdout.decode()
         assert "request" in table and "p99" in table and "compactions" in table
