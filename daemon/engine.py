@@ -315,6 +315,7 @@ class Engine(Recovery):
         return out
 
     def stats(self) -> dict[str, Any]:
+        index = {"commits": self.writer.commits, "used_bytes": self.index.used_bytes()}  # LMDB's own: not under the lock
         with self._lock:
             per_stripe = []
             for si, p in enumerate(self.cfg.stripes):
@@ -354,7 +355,7 @@ class Engine(Recovery):
                 "tiers": tiers,
                 "promote_queue": len(self.promote_q),
                 # the LMDB index: write transactions committed since start, and the pages in use
-                "index": {"commits": self.writer.commits, "used_bytes": self.index.used_bytes()},
+                "index": index,
                 "directory": (dict(self.dir.stats(), refill_passes=self.dir_refill.passes,
                                    refilled=self.dir_refill.entered) if self.dir is not None else None),
             }

@@ -330,15 +330,12 @@ def _thread_cpu_s(pid: int) -> dict[str, float]:
     """CPU seconds of each of a process's threads, summed by OS thread name
     (the daemon names its threads: kvfsd.threadnames)."""
     out: dict[str, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
     for t in os.listdir(f"/proc/{pid}/task"):
         try:
-            raw = Path(f"/proc/{pid}/task/{t}/stat").read_text()
+            name = Path(f"/proc/{pid}/task/{t}/comm").read_text().strip()
+            out[name] = out.get(name, 0.0) + sum(_cpu_s(pid, int(t)))
         except OSError:
             continue  # a thread that ended meanwhile
-        name = raw[raw.index("(") + 1:raw.rindex(")")]
-        fields = raw.rsplit(")", 1)[1].split()
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return out
 
 
@@ -406,23 +403,19 @@ def _steady(args: argparse.Namespace, work: Path, kind: str) -> dict[str, Any]:
         role = next((r for r, prefixes in STEADY_THREADS.items() if name.startswith(prefixes)), "other")
         per_thread[role] += (c - th0.get(name, 0.0)) / n * 1e6
     commits = max(1, st["index"]["commits"] - commits0)
+    try:
+        alone = _index_alone(root, measured, commits)
+    finally:
+        # the gigabytes its segments hold are not left to the page cache and the
+        # kernel's flushers while the next run measures (a second steady run in
+        # a row took twice the CPU per object without it)
+        shutil.rmtree(root, ignore_errors=True)
     return {"keys": kind, "arena": arena, "slots": STEADY_SLOTS, "value": STEADY_VALUE, "objects": n,
             "objects_s": n / dt, "daemon_cpu_us": (u1 + s1 - u0 - s0) / n * 1e6, "daemon_user_us": (u1 - u0) / n * 1e6,
             "loop_cpu_us": per_thread["event loop"], "threads_us": per_thread, "commits": commits,
-            "index_alone_us": _index_alone_then_drop(root, measured, commits),
+            "index_alone_us": alone,
             "evictions": st["tiers"]["T0"]["evictions"], "displaced": (st.get("directory") or {}).get("displaced", 0),
             "arena_full": st["tiers"]["T0"].get("full", 0)}
-
-
-def _index_alone_then_drop(root: Path, keys: list[str], commits: int) -> float:
-    """``_index_alone``, then the store is deleted: the gigabytes its
-    segments hold are not left to the page cache and the kernel's flushers
-    while the next run measures (a second steady run in a row took twice
-    the CPU per object without it)."""
-    try:
-        return _index_alone(root, keys, commits)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _index_alone(root: Path, keys: list[str], commits: int) -> float:
@@ -523,7 +516,7 @@ def format_steady(runs: list[dict[str, Any]]) -> str:
     per object split by thread, and the index-alone bound beside it."""
     sd = runs[0]
     head = (f"steady state: {sd['value'] >> 10} KiB values, {sd['arena'] >> 20} MiB arena full, {sd['slots']}-slot "
-            "directory full, put_many of 64, no wait, until flush")
+            f"directory full, put_many of {BATCH}, no wait, until flush")
     rows = [[f"{r['keys']} keys ({r['objects']} objects)", f"{r['objects_s']:.0f}", f"{r['daemon_cpu_us']:.1f}",
              *(f"{r['threads_us'][t]:.1f}" for t in ("event loop", "index writer", "write-back", "other")),
              f"{r['index_alone_us']:.1f}"] for r in runs]
