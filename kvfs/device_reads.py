@@ -65,6 +65,7 @@ class DeviceReads:
         self.leases: list[int] = []
         # items copied from known locations (no lease): item -> the generation read before
         self.known: dict[int, int] = {}
+        self._gens: set[int] = set()  # the generations in ``known``'s values
         self.settled: set[int] = set()  # known items checked (and read again where needed)
         self.started = 0  # items of the waves started so far
         self._wave = FIRST_WAVE
@@ -78,20 +79,22 @@ class DeviceReads:
             a = self.started
             b = min(len(self.ks), a + self._wave)
             try:
-                for i in range(a, b):
-                    d = self._devs[i] = device_buffer(self._outs[i])
+                devs = [o if type(o) is DeviceBuffer else device_buffer(o) for o in self._outs[a:b]]
+                for d in devs:
                     if d is None:
                         raise InvalidArgument("get_many_into_async takes device buffers only")
                     if d.readonly:
                         raise InvalidArgument("destination device buffer is read-only")
+                self._devs[a:b] = devs
                 found: dict[int, list[Any]] = {}
                 known: dict[int, int] = {}
                 cache = st._locs
                 if cache is not None:
                     gen, cached = st._known_locations(cache, self.ns, self.ks[a:b])
-                    for i, item in cached.items():
-                        found[a + i] = item
-                        known[a + i] = gen
+                    if cached:
+                        found = {a + i: item for i, item in cached.items()} if a else cached
+                        known = dict.fromkeys(found, gen)
+                        self._gens.add(gen)
                 rest = [i for i in range(a, b) if i not in found]
                 for c in range(0, len(rest), BATCH_KEYS):
                     part = rest[c:c + BATCH_KEYS]
@@ -138,8 +141,10 @@ class DeviceReads:
         now = cache.generation()
         # as a blocking read settles its known locations: forget the failed
         # ones, report the hits; then read the failed ones again
-        again = st._settle_known(cache, self.ns, self.ks, {i: self.found[i] for i in todo},
-                                 {i for i in todo if i in bad or self.known[i] != now}, self.sizes, todo)
+        known = self.known
+        # the usual case, nothing failed and no removal since: no pass per item
+        stale = {i for i in todo if i in bad or known[i] != now} if bad or self._gens - {now} else set()
+        again = st._settle_known(cache, self.ns, self.ks, set(todo), stale, self.sizes, todo)
         if again:
             devs = [self._devs[i] for i in again]
             for i, n in zip(again, st._read_device(self.ns, [self.ks[i] for i in again], devs)):  # type: ignore[arg-type]

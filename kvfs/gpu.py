@@ -36,6 +36,7 @@ import ctypes
 import os
 import threading
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Callable, Sequence
 
 import xxhash
@@ -142,6 +143,25 @@ class _PyBuffer(ctypes.Structure):
                 ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
                 ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
                 ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+
+def device_rows(obj: Any) -> list[DeviceBuffer]:
+    """One DeviceBuffer per row (first dimension) of a contiguous device
+    tensor or array: a destination or source per block, made with one call
+    into the tensor instead of one per block. A serving engine allocates its
+    KV cache once: made once too, they save a read or put the per-buffer
+    conversion (several torch calls, ~1-3 us each buffer, which was the
+    largest share of a layer-wise load's per-key control work)."""
+    d = device_buffer(obj)
+    if d is None:
+        raise InvalidArgument("device_rows takes device memory only")
+    cai = getattr(obj, "__cuda_array_interface__", None) if d.stream != TORCH_STREAM else None
+    shape = tuple(cai["shape"] if cai is not None else getattr(obj, "shape", ()))
+    if not shape:
+        return [d]
+    rows = int(shape[0])
+    per = d.nbytes // rows if rows else 0
+    return [DeviceBuffer(d.ptr + i * per, per, d.readonly, d.owner, d.stream) for i in range(rows)]
 
 
 # --------------------------------------------------------------------- copiers
@@ -333,6 +353,18 @@ def _merged(chunks: list[_Chunk]) -> list[tuple[int, int, int]]:
     return merge_copies([(ch.dst, ch.src, ch.length) for ch in chunks])
 
 
+# A T0 chunk of a read plan: (item, device address, length, checksum, arena
+# address). A tuple, not a _Chunk: a layer-wise load plans one per block and
+# layer (98,304 at 48k tokens of an 8B model), and making an object each was
+# a large share of the control work that delays the first layer.
+T0Copy = tuple[int, int, int, bytes, int]
+
+
+def _t0_chunks(copies: list[T0Copy]) -> list[_Chunk]:
+    """T0 copies as _Chunks, for the paths that hash what landed (verify="full")."""
+    return [_Chunk(i, dst, n, c, src=src) for i, dst, n, c, src in copies]
+
+
 # --------------------------------------------------------------------- plane
 @dataclass
 class _Chunk:
@@ -349,7 +381,7 @@ class _Chunk:
 
 @dataclass
 class GpuRead:
-    t0: list[_Chunk] = field(default_factory=list)
+    t0: list[T0Copy] = field(default_factory=list)
     t1: list[_Chunk] = field(default_factory=list)
     after: list[Any] = field(default_factory=list)  # the destinations' producer events
 
@@ -463,8 +495,11 @@ class GpuPlane:
              arena: Any, path_of: Callable[[int, int], str], sizes: list[int]) -> GpuRead:
         p = GpuRead()
         base = self.arena_address(arena) if arena is not None else 0
+        t0_copies = p.t0
+        add = t0_copies.append
         for i, item in found.items():
-            size, _csum, _seq, exts = item[:4]
+            size = item[0]
+            exts = item[3]
             t0 = item[4] if len(item) > 4 else None
             if t0 is not None and arena is None and not t0[1]:
                 continue  # only in T0, and this client cannot map it
@@ -473,15 +508,21 @@ class GpuPlane:
                 raise InvalidArgument(f"device buffer of {dest.nbytes} bytes is too small for "
                                       f"{ns}/{ks[i]} ({size} bytes)")
             pos = 0
-            for ci, (stripe, seg, off, length, ccsum) in enumerate(exts):
-                if not length:
-                    continue  # the empty value: nothing to copy
-                if t0 is not None and arena is not None:
-                    p.t0.append(_Chunk(i, dest.ptr + pos, length, ccsum, src=base + t0[0] + pos))
+            if t0 is not None and arena is not None:
+                if len(exts) == 1:  # the usual block: one chunk, copied whole
+                    if exts[0][3]:
+                        add((i, dest.ptr, exts[0][3], exts[0][4], base + t0[0]))
                 else:
-                    p.t1.append(_Chunk(i, dest.ptr + pos, length, ccsum, path=path_of(stripe, seg),
-                                       offset=off, idx=ci))
-                pos += length
+                    for ext in exts:
+                        if ext[3]:  # (the empty value: nothing to copy)
+                            add((i, dest.ptr + pos, ext[3], ext[4], base + t0[0] + pos))
+                        pos += ext[3]
+            else:
+                for ci, (stripe, seg, off, length, ccsum) in enumerate(exts):
+                    if length:
+                        p.t1.append(_Chunk(i, dest.ptr + pos, length, ccsum, path=path_of(stripe, seg),
+                                           offset=off, idx=ci))
+                    pos += length
             sizes[i] = size
         p.after = self.producer_events([outs[i] for i in found])
         return p
@@ -505,9 +546,9 @@ class GpuPlane:
         c = self.copier
         c.wait_on_stream(p.after)
         if full:
-            bad = self._staged(p.t0 + p.t1, verify=True)
+            bad = self._staged(_t0_chunks(p.t0) + p.t1, verify=True)
         else:
-            merged = _merged(p.t0)
+            merged = merge_copies([(dst, src, n) for _i, dst, n, _c, src in p.t0])
             self.counters["t0_copies"] += len(merged)
             for dst, src, n in merged:
                 c.h2d(dst, src, n)
@@ -572,31 +613,13 @@ class GpuPlane:
         # its ``found`` (known locations first, then what was looked up), and
         # a chunk left behind here would be reported loaded and never copied.
         # (A stable sort: an item's chunks keep their order.)
-        t0 = iter(sorted(p.t0, key=lambda ch: ch.item))
-        nxt = next(t0, None)
-        for g in mine:
-            grp: list[_Chunk] = []
-            while nxt is not None and nxt.item // group_size == g:
-                grp.append(nxt)
-                nxt = next(t0, None)
-            parts: list[list[_Chunk]] = [[]]
-            size = 0
-            for ch in grp:
-                if full and size >= VERIFY_PART:
-                    parts.append([])
-                    size = 0
-                parts[-1].append(ch)
-                size += ch.length
-            for part in parts:
-                merged = _merged(part)
-                self.counters["t0_copies"] += len(merged)
-                for dst, src, n in merged:
-                    c.h2d(dst, src, n)
-                if full and part:
-                    t0_checks.setdefault(g, []).append(self._start_verify(part, c.record()))
-            events[g] = c.record()
-        if nxt is not None:  # outside this plan's groups: a caller's bug, never a silent loss
-            raise AssertionError(f"item {nxt.item} is in no group of this read")
+        in_order = sorted(p.t0, key=itemgetter(0))
+        if in_order and in_order[0][0] < mine.start * group_size:
+            raise AssertionError(f"item {in_order[0][0]} is in no group of this read")
+        if full:
+            self._queue_t0_verified(_t0_chunks(in_order), mine, group_size, events, t0_checks)
+        else:
+            self._queue_t0(in_order, mine, group_size, events)
         submit_bad: set[int] = set()
         futs = self._kvikio_submit(p.t1, submit_bad) if p.t1 else []
         verify = None
@@ -623,6 +646,67 @@ class GpuPlane:
         self.counters["t0_chunks"] += len(p.t0)
         self.counters["t1_chunks"] += len(p.t1)
         return pending
+
+    def _queue_t0(self, copies: list[T0Copy], mine: range, group_size: int, events: dict[int, Any]) -> None:
+        """Queue the T0 copies (in item order) group by group, those adjacent
+        at both ends merged, with an event after each group. One pass, no
+        object per chunk: this runs once per block and layer of a layer-wise
+        load, before the copies it issues can start."""
+        c = self.copier
+        h2d = c.h2d
+        issued = 0
+        k, end = 0, len(copies)
+        for g in mine:
+            lim = (g + 1) * group_size
+            run_dst = run_src = run_n = 0
+            while k < end and copies[k][0] < lim:
+                _i, dst, n, _c, src = copies[k]
+                k += 1
+                if run_n and run_dst + run_n == dst and run_src + run_n == src:
+                    run_n += n
+                    continue
+                if run_n:
+                    h2d(run_dst, run_src, run_n)
+                    issued += 1
+                run_dst, run_src, run_n = dst, src, n
+            if run_n:
+                h2d(run_dst, run_src, run_n)
+                issued += 1
+            events[g] = c.record()
+        if k < end:  # outside this plan's groups: a caller's bug, never a silent loss
+            raise AssertionError(f"item {copies[k][0]} is in no group of this read")
+        self.counters["t0_copies"] += issued
+
+    def _queue_t0_verified(self, chunks: list[_Chunk], mine: range, group_size: int, events: dict[int, Any],
+                           t0_checks: dict[int, list[Callable[[], set[int]]]]) -> None:
+        """``_queue_t0`` for verify="full": each group's copies in parts of
+        VERIFY_PART bytes, each part hashed on the GPU once it landed."""
+        c = self.copier
+        it = iter(chunks)
+        nxt = next(it, None)
+        for g in mine:
+            grp: list[_Chunk] = []
+            while nxt is not None and nxt.item // group_size == g:
+                grp.append(nxt)
+                nxt = next(it, None)
+            parts: list[list[_Chunk]] = [[]]
+            size = 0
+            for ch in grp:
+                if size >= VERIFY_PART:
+                    parts.append([])
+                    size = 0
+                parts[-1].append(ch)
+                size += ch.length
+            for part in parts:
+                merged = _merged(part)
+                self.counters["t0_copies"] += len(merged)
+                for dst, src, n in merged:
+                    c.h2d(dst, src, n)
+                if part:
+                    t0_checks.setdefault(g, []).append(self._start_verify(part, c.record()))
+            events[g] = c.record()
+        if nxt is not None:  # outside this plan's groups: a caller's bug, never a silent loss
+            raise AssertionError(f"item {nxt.item} is in no group of this read")
 
     def verify_ranges(self, ranges: Sequence[tuple[int, int, int, bytes]]) -> set[int]:
         """Check device memory that something else filled (NIXL): per range

@@ -18,7 +18,7 @@ import logging
 import mmap
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 from . import protocol as P
 from .connection import Connection
@@ -281,11 +281,16 @@ class Session(StoreState):
             cache.put_many(ns, [(ks[i], item) for i, item in found.items()], gen)
         return gen, cached
 
-    def _settle_known(self, cache: LocationCache, ns: str, ks: list[str], cached: dict[int, list[Any]],
+    def _settle_known(self, cache: LocationCache, ns: str, ks: list[str], cached: Collection[int],
                       missed: set[int], sizes: list[int], todo: list[int]) -> list[int]:
-        """After reads from known locations: forget those that failed (or
-        were not read), count the hits, and return what is left to look up."""
-        missed.update(i for i in cached if sizes[i] < 0)
+        """After reads from known locations (the items ``cached``): forget
+        those that failed (or were not read), count the hits, and return
+        what is left to look up. (Per item of a layer-wise load: the passes
+        for the usual case, nothing missed, are the cheap ones.)"""
+        missed.update([i for i in cached if sizes[i] < 0])
+        if not missed:
+            self._touch(ns, [ks[i] for i in cached])
+            return [i for i in todo if i not in cached]
         for i in missed:
             sizes[i] = -1
             cache.drop(ns, ks[i])

@@ -88,6 +88,28 @@ def test_torch_tensors_and_slices_of_one_buffer(gpu_store):
         assert s.get_into("bf16", out, ns="tt") == bf.numel() * 2 and torch.equal(bf, out)
 
 
+def test_device_rows_of_a_torch_kv_space_take_layer_wise_loads(gpu_store):
+    """kvfs.gpu.device_rows: one DeviceBuffer per block of a torch KV space
+    (bfloat16, as KV caches are), made once; a layer-wise load into them
+    lands every block in its own row, and the rows also serve as put sources."""
+    torch = pytest.importorskip("torch")
+    from kvfs.gpu import device_rows
+    d, _mode = gpu_store
+    with d.connect() as s:
+        layers, blocks = 4, 24
+        space = torch.empty((layers, blocks, 2, 8, 16, 128), dtype=torch.bfloat16, device="cuda")
+        rows = device_rows(space.flatten(0, 1))
+        assert len(rows) == layers * blocks and rows[1].ptr - rows[0].ptr == space[0, 0].numel() * 2
+        src = torch.randn_like(space)
+        keys = [f"L{layer}b{b}" for layer in range(layers) for b in range(blocks)]
+        assert s.put_many(keys, device_rows(src.flatten(0, 1)), ns="dr") == [True] * len(keys)
+        s.flush()
+        with s.get_many_into_async(keys, rows, ns="dr", group_size=blocks) as reads:
+            for layer in range(layers):
+                assert reads.wait(layer) == [rows[0].nbytes] * blocks
+                assert torch.equal(space[layer], src[layer])
+
+
 def test_a_concurrent_writer_filling_t0_does_not_corrupt_a_read(tmp_path):
     """Small arena: another client's puts evict and reuse T0 while large
     device reads are in flight; every read is right or a miss, never wrong."""

@@ -386,6 +386,56 @@ def test_async_reads_land_group_by_group_and_hold_the_lease(store):
             s.get_many_into_async(["a0"], [bytearray(block)], ns="as")  # host buffers: use get_many_into
 
 
+class FakeDeviceRows(FakeDeviceArray):
+    """A 2-D FakeDeviceArray: ``rows`` rows of ``width`` bytes."""
+
+    def __init__(self, rows: int, width: int):
+        super().__init__(rows * width)
+        self.rows, self.width = rows, width
+
+    @property
+    def __cuda_array_interface__(self):
+        return {**super().__cuda_array_interface__, "shape": (self.rows, self.width)}
+
+    def row(self, i: int) -> bytes:
+        return self.bytes()[i * self.width:(i + 1) * self.width]
+
+
+def test_device_rows_split_a_device_array_into_blocks(tmp_path):
+    """kvfs.gpu.device_rows: a DeviceBuffer per row, at the row's address,
+    owned by the array; host memory is refused. A layer-wise load into the
+    rows of one array, with T0 values of several chunks, values side by
+    side in the arena (merged copies) and known locations mixed with looked
+    up ones, lands every value in its own row."""
+    from kvfs.gpu import device_rows
+    arr = FakeDeviceRows(5, 4096)
+    rows = device_rows(arr)
+    base = device_buffer(arr).ptr
+    assert [(r.ptr - base, r.nbytes, r.owner is arr, r.readonly) for r in rows] == \
+        [(i * 4096, 4096, True, False) for i in range(5)]
+    with pytest.raises(InvalidArgument):
+        device_rows(bytearray(10))
+    d = DaemonProcess(tmp_path / "s", stripes=2, capacity="512M", shm_size="64M",
+                      extra=["--stripe-unit", "64K"])
+    with d, d.connect() as s:
+        plane = host_gpu(s)
+        width = 200 * 1024  # 4 chunks of 64 KiB
+        layers, per = 3, 10
+        keys = [f"L{layer}b{b}" for layer in range(layers) for b in range(per)]
+        vals = [os.urandom(width - (i % 3) * 70000) for i in range(len(keys))]
+        s.put_many(keys, vals, ns="rows")
+        s.flush()
+        s.get_many_into(keys[::4], [bytearray(width) for _ in keys[::4]], ns="rows")  # some locations known
+        dst = FakeDeviceRows(len(keys), width)
+        with s.get_many_into_async(keys, device_rows(dst), ns="rows", group_size=per) as reads:
+            for layer in reversed(range(layers)):
+                got = reads.wait(layer)
+                assert got == [len(v) for v in vals[layer * per:(layer + 1) * per]]
+                for i in range(layer * per, (layer + 1) * per):
+                    assert dst.row(i)[:len(vals[i])] == vals[i], i
+        assert plane.counters["t0_chunks"] > len(keys) > plane.counters["t0_copies"]
+
+
 def _stored_with_a_missing_key(s, ns, n, base):
     """n values of base + i random bytes stored (and flushed) in ns: the
     values by key, the keys with a missing one last, a device buffer each."""

@@ -177,7 +177,12 @@ class KvSpace:
         self.k = [torch.empty((1, heads, n_max * BLOCK_TOKENS, dim), dtype=model.dtype, device=dev)
                   for _ in range(layers)]
         self.v = [torch.empty_like(t) for t in self.k]
-        self.outs = [[_buf(self.bufs[layer, b]) for b in range(n_max)] for layer in range(layers)]
+        if self.bufs.is_cuda:  # one DeviceBuffer per block, made from one call into torch
+            from kvfs.gpu import device_rows
+            flat = device_rows(self.bufs.flatten(0, 1))
+            self.outs = [flat[layer * n_max:(layer + 1) * n_max] for layer in range(layers)]
+        else:
+            self.outs = [[_buf(self.bufs[layer, b]) for b in range(n_max)] for layer in range(layers)]
 
 
 class LayerwiseLoad:

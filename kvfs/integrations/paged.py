@@ -93,6 +93,9 @@ def buffers(rows: torch.Tensor) -> list[Any]:
     if rows.device.type == "cpu":
         arr = rows.numpy()
         return [arr[i] for i in range(arr.shape[0])]
+    if rows.is_contiguous():
+        from kvfs.gpu import device_rows
+        return device_rows(rows)  # one call into torch, not several per block
     return [rows[i] for i in range(rows.shape[0])]
 
 
