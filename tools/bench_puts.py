@@ -187,35 +187,73 @@ def _pcts(lat: list[float]) -> dict[str, float]:
 def _processes(d: Any, per_process: int) -> list[dict[str, Any]]:
     """Several processes put_many at once (kvfstools.bench_puts as a
     worker), each ``per_process`` 64 KiB values, until each one's flush;
-    released together once all are connected and warm."""
+    released together once all are connected and warm. In turns with each
+    count, the bound of its answered rate: as many processes doing only the
+    memory work a put asks of its client (``_memory_worker``: each value
+    copied into shared memory and hashed, in the same batches, no daemon)."""
     counts = [1, 2, 4] if (os.cpu_count() or 1) >= 8 else [1, 2]
     rows = []
     for round_, n in enumerate(counts):
-        procs = [subprocess.Popen([sys.executable, "-m", "kvfstools.bench_puts", str(d.socket), f"{round_}-{i}",
-                                   str(per_process)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                 for i in range(n)]
-        try:
-            for p in procs:
-                assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-            (u0, s0) = _cpu_s(d.proc.pid)
-            for p in procs:
-                assert p.stdin is not None
-                p.stdin.write("go\n")
-                p.stdin.flush()
-            spans = [tuple(map(float, p.communicate(timeout=600)[0].split())) for p in procs]  # start, acked, flushed
-            (u1, s1) = _cpu_s(d.proc.pid)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
+        (u0, s0) = _cpu_s(d.proc.pid)
+        spans = _released_together([[str(d.socket), f"{round_}-{i}", str(per_process)] for i in range(n)])
+        (u1, s1) = _cpu_s(d.proc.pid)
         objs = n * per_process
         start = min(sp[0] for sp in spans)
         acked = max(sp[1] for sp in spans) - start
         dt = max(sp[2] for sp in spans) - start
+        mem = _released_together([["--memory", str(per_process)] for _ in range(n)])
         rows.append({"processes": n, "acked_objects_s": objs / acked, "objects_s": objs / dt,
                      "gbs": objs * VALUE / dt / 1e9,
+                     "memory_objects_s": objs / (max(sp[1] for sp in mem) - min(sp[0] for sp in mem)),
                      "daemon_cpu_us": (u1 - u0 + s1 - s0) / objs * 1e6, "daemon_user_us": (u1 - u0) / objs * 1e6})
     return rows
+
+
+def _released_together(argvs: list[list[str]]) -> list[tuple[float, ...]]:
+    """Start a worker process (this module) per argv; once every one says
+    ready, release them together; their printed times (start, answered,
+    flushed)."""
+    procs = [subprocess.Popen([sys.executable, "-m", "kvfstools.bench_puts", *argv], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for argv in argvs]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        return [tuple(map(float, p.communicate(timeout=600)[0].split())) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def _memory_worker(count: int) -> None:
+    """The bound of a putting process: the same values and batches as
+    ``_worker``, each copied into shared memory (an arena's kind: shmem
+    pages) and hashed in one pass, on as many data-plane threads as a
+    Store's (``copy_hash_chunked``, what a put into the arena runs). No
+    daemon, no messages: what N clients can do at most on this host's
+    cores and memory."""
+    import mmap
+
+    import numpy as np
+
+    from kvfs.dataplane import DataPlane
+    vals = list(np.random.default_rng(count).integers(0, 256, (BATCH, VALUE), dtype=np.uint8))
+    shm = mmap.mmap(-1, count * VALUE)  # MAP_SHARED | MAP_ANONYMOUS: shmem, as /dev/shm is
+    dp = DataPlane()
+    view = memoryview(shm)
+    dp.copy_hash_chunked([view[j * VALUE:(j + 1) * VALUE] for j in range(BATCH)], vals, 4 << 20)  # warm
+    print("ready", flush=True)
+    sys.stdin.readline()
+    t = time.time()
+    for b in range(0, count, BATCH):
+        dp.copy_hash_chunked([view[(b + j) * VALUE:(b + j + 1) * VALUE] for j in range(BATCH)], vals, 4 << 20)
+    done = time.time()
+    print(t, done, done, flush=True)
+    dp.close()
 
 
 def _worker(sock: str, tag: str, count: int) -> None:
@@ -484,10 +522,13 @@ def format_puts(res: dict[str, Any]) -> str:
     if "processes" in res:
         one = res["processes"][0]["objects_s"]
         one_acked = res["processes"][0].get("acked_objects_s", 0) or 1
-        tp = render(["put_many of 64 at once", "answered objects/s", "vs 1 process", "until flush objects/s",
+        one_mem = res["processes"][0].get("memory_objects_s", 0) or 1
+        tp = render(["put_many of 64 at once", "answered objects/s", "vs 1 process", "memory work alone",
+                     "vs 1 process", "until flush objects/s",
                      "GB/s", "vs 1 process", "vs pwrite", "daemon CPU us/object", "user"],
                     [[f"{r['processes']} process{'es' if r['processes'] > 1 else ''}",
                       f"{r.get('acked_objects_s', 0):.0f}", f"{r.get('acked_objects_s', 0) / one_acked:.2f}x",
+                      f"{r.get('memory_objects_s', 0):.0f}", f"{r.get('memory_objects_s', 0) / one_mem:.2f}x",
                       f"{r['objects_s']:.0f}", f"{r['gbs']:.2f}", f"{r['objects_s'] / one:.2f}x",
                       f"{r['gbs'] / res['pwrite_gbs']:.2f}x", f"{r['daemon_cpu_us']:.0f}", f"{r['daemon_user_us']:.0f}"]
                      for r in res["processes"]])
@@ -536,4 +577,7 @@ def format_steady(runs: list[dict[str, Any]]) -> str:
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    if sys.argv[1] == "--memory":
+        _memory_worker(int(sys.argv[2]))
+    else:
+        _worker(sys.argv[1], sys.argv[2], int(sys.argv[3]))
