@@ -651,7 +651,9 @@ class GpuPlane:
         """Queue the T0 copies (in item order) group by group, those adjacent
         at both ends merged, with an event after each group. One pass, no
         object per chunk: this runs once per block and layer of a layer-wise
-        load, before the copies it issues can start."""
+        load, before the copies it issues can start. (It merges as
+        ``merge_copies`` does, inline: building that one's tuples per group
+        cost 0.3-0.5 us a key more on the VM.)"""
         c = self.copier
         h2d = c.h2d
         issued = 0

@@ -285,12 +285,8 @@ class Session(StoreState):
                       missed: set[int], sizes: list[int], todo: list[int]) -> list[int]:
         """After reads from known locations (the items ``cached``): forget
         those that failed (or were not read), count the hits, and return
-        what is left to look up. (Per item of a layer-wise load: the passes
-        for the usual case, nothing missed, are the cheap ones.)"""
+        what is left to look up."""
         missed.update([i for i in cached if sizes[i] < 0])
-        if not missed:
-            self._touch(ns, [ks[i] for i in cached])
-            return [i for i in todo if i not in cached]
         for i in missed:
             sizes[i] = -1
             cache.drop(ns, ks[i])
