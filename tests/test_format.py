@@ -70,7 +70,8 @@ def test_scan_steps_over_holes_and_garbage(tmp_path):
 def test_scan_reports_payload_corruption(tmp_path):
     specs = [("a", os.urandom(100)), ("b", os.urandom(100))]
     fd, size, placed = _write_records(tmp_path / "seg", specs)
-    os.pwrite(fd, b"\xff", placed[0][1] + 3)
+    at = placed[0][1] + 3  # flipped, not overwritten: a constant byte matches random data 1 time in 256
+    os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 0xFF]), at)
     recs = list(fmt.scan_records(fd, size))
     assert [(r.header.key, r.payload_ok) for r in recs] == [("a", False), ("b", True)]
 
