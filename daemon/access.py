@@ -46,7 +46,7 @@ RIGHTS = {r.label: r for r in Right}
 OP_RIGHT: dict[str, Right] = {
     P.HELLO: Right.READ, P.LOOKUP: Right.READ, P.RELEASE: Right.READ, P.CONTAINS: Right.READ,
     P.PREFIX_MATCH: Right.READ, P.STAT: Right.READ, P.NAMESPACES: Right.READ, P.KEYS: Right.READ,
-    P.STATS: Right.READ, P.TOUCH: Right.READ,
+    P.STATS: Right.READ, P.TOUCH: Right.READ, P.REMOTE_HAS: Right.READ,
     # a reader's report makes the daemon re-check the object itself; only
     # bytes that fail their checksum are dropped, so it is a read
     P.REPORT_BAD: Right.READ,
@@ -57,7 +57,7 @@ OP_RIGHT: dict[str, Right] = {
     P.RESERVE: Right.WRITE, P.PUT_T0: Right.WRITE,
     P.FLUSH: Right.WRITE,
     P.DELETE: Right.ADMIN, P.EVICT: Right.ADMIN, P.VERIFY: Right.ADMIN, P.COMPACT: Right.ADMIN,
-    P.JOB: Right.ADMIN,
+    P.JOB: Right.ADMIN, P.GC_REMOTE: Right.ADMIN,
 }
 
 

@@ -7,11 +7,15 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvfs.errors import InvalidArgument
 from kvfs.format import DEFAULT_SEGMENT_SIZE, DEFAULT_STRIPE_UNIT, FORMAT_VERSION, PAGE
 
 from .access import Policy
+
+if TYPE_CHECKING:
+    from .shared_tier import RemoteConfig
 
 
 def default_root() -> Path:
@@ -57,6 +61,8 @@ class Config:
     # after answering a request, poll its connection this long for the next
     # one before sleeping in epoll (kvfsd.server, Conn.read_exact); 0: never
     poll_us: float = 200.0
+    # the shared tier (T2, kvfsd.shared_tier): off unless set
+    remote: "RemoteConfig | None" = None
     policy: Policy = field(default_factory=lambda: Policy(os.getuid()))  # set by resolve()
 
     def resolve(self) -> "Config":

@@ -50,6 +50,7 @@ log = logging.getLogger("kvfsd")
 class Engine(Recovery):
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.remote = None  # the shared tier, made last (its threads read the engine)
         self.stripe_unit = cfg.stripe_unit
         assert cfg.capacity is not None
         self.capacity = cfg.capacity
@@ -121,9 +122,14 @@ class Engine(Recovery):
             self.t0 = Tier0(arena, max(cfg.shm_size // 4, 1),
                             self.leases.leased_objects, self.generation.bump, self._dir_put_many)
             self.wb_pool = WriteBackPool(self, pool_size(len(cfg.stripes)))
+        if cfg.remote is not None:
+            from .shared_tier import SharedTier  # obstore and hiredis only when asked for
+            self.remote = SharedTier(cfg.remote, self)
 
     def close(self) -> None:
         try:
+            if self.remote is not None:
+                self.remote.close()
             if self.wb_pool is not None:
                 self.wb_pool.stop()
             left = self.take_write_backs()
@@ -297,6 +303,8 @@ class Engine(Recovery):
     def _flush_atimes(self, txn: Any) -> None:
         with self._lock:
             dirty, self._dirty_atime = self._dirty_atime, {}
+        if self.remote is not None and dirty:
+            self.remote.accessed(split_obj_key(ok) for ok in dirty)
         for ok, at in dirty.items():
             ns, key = split_obj_key(ok)
             e = self.index.get(txn, ns, key)
@@ -332,7 +340,7 @@ class Engine(Recovery):
                 "T1": {"objects": len(self.lru) - (self.t0.backlog_objects if self.t0 else 0),
                        "bytes": self.logical_bytes - (self.t0.backlog_bytes if self.t0 else 0),
                        "hits": c.get("t1_hits", 0), "misses": c.get("misses", 0)}}
-            out = {
+            out: dict[str, Any] = {
                 "version": 1,
                 "uptime_s": time.time() - self.started,
                 "durability": self.cfg.durability,
@@ -359,6 +367,8 @@ class Engine(Recovery):
                 "directory": (dict(self.dir.stats(), refill_passes=self.dir_refill.passes,
                                    refilled=self.dir_refill.entered) if self.dir is not None else None),
             }
+        # the shared tier (T2): its own lock
+        tiers["T2"] = self.remote.stats() if self.remote is not None else None
         return out
 
 

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from .recovery import RecoveryReport
     from .rootlock import RootLock
     from .segments import PutPlan, SegState
+    from .shared_tier import SharedTier
     from .t0journal import Journal
     from .tier0 import Tier0
     from .write_back import WriteBackPool
@@ -90,6 +91,7 @@ class EngineState:
     wb_pending: dict[int, PutPlan]  # fast-mode T0 puts whose write-back is queued (under _wb_lock)
     _wb_lock: threading.Lock  # guards wb_pending alone; never held with another lock
     wb_pool: WriteBackPool | None
+    remote: SharedTier | None  # the shared tier (T2), if configured
 
     def _dir_put(self, ok: bytes, m: MemEntry, new: bool = False) -> None:
         """The mirror entry ``ok`` changed (``new``: it is a new resident):

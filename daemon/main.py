@@ -56,11 +56,19 @@ def run(cfg: Config) -> int:
         need("pyfuse3")
     if cfg.metrics_port is not None:
         need("prometheus_client")
+    if cfg.remote is not None:
+        need("obstore")
+        if cfg.remote.presence:
+            need("hiredis")
     cfg.resolve()
     engine = Engine(cfg)
     rep = engine.recovery
     log.info("store %s: %d stripe(s), capacity %d bytes, %s mode; recovery %.3fs, %d objects",
              cfg.root, len(cfg.stripes), engine.capacity, cfg.durability, rep.seconds, len(engine.lru))
+    if engine.remote is not None:
+        r = engine.remote
+        log.info("shared tier: %s (endpoint %s, credentials: %s), presence index %s", r.cfg.url,
+                 r.cfg.endpoint or "AWS", r.bucket.credential_source, r.cfg.presence or "none (HEAD requests)")
     assert cfg.socket is not None
     server = Server(engine, cfg.socket)
     metrics = None

@@ -135,6 +135,49 @@ class Repair(Tiering):
             data += chunk
         return int(self._store_value(ns, key, None, memoryview(data), False))
 
+    def read_verified(self, ns: str, key: str) -> tuple[int, bytes, bytes | None, bytearray] | None:
+        """An object's (size, checksum, meta, bytes) read from T1 under a
+        lease, every chunk checked against its sum (the shared tier's
+        uploads). None: not stored, not yet in T1, or a chunk failed (that
+        object is then verified and dropped as any reader's report would)."""
+        ns, key = normalize_ns(ns), normalize_key(key)
+        ok = obj_key(ns, key)
+        with self._lock:
+            m = self.lru.get(ok)
+            if m is None:
+                return None
+            lid = self.leases.grant(("read",), [seg for seg, _span in m.spans], [ok], time.monotonic())
+        try:
+            with self.index.env.begin() as txn:
+                e = self.index.get(txn, ns, key)
+            if e is None:
+                return None
+            buf = bytearray(e.size)
+            view = memoryview(buf)
+            pos = 0
+            for x in e.extents:
+                fd = self.segment_fd(x.seg)
+                part = view[pos:pos + x.length]
+                if fd < 0 or os.preadv(fd, [part], x.offset) != x.length or fmt.checksum(part) != x.checksum:
+                    bad = True
+                    break
+                pos += x.length
+            else:
+                bad = False
+        finally:
+            freed = self.release([lid], ("read",))
+            if freed:
+                self._reclaim(freed)
+        if bad:
+            self.verify_object(ns, key, e.seq)
+            return None
+        return e.size, e.checksum, e.meta, buf
+
+    def install(self, ns: str, key: str, meta: bytes | None, value: memoryview) -> bool:
+        """Store a value fetched from elsewhere (the shared tier), already
+        checked by the caller, as a fast-mode put. False: the key is there."""
+        return self._store_value(ns, key, meta, value, False)
+
     def _store_value(self, ns: str, key: str, meta: bytes | None, value: memoryview, sync: bool) -> bool:
         """Put one value from the daemon itself (blocking). False: the key is there."""
         plan = self.prepare_put(ns, [(key, len(value), meta)])

@@ -25,6 +25,7 @@ import trio
 from kvfs import native
 from kvfs import protocol as P
 from kvfs.errors import InvalidArgument, KvfsError, ProtocolError
+from kvfs.keys import normalize_keys, normalize_ns
 
 from .access import OP_RIGHT, Right, action_of
 from .connector_stats import ConnectorStats
@@ -211,6 +212,8 @@ class Server:
                 nursery.start_soon(self._promote_loop)
                 nursery.start_soon(self._compact_loop)
                 nursery.start_soon(self._gc_loop)
+                if self.engine.remote is not None and self.engine.remote.cfg.gc_older_than is not None:
+                    nursery.start_soon(self._remote_gc_loop, self.engine.remote.cfg.gc_older_than)
                 task_status.started()
                 while True:
                     sock, _ = await listener.accept()
@@ -246,6 +249,17 @@ class Server:
             await trio.sleep(COMPACT_CHECK_S)
             if eng.dead_bytes() > eng.cfg.compact_at * eng.capacity and not self.jobs.running("compact"):
                 self._start_compaction(None, None)
+
+    async def _remote_gc_loop(self, older_than: float) -> None:
+        """Once an hour: shared-tier objects not accessed for ``older_than`` go."""
+        remote = self.engine.remote
+        assert remote is not None
+        while True:
+            await trio.sleep(REMOTE_GC_EVERY_S)
+            if self.jobs.running("gc-remote"):
+                continue
+            job = self.jobs.new("gc-remote")
+            await self._thread(self.jobs.run, job, lambda progress: remote.gc(older_than, progress))
 
     async def _gc_loop(self) -> None:
         self.gc.started()
@@ -367,7 +381,9 @@ class Server:
                 "instance": eng.instance,
                 "directory": None if eng.dir is None else {"path": str(eng.dir.path), "slots": eng.dir.nslots},
                 "arena": None if t0 is None else {"path": str(t0.arena.path), "size": t0.arena.size},
-                "stripe_unit": eng.stripe_unit, "pid": os.getpid(), "durability": eng.cfg.durability}
+                "stripe_unit": eng.stripe_unit, "pid": os.getpid(), "durability": eng.cfg.durability,
+                # the shared tier: clients then ask it for what they miss (remote lookups, read-through)
+                "remote": None if eng.remote is None else {"presence": eng.remote.presence is not None}}
 
     async def _dispatch(self, conn: Conn, op: str, args: dict[str, Any]) -> Any:
         eng = self.engine
@@ -379,6 +395,8 @@ class Server:
             keys = P.arg(args, "keys", list)
             want_lease = P.arg(args, "lease", bool, True)
             lid, items = eng.lookup(ns, keys, conn.id, lease=want_lease)  # memory only
+            if eng.remote is not None and P.arg(args, "fetch", bool, False) and None in items:
+                lid, items = await self._read_through(conn, ns, keys, lid, items, want_lease)
             if eng.promote_q:
                 self._promote_wanted.set()
             return {"lease": lid, "items": items}
@@ -394,6 +412,26 @@ class Server:
             return eng.contains(P.arg(args, "ns", str), P.arg(args, "keys", list))  # memory only
         if op == P.PREFIX_MATCH:
             return eng.prefix_match(P.arg(args, "ns", str), P.arg(args, "keys", list))  # memory only
+        if op == P.REMOTE_HAS:
+            if eng.remote is None:
+                raise InvalidArgument("this daemon has no shared tier (kvfs daemon --remote)")
+            ns, keys = normalize_ns(P.arg(args, "ns", str)), normalize_keys(P.arg(args, "keys", list))
+            if P.arg(args, "prefix", bool, False):
+                return await self._thread(eng.remote.prefix, ns, keys)
+            return await self._thread(eng.remote.has, ns, keys)
+        if op == P.GC_REMOTE:
+            if eng.remote is None:
+                raise InvalidArgument("this daemon has no shared tier (kvfs daemon --remote)")
+            age = float(P.arg(args, "older_than", (int, float)))
+            if age < 0:
+                raise InvalidArgument("older_than must be >= 0 seconds")
+            dry = P.arg(args, "dry_run", bool, False)
+            job = self.jobs.new("gc-remote")
+            assert self._nursery is not None
+            remote = eng.remote
+            self._nursery.start_soon(self._thread, self.jobs.run, job,
+                                     lambda progress: remote.gc(age, progress, dry))
+            return {"job": job.id}
         if op == P.ALLOC:
             plan = await self._prepare(P.arg(args, "ns", str), _items(args), P.arg(args, "t0", bool, False))
             pid = conn.next_put
@@ -506,6 +544,24 @@ class Server:
             return await self._thread(eng.verify_object, P.arg(args, "ns", str), P.arg(args, "key", str),
                                       P.arg(args, "seq", int, None))
         raise ProtocolError(f"unknown op {op!r}")
+
+    async def _read_through(self, conn: Conn, ns: str, keys: list[Any], lid: int,
+                            items: list[Any], want_lease: bool) -> tuple[int, list[Any]]:
+        """A lookup's local misses fetched from the shared tier and
+        installed, then looked up again (one lease for the whole answer).
+        A remote failure leaves them misses (kvfsd.shared_tier)."""
+        eng = self.engine
+        assert eng.remote is not None
+        missing = [i for i, it in enumerate(items) if it is None]
+        installed = await self._thread(eng.remote.fetch, normalize_ns(ns),
+                                       normalize_keys([keys[i] for i in missing]))
+        if not installed:
+            return lid, items
+        if lid:
+            freed = eng.release([lid], conn.id)
+            if freed:
+                await self._thread(eng.reclaim, freed)
+        return eng.lookup(ns, keys, conn.id, lease=want_lease)
 
     async def settle(self, timeout: float = 30.0) -> bool:
         """Wait until no T0 write-back is pending (every T0 put acknowledged
@@ -640,6 +696,7 @@ class Server:
 
 
 SMALL_PUT = 1 << 20
+REMOTE_GC_EVERY_S = float(os.environ.get("KVFS_REMOTE_GC_EVERY_S", "3600"))
 COMPACT_CHECK_S = float(os.environ.get("KVFS_COMPACT_CHECK_S", "10"))  # how often the daemon looks at its dead bytes  # inline puts up to this many bytes are read on the loop
 
 

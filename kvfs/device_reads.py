@@ -98,7 +98,7 @@ class DeviceReads:
                 rest = [i for i in range(a, b) if i not in found]
                 for c in range(0, len(rest), BATCH_KEYS):
                     part = rest[c:c + BATCH_KEYS]
-                    res = st._call(P.LOOKUP, {"ns": self.ns, "keys": [self.ks[i] for i in part]})
+                    res = st._call(P.LOOKUP, {"ns": self.ns, "keys": [self.ks[i] for i in part], **st._fetch})
                     if res["lease"]:
                         self.leases.append(res["lease"])
                     found.update((part[i], item) for i, item in enumerate(res["items"]) if item is not None)
@@ -309,7 +309,7 @@ class DeviceReading(HostReads):
         for attempt in range(2):
             if not todo:
                 break
-            res = self._call(P.LOOKUP, {"ns": ns, "keys": [ks[i] for i in todo]})
+            res = self._call(P.LOOKUP, {"ns": ns, "keys": [ks[i] for i in todo], **self._fetch})
             lease = res["lease"]
             found = {i: item for i, item in zip(todo, res["items"]) if item is not None}
             try:

@@ -226,7 +226,7 @@ class HostReads(Lookups):
             if not todo:
                 break
             gen = cache.generation() if cache is not None else 0
-            res = self._call(P.LOOKUP, {"ns": ns, "keys": [ks[i] for i in todo]})
+            res = self._call(P.LOOKUP, {"ns": ns, "keys": [ks[i] for i in todo], **self._fetch})
             lease = res["lease"]
             found = {i: item for i, item in zip(todo, res["items"]) if item is not None}
             try:
@@ -283,7 +283,7 @@ class HostReads(Lookups):
             for attempt in range(2):
                 if not todo:
                     break
-                res = self._call(P.LOOKUP, {"ns": ns, "keys": [ks[i] for i in todo]})
+                res = self._call(P.LOOKUP, {"ns": ns, "keys": [ks[i] for i in todo], **self._fetch})
                 if res["lease"]:
                     leases.append(res["lease"])  # held until the block ends
                 found = {i: item for i, item in zip(todo, res["items"]) if item is not None}

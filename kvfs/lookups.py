@@ -73,11 +73,23 @@ class Hold:
 
 
 class Lookups(Session):
-    def contains(self, keys: Sequence[str | bytes], *, ns: str = "default") -> list[bool]:
+    def contains(self, keys: Sequence[str | bytes], *, ns: str = "default", remote: bool = True) -> list[bool]:
         """Whether each key is stored. Answered from the shared location
         directory with no round trip (kvfs.directory); only keys it cannot
-        settle (it is full, or a slot kept changing) are asked of the daemon."""
+        settle (it is full, or a slot kept changing) are asked of the daemon.
+        With a shared tier (``kvfs daemon --remote``) the keys missing here
+        are then asked of it in one call (its presence index), unless
+        ``remote=False``: a key held there counts as stored, since a get
+        reads it through."""
         ns = normalize_ns(ns)
+        out = self._contains_local(keys, ns)
+        if remote and self.remote_tier and not all(out):
+            miss = [i for i, hit in enumerate(out) if not hit]
+            for i, hit in zip(miss, self._remote_has(ns, normalize_keys([keys[i] for i in miss]), False)):
+                out[i] = bool(hit)
+        return out
+
+    def _contains_local(self, keys: Sequence[str | bytes], ns: str) -> list[bool]:
         d = self._live_dir(keys)
         try:
             token = d.complete() if d is not None else None
@@ -103,10 +115,35 @@ class Lookups(Session):
                 out[i] = hit
         return out
 
-    def prefix_match(self, keys: Sequence[str | bytes], *, ns: str = "default") -> int:
+    def prefix_match(self, keys: Sequence[str | bytes], *, ns: str = "default", remote: bool = True) -> int:
         """How many of ``keys``, from the first, are all stored (the leading
-        run of hits). From the directory, as ``contains``."""
+        run of hits). From the directory, as ``contains``; with a shared
+        tier the run goes on through what it holds (one call), unless
+        ``remote=False``."""
         ns = normalize_ns(ns)
+        n = self._prefix_local(keys, ns)
+        if remote and self.remote_tier and n < len(keys):
+            n += self._remote_has(ns, normalize_keys(keys[n:]), True)
+        return n
+
+    def _remote_has(self, ns: str, ks: list[str], prefix: bool) -> Any:
+        """The shared tier's answer for ``ks``: per key a bool, or with
+        ``prefix`` the length of the leading run it holds."""
+        step = BATCH_KEYS * 4
+        if prefix:
+            n = 0
+            for i in range(0, len(ks), step):
+                got = self._call(P.REMOTE_HAS, {"ns": ns, "keys": ks[i:i + step], "prefix": True})
+                n += got
+                if got < len(ks[i:i + step]):
+                    break
+            return n
+        out: list[bool] = []
+        for i in range(0, len(ks), step):
+            out += self._call(P.REMOTE_HAS, {"ns": ns, "keys": ks[i:i + step]})
+        return out
+
+    def _prefix_local(self, keys: Sequence[str | bytes], ns: str) -> int:
         got = self._dir_states(ns, keys)
         if got is None:
             return self._prefix_asked(normalize_keys(keys), ns)

@@ -40,6 +40,8 @@ KNOWN: dict[str, Optional] = {
     "vllm": Optional("vllm", "the vLLM connector (kvfs.integrations.vllm)"),
     "lmcache": Optional("lmcache", "the LMCache backend (kvfs.integrations.lmcache)"),
     "nixl": Optional("nixl", "NIXL transfers (kvfs.integrations.nixl)"),
+    "obstore": Optional("remote", "the shared tier on S3 (kvfs daemon --remote)"),
+    "hiredis": Optional("remote", "the shared tier's presence index (kvfs daemon --presence)"),
 }
 
 

@@ -67,16 +67,18 @@ COMPACT = "compact"  # starts a job
 REPORT = "report"  # an engine adapter's counters, shown per namespace in stats
 RESERVE = "reserve"  # arena space a client places its own puts in
 PUT_T0 = "put_t0"  # a batch of values the client placed in its reservation: one message, one commit
+REMOTE_HAS = "remote_has"  # which keys the shared tier (T2) holds: its presence index, one pipelined call
+GC_REMOTE = "gc_remote"  # starts a job: remove shared-tier objects by last access
 
 OPS = frozenset({HELLO, PUT, LOOKUP, RELEASE, CONTAINS, PREFIX_MATCH, DELETE,
                  STAT, NAMESPACES, KEYS, STATS, REPORT_BAD, ALLOC, COMMIT, ABORT, TOUCH, FLUSH, EVICT,
-                 VERIFY, JOB, COMPACT, REPORT, RESERVE, PUT_T0})
+                 VERIFY, JOB, COMPACT, REPORT, RESERVE, PUT_T0, REMOTE_HAS, GC_REMOTE})
 
 # ops a client may send again on a new connection when the one it was sent
 # on is cut before the reply (a daemon restart): they only read, or do
 # nothing the second time that the first did not (put: objects are
 # immutable, so a second put of what the first stored is a no-op)
-RESENDABLE = frozenset({LOOKUP, CONTAINS, PREFIX_MATCH, STAT, NAMESPACES, KEYS, STATS, JOB, FLUSH, PUT})
+RESENDABLE = frozenset({LOOKUP, CONTAINS, PREFIX_MATCH, STAT, NAMESPACES, KEYS, STATS, JOB, FLUSH, PUT, REMOTE_HAS})
 
 
 def pack_frame(message: Any, trailer_len: int = 0) -> bytes:

@@ -130,6 +130,10 @@ class Session(StoreState):
             self._gpu.forget_arena(self.arena)
         self.arena = None
         self.right: str | None = hello.get("right")  # read, write or admin (kvfsd.access)
+        # a daemon with a shared tier: local misses are read through it (a
+        # get's lookup says so), and contains/prefix_match ask it for the rest
+        self.remote_tier: dict[str, Any] | None = hello.get("remote")
+        self._fetch: dict[str, bool] = {"fetch": True} if self.remote_tier else {}
         if ar:
             try:
                 self.arena = ArenaMapping(ar["path"], int(ar["size"]), writable=self.right != "read")

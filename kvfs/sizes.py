@@ -26,3 +26,20 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+_AGE = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(text: str) -> float:
+    """Seconds of "90s", "30m", "12h", "7d", "2w" or a plain number of seconds."""
+    s = text.strip().lower()
+    unit = s[-1:] if s[-1:] in _AGE else "s"
+    num = s[:-1] if s[-1:] in _AGE else s
+    try:
+        value = float(num) * _AGE[unit]
+    except ValueError:
+        raise ValueError(f"not an age: {text!r} (use e.g. 3600, 30m, 12h, 7d)") from None
+    if value < 0:
+        raise ValueError(f"an age must be >= 0: {text!r}")
+    return value

@@ -15,7 +15,7 @@ connection to the daemon.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -58,4 +58,6 @@ class StoreState:
     _instance: str | None
     _fd_gen: int
     _epoch: int
+    remote_tier: dict[str, Any] | None = None  # the daemon's shared tier, if it has one
+    _fetch: dict[str, bool] = {}  # {"fetch": True} with a shared tier: a get's lookup reads misses through
     right: str | None  # read, write or admin (kvfsd.access)

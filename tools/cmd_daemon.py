@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kvfs.sizes import parse_size
+from kvfs.sizes import parse_age, parse_size
+
+if TYPE_CHECKING:
+    from kvfsd.shared_tier import RemoteConfig
 
 
 def _dir_slots(text: str) -> int:
@@ -62,8 +66,44 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="after answering a request, poll that connection this many microseconds for the next "
                         "before sleeping: a client waiting on each answer then pays no wake-up (default 200; "
                         "0: never; README, tuning)")
+    g = p.add_argument_group("shared tier (several nodes; off unless --remote is given; README, several nodes)")
+    g.add_argument("--remote", default=None, metavar="s3://BUCKET/PREFIX",
+                   help="write committed objects through to this S3 bucket and read local misses through from it")
+    g.add_argument("--remote-endpoint", default=None, metavar="URL",
+                   help="the S3 endpoint (MinIO, Ceph RGW, SeaweedFS...; default AWS); https uses TLS")
+    g.add_argument("--remote-credentials", default=None, metavar="FILE",
+                   help="an AWS credentials file (INI, profile $AWS_PROFILE or default); default: the AWS_* "
+                        "variables, else unsigned requests")
+    g.add_argument("--presence", default=None, metavar="redis://HOST:PORT[,HOST:PORT...]",
+                   help="the presence index: a Redis or Valkey cluster (or one server; valkey:// too); without "
+                        "it remote lookups are S3 HEAD requests")
+    g.add_argument("--remote-ns", action="append", default=[], metavar="GLOB",
+                   help="write through only namespaces matching GLOB (repeatable; default every namespace)")
+    g.add_argument("--remote-queue", type=int, default=65536, metavar="N",
+                   help="uploads waiting at most; more are dropped and counted (default 65536)")
+    g.add_argument("--remote-timeout", type=float, default=5.0, metavar="S",
+                   help="one S3 request at most this long; a failure makes T2 sit out a back-off (default 5)")
+    g.add_argument("--remote-gc-older-than", default=None, metavar="AGE",
+                   help="remove shared-tier objects not accessed for AGE (e.g. 7d, 12h) once an hour")
     p.add_argument("--log-level", default="INFO")
     return p
+
+
+def remote_config(args: argparse.Namespace) -> "RemoteConfig | None":
+    from kvfs.errors import InvalidArgument
+    from kvfsd.shared_tier import RemoteConfig
+    if not args.remote:
+        for flag in ("presence", "remote_endpoint", "remote_credentials", "remote_gc_older_than"):
+            if getattr(args, flag):
+                raise InvalidArgument(f"--{flag.replace('_', '-')} needs --remote")
+        return None
+    if args.remote_queue < 1 or args.remote_timeout <= 0:
+        raise InvalidArgument("--remote-queue must be >= 1 and --remote-timeout > 0")
+    return RemoteConfig(url=args.remote, endpoint=args.remote_endpoint,
+                        credentials=Path(args.remote_credentials) if args.remote_credentials else None,
+                        presence=args.presence, namespaces=args.remote_ns or ["*"], queue=args.remote_queue,
+                        timeout=args.remote_timeout,
+                        gc_older_than=parse_age(args.remote_gc_older_than) if args.remote_gc_older_than else None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,5 +133,6 @@ def run(args: argparse.Namespace) -> int:
         compact_threshold=args.compact_threshold,
         metrics_port=args.metrics_port,
         poll_us=args.poll_us,
+        remote=remote_config(args),
     )
     return run_daemon(cfg)
