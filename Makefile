@@ -16,7 +16,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/pip install -q -e '.[test,bench,remote]'
 	$(BIN)/pip install -q -e '.[fuse]' || echo "note: pyfuse3 did not install (apt install libfuse3-dev pkg-config): no FUSE mount, its tests are skipped"
 	$(BIN)/pip install -q 'torch==$(TORCH)' 'transformers>=4.56' || echo "note: torch/transformers did not install: the TTFT demo's CPU test is skipped"
 	# the real vLLM for the connector's tests (its CPU build pins the same torch); its

@@ -110,13 +110,14 @@ def prometheus_families(st: dict[str, Any]) -> Iterator[Any]:
     tier_objs = GaugeMetricFamily("kvfs_tier_objects", "Objects held per tier.", labels=["tier"])
     hits = CounterMetricFamily("kvfs_tier_hits", "Lookups answered per tier.", labels=["tier"])
     for tier, t in st["tiers"].items():
-        if "bytes" in t:
+        if t is not None and "bytes" in t:
             tier_bytes.add_metric([tier], t["bytes"])
             tier_objs.add_metric([tier], t["objects"])
             hits.add_metric([tier], t["hits"])
     yield tier_bytes
     yield tier_objs
     yield hits
+    yield from _shared_tier(st["tiers"].get("T2"))
     c = st["counters"]
     for key, doc in (("puts", "Objects stored by puts."), ("put_bytes", "Bytes stored by puts."),
                      ("hits", "Lookups that found the key."), ("misses", "Lookups that did not."),
@@ -190,3 +191,26 @@ def serve_prometheus(port: int, snapshot: Callable[[], dict[str, Any]], policy: 
         httpd.serve_forever()
     threading.Thread(target=serve, name="kvfs-metrics", daemon=True).start()
     return httpd
+
+
+def _shared_tier(t2: dict[str, Any] | None) -> Iterator[Any]:
+    """The shared tier's (T2) health, queue and traffic, if configured."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    if t2 is None:
+        return
+    up = GaugeMetricFamily("kvfs_remote_up", "1 while the shared tier's part answers (s3, presence).",
+                           labels=["part"])
+    up.add_metric(["s3"], 1 if t2["s3"]["state"] == "up" else 0)
+    if t2["presence"] is not None:
+        up.add_metric(["presence"], 1 if t2["presence"]["state"] == "up" else 0)
+    yield up
+    yield GaugeMetricFamily("kvfs_remote_upload_queue", "Uploads waiting for the shared tier.", value=t2["queue"])
+    for key, doc in (("uploaded", "Objects uploaded to the shared tier."),
+                     ("upload_dropped", "Uploads dropped: the queue was full."),
+                     ("bytes_up", "Bytes uploaded to the shared tier."),
+                     ("bytes_down", "Bytes fetched from the shared tier."),
+                     ("hits", "Local misses read through from the shared tier."),
+                     ("misses", "Local misses the shared tier did not have (or could not serve)."),
+                     ("errors", "Failed requests to S3 or the presence index."),
+                     ("corrupt", "Remote objects refused for failing their checks.")):
+        yield CounterMetricFamily("kvfs_remote_" + key, doc, value=t2[key])

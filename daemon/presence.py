@@ -154,6 +154,9 @@ class Presence:
 
     def _mark_down(self, addr: Addr, e: BaseException) -> None:
         h = self._health.setdefault(addr, _Health())
+        if not h.backoff:  # logged once an outage, not once a retry
+            log.warning("presence index: %s:%d does not answer (%s: %s); its keys read as unknown",
+                        addr[0], addr[1], type(e).__name__, e)
         h.backoff = min(max(h.backoff * 2, 0.25), 10.0)
         h.down_until = time.monotonic() + h.backoff
         h.last_error = f"{type(e).__name__}: {e}"
@@ -164,12 +167,13 @@ class Presence:
     def _mark_up(self, addr: Addr) -> None:
         h = self._health.get(addr)
         if h is not None and h.backoff:
+            log.warning("presence index: %s:%d answers again", addr[0], addr[1])
             h.backoff, h.down_until = 0.0, 0.0
 
     def health(self) -> dict[str, Any]:
-        now = time.monotonic()
+        # down from a failure until the next answer
         nodes = {f"{a[0]}:{a[1]}": ("down: " + self._health[a].last_error
-                                    if a in self._health and now < self._health[a].down_until else "up")
+                                    if a in self._health and self._health[a].backoff else "up")
                  for a in (sorted(set(self._slots)) or self.seeds)}
         up = sum(v == "up" for v in nodes.values())
         return {"url": self.url, "cluster": self.cluster, "nodes": nodes,

@@ -63,7 +63,7 @@ class RemoteConfig:
     queue: int = 65536  # uploads waiting, at most (objects)
     uploaders: int = 4
     fetchers: int = 16
-    timeout: float = 5.0  # one S3 request, at most (seconds)
+    timeout: float = 2.0  # one S3 request (a part of at most ``part`` bytes), at most (seconds)
     part: int = 8 << 20  # ranged GETs of this size run concurrently for a larger object
     touch_every: float = 3600.0  # a key's last access is written at most this often (seconds)
     touch_rate: int = 1000  # last-access writes per second, at most
@@ -99,19 +99,32 @@ class _Backoff:
         self.failures = 0
 
     def down(self) -> bool:
+        """Within the back-off: nobody asks."""
         return time.monotonic() < self.until
 
+    def usable(self) -> bool:
+        """Answered last time: a client's call may ask. Once it failed, only
+        the uploaders' retries and the probe ask, until one succeeds, so a
+        client waits on a timeout once an outage, not once a back-off."""
+        return not self.step
+
     def failed(self, e: BaseException) -> None:
+        if not self.step:  # logged once an outage, not once a retry
+            log.warning("shared tier: %s; T2 is local-only until it answers again", e)
         self.step = min(max(self.step * 2, 0.25), 10.0)
         self.until = time.monotonic() + self.step
         self.error = str(e)
         self.failures += 1
 
     def ok(self) -> None:
+        if self.step:
+            log.warning("shared tier: S3 answers again")
         self.step = self.until = 0.0
 
     def state(self) -> str:
-        return f"down: {self.error}" if self.down() else "up"
+        """Down from a failure until the next success (``down()`` only says
+        whether the back-off still keeps callers away)."""
+        return f"down: {self.error}" if self.step else "up"
 
 
 class SharedTier:
@@ -136,6 +149,7 @@ class SharedTier:
         self._pool = ThreadPoolExecutor(cfg.fetchers, thread_name_prefix="kvfs-t2-get")
         self._threads = [threading.Thread(target=self._upload_loop, name=f"kvfs-t2-up{i}", daemon=True)
                          for i in range(cfg.uploaders)]
+        self._threads.append(threading.Thread(target=self._probe_loop, name="kvfs-t2-probe", daemon=True))
         if self.presence is not None:
             self._threads.append(threading.Thread(target=self._touch_loop, name="kvfs-t2-touch", daemon=True))
         for t in self._threads:
@@ -249,8 +263,7 @@ class SharedTier:
             except RemoteError as e:
                 self.s3.failed(e)
                 self.counters["upload_errors"] += 1
-                log.warning("shared tier: %s (uploads wait and retry)", e)
-                self._requeue(batch[i:])
+                self._requeue(batch[i:])  # they wait for S3 to answer again
                 break
             self.s3.ok()
             self.counters["uploaded" if fresh else "upload_existing"] += 1
@@ -278,7 +291,7 @@ class SharedTier:
             got = self.presence.exists_many([presence_key(self.tag, ns, k) for k in keys])
             out = [g is True for g in got]
         else:
-            if self.s3.down():
+            if not self.s3.usable():
                 return [False] * len(keys)
             out = [n is not None for n in self._heads(ns, keys)]
         self.counters["remote_lookup_hits"] += sum(out)
@@ -296,6 +309,8 @@ class SharedTier:
 
     def _heads(self, ns: str, keys: Sequence[str]) -> list[int | None]:
         def head(k: str) -> int | None:
+            if not self.s3.usable():  # failed meanwhile: the rest are misses at once
+                return None
             try:
                 n = self.bucket.head(object_name(self.bucket.prefix, ns, k))
                 self.s3.ok()
@@ -313,7 +328,7 @@ class SharedTier:
         if not keys:
             return 0
         self.counters["fetch_asked"] += len(keys)
-        if self.s3.down():
+        if not self.s3.usable():
             self.counters["fetch_skipped"] += len(keys)
             return 0
         lengths: list[int | None]
@@ -351,6 +366,9 @@ class SharedTier:
             ev.set()
 
     def _fetch_install(self, ns: str, key: str, length: int) -> bool:
+        if not self.s3.usable():  # failed meanwhile (another part of this batch): a miss at once
+            self.counters["fetch_skipped"] += 1
+            return False
         name = object_name(self.bucket.prefix, ns, key)
         try:
             data = self.bucket.get(name, length, self.cfg.part)
@@ -358,7 +376,6 @@ class SharedTier:
         except RemoteError as e:
             self.s3.failed(e)
             self.counters["remote_errors"] += 1
-            log.warning("shared tier: %s (a miss)", e)
             return False
         if data is None:  # the presence index named an object S3 lacks: repair it
             self.counters["remote_stale"] += 1
@@ -397,6 +414,23 @@ class SharedTier:
                 self.bucket.delete(object_name(self.bucket.prefix, ns, k))
             except RemoteError as e:
                 log.warning("shared tier: %s", e)
+
+    def _probe_loop(self) -> None:
+        """While S3 is down and no upload is waiting to retry, a HEAD once
+        each back-off finds out when it answers again (clients never do)."""
+        while True:
+            with self._cv:
+                self._cv.wait(0.1)
+                if self._stop:
+                    return
+                idle = not self._q and not self._busy
+            if self.s3.usable() or self.s3.down() or not idle:
+                continue
+            try:
+                self.bucket.head(f"{self.bucket.prefix}/.kvfs-probe" if self.bucket.prefix else ".kvfs-probe")
+                self.s3.ok()
+            except RemoteError as e:
+                self.s3.failed(e)
 
     # -- last access ------------------------------------------------------
 

@@ -140,6 +140,14 @@ class Store(Puts):
         jid = self._call(P.COMPACT, {"threshold": threshold, "stripe": stripe})["job"]
         return self._wait_job(jid, progress, poll)
 
+    def gc_remote(self, older_than: float, *, dry_run: bool = False,
+                  progress: Callable[[str, int, int], None] | None = None, poll: float = 0.2) -> dict[str, Any]:
+        """Remove shared-tier objects (and their presence records) not
+        accessed for ``older_than`` seconds (see ``kvfs gc --remote``).
+        Returns what it removed (``dry_run``: what it would)."""
+        jid = self._call(P.GC_REMOTE, {"older_than": older_than, "dry_run": dry_run})["job"]
+        return self._wait_job(jid, progress, poll)
+
     def stats(self) -> dict[str, Any]:
         return dict(self._call(P.STATS, {}))
 

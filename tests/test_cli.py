@@ -31,7 +31,8 @@ def test_put_get_ls_rm_stats(daemon, tmp_path):
     assert "objects" in table and "3 (" in table and "stripe" in table
     assert "T0 shm" in table and "T1 disk" in table and "write-back backlog" in table
     assert "of LMDB pages" in table and st["index"]["commits"] >= 1  # the index's row
-    assert set(st["tiers"]) == {"T0", "T1"} and st["tiers"]["T0"]["capacity_bytes"] > 0
+    assert set(st["tiers"]) == {"T0", "T1", "T2"} and st["tiers"]["T0"]["capacity_bytes"] > 0
+    assert st["tiers"]["T2"] is None  # no shared tier configured
     assert st["gc"]["frozen"] > 0 and st["gc"]["freezes"] >= 1  # the daemon's collector policy is on
     kvfs_cmd("rm", "--socket", sock, "ns1", "blk0")
     r = kvfs_cmd("get", "--socket", sock, "ns1", "blk0", str(out), check=False)

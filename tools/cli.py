@@ -8,7 +8,7 @@ import sys
 
 from kvfs.errors import KvfsError
 
-COMMANDS = ["daemon", "stats", "ls", "du", "evict", "compact", "verify", "rebuild_index", "faults", "put", "get", "rm", "bench", "demo", "demo_ttft"]
+COMMANDS = ["daemon", "stats", "ls", "du", "evict", "compact", "gc", "verify", "rebuild_index", "faults", "put", "get", "rm", "bench", "demo", "demo_ttft"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -101,6 +101,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="--nixl: POSIX queue modes to run (default, uring, aio, posix_aio; default: default,uring)")
     x.add_argument("--nixl-vram", action="store_true",
                    help="--nixl: also T0 into device memory through UCX, and try GDS/GDS_MT (needs CuPy and a GPU)")
+    r = p.add_argument_group("--remote: the shared tier between two nodes (S3 and Redis started on loopback)")
+    r.add_argument("--remote", action="store_true",
+                   help="write-through and read-through GB/s at 1 and 8 MiB against raw S3 PUT/GET of the same "
+                        "objects, cross-node prefix_match of 1024 keys, and what an outage costs a call "
+                        "(--total bytes per block size; needs weed and redis-server)")
     return p
 
 
@@ -308,6 +313,12 @@ def run(args: argparse.Namespace) -> int:
             args.repeat, args.total = 1, "16M"
         res = run_nixl_bench(args)
         return _emit(args, res, format_nixl(res))
+    if args.remote:
+        from .bench_remote import format_remote, run_remote_bench
+        if args.total == "512M":
+            args.total = "256M"
+        res = run_remote_bench(args)
+        return _emit(args, res, format_remote(res))
     if args.compare or args.native or args.fuse or args.gpu:
         return run_compare_cmd(args)
     print(f"kvfs bench: scale {args.scale}, threads {args.threads} (page-cache hot reads; ratios are "

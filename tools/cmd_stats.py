@@ -82,6 +82,8 @@ def format_stats(st: dict[str, Any]) -> str:
                         s.get("chunks", "")] for s in st["stripes"]]))
     out += ["", render(["tier", "capacity", "objects", "bytes", "hits", "misses", "evictions", "promotions",
                         "write-back backlog"], tier_rows(st))]
+    if st["tiers"].get("T2"):
+        out += ["", render(["shared tier (T2)", ""], shared_tier_rows(st["tiers"]["T2"]))]
     if st.get("requests"):
         out += ["", render(["request", "count", "p50", "p99", "mean"],
                            [[op, h["count"], _ms(h["p50_s"]), _ms(h["p99_s"]), _ms(h["sum_s"] / max(1, h["count"]))]
@@ -107,6 +109,25 @@ def connector_rows(conns: dict[str, Any]) -> list[list[Any]]:
                      f"{g('blocks_saved', 0)} ({format_size(g('bytes_saved', 0))})", _ms(g("save_us", 0) / 1e6),
                      f"{g('saves_dropped', 0)} / {g('saves_failed', 0)}",
                      g("errors", 0) + g("load_errors", 0) + g("unavailable", 0)])
+    return rows
+
+
+def shared_tier_rows(t2: dict[str, Any]) -> list[list[Any]]:
+    """The shared tier's configuration, health, queue and traffic."""
+    s3, pr = t2["s3"], t2["presence"]
+    rows = [["bytes", f"{t2['url']}" + (f" at {s3['endpoint']}" if s3.get("endpoint") else "")
+             + f" (credentials: {s3['credentials']}): {s3['state']}"],
+            ["presence index", "none: lookups are S3 HEAD requests" if pr is None else
+             f"{pr['url']} ({'cluster' if pr['cluster'] else 'one server'}): {pr['state']}"
+             + "".join(f"; {n} {st}" for n, st in pr["nodes"].items() if st != "up")],
+            ["written through", ", ".join(t2["namespaces"])],
+            ["upload queue", f"{t2['queue']} waiting (at most {t2['queue_max']}), {t2['uploading']} uploading"],
+            ["uploaded", f"{t2['uploaded']} ({format_size(t2['bytes_up'])}), {t2['upload_existing']} there already, "
+                         f"{t2['upload_dropped']} dropped (queue full)"],
+            ["read through", f"{t2['hits']} hits ({format_size(t2['bytes_down'])}), {t2['misses']} misses"],
+            ["remote lookups", f"{t2['lookups']} keys, {t2['lookup_hits']} held remotely"],
+            ["errors", f"{t2['errors']} (corrupt refused {t2['corrupt']}, stale records repaired "
+                       f"{t2['stale_repaired']})"]]
     return rows
 
 

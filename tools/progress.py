@@ -20,3 +20,17 @@ def progress_bar(label: str) -> Callable[[int, int], None] | None:
         if done >= total:
             print(file=sys.stderr)
     return show
+
+
+def progress_count(label: str) -> Callable[[str, int, int], None] | None:
+    """``show(phase, done, _total)`` for work whose total is unknown (a
+    count so far); ``done < 0`` ends the line. None when stderr is no terminal."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(phase: str, done: int, _total: int) -> None:
+        if done < 0:
+            print(file=sys.stderr)
+        else:
+            print(f"\r{label} {done} {phase}", end="", file=sys.stderr)
+    return show

