@@ -135,11 +135,14 @@ class Repair(Tiering):
             data += chunk
         return int(self._store_value(ns, key, None, memoryview(data), False))
 
-    def read_verified(self, ns: str, key: str) -> tuple[int, bytes, bytes | None, bytearray] | None:
+    def read_verified(self, ns: str, key: str, head: Callable[[int, bytes, bytes | None], bytes] | None = None
+                      ) -> tuple[int, bytes, bytes | None, memoryview] | None:
         """An object's (size, checksum, meta, bytes) read from T1 under a
         lease, every chunk checked against its sum (the shared tier's
-        uploads). None: not stored, not yet in T1, or a chunk failed (that
-        object is then verified and dropped as any reader's report would)."""
+        uploads). ``head(size, checksum, meta)``: bytes to put in front, in
+        the same buffer (the bytes returned are then head and value). None:
+        not stored, not yet in T1, or a chunk failed (that object is then
+        verified and dropped as any reader's report would)."""
         ns, key = normalize_ns(ns), normalize_key(key)
         ok = obj_key(ns, key)
         with self._lock:
@@ -152,9 +155,11 @@ class Repair(Tiering):
                 e = self.index.get(txn, ns, key)
             if e is None:
                 return None
-            buf = bytearray(e.size)
+            front = head(e.size, e.checksum, e.meta) if head is not None else b""
+            buf = bytearray(len(front) + e.size)
+            buf[:len(front)] = front
             view = memoryview(buf)
-            pos = 0
+            pos = len(front)
             for x in e.extents:
                 fd = self.segment_fd(x.seg)
                 part = view[pos:pos + x.length]
@@ -171,12 +176,7 @@ class Repair(Tiering):
         if bad:
             self.verify_object(ns, key, e.seq)
             return None
-        return e.size, e.checksum, e.meta, buf
-
-    def install(self, ns: str, key: str, meta: bytes | None, value: memoryview) -> bool:
-        """Store a value fetched from elsewhere (the shared tier), already
-        checked by the caller, as a fast-mode put. False: the key is there."""
-        return self._store_value(ns, key, meta, value, False)
+        return e.size, e.checksum, e.meta, view
 
     def _store_value(self, ns: str, key: str, meta: bytes | None, value: memoryview, sync: bool) -> bool:
         """Put one value from the daemon itself (blocking). False: the key is there."""

@@ -26,7 +26,7 @@ import datetime
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 from urllib.parse import urlsplit
 
 from kvfs.errors import InvalidArgument, KvfsError
@@ -105,11 +105,11 @@ class Bucket:
     def _fail(self, what: str, name: str, e: BaseException) -> RemoteError:
         return RemoteError(f"S3 {what} of {name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
 
-    def put_new(self, name: str, parts: Sequence[Any]) -> bool:
-        """Upload ``parts`` as one object unless ``name`` exists. True:
-        uploaded; False: it was there (another node wrote it)."""
+    def put_new(self, name: str, data: Any) -> bool:
+        """Upload ``data`` (a buffer) as one object unless ``name`` exists.
+        True: uploaded; False: it was there (another node wrote it)."""
         try:
-            self._ob.put(self.store, name, list(parts), mode="create", use_multipart=False)
+            self._ob.put(self.store, name, data, mode="create", use_multipart=False)
             return True
         except self._exists_error:
             return False
@@ -121,9 +121,10 @@ class Bucket:
         parts of ``part`` bytes are fetched concurrently (ranged GETs)."""
         try:
             if length is None or length <= part:
-                return memoryview(self._ob.get(self.store, name).bytes())
-            starts = list(range(0, length, part))
-            ends = [min(s + part, length) for s in starts]
+                return memoryview(self._ob.get(self.store, name).bytes())  # no copy: obstore's own buffer
+            n = -(-length // part)  # equal ranges, so no small tail request
+            starts = [length * i // n for i in range(n)]
+            ends = starts[1:] + [length]
             pieces = self._ob.get_ranges(self.store, name, starts=starts, ends=ends, coalesce=0)
             if sum(len(p) for p in pieces) != length:
                 raise RemoteError(f"S3 GET of {name}: ranges came back short")

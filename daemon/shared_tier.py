@@ -30,14 +30,14 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from kvfs.errors import KvfsError
-from kvfs.remote_object import (BadObject, check_payload, decode_head, encode_head, object_name, presence_key,
-                                tier_tag)
+from kvfs.remote_object import (BadObject, ObjectHead, check_payload, decode_head, encode_head, object_name,
+                                presence_key, tier_tag)
 
 from .presence import UNKNOWN, Presence, command
 from .s3_bucket import Bucket, RemoteError
@@ -46,6 +46,10 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 log = logging.getLogger("kvfsd")
+
+# fetched bytes installed by one put (one commit): large enough that a commit
+# costs little, small enough that installing overlaps the fetches still running
+INSTALL_BATCH = 16 << 20
 
 # rewrites a presence record's last access, keeping its length; nothing if it is gone
 _TOUCH = (b"local v = redis.call('GET', KEYS[1]) if not v then return 0 end "
@@ -64,7 +68,7 @@ class RemoteConfig:
     uploaders: int = 4
     fetchers: int = 16
     timeout: float = 2.0  # one S3 request (a part of at most ``part`` bytes), at most (seconds)
-    part: int = 8 << 20  # ranged GETs of this size run concurrently for a larger object
+    part: int = 16 << 20  # an object larger than this is fetched as that many equal ranges, concurrently
     touch_every: float = 3600.0  # a key's last access is written at most this often (seconds)
     touch_rate: int = 1000  # last-access writes per second, at most
     gc_older_than: float | None = None  # the daemon removes T2 objects not accessed for this long
@@ -252,14 +256,13 @@ class SharedTier:
         for i, (ns, key) in enumerate(batch):
             if not self._wait_s3():
                 return
-            got = self.engine.read_verified(ns, key)
+            got = self.engine.read_verified(ns, key, lambda size, csum, meta: encode_head(ns, key, size, csum, meta))
             if got is None:
                 self.counters["upload_skipped"] += 1  # deleted or evicted meanwhile, or failed its check
                 continue
-            size, csum, meta, payload = got
-            head = encode_head(ns, key, size, csum, meta)
+            size, _csum, _meta, obj = got  # obj: the head, then the value
             try:
-                fresh = self.bucket.put_new(object_name(self.bucket.prefix, ns, key), [head, payload])
+                fresh = self.bucket.put_new(object_name(self.bucket.prefix, ns, key), obj)
             except RemoteError as e:
                 self.s3.failed(e)
                 self.counters["upload_errors"] += 1
@@ -268,8 +271,8 @@ class SharedTier:
             self.s3.ok()
             self.counters["uploaded" if fresh else "upload_existing"] += 1
             if fresh:
-                self.counters["bytes_up"] += len(head) + size
-            done.append(((ns, key), presence_key(self.tag, ns, key), presence_value(len(head) + size, time.time())))
+                self.counters["bytes_up"] += len(obj)
+            done.append(((ns, key), presence_key(self.tag, ns, key), presence_value(len(obj), time.time())))
         if done and self.presence is not None:
             took = self.presence.set_many([(pk, v) for _it, pk, v in done])
             failed = [it for (it, _pk, _v), ok in zip(done, took) if not ok]
@@ -323,8 +326,8 @@ class SharedTier:
 
     def fetch(self, ns: str, keys: Sequence[str]) -> int:
         """Read through: fetch what T2 holds of ``keys`` (concurrently),
-        check it, install it locally. How many were installed. Never raises
-        for a remote failure: what cannot be fetched is a miss."""
+        check it, install it locally in one batch. How many were installed.
+        Never raises for a remote failure: what cannot be fetched is a miss."""
         if not keys:
             return 0
         self.counters["fetch_asked"] += len(keys)
@@ -340,35 +343,73 @@ class SharedTier:
                 lengths.append(None if pv is None else pv[0])
         else:
             lengths = self._heads(ns, keys)
-        todo = [(k, n) for k, n in zip(keys, lengths) if n is not None]
-        if not todo:
-            return 0
-        got = list(self._pool.map(lambda kn: self._fetch_one(ns, kn[0], kn[1]), todo))
-        return sum(got)
-
-    def _fetch_one(self, ns: str, key: str, length: int) -> bool:
-        ident = (ns, key)
-        with self._fetch_lock:
-            ev = self._fetching.get(ident)
-            mine = ev is None
-            if mine:
-                ev = self._fetching[ident] = threading.Event()
-        assert ev is not None
-        if not mine:  # another request fetches it: wait for that one
-            ev.wait(self.cfg.timeout * 2)
-            self.counters["fetch_joined"] += 1
-            return False
+        todo: list[tuple[str, int]] = []
+        waits: list[threading.Event] = []
+        mine: list[str] = []
+        with self._fetch_lock:  # a key another request fetches now is waited for, not fetched twice
+            for k, n in zip(keys, lengths):
+                if n is None:
+                    continue
+                ev = self._fetching.get((ns, k))
+                if ev is not None:
+                    waits.append(ev)
+                    continue
+                self._fetching[(ns, k)] = threading.Event()
+                todo.append((k, n))
+                mine.append(k)
+        installed = 0
         try:
-            return self._fetch_install(ns, key, length)
+            if todo:
+                # installed as they arrive, a batch at a time, while the rest are still fetched
+                t = time.perf_counter()
+                futs = [self._pool.submit(self._fetch_checked, ns, k, n) for k, n in todo]
+                ready: list[tuple[str, ObjectHead, memoryview]] = []
+                size = 0
+                for f in as_completed(futs):
+                    g = f.result()
+                    if g is None:
+                        continue
+                    ready.append(g)
+                    size += len(g[2])
+                    if size >= INSTALL_BATCH:
+                        installed += self._install(ns, ready)
+                        ready, size = [], 0
+                if ready:
+                    installed += self._install(ns, ready)
+                self.counters["read_through_us"] += int((time.perf_counter() - t) * 1e6)
         finally:
             with self._fetch_lock:
-                del self._fetching[ident]
-            ev.set()
+                for k in mine:
+                    self._fetching.pop((ns, k)).set()
+        for ev in waits:
+            ev.wait(self.cfg.timeout * 4)
+            self.counters["fetch_joined"] += 1
+        return installed + len(waits)
 
-    def _fetch_install(self, ns: str, key: str, length: int) -> bool:
+    def _install(self, ns: str, got: list[tuple[str, ObjectHead, memoryview]]) -> int:
+        """Install checked objects as one put (one commit). How many are now
+        stored here (stored, or there already: put meanwhile)."""
+        self._installing.on = True
+        t = time.perf_counter()
+        try:
+            stored = self.engine.install_many(ns, [(k, h.meta, v) for k, h, v in got])
+        except KvfsError as e:
+            self.counters["install_failed"] += len(got)
+            log.warning("shared tier: %d objects fetched but not installed: %s", len(got), e)
+            return 0
+        finally:
+            self._installing.on = False
+            self.counters["install_us"] += int((time.perf_counter() - t) * 1e6)
+        self.counters["fetched"] += len(stored)
+        self.accessed((ns, k) for k, _h, _v in got)
+        return len(stored)
+
+    def _fetch_checked(self, ns: str, key: str, length: int) -> tuple[str, ObjectHead, memoryview] | None:
+        """One object fetched and checked: (key, head, payload), or None (a
+        miss: S3 failed, the object is gone, or it failed its checks)."""
         if not self.s3.usable():  # failed meanwhile (another part of this batch): a miss at once
             self.counters["fetch_skipped"] += 1
-            return False
+            return None
         name = object_name(self.bucket.prefix, ns, key)
         try:
             data = self.bucket.get(name, length, self.cfg.part)
@@ -376,12 +417,12 @@ class SharedTier:
         except RemoteError as e:
             self.s3.failed(e)
             self.counters["remote_errors"] += 1
-            return False
+            return None
         if data is None:  # the presence index named an object S3 lacks: repair it
             self.counters["remote_stale"] += 1
             if self.presence is not None:
                 self.presence.delete_many([presence_key(self.tag, ns, key)])
-            return False
+            return None
         try:
             head = decode_head(data, ns, key)
             payload = data[head.head_len:]
@@ -390,20 +431,9 @@ class SharedTier:
             self.counters["remote_corrupt"] += 1
             log.warning("shared tier: %s/%s refused: %s (removed from the shared tier)", ns, key, e)
             self._remove_remote([(ns, key)])
-            return False
+            return None
         self.counters["bytes_down"] += len(data)
-        self._installing.on = True
-        try:
-            stored = self.engine.install(ns, key, head.meta, payload)
-        except KvfsError as e:
-            self.counters["install_failed"] += 1
-            log.warning("shared tier: %s/%s fetched but not installed: %s", ns, key, e)
-            return False
-        finally:
-            self._installing.on = False
-        self.counters["fetched"] += 1
-        self.accessed([(ns, key)])
-        return stored
+        return key, head, payload
 
     def _remove_remote(self, items: Sequence[tuple[str, str]]) -> None:
         """Presence records first (no node is sent to them any more), then the objects."""

@@ -84,6 +84,46 @@ class Tiering(Puts):
             if existing:
                 self.counters["puts_existing"] += len(existing)
 
+    def install_many(self, ns: str, items: list[tuple[str, bytes | None, memoryview]]) -> list[bool]:
+        """Store values fetched from elsewhere (the shared tier), already
+        checked by the caller: (key, meta, value) each, one put for the
+        batch. Into T0, as a client's put would (readable at once, written
+        back to T1 in the background), when every new value fits the arena;
+        else straight into T1 with one commit. Per item whether it was
+        stored (False: the key was there)."""
+        sizes = [(k, len(v), m) for k, m, v in items]
+        if self.t0 is not None:
+            plan = self.prepare_put(ns, sizes, t0=True)
+            ops = plan.items
+            if all(op is None or op.via_t0 for op in ops):
+                fresh = [i for i, op in enumerate(ops) if op is not None]
+                view = self.t0.arena.view
+                try:
+                    sums = native.backend.copy_hash_chunked(
+                        [view[ops[i].t0:ops[i].t0 + ops[i].size] for i in fresh],  # type: ignore[union-attr]
+                        [items[i][2] for i in fresh], self.stripe_unit)
+                    self.set_client_sums(plan, [None if op is None else [w, cs]
+                                                for op, (w, cs) in zip(ops, _spread(ops, sums))])
+                except BaseException:
+                    self.abort_put(plan)
+                    raise
+                self.publish_t0(plan)
+                self.queue_write_back(plan)
+                return [op is not None and op.t0_stored for op in ops]
+            self.abort_put(plan)  # a value the arena cannot take: the whole batch goes to T1
+        plan = self.prepare_put(ns, sizes)
+        pieces = [(i, c.idx, v[c.chunk_off:c.chunk_off + c.length])
+                  for i, ((_k, _m, v), op) in enumerate(zip(items, plan.items)) if op is not None for c in op.chunks]
+        if not pieces:
+            self.abort_put(plan)
+            return [False] * len(items)
+        try:
+            self.write_chunks(plan, pieces)
+        except BaseException:
+            self.abort_put(plan)
+            raise
+        return self.commit_put(plan, False)
+
     def t0_only(self, plan: PutPlan) -> bool:
         """Every new item of the plan goes through T0 (none written to T1 by the client)."""
         return all(op is None or op.t0 >= 0 for op in plan.items)
@@ -276,3 +316,10 @@ class Tiering(Puts):
                 else:
                     self.t0.alloc.free(off)  # never published
         return done
+
+
+def _spread(ops: list[ObjPlan | None], sums: list[tuple[bytes, list[bytes]]]) -> list[tuple[bytes, list[bytes]]]:
+    """``sums`` (one per op that is not None) spread over ``ops`` (a
+    placeholder where an op is None)."""
+    it = iter(sums)
+    return [(b"", []) if op is None else next(it) for op in ops]
