@@ -68,6 +68,11 @@ def command(*args: bytes) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
 
 
+# the commands sent once per key, as templates (``command`` costs 1.4 us a key, these 0.2)
+_EXISTS = b"*2\r\n$6\r\nEXISTS\r\n$%d\r\n%s\r\n"
+_GET = b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n"
+
+
 class _Unknown:
     def __repr__(self) -> str:
         return "UNKNOWN"
@@ -215,36 +220,61 @@ class Presence:
             self._drop_conn(addr)
             raise
 
-    def _read(self, s: socket.socket, n: int) -> list[Any]:
+    def _read(self, s: socket.socket, n: int, fixed: int = 0) -> list[Any]:
+        """``n`` replies. ``fixed``: the length every reply has when all
+        went well (4 for ``:0``/``:1``, EXISTS and DEL): then they are
+        read as a byte slice, not one by one, unless one is not of that
+        form (an error), which sends the whole batch through hiredis."""
+        buf = b""
+        if fixed:
+            want = fixed * n
+            while len(buf) < want:
+                data = s.recv(max(want - len(buf), 1 << 16))
+                if not data:
+                    raise ConnectionResetError("the presence server closed the connection")
+                buf += data
+            if len(buf) == want and buf[0::fixed].count(b":") == n and buf[fixed - 2::fixed].count(b"\r") == n:
+                return [c - 48 for c in buf[1::fixed]]  # ":0\r\n" / ":1\r\n"
         r = hiredis.Reader()
         out: list[Any] = []
-        while len(out) < n:
-            data = s.recv(1 << 16)
-            if not data:
-                raise ConnectionResetError("the presence server closed the connection")
-            r.feed(data)
-            while True:
+        if buf:
+            r.feed(buf)
+        while True:
+            while len(out) < n:
                 v = r.gets()
                 if v is False:
                     break
                 out.append(v)
-        return out
+            if len(out) == n:
+                return out
+            data = s.recv(1 << 16)
+            if not data:
+                raise ConnectionResetError("the presence server closed the connection")
+            r.feed(data)
 
     # -- batches ----------------------------------------------------------
 
-    def run(self, keys: Sequence[bytes], cmds: Sequence[bytes]) -> list[Any]:
+    def run(self, keys: Sequence[bytes], cmds: Sequence[bytes], fixed: int = 0) -> list[Any]:
         """One command per key (``cmds[i]`` acts on ``keys[i]``), sent in one
         pipeline per master, every master's before any reply is read.
         Per key the reply, or UNKNOWN where its master is down or answered
-        with an error."""
+        with an error. ``fixed``: the replies' length when all went well
+        (``_read``)."""
         if self._stale:
             self._refresh()
         self.stats.calls += 1
         self.stats.keys += len(keys)
         slots = self._slots
+        crc = binascii.crc_hqx
         groups: dict[Addr, list[int]] = {}
         for i, k in enumerate(keys):
-            groups.setdefault(slots[key_slot(k)], []).append(i)
+            # key_slot inlined for keys without a hash tag (kvfs's own never have one)
+            addr = slots[crc(k, 0) % SLOTS] if b"{" not in k else slots[key_slot(k)]
+            g = groups.get(addr)
+            if g is None:
+                groups[addr] = [i]
+            else:
+                g.append(i)
         out: list[Any] = [UNKNOWN] * len(keys)
         sent: list[tuple[Addr, list[int]]] = []
         for addr, idx in groups.items():
@@ -257,11 +287,15 @@ class Presence:
                 self._mark_down(addr, e)
         for addr, idx in sent:
             try:
-                replies = self._read(self._conn(addr), len(idx))
+                replies = self._read(self._conn(addr), len(idx), fixed)
             except OSError as e:
                 self._mark_down(addr, e)
                 continue
             self._mark_up(addr)
+            if type(replies[0]) is int and all(type(v) is int for v in replies):
+                for i, v in zip(idx, replies):
+                    out[i] = v
+                continue
             for i, v in zip(idx, replies):
                 if isinstance(v, hiredis.ReplyError):
                     msg = str(v)
@@ -276,12 +310,12 @@ class Presence:
 
     def exists_many(self, keys: Sequence[bytes]) -> list[bool | None]:
         """Per key whether it exists; None where unknown."""
-        got = self.run(keys, [command(b"EXISTS", k) for k in keys])
-        return [None if v is UNKNOWN else bool(v) for v in got]
+        got = self.run(keys, [_EXISTS % (len(k), k) for k in keys], 4)
+        return [None if v is UNKNOWN else v == 1 for v in got]
 
     def get_many(self, keys: Sequence[bytes]) -> list[Any]:
         """Per key its value, None where it is absent, UNKNOWN where unknown."""
-        return self.run(keys, [command(b"GET", k) for k in keys])
+        return self.run(keys, [_GET % (len(k), k) for k in keys])
 
     def set_many(self, items: Sequence[tuple[bytes, bytes]], *, only_if_exists: bool = False) -> list[bool]:
         """SET each key (XX: only where it exists). Per key whether it took."""
@@ -291,8 +325,8 @@ class Presence:
         return [v == b"OK" for v in got]
 
     def delete_many(self, keys: Sequence[bytes]) -> list[bool | None]:
-        got = self.run(keys, [command(b"DEL", k) for k in keys])
-        return [None if v is UNKNOWN else bool(v) for v in got]
+        got = self.run(keys, [command(b"DEL", k) for k in keys], 4)
+        return [None if v is UNKNOWN else v == 1 for v in got]
 
     def scan(self, match: bytes, count: int = 1000) -> Iterator[tuple[Addr, list[bytes]]]:
         """Every master's keys matching ``match``, a page at a time. A master

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from kvfs.errors import KvfsError
 from kvfs.remote_object import (BadObject, ObjectHead, check_payload, decode_head, encode_head, object_name,
-                                presence_key, tier_tag)
+                                presence_key, presence_keys, tier_tag)
 
 from .presence import UNKNOWN, Presence, command
 from .s3_bucket import Bucket, RemoteError
@@ -291,16 +291,14 @@ class SharedTier:
             return []
         self.counters["remote_lookups"] += len(keys)
         if self.presence is not None:
-            got = self.presence.exists_many([presence_key(self.tag, ns, k) for k in keys])
+            got = self.presence.exists_many(presence_keys(self.tag, ns, list(keys)))
             out = [g is True for g in got]
         else:
             if not self.s3.usable():
                 return [False] * len(keys)
             out = [n is not None for n in self._heads(ns, keys)]
         self.counters["remote_lookup_hits"] += sum(out)
-        if any(out):
-            self.accessed((ns, k) for k, hit in zip(keys, out) if hit)
-        return out
+        return out  # (an access is recorded when a block is read, not when it is asked about)
 
     def prefix(self, ns: str, keys: Sequence[str]) -> int:
         n = 0
@@ -336,7 +334,7 @@ class SharedTier:
             return 0
         lengths: list[int | None]
         if self.presence is not None:
-            pks = [presence_key(self.tag, ns, k) for k in keys]
+            pks = presence_keys(self.tag, ns, list(keys))
             lengths = []
             for v in self.presence.get_many(pks):
                 pv = None if v is None or v is UNKNOWN else parse_presence_value(v)

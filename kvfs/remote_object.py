@@ -81,6 +81,14 @@ def presence_key(tag: str, ns: str, key: str) -> bytes:
     return f"kvfs:{tag}:{digest(ns, key)}".encode()
 
 
+def presence_keys(tag: str, ns: str, keys: list[str]) -> list[bytes]:
+    """``presence_key`` of each key (a batch: the namespace's part once)."""
+    pre = b"kvfs-t2\x00" + ns.encode() + b"\x00"
+    head = f"kvfs:{tag}:".encode()
+    h = xxhash.xxh3_128_hexdigest
+    return [head + h(pre + k.encode()).encode() for k in keys]
+
+
 def encode_head(ns: str, key: str, size: int, checksum: bytes, meta: bytes | None) -> bytes:
     """The bytes in front of the payload."""
     nsb, kb, mb = ns.encode(), key.encode(), meta or b""
