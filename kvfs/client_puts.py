@@ -424,8 +424,10 @@ class Puts(DeviceReading):
             res = c.call(P.ALLOC, {"ns": ns, "items": items, "t0": bool(t0) and self.arena is not None})
         return Reservation(self, c, ns, ks, [int(n) for n in sizes], res, gen)
 
-    def flush(self, timeout: float = 60.0) -> bool:
+    def flush(self, timeout: float = 60.0, *, remote: bool = False) -> bool:
         """Wait until every put acknowledged so far is written back from T0
-        to T1 and the index (fast mode acknowledges T0 puts before that).
-        False if ``timeout`` seconds passed first."""
-        return bool(self._call(P.FLUSH, {"timeout": timeout}))
+        to T1 and the index (fast mode acknowledges T0 puts before that);
+        with ``remote``, and until the shared tier's upload queue is empty
+        (uploaded, or dropped and counted). False if ``timeout`` seconds
+        passed first."""
+        return bool(self._call(P.FLUSH, {"timeout": timeout, **({"remote": True} if remote else {})}))

@@ -94,9 +94,9 @@ def wait_for(cond: Callable[[], bool], timeout: float = 20.0, what: str = "") ->
 
 
 def uploaded(s: Any, n: int) -> None:
-    s.flush()
-    wait_for(lambda: (lambda t: t["uploaded"] + t["upload_existing"] >= n and t["queue"] == 0
-                      and t["uploading"] == 0)(t2(s)), what=f"{n} uploads")
+    assert s.flush(60, remote=True)
+    t = t2(s)
+    assert t["uploaded"] + t["upload_existing"] >= n and t["queue"] == 0 and t["uploading"] == 0, t
 
 
 def values(n: int, size: int = 100_000, seed: str = "") -> dict[str, bytes]:
