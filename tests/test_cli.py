@@ -100,6 +100,20 @@ def test_bench_quick(tmp_path):
     assert b"get/raw" in r.stdout
 
 
+def test_bench_remote_quick(tmp_path):
+    """kvfs bench --remote starts its S3 server and Redis Cluster, reads
+    through and writes through every block (it checks the bytes itself),
+    and times the outages."""
+    r = kvfs_cmd("bench", "--remote", "--quick", "--dir", str(tmp_path), "--json", str(tmp_path / "r.json"))
+    res = json.loads((tmp_path / "r.json").read_text())
+    (row,) = res["sizes"]
+    assert row["read_through_s"] > 0 and row["write_through_s"] > 0 and row["raw_get_s"] > 0
+    assert res["meta"]["prefix_match_p50_ms"] > 0 and set(res["outage"]) == {
+        "redis_master_killed", "s3_hung", "healthy_get_many_into"}
+    assert b"read-through" in r.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # servers and daemons stopped, their files removed
+
+
 def test_bench_meta_quick(tmp_path):
     """kvfs bench --meta runs both answers (the directory, the round trip)
     idle and under a putter, with the CPU-only step that bounds their tail

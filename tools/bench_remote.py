@@ -223,9 +223,12 @@ def run_remote_bench(args: argparse.Namespace) -> dict[str, Any]:
         for s in (a, b):
             s.close()
     finally:
-        clean_up(work, base, bool(args.dir), nodes)
+        for d in nodes:  # the daemons first (they talk to the servers), then the servers, then the files
+            if d.alive():
+                d.stop()
         s3.stop()
         rc.stop()
+        clean_up(work, base, bool(args.dir), nodes)
     return res
 
 
