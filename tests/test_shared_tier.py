@@ -99,6 +99,13 @@ def uploaded(s: Any, n: int) -> None:
     assert t["uploaded"] + t["upload_existing"] >= n and t["queue"] == 0 and t["uploading"] == 0, t
 
 
+def put_through(s: Any, vals: dict[str, bytes], ns: str) -> None:
+    """Put ``vals`` on a node and wait until they are uploaded."""
+    before = t2(s)
+    s.put_many(list(vals), list(vals.values()), ns=ns)
+    uploaded(s, before["uploaded"] + before["upload_existing"] + len(vals))
+
+
 def values(n: int, size: int = 100_000, seed: str = "") -> dict[str, bytes]:
     return {f"blk{seed}{i:04d}": os.urandom(size + i) for i in range(n)}
 
@@ -226,8 +233,7 @@ def test_a_flipped_byte_in_a_remote_object_is_refused_and_never_installed(server
     with Cluster(tmp_path, s3, rc, n=2) as c:
         a, b = (d.connect() for d in c.nodes)
         vals = values(3, 300_000)
-        a.put_many(list(vals), list(vals.values()), ns="x")
-        uploaded(a, 3)
+        put_through(a, vals, "x")
         name = object_name(c.prefix, "x", "blk0001")
         raw = bytearray(obstore.get(c.bucket(), name).bytes())
         raw[len(raw) // 2] ^= 0x40
@@ -250,8 +256,7 @@ def test_presence_records_of_deleted_objects_are_misses_and_repaired(servers, tm
     with Cluster(tmp_path, s3, rc, n=2) as c:
         a, b = (d.connect() for d in c.nodes)
         vals = values(4, 10_000)
-        a.put_many(list(vals), list(vals.values()), ns="st")
-        uploaded(a, 4)
+        put_through(a, vals, "st")
         obstore.delete(c.bucket(), object_name(c.prefix, "st", "blk0002"))
         pk = presence_key(c.tag, "st", "blk0002")
         assert c.presence().exists_many([pk]) == [True]
@@ -283,8 +288,7 @@ def test_gc_remote_removes_what_is_old_and_nothing_else(servers, tmp_path):
     with Cluster(tmp_path, s3, rc, n=1) as c:
         a = c.nodes[0].connect()
         vals = values(10, 5_000)
-        a.put_many(list(vals), list(vals.values()), ns="g")
-        uploaded(a, 10)
+        put_through(a, vals, "g")
         p = c.presence()
         old = list(vals)[:4]
         recs = p.get_many([presence_key(c.tag, "g", k) for k in old])
@@ -316,8 +320,7 @@ def test_a_node_restarted_empty_serves_the_clusters_blocks(servers, tmp_path):
     with Cluster(tmp_path, s3, rc, n=2) as c:
         a = c.nodes[0].connect()
         vals = values(12, 70_000)
-        a.put_many(list(vals), list(vals.values()), ns="r")
-        uploaded(a, 12)
+        put_through(a, vals, "r")
         node = c.nodes[1]
         node.stop()
         shutil.rmtree(node.root)
@@ -332,8 +335,7 @@ def test_without_a_presence_index_lookups_are_head_requests(servers, tmp_path):
     with Cluster(tmp_path, s3, None, n=2) as c:
         a, b = (d.connect() for d in c.nodes)
         vals = values(5, 30_000)
-        a.put_many(list(vals), list(vals.values()), ns="h")
-        uploaded(a, 5)
+        put_through(a, vals, "h")
         assert b.prefix_match(list(vals) + ["nope"], ns="h") == 5
         assert b.contains(["nope"] + list(vals), ns="h") == [False] + [True] * 5
         assert read_all(b, vals, "h") == list(vals.values())
