@@ -290,11 +290,18 @@ def test_gc_remote_removes_what_is_old_and_nothing_else(servers, tmp_path):
         vals = values(10, 5_000)
         put_through(a, vals, "g")
         p = c.presence()
-        old = list(vals)[:4]
+        old = list(vals)[:5]
         recs = p.get_many([presence_key(c.tag, "g", k) for k in old])
         aged = [(presence_key(c.tag, "g", k), r.split(b" ")[0] + b" %d" % (time.time() - 7200))
                 for k, r in zip(old, recs)]
         assert all(p.set_many(aged))
+        # a block read again (here, locally) has its last access written back to its record
+        # (a client reports its reads without a round trip each: with its next call after 0.5 s)
+        assert a.get(old[4], ns="g") == vals[old[4]]
+        time.sleep(0.6)
+        assert a.get(old[4], ns="g") == vals[old[4]]
+        wait_for(lambda: int(p.get_many([presence_key(c.tag, "g", old[4])])[0].split()[1]) > time.time() - 60,
+                 what="the read's last access in the presence index")
         env = dict(os.environ, KVFS_SOCKET=str(c.nodes[0].socket))
         r = subprocess.run([sys.executable, "-m", "kvfstools.cli", "gc", "--remote", "--older-than", "1h", "--json"],
                            capture_output=True, text=True, env=env, timeout=120)
