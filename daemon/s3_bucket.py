@@ -16,8 +16,9 @@ Invariants:
 - a PUT never replaces an object (``If-None-Match: *``): a second node
   writing the same key is a no-op, answered ``False``;
 - every failure other than "not found" or "already there" raises
-  ``RemoteError`` with a reason; timeouts and retries are short, so an
-  outage costs a caller at most about ``timeout``.
+  ``RemoteError`` with a reason; a read's timeout and retries are short,
+  so an outage costs a caller at most about ``timeout`` (uploads, in the
+  background, get longer).
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ from typing import Any, Iterator
 from urllib.parse import urlsplit
 
 from kvfs.errors import InvalidArgument, KvfsError
+
+
+UPLOAD_TIMEOUT = 120.0  # seconds for one PUT (a whole object)
 
 
 class RemoteError(KvfsError):
@@ -89,13 +93,19 @@ class Bucket:
                 cfg["virtual_hosted_style_request"] = "false"
         cfg.setdefault("region", region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
                        or "us-east-1")
-        client: dict[str, Any] = {"timeout": datetime.timedelta(seconds=timeout),
-                                  "connect_timeout": datetime.timedelta(seconds=min(timeout, 1.0)),
-                                  "allow_http": bool(endpoint and endpoint.startswith("http://"))}
-        retry: Any = {"max_retries": 1, "retry_timeout": datetime.timedelta(seconds=timeout),
-                      "backoff": {"init_backoff": datetime.timedelta(milliseconds=50),
-                                  "max_backoff": datetime.timedelta(milliseconds=500)}}
-        self.store = S3Store(self.bucket, config=cfg, client_options=client, retry_config=retry)  # type: ignore[arg-type]
+        def store(seconds: float) -> Any:
+            client: dict[str, Any] = {"timeout": datetime.timedelta(seconds=seconds),
+                                      "connect_timeout": datetime.timedelta(seconds=min(timeout, 1.0)),
+                                      "allow_http": bool(endpoint and endpoint.startswith("http://"))}
+            retry: Any = {"max_retries": 1, "retry_timeout": datetime.timedelta(seconds=seconds),
+                          "backoff": {"init_backoff": datetime.timedelta(milliseconds=50),
+                                      "max_backoff": datetime.timedelta(milliseconds=500)}}
+            return S3Store(self.bucket, config=cfg, client_options=client, retry_config=retry)  # type: ignore[arg-type]
+        # reads (a client may wait on them) get ``timeout``; uploads run in the
+        # background and send whole objects (an LMCache chunk is 32 MiB, S3
+        # takes 5 GiB in one PUT), so they get UPLOAD_TIMEOUT
+        self.store = store(timeout)
+        self.upload_store = store(max(timeout, UPLOAD_TIMEOUT))
         from obstore.exceptions import AlreadyExistsError
         self._exists_error = AlreadyExistsError
 
@@ -109,7 +119,7 @@ class Bucket:
         """Upload ``data`` (a buffer) as one object unless ``name`` exists.
         True: uploaded; False: it was there (another node wrote it)."""
         try:
-            self._ob.put(self.store, name, data, mode="create", use_multipart=False)
+            self._ob.put(self.upload_store, name, data, mode="create", use_multipart=False)
             return True
         except self._exists_error:
             return False

@@ -140,6 +140,7 @@ class SharedTier:
         self.presence = Presence(cfg.presence) if cfg.presence else None
         self.s3 = _Backoff()
         self.counters: Counter[str] = Counter()
+        self._counters_lock = threading.Lock()  # many threads count (fetches run 16 at a time)
         self._ns_match: dict[str, bool] = {}
         self._installing = threading.local()
         self._q: deque[tuple[str, str]] = deque()
@@ -158,6 +159,10 @@ class SharedTier:
             self._threads.append(threading.Thread(target=self._touch_loop, name="kvfs-t2-touch", daemon=True))
         for t in self._threads:
             t.start()
+
+    def _add(self, name: str, n: int = 1) -> None:
+        with self._counters_lock:
+            self.counters[name] += n
 
     # -- the engine's side ------------------------------------------------
 
@@ -185,7 +190,7 @@ class SharedTier:
             room = self.cfg.queue - len(self._q)
             for k in keys:
                 if room <= 0:
-                    self.counters["upload_dropped"] += 1
+                    self._add("upload_dropped")
                     continue
                 self._q.append((ns, k))
                 room -= 1
@@ -200,7 +205,7 @@ class SharedTier:
         with self._cv:
             for it in items:
                 if len(self._touch_pending) >= 4 * self.cfg.touch_rate and it not in self._touch_pending:
-                    self.counters["touch_dropped"] += 1
+                    self._add("touch_dropped")
                     continue
                 self._touch_pending[it] = now
 
@@ -238,7 +243,7 @@ class SharedTier:
     def _requeue(self, items: Sequence[tuple[str, str]]) -> None:
         with self._cv:
             room = self.cfg.queue - len(self._q)
-            self.counters["upload_dropped"] += max(0, len(items) - room)
+            self._add("upload_dropped", max(0, len(items) - room))
             for it in reversed(items[:max(room, 0)]):
                 self._q.appendleft(it)
 
@@ -258,26 +263,26 @@ class SharedTier:
                 return
             got = self.engine.read_verified(ns, key, lambda size, csum, meta: encode_head(ns, key, size, csum, meta))
             if got is None:
-                self.counters["upload_skipped"] += 1  # deleted or evicted meanwhile, or failed its check
+                self._add("upload_skipped")  # deleted or evicted meanwhile, or failed its check
                 continue
             size, _csum, _meta, obj = got  # obj: the head, then the value
             try:
                 fresh = self.bucket.put_new(object_name(self.bucket.prefix, ns, key), obj)
             except RemoteError as e:
                 self.s3.failed(e)
-                self.counters["upload_errors"] += 1
+                self._add("upload_errors")
                 self._requeue(batch[i:])  # they wait for S3 to answer again
                 break
             self.s3.ok()
-            self.counters["uploaded" if fresh else "upload_existing"] += 1
+            self._add("uploaded" if fresh else "upload_existing")
             if fresh:
-                self.counters["bytes_up"] += len(obj)
+                self._add("bytes_up", len(obj))
             done.append(((ns, key), presence_key(self.tag, ns, key), presence_value(len(obj), time.time())))
         if done and self.presence is not None:
             took = self.presence.set_many([(pk, v) for _it, pk, v in done])
             failed = [it for (it, _pk, _v), ok in zip(done, took) if not ok]
             if failed:
-                self.counters["presence_errors"] += len(failed)
+                self._add("presence_errors", len(failed))
                 self._requeue(failed)  # uploaded already: the retry's PUT is a no-op, then the record
                 with self._cv:
                     self._cv.wait(0.25)
@@ -289,7 +294,7 @@ class SharedTier:
         without one). Unknown reads as False."""
         if not keys:
             return []
-        self.counters["remote_lookups"] += len(keys)
+        self._add("remote_lookups", len(keys))
         if self.presence is not None:
             got = self.presence.exists_many(presence_keys(self.tag, ns, list(keys)))
             out = [g is True for g in got]
@@ -297,7 +302,7 @@ class SharedTier:
             if not self.s3.usable():
                 return [False] * len(keys)
             out = [n is not None for n in self._heads(ns, keys)]
-        self.counters["remote_lookup_hits"] += sum(out)
+        self._add("remote_lookup_hits", sum(out))
         return out  # (an access is recorded when a block is read, not when it is asked about)
 
     def prefix(self, ns: str, keys: Sequence[str]) -> int:
@@ -318,7 +323,7 @@ class SharedTier:
                 return n
             except RemoteError as e:
                 self.s3.failed(e)
-                self.counters["remote_errors"] += 1
+                self._add("remote_errors")
                 return None
         return list(self._pool.map(head, keys))
 
@@ -328,9 +333,9 @@ class SharedTier:
         Never raises for a remote failure: what cannot be fetched is a miss."""
         if not keys:
             return 0
-        self.counters["fetch_asked"] += len(keys)
+        self._add("fetch_asked", len(keys))
         if not self.s3.usable():
-            self.counters["fetch_skipped"] += len(keys)
+            self._add("fetch_skipped", len(keys))
             return 0
         lengths: list[int | None]
         if self.presence is not None:
@@ -374,14 +379,14 @@ class SharedTier:
                         ready, size = [], 0
                 if ready:
                     installed += self._install(ns, ready)
-                self.counters["read_through_us"] += int((time.perf_counter() - t) * 1e6)
+                self._add("read_through_us", int((time.perf_counter() - t) * 1e6))
         finally:
             with self._fetch_lock:
                 for k in mine:
                     self._fetching.pop((ns, k)).set()
         for ev in waits:
             ev.wait(self.cfg.timeout * 4)
-            self.counters["fetch_joined"] += 1
+            self._add("fetch_joined")
         return installed + len(waits)
 
     def _install(self, ns: str, got: list[tuple[str, ObjectHead, memoryview]]) -> int:
@@ -392,13 +397,13 @@ class SharedTier:
         try:
             stored = self.engine.install_many(ns, [(k, h.meta, v) for k, h, v in got])
         except KvfsError as e:
-            self.counters["install_failed"] += len(got)
+            self._add("install_failed", len(got))
             log.warning("shared tier: %d objects fetched but not installed: %s", len(got), e)
             return 0
         finally:
             self._installing.on = False
-            self.counters["install_us"] += int((time.perf_counter() - t) * 1e6)
-        self.counters["fetched"] += len(stored)
+            self._add("install_us", int((time.perf_counter() - t) * 1e6))
+        self._add("fetched", len(stored))
         self.accessed((ns, k) for k, _h, _v in got)
         return len(stored)
 
@@ -406,7 +411,7 @@ class SharedTier:
         """One object fetched and checked: (key, head, payload), or None (a
         miss: S3 failed, the object is gone, or it failed its checks)."""
         if not self.s3.usable():  # failed meanwhile (another part of this batch): a miss at once
-            self.counters["fetch_skipped"] += 1
+            self._add("fetch_skipped")
             return None
         name = object_name(self.bucket.prefix, ns, key)
         try:
@@ -414,10 +419,10 @@ class SharedTier:
             self.s3.ok()
         except RemoteError as e:
             self.s3.failed(e)
-            self.counters["remote_errors"] += 1
+            self._add("remote_errors")
             return None
         if data is None:  # the presence index named an object S3 lacks: repair it
-            self.counters["remote_stale"] += 1
+            self._add("remote_stale")
             if self.presence is not None:
                 self.presence.delete_many([presence_key(self.tag, ns, key)])
             return None
@@ -426,11 +431,11 @@ class SharedTier:
             payload = data[head.head_len:]
             check_payload(head, payload)
         except BadObject as e:
-            self.counters["remote_corrupt"] += 1
+            self._add("remote_corrupt")
             log.warning("shared tier: %s/%s refused: %s (removed from the shared tier)", ns, key, e)
             self._remove_remote([(ns, key)])
             return None
-        self.counters["bytes_down"] += len(data)
+        self._add("bytes_down", len(data))
         return key, head, payload
 
     def _remove_remote(self, items: Sequence[tuple[str, str]]) -> None:
@@ -490,7 +495,7 @@ class SharedTier:
                     self._touched.move_to_end(it)
                 while len(self._touched) > 16 * self.cfg.touch_rate:
                     self._touched.popitem(last=False)
-                self.counters["touches"] += sum(v == 1 for v in got)
+                self._add("touches", sum(v == 1 for v in got))
 
     # -- space ------------------------------------------------------------
 
@@ -539,7 +544,7 @@ class SharedTier:
                 out["removed_unindexed"] += 1
             if progress is not None:
                 progress("objects", out["objects_scanned"], 0)
-        self.counters["gc_removed"] += out["removed"] + out["removed_unindexed"]
+        self._add("gc_removed", out["removed"] + out["removed_unindexed"])
         return dict(out, older_than_s=older_than, dry_run=dry_run)
 
     def _name_of(self, d: str) -> str:
@@ -551,7 +556,8 @@ class SharedTier:
     def stats(self) -> dict[str, Any]:
         with self._cv:
             queued, busy = len(self._q), self._busy
-        c = self.counters
+        with self._counters_lock:
+            c = Counter(self.counters)
         out: dict[str, Any] = {
             **self.cfg.describe(),
             "s3": {**self.bucket.describe(), "state": self.s3.state(), "failures": self.s3.failures},

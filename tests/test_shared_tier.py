@@ -206,21 +206,29 @@ def test_outages_of_redis_and_s3_fail_no_call_and_uploads_resume(servers, tmp_pa
         wait_for(lambda: t2(a)["queue"] == 0 and t2(a)["uploading"] == 0, what="presence records retried")
         assert read_all(cc, during, "o") == list(during.values())  # uploads resumed: every record is there
 
-        s3.pause()  # S3 hangs: requests time out, then T2 sits out its back-off
+        spare = values(20, 20_000, "spare")  # uploaded, never read by B before S3 hangs
+        put_through(a, spare, "o")
+        s3.pause()  # S3 hangs: the GETs in flight time out (--remote-timeout 1), then T2 is local-only
         try:
-            late = values(20, 20_000, "late")
             t = time.monotonic()
-            a.put_many(list(late), list(late.values()), ns="o")
+            got = read_all(b, spare, "o")  # the presence index says yes; the GETs time out: misses
+            assert all(g is None or g == v for g, v in zip(got, spare.values()))
+            assert time.monotonic() - t < 5
+            assert t2(b)["s3"]["state"].startswith("down")
+            t = time.monotonic()
+            got = read_all(b, spare, "o")  # local-only now: at once, no timeout
+            assert time.monotonic() - t < 0.5
+            assert all(g is None or g == v for g, v in zip(got, spare.values()))
+            late = values(20, 20_000, "late")
+            a.put_many(list(late), list(late.values()), ns="o")  # never waits for S3
             assert read_all(a, late, "o") == list(late.values())
-            got = read_all(b, late, "o")  # presence may say yes; the GET times out: misses
-            assert all(g is None or g == v for g, v in zip(got, late.values()))
-            assert b.contains(list(late), ns="o", remote=False) == [False] * len(late)
-            assert time.monotonic() - t < 10
-            wait_for(lambda: t2(a)["s3"]["state"].startswith("down"), what="S3 seen down")
+            assert read_all(b, late, "o") == [None] * len(late)  # not uploaded yet: misses
             assert t2(a)["queue"] + t2(a)["uploading"] > 0  # waiting, not dropped
         finally:
             s3.resume()
-        uploaded(a, len(before) + len(during) + len(late))
+        wait_for(lambda: t2(b)["s3"]["state"] == "up", what="B's probe finding S3 back")
+        assert read_all(b, spare, "o") == list(spare.values())
+        uploaded(a, len(before) + len(during) + len(spare) + len(late))
         assert read_all(cc, late, "o") == list(late.values())
         assert t2(a)["upload_dropped"] == 0
         for d in c.nodes:

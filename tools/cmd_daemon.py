@@ -82,8 +82,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--remote-queue", type=int, default=65536, metavar="N",
                    help="uploads waiting at most; more are dropped and counted (default 65536)")
     g.add_argument("--remote-timeout", type=float, default=2.0, metavar="S",
-                   help="one S3 request (8 MiB at most) takes at most this long; a failure makes the shared tier "
-                        "local-only until S3 answers a retry again (default 2)")
+                   help="one S3 read (a GET of 16 MiB at most, or a HEAD) takes at most this long; a failure makes "
+                        "the shared tier local-only until S3 answers a retry again (default 2; uploads get 120)")
     g.add_argument("--remote-gc-older-than", default=None, metavar="AGE",
                    help="remove shared-tier objects not accessed for AGE (e.g. 7d, 12h) once an hour")
     p.add_argument("--log-level", default="INFO")
