@@ -25,14 +25,15 @@ import binascii
 import logging
 import socket
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 from urllib.parse import urlsplit
 
 import hiredis
 
 from kvfs.errors import InvalidArgument
+
+from .backoff import Backoff
 
 log = logging.getLogger("kvfsd")
 
@@ -82,20 +83,12 @@ UNKNOWN: Any = _Unknown()  # a key whose master is down or answered with an erro
 
 
 @dataclass
-class _Health:
-    down_until: float = 0.0
-    backoff: float = 0.0
-    last_error: str = ""
-
-
-@dataclass
 class PresenceStats:
     calls: int = 0
     keys: int = 0
     unknown: int = 0  # keys answered as None
     errors: int = 0
     refreshes: int = 0
-    by_node: dict[str, str] = field(default_factory=dict)
 
 
 class Presence:
@@ -105,7 +98,7 @@ class Presence:
         self.timeout = timeout
         self.cluster = False
         self._slots: list[Addr] = [self.seeds[0]] * SLOTS
-        self._health: dict[Addr, _Health] = {}
+        self._health: dict[Addr, Backoff] = {}
         self._local = threading.local()
         self._map_lock = threading.Lock()
         self._stale = True  # the slot map must be (re)read before the next batch
@@ -155,30 +148,24 @@ class Presence:
 
     def _is_down(self, addr: Addr) -> bool:
         h = self._health.get(addr)
-        return h is not None and time.monotonic() < h.down_until
+        return h is not None and h.down()
 
     def _mark_down(self, addr: Addr, e: BaseException) -> None:
-        h = self._health.setdefault(addr, _Health())
-        if not h.backoff:  # logged once an outage, not once a retry
-            log.warning("presence index: %s:%d does not answer (%s: %s); its keys read as unknown",
-                        addr[0], addr[1], type(e).__name__, e)
-        h.backoff = min(max(h.backoff * 2, 0.25), 10.0)
-        h.down_until = time.monotonic() + h.backoff
-        h.last_error = f"{type(e).__name__}: {e}"
+        h = self._health.get(addr)
+        if h is None:
+            h = self._health[addr] = Backoff(f"presence index: {addr[0]}:{addr[1]}", "its keys read as unknown")
+        h.failed(e)
         self.stats.errors += 1
         self._drop_conn(addr)
         self._stale = True  # a failover moves slots: read the map again once one answers
 
     def _mark_up(self, addr: Addr) -> None:
         h = self._health.get(addr)
-        if h is not None and h.backoff:
-            log.warning("presence index: %s:%d answers again", addr[0], addr[1])
-            h.backoff, h.down_until = 0.0, 0.0
+        if h is not None:
+            h.ok()
 
     def health(self) -> dict[str, Any]:
-        # down from a failure until the next answer
-        nodes = {f"{a[0]}:{a[1]}": ("down: " + self._health[a].last_error
-                                    if a in self._health and self._health[a].backoff else "up")
+        nodes = {f"{a[0]}:{a[1]}": self._health[a].state() if a in self._health else "up"
                  for a in (sorted(set(self._slots)) or self.seeds)}
         up = sum(v == "up" for v in nodes.values())
         return {"url": self.url, "cluster": self.cluster, "nodes": nodes,

@@ -124,6 +124,23 @@ class Puts(Space):
     # one connection; values are carved from it in increasing order; what
     # is left goes back when the connection ends or asks for another.
 
+    def put_values(self, ns: str, items: list[tuple[str, bytes | None, memoryview]], sync: bool) -> list[bool]:
+        """Put values the daemon holds itself, (key, meta, value) each,
+        straight into T1 with one commit (blocking). Per item whether it
+        was stored (False: the key was there)."""
+        plan = self.prepare_put(ns, [(k, len(v), m) for k, m, v in items])
+        pieces = [(i, c.idx, v[c.chunk_off:c.chunk_off + c.length])
+                  for i, ((_k, _m, v), op) in enumerate(zip(items, plan.items)) if op is not None for c in op.chunks]
+        if all(op is None for op in plan.items):
+            self.abort_put(plan)
+            return [False] * len(items)
+        try:
+            self.write_chunks(plan, pieces)
+        except BaseException:
+            self.abort_put(plan)
+            raise
+        return self.commit_put(plan, sync)
+
     def write_chunks(self, plan: PutPlan, pieces: list[tuple[int, int, memoryview]]) -> None:
         """Write payload pieces: (item index, chunk index, bytes). Called in a
         worker thread, in order (the whole-object hash is a running one)."""

@@ -180,16 +180,7 @@ class Repair(Tiering):
 
     def _store_value(self, ns: str, key: str, meta: bytes | None, value: memoryview, sync: bool) -> bool:
         """Put one value from the daemon itself (blocking). False: the key is there."""
-        plan = self.prepare_put(ns, [(key, len(value), meta)])
-        op = plan.items[0]
-        if op is None:
-            return False
-        try:
-            self.write_chunks(plan, [(0, c.idx, value[c.chunk_off:c.chunk_off + c.length]) for c in op.chunks])
-        except BaseException:
-            self.abort_put(plan)
-            raise
-        return self.commit_put(plan, sync)[0]
+        return self.put_values(ns, [(key, meta, value)], sync)[0]
 
     def _verify_t0(self, ns: str, key: str, seq: int | None) -> bool:
         """Re-hash an object's T0 copy (any client may write the arena: see

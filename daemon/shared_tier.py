@@ -39,6 +39,7 @@ from kvfs.errors import KvfsError
 from kvfs.remote_object import (BadObject, ObjectHead, check_payload, decode_head, encode_head, object_name,
                                 presence_key, presence_keys, tier_tag)
 
+from .backoff import Backoff
 from .presence import UNKNOWN, Presence, command
 from .s3_bucket import Bucket, RemoteError
 
@@ -92,45 +93,6 @@ def parse_presence_value(v: bytes) -> tuple[int, int] | None:
         return None
 
 
-class _Backoff:
-    """A dependency's health: after a failure it is not asked until the
-    back-off passes (0.25 s, doubling to 10 s); a success resets it."""
-
-    def __init__(self) -> None:
-        self.until = 0.0
-        self.step = 0.0
-        self.error = ""
-        self.failures = 0
-
-    def down(self) -> bool:
-        """Within the back-off: nobody asks."""
-        return time.monotonic() < self.until
-
-    def usable(self) -> bool:
-        """Answered last time: a client's call may ask. Once it failed, only
-        the uploaders' retries and the probe ask, until one succeeds, so a
-        client waits on a timeout once an outage, not once a back-off."""
-        return not self.step
-
-    def failed(self, e: BaseException) -> None:
-        if not self.step:  # logged once an outage, not once a retry
-            log.warning("shared tier: %s; T2 is local-only until it answers again", e)
-        self.step = min(max(self.step * 2, 0.25), 10.0)
-        self.until = time.monotonic() + self.step
-        self.error = str(e)
-        self.failures += 1
-
-    def ok(self) -> None:
-        if self.step:
-            log.warning("shared tier: S3 answers again")
-        self.step = self.until = 0.0
-
-    def state(self) -> str:
-        """Down from a failure until the next success (``down()`` only says
-        whether the back-off still keeps callers away)."""
-        return f"down: {self.error}" if self.step else "up"
-
-
 class SharedTier:
     def __init__(self, cfg: RemoteConfig, engine: "Engine"):
         self.cfg = cfg
@@ -138,7 +100,7 @@ class SharedTier:
         self.bucket = Bucket(cfg.url, endpoint=cfg.endpoint, credentials=cfg.credentials, timeout=cfg.timeout)
         self.tag = tier_tag(self.bucket.bucket, self.bucket.prefix)
         self.presence = Presence(cfg.presence) if cfg.presence else None
-        self.s3 = _Backoff()
+        self.s3 = Backoff(f"shared tier: S3 ({cfg.url})", "the shared tier is local-only until it answers again")
         self.counters: Counter[str] = Counter()
         self._counters_lock = threading.Lock()  # many threads count (fetches run 16 at a time)
         self._ns_match: dict[str, bool] = {}

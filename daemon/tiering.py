@@ -111,18 +111,7 @@ class Tiering(Puts):
                 self.queue_write_back(plan)
                 return [op is not None and op.t0_stored for op in ops]
             self.abort_put(plan)  # a value the arena cannot take: the whole batch goes to T1
-        plan = self.prepare_put(ns, sizes)
-        pieces = [(i, c.idx, v[c.chunk_off:c.chunk_off + c.length])
-                  for i, ((_k, _m, v), op) in enumerate(zip(items, plan.items)) if op is not None for c in op.chunks]
-        if not pieces:
-            self.abort_put(plan)
-            return [False] * len(items)
-        try:
-            self.write_chunks(plan, pieces)
-        except BaseException:
-            self.abort_put(plan)
-            raise
-        return self.commit_put(plan, False)
+        return self.put_values(ns, items, False)
 
     def t0_only(self, plan: PutPlan) -> bool:
         """Every new item of the plan goes through T0 (none written to T1 by the client)."""

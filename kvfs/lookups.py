@@ -85,7 +85,7 @@ class Lookups(Session):
         out = self._contains_local(keys, ns)
         if remote and self.remote_tier and not all(out):
             miss = [i for i, hit in enumerate(out) if not hit]
-            for i, hit in zip(miss, self._remote_has(ns, normalize_keys([keys[i] for i in miss]), False)):
+            for i, hit in zip(miss, self._contains_asked(normalize_keys([keys[i] for i in miss]), ns, P.REMOTE_HAS)):
                 out[i] = bool(hit)
         return out
 
@@ -123,25 +123,8 @@ class Lookups(Session):
         ns = normalize_ns(ns)
         n = self._prefix_local(keys, ns)
         if remote and self.remote_tier and n < len(keys):
-            n += self._remote_has(ns, normalize_keys(keys[n:]), True)
+            n += self._prefix_asked(normalize_keys(keys[n:]), ns, P.REMOTE_HAS, {"prefix": True})
         return n
-
-    def _remote_has(self, ns: str, ks: list[str], prefix: bool) -> Any:
-        """The shared tier's answer for ``ks``: per key a bool, or with
-        ``prefix`` the length of the leading run it holds."""
-        step = BATCH_KEYS * 4
-        if prefix:
-            n = 0
-            for i in range(0, len(ks), step):
-                got = self._call(P.REMOTE_HAS, {"ns": ns, "keys": ks[i:i + step], "prefix": True})
-                n += got
-                if got < len(ks[i:i + step]):
-                    break
-            return n
-        out: list[bool] = []
-        for i in range(0, len(ks), step):
-            out += self._call(P.REMOTE_HAS, {"ns": ns, "keys": ks[i:i + step]})
-        return out
 
     def _prefix_local(self, keys: Sequence[str | bytes], ns: str) -> int:
         got = self._dir_states(ns, keys)
@@ -196,17 +179,22 @@ class Lookups(Session):
         d = self._dir
         return d if d is not None and d.kept() else None
 
-    def _contains_asked(self, ks: list[str], ns: str) -> list[bool]:
+    def _contains_asked(self, ks: list[str], ns: str, op: str = P.CONTAINS) -> list[bool]:
+        """Asked of the daemon, in batches: of its store (CONTAINS), or of its
+        shared tier (REMOTE_HAS)."""
         out: list[bool] = []
         for i in range(0, len(ks), BATCH_KEYS * 4):
-            out += self._call(P.CONTAINS, {"ns": ns, "keys": ks[i:i + BATCH_KEYS * 4]})
+            out += self._call(op, {"ns": ns, "keys": ks[i:i + BATCH_KEYS * 4]})
         return out
 
-    def _prefix_asked(self, ks: list[str], ns: str) -> int:
+    def _prefix_asked(self, ks: list[str], ns: str, op: str = P.PREFIX_MATCH,
+                      extra: dict[str, Any] | None = None) -> int:
+        """As ``_contains_asked``, the leading run (PREFIX_MATCH, or REMOTE_HAS
+        with ``{"prefix": True}``)."""
         n = 0
         step = BATCH_KEYS * 4
         for i in range(0, len(ks), step):
-            got = self._call(P.PREFIX_MATCH, {"ns": ns, "keys": ks[i:i + step]})
+            got = self._call(op, {"ns": ns, "keys": ks[i:i + step], **(extra or {})})
             n += got
             if got < len(ks[i:i + step]):
                 break
