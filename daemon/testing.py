@@ -25,9 +25,10 @@ class DaemonProcess:
     def __init__(self, root: str | os.PathLike[str], *, stripes: int | list[str] = 1,
                  capacity: str | int | None = None, durability: str = "fast", shm_size: str | int | None = "256M",
                  extra: list[str] | None = None, log: str | os.PathLike[str] | None = None,
-                 mount: str | os.PathLike[str] | None = None, shm_dir: str | os.PathLike[str] | None = None):
+                 mount: str | os.PathLike[str] | None = None, shm_dir: str | os.PathLike[str] | None = None,
+                 socket: str | os.PathLike[str] | None = None):
         self.root = Path(root)
-        self.socket = self.root / "kvfs.sock"
+        self.socket = Path(socket) if socket is not None else self.root / "kvfs.sock"
         if isinstance(stripes, int):
             self.stripes = [str(self.root / f"stripe{i}") for i in range(stripes)]
         else:

@@ -1,0 +1,255 @@
+"""The power-cut simulator of the test kit: a FUSE pass-through that serves
+a ``VolatileDisk`` (kvfsd.volatile_disk: the rules it models are written
+there), and ``PowerCutDisk``, which mounts it, cuts the power and mounts
+what survived.
+
+``python -m kvfsd.testing_powercut BACKING MOUNTPOINT`` serves the disk.
+A power cut is the SIGKILL of that process: everything it held that no
+sync had written to the backing directory dies with it, and the kernel's
+page cache of the mount goes with the mount. Then the caller kills the
+daemon (which until then gets ENOTCONN, as from a dead disk), removes what
+it had in /dev/shm (``DaemonProcess.remove_shm``: shared memory does not
+outlive a power cut), and mounts again.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .volatile_disk import FsError, Node, VolatileDisk
+
+TIMEOUT = 300.0  # every change passes through this process: the kernel's caches stay right
+
+
+def _serve(backing: Path, mountpoint: Path) -> None:
+    import pyfuse3
+    import trio
+
+    disk = VolatileDisk(backing)
+    uid, gid = os.getuid(), os.getgid()
+
+    def attrs(n: Node) -> Any:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = n.ino
+        a.generation = 0
+        a.entry_timeout = a.attr_timeout = TIMEOUT
+        a.st_mode = n.mode
+        a.st_nlink = 2 if n.entries is not None else 1
+        a.st_uid, a.st_gid = uid, gid
+        a.st_rdev = 0
+        a.st_size = n.size
+        a.st_blksize = 4096
+        a.st_blocks = -(-n.size // 512)
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = n.mtime_ns
+        return a
+
+    def fs(fn: Any) -> Any:
+        """Run a VolatileDisk call; its errors become FUSE replies."""
+        async def wrapped(*args: Any) -> Any:
+            try:
+                return fn(*args)
+            except FsError as e:
+                raise pyfuse3.FUSEError(e.errno) from None
+            except OSError as e:  # the backing directory's own (a full disk)
+                raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        return wrapped
+
+    handles: dict[int, int] = {}  # fh -> inode
+    counter = [0]
+
+    def new_fh(ino: int) -> int:
+        counter[0] += 1
+        handles[counter[0]] = ino
+        return counter[0]
+
+    def touched(n: Node) -> Node:
+        n.mtime_ns = time.time_ns()
+        return n
+
+    class Ops(pyfuse3.Operations):
+        lookup = fs(lambda self, parent, name, ctx=None: attrs(disk.lookup(parent, name)))
+        getattr = fs(lambda self, ino, ctx=None: attrs(disk.node(ino)))
+
+        @fs
+        def setattr(self, ino: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
+            n = disk.node(ino)
+            if fields.update_size:
+                disk.truncate(ino, attr.st_size)
+            if fields.update_mode:
+                n.mode = stat.S_IFMT(n.mode) | stat.S_IMODE(attr.st_mode)
+            if fields.update_mtime:
+                n.mtime_ns = attr.st_mtime_ns
+            return attrs(n)
+
+        mkdir = fs(lambda self, parent, name, mode, ctx: attrs(touched(
+            disk.make(parent, name, stat.S_IFDIR | stat.S_IMODE(mode)))))
+
+        @fs
+        def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
+            n = touched(disk.make(parent, name, stat.S_IFREG | stat.S_IMODE(mode)))
+            return pyfuse3.FileInfo(fh=new_fh(n.ino), keep_cache=True), attrs(n)
+
+        @fs
+        def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
+            return attrs(touched(disk.make(parent, name, mode)))  # regular files only (R7)
+
+        unlink = fs(lambda self, parent, name, ctx: disk.remove(parent, name, False))
+        rmdir = fs(lambda self, parent, name, ctx: disk.remove(parent, name, True))
+
+        @fs
+        def rename(self, p_old: int, old: bytes, p_new: int, new: bytes, flags: int, ctx: Any) -> None:
+            if flags & 2:  # RENAME_EXCHANGE
+                raise FsError(errno.EINVAL)
+            if flags & 1 and new in disk.node(p_new).entries:  # type: ignore[operator]  # RENAME_NOREPLACE
+                raise FsError(errno.EEXIST)
+            disk.rename(p_old, old, p_new, new)
+
+        @fs
+        def open(self, ino: int, flags: int, ctx: Any) -> Any:
+            if flags & os.O_TRUNC:
+                disk.truncate(ino, 0)
+            return pyfuse3.FileInfo(fh=new_fh(ino), keep_cache=True)
+
+        read = fs(lambda self, fh, off, size: disk.read(handles[fh], off, size))
+
+        @fs
+        def write(self, fh: int, off: int, buf: bytes) -> int:
+            return disk.write(touched(disk.node(handles[fh])).ino, off, buf)
+
+        fsync = fs(lambda self, fh, datasync: disk.fsync(handles[fh]))
+        fsyncdir = fs(lambda self, fh, datasync: disk.fsyncdir(handles[fh]))
+        opendir = fs(lambda self, ino, ctx: new_fh(disk.node(ino).ino))
+
+        @fs
+        def readdir(self, fh: int, start: int, token: Any) -> None:
+            ents = sorted(disk.node(handles[fh]).entries.items())  # type: ignore[union-attr]
+            for i, (name, ino) in enumerate(ents[start:], start + 1):
+                if not pyfuse3.readdir_reply(token, name, attrs(disk.nodes[ino]), i):
+                    break
+
+        release = fs(lambda self, fh: handles.pop(fh, None) and None)
+        releasedir = release
+        flush = fs(lambda self, fh: None)
+        forget = fs(lambda self, inodes: None)
+
+        @fs
+        def statfs(self, ctx: Any) -> Any:
+            v = disk.statfs()
+            s = pyfuse3.StatvfsData()
+            for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
+                      "f_favail", "f_namemax"):
+                setattr(s, f, getattr(v, f))
+            return s
+
+        @fs
+        def getxattr(self, ino: int, name: bytes, ctx: Any) -> bytes:
+            raise FsError(errno.ENODATA)
+
+        @fs
+        def setxattr(self, ino: int, name: bytes, value: bytes, ctx: Any) -> None:
+            raise FsError(errno.ENOTSUP)
+
+        listxattr = fs(lambda self, ino, ctx: [])
+
+        @fs
+        def removexattr(self, ino: int, name: bytes, ctx: Any) -> None:
+            raise FsError(errno.ENODATA)
+
+        @fs
+        def link(self, ino: int, parent: int, name: bytes, ctx: Any) -> Any:
+            raise FsError(errno.EPERM)
+
+        @fs
+        def symlink(self, parent: int, name: bytes, target: bytes, ctx: Any) -> Any:
+            raise FsError(errno.EPERM)
+
+    pyfuse3.init(Ops(), str(mountpoint), set(pyfuse3.default_options) | {"fsname=powercut", "subtype=powercut"})
+    try:
+        trio.run(pyfuse3.main)
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+def _detach(mountpoint: Path) -> None:
+    for cmd in (["fusermount3", "-u", "-z", str(mountpoint)], ["umount", "-l", str(mountpoint)]):
+        if shutil.which(cmd[0]) and subprocess.run(cmd, capture_output=True).returncode == 0:
+            return
+
+
+def usable() -> str | None:
+    """Why the simulator cannot run here, or None."""
+    try:
+        import pyfuse3  # noqa: F401
+    except ImportError:
+        return "pyfuse3 is not installed"
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if os.geteuid() != 0:
+        return "FUSE mounts of the test kit need root"
+    return None
+
+
+class PowerCutDisk:
+    """A mount of the simulator at ``mountpoint`` whose durable state lives
+    in ``backing``. ``cut()`` loses everything not synced; ``mount()``
+    again serves what survived."""
+
+    def __init__(self, backing: Path, mountpoint: Path) -> None:
+        self.backing = Path(backing)
+        self.mountpoint = Path(mountpoint)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.cuts = 0
+
+    def mount(self, timeout: float = 20.0) -> "PowerCutDisk":
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        self.backing.mkdir(parents=True, exist_ok=True)
+        log = open(self.backing.parent / f"{self.backing.name}-fuse.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "kvfsd.testing_powercut", str(self.backing),
+                                     str(self.mountpoint)], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the power-cut simulator exited with {self.proc.returncode}")
+            if os.path.ismount(self.mountpoint):
+                try:
+                    os.statvfs(self.mountpoint)
+                    return self
+                except OSError:
+                    pass
+            time.sleep(0.02)
+        raise TimeoutError("the power-cut simulator did not mount")
+
+    def cut(self) -> None:
+        """The power goes: the simulator dies with everything unsynced."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        self.cuts += 1
+        _detach(self.mountpoint)
+
+    def fsync_path(self, path: Path) -> None:
+        """fsync a file or directory on the mount (what a careful tool does)."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> "PowerCutDisk":
+        return self.mount()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cut()
+
+
+if __name__ == "__main__":
+    _serve(Path(sys.argv[1]), Path(sys.argv[2]))
