@@ -199,8 +199,7 @@ def _compact_segment(eng: "Engine", sid: int, rep: dict[str, Any]) -> None:
             eng._pwrite(ch, [head, data], len(head) + len(data))
             rep["bytes_copied"] += x.length
         if eng.cfg.durability == "sync":
-            for s in touched:
-                os.fdatasync(eng.segs[s].fd)
+            eng.sync_segments(touched)
         # durability order: the copies are written (and synced) above; this
         # commit points the index at them; the old segment goes after it
         applied: list[tuple[bytes, ObjEntry]] = eng.writer.call(lambda txn: _switch(eng, txn, sid, moves),

@@ -13,6 +13,7 @@ from kvfs.errors import InvalidArgument
 from kvfs.format import DEFAULT_SEGMENT_SIZE, DEFAULT_STRIPE_UNIT, FORMAT_VERSION, PAGE
 
 from .access import Policy
+from .durable import mkdir_durable, replace_durable
 
 if TYPE_CHECKING:
     from .shared_tier import RemoteConfig
@@ -36,6 +37,10 @@ class Config:
     socket: Path | None = None
     capacity: int | None = None  # bytes on the stripes; None: 90% of free space at start
     durability: str = "fast"
+    # fast mode: the index (and the segments it points into) is synced this
+    # often; a power cut loses at most the fast puts of about this long
+    # (plus T0's write-back backlog), README "Durability"
+    sync_interval: float = 2.0
     stripe_unit: int = DEFAULT_STRIPE_UNIT
     segment_size: int = DEFAULT_SEGMENT_SIZE
     lease_timeout: float = 30.0
@@ -70,9 +75,11 @@ class Config:
         directories. Raises InvalidArgument on a conflicting configuration."""
         self.root = Path(self.root).expanduser().absolute()
         self.policy = Policy.of(os.getuid(), [str(u) for u in self.allow_uids], [str(g) for g in self.allow_gids])
-        self.root.mkdir(parents=True, exist_ok=True)
+        mkdir_durable(self.root)
         if self.durability not in ("fast", "sync"):
             raise InvalidArgument(f"durability must be 'fast' or 'sync', not {self.durability!r}")
+        if not 0.05 <= self.sync_interval <= 3600:
+            raise InvalidArgument(f"the sync interval must be 0.05 to 3600 seconds, not {self.sync_interval}")
         if self.socket is None:
             self.socket = default_socket(self.root)
         if self.stripe_unit < PAGE or self.stripe_unit % PAGE:
@@ -96,11 +103,11 @@ class Config:
         else:
             self.stripes = given or [self.root / "stripe0"]
         for s in self.stripes:
-            s.mkdir(parents=True, exist_ok=True)
+            mkdir_durable(s)
         tmp = saved_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"format": FORMAT_VERSION, "stripes": [str(s) for s in self.stripes],
                                    "stripe_unit": self.stripe_unit}, indent=1))
-        os.replace(tmp, saved_path)
+        replace_durable(tmp, saved_path)
         if self.capacity is None:
             seen: set[int] = set()
             free = 0

@@ -68,6 +68,7 @@ class Engine(Recovery):
         self.segs: dict[int, SegState] = {}
         self.unpersisted: set[int] = set()  # segments whose row goes out with the next commit
         self.open_seg: dict[int, int] = {}
+        self.seal_pending: set[int] = set()
         self.lru: OrderedDict[bytes, MemEntry] = OrderedDict()  # index mirror, least recent first
         self._usage = 0  # sum of segment ends (reserved bytes included)
         self.ns_objects: Counter[str] = Counter()
@@ -88,7 +89,8 @@ class Engine(Recovery):
             self.index.env.close()
             self.root_lock.release()
             raise
-        self.writer = WriterThread(self.index.env, on_idle=self._flush_atimes)
+        self.writer = WriterThread(self.index.env, fast_sync_interval=cfg.sync_interval, on_idle=self._flush_atimes,
+                                   before_sync=self.durable_round)
         self.dir: DirectoryWriter | None = (DirectoryWriter(cfg.root, cfg.dir_slots, lambda: len(self.lru),
                                                              shm_dir=cfg.shm_dir) if cfg.dir_slots else None)
         if self.dir is not None:

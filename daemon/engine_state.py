@@ -72,6 +72,9 @@ class EngineState:
     # False): a commit writes these, not a scan of every segment
     unpersisted: set[int]
     open_seg: dict[int, int]  # stripe -> its open segment
+    # sealed segments whose SEALED row waits for their fdatasync (fast mode:
+    # Placement.durable_round); until the row is out, recovery verifies them
+    seal_pending: set[int]
     lru: OrderedDict[bytes, MemEntry]  # the index mirror, least recently used first
     _usage: int  # sum of segment ends (reserved bytes included)
     ns_objects: Counter[str]

@@ -36,6 +36,8 @@ import msgpack
 
 from kvfs import native
 
+from .durable import fsync_dir, mkdir_durable
+
 SEG_OPEN = 0
 SEG_SEALED = 1
 
@@ -116,7 +118,7 @@ def parse_segobj_key(k: bytes) -> tuple[int, int]:
 class Index:
     def __init__(self, root: Path, map_size: int, name: str = "index"):
         path = root / name
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mkdir_durable(path, 0o700)
         # sync/metasync off: the writer calls env.sync() itself, at every
         # commit in sync mode and periodically in fast mode. The index is
         # the daemon's alone (mode 0600: kvfsd.fileperms, PRIVATE).
@@ -129,6 +131,10 @@ class Index:
         self.segments = self.env.open_db(b"segments")
         self.namespaces = self.env.open_db(b"namespaces")
         self.meta = self.env.open_db(b"meta")
+        # LMDB creates its files (and the tables above) without syncing them
+        # or their names: a store's first sync put must not lose its index
+        self.env.sync(True)
+        fsync_dir(path)
 
     def used_bytes(self) -> int:
         """Bytes of the map in use (through its last page; freed pages inside count)."""

@@ -5,6 +5,9 @@ Invariants:
 - a chunk is reserved at the end of its stripe's open segment, under the
   lock; a segment full for it is sealed and a new one opened (its row goes
   out with the next commit: ``_segment_rows``);
+- a SEALED row on disk means every record of the segment is on disk
+  (recovery verifies only the others): in sync mode each put synced its
+  own; in fast mode the row waits for ``durable_round``;
 - a segment's file gets its kind's permissions before any client learns
   its name;
 - the daemon, not a client, writes record headers, so none can be forged.
@@ -15,7 +18,7 @@ import errno
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import xxhash
 
@@ -23,6 +26,7 @@ from kvfs import format as fmt
 from kvfs import native
 from kvfs.errors import CapacityError, InvalidArgument
 
+from .durable import fsync_dir
 from .engine_state import EngineState
 from .fileperms import Kind
 from .index import SEG_OPEN, SEG_SEALED
@@ -88,7 +92,10 @@ class Placement(EngineState):
             if seg.end + span <= self.cfg.segment_size or seg.end == 0:
                 return seg
             seg.state = SEG_SEALED
-            self.unpersist(seg)  # the sealed state goes out with the next commit
+            if self.cfg.durability == "sync":
+                self.unpersist(seg)  # its records were synced by their puts: SEALED goes out with the next commit
+            else:
+                self.seal_pending.add(sid)  # SEALED only once durable_round has synced it
         sid = self._next_seg
         self._next_seg += 1
         seg = SegState(sid, stripe, self.seg_path(stripe, sid), SEG_OPEN, 0)
@@ -97,6 +104,56 @@ class Placement(EngineState):
         self.unpersisted.add(sid)
         self.open_seg[stripe] = sid
         return seg
+
+    def sync_segments(self, sids: Iterable[int], strict: bool = True) -> set[int]:
+        """fdatasync each segment and, the first time, its stripe directory
+        (where its name lives): its records written so far are then
+        durable. Returns the segments synced (one reclaimed meanwhile is
+        skipped; with ``strict`` False, one that fails too, logged)."""
+        done: set[int] = set()
+        unnamed: list[SegState] = []
+        for sid in sids:
+            s = self.segs.get(sid)
+            if s is None or s.fd < 0:
+                continue
+            try:
+                os.fdatasync(s.fd)
+            except OSError as e:
+                if e.errno == errno.EBADF and sid not in self.segs:
+                    continue  # closed by a reclaim meanwhile: nothing of it is needed
+                if strict:
+                    raise
+                log.error("fdatasync of segment %d failed: %s (it stays unsealed; recovery verifies it)", sid, e)
+                continue
+            done.add(sid)
+            if not s.named:
+                unnamed.append(s)
+        for d in {s.path.parent for s in unnamed}:
+            fsync_dir(d)
+        for s in unnamed:
+            s.named = True
+        return done
+
+    def durable_round(self) -> None:
+        """Run before every index sync that is not a sync put's own
+        (kvfsd.writer: fast mode's periodic one, a reclaim's, the last at
+        stop). A commit may publish records that no fdatasync covered yet:
+        every open segment, and every sealed one still pending, is synced
+        first, so an index entry on disk points at bytes on disk (the order
+        a sync put keeps for itself). A sealed segment whose reservations
+        are all committed or aborted is then complete on disk, and its
+        SEALED row may go out; until it does, recovery verifies it."""
+        with self._lock:
+            sids = set(self.open_seg.values()) | self.seal_pending
+            ready = {sid for sid in self.seal_pending if sid in self.segs and self.segs[sid].inflight == 0}
+            self.seal_pending &= set(self.segs)
+        synced = self.sync_segments(sids, strict=False)
+        with self._lock:
+            for sid in ready & synced:
+                self.seal_pending.discard(sid)
+                s = self.segs.get(sid)
+                if s is not None:
+                    self.unpersist(s)
 
     def unpersist(self, seg: SegState) -> None:
         """``seg``'s row changed: it goes out with the next commit. Caller holds the lock."""

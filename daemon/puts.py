@@ -286,8 +286,7 @@ class Puts(Space):
         one commit that publishes every plan. ``on_error`` undoes a plan."""
         try:
             if sync:
-                for sid in set().union(*(p.touched for p in plans)):
-                    os.fdatasync(self.segs[sid].fd)
+                self.sync_segments(set().union(*(p.touched for p in plans)))
             # the first job writes the segment rows and counters for all: one scan a batch
             jobs = [self.publish_job(p, sync, shared=i == 0) for i, p in enumerate(plans)]
             done = self.writer.call(lambda txn: [job(txn) for job in jobs], sync=sync)
@@ -318,8 +317,7 @@ class Puts(Space):
             if before is not None:
                 before()
                 if sync:
-                    for sid in plan.touched:
-                        os.fdatasync(self.segs[sid].fd)
+                    self.sync_segments(plan.touched)
             # durability order: payloads are written (and synced) above or
             # before this job was queued; this commit publishes them.
             now = time.time()

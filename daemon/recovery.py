@@ -4,8 +4,8 @@ what a crashed daemon owed to T1.
 Invariants:
 - a segment file with no row holds no published record: removed;
 - records of an open segment are verified; what fails is dropped and the
-  segment truncated after its last good record; every segment is sealed,
-  so new writes go to new segments;
+  segment truncated after its last good record; every segment is synced,
+  then sealed, so new writes go to new segments;
 - T0 starts empty: nothing in an old arena is trusted, except the puts the
   journal says were owed to T1, verified against their client's checksums.
 """
@@ -22,6 +22,7 @@ from typing import Any
 from kvfs import format as fmt
 
 from .arena import arena_path
+from .durable import fsync_dir
 from .index import SEG_OPEN, SEG_SEALED, obj_key, split_obj_key
 from .mirror import MemEntry, entry_of
 from .repair import Repair
@@ -105,6 +106,20 @@ class Recovery(Repair):
             if state == SEG_OPEN and size > good_end:
                 truncate[sid] = good_end
                 rep.bytes_truncated += size - good_end
+        # A killed daemon's unsynced writes may still sit in the page cache,
+        # where the checks above read them: every segment kept is synced,
+        # and the stripes' names (orphans' removals included), before its
+        # SEALED row (which spares it these checks at the next start) is
+        # committed; a power cut after this start then finds them whole.
+        for sid, (_si, path) in files.items():
+            if sid in rows:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+        for sdir in self.cfg.stripes:
+            fsync_dir(sdir)
         # Drop what failed, seal every segment: new writes go to new segments.
         def fix(txn: Any) -> None:
             for ok in drop:
@@ -124,7 +139,8 @@ class Recovery(Repair):
         for sid, (stripe, _state) in rows.items():
             if sid in files:
                 self.segs[sid] = SegState(sid, stripe, files[sid][1], SEG_SEALED,
-                                          truncate.get(sid, files[sid][1].stat().st_size), persisted=True)
+                                          truncate.get(sid, files[sid][1].stat().st_size), persisted=True,
+                                          named=True)
         entries = []
         with idx.env.begin() as txn:
             for ns, key, e in idx.iter_objects(txn):

@@ -37,6 +37,7 @@ class SegState:
     reserved: dict[int, int] = field(default_factory=dict)
     fd: int = -1
     persisted: bool = False  # has a row in the segments table
+    named: bool = False  # its name in the stripe directory is durable (kvfsd.durable)
 
     def add_live(self, span: int) -> None:
         self.live += span

@@ -210,7 +210,12 @@ class Space(Placement):
         def job(txn: Any) -> None:
             for s in doomed:
                 self.index.delete_segment(txn, s.seg)
-        self.writer.call(job)
+        # An unlink may reach the disk at any later directory fsync, so the
+        # commits that moved or removed every record of these segments (and
+        # the copies they point at) must be on disk first: a power cut must
+        # not leave the index naming a segment that is gone.
+        self.durable_round()
+        self.writer.call(job, sync=True)
         for s in doomed:
             s.close()
             try:

@@ -8,10 +8,13 @@ entry is on disk (its payload was fdatasync'd before the job was queued).
 A job that raises is answered with its exception; its writes are rolled back
 by running it inside a nested transaction, so it cannot spoil the batch.
 
-In fast mode the index is synced every couple of seconds by a separate
-syncer thread, never by the writer: on ext4 (data=ordered) an fsync of the
-index waits for the writeback of every newly allocated segment block, and
-doing that on the writer would stall every put behind the disk.
+In fast mode the index is synced every couple of seconds
+(``fast_sync_interval``: what a power cut may take from fast puts) by a
+separate syncer thread, never by the writer, after ``before_sync`` has
+fdatasync'd the segments its commits may point into. On ext4
+(data=ordered) an fsync of the index waits for the writeback of every
+newly allocated segment block, and doing that on the writer would stall
+every put behind the disk.
 """
 from __future__ import annotations
 
@@ -30,10 +33,12 @@ Job = Callable[[lmdb.Transaction], Any]
 
 class WriterThread:
     def __init__(self, env: lmdb.Environment, *, fast_sync_interval: float = 2.0,
-                 on_idle: Callable[[lmdb.Transaction], None] | None = None):
+                 on_idle: Callable[[lmdb.Transaction], None] | None = None,
+                 before_sync: Callable[[], None] | None = None):
         self.env = env
         self.fast_sync_interval = fast_sync_interval
         self.on_idle = on_idle
+        self.before_sync = before_sync
         self._q: queue.Queue[tuple[Job, bool, Future] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="kvfs-writer", daemon=True)
         self._last_sync = time.monotonic()
@@ -59,7 +64,7 @@ class WriterThread:
         self._stopping = True
         self._sync_wanted.set()
         self._syncer.join()
-        self.env.sync(True)
+        self._sync_index()
 
     def _sync_loop(self) -> None:
         name_os_thread()
@@ -69,10 +74,17 @@ class WriterThread:
             if self._stopping:
                 return
             try:
-                self.env.sync(True)
+                self._sync_index()
             except Exception:  # noqa: BLE001 - retried at the next interval and at stop
                 import logging
                 logging.getLogger("kvfsd").exception("index sync failed")
+
+    def _sync_index(self) -> None:
+        # payloads before the index that points at them (before_sync:
+        # Placement.durable_round), unless a sync put's caller did it
+        if self.before_sync is not None:
+            self.before_sync()
+        self.env.sync(True)
 
     def _run(self) -> None:
         name_os_thread()

@@ -6,7 +6,7 @@ import pytest
 from kvfstools.faults import run
 
 
-@pytest.mark.parametrize("name", ["crash", "diskfull", "corrupt", "fuzz", "deadclient", "load"])
+@pytest.mark.parametrize("name", ["crash", "diskfull", "corrupt", "fuzz", "deadclient", "load", "powercut"])
 def test_fault_scenario(tmp_path, name):
     res = run(tmp_path, [name], quick=True)[name]
     if res.get("ok") is None:

@@ -32,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--durability", choices=["fast", "sync"], default="fast",
                    help="sync: a put returns after fdatasync and index commit; fast: may lose the last "
                         "writes on an OS crash, never serves wrong bytes (default fast)")
+    p.add_argument("--sync-interval", type=float, default=2.0, metavar="SECONDS",
+                   help="fast mode: sync the index and the segments it points into this often; a power cut "
+                        "loses at most the fast puts of about this long plus T0's write-back backlog (default 2)")
     p.add_argument("--stripe-unit", default="4M", help="chunk size for striping large values (default 4M)")
     p.add_argument("--segment-size", default="1G", help="seal segments at this size (default 1G)")
     p.add_argument("--lease-timeout", type=float, default=30.0, help="seconds before an unreleased lease ends")
@@ -120,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         socket=Path(args.socket) if args.socket else None,
         capacity=parse_size(args.capacity) if args.capacity else None,
         durability=args.durability,
+        sync_interval=args.sync_interval,
         stripe_unit=parse_size(args.stripe_unit),
         segment_size=parse_size(args.segment_size),
         lease_timeout=args.lease_timeout,

@@ -12,8 +12,8 @@ from typing import Any
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("faults", help="the fault campaign: crashes, full disk, corruption, fuzzing, dead clients, load")
-    p.add_argument("--quick", action="store_true", help="short versions (3 crash cycles, 5 s of fuzzing and of load)")
-    p.add_argument("--only", default=None, help="comma-separated: crash,diskfull,corrupt,fuzz,deadclient,load")
+    p.add_argument("--quick", action="store_true", help="short versions (3 crash cycles, 3 power cuts a mode, 5 s of fuzzing and of load)")
+    p.add_argument("--only", default=None, help="comma-separated: crash,diskfull,corrupt,fuzz,deadclient,load,powercut")
     p.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
     return p
@@ -31,6 +31,14 @@ def summary(name: str, r: dict[str, Any]) -> str:
                 f"({rec['max'] * 1e3:.1f} max), restart to serving {rs['median']:.2f} s median; "
                 f"{r['compactions_finished']} of {r['cycles']} compactions finished before their kill "
                 f"({r['segments_compacted']} segments freed); {r['orphans_after']} orphans left by cut puts")
+    elif name == "powercut":
+        body = "\n           ".join(
+            f"{mode}: {m['cuts']} power cuts; {m['acked']} puts acknowledged, {m['must_survive']} that must survive: "
+            f"{m['lost_must']} lost, {m['wrong_bytes']} wrong bytes; {m['lost_fast']} fast lost (oldest acknowledged "
+            f"{m['oldest_lost_fast_s']:.2f} s before its cut, bound {m['bound_s']:.1f} s); {m['rebuilds']} index "
+            f"rebuilds; recovery {m['recovery_s']['median'] * 1e3:.1f} ms median ({m['recovery_s']['max'] * 1e3:.1f} "
+            f"max), restart to serving {m['restart_s']['median']:.2f} s median; {m['evicted']} evicted, "
+            f"{m['compactions_finished']} compactions finished" for mode, m in r["modes"].items())
     elif name == "diskfull":
         body = f"{r['stored_before_full']} values stored, then: {r['error']!r}; readable, space back after deletes"
     elif name == "corrupt":

@@ -2,7 +2,8 @@
 SOCKET ROLE ID SEED [SECONDS]``). It runs its role until SECONDS pass or
 the daemon goes away, and reports on stdout, one line per event, flushed:
 
-  ack-sync KEY / ack-fast KEY   a put the daemon acknowledged
+  ack-sync KEY T / ack-fast KEY T   a put the daemon acknowledged, at
+                                T (time.monotonic(): one clock for every process)
   del? KEY                      a delete about to be sent (it may take effect unacknowledged)
   del KEY                       a delete the daemon acknowledged
   bad KEY                       a get returned bytes other than KEY's value
@@ -70,7 +71,7 @@ def main(argv: list[str]) -> int:
                 if role in ("sync", "fast") or (role in ("churn", "load") and r < 0.4):
                     sync = role == "sync" or (role == "load" and r < 0.05)
                     timed("put", lambda: store.put(key, value_of(key), ns=NS, sync=sync))
-                    emit(f"ack-{'sync' if sync else 'fast'} {key}")
+                    emit(f"ack-{'sync' if sync else 'fast'} {key} {time.monotonic():.6f}")
                     mine.append(key)
                     seen.append(key)
                 elif role in ("churn", "load") and r < 0.6 and mine:

@@ -21,6 +21,9 @@ Each scenario returns its figures and the invariants it checked
              come back, compaction frees the segment
   load       8 client processes of mixed operations: throughput, p99,
              zero errors, zero wrong bytes
+  powercut   power cuts (not kills) under the crash loop's load, per
+             durability mode, on the test kit's power-cut simulator
+             (kvfstools.faults_powercut)
 """
 from __future__ import annotations
 
@@ -89,7 +92,11 @@ class _Workers:
         return codes
 
     def keys(self, tag: str) -> list[str]:
-        return [line.split(" ", 1)[1] for line in self.lines if line.startswith(tag + " ")]
+        return [line.split(" ")[1] for line in self.lines if line.startswith(tag + " ")]
+
+    def acks(self, tag: str) -> list[tuple[str, float]]:
+        """(key, when) of each ``ack-sync``/``ack-fast`` line."""
+        return [(f[1], float(f[2])) for f in (line.split(" ") for line in self.lines if line.startswith(tag + " "))]
 
 
 def _check(failures: list[str], cond: bool, what: str) -> None:
@@ -520,16 +527,21 @@ def load(work: Path, seconds: float = 60.0, clients: int = 8, seed: int = 7) -> 
                         for op, v in sorted(lat.items())}}
 
 
+def power_cut(work: Path, **kw: Any) -> dict[str, Any]:
+    from .faults_powercut import power_cut as run_cuts  # it builds on this module
+    return run_cuts(work, **kw)
+
+
 SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "crash": crash_loop, "diskfull": disk_full, "corrupt": corruption, "fuzz": fuzz,
-    "deadclient": dead_client, "load": load}
+    "deadclient": dead_client, "load": load, "powercut": power_cut}
 
 
 def run(work: Path, only: list[str] | None = None, quick: bool = False,
         report: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the scenarios (all, or ``only``); ``quick``: short versions."""
     kw: dict[str, dict[str, Any]] = {"crash": {"cycles": 3 if quick else 20}, "fuzz": {"seconds": 5 if quick else 60},
-                                     "load": {"seconds": 5 if quick else 60}}
+                                     "load": {"seconds": 5 if quick else 60}, "powercut": {"cuts": 3 if quick else 20}}
     out = {}
     for name in only or list(SCENARIOS):
         sub = work / name
