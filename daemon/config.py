@@ -75,11 +75,11 @@ class Config:
         directories. Raises InvalidArgument on a conflicting configuration."""
         self.root = Path(self.root).expanduser().absolute()
         self.policy = Policy.of(os.getuid(), [str(u) for u in self.allow_uids], [str(g) for g in self.allow_gids])
-        mkdir_durable(self.root)
         if self.durability not in ("fast", "sync"):
             raise InvalidArgument(f"durability must be 'fast' or 'sync', not {self.durability!r}")
         if not 0.05 <= self.sync_interval <= 3600:
             raise InvalidArgument(f"the sync interval must be 0.05 to 3600 seconds, not {self.sync_interval}")
+        mkdir_durable(self.root)
         if self.socket is None:
             self.socket = default_socket(self.root)
         if self.stripe_unit < PAGE or self.stripe_unit % PAGE:

@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from kvfs.errors import KvfsError
 
+from .durable import fsync_dir
 from .index import SEG_SEALED, Index
 from .access import Policy
 from .fileperms import FilePerms, apply_private_tree
@@ -129,6 +130,10 @@ def rebuild_index(root: Path, progress: Callable[[int, int], None] | None = None
             apply_private_tree(FilePerms(Policy(os.getuid())), backup)  # an older kvfs may have made it wider
             rep.old_index = str(backup)
         os.rename(new_dir, old)
+        # the renames are directory entries: without this a power cut may
+        # bring back the store with no index (and recovery would then
+        # remove every segment as an orphan)
+        fsync_dir(root)
     finally:
         for fd in fds.values():
             os.close(fd)

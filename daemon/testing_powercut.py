@@ -171,9 +171,23 @@ def _serve(backing: Path, mountpoint: Path) -> None:
         def symlink(self, parent: int, name: bytes, target: bytes, ctx: Any) -> Any:
             raise FsError(errno.EPERM)
 
+    async def names_on_signal() -> None:
+        """SIGUSR1: commit every directory's entries (a cut "with names"
+        follows), then say so in ``names-committed``. Between requests."""
+        with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+            async for _sig in signals:
+                disk.commit_names()
+                (backing / "names-committed").write_text("1")
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            n.start_soon(names_on_signal)
+            await pyfuse3.main()
+            n.cancel_scope.cancel()
+
     pyfuse3.init(Ops(), str(mountpoint), set(pyfuse3.default_options) | {"fsname=powercut", "subtype=powercut"})
     try:
-        trio.run(pyfuse3.main)
+        trio.run(main)
     finally:
         pyfuse3.close(unmount=True)
 
@@ -228,8 +242,19 @@ class PowerCutDisk:
             time.sleep(0.02)
         raise TimeoutError("the power-cut simulator did not mount")
 
-    def cut(self) -> None:
-        """The power goes: the simulator dies with everything unsynced."""
+    def cut(self, names: bool = False) -> None:
+        """The power goes: the simulator dies with everything unsynced.
+        ``names``: every directory's entries reach the disk first, as
+        ext4's periodic journal commit may put them there (R6)."""
+        if names and self.proc is not None and self.proc.poll() is None:
+            flag = self.backing / "names-committed"
+            flag.unlink(missing_ok=True)
+            self.proc.send_signal(signal.SIGUSR1)
+            deadline = time.monotonic() + 20
+            while not flag.exists() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if not flag.exists():
+                raise TimeoutError("the power-cut simulator did not commit its names")
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()

@@ -25,10 +25,13 @@ The rules modelled are what POSIX and ext4 *promise*, and no more:
             durable is gone. (ext4 in fact often commits the new entry with
             the file's fsync, in the same journal transaction; that is an
             implementation detail, not a promise, and the model denies it.)
-  R6 cut    every volatile change is lost at once. Not modelled: a subset
-            of unsynced writes reaching the disk early or out of order
-            (a torn sector or page, an entry change committed by the
-            journal before its data).
+  R6 cut    every volatile change is lost at once; or, in a cut "with
+            names" (``commit_names``), every directory's entry table
+            reaches the disk first and no data does: ext4's journal
+            commits entry changes every few seconds on its own, unlinks
+            included, with no fsync asked for. Not modelled: other subsets
+            of unsynced writes reaching the disk early or out of order (a
+            torn sector or page).
   R7 other  no ``O_DIRECT`` semantics (the daemon never writes with it);
             hard links, symlinks, special files and xattrs are refused.
 
@@ -263,6 +266,15 @@ class VolatileDisk:
                 self._fd("data", child)  # an empty durable file, at least
         self._save_tree()
         self.syncs["fsyncdir"] += 1
+
+    def commit_names(self) -> None:
+        """R6: every directory's entries as they are now reach the disk (and
+        nothing else does): the journal commit of a cut "with names"."""
+        todo = [ROOT]  # from the root, so that new subdirectories come too
+        while todo:
+            ino = todo.pop()
+            self.fsyncdir(ino)
+            todo += [c for c in self._dir(ino).values() if self.nodes[c].entries is not None]
 
     # -- data -----------------------------------------------------------------
     def read(self, ino: int, off: int, size: int) -> bytes:
