@@ -82,8 +82,7 @@ def seal_open(eng: "Engine", threshold: float, stripe: int | None = None) -> lis
             s = eng.segs.get(sid)
             if (stripe is not None and st != stripe) or s is None or s.end <= 0 or 1 - s.live / s.end < threshold:
                 continue
-            s.state = SEG_SEALED
-            eng.unpersist(s)  # the sealed state goes out with the next commit
+            eng.seal(s)
             del eng.open_seg[st]
             sealed.append(sid)
     return sealed

@@ -56,7 +56,7 @@ class Engine(Recovery):
         self.capacity = cfg.capacity
         self.root_lock = RootLock(cfg.root, "a kvfs daemon")
         try:
-            self.index = Index(cfg.root, cfg.map_size)
+            self.index = Index(cfg.root, cfg.map_size, meta_after_sync=cfg.durability == "sync")
         except BaseException as e:
             self.root_lock.release()
             if isinstance(e, lmdb.Error):
@@ -98,13 +98,19 @@ class Engine(Recovery):
         self.dir_refill = DirectoryRefill()
         try:
             self.recovery = self._recover()
-        except lmdb.Error as e:
+        except Exception as e:
+            # A damaged index (a power cut in fast mode may leave one) yields
+            # anything: LMDB's errors, undecodable keys or entries. OSError is
+            # the disk's, not the index's: said as it is.
             try:
                 self.writer.stop()
                 self.index.env.close()
             except lmdb.Error:
                 pass
             self.root_lock.release()
+            if isinstance(e, OSError):
+                raise
+            log.error("recovery could not read the index", exc_info=True)
             raise _damaged(cfg.root, e) from None
         # T0 starts empty after every start: nothing in an old arena is
         # trusted, except what the journal says was owed to T1, verified.
@@ -375,5 +381,6 @@ class Engine(Recovery):
 
 
 def _damaged(root: Path, e: Exception) -> KvfsError:
-    return KvfsError(f"the index at {root / 'index'} is damaged ({e}); the segments hold everything needed "
+    what = str(e) if isinstance(e, lmdb.Error) else f"{type(e).__name__}: {e}"
+    return KvfsError(f"the index at {root / 'index'} is damaged ({what}); the segments hold everything needed "
                      f"to rebuild it: kvfs rebuild-index --root {root}")

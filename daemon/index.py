@@ -116,14 +116,22 @@ def parse_segobj_key(k: bytes) -> tuple[int, int]:
 
 
 class Index:
-    def __init__(self, root: Path, map_size: int, name: str = "index"):
+    def __init__(self, root: Path, map_size: int, name: str = "index", meta_after_sync: bool = False):
         path = root / name
         mkdir_durable(path, 0o700)
-        # sync/metasync off: the writer calls env.sync() itself, at every
-        # commit in sync mode and periodically in fast mode. The index is
-        # the daemon's alone (mode 0600: kvfsd.fileperms, PRIVATE).
+        # The writer calls env.sync() itself: after every sync commit, and
+        # periodically in fast mode. ``meta_after_sync`` (sync mode) is
+        # LMDB's MDB_NOMETASYNC: every commit fdatasyncs its pages before it
+        # writes the meta page that points at them, so no power cut (nor
+        # the kernel writing the meta page back early) can leave a meta page
+        # on disk without its tree; the writer's env.sync then makes that
+        # meta page durable. Without it (fast mode, MDB_NOSYNC) commits cost
+        # no sync, and a power cut may leave a meta page ahead of its pages:
+        # the index is then damaged, the daemon says so and names
+        # kvfs rebuild-index (README "Durability rules"). The index is the
+        # daemon's alone (mode 0600: kvfsd.fileperms, PRIVATE).
         self.env = lmdb.open(str(path), map_size=map_size, max_dbs=12, max_readers=4096,
-                             sync=False, metasync=False, writemap=False, readahead=False,
+                             sync=meta_after_sync, metasync=False, writemap=False, readahead=False,
                              lock=True, mode=0o600)
         self.objects = self.env.open_db(b"objects")
         self.segobj = self.env.open_db(b"segobj")

@@ -91,11 +91,7 @@ class Placement(EngineState):
             seg = self.segs[sid]
             if seg.end + span <= self.cfg.segment_size or seg.end == 0:
                 return seg
-            seg.state = SEG_SEALED
-            if self.cfg.durability == "sync":
-                self.unpersist(seg)  # its records were synced by their puts: SEALED goes out with the next commit
-            else:
-                self.seal_pending.add(sid)  # SEALED only once durable_round has synced it
+            self.seal(seg)
         sid = self._next_seg
         self._next_seg += 1
         seg = SegState(sid, stripe, self.seg_path(stripe, sid), SEG_OPEN, 0)
@@ -104,6 +100,17 @@ class Placement(EngineState):
         self.unpersisted.add(sid)
         self.open_seg[stripe] = sid
         return seg
+
+    def seal(self, seg: SegState) -> None:
+        """No more reservations in ``seg``. Its SEALED row (which spares it
+        recovery's checks) goes out with the next commit in sync mode, where
+        every record was synced by its put; in fast mode only once
+        ``durable_round`` has synced it whole. Caller holds the lock."""
+        seg.state = SEG_SEALED
+        if self.cfg.durability == "sync":
+            self.unpersist(seg)
+        else:
+            self.seal_pending.add(seg.seg)
 
     def sync_segments(self, sids: Iterable[int], strict: bool = True) -> set[int]:
         """fdatasync each segment and, the first time, its stripe directory

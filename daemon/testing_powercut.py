@@ -57,7 +57,7 @@ def _serve(backing: Path, mountpoint: Path) -> None:
             try:
                 return fn(*args)
             except FsError as e:
-                raise pyfuse3.FUSEError(e.errno) from None
+                raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
             except OSError as e:  # the backing directory's own (a full disk)
                 raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         return wrapped
@@ -176,7 +176,12 @@ def _serve(backing: Path, mountpoint: Path) -> None:
         follows), then say so in ``names-committed``. Between requests."""
         with trio.open_signal_receiver(signal.SIGUSR1) as signals:
             async for _sig in signals:
-                disk.commit_names()
+                tear = backing / "tear"
+                if tear.exists():  # SIGUSR1 with a name: tear that file's next fsync instead
+                    disk.tear = tear.read_bytes()
+                    tear.unlink()
+                else:
+                    disk.commit_names()
                 (backing / "names-committed").write_text("1")
 
     async def main() -> None:
@@ -242,24 +247,35 @@ class PowerCutDisk:
             time.sleep(0.02)
         raise TimeoutError("the power-cut simulator did not mount")
 
+    def _signal_and_wait(self) -> None:
+        assert self.proc is not None
+        flag = self.backing / "names-committed"
+        flag.unlink(missing_ok=True)
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 20
+        while not flag.exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if not flag.exists():
+            raise TimeoutError("the power-cut simulator did not answer")
+
     def cut(self, names: bool = False) -> None:
         """The power goes: the simulator dies with everything unsynced.
         ``names``: every directory's entries reach the disk first, as
         ext4's periodic journal commit may put them there (R6)."""
         if names and self.proc is not None and self.proc.poll() is None:
-            flag = self.backing / "names-committed"
-            flag.unlink(missing_ok=True)
-            self.proc.send_signal(signal.SIGUSR1)
-            deadline = time.monotonic() + 20
-            while not flag.exists() and time.monotonic() < deadline:
-                time.sleep(0.005)
-            if not flag.exists():
-                raise TimeoutError("the power-cut simulator did not commit its names")
+            self._signal_and_wait()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
         self.cuts += 1
         _detach(self.mountpoint)
+
+    def tear_next_fsync(self, name: str) -> None:
+        """The next fsync of a file called ``name`` writes only its lowest
+        unsynced range, and the power goes (kvfsd.volatile_disk, R6)."""
+        assert self.proc is not None
+        (self.backing / "tear").write_bytes(name.encode())
+        self._signal_and_wait()
 
     def fsync_path(self, path: Path) -> None:
         """fsync a file or directory on the mount (what a careful tool does)."""

@@ -31,7 +31,10 @@ The rules modelled are what POSIX and ext4 *promise*, and no more:
             commits entry changes every few seconds on its own, unlinks
             included, with no fsync asked for. Not modelled: other subsets
             of unsynced writes reaching the disk early or out of order (a
-            torn sector or page).
+            torn sector or page). One such subset can be asked for: a
+            "torn" fsync (``tear``) of a named file writes only its lowest
+            unsynced range, then the power goes: a disk that wrote one
+            dirty page of the file before the others.
   R7 other  no ``O_DIRECT`` semantics (the daemon never writes with it);
             hard links, symlinks, special files and xattrs are refused.
 
@@ -48,6 +51,7 @@ import bisect
 import errno
 import json
 import os
+import signal
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +159,7 @@ class VolatileDisk:
             self.nodes[ino] = n
         self.next_ino = max(self.nodes) + 1
         self._fds: dict[tuple[str, int], int] = {}
+        self.tear: bytes | None = None  # the next fsync of a file of this name is torn (R6)
         self.syncs = {"fsync": 0, "fsyncdir": 0}
 
     # -- durable state -------------------------------------------------------
@@ -309,7 +314,10 @@ class VolatileDisk:
             return self.fsyncdir(ino)
         n.dirty.clip(n.size)
         vol, data = self._fd("vol", ino), self._fd("data", ino)
-        for a, b in n.dirty.spans():
+        spans = n.dirty.spans()
+        torn = self.tear is not None and any(d.get(self.tear) == ino for d in
+                                             (x.entries for x in self.nodes.values()) if d is not None)
+        for a, b in spans[:1] if torn else spans:
             pos = a
             while pos < b:
                 chunk = os.pread(vol, min(COPY, b - pos), pos)
@@ -317,6 +325,8 @@ class VolatileDisk:
                 chunk += bytes(want - len(chunk))
                 os.pwrite(data, chunk, pos)
                 pos += want
+        if torn:
+            os.kill(os.getpid(), signal.SIGKILL)  # the power goes mid-sync
         os.ftruncate(data, n.size)
         n.dirty = Intervals()
         os.ftruncate(vol, 0)

@@ -17,7 +17,8 @@ durability mode:
   sync interval plus one sync round and T0's write-back, ``FAST_SLACK_S``);
 - both: no read returns wrong bytes; the daemon starts on its own (or
   names ``kvfs rebuild-index``, which is then run and must restore all);
-  ``kvfs verify --deep`` at the end finds nothing broken.
+  no read finds a corrupt object (what recovery accepted was synced or
+  checked); ``kvfs verify --deep`` at the end finds nothing broken.
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def _one_mode(work: Path, mode: str, cuts: int, seed: int) -> dict[str, Any]:
     last_fast: list[tuple[str, float]] = []  # fast puts acknowledged in the cycle the last cut ended
     maybe_deleted: set[str] = set()
     cut_at = 0.0
-    acked = lost_must = lost_fast = wrong = checked = rebuilds = evicted = done_cuts = 0
+    acked = lost_must = lost_fast = wrong = checked = rebuilds = evicted = done_cuts = corrupt = 0
     lost_ages: list[float] = []
     recovery: list[float] = []
     restart: list[float] = []
@@ -115,6 +116,7 @@ def _one_mode(work: Path, mode: str, cuts: int, seed: int) -> dict[str, Any]:
                             lost_ages.append(cut_at - when)
                     if cycle == cuts:
                         ver = s.verify_store(deep=True)
+                        corrupt += s.stats()["counters"].get("corrupt_dropped", 0)
                         break
                 w = _Workers(d.socket, ["sync", "fast", "churn", "fast"], seed + cycle)
                 stop = threading.Event()
@@ -124,6 +126,10 @@ def _one_mode(work: Path, mode: str, cuts: int, seed: int) -> dict[str, Any]:
                 for h in helpers:
                     h.start()
                 time.sleep(rng.uniform(0.5, 3.0))
+                with d.connect() as s:
+                    # what reads found corrupt since the start: nothing that
+                    # recovery accepted may be (it was synced, or checked)
+                    corrupt += s.stats()["counters"].get("corrupt_dropped", 0)
                 cut_at = time.monotonic()
                 disk.cut()  # the power goes: what was not synced is gone ...
                 d.kill()  # ... with every process
@@ -152,11 +158,12 @@ def _one_mode(work: Path, mode: str, cuts: int, seed: int) -> dict[str, Any]:
     late = [a for a in lost_ages if a > bound]
     _check(failures, not late, f"{len(late)} fast puts lost that were acknowledged more than {bound:.1f} s before "
                                f"the cut (oldest {max(late, default=0):.2f} s)")
+    _check(failures, corrupt == 0, f"reads found {corrupt} corrupt objects that recovery had accepted")
     _check(failures, ver["broken_count"] == 0, f"verify --deep found {ver['broken_count']} broken objects")
     return {"failures": failures, "cuts": done_cuts, "acked": acked, "must_survive": len(must),
             "reads_checked": checked, "lost_must": lost_must, "lost_fast": lost_fast,
             "oldest_lost_fast_s": max(lost_ages, default=0.0), "bound_s": bound, "wrong_bytes": wrong,
-            "rebuilds": rebuilds, "evicted": evicted, "compactions_finished": len(compacted),
+            "rebuilds": rebuilds, "corrupt_found": corrupt, "evicted": evicted, "compactions_finished": len(compacted),
             "recovery_s": {"median": statistics.median(recovery), "max": max(recovery)},
             "restart_s": {"median": statistics.median(restart), "max": max(restart)}}
 
