@@ -34,17 +34,28 @@ class Repair(Tiering):
         ns, key = normalize_ns(ns), normalize_key(key)
         if self._verify_t0(ns, key, seq):
             return True
-        with self.index.env.begin() as txn:
-            e = self.index.get(txn, ns, key)
-        if e is None or (seq is not None and e.seq != seq):
-            return False
-        for i, x in enumerate(e.extents):
-            fd = self.segment_fd(x.seg)
-            if fd < 0 or not self._verify_record(fd, e.header_offsets[i], ns, key, e, i):
-                log.warning("corrupt object %s/%s (chunk %d): dropped", ns, key, i)
+        # No lease is held: compaction may move the object and reclaim the
+        # segment read here (its fd then gone, or closed under the read). A
+        # failed check counts only if the index still names the same place.
+        bad = None
+        for _attempt in range(3):
+            with self.index.env.begin() as txn:
+                e = self.index.get(txn, ns, key)
+            if e is None or (seq is not None and e.seq != seq):
+                return False
+            if bad is not None and bad[0] == e.extents:
+                log.warning("corrupt object %s/%s (chunk %d): dropped", ns, key, bad[1])
                 self._remove_objects([obj_key(ns, key)], reason="corrupt_dropped")
                 return True
-        return False
+            bad = None
+            for i, x in enumerate(e.extents):
+                fd = self.segment_fd(x.seg)
+                if fd < 0 or not self._verify_record(fd, e.header_offsets[i], ns, key, e, i):
+                    bad = (e.extents, i)
+                    break
+            if bad is None:
+                return False
+        return False  # moved at every look: whatever is wrong, it is not this object's bytes
 
     def verify_store(self, deep: bool = False, repair: bool = False,
                      progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
