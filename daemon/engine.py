@@ -56,7 +56,7 @@ class Engine(Recovery):
         self.capacity = cfg.capacity
         self.root_lock = RootLock(cfg.root, "a kvfs daemon")
         try:
-            self.index = Index(cfg.root, cfg.map_size, meta_after_sync=cfg.durability == "sync")
+            self.index = Index(cfg.root, cfg.map_size)
         except BaseException as e:
             self.root_lock.release()
             if isinstance(e, lmdb.Error):
@@ -99,9 +99,9 @@ class Engine(Recovery):
         try:
             self.recovery = self._recover()
         except Exception as e:
-            # A damaged index (a power cut in fast mode may leave one) yields
-            # anything: LMDB's errors, undecodable keys or entries. OSError is
-            # the disk's, not the index's: said as it is.
+            # A damaged index (a failing disk, a bit flip) yields anything:
+            # LMDB's errors, undecodable keys or entries. OSError is the
+            # disk's, not the index's: said as it is.
             try:
                 self.writer.stop()
                 self.index.env.close()

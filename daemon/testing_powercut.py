@@ -277,6 +277,15 @@ class PowerCutDisk:
         (self.backing / "tear").write_bytes(name.encode())
         self._signal_and_wait()
 
+    def wait_dead(self, timeout: float) -> bool:
+        """Wait for a torn fsync to have cut the power; False if none came."""
+        assert self.proc is not None
+        try:
+            self.proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
     def fsync_path(self, path: Path) -> None:
         """fsync a file or directory on the mount (what a careful tool does)."""
         fd = os.open(path, os.O_RDONLY)

@@ -131,6 +131,16 @@ def test_bench_meta_quick(tmp_path):
     assert b"faster than the round trip" in r.stdout
 
 
+def test_bench_durability_quick(tmp_path):
+    """kvfs bench --durability runs the same puts against the index with its
+    power-cut rule and without it (two daemons, same run) and reports both."""
+    r = kvfs_cmd("bench", "--durability", "--quick", "--dir", str(tmp_path), "--json", str(tmp_path / "d.json"))
+    res = json.loads((tmp_path / "d.json").read_text())
+    (case,) = res["cases"]
+    assert case["gbs"] > 0 and case["nosync_gbs"] > 0 and case["p50_s"] > 0 and case["nosync_p50_s"] > 0
+    assert b"NOSYNC" in r.stdout
+
+
 def test_bench_puts_quick(tmp_path):
     r = kvfs_cmd("bench", "--puts", "--quick", "--dir", str(tmp_path), "--json", str(tmp_path / "p.json"))
     res = json.loads((tmp_path / "p.json").read_text())

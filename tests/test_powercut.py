@@ -275,3 +275,17 @@ def test_a_power_cut_inside_an_index_sync_leaves_a_whole_index(rigs):
     with r.d.connect() as s:
         assert {k: s.get(k) for k in first} == first
         assert s.verify_store(deep=True)["broken_count"] == 0
+
+
+def test_the_index_syncs_pages_before_meta_unless_a_benchmark_turns_it_off(tmp_path, monkeypatch):
+    """MDB_NOMETASYNC in every mode; KVFS_UNSAFE_INDEX_NOSYNC=1 (only `kvfs
+    bench --durability` sets it, to price the rule) gives MDB_NOSYNC."""
+    from kvfsd.index import Index
+    monkeypatch.delenv("KVFS_UNSAFE_INDEX_NOSYNC", raising=False)
+    idx = Index(tmp_path, 1 << 24)
+    assert idx.env.flags()["sync"] is True and idx.env.flags()["metasync"] is False
+    idx.close()
+    monkeypatch.setenv("KVFS_UNSAFE_INDEX_NOSYNC", "1")
+    idx = Index(tmp_path, 1 << 24, name="other")
+    assert idx.env.flags()["sync"] is False
+    idx.close()

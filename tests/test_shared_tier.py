@@ -223,7 +223,9 @@ def test_outages_of_redis_and_s3_fail_no_call_and_uploads_resume(servers, tmp_pa
             a.put_many(list(late), list(late.values()), ns="o")  # never waits for S3
             assert read_all(a, late, "o") == list(late.values())
             assert read_all(b, late, "o") == [None] * len(late)  # not uploaded yet: misses
-            assert t2(a)["queue"] + t2(a)["uploading"] > 0  # waiting, not dropped
+            assert a.flush(10)  # written back to T1 (so queued for upload): not asking about S3
+            ta = t2(a)
+            assert ta["queue"] + ta["uploading"] > 0, ta  # waiting, not dropped
         finally:
             s3.resume()
         wait_for(lambda: t2(b)["s3"]["state"] == "up", what="B's probe finding S3 back")

@@ -86,6 +86,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     u.add_argument("--puts", action="store_true",
                    help="64 KiB puts one by one (latency, client CPU) and in batches of 64 (objects/s, daemon "
                         "CPU per object), waiting for the daemon and not, next to memcpy and raw pwrite")
+    u.add_argument("--durability", action="store_true",
+                   help="what the index's power-cut rule (a sync of its pages each commit) costs puts that wait "
+                        "for their commit: fast without T0, sync, and fast with T0, against the index without it")
     t = p.add_argument_group("--meta: contains / prefix_match of 1024 keys, idle and under put load")
     t.add_argument("--meta", action="store_true",
                    help="contains and prefix_match latency from the shared directory and by round trip, idle "
@@ -301,6 +304,10 @@ def run(args: argparse.Namespace) -> int:
         from .bench_puts import format_puts, run_puts_bench
         res = run_puts_bench(args)
         return _emit(args, res, format_puts(res))
+    if args.durability:
+        from .bench_durability import format_durability, run_durability_bench
+        res = run_durability_bench(args)
+        return _emit(args, res, format_durability(res))
     if args.meta:
         from .bench_meta import format_meta, run_meta_bench
         if args.quick:

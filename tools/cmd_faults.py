@@ -33,7 +33,7 @@ def summary(name: str, r: dict[str, Any]) -> str:
                 f"({r['segments_compacted']} segments freed); {r['orphans_after']} orphans left by cut puts")
     elif name == "powercut":
         body = "\n           ".join(
-            f"{mode}: {m['cuts']} power cuts; {m['acked']} puts acknowledged, {m['must_survive']} that must survive: "
+            f"{mode}: {m['cuts']} power cuts ({', '.join(f'{n} {k}' for k, n in m['cut_kinds'].items())}); {m['acked']} puts acknowledged, {m['must_survive']} that must survive: "
             f"{m['lost_must']} lost, {m['wrong_bytes']} wrong bytes; {m['lost_fast']} fast lost (oldest acknowledged "
             f"{m['oldest_lost_fast_s']:.2f} s before its cut, bound {m['bound_s']:.1f} s); {m['corrupt_found']} corrupt "
             f"found by reads; {m['rebuilds']} index "

@@ -9,7 +9,8 @@ puts, deletes, batched reads, compaction, and puts then evictions of a
 namespace of their own) the power goes at a random moment: the simulator
 drops everything unsynced, the daemon is killed, /dev/shm loses the
 daemon's files, and the store is mounted and started again. Per
-durability mode:
+durability mode (the cuts take turns: plain, "with names", and a torn index
+sync; ``CUT_KINDS``):
 
 - ``sync``: every acknowledged put (all are sync) is there, byte-exact;
 - ``fast``: every acknowledged ``sync=True`` put is there; a lost fast
@@ -27,9 +28,12 @@ import statistics
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .fault_worker import NS, value_of
+
+if TYPE_CHECKING:
+    from kvfsd.testing_powercut import PowerCutDisk
 from .faults import _check, _compact_quietly, _env, _Workers
 
 SYNC_INTERVAL_S = 2.0  # the daemon's default --sync-interval
@@ -38,6 +42,16 @@ SYNC_INTERVAL_S = 2.0  # the daemon's default --sync-interval
 # one that may start up to SYNC_INTERVAL_S later, behind one that is running
 FAST_SLACK_S = 1.0
 EVICT_NS = "evictme"
+# the cuts, in turn (kvfsd.volatile_disk, R6): everything unsynced lost;
+# every directory's entries on disk first (ext4's journal commits them on
+# its own); the index's next sync torn (its lowest dirty page written, then
+# the power goes: a meta page ahead of its tree, where nothing orders them)
+CUT_KINDS = ("plain", "names", "torn")
+
+
+def _torn(disk: "PowerCutDisk") -> bool:
+    disk.tear_next_fsync("data.mdb")
+    return disk.wait_dead(3 * SYNC_INTERVAL_S)
 
 
 def _evict_quietly(sock: Path, stop: threading.Event, counts: list[int]) -> None:
@@ -77,6 +91,7 @@ def _one_mode(work: Path, mode: str, cuts: int, seed: int) -> dict[str, Any]:
     cut_at = 0.0
     acked = lost_must = lost_fast = wrong = checked = rebuilds = evicted = done_cuts = corrupt = 0
     lost_ages: list[float] = []
+    kinds = {k: 0 for k in CUT_KINDS}
     recovery: list[float] = []
     restart: list[float] = []
     compacted: list[int] = []
@@ -130,8 +145,12 @@ def _one_mode(work: Path, mode: str, cuts: int, seed: int) -> dict[str, Any]:
                     # what reads found corrupt since the start: nothing that
                     # recovery accepted may be (it was synced, or checked)
                     corrupt += s.stats()["counters"].get("corrupt_dropped", 0)
+                kind = CUT_KINDS[cycle % len(CUT_KINDS)]
+                if kind == "torn" and not _torn(disk):
+                    kind = "plain"  # no index sync came: an ordinary cut
+                kinds[kind] += 1
                 cut_at = time.monotonic()
-                disk.cut()  # the power goes: what was not synced is gone ...
+                disk.cut(names=kind == "names")  # the power goes: what was not synced is gone ...
                 d.kill()  # ... with every process
                 done_cuts += 1
                 stop.set()
@@ -163,7 +182,7 @@ def _one_mode(work: Path, mode: str, cuts: int, seed: int) -> dict[str, Any]:
     return {"failures": failures, "cuts": done_cuts, "acked": acked, "must_survive": len(must),
             "reads_checked": checked, "lost_must": lost_must, "lost_fast": lost_fast,
             "oldest_lost_fast_s": max(lost_ages, default=0.0), "bound_s": bound, "wrong_bytes": wrong,
-            "rebuilds": rebuilds, "corrupt_found": corrupt, "evicted": evicted, "compactions_finished": len(compacted),
+            "rebuilds": rebuilds, "corrupt_found": corrupt, "cut_kinds": kinds, "evicted": evicted, "compactions_finished": len(compacted),
             "recovery_s": {"median": statistics.median(recovery), "max": max(recovery)},
             "restart_s": {"median": statistics.median(restart), "max": max(restart)}}
 
