@@ -154,3 +154,21 @@ def test_t0_eviction_takes_the_least_recent_clean_ones_in_one_round():
     assert all(ms[b"d%d" % i].t0 >= 0 for i in range(9, 16))
     assert t0.stats()["objects"] == 8  # c1 (leased) and d9..d15: the rest went, d8 included
     assert ms[b"d8"].t0 == -1 and ms[b"c1"].t0 >= 0
+
+
+def test_a_finished_job_waits_for_its_client_however_many_jobs_follow():
+    """The daemon's own compactions (never fetched) must not push out a
+    verify its client has not polled yet; a status poll answers the same
+    twice (a client resends it on a new connection); fetched jobs go."""
+    from kvfsd.jobs import KEEP, Jobs
+    jobs = Jobs()
+    mine = jobs.new("verify")
+    jobs.run(mine, lambda progress: {"broken_count": 0})
+    for _ in range(3 * KEEP):
+        j = jobs.new("compact")
+        jobs.run(j, lambda progress: {})
+    assert jobs.status(mine.id)["result"] == {"broken_count": 0}
+    assert jobs.status(mine.id)["state"] == "done"  # asked again: the same answer
+    for _ in range(KEEP):
+        jobs.run(jobs.new("compact"), lambda progress: {})
+    assert mine.id not in jobs.jobs  # fetched, then pushed out
