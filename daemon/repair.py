@@ -44,14 +44,15 @@ class Repair(Tiering):
             if e is None or (seq is not None and e.seq != seq):
                 return False
             if bad is not None and bad[0] == e.extents:
-                log.warning("corrupt object %s/%s (chunk %d): dropped", ns, key, bad[1])
+                log.warning("corrupt object %s/%s (chunk %d): dropped (%s)", ns, key, bad[1], bad[2])
                 self._remove_objects([obj_key(ns, key)], reason="corrupt_dropped")
                 return True
             bad = None
             for i, x in enumerate(e.extents):
                 fd = self.segment_fd(x.seg)
-                if fd < 0 or not self._verify_record(fd, e.header_offsets[i], ns, key, e, i):
-                    bad = (e.extents, i)
+                why = "its segment is gone" if fd < 0 else check_record(fd, e.header_offsets[i], ns, key, e, i)
+                if why is not None:
+                    bad = (e.extents, i, why)
                     break
             if bad is None:
                 return False
