@@ -22,6 +22,7 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 
 def fsync_file(path: str | os.PathLike[str]) -> None:
+    """fsync a file (or a directory) by its path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -4,8 +4,8 @@ what a crashed daemon owed to T1.
 Invariants:
 - a segment file with no row holds no published record: removed;
 - records of an open segment are verified; what fails is dropped and the
-  segment truncated after its last good record; every segment is synced,
-  then sealed, so new writes go to new segments;
+  segment truncated after its last good record; open segments are synced,
+  then every segment sealed, so new writes go to new segments;
 - T0 starts empty: nothing in an old arena is trusted, except the puts the
   journal says were owed to T1, verified against their client's checksums.
 """
@@ -101,23 +101,20 @@ class Recovery(Repair):
                             good_end = max(good_end, off + e.spans[ext_i])
                         else:
                             drop.add(ok)
+                if state == SEG_OPEN:
+                    # A killed daemon's unsynced writes may still sit in the
+                    # page cache, where the checks above read them: synced
+                    # before the SEALED row (which spares the segment these
+                    # checks at the next start) is committed below. A SEALED
+                    # row already on disk means its segment was synced whole.
+                    os.fdatasync(fd)
             finally:
                 os.close(fd)
             if state == SEG_OPEN and size > good_end:
                 truncate[sid] = good_end
                 rep.bytes_truncated += size - good_end
-        # A killed daemon's unsynced writes may still sit in the page cache,
-        # where the checks above read them: every segment kept is synced,
-        # and the stripes' names (orphans' removals included), before its
-        # SEALED row (which spares it these checks at the next start) is
-        # committed; a power cut after this start then finds them whole.
-        for sid, (_si, path) in files.items():
-            if sid in rows:
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fdatasync(fd)
-                finally:
-                    os.close(fd)
+        # the stripes' names too (orphans' removals included), before any
+        # SEALED row: a power cut after this start finds the segments whole
         for sdir in self.cfg.stripes:
             fsync_dir(sdir)
         # Drop what failed, seal every segment: new writes go to new segments.

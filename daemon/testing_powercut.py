@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .durable import fsync_file
 from .volatile_disk import FsError, Node, VolatileDisk
 
 TIMEOUT = 300.0  # every change passes through this process: the kernel's caches stay right
@@ -61,6 +62,11 @@ def _serve(backing: Path, mountpoint: Path) -> None:
             except OSError as e:  # the backing directory's own (a full disk)
                 raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         return wrapped
+
+    def refuse(code: int) -> Any:
+        def never(*_args: Any) -> Any:
+            raise FsError(code)
+        return fs(never)
 
     handles: dict[int, int] = {}  # fh -> inode
     counter = [0]
@@ -149,27 +155,11 @@ def _serve(backing: Path, mountpoint: Path) -> None:
                 setattr(s, f, getattr(v, f))
             return s
 
-        @fs
-        def getxattr(self, ino: int, name: bytes, ctx: Any) -> bytes:
-            raise FsError(errno.ENODATA)
-
-        @fs
-        def setxattr(self, ino: int, name: bytes, value: bytes, ctx: Any) -> None:
-            raise FsError(errno.ENOTSUP)
-
+        # refused (R7): no xattrs, hard links or symlinks
+        getxattr = removexattr = refuse(errno.ENODATA)
+        setxattr = refuse(errno.ENOTSUP)
+        link = symlink = refuse(errno.EPERM)
         listxattr = fs(lambda self, ino, ctx: [])
-
-        @fs
-        def removexattr(self, ino: int, name: bytes, ctx: Any) -> None:
-            raise FsError(errno.ENODATA)
-
-        @fs
-        def link(self, ino: int, parent: int, name: bytes, ctx: Any) -> Any:
-            raise FsError(errno.EPERM)
-
-        @fs
-        def symlink(self, parent: int, name: bytes, target: bytes, ctx: Any) -> Any:
-            raise FsError(errno.EPERM)
 
     async def names_on_signal() -> None:
         """SIGUSR1: commit every directory's entries (a cut "with names"
@@ -225,7 +215,6 @@ class PowerCutDisk:
         self.backing = Path(backing)
         self.mountpoint = Path(mountpoint)
         self.proc: subprocess.Popen[bytes] | None = None
-        self.cuts = 0
 
     def mount(self, timeout: float = 20.0) -> "PowerCutDisk":
         self.mountpoint.mkdir(parents=True, exist_ok=True)
@@ -267,7 +256,6 @@ class PowerCutDisk:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
-        self.cuts += 1
         _detach(self.mountpoint)
 
     def tear_next_fsync(self, name: str) -> None:
@@ -286,13 +274,7 @@ class PowerCutDisk:
         except subprocess.TimeoutExpired:
             return False
 
-    def fsync_path(self, path: Path) -> None:
-        """fsync a file or directory on the mount (what a careful tool does)."""
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    fsync_path = staticmethod(fsync_file)  # a file or directory on the mount, as a careful tool does
 
     def __enter__(self) -> "PowerCutDisk":
         return self.mount()

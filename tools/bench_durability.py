@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .bench_util import commit
+from .bench_util import commit, env_set
 from .table import render
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -36,9 +36,7 @@ CASES = [("fast, T0, put_many(64) 64 KiB", "fast", "512M", 64 * KiB, 64, 256 * M
 def _one(work: Path, durability: str, shm: Any, size: int, per_call: int, total: int,
          unsafe: bool) -> tuple[float, float]:
     from kvfsd.testing import DaemonProcess
-    old = os.environ.get("KVFS_UNSAFE_INDEX_NOSYNC")
-    os.environ["KVFS_UNSAFE_INDEX_NOSYNC"] = "1" if unsafe else "0"
-    try:
+    with env_set(KVFS_UNSAFE_INDEX_NOSYNC="1" if unsafe else "0"):
         shutil.rmtree(work, ignore_errors=True)
         d = DaemonProcess(work, stripes=2, capacity="16G", shm_size=shm, durability=durability)
         vals = [os.urandom(size) for _ in range(min(64, max(1, total // size)))]
@@ -57,13 +55,8 @@ def _one(work: Path, durability: str, shm: Any, size: int, per_call: int, total:
                 lat.append(time.perf_counter() - t1)
             s.flush(120)  # T0's write-back counts too
             el = time.perf_counter() - t
-        return n * size / el / 1e9, statistics.median(lat)
-    finally:
-        if old is None:
-            os.environ.pop("KVFS_UNSAFE_INDEX_NOSYNC", None)
-        else:
-            os.environ["KVFS_UNSAFE_INDEX_NOSYNC"] = old
         shutil.rmtree(work, ignore_errors=True)
+        return n * size / el / 1e9, statistics.median(lat)
 
 
 def run_durability_bench(args: argparse.Namespace) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 daemon or files behind."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -9,7 +10,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 
 def median_seconds(fn: Callable[[], Any], repeat: int) -> float:
@@ -87,3 +88,19 @@ def drop_caches() -> bool:
         return True
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def env_set(**kv: str) -> Iterator[None]:
+    """Environment variables set for the block (the daemons it starts
+    inherit them), restored after."""
+    old = {k: os.environ.get(k) for k in kv}
+    os.environ.update(kv)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

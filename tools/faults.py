@@ -40,27 +40,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import msgpack
 
+from .bench_util import env_set as _env
 from .fault_worker import NS, value_of
 
 MiB = 1 << 20
-
-
-@contextlib.contextmanager
-def _env(**kv: str) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in kv}
-    os.environ.update(kv)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 class _Workers:
