@@ -20,7 +20,7 @@ import errno
 import os
 from typing import Any
 
-import pyfuse3
+from . import fuse_types as ft
 
 from .access import Policy, Right
 from .peers import process_groups
@@ -52,7 +52,7 @@ class MountAccess:
             return  # only the daemon's user reaches an unshared mount (the kernel sees to it)
         have = self.right(ctx)
         if have is None or have < need:
-            raise pyfuse3.FUSEError(errno.EACCES)
+            raise ft.FUSEError(errno.EACCES)
 
     def timeout(self, t: float) -> float:
         return 0.0 if self.shared else t

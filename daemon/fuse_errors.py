@@ -8,9 +8,9 @@ import functools
 import logging
 from typing import Any, Awaitable, Callable, TypeVar
 
-import pyfuse3
-
 from kvfs.errors import CapacityError, InvalidArgument, InvalidKey, KvfsError, NotFound
+
+from . import fuse_types as ft
 
 log = logging.getLogger("kvfsd.fuse")
 
@@ -23,29 +23,29 @@ def fuse_errors(fn: F) -> F:
     async def wrapper(*a: Any, **kw: Any) -> Any:
         try:
             return await fn(*a, **kw)
-        except pyfuse3.FUSEError:
+        except ft.FUSEError:
             raise
         except NotFound:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
+            raise ft.FUSEError(errno.ENOENT) from None
         except (InvalidKey, InvalidArgument):
-            raise pyfuse3.FUSEError(errno.EINVAL) from None
+            raise ft.FUSEError(errno.EINVAL) from None
         except CapacityError:
-            raise pyfuse3.FUSEError(errno.ENOSPC) from None
+            raise ft.FUSEError(errno.ENOSPC) from None
         except OSError as e:
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+            raise ft.FUSEError(e.errno or errno.EIO) from None
         except KvfsError as e:
             log.warning("%s: %s", fn.__name__, e)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise ft.FUSEError(errno.EIO) from None
         except Exception:  # noqa: BLE001 - a bug must not take the mount down
             log.exception("internal error in FUSE %s", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise ft.FUSEError(errno.EIO) from None
     return wrapper  # type: ignore[return-value]
 
 
 def entry_name(raw: bytes) -> str:
     if len(raw) > 255:
-        raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        raise ft.FUSEError(errno.ENAMETOOLONG)
     try:
         return raw.decode()
     except UnicodeDecodeError:
-        raise pyfuse3.FUSEError(errno.EINVAL) from None
+        raise ft.FUSEError(errno.EINVAL) from None

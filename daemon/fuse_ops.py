@@ -1,4 +1,6 @@
-"""The FUSE namespace (pyfuse3, in the daemon's trio loop).
+"""The FUSE namespace: the handlers of both mounts, run on the daemon's trio
+loop (pyfuse3's mount calls them there; the C mount, kvfsd.mount_c, serves
+object reads itself and hands every other request to them).
 
     /                      namespaces, and .kvfs
     /<namespace>/          one directory per namespace
@@ -22,8 +24,9 @@ Rules kept here:
   (kvfsd.fuse_access) before anything else; reads and writes were checked
   at their open.
 
-pyfuse3 is imported only by the fuse_* modules, which are imported only
-when a mount is asked for.
+pyfuse3 is imported only by the fuse_* modules (through kvfsd.fuse_types,
+which stands in for it where it is absent), which are imported only when a
+mount is asked for.
 """
 from __future__ import annotations
 
@@ -36,7 +39,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
 
-import pyfuse3
 import trio
 
 from kvfs import format as fmt
@@ -44,6 +46,7 @@ from kvfs import native
 from kvfs.errors import InvalidKey
 from kvfs.keys import normalize_key, normalize_ns
 
+from . import fuse_types as ft
 from .access import Policy, Right
 from .engine import Engine
 from .fuse_access import MountAccess
@@ -52,7 +55,7 @@ from .fuse_write import FileWrites, WriteHandle
 
 log = logging.getLogger("kvfsd.fuse")
 
-ROOT = pyfuse3.ROOT_INODE
+ROOT = ft.ROOT_INODE
 KVFS_DIR = ROOT + 1
 STATS = ROOT + 2
 FIRST_DYNAMIC = 16
@@ -84,7 +87,7 @@ class DirHandle:
     entries: list[tuple[str, int]]  # a snapshot taken at opendir: (name, inode)
 
 
-class KvfsOps(FileWrites, pyfuse3.Operations):
+class KvfsOps(FileWrites, ft.Operations):
     def __init__(self, engine: Engine, settle: Callable[[], Awaitable[bool]], policy: Policy):
         super().__init__()
         self.eng = engine
@@ -104,6 +107,7 @@ class KvfsOps(FileWrites, pyfuse3.Operations):
         self.next_fh = 1
         self.pending: dict[tuple[str, str], WriteHandle] = {}  # new files not yet committed
         self.nursery: trio.Nursery | None = None  # for read-ahead loads (set by the mount)
+        self.mount_stats: Callable[[], dict[str, Any]] | None = None  # the mount's own view (set by it)
         self.counters = {"reads": 0, "read_bytes": 0, "writes": 0, "write_bytes": 0, "chunks_loaded": 0,
                          "commits": 0}
 
@@ -117,7 +121,7 @@ class KvfsOps(FileWrites, pyfuse3.Operations):
             self.what[ino] = what
         return ino
 
-    def _entry(self, attr: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
+    def _entry(self, attr: ft.EntryAttributes) -> ft.EntryAttributes:
         """An attribute reply that the kernel counts as one more lookup."""
         ino = attr.st_ino
         if ino >= FIRST_DYNAMIC:
@@ -146,11 +150,11 @@ class KvfsOps(FileWrites, pyfuse3.Operations):
             return ("stats",)
         w = self.what.get(ino)
         if w is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise ft.FUSEError(errno.ENOENT)
         return w
 
-    def _attr(self, ino: int, mode: int, size: int, mtime_ns: int, timeout: float) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
+    def _attr(self, ino: int, mode: int, size: int, mtime_ns: int, timeout: float) -> ft.EntryAttributes:
+        a = ft.EntryAttributes()
         a.st_ino = ino
         a.generation = 0
         a.entry_timeout = a.attr_timeout = self.acc.timeout(timeout)
@@ -165,12 +169,12 @@ class KvfsOps(FileWrites, pyfuse3.Operations):
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime_ns
         return a
 
-    def _dir_attr(self, ino: int) -> pyfuse3.EntryAttributes:
+    def _dir_attr(self, ino: int) -> ft.EntryAttributes:
         return self._attr(ino, stat.S_IFDIR | self.dir_mode, 0, self.started_ns, DIR_TIMEOUT)
 
     def _stats_json(self) -> bytes:
         st = self.eng.stats()
-        st["fuse"] = dict(self.counters, inodes=len(self.what))
+        st["fuse"] = dict(self.mount_stats() if self.mount_stats else self.counters, inodes=len(self.what))
         return (json.dumps(st, indent=2, sort_keys=True) + "\n").encode()
 
     def _namespaces_now(self) -> set[str]:
@@ -181,7 +185,7 @@ class KvfsOps(FileWrites, pyfuse3.Operations):
             return True
         return ns in await trio.to_thread.run_sync(self.eng.namespaces)
 
-    async def _attr_of(self, ino: int) -> pyfuse3.EntryAttributes:
+    async def _attr_of(self, ino: int) -> ft.EntryAttributes:
         kind = self._kind(ino)
         if kind[0] in ("root", "kvfsdir", "ns"):
             return self._dir_attr(ino)
@@ -193,12 +197,12 @@ class KvfsOps(FileWrites, pyfuse3.Operations):
             return self._attr(ino, stat.S_IFREG | self.file_mode | 0o200, w.size, time.time_ns(), 0)
         m = self.eng.object_entry(ns, key)
         if m is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise ft.FUSEError(errno.ENOENT)
         return self._attr(ino, stat.S_IFREG | self.file_mode, m.size, int(m.created * 1e9), OBJECT_TIMEOUT)
 
     # -- lookup and attributes ----------------------------------------------
     @fuse_errors
-    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> ft.EntryAttributes:
         self.acc.require(ctx, Right.READ)
         n = entry_name(name)
         kind = self._kind(parent_inode)
@@ -212,27 +216,27 @@ class KvfsOps(FileWrites, pyfuse3.Operations):
             try:
                 ns = normalize_ns(n)
             except InvalidKey:
-                raise pyfuse3.FUSEError(errno.ENOENT) from None
+                raise ft.FUSEError(errno.ENOENT) from None
             if not await self._namespace_exists(ns):
-                raise pyfuse3.FUSEError(errno.ENOENT)
+                raise ft.FUSEError(errno.ENOENT)
             return self._entry(self._dir_attr(self._ino("ns", ns)))
         if kind[0] == "kvfsdir":
             if n == "stats":
                 return self._entry(await self._attr_of(STATS))
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise ft.FUSEError(errno.ENOENT)
         if kind[0] != "ns":
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+            raise ft.FUSEError(errno.ENOTDIR)
         try:
             key = normalize_key(n)
         except InvalidKey:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
+            raise ft.FUSEError(errno.ENOENT) from None
         ns = kind[1]
         if self.eng.object_entry(ns, key) is None and (ns, key) not in self.pending:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise ft.FUSEError(errno.ENOENT)
         return self._entry(await self._attr_of(self._ino("obj", ns, key)))
 
     @fuse_errors
-    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+    async def getattr(self, inode: int, ctx: Any = None) -> ft.EntryAttributes:
         self.acc.require(ctx, Right.READ)
         return await self._attr_of(inode)
 
@@ -242,7 +246,7 @@ class KvfsOps(FileWrites, pyfuse3.Operations):
         return self.acc.access(ctx, kind in ("root", "kvfsdir", "ns"), kind in ("root", "ns"), mode)
 
     @fuse_errors
-    async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any) -> ft.EntryAttributes:
         self.acc.require(ctx, Right.WRITE if fields.update_size else Right.READ)
         kind = self._kind(inode)
         if kind[0] == "obj":
@@ -252,7 +256,7 @@ class KvfsOps(FileWrites, pyfuse3.Operations):
                     await self._truncate_pending(w, attr.st_size)
                 return await self._attr_of(inode)
             if fields.update_size:
-                raise pyfuse3.FUSEError(errno.EROFS)  # objects are immutable
+                raise ft.FUSEError(errno.EROFS)  # objects are immutable
         # mode and times of immutable objects and directories: accepted, ignored
         return await self._attr_of(inode)
 
@@ -279,21 +283,21 @@ class KvfsOps(FileWrites, pyfuse3.Operations):
                 after = page[-1]
             entries = [(k, self._ino("obj", ns, k)) for k in keys]
         else:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+            raise ft.FUSEError(errno.ENOTDIR)
         return self._new_fh(DirHandle(entries))
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         h = self.handles.get(fh)
         if not isinstance(h, DirHandle):
-            raise pyfuse3.FUSEError(errno.EBADF)
+            raise ft.FUSEError(errno.EBADF)
         for i in range(start_id, len(h.entries)):
             name, ino = h.entries[i]
             try:
                 attr = await self._attr_of(ino)
-            except pyfuse3.FUSEError:
+            except ft.FUSEError:
                 continue  # removed since the snapshot
-            if not pyfuse3.readdir_reply(token, name.encode(), attr, i + 1):
+            if not ft.readdir_reply(token, name.encode(), attr, i + 1):
                 return
             self._entry(attr)  # readdirplus: each entry sent counts as a lookup
 
@@ -302,16 +306,16 @@ class KvfsOps(FileWrites, pyfuse3.Operations):
         self.handles.pop(fh, None)
 
     @fuse_errors
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> ft.EntryAttributes:
         self.acc.require(ctx, Right.WRITE)
         if parent_inode != ROOT:
-            raise pyfuse3.FUSEError(errno.EPERM)  # namespaces are one level deep
+            raise ft.FUSEError(errno.EPERM)  # namespaces are one level deep
         n = entry_name(name)
         if n == ".kvfs":
-            raise pyfuse3.FUSEError(errno.EEXIST)
+            raise ft.FUSEError(errno.EEXIST)
         ns = normalize_ns(n)
         if await self._namespace_exists(ns):
-            raise pyfuse3.FUSEError(errno.EEXIST)
+            raise ft.FUSEError(errno.EEXIST)
         await trio.to_thread.run_sync(self.eng.create_namespace, ns)
         return self._entry(self._dir_attr(self._ino("ns", ns)))
 
@@ -319,16 +323,16 @@ class KvfsOps(FileWrites, pyfuse3.Operations):
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         self.acc.require(ctx, Right.ADMIN)
         if parent_inode != ROOT:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+            raise ft.FUSEError(errno.ENOTDIR)
         n = entry_name(name)
         if n == ".kvfs":
-            raise pyfuse3.FUSEError(errno.EPERM)
+            raise ft.FUSEError(errno.EPERM)
         ns = normalize_ns(n)
         if not await self._namespace_exists(ns):
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise ft.FUSEError(errno.ENOENT)
         await self.settle()
         if not await trio.to_thread.run_sync(self.eng.remove_namespace, ns):
-            raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+            raise ft.FUSEError(errno.ENOTEMPTY)
 
     @fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
@@ -336,39 +340,39 @@ class KvfsOps(FileWrites, pyfuse3.Operations):
         # An object's key is its content address: renaming one would give
         # bytes a name that does not describe them. EXDEV makes `mv` copy
         # (a new object under the new key) and delete, which is exactly right.
-        raise pyfuse3.FUSEError(errno.EXDEV)
+        raise ft.FUSEError(errno.EXDEV)
 
     # -- reading -------------------------------------------------------------
     @fuse_errors
-    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+    async def open(self, inode: int, flags: int, ctx: Any) -> ft.FileInfo:
         self.acc.require(ctx, Right.READ)
         kind = self._kind(inode)
         if kind[0] == "stats":
             if flags & (os.O_WRONLY | os.O_RDWR):
-                raise pyfuse3.FUSEError(errno.EROFS)
+                raise ft.FUSEError(errno.EROFS)
             fh = self._new_fh(StatsHandle(self._stats_json()))
-            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+            return ft.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         if kind[0] != "obj":
-            raise pyfuse3.FUSEError(errno.EISDIR)
+            raise ft.FUSEError(errno.EISDIR)
         _, ns, key = kind
         w = self.pending.get((ns, key))
         if w is not None and not w.committed:
             if not w.closed_empty:
-                raise pyfuse3.FUSEError(errno.EBUSY)  # being written by another open
+                raise ft.FUSEError(errno.EBUSY)  # being written by another open
             if flags & (os.O_WRONLY | os.O_RDWR):
                 return await self._reopen_draft(w, flags)
             # `cp empty DIR/ns/k; cat DIR/ns/k`: reading a draft stores it as
             # it is, now (later writes get EROFS)
             await self._commit_now(w)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            raise pyfuse3.FUSEError(errno.EROFS)  # objects are immutable
+            raise ft.FUSEError(errno.EROFS)  # objects are immutable
         fh = self.next_fh
         self.next_fh += 1
         lid, items = self.eng.lookup(ns, [key], ("fuse", fh))  # memory only
         if items[0] is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise ft.FUSEError(errno.ENOENT)
         self.handles[fh] = ReadHandle(ns, key, items[0], lid)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        return ft.FileInfo(fh=fh, keep_cache=True)
 
     def _new_fh(self, h: ReadHandle | WriteHandle | StatsHandle | DirHandle) -> int:
         fh = self.next_fh
@@ -385,7 +389,7 @@ class KvfsOps(FileWrites, pyfuse3.Operations):
         if isinstance(h, StatsHandle):
             return h.data[off:off + size]
         if not isinstance(h, ReadHandle):
-            raise pyfuse3.FUSEError(errno.EBADF)
+            raise ft.FUSEError(errno.EBADF)
         total, exts = h.item[0], h.item[3]
         end = min(total, off + size)
         self.counters["reads"] += 1
@@ -421,7 +425,7 @@ class KvfsOps(FileWrites, pyfuse3.Operations):
             if h.bad:
                 # report it like a client would: the daemon re-checks and drops it
                 await trio.to_thread.run_sync(self.eng.verify_object, h.ns, h.key, h.item[2])
-                raise pyfuse3.FUSEError(errno.EIO)
+                raise ft.FUSEError(errno.EIO)
         exts = h.item[3]
         npos = pos + exts[ci][3]
         for nxt in range(ci + 1, min(len(exts), ci + 1 + READ_AHEAD_CHUNKS)):
@@ -501,11 +505,11 @@ class KvfsOps(FileWrites, pyfuse3.Operations):
         self.acc.require(ctx, Right.ADMIN)
         kind = self._kind(parent_inode)
         if kind[0] != "ns":
-            raise pyfuse3.FUSEError(errno.EPERM)
+            raise ft.FUSEError(errno.EPERM)
         key = normalize_key(entry_name(name))
         await self.settle()
         if not await trio.to_thread.run_sync(self.eng.delete, kind[1], [key]):
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise ft.FUSEError(errno.ENOENT)
 
     # -- extended attributes, statfs -------------------------------------------
     XATTRS = (b"user.kvfs.checksum", b"user.kvfs.tier", b"user.kvfs.meta")
@@ -520,11 +524,11 @@ class KvfsOps(FileWrites, pyfuse3.Operations):
         self.acc.require(ctx, Right.READ)
         kind = self._kind(inode)
         if kind[0] != "obj" or name not in self.XATTRS:
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            raise ft.FUSEError(ft.ENOATTR)
         _, ns, key = kind
         m = self.eng.object_entry(ns, key)
         if m is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise ft.FUSEError(errno.ENOENT)
         if name == b"user.kvfs.checksum":
             return m.checksum.hex().encode()
         if name == b"user.kvfs.tier":
@@ -535,9 +539,9 @@ class KvfsOps(FileWrites, pyfuse3.Operations):
         return (info["meta"] or "").encode()
 
     @fuse_errors
-    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+    async def statfs(self, ctx: Any) -> ft.StatvfsData:
         self.acc.require(ctx, Right.READ)
-        s = pyfuse3.StatvfsData()
+        s = ft.StatvfsData()
         bs = fmt.PAGE
         s.f_bsize = s.f_frsize = bs
         s.f_blocks = self.eng.capacity // bs

@@ -18,11 +18,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import pyfuse3
 import trio
 
 from kvfs.keys import normalize_key
 
+from . import fuse_types as ft
 from .access import Right
 from .fuse_errors import entry_name, fuse_errors
 from .stream_put import StreamPut
@@ -73,19 +73,19 @@ class FileWrites:
         def _kind(self, ino: int) -> tuple[str, ...]: ...
         def _ino(self, *what: str) -> int: ...
         def _new_fh(self, h: Any) -> int: ...
-        def _entry(self, attr: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes: ...
-        async def _attr_of(self, ino: int) -> pyfuse3.EntryAttributes: ...
+        def _entry(self, attr: ft.EntryAttributes) -> ft.EntryAttributes: ...
+        async def _attr_of(self, ino: int) -> ft.EntryAttributes: ...
 
     @fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+                     ctx: Any) -> tuple[ft.FileInfo, ft.EntryAttributes]:
         self.acc.require(ctx, Right.WRITE)
         kind = self._kind(parent_inode)
         if kind[0] != "ns":
-            raise pyfuse3.FUSEError(errno.EPERM if kind[0] == "root" else errno.EROFS)
+            raise ft.FUSEError(errno.EPERM if kind[0] == "root" else errno.EROFS)
         ns, key = kind[1], normalize_key(entry_name(name))
         if self.eng.object_entry(ns, key) is not None or (ns, key) in self.pending:
-            raise pyfuse3.FUSEError(errno.EEXIST)
+            raise ft.FUSEError(errno.EEXIST)
         ino = self._ino("obj", ns, key)
         w = self.pending[(ns, key)] = WriteHandle(ns, key, ino, None)  # the name is taken
         try:
@@ -96,9 +96,9 @@ class FileWrites:
             self.pending.pop((ns, key), None)
             raise
         fh = self._new_fh(w)
-        return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=False), self._entry(await self._attr_of(ino))
+        return ft.FileInfo(fh=fh, direct_io=False, keep_cache=False), self._entry(await self._attr_of(ino))
 
-    async def _reopen_draft(self, w: WriteHandle, flags: int) -> pyfuse3.FileInfo:
+    async def _reopen_draft(self, w: WriteHandle, flags: int) -> ft.FileInfo:
         """A file created and closed with nothing written (``touch``, or
         fio's layout: create, ftruncate, close) is a draft, not yet an
         object: it may be opened for writing again, and what is written
@@ -106,12 +106,12 @@ class FileWrites:
         is stored as it is (empty, or zeros up to its truncated size) when
         it is opened for reading or DRAFT_S after its last close."""
         if w.put is None:
-            raise pyfuse3.FUSEError(errno.EBUSY)
+            raise ft.FUSEError(errno.EBUSY)
         if flags & os.O_TRUNC and w.size:
             await self._truncate_pending(w, 0)
         w.closed_empty = False
         w.opens += 1
-        return pyfuse3.FileInfo(fh=self._new_fh(w), direct_io=False, keep_cache=False)
+        return ft.FileInfo(fh=self._new_fh(w), direct_io=False, keep_cache=False)
 
     async def _commit_draft_later(self, w: WriteHandle) -> None:
         """Store a draft nobody reopened (a background task: never raises)."""
@@ -127,9 +127,9 @@ class FileWrites:
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         w = self.handles.get(fh)
         if not isinstance(w, WriteHandle):
-            raise pyfuse3.FUSEError(errno.EBADF)
+            raise ft.FUSEError(errno.EBADF)
         if w.committed:
-            raise pyfuse3.FUSEError(errno.EROFS)  # closed once: the object is immutable now
+            raise ft.FUSEError(errno.EROFS)  # closed once: the object is immutable now
         assert w.put is not None
         try:
             if w.behind is not None:
@@ -202,7 +202,7 @@ class FileWrites:
         """A new file's size set (ftruncate, or O_TRUNC): the rest of the
         object beyond it reads as zeros, or is cut off."""
         if w.put is None:
-            raise pyfuse3.FUSEError(errno.EBUSY)
+            raise ft.FUSEError(errno.EBUSY)
         try:
             await w.settle()
             await trio.to_thread.run_sync(w.put.truncate, size)

@@ -24,10 +24,12 @@ async def _serve(server: Server, mountpoint: Path | None) -> None:
     mount = None
     try:
         if mountpoint is not None:
-            from .mount import Mount  # pyfuse3 only when a mount is asked for
+            from .mount import open_mount  # libfuse only when a mount is asked for
             # before the nursery, so a mount that fails is one clear error,
             # not a group of them; requests wait until mount.run serves them
-            mount = Mount(server.engine, server.settle, mountpoint)
+            cfg = server.engine.cfg
+            mount = open_mount(server.engine, server.settle, mountpoint, cfg.mount_impl, cfg.mount_threads)
+            server.mount_stats = mount.stats
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve)
@@ -53,7 +55,10 @@ def run(cfg: Config) -> int:
     name_os_thread("kvfsd")  # the main thread runs the event loop; ps and top show the daemon as kvfsd
     # what the asked features need, before any work (one line each if missing)
     if cfg.mount is not None:
-        need("pyfuse3")
+        from .mount_c import c_mount_missing
+
+        if cfg.mount_impl == "pyfuse3" or (cfg.mount_impl == "auto" and c_mount_missing()):
+            need("pyfuse3")
     if cfg.metrics_port is not None:
         need("prometheus_client")
     if cfg.remote is not None:

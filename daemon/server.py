@@ -192,6 +192,7 @@ class Server:
         self.requests = RequestStats()  # latency per op (kvfs stats, Prometheus)
         self.connector_stats = ConnectorStats()  # engine adapters' own counters, per namespace
         self.gc = GcPolicy()  # the collector kept off the mirror (kvfsd.gc_policy)
+        self.mount_stats: Callable[[], dict[str, Any]] | None = None  # set when the store is mounted too
 
     async def _thread(self, fn: Callable[..., Any], *a: Any) -> Any:
         return await trio.to_thread.run_sync(partial(fn, *a))
@@ -233,6 +234,8 @@ class Server:
         st["access"] = self.engine.cfg.policy.describe()
         st["connectors"] = self.connector_stats.snapshot()
         st["gc"] = self.gc.stats()
+        if self.mount_stats is not None:
+            st["mount"] = self.mount_stats()
         return st
 
     def _start_compaction(self, threshold: float | None, stripe: str | None) -> Job:

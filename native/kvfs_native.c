@@ -40,6 +40,7 @@
 
 /* XXH3-128 cut into lanes, as the GPU computes it (shared with kvfs/gpu_hash.py) */
 #include "xxh3_lanes.h"
+#include "kv_api.h"
 
 /* hashing loops: hash_generic.c and hash_avx2.c (see hash_impl.h) */
 typedef void (*hash16_fn)(const void *, size_t, unsigned char *);
@@ -1180,6 +1181,15 @@ PyMODINIT_FUNC PyInit__native(void) {
         PyModule_AddObjectRef(m, "ArenaAllocator", (PyObject *)&ArenaAllocatorType) < 0 ||
         PyModule_AddObjectRef(m, "ObjPlan", (PyObject *)&ObjPlanType) < 0 ||
         PyModule_AddObjectRef(m, "ChunkPlan", (PyObject *)&ChunkPlanType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    static kv_c_api api;
+    api = (kv_c_api){KV_C_API_VERSION, hash16, read_verify, kv_hstate_size_generic, hreset, hupdate, hdigest};
+    PyObject *cap = PyCapsule_New(&api, KV_C_API_CAPSULE, NULL);
+    int bad = !cap || PyModule_AddObjectRef(m, "_C_API", cap) < 0;
+    Py_XDECREF(cap);
+    if (bad) {
         Py_DECREF(m);
         return NULL;
     }

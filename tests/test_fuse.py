@@ -1,6 +1,7 @@
 """The FUSE mount, for real: a daemon with --mount, and cp, ls, rm, mkdir,
-dd and Python's open() against it. Skipped only where /dev/fuse or pyfuse3
-is missing (CI has both)."""
+dd and Python's open() against it. Every test runs against both mounts,
+the C one (kvfsd._cfuse) and pyfuse3's. Skipped only where /dev/fuse is
+missing, or one mount was not built (CI has both)."""
 import errno
 import json
 import os
@@ -15,19 +16,31 @@ import pytest
 from helpers import put_and_corrupt
 from kvfsd.testing import DaemonProcess
 
-pyfuse3 = pytest.importorskip("pyfuse3", reason="pyfuse3 is not installed (needs libfuse3-dev)")
 if not os.path.exists("/dev/fuse"):
     pytest.skip("no /dev/fuse on this machine", allow_module_level=True)
 
 MiB = 1 << 20
+IMPLS = {"c": "kvfsd._cfuse", "pyfuse3": "pyfuse3"}  # --mount-impl, and the module it needs
+
+
+@pytest.fixture(scope="module", params=sorted(IMPLS))
+def impl(request):
+    pytest.importorskip(IMPLS[request.param], reason=f"the {request.param} mount was not built (libfuse3-dev)")
+    return request.param
+
+
+def daemon(root, impl, **kw) -> DaemonProcess:
+    """A daemon whose mount is ``impl``'s."""
+    return DaemonProcess(root, extra=["--mount-impl", impl], **kw)
 
 
 @pytest.fixture(scope="module")
-def mounted(tmp_path_factory):
-    base = tmp_path_factory.mktemp("fuse")
-    d = DaemonProcess(base / "store", stripes=2, capacity="2G", shm_size="256M", mount=base / "mnt")
+def mounted(tmp_path_factory, impl):
+    base = tmp_path_factory.mktemp(f"fuse-{impl}")
+    d = daemon(base / "store", impl, stripes=2, capacity="2G", shm_size="256M", mount=base / "mnt")
     with d:
         s = d.connect()
+        assert s.stats()["mount"]["impl"] == impl
         yield d, s, Path(d.mount)
         s.close()
         assert d.alive(), d.log()
@@ -192,8 +205,8 @@ def test_dd_and_du_and_find(mounted, tmp_path):
     assert du >= 9 * 1024
 
 
-def test_corrupted_object_reads_as_eio(tmp_path):
-    d = DaemonProcess(tmp_path / "s", capacity="1G", shm_size=0, mount=tmp_path / "mnt")
+def test_corrupted_object_reads_as_eio(tmp_path, impl):
+    d = daemon(tmp_path / "s", impl, capacity="1G", shm_size=0, mount=tmp_path / "mnt")
     with d, d.connect() as s:
         put_and_corrupt(s, "bad", "c", 2 * MiB, 12345)
         with pytest.raises(OSError) as e:
@@ -202,8 +215,8 @@ def test_corrupted_object_reads_as_eio(tmp_path):
         assert s.contains(["bad"], ns="c") == [False]  # reported and dropped
 
 
-def test_kill9_with_the_mount_active_then_restart(tmp_path):
-    d = DaemonProcess(tmp_path / "s", capacity="1G", shm_size="64M", durability="sync", mount=tmp_path / "mnt")
+def test_kill9_with_the_mount_active_then_restart(tmp_path, impl):
+    d = daemon(tmp_path / "s", impl, capacity="1G", shm_size="64M", durability="sync", mount=tmp_path / "mnt")
     with d:
         mnt = tmp_path / "mnt"
         (mnt / "k").mkdir()
@@ -245,13 +258,13 @@ def test_out_of_order_writes_are_stored_right(mounted):
     assert s.stat("rev", ns="order").checksum == s.stat("fwd", ns="order").checksum
 
 
-def test_write_when_the_stripe_is_on_another_filesystem(tmp_path):
+def test_write_when_the_stripe_is_on_another_filesystem(tmp_path, impl):
     """Writes go straight to the stripe, here on tmpfs (another filesystem
     than the root's): nothing assumes one filesystem."""
     import tempfile
     stripe = Path(tempfile.mkdtemp(prefix="kvfs-test-stripe-", dir="/dev/shm"))
     try:
-        d = DaemonProcess(tmp_path / "s", stripes=[str(stripe)], capacity="256M", shm_size=0,
+        d = daemon(tmp_path / "s", impl, stripes=[str(stripe)], capacity="256M", shm_size=0,
                           mount=tmp_path / "mnt")
         with d, d.connect() as s:
             (tmp_path / "mnt" / "x").mkdir()
@@ -294,11 +307,11 @@ def test_truncate_while_writing(mounted):
 STREAM_SIZES = [100, 70 * 1024, 4 * MiB, 4 * MiB + 100, 4 * MiB + 70 * 1024, 9 * MiB]
 
 
-def test_written_files_survive_kill9_and_recovery_checks_them(tmp_path):
+def test_written_files_survive_kill9_and_recovery_checks_them(tmp_path, impl):
     """Writes land in T1 at their final place; the last chunk is trimmed to
     where a record of its length goes (short tails differ), which recovery
     checks record by record in open segments. Nothing may be dropped."""
-    d = DaemonProcess(tmp_path / "s", stripes=2, capacity="1G", shm_size=0, mount=tmp_path / "mnt")
+    d = daemon(tmp_path / "s", impl, stripes=2, capacity="1G", shm_size=0, mount=tmp_path / "mnt")
     vals = {f"v{n}": os.urandom(n) for n in STREAM_SIZES}
     with d:
         ns = fresh_ns(tmp_path / "mnt", "st")
@@ -372,9 +385,9 @@ def test_a_file_closed_with_nothing_written_can_be_reopened_and_written(mounted)
     assert s.get("read-first", ns="drafts") == b""
 
 
-def test_a_draft_nobody_writes_is_stored_after_a_while(tmp_path, monkeypatch):
+def test_a_draft_nobody_writes_is_stored_after_a_while(tmp_path, impl, monkeypatch):
     monkeypatch.setenv("KVFS_FUSE_DRAFT_S", "0.3")
-    d = DaemonProcess(tmp_path / "s", shm_size="16M", mount=tmp_path / "mnt")
+    d = daemon(tmp_path / "s", impl, shm_size="16M", mount=tmp_path / "mnt")
     with d, d.connect() as s:
         ns = fresh_ns(Path(d.mount), "late")
         (ns / "empty").touch()
@@ -385,11 +398,11 @@ def test_a_draft_nobody_writes_is_stored_after_a_while(tmp_path, monkeypatch):
         assert s.get("empty", ns="late") == b""
 
 
-def test_a_failed_write_is_reported_and_nothing_is_stored(tmp_path):
+def test_a_failed_write_is_reported_and_nothing_is_stored(tmp_path, impl):
     """No room: `cp` fails (at a write or at close, as write-behind reports
     it), the file never appears, its space comes back, and the daemon goes
     on serving."""
-    d = DaemonProcess(tmp_path / "s", capacity="48M", shm_size=0, mount=tmp_path / "mnt")
+    d = daemon(tmp_path / "s", impl, capacity="48M", shm_size=0, mount=tmp_path / "mnt")
     with d, d.connect() as s:
         ns = fresh_ns(tmp_path / "mnt", "full")
         (tmp_path / "big").write_bytes(os.urandom(96 * MiB))

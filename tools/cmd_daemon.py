@@ -58,6 +58,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "as --allow-uid; repeatable")
     p.add_argument("--mount", default=None, metavar="DIR",
                    help="also mount the store at DIR (FUSE: /<namespace>/<key> files, /.kvfs/stats)")
+    p.add_argument("--mount-impl", choices=("auto", "c", "pyfuse3"), default="auto",
+                   help="which mount serves --mount: c (libfuse's low-level API, object reads in C on threads "
+                        "of its own), pyfuse3, or auto (default): c where it was built, else pyfuse3; "
+                        "kvfs stats says which, and why")
+    p.add_argument("--mount-threads", type=int, default=0, metavar="N",
+                   help="worker threads of the C mount (default 0: min(8, 2 x CPUs))")
     p.add_argument("--compact-at", type=float, default=0.2, metavar="SHARE",
                    help="compact in the background once dead bytes exceed this share of the capacity "
                         "(default 0.2; 0: only when asked, kvfs compact)")
@@ -132,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
         promote_after=args.promote_after,
         dir_slots=args.dir_slots,
         mount=Path(args.mount).absolute() if args.mount else None,
+        mount_impl=args.mount_impl,
+        mount_threads=args.mount_threads,
         allow_uids=args.allow_uid,
         allow_gids=args.allow_gid,
         compact_at=args.compact_at,

@@ -1,0 +1,95 @@
+"""The C mount: libfuse's low-level API on worker threads of its own
+(kvfsd._cfuse, native/cfuse*.c), inside the daemon process.
+
+- Object reads are served in C, without the GIL: each chunk is read and
+  verified whole into a buffer of the open file (or checked in place in
+  the leased arena), then replied from there; several workers serve the
+  kernel's read-ahead requests at once.
+- Every other request goes to the same handlers as pyfuse3's mount
+  (kvfsd.fuse_ops), run on the daemon's trio loop (kvfsd.cfuse_bridge).
+
+Stopping: the workers are stopped from a worker thread of trio, so a
+worker in the middle of a Python request can still finish it on the loop.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from kvfs.errors import KvfsError
+
+from .mount import clean_stale_mount, mount_options, tune_readahead
+
+log = logging.getLogger("kvfsd")
+
+DEFAULT_THREADS = 8
+
+
+def c_mount_missing() -> str:
+    """Why the C mount cannot be used here ("" if it can)."""
+    try:
+        importlib.import_module("kvfsd._cfuse")
+    except ImportError as e:
+        return f"kvfsd._cfuse is not built ({e}; it needs libfuse3-dev and pkg-config when kvfs is installed)"
+    return ""
+
+
+class CMount:
+    impl = "c"
+
+    def __init__(self, engine: Any, settle: Callable[[], Awaitable[bool]], mountpoint: Path,
+                 threads: int = DEFAULT_THREADS) -> None:
+        from .cfuse_bridge import Bridge
+        from .fuse_ops import KvfsOps
+
+        self.cfuse = _cfuse = importlib.import_module("kvfsd._cfuse")
+        self.mountpoint = mountpoint
+        self.threads = threads or min(DEFAULT_THREADS, 2 * (os.cpu_count() or 1))
+        self.why = ""
+        clean_stale_mount(mountpoint)
+        policy = engine.cfg.policy
+        self.ops = KvfsOps(engine, settle, policy)
+        self.ops.mount_stats = self.stats
+        self.bridge = Bridge(self.ops, _cfuse.DIRENTPLUS_BASE)
+        try:
+            self.cm: Any = _cfuse.Mount(str(mountpoint), ",".join(sorted(mount_options(policy))), self.bridge)
+        except RuntimeError as e:  # libfuse's own words are on stderr above it
+            raise KvfsError(f"cannot mount the store at {mountpoint}: {e}") from None
+        self.closed = False
+        log.info("mounted the store at %s (C mount, %d threads)", mountpoint, self.threads)
+
+    async def run(self) -> None:
+        self.bridge.token = trio.lowlevel.current_trio_token()
+        try:
+            async with trio.open_nursery() as nursery:
+                self.ops.nursery = nursery
+                self.cm.start(self.threads)
+                nursery.start_soon(tune_readahead, self.mountpoint)
+                await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                # off the loop: a worker finishing a Python request needs it
+                await trio.to_thread.run_sync(self._close)
+
+    def stats(self) -> dict[str, Any]:
+        c = self.cfuse.counters()
+        py = self.ops.counters
+        return {"path": str(self.mountpoint), "impl": self.impl, "why": self.why, "threads": self.threads,
+                **py, "reads": c["reads"] + py["reads"], "read_bytes": c["read_bytes"] + py["read_bytes"],
+                "chunks_loaded": c["chunks_loaded"] + py["chunks_loaded"],
+                **{k: c[k] for k in ("chunks_private", "t0_chunks_verified", "bad_chunks", "python_calls")}}
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.cm.close()
+            log.info("unmounted %s", self.mountpoint)
+
+    def close(self) -> None:
+        """After run (which closes), or when run never started."""
+        self._close()
