@@ -1,7 +1,7 @@
 """The Python half of the C mount (kvfsd._cfuse, native/cfuse.c).
 
 The C workers call ``Bridge(op, args)`` for every request they do not
-serve themselves, with the GIL held and from their own threads. The
+serve themselves (object reads and new files' writes they do serve), with the GIL held and from their own threads. The
 bridge runs the pyfuse3 mount's own handler (kvfsd.fuse_ops.KvfsOps) on
 the daemon's trio loop and answers ``(errno, value)``; it never raises
 into C. So both mounts keep the same rules, from the same code: names,
@@ -11,9 +11,10 @@ Values are plain tuples, laid out as native/cfuse.c parses them
 (``attr_tuple``, ``read_spec``).
 
 What runs outside the loop, in the calling worker thread: building the
-read spec of an opened object (it may open segment files) and re-checking
-an object whose chunk failed verification (blocking, as the pyfuse3
-mount does it in a worker thread too).
+read spec of an opened object (it may open segment files), reserving a
+chunk of a new file (it may evict) and re-checking an object whose chunk
+failed verification (blocking, as the pyfuse3 mount does these in a worker
+thread too).
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ from typing import Any, Awaitable, Callable
 import trio
 
 from . import fuse_types as ft
+from .fuse_errors import errno_of
 from .fuse_ops import KvfsOps, ReadHandle
+from .fuse_write import WriteHandle
 
 log = logging.getLogger("kvfsd.fuse")
 
@@ -52,8 +55,10 @@ def attr_tuple(a: Any) -> tuple[int | float, ...]:
 
 
 class Bridge:
-    def __init__(self, ops: KvfsOps, direntplus_base: int) -> None:
+    def __init__(self, ops: KvfsOps, direntplus_base: int, write_state: Callable[[int], Any]) -> None:
         self.ops = ops
+        ops.c_writes = True
+        self.write_state = write_state  # kvfsd._cfuse.WriteState
         self.eng = ops.eng
         self.base = direntplus_base
         self.token: trio.lowlevel.TrioToken | None = None  # set by the mount once the loop runs
@@ -69,6 +74,8 @@ class Bridge:
 
     def __call__(self, op: str, args: tuple[Any, ...]) -> tuple[int, Any]:
         try:
+            if op == "reserve":
+                return self.reserve(*args)
             if op == "bad":
                 self.bad(*args)
                 return 0, None
@@ -88,6 +95,8 @@ class Bridge:
     def _with_read_spec(self, value: tuple[Any, ...]) -> tuple[Any, ...]:
         fh = value[0]
         h = self.ops.handles.get(fh)
+        if isinstance(h, WriteHandle):  # a draft reopened for writing: the C side writes it
+            return value[:3] + (h.cw,)
         if not isinstance(h, ReadHandle):
             return value
         try:
@@ -112,6 +121,20 @@ class Bridge:
         if t0 is not None and self.eng.t0 is not None:
             view = self.eng.t0.arena.view[t0[0]:t0[0] + total]
         return total, unit, chunks, view
+
+    # -- new files: where the C side writes their bytes ----------------------
+    def reserve(self, fh: int, i: int) -> tuple[int, Any]:
+        """(0, (fd, payload offset)) of chunk ``i`` of a file being written,
+        reserved the first time it is asked for, or (errno, None) (blocking:
+        it may evict; the calling C worker waits for it)."""
+        w = self.ops.handles.get(fh)
+        if not isinstance(w, WriteHandle) or w.put is None or w.committed:
+            return errno.EBADF, None
+        try:
+            ch = w.put.reserve(i)
+            return 0, (self.eng.segment_fd(ch.seg), ch.payload_off)
+        except BaseException as e:  # noqa: BLE001 - answered as the write's errno
+            return errno_of(e, "write"), None
 
     def bad(self, fh: int) -> None:
         """A chunk of this open object failed verification: report it as a
@@ -155,7 +178,10 @@ class Bridge:
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: tuple[int, ...]) -> tuple[Any, ...]:
         fi, attr = await self.ops.create(parent, name, mode, flags, Ctx(*ctx))
-        return fi.fh, bool(fi.direct_io), bool(fi.keep_cache), attr_tuple(attr)
+        w = self.ops.handles[fi.fh]
+        assert isinstance(w, WriteHandle)
+        w.cw = self.write_state(self.eng.stripe_unit)
+        return fi.fh, bool(fi.direct_io), bool(fi.keep_cache), (attr_tuple(attr), w.cw)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return bytes(await self.ops.read(fh, off, size))

@@ -17,6 +17,27 @@ log = logging.getLogger("kvfsd.fuse")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
+def errno_of(e: BaseException, what: str) -> int:
+    """The errno a request that failed with ``e`` answers (``what`` names
+    the request in the log, for what is not expected)."""
+    if isinstance(e, ft.FUSEError):
+        return int(e.errno)
+    if isinstance(e, NotFound):
+        return errno.ENOENT
+    if isinstance(e, (InvalidKey, InvalidArgument)):
+        return errno.EINVAL
+    if isinstance(e, CapacityError):
+        return errno.ENOSPC
+    if isinstance(e, OSError):
+        return e.errno or errno.EIO
+    if isinstance(e, KvfsError):
+        log.warning("%s: %s", what, e)
+        return errno.EIO
+    # a bug must not take the mount down
+    log.error("internal error in FUSE %s", what, exc_info=(type(e), e, e.__traceback__))
+    return errno.EIO
+
+
 def fuse_errors(fn: F) -> F:
     """Only FUSEError may leave a handler."""
     @functools.wraps(fn)
@@ -25,20 +46,8 @@ def fuse_errors(fn: F) -> F:
             return await fn(*a, **kw)
         except ft.FUSEError:
             raise
-        except NotFound:
-            raise ft.FUSEError(errno.ENOENT) from None
-        except (InvalidKey, InvalidArgument):
-            raise ft.FUSEError(errno.EINVAL) from None
-        except CapacityError:
-            raise ft.FUSEError(errno.ENOSPC) from None
-        except OSError as e:
-            raise ft.FUSEError(e.errno or errno.EIO) from None
-        except KvfsError as e:
-            log.warning("%s: %s", fn.__name__, e)
-            raise ft.FUSEError(errno.EIO) from None
-        except Exception:  # noqa: BLE001 - a bug must not take the mount down
-            log.exception("internal error in FUSE %s", fn.__name__)
-            raise ft.FUSEError(errno.EIO) from None
+        except Exception as e:  # noqa: BLE001
+            raise ft.FUSEError(errno_of(e, fn.__name__)) from None
     return wrapper  # type: ignore[return-value]
 
 

@@ -107,6 +107,7 @@ class KvfsOps(FileWrites, ft.Operations):
         self.next_fh = 1
         self.pending: dict[tuple[str, str], WriteHandle] = {}  # new files not yet committed
         self.nursery: trio.Nursery | None = None  # for read-ahead loads (set by the mount)
+        self.c_writes = False  # set by the C mount: it writes new files' bytes itself
         self.mount_stats: Callable[[], dict[str, Any]] | None = None  # the mount's own view (set by it)
         self.counters = {"reads": 0, "read_bytes": 0, "writes": 0, "write_bytes": 0, "chunks_loaded": 0,
                          "commits": 0}
@@ -194,6 +195,7 @@ class KvfsOps(FileWrites, ft.Operations):
         _, ns, key = kind
         w = self.pending.get((ns, key))
         if w is not None and not w.committed:
+            w.pull()
             return self._attr(ino, stat.S_IFREG | self.file_mode | 0o200, w.size, time.time_ns(), 0)
         m = self.eng.object_entry(ns, key)
         if m is None:

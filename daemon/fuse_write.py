@@ -51,6 +51,21 @@ class WriteHandle:
     written: bool = False  # a write reached it (a truncate alone is not one)
     closed_empty: bool = False  # a descriptor was closed before anything was written: a draft
     opens: int = 1  # descriptors open on it (create, and reopens of a draft for writing)
+    # the C mount writes the bytes itself (kvfsd._cfuse.WriteState): size,
+    # written and failed are its, taken by pull() before they are read here
+    cw: Any = None
+
+    def pull(self) -> None:
+        """Take what the C mount's writes did to the file (memory only)."""
+        if self.cw is None:
+            return
+        size, written, err = self.cw.state()
+        self.size = size
+        if self.put is not None:
+            self.put.size = size
+        self.written = self.written or bool(written)
+        if err:
+            self.failed = True
 
     async def settle(self) -> None:
         """Every write acknowledged so far is in T1 (raises the first write error)."""
@@ -66,6 +81,7 @@ class FileWrites:
     acc: "MountAccess"
     pending: dict[tuple[str, str], WriteHandle]  # new files not yet committed
     handles: dict[int, Any]
+    c_writes: bool  # the C mount writes new files' bytes itself (no write-behind here)
     nursery: trio.Nursery | None
     counters: dict[str, int]
 
@@ -90,7 +106,7 @@ class FileWrites:
         w = self.pending[(ns, key)] = WriteHandle(ns, key, ino, None)  # the name is taken
         try:
             w.put = StreamPut(self.eng, ns, key)
-            if self.nursery is not None:
+            if self.nursery is not None and not self.c_writes:
                 w.behind = WriteBehind(w.put, self.nursery)
         except BaseException:
             self.pending.pop((ns, key), None)
@@ -107,6 +123,7 @@ class FileWrites:
         it is opened for reading or DRAFT_S after its last close."""
         if w.put is None:
             raise ft.FUSEError(errno.EBUSY)
+        w.pull()
         if flags & os.O_TRUNC and w.size:
             await self._truncate_pending(w, 0)
         w.closed_empty = False
@@ -153,12 +170,14 @@ class FileWrites:
         empty file is committed at release.)"""
         w = self.handles.get(fh)
         if isinstance(w, WriteHandle) and not w.committed:
+            w.pull()
             if w.written:
                 await self._commit_now(w)
             else:
                 w.closed_empty = True  # a draft (see _reopen_draft)
 
     async def _commit_now(self, w: WriteHandle) -> None:
+        w.pull()
         try:
             error: Exception | None = None
             try:
@@ -175,9 +194,12 @@ class FileWrites:
                     raise error
                 return
             t = time.monotonic()
-            put = w.put
+            put, cw = w.put, w.cw
             try:
-                await trio.to_thread.run_sync(put.commit)
+                if cw is None:
+                    await trio.to_thread.run_sync(put.commit)
+                else:  # hashes() waits for a write in flight: off the loop
+                    await trio.to_thread.run_sync(lambda: put.commit_hashed(cw.hashes()))
             except BaseException:
                 await trio.to_thread.run_sync(put.abort)
                 raise
@@ -186,9 +208,12 @@ class FileWrites:
         finally:
             w.committed = True
             self.pending.pop((w.ns, w.key), None)
+            if w.cw is not None:
+                await trio.to_thread.run_sync(w.cw.close)
 
     async def _release_write(self, w: WriteHandle) -> None:
         """The last reference to a descriptor on a new file went away."""
+        w.pull()
         w.opens -= 1
         if w.written:
             await self._commit_now(w)
@@ -203,9 +228,16 @@ class FileWrites:
         object beyond it reads as zeros, or is cut off."""
         if w.put is None:
             raise ft.FUSEError(errno.EBUSY)
+        put, cw = w.put, w.cw
+        w.pull()
+
+        def cut() -> None:
+            put.truncate(size)
+            if cw is not None:
+                cw.truncate(size)
         try:
             await w.settle()
-            await trio.to_thread.run_sync(w.put.truncate, size)
+            await trio.to_thread.run_sync(cut)
         except BaseException:
             w.failed = True
             raise

@@ -5,6 +5,8 @@
   verified whole into a buffer of the open file (or checked in place in
   the leased arena), then replied from there; several workers serve the
   kernel's read-ahead requests at once.
+- New files' writes are served in C too: each lands at its reserved place
+  in T1 from the request's buffer and is hashed as it arrives.
 - Every other request goes to the same handlers as pyfuse3's mount
   (kvfsd.fuse_ops), run on the daemon's trio loop (kvfsd.cfuse_bridge).
 
@@ -55,7 +57,7 @@ class CMount:
         policy = engine.cfg.policy
         self.ops = KvfsOps(engine, settle, policy)
         self.ops.mount_stats = self.stats
-        self.bridge = Bridge(self.ops, _cfuse.DIRENTPLUS_BASE)
+        self.bridge = Bridge(self.ops, _cfuse.DIRENTPLUS_BASE, _cfuse.WriteState)
         try:
             self.cm: Any = _cfuse.Mount(str(mountpoint), ",".join(sorted(mount_options(policy))), self.bridge)
         except RuntimeError as e:  # libfuse's own words are on stderr above it
@@ -81,6 +83,7 @@ class CMount:
         py = self.ops.counters
         return {"path": str(self.mountpoint), "impl": self.impl, "why": self.why, "threads": self.threads,
                 **py, "reads": c["reads"] + py["reads"], "read_bytes": c["read_bytes"] + py["read_bytes"],
+                "writes": c["writes"] + py["writes"], "write_bytes": c["write_bytes"] + py["write_bytes"],
                 "chunks_loaded": c["chunks_loaded"] + py["chunks_loaded"],
                 **{k: c[k] for k in ("chunks_private", "t0_chunks_verified", "bad_chunks", "python_calls")}}
 

@@ -40,6 +40,15 @@ class StreamPut:
         self.chunk: Any = xxhash.xxh3_128()
         self.sums: list[bytes] | None = []
 
+    def reserve(self, i: int) -> ChunkPlan:
+        """Chunk ``i``'s place in T1, reserved the first time it is asked for
+        (blocking: it may evict). The C mount asks for it too (it writes the
+        bytes itself: kvfsd.cfuse_bridge)."""
+        ch = self.chunks.get(i)
+        if ch is None:
+            ch = self.chunks[i] = self.eng.reserve_stream_chunk(self.plan, self.first, i)
+        return ch
+
     def write(self, buf: bytes, off: int) -> int:
         su = self.eng.stripe_unit
         view = memoryview(buf)
@@ -47,9 +56,7 @@ class StreamPut:
         while done < len(view):
             pos = off + done
             i = pos // su
-            ch = self.chunks.get(i)
-            if ch is None:
-                ch = self.chunks[i] = self.eng.reserve_stream_chunk(self.plan, self.first, i)
+            ch = self.reserve(i)
             n = min(len(view) - done, su - pos % su)
             self.eng.write_payload(ch, view[done:done + n], pos % su)
             done += n
@@ -95,15 +102,26 @@ class StreamPut:
     def commit(self) -> bool:
         """Store the file as one object. False: the key was stored meanwhile
         by someone else (theirs is kept)."""
+        return self._commit(None, True)
+
+    def commit_hashed(self, hashes: tuple[list[bytes], bytes] | None) -> bool:
+        """``commit``, with the digests of each chunk and of the whole that
+        the writer took as the bytes arrived (the C mount, which writes
+        them itself); None: it could not (the commit reads them back)."""
+        return self._commit(hashes, False)
+
+    def _commit(self, hashes: tuple[list[bytes], bytes] | None, own: bool) -> bool:
         size = self.size
         self.eng.end_stream(self.plan, self.first, size)
         op = self.plan.items[0]
         assert op is not None
-        if self.sums is not None and self.hashed == size:
+        if own and self.sums is not None and self.hashed == size:
             sums = list(self.sums)
             if len(sums) < len(op.chunks):
                 sums.append(self.chunk.digest())  # the partial last chunk (or the empty value's one)
-            whole = self.whole.digest()
+            hashes = (sums, self.whole.digest())
+        if hashes is not None and len(hashes[0]) == len(op.chunks):
+            sums, whole = hashes
         else:
             sums, whole = self._hash_back()
         for ch, s in zip(op.chunks, sums, strict=True):

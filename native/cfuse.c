@@ -7,8 +7,8 @@
  *   _cfuse.counters()                                 what the C side served
  *
  * Threads: each worker reads a request from /dev/fuse and handles it to
- * its reply. Object reads are served in C without the GIL
- * (cfuse_read.c). Every other operation calls dispatch(op, args) with the
+ * its reply. Object reads (cfuse_read.c) and writes of new files
+ * (cfuse_write.c) are served in C without the GIL. Every other operation calls dispatch(op, args) with the
  * GIL held; dispatch (kvfsd.cfuse_bridge) runs the pyfuse3 mount's own
  * handler on the daemon's trio loop and returns (errno, value), never
  * raises. The GIL is never held while waiting for the kernel.
@@ -19,9 +19,8 @@
  * finishes it first, so close() must run while the trio loop still runs
  * (kvfsd.mount_c calls it from a worker thread).
  */
-#define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
-#include <Python.h>
+#include "cfuse_py.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -32,33 +31,19 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "cfuse.h"
-
 const kv_c_api *cf_kv;
 cf_counters cf_stats;
 
 #define CF_WAKE (SIGRTMIN + 4)
-#define MAX_THREADS 64
+#define MAX_THREADS CF_MAX_THREADS
 
-typedef struct {
-    PyObject_HEAD
-    struct fuse_session *se;
-    PyObject *dispatch;
-    pthread_t threads[MAX_THREADS];
-    int joined[MAX_THREADS];
-    int nthreads;
-    atomic_int stop;
-    int mounted;
-    pthread_mutex_t hmu;  /* guards the list of open handles */
-    cf_handle *handles;
-} MountObject;
 
 /* -- the bridge to Python ------------------------------------------------- */
 
 /* With the GIL held: dispatch(op, args) -> (errno, value). Returns the
  * errno, EIO if the bridge itself failed (logged on stderr), and a new
  * reference to value in *out when it is 0. Steals args. */
-static int bridge(MountObject *m, const char *op, PyObject *args, PyObject **out) {
+int cf_bridge(MountObject *m, const char *op, PyObject *args, PyObject **out) {
     *out = NULL;
     atomic_fetch_add_explicit(&cf_stats.py_calls, 1, memory_order_relaxed);
     if (!args) {
@@ -137,7 +122,7 @@ static void reply_attr(fuse_req_t req, PyGILState_STATE g, const char *op, PyObj
     MountObject *m = fuse_req_userdata(req);
     struct fuse_entry_param e;
     PyObject *v;
-    int err = bridge(m, op, args, &v);
+    int err = cf_bridge(m, op, args, &v);
     if (!err && parse_attr(v, &e) < 0) err = bad_value(op);
     Py_XDECREF(v);
     PyGILState_Release(g);
@@ -153,7 +138,7 @@ static void reply_attr(fuse_req_t req, PyGILState_STATE g, const char *op, PyObj
 static void reply_status(fuse_req_t req, PyGILState_STATE g, const char *op, PyObject *args) {
     MountObject *m = fuse_req_userdata(req);
     PyObject *v;
-    int err = bridge(m, op, args, &v);
+    int err = cf_bridge(m, op, args, &v);
     Py_XDECREF(v);
     PyGILState_Release(g);
     fuse_reply_err(req, err);
@@ -163,7 +148,7 @@ static void reply_status(fuse_req_t req, PyGILState_STATE g, const char *op, PyO
 static void reply_bytes(fuse_req_t req, PyGILState_STATE g, const char *op, PyObject *args, size_t size) {
     MountObject *m = fuse_req_userdata(req);
     PyObject *v;
-    int err = bridge(m, op, args, &v);
+    int err = cf_bridge(m, op, args, &v);
     if (!err && !PyBytes_Check(v)) err = bad_value(op);
     if (!err) {
         size_t n = (size_t)PyBytes_GET_SIZE(v);
@@ -211,6 +196,7 @@ static void handle_free(cf_handle *h) {
         PyBuffer_Release((Py_buffer *)h->t0owner);
         free(h->t0owner);
     }
+    Py_XDECREF((PyObject *)h->ws);
     free(h);
 }
 
@@ -305,7 +291,7 @@ static cf_handle *new_handle(MountObject *m, PyObject *v, struct fuse_file_info 
 static void drop_handle(MountObject *m, cf_handle *h, uint64_t pyfh) {
     PyObject *v;
     if (h) handle_free(h);
-    if (!bridge(m, "release", Py_BuildValue("(K)", (unsigned long long)pyfh), &v)) Py_DECREF(v);
+    if (!cf_bridge(m, "release", Py_BuildValue("(K)", (unsigned long long)pyfh), &v)) Py_DECREF(v);
 }
 
 static cf_handle *new_handle(MountObject *m, PyObject *v, struct fuse_file_info *fi, PyObject **extra) {
@@ -349,7 +335,7 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
 static void forget_list(fuse_req_t req, PyObject *list) {
     MountObject *m = fuse_req_userdata(req);
     PyObject *v;
-    if (!bridge(m, "forget", Py_BuildValue("(N)", list), &v)) Py_DECREF(v);
+    if (!cf_bridge(m, "forget", Py_BuildValue("(N)", list), &v)) Py_DECREF(v);
 }
 
 static void op_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup) {
@@ -415,11 +401,14 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
     PyGILState_STATE g = PyGILState_Ensure();
     PyObject *v, *spec = NULL;
     cf_handle *h = NULL;
-    int err = bridge(m, "open", Py_BuildValue("(KiN)", (unsigned long long)ino, fi->flags, ctx_of(req)), &v);
+    int err = cf_bridge(m, "open", Py_BuildValue("(KiN)", (unsigned long long)ino, fi->flags, ctx_of(req)), &v);
     if (!err) {
         h = new_handle(m, v, fi, &spec);
         if (!h) {
             err = EIO;
+        } else if (PyObject_TypeCheck(spec, &cf_WriteStateType)) {  /* a draft reopened for writing */
+            h->kind = CF_WRITE;
+            h->ws = Py_NewRef(spec);
         } else if (spec != Py_None && parse_read_spec(h, spec) < 0) {
             err = bad_value("open");
             drop_handle(m, h, h->pyfh);
@@ -447,16 +436,21 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
     PyGILState_STATE g = PyGILState_Ensure();
     PyObject *v, *attr = NULL;
     cf_handle *h = NULL;
-    int err = bridge(m, "create", Py_BuildValue("(Ky#IiN)", (unsigned long long)parent, name,
+    int err = cf_bridge(m, "create", Py_BuildValue("(Ky#IiN)", (unsigned long long)parent, name,
                                                 (Py_ssize_t)strlen(name), (unsigned)mode, fi->flags, ctx_of(req)), &v);
     if (!err) {
         h = new_handle(m, v, fi, &attr);
+        PyObject *at, *ws;
         if (!h) {
             err = EIO;
-        } else if (parse_attr(attr, &e) < 0) {
+        } else if (!PyArg_ParseTuple(attr, "OO", &at, &ws) || parse_attr(at, &e) < 0 ||
+                   (ws != Py_None && !PyObject_TypeCheck(ws, &cf_WriteStateType))) {
             err = bad_value("create");
             drop_handle(m, h, h->pyfh);
             h = NULL;
+        } else if (ws != Py_None) {
+            h->kind = CF_WRITE;
+            h->ws = Py_NewRef(ws);
         }
     }
     Py_XDECREF(v);
@@ -483,7 +477,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
         if (err == EIO) {  /* report it as a client would: the daemon re-checks the object and drops it */
             PyGILState_STATE g = PyGILState_Ensure();
             PyObject *v;
-            if (!bridge(m, "bad", Py_BuildValue("(K)", (unsigned long long)h->pyfh), &v)) Py_DECREF(v);
+            if (!cf_bridge(m, "bad", Py_BuildValue("(K)", (unsigned long long)h->pyfh), &v)) Py_DECREF(v);
             PyGILState_Release(g);
         }
         if (err) fuse_reply_err(req, err);
@@ -491,7 +485,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
     }
     PyGILState_STATE g = PyGILState_Ensure();
     PyObject *v;
-    int err = bridge(m, "read", Py_BuildValue("(KLn)", (unsigned long long)h->pyfh, (long long)off, (Py_ssize_t)size), &v);
+    int err = cf_bridge(m, "read", Py_BuildValue("(KLn)", (unsigned long long)h->pyfh, (long long)off, (Py_ssize_t)size), &v);
     if (!err && !PyBytes_Check(v)) err = bad_value("read");
     if (!err) fuse_reply_buf(req, PyBytes_AS_STRING(v), (size_t)PyBytes_GET_SIZE(v));
     Py_XDECREF(v);
@@ -504,6 +498,14 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     (void)ino;
     MountObject *m = fuse_req_userdata(req);
     cf_handle *h = (cf_handle *)(uintptr_t)fi->fh;
+    if (h->kind == CF_WRITE) {
+        long long r = cf_write(m, (WriteState *)h->ws, h->pyfh, buf, size, off);
+        if (r < 0)
+            fuse_reply_err(req, (int)-r);
+        else
+            fuse_reply_write(req, (size_t)r);
+        return;
+    }
     if (h->kind != CF_PY) {
         fuse_reply_err(req, EBADF);
         return;
@@ -511,7 +513,7 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     PyGILState_STATE g = PyGILState_Ensure();
     PyObject *v;
     size_t n = 0;
-    int err = bridge(m, "write", Py_BuildValue("(KLy#)", (unsigned long long)h->pyfh, (long long)off, buf,
+    int err = cf_bridge(m, "write", Py_BuildValue("(KLy#)", (unsigned long long)h->pyfh, (long long)off, buf,
                                                (Py_ssize_t)size), &v);
     if (!err) {
         n = PyLong_AsSize_t(v);
@@ -528,7 +530,7 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
     (void)ino;
     cf_handle *h = (cf_handle *)(uintptr_t)fi->fh;
-    if (h->kind != CF_PY) {  /* an object opened for reading: nothing to commit */
+    if (h->kind == CF_READ) {  /* an object opened for reading: nothing to commit */
         fuse_reply_err(req, 0);
         return;
     }
@@ -546,7 +548,7 @@ static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     PyGILState_STATE g = PyGILState_Ensure();
     handle_free(h);
     PyObject *v;
-    int err = bridge(m, "release", Py_BuildValue("(K)", (unsigned long long)pyfh), &v);
+    int err = cf_bridge(m, "release", Py_BuildValue("(K)", (unsigned long long)pyfh), &v);
     Py_XDECREF(v);
     PyGILState_Release(g);
     fuse_reply_err(req, err);
@@ -556,7 +558,7 @@ static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     MountObject *m = fuse_req_userdata(req);
     PyGILState_STATE g = PyGILState_Ensure();
     PyObject *v;
-    int err = bridge(m, "opendir", Py_BuildValue("(KN)", (unsigned long long)ino, ctx_of(req)), &v);
+    int err = cf_bridge(m, "opendir", Py_BuildValue("(KN)", (unsigned long long)ino, ctx_of(req)), &v);
     if (!err) {
         fi->fh = PyLong_AsUnsignedLongLong(v);
         if (PyErr_Occurred()) err = bad_value("opendir");
@@ -579,7 +581,7 @@ static void op_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
     PyObject *v;
     char *buf = NULL;
     size_t pos = 0;
-    int err = bridge(m, "readdirplus", Py_BuildValue("(KLn)", (unsigned long long)fi->fh, (long long)off,
+    int err = cf_bridge(m, "readdirplus", Py_BuildValue("(KLn)", (unsigned long long)fi->fh, (long long)off,
                                                      (Py_ssize_t)size), &v);
     if (!err && !PyList_Check(v)) err = bad_value("readdirplus");
     if (!err && !(buf = malloc(size ? size : 1))) err = ENOMEM;
@@ -623,7 +625,7 @@ static void op_statfs(fuse_req_t req, fuse_ino_t ino) {
     memset(&s, 0, sizeof s);
     PyGILState_STATE g = PyGILState_Ensure();
     PyObject *v;
-    int err = bridge(m, "statfs", Py_BuildValue("(N)", ctx_of(req)), &v);
+    int err = cf_bridge(m, "statfs", Py_BuildValue("(N)", ctx_of(req)), &v);
     unsigned long long bsize, frsize, blocks, bfree, bavail, files, ffree, favail, namemax;
     if (!err && !PyArg_ParseTuple(v, "KKKKKKKKK", &bsize, &frsize, &blocks, &bfree, &bavail, &files, &ffree, &favail,
                                   &namemax))
@@ -662,7 +664,7 @@ static void op_access(fuse_req_t req, fuse_ino_t ino, int mask) {
     MountObject *m = fuse_req_userdata(req);
     PyGILState_STATE g = PyGILState_Ensure();
     PyObject *v;
-    int err = bridge(m, "access", Py_BuildValue("(KiN)", (unsigned long long)ino, mask, ctx_of(req)), &v);
+    int err = cf_bridge(m, "access", Py_BuildValue("(KiN)", (unsigned long long)ino, mask, ctx_of(req)), &v);
     if (!err) err = PyObject_IsTrue(v) == 1 ? 0 : EACCES;
     Py_XDECREF(v);
     PyGILState_Release(g);
@@ -856,7 +858,8 @@ static PyTypeObject MountType = {
 static PyObject *py_counters(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
-    return Py_BuildValue("{sLsLsLsLsLsLsL}", "reads", (long long)atomic_load(&cf_stats.reads), "read_bytes",
+    return Py_BuildValue("{sLsLsLsLsLsLsLsLsL}", "writes", (long long)atomic_load(&cf_stats.writes), "write_bytes",
+                         (long long)atomic_load(&cf_stats.write_bytes), "reads", (long long)atomic_load(&cf_stats.reads), "read_bytes",
                          (long long)atomic_load(&cf_stats.read_bytes), "chunks_loaded",
                          (long long)atomic_load(&cf_stats.chunks_loaded), "chunks_private",
                          (long long)atomic_load(&cf_stats.chunks_private), "t0_chunks_verified",
@@ -880,10 +883,11 @@ PyMODINIT_FUNC PyInit__cfuse(void) {
         PyErr_SetString(PyExc_ImportError, "kvfs._native and kvfsd._cfuse were built from different sources");
         return NULL;
     }
-    if (PyType_Ready(&MountType) < 0) return NULL;
+    if (PyType_Ready(&MountType) < 0 || PyType_Ready(&cf_WriteStateType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
-    if (PyModule_AddObjectRef(m, "Mount", (PyObject *)&MountType) < 0) {
+    if (PyModule_AddObjectRef(m, "Mount", (PyObject *)&MountType) < 0 ||
+        PyModule_AddObjectRef(m, "WriteState", (PyObject *)&cf_WriteStateType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

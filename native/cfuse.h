@@ -1,12 +1,14 @@
 /*
  * The C mount (kvfsd._cfuse): libfuse's low-level API served by a pool of
- * threads inside the daemon process. The hot paths (reads of objects) run
- * here without the GIL; everything else (lookups, namespace changes,
+ * threads inside the daemon process. The hot paths (reads of objects,
+ * writes of new files) run here without the GIL; everything else (lookups, namespace changes,
  * opens, commits, stats, xattrs) is handed to Python (kvfsd.cfuse_bridge),
  * which runs the same handlers as the pyfuse3 mount (kvfsd.fuse_ops).
  *
- * cfuse.c      the module, the session, the worker threads and the bridge ops
- * cfuse_read.c open objects: chunks verified, cached and replied from here
+ * cfuse.c       the module, the session, the worker threads and the bridge ops
+ * cfuse_read.c  open objects: chunks verified, cached and replied from here
+ * cfuse_write.c new files: written to their reserved place in T1 and hashed here
+ * cfuse_py.h    what cfuse.c and cfuse_write.c share (the Python side)
  */
 #ifndef CFUSE_H
 #define CFUSE_H
@@ -23,7 +25,7 @@ extern const kv_c_api *cf_kv;  /* hashing loops of kvfs._native (set at import) 
 
 /* counters read by kvfs stats (relaxed atomics: figures, not invariants) */
 typedef struct {
-    atomic_llong reads, read_bytes, chunks_loaded, chunks_private, t0_verified, bad, py_calls;
+    atomic_llong reads, read_bytes, chunks_loaded, chunks_private, t0_verified, bad, py_calls, writes, write_bytes;
 } cf_counters;
 extern cf_counters cf_stats;
 
@@ -45,7 +47,7 @@ typedef struct {
 
 #define CF_SLOTS 4
 
-enum { CF_PY, CF_READ };
+enum { CF_PY, CF_READ, CF_WRITE };
 
 /* One open file. fi->fh is a pointer to this. Invariant: an object's
  * bytes are served only from a chunk whose xxh3-128 matched, read into a
@@ -61,6 +63,7 @@ typedef struct cf_handle {
     int nfds;
     const char *t0;     /* the object in the arena, or NULL */
     void *t0owner;      /* the Python buffer export that keeps t0 mapped (cfuse.c) */
+    void *ws;           /* CF_WRITE: the file's WriteState (a reference; cfuse_write.c) */
     _Atomic unsigned char *verified;  /* T0: chunk checked */
     _Atomic unsigned char *advised;   /* T1: kernel asked to read it ahead */
     pthread_mutex_t mu;

@@ -1,0 +1,61 @@
+/*
+ * The Python-facing parts of the C mount shared by cfuse.c and
+ * cfuse_write.c: the Mount object, the bridge to Python, and the write
+ * state of a new file (WriteState).
+ */
+#ifndef CFUSE_PY_H
+#define CFUSE_PY_H
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "cfuse.h"
+
+#define CF_MAX_THREADS 64
+
+typedef struct {
+    PyObject_HEAD
+    struct fuse_session *se;
+    PyObject *dispatch;
+    pthread_t threads[CF_MAX_THREADS];
+    int joined[CF_MAX_THREADS];
+    int nthreads;
+    atomic_int stop;
+    int mounted;
+    pthread_mutex_t hmu;  /* guards the list of open handles */
+    cf_handle *handles;
+} MountObject;
+
+/* With the GIL held: dispatch(op, args) -> (errno, value); see cfuse.c. */
+int cf_bridge(MountObject *m, const char *op, PyObject *args, PyObject **out);
+
+/* A new file written through the C mount (cfuse_write.c). Python makes it
+ * (kvfsd.cfuse_bridge) and keeps it in the file's WriteHandle; every C
+ * handle open on the file holds a reference. */
+typedef struct {
+    PyObject_HEAD
+    pthread_mutex_t wmu;     /* one write (or truncate, or hash read) at a time; held across pwrite */
+    pthread_mutex_t mu;      /* size, written, error: read by the trio loop, never held across I/O */
+    int64_t su;              /* the stripe unit: chunk i holds bytes [i*su, (i+1)*su) */
+    int64_t size;            /* the end of the furthest write, or the last truncate */
+    int written;             /* a write reached it */
+    int error;               /* a write failed (errno): the file is never stored */
+    /* reserved chunks (wmu): fd (a dup; -1: not reserved yet) and payload offset */
+    int64_t nres;
+    int *rfd;
+    int64_t *roff;
+    int *dups, *orig;        /* our dups, and the daemon's fd behind each */
+    int ndups;
+    /* running hashes of bytes [0, hashed) (wmu), taken as in-order writes arrive */
+    void *whole, *chunk;
+    int64_t hashed;
+    int hash_ok;             /* 0 once a write came out of order or a truncate cut them */
+    unsigned char *sums;     /* digests of the full chunks hashed so far */
+    int64_t nsums;
+} WriteState;
+
+extern PyTypeObject cf_WriteStateType;
+
+/* Write buf at off (a worker thread, no GIL held): bytes written, or -errno. */
+long long cf_write(MountObject *m, WriteState *ws, uint64_t pyfh, const char *buf, size_t size, off_t off);
+
+#endif
