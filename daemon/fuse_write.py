@@ -56,10 +56,13 @@ class WriteHandle:
     cw: Any = None
 
     def pull(self) -> None:
-        """Take what the C mount's writes did to the file (memory only)."""
-        if self.cw is None:
-            return
-        size, written, err = self.cw.state()
+        """Take what the C mount's writes did to the file (memory only;
+        writes answered but still in flight are counted, not waited for)."""
+        if self.cw is not None:
+            self._take(self.cw.state())
+
+    def _take(self, state: tuple[int, int, int]) -> None:
+        size, written, err = state
         self.size = size
         if self.put is not None:
             self.put.size = size
@@ -71,6 +74,11 @@ class WriteHandle:
         """Every write acknowledged so far is in T1 (raises the first write error)."""
         if self.behind is not None:
             await self.behind.settle()
+        if self.cw is not None:
+            self._take(await trio.to_thread.run_sync(self.cw.settle))
+            err = self.cw.state()[2]
+            if err:
+                raise OSError(err, os.strerror(err))
 
 
 class FileWrites:

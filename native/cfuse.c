@@ -499,11 +499,7 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     MountObject *m = fuse_req_userdata(req);
     cf_handle *h = (cf_handle *)(uintptr_t)fi->fh;
     if (h->kind == CF_WRITE) {
-        long long r = cf_write(m, (WriteState *)h->ws, h->pyfh, buf, size, off);
-        if (r < 0)
-            fuse_reply_err(req, (int)-r);
-        else
-            fuse_reply_write(req, (size_t)r);
+        cf_write(req, m, (WriteState *)h->ws, h->pyfh, buf, size, off);
         return;
     }
     if (h->kind != CF_PY) {

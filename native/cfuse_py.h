@@ -33,19 +33,25 @@ int cf_bridge(MountObject *m, const char *op, PyObject *args, PyObject **out);
  * handle open on the file holds a reference. */
 typedef struct {
     PyObject_HEAD
-    pthread_mutex_t wmu;     /* one write (or truncate, or hash read) at a time; held across pwrite */
-    pthread_mutex_t mu;      /* size, written, error: read by the trio loop, never held across I/O */
+    /* mu guards the fields marked (mu); it is never held across I/O or
+     * while waiting for the GIL. Writes take tickets in the order they are
+     * answered and write their bytes in that order, one at a time: the
+     * reservation table and the running hashes belong to the write whose
+     * turn it is, and to a holder of mu while no write is in flight. */
+    pthread_mutex_t mu;
+    pthread_cond_t turn;     /* serving moved, or an error came */
+    int64_t next, serving;   /* tickets issued, and the one writing now (mu) */
     int64_t su;              /* the stripe unit: chunk i holds bytes [i*su, (i+1)*su) */
-    int64_t size;            /* the end of the furthest write, or the last truncate */
-    int written;             /* a write reached it */
-    int error;               /* a write failed (errno): the file is never stored */
-    /* reserved chunks (wmu): fd (a dup; -1: not reserved yet) and payload offset */
+    int64_t size;            /* the end of the furthest write, or the last truncate (mu) */
+    int written;             /* a write reached it (mu) */
+    int error;               /* a write failed (errno): the file is never stored (mu) */
+    /* reserved chunks: fd (a dup; -1: not reserved yet) and payload offset */
     int64_t nres;
     int *rfd;
     int64_t *roff;
     int *dups, *orig;        /* our dups, and the daemon's fd behind each */
     int ndups;
-    /* running hashes of bytes [0, hashed) (wmu), taken as in-order writes arrive */
+    /* running hashes of bytes [0, hashed), taken as in-order writes arrive */
     void *whole, *chunk;
     int64_t hashed;
     int hash_ok;             /* 0 once a write came out of order or a truncate cut them */
@@ -55,7 +61,8 @@ typedef struct {
 
 extern PyTypeObject cf_WriteStateType;
 
-/* Write buf at off (a worker thread, no GIL held): bytes written, or -errno. */
-long long cf_write(MountObject *m, WriteState *ws, uint64_t pyfh, const char *buf, size_t size, off_t off);
+/* Serve a write of buf at off, reply included (a worker thread, no GIL held). */
+void cf_write(fuse_req_t req, MountObject *m, WriteState *ws, uint64_t pyfh, const char *buf, size_t size,
+              off_t off);
 
 #endif

@@ -10,16 +10,16 @@
  * back. After an out-of-order write or a truncate the hashes are dropped
  * and the commit takes them from the segments (StreamPut._hash_back).
  *
- * A failed write (a full disk, no room to reserve) is answered with its
- * errno, and so is every later write: such a file is never stored
- * (kvfsd.fuse_write discards it at close). Writes are answered once their
- * bytes are in the segment's page cache, not queued: the reply waits for
- * one copy, and a failure reaches the very write that met it.
+ * A write is answered as soon as it is taken (write-behind, WRITE_BEHIND
+ * writes deep, each from its own worker's request buffer: no copy), and
+ * its bytes are written after, in the order writes were answered (tickets,
+ * cfuse_py.h). A failed write (a full disk, no room to reserve) fails the
+ * file: the next write answers its errno, and so does close(2)
+ * (kvfsd.fuse_write settles the file before its commit and discards it).
  *
- * Python reads the state (size, written, error) on the loop under mu,
- * which is never held across I/O; hashes and truncate take wmu, from
- * worker threads (the kernel already serialises a file's writes and
- * truncates).
+ * Python reads the state (size, written, error) on the loop, under mu
+ * only; settle, hashes, truncate and close first wait until no write is
+ * in flight (from worker threads, the GIL released).
  */
 #define _GNU_SOURCE
 #include "cfuse_py.h"
@@ -45,8 +45,8 @@ static int WriteState_init(WriteState *self, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_ValueError, "WriteState(stripe_unit > 0), once");
         return -1;
     }
-    pthread_mutex_init(&self->wmu, NULL);
     pthread_mutex_init(&self->mu, NULL);
+    pthread_cond_init(&self->turn, NULL);
     self->su = su;
     self->hash_ok = 1;
     self->whole = hstate_new();
@@ -67,8 +67,8 @@ static void close_dups(WriteState *ws) {
 static void WriteState_dealloc(WriteState *self) {
     if (self->whole) {  /* initialised */
         close_dups(self);
-        pthread_mutex_destroy(&self->wmu);
         pthread_mutex_destroy(&self->mu);
+        pthread_cond_destroy(&self->turn);
     }
     free(self->rfd);
     free(self->roff);
@@ -80,7 +80,7 @@ static void WriteState_dealloc(WriteState *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Room for chunk i in the reservation table (wmu held): 0 or ENOMEM. */
+/* Room for chunk i in the reservation table (its turn): 0 or ENOMEM. */
 static int grow(WriteState *ws, int64_t i) {
     if (i < ws->nres) return 0;
     int64_t n = ws->nres ? ws->nres : 16;
@@ -99,7 +99,7 @@ static int grow(WriteState *ws, int64_t i) {
     return 0;
 }
 
-/* Chunk i reserved (wmu held, no GIL): asks Python for its place. 0 or an errno. */
+/* Chunk i reserved (its turn, no GIL): asks Python for its place. 0 or an errno. */
 static int reserve(MountObject *m, WriteState *ws, uint64_t pyfh, int64_t i) {
     int err = grow(ws, i);
     if (err) return err;
@@ -145,7 +145,7 @@ static int pwrite_all(int fd, const char *p, size_t n, int64_t off) {
     return 0;
 }
 
-/* Feed bytes [off, off+n) to the running hashes (wmu held). */
+/* Feed bytes [off, off+n) to the running hashes (its turn). */
 static void hash_in(WriteState *ws, const char *p, size_t n, int64_t off) {
     if (!ws->hash_ok) return;
     if (off != ws->hashed) {
@@ -173,11 +173,35 @@ static void hash_in(WriteState *ws, const char *p, size_t n, int64_t off) {
     }
 }
 
-long long cf_write(MountObject *m, WriteState *ws, uint64_t pyfh, const char *buf, size_t size, off_t off) {
-    if (off < 0) return -EINVAL;
-    pthread_mutex_lock(&ws->wmu);
+#define WRITE_BEHIND 2  /* writes of one file answered and not yet written, at most */
+
+void cf_write(fuse_req_t req, MountObject *m, WriteState *ws, uint64_t pyfh, const char *buf, size_t size,
+              off_t off) {
+    if (off < 0) {
+        fuse_reply_err(req, EINVAL);
+        return;
+    }
     pthread_mutex_lock(&ws->mu);
+    while (!ws->error && ws->next - ws->serving >= WRITE_BEHIND) pthread_cond_wait(&ws->turn, &ws->mu);
     int err = ws->error;
+    int64_t ticket = 0;
+    if (!err) {
+        if (off + (int64_t)size > ws->size) ws->size = off + (int64_t)size;
+        ws->written = 1;
+        ticket = ws->next++;
+    }
+    pthread_mutex_unlock(&ws->mu);
+    if (err) {  /* an earlier write failed: so does every later one */
+        fuse_reply_err(req, err);
+        return;
+    }
+    /* Answered before the bytes are written: the writer's next read and
+     * copy overlap this pwrite. The request's buffer is this worker's
+     * until the handler returns. */
+    fuse_reply_write(req, size);
+    pthread_mutex_lock(&ws->mu);
+    while (ws->serving != ticket) pthread_cond_wait(&ws->turn, &ws->mu);
+    err = ws->error;  /* an earlier write failed: the file is lost, this one is not written */
     pthread_mutex_unlock(&ws->mu);
     for (size_t done = 0; !err && done < size;) {
         int64_t pos = off + (int64_t)done;
@@ -187,23 +211,25 @@ long long cf_write(MountObject *m, WriteState *ws, uint64_t pyfh, const char *bu
         if (!err) err = pwrite_all(ws->rfd[i], buf + done, n, ws->roff[i] + within);
         done += n;
     }
-    if (!err) hash_in(ws, buf, size, off);
-    pthread_mutex_lock(&ws->mu);
-    if (err) {
-        ws->error = err;
-    } else {
-        if (off + (int64_t)size > ws->size) ws->size = off + (int64_t)size;
-        ws->written = 1;
+    if (!err) {
+        hash_in(ws, buf, size, off);
+        atomic_fetch_add_explicit(&cf_stats.writes, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(&cf_stats.write_bytes, (long long)size, memory_order_relaxed);
     }
+    pthread_mutex_lock(&ws->mu);
+    if (err && !ws->error) ws->error = err;
+    ws->serving++;
+    pthread_cond_broadcast(&ws->turn);
     pthread_mutex_unlock(&ws->mu);
-    pthread_mutex_unlock(&ws->wmu);
-    if (err) return -err;
-    atomic_fetch_add_explicit(&cf_stats.writes, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&cf_stats.write_bytes, (long long)size, memory_order_relaxed);
-    return (long long)size;
 }
 
 /* -- what Python calls ------------------------------------------------------ */
+
+/* mu held, no write in flight (call without the GIL: it may wait). */
+static void quiet(WriteState *ws) {
+    pthread_mutex_lock(&ws->mu);
+    while (ws->serving != ws->next) pthread_cond_wait(&ws->turn, &ws->mu);
+}
 
 static PyObject *WriteState_state(WriteState *self, PyObject *unused) {
     (void)unused;
@@ -214,85 +240,96 @@ static PyObject *WriteState_state(WriteState *self, PyObject *unused) {
     return Py_BuildValue("(Lii)", size, written, error);
 }
 
+static PyObject *WriteState_settle(WriteState *self, PyObject *unused) {
+    (void)unused;
+    Py_BEGIN_ALLOW_THREADS
+    quiet(self);
+    pthread_mutex_unlock(&self->mu);
+    Py_END_ALLOW_THREADS
+    return WriteState_state(self, NULL);
+}
+
 static PyObject *WriteState_truncate(WriteState *self, PyObject *args) {
     long long size;
     if (!PyArg_ParseTuple(args, "L", &size)) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&self->wmu);
+    quiet(self);
     if (size != self->hashed) self->hash_ok = 0;
-    pthread_mutex_lock(&self->mu);
     self->size = size;
     pthread_mutex_unlock(&self->mu);
-    pthread_mutex_unlock(&self->wmu);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
 static PyObject *WriteState_hashes(WriteState *self, PyObject *unused) {
     (void)unused;
-    PyObject *out = NULL;
-    /* wmu without the GIL: a writer holds wmu while it asks Python for a reservation */
+    int64_t n = 0;
+    unsigned char *sums = NULL, whole[16];
+    int ok;
     Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&self->wmu);
-    Py_END_ALLOW_THREADS
-    pthread_mutex_lock(&self->mu);
-    int ok = self->hash_ok && self->hashed == self->size;
-    pthread_mutex_unlock(&self->mu);
+    quiet(self);
+    ok = self->hash_ok && self->hashed == self->size;
     if (ok) {
-        /* digests of a copy: the states stay as they are */
-        size_t n = (cf_kv->hstate_size() + 63) & ~(size_t)63;
-        void *tmp = aligned_alloc(64, n);
-        unsigned char whole[16], tail[16];
-        PyObject *sums = PyList_New(0);
+        /* the partial last chunk (or the empty value's) is digested from a copy of its state */
+        int tail = self->hashed % self->su != 0 || self->hashed == 0;
+        n = self->nsums + tail;
+        size_t hs = (cf_kv->hstate_size() + 63) & ~(size_t)63;
+        void *tmp = aligned_alloc(64, hs);
+        sums = malloc((size_t)n * 16);
         if (tmp && sums) {
-            for (int64_t i = 0; i < self->nsums; i++) {
-                PyObject *b = PyBytes_FromStringAndSize((const char *)self->sums + 16 * i, 16);
-                if (!b || PyList_Append(sums, b) < 0) ok = 0;
-                Py_XDECREF(b);
-            }
-            if (self->hashed % self->su != 0 || self->hashed == 0) {  /* the partial last chunk, or the empty value's */
+            memcpy(sums, self->sums, (size_t)self->nsums * 16);
+            if (tail) {
                 memcpy(tmp, self->chunk, cf_kv->hstate_size());
-                cf_kv->hdigest(tmp, tail);
-                PyObject *b = PyBytes_FromStringAndSize((const char *)tail, 16);
-                if (!b || PyList_Append(sums, b) < 0) ok = 0;
-                Py_XDECREF(b);
+                cf_kv->hdigest(tmp, sums + 16 * self->nsums);
             }
             memcpy(tmp, self->whole, cf_kv->hstate_size());
             cf_kv->hdigest(tmp, whole);
-            if (ok) out = Py_BuildValue("(Oy#)", sums, (const char *)whole, (Py_ssize_t)16);
+        } else {
+            ok = 0;
         }
         free(tmp);
-        Py_XDECREF(sums);
-        if (!out && !PyErr_Occurred()) PyErr_NoMemory();
     }
-    pthread_mutex_unlock(&self->wmu);
-    if (!ok && !out) {
-        if (PyErr_Occurred()) return NULL;
-        Py_RETURN_NONE;
+    pthread_mutex_unlock(&self->mu);
+    Py_END_ALLOW_THREADS
+    PyObject *out = NULL, *list = ok ? PyList_New((Py_ssize_t)n) : NULL;
+    for (int64_t i = 0; list && i < n; i++) {
+        PyObject *b = PyBytes_FromStringAndSize((const char *)sums + 16 * i, 16);
+        if (!b) {
+            Py_CLEAR(list);
+            break;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, b);
     }
-    return out;
+    free(sums);
+    if (list) out = Py_BuildValue("(Oy#)", list, (const char *)whole, (Py_ssize_t)16);
+    Py_XDECREF(list);
+    if (out || PyErr_Occurred()) return out;
+    Py_RETURN_NONE;  /* not in order up to the size, or no memory: the commit reads them back */
 }
 
 static PyObject *WriteState_close(WriteState *self, PyObject *unused) {
     (void)unused;
     Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&self->wmu);
-    Py_END_ALLOW_THREADS
+    quiet(self);
     close_dups(self);
-    pthread_mutex_unlock(&self->wmu);
+    pthread_mutex_unlock(&self->mu);
+    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
 static PyMethodDef WriteState_methods[] = {
     {"state", (PyCFunction)WriteState_state, METH_NOARGS,
-     "state() -> (size, written, errno): the file as its writes left it (errno 0: none failed)"},
+     "state() -> (size, written, errno): the file as the writes answered so far leave it (errno 0: none failed)"},
+    {"settle", (PyCFunction)WriteState_settle, METH_NOARGS,
+     "settle() -> state(), once every write answered so far is in the segments (blocking)"},
     {"truncate", (PyCFunction)WriteState_truncate, METH_VARARGS,
      "truncate(size): the file's size is now size (the caller zeroed what it cut); the running hashes are "
-     "dropped unless they end there"},
+     "dropped unless they end there (blocking)"},
     {"hashes", (PyCFunction)WriteState_hashes, METH_NOARGS,
-     "hashes() -> ([chunk digests], whole digest), or None if the writes did not come in order up to the size"},
+     "hashes() -> ([chunk digests], whole digest), or None if the writes did not come in order up to the size "
+     "(blocking)"},
     {"close", (PyCFunction)WriteState_close, METH_NOARGS,
-     "close(): close the segment fds it holds (the file is stored or discarded)"},
+     "close(): close the segment fds it holds (the file is stored or discarded; blocking)"},
     {NULL, NULL, 0, NULL},
 };
 
