@@ -25,7 +25,8 @@ def _cfuse() -> list[Extension]:
               "kvfsd._cfuse not built; the mount will be pyfuse3's")
         return []
     return [Extension(
-        "kvfsd._cfuse", ["native/cfuse.c", "native/cfuse_read.c", "native/cfuse_write.c"],
+        "kvfsd._cfuse", ["native/cfuse.c", "native/cfuse_read.c", "native/cfuse_write.c",
+                             "native/cfuse_null.c"],
         include_dirs=["native"],
         extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-missing-field-initializers", *cflags],
         extra_link_args=libs,

@@ -1,7 +1,8 @@
 /*
  * kvfsd._cfuse: the C mount (see cfuse.h).
  *
- *   m = _cfuse.Mount(mountpoint, options, dispatch)   mounts (raises if it cannot)
+ *   m = _cfuse.Mount(mountpoint, options, dispatch)   mounts (raises if it cannot);
+ *                                                     dispatch None: the null fs (cfuse_null.c)
  *   m.start(threads)                                  serves, on that many threads
  *   m.close()                                         stops the threads, unmounts
  *   _cfuse.counters()                                 what the C side served
@@ -755,7 +756,8 @@ static int Mount_init(MountObject *self, PyObject *args, PyObject *kw) {
     struct fuse_args fargs = FUSE_ARGS_INIT(3, argv);
     self->dispatch = Py_NewRef(dispatch);
     pthread_mutex_init(&self->hmu, NULL);
-    self->se = fuse_session_new(&fargs, &ops, sizeof ops, self);
+    const struct fuse_lowlevel_ops *o = dispatch == Py_None ? &cf_null_ops : &ops;
+    self->se = fuse_session_new(&fargs, o, sizeof *o, self);
     if (!self->se) {
         PyErr_SetString(PyExc_RuntimeError, "fuse_session_new failed (bad mount options?)");
         return -1;

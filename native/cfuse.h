@@ -9,6 +9,7 @@
  * cfuse_read.c  open objects: chunks verified, cached and replied from here
  * cfuse_write.c new files: written to their reserved place in T1 and hashed here
  * cfuse_py.h    what cfuse.c and cfuse_write.c share (the Python side)
+ * cfuse_null.c  a filesystem that discards writes: the bench's write ceiling
  */
 #ifndef CFUSE_H
 #define CFUSE_H
@@ -73,6 +74,9 @@ typedef struct cf_handle {
     atomic_int bad;     /* a chunk failed verification: every read is EIO */
     struct cf_handle *prev, *next;  /* every open handle (cfuse.c frees what is left at close) */
 } cf_handle;
+
+/* cfuse_null.c: the discarding filesystem (Mount with dispatch None) */
+extern const struct fuse_lowlevel_ops cf_null_ops;
 
 /* cfuse_read.c */
 void cf_read_init(cf_handle *h);

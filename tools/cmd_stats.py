@@ -76,6 +76,13 @@ def format_stats(st: dict[str, Any]) -> str:
         granted = [f"uid {u}: {r}" for u, r in acc["uids"].items()] + [f"gid {g}: {r}" for g, r in acc["gids"].items()]
         rows.append(["admitted", f"uid {acc['owner_uid']} (the daemon's), root"
                      + (f"; {', '.join(granted)}" if granted else "; nobody else")])
+    mnt = st.get("mount")
+    if mnt:
+        what = {"c": f"the C mount ({mnt.get('threads', '?')} threads)", "pyfuse3": "pyfuse3's mount"}
+        rows.append(["mount", f"{mnt['path']}: {what.get(mnt['impl'], mnt['impl'])}"
+                     + (f" (the C mount could not be used: {mnt['why']})" if mnt.get("why") else "")
+                     + f"; read {format_size(mnt['read_bytes'])}, written {format_size(mnt['write_bytes'])}, "
+                     f"{mnt['commits']} files stored"])
     out = [render(["store", ""], rows), ""]
     out.append(render(["stripe", "segments", "disk", "live", "chunks"],
                       [[s["path"], s["segments"], format_size(s["disk_bytes"]), format_size(s["live_bytes"]),

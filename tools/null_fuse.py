@@ -1,8 +1,10 @@
-"""A pyfuse3 filesystem that accepts writes and discards them: the ceiling
-any pyfuse3 write path can reach on this machine (the cost of the kernel's
-FUSE round trip and of pyfuse3's dispatch, with nothing stored).
+"""A pyfuse3 filesystem that accepts writes and discards them, and reads
+as zeros: the ceiling any pyfuse3 write (or read) path can reach on this
+machine (the cost of the kernel's FUSE round trip and of pyfuse3's
+dispatch, with nothing stored or read).
+kvfstools.null_fuse_c is the same for libfuse's low-level API in C.
 
-`kvfs bench --fuse` runs it beside the mount, in the same run, so the
+`kvfs bench --fuse` runs them beside the mount, in the same run, so the
 write figure of the mount can be read against what FUSE itself allows.
 
     python -m kvfstools.null_fuse MOUNTPOINT     (runs until unmounted)
@@ -18,6 +20,7 @@ import pyfuse3
 import trio
 
 FILE_INO = pyfuse3.ROOT_INODE + 1
+ZEROS = bytes(1 << 20)  # reads are at most 1 MiB (libfuse's cap)
 
 
 class NullOps(pyfuse3.Operations):
@@ -46,7 +49,11 @@ class NullOps(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=1), await self.getattr(FILE_INO)
 
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        return pyfuse3.FileInfo(fh=1)
+        return pyfuse3.FileInfo(fh=1, keep_cache=True)  # as the mount's objects
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        """Zeros: the ceiling of a read that reaches the daemon."""
+        return ZEROS[:max(0, min(size, self.size - off))]
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         self.size = max(self.size, off + len(buf))
