@@ -10,6 +10,7 @@ from pathlib import Path
 
 import trio
 
+from kvfs.errors import MissingDependency
 from kvfs.optional import need
 
 from .config import Config
@@ -57,7 +58,10 @@ def run(cfg: Config) -> int:
     if cfg.mount is not None:
         from .mount_c import c_mount_missing
 
-        if cfg.mount_impl == "pyfuse3" or (cfg.mount_impl == "auto" and c_mount_missing()):
+        why = c_mount_missing()
+        if cfg.mount_impl == "c" and why:
+            raise MissingDependency(f"--mount-impl c: {why}", "kvfsd._cfuse")
+        if cfg.mount_impl == "pyfuse3" or (cfg.mount_impl == "auto" and why):
             need("pyfuse3")
     if cfg.metrics_port is not None:
         need("prometheus_client")

@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from kvfs.errors import KvfsError
+from kvfs.errors import KvfsError, MissingDependency
 from kvfs.optional import need
 
 log = logging.getLogger("kvfsd")
@@ -142,7 +142,7 @@ def open_mount(engine: Any, settle: Callable[[], Awaitable[bool]], mountpoint: P
         if not why:
             return CMount(engine, settle, mountpoint, threads)
         if impl == "c":
-            raise KvfsError(f"--mount-impl c: {why}")
+            raise MissingDependency(f"--mount-impl c: {why}", "kvfsd._cfuse")
         log.warning("the C mount is not available (%s); serving the mount with pyfuse3", why)
     m = Mount(engine, settle, mountpoint)
     m.why = why

@@ -37,7 +37,8 @@ def c_mount_missing() -> str:
     try:
         importlib.import_module("kvfsd._cfuse")
     except ImportError as e:
-        return f"kvfsd._cfuse is not built ({e}; it needs libfuse3-dev and pkg-config when kvfs is installed)"
+        return (f"kvfsd._cfuse did not import ({e}); it is built when kvfs is installed where pkg-config finds "
+                "libfuse3: apt install fuse3 libfuse3-dev pkg-config, then reinstall kvfs")
     return ""
 
 

@@ -20,12 +20,14 @@ from kvfsd.testing import DaemonProcess
 HIDDEN_CLI = r"""
 import sys
 hidden = set(sys.argv[1].split(","))
+def is_hidden(name):
+    return any(name == h or name.startswith(h + ".") for h in hidden)
 for name in list(sys.modules):
-    if name.split(".")[0] in hidden:
+    if is_hidden(name):
         del sys.modules[name]
 class Hide:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in hidden:
+        if is_hidden(name):
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return None
 sys.meta_path.insert(0, Hide())
@@ -37,6 +39,9 @@ sys.exit(main(sys.argv[2:]))
 def kvfs_without(modules, *argv, timeout=120):
     return subprocess.run([sys.executable, "-c", HIDDEN_CLI, ",".join(modules), *argv], capture_output=True,
                           text=True, timeout=timeout)
+
+
+BOTH_MOUNTS = ["pyfuse3", "kvfsd._cfuse"]  # the pyfuse3 mount's module, and the C mount's
 
 
 def one_line(r, *wanted):
@@ -61,11 +66,38 @@ def hide(monkeypatch):
     return hide_
 
 
-def test_the_mount_without_pyfuse3_is_one_line(tmp_path):
-    r = kvfs_without(["pyfuse3"], "daemon", "--root", str(tmp_path / "s"), "--mount", str(tmp_path / "m"),
+def test_the_mount_without_either_mount_is_one_line(tmp_path):
+    r = kvfs_without(BOTH_MOUNTS, "daemon", "--root", str(tmp_path / "s"), "--mount", str(tmp_path / "m"),
                      "--shm-size", "16M")
     one_line(r, "pip install 'kvfs[fuse]'", "libfuse3-dev", "pkg-config", "--mount")
     assert not (tmp_path / "s").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("impl, hidden, wanted", [("c", "kvfsd._cfuse", "libfuse3-dev"),
+                                                  ("pyfuse3", "pyfuse3", "pip install 'kvfs[fuse]'")])
+def test_a_mount_asked_for_by_name_and_missing_is_one_line(tmp_path, impl, hidden, wanted):
+    r = kvfs_without([hidden], "daemon", "--root", str(tmp_path / "s"), "--mount", str(tmp_path / "m"),
+                     "--mount-impl", impl, "--shm-size", "16M")
+    one_line(r, wanted)
+    assert not (tmp_path / "s").exists()
+
+
+def test_without_the_c_mount_the_daemon_mounts_with_pyfuse3_and_says_why(tmp_path):
+    """--mount-impl auto (the default) falls back to pyfuse3's mount where the
+    C one cannot load; the fallback is in kvfs stats, with the reason."""
+    pytest.importorskip("pyfuse3")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse on this machine")
+    d = DaemonProcess(tmp_path / "s", shm_size="16M", mount=tmp_path / "m")
+    # the daemon's own command line, run with kvfsd._cfuse unimportable
+    d.argv = lambda: [sys.executable, "-c", HIDDEN_CLI, "kvfsd._cfuse", *DaemonProcess.argv(d)[3:]]
+    with d, d.connect() as s:
+        (tmp_path / "m" / "ns").mkdir()
+        (tmp_path / "m" / "ns" / "k").write_bytes(b"through pyfuse3")
+        assert s.get("k", ns="ns") == b"through pyfuse3"
+        m = s.stats()["mount"]
+        assert m["impl"] == "pyfuse3" and "kvfsd._cfuse" in m["why"], m
+    assert "serving the mount with pyfuse3" in d.log()
 
 
 def test_metrics_without_prometheus_client_is_one_line(tmp_path):
@@ -80,8 +112,8 @@ def test_gpu_bench_without_cupy_is_one_line():
     one_line(kvfs_without(["cupy"], "bench", "--gpu"), "pip install 'kvfs[gpu]'", "cupy")
 
 
-def test_fuse_bench_without_pyfuse3_is_one_line():
-    one_line(kvfs_without(["pyfuse3"], "bench", "--fuse"), "pip install 'kvfs[fuse]'")
+def test_fuse_bench_without_either_mount_is_one_line():
+    one_line(kvfs_without(BOTH_MOUNTS, "bench", "--fuse"), "pip install 'kvfs[fuse]'", "kvfsd._cfuse")
 
 
 def test_ttft_demo_without_torch_is_one_line():
