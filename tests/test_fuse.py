@@ -235,9 +235,14 @@ def test_bench_fuse_quick(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kvfstools.cli", "bench", "--fuse", "--quick", "--dir", str(tmp_path),
                         "--json", str(tmp_path / "f.json")], capture_output=True, check=True)
     res = json.loads((tmp_path / "f.json").read_text())
-    assert res["median"]["cp_mount"] > 0 and res["median"]["hot_1m_mount"] > 0
-    assert res["median"]["cp_null"] > 0  # the pyfuse3 ceiling ran beside it
-    assert b"mount / plain" in r.stdout
+    m = res["median"]
+    assert res["impls"] == ["c", "pyfuse3"]  # both mounts, in the same run
+    for impl in res["impls"]:
+        assert m[f"cp_{impl}"] > 0 and m[f"hot_1m_{impl}"] > 0 and m[f"readers_hot_{impl}"] > 0
+        assert m[f"storehot_1m_{impl}"] > 0
+        assert res["mount_stats"][impl]["impl"] == impl
+    assert m["cp_null_c"] > 0 and m["cp_null_py"] > 0  # each mount's ceiling ran beside it
+    assert b"C mount GB/s" in r.stdout and b"pyfuse3 mount GB/s" in r.stdout
 
 
 def test_out_of_order_writes_are_stored_right(mounted):
