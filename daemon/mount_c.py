@@ -86,7 +86,7 @@ class CMount:
                 **py, "reads": c["reads"] + py["reads"], "read_bytes": c["read_bytes"] + py["read_bytes"],
                 "writes": c["writes"] + py["writes"], "write_bytes": c["write_bytes"] + py["write_bytes"],
                 "chunks_loaded": c["chunks_loaded"] + py["chunks_loaded"],
-                **{k: c[k] for k in ("chunks_private", "t0_chunks_verified", "bad_chunks", "python_calls")}}
+                **{k: c[k] for k in ("writes_direct", "chunks_private", "t0_chunks_verified", "bad_chunks", "python_calls")}}
 
     def _close(self) -> None:
         if not self.closed:

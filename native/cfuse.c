@@ -36,6 +36,11 @@ const kv_c_api *cf_kv;
 cf_counters cf_stats;
 
 #define CF_WAKE (SIGRTMIN + 4)
+/* libfuse's receive buffer: FUSE_MAX_MAX_PAGES pages and a header page,
+ * with room to spare; and a WRITE request's headers (fuse_in_header and
+ * fuse_write_in, 40 bytes each since protocol 7.9) */
+#define RECV_BUF ((256u << 12) + (8u << 12))
+#define WRITE_HEADERS 80
 #define MAX_THREADS CF_MAX_THREADS
 
 
@@ -704,14 +709,20 @@ static void *worker(void *arg) {
     sigfillset(&only);
     sigdelset(&only, CF_WAKE);
     pthread_sigmask(SIG_SETMASK, &only, NULL);  /* SIGTERM and the rest go to the daemon's own thread */
-    struct fuse_buf fbuf = {.mem = NULL};
+    /* The request buffer (libfuse reads a request of at most RECV_BUF bytes
+     * into it) placed so that a WRITE's data lands on a page boundary: it
+     * follows the two headers, WRITE_HEADERS bytes. cfuse_write.c can then
+     * write it to the segment with O_DIRECT, with no copy. */
+    char *base = aligned_alloc(4096, RECV_BUF + 4096);
+    if (!base) return NULL;
+    struct fuse_buf fbuf = {.mem = base + 4096 - WRITE_HEADERS};
     while (!atomic_load(&m->stop)) {
         int res = fuse_session_receive_buf(m->se, &fbuf);
         if (res == -EINTR || res == -EAGAIN) continue;
         if (res <= 0) break;  /* -ENODEV: unmounted */
         fuse_session_process_buf(m->se, &fbuf);
     }
-    free(fbuf.mem);
+    free(base);
     return NULL;
 }
 
@@ -856,7 +867,8 @@ static PyTypeObject MountType = {
 static PyObject *py_counters(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
-    return Py_BuildValue("{sLsLsLsLsLsLsLsLsL}", "writes", (long long)atomic_load(&cf_stats.writes), "write_bytes",
+    return Py_BuildValue("{sLsLsLsLsLsLsLsLsLsL}", "writes_direct", (long long)atomic_load(&cf_stats.writes_direct),
+                         "writes", (long long)atomic_load(&cf_stats.writes), "write_bytes",
                          (long long)atomic_load(&cf_stats.write_bytes), "reads", (long long)atomic_load(&cf_stats.reads), "read_bytes",
                          (long long)atomic_load(&cf_stats.read_bytes), "chunks_loaded",
                          (long long)atomic_load(&cf_stats.chunks_loaded), "chunks_private",

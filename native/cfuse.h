@@ -26,7 +26,7 @@ extern const kv_c_api *cf_kv;  /* hashing loops of kvfs._native (set at import) 
 
 /* counters read by kvfs stats (relaxed atomics: figures, not invariants) */
 typedef struct {
-    atomic_llong reads, read_bytes, chunks_loaded, chunks_private, t0_verified, bad, py_calls, writes, write_bytes;
+    atomic_llong reads, read_bytes, chunks_loaded, chunks_private, t0_verified, bad, py_calls, writes, write_bytes, writes_direct;
 } cf_counters;
 extern cf_counters cf_stats;
 

@@ -35,10 +35,13 @@ typedef struct {
     PyObject_HEAD
     /* mu guards the fields marked (mu); it is never held across I/O or
      * while waiting for the GIL. Writes take tickets in the order they are
-     * answered and write their bytes in that order, one at a time: the
-     * reservation table and the running hashes belong to the write whose
-     * turn it is, and to a holder of mu while no write is in flight. */
+     * answered; their bytes go to disk at once, each from its own buffer,
+     * and are hashed in ticket order, one at a time: the running hashes
+     * belong to the write whose turn it is. The reservation table is
+     * under rmu (held while Python reserves a chunk; never by Python).
+     * A holder of mu while no write is in flight (quiet) owns both. */
     pthread_mutex_t mu;
+    pthread_mutex_t rmu;
     pthread_cond_t turn;     /* serving moved, or an error came */
     int64_t next, serving;   /* tickets issued, and the one writing now (mu) */
     int64_t su;              /* the stripe unit: chunk i holds bytes [i*su, (i+1)*su) */
@@ -50,6 +53,8 @@ typedef struct {
     int *rfd;
     int64_t *roff;
     int *dups, *orig;        /* our dups, and the daemon's fd behind each */
+    int *direct;             /* per dup: the segment opened again with O_DIRECT, or -1 */
+    int *rdirect;            /* per reserved chunk: its segment's O_DIRECT fd, or -1 */
     int ndups;
     /* running hashes of bytes [0, hashed), taken as in-order writes arrive */
     void *whole, *chunk;

@@ -26,6 +26,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -46,6 +48,7 @@ static int WriteState_init(WriteState *self, PyObject *args, PyObject *kw) {
         return -1;
     }
     pthread_mutex_init(&self->mu, NULL);
+    pthread_mutex_init(&self->rmu, NULL);
     pthread_cond_init(&self->turn, NULL);
     self->su = su;
     self->hash_ok = 1;
@@ -59,28 +62,34 @@ static int WriteState_init(WriteState *self, PyObject *args, PyObject *kw) {
 }
 
 static void close_dups(WriteState *ws) {
-    for (int i = 0; i < ws->ndups; i++) close(ws->dups[i]);
+    for (int i = 0; i < ws->ndups; i++) {
+        close(ws->dups[i]);
+        if (ws->direct[i] >= 0) close(ws->direct[i]);
+    }
     ws->ndups = 0;
-    for (int64_t i = 0; i < ws->nres; i++) ws->rfd[i] = -1;
+    for (int64_t i = 0; i < ws->nres; i++) ws->rfd[i] = ws->rdirect[i] = -1;
 }
 
 static void WriteState_dealloc(WriteState *self) {
     if (self->whole) {  /* initialised */
         close_dups(self);
         pthread_mutex_destroy(&self->mu);
+        pthread_mutex_destroy(&self->rmu);
         pthread_cond_destroy(&self->turn);
     }
     free(self->rfd);
     free(self->roff);
     free(self->dups);
     free(self->orig);
+    free(self->direct);
+    free(self->rdirect);
     free(self->sums);
     free(self->whole);
     free(self->chunk);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Room for chunk i in the reservation table (its turn): 0 or ENOMEM. */
+/* Room for chunk i in the reservation table (rmu held): 0 or ENOMEM. */
 static int grow(WriteState *ws, int64_t i) {
     if (i < ws->nres) return 0;
     int64_t n = ws->nres ? ws->nres : 16;
@@ -93,13 +102,17 @@ static int grow(WriteState *ws, int64_t i) {
     if (dups) ws->dups = dups;
     int *orig = realloc(ws->orig, (size_t)n * sizeof *orig);
     if (orig) ws->orig = orig;
-    if (!rfd || !roff || !dups || !orig) return ENOMEM;
-    for (int64_t j = ws->nres; j < n; j++) ws->rfd[j] = -1;
+    int *direct = realloc(ws->direct, (size_t)n * sizeof *direct);
+    if (direct) ws->direct = direct;
+    int *rdirect = realloc(ws->rdirect, (size_t)n * sizeof *rdirect);
+    if (rdirect) ws->rdirect = rdirect;
+    if (!rfd || !roff || !dups || !orig || !direct || !rdirect) return ENOMEM;
+    for (int64_t j = ws->nres; j < n; j++) ws->rfd[j] = ws->rdirect[j] = -1;
     ws->nres = n;
     return 0;
 }
 
-/* Chunk i reserved (its turn, no GIL): asks Python for its place. 0 or an errno. */
+/* Chunk i reserved (rmu held, no GIL): asks Python for its place. 0 or an errno. */
 static int reserve(MountObject *m, WriteState *ws, uint64_t pyfh, int64_t i) {
     int err = grow(ws, i);
     if (err) return err;
@@ -118,13 +131,23 @@ static int reserve(MountObject *m, WriteState *ws, uint64_t pyfh, int64_t i) {
     if (err) return err;
     if (fd < 0) return EIO;
     for (int j = 0; j < ws->ndups; j++)
-        if (ws->orig[j] == fd) ws->rfd[i] = ws->dups[j];
+        if (ws->orig[j] == fd) {
+            ws->rfd[i] = ws->dups[j];
+            ws->rdirect[i] = ws->direct[j];
+        }
     if (ws->rfd[i] < 0) {  /* a dup of our own: the daemon may close its fd, never ours */
         int d = fcntl(fd, F_DUPFD_CLOEXEC, 0);
         if (d < 0) return errno;
+        /* and the same file again with O_DIRECT, for page-aligned writes
+         * (-1 where the filesystem refuses it: tmpfs) */
+        char path[64];
+        snprintf(path, sizeof path, "/proc/self/fd/%d", d);
+        int dd = open(path, O_WRONLY | O_DIRECT | O_CLOEXEC);
         ws->orig[ws->ndups] = fd;
+        ws->direct[ws->ndups] = dd;
         ws->dups[ws->ndups++] = d;
         ws->rfd[i] = d;
+        ws->rdirect[i] = dd;
     }
     ws->roff[i] = off;
     return 0;
@@ -200,17 +223,36 @@ void cf_write(fuse_req_t req, MountObject *m, WriteState *ws, uint64_t pyfh, con
      * until the handler returns. */
     fuse_reply_write(req, size);
     pthread_mutex_lock(&ws->mu);
-    while (ws->serving != ticket) pthread_cond_wait(&ws->turn, &ws->mu);
     err = ws->error;  /* an earlier write failed: the file is lost, this one is not written */
     pthread_mutex_unlock(&ws->mu);
+    /* The bytes: several writes of the file may be at this at once (each
+     * to its own place, from its own buffer), so the disk sees them
+     * together. */
     for (size_t done = 0; !err && done < size;) {
         int64_t pos = off + (int64_t)done;
         int64_t i = pos / ws->su, within = pos % ws->su;
         size_t n = size - done < (size_t)(ws->su - within) ? size - done : (size_t)(ws->su - within);
+        pthread_mutex_lock(&ws->rmu);
         err = reserve(m, ws, pyfh, i);
-        if (!err) err = pwrite_all(ws->rfd[i], buf + done, n, ws->roff[i] + within);
+        int fd = err ? -1 : ws->rfd[i], dfd = err ? -1 : ws->rdirect[i];
+        int64_t at = err ? 0 : ws->roff[i] + within;
+        pthread_mutex_unlock(&ws->rmu);
+        if (!err) {
+            /* page-aligned (the worker's buffer puts a write's data on a
+             * page boundary, cfuse.c): straight from the request to the
+             * disk, no copy into the page cache; else, or if the disk
+             * refuses it, through the page cache */
+            int direct = dfd >= 0 && !(((uintptr_t)(buf + done) | (uintptr_t)at | n) & 4095);
+            err = direct ? pwrite_all(dfd, buf + done, n, at) : EINVAL;
+            if (err == EINVAL) err = pwrite_all(fd, buf + done, n, at);
+            if (!err && direct) atomic_fetch_add_explicit(&cf_stats.writes_direct, 1, memory_order_relaxed);
+        }
         done += n;
     }
+    /* The hashes: in the order the writes were answered, one at a time. */
+    pthread_mutex_lock(&ws->mu);
+    while (ws->serving != ticket) pthread_cond_wait(&ws->turn, &ws->mu);
+    pthread_mutex_unlock(&ws->mu);
     if (!err) {
         hash_in(ws, buf, size, off);
         atomic_fetch_add_explicit(&cf_stats.writes, 1, memory_order_relaxed);

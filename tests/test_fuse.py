@@ -54,7 +54,7 @@ def fresh_ns(mnt: Path, name: str) -> Path:
 
 
 @pytest.mark.parametrize("size", [0, 1, 4095, 4 * MiB + 1, 100 * MiB])
-def test_cp_in_and_out_identical(mounted, tmp_path, size):
+def test_cp_in_and_out_identical(mounted, tmp_path, size, impl):
     d, s, mnt = mounted
     ns = mnt / "cp"
     ns.mkdir(exist_ok=True)
@@ -66,6 +66,8 @@ def test_cp_in_and_out_identical(mounted, tmp_path, size):
     subprocess.run(["cp", str(ns / f"v{size}"), str(out)], check=True)
     assert out.read_bytes() == src.read_bytes()
     assert s.get(f"v{size}", ns="cp") == src.read_bytes()  # the same object for the client library
+    if impl == "c" and size >= 4 * MiB:  # whole pages went to the disk from the request, no copy
+        assert s.stats()["mount"]["writes_direct"] > 0
 
 
 def test_client_puts_show_up_and_ls_matches_keys(mounted):
