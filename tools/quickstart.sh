@@ -11,8 +11,8 @@ LOG="$ROOT.daemon.log"
 mkdir -p "$ROOT"
 MNT="$ROOT/mnt"
 MOUNT=()
-if [ -e /dev/fuse ] && "$BIN/python" -c "import pyfuse3" 2>/dev/null; then
-  MOUNT=(--mount "$MNT")  # the store as files too (pyfuse3 and /dev/fuse are here)
+if [ -e /dev/fuse ] && { "$BIN/python" -c "import kvfsd._cfuse" 2>/dev/null || "$BIN/python" -c "import pyfuse3" 2>/dev/null; }; then
+  MOUNT=(--mount "$MNT")  # the store as files too (/dev/fuse and a mount, C or pyfuse3, are here)
 fi
 "$BIN/kvfs" daemon "${MOUNT[@]}" >"$LOG" 2>&1 &
 pid=$!
