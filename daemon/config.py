@@ -59,7 +59,7 @@ class Config:
     allow_gids: list[str | int] = field(default_factory=list)
     mount: Path | None = None  # mount the store here (FUSE), if set
     mount_impl: str = "auto"  # c, pyfuse3, or auto: c where kvfsd._cfuse was built (kvfsd.mount)
-    mount_threads: int = 0  # the C mount's workers; 0: min(8, 2 x CPUs)
+    mount_threads: int = 0  # the C mount's workers; 0: kvfsd.mount_c.DEFAULT_THREADS (8)
     # background compaction: when dead bytes exceed this share of the
     # capacity (0: never), segments at least compact_threshold dead are compacted
     compact_at: float = 0.2

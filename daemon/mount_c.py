@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -29,6 +28,9 @@ from .mount import clean_stale_mount, mount_options, tune_readahead
 
 log = logging.getLogger("kvfsd")
 
+# Workers mostly wait (for the disk, or for Python on the loop), so more
+# of them than cores: 4 readers of cold files through 4 workers on 2 cores
+# got 0.41-0.51 x plain readers, through 8 0.52-0.73 x
 DEFAULT_THREADS = 8
 
 
@@ -52,7 +54,7 @@ class CMount:
 
         self.cfuse = _cfuse = importlib.import_module("kvfsd._cfuse")
         self.mountpoint = mountpoint
-        self.threads = threads or min(DEFAULT_THREADS, 2 * (os.cpu_count() or 1))
+        self.threads = threads or DEFAULT_THREADS
         self.why = ""
         clean_stale_mount(mountpoint)
         policy = engine.cfg.policy

@@ -321,6 +321,17 @@ static cf_handle *new_handle(MountObject *m, PyObject *v, struct fuse_file_info 
     return h;
 }
 
+/* The reply that handed h to the kernel returned r: unless it was sent
+ * (the opener is gone, interrupted), no release will come, so h is given
+ * back here. No GIL held. */
+static void unless_sent(MountObject *m, cf_handle *h, int r) {
+    if (r == 0) return;
+    handle_unlink(m, h);
+    PyGILState_STATE g = PyGILState_Ensure();
+    drop_handle(m, h, h->pyfh);
+    PyGILState_Release(g);
+}
+
 /* -- operations ------------------------------------------------------------ */
 
 static void op_init(void *userdata, struct fuse_conn_info *conn) {
@@ -427,13 +438,8 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
         fuse_reply_err(req, err);
         return;
     }
-    handle_link(m, h);
-    if (fuse_reply_open(req, fi) != 0) {  /* the opener is gone (interrupted): no release will come */
-        handle_unlink(m, h);
-        g = PyGILState_Ensure();
-        drop_handle(m, h, h->pyfh);
-        PyGILState_Release(g);
-    }
+    handle_link(m, h);  /* before the reply: the kernel may release it at once */
+    unless_sent(m, h, fuse_reply_open(req, fi));
 }
 
 static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, struct fuse_file_info *fi) {
@@ -466,12 +472,7 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
         return;
     }
     handle_link(m, h);
-    if (fuse_reply_create(req, &e, fi) != 0) {
-        handle_unlink(m, h);
-        g = PyGILState_Ensure();
-        drop_handle(m, h, h->pyfh);
-        PyGILState_Release(g);
-    }
+    unless_sent(m, h, fuse_reply_create(req, &e, fi));
 }
 
 static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {

@@ -63,7 +63,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "of its own), pyfuse3, or auto (default): c where it was built, else pyfuse3; "
                         "kvfs stats says which, and why")
     p.add_argument("--mount-threads", type=int, default=0, metavar="N",
-                   help="worker threads of the C mount (default 0: min(8, 2 x CPUs))")
+                   help="worker threads of the C mount (default 0: 8)")
     p.add_argument("--compact-at", type=float, default=0.2, metavar="SHARE",
                    help="compact in the background once dead bytes exceed this share of the capacity "
                         "(default 0.2; 0: only when asked, kvfs compact)")
