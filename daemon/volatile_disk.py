@@ -35,7 +35,8 @@ The rules modelled are what POSIX and ext4 *promise*, and no more:
             "torn" fsync (``tear``) of a named file writes only its lowest
             unsynced range, then the power goes: a disk that wrote one
             dirty page of the file before the others.
-  R7 other  no ``O_DIRECT`` semantics (the daemon never writes with it);
+  R7 other  no ``O_DIRECT`` semantics (the daemon writes with it only files
+            written through the C mount, which the campaign does not do);
             hard links, symlinks, special files and xattrs are refused.
 
 Durable state lives in a backing directory: ``tree.json`` (directories'
