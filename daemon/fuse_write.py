@@ -70,12 +70,14 @@ class WriteHandle:
         if err:
             self.failed = True
 
-    async def settle(self) -> None:
-        """Every write acknowledged so far is in T1 (raises the first write error)."""
+    async def settle(self, final: bool = False) -> None:
+        """Every write acknowledged so far is in T1 (raises the first write
+        error). ``final``: the file is being stored; the C mount refuses
+        later writes from here on, so the size taken now is the object's."""
         if self.behind is not None:
             await self.behind.settle()
         if self.cw is not None:
-            self._take(await trio.to_thread.run_sync(self.cw.settle))
+            self._take(await trio.to_thread.run_sync(self.cw.seal if final else self.cw.settle))
             err = self.cw.state()[2]
             if err:
                 raise OSError(err, os.strerror(err))
@@ -189,7 +191,7 @@ class FileWrites:
         try:
             error: Exception | None = None
             try:
-                await w.settle()
+                await w.settle(final=True)
             except Exception as e:  # a queued write failed: close(2) reports it
                 w.failed, error = True, e
             if w.behind is not None:

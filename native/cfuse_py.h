@@ -48,6 +48,7 @@ typedef struct {
     int64_t size;            /* the end of the furthest write, or the last truncate (mu) */
     int written;             /* a write reached it (mu) */
     int error;               /* a write failed (errno): the file is never stored (mu) */
+    int sealed;              /* being stored: later writes are refused (EROFS), the size is final (mu) */
     /* reserved chunks: fd (a dup; -1: not reserved yet) and payload offset */
     int64_t nres;
     int *rfd;

@@ -205,8 +205,9 @@ void cf_write(fuse_req_t req, MountObject *m, WriteState *ws, uint64_t pyfh, con
         return;
     }
     pthread_mutex_lock(&ws->mu);
-    while (!ws->error && ws->next - ws->serving >= WRITE_BEHIND) pthread_cond_wait(&ws->turn, &ws->mu);
-    int err = ws->error;
+    while (!ws->error && !ws->sealed && ws->next - ws->serving >= WRITE_BEHIND)
+        pthread_cond_wait(&ws->turn, &ws->mu);
+    int err = ws->sealed ? EROFS : ws->error;  /* stored, or being stored: immutable */
     int64_t ticket = 0;
     if (!err) {
         if (off + (int64_t)size > ws->size) ws->size = off + (int64_t)size;
@@ -291,6 +292,16 @@ static PyObject *WriteState_settle(WriteState *self, PyObject *unused) {
     return WriteState_state(self, NULL);
 }
 
+static PyObject *WriteState_seal(WriteState *self, PyObject *unused) {
+    (void)unused;
+    Py_BEGIN_ALLOW_THREADS
+    quiet(self);
+    self->sealed = 1;
+    pthread_mutex_unlock(&self->mu);
+    Py_END_ALLOW_THREADS
+    return WriteState_state(self, NULL);
+}
+
 static PyObject *WriteState_truncate(WriteState *self, PyObject *args) {
     long long size;
     if (!PyArg_ParseTuple(args, "L", &size)) return NULL;
@@ -364,6 +375,8 @@ static PyMethodDef WriteState_methods[] = {
      "state() -> (size, written, errno): the file as the writes answered so far leave it (errno 0: none failed)"},
     {"settle", (PyCFunction)WriteState_settle, METH_NOARGS,
      "settle() -> state(), once every write answered so far is in the segments (blocking)"},
+    {"seal", (PyCFunction)WriteState_seal, METH_NOARGS,
+     "seal() -> state(), final: settle(), and every later write is refused (EROFS); the file is being stored"},
     {"truncate", (PyCFunction)WriteState_truncate, METH_VARARGS,
      "truncate(size): the file's size is now size (the caller zeroed what it cut); the running hashes are "
      "dropped unless they end there (blocking)"},

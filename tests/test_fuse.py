@@ -506,3 +506,21 @@ def test_readers_writers_and_library_clients_at_once(mounted):
     assert fds1 <= fds0 + 4, (fds0, fds1)  # a segment or two may have been opened meanwhile
     assert rss1 - rss0 < 48 * MiB, (rss0 >> 20, rss1 >> 20)
     assert d.alive()
+
+
+def test_a_write_after_the_file_was_stored_is_refused_and_the_object_kept(mounted):
+    """dd's pattern, and worse: a descriptor closed (which stores the file)
+    while a dup of it still writes. The write is refused (EROFS: objects are
+    immutable) and never reaches the stored bytes."""
+    d, s, mnt = mounted
+    ns = fresh_ns(mnt, "sealed")
+    data = os.urandom(5 * MiB + 7)
+    fd = os.open(ns / "k", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.write(fd, data)
+    dup = os.dup(fd)
+    os.close(fd)  # FLUSH: stored now
+    with pytest.raises(OSError) as e:
+        os.pwrite(dup, b"late" * 1024, 4096)  # into a chunk the file had reserved
+    assert e.value.errno == errno.EROFS
+    os.close(dup)
+    assert s.get("k", ns="sealed") == data and (ns / "k").read_bytes() == data
