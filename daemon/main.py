@@ -15,6 +15,7 @@ from kvfs.optional import need
 
 from .config import Config
 from .engine import Engine
+from .sd_notify import notify
 from .server import Server
 from .threadnames import name_os_thread
 
@@ -38,8 +39,10 @@ async def _serve(server: Server, mountpoint: Path | None) -> None:
                     nursery.start_soon(mount.run)
                 print(f"kvfs daemon ready: socket {server.socket_path} (pid {os.getpid()})"
                       + (f", mounted at {mountpoint}" if mountpoint else ""), file=sys.stderr, flush=True)
+                notify("READY=1")  # Type=notify units: started
                 async for sig in signals:
                     log.info("signal %d: shutting down", sig)
+                    notify("STOPPING=1")
                     nursery.cancel_scope.cancel()
                     break
     finally:

@@ -12,9 +12,13 @@ def parse_size(text: str | int) -> int:
         s = s[:-1]
     num = s.rstrip("KMGTPB")
     unit = s[len(num):]
+    bad = ValueError(f"not a size: {text!r} (use e.g. 4096, 64M, 1.5G)")
     if unit not in _UNITS or not num:
-        raise ValueError(f"not a size: {text!r} (use e.g. 4096, 64M, 1.5G)")
-    value = float(num) * _UNITS[unit]
+        raise bad
+    try:
+        value = float(num) * _UNITS[unit]
+    except ValueError:
+        raise bad from None
     if value < 0:
         raise ValueError(f"size must be >= 0: {text!r}")
     return int(value)

@@ -8,7 +8,7 @@ import sys
 
 from kvfs.errors import KvfsError
 
-COMMANDS = ["daemon", "stats", "ls", "du", "evict", "compact", "gc", "verify", "rebuild_index", "faults", "put", "get", "rm", "bench", "demo", "demo_ttft"]
+COMMANDS = ["daemon", "config", "stats", "ls", "du", "evict", "compact", "gc", "verify", "rebuild_index", "faults", "put", "get", "rm", "bench", "demo", "demo_ttft"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,9 @@ def add_socket_arg(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args._argv = argv  # the command line itself (kvfs daemon layers its config files under it)
     try:
         return int(args._run(args) or 0)
     except KvfsError as e:

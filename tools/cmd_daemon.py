@@ -22,23 +22,55 @@ def _dir_slots(text: str) -> int:
     return n
 
 
+def _size(text: str) -> str:
+    """A size as the flags take it (4G, 512M, 1048576): checked, kept as written."""
+    try:
+        parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _age(text: str) -> str:
+    try:
+        parse_age(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+PARSERS: dict[str, argparse.ArgumentParser] = {}  # the daemon's flags, for the config files (kvfstools.config_file)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("daemon", help="run the kvfs daemon in the foreground")
+    add_daemon_arguments(p)
+    PARSERS["daemon"] = p
+    return p
+
+
+def add_daemon_arguments(p: argparse.ArgumentParser) -> None:
+    """The daemon's flags; a configuration file's keys are the same
+    (kvfstools.config_file)."""
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="read settings from this TOML file too (its keys are these flags without dashes); the "
+                        "flags given here win over it, it wins over <root>/kvfs.toml and /etc/kvfs/kvfs.toml "
+                        "(README, configuration)")
     p.add_argument("--root", default=None, help="store root (default $KVFS_ROOT or ~/.kvfs)")
     p.add_argument("--stripe", action="append", default=[], metavar="DIR",
                    help="a stripe directory, ideally one per NVMe device (repeatable; default <root>/stripe0)")
     p.add_argument("--socket", default=None, help="socket path (default $KVFS_SOCKET or <root>/kvfs.sock)")
-    p.add_argument("--capacity", default=None, help="bytes the stripes may use, e.g. 500G (default 90%% of free space)")
+    p.add_argument("--capacity", type=_size, default=None, help="bytes the stripes may use, e.g. 500G (default 90%% of free space)")
     p.add_argument("--durability", choices=["fast", "sync"], default="fast",
                    help="sync: a put returns after fdatasync and index commit; fast: may lose the last "
                         "writes on an OS crash, never serves wrong bytes (default fast)")
     p.add_argument("--sync-interval", type=float, default=2.0, metavar="SECONDS",
                    help="fast mode: sync the index and the segments it points into this often; a power cut "
                         "loses at most the fast puts of about this long plus T0's write-back backlog (default 2)")
-    p.add_argument("--stripe-unit", default="4M", help="chunk size for striping large values (default 4M)")
-    p.add_argument("--segment-size", default="1G", help="seal segments at this size (default 1G)")
+    p.add_argument("--stripe-unit", type=_size, default="4M", help="chunk size for striping large values (default 4M)")
+    p.add_argument("--segment-size", type=_size, default="1G", help="seal segments at this size (default 1G)")
     p.add_argument("--lease-timeout", type=float, default=30.0, help="seconds before an unreleased lease ends")
-    p.add_argument("--shm-size", default=None,
+    p.add_argument("--shm-size", type=_size, default=None,
                    help="T0 shared-memory arena in /dev/shm, e.g. 4G; 0 disables T0 "
                         "(default min(25%% of RAM, 4G, half of /dev/shm's free space))")
     p.add_argument("--shm-dir", default="/dev/shm",
@@ -93,10 +125,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--remote-timeout", type=float, default=2.0, metavar="S",
                    help="one S3 read (a GET of 16 MiB at most, or a HEAD) takes at most this long; a failure makes "
                         "the shared tier local-only until S3 answers a retry again (default 2; uploads get 120)")
-    g.add_argument("--remote-gc-older-than", default=None, metavar="AGE",
+    g.add_argument("--remote-gc-older-than", type=_age, default=None, metavar="AGE",
                    help="remove shared-tier objects not accessed for AGE (e.g. 7d, 12h) once an hour")
     p.add_argument("--log-level", default="INFO")
-    return p
 
 
 def remote_config(args: argparse.Namespace) -> "RemoteConfig | None":
@@ -121,6 +152,12 @@ def run(args: argparse.Namespace) -> int:
 
     from kvfsd.config import Config, default_root
     from kvfsd.main import run as run_daemon
+
+    from .config_file import resolve
+
+    argv = getattr(args, "_argv", None)
+    if argv is not None:  # the config files under the command line
+        args, _source = resolve(PARSERS["daemon"], argv[argv.index("daemon") + 1:])
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s kvfsd %(levelname)s %(message)s")
     cfg = Config(
