@@ -13,36 +13,8 @@ import kvfs
 from kvfs import gpu
 from kvfs.errors import KvfsError, MissingDependency
 from kvfs.optional import KNOWN, have, missing, need
-from helpers import FakeDeviceArray
+from helpers import BOTH_MOUNTS, HIDDEN_CLI, FakeDeviceArray, kvfs_without
 from kvfsd.testing import DaemonProcess
-
-# Runs `kvfs ARGS...` with the modules named in argv[1] unimportable.
-HIDDEN_CLI = r"""
-import sys
-hidden = set(sys.argv[1].split(","))
-def is_hidden(name):
-    return any(name == h or name.startswith(h + ".") for h in hidden)
-for name in list(sys.modules):
-    if is_hidden(name):
-        del sys.modules[name]
-class Hide:
-    def find_spec(self, name, path=None, target=None):
-        if is_hidden(name):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-sys.meta_path.insert(0, Hide())
-from kvfstools.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
-
-
-def kvfs_without(modules, *argv, timeout=120):
-    return subprocess.run([sys.executable, "-c", HIDDEN_CLI, ",".join(modules), *argv], capture_output=True,
-                          text=True, timeout=timeout)
-
-
-BOTH_MOUNTS = ["pyfuse3", "kvfsd._cfuse"]  # the pyfuse3 mount's module, and the C mount's
-
 
 def one_line(r, *wanted):
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)

@@ -8,7 +8,7 @@ import sys
 
 from kvfs.errors import KvfsError
 
-COMMANDS = ["daemon", "config", "stats", "ls", "du", "evict", "compact", "gc", "verify", "rebuild_index", "faults", "put", "get", "rm", "bench", "demo", "demo_ttft"]
+COMMANDS = ["daemon", "config", "doctor", "stats", "ls", "du", "evict", "compact", "gc", "verify", "rebuild_index", "faults", "put", "get", "rm", "bench", "demo", "demo_ttft"]
 
 
 def build_parser() -> argparse.ArgumentParser:

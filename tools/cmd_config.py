@@ -41,5 +41,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1, default=str))
     else:
-        print(render(["setting", "value", "from"], [[r["key"], _text(r["value"]), r["from"]] for r in rows]))
+        print(render(["setting", "value", "from"], [[r["key"], _text(r["value"]), r["from"]] for r in rows], left=3))
     return 0
