@@ -29,11 +29,16 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 from urllib.parse import urlsplit
 
-import hiredis
-
 from kvfs.errors import InvalidArgument
+from kvfs.optional import need
 
 from .backoff import Backoff
+
+
+def _hiredis() -> Any:
+    """hiredis, imported when a presence index is used (the remote extra):
+    the daemon imports this module whatever its configuration."""
+    return need("hiredis")
 
 log = logging.getLogger("kvfsd")
 
@@ -121,7 +126,7 @@ class Presence:
                 except OSError as e:
                     self._mark_down(addr, e)
                     continue
-                if isinstance(reply, hiredis.ReplyError):
+                if isinstance(reply, _hiredis().ReplyError):
                     if "cluster support disabled" in str(reply).lower():
                         self.cluster = False
                         self._slots = [addr] * SLOTS
@@ -222,7 +227,7 @@ class Presence:
                 buf += data
             if len(buf) == want and buf[0::fixed].count(b":") == n and buf[fixed - 2::fixed].count(b"\r") == n:
                 return [c - 48 for c in buf[1::fixed]]  # ":0\r\n" / ":1\r\n"
-        r = hiredis.Reader()
+        r = _hiredis().Reader()
         out: list[Any] = []
         if buf:
             r.feed(buf)
@@ -284,7 +289,7 @@ class Presence:
                     out[i] = v
                 continue
             for i, v in zip(idx, replies):
-                if isinstance(v, hiredis.ReplyError):
+                if isinstance(v, _hiredis().ReplyError):
                     msg = str(v)
                     if msg.startswith(("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")):
                         self._stale = True

@@ -54,6 +54,19 @@ def test_a_mount_asked_for_by_name_and_missing_is_one_line(tmp_path, impl, hidde
     assert not (tmp_path / "s").exists()
 
 
+def test_the_daemon_runs_on_the_core_alone(tmp_path):
+    """make demo installs only the core: nothing an extra brings (the shared
+    tier's clients, metrics, NumPy, the mount's pyfuse3) may be imported by
+    a daemon that does not use it."""
+    d = DaemonProcess(tmp_path / "s", shm_size="16M")
+    hidden = "hiredis,obstore,prometheus_client,numpy,pyfuse3,torch,cupy,kvikio"
+    d.argv = lambda: [sys.executable, "-c", HIDDEN_CLI, hidden, *DaemonProcess.argv(d)[3:]]
+    with d, d.connect() as s:
+        s.put("k", b"core only", ns="core")
+        assert s.get("k", ns="core") == b"core only"
+        assert s.stats()["objects"] == 1
+
+
 def test_without_the_c_mount_the_daemon_mounts_with_pyfuse3_and_says_why(tmp_path):
     """--mount-impl auto (the default) falls back to pyfuse3's mount where the
     C one cannot load; the fallback is in kvfs stats, with the reason."""
