@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from kvfs.sizes import parse_age, parse_size
 
@@ -22,21 +22,20 @@ def _dir_slots(text: str) -> int:
     return n
 
 
-def _size(text: str) -> str:
-    """A size as the flags take it (4G, 512M, 1048576): checked, kept as written."""
-    try:
-        parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+def _checked(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """A flag's type that checks the text with ``parse`` and keeps it as
+    written (sizes like 4G, ages like 7d: converted where they are used)."""
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+    return check
 
 
-def _age(text: str) -> str:
-    try:
-        parse_age(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+_size = _checked(parse_size)
+_age = _checked(parse_age)
 
 
 PARSERS: dict[str, argparse.ArgumentParser] = {}  # the daemon's flags, for the config files (kvfstools.config_file)
