@@ -116,7 +116,8 @@ class Bridge:
         if not exts:
             return None  # no chunk to verify: the handlers serve it
         unit = exts[0][3] if len(exts) > 1 else max(total, 1)
-        chunks = [(self.eng.segment_fd(seg), off, length, csum) for _stripe, seg, off, length, csum in exts]
+        fds = {seg: self.eng.segment_fd(seg) for seg in {e[1] for e in exts}}
+        chunks = [(fds[seg], off, length, csum) for _stripe, seg, off, length, csum in exts]
         view = None
         if t0 is not None and self.eng.t0 is not None:
             view = self.eng.t0.arena.view[t0[0]:t0[0] + total]

@@ -187,7 +187,6 @@ class FileWrites:
                 w.closed_empty = True  # a draft (see _reopen_draft)
 
     async def _commit_now(self, w: WriteHandle) -> None:
-        w.pull()
         try:
             error: Exception | None = None
             try:

@@ -49,14 +49,14 @@ typedef struct {
     int written;             /* a write reached it (mu) */
     int error;               /* a write failed (errno): the file is never stored (mu) */
     int sealed;              /* being stored: later writes are refused (EROFS), the size is final (mu) */
-    /* reserved chunks: fd (a dup; -1: not reserved yet) and payload offset */
+    /* reserved chunks (rmu): chunk i is at res[i].off in files[res[i].file] (-1: not reserved yet) */
+    struct cf_wchunk { int file; int64_t off; } *res;
     int64_t nres;
-    int *rfd;
-    int64_t *roff;
-    int *dups, *orig;        /* our dups, and the daemon's fd behind each */
-    int *direct;             /* per dup: the segment opened again with O_DIRECT, or -1 */
-    int *rdirect;            /* per reserved chunk: its segment's O_DIRECT fd, or -1 */
-    int ndups;
+    /* the segments written into: the daemon's fd, our dup of it (the daemon
+     * may close its own, never ours), and the same file opened again with
+     * O_DIRECT for page-aligned writes (-1 where refused: tmpfs) */
+    struct cf_wfile { int orig, fd, direct; } *files;
+    int nfiles;
     /* running hashes of bytes [0, hashed), taken as in-order writes arrive */
     void *whole, *chunk;
     int64_t hashed;

@@ -62,12 +62,12 @@ static int WriteState_init(WriteState *self, PyObject *args, PyObject *kw) {
 }
 
 static void close_dups(WriteState *ws) {
-    for (int i = 0; i < ws->ndups; i++) {
-        close(ws->dups[i]);
-        if (ws->direct[i] >= 0) close(ws->direct[i]);
+    for (int i = 0; i < ws->nfiles; i++) {
+        close(ws->files[i].fd);
+        if (ws->files[i].direct >= 0) close(ws->files[i].direct);
     }
-    ws->ndups = 0;
-    for (int64_t i = 0; i < ws->nres; i++) ws->rfd[i] = ws->rdirect[i] = -1;
+    ws->nfiles = 0;
+    for (int64_t i = 0; i < ws->nres; i++) ws->res[i].file = -1;
 }
 
 static void WriteState_dealloc(WriteState *self) {
@@ -77,12 +77,8 @@ static void WriteState_dealloc(WriteState *self) {
         pthread_mutex_destroy(&self->rmu);
         pthread_cond_destroy(&self->turn);
     }
-    free(self->rfd);
-    free(self->roff);
-    free(self->dups);
-    free(self->orig);
-    free(self->direct);
-    free(self->rdirect);
+    free(self->res);
+    free(self->files);
     free(self->sums);
     free(self->whole);
     free(self->chunk);
@@ -94,20 +90,10 @@ static int grow(WriteState *ws, int64_t i) {
     if (i < ws->nres) return 0;
     int64_t n = ws->nres ? ws->nres : 16;
     while (n <= i) n *= 2;
-    int *rfd = realloc(ws->rfd, (size_t)n * sizeof *rfd);
-    if (rfd) ws->rfd = rfd;
-    int64_t *roff = realloc(ws->roff, (size_t)n * sizeof *roff);
-    if (roff) ws->roff = roff;
-    int *dups = realloc(ws->dups, (size_t)n * sizeof *dups);
-    if (dups) ws->dups = dups;
-    int *orig = realloc(ws->orig, (size_t)n * sizeof *orig);
-    if (orig) ws->orig = orig;
-    int *direct = realloc(ws->direct, (size_t)n * sizeof *direct);
-    if (direct) ws->direct = direct;
-    int *rdirect = realloc(ws->rdirect, (size_t)n * sizeof *rdirect);
-    if (rdirect) ws->rdirect = rdirect;
-    if (!rfd || !roff || !dups || !orig || !direct || !rdirect) return ENOMEM;
-    for (int64_t j = ws->nres; j < n; j++) ws->rfd[j] = ws->rdirect[j] = -1;
+    struct cf_wchunk *res = realloc(ws->res, (size_t)n * sizeof *res);
+    if (!res) return ENOMEM;
+    ws->res = res;
+    for (int64_t j = ws->nres; j < n; j++) ws->res[j].file = -1;
     ws->nres = n;
     return 0;
 }
@@ -116,7 +102,7 @@ static int grow(WriteState *ws, int64_t i) {
 static int reserve(MountObject *m, WriteState *ws, uint64_t pyfh, int64_t i) {
     int err = grow(ws, i);
     if (err) return err;
-    if (ws->rfd[i] >= 0) return 0;
+    if (ws->res[i].file >= 0) return 0;
     int fd = -1;
     long long off = 0;
     PyGILState_STATE g = PyGILState_Ensure();
@@ -130,26 +116,20 @@ static int reserve(MountObject *m, WriteState *ws, uint64_t pyfh, int64_t i) {
     PyGILState_Release(g);
     if (err) return err;
     if (fd < 0) return EIO;
-    for (int j = 0; j < ws->ndups; j++)
-        if (ws->orig[j] == fd) {
-            ws->rfd[i] = ws->dups[j];
-            ws->rdirect[i] = ws->direct[j];
-        }
-    if (ws->rfd[i] < 0) {  /* a dup of our own: the daemon may close its fd, never ours */
+    int f = 0;
+    while (f < ws->nfiles && ws->files[f].orig != fd) f++;
+    if (f == ws->nfiles) {  /* a segment new to this file */
+        struct cf_wfile *files = realloc(ws->files, (size_t)(f + 1) * sizeof *files);
+        if (!files) return ENOMEM;
+        ws->files = files;
         int d = fcntl(fd, F_DUPFD_CLOEXEC, 0);
         if (d < 0) return errno;
-        /* and the same file again with O_DIRECT, for page-aligned writes
-         * (-1 where the filesystem refuses it: tmpfs) */
         char path[64];
         snprintf(path, sizeof path, "/proc/self/fd/%d", d);
-        int dd = open(path, O_WRONLY | O_DIRECT | O_CLOEXEC);
-        ws->orig[ws->ndups] = fd;
-        ws->direct[ws->ndups] = dd;
-        ws->dups[ws->ndups++] = d;
-        ws->rfd[i] = d;
-        ws->rdirect[i] = dd;
+        ws->files[f] = (struct cf_wfile){fd, d, open(path, O_WRONLY | O_DIRECT | O_CLOEXEC)};
+        ws->nfiles++;
     }
-    ws->roff[i] = off;
+    ws->res[i] = (struct cf_wchunk){f, off};
     return 0;
 }
 
@@ -235,8 +215,9 @@ void cf_write(fuse_req_t req, MountObject *m, WriteState *ws, uint64_t pyfh, con
         size_t n = size - done < (size_t)(ws->su - within) ? size - done : (size_t)(ws->su - within);
         pthread_mutex_lock(&ws->rmu);
         err = reserve(m, ws, pyfh, i);
-        int fd = err ? -1 : ws->rfd[i], dfd = err ? -1 : ws->rdirect[i];
-        int64_t at = err ? 0 : ws->roff[i] + within;
+        struct cf_wfile file = err ? (struct cf_wfile){-1, -1, -1} : ws->files[ws->res[i].file];
+        int fd = file.fd, dfd = file.direct;
+        int64_t at = err ? 0 : ws->res[i].off + within;
         pthread_mutex_unlock(&ws->rmu);
         if (!err) {
             /* page-aligned (the worker's buffer puts a write's data on a

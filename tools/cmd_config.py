@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from .cmd_daemon import PARSERS, add_daemon_arguments
+from .cmd_daemon import DAEMON_PARSER, add_daemon_arguments
 from .table import render
 
 OWN = ("--show", "--json")  # this command's own flags; the rest are the daemon's
@@ -31,13 +31,10 @@ def _text(v: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config_file import describe, resolve
+    from .config_file import daemon_settings, describe
 
-    argv: list[str] = args._argv
-    rest = [a for a in argv[argv.index("config") + 1:] if a not in OWN]
-    daemon = PARSERS["daemon"]
-    dargs, source = resolve(daemon, rest)
-    rows = describe(daemon, dargs, source)
+    dargs, source = daemon_settings(args, "config", OWN)
+    rows = describe(DAEMON_PARSER[0], dargs, source)
     if args.json:
         print(json.dumps(rows, indent=1, default=str))
     else:

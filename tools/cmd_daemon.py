@@ -38,13 +38,13 @@ _size = _checked(parse_size)
 _age = _checked(parse_age)
 
 
-PARSERS: dict[str, argparse.ArgumentParser] = {}  # the daemon's flags, for the config files (kvfstools.config_file)
+DAEMON_PARSER: list[argparse.ArgumentParser] = []  # set by add_parser: the daemon's flags, for kvfstools.config_file
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("daemon", help="run the kvfs daemon in the foreground")
     add_daemon_arguments(p)
-    PARSERS["daemon"] = p
+    DAEMON_PARSER[:] = [p]
     return p
 
 
@@ -152,11 +152,10 @@ def run(args: argparse.Namespace) -> int:
     from kvfsd.config import Config, default_root
     from kvfsd.main import run as run_daemon
 
-    from .config_file import resolve
+    from .config_file import daemon_settings
 
-    argv = getattr(args, "_argv", None)
-    if argv is not None:  # the config files under the command line
-        args, _source = resolve(PARSERS["daemon"], argv[argv.index("daemon") + 1:])
+    if hasattr(args, "_argv"):  # the config files under the command line
+        args, _source = daemon_settings(args, "daemon")
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s kvfsd %(levelname)s %(message)s")
     cfg = Config(

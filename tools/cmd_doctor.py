@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .cmd_daemon import PARSERS, add_daemon_arguments
+from .cmd_daemon import add_daemon_arguments
 from .table import render
 
 OWN = ("--json",)
@@ -23,12 +23,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config_file import resolve
+    from .config_file import daemon_settings
     from .doctor import MISSING, run_checks
 
-    argv: list[str] = args._argv
-    rest = [a for a in argv[argv.index("doctor") + 1:] if a not in OWN]
-    cfg, _source = resolve(PARSERS["daemon"], rest)
+    cfg, _source = daemon_settings(args, "doctor", OWN)
     checks = run_checks(cfg)
     if args.json:
         print(json.dumps([c.as_dict() for c in checks], indent=1))

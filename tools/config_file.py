@@ -152,6 +152,16 @@ def resolve(p: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Names
     return args, source
 
 
+def daemon_settings(args: argparse.Namespace, command: str, own: tuple[str, ...] = ()
+                    ) -> tuple[argparse.Namespace, dict[str, str]]:
+    """``resolve`` for `kvfs COMMAND [daemon flags]` (daemon, config,
+    doctor): the command line after COMMAND, less the command's own flags."""
+    from .cmd_daemon import DAEMON_PARSER
+
+    argv: list[str] = args._argv
+    return resolve(DAEMON_PARSER[0], [a for a in argv[argv.index(command) + 1:] if a not in own])
+
+
 def describe(p: argparse.ArgumentParser, args: argparse.Namespace, source: dict[str, str]) -> list[dict[str, Any]]:
     """Every setting: its key, effective value and source (kvfs config --show)."""
     rows = []
