@@ -61,10 +61,11 @@ lint: setup
 bench: setup
 	$(BIN)/kvfs bench --kv --json bench.json
 
-# Every README output block marked <!-- bench: ... --> that this machine can run,
-# rerun and stamped with the commit and machine (tools/bench_readme.py; ~1 h here).
+# Every output block marked <!-- bench: ... --> in README.md and docs/*.md that this
+# machine can run, rerun and stamped with the commit and machine, then the README's
+# headline tables and the charts in docs/ from them (tools/bench_readme.py; ~1 h here).
 # The GPU machine's blocks: tools/gpu_machine.sh readme there, then
-# $(BIN)/python -m kvfstools.bench_readme --merge THAT_README here.
+# $(BIN)/python -m kvfstools.bench_readme --merge THAT_FOLDER here.
 bench-readme: setup
 	$(BIN)/python -m kvfstools.bench_readme $(if $(ONLY),--only '$(ONLY)')
 

@@ -35,7 +35,7 @@ KNOWN: dict[str, Optional] = {
     "transformers": Optional("demo", "kvfs demo-ttft"),
     "diskcache": Optional("bench", "the diskcache peer of kvfs bench --compare"),
     "redis": Optional("bench", "the Redis peer of kvfs bench --compare", "a Redis server (apt install redis-server)"),
-    "matplotlib": Optional("bench", "the chart of kvfs bench --compare --png"),
+    "matplotlib": Optional("bench", "the charts of kvfs bench --compare --png and make bench-readme"),
     # the engine integrations (kvfs.integrations) and the shared tier
     "vllm": Optional("vllm", "the vLLM connector (kvfs.integrations.vllm)"),
     "lmcache": Optional("lmcache", "the LMCache backend (kvfs.integrations.lmcache)"),

@@ -1,4 +1,5 @@
-"""`make bench-readme`: regenerate the README's benchmark output blocks.
+"""`make bench-readme`: regenerate the benchmark output blocks of README.md
+and docs/*.md, then the README's headline tables and the charts in docs/.
 
 A block is a fenced code block right after a marker line::
 
@@ -9,16 +10,22 @@ A block is a fenced code block right after a marker line::
 ARGS are ``kvfs`` arguments (``bench --puts``, ``demo-ttft --tokens
 32768``). The block becomes what that command prints on stdout, then one
 line saying the commit (``+changes`` for a dirty tree), the machine and the
-date it ran on. So every such figure in the README comes from one command,
-names the commit it was measured at, and goes stale visibly.
+date it ran on. So every such figure comes from one command, names the
+commit it was measured at, and goes stale visibly.
+
+Then the README's headline (between its ``<!-- headline ... -->`` and
+``<!-- /headline -->`` lines) is rewritten from those blocks
+(``kvfstools.bench_headline``: one short table per use, each naming its
+block's command and stamp), and the charts in docs/ are drawn from them
+(``kvfstools.bench_charts``). Neither holds a figure of its own.
 
     python -m kvfstools.bench_readme                 every block this machine can run
     python -m kvfstools.bench_readme --only puts     blocks whose ARGS contain "puts"
     python -m kvfstools.bench_readme --list          the blocks, and what each last ran at
-    python -m kvfstools.bench_readme --merge OTHER   take the @gpu blocks from OTHER (a README
-                                                     the GPU machine regenerated)
-    ... --readme COPY, then --merge COPY --which cpu  the same for a run on a copy (the README
-                                                     stays free to edit meanwhile)
+    python -m kvfstools.bench_readme --headline      no block: the headline and charts only
+    python -m kvfstools.bench_readme --merge DIR     take the @gpu blocks from DIR, a copy of the
+                                                     pages the GPU machine regenerated
+                                                     (tools/gpu_machine.sh readme)
 
 Blocks of a machine not present are left as they are and listed as
 skipped (``--list`` shows each block's commit: a block older than the data
@@ -41,6 +48,8 @@ from .bench_util import commit
 
 MARK = re.compile(r"^<!-- bench: (?P<args>.+?)(?: @gpu(?P<gpus>\d*))? -->$")
 STAMP = "# made by make bench-readme: "
+HEAD_BEGIN = "<!-- headline: made by make bench-readme from the blocks in docs/; edits here are overwritten -->"
+HEAD_END = "<!-- /headline -->"
 
 
 @dataclass
@@ -111,59 +120,112 @@ def run_block(args: str) -> str:
     return "\n".join(body + [f"{STAMP}commit {commit()}, {machine()}, {time.strftime('%Y-%m-%d')}"])
 
 
+def default_pages() -> list[Path]:
+    """README.md and every page under docs/ (the blocks live in docs/benchmarks.md and docs/faults.md)."""
+    return [Path("README.md")] + sorted(Path("docs").glob("*.md"))
+
+
+def _body(lines: list[str], b: Block) -> str:
+    return "\n".join(lines[b.start + 1:b.end])
+
+
+def write_headline(pages: dict[Path, list[str]]) -> list[str]:
+    """The headline tables between the markers of the page that has them,
+    and the charts into the docs/ folder beside it, from every page's blocks.
+    Returns what could not be made (each a line for the user)."""
+    from .bench_headline import Source, headline
+    from .text_tables import TableError
+    sources = [Source(b.args, b.gpus, _body(lines, b)) for lines in pages.values() for b in find_blocks(lines)]
+    problems = []
+    for path, lines in pages.items():
+        if HEAD_BEGIN not in lines:
+            continue
+        try:
+            begin, end = lines.index(HEAD_BEGIN), lines.index(HEAD_END)
+        except ValueError:
+            raise SystemExit(f"{path}: {HEAD_BEGIN} without {HEAD_END}") from None
+        try:
+            lines[begin + 1:end] = ["", headline(sources), ""]
+        except TableError as e:
+            problems.append(f"the headline of {path} was left as it was: {e}")
+        from .bench_charts import draw
+        from kvfs.errors import MissingDependency
+        try:
+            for png in draw(sources, path.parent / "docs"):
+                print(f"  drew {png}", file=sys.stderr)
+        except (TableError, MissingDependency) as e:
+            problems.append(f"the charts were not drawn: {e}")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench_readme", description=__doc__.split("\n\n")[0])
-    p.add_argument("--readme", default="README.md")
+    p.add_argument("--page", "--readme", dest="pages", action="append", type=Path, default=[], metavar="FILE",
+                   help="a page with bench blocks (repeatable; default README.md and docs/*.md)")
     p.add_argument("--only", action="append", default=[], metavar="TEXT",
                    help="only blocks whose arguments contain TEXT (repeatable)")
     p.add_argument("--list", action="store_true", help="list the blocks and what each last ran at")
-    p.add_argument("--merge", metavar="README", help="take the @gpu blocks (or --which) from this README")
+    p.add_argument("--merge", metavar="PATH", type=Path,
+                   help="take the @gpu blocks (or --which) from this copy of the tree (a folder), or of the one page")
     p.add_argument("--which", choices=["gpu", "cpu", "all"], default="gpu", help="the blocks --merge takes")
-    p.add_argument("--gpu-only", action="store_true", help="only the @gpu blocks (on the GPU machine)")
+    p.add_argument("--gpu-only", action="store_true",
+                   help="only the @gpu blocks (on the GPU machine; no headline or charts there)")
+    p.add_argument("--headline", action="store_true",
+                   help="run no block: only the README's headline tables and the charts, from the blocks as they are")
     a = p.parse_args(argv)
-    path = Path(a.readme)
-    lines = path.read_text().split("\n")
-    blocks = find_blocks(lines)
+    paths = a.pages or default_pages()
+    pages = {path: path.read_text().split("\n") for path in paths}
+    blocks = {path: find_blocks(lines) for path, lines in pages.items()}
     if a.list:
-        for b in blocks:
-            stamp = next((ln for ln in lines[b.start + 1:b.end] if ln.startswith(STAMP)), STAMP + "never")
-            kind = "cpu" if not b.gpus else "gpu" if b.gpus == 1 else f"gpu{b.gpus}"
-            print(f"{kind:5s} kvfs {b.args}\n      {stamp[len(STAMP):]}")
+        for path, lines in pages.items():
+            for b in blocks[path]:
+                stamp = next((ln for ln in lines[b.start + 1:b.end] if ln.startswith(STAMP)), STAMP + "never")
+                kind = "cpu" if not b.gpus else "gpu" if b.gpus == 1 else f"gpu{b.gpus}"
+                print(f"{kind:5s} kvfs {b.args}  ({path})\n      {stamp[len(STAMP):]}")
         return 0
-    new: dict[int, str] = {}  # block index -> its new body
+    new: dict[tuple[Path, int], str] = {}  # (page, block index) -> its new body
     if a.merge:
-        other = Path(a.merge).read_text().split("\n")
         wanted = {"gpu": {True}, "cpu": {False}, "all": {True, False}}[a.which]
-        theirs = {(b.args, b.gpus): "\n".join(other[b.start + 1:b.end]) for b in find_blocks(other)
-                  if bool(b.gpus) in wanted}
-        for i, b in enumerate(blocks):
-            if (b.args, b.gpus) in theirs:
-                new[i] = theirs[(b.args, b.gpus)]
+        for path in paths:
+            other = a.merge / path if a.merge.is_dir() else a.merge
+            if not other.is_file() or (not a.merge.is_dir() and len(paths) > 1):
+                continue
+            theirs_lines = other.read_text().split("\n")
+            theirs = {(b.args, b.gpus): _body(theirs_lines, b) for b in find_blocks(theirs_lines)
+                      if bool(b.gpus) in wanted}
+            for i, b in enumerate(blocks[path]):
+                if (b.args, b.gpus) in theirs:
+                    new[(path, i)] = theirs[(b.args, b.gpus)]
     failed: list[str] = []
-    if not a.merge:
+    if not a.merge and not a.headline:
         have = len(_gpus())
-        for i, b in enumerate(blocks):
-            if a.only and not any(t in b.args for t in a.only):
-                continue
-            if a.gpu_only and not b.gpus:
-                continue
-            if b.gpus > have:
-                print(f"  skipped (needs {b.gpus} GPU(s), {have} here): kvfs {b.args}", file=sys.stderr)
-                continue
-            try:
-                new[i] = run_block(b.args)
-            except BlockFailed as e:  # the others' figures are still worth keeping (an hour's run)
-                print(f"  {e}: its block is left as it was", file=sys.stderr)
-                failed.append(b.args)
-    for i in sorted(new, reverse=True):  # from the end: earlier line numbers stay right
-        b = blocks[i]
-        lines[b.start + 1:b.end] = new[i].split("\n")
-    path.write_text("\n".join(lines))
-    print(f"{len(new)} of {len(blocks)} blocks regenerated in {path}", file=sys.stderr)
+        for path in paths:
+            for i, b in enumerate(blocks[path]):
+                if a.only and not any(t in b.args for t in a.only):
+                    continue
+                if a.gpu_only and not b.gpus:
+                    continue
+                if b.gpus > have:
+                    print(f"  skipped (needs {b.gpus} GPU(s), {have} here): kvfs {b.args}", file=sys.stderr)
+                    continue
+                try:
+                    new[(path, i)] = run_block(b.args)
+                except BlockFailed as e:  # the others' figures are still worth keeping (an hour's run)
+                    print(f"  {e}: its block is left as it was", file=sys.stderr)
+                    failed.append(b.args)
+    for path, i in sorted(new, reverse=True):  # from the end: earlier line numbers stay right
+        b = blocks[path][i]
+        pages[path][b.start + 1:b.end] = new[(path, i)].split("\n")
+    problems = [] if a.gpu_only else write_headline(pages)
+    for path, lines in pages.items():
+        path.write_text("\n".join(lines))
+    print(f"{len(new)} of {sum(map(len, blocks.values()))} blocks regenerated in "
+          + ", ".join(str(pth) for pth in paths), file=sys.stderr)
     if failed:
         print(f"{len(failed)} failed, left as they were: " + "; ".join(f"kvfs {x}" for x in failed), file=sys.stderr)
-        return 1
-    return 0
+    for line in problems:
+        print(line, file=sys.stderr)
+    return 1 if failed or problems else 0
 
 
 if __name__ == "__main__":

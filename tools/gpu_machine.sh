@@ -3,9 +3,9 @@
 #   tools/gpu_machine.sh fetch   here: the wheels kvfs needs there, into .wheels/ (git-ignored; carry it)
 #   tools/gpu_machine.sh test    there: install them, build kvfs._native, run pytest -m gpu
 #   tools/gpu_machine.sh bench ARGS   there (after test): kvfs bench ARGS without an install
-#   KVFS_COMMIT=<the commit> tools/gpu_machine.sh readme   there (after test): the README's @gpu
-#       blocks regenerated (tools/bench_readme.py), the README copied to $OUT; merge it here with
-#       python -m kvfstools.bench_readme --merge <that README>
+#   KVFS_COMMIT=<the commit> tools/gpu_machine.sh readme [--only TEXT]   there (after test): the
+#       @gpu blocks of README.md and docs/*.md regenerated (tools/bench_readme.py), the pages copied
+#       to $OUT; merge them here with python -m kvfstools.bench_readme --merge <that folder>
 # The wheels come to about 65 MB (nixl-cu13 alone is 59 MB): with the tree they just fit a
 # device call's 64 MiB; carry .wheels and nothing else.
 set -euo pipefail
@@ -29,7 +29,7 @@ bench)
 readme)
     pp=$(mktemp -d); ln -s "$PWD/daemon" "$pp/kvfsd"; ln -s "$PWD/tools" "$pp/kvfstools"; ln -s "$PWD/kvfs" "$pp/kvfs"
     PYTHONPATH="$pp" python3 -m kvfstools.bench_readme --gpu-only "${@:2}"
-    cp README.md "${OUT:-.}/README.md" ;;
+    mkdir -p "${OUT:-.}/docs" && cp README.md "${OUT:-.}/" && cp docs/*.md "${OUT:-.}/docs/" ;;
 *)
     echo "usage: $0 fetch | test [pytest args] | bench [kvfs bench args] | readme [bench_readme args]" >&2; exit 2 ;;
 esac
