@@ -100,7 +100,8 @@ def test_a_whole_load_is_also_held_to_the_load_then_prefill_bound(load):
     from kvfstools.demo_ttft import _against_h2d, _line
     r = {"tier": "T0", "load": load, "tokens": 1024, "matched_blocks": 4, "block_bytes": 250_000_000,
          "blocks": 4, "recompute_s": 1.0, "kvfs_ttft_s": 0.2, "speedup": 5.0, "load_s": 0.12, "rebuild_s": 0.03,
-         "suffix_s": 0.05, "suffix_alone_s": 0.05, "max_abs_diff": 0.0, "same_next_token": True}
+         "suffix_s": 0.05, "suffix_alone_s": 0.05, "max_abs_diff": 0.0, "split_diff": 0.0,
+         "same_next_token": True}
     _against_h2d(r, 10e9)
     assert r["bound_speedup"] == pytest.approx(10.0) and r["of_bound"] == pytest.approx(0.5)
     line = _line(r)

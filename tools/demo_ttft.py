@@ -305,6 +305,7 @@ def run_ttft(store: Any, model: Any, tokens: int, suffix: int, device: str, ns: 
         return _run_layerwise(store, model, prompt, keys, tokens, device, ns, out)
     with torch.inference_mode():
         ref_logits = _reference(model, prompt, device, out)
+        split_logits = _split_reference(model, prompt, len(keys))
         # 1. prefill the prefix and store its blocks
         pre = model(prompt[:, :tokens], use_cache=True, logits_to_keep=1)
         blocks = kv_blocks(_cache_of(pre), len(keys))
@@ -347,7 +348,7 @@ def run_ttft(store: Any, model: Any, tokens: int, suffix: int, device: str, ns: 
         out["t0_share"] = _t0_share(store, before, out)
         logits = res.logits[0, -1].float()
     out["matched_blocks"] = n
-    return _compare(out, logits, ref_logits)
+    return _compare(out, logits, ref_logits, split_logits)
 
 
 def _run_layerwise(store: Any, model: Any, prompt: Any, keys: list[str], tokens: int, device: str, ns: str,
@@ -357,6 +358,7 @@ def _run_layerwise(store: Any, model: Any, prompt: Any, keys: list[str], tokens:
     by_layer = [[f"{k}.L{layer}" for k in keys] for layer in range(layers)]
     with torch.inference_mode():
         ref_logits = _reference(model, prompt, device, out)
+        split_logits = _split_reference(model, prompt, len(keys))
         # 1. prefill the prefix and store its blocks, layer-major (a layer's
         # blocks then lie side by side in T0 and load as one copy)
         pre = model(prompt[:, :tokens], use_cache=True, logits_to_keep=1)
@@ -401,7 +403,7 @@ def _run_layerwise(store: Any, model: Any, prompt: Any, keys: list[str], tokens:
         out["suffix_s"] = out["kvfs_ttft_s"] - out["match_s"] - out["setup_s"] - out["load_s"]
         logits = res.logits[0, -1].float()
     out["matched_blocks"] = n
-    return _compare(out, logits, ref_logits)
+    return _compare(out, logits, ref_logits, split_logits)
 
 
 def _reference(model: Any, prompt: Any, device: str, out: dict[str, Any]) -> Any:
@@ -415,6 +417,20 @@ def _reference(model: Any, prompt: Any, device: str, out: dict[str, Any]) -> Any
     return ref.logits[0, -1].float()
 
 
+def _split_reference(model: Any, prompt: Any, blocks: int) -> Any:
+    """The next-token logits of the request split as kvfs splits it, without
+    kvfs: the cached blocks' tokens prefilled, then the rest on that cache
+    (untimed). Loaded KV is right when it gives these logits; against the
+    whole prompt recomputed in one pass, bf16 differs by the split alone,
+    and more so the longer the prompt."""
+    cut = blocks * BLOCK_TOKENS
+    pre = model(prompt[:, :cut], use_cache=True, logits_to_keep=1)
+    res = model(prompt[:, cut:], use_cache=True, logits_to_keep=1, **{_cache_kw(model): _cache_of(pre)})
+    logits = res.logits[0, -1].float()
+    del pre, res
+    return logits
+
+
 def _timed_put(store: Any, keys: list[str], bufs: list[Any], ns: str, device: str, out: dict[str, Any]) -> None:
     _sync(device)
     t = time.perf_counter()
@@ -424,19 +440,23 @@ def _timed_put(store: Any, keys: list[str], bufs: list[Any], ns: str, device: st
     store.flush()
 
 
-def _compare(out: dict[str, Any], logits: Any, ref_logits: Any) -> dict[str, Any]:
-    out["max_abs_diff"] = float((logits - ref_logits).abs().max())
+def _compare(out: dict[str, Any], logits: Any, ref_logits: Any, split_logits: Any) -> dict[str, Any]:
+    out["max_abs_diff"] = float((logits - ref_logits).abs().max())  # against one pass: bf16 split noise included
     out["ref_abs_max"] = float(ref_logits.abs().max())
-    out["same_next_token"] = bool(int(logits.argmax()) == int(ref_logits.argmax()))
+    out["split_diff"] = float((logits - split_logits).abs().max())  # against the same split without kvfs
+    out["same_next_token"] = bool(int(logits.argmax()) == int(split_logits.argmax()))
     out["speedup"] = out["recompute_s"] / out["kvfs_ttft_s"]
     return out
 
 
 def logits_agree(r: dict[str, Any], device: str) -> bool:
-    """bf16 tolerance on the GPU (a cache round-tripped through bf16 and a
-    different attention split give small differences); near-exact in fp32."""
-    tol = 0.05 * max(1.0, r["ref_abs_max"]) if device == "cuda" else 1e-3 * max(1.0, r["ref_abs_max"])
-    return r["max_abs_diff"] <= tol and r["same_next_token"]
+    """The logits from the loaded KV against those of the same split computed
+    without kvfs (``_split_reference``): the same KV bytes, so only the cache's
+    layout in memory (the kernels it picks) may differ. The one-pass
+    recompute is no reference for this: in bf16 it differs from any split by
+    up to 0.33 here at 2-49k tokens, while its next token agrees."""
+    tol = 0.02 * max(1.0, r["ref_abs_max"]) if device == "cuda" else 1e-4 * max(1.0, r["ref_abs_max"])
+    return r["split_diff"] <= tol and r["same_next_token"]
 
 
 class GcPauses:
@@ -613,7 +633,8 @@ def _line(r: dict[str, Any]) -> str:
             + (f"; match {r['match_s'] * 1e3:.1f} ms, setup {r['setup_s'] * 1e3:.1f} ms" if "setup_s" in r else "")
             + "), "
             f"{r['speedup']:5.1f}x{_bounds(r)}"
-            f"; logits max diff {r['max_abs_diff']:.4f}, same next token: {r['same_next_token']}")
+            f"; logits max diff {r['split_diff']:.4f} from the same split without kvfs "
+            f"({r['max_abs_diff']:.4f} from one pass), same next token: {r['same_next_token']}")
 
 
 def _bounds(r: dict[str, Any]) -> str:
