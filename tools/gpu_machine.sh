@@ -29,7 +29,7 @@ bench)
 readme)
     pp=$(mktemp -d); ln -s "$PWD/daemon" "$pp/kvfsd"; ln -s "$PWD/tools" "$pp/kvfstools"; ln -s "$PWD/kvfs" "$pp/kvfs"
     PYTHONPATH="$pp" python3 -m kvfstools.bench_readme --gpu-only "${@:2}"
-    mkdir -p "${OUT:-.}/docs" && cp README.md "${OUT:-.}/" && cp docs/*.md "${OUT:-.}/docs/" ;;
+    mkdir -p "${OUT:-.}/docs" && cp README.md "${OUT:-.}/" && cp $(grep -l "^<!-- bench: " docs/*.md) "${OUT:-.}/docs/" ;;
 *)
     echo "usage: $0 fetch | test [pytest args] | bench [kvfs bench args] | readme [bench_readme args]" >&2; exit 2 ;;
 esac
