@@ -88,3 +88,72 @@ def test_a_marker_without_a_block_is_an_error(tmp_path):
     p.write_text("<!-- bench: --help -->\nno block\n")
     with pytest.raises(SystemExit, match="fenced block"):
         bench_readme.main(["--readme", str(p)])
+
+
+# --- the headline tables and the charts, read back from the blocks ---------------------------------
+
+from pathlib import Path  # noqa: E402
+
+from kvfstools import bench_headline, text_tables  # noqa: E402
+from kvfstools.table import render  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_a_rendered_table_reads_back_cell_for_cell():
+    rows = [["kvfs T0 get_into", "8192 KiB", "15.91 (0.91)"], ["raw preadv", "64 KiB", "7.97 (1.00)"]]
+    text = "a title line\n" + render(["system", "block", "GB/s (x baseline)"], rows) + "\n\nprose after it"
+    (t,) = text_tables.tables(text)
+    assert t.headers == ["system", "block", "GB/s (x baseline)"] and t.rows == rows
+    assert text_tables.number(text, "GB/s (x baseline)", {"system": "raw preadv", "block": "64 KiB"}) == 7.97
+    with pytest.raises(text_tables.TableError, match="diskcache"):
+        text_tables.cell(text, "GB/s (x baseline)", {"system": "diskcache"})
+
+
+def _sources(pages):
+    return [bench_headline.Source(b.args, b.gpus, "\n".join(lines[b.start + 1:b.end]))
+            for lines in pages for b in bench_readme.find_blocks(lines)]
+
+
+def _repo_pages():
+    return [p.read_text().split("\n") for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]]
+
+
+def test_the_headline_is_the_blocks_figures_with_their_commits():
+    """Every headline table names its block's command and stamp, and its
+    figures are that block's cells (here: the host read row, found by hand)."""
+    sources = _sources(_repo_pages())
+    text = bench_headline.headline(sources)
+    compare = next(s for s in sources if s.args == "bench --compare")
+    # "8192 KiB  1  kvfs T0 get_into  15.91  0.91 x memcpy  1.6 2.8 35.4" in the table by block and threads
+    words = next(ln.split() for ln in compare.text.split("\n")
+                 if ln.split()[:6] == ["8192", "KiB", "1", "kvfs", "T0", "get_into"])
+    gbs, ratio = words[6], words[7]
+    assert f"| T0 read (shared memory), verified | {gbs} | {ratio} x memcpy |" in text
+    for s in sources:
+        if f"`kvfs {s.args}`" in text:
+            assert bench_headline._short(s.stamp) in text
+    # one table per use, each with its caption
+    assert text.count("**") // 2 == len(bench_headline.USES)
+
+
+def test_the_readme_headline_is_rewritten_and_a_changed_block_stops_the_run(tmp_path, monkeypatch):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# kvfs\n\n{bench_readme.HEAD_BEGIN}\nan old headline\n{bench_readme.HEAD_END}\n")
+    (tmp_path / "docs").mkdir()
+    bench = tmp_path / "docs" / "benchmarks.md"
+    real = (REPO / "docs" / "benchmarks.md").read_text()
+    faults = tmp_path / "docs" / "faults.md"
+    faults.write_text((REPO / "docs" / "faults.md").read_text())
+    # a benchmark whose output lost the row the headline reads
+    bench.write_text(real.replace("write: cp into  ", "write: cp onto  "))
+    args = ["--page", str(readme), "--page", str(bench), "--page", str(faults), "--headline"]
+    assert bench_readme.main(args) == 1
+    assert "an old headline" in readme.read_text()
+    bench.write_text(real)
+    assert bench_readme.main(args) == 0
+    text = readme.read_text()
+    assert "an old headline" not in text and "| T0 read (shared memory), verified |" in text
+    assert text.index(bench_readme.HEAD_BEGIN) < text.index("**Faults**") < text.index(bench_readme.HEAD_END)
+    for png in ("throughput.png", "ttft.png"):
+        assert (tmp_path / "docs" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
