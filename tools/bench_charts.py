@@ -11,6 +11,7 @@ Each chart's title names the commit of the block it came from.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,9 @@ def ttft(src: Sources, path: Path) -> None:
                     label=f"loaded from kvfs {tier} ({'shared memory' if tier == 'T0' else 'NVMe'})")
     ax.set_xlabel("prompt tokens (all but the last 64 cached)")
     ax.set_ylabel("time to first token, ms")
-    ax.set_title(f"Llama-3.1-8B shape, bf16, layer-wise loads\n(kvfs demo-ttft, {s.commit})", fontsize=9)
+    gpu = re.search(r"cuda (.+)$", s.text.split("\n")[0])
+    ax.set_title(f"Llama-3.1-8B shape, bf16, layer-wise loads{', ' + gpu[1] if gpu else ''}\n"
+                 f"(kvfs demo-ttft, {s.commit})", fontsize=9)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
