@@ -80,10 +80,10 @@ def host(src: Sources) -> str:
     put = {"puts, 1 thr: GB/s (x baseline)": "kvfs T0 put_many"}
     gbs = number(s.text, "8 MiB", put)
     limit = number(s.text, "8 MiB", {"puts, 1 thr: GB/s (x baseline)": "raw pwrite"})
-    peers = [gbs / number(s.text, "8 MiB", {"puts, 1 thr: GB/s (x baseline)": p})
-             for p in ("file-per-block", "diskcache", "redis")]
+    vs = [gbs / number(s.text, "8 MiB", {"puts, 1 thr: GB/s (x baseline)": p})
+          for p in ("file-per-block", "diskcache", "redis")]
     rows.append(["put_many (T0, written back)", f"{gbs:.2f}", f"{_x(gbs, limit)} raw pwrite",
-                 " / ".join(f"{p:.1f}" for p in peers)])
+                 " / ".join(f"{v:.1f}" for v in vs)])
     return _caption("The Python client, host memory: 8 MiB blocks, 1 thread", s) + "\n\n" + _md(
         ["", "GB/s", "against the physical limit", "x file-per-block / diskcache / redis"], rows)
 
