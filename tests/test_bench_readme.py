@@ -73,7 +73,7 @@ def test_a_failing_block_keeps_its_figures_and_the_others_are_written(tmp_path, 
     assert "an old figure" in text and "ran --version" in text and "the GPU machine's old figure" not in text
 
 
-def test_the_gpu_machines_blocks_merge_back(tmp_path):
+def test_the_gpu_machines_blocks_merge_back(tmp_path, monkeypatch):
     ours, theirs = tmp_path / "README.md", tmp_path / "gpu.md"
     ours.write_text(README)
     theirs.write_text(README.replace("the GPU machine's old figure", "new H200 figure\nsecond line")
@@ -81,6 +81,16 @@ def test_the_gpu_machines_blocks_merge_back(tmp_path):
     assert bench_readme.main(["--readme", str(ours), "--merge", str(theirs)]) == 0
     text = ours.read_text()
     assert "new H200 figure\nsecond line" in text and "an old figure" in text and "not to be taken" not in text
+    # a folder: each page takes the blocks of its own copy there (what tools/gpu_machine.sh readme sends back)
+    (tmp_path / "gpu" / "docs").mkdir(parents=True)
+    page = tmp_path / "docs.md"
+    page.write_text(README)
+    (tmp_path / "gpu" / "docs.md").write_text(README.replace("the GPU machine's old figure", "from the folder"))
+    monkeypatch.chdir(tmp_path)
+    assert bench_readme.main(["--page", "docs.md", "--page", "README.md", "--merge", "gpu"]) == 0
+    assert "from the folder" in page.read_text() and "new H200 figure" in ours.read_text()
+    with pytest.raises(SystemExit, match="one page"):  # a file is the copy of one page, never of several
+        bench_readme.main(["--page", "docs.md", "--page", "README.md", "--merge", "gpu/docs.md"])
 
 
 def test_a_marker_without_a_block_is_an_error(tmp_path):

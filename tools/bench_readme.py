@@ -179,16 +179,18 @@ def main(argv: list[str] | None = None) -> int:
     if a.list:
         for path, lines in pages.items():
             for b in blocks[path]:
-                stamp = next((ln for ln in lines[b.start + 1:b.end] if ln.startswith(STAMP)), STAMP + "never")
+                from .bench_headline import Source
                 kind = "cpu" if not b.gpus else "gpu" if b.gpus == 1 else f"gpu{b.gpus}"
-                print(f"{kind:5s} kvfs {b.args}  ({path})\n      {stamp[len(STAMP):]}")
+                print(f"{kind:5s} kvfs {b.args}  ({path})\n      {Source(b.args, b.gpus, _body(lines, b)).stamp}")
         return 0
     new: dict[tuple[Path, int], str] = {}  # (page, block index) -> its new body
     if a.merge:
         wanted = {"gpu": {True}, "cpu": {False}, "all": {True, False}}[a.which]
+        if not a.merge.is_dir() and len(paths) != 1:
+            raise SystemExit("--merge FILE takes the blocks of one page: name it with --page (or merge a folder)")
         for path in paths:
             other = a.merge / path if a.merge.is_dir() else a.merge
-            if not other.is_file() or (not a.merge.is_dir() and len(paths) > 1):
+            if not other.is_file():
                 continue
             theirs_lines = other.read_text().split("\n")
             theirs = {(b.args, b.gpus): _body(theirs_lines, b) for b in find_blocks(theirs_lines)
