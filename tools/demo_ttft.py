@@ -534,10 +534,15 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             with d, d.connect(threads=16) as s:
                 if device == "cuda":
                     s.pin_arena()  # once per process, not per request
-                    # the device read path set up once (streams, events, the data plane), untimed
-                    probe = torch.ones(1 << 20, dtype=torch.uint8, device=device)
-                    s.put_many(["warm-up"], [probe], ns="warm-up")
-                    s.get_many_into_async(["warm-up"], [torch.empty_like(probe)], ns="warm-up").result()
+                    # the device read path set up once (streams, events, the data plane), untimed, with
+                    # as many blocks at once as the client has threads: kvikio sets up each of its
+                    # threads' bounce buffers on its first read, 130 ms for 16 on an H100, which a
+                    # one-block warm-up left to the first request (measured in stop 48)
+                    probes = [torch.full((1 << 20,), i, dtype=torch.uint8, device=device) for i in range(32)]
+                    names = [f"warm-up{i}" for i in range(len(probes))]
+                    s.put_many(names, probes, ns="warm-up")
+                    s.flush()
+                    s.get_many_into_async(names, [torch.empty_like(p) for p in probes], ns="warm-up").result()
                 for n in lengths:
                     r = run_ttft(s, model, n, args.suffix, device, ns=f"ttft{n}",
                                  profile=getattr(args, "profile", False) and tier == "T0" and n == max(lengths),
