@@ -25,7 +25,7 @@ from .dataplane import WriteTask
 from .device_puts import sub_batches
 from .device_reads import DeviceReading
 from .errors import CapacityError, InvalidArgument, KvfsError, ProtocolError
-from .gpu import DeviceBuffer, merge_copies
+from .gpu import SRC, DeviceBuffer, merge_copies
 from .keys import normalize_key, normalize_keys, normalize_ns
 from .meta import encode_meta
 from .reservation import Reservation
@@ -343,7 +343,7 @@ class Puts(DeviceReading):
         copies: list[tuple[int, int, int]] = []  # (arena address, source, length) not issued yet
 
         def issue() -> None:
-            for dst, src, n in merge_copies(copies):
+            for dst, src, n in merge_copies(copies, gpu.copier.allocation, SRC):
                 gpu.copier.d2h(dst, src, n)
             copies.clear()
         for item, v in zip(allocs, views):

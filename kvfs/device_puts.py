@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import xxhash
 
 from .errors import ProtocolError
-from .gpu import DeviceBuffer, merge_copies
+from .gpu import SRC, DeviceBuffer, merge_copies
 
 if TYPE_CHECKING:
     from .client_puts import Puts
@@ -80,7 +80,8 @@ def fill_device(store: "Puts", arena: Any, views: Sequence[DeviceBuffer], offs: 
         landed: list[Any] = []
         jobs: list[tuple[list[int], Any, Any]] = []
         for a, b in subs:
-            for dst, src, n in merge_copies([(base + offs[i], views[i].ptr, len(views[i])) for i in range(a, b)]):
+            for dst, src, n in merge_copies([(base + offs[i], views[i].ptr, len(views[i])) for i in range(a, b)],
+                                             copier.allocation, SRC):
                 copier.d2h(dst, src, n)
             ev = copier.record()
             landed.append(ev)

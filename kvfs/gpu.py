@@ -177,6 +177,15 @@ class HostCopier:
     def unregister(self, addr: int) -> None:
         pass
 
+    # where the "device" allocations end: none by default (host memory is one
+    # address space to memmove); tests set it to split adjacent buffers
+    splits: tuple[int, ...] = ()
+
+    def allocation(self, ptr: int) -> tuple[int, int]:
+        """[start, end) of the allocation holding ``ptr`` (CudaCopier.allocation)."""
+        lo = max((s for s in self.splits if s <= ptr), default=0)
+        return lo, min((s for s in self.splits if s > ptr), default=1 << 64)
+
     def h2d(self, dst: int, src: int, n: int) -> None:
         ctypes.memmove(dst, src, n)
 
@@ -242,6 +251,18 @@ class CudaCopier:
         except self.rt.CUDARuntimeError:
             pass
 
+    def allocation(self, ptr: int) -> tuple[int, int]:
+        """[start, end) of the device allocation holding ``ptr`` (the driver's
+        cuMemGetAddressRange); (ptr, ptr) where it cannot say. One copy may
+        not span two allocations (cudaErrorInvalidValue), however adjacent
+        their addresses: torch's allocator hands out neighbouring blocks of
+        separate segments."""
+        fn = _address_range()
+        base, size = ctypes.c_uint64(), ctypes.c_size_t()
+        if fn is None or fn(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr)) != 0:
+            return ptr, ptr
+        return base.value, base.value + size.value
+
     def h2d(self, dst: int, src: int, n: int) -> None:
         self.rt.memcpyAsync(dst, src, n, H2D, self.stream.ptr)
 
@@ -279,6 +300,22 @@ class CudaCopier:
         cp = self.cp
         mem = cp.cuda.UnownedMemory(ptr, n, None, cp.cuda.runtime.getDevice())
         return cp.ndarray((n,), dtype=cp.uint8, memptr=cp.cuda.MemoryPointer(mem, 0))
+
+
+_RANGE: list[Any] = []
+
+
+def _address_range() -> Any:
+    """The driver's cuMemGetAddressRange_v2, loaded once (None without libcuda)."""
+    if not _RANGE:
+        try:
+            fn = ctypes.CDLL("libcuda.so.1").cuMemGetAddressRange_v2
+            fn.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t), ctypes.c_uint64]
+            fn.restype = ctypes.c_int
+            _RANGE.append(fn)
+        except (OSError, AttributeError):
+            _RANGE.append(None)
+    return _RANGE[0]
 
 
 def _kvikio() -> Any:
@@ -333,24 +370,38 @@ class PendingRead:
         return self.bad
 
 
-def merge_copies(copies: Sequence[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+DST, SRC = 0, 1  # which end of a copy is device memory (merge_copies)
+
+
+def merge_copies(copies: Sequence[tuple[int, int, int]], allocation: Callable[[int], tuple[int, int]],
+                 device: int) -> list[tuple[int, int, int]]:
     """(dst, src, length) copies, those adjacent at both ends merged: the
     chunks of an object, and objects a batch put placed side by side, are
     contiguous in the arena and usually in the device buffer too, and one
-    large copy costs far less than many calls."""
+    large copy costs far less than many calls. Invariant: a merged copy
+    stays inside one allocation of its device end (``device``: DST or SRC;
+    ``allocation``: the copier's), since CUDA refuses a copy across two
+    however adjacent; the last allocation's bounds are kept, so a run of
+    one buffer's pieces asks once."""
     out: list[tuple[int, int, int]] = []
+    lo = hi = 0
     for dst, src, n in copies:
-        if out and out[-1][0] + out[-1][2] == dst and out[-1][1] + out[-1][2] == src:
+        if out:
             d, s_, m = out[-1]
-            out[-1] = (d, s_, m + n)
-        else:
-            out.append((dst, src, n))
+            if d + m == dst and s_ + m == src:
+                start, nxt = (d, dst) if device == DST else (s_, src)
+                if not lo <= start < hi:
+                    lo, hi = allocation(start)
+                if nxt < hi:
+                    out[-1] = (d, s_, m + n)
+                    continue
+        out.append((dst, src, n))
     return out
 
 
-def _merged(chunks: list[_Chunk]) -> list[tuple[int, int, int]]:
+def _merged(chunks: list[_Chunk], allocation: Callable[[int], tuple[int, int]]) -> list[tuple[int, int, int]]:
     """Arena-to-device copies of T0 chunks, merged."""
-    return merge_copies([(ch.dst, ch.src, ch.length) for ch in chunks])
+    return merge_copies([(ch.dst, ch.src, ch.length) for ch in chunks], allocation, DST)
 
 
 # A T0 chunk of a read plan: (item, device address, length, checksum, arena
@@ -548,7 +599,7 @@ class GpuPlane:
         if full:
             bad = self._staged(_t0_chunks(p.t0) + p.t1, verify=True)
         else:
-            merged = merge_copies([(dst, src, n) for _i, dst, n, _c, src in p.t0])
+            merged = merge_copies([(dst, src, n) for _i, dst, n, _c, src in p.t0], c.allocation, DST)
             self.counters["t0_copies"] += len(merged)
             for dst, src, n in merged:
                 c.h2d(dst, src, n)
@@ -658,6 +709,7 @@ class GpuPlane:
         h2d = c.h2d
         issued = 0
         k, end = 0, len(copies)
+        lo = hi = 0  # the device allocation of the run's start (merge_copies' invariant)
         for g in mine:
             lim = (g + 1) * group_size
             run_dst = run_src = run_n = 0
@@ -665,8 +717,11 @@ class GpuPlane:
                 _i, dst, n, _c, src = copies[k]
                 k += 1
                 if run_n and run_dst + run_n == dst and run_src + run_n == src:
-                    run_n += n
-                    continue
+                    if not lo <= run_dst < hi:
+                        lo, hi = c.allocation(run_dst)
+                    if dst < hi:
+                        run_n += n
+                        continue
                 if run_n:
                     h2d(run_dst, run_src, run_n)
                     issued += 1
@@ -700,7 +755,7 @@ class GpuPlane:
                 parts[-1].append(ch)
                 size += ch.length
             for part in parts:
-                merged = _merged(part)
+                merged = _merged(part, c.allocation)
                 self.counters["t0_copies"] += len(merged)
                 for dst, src, n in merged:
                     c.h2d(dst, src, n)

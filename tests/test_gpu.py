@@ -289,3 +289,29 @@ def test_paged_cache_blocks_saved_and_loaded_on_the_device(tmp_path, layout):
         loads.close()
         saves.close()
         kv.close()
+
+
+def test_separate_tensors_side_by_side_in_device_memory(gpu_store):
+    """torch hands out 1 MiB tensors from 20 MiB segments that can lie back
+    to back: a put and a read of many separate tensors must not merge copies
+    across two allocations (that failed with cudaErrorInvalidValue in the
+    TTFT demo's warm-up, stop 48). Both ends of every copy stay in one."""
+    torch = pytest.importorskip("torch")
+    d, _mode = gpu_store
+    with d.connect() as s:
+        srcs = [torch.full((MiB,), i % 251, dtype=torch.uint8, device="cuda") for i in range(64)]
+        keys = [f"s{i}" for i in range(64)]
+        assert s.put_many(keys, srcs, ns="sep") == [True] * 64
+        s.flush()
+        copier = s._gpu.copier
+        ranges = {copier.allocation(t.data_ptr()) for t in srcs}
+        for t in srcs:
+            lo, hi = copier.allocation(t.data_ptr())
+            assert lo <= t.data_ptr() and t.data_ptr() + MiB <= hi
+        assert len(ranges) > 1  # 64 MiB of 1 MiB tensors span several segments
+        outs = [torch.empty(MiB, dtype=torch.uint8, device="cuda") for _ in range(64)]
+        assert s.get_many_into(keys, outs, ns="sep") == [MiB] * 64
+        with s.get_many_into_async(keys, outs[::-1], ns="sep") as r:
+            assert r.result() == [MiB] * 64
+        torch.cuda.synchronize()
+        assert all(bool((o == i % 251).all()) for i, o in enumerate(outs[::-1]))

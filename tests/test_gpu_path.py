@@ -780,3 +780,62 @@ def test_a_readers_read_only_arena_is_copied_from_right(tmp_path):
         outs = [FakeDeviceArray(len(v)) for v in vals.values()]
         assert s.get_many_into(list(vals), outs, ns="ro") == [len(v) for v in vals.values()]
         assert [o.bytes() for o in outs] == list(vals.values()) and gpu.counters["t0_chunks"] > 0
+
+
+class SplitCopier(HostCopier):
+    """HostCopier whose "device" memory is several allocations side by side,
+    refusing a copy across two as CUDA does (cudaErrorInvalidValue)."""
+
+    def __init__(self, splits):
+        self.splits = tuple(sorted(splits))
+        self.copies = 0
+
+    def _one_allocation(self, ptr, n):
+        if ptr + n > self.allocation(ptr)[1]:
+            raise RuntimeError("cudaErrorInvalidValue: a copy across two device allocations")
+        self.copies += 1
+
+    def h2d(self, dst, src, n):
+        self._one_allocation(dst, n)
+        super().h2d(dst, src, n)
+
+    def d2h(self, dst, src, n):
+        self._one_allocation(src, n)
+        super().d2h(dst, src, n)
+
+
+@pytest.mark.parametrize("separate", [True, False])
+def test_copies_never_span_two_device_allocations_however_adjacent(tmp_path, separate):
+    """Separate tensors can lie back to back in device memory (torch's
+    allocator hands out neighbouring segments). Puts from them and T0 reads
+    into them (batched and async) merge adjacent copies only inside one
+    allocation: 32 adjacent blocks of separate allocations are 32 copies
+    each way and arrive right; of one allocation, fewer."""
+    from kvfs.gpu import DeviceBuffer
+    block, n = 256 * 1024, 32
+    d = DaemonProcess(tmp_path / "s", capacity="512M", shm_size="64M")
+    with d, d.connect() as s:
+        plane = host_gpu(s)
+        vals = [os.urandom(block) for _ in range(n)]
+        src = FakeDeviceArray(n * block, b"".join(vals))
+        dst = FakeDeviceArray(n * block)
+        sb, db = ctypes.addressof(src.buf), ctypes.addressof(dst.buf)
+        splits = [b + i * block for b in (sb, db) for i in range(1, n)] if separate else []
+        plane.copier = copier = SplitCopier(splits)
+        keys = [f"k{i}" for i in range(n)]
+        assert s.put_many(keys, [DeviceBuffer(sb + i * block, block, True, src) for i in range(n)],
+                          ns="a") == [True] * n
+        put_copies, copier.copies = copier.copies, 0
+        outs = [DeviceBuffer(db + i * block, block, False, dst) for i in range(n)]
+        assert s.get_many_into(keys, outs, ns="a") == [block] * n
+        assert dst.bytes() == b"".join(vals)
+        read_copies, copier.copies = copier.copies, 0
+        ctypes.memset(db, 0, n * block)
+        with s.get_many_into_async(keys, outs, ns="a") as r:
+            assert r.result() == [block] * n
+        assert dst.bytes() == b"".join(vals)
+        async_copies = copier.copies
+        if separate:
+            assert put_copies == read_copies == async_copies == n
+        else:
+            assert max(put_copies, read_copies, async_copies) < n

@@ -59,7 +59,7 @@ from kvfs import protocol as P
 from kvfs.host_reads import as_readable, as_writable
 from kvfs.store_state import BATCH_KEYS
 from kvfs.errors import InvalidArgument, KvfsError
-from kvfs.gpu import address_of, device_buffer, merge_copies
+from kvfs.gpu import DST, SRC, address_of, device_buffer, merge_copies
 from kvfs.keys import normalize_keys, normalize_ns
 from kvfs.optional import missing
 
@@ -357,7 +357,8 @@ class KvfsNixl:
         if arena is not None:
             gpu.arena_address(arena)  # pinned once, so the copy engine moves it at full speed
         issue = gpu.copier.h2d if dst_mem == "VRAM" else gpu.copier.d2h
-        for d, s_, n in merge_copies([(d, s_, p.length) for d, s_, p in zip(dsts, srcs, pieces)]):
+        for d, s_, n in merge_copies([(d, s_, p.length) for d, s_, p in zip(dsts, srcs, pieces)],
+                                     gpu.copier.allocation, DST if dst_mem == "VRAM" else SRC):
             issue(d, s_, n)
         gpu.copier.sync()
         return set()
