@@ -96,7 +96,7 @@ def wait_for(cond: Callable[[], bool], timeout: float = 20.0, what: str = "") ->
 def uploaded(s: Any, n: int) -> None:
     assert s.flush(60, remote=True)
     t = t2(s)
-    assert t["uploaded"] + t["upload_existing"] >= n and t["queue"] == 0 and t["uploading"] == 0, t
+    assert t["uploaded"] + t["upload_existing"] >= n and t["queue"] == 0 and t["uploading"] == 0, t["counters"]
 
 
 def put_through(s: Any, vals: dict[str, bytes], ns: str) -> None:
@@ -391,3 +391,43 @@ def test_an_unreachable_shared_tier_costs_a_client_nothing_but_misses(tmp_path):
         assert 'kvfs_remote_up{part="s3"} 0.0' in text and 'kvfs_remote_up{part="presence"} 0.0' in text
         assert "kvfs_remote_upload_dropped_total" in text
         assert d.alive()
+
+
+class _FlakyEngine:
+    """The engine's side of uploads: an object that reads back as None a
+    few times (not readable whole yet) while the engine still holds it."""
+
+    def __init__(self, misses: int, held: bool):
+        self.misses, self.held, self.reads = misses, held, 0
+
+    def read_verified(self, ns: str, key: str, head: Callable[..., bytes]) -> Any:
+        self.reads += 1
+        if self.reads <= self.misses:
+            return None
+        value = b"v" * 1000
+        front = head(len(value), b"\0" * 16, None)
+        return len(value), b"\0" * 16, None, memoryview(front + value)
+
+    def contains(self, ns: str, keys: list[str]) -> list[bool]:
+        return [self.held] * len(keys)
+
+
+@pytest.mark.parametrize("held", [True, False])
+def test_an_upload_not_readable_yet_is_tried_again_while_the_object_is_held(servers, held):
+    """The real uploader against the real S3 server: a stored object whose
+    read fails twice is uploaded on the third try, and a flush(remote=True)
+    waits for it; one the engine no longer holds is given up at once."""
+    from kvfsd.shared_tier import RemoteConfig, SharedTier
+    s3, _rc = servers
+    engine = _FlakyEngine(misses=2, held=held)
+    tier = SharedTier(RemoteConfig(f"s3://{BUCKET}/retry{os.getpid()}-{held}", endpoint=s3.endpoint), engine)
+    try:
+        tier.committed("ns", ["k1"])
+        assert tier.drain(20)
+        c = tier.stats()
+        if held:
+            assert (c["uploaded"], c["upload_retried"], c["upload_skipped"], engine.reads) == (1, 2, 0, 3)
+        else:
+            assert (c["uploaded"], c["upload_retried"], c["upload_skipped"], engine.reads) == (0, 0, 1, 1)
+    finally:
+        tier.close()
