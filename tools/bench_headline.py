@@ -119,10 +119,11 @@ def ttft(src: Sources) -> str:
     s = src.get("demo-ttft --tokens", gpu=True)
     pts = ttft_points(s.text)
     rows = []
-    for i, (tokens, rec, t0) in enumerate(pts["T0"]):
-        t1 = pts.get("T1", [])[i][2] if i < len(pts.get("T1", [])) else None
+    t1s = {tokens: (rec, kv) for tokens, rec, kv in pts.get("T1", [])}  # each against its own run's recompute
+    for tokens, rec, t0 in pts["T0"]:
+        rec1, t1 = t1s.get(tokens, (0.0, 0.0))
         rows.append([f"{tokens}", f"{rec:.0f}", f"{t0:.0f}", f"{rec / t0:.1f} x",
-                     f"{t1:.0f}" if t1 else "-", f"{rec / t1:.1f} x" if t1 else "-"])
+                     f"{t1:.0f}" if t1 else "-", f"{rec1 / t1:.1f} x" if t1 else "-"])
     return _caption("Time to first token, Llama-3.1-8B shape, layer-wise loads (ms)", s) + "\n\n" + _md(
         ["prompt tokens", "recompute", "from T0", "faster", "from T1", "faster"], rows) + \
         "\n\n![TTFT against prompt length](docs/ttft.png)"
