@@ -120,11 +120,6 @@ def test_a_rendered_table_reads_back_cell_for_cell():
         text_tables.cell(text, "GB/s (x baseline)", {"system": "diskcache"})
 
 
-def _sources(pages):
-    return [bench_headline.Source(b.args, b.gpus, "\n".join(lines[b.start + 1:b.end]))
-            for lines in pages for b in bench_readme.find_blocks(lines)]
-
-
 def _repo_pages():
     return [p.read_text().split("\n") for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]]
 
@@ -132,7 +127,7 @@ def _repo_pages():
 def test_the_headline_is_the_blocks_figures_with_their_commits():
     """Every headline table names its block's command and stamp, and its
     figures are that block's cells (here: the host read row, found by hand)."""
-    sources = _sources(_repo_pages())
+    sources = bench_readme.sources(_repo_pages())
     text = bench_headline.headline(sources)
     compare = next(s for s in sources if s.args == "bench --compare")
     # "8192 KiB  1  kvfs T0 get_into  15.91  0.91 x memcpy  1.6 2.8 35.4" in the table by block and threads

@@ -18,7 +18,7 @@ from typing import Any
 from kvfs.optional import need
 
 from .bench_headline import Source, Sources, ttft_points
-from .text_tables import Table, TableError, tables
+from .text_tables import Table, TableError, table_named, tables
 
 # (row in the compare block, style): the physical limits dashed, kvfs solid, peers dotted
 GETS = [("memcpy", "k--"), ("raw preadv", "C7--"), ("raw preadv cold", "C7:"),
@@ -27,13 +27,6 @@ GETS = [("memcpy", "k--"), ("raw preadv", "C7--"), ("raw preadv cold", "C7:"),
 PUTS = [("raw pwrite", "k--"), ("kvfs T0 put_many", "C0o-"), ("kvfs T1 put", "C1o-"),
         ("file-per-block", "C2^:"), ("diskcache", "C4v:"), ("redis", "C3x:")]
 GPU = [("pinned H2D", "k--"), ("T0 -> GPU", "C0o-"), ("T1 kvikio", "C1o-"), ("T1 staged", "C1s-.")]
-
-
-def _table(text: str, first: str) -> Table:
-    for t in tables(text):
-        if t.headers[0] == first:
-            return t
-    raise TableError(f"no table {first!r}")
 
 
 def _mib(label: str) -> float:
@@ -65,8 +58,8 @@ def throughput(src: Sources, path: Path) -> None:
     except TableError:
         gpu = None
     fig, axes = plt.subplots(1, 3 if gpu else 2, figsize=(16 if gpu else 11, 4.6))
-    gets, puts = _table(compare.text, "gets, 1 thr: GB/s (x baseline)"), _table(compare.text,
-                                                                                  "puts, 1 thr: GB/s (x baseline)")
+    gets = table_named(compare.text, "gets, 1 thr: GB/s (x baseline)")
+    puts = table_named(compare.text, "puts, 1 thr: GB/s (x baseline)")
     _by_size(axes[0], gets, GETS, gets.headers[1:])
     axes[0].set_title(f"reads into host memory, 1 thread\n(kvfs bench --compare, {compare.commit})", fontsize=9)
     _by_size(axes[1], puts, PUTS, puts.headers[1:])

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from .text_tables import TableError, cell, number
+from .text_tables import TableError, cell, first_header, number
 
 STAMPS = ("# made by make bench-readme: ", "# not yet rerun by make bench-readme: ")
 
@@ -131,8 +131,7 @@ def ttft(src: Sources) -> str:
 
 def vllm(src: Sources) -> str:
     s = src.get("bench --vllm")
-    first = next(t for t in s.text.split("\n") if t.startswith("vLLM TTFT"))
-    key = re.split(r"\s{2,}", first)[0]
+    key = first_header(s.text)
     cold = number(s.text, "ms", {key: "cold (the baseline)"})
     rows = []
     for name, row in (("recomputed (no cache)", "cold (the baseline)"),
@@ -173,12 +172,12 @@ def nixl(src: Sources) -> str:
 
 def mount(src: Sources) -> str:
     s = src.get("bench --fuse")
+    col0 = first_header(s.text)
     rows = []
     for name, row in (("`cp` a 1 GiB file in", "write: cp into"),
                       ("`cp` into a FUSE mount that discards it (the ceiling)", "write: cp into a null fs of that kind"),
                       ("read cold, 1 MiB reads", "read cold, 1 MiB reads"),
                       ("read hot, 1 MiB reads", "read hot, 1 MiB reads")):
-        col0 = next(t for t in s.text.split("\n") if t.strip()).split("plain GB/s")[0].strip()
         where = {col0: row}
         c, p = number(s.text, "C mount GB/s", where), number(s.text, "plain GB/s", where)
         rows.append([name, f"{c:.2f}", f"{p:.2f}", _x(c, p)])

@@ -44,10 +44,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvfs.errors import MissingDependency
+
+from .bench_charts import draw
+from .bench_headline import STAMPS, Source, headline
 from .bench_util import commit
+from .text_tables import TableError
 
 MARK = re.compile(r"^<!-- bench: (?P<args>.+?)(?: @gpu(?P<gpus>\d*))? -->$")
-STAMP = "# made by make bench-readme: "
+STAMP = STAMPS[0]  # a block's last line: what made it
 HEAD_BEGIN = "<!-- headline: made by make bench-readme from the blocks in docs/; edits here are overwritten -->"
 HEAD_END = "<!-- /headline -->"
 
@@ -129,13 +134,16 @@ def _body(lines: list[str], b: Block) -> str:
     return "\n".join(lines[b.start + 1:b.end])
 
 
+def sources(pages: list[list[str]]) -> list[Source]:
+    """Every block of the pages, as the headline and the charts read them."""
+    return [Source(b.args, b.gpus, _body(lines, b)) for lines in pages for b in find_blocks(lines)]
+
+
 def write_headline(pages: dict[Path, list[str]]) -> list[str]:
     """The headline tables between the markers of the page that has them,
     and the charts into the docs/ folder beside it, from every page's blocks.
     Returns what could not be made (each a line for the user)."""
-    from .bench_headline import Source, headline
-    from .text_tables import TableError
-    sources = [Source(b.args, b.gpus, _body(lines, b)) for lines in pages.values() for b in find_blocks(lines)]
+    blocks = sources(list(pages.values()))
     problems = []
     for path, lines in pages.items():
         if HEAD_BEGIN not in lines:
@@ -145,13 +153,11 @@ def write_headline(pages: dict[Path, list[str]]) -> list[str]:
         except ValueError:
             raise SystemExit(f"{path}: {HEAD_BEGIN} without {HEAD_END}") from None
         try:
-            lines[begin + 1:end] = ["", headline(sources), ""]
+            lines[begin + 1:end] = ["", headline(blocks), ""]
         except TableError as e:
             problems.append(f"the headline of {path} was left as it was: {e}")
-        from .bench_charts import draw
-        from kvfs.errors import MissingDependency
         try:
-            for png in draw(sources, path.parent / "docs"):
+            for png in draw(blocks, path.parent / "docs"):
                 print(f"  drew {png}", file=sys.stderr)
         except (TableError, MissingDependency) as e:
             problems.append(f"the charts were not drawn: {e}")
@@ -179,7 +185,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.list:
         for path, lines in pages.items():
             for b in blocks[path]:
-                from .bench_headline import Source
                 kind = "cpu" if not b.gpus else "gpu" if b.gpus == 1 else f"gpu{b.gpus}"
                 print(f"{kind:5s} kvfs {b.args}  ({path})\n      {Source(b.args, b.gpus, _body(lines, b)).stamp}")
         return 0

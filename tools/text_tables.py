@@ -52,6 +52,22 @@ def tables(text: str) -> list[Table]:
     return out
 
 
+def table_named(text: str, first: str) -> Table:
+    """The table whose first column is headed ``first``."""
+    for t in tables(text):
+        if t.headers[0] == first:
+            return t
+    raise TableError(f"no table {first!r}")
+
+
+def first_header(text: str) -> str:
+    """The first column's heading of the first table (a block's row labels)."""
+    found = tables(text)
+    if not found:
+        raise TableError("no table")
+    return found[0].headers[0]
+
+
 def find_row(text: str, col: str, where: dict[str, str]) -> tuple[Table, list[str]]:
     """The first row, of the first table with column ``col`` and every
     column of ``where``, whose cells equal ``where``'s values."""
