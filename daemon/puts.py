@@ -382,6 +382,12 @@ class Puts(Space):
                 self._dir_put(ok, m, new=True)
                 n_new += 1
                 new_bytes += op.size
+            if self.remote is not None:
+                # queued before the T0 backlog below drops: a flush (which
+                # reads the backlog without this lock) that sees it empty then
+                # finds these uploads queued; once they were queued after it,
+                # and flush(remote=True) could return before them
+                self.remote.committed(ns, [op.key for op, fresh in zip(ops, stored) if fresh])
             if written:
                 self._written_back_many(ns, written)
             # T0 items were counted by publish_t0
@@ -392,11 +398,6 @@ class Puts(Space):
             self.counters["puts_existing"] += len(plan.items) - n_new - n_t0
             if n_t0 and self.journal is not None:
                 self.journal.flush()  # under the lock: before any later delete is acknowledged
-            if self.remote is not None:
-                # queued under the lock that ends the T0 backlog above: a flush
-                # that saw the backlog empty then finds these uploads queued
-                # (remote.committed takes only its own lock, briefly)
-                self.remote.committed(ns, [op.key for op, fresh in zip(ops, stored) if fresh])
         result = [op is not None and (op.t0_stored if op.via_t0 else f)
                   for op, f in zip(plan.items, self._per_item(plan, stored))]
         cand = self._release_reservations(plan)

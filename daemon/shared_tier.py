@@ -93,10 +93,6 @@ def parse_presence_value(v: bytes) -> tuple[int, int] | None:
         return None
 
 
-UPLOAD_TRIES = 5  # an object stored but not readable whole is tried this many times more
-RETRY_WAIT = 0.05  # seconds before those go back to the queue
-
-
 class SharedTier:
     def __init__(self, cfg: RemoteConfig, engine: "Engine"):
         self.cfg = cfg
@@ -112,7 +108,6 @@ class SharedTier:
         self._q: deque[tuple[str, str]] = deque()
         self._cv = threading.Condition()
         self._busy = 0  # uploads taken from the queue and not finished
-        self._retries: dict[tuple[str, str], int] = {}  # uploads tried again, and how often (under _cv)
         self._stop = False
         self._fetching: dict[tuple[str, str], threading.Event] = {}
         self._fetch_lock = threading.Lock()
@@ -225,27 +220,13 @@ class SharedTier:
 
     def _upload_batch(self, batch: list[tuple[str, str]]) -> None:
         done: list[tuple[tuple[str, str], bytes, bytes]] = []  # (item, presence key, record) to write
-        later: list[tuple[str, str]] = []
         for i, (ns, key) in enumerate(batch):
             if not self._wait_s3():
                 return
             got = self.engine.read_verified(ns, key, lambda size, csum, meta: encode_head(ns, key, size, csum, meta))
             if got is None:
-                # an object still stored that could not be read whole yet is
-                # tried again a few times (once in CI, a node under load
-                # skipped all 40 of a batch it held); one deleted, evicted or
-                # failing its check is given up
-                with self._cv:
-                    tries = self._retries.pop((ns, key), 0)
-                    if tries < UPLOAD_TRIES and self.engine.contains(ns, [key])[0]:
-                        self._retries[(ns, key)] = tries + 1
-                        later.append((ns, key))
-                        continue
-                self._add("upload_skipped")
+                self._add("upload_skipped")  # deleted or evicted meanwhile, or failed its check
                 continue
-            if self._retries:
-                with self._cv:
-                    self._retries.pop((ns, key), None)
             size, _csum, _meta, obj = got  # obj: the head, then the value
             try:
                 fresh = self.bucket.put_new(object_name(self.bucket.prefix, ns, key), obj)
@@ -259,12 +240,6 @@ class SharedTier:
             if fresh:
                 self._add("bytes_up", len(obj))
             done.append(((ns, key), presence_key(self.tag, ns, key), presence_value(len(obj), time.time())))
-        if later:
-            self._add("upload_retried", len(later))
-            with self._cv:
-                self._cv.wait(RETRY_WAIT)
-                self._q.extend(later)  # behind the rest: busy until then, so a drain waits for them
-                self._cv.notify()
         if done and self.presence is not None:
             took = self.presence.set_many([(pk, v) for _it, pk, v in done])
             failed = [it for (it, _pk, _v), ok in zip(done, took) if not ok]
@@ -553,7 +528,7 @@ class SharedTier:
             "queue": queued, "uploading": busy,
             "uploaded": c["uploaded"], "upload_existing": c["upload_existing"],
             "upload_dropped": c["upload_dropped"], "upload_errors": c["upload_errors"],
-            "upload_skipped": c["upload_skipped"], "upload_retried": c["upload_retried"],
+            "upload_skipped": c["upload_skipped"],
             "bytes_up": c["bytes_up"], "bytes_down": c["bytes_down"],
             "hits": c["fetched"], "misses": c["fetch_asked"] - c["fetched"],
             "errors": c["remote_errors"] + c["upload_errors"] + c["presence_errors"],
