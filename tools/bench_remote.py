@@ -285,8 +285,8 @@ def format_remote(res: dict[str, Any]) -> str:
                      f"{r['raw_get_s']:.2f}", f"{r.get('boto3_get_s', float('nan')):.2f}",
                      f"{r['read_through_s']:.2f}", f"{r['read_vs_raw']:.2f}",
                      f"{r['read_through_objs']:.0f}", f"{r['local_get_s']:.2f}"])
-    out = render(["blocks", "raw PUT GB/s", "multipart", "boto3 PUT", "write-through", "vs raw",
-                  "raw GET GB/s", "boto3 GET", "read-through", "vs raw", "read-through obj/s",
+    out = render(["blocks", "raw PUT GB/s", "multipart", "boto3 PUT", "write-through", "vs raw PUT",
+                  "raw GET GB/s", "boto3 GET", "read-through", "vs raw GET", "read-through obj/s",
                   "then local GB/s"], rows)
     m = res["meta"]
     out += "\n\n" + render(["1024 keys on node B, held only remotely", "p50 ms", "p99 ms"], [
