@@ -302,14 +302,14 @@ def run_ttft(store: Any, model: Any, tokens: int, suffix: int, device: str, ns: 
     out: dict[str, Any] = {"tokens": tokens, "suffix": suffix, "blocks": len(keys),
                            "load": "layerwise" if layerwise else "whole"}
     if layerwise:
-        return _run_layerwise(store, model, prompt, keys, tokens, device, ns, out)
+        return _run_layerwise(store, model, prompt, keys, device, ns, out)
     with torch.inference_mode():
         ref_logits = _reference(model, prompt, device, out)
-        split_logits = _split_reference(model, prompt, len(keys))
         # 1. prefill the prefix and store its blocks
-        pre = model(prompt[:, :tokens], use_cache=True, logits_to_keep=1)
-        blocks = kv_blocks(_cache_of(pre), len(keys))
+        pre = _prefill(model, prompt, len(keys))
+        blocks = kv_blocks(pre, len(keys))
         out["block_bytes"] = blocks[0].numel() * blocks.element_size()
+        split_logits = _split_reference(model, prompt, pre, len(keys))
         del pre
         _timed_put(store, keys, [_buf(blocks[i]) for i in range(len(keys))], ns, device, out)
         del blocks
@@ -351,19 +351,19 @@ def run_ttft(store: Any, model: Any, tokens: int, suffix: int, device: str, ns: 
     return _compare(out, logits, ref_logits, split_logits)
 
 
-def _run_layerwise(store: Any, model: Any, prompt: Any, keys: list[str], tokens: int, device: str, ns: str,
+def _run_layerwise(store: Any, model: Any, prompt: Any, keys: list[str], device: str, ns: str,
                    out: dict[str, Any]) -> dict[str, Any]:
     import torch
     layers = model.config.num_hidden_layers
     by_layer = [[f"{k}.L{layer}" for k in keys] for layer in range(layers)]
     with torch.inference_mode():
         ref_logits = _reference(model, prompt, device, out)
-        split_logits = _split_reference(model, prompt, len(keys))
         # 1. prefill the prefix and store its blocks, layer-major (a layer's
         # blocks then lie side by side in T0 and load as one copy)
-        pre = model(prompt[:, :tokens], use_cache=True, logits_to_keep=1)
-        per_layer = layer_blocks(_cache_of(pre), len(keys))
+        pre = _prefill(model, prompt, len(keys))
+        per_layer = layer_blocks(pre, len(keys))
         out["block_bytes"] = per_layer[0][0].numel() * per_layer[0].element_size() * layers
+        split_logits = _split_reference(model, prompt, pre, len(keys))
         del pre
         _timed_put(store, [k for ks in by_layer for k in ks],
                    [_buf(lb[b]) for lb in per_layer for b in range(len(keys))], ns, device, out)
@@ -417,18 +417,21 @@ def _reference(model: Any, prompt: Any, device: str, out: dict[str, Any]) -> Any
     return ref.logits[0, -1].float()
 
 
-def _split_reference(model: Any, prompt: Any, blocks: int) -> Any:
+def _prefill(model: Any, prompt: Any, blocks: int) -> Any:
+    """The cache of the prefix's full blocks, prefilled (untimed): what kvfs
+    stores, and the start of the split reference."""
+    return _cache_of(model(prompt[:, :blocks * BLOCK_TOKENS], use_cache=True, logits_to_keep=1))
+
+
+def _split_reference(model: Any, prompt: Any, cache: Any, blocks: int) -> Any:
     """The next-token logits of the request split as kvfs splits it, without
-    kvfs: the cached blocks' tokens prefilled, then the rest on that cache
-    (untimed). Loaded KV is right when it gives these logits; against the
-    whole prompt recomputed in one pass, bf16 differs by the split alone,
-    and more so the longer the prompt."""
-    cut = blocks * BLOCK_TOKENS
-    pre = model(prompt[:, :cut], use_cache=True, logits_to_keep=1)
-    res = model(prompt[:, cut:], use_cache=True, logits_to_keep=1, **{_cache_kw(model): _cache_of(pre)})
-    logits = res.logits[0, -1].float()
-    del pre, res
-    return logits
+    kvfs: the rest of the prompt prefilled on ``cache``, the cached blocks'
+    own (untimed; it extends ``cache``, so the blocks are copied out first).
+    Loaded KV is right when it gives these logits; against the whole prompt
+    recomputed in one pass, bf16 differs by the split alone, and more so the
+    longer the prompt."""
+    res = model(prompt[:, blocks * BLOCK_TOKENS:], use_cache=True, logits_to_keep=1, **{_cache_kw(model): cache})
+    return res.logits[0, -1].float()
 
 
 def _timed_put(store: Any, keys: list[str], bufs: list[Any], ns: str, device: str, out: dict[str, Any]) -> None:
