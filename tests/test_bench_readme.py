@@ -1,9 +1,14 @@
 """make bench-readme: every README block behind a bench marker is rerun by
 its command and stamped with the commit and machine; blocks of a machine
 not present are left alone; the GPU machine's blocks merge back."""
+from pathlib import Path
+
 import pytest
 
-from kvfstools import bench_readme
+from kvfstools import bench_headline, bench_readme, text_tables
+from kvfstools.table import render
+
+REPO = Path(__file__).resolve().parent.parent
 
 README = """# title
 
@@ -101,13 +106,6 @@ def test_a_marker_without_a_block_is_an_error(tmp_path):
 
 
 # --- the headline tables and the charts, read back from the blocks ---------------------------------
-
-from pathlib import Path  # noqa: E402
-
-from kvfstools import bench_headline, text_tables  # noqa: E402
-from kvfstools.table import render  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_a_rendered_table_reads_back_cell_for_cell():

@@ -393,7 +393,6 @@ def test_an_unreachable_shared_tier_costs_a_client_nothing_but_misses(tmp_path):
         assert d.alive()
 
 
-
 class _Uploads:
     """The engine's shared tier, reduced to what it is told: the T0
     backlog when each batch of uploads is queued."""
