@@ -126,8 +126,6 @@ def compact(eng: "Engine", threshold: float = 0.5, stripe: int | None = None,
             progress("bytes", done, total)
     with eng._lock:
         rep["segments_pending_lease"] = sum(1 for sid, _n, _l in segs if sid in eng.segs and eng.segs[sid].live <= 0)
-        eng.counters["compactions"] += rep["segments"]
-        eng.counters["compacted_bytes"] += rep["bytes_copied"]
         rep["not_reclaimed"] = not_reclaimed(eng, threshold, stripe, no_room)
     rep["dead_bytes_left"] = sum(r["dead_bytes"] for r in rep["not_reclaimed"])
     rep["bytes_reclaimed"] = max(0, usage_before - eng.disk_usage())
@@ -174,6 +172,7 @@ def _compact_segment(eng: "Engine", sid: int, rep: dict[str, Any]) -> None:
     except FileNotFoundError:
         return
     moves: list[_Move] = []
+    copied_before = rep["bytes_copied"]
     corrupt: list[tuple[str, str, int]] = []
     touched: set[int] = set()
     try:
@@ -229,12 +228,17 @@ def _compact_segment(eng: "Engine", sid: int, rep: dict[str, Any]) -> None:
             m.rewire()
             eng._dir_put(ok, m)
         rep["objects_moved"] += len(applied)
+        # counted as each segment goes, not when the run ends: stats must never
+        # show a segment's bytes freed while its compaction is not yet counted
+        eng.counters["compacted_bytes"] += rep["bytes_copied"] - copied_before
         if applied:
             eng.generation.bump()  # after the commit, before any unlink
     for ns, key, seq in corrupt:  # dropped if that put is still the object, and still bad
         rep["corrupt_dropped"] += int(eng.verify_object(ns, key, seq))
     with eng._lock:
         dead = sid in eng.segs and eng.segs[sid].live <= 0
+        if dead:
+            eng.counters["compactions"] += 1
     if dead:
         rep["segments"] += 1
     eng._reclaim([sid] + released)
