@@ -28,3 +28,8 @@ def test_cli_faults_quick(tmp_path):
                         "--dir", str(tmp_path), "--json", str(tmp_path / "f.json")], capture_output=True)
     assert r.returncode == 0 and b"deadclient ok" in r.stdout
     assert json.loads((tmp_path / "f.json").read_text())["deadclient"]["ok"] is True
+    # --dir keeps each scenario's daemon logs (to read why something failed), not its stores
+    logs = list((tmp_path / "logs" / "deadclient").iterdir())
+    assert logs and all(p.name.endswith(".log") for p in logs)
+    assert any("listening on" in p.read_text() and "bye" in p.read_text() for p in logs)
+    assert not (tmp_path / "deadclient").exists()

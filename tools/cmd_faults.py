@@ -14,7 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("faults", help="the fault campaign: crashes, full disk, corruption, fuzzing, dead clients, load")
     p.add_argument("--quick", action="store_true", help="short versions (3 crash cycles, 3 power cuts a mode, 5 s of fuzzing and of load)")
     p.add_argument("--only", default=None, help="comma-separated: crash,diskfull,corrupt,fuzz,deadclient,load,powercut")
-    p.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
+    p.add_argument("--dir", default=None, help="work directory; each scenario's daemon logs are kept in DIR/logs "
+                   "(default: a temporary one, logs not kept)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
     return p
 
@@ -64,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
     only = args.only.split(",") if args.only else None
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="kvfs-faults-"))
-    res = campaign(work, only, args.quick, lambda n, r: print(summary(n, r), flush=True))
+    res = campaign(work, only, args.quick, lambda n, r: print(summary(n, r), flush=True),
+                   keep_logs=args.dir is not None)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     failed = [n for n, r in res.items() if r.get("ok") is False]

@@ -525,8 +525,10 @@ SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
 
 
 def run(work: Path, only: list[str] | None = None, quick: bool = False,
-        report: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run the scenarios (all, or ``only``); ``quick``: short versions."""
+        report: Callable[[str, dict[str, Any]], None] | None = None, keep_logs: bool = False) -> dict[str, Any]:
+    """Run the scenarios (all, or ``only``); ``quick``: short versions.
+    ``keep_logs``: each scenario's daemon logs stay in ``work/logs/NAME``
+    (its stores and disks are removed either way: they can be GBs)."""
     kw: dict[str, dict[str, Any]] = {"crash": {"cycles": 3 if quick else 20}, "fuzz": {"seconds": 5 if quick else 60},
                                      "load": {"seconds": 5 if quick else 60}, "powercut": {"cuts": 3 if quick else 20}}
     out = {}
@@ -537,9 +539,17 @@ def run(work: Path, only: list[str] | None = None, quick: bool = False,
         try:
             res = SCENARIOS[name](sub, **kw.get(name, {}))
         finally:
+            if keep_logs:
+                _keep_logs(sub, work / "logs" / name)
             shutil.rmtree(sub, ignore_errors=True)
         res["wall_s"] = time.monotonic() - t
         out[name] = res
         if report is not None:
             report(name, res)
     return out
+
+
+def _keep_logs(sub: Path, dest: Path) -> None:
+    for log in sub.rglob("*.log"):
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log, dest / "-".join(log.relative_to(sub).parts))
