@@ -80,7 +80,13 @@ def seal_open(eng: "Engine", threshold: float, stripe: int | None = None) -> lis
     with eng._lock:
         for st, sid in list(eng.open_seg.items()):
             s = eng.segs.get(sid)
-            if (stripe is not None and st != stripe) or s is None or s.end <= 0 or 1 - s.live / s.end < threshold:
+            if (stripe is not None and st != stripe) or s is None or s.end <= 0:
+                continue
+            # bytes still being written (T0 write-backs not yet committed) are
+            # not dead: counted so, a young segment read as all dead and was
+            # sealed at every check, leaving segments of a few KiB behind
+            pending = sum(end - start for start, end in s.reserved.items())
+            if 1 - (s.live + pending) / s.end < threshold:
                 continue
             eng.seal(s)
             del eng.open_seg[st]
@@ -196,10 +202,14 @@ def _compact_segment(eng: "Engine", sid: int, rep: dict[str, Any]) -> None:
             head = eng.record_head(ns, key, len(e.extents), e.size, e.seq, ch)
             eng._pwrite(ch, [head, data], len(head) + len(data))
             rep["bytes_copied"] += x.length
-        if eng.cfg.durability == "sync":
-            eng.sync_segments(touched)
-        # durability order: the copies are written (and synced) above; this
-        # commit points the index at them; the old segment goes after it
+        # durability order: the copies are synced before the commit that
+        # points the index at them, in fast mode too. They hold puts that
+        # were durable already (sync puts among them), and a commit is on
+        # disk once the next one syncs LMDB's pages (MDB_NOMETASYNC,
+        # kvfsd.index), not only at the periodic index sync: with unsynced
+        # copies a power cut lost acknowledged sync puts (recovery found
+        # their copies bad and dropped them). The old segment goes after.
+        eng.sync_segments(touched)
         applied: list[tuple[bytes, ObjEntry]] = eng.writer.call(lambda txn: _switch(eng, txn, sid, moves),
                                                                 sync=eng.cfg.durability == "sync")
     finally:

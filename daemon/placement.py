@@ -200,8 +200,18 @@ class Placement(EngineState):
 
     def _segment_rows(self) -> list[tuple[int, int, int]]:
         with self._lock:
-            return [(s.seg, s.stripe, s.state) for s in map(self.segs.get, self.unpersisted)
+            return [(s.seg, s.stripe, self.row_state(s)) for s in map(self.segs.get, self.unpersisted)
                     if s is not None and not s.persisted]
+
+    def row_state(self, seg: SegState) -> int:
+        """The state ``seg``'s row may say now: OPEN while it is sealed but
+        ``durable_round`` has not yet synced it whole. A segment sealed
+        before its first row went out (a batch that fills it, or
+        compaction sealing a young open segment) is owed that row all the same, and writing its state
+        as it is in memory put a SEALED row on disk over records no sync
+        had covered: recovery skipped them and reads found them corrupt.
+        Caller holds the lock."""
+        return SEG_OPEN if seg.seg in self.seal_pending else seg.state
 
     def _persist_segments(self, txn: Any) -> None:
         for sid, stripe, state in self._segment_rows():

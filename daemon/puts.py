@@ -359,7 +359,7 @@ class Puts(Space):
                 s = self.segs.get(sid)
                 if s is None:
                     self.unpersisted.discard(sid)
-                elif s.state == state:
+                elif self.row_state(s) == state:  # else it changed meanwhile: written again next commit
                     s.persisted = True
                     self.unpersisted.discard(sid)
             n_t0 = n_new = new_bytes = 0

@@ -89,6 +89,13 @@ def rebuild_index(root: Path, progress: Callable[[int, int], None] | None = None
                                "payload checksum mismatch")
         found, counts = scan_segments([(si, sid, fds[sid], os.fstat(fds[sid]).st_size) for si, sid, _p in files],
                                       True, progress, bad)
+        # the new index seals every segment (a SEALED row spares it
+        # recovery's checks): what the scan read must be on disk first, not
+        # only in the page cache a killed daemon left it in
+        for fd in fds.values():
+            os.fdatasync(fd)
+        for sdir in stripes:
+            fsync_dir(sdir)
         rep.segments, rep.bytes_scanned = counts.segments, counts.bytes_scanned
         rep.records, rep.records_bad = counts.records, counts.records_bad
         new_dir = root / "index.rebuild"
