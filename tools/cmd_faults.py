@@ -36,8 +36,8 @@ def summary(name: str, r: dict[str, Any]) -> str:
         body = "\n           ".join(
             f"{mode}: {m['cuts']} power cuts ({', '.join(f'{n} {k}' for k, n in m['cut_kinds'].items())}); {m['acked']} puts acknowledged, {m['must_survive']} that must survive: "
             f"{m['lost_must']} lost, {m['wrong_bytes']} wrong bytes; {m['lost_fast']} fast lost (oldest acknowledged "
-            f"{m['oldest_lost_fast_s']:.2f} s before its cut, bound {m['bound_s']:.1f} s; {m['corrupt_fast_within_bound']} of "
-            f"them found corrupt by reads after recovery); {m['rebuilds']} index "
+            f"{m['oldest_lost_fast_s']:.2f} s before its cut, bound {m['bound_s']:.1f} s); {m['corrupt_after_recovery']} "
+            f"objects recovery kept found corrupt by reads; {m['rebuilds']} index "
             f"rebuilds; recovery {m['recovery_s']['median'] * 1e3:.1f} ms median ({m['recovery_s']['max'] * 1e3:.1f} "
             f"max), restart to serving {m['restart_s']['median']:.2f} s median; {m['evicted']} evicted, "
             f"{m['compactions_finished']} compactions finished" for mode, m in r["modes"].items())
