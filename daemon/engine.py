@@ -144,6 +144,9 @@ class Engine(Recovery):
             if left:
                 self.write_back_many(left, False)  # T0 is its only copy: write it out before exit
             self.writer.call(self._flush_atimes)
+            # sealed segments synced whole here get their SEALED rows in the
+            # last commit (else each start after a clean stop re-checks them)
+            self.durable_round()
             self.writer.call(self._persist_segments, sync=True)
         finally:
             self.writer.stop()

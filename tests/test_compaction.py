@@ -335,3 +335,29 @@ def test_fast_mode_compaction_syncs_its_copies_before_the_index_points_at_them(t
             assert eng.stat("n", k)["size"] == len(val)
     finally:
         eng.close()
+
+
+def test_a_clean_stop_in_fast_mode_leaves_sealed_segments_sealed(tmp_path):
+    """Fast mode, in process: the segments sealed since the last durable
+    round are synced at close and their SEALED rows go out in the last
+    commit, so the next start does not re-check them."""
+    from kvfsd.index import SEG_OPEN, SEG_SEALED, Index
+    eng = _fast_engine(tmp_path)
+    try:
+        val = memoryview(os.urandom(256 * 1024))
+        for i in range(3 * eng.cfg.segment_size // len(val)):  # seals segments, no durable round yet
+            _put_t1(eng, f"k{i}", val)
+        with eng._lock:
+            sealed = {sid for sid, s in eng.segs.items() if s.state == SEG_SEALED}
+            open_now = set(eng.open_seg.values())
+        assert sealed and sealed <= eng.seal_pending and all(_rows(eng)[sid] == SEG_OPEN for sid in sealed)
+    finally:
+        eng.close()
+    idx = Index(tmp_path / "e", 1 << 30)
+    try:
+        with idx.env.begin() as txn:
+            rows = {sid: state for sid, _stripe, state in idx.iter_segments(txn)}
+    finally:
+        idx.close()
+    assert {sid: rows[sid] for sid in sealed} == {sid: SEG_SEALED for sid in sealed}
+    assert all(rows[sid] == SEG_OPEN for sid in open_now)
