@@ -154,6 +154,25 @@ def _vals(n: int, tag: str) -> dict[str, bytes]:
     return {f"{tag}{i}": (f"{tag}{i}:".encode() * 40000)[:300_000 + i] for i in range(n)}
 
 
+def _one_survivor(s, tag: str) -> tuple[dict[str, bytes], str]:
+    """Sync puts over more than a segment (the first is sealed), all but the
+    first deleted: its segment is mostly dead, a compaction candidate."""
+    filler = _vals(8, tag)
+    for k, v in filler.items():
+        s.put(k, v, sync=True)
+    keep = f"{tag}0"
+    s.delete([k for k in filler if k != keep])
+    return filler, keep
+
+
+def _cut_then_all_read_back(r: Rig, vals: dict[str, bytes]) -> None:
+    r.cut()
+    r.start()
+    with r.d.connect() as s:
+        assert {k: s.get(k) for k in vals} == vals
+        assert s.verify_store(deep=True)["broken_count"] == 0
+
+
 @needs_fuse
 def test_sync_puts_in_a_fresh_store_survive_a_power_cut(rigs):
     """Names: the root, kvfs.json, the index's files and every new segment
@@ -178,11 +197,7 @@ def test_fast_puts_older_than_the_sync_interval_survive_a_power_cut(rigs):
     with r.d.connect() as s:
         s.put_many(list(vals), list(vals.values()))
     time.sleep(1.5)
-    r.cut()
-    r.start()
-    with r.d.connect() as s:
-        assert {k: s.get(k) for k in vals} == vals
-        assert s.verify_store(deep=True)["broken_count"] == 0
+    _cut_then_all_read_back(r, vals)
 
 
 @needs_fuse
@@ -193,11 +208,7 @@ def test_a_reclaimed_segment_is_unlinked_only_after_the_index_left_it(rigs):
     and its bytes there, were synced before the unlink."""
     r = rigs("fast", ["--sync-interval", "3600", "--compact-at", "0"]).start()
     with r.d.connect() as s:
-        filler = _vals(8, "x")  # more than a segment: the first one is sealed
-        for k, v in filler.items():
-            s.put(k, v, sync=True)
-        keep = "x0"
-        s.delete([k for k in filler if k != keep])
+        filler, keep = _one_survivor(s, "x")
         rep = s.compact(threshold=0.3)
         assert rep["objects_moved"] >= 1
     r.cut(names=True)
@@ -219,11 +230,7 @@ def test_what_recovery_accepted_survives_a_power_cut_after_it(rigs):
     r.d.start(timeout=60)
     with r.d.connect() as s:
         assert all(s.contains(list(vals)))
-    r.cut()
-    r.start()
-    with r.d.connect() as s:
-        assert s.verify_store(deep=True)["broken_count"] == 0
-        assert {k: s.get(k) for k in vals} == vals
+    _cut_then_all_read_back(r, vals)
 
 
 @needs_fuse
@@ -260,11 +267,7 @@ def test_rebuild_index_syncs_what_a_killed_daemon_left_unsynced(rigs):
         s.put_many(list(vals), list(vals.values()))
     r.d.kill()  # a crash: the simulator keeps what is unsynced
     assert rebuild_index(r.d.root).objects == len(vals)
-    r.cut()
-    r.start()
-    with r.d.connect() as s:
-        assert {k: s.get(k) for k in vals} == vals
-        assert s.verify_store(deep=True)["broken_count"] == 0
+    _cut_then_all_read_back(r, vals)
 
 
 @needs_fuse
@@ -275,11 +278,7 @@ def test_fast_mode_compaction_copies_survive_a_power_cut_while_a_lease_holds_the
     must have been synced before that commit: a cut must find the sync put."""
     r = rigs("fast", ["--sync-interval", "3600", "--compact-at", "0"]).start()
     with r.d.connect() as s:
-        filler = _vals(8, "y")  # more than a segment: the first one is sealed
-        for k, v in filler.items():
-            s.put(k, v, sync=True)
-        keep = "y0"
-        s.delete([k for k in filler if k != keep])
+        filler, keep = _one_survivor(s, "y")
         with s.get_views([keep]) as views:  # a lease on the old place
             assert views[0] is not None
             rep = s.compact(threshold=0.3)
