@@ -246,11 +246,9 @@ def _compact_segment(eng: "Engine", sid: int, rep: dict[str, Any]) -> None:
     for ns, key, seq in corrupt:  # dropped if that put is still the object, and still bad
         rep["corrupt_dropped"] += int(eng.verify_object(ns, key, seq))
     with eng._lock:
-        dead = sid in eng.segs and eng.segs[sid].live <= 0
-        if dead:
+        if sid in eng.segs and eng.segs[sid].live <= 0:
             eng.counters["compactions"] += 1
-    if dead:
-        rep["segments"] += 1
+            rep["segments"] += 1
     eng._reclaim([sid] + released)
 
 
